@@ -1,0 +1,12 @@
+# Two commands do all the set-up on a fresh CPU machine:
+#   make demo   # create .venv, install the CPU stack, run `restem-ray demo` (3 iterations, local Ray)
+#   make test   # same set-up, then the test suite (includes an end-to-end demo --quick)
+.PHONY: setup demo quick test
+setup:
+	bash scripts/setup.sh
+demo: setup
+	.venv/bin/restem-ray demo $(ARGS)
+quick: setup
+	.venv/bin/restem-ray demo --quick $(ARGS)
+test: setup
+	.venv/bin/python -m pytest -q $(ARGS)

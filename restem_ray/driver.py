@@ -1,0 +1,195 @@
+"""The ReST^EM loop (Singh et al. 2023, Algorithm 1), one named, timed line per phase.
+
+    restem-ray run config.yaml [--resume]      # or: restem-ray demo
+
+Every phase records itself in the run directory's manifest when it finishes; a resumed run skips
+finished phases (and finished E-step shards) and redoes only the rest.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from contextlib import contextmanager
+from pathlib import Path
+
+import pyarrow as pa
+
+from .config import RestemConfig, dump_config
+from .data import load_problems, write_parquet
+from .errors import RunError
+from .evaluation import summarize_greedy, summarize_samples
+from .pool import EStepPool, chunked
+from .report import print_table, write_plot
+from .sampling import SampleSpec
+from .selection import select
+from .storage import RunDir, atomic_write_text
+from .training import improve as train_m_step
+from .verification import resolve_verifier
+
+
+class Samplers:
+    """At most one live `EStepPool`, rebuilt when the model changes and closed before the M-step."""
+
+    def __init__(self, cfg: RestemConfig):
+        self.cfg, self.pool = cfg, None
+
+    def get(self, model: str) -> EStepPool:
+        if self.pool is not None and self.pool.model != model:
+            self.close()
+        if self.pool is None:
+            s, v = self.cfg.sampling, self.cfg.verification
+            self.pool = EStepPool(
+                model, num_replicas=s.num_replicas, engine_kwargs=s.engine_kwargs, use_gpu=s.use_gpu,
+                tensor_parallel_size=s.tensor_parallel_size, cpus_per_replica=s.cpus_per_replica,
+                verifier=resolve_verifier(v.verifier, self.cfg.task.kind), num_verifiers=v.num_workers,
+                cpus_per_verifier=v.cpus_per_worker, seed=self.cfg.seed)
+        return self.pool
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.close()
+            self.pool = None
+
+
+class Driver:
+    def __init__(self, cfg: RestemConfig, run_dir: str | Path, resume: bool = False):
+        self.cfg, self.run = cfg, RunDir(run_dir)
+        t = cfg.task
+        self.train = load_problems(t.train_file, t.kind, t.max_train_problems)
+        self.eval_splits = {"valid": t.valid_file} | ({"test": t.test_file} if t.test_file else {}) | t.extra_eval_files
+        self.eval_sets = {n: load_problems(p, t.kind, t.max_eval_problems) for n, p in self.eval_splits.items()}
+        resolve_verifier(cfg.verification.verifier, t.kind)  # fail on a bad plug-in before any work
+        self.run.create(dump_config(cfg), resume)
+        self.samplers = Samplers(cfg)
+        self.timings: dict[tuple[int, str], float] = {}
+
+    # ------------------------------------------------------------------ the algorithm
+    def fit(self) -> dict:
+        cfg, base = self.cfg, self.cfg.model.base
+        policy = base
+        best = {"iteration": 0, "valid": self.evaluate(0, policy)}
+        try:
+            for t in range(1, cfg.loop.iterations + 1):
+                samples = self.generate(t, cfg.model.sampler or policy)         # E-step: sample + grade
+                dataset = self.select(t, samples)                                # keep correct, dedup, cap
+                self.samplers.close()                                            # accelerators change hands
+                policy = self.improve(t, base if cfg.training.restart_from_base else policy, dataset)  # M-step
+                valid = self.evaluate(t, policy)                                 # greedy pass@1 (+ pass@k)
+                if valid > best["valid"]:
+                    best = {"iteration": t, "valid": valid}
+                self.run.set(best_iteration=best["iteration"])
+                if t - best["iteration"] >= cfg.loop.patience:
+                    print(f"[restem] validation pass@1 has not improved for {cfg.loop.patience} iteration(s): stop")
+                    break
+        finally:
+            self.samplers.close()
+        self._link_best(best["iteration"])
+        print_table(self.run)
+        write_plot(self.run)
+        return best
+
+    # ------------------------------------------------------------------ phases
+    @contextmanager
+    def _timed(self, t: int, phase: str):
+        start = time.time()
+        yield
+        self.timings[(t, phase)] = time.time() - start
+
+    def generate(self, t: int, model: str) -> pa.Table:
+        """E-step: `samples_per_problem` samples per train problem, graded as they stream in."""
+        if self.run.done(t, "generate"):
+            return self.run.read_samples(t)
+        s, out = self.cfg.sampling, self.run.samples_dir(t)
+        spec = SampleSpec(n=s.samples_per_problem, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
+                          max_tokens=s.max_tokens, stop=tuple(s.stop), seed=self.cfg.seed * 1000 + t)
+        chunks = chunked(self.train, s.prompts_per_request)
+        todo = [i for i in range(len(chunks)) if not (out / f"part-{i:05d}.parquet").exists()]
+        start = time.time()
+        if todo:
+            def save(j: int, rows: list[dict]) -> None:
+                write_parquet(out / f"part-{todo[j]:05d}.parquet", pa.Table.from_pylist(rows))
+            self.samplers.get(model).run([chunks[i] for i in todo], spec, on_chunk=save, desc=f"E-step {t}")
+        table = self.run.read_samples(t)
+        line = {"seconds": round(time.time() - start, 2), "samples": table.num_rows,
+                "correct": int(pa.compute.sum(table["reward"]).as_py() or 0),
+                "completion_tokens": int(pa.compute.sum(table["completion_tokens"]).as_py() or 0)}
+        line["accept_rate"] = line["correct"] / max(1, line["samples"])
+        self.run.complete(t, "generate", [line])
+        return table
+
+    def select(self, t: int, samples: pa.Table) -> Path:
+        path = self.run.iter_dir(t) / "train.parquet"
+        if not self.run.done(t, "select"):
+            sel = self.cfg.selection
+            table = select(samples, max_solutions_per_problem=sel.max_solutions_per_problem, dedup=sel.dedup,
+                           seed=self.cfg.seed + t)
+            if table.num_rows == 0:
+                raise RunError(f"iteration {t}: the verifier accepted none of {samples.num_rows} samples; nothing to "
+                               "train on (a stronger base model, more samples or a higher temperature may help)")
+            write_parquet(path, table)
+            self.run.complete(t, "select", [{"kept": table.num_rows,
+                                              "problems_solved": len(set(table["id"].to_pylist()))}])
+        return path
+
+    def improve(self, t: int, init_model: str, dataset: Path) -> str:
+        ckpt = self.run.checkpoint_dir(t)
+        if not self.run.done(t, "improve"):
+            start = time.time()
+            metrics = train_m_step(init_model=init_model, train_file=dataset, out_dir=ckpt,
+                                   cfg=self.cfg.training, seed=self.cfg.seed + t, storage=self.run.iter_dir(t))
+            self.run.complete(t, "improve", [{"seconds": round(time.time() - start, 2), "init": init_model,
+                                               **{k: metrics[k] for k in ("loss", "steps") if k in metrics}}])
+        return str(ckpt)
+
+    def evaluate(self, t: int, model: str) -> float:
+        """Greedy pass@1 on every eval split (and pass@k, maj@k when evaluation.k > 0); returns valid pass@1."""
+        path = self.run.iter_dir(t) / "eval.json"
+        if not self.run.done(t, "eval"):
+            start, pool, ev = time.time(), self.samplers.get(model), self.cfg.evaluation
+            scores = {n: self._score(pool, probs, ev, f"eval {t} {n}") for n, probs in self.eval_sets.items()}
+            atomic_write_text(path, json.dumps(scores, indent=1))
+            secs = round(time.time() - start, 2)
+            self.run.complete(t, "eval", [{"split": n, "seconds": secs, "model": model, **s} for n, s in scores.items()])
+        return json.loads(path.read_text())["valid"]["pass@1"]
+
+    def _score(self, pool: EStepPool, problems: list[dict], ev, desc: str) -> dict:
+        rows: list[dict] = []
+        chunks = chunked(problems, self.cfg.sampling.prompts_per_request)
+        max_tokens = self.cfg.sampling.max_tokens
+        pool.run(chunks, SampleSpec(n=1, temperature=0.0, max_tokens=max_tokens, stop=tuple(self.cfg.sampling.stop)),
+                 on_chunk=lambda i, r: rows.extend(r), desc=desc)
+        scores = summarize_greedy(rows)
+        if ev.k > 0:
+            many: list[dict] = []
+            spec = SampleSpec(n=ev.k, temperature=ev.temperature, top_p=ev.top_p, max_tokens=max_tokens,
+                              stop=tuple(self.cfg.sampling.stop), seed=self.cfg.seed)
+            pool.run(chunks, spec, on_chunk=lambda i, r: many.extend(r), desc=f"{desc} pass@{ev.k}")
+            scores |= summarize_samples(many, ev.k)
+        return scores
+
+    def _link_best(self, t: int) -> None:
+        link = self.run.root / "best"
+        target = Path(f"iter_{t:03d}") / "checkpoint" if t > 0 else Path(self.cfg.model.base)
+        tmp = self.run.root / "best.tmp"
+        if tmp.is_symlink() or tmp.exists():
+            tmp.unlink()
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+
+
+def init_ray(address: str | None, num_cpus: int | None) -> None:
+    """Join the given cluster, or start a local Ray sized in logical CPUs.
+
+    Two real cores are not enough logical CPUs for a sampler, verifiers and two training workers to be
+    scheduled, so a local Ray declares at least 4 (phases run one after another, not at once).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return
+    os.environ.setdefault("RAY_DEDUP_LOGS", "0")
+    if address:
+        ray.init(address=address)
+    else:
+        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)

@@ -1,0 +1,44 @@
+"""Evaluation metrics: greedy pass@1, unbiased pass@k (Chen et al. 2021), maj@k."""
+from __future__ import annotations
+
+from collections import Counter, defaultdict
+
+import numpy as np
+
+from .verification import extract_answer
+
+
+def pass_at_k(n: int, c: int, k: int) -> float:
+    """Probability that at least one of k samples drawn from n (c correct) is correct.
+
+    Chen et al. 2021, numerically stable form: 1 - prod_{i=n-c+1}^{n} (1 - k/i).
+    """
+    if n < k:
+        raise ValueError(f"pass_at_k needs n >= k (n={n}, k={k})")
+    if n - c < k:
+        return 1.0
+    return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
+
+
+def majority_correct(rows: list[dict]) -> float:
+    """maj@k for one problem: 1 if the most common extracted answer (ties: first seen) is graded correct."""
+    answers = [(extract_answer(r["completion"]), r["reward"]) for r in rows]
+    answers = [(a.strip(), rw) for a, rw in answers if a is not None]
+    if not answers:
+        return 0.0
+    top, _ = Counter(a for a, _ in answers).most_common(1)[0]
+    return float(next(rw for a, rw in answers if a == top))
+
+
+def summarize_greedy(rows: list[dict]) -> dict:
+    return {"pass@1": float(np.mean([r["reward"] for r in rows])) if rows else 0.0, "problems": len(rows)}
+
+
+def summarize_samples(rows: list[dict], k: int) -> dict:
+    """pass@k and maj@k from k samples per problem."""
+    by_id: dict[str, list[dict]] = defaultdict(list)
+    for r in rows:
+        by_id[r["id"]].append(r)
+    pk = [pass_at_k(len(v), int(sum(x["reward"] for x in v)), k) for v in by_id.values()]
+    mj = [majority_correct(v) for v in by_id.values()]
+    return {f"pass@{k}": float(np.mean(pk)), f"maj@{k}": float(np.mean(mj))}

@@ -1,0 +1,96 @@
+"""Ray hosting for the E-step: sampler replicas and a verifier pool, streaming.
+
+Each sampler replica is a Ray actor owning one vLLM engine (`Sampler`); the verifier pool is a set of
+CPU actors (`Verifier`). A chunk of problems goes to a free replica; its samples go straight from the
+replica to a verifier actor (the object reference is passed, not fetched by the driver), so grading
+overlaps generation. Replicas stay up between calls (evaluation of policy t and the E-step that
+samples from it share one engine start) and are ended with `close()` before the M-step needs the
+accelerators.
+
+Why not Ray Data here: a Ray Data pipeline builds its actor pool per dataset execution, so every
+evaluation split and every E-step would pay the engine start again (~15 s on CPU, minutes for a
+large model on GPUs); persistent replicas pay it once per policy.
+"""
+from __future__ import annotations
+
+import itertools
+from typing import Callable, Iterable
+
+import ray
+from tqdm import tqdm
+
+from .sampling import Sampler, SampleSpec
+from .verification import Verifier
+
+
+class _GradeHost:
+    """Verifier actor body: joins problems with their samples and grades them."""
+
+    def __init__(self, verifier: str):
+        self.verifier = Verifier(verifier)
+
+    def grade(self, problems: list[dict], samples: list[dict]) -> list[dict]:
+        by_id = {p["id"]: p for p in problems}
+        rows = self.verifier.grade_batch([{**by_id[s["id"]], **s} for s in samples])
+        keep = set(samples[0]) | {"prompt", "reward", "verdict"} if samples else set()
+        return [{k: v for k, v in r.items() if k in keep} for r in rows]
+
+
+def chunked(items: list, size: int) -> list[list]:
+    return [items[i : i + size] for i in range(0, len(items), size)]
+
+
+class EStepPool:
+    """Sampler replicas + verifier actors for one policy checkpoint."""
+
+    def __init__(self, model: str, *, num_replicas: int, engine_kwargs: dict, use_gpu: bool,
+                 tensor_parallel_size: int, cpus_per_replica: float, verifier: str,
+                 num_verifiers: int, cpus_per_verifier: float, seed: int = 0):
+        self.model = model
+        sampler_cls = ray.remote(Sampler).options(
+            num_cpus=cpus_per_replica, num_gpus=tensor_parallel_size if use_gpu else 0)
+        kwargs = dict(engine_kwargs)
+        if tensor_parallel_size > 1:
+            kwargs.setdefault("tensor_parallel_size", tensor_parallel_size)
+        # A different seed per replica (OpenRLHF): per-problem seeds make samples batch-independent anyway.
+        self.samplers = [sampler_cls.remote(model, kwargs, seed + i, use_gpu) for i in range(num_replicas)]
+        grader_cls = ray.remote(_GradeHost).options(num_cpus=cpus_per_verifier)
+        self.graders = [grader_cls.remote(verifier) for _ in range(num_verifiers)]
+        ray.get([s.ready.remote() for s in self.samplers])  # engine start errors surface here
+
+    def run(self, chunks: list[list[dict]], spec: SampleSpec, *, on_chunk: Callable[[int, list[dict]], None],
+            desc: str = "sample") -> None:
+        """Generate and grade every chunk; `on_chunk(index, graded_rows)` is called as each finishes."""
+        todo = list(enumerate(chunks))
+        graders = itertools.cycle(self.graders)
+        free = list(self.samplers) * 2  # two calls in flight per replica keep its engine fed
+        gen_of: dict = {}
+        grading: dict = {}
+        total = sum(len(c) for c in chunks)
+        bar = tqdm(total=total * spec.n, desc=desc, unit="sample", mininterval=1, dynamic_ncols=True)
+        passed = 0
+        while todo or gen_of or grading:
+            while todo and free:
+                idx, chunk = todo.pop(0)
+                replica = free.pop(0)
+                ref = replica.generate.remote(chunk, spec)
+                gen_of[ref] = (idx, chunk, replica)
+            ready, _ = ray.wait(list(gen_of) + list(grading), num_returns=1)
+            ref = ready[0]
+            if ref in gen_of:
+                idx, chunk, replica = gen_of.pop(ref)
+                free.append(replica)
+                grading[next(graders).grade.remote(chunk, ref)] = idx
+            else:
+                idx = grading.pop(ref)
+                rows = ray.get(ref)
+                passed += sum(r["reward"] for r in rows)
+                bar.update(len(rows))
+                bar.set_postfix(accept=f"{passed / max(1, bar.n):.3f}")
+                on_chunk(idx, rows)
+        bar.close()
+
+    def close(self) -> None:
+        for a in itertools.chain(self.samplers, self.graders):
+            ray.kill(a)
+        self.samplers, self.graders = [], []

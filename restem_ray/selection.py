@@ -1,0 +1,32 @@
+"""Selection between E-step and M-step: keep reward 1, drop exact duplicates, cap per problem."""
+from __future__ import annotations
+
+import random
+
+import pyarrow as pa
+
+
+def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = True, seed: int = 0) -> pa.Table:
+    """Rows of `graded` to train on: correct, distinct per problem, at most N per problem (seeded choice).
+
+    The cap (paper: 10) keeps easy problems from dominating and keeps the data diverse.
+    """
+    rows = [r for r in graded.select(["id", "sample_index", "prompt", "completion", "reward"]).to_pylist()
+            if r["reward"] >= 1.0]
+    rows.sort(key=lambda r: (r["id"], r["sample_index"]))  # order independent of shard completion order
+    by_problem: dict[str, list[dict]] = {}
+    for r in rows:
+        kept = by_problem.setdefault(r["id"], [])
+        if dedup and any(k["completion"] == r["completion"] for k in kept):
+            continue
+        kept.append(r)
+    out = []
+    for pid in sorted(by_problem):
+        cands = by_problem[pid]
+        if len(cands) > max_solutions_per_problem:
+            rng = random.Random(f"{seed}/{pid}")
+            cands = sorted(rng.sample(cands, max_solutions_per_problem), key=lambda r: r["sample_index"])
+        out += cands
+    schema = pa.schema([("id", pa.string()), ("sample_index", pa.int64()), ("prompt", pa.string()),
+                        ("completion", pa.string())])
+    return pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in out], schema=schema)

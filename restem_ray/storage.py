@@ -1,0 +1,117 @@
+"""The run directory: resolved config, manifest of completed phases, per-iteration outputs, metrics.
+
+RUN/config.yaml, RUN/manifest.json (the single source of truth for what is complete, written
+atomically), RUN/iter_NNN/{samples/part-*.parquet, train.parquet, checkpoint/, eval.json},
+RUN/metrics.jsonl (one line per phase per iteration), RUN/report.png.
+"""
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+
+from .errors import UserError
+
+
+def atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+class RunDir:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.manifest_path = self.root / "manifest.json"
+        self.metrics_path = self.root / "metrics.jsonl"
+
+    # --- creation / resume -------------------------------------------------------------------
+    def create(self, config_yaml: str, resume: bool) -> None:
+        if self.manifest_path.exists() and not resume:
+            raise UserError(f"{self.root}: run directory already holds a run (use --resume to continue it)")
+        if resume and not self.manifest_path.exists():
+            raise UserError(f"{self.root}: nothing to resume (no manifest.json)")
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"{self.root}: cannot create run directory ({e.strerror})") from None
+        if not os.access(self.root, os.W_OK):
+            raise UserError(f"{self.root}: run directory is not writable")
+        if not resume:
+            atomic_write_text(self.root / "config.yaml", config_yaml)
+            self._write_manifest({"version": 1, "completed": {}, "created": time.time()})
+        self._trim_metrics()
+
+    def _write_manifest(self, m: dict) -> None:
+        atomic_write_text(self.manifest_path, json.dumps(m, indent=1, sort_keys=True))
+
+    def manifest(self) -> dict:
+        return json.loads(self.manifest_path.read_text())
+
+    # --- phases ------------------------------------------------------------------------------
+    def done(self, iteration: int, phase: str) -> bool:
+        return f"{iteration}/{phase}" in self.manifest()["completed"]
+
+    def complete(self, iteration, phase: str, lines: list[dict] = (), **manifest_fields) -> None:
+        """Record a finished phase: its metrics lines first, then the manifest (the commit point).
+
+        Each line gets `"phase"` and `"iteration"`; lines of a phase the manifest does not list are
+        dropped on resume, so a crash between the two writes leaves no duplicate metrics.
+        """
+        now = round(time.time(), 3)
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps({"phase": phase, "iteration": iteration, "time": now, **line}) + "\n")
+        m = self.manifest()
+        m["completed"][f"{iteration}/{phase}"] = now
+        m.update(manifest_fields)
+        self._write_manifest(m)
+
+    def set(self, **fields) -> None:
+        m = self.manifest()
+        m.update(fields)
+        self._write_manifest(m)
+
+    def _trim_metrics(self) -> None:
+        if not self.metrics_path.exists():
+            return
+        completed = self.manifest()["completed"]
+        keep = []
+        for raw in self.metrics_path.read_text().splitlines():
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                continue  # a torn last line
+            if completed.get(f"{line.get('iteration')}/{line.get('phase')}") == line.get("time"):
+                keep.append(raw)
+        atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
+
+    def metrics(self) -> list[dict]:
+        if not self.metrics_path.exists():
+            return []
+        return [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
+
+    # --- paths -------------------------------------------------------------------------------
+    def iter_dir(self, t: int) -> Path:
+        d = self.root / f"iter_{t:03d}"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def samples_dir(self, t: int) -> Path:
+        d = self.iter_dir(t) / "samples"
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def checkpoint_dir(self, t: int) -> Path:
+        return self.iter_dir(t) / "checkpoint"
+
+    def read_samples(self, t: int) -> pa.Table:
+        parts = sorted(self.samples_dir(t).glob("part-*.parquet"))
+        return pa.concat_tables([pq.read_table(p) for p in parts]) if parts else pa.table({})

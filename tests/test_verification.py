@@ -1,0 +1,50 @@
+import pytest
+
+from restem_ray.errors import UserError
+from restem_ray.verification import Verifier, answers_match, extract_answer, grade_math
+
+
+@pytest.mark.parametrize("text,answer", [
+    (" 12 + 3 = 15 . #### 15", "15"),
+    ("so the answer is \\boxed{\\frac{1}{2}} done", "\\frac{1}{2}"),
+    ("\\boxed{x^{2}}", "x^{2}"),
+    ("we get 3 then 1,234.", "1,234"),
+    ("no digits here", None),
+    ("#### ", None),
+])
+def test_extract_answer(text, answer):
+    assert extract_answer(text) == answer
+
+
+def test_numeric_and_latex_equivalence():
+    assert answers_match("1234", "1,234")
+    assert answers_match("0.5", "1/2")
+    assert not answers_match("42", "43")
+    assert answers_match("\\frac{1}{2}", "0.5")
+    assert answers_match("2\\sqrt{2}", "\\sqrt{8}")
+    assert not answers_match("2\\sqrt{2}", "\\sqrt{3}")
+
+
+def test_grade_math_verdicts():
+    assert grade_math({"answer": "7"}, "3 + 4 = 7 . #### 7").verdict == "passed"
+    assert grade_math({"answer": "7"}, "#### 8").verdict == "wrong_answer"
+    assert grade_math({"answer": "7"}, "I do not know").verdict == "no_answer"
+
+
+def test_plugin_verifier_and_errors_become_verdicts(tmp_path, monkeypatch):
+    (tmp_path / "myver.py").write_text(
+        "def score(problem, completion):\n"
+        "    if completion == 'boom':\n        raise RuntimeError('x')\n"
+        "    return 0.9 if completion == problem['answer'] else 0.1\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    v = Verifier("myver:score")
+    out = v.grade_batch([{"answer": "a", "completion": "a"}, {"answer": "a", "completion": "b"},
+                         {"answer": "a", "completion": "boom"}])
+    assert [r["reward"] for r in out] == [1.0, 0.0, 0.0]
+    assert out[2]["verdict"] == "verifier_error:RuntimeError"
+
+
+@pytest.mark.parametrize("spec", ["nosuchmodule_xyz:fn", "json:nosuchfn", "badspec"])
+def test_bad_plugin_is_user_error(spec):
+    with pytest.raises(UserError, match="verification.verifier"):
+        Verifier(spec)
