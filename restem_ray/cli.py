@@ -4,6 +4,7 @@
     restem-ray run CONFIG --out DIR [--set key=value ...] [--resume]
     restem-ray check CONFIG [--set key=value ...]
     restem-ray report RUN_DIR
+    restem-ray defaults
     restem-ray build-tiny
 
 User errors (bad config, data, paths, plug-ins) print one line and exit 2; `--debug` shows tracebacks.
@@ -113,6 +114,13 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_defaults(args) -> int:
+    from .config import describe_defaults
+
+    print(describe_defaults())
+    return 0
+
+
 def cmd_build_tiny(args) -> int:
     from .builtin import ensure_builtin
 
@@ -148,6 +156,9 @@ def parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="print the per-iteration table and write report.png")
     rp.add_argument("run_dir")
     rp.set_defaults(fn=cmd_report)
+
+    df = sub.add_parser("defaults", help="print every config key with its default and meaning")
+    df.set_defaults(fn=cmd_defaults)
 
     b = sub.add_parser("build-tiny", help="build (and cache) the built-in task data and tiny base model")
     b.set_defaults(fn=cmd_build_tiny)

@@ -56,7 +56,6 @@ class VerificationConfig(_Section):
     verifier: str = Field("auto", description="'auto' (by task kind), 'math', or a plug-in 'module:function'.")
     num_workers: int = Field(2, ge=1, description="Verifier actors in the CPU pool.")
     cpus_per_worker: float = Field(0.25, gt=0, description="Logical CPUs reserved per verifier actor.")
-    timeout_s: float = Field(10.0, gt=0, description="Per-sample grading timeout.")
 
 
 class SelectionConfig(_Section):
@@ -204,3 +203,19 @@ def load_config(path: str | Path, overrides: list[str] = ()) -> RestemConfig:
 
 def dump_config(cfg: RestemConfig) -> str:
     return yaml.safe_dump(cfg.model_dump(mode="json"), sort_keys=False)
+
+
+def describe_defaults() -> str:
+    """Every config field with its default and description, as commented YAML (`restem-ray defaults`)."""
+    lines = []
+    for name, field in RestemConfig.model_fields.items():
+        ann = field.annotation
+        if isinstance(ann, type) and issubclass(ann, BaseModel):
+            lines.append(f"{name}:")
+            for sub, f in ann.model_fields.items():
+                default = "REQUIRED" if f.is_required() else yaml.safe_dump(
+                    f.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix("...").strip()
+                lines.append(f"  {sub}: {default}  # {f.description}")
+        else:
+            lines.append(f"{name}: {field.get_default()}  # {field.description}")
+    return "\n".join(lines)

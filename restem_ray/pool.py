@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import ray
 from tqdm import tqdm
 
+from .errors import RunError
 from .sampling import Sampler, SampleSpec
 from .verification import Verifier
 
@@ -56,7 +57,12 @@ class EStepPool:
         self.samplers = [sampler_cls.remote(model, kwargs, seed + i, use_gpu) for i in range(num_replicas)]
         grader_cls = ray.remote(_GradeHost).options(num_cpus=cpus_per_verifier)
         self.graders = [grader_cls.remote(verifier) for _ in range(num_verifiers)]
-        ray.get([s.ready.remote() for s in self.samplers])  # engine start errors surface here
+        try:
+            ray.get([s.ready.remote() for s in self.samplers])  # engine start errors surface here
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            self.close()
+            cause = str(e).strip().splitlines()[-1][:300]
+            raise RunError(f"a vLLM sampler replica could not start on {model}: {cause}") from None
 
     def run(self, chunks: list[list[dict]], spec: SampleSpec, *, on_chunk: Callable[[int, list[dict]], None],
             desc: str = "sample") -> None:

@@ -71,9 +71,9 @@ def train_loop(job: dict) -> None:
     rows = pq.read_table(job["train_file"], columns=["prompt", "completion"]).to_pylist()
     data = [encode(tok, r["prompt"], r["completion"], cfg.max_seq_len) for r in rows]
     global_batch = cfg.micro_batch_size * world
-    steps_per_epoch = len(data) // global_batch  # every rank takes the same number of steps
-    if steps_per_epoch == 0:
-        raise ValueError(f"{len(data)} selected samples are fewer than one global batch ({global_batch})")
+    # Like DistributedSampler(drop_last=False): the last global batch is filled by repeating rows, so
+    # every rank takes the same number of steps and no selected sample is dropped.
+    steps_per_epoch = -(-len(data) // global_batch)
     total = steps_per_epoch * cfg.epochs // cfg.grad_accum
     ds_cfg = deepspeed_config(cfg, world)
     engine, _, _, _ = deepspeed.initialize(
@@ -84,8 +84,12 @@ def train_loop(job: dict) -> None:
     bar = tqdm(total=steps_per_epoch * cfg.epochs, desc="M-step") if rank == 0 else None
     losses, tokens = [], 0
     for epoch in range(cfg.epochs):
-        batches = length_grouped_batches([len(x[0]) for x in data], global_batch, gen)[:steps_per_epoch]
-        for idx in batches:
+        batches = length_grouped_batches([len(x[0]) for x in data], global_batch, gen)
+        order = [i for b in batches for i in b]
+        while len(order) < steps_per_epoch * global_batch:
+            order += order[: steps_per_epoch * global_batch - len(order)]
+        for step in range(steps_per_epoch):
+            idx = order[step * global_batch : (step + 1) * global_batch]
             mine = idx[rank::world]
             batch = {k: v.to(engine.device) for k, v in collate([data[i] for i in mine], tok.pad_token_id).items()}
             loss = engine(**batch).loss
@@ -139,4 +143,5 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
     result.checkpoint.to_directory(str(tmp))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
+    shutil.rmtree(storage / "mstep", ignore_errors=True)  # Ray Train's copy; the HF checkpoint is what we keep
     return dict(result.metrics)

@@ -1,0 +1,47 @@
+import json
+
+import pytest
+
+from restem_ray.errors import UserError
+from restem_ray.storage import RunDir
+
+
+def test_manifest_records_phases_and_metrics(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.create("seed: 0\n", resume=False)
+    assert not run.done(1, "generate")
+    run.complete(1, "generate", [{"samples": 8}])
+    run.complete(1, "eval", [{"split": "valid", "pass@1": 0.5}, {"split": "test", "pass@1": 0.25}], best_iteration=1)
+    assert run.done(1, "generate") and run.done(1, "eval")
+    assert run.manifest()["best_iteration"] == 1
+    lines = run.metrics()
+    assert [(m["phase"], m["iteration"]) for m in lines] == [("generate", 1), ("eval", 1), ("eval", 1)]
+    assert lines[1]["split"] == "valid" and lines[1]["pass@1"] == 0.5
+
+
+def test_resume_drops_metrics_of_unfinished_phases_and_torn_lines(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.create("x: 1\n", resume=False)
+    run.complete(1, "generate", [{"samples": 8}])
+    # a crash after the metrics line of "select" but before its manifest entry, plus a torn line
+    with open(run.metrics_path, "a") as f:
+        f.write(json.dumps({"phase": "select", "iteration": 1, "time": 1.0, "kept": 3}) + "\n")
+        f.write('{"phase": "impr')
+    RunDir(tmp_path / "run").create("x: 1\n", resume=True)
+    assert [m["phase"] for m in run.metrics()] == ["generate"]
+
+
+def test_create_refuses_to_overwrite_or_resume_nothing(tmp_path):
+    run = RunDir(tmp_path / "run")
+    with pytest.raises(UserError, match="nothing to resume"):
+        run.create("", resume=True)
+    run.create("", resume=False)
+    with pytest.raises(UserError, match="already holds a run"):
+        RunDir(tmp_path / "run").create("", resume=False)
+
+
+def test_unwritable_run_dir_is_a_user_error(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    with pytest.raises(UserError, match="cannot create run directory"):
+        RunDir(blocker / "run").create("", resume=False)
