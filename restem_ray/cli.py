@@ -19,8 +19,8 @@ from pathlib import Path
 from .errors import RunError, UserError
 
 DEMO_QUICK = [
-    "loop.iterations=1", "task.max_train_problems=128", "task.max_eval_problems=64", "sampling.samples_per_problem=4",
-    "training.epochs=2", "training.micro_batch_size=8",
+    "loop.iterations=1", "task.max_train_problems=128", "task.max_eval_problems=64", "sampling.samples_per_problem=8",
+    "training.epochs=2", "training.micro_batch_size=4",
 ]
 
 
@@ -32,11 +32,12 @@ def demo_config(root: Path, quick: bool, overrides: list[str]):
     tree = {
         "seed": 0,
         "task": {"kind": "math", "train_file": str(data / "train.jsonl"), "valid_file": str(data / "valid.jsonl"),
-                 "test_file": str(data / "test.jsonl"), "extra_eval_files": {"transfer": str(data / "transfer.jsonl")}},
+                 "test_file": str(data / "test.jsonl"), "extra_eval_files": {"transfer": str(data / "transfer.jsonl")},
+                 "max_train_problems": 1500},
         "model": {"base": str(model)},
         # temperature 1.0: the tiny model needs the diversity (calibration note); completions are < 80 tokens.
         "sampling": {"samples_per_problem": 8, "temperature": 1.0, "top_k": -1, "max_tokens": 96,
-                     "prompts_per_request": 256, "engine_kwargs": {"max_model_len": 320}},
+                     "prompts_per_request": 256, "engine_kwargs": {"max_model_len": 320, "dtype": "float32"}},
         "training": {"epochs": 5, "lr": 1e-3, "weight_decay": 0.1, "micro_batch_size": 32, "max_seq_len": 320,
                      "warmup_ratio": 0.05},
         "loop": {"iterations": 3, "patience": 3},

@@ -114,7 +114,10 @@ class Driver:
         line = {"seconds": round(time.time() - start, 2), "samples": table.num_rows,
                 "correct": int(pa.compute.sum(table["reward"]).as_py() or 0),
                 "completion_tokens": int(pa.compute.sum(table["completion_tokens"]).as_py() or 0)}
+        solved = table.filter(pa.compute.greater_equal(table["reward"], 1.0))["id"]
         line["accept_rate"] = line["correct"] / max(1, line["samples"])
+        # pass@n on the train problems at the sampling temperature: how many problems can feed the M-step
+        line[f"train pass@{s.samples_per_problem}"] = len(set(solved.to_pylist())) / max(1, len(self.train))
         self.run.complete(t, "generate", [line])
         return table
 
@@ -189,7 +192,7 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     if ray.is_initialized():
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
-    if address:
+    if address or os.environ.get("RAY_ADDRESS"):  # a Ray job's driver gets RAY_ADDRESS from the cluster
         ray.init(address=address)
     else:
         ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False)

@@ -18,11 +18,18 @@ def iteration_rows(run: RunDir) -> list[dict]:
             r["eval s"] = m.get("seconds")
         elif m["phase"] == "generate":
             r.update({"samples": m["samples"], "correct": m["correct"], "generate s": m["seconds"]})
+            r.update({k: v for k, v in m.items() if k.startswith("train pass@")})
         elif m["phase"] == "select":
             r["kept"] = m["kept"]
         elif m["phase"] == "improve":
             r.update({"loss": m.get("loss"), "improve s": m["seconds"]})
     return [{"iteration": t, **rows[t]} for t in sorted(rows)]
+
+
+def _split_order(col: str) -> tuple:
+    split = col.split(" ")[0]
+    order = {"train": 0, "valid": 1, "test": 2}
+    return (order.get(split, 3), col)
 
 
 def _fmt(v) -> str:
@@ -38,7 +45,7 @@ def print_table(run: RunDir) -> None:
     from rich.table import Table
 
     rows = iteration_rows(run)
-    cols = ["iteration"] + sorted({k for r in rows for k in r if " pass@" in k or " maj@" in k}) + \
+    cols = ["iteration"] + sorted({k for r in rows for k in r if " pass@" in k or " maj@" in k}, key=_split_order) + \
         [c for c in ("samples", "correct", "kept", "loss", "generate s", "improve s", "eval s")
          if any(c in r for r in rows)]
     table = Table(title=f"ReST^EM run {run.root}")

@@ -22,7 +22,7 @@ def test_quick_demo_runs_every_phase(tmp_path):
         assert key in manifest["completed"], key
 
     samples = pq.read_table(out / "iter_001" / "samples").to_pylist()
-    assert len(samples) == 128 * 4  # --quick: 128 train problems x 4 samples
+    assert len(samples) == 128 * 8  # --quick: 128 train problems x 8 samples
     assert len({(s["id"], s["sample_index"]) for s in samples}) == len(samples)
     assert {s["verdict"] for s in samples} <= {"passed", "wrong_answer", "no_answer"}
     assert all((s["reward"] == 1.0) == (s["verdict"] == "passed") for s in samples)

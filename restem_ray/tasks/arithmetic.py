@@ -1,6 +1,6 @@
 """Built-in task: multi-step add/subtract word problems with GSM8K-style worked solutions.
 
-    Q: Ann has 15 coins, finds 08, loses 29. How many coins now?
+    Q: Ann has 15 coins, finds 08, loses 29. How many now?
     A: 15 + 08 = 131 . 131 - 29 = 93 . #### 93
 
 Numbers are written least-significant digit first ("15" is fifty-one) when `reverse_digits` is on:
@@ -27,7 +27,7 @@ SUB = ["loses {n}", "gives {n}", "sells {n}"]
 class ArithmeticTask:
     """Sizes of the built-in task. Defaults follow the calibrated round-2 recipe."""
     seed: int = 0
-    n_seed: int = 1000
+    n_seed: int = 2000
     n_train: int = 3000
     n_valid: int = 500
     n_test: int = 1000
@@ -54,7 +54,7 @@ class ArithmeticTask:
     def render(self, pid: str, start: int, ops, rng: random.Random) -> dict:
         name, thing = rng.choice(NAMES), rng.choice(THINGS)
         verbs = [rng.choice(ADD if op == "+" else SUB).format(n=self.num(n)) for op, n in ops]
-        story = f"{name} has {self.num(start)} {thing}, " + ", ".join(verbs) + f". How many {thing} now?"
+        story = f"{name} has {self.num(start)} {thing}, " + ", ".join(verbs) + ". How many now?"
         steps, value = [], start
         for op, n in ops:
             new = value + n if op == "+" else value - n
