@@ -20,7 +20,7 @@ from .errors import RunError, UserError
 
 DEMO_QUICK = [
     "loop.iterations=1", "task.max_train_problems=128", "task.max_eval_problems=64", "sampling.samples_per_problem=8",
-    "training.epochs=2", "training.micro_batch_size=4",
+    "training.epochs=2", "training.micro_batch_size=4", "sampling.prompts_per_request=32",
 ]
 
 
@@ -52,7 +52,7 @@ def cmd_demo(args) -> int:
     demo_config(Path("/nonexistent"), args.quick, args.set)  # validate overrides before building anything
     root = ensure_builtin()
     cfg = demo_config(root, args.quick, args.set)
-    return _run(cfg, out, args.resume)
+    return _run(cfg, out, args.resume, args.force)
 
 
 def cmd_run(args) -> int:
@@ -60,14 +60,17 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.set)
     check_inputs(cfg)
-    return _run(cfg, Path(args.out), args.resume)
+    return _run(cfg, Path(args.out), args.resume, args.force)
 
 
-def _run(cfg, out: Path, resume: bool) -> int:
+def _run(cfg, out: Path, resume: bool, force: bool) -> int:
     from .driver import Driver, init_ray
 
-    driver = Driver(cfg, out, resume=resume)  # validates data and the run dir before Ray starts
+    from .resources import check_ray_cluster
+
+    driver = Driver(cfg, out, resume=resume, force=force)  # validates data and the run dir before Ray starts
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    check_ray_cluster(cfg)  # before anything is written or any actor waits for resources
     best = driver.fit()
     print(f"[restem] done: {out} (best iteration {best['iteration']}, valid pass@1 {best['valid']:.3f})")
     return 0
@@ -139,6 +142,7 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--out", help="run directory (default: a new folder under ./restem-runs)")
     d.add_argument("--quick", action="store_true", help="smoke-test profile: 1 iteration, few problems")
     d.add_argument("--resume", action="store_true", help="continue the run in --out")
+    d.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
     d.add_argument("--set", **sets)
     d.set_defaults(fn=cmd_demo)
 
@@ -146,6 +150,7 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("config")
     r.add_argument("--out", required=True, help="run directory")
     r.add_argument("--resume", action="store_true", help="continue the run in --out")
+    r.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
     r.add_argument("--set", **sets)
     r.set_defaults(fn=cmd_run)
 

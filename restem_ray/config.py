@@ -95,6 +95,7 @@ class LoopConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address; None starts (or joins) a local Ray.")
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local Ray (default: max(4, cores)).")
+    check_resources: bool = Field(True, description="Fail at start if the cluster cannot hold a phase (off for autoscaling clusters).")
 
 
 class RestemConfig(_Section):

@@ -18,6 +18,7 @@ import pyarrow as pa
 from .config import RestemConfig, dump_config
 from .data import load_problems, write_parquet
 from .errors import RunError
+from .faults import crash_point
 from .evaluation import summarize_greedy, summarize_samples
 from .pool import EStepPool, chunked
 from .report import print_table, write_plot
@@ -53,20 +54,22 @@ class Samplers:
 
 
 class Driver:
-    def __init__(self, cfg: RestemConfig, run_dir: str | Path, resume: bool = False):
+    def __init__(self, cfg: RestemConfig, run_dir: str | Path, resume: bool = False, force: bool = False):
         self.cfg, self.run = cfg, RunDir(run_dir)
         t = cfg.task
         self.train = load_problems(t.train_file, t.kind, t.max_train_problems)
         self.eval_splits = {"valid": t.valid_file} | ({"test": t.test_file} if t.test_file else {}) | t.extra_eval_files
         self.eval_sets = {n: load_problems(p, t.kind, t.max_eval_problems) for n, p in self.eval_splits.items()}
         resolve_verifier(cfg.verification.verifier, t.kind)  # fail on a bad plug-in before any work
-        self.run.create(dump_config(cfg), resume)
+        self.resume, self.force = resume, force
+        self.run.validate(dump_config(cfg), resume, force)  # the run directory is written only in fit()
         self.samplers = Samplers(cfg)
         self.timings: dict[tuple[int, str], float] = {}
 
     # ------------------------------------------------------------------ the algorithm
     def fit(self) -> dict:
         cfg, base = self.cfg, self.cfg.model.base
+        self.run.create(dump_config(cfg), self.resume, self.force)
         policy = base
         best = {"iteration": 0, "valid": self.evaluate(0, policy)}
         try:
@@ -109,6 +112,7 @@ class Driver:
         if todo:
             def save(j: int, rows: list[dict]) -> None:
                 write_parquet(out / f"part-{todo[j]:05d}.parquet", pa.Table.from_pylist(rows))
+                crash_point(f"{t}/generate/shard")
             self.samplers.get(model).run([chunks[i] for i in todo], spec, on_chunk=save, desc=f"E-step {t}")
         table = self.run.read_samples(t)
         line = {"seconds": round(time.time() - start, 2), "samples": table.num_rows,
@@ -131,6 +135,7 @@ class Driver:
                 raise RunError(f"iteration {t}: the verifier accepted none of {samples.num_rows} samples; nothing to "
                                "train on (a stronger base model, more samples or a higher temperature may help)")
             write_parquet(path, table)
+            crash_point(f"{t}/select")
             self.run.complete(t, "select", [{"kept": table.num_rows,
                                               "problems_solved": len(set(table["id"].to_pylist()))}])
         return path
@@ -141,6 +146,7 @@ class Driver:
             start = time.time()
             metrics = train_m_step(init_model=init_model, train_file=dataset, out_dir=ckpt,
                                    cfg=self.cfg.training, seed=self.cfg.seed + t, storage=self.run.iter_dir(t))
+            crash_point(f"{t}/improve")
             self.run.complete(t, "improve", [{"seconds": round(time.time() - start, 2), "init": init_model,
                                                **{k: metrics[k] for k in ("loss", "steps") if k in metrics}}])
         return str(ckpt)
@@ -152,6 +158,7 @@ class Driver:
             start, pool, ev = time.time(), self.samplers.get(model), self.cfg.evaluation
             scores = {n: self._score(pool, probs, ev, f"eval {t} {n}") for n, probs in self.eval_sets.items()}
             atomic_write_text(path, json.dumps(scores, indent=1))
+            crash_point(f"{t}/eval")
             secs = round(time.time() - start, 2)
             self.run.complete(t, "eval", [{"split": n, "seconds": secs, "model": model, **s} for n, s in scores.items()])
         return json.loads(path.read_text())["valid"]["pass@1"]

@@ -13,17 +13,36 @@ from pathlib import Path
 
 import pyarrow as pa
 import pyarrow.parquet as pq
+import yaml
 
 from .errors import UserError
+from .faults import crash_point
 
 
-def atomic_write_text(path: Path, text: str) -> None:
+def atomic_write_text(path: Path, text: str, crash_label: str | None = None) -> None:
     tmp = path.with_name(path.name + ".tmp")
     with open(tmp, "w", encoding="utf-8") as f:
         f.write(text)
         f.flush()
         os.fsync(f.fileno())
+    if crash_label:
+        crash_point(crash_label)
     os.replace(tmp, path)
+
+
+# Keys a resumed run may change: they decide how far the run goes and where, not what it computed.
+RESUME_SAFE_KEYS = {"loop.iterations", "loop.patience", "ray.address", "ray.num_cpus", "ray.check_resources"}
+
+
+def _flatten(tree, prefix: str = "") -> dict:
+    out = {}
+    for k, v in (tree or {}).items():
+        key = f"{prefix}{k}"
+        if isinstance(v, dict) and v and k not in ("engine_kwargs", "deepspeed", "extra_eval_files"):
+            out.update(_flatten(v, key + "."))
+        else:
+            out[key] = v
+    return out
 
 
 class RunDir:
@@ -33,24 +52,46 @@ class RunDir:
         self.metrics_path = self.root / "metrics.jsonl"
 
     # --- creation / resume -------------------------------------------------------------------
-    def create(self, config_yaml: str, resume: bool) -> None:
+    def validate(self, config_yaml: str, resume: bool, force: bool = False) -> None:
+        """Everything `create` checks, writing nothing (run before any cluster work)."""
         if self.manifest_path.exists() and not resume:
             raise UserError(f"{self.root}: run directory already holds a run (use --resume to continue it)")
         if resume and not self.manifest_path.exists():
             raise UserError(f"{self.root}: nothing to resume (no manifest.json)")
+        parent = next((p for p in [self.root, *self.root.parents] if p.exists()), None)
+        if parent is None or not parent.is_dir():
+            raise UserError(f"{self.root}: cannot create run directory ({parent} is not a directory)")
+        if not os.access(parent, os.W_OK):
+            raise UserError(f"{self.root}: run directory is not writable")
+        if resume:
+            self._check_resume_config(config_yaml, force)
+
+    def create(self, config_yaml: str, resume: bool, force: bool = False) -> None:
+        self.validate(config_yaml, resume, force)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"{self.root}: cannot create run directory ({e.strerror})") from None
-        if not os.access(self.root, os.W_OK):
-            raise UserError(f"{self.root}: run directory is not writable")
+        atomic_write_text(self.root / "config.yaml", config_yaml)
         if not resume:
-            atomic_write_text(self.root / "config.yaml", config_yaml)
             self._write_manifest({"version": 1, "completed": {}, "created": time.time()})
         self._trim_metrics()
 
-    def _write_manifest(self, m: dict) -> None:
-        atomic_write_text(self.manifest_path, json.dumps(m, indent=1, sort_keys=True))
+    def _check_resume_config(self, config_yaml: str, force: bool) -> None:
+        """Refuse to resume with a changed config unless the change is safe or forced."""
+        path = self.root / "config.yaml"
+        old = _flatten(yaml.safe_load(path.read_text())) if path.is_file() else {}
+        new = _flatten(yaml.safe_load(config_yaml))
+        changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS]
+        if changed and not force:
+            k = changed[0]
+            raise UserError(f"{path}: resuming with a changed config ({k}: {old.get(k)!r} -> {new.get(k)!r}"
+                            f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}); "
+                            "only loop.*, ray.* may change (use --force to accept)")
+
+    def _write_manifest(self, m: dict, label: str | None = None) -> None:
+        atomic_write_text(self.manifest_path, json.dumps(m, indent=1, sort_keys=True),
+                          crash_label=f"manifest:{label}" if label else None)
 
     def manifest(self) -> dict:
         return json.loads(self.manifest_path.read_text())
@@ -72,7 +113,7 @@ class RunDir:
         m = self.manifest()
         m["completed"][f"{iteration}/{phase}"] = now
         m.update(manifest_fields)
-        self._write_manifest(m)
+        self._write_manifest(m, label=f"{iteration}/{phase}")
 
     def set(self, **fields) -> None:
         m = self.manifest()
