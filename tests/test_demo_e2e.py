@@ -3,16 +3,19 @@ import json
 import os
 import subprocess
 import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 
 pytestmark = pytest.mark.slow
 
 
 def test_quick_demo_runs_every_phase(tmp_path):
     out = tmp_path / "run"
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    secret = "s3cr3t-9f8e7d6c5b4a"
+    env = dict(os.environ, PYTHONUNBUFFERED="1", AWS_SECRET_ACCESS_KEY=secret)
     r = subprocess.run([sys.executable, "-m", "restem_ray.cli", "demo", "--quick", "--out", str(out)],
                        capture_output=True, text=True, env=env, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
@@ -41,3 +44,16 @@ def test_quick_demo_runs_every_phase(tmp_path):
     assert all(0.0 <= m["pass@1"] <= 1.0 for m in evals)
     assert (out / "report.png").stat().st_size > 10_000
     assert "valid pass@1" in r.stdout
+
+    best = json.loads((out / "manifest.json").read_text())["best_iteration"]
+    valid = {m["iteration"]: m["pass@1"] for m in evals if m["split"] == "valid"}
+    assert valid[best] == max(valid.values())
+    assert (out / "best").is_symlink() and (out / "best" / "config.json").is_file()
+    base = yaml.safe_load((out / "config.yaml").read_text())["model"]["base"]
+    assert (out / "best").resolve() == ((out / "iter_001" / "checkpoint") if best == 1 else Path(base)).resolve()
+
+    # secrets in the environment reach neither the logs nor the run directory
+    assert secret not in r.stdout + r.stderr
+    for f in out.rglob("*"):
+        if f.is_file() and not f.is_symlink():
+            assert secret.encode() not in f.read_bytes(), f

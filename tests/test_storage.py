@@ -45,3 +45,19 @@ def test_unwritable_run_dir_is_a_user_error(tmp_path):
     blocker.write_text("x")
     with pytest.raises(UserError, match="cannot create run directory"):
         RunDir(blocker / "run").create("", resume=False)
+
+
+def test_resume_allows_safe_changes_and_forced_ones(tmp_path):
+    import yaml
+
+    run = RunDir(tmp_path / "run")
+    old = {"seed": 0, "loop": {"iterations": 3, "patience": 1}, "training": {"lr": 0.001}}
+    run.create(yaml.safe_dump(old), resume=False)
+    more = {**old, "loop": {"iterations": 5, "patience": 2}}
+    RunDir(tmp_path / "run").create(yaml.safe_dump(more), resume=True)  # more iterations: safe
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["loop"]["iterations"] == 5
+    changed = {**more, "training": {"lr": 0.01}}
+    with pytest.raises(UserError, match=r"training.lr: 0.001 -> 0.01\); only loop"):
+        RunDir(tmp_path / "run").create(yaml.safe_dump(changed), resume=True)
+    RunDir(tmp_path / "run").create(yaml.safe_dump(changed), resume=True, force=True)
+    assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]["lr"] == 0.01

@@ -1,0 +1,122 @@
+"""Bad input of any kind: exit code 2, one line naming the key or file:line, nothing written."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from restem_ray.builtin import build_tokenizer
+from restem_ray.cli import main
+
+GOOD = [{"id": i, "prompt": f"Q{i}", "answer": str(i)} for i in range(3)]
+
+
+@pytest.fixture
+def world(tmp_path):
+    """A valid config with data and a model folder (config.json + tokenizer), all in tmp_path."""
+    for name in ("train", "valid"):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text("{}")
+    build_tokenizer().save_pretrained(model)
+    tree = {"task": {"train_file": "train.jsonl", "valid_file": "valid.jsonl"}, "model": {"base": "model"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tree))
+    return tmp_path
+
+
+def jsonl_lines(world, lines):
+    (world / "train.jsonl").write_bytes(b"".join(x + b"\n" for x in lines))
+
+
+def edit_config(world, fn):
+    tree = yaml.safe_load((world / "cfg.yaml").read_text())
+    fn(tree)
+    (world / "cfg.yaml").write_text(yaml.safe_dump(tree))
+
+
+def set_model(world, path):
+    edit_config(world, lambda t: t["model"].update(base=str(path)))
+
+
+CASES = {
+    "unknown top key": (lambda w: edit_config(w, lambda t: t.update(sampler={"n": 3})), [], "sampler: unknown key"),
+    "unknown nested key": (None, ["--set", "training.lrr=3"], "training.lrr: unknown key"),
+    "wrong type": (None, ["--set", "training.lr=fast"], "training.lr: Input should be a valid number"),
+    "out of range": (None, ["--set", "sampling.samples_per_problem=0"], "sampling.samples_per_problem"),
+    "bad choice": (None, ["--set", "training.zero_stage=5"], "training.zero_stage"),
+    "bad bool": (None, ["--set", "training.restart_from_base=maybe"], "training.restart_from_base"),
+    "set without =": (None, ["--set", "loop.iterations"], "expected key.path=value"),
+    "set into a value": (None, ["--set", "task.train_file.x=1"], "'train_file' is not a section"),
+    "config not yaml": (lambda w: (w / "cfg.yaml").write_text("task: [oops\n"), [], "cfg.yaml:2: not valid YAML"),
+    "config is a list": (lambda w: (w / "cfg.yaml").write_text("- 1\n- 2\n"), [], "top level must be a mapping"),
+    "missing model section": (lambda w: edit_config(w, lambda t: t.pop("model")), [], "model: required key is missing"),
+    "code task, math verifier": (None, ["--set", "task.kind=code", "--set", "verification.verifier=math"],
+                                 "'math' cannot grade a code task"),
+    "train file missing": (lambda w: (w / "train.jsonl").unlink(), [], "train.jsonl: problem file not found"),
+    "line not json": (lambda w: jsonl_lines(w, [json.dumps(GOOD[0]).encode(), b"{oops"]), [], "train.jsonl:2: not valid JSON"),
+    "line lacks prompt": (lambda w: jsonl_lines(w, [json.dumps({"id": 1, "answer": "1"}).encode()]), [],
+                          "train.jsonl:1: missing or empty field 'prompt'"),
+    "line lacks answer": (lambda w: jsonl_lines(w, [json.dumps({"id": 1, "prompt": "q"}).encode()]), [],
+                          "train.jsonl:1: missing or empty field 'answer'"),
+    "duplicate id": (lambda w: jsonl_lines(w, [json.dumps(GOOD[0]).encode()] * 2), [], "train.jsonl:2: duplicate id '0'"),
+    "not utf-8": (lambda w: jsonl_lines(w, [b'{"id": 1, "prompt": "\xff"}']), [], "train.jsonl:1: not UTF-8"),
+    "empty file": (lambda w: jsonl_lines(w, []), [], "train.jsonl: no problems in file"),
+    "line is a list": (lambda w: jsonl_lines(w, [b"[1, 2]"]), [], "train.jsonl:1: expected a JSON object"),
+    "csv data": (lambda w: (edit_config(w, lambda t: t["task"].update(train_file="t.csv")),
+                            (w / "t.csv").write_text("id,prompt\n")), [], "t.csv: unknown problem file type"),
+    "corrupt parquet": (lambda w: (edit_config(w, lambda t: t["task"].update(train_file="t.parquet")),
+                                   (w / "t.parquet").write_bytes(b"PAR1 not really")), [], "t.parquet: not a readable Parquet file"),
+    "parquet lacks prompt": (lambda w: (edit_config(w, lambda t: t["task"].update(train_file="p.parquet")),
+                                        pq.write_table(pa.Table.from_pylist([{"id": "a", "answer": "1"}]), w / "p.parquet")),
+                             [], "p.parquet:1 (row): missing or empty field 'prompt'"),
+    "model folder missing": (lambda w: set_model(w, w / "nope"), [], "model.base:"),
+    "model without tokenizer": (lambda w: [p.unlink() for p in (w / "model").iterdir() if p.name != "config.json"],
+                                [], "no tokenizer files"),
+    "plug-in not importable": (None, ["--set", "verification.verifier=no_such_mod_xyz:grade"],
+                               "cannot import 'no_such_mod_xyz'"),
+    "plug-in not callable": (None, ["--set", "verification.verifier=json:__doc__"], "is not a callable"),
+    "plug-in spec malformed": (None, ["--set", "verification.verifier=justaname"], "is not 'math' or 'module:function'"),
+}
+
+
+def snapshot(root):
+    return {p: p.stat().st_mtime_ns for p in root.rglob("*")}
+
+
+@pytest.mark.parametrize("case", sorted(CASES))
+def test_bad_input_exits_2_with_one_line(world, capsys, case):
+    prepare, extra, needle = CASES[case]
+    if prepare:
+        prepare(world)
+    before = snapshot(world)
+    rc = main(["run", str(world / "cfg.yaml"), "--out", str(world / "run"), *extra])
+    err = capsys.readouterr().err
+    assert rc == 2
+    assert err.startswith("restem-ray: error: ") and err.count("\n") == 1, err
+    assert needle in err, err
+    assert snapshot(world) == before  # nothing written, the run directory not even created
+
+
+def test_run_dir_that_holds_a_run_or_nothing_to_resume(world, capsys):
+    (world / "run").mkdir()
+    assert main(["run", str(world / "cfg.yaml"), "--out", str(world / "run"), "--resume"]) == 2
+    assert "nothing to resume" in capsys.readouterr().err
+    (world / "run" / "manifest.json").write_text("{}")
+    assert main(["run", str(world / "cfg.yaml"), "--out", str(world / "run")]) == 2
+    assert "already holds a run (use --resume" in capsys.readouterr().err
+
+
+def test_demo_rejects_bad_override_before_building(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("RESTEM_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--out", str(tmp_path / "run"), "--set", "training.epochs=-1"]) == 2
+    assert "training.epochs" in capsys.readouterr().err
+    assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+
+
+def test_debug_shows_the_traceback(world):
+    from restem_ray.errors import UserError
+
+    with pytest.raises(UserError, match="training.lr"):
+        main(["--debug", "run", str(world / "cfg.yaml"), "--out", str(world / "run"), "--set", "training.lr=x"])

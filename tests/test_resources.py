@@ -1,0 +1,59 @@
+import json
+import subprocess
+import sys
+import time
+
+import pytest
+import yaml
+
+from restem_ray.builtin import build_tokenizer
+from restem_ray.config import RestemConfig
+from restem_ray.errors import UserError
+from restem_ray.resources import check_cluster
+
+BASE = {"task": {"train_file": "t", "valid_file": "v"}, "model": {"base": "m"}}
+
+
+def cfg(**sections):
+    tree = json.loads(json.dumps(BASE))
+    for sec, vals in sections.items():
+        tree[sec] = vals
+    return RestemConfig.model_validate(tree)
+
+
+def test_replicas_must_fit_on_single_nodes():
+    c = cfg(sampling={"use_gpu": True, "num_replicas": 2, "tensor_parallel_size": 2},
+            training={"use_gpu": True, "num_workers": 4})
+    check_cluster(c, [{"CPU": 16, "GPU": 4}])  # 2 replicas x 2 GPUs, then 4 trainers x 1 GPU
+    check_cluster(c, [{"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 2}])
+    with pytest.raises(UserError, match=r"E-step: 2 sampler replica\(s\) need CPU 1, GPU 2 each; it holds 1"):
+        check_cluster(c, [{"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 1}, {"CPU": 8, "GPU": 2}])
+    c = cfg(sampling={"use_gpu": True, "num_replicas": 2, "tensor_parallel_size": 2},
+            training={"use_gpu": True, "num_workers": 5})
+    with pytest.raises(UserError, match=r"M-step: 5 training worker\(s\).*holds 4 \(cluster total CPU 16, GPU 4\)"):
+        check_cluster(c, [{"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 2}])
+
+
+def test_verifiers_share_the_e_step_with_samplers():
+    c = cfg(verification={"num_workers": 8, "cpus_per_worker": 1})
+    with pytest.raises(UserError, match=r"8 verifier\(s\) need CPU 1 each; it holds 3"):
+        check_cluster(c, [{"CPU": 4}])  # one CPU goes to the sampler replica
+
+
+def test_run_asking_for_missing_gpus_fails_fast(tmp_path):
+    for name in ("train", "valid"):
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"id": 1, "prompt": "q", "answer": "1"}) + "\n")
+    (tmp_path / "model").mkdir()
+    (tmp_path / "model" / "config.json").write_text("{}")
+    build_tokenizer().save_pretrained(tmp_path / "model")
+    tree = {"task": {"train_file": "train.jsonl", "valid_file": "valid.jsonl"}, "model": {"base": "model"},
+            "sampling": {"use_gpu": True, "num_replicas": 2}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tree))
+    start = time.time()
+    r = subprocess.run([sys.executable, "-m", "restem_ray.cli", "run", str(tmp_path / "cfg.yaml"), "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    assert time.time() - start < 60
+    assert r.returncode == 2, r.stderr[-2000:]
+    assert "2 sampler replica(s) need CPU 1, GPU 1 each; it holds 0 (cluster total CPU" in r.stderr
+    assert "GPU 0" in r.stderr
+    assert not (tmp_path / "run").exists()
