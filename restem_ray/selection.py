@@ -30,3 +30,20 @@ def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = Tr
     schema = pa.schema([("id", pa.string()), ("sample_index", pa.int64()), ("prompt", pa.string()),
                         ("completion", pa.string())])
     return pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in out], schema=schema)
+
+
+def problem_stats(samples: pa.Table, kept: pa.Table, iteration: int) -> pa.Table:
+    """Per problem: samples drawn, correct, distinct correct, kept (which problems the model can solve)."""
+    drawn: dict[str, list] = {}
+    for r in samples.select(["id", "completion", "reward"]).to_pylist():
+        d = drawn.setdefault(r["id"], [0, 0, set()])
+        d[0] += 1
+        if r["reward"] >= 1.0:
+            d[1] += 1
+            d[2].add(r["completion"])
+    n_kept: dict[str, int] = {}
+    for pid in kept["id"].to_pylist():
+        n_kept[pid] = n_kept.get(pid, 0) + 1
+    return pa.Table.from_pylist([
+        {"id": pid, "iteration": iteration, "drawn": d[0], "correct": d[1], "distinct_correct": len(d[2]),
+         "kept": n_kept.get(pid, 0), "pass_rate": d[1] / d[0]} for pid, d in sorted(drawn.items())])
