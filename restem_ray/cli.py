@@ -64,6 +64,12 @@ def cmd_run(args) -> int:
 
 
 def _run(cfg, out: Path, resume: bool, force: bool) -> int:
+    import os
+
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        # A local Ray binds to loopback only: Ray's switch for single-machine clusters, read when ray is
+        # imported (it otherwise publishes its ports on the host's network address).
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from .driver import Driver, init_ray
 
     from .resources import check_ray_cluster

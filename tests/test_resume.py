@@ -1,48 +1,23 @@
 """Resume after SIGKILL of the driver at each phase: the resumed run ends with exactly the rows of an
 uninterrupted run (per-problem seeds and seeded training make the two comparable row for row)."""
 import json
-import os
 import signal
-import subprocess
-import sys
 
 import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
+from helpers import demo
 
 pytestmark = pytest.mark.slow
-
-SMALL = ["--quick", "--set", "task.max_train_problems=64", "--set", "task.max_eval_problems=16"]
-
-
-def demo(out, *extra, crash_at=None):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    env.pop("RESTEM_CRASH_AT", None)
-    if crash_at:
-        env["RESTEM_CRASH_AT"] = crash_at
-    p = subprocess.Popen([sys.executable, "-m", "restem_ray.cli", "demo", *SMALL, "--out", str(out), *extra],
-                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
-                         start_new_session=True)
-    try:
-        log, _ = p.communicate(timeout=900)
-    finally:
-        try:  # Ray's agents outlive a SIGKILLed driver for a while; they are in its session
-            os.killpg(p.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-    return p.returncode, log
 
 
 def rows(path):
     return sorted(pq.read_table(path).to_pylist(), key=lambda r: (r["id"], r["sample_index"]))
 
 
-@pytest.fixture(scope="module")
-def reference(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    rc, log = demo(out)
-    assert rc == 0, log[-4000:]
-    return out
+@pytest.fixture
+def reference(small_reference_run):
+    return small_reference_run
 
 
 @pytest.mark.parametrize("crash_at", ["1/generate/shard", "1/select", "1/improve", "manifest:1/improve", "1/eval"])

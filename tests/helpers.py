@@ -1,0 +1,28 @@
+"""Helpers shared by the slow end-to-end tests."""
+import os
+import signal
+import subprocess
+import sys
+
+# A small `demo --quick` (64 train problems x 8 samples, 16 problems per eval split): the reference that
+# the resume and multi-node tests compare against, row for row.
+SMALL = ["--quick", "--set", "task.max_train_problems=64", "--set", "task.max_eval_problems=16"]
+
+
+def demo(out, *extra, crash_at=None, timeout=900):
+    """Run `restem-ray demo` with SMALL in its own session; returns (exit code, combined output)."""
+    env = dict(os.environ, PYTHONUNBUFFERED="1")
+    env.pop("RESTEM_CRASH_AT", None)
+    if crash_at:
+        env["RESTEM_CRASH_AT"] = crash_at
+    p = subprocess.Popen([sys.executable, "-m", "restem_ray.cli", "demo", *SMALL, "--out", str(out), *extra],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                         start_new_session=True)
+    try:
+        log, _ = p.communicate(timeout=timeout)
+    finally:
+        try:  # Ray's agents outlive a SIGKILLed driver for a while; they are in its session
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return p.returncode, log
