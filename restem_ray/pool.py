@@ -17,6 +17,8 @@ import itertools
 from typing import Callable, Iterable
 
 import ray
+from ray.util.placement_group import placement_group, remove_placement_group
+from ray.util.scheduling_strategies import PlacementGroupSchedulingStrategy
 from tqdm import tqdm
 
 from .config import SamplingConfig, VerificationConfig
@@ -54,15 +56,30 @@ class EStepPool:
                  verifier: str, seed: int = 0):
         self.model = model
         retry = dict(max_restarts=sampling.max_restarts, max_task_retries=sampling.max_restarts)
-        sampler_cls = ray.remote(Sampler).options(
-            num_cpus=sampling.cpus_per_replica, scheduling_strategy=sampling.placement_strategy,
-            num_gpus=sampling.tensor_parallel_size if sampling.use_gpu else 0, **retry)
+        # One placement group for all replicas (OpenRLHF): a bundle per replica holding its CPUs and its
+        # tensor_parallel_size GPUs on one node, reserved before any engine starts; the strategy decides
+        # whether replicas pack onto few nodes or spread over many.
+        gpus = sampling.tensor_parallel_size if sampling.use_gpu else 0
+        bundle = {"CPU": sampling.cpus_per_replica} | ({"GPU": gpus} if gpus else {})
+        self.group = placement_group([bundle] * sampling.num_replicas, strategy=sampling.placement_strategy)
+        try:
+            ray.get(self.group.ready(), timeout=sampling.placement_timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(self.group)
+            raise RunError(f"no room for {sampling.num_replicas} sampler replica(s) of {bundle} with strategy "
+                           f"{sampling.placement_strategy} after {sampling.placement_timeout_s:g} s") from None
+        sampler_cls = ray.remote(Sampler)
         kwargs = dict(sampling.engine_kwargs)
         if sampling.tensor_parallel_size > 1:
             kwargs.setdefault("tensor_parallel_size", sampling.tensor_parallel_size)
         # A different seed per replica (OpenRLHF): per-problem seeds make samples batch-independent anyway.
-        self.samplers = [sampler_cls.remote(model, kwargs, seed + i, sampling.use_gpu, exit_on_engine_death=True)
-                         for i in range(sampling.num_replicas)]
+        self.samplers = [
+            sampler_cls.options(num_cpus=sampling.cpus_per_replica, num_gpus=gpus, **retry,
+                                scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                    self.group, placement_group_bundle_index=i,
+                                    placement_group_capture_child_tasks=True))
+            .remote(model, kwargs, seed + i, sampling.use_gpu, exit_on_engine_death=True)
+            for i in range(sampling.num_replicas)]
         grader_cls = ray.remote(_GradeHost).options(num_cpus=verification.cpus_per_worker, **retry)
         self.graders = [grader_cls.remote(verifier) for _ in range(verification.num_workers)]
         try:
@@ -114,6 +131,9 @@ class EStepPool:
         for a in itertools.chain(self.samplers, self.graders):
             ray.kill(a)
         self.samplers, self.graders = [], []
+        if self.group is not None:
+            remove_placement_group(self.group)  # the accelerators are free for the M-step
+            self.group = None
 
 
 def _cause(err: Exception) -> str:

@@ -26,7 +26,7 @@ def test_replicas_spread_over_two_nodes(tmp_path, small_reference_run):
     env.pop("RAY_ADDRESS", None)
     netns = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
     r = subprocess.run([*netns, "bash", str(SCRIPT), str(out), *SMALL, "--set", "sampling.num_replicas=2",
-                        "--set", "sampling.placement_strategy=SPREAD"],
+                        "--set", "sampling.placement_strategy=STRICT_SPREAD"],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     nodes = json.loads((out / "nodes.json").read_text())
