@@ -103,7 +103,7 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int 
     return correct / max(1, len(problems))
 
 
-def train_base(spec: TinyModelSpec, tokenizer, seed_rows: list[dict], valid: list[dict], log=print):
+def train_base(spec: TinyModelSpec, tokenizer, seed_rows: list[dict], valid: list[dict]):
     """Plain-PyTorch SFT on the seed split; returns (best model state, history)."""
     import copy
 
@@ -156,7 +156,7 @@ def ensure_builtin(spec: Builtin = Builtin(), log=print) -> Path:
         write_jsonl(tmp / "data" / f"{name}.jsonl", rows)
     log(f"[builtin] task written: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     tokenizer = build_tokenizer()
-    model, history = train_base(spec.model, tokenizer, splits["seed"], splits["valid"], log)
+    model, history = train_base(spec.model, tokenizer, splits["seed"], splits["valid"])
     model.save_pretrained(tmp / "model", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "model")
     info = {"history": history, "build_seconds": round(time.time() - t0, 1), "spec": asdict(spec)}

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import os
 import time
-from contextlib import contextmanager
 from pathlib import Path
 
 import pyarrow as pa
@@ -60,7 +59,6 @@ class Driver:
         self.resume, self.force = resume, force
         self.run.validate(dump_config(cfg), resume, force)  # the run directory is written only in fit()
         self.samplers = Samplers(cfg)
-        self.timings: dict[tuple[int, str], float] = {}
 
     # ------------------------------------------------------------------ the algorithm
     def fit(self) -> dict:
@@ -89,12 +87,6 @@ class Driver:
         return best
 
     # ------------------------------------------------------------------ phases
-    @contextmanager
-    def _timed(self, t: int, phase: str):
-        start = time.time()
-        yield
-        self.timings[(t, phase)] = time.time() - start
-
     def generate(self, t: int, model: str) -> pa.Table:
         """E-step: `samples_per_problem` samples per train problem, graded as they stream in."""
         if self.run.done(t, "generate"):
