@@ -85,7 +85,7 @@ def _run(cfg, out: Path, resume: bool, force: bool) -> int:
 def check_inputs(cfg) -> None:
     """Everything cheap to check before cluster work: data files, model folder, verifier."""
     from .data import load_problems
-    from .verification import Verifier, resolve_verifier
+    from .verification import check_verifier
 
     t = cfg.task
     for f in [t.train_file, t.valid_file, t.test_file, *t.extra_eval_files.values()]:
@@ -99,7 +99,7 @@ def check_inputs(cfg) -> None:
             raise UserError(f"{name}: {m}: not an HF model folder (no config.json)")
         if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
             raise UserError(f"{name}: {m}: no tokenizer files")
-    Verifier(resolve_verifier(cfg.verification.verifier, t.kind))
+    check_verifier(cfg)
 
 
 def cmd_check(args) -> int:

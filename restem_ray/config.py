@@ -57,9 +57,17 @@ class SamplingConfig(_Section):
 
 
 class VerificationConfig(_Section):
-    verifier: str = Field("auto", description="'auto' (by task kind), 'math', or a plug-in 'module:function'.")
+    verifier: str = Field("auto", description="'auto' (by task kind), 'math', 'code', or a plug-in 'module:function'.")
     num_workers: int = Field(2, ge=1, description="Verifier actors in the CPU pool.")
     cpus_per_worker: float = Field(0.25, gt=0, description="Logical CPUs reserved per verifier actor.")
+    threshold: float = Field(0.5, ge=0, le=1, description="A plug-in's reward at or above this counts as correct.")
+    answer_timeout_s: float = Field(5.0, gt=0, description="Time limit per math answer or plug-in call (verdict 'timeout').")
+    timeout_s: float = Field(5.0, gt=0, description="Code: wall-clock limit per program run (per stdin case).")
+    memory_mb: int = Field(1024, ge=64, description="Code: address-space limit per program run.")
+    max_processes: int = Field(64, ge=4, description="Code: processes + threads allowed in one sandbox.")
+    tmpfs_mb: int = Field(64, ge=1, description="Code: size of the sandbox's /tmp.")
+    output_bytes: int = Field(1 << 20, ge=1024, description="Code: stdout cap per run (more is a runtime_error).")
+    sandbox_python: str = Field("/usr/bin/python3", description="Code: interpreter inside the sandbox (bound read-only).")
 
 
 class SelectionConfig(_Section):

@@ -25,7 +25,7 @@ from .sampling import SampleSpec
 from .selection import problem_stats, select
 from .storage import RunDir, atomic_write_text
 from .training import improve as train_m_step
-from .verification import resolve_verifier
+from .verification import check_verifier, resolve_verifier
 
 
 class Samplers:
@@ -55,7 +55,7 @@ class Driver:
         self.train = load_problems(t.train_file, t.kind, t.max_train_problems)
         self.eval_splits = {"valid": t.valid_file} | ({"test": t.test_file} if t.test_file else {}) | t.extra_eval_files
         self.eval_sets = {n: load_problems(p, t.kind, t.max_eval_problems) for n, p in self.eval_splits.items()}
-        resolve_verifier(cfg.verification.verifier, t.kind)  # fail on a bad plug-in before any work
+        check_verifier(cfg)  # a bad plug-in or a missing sandbox fails before any work
         self.resume, self.force = resume, force
         self.run.validate(dump_config(cfg), resume, force)  # the run directory is written only in fit()
         self.samplers = Samplers(cfg)

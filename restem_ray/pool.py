@@ -30,8 +30,8 @@ from .verification import Verifier
 class _GradeHost:
     """Verifier actor body: joins problems with their samples and grades them."""
 
-    def __init__(self, verifier: str):
-        self.verifier = Verifier(verifier)
+    def __init__(self, verifier: str, config: VerificationConfig):
+        self.verifier = Verifier(verifier, config)
 
     def grade(self, problems: list[dict], samples: list[dict]) -> list[dict]:
         by_id = {p["id"]: p for p in problems}
@@ -81,7 +81,7 @@ class EStepPool:
             .remote(model, kwargs, seed + i, sampling.use_gpu, exit_on_engine_death=True)
             for i in range(sampling.num_replicas)]
         grader_cls = ray.remote(_GradeHost).options(num_cpus=verification.cpus_per_worker, **retry)
-        self.graders = [grader_cls.remote(verifier) for _ in range(verification.num_workers)]
+        self.graders = [grader_cls.remote(verifier, verification) for _ in range(verification.num_workers)]
         try:
             self.nodes = ray.get([s.ready.remote() for s in self.samplers])  # engine start errors surface here
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:

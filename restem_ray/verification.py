@@ -7,6 +7,7 @@ from __future__ import annotations
 import importlib
 import math
 import re
+import signal
 import threading
 from dataclasses import dataclass
 from typing import Callable
@@ -58,18 +59,25 @@ def _as_number(text: str) -> float | None:
         return None
 
 
+def _wrap(answer: str) -> str:
+    """math-verify parses bare LaTeX (`2\\sqrt{2}`, `\\dfrac{3}{4}`, `(1,2)`) reliably only inside $...$."""
+    return answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
+
+
 def answers_match(gold: str, pred: str) -> bool:
-    """Numeric comparison when both are numbers; LaTeX equivalence through math-verify otherwise."""
+    """Numeric comparison when both are numbers (GSM8K); LaTeX equivalence through math-verify otherwise.
+
+    math-verify's own timeouts use SIGALRM; they are turned off here and the caller bounds the time
+    (`call_with_timeout`), which also works off the main thread.
+    """
     g, p = _as_number(gold), _as_number(pred)
     if g is not None and p is not None:
         return math.isclose(g, p, rel_tol=1e-9, abs_tol=1e-9)
     from math_verify import parse, verify
-    # math-verify's timeouts use SIGALRM, which only the main thread may use.
-    kw = {} if threading.current_thread() is threading.main_thread() else {"parsing_timeout": None}
-    vkw = {} if not kw else {"timeout_seconds": None}
-    gold_p = parse(gold if "$" in gold or "\\boxed" in gold else f"${gold}$", **kw)
-    pred_p = parse(pred if "$" in pred or "\\boxed" in pred else f"${pred}$", **kw)
-    return bool(gold_p and pred_p and verify(gold_p, pred_p, **vkw))
+
+    gold_p = parse(_wrap(gold), parsing_timeout=None)
+    pred_p = parse(_wrap(pred), parsing_timeout=None)
+    return bool(gold_p and pred_p and verify(gold_p, pred_p, timeout_seconds=None))
 
 
 def grade_math(problem: dict, completion: str) -> Grade:
@@ -79,11 +87,53 @@ def grade_math(problem: dict, completion: str) -> Grade:
     return Grade(1.0, "passed") if answers_match(str(problem["answer"]), pred) else Grade(0.0, "wrong_answer")
 
 
+class CallTimeout(Exception):
+    pass
+
+
+_pool = None
+
+
+def _raise_timeout(signum, frame):
+    raise CallTimeout()
+
+
+def call_with_timeout(fn, args: tuple, timeout: float):
+    """fn(*args), bounded in wall time; raises CallTimeout.
+
+    On the main thread (a Ray actor's default) an interval timer interrupts the call in place. Elsewhere
+    signals are unavailable, so the call runs in a helper process that is killed and replaced on
+    timeout (fn and args must then be picklable: plug-ins are module-level functions).
+    """
+    global _pool
+    if threading.current_thread() is threading.main_thread():
+        old = signal.signal(signal.SIGALRM, _raise_timeout)
+        signal.setitimer(signal.ITIMER_REAL, timeout)
+        try:
+            return fn(*args)
+        finally:
+            signal.setitimer(signal.ITIMER_REAL, 0)
+            signal.signal(signal.SIGALRM, old)
+    import concurrent.futures as cf
+    import multiprocessing
+
+    if _pool is None:
+        _pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        return _pool.submit(fn, *args).result(timeout=timeout)
+    except cf.TimeoutError:
+        pool, _pool = _pool, None
+        for proc in list(getattr(pool, "_processes", {}).values()):
+            proc.kill()
+        pool.shutdown(wait=False, cancel_futures=True)
+        raise CallTimeout() from None
+
+
 def load_plugin(spec: str) -> Callable[[dict, str], float]:
     """`module:function` -> callable(problem_row, completion) -> reward in [0, 1]."""
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not mod_name or not fn_name:
-        raise UserError(f"verification.verifier: {spec!r} is not 'math' or 'module:function'")
+        raise UserError(f"verification.verifier: {spec!r} is not 'math', 'code' or 'module:function'")
     try:
         mod = importlib.import_module(mod_name)
     except Exception as e:  # any import-time failure of user code is a user error
@@ -94,35 +144,72 @@ def load_plugin(spec: str) -> Callable[[dict, str], float]:
     return fn
 
 
-class Verifier:
-    """Grades rows that carry the problem's fields plus `completion`."""
 
-    def __init__(self, verifier: str = "math", threshold: float = 0.5):
+def _plugin_reward(fn, problem: dict, completion: str) -> float:
+    return float(fn(problem, completion))
+
+
+class Verifier:
+    """Grades rows that carry the problem's fields plus `completion`: 'math', 'code' or a plug-in."""
+
+    def __init__(self, verifier: str = "math", config=None):
+        from .config import VerificationConfig
+
         self.name = verifier
-        self.threshold = threshold
-        self._plugin = None if verifier == "math" else load_plugin(verifier)
+        self.cfg = config or VerificationConfig()
+        self._plugin = None if verifier in ("math", "code") else load_plugin(verifier)
+        self._code = None
+        if verifier == "code":
+            from .code_verifier import CodeGrader
+            from .sandbox import Sandbox, SandboxLimits, SandboxUnavailable
+
+            c = self.cfg
+            limits = SandboxLimits(timeout_s=c.timeout_s, memory_mb=c.memory_mb, max_processes=c.max_processes,
+                                   tmpfs_mb=c.tmpfs_mb, output_bytes=c.output_bytes, python=c.sandbox_python)
+            try:  # start the sandbox now: refuse to exist rather than run code unsandboxed later
+                self._code = CodeGrader(limits, Sandbox(limits))
+            except SandboxUnavailable as e:
+                raise UserError(f"verification.verifier: code: {e}") from None
 
     def grade(self, problem: dict, completion: str) -> Grade:
+        if not isinstance(completion, str):
+            return Grade(0.0, "invalid_sample")
         try:
+            if self._code is not None:
+                verdict = self._code.grade(problem, completion)
+                return Grade(1.0 if verdict == "passed" else 0.0, verdict)
             if self._plugin is None:
-                return grade_math(problem, completion)
-            score = float(self._plugin(problem, completion))
-            return Grade(1.0, "passed") if score >= self.threshold else Grade(0.0, "wrong_answer")
+                return call_with_timeout(grade_math, (problem, completion), self.cfg.answer_timeout_s)
+            score = call_with_timeout(_plugin_reward, (self._plugin, problem, completion), self.cfg.answer_timeout_s)
+            if not 0.0 <= score <= 1.0:  # NaN included
+                return Grade(0.0, "verifier_error:reward_out_of_range")
+            return Grade(1.0, "passed") if score >= self.cfg.threshold else Grade(0.0, "wrong_answer")
+        except CallTimeout:
+            return Grade(0.0, "timeout")
         except Exception as e:  # a crash on one row is that row's verdict
             return Grade(0.0, f"verifier_error:{type(e).__name__}")
 
     def grade_batch(self, rows: list[dict]) -> list[dict]:
         out = []
         for r in rows:
-            g = self.grade(r, r["completion"])
+            g = self.grade(r, r.get("completion"))
             out.append({**r, "reward": g.reward, "verdict": g.verdict})
         return out
+
+    def close(self) -> None:
+        if self._code is not None:
+            self._code.close()
 
 
 def resolve_verifier(name: str, task_kind: str) -> str:
     if name != "auto":
         return name
-    if task_kind == "math":
-        return "math"
-    raise UserError("verification.verifier: task.kind 'code' needs a code verifier, not available yet; "
-                    "give a plug-in 'module:function'")
+    return "math" if task_kind == "math" else "code"
+
+
+def check_verifier(cfg) -> str:
+    """Resolve and build the configured verifier once (imports a plug-in, starts a sandbox), so that a
+    bad plug-in or a machine without bubblewrap fails before any run directory is written."""
+    name = resolve_verifier(cfg.verification.verifier, cfg.task.kind)
+    Verifier(name, cfg.verification).close()
+    return name

@@ -77,7 +77,7 @@ CASES = {
     "plug-in not importable": (None, ["--set", "verification.verifier=no_such_mod_xyz:grade"],
                                "cannot import 'no_such_mod_xyz'"),
     "plug-in not callable": (None, ["--set", "verification.verifier=json:__doc__"], "is not a callable"),
-    "plug-in spec malformed": (None, ["--set", "verification.verifier=justaname"], "is not 'math' or 'module:function'"),
+    "plug-in spec malformed": (None, ["--set", "verification.verifier=justaname"], "is not 'math', 'code' or 'module:function'"),
 }
 
 

@@ -1,0 +1,251 @@
+"""A bubblewrap OS sandbox for model-generated programs (shared/reference/sandbox.md has the why).
+
+    with Sandbox(SandboxLimits()) as box:
+        result = box.run("print(input())", stdin="hi\\n")
+
+One `Sandbox` is one long-lived sandbox holding a warm worker (`sandbox_worker.py`) that forks a fresh
+child per program. The sandbox is:
+- a non-root uid outside it (as root: a uid of its own per sandbox, leased with a lock file, because
+  RLIMIT_NPROC is per uid and not enforced for uid 0), no new privileges, no supplementary groups;
+- new user, PID, network, IPC, UTS and cgroup namespaces; no network at all; the worker is PID 1;
+- a read-only root holding only /usr (the interpreter) and a size-capped /tmp; no host paths (the run
+  directory, credentials, home) exist inside; an empty environment;
+- limits: processes (whole sandbox), and per program address space, CPU time, file size, open files,
+  no core files; a wall-clock kill; an output cap.
+Never run in-process, never a silent fall-back: without bubblewrap (or without the kernel features
+it needs) constructing a `Sandbox` raises `SandboxUnavailable` with the reason.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import secrets
+import select
+import shutil
+import struct
+import subprocess
+import tempfile
+import threading
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+WORKER = Path(__file__).with_name("sandbox_worker.py")
+UID_BASE = 1_900_000_000  # far above any real account; setpriv needs no passwd entry
+UID_SLOTS = 4096
+
+
+class SandboxUnavailable(RuntimeError):
+    """The sandbox cannot be created on this machine (message says why and what to do)."""
+
+
+@dataclass(frozen=True)
+class SandboxLimits:
+    timeout_s: float = 5.0          # wall clock per program run
+    memory_mb: int = 1024           # address space per program
+    max_processes: int = 64         # processes + threads in the whole sandbox (per uid)
+    tmpfs_mb: int = 64              # /tmp size
+    output_bytes: int = 1 << 20     # stdout cap per run
+    python: str = "/usr/bin/python3"
+
+
+@dataclass(frozen=True)
+class RunResult:
+    end: str                 # report | exit | signal | timeout | output_limit | sandbox_error
+    report: dict | None      # the harness's report (status ok/error/syntax_error, exc, results)
+    code: int | None         # exit status or signal number when there was no report
+    stdout: str
+    stderr: str
+
+
+def _count_processes(uid: int) -> int:
+    n = 0
+    for d in os.listdir("/proc"):
+        if d.isdigit():
+            try:
+                with open(f"/proc/{d}/status") as f:
+                    for line in f:
+                        if line.startswith("Uid:"):
+                            n += int(line.split()[1]) == uid
+                            break
+            except OSError:
+                pass
+    return n
+
+
+class _UidLease:
+    """An exclusive uid for one sandbox on this host (a flock on a file; freed when the process dies)."""
+
+    def __init__(self):
+        lock_dir = Path(tempfile.gettempdir()) / "restem-sandbox-uids"
+        lock_dir.mkdir(mode=0o700, exist_ok=True)
+        start = secrets.randbelow(UID_SLOTS)
+        for i in range(UID_SLOTS):
+            uid = UID_BASE + (start + i) % UID_SLOTS
+            fd = os.open(lock_dir / f"{uid}.lock", os.O_CREAT | os.O_RDWR, 0o600)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                os.close(fd)
+                continue
+            self.uid, self._fd = uid, fd
+            return
+        raise SandboxUnavailable(f"all {UID_SLOTS} sandbox uids on this host are in use")
+
+    def release(self):
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+
+
+_warned_unprivileged = False
+
+
+class Sandbox:
+    def __init__(self, limits: SandboxLimits = SandboxLimits()):
+        self.limits = limits
+        self._proc: subprocess.Popen | None = None
+        self._lease: _UidLease | None = None
+        self._lock = threading.Lock()
+        self.starts = 0
+        self._bwrap = shutil.which("bwrap")
+        if self._bwrap is None:
+            raise SandboxUnavailable(
+                "bubblewrap (bwrap) is not installed: generated code is only run inside it "
+                "(apt-get install bubblewrap, or run scripts/setup.sh)")
+        if not os.access(limits.python, os.X_OK):
+            raise SandboxUnavailable(f"sandbox interpreter {limits.python} not found (verification.sandbox_python)")
+        self._start()
+
+    # -- life cycle -------------------------------------------------------------------------------
+    def _command(self) -> list[str]:
+        lim = self.limits
+        python = os.path.realpath(lim.python)
+        binds = ["--ro-bind", "/usr", "/usr"]
+        if not python.startswith("/usr/"):
+            prefix = str(Path(python).parent.parent)  # .../bin/python3 -> ... (a venv or conda prefix)
+            binds += ["--ro-bind", prefix, prefix]
+        for link in ("lib", "lib64", "bin", "sbin"):
+            if os.path.islink(f"/{link}"):
+                binds += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
+        bwrap = [
+            self._bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            "--new-session", "--clearenv", "--as-pid-1", *binds,
+            "--proc", "/proc", "--dev", "/dev", "--size", str(lim.tmpfs_mb << 20), "--tmpfs", "/tmp",
+            "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp",
+            python, "-I", "-S", "-B", "-c", WORKER.read_text(),  # source as argv: no host path needed inside
+        ]
+        nproc = lim.max_processes
+        if os.geteuid() == 0:
+            self._lease = self._lease or _UidLease()
+            uid = self._lease.uid
+            pre = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs"]
+        else:
+            # Without root there is no spare uid: the process limit is per uid, so it must sit above
+            # what this user already runs. The PID namespace and the kill after every run still bound
+            # a fork bomb, but it can briefly take this user's spare process slots.
+            global _warned_unprivileged
+            nproc += _count_processes(os.getuid())
+            pre = []
+            if not _warned_unprivileged:
+                _warned_unprivileged = True
+                warnings.warn("restem-ray sandbox: not running as root, so programs share this user's uid; "
+                              "the process limit is relative to this user's other processes", stacklevel=3)
+        limits = ["prlimit", f"--nproc={nproc}", "--core=0", "--nofile=256"]
+        return pre + limits + bwrap
+
+    def _start(self) -> None:
+        self._proc = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE, env={}, close_fds=True, start_new_session=True)
+        self.starts += 1
+        hello = self._recv(10.0)
+        if not (isinstance(hello, dict) and hello.get("ready")):
+            err = self._stop()
+            raise SandboxUnavailable(f"bubblewrap could not start a sandbox: {err or 'no reply'} (user namespaces "
+                                     "must be allowed; in a container, allow unshare in its seccomp profile)")
+
+    def _stop(self) -> str:
+        """Kill the sandbox; returns whatever it said on stderr."""
+        if self._proc is None:
+            return ""
+        self._proc.kill()
+        try:
+            _, err = self._proc.communicate(timeout=5)
+        except (subprocess.TimeoutExpired, ValueError, OSError):
+            err = b""
+        self._proc = None
+        lines = (err or b"").decode("utf-8", "replace").strip().splitlines()
+        return lines[-1] if lines else ""
+
+    def close(self) -> None:
+        self._stop()
+        if self._lease is not None:
+            self._lease.release()
+            self._lease = None
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # -- protocol ---------------------------------------------------------------------------------
+    def _recv(self, timeout: float):
+        fd = self._proc.stdout.fileno()
+        head = self._read(fd, 4, timeout)
+        if head is None:
+            return None
+        body = self._read(fd, struct.unpack(">I", head)[0], timeout)
+        return None if body is None else json.loads(body)
+
+    @staticmethod
+    def _read(fd: int, n: int, timeout: float) -> bytes | None:
+        buf = b""
+        while len(buf) < n:
+            r, _, _ = select.select([fd], [], [], timeout)
+            if not r:
+                return None
+            chunk = os.read(fd, n - len(buf))
+            if not chunk:
+                return None
+            buf += chunk
+        return buf
+
+    def run(self, code: str, *, stdin: str = "", mode: str = "script", fn_name: str | None = None,
+            calls: list | None = None, timeout_s: float | None = None) -> RunResult:
+        """Run one program in a fresh child inside the sandbox. Never raises for anything the program does."""
+        lim = self.limits
+        job = {"code": code, "mode": mode, "stdin": stdin, "fn_name": fn_name, "calls": calls or [],
+               "timeout": timeout_s or lim.timeout_s, "memory": lim.memory_mb << 20,
+               "output_cap": lim.output_bytes, "nonce": secrets.token_hex(16)}
+        with self._lock:
+            for attempt in range(2):  # a sandbox that died is replaced once; the run is retried on it
+                if self._proc is None:
+                    try:
+                        self._start()
+                    except SandboxUnavailable as e:
+                        return RunResult("sandbox_error", None, None, "", str(e))
+                try:
+                    data = json.dumps(job).encode()
+                    self._proc.stdin.write(struct.pack(">I", len(data)) + data)
+                    self._proc.stdin.flush()
+                    reply = self._recv(job["timeout"] + 10.0)
+                except (OSError, ValueError):
+                    reply = None
+                if reply is None:
+                    self._stop()
+                    continue
+                if not reply["clean"]:
+                    self._stop()  # /tmp could not be emptied: the next program gets a fresh sandbox
+                report = reply["report"]
+                if report is not None:
+                    report = {k: v for k, v in report.items() if k != "nonce"}
+                return RunResult(reply["end"], report, reply["code"], reply["stdout"], reply["stderr"])
+            return RunResult("sandbox_error", None, None, "", "the sandbox stopped answering")

@@ -1,0 +1,174 @@
+"""The code sandbox against hostile programs: each gets reward 0 with a fitting verdict, the host and the
+sandbox worker are unharmed, and the next program grades normally. Real bubblewrap, no mocks."""
+import json
+import os
+import socket
+import time
+
+import pytest
+
+from restem_ray.code_verifier import CodeGrader, extract_code, humaneval_program
+from restem_ray.sandbox import Sandbox, SandboxLimits
+
+LIMITS = SandboxLimits(timeout_s=2.0, memory_mb=512, max_processes=32, tmpfs_mb=16, output_bytes=64 << 10)
+
+ADD = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
+       "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"}
+ECHO_SUM = {"id": "sum", "prompt": "Read two ints, print their sum.",
+            "input_output": json.dumps({"inputs": ["1 2\n", "10 20\n"], "outputs": ["3\n", "30\n"]})}
+GOOD_ADD = "    return a + b\n"
+
+
+@pytest.fixture(scope="module")
+def grader():
+    g = CodeGrader(LIMITS)
+    yield g
+    g.close()
+
+
+def healthy(grader):
+    """The next program grades normally, in the same (not restarted) sandbox."""
+    starts = grader.sandbox.starts
+    assert grader.grade(ADD, GOOD_ADD) == "passed"
+    assert grader.grade(ECHO_SUM, "a, b = map(int, input().split())\nprint(a + b)\n") == "passed"
+    assert grader.sandbox.starts == starts
+
+
+HOSTILE = {
+    # name: (problem, completion, expected verdicts)
+    "fork bomb": (ADD, "    import os\n    while True:\n        os.fork()\n", {"runtime_error", "timeout"}),
+    "thread bomb": (ADD, "    import threading, time\n    while True:\n"
+                         "        threading.Thread(target=time.sleep, args=(60,)).start()\n", {"runtime_error", "timeout"}),
+    "memory hog": (ADD, "    x = []\n    while True:\n        x.append(bytearray(50 << 20))\n", {"memory"}),
+    "busy loop": (ADD, "    while True:\n        pass\n", {"timeout"}),
+    "sleep": (ADD, "    import time\n    time.sleep(30)\n", {"timeout"}),
+    "write to /": (ADD, "    open('/pwned', 'w').write('x')\n    return a + b\n", {"runtime_error"}),
+    "write to /etc": (ADD, "    open('/etc/pwned', 'w').write('x')\n    return a + b\n", {"runtime_error"}),
+    "fill /tmp": (ADD, "    i = 0\n    while True:\n        open(f'/tmp/f{i}', 'wb').write(b'x' * (4 << 20))\n"
+                       "        i += 1\n", {"runtime_error"}),
+    "kill everything": (ADD, "    import os\n    os.kill(-1, 9)\n    return a + b\n", {"runtime_error"}),
+    "kill the parent": (ADD, "    import os, signal\n    for p in os.listdir('/proc'):\n"
+                             "        if p.isdigit() and int(p) != os.getpid():\n"
+                             "            try: os.kill(int(p), 9)\n            except OSError: pass\n"
+                             "    os.kill(os.getppid(), 9)\n", {"wrong_answer"}),
+    "output flood": (ADD, "    while True:\n        print('x' * 1000)\n", {"runtime_error"}),
+    "exit before the asserts": (ADD, "    return a + b\nimport os\nos._exit(0)\n", {"runtime_error"}),
+    "sys.exit before the asserts": (ADD, "    return a + b\nimport sys\nsys.exit(0)\n", {"runtime_error"}),
+    "wrong answer": (ADD, "    return a - b\n", {"wrong_answer"}),
+    "syntax error": (ADD, "    return a +\n", {"syntax_error"}),
+    "no code": (ADD, "   \n", {"no_code"}),
+    "prints another case's output": (ECHO_SUM, "print(3)\n", {"wrong_answer"}),
+}
+
+
+@pytest.mark.parametrize("name", list(HOSTILE))
+def test_hostile_program_gets_zero_and_the_next_grades_normally(grader, name):
+    problem, completion, verdicts = HOSTILE[name]
+    t0 = time.monotonic()
+    verdict = grader.grade(problem, completion)
+    assert time.monotonic() - t0 < 3 * LIMITS.timeout_s + 5, "bounded in time"
+    assert verdict != "passed"
+    if verdicts is not None:
+        assert verdict in verdicts, verdict
+    healthy(grader)
+
+
+def test_killing_the_parent_leaves_the_worker_alive(grader):
+    starts = grader.sandbox.starts
+    r = grader.sandbox.run("import os\nos.kill(os.getppid(), 9)\nos.kill(1, 9)\nprint('alive')\n")
+    assert r.stdout.strip() == "alive" and grader.sandbox.starts == starts
+
+
+def test_no_host_paths_network_or_secrets_inside(grader, tmp_path, monkeypatch):
+    monkeypatch.setenv("RESTEM_TEST_SECRET", "hunter2-s3cr3t")
+    (tmp_path / "run").mkdir()
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(1)
+    listener.settimeout(0.5)
+    port = listener.getsockname()[1]
+    probe = f"""
+import os, socket
+print(sorted(os.listdir('/')))
+print(dict(os.environ))
+for p in os.listdir('/proc'):
+    if p.isdigit():
+        try: print(open(f'/proc/{{p}}/environ', 'rb').read())
+        except OSError as e: print('noenv', p)
+for path in [{str(tmp_path / 'run')!r}, '/root', '/home', '/work', '/etc/passwd']:
+    print(path, os.path.exists(path))
+try:
+    open({str(tmp_path / 'run' / 'pwned')!r}, 'w').write('x')
+    print('WROTE RUN DIR')
+except OSError as e:
+    print('run dir write failed', type(e).__name__)
+s = socket.socket()
+s.settimeout(1)
+try:
+    s.connect(('127.0.0.1', {port}))
+    print('CONNECTED')
+except OSError as e:
+    print('connect failed', type(e).__name__)
+print('uid', os.getuid(), 'pid', os.getpid())
+"""
+    r = grader.sandbox.run(probe)
+    assert r.end == "report" and r.report["status"] == "ok", r
+    out = r.stdout
+    assert "hunter2-s3cr3t" not in out
+    assert "WROTE RUN DIR" not in out and not (tmp_path / "run" / "pwned").exists()
+    assert "CONNECTED" not in out and "connect failed" in out
+    with pytest.raises(socket.timeout):
+        listener.accept()
+    for path in (str(tmp_path / "run"), "/root", "/home", "/work", "/etc/passwd"):
+        assert f"{path} False" in out
+    uid = int(out.split("uid ")[1].split()[0])
+    assert uid != 0 and (os.geteuid() != 0 or uid != os.geteuid())
+
+
+def test_two_sandboxes_get_distinct_uids():
+    if os.geteuid() != 0:
+        pytest.skip("distinct uids per sandbox are leased only when running as root")
+    with Sandbox(LIMITS) as a, Sandbox(LIMITS) as b:
+        ua = a.run("import os; print(os.getuid())").stdout
+        ub = b.run("import os; print(os.getuid())").stdout
+    assert ua.strip() and ua != ub
+
+
+def test_tmp_is_empty_for_the_next_program(grader):
+    grader.sandbox.run("open('/tmp/leftover', 'w').write('x')\nimport os\nos.mkdir('/tmp/d')\nos.chmod('/tmp/d', 0)\n")
+    r = grader.sandbox.run("import os; print(os.listdir('/tmp'))")
+    assert r.stdout.strip() == "[]"
+
+
+def test_daemon_left_behind_is_killed(grader):
+    grader.sandbox.run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n")
+    r = grader.sandbox.run("import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
+    pids = json.loads(r.stdout)
+    assert len(pids) == 2, pids  # the worker (PID 1) and this program only
+
+
+def test_apps_call_cases_and_formats(grader):
+    prob = {"id": "c", "prompt": "", "input_output": {"fn_name": "pair", "inputs": [[1, 2], [3, 4]],
+                                                      "outputs": [[[1, 2]], [3, 4]]}}
+    assert grader.grade(prob, "def pair(a, b):\n    return (a, b)\n") == "passed"
+    assert grader.grade(prob, "def pair(a, b):\n    return (b, a)\n") == "wrong_answer"
+    assert grader.grade(prob, "def other(a, b):\n    return 1\n") == "runtime_error"
+    lines = {"id": "l", "prompt": "", "input_output": {"inputs": [["3", "1 2 3"]], "outputs": [["6"]]}}
+    assert grader.grade(lines, "input()\nprint(sum(map(int, input().split())))\nimport sys; sys.exit(0)") == "passed"
+
+
+def test_fenced_code_and_entry_point_in_completion(grader):
+    fenced = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
+    assert extract_code(fenced).startswith("def add")
+    assert grader.grade(ADD, fenced) == "passed"
+    assert "check(add)" in humaneval_program(ADD, "def add(a, b):\n    return a + b\n")
+
+
+def test_missing_bubblewrap_refuses_to_start(monkeypatch):
+    from restem_ray.config import VerificationConfig
+    from restem_ray.errors import UserError
+    from restem_ray.verification import Verifier
+
+    monkeypatch.setenv("PATH", "/nonexistent")
+    with pytest.raises(UserError, match="bubblewrap .* not installed"):
+        Verifier("code", VerificationConfig())
