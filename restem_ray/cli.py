@@ -4,6 +4,7 @@
     restem-ray run CONFIG --out DIR [--set key=value ...] [--resume]
     restem-ray check CONFIG [--set key=value ...]
     restem-ray report RUN_DIR
+    restem-ray verify --verifier {math,code,module:function} --problems FILE --samples FILE --out FILE
     restem-ray defaults
     restem-ray build-tiny
 
@@ -124,6 +125,72 @@ def cmd_report(args) -> int:
     return 0
 
 
+def cmd_verify(args) -> int:
+    """Grade a samples file through the verifier actor pool (local Ray, or RAY_ADDRESS's cluster)."""
+    import collections
+    import os
+
+    import pyarrow as pa
+
+    from .config import VerificationConfig, apply_overrides, format_validation_error
+    from .data import load_problems, read_samples, write_jsonl, write_parquet
+    from .verification import Verifier
+
+    out = Path(args.out)
+    if out.suffix not in (".jsonl", ".parquet"):
+        raise UserError(f"--out {out}: use a .jsonl or .parquet file name")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    tree = apply_overrides({"verification": {"verifier": args.verifier}}, args.set)
+    if set(tree) != {"verification"}:
+        raise UserError(f"--set: only verification.* keys apply to verify (got {sorted(set(tree) - {'verification'})})")
+    try:
+        vcfg = VerificationConfig.model_validate(tree["verification"])
+    except Exception as err:
+        raise UserError(format_validation_error(err, "verify").replace("verify: ", "verify: verification.")) from None
+    if vcfg.verifier == "auto":
+        raise UserError("--verifier: give math, code or module:function")
+    kind = {"math": "math", "code": "code"}.get(vcfg.verifier, "any")
+    problems = {p["id"]: p for p in load_problems(args.problems, kind)}
+    Verifier(vcfg.verifier, vcfg).close()  # a bad plug-in or a missing sandbox fails here, before Ray
+    rows, bad = [], []
+    for loc, r in read_samples(args.samples):
+        ok = r is not None and str(r.get("id")) in problems and isinstance(r.get("completion"), str)
+        if ok:
+            rows.append({"id": str(r["id"]), "completion": r["completion"], "_n": len(rows) + len(bad)}
+                        | ({"sample": r["sample"]} if isinstance(r.get("sample"), int) else {}))
+        else:
+            why = "unreadable row" if r is None else ("unknown problem id" if "completion" in r else "no completion")
+            bad.append({"id": None if r is None or r.get("id") is None else str(r["id"]),
+                        "completion": r.get("completion") if r and isinstance(r.get("completion"), str) else None,
+                        "reward": 0.0, "verdict": "invalid_sample", "_n": len(rows) + len(bad), "_why": f"{loc}: {why}"})
+    if not args.address and not os.environ.get("RAY_ADDRESS"):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from .driver import init_ray
+    from .pool import VerifierPool
+
+    init_ray(args.address, None)
+    pool = VerifierPool(vcfg.verifier, vcfg)
+    try:
+        graded = pool.grade_all(problems, rows, chunk_size=16, desc="verify") if rows else []
+    finally:
+        pool.close()
+    cols = ["id", "completion", "reward", "verdict"] + (["sample"] if any("sample" in r for r in rows) else [])
+    merged = sorted(graded + bad, key=lambda r: r["_n"])
+    result = [{c: r.get(c) for c in cols} for r in merged]
+    if out.suffix == ".parquet":
+        write_parquet(out, pa.Table.from_pylist(result))
+    else:
+        write_jsonl(out, result)
+    counts = collections.Counter(r["verdict"] for r in result)
+    for b in bad[:5]:
+        print(f"[verify] {b['_why']}", file=sys.stderr)
+    passed = counts.get("passed", 0)
+    print(f"[verify] {len(result)} samples, {passed} passed ({passed / max(1, len(result)):.3f}); "
+          + ", ".join(f"{k} {v}" for k, v in counts.most_common()) + f"; wrote {out}")
+    return 0
+
+
 def cmd_defaults(args) -> int:
     from .config import describe_defaults
 
@@ -168,6 +235,15 @@ def parser() -> argparse.ArgumentParser:
     rp = sub.add_parser("report", help="print the per-iteration table and write report.png")
     rp.add_argument("run_dir")
     rp.set_defaults(fn=cmd_report)
+
+    v = sub.add_parser("verify", help="grade a samples file with a verifier pool on Ray")
+    v.add_argument("--verifier", required=True, help="math, code, or a plug-in module:function")
+    v.add_argument("--problems", required=True, help="problems file (.jsonl or .parquet)")
+    v.add_argument("--samples", required=True, help="samples file with id and completion (.jsonl or .parquet)")
+    v.add_argument("--out", required=True, help="graded samples file (.jsonl or .parquet)")
+    v.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
+    v.add_argument("--set", **dict(sets, help="override a verification.* key, e.g. verification.num_workers=4"))
+    v.set_defaults(fn=cmd_verify)
 
     df = sub.add_parser("defaults", help="print every config key with its default and meaning")
     df.set_defaults(fn=cmd_defaults)

@@ -24,6 +24,8 @@ def _required(row: dict, task_kind: str) -> str | None:
         return "prompt"
     if task_kind == "math" and (row.get("answer") is None or str(row["answer"]).strip() == ""):
         return "answer"
+    if task_kind == "any":
+        return None
     if task_kind == "code" and not (row.get("input_output") or (row.get("test") and row.get("entry_point"))):
         return "test/entry_point or input_output"
     return None
@@ -97,3 +99,26 @@ def write_parquet(path: str | Path, table: pa.Table) -> None:
     tmp = p.with_name(p.name + ".tmp")
     pq.write_table(table, tmp)
     os.replace(tmp, p)
+
+
+def read_samples(path: str | Path) -> list[tuple[str, dict | None]]:
+    """Samples to grade, leniently: a row that cannot be read becomes (location, None) instead of an
+    error, so one bad line gets its own verdict rather than stopping a whole grading job."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: samples file not found")
+    if p.suffix == ".parquet":
+        return [(f"{p}:{i + 1} (row)", r) for i, (_, r) in enumerate(_read_rows(p))]
+    if p.suffix not in (".jsonl", ".json"):
+        raise UserError(f"{p}: unknown samples file type (use .jsonl or .parquet)")
+    out = []
+    with open(p, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            if not raw.strip():
+                continue
+            try:
+                row = json.loads(raw.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
+                row = None
+            out.append((where(p, lineno), row if isinstance(row, dict) else None))
+    return out

@@ -14,6 +14,7 @@ large model on GPUs); persistent replicas pay it once per policy.
 from __future__ import annotations
 
 import itertools
+import time
 from typing import Callable, Iterable
 
 import ray
@@ -31,13 +32,60 @@ class _GradeHost:
     """Verifier actor body: joins problems with their samples and grades them."""
 
     def __init__(self, verifier: str, config: VerificationConfig):
-        self.verifier = Verifier(verifier, config)
+        t0 = time.perf_counter()
+        self.verifier = Verifier(verifier, config)  # a code verifier starts its sandbox here
+        self.startup_s = time.perf_counter() - t0
+
+    def ready(self) -> float:
+        return self.startup_s
 
     def grade(self, problems: list[dict], samples: list[dict]) -> list[dict]:
         by_id = {p["id"]: p for p in problems}
         rows = self.verifier.grade_batch([{**by_id[s["id"]], **s} for s in samples])
         keep = set(samples[0]) | {"prompt", "reward", "verdict"} if samples else set()
         return [{k: v for k, v in r.items() if k in keep} for r in rows]
+
+
+class VerifierPool:
+    """`num_workers` CPU actors, each hosting one `Verifier` (for code: one warm sandbox each).
+
+    Used inside the E-step (fed by sampler replicas) and on its own by `restem-ray verify` / `eval`.
+    Actors are restarted by Ray after a crash and their calls re-run (`max_restarts`).
+    """
+
+    def __init__(self, verifier: str, config: VerificationConfig, max_restarts: int = 3):
+        retry = dict(max_restarts=max_restarts, max_task_retries=max_restarts)
+        cls = ray.remote(_GradeHost).options(num_cpus=config.cpus_per_worker, **retry)
+        self.actors = [cls.remote(verifier, config) for _ in range(config.num_workers)]
+        self._next = itertools.cycle(self.actors)
+
+    def ready(self) -> list[float]:
+        """Wait for every actor; returns each one's verifier start-up seconds (sandbox warm-up)."""
+        return ray.get([a.ready.remote() for a in self.actors])
+
+    def submit(self, problems: list[dict], samples) -> ray.ObjectRef:
+        """Grade `samples` (a list or an object ref to one) against `problems`, on the next actor."""
+        return next(self._next).grade.remote(problems, samples)
+
+    def grade_all(self, problems: dict[str, dict], samples: list[dict], chunk_size: int = 16,
+                  desc: str | None = None) -> list[dict]:
+        """Grade every sample (each carries `id`); rows come back in input order."""
+        chunks = chunked(samples, chunk_size)
+        pending = {self.submit([problems[i] for i in {s["id"] for s in c}], c): n for n, c in enumerate(chunks)}
+        out: list = [None] * len(chunks)
+        bar = tqdm(total=len(samples), desc=desc, unit="sample", mininterval=1, disable=desc is None)
+        while pending:
+            done, _ = ray.wait(list(pending), num_returns=1)
+            n = pending.pop(done[0])
+            out[n] = ray.get(done[0])
+            bar.update(len(out[n]))
+        bar.close()
+        return [r for rows in out for r in rows]
+
+    def close(self) -> None:
+        for a in self.actors:
+            ray.kill(a)
+        self.actors = []
 
 
 def chunked(items: list, size: int) -> list[list]:
@@ -80,8 +128,7 @@ class EStepPool:
                                     placement_group_capture_child_tasks=True))
             .remote(model, kwargs, seed + i, sampling.use_gpu, exit_on_engine_death=True)
             for i in range(sampling.num_replicas)]
-        grader_cls = ray.remote(_GradeHost).options(num_cpus=verification.cpus_per_worker, **retry)
-        self.graders = [grader_cls.remote(verifier, verification) for _ in range(verification.num_workers)]
+        self.verifiers = VerifierPool(verifier, verification, sampling.max_restarts)
         try:
             self.nodes = ray.get([s.ready.remote() for s in self.samplers])  # engine start errors surface here
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
@@ -92,7 +139,6 @@ class EStepPool:
             desc: str = "sample") -> None:
         """Generate and grade every chunk; `on_chunk(index, graded_rows)` is called as each finishes."""
         todo = list(enumerate(chunks))
-        graders = itertools.cycle(self.graders)
         free = list(self.samplers) * 2  # two calls in flight per replica keep its engine fed
         gen_of: dict = {}
         grading: dict = {}
@@ -110,7 +156,7 @@ class EStepPool:
             if ref in gen_of:
                 idx, chunk, replica = gen_of.pop(ref)
                 free.append(replica)
-                grading[next(graders).grade.remote(chunk, ref)] = idx
+                grading[self.verifiers.submit(chunk, ref)] = idx
             else:
                 idx = grading.pop(ref)
                 try:
@@ -128,9 +174,10 @@ class EStepPool:
         bar.close()
 
     def close(self) -> None:
-        for a in itertools.chain(self.samplers, self.graders):
+        for a in self.samplers:
             ray.kill(a)
-        self.samplers, self.graders = [], []
+        self.samplers = []
+        self.verifiers.close()
         if self.group is not None:
             remove_placement_group(self.group)  # the accelerators are free for the M-step
             self.group = None

@@ -5,6 +5,7 @@ A failed grade is data (a verdict), never an exception: one bad row must not sto
 from __future__ import annotations
 
 import importlib
+import logging
 import math
 import re
 import signal
@@ -75,6 +76,7 @@ def answers_match(gold: str, pred: str) -> bool:
         return math.isclose(g, p, rel_tol=1e-9, abs_tol=1e-9)
     from math_verify import parse, verify
 
+    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call without its timeouts
     gold_p = parse(_wrap(gold), parsing_timeout=None)
     pred_p = parse(_wrap(pred), parsing_timeout=None)
     return bool(gold_p and pred_p and verify(gold_p, pred_p, timeout_seconds=None))

@@ -38,7 +38,7 @@ def run_with_kills(pool, chunks):
         got[i] = rows
         if len(got) == 1:  # after the first chunk: kill a replica (calls queued on it) and a verifier
             ray.kill(pool.samplers[0], no_restart=False)
-            ray.kill(pool.graders[0], no_restart=False)
+            ray.kill(pool.verifiers.actors[0], no_restart=False)
 
     pool.run(chunks, SPEC, on_chunk=on_chunk)
     return got

@@ -1,0 +1,128 @@
+"""`restem-ray verify`: a samples file graded through the verifier actor pool on a real local Ray."""
+import json
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from restem_ray.verification import CallTimeout, Verifier, call_with_timeout
+
+PLUGIN = '''
+import time
+def reward(problem, completion):
+    if completion == "hang":
+        time.sleep(60)
+    if completion == "boom":
+        raise RuntimeError("plug-in bug")
+    return 0.7 if completion == problem["answer"] else 0.2
+'''
+
+
+def verify(tmp_path, *args, timeout=240):
+    env = dict(os.environ, PYTHONPATH=f"{tmp_path}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    p = subprocess.run([sys.executable, "-m", "restem_ray.cli", "verify", *map(str, args)], capture_output=True,
+                       text=True, env=env, timeout=timeout, start_new_session=True)
+    return p.returncode, p.stdout + p.stderr
+
+
+def write_jsonl(path, rows):
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows))
+
+
+def test_math_and_bad_rows_each_get_a_verdict(tmp_path):
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "1+1?", "answer": "2"},
+                                        {"id": "b", "prompt": "half?", "answer": "\\frac{1}{2}"}])
+    write_jsonl(tmp_path / "s.jsonl", [
+        {"id": "a", "completion": "1+1 = 2\n#### 2", "sample": 0},
+        {"id": "a", "completion": "#### 3", "sample": 1},
+        {"id": "b", "completion": "so $\\boxed{0.5}$", "sample": 0},
+        {"id": "b", "completion": "no idea", "sample": 1},
+        {"id": "zzz", "completion": "#### 2"},
+        "{not json",
+        {"id": "a"},
+    ])
+    code, log = verify(tmp_path, "--verifier", "math", "--problems", tmp_path / "p.jsonl",
+                       "--samples", tmp_path / "s.jsonl", "--out", tmp_path / "out.jsonl")
+    assert code == 0, log
+    out = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["verdict"] for r in out] == ["passed", "wrong_answer", "passed", "no_answer",
+                                           "invalid_sample", "invalid_sample", "invalid_sample"]
+    assert [r["reward"] for r in out] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+    assert out[0]["id"] == "a" and out[0]["completion"].endswith("#### 2")
+    assert "7 samples, 2 passed" in log
+
+
+def test_code_samples_in_parquet_out_parquet(tmp_path):
+    prob = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
+            "test": "def check(c):\n    assert c(1, 2) == 3\n"}
+    pq.write_table(pa.Table.from_pylist([prob]), tmp_path / "p.parquet")
+    comps = ["    return a + b\n", "    return a * b\n", "    while True: pass\n", "```python\ndef add(a, b):\n    return b + a\n```"]
+    pq.write_table(pa.Table.from_pylist([{"id": "add", "completion": c} for c in comps]), tmp_path / "s.parquet")
+    code, log = verify(tmp_path, "--verifier", "code", "--problems", tmp_path / "p.parquet", "--samples",
+                       tmp_path / "s.parquet", "--out", tmp_path / "out.parquet", "--set", "verification.timeout_s=1")
+    assert code == 0, log
+    out = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["verdict"] for r in out] == ["passed", "wrong_answer", "timeout", "passed"]
+
+
+def test_plugin_rewards_threshold_errors_and_timeout_in_the_pool(tmp_path):
+    (tmp_path / "my_reward.py").write_text(PLUGIN)
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "q", "prompt": "say x", "answer": "x"}])
+    write_jsonl(tmp_path / "s.jsonl", [{"id": "q", "completion": c} for c in ("x", "y", "boom", "hang", "x")])
+    code, log = verify(tmp_path, "--verifier", "my_reward:reward", "--problems", tmp_path / "p.jsonl",
+                       "--samples", tmp_path / "s.jsonl", "--out", tmp_path / "out.jsonl",
+                       "--set", "verification.answer_timeout_s=1")
+    assert code == 0, log
+    out = [json.loads(l)["verdict"] for l in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert out == ["passed", "wrong_answer", "verifier_error:RuntimeError", "timeout", "passed"]
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--out", "{t}/out.csv"], "use a .jsonl or .parquet file name"),
+    (["--out", "{t}/nope/out.jsonl"], "does not exist"),
+    (["--set", "verification.timeout_s=-1"], "verification.timeout_s"),
+    (["--set", "sampling.n=3"], "only verification.* keys"),
+])
+def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "1+1?", "answer": "2"}])
+    write_jsonl(tmp_path / "s.jsonl", [{"id": "a", "completion": "#### 2"}])
+    base = ["--verifier", "math", "--problems", tmp_path / "p.jsonl", "--samples", tmp_path / "s.jsonl"]
+    args = [a.format(t=tmp_path) for a in args]
+    if "--out" not in args:
+        args += ["--out", str(tmp_path / "out.jsonl")]
+    code, log = verify(tmp_path, *base, *args, timeout=60)
+    assert code == 2 and message in log and "Traceback" not in log, log
+    assert len(log.strip().splitlines()) == 1
+    assert not (tmp_path / "out.jsonl").exists()
+
+
+def _slow(seconds):
+    import time
+    time.sleep(seconds)
+    return "done"
+
+
+def test_call_with_timeout_on_and_off_the_main_thread():
+    import concurrent.futures as cf
+
+    assert call_with_timeout(_slow, (0,), 1.0) == "done"
+    with pytest.raises(CallTimeout):
+        call_with_timeout(_slow, (30,), 0.3)
+    with cf.ThreadPoolExecutor(1) as ex:  # no signals off the main thread: a helper process is used
+        assert ex.submit(call_with_timeout, _slow, (0,), 5.0).result() == "done"
+        with pytest.raises(CallTimeout):
+            ex.submit(call_with_timeout, _slow, (30,), 1.0).result()
+        assert ex.submit(call_with_timeout, _slow, (0,), 5.0).result() == "done"
+
+
+def test_math_answer_timeout_is_a_verdict(monkeypatch):
+    import restem_ray.verification as v
+
+    monkeypatch.setattr(v, "answers_match", lambda gold, pred: _slow(30))
+    from restem_ray.config import VerificationConfig
+
+    g = Verifier("math", VerificationConfig(answer_timeout_s=0.5)).grade({"answer": "\\frac{1}{2}"}, "\\boxed{x}")
+    assert g.verdict == "timeout" and g.reward == 0.0
