@@ -19,6 +19,7 @@ from pathlib import Path
 
 from .data import write_jsonl
 from .tasks.arithmetic import ArithmeticTask
+from .tasks.functions import FunctionTask
 
 
 @dataclass(frozen=True)
@@ -39,12 +40,26 @@ class TinyModelSpec:
 
 @dataclass(frozen=True)
 class Builtin:
-    task: ArithmeticTask = field(default_factory=ArithmeticTask)
+    task: ArithmeticTask | FunctionTask = field(default_factory=ArithmeticTask)
     model: TinyModelSpec = field(default_factory=TinyModelSpec)
 
+    @property
+    def kind(self) -> str:
+        return "code" if isinstance(self.task, FunctionTask) else "math"
+
     def key(self) -> str:
-        blob = json.dumps({"task": asdict(self.task), "model": asdict(self.model), "v": 1}, sort_keys=True)
-        return hashlib.sha256(blob.encode()).hexdigest()[:12]
+        blob = {"task": asdict(self.task), "model": asdict(self.model), "v": 1}
+        if self.kind == "code":
+            blob["kind"] = "code"  # keeps the arithmetic task's key (and its cache) unchanged
+        return hashlib.sha256(json.dumps(blob, sort_keys=True).encode()).hexdigest()[:12]
+
+
+# The built-in tasks of `restem-ray demo --task ...`. The code task's programs are one short line, so
+# its base trains in fewer, larger steps.
+BUILTINS = {
+    "arithmetic": Builtin(),
+    "code": Builtin(task=FunctionTask(), model=TinyModelSpec(epochs=12, lr=2e-3, batch_size=64, eval_every=3)),
+}
 
 
 def cache_root() -> Path:
@@ -82,11 +97,14 @@ def build_model(spec: TinyModelSpec, tokenizer):
     return LlamaForCausalLM(cfg)
 
 
-def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int = 96, batch: int = 128) -> float:
+def greedy_accuracy(model, tokenizer, problems: list[dict], kind: str = "math", max_new_tokens: int = 96,
+                    batch: int = 128) -> float:
     """Greedy pass@1 with HF generate (used only while building the base; runs use vLLM)."""
     import torch
 
-    from .verification import grade_math
+    from .verification import Verifier
+
+    verifier = Verifier(kind)
 
     model.eval()
     tokenizer.padding_side = "left"
@@ -98,12 +116,13 @@ def greedy_accuracy(model, tokenizer, problems: list[dict], max_new_tokens: int 
             out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
                                  pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
             texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-            correct += sum(grade_math(p, t).reward for p, t in zip(chunk, texts))
+            correct += sum(verifier.grade(p, t).reward for p, t in zip(chunk, texts))
     model.train()
+    verifier.close()
     return correct / max(1, len(problems))
 
 
-def train_base(spec: TinyModelSpec, tokenizer, seed_rows: list[dict], valid: list[dict]):
+def train_base(spec: TinyModelSpec, tokenizer, seed_rows: list[dict], valid: list[dict], kind: str = "math"):
     """Plain-PyTorch SFT on the seed split; returns (best model state, history)."""
     import copy
 
@@ -130,7 +149,7 @@ def train_base(spec: TinyModelSpec, tokenizer, seed_rows: list[dict], valid: lis
             bar.update(1)
             bar.set_postfix(loss=f"{loss.item():.3f}", best=f"{best:.3f}")
         if epoch % spec.eval_every == 0 or epoch == spec.epochs:
-            acc = greedy_accuracy(model, tokenizer, valid[: spec.eval_problems])
+            acc = greedy_accuracy(model, tokenizer, valid[: spec.eval_problems], kind)
             history.append({"epoch": epoch, "loss": loss.item(), "valid_pass@1": acc})
             if acc > best:
                 best, best_state = acc, copy.deepcopy(model.state_dict())
@@ -139,7 +158,7 @@ def train_base(spec: TinyModelSpec, tokenizer, seed_rows: list[dict], valid: lis
     return model, history
 
 
-def ensure_builtin(spec: Builtin = Builtin(), log=print) -> Path:
+def ensure_builtin(spec: Builtin = BUILTINS["arithmetic"], log=print) -> Path:
     """Build (once) and return the cache folder holding data/*.jsonl and model/ (HF format)."""
     root = cache_root() / f"builtin-{spec.key()}"
     if (root / "DONE").is_file():
@@ -156,7 +175,7 @@ def ensure_builtin(spec: Builtin = Builtin(), log=print) -> Path:
         write_jsonl(tmp / "data" / f"{name}.jsonl", rows)
     log(f"[builtin] task written: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
     tokenizer = build_tokenizer()
-    model, history = train_base(spec.model, tokenizer, splits["seed"], splits["valid"])
+    model, history = train_base(spec.model, tokenizer, splits["seed"], splits["valid"], spec.kind)
     model.save_pretrained(tmp / "model", safe_serialization=True)
     tokenizer.save_pretrained(tmp / "model")
     info = {"history": history, "build_seconds": round(time.time() - t0, 1), "spec": asdict(spec)}

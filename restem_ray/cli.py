@@ -1,6 +1,6 @@
 """`restem-ray` command line.
 
-    restem-ray demo [--quick] [--out DIR] [--set key=value ...] [--resume]
+    restem-ray demo [--task arithmetic|code] [--quick] [--out DIR] [--set key=value ...] [--resume]
     restem-ray run CONFIG --out DIR [--set key=value ...] [--resume]
     restem-ray check CONFIG [--set key=value ...]
     restem-ray report RUN_DIR
@@ -25,19 +25,20 @@ DEMO_QUICK = [
 ]
 
 
-def demo_config(root: Path, quick: bool, overrides: list[str]):
+def demo_config(root: Path, quick: bool, overrides: list[str], task: str = "arithmetic"):
     """The built-in task and tiny model, with settings sized for a 2-core CPU machine."""
     from .config import apply_overrides, config_from_dict
 
     data, model = root / "data", root / "model"
+    code = task == "code"
     tree = {
         "seed": 0,
-        "task": {"kind": "math", "train_file": str(data / "train.jsonl"), "valid_file": str(data / "valid.jsonl"),
+        "task": {"kind": "code" if code else "math", "train_file": str(data / "train.jsonl"), "valid_file": str(data / "valid.jsonl"),
                  "test_file": str(data / "test.jsonl"), "extra_eval_files": {"transfer": str(data / "transfer.jsonl")},
                  "max_train_problems": 1500},
         "model": {"base": str(model)},
         # temperature 1.0: the tiny model needs the diversity (calibration note); completions are < 80 tokens.
-        "sampling": {"samples_per_problem": 8, "temperature": 1.0, "top_k": -1, "max_tokens": 96,
+        "sampling": {"samples_per_problem": 8, "temperature": 1.0, "top_k": -1, "max_tokens": 24 if code else 96,
                      "prompts_per_request": 256, "engine_kwargs": {"max_model_len": 320, "dtype": "float32"}},
         "training": {"epochs": 5, "lr": 1e-3, "weight_decay": 0.1, "micro_batch_size": 32, "max_seq_len": 320,
                      "warmup_ratio": 0.05},
@@ -49,10 +50,12 @@ def demo_config(root: Path, quick: bool, overrides: list[str]):
 def cmd_demo(args) -> int:
     from .builtin import ensure_builtin
 
-    out = Path(args.out or f"restem-runs/demo-{time.strftime('%Y%m%d-%H%M%S')}")
-    demo_config(Path("/nonexistent"), args.quick, args.set)  # validate overrides before building anything
-    root = ensure_builtin()
-    cfg = demo_config(root, args.quick, args.set)
+    from .builtin import BUILTINS
+
+    out = Path(args.out or f"restem-runs/demo-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    demo_config(Path("/nonexistent"), args.quick, args.set, args.task)  # validate overrides before building
+    root = ensure_builtin(BUILTINS[args.task])
+    cfg = demo_config(root, args.quick, args.set, args.task)
     return _run(cfg, out, args.resume, args.force)
 
 
@@ -199,9 +202,9 @@ def cmd_defaults(args) -> int:
 
 
 def cmd_build_tiny(args) -> int:
-    from .builtin import ensure_builtin
+    from .builtin import BUILTINS, ensure_builtin
 
-    print(ensure_builtin())
+    print(ensure_builtin(BUILTINS[args.task]))
     return 0
 
 
@@ -214,6 +217,9 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="built-in task + tiny model on local Ray (CPU)")
     d.add_argument("--out", help="run directory (default: a new folder under ./restem-runs)")
     d.add_argument("--quick", action="store_true", help="smoke-test profile: 1 iteration, few problems")
+    d.add_argument("--task", choices=["arithmetic", "code"], default="arithmetic",
+                   help="built-in task: arithmetic word problems (math verifier) or one-line Python "
+                        "functions from examples (sandboxed code verifier)")
     d.add_argument("--resume", action="store_true", help="continue the run in --out")
     d.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
     d.add_argument("--set", **sets)
@@ -249,6 +255,7 @@ def parser() -> argparse.ArgumentParser:
     df.set_defaults(fn=cmd_defaults)
 
     b = sub.add_parser("build-tiny", help="build (and cache) the built-in task data and tiny base model")
+    b.add_argument("--task", choices=["arithmetic", "code"], default="arithmetic")
     b.set_defaults(fn=cmd_build_tiny)
     return p
 

@@ -57,3 +57,26 @@ def test_quick_demo_runs_every_phase(tmp_path):
     for f in out.rglob("*"):
         if f.is_file() and not f.is_symlink():
             assert secret.encode() not in f.read_bytes(), f
+
+
+def test_quick_code_demo_grades_programs_in_the_sandbox(tmp_path):
+    """`demo --task code --quick`: the whole loop with the sandboxed code verifier grading samples."""
+    out = tmp_path / "code"
+    r = subprocess.run([sys.executable, "-m", "restem_ray.cli", "demo", "--task", "code", "--quick", "--out", str(out)],
+                       capture_output=True, text=True, env=dict(os.environ, PYTHONUNBUFFERED="1"), timeout=1500)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert {"0/eval", "1/generate", "1/select", "1/improve", "1/eval"} <= set(manifest["completed"])
+    samples = pq.read_table(out / "iter_001" / "samples").to_pylist()
+    verdicts = {s["verdict"] for s in samples}
+    assert "passed" in verdicts and verdicts <= {"passed", "wrong_answer", "syntax_error", "runtime_error",
+                                                 "timeout", "memory", "no_code"}
+    # the code verifier's verdicts agree with running the program ourselves (small, trusted programs)
+    from restem_ray.tasks.functions import FunctionTask
+    from restem_ray.verification import Verifier
+
+    problems = {p["id"]: p for p in FunctionTask().splits()["train"]}
+    check = Verifier("code")
+    for s in samples[:40]:
+        assert check.grade(problems[s["id"]], s["completion"]).verdict == s["verdict"]
+    check.close()

@@ -1,0 +1,63 @@
+"""Built-in code task: write a one-line Python function from input/output examples (HumanEval style).
+
+    # f(2) == 9
+    # f(5) == 12
+    def f(x):
+        return x + 7
+
+The prompt is everything up to `return`; the completion is the expression. Each problem carries a
+HumanEval `test` (`check(candidate)` with held-out inputs) and `entry_point`, so it is graded by the
+sandboxed code verifier, never by string match. Families: x + k, x - k, x * k, x * a + b, with small
+numbers so a tiny character-level model can learn them from the `seed` split.
+"""
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+
+FAMILIES = ("add", "sub", "mul", "affine")
+
+
+@dataclass(frozen=True)
+class FunctionTask:
+    seed: int = 0
+    n_seed: int = 1500
+    n_train: int = 1500
+    n_valid: int = 300
+    n_test: int = 500
+    n_transfer: int = 300
+    n_examples: int = 2
+    transfer_examples: int = 3    # more examples in the prompt than anything seen in training
+
+    def _draw(self, rng: random.Random) -> tuple[str, tuple[int, ...]]:
+        fam = rng.choice(FAMILIES)
+        if fam == "affine":
+            return fam, (rng.randint(2, 5), rng.randint(1, 9))
+        return fam, (rng.randint(2, 9) if fam == "mul" else rng.randint(1, 9),)
+
+    @staticmethod
+    def expr(fam: str, params: tuple[int, ...]) -> str:
+        return {"add": "x + {0}", "sub": "x - {0}", "mul": "x * {0}", "affine": "x * {0} + {1}"}[fam].format(*params)
+
+    def render(self, pid: str, fam: str, params, rng: random.Random, n_examples: int) -> dict:
+        expr = self.expr(fam, params)
+        f = eval(f"lambda x: {expr}")  # our own generated expression, not model output
+        xs = rng.sample(range(0, 10), n_examples + 3)
+        shown, held = xs[:n_examples], xs[n_examples:]
+        prompt = "".join(f"# f({x}) == {f(x)}\n" for x in shown) + "def f(x):\n    return"
+        test = "def check(candidate):\n" + "".join(f"    assert candidate({x}) == {f(x)}\n" for x in shown + held)
+        return {"id": pid, "prompt": prompt, "solution": f" {expr}", "test": test, "entry_point": "f"}
+
+    def splits(self) -> dict[str, list[dict]]:
+        rng = random.Random(self.seed)
+        plan = [("seed", self.n_seed, self.n_examples), ("train", self.n_train, self.n_examples),
+                ("valid", self.n_valid, self.n_examples), ("test", self.n_test, self.n_examples),
+                ("transfer", self.n_transfer, self.transfer_examples)]
+        out = {}
+        for split, count, n_examples in plan:
+            rows = [self.render(f"{split}-{i:05d}", *self._draw(rng), rng, n_examples) for i in range(count)]
+            if split != "seed":
+                for r in rows:
+                    del r["solution"]
+            out[split] = rows
+        return out
