@@ -172,3 +172,33 @@ def test_missing_bubblewrap_refuses_to_start(monkeypatch):
     monkeypatch.setenv("PATH", "/nonexistent")
     with pytest.raises(UserError, match="bubblewrap .* not installed"):
         Verifier("code", VerificationConfig())
+
+
+def test_works_as_an_ordinary_user_with_a_warning(tmp_path):
+    """As a non-root user (a laptop) the same sandbox starts, warns about the shared uid, and contains a
+    fork bomb. Run as `nobody` with the system Python (sandbox.py is stdlib only)."""
+    import subprocess
+    from pathlib import Path
+
+    if os.geteuid() != 0:
+        pytest.skip("this whole file already runs as an ordinary user")
+    repo = Path(__file__).resolve().parents[1]
+    script = f"""
+import sys, warnings
+sys.path.insert(0, {str(repo)!r})
+from restem_ray.sandbox import Sandbox, SandboxLimits
+with warnings.catch_warnings(record=True) as w:
+    warnings.simplefilter('always')
+    box = Sandbox(SandboxLimits(timeout_s=2))
+print('WARN', any('not running as root' in str(x.message) for x in w))
+print('UID', box.run('import os; print(os.getuid())').stdout.strip())
+print('BOMB', box.run('import os\\nwhile True: os.fork()').end)
+print('NEXT', box.run('print(6 * 7)').stdout.strip())
+"""
+    p = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", script],
+                       capture_output=True, text=True, timeout=60, env={"PATH": "/usr/bin:/bin", "HOME": str(tmp_path)},
+                       cwd="/")
+    lines = dict(l.split(" ", 1) for l in p.stdout.splitlines() if " " in l)
+    assert p.returncode == 0, p.stderr
+    assert lines["WARN"] == "True" and lines["UID"] == "65534"
+    assert lines["BOMB"] != "report" and lines["NEXT"] == "42"
