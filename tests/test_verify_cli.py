@@ -59,13 +59,16 @@ def test_code_samples_in_parquet_out_parquet(tmp_path):
     prob = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
             "test": "def check(c):\n    assert c(1, 2) == 3\n"}
     pq.write_table(pa.Table.from_pylist([prob]), tmp_path / "p.parquet")
-    comps = ["    return a + b\n", "    return a * b\n", "    while True: pass\n", "```python\ndef add(a, b):\n    return b + a\n```"]
+    comps = ["    return a + b\n", "    return a * b\n", "    while True: pass\n",
+             "    return a + b\nimport os\nos.kill(-1, 9)\n", "    import os\n    while True: os.fork()\n",
+             "```python\ndef add(a, b):\n    return b + a\n```"]
     pq.write_table(pa.Table.from_pylist([{"id": "add", "completion": c} for c in comps]), tmp_path / "s.parquet")
     code, log = verify(tmp_path, "--verifier", "code", "--problems", tmp_path / "p.parquet", "--samples",
                        tmp_path / "s.parquet", "--out", tmp_path / "out.parquet", "--set", "verification.timeout_s=1")
     assert code == 0, log
     out = pq.read_table(tmp_path / "out.parquet").to_pylist()
-    assert [r["verdict"] for r in out] == ["passed", "wrong_answer", "timeout", "passed"]
+    assert [r["verdict"] for r in out] == ["passed", "wrong_answer", "timeout", "runtime_error", "runtime_error",
+                                           "passed"]  # the pool survives hostile programs and grades on
 
 
 def test_plugin_rewards_threshold_errors_and_timeout_in_the_pool(tmp_path):
