@@ -151,7 +151,7 @@ def train_base(spec: TinyModelSpec, tokenizer, seed_rows: list[dict], valid: lis
         if epoch % spec.eval_every == 0 or epoch == spec.epochs:
             acc = greedy_accuracy(model, tokenizer, valid[: spec.eval_problems], kind)
             history.append({"epoch": epoch, "loss": loss.item(), "valid_pass@1": acc})
-            if acc > best:
+            if acc >= best:
                 best, best_state = acc, copy.deepcopy(model.state_dict())
     bar.close()
     model.load_state_dict(best_state)

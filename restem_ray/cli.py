@@ -56,7 +56,12 @@ def cmd_demo(args) -> int:
     demo_config(Path("/nonexistent"), args.quick, args.set, args.task)  # validate overrides before building
     root = ensure_builtin(BUILTINS[args.task])
     cfg = demo_config(root, args.quick, args.set, args.task)
-    return _run(cfg, out, args.resume, args.force)
+    return _run(cfg, out, _resume(args, out), args.force)
+
+
+def _resume(args, out: Path) -> bool:
+    """--auto-resume: continue the run in OUT if there is one, else start it (for job retries)."""
+    return args.resume or (args.auto_resume and (out / "manifest.json").is_file())
 
 
 def cmd_run(args) -> int:
@@ -64,7 +69,7 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.set)
     check_inputs(cfg)
-    return _run(cfg, Path(args.out), args.resume, args.force)
+    return _run(cfg, Path(args.out), _resume(args, Path(args.out)), args.force)
 
 
 def _run(cfg, out: Path, resume: bool, force: bool) -> int:
@@ -222,6 +227,7 @@ def parser() -> argparse.ArgumentParser:
                         "functions from examples (sandboxed code verifier)")
     d.add_argument("--resume", action="store_true", help="continue the run in --out")
     d.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
+    d.add_argument("--auto-resume", action="store_true", help="resume if --out holds a run, else start one")
     d.add_argument("--set", **sets)
     d.set_defaults(fn=cmd_demo)
 
@@ -230,6 +236,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--out", required=True, help="run directory")
     r.add_argument("--resume", action="store_true", help="continue the run in --out")
     r.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
+    r.add_argument("--auto-resume", action="store_true", help="resume if --out holds a run, else start one "
+                   "(for retried Ray jobs)")
     r.add_argument("--set", **sets)
     r.set_defaults(fn=cmd_run)
 

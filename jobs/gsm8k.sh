@@ -1,0 +1,12 @@
+#!/usr/bin/env bash
+# Submit the GSM8K-format GPU run as a Ray job with `ray job submit` and a runtime_env.
+#   RAY_ADDRESS=http://HEAD:8265 OUT=/shared/runs/gsm8k-1 bash jobs/gsm8k.sh [--set key=value ...]
+# Needs the restem-ray GPU image (docker/Dockerfile.gpu) on every node and /shared mounted everywhere.
+# --auto-resume: a retried job continues the run in OUT instead of failing on it.
+set -euo pipefail
+OUT=${OUT:-/shared/runs/gsm8k-$(date +%Y%m%d-%H%M%S)}
+here=$(cd "$(dirname "$0")" && pwd)
+exec ray job submit --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" \
+  --runtime-env-json '{"env_vars": {"HF_HOME": "/shared/hf", "VLLM_LOGGING_LEVEL": "WARNING"}}' \
+  --working-dir "$here" -- \
+  restem-ray run gsm8k-qwen-0.5b.yaml --out "$OUT" --auto-resume "$@"

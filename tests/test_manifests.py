@@ -1,0 +1,147 @@
+"""Cluster recipes stay valid and consistent: KubeRay manifests against KubeRay's own CRD schemas, the
+cluster-launcher config against Ray's schema, every YAML/shell file parses, and image names, versions,
+extras and `restem-ray` command lines agree with pyproject.toml and the CLI."""
+import copy
+import gzip
+import json
+import re
+import shlex
+import subprocess
+import tomllib
+from pathlib import Path
+
+import jsonschema
+import pytest
+import yaml
+
+from restem_ray.cli import parser
+from restem_ray.config import load_config
+
+ROOT = Path(__file__).resolve().parents[1]
+PYPROJECT = tomllib.loads((ROOT / "pyproject.toml").read_text())
+VERSION = PYPROJECT["project"]["version"]
+RAY_VERSION = next(re.search(r"==([\d.]+)", d).group(1) for d in PYPROJECT["project"]["dependencies"]
+                   if d.startswith("ray["))
+SCHEMAS = {kind: json.loads(gzip.decompress((ROOT / "tests" / "data" / "kuberay" / f"{name}.v1.schema.json.gz").read_bytes()))
+           for kind, name in (("RayCluster", "rayclusters"), ("RayJob", "rayjobs"))}
+RECIPE_DIRS = [ROOT / "cluster", ROOT / "jobs", ROOT / "docker"]
+
+
+def yaml_docs():
+    for d in RECIPE_DIRS:
+        for f in sorted(d.rglob("*.y*ml")):
+            yield f, list(yaml.safe_load_all(f.read_text()))
+
+
+def kuberay_manifests():
+    return [(f, doc) for f, docs in yaml_docs() for doc in docs
+            if isinstance(doc, dict) and doc.get("apiVersion", "").startswith("ray.io/")]
+
+
+def test_there_are_kuberay_manifests_for_a_cluster_and_a_job():
+    assert {doc["kind"] for _, doc in kuberay_manifests()} == {"RayCluster", "RayJob"}
+
+
+@pytest.mark.parametrize("path, doc", kuberay_manifests(), ids=lambda x: x.name if isinstance(x, Path) else "")
+def test_kuberay_manifest_matches_the_crd_schema(path, doc):
+    assert doc["apiVersion"] == "ray.io/v1"
+    jsonschema.Draft7Validator(SCHEMAS[doc["kind"]]).validate(doc)
+    # the schema really checks the body: a wrong type deep inside is rejected
+    bad = copy.deepcopy(doc)
+    spec = bad["spec"].get("rayClusterSpec", bad["spec"])
+    spec["workerGroupSpecs"][0]["maxReplicas"] = "many"
+    with pytest.raises(jsonschema.ValidationError):
+        jsonschema.Draft7Validator(SCHEMAS[doc["kind"]]).validate(bad)
+
+
+def test_vendored_schemas_equal_the_crds_when_available():
+    crds = ROOT.parent / "shared" / "kuberay-crds"
+    if not crds.is_dir():
+        pytest.skip("KubeRay CRDs not next to this checkout (the vendored copies are used)")
+    for kind, name in (("RayCluster", "rayclusters"), ("RayJob", "rayjobs")):
+        crd = yaml.safe_load((crds / f"ray.io_{name}.yaml").read_text())
+        v1 = next(v for v in crd["spec"]["versions"] if v["name"] == "v1")
+        assert v1["schema"]["openAPIV3Schema"] == SCHEMAS[kind]
+
+
+def test_cluster_launcher_config_matches_rays_schema():
+    import ray.autoscaler
+
+    schema = json.loads((Path(ray.autoscaler.__file__).parent / "ray-schema.json").read_text())
+    cfg = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    jsonschema.validate(cfg, schema)
+    assert set(cfg["available_node_types"]) >= {cfg["head_node_type"]}
+
+
+def test_every_recipe_file_parses():
+    files = [f for d in RECIPE_DIRS for f in d.rglob("*") if f.is_file()]
+    assert files
+    for f in files:
+        if f.suffix in (".yaml", ".yml"):
+            list(yaml.safe_load_all(f.read_text()))
+        elif f.suffix == ".json":
+            json.loads(f.read_text())
+        elif f.suffix == ".sh":
+            subprocess.run(["bash", "-n", str(f)], check=True)
+        elif f.suffix == ".py":
+            compile(f.read_text(), str(f), "exec")
+
+
+def images_named():
+    text = "\n".join(f.read_text() for d in RECIPE_DIRS for f in d.rglob("*") if f.is_file())
+    return set(re.findall(r"ghcr\.io/restem-ray/restem-ray:[\w.-]+", text))
+
+
+def test_image_names_and_versions_agree_with_pyproject():
+    images = images_named()
+    assert images == {f"ghcr.io/restem-ray/restem-ray:{VERSION}-gpu", f"ghcr.io/restem-ray/restem-ray:{VERSION}-cpu"}
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    for flavour in ("gpu", "cpu"):
+        text = (ROOT / "docker" / f"Dockerfile.{flavour}").read_text()
+        assert f"ghcr.io/restem-ray/restem-ray:{VERSION}-{flavour}" in text
+        assert f'org.opencontainers.image.version="{VERSION}"' in text
+        assert "bubblewrap" in text  # the code sandbox needs it on every node
+        for extra in re.findall(r'\.\[([\w,]+)\]', text):
+            assert set(extra.split(",")) <= set(extras), extra
+    gpu = (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    assert f"FROM rayproject/ray:{RAY_VERSION}-py311" in gpu  # same Ray and Python as pyproject
+    assert '".[gpu]"' in gpu and "vllm==" in " ".join(extras["gpu"])
+    assert "scripts/setup.sh" in (ROOT / "docker" / "Dockerfile.cpu").read_text()
+    for _, doc in kuberay_manifests():
+        spec = doc["spec"].get("rayClusterSpec", doc["spec"])
+        assert spec["rayVersion"] == RAY_VERSION
+
+
+def command_lines():
+    """Every `restem-ray ...` command in the recipes, shell variables replaced by placeholders."""
+    found = []
+    for d in RECIPE_DIRS:
+        for f in sorted(d.rglob("*")):
+            if not f.is_file() or f.suffix == ".py":
+                continue
+            text = re.sub(r"\\\n\s*#?\s*", " ", f.read_text())  # join continued lines (also in comments)
+            for line in text.splitlines():
+                line = (line.split("#", 1)[0] if f.suffix in (".sh", "") else line).replace('"$@"', "")
+                line = re.sub(r'"?\$\{?[\w]+[^\s"]*"?', "X", line).replace(" X X", " X")
+                for m in re.finditer(r"restem-ray\s+(demo|run|check|report|verify|defaults|build-tiny|eval)\b[^\n\"'`]*", line):
+                    cmd = m.group(0).replace(' X"', " X")
+                    found.append((f.name, cmd.strip()))
+    return found
+
+
+def test_command_lines_in_recipes_are_valid_cli_calls():
+    cmds = command_lines()
+    assert cmds
+    assert PYPROJECT["project"]["scripts"]["restem-ray"] == "restem_ray.cli:main"
+    for name, cmd in cmds:
+        argv = shlex.split(cmd)[1:]
+        try:
+            parser().parse_args(argv)
+        except SystemExit:
+            pytest.fail(f"{name}: not a valid restem-ray command: {cmd}")
+
+
+@pytest.mark.parametrize("cfg", sorted((ROOT / "jobs").glob("*.yaml")), ids=lambda p: p.name)
+def test_job_configs_are_valid_restem_configs(cfg):
+    c = load_config(cfg)
+    assert c.sampling.use_gpu and c.training.use_gpu and c.ray.address == "auto"
