@@ -4,6 +4,7 @@
     restem-ray run CONFIG --out DIR [--set key=value ...] [--resume]
     restem-ray check CONFIG [--set key=value ...]
     restem-ray report RUN_DIR
+    restem-ray eval --model PATH --problems FILE [--verifier V] [--k N]
     restem-ray verify --verifier {math,code,module:function} --problems FILE --samples FILE --out FILE
     restem-ray defaults
     restem-ray build-tiny
@@ -101,14 +102,72 @@ def check_inputs(cfg) -> None:
         if f:
             load_problems(f, t.kind)
     for name, m in (("model.base", cfg.model.base), ("model.sampler", cfg.model.sampler)):
-        if m is None:
-            continue
-        p = Path(m)
-        if not (p / "config.json").is_file():
-            raise UserError(f"{name}: {m}: not an HF model folder (no config.json)")
-        if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-            raise UserError(f"{name}: {m}: no tokenizer files")
+        if m is not None:
+            check_model_dir(name, m)
     check_verifier(cfg)
+
+
+def check_model_dir(name: str, path: str) -> None:
+    p = Path(path)
+    if not (p / "config.json").is_file():
+        raise UserError(f"{name}: {path}: not an HF model folder (no config.json)")
+    if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+        raise UserError(f"{name}: {path}: no tokenizer files")
+
+
+def cmd_eval(args) -> int:
+    """Score any HF checkpoint on problem files with the same sampler replicas and verifier pool."""
+    import json
+    import os
+
+    from .config import RestemConfig, apply_overrides, config_from_dict
+    from .data import load_problems
+    from .evaluation import score_split
+    from .verification import check_verifier
+
+    check_model_dir("--model", args.model)
+    splits = {}
+    for spec in args.problems:
+        name, sep, path = spec.partition("=")
+        name, path = (name, path) if sep else (Path(spec).stem, spec)
+        if name in splits:
+            raise UserError(f"--problems {spec}: split name {name!r} given twice (use NAME=FILE)")
+        splits[name] = path
+    if args.out and Path(args.out).suffix != ".json":
+        raise UserError(f"--out {args.out}: use a .json file name")
+    first = next(iter(splits.values()))
+    tree = {"task": {"kind": "code" if args.verifier == "code" else "math", "train_file": first, "valid_file": first},
+            "model": {"base": args.model}, "verification": {"verifier": args.verifier},
+            "evaluation": {"k": args.k}}
+    if args.max_tokens:
+        tree["sampling"] = {"max_tokens": args.max_tokens}
+    cfg: RestemConfig = config_from_dict(apply_overrides(tree, args.set), "eval")
+    kind = cfg.task.kind if cfg.verification.verifier in ("math", "code") else "any"
+    problems = {n: load_problems(p, kind, cfg.task.max_eval_problems) for n, p in splits.items()}
+    verifier = check_verifier(cfg)
+    if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    from .driver import init_ray
+    from .pool import EStepPool
+
+    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    s, ev = cfg.sampling, cfg.evaluation
+    pool = EStepPool(args.model, s, cfg.verification, verifier=verifier, seed=cfg.seed)
+    try:
+        scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=tuple(s.stop), chunk_size=s.prompts_per_request,
+                                 k=ev.k, temperature=ev.temperature, top_p=ev.top_p, seed=cfg.seed,
+                                 majority=kind == "math", desc=f"eval {n}")
+                  for n, probs in problems.items()}
+    finally:
+        pool.close()
+    for n, sc in scores.items():
+        print(f"[eval] {n}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in sc.items()))
+    if args.out:
+        from .storage import atomic_write_text
+
+        atomic_write_text(Path(args.out), json.dumps({"model": args.model, "verifier": verifier, "scores": scores}, indent=1))
+        print(f"[eval] wrote {args.out}")
+    return 0
 
 
 def cmd_check(args) -> int:
@@ -258,6 +317,17 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     v.add_argument("--set", **dict(sets, help="override a verification.* key, e.g. verification.num_workers=4"))
     v.set_defaults(fn=cmd_verify)
+
+    e = sub.add_parser("eval", help="score an HF checkpoint on problem files (greedy pass@1, pass@k, maj@k)")
+    e.add_argument("--model", required=True, help="HF model folder")
+    e.add_argument("--problems", required=True, action="append", metavar="[NAME=]FILE",
+                   help="problem file (.jsonl/.parquet); repeat for several splits")
+    e.add_argument("--verifier", default="math", help="math, code, or module:function (default math)")
+    e.add_argument("--k", type=int, default=0, help="also pass@k and maj@k from k samples")
+    e.add_argument("--max-tokens", type=int, default=None, help="max new tokens per completion")
+    e.add_argument("--out", help="write the scores as JSON")
+    e.add_argument("--set", **dict(sets, help="override a config key, e.g. sampling.engine_kwargs.dtype=float32"))
+    e.set_defaults(fn=cmd_eval)
 
     df = sub.add_parser("defaults", help="print every config key with its default and meaning")
     df.set_defaults(fn=cmd_defaults)

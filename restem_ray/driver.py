@@ -18,7 +18,7 @@ from .config import RestemConfig, dump_config
 from .data import load_problems, write_parquet
 from .errors import RunError
 from .faults import crash_point
-from .evaluation import summarize_greedy, summarize_samples
+from .evaluation import score_split
 from .pool import EStepPool, chunked
 from .report import print_table, write_plot
 from .sampling import SampleSpec
@@ -156,19 +156,10 @@ class Driver:
         return json.loads(path.read_text())["valid"]["pass@1"]
 
     def _score(self, pool: EStepPool, problems: list[dict], ev, desc: str) -> dict:
-        rows: list[dict] = []
-        chunks = chunked(problems, self.cfg.sampling.prompts_per_request)
-        max_tokens = self.cfg.sampling.max_tokens
-        pool.run(chunks, SampleSpec(n=1, temperature=0.0, max_tokens=max_tokens, stop=tuple(self.cfg.sampling.stop)),
-                 on_chunk=lambda i, r: rows.extend(r), desc=desc)
-        scores = summarize_greedy(rows)
-        if ev.k > 0:
-            many: list[dict] = []
-            spec = SampleSpec(n=ev.k, temperature=ev.temperature, top_p=ev.top_p, max_tokens=max_tokens,
-                              stop=tuple(self.cfg.sampling.stop), seed=self.cfg.seed)
-            pool.run(chunks, spec, on_chunk=lambda i, r: many.extend(r), desc=f"{desc} pass@{ev.k}")
-            scores |= summarize_samples(many, ev.k)
-        return scores
+        s = self.cfg.sampling
+        return score_split(pool, problems, max_tokens=s.max_tokens, stop=tuple(s.stop), chunk_size=s.prompts_per_request,
+                           k=ev.k, temperature=ev.temperature, top_p=ev.top_p, seed=self.cfg.seed,
+                           majority=self.cfg.task.kind == "math", desc=desc)
 
     def _link_best(self, t: int) -> None:
         link = self.run.root / "best"

@@ -34,11 +34,35 @@ def summarize_greedy(rows: list[dict]) -> dict:
     return {"pass@1": float(np.mean([r["reward"] for r in rows])) if rows else 0.0, "problems": len(rows)}
 
 
-def summarize_samples(rows: list[dict], k: int) -> dict:
-    """pass@k and maj@k from k samples per problem."""
+def summarize_samples(rows: list[dict], k: int, majority: bool = True) -> dict:
+    """pass@k and (for answer-graded tasks) maj@k from k samples per problem."""
     by_id: dict[str, list[dict]] = defaultdict(list)
     for r in rows:
         by_id[r["id"]].append(r)
     pk = [pass_at_k(len(v), int(sum(x["reward"] for x in v)), k) for v in by_id.values()]
-    mj = [majority_correct(v) for v in by_id.values()]
-    return {f"pass@{k}": float(np.mean(pk)), f"maj@{k}": float(np.mean(mj))}
+    out = {f"pass@{k}": float(np.mean(pk))}
+    if majority:
+        out[f"maj@{k}"] = float(np.mean([majority_correct(v) for v in by_id.values()]))
+    return out
+
+
+def score_split(pool, problems: list[dict], *, max_tokens: int, stop: tuple, chunk_size: int, k: int = 0,
+                temperature: float = 1.0, top_p: float = 0.95, seed: int = 0, majority: bool = True,
+                desc: str = "eval") -> dict:
+    """Greedy pass@1 (and pass@k, maj@k when k > 0) of the pool's model on `problems`.
+
+    `pool` is an `EStepPool` (sampler replicas + verifier actors); used by the driver and `restem-ray eval`.
+    """
+    from .sampling import SampleSpec
+
+    chunks = [problems[i : i + chunk_size] for i in range(0, len(problems), chunk_size)]
+    rows: list[dict] = []
+    pool.run(chunks, SampleSpec(n=1, temperature=0.0, max_tokens=max_tokens, stop=stop),
+             on_chunk=lambda i, r: rows.extend(r), desc=desc)
+    scores = summarize_greedy(rows)
+    if k > 0:
+        many: list[dict] = []
+        spec = SampleSpec(n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed)
+        pool.run(chunks, spec, on_chunk=lambda i, r: many.extend(r), desc=f"{desc} pass@{k}")
+        scores |= summarize_samples(many, k, majority)
+    return scores
