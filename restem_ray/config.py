@@ -28,6 +28,12 @@ class TaskConfig(_Section):
         default_factory=dict, description="More held-out splits to report, name -> file (e.g. transfer).")
     max_train_problems: int | None = Field(None, ge=1, description="Use only the first N train problems.")
     max_eval_problems: int | None = Field(None, ge=1, description="Use only the first N problems per eval split.")
+    seed_file: str | None = Field(
+        None, description="Human-written solutions (id, prompt, solution): the control arm's data, and the M-step's "
+                          "with training.mix_seed_data. Never used by ReST^EM itself by default.")
+    step_checker: str | None = Field(
+        None, description="Optional 'module:function' (problem, completion) -> 1.0 if every step is right; used only "
+                          "to report the false-positive rate of kept samples (and usable as a stricter verifier).")
 
 
 class ModelConfig(_Section):
@@ -87,6 +93,8 @@ class TrainingConfig(_Section):
     warmup_ratio: float = Field(0.05, ge=0, lt=1, description="Fraction of steps of linear warm-up before cosine decay.")
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     micro_batch_size: int = Field(8, ge=1, description="Sequences per worker per step.")
+    mix_seed_data: bool = Field(False, description="Deviation from the paper: add task.seed_file's human solutions to "
+                                                   "every M-step's data (paper: generated data only).")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
     max_seq_len: int = Field(1024, ge=8, description="Prompt+completion tokens; longer rows are truncated from the left.")
@@ -99,9 +107,22 @@ class EvaluationConfig(_Section):
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus p for the pass@k samples (paper: 0.95).")
 
 
+class ControlConfig(_Section):
+    enabled: bool = Field(False, description="Also train the base further on task.seed_file (the control arm) and "
+                                             "evaluate it, so ReST^EM is compared with 'just train longer on human data'.")
+    epochs: int | None = Field(None, ge=1, description="Control arm epochs; default: as many sequences as the "
+                                                       "largest M-step saw (training.epochs x its kept samples).")
+
+
 class LoopConfig(_Section):
     iterations: int = Field(3, ge=1, description="EM iterations (paper: 3 for MATH, 2 for APPS).")
     patience: int = Field(1, ge=1, description="Stop after this many iterations without a new best validation pass@1.")
+
+
+class ObservabilityConfig(_Section):
+    tensorboard: bool = Field(True, description="Also write metrics as TensorBoard scalars to RUN/tensorboard/.")
+    mlflow_tracking_uri: str | None = Field(None, description="Also log metrics to this MLflow server/URI (needs mlflow).")
+    mlflow_experiment: str = Field("restem-ray", description="MLflow experiment name.")
 
 
 class RayConfig(_Section):
@@ -120,12 +141,16 @@ class RestemConfig(_Section):
     training: TrainingConfig = TrainingConfig()
     evaluation: EvaluationConfig = EvaluationConfig()
     loop: LoopConfig = LoopConfig()
+    control: ControlConfig = ControlConfig()
+    observability: ObservabilityConfig = ObservabilityConfig()
     ray: RayConfig = RayConfig()
 
     @model_validator(mode="after")
     def _check(self) -> "RestemConfig":
         if self.task.kind == "code" and self.verification.verifier == "math":
             raise ValueError("verification.verifier 'math' cannot grade a code task")
+        if (self.control.enabled or self.training.mix_seed_data) and not self.task.seed_file:
+            raise ValueError("control.enabled and training.mix_seed_data need task.seed_file")
         return self
 
 
@@ -196,7 +221,7 @@ def resolve_paths(tree: dict, base_dir: Path) -> dict:
         return v
     task = tree.get("task")
     if isinstance(task, dict):
-        for k in ("train_file", "valid_file", "test_file"):
+        for k in ("train_file", "valid_file", "test_file", "seed_file"):
             if k in task:
                 task[k] = fix(task[k])
         if isinstance(task.get("extra_eval_files"), dict):

@@ -26,6 +26,9 @@ def _required(row: dict, task_kind: str) -> str | None:
         return "answer"
     if task_kind == "any":
         return None
+    if task_kind == "solutions":  # human-written worked solutions (task.seed_file)
+        sol = row.get("solution")
+        return None if isinstance(sol, str) and sol.strip() else "solution"
     if task_kind == "code" and not (row.get("input_output") or (row.get("test") and row.get("entry_point"))):
         return "test/entry_point or input_output"
     return None

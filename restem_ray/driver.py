@@ -18,6 +18,7 @@ from .config import RestemConfig, dump_config
 from .data import load_problems, write_parquet
 from .errors import RunError
 from .faults import crash_point
+from .observability import MetricsSink
 from .evaluation import score_split
 from .pool import EStepPool, chunked
 from .report import print_table, write_plot
@@ -25,7 +26,7 @@ from .sampling import SampleSpec
 from .selection import problem_stats, select
 from .storage import RunDir, atomic_write_text
 from .training import improve as train_m_step
-from .verification import check_verifier, resolve_verifier
+from .verification import check_verifier, load_plugin, resolve_verifier
 
 
 class Samplers:
@@ -55,6 +56,8 @@ class Driver:
         self.train = load_problems(t.train_file, t.kind, t.max_train_problems)
         self.eval_splits = {"valid": t.valid_file} | ({"test": t.test_file} if t.test_file else {}) | t.extra_eval_files
         self.eval_sets = {n: load_problems(p, t.kind, t.max_eval_problems) for n, p in self.eval_splits.items()}
+        self.seed_rows = load_problems(t.seed_file, "solutions") if t.seed_file else []
+        self.step_checker = load_plugin(t.step_checker) if t.step_checker else None
         check_verifier(cfg)  # a bad plug-in or a missing sandbox fails before any work
         self.resume, self.force = resume, force
         self.run.validate(dump_config(cfg), resume, force)  # the run directory is written only in fit()
@@ -64,6 +67,9 @@ class Driver:
     def fit(self) -> dict:
         cfg, base = self.cfg, self.cfg.model.base
         self.run.create(dump_config(cfg), self.resume, self.force)
+        o = cfg.observability
+        if o.tensorboard or o.mlflow_tracking_uri:
+            self.run.sink = MetricsSink(self.run.root, o.tensorboard, o.mlflow_tracking_uri, o.mlflow_experiment)
         policy = base
         best = {"iteration": 0, "valid": self.evaluate(0, policy)}
         try:
@@ -79,8 +85,12 @@ class Driver:
                 if t - best["iteration"] >= cfg.loop.patience:
                     print(f"[restem] validation pass@1 has not improved for {cfg.loop.patience} iteration(s): stop")
                     break
+            if cfg.control.enabled:
+                self.control(base)                                               # seed data only, same budget
         finally:
             self.samplers.close()
+            if self.run.sink is not None:
+                self.run.sink.close()
         self._link_best(best["iteration"])
         print_table(self.run)
         write_plot(self.run)
@@ -125,12 +135,45 @@ class Driver:
             if table.num_rows == 0:
                 raise RunError(f"iteration {t}: the verifier accepted none of {samples.num_rows} samples; nothing to "
                                "train on (a stronger base model, more samples or a higher temperature may help)")
+            line = {"kept": table.num_rows, "problems_solved": len(set(table["id"].to_pylist()))}
+            if self.step_checker is not None:  # kept samples whose answer is right but whose steps are not
+                by_id = {p["id"]: p for p in self.train}
+                bad = sum(float(self.step_checker(by_id[r["id"]], r["completion"])) < 1.0 for r in table.to_pylist())
+                line["kept_false_positive_rate"] = bad / table.num_rows
+            if self.cfg.training.mix_seed_data:  # declared deviation: human solutions join the generated ones
+                table = pa.concat_tables([table, self._seed_table(table.schema)])
+                line["seed_rows_mixed"] = len(self.seed_rows)
             write_parquet(path, table)
             write_parquet(self.run.iter_dir(t) / "problems.parquet", problem_stats(samples, table, t))
             crash_point(f"{t}/select")
-            self.run.complete(t, "select", [{"kept": table.num_rows,
-                                              "problems_solved": len(set(table["id"].to_pylist()))}])
+            self.run.complete(t, "select", [line])
         return path
+
+    def _seed_table(self, schema: pa.Schema) -> pa.Table:
+        rows = [{"id": r["id"], "sample_index": -1, "prompt": r["prompt"], "completion": r["solution"]}
+                for r in self.seed_rows]
+        return pa.Table.from_pylist(rows, schema=schema)
+
+    def control(self, base: str) -> None:
+        """Control arm: the base trained further on the human seed solutions, with as many training
+        sequences as the largest M-step saw, then evaluated like every iterate ("iteration": "control")."""
+        d = self.run.root / "control"
+        d.mkdir(exist_ok=True)
+        if not self.run.done("control", "improve"):
+            kept = [m["kept"] + m.get("seed_rows_mixed", 0) for m in self.run.metrics() if m["phase"] == "select"]
+            tc = self.cfg.training
+            epochs = self.cfg.control.epochs or max(1, -(-max(kept or [0]) * tc.epochs // max(1, len(self.seed_rows))))
+            data = d / "train.parquet"
+            write_parquet(data, self._seed_table(pa.schema([("id", pa.string()), ("sample_index", pa.int64()),
+                                                            ("prompt", pa.string()), ("completion", pa.string())])))
+            self.samplers.close()
+            start = time.time()
+            metrics = train_m_step(init_model=base, train_file=data, out_dir=d / "checkpoint",
+                                   cfg=tc.model_copy(update={"epochs": epochs}), seed=self.cfg.seed, storage=d)
+            self.run.complete("control", "improve", [{"seconds": round(time.time() - start, 2), "init": base,
+                                                      "epochs": epochs, "rows": len(self.seed_rows),
+                                                      **{k: metrics[k] for k in ("loss", "steps") if k in metrics}}])
+        self.evaluate("control", str(d / "checkpoint"))
 
     def improve(self, t: int, init_model: str, dataset: Path) -> str:
         ckpt = self.run.checkpoint_dir(t)
@@ -143,16 +186,18 @@ class Driver:
                                                **{k: metrics[k] for k in ("loss", "steps") if k in metrics}}])
         return str(ckpt)
 
-    def evaluate(self, t: int, model: str) -> float:
+    def evaluate(self, t: int | str, model: str) -> float:
         """Greedy pass@1 on every eval split (and pass@k, maj@k when evaluation.k > 0); returns valid pass@1."""
-        path = self.run.iter_dir(t) / "eval.json"
+        path = (self.run.root / "control" if t == "control" else self.run.iter_dir(t)) / "eval.json"
+        arm = {"arm": "control"} if t == "control" else {}
         if not self.run.done(t, "eval"):
             start, pool, ev = time.time(), self.samplers.get(model), self.cfg.evaluation
             scores = {n: self._score(pool, probs, ev, f"eval {t} {n}") for n, probs in self.eval_sets.items()}
             atomic_write_text(path, json.dumps(scores, indent=1))
             crash_point(f"{t}/eval")
             secs = round(time.time() - start, 2)
-            self.run.complete(t, "eval", [{"split": n, "seconds": secs, "model": model, **s} for n, s in scores.items()])
+            self.run.complete(t, "eval", [{"split": n, "seconds": secs, "model": model, **arm, **s}
+                                          for n, s in scores.items()])
         return json.loads(path.read_text())["valid"]["pass@1"]
 
     def _score(self, pool: EStepPool, problems: list[dict], ev, desc: str) -> dict:

@@ -21,9 +21,12 @@ def iteration_rows(run: RunDir) -> list[dict]:
             r.update({k: v for k, v in m.items() if k.startswith("train pass@")})
         elif m["phase"] == "select":
             r["kept"] = m["kept"]
+            if "kept_false_positive_rate" in m:
+                r["kept FP"] = m["kept_false_positive_rate"]
         elif m["phase"] == "improve":
             r.update({"loss": m.get("loss"), "improve s": m["seconds"]})
-    return [{"iteration": t, **rows[t]} for t in sorted(rows)]
+    order = sorted(rows, key=lambda t: (isinstance(t, str), str(t) if isinstance(t, str) else t))
+    return [{"iteration": t, **rows[t]} for t in order]  # iterations 0, 1, ..., then the control arm
 
 
 def _split_order(col: str) -> tuple:
@@ -46,7 +49,7 @@ def print_table(run: RunDir) -> None:
 
     rows = iteration_rows(run)
     cols = ["iteration"] + sorted({k for r in rows for k in r if " pass@" in k or " maj@" in k}, key=_split_order) + \
-        [c for c in ("samples", "correct", "kept", "loss", "generate s", "improve s", "eval s")
+        [c for c in ("samples", "correct", "kept", "kept FP", "loss", "generate s", "improve s", "eval s")
          if any(c in r for r in rows)]
     table = Table(title=f"ReST^EM run {run.root}")
     for c in cols:
@@ -66,16 +69,21 @@ def write_plot(run: RunDir) -> None:
     import matplotlib.pyplot as plt
 
     rows = iteration_rows(run)
-    splits = sorted({k.split(" ")[0] for r in rows for k in r if k.endswith(" pass@1")})
-    fig, ax = plt.subplots(figsize=(6, 4))
+    loop = [r for r in rows if isinstance(r["iteration"], int)]
+    control = next((r for r in rows if r["iteration"] == "control"), None)
+    splits = sorted({k.split(" ")[0] for r in rows for k in r if k.endswith(" pass@1")}, key=_split_order)
+    fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for s in splits:
-        pts = [(r["iteration"], r[f"{s} pass@1"]) for r in rows if f"{s} pass@1" in r]
-        ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=s)
+        pts = [(r["iteration"], r[f"{s} pass@1"]) for r in loop if f"{s} pass@1" in r]
+        (line,) = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=s)
+        if control is not None and f"{s} pass@1" in control:  # the control arm: a dashed level per split
+            ax.axhline(100 * control[f"{s} pass@1"], color=line.get_color(), linestyle="--", linewidth=1,
+                       label=f"{s} (control: base + more seed training)")
     ax.set_xlabel("ReST^EM iteration (0 = base)")
     ax.set_ylabel("greedy pass@1 (%)")
-    ax.set_xticks([r["iteration"] for r in rows])
+    ax.set_xticks([r["iteration"] for r in loop])
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=7)
     fig.tight_layout()
     tmp = run.root / "report.tmp.png"
     fig.savefig(tmp, dpi=120)

@@ -46,8 +46,9 @@ def _flatten(tree, prefix: str = "") -> dict:
 
 
 class RunDir:
-    def __init__(self, root: str | Path):
+    def __init__(self, root: str | Path, sink=None):
         self.root = Path(root)
+        self.sink = sink  # optional MetricsSink: TensorBoard / MLflow views of the committed lines
         self.manifest_path = self.root / "manifest.json"
         self.metrics_path = self.root / "metrics.jsonl"
 
@@ -114,6 +115,8 @@ class RunDir:
         m["completed"][f"{iteration}/{phase}"] = now
         m.update(manifest_fields)
         self._write_manifest(m, label=f"{iteration}/{phase}")
+        if self.sink is not None:
+            self.sink.log(iteration, phase, list(lines))
 
     def set(self, **fields) -> None:
         m = self.manifest()

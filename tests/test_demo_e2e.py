@@ -16,12 +16,12 @@ def test_quick_demo_runs_every_phase(tmp_path):
     out = tmp_path / "run"
     secret = "s3cr3t-9f8e7d6c5b4a"
     env = dict(os.environ, PYTHONUNBUFFERED="1", AWS_SECRET_ACCESS_KEY=secret)
-    r = subprocess.run([sys.executable, "-m", "restem_ray.cli", "demo", "--quick", "--out", str(out)],
-                       capture_output=True, text=True, env=env, timeout=1500)
+    r = subprocess.run([sys.executable, "-m", "restem_ray.cli", "demo", "--quick", "--out", str(out),
+                        "--set", "control.enabled=true"], capture_output=True, text=True, env=env, timeout=1500)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-5000:]
 
     manifest = json.loads((out / "manifest.json").read_text())
-    for key in ("0/eval", "1/generate", "1/select", "1/improve", "1/eval"):
+    for key in ("0/eval", "1/generate", "1/select", "1/improve", "1/eval", "control/improve", "control/eval"):
         assert key in manifest["completed"], key
 
     samples = pq.read_table(out / "iter_001" / "samples").to_pylist()
@@ -37,16 +37,23 @@ def test_quick_demo_runs_every_phase(tmp_path):
     ckpt = out / "iter_001" / "checkpoint"
     assert (ckpt / "model.safetensors").is_file() and (ckpt / "tokenizer.json").is_file()
 
-    evals = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
-    evals = [m for m in evals if m["phase"] == "eval"]
-    assert {(m["iteration"], m["split"]) for m in evals} == {(i, s) for i in (0, 1)
+    lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
+    evals = [m for m in lines if m["phase"] == "eval"]
+    assert {(m["iteration"], m["split"]) for m in evals} == {(i, s) for i in (0, 1, "control")
                                                               for s in ("valid", "test", "transfer")}
+    assert all(m.get("arm") == "control" for m in evals if m["iteration"] == "control")
+    select = next(m for m in lines if m["phase"] == "select")
+    assert 0.0 <= select["kept_false_positive_rate"] <= 1.0  # the step checker audits kept samples
+    control = next(m for m in lines if m["phase"] == "improve" and m["iteration"] == "control")
+    assert control["epochs"] >= 1 and control["rows"] == 500
+    assert (ckpt := out / "control" / "checkpoint" / "model.safetensors").is_file(), ckpt
+    assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert all(0.0 <= m["pass@1"] <= 1.0 for m in evals)
     assert (out / "report.png").stat().st_size > 10_000
     assert "valid pass@1" in r.stdout
 
     best = json.loads((out / "manifest.json").read_text())["best_iteration"]
-    valid = {m["iteration"]: m["pass@1"] for m in evals if m["split"] == "valid"}
+    valid = {m["iteration"]: m["pass@1"] for m in evals if m["split"] == "valid" and m["iteration"] != "control"}
     assert valid[best] == max(valid.values())
     assert (out / "best").is_symlink() and (out / "best" / "config.json").is_file()
     base = yaml.safe_load((out / "config.yaml").read_text())["model"]["base"]

@@ -1,6 +1,6 @@
 from restem_ray.builtin import build_tokenizer
 from restem_ray.sft import IGNORE, encode
-from restem_ray.tasks.arithmetic import ArithmeticTask
+from restem_ray.tasks.arithmetic import ArithmeticTask, check_steps
 from restem_ray.verification import grade_math
 
 
@@ -32,10 +32,37 @@ def test_worked_solutions_are_correct_and_graded_as_passed():
         assert grade_math(r, r["solution"]).reward == 1.0
 
 
+def ops(prompt):
+    return sum(tok in "+-" for tok in prompt.split())
+
+
 def test_transfer_split_is_harder():
     s = small().splits()
-    assert all(r["prompt"].count(",") == 4 for r in s["transfer"])  # 4 steps
-    assert all(r["prompt"].count(",") in (2, 3) for r in s["test"])
+    assert all(ops(r["prompt"]) == 4 for r in s["transfer"])  # 4 steps
+    assert all(ops(r["prompt"]) in (2, 3) for r in s["test"])
+
+
+def test_numbers_are_fixed_width_reversed():
+    r = small().splits()["seed"][0]
+    nums = [t for t in r["prompt"][3:].split() + r["solution"].split() if t.isdigit()]
+    assert nums and all(len(n) == 3 for n in nums)
+    first = r["prompt"].split()[1]
+    assert 10 <= int(first[::-1]) <= 99
+
+
+def test_step_checker_rejects_right_answers_reached_through_wrong_steps():
+    task = small()
+    for r in task.splits()["seed"][:50]:
+        sol = r["solution"]
+        assert check_steps(r, sol) == 1.0
+        steps = sol.split(" . ")
+        a, op, b = steps[0].split()[:3]
+        # a wrong first equation (another operand), with the true final answer kept: answer-only passes
+        wrong = sol.replace(f"{a} {op} {b} =", f"{a} {op} {str(int(b[::-1]) % 90 + 10).zfill(3)[::-1]} =", 1)
+        if wrong != sol:
+            assert grade_math(r, wrong).reward == 1.0 and check_steps(r, wrong) == 0.0
+        assert check_steps(r, sol.split("####")[0] + "#### 000") == 0.0
+        assert check_steps(r, "#### " + r["answer"]) == 0.0
 
 
 def test_encode_masks_prompt_and_appends_eos():
