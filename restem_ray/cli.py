@@ -109,6 +109,8 @@ def check_inputs(cfg) -> None:
     for f in [t.train_file, t.valid_file, t.test_file, *t.extra_eval_files.values()]:
         if f:
             load_problems(f, t.kind)
+    if t.seed_file:
+        load_problems(t.seed_file, "solutions")
     for name, m in (("model.base", cfg.model.base), ("model.sampler", cfg.model.sampler)):
         if m is not None:
             check_model_dir(name, m)

@@ -57,7 +57,7 @@ class Driver:
         self.eval_splits = {"valid": t.valid_file} | ({"test": t.test_file} if t.test_file else {}) | t.extra_eval_files
         self.eval_sets = {n: load_problems(p, t.kind, t.max_eval_problems) for n, p in self.eval_splits.items()}
         self.seed_rows = load_problems(t.seed_file, "solutions") if t.seed_file else []
-        self.step_checker = load_plugin(t.step_checker) if t.step_checker else None
+        self.step_checker = load_plugin(t.step_checker, "task.step_checker") if t.step_checker else None
         check_verifier(cfg)  # a bad plug-in or a missing sandbox fails before any work
         self.resume, self.force = resume, force
         self.run.validate(dump_config(cfg), resume, force)  # the run directory is written only in fit()

@@ -131,18 +131,19 @@ def call_with_timeout(fn, args: tuple, timeout: float):
         raise CallTimeout() from None
 
 
-def load_plugin(spec: str) -> Callable[[dict, str], float]:
+def load_plugin(spec: str, key: str = "verification.verifier") -> Callable[[dict, str], float]:
     """`module:function` -> callable(problem_row, completion) -> reward in [0, 1]."""
     mod_name, sep, fn_name = spec.partition(":")
     if not sep or not mod_name or not fn_name:
-        raise UserError(f"verification.verifier: {spec!r} is not 'math', 'code' or 'module:function'")
+        expected = "'math', 'code' or 'module:function'" if key == "verification.verifier" else "'module:function'"
+        raise UserError(f"{key}: {spec!r} is not {expected}")
     try:
         mod = importlib.import_module(mod_name)
     except Exception as e:  # any import-time failure of user code is a user error
-        raise UserError(f"verification.verifier: cannot import {mod_name!r} ({type(e).__name__}: {e})") from None
+        raise UserError(f"{key}: cannot import {mod_name!r} ({type(e).__name__}: {e})") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
-        raise UserError(f"verification.verifier: {spec!r} is not a callable")
+        raise UserError(f"{key}: {spec!r} is not a callable")
     return fn
 
 

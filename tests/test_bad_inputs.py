@@ -77,6 +77,12 @@ CASES = {
     "plug-in not importable": (None, ["--set", "verification.verifier=no_such_mod_xyz:grade"],
                                "cannot import 'no_such_mod_xyz'"),
     "plug-in not callable": (None, ["--set", "verification.verifier=json:__doc__"], "is not a callable"),
+    "control arm without seed data": (None, ["--set", "control.enabled=true"], "need task.seed_file"),
+    "step checker not importable": (None, ["--set", "task.step_checker=no_such_mod_xyz:f"],
+                                    "task.step_checker: cannot import 'no_such_mod_xyz'"),
+    "seed file lacks solutions": (lambda w: ((w / "seed.jsonl").write_text(json.dumps(GOOD[0]) + "\n"),
+                                             edit_config(w, lambda t: t["task"].update(seed_file="seed.jsonl"))),
+                                  [], "seed.jsonl:1: missing or empty field 'solution'"),
     "plug-in spec malformed": (None, ["--set", "verification.verifier=justaname"], "is not 'math', 'code' or 'module:function'"),
 }
 
