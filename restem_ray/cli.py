@@ -190,7 +190,7 @@ def cmd_check(args) -> int:
 
 
 def cmd_report(args) -> int:
-    from .report import print_table, write_plot
+    from .report import print_table, write_plot, write_problem_history
     from .storage import RunDir
 
     run = RunDir(args.run_dir)
@@ -198,6 +198,10 @@ def cmd_report(args) -> int:
         raise UserError(f"{args.run_dir}: not a run directory (no manifest.json)")
     print_table(run)
     write_plot(run)
+    summary = write_problem_history(run)
+    if summary:
+        print(summary)
+        print(f"wrote {run.root / 'problems.parquet'} (per problem and iteration: drawn, correct, distinct, kept)")
     print(f"wrote {run.root / 'report.png'}")
     return 0
 

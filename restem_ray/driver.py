@@ -21,7 +21,7 @@ from .faults import crash_point
 from .observability import MetricsSink
 from .evaluation import score_split
 from .pool import EStepPool, chunked
-from .report import print_table, write_plot
+from .report import print_table, write_plot, write_problem_history
 from .sampling import SampleSpec
 from .selection import problem_stats, select
 from .storage import RunDir, atomic_write_text
@@ -94,6 +94,9 @@ class Driver:
         self._link_best(best["iteration"])
         print_table(self.run)
         write_plot(self.run)
+        summary = write_problem_history(self.run)
+        if summary:
+            print(f"[restem] {summary}")
         return best
 
     # ------------------------------------------------------------------ phases

@@ -89,3 +89,39 @@ def write_plot(run: RunDir) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(run.root / "report.png")
+
+
+def problem_history(run: RunDir):
+    """All iterations' per-problem statistics in one table (id, iteration, drawn, correct, ...), plus
+    `first_solved`: the first iteration whose E-step solved the problem (None: never). Written by
+    `restem-ray report` to RUN/problems.parquet, so a user can see which problems the model learned."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    parts = sorted(run.root.glob("iter_*/problems.parquet"))
+    if not parts:
+        return None
+    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    first: dict[str, int] = {}
+    for r in table.select(["id", "iteration", "correct"]).to_pylist():
+        if r["correct"] > 0 and (r["id"] not in first or r["iteration"] < first[r["id"]]):
+            first[r["id"]] = r["iteration"]
+    return table.append_column("first_solved", pa.array([first.get(i) for i in table["id"].to_pylist()], pa.int64()))
+
+
+def write_problem_history(run: RunDir) -> str | None:
+    """Write RUN/problems.parquet; returns a one-line summary (problems first solved per iteration)."""
+    from collections import Counter
+
+    from .data import write_parquet
+
+    table = problem_history(run)
+    if table is None:
+        return None
+    write_parquet(run.root / "problems.parquet", table)
+    ids = {}
+    for r in table.select(["id", "first_solved"]).to_pylist():
+        ids[r["id"]] = r["first_solved"]
+    counts = Counter(ids.values())
+    per_iter = ", ".join(f"iteration {t}: {counts[t]}" for t in sorted(k for k in counts if k is not None))
+    return f"train problems first solved by the E-step of {per_iter}; never: {counts.get(None, 0)} of {len(ids)}"
