@@ -29,6 +29,36 @@ class SampleSpec:
 CPU_ENGINE_DEFAULTS = {"dtype": "bfloat16", "enforce_eager": True, "enable_chunked_prefill": False}
 
 
+def local_model_copy(model: str, cache_dir: str | None = None) -> str:
+    """A model given as a URI (s3://, gs://, hdfs://, file://, ... anything `pyarrow.fs` opens) is copied to
+    node-local disk once per node and that folder returned: vLLM reads local files, and many replicas
+    reading a shared store at once is slow. Plain paths are returned unchanged."""
+    if "://" not in model:
+        return model
+    import fcntl
+    import hashlib
+    import shutil
+    import tempfile
+
+    import pyarrow.fs as pafs
+
+    root = cache_dir or os.environ.get("RESTEM_MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "restem-models")
+    dest = os.path.join(root, hashlib.sha256(model.encode()).hexdigest()[:16])
+    os.makedirs(root, exist_ok=True)
+    with open(dest + ".lock", "w") as lock:  # replicas on one node copy once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(dest, ".complete")):
+            fs, path = pafs.FileSystem.from_uri(model)
+            tmp = dest + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+            open(os.path.join(tmp, ".complete"), "w").close()
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+    return dest
+
+
 class Sampler:
     """Owns one `vllm.LLM`; `generate` maps to `LLM.generate` and returns one row per sample."""
 
@@ -42,7 +72,7 @@ class Sampler:
         kwargs = ({} if use_gpu else dict(CPU_ENGINE_DEFAULTS)) | dict(engine_kwargs)
         self.model = model
         self.exit_on_engine_death = exit_on_engine_death
-        self.llm = LLM(model=model, seed=seed, **kwargs)
+        self.llm = LLM(model=local_model_copy(model), seed=seed, **kwargs)
 
     def generate(self, problems: list[dict], spec: SampleSpec) -> list[dict]:
         from vllm import SamplingParams

