@@ -141,7 +141,7 @@ class Driver:
             line = {"kept": table.num_rows, "problems_solved": len(set(table["id"].to_pylist()))}
             if self.step_checker is not None:  # kept samples whose answer is right but whose steps are not
                 by_id = {p["id"]: p for p in self.train}
-                bad = sum(float(self.step_checker(by_id[r["id"]], r["completion"])) < 1.0 for r in table.to_pylist())
+                bad = sum(not self._steps_ok(by_id[r["id"]], r["completion"]) for r in table.to_pylist())
                 line["kept_false_positive_rate"] = bad / table.num_rows
             if self.cfg.training.mix_seed_data:  # declared deviation: human solutions join the generated ones
                 table = pa.concat_tables([table, self._seed_table(table.schema)])
@@ -151,6 +151,12 @@ class Driver:
             crash_point(f"{t}/select")
             self.run.complete(t, "select", [line])
         return path
+
+    def _steps_ok(self, problem: dict, completion: str) -> bool:
+        try:
+            return float(self.step_checker(problem, completion)) >= 1.0
+        except Exception:  # a checker that cannot read a completion does not vouch for it
+            return False
 
     def _seed_table(self, schema: pa.Schema) -> pa.Table:
         rows = [{"id": r["id"], "sample_index": -1, "prompt": r["prompt"], "completion": r["solution"]}

@@ -63,6 +63,8 @@ def test_step_checker_rejects_right_answers_reached_through_wrong_steps():
             assert grade_math(r, wrong).reward == 1.0 and check_steps(r, wrong) == 0.0
         assert check_steps(r, sol.split("####")[0] + "#### 000") == 0.0
         assert check_steps(r, "#### " + r["answer"]) == 0.0
+        assert check_steps(r, sol.split("####")[0] + "#### =091") == 0.0  # malformed answers are just wrong
+    assert check_steps({"prompt": "Q: x + 1\nA:"}, "#### 1") == 0.0
 
 
 def test_encode_masks_prompt_and_appends_eos():

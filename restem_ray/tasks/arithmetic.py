@@ -26,7 +26,7 @@ from dataclasses import dataclass
 class ArithmeticTask:
     """Sizes of the built-in task."""
     seed: int = 0
-    n_seed: int = 500
+    n_seed: int = 320
     n_train: int = 3000
     n_valid: int = 500
     n_test: int = 1000
@@ -88,15 +88,15 @@ _NUMBER = r"(\d+)"
 _EQUATION = re.compile(rf"{_NUMBER} ([+-]) {_NUMBER} = {_NUMBER} \.")
 
 
-def _value(reversed_digits: str) -> int:
-    return int(reversed_digits[::-1])
+def _value(reversed_digits: str) -> int | None:
+    return int(reversed_digits[::-1]) if reversed_digits.isdigit() else None
 
 
 def check_steps(problem: dict, completion: str) -> float:
     """1.0 if the completion's equations follow the question's operations, each is arithmetically right,
     and the final answer is the last result; else 0.0. A plug-in verifier (`module:function`)."""
     q = problem["prompt"].split("Q:", 1)[-1].split("\n", 1)[0].split()
-    if len(q) < 3:
+    if len(q) < 3 or len(q) % 2 == 0 or any(_value(x) is None for x in q[::2]):
         return 0.0
     start, ops = _value(q[0]), [(q[i], _value(q[i + 1])) for i in range(1, len(q) - 1, 2)]
     body, sep, answer = completion.partition("####")
