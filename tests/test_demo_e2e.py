@@ -45,7 +45,8 @@ def test_quick_demo_runs_every_phase(tmp_path):
     select = next(m for m in lines if m["phase"] == "select")
     assert 0.0 <= select["kept_false_positive_rate"] <= 1.0  # the step checker audits kept samples
     control = next(m for m in lines if m["phase"] == "improve" and m["iteration"] == "control")
-    assert control["epochs"] >= 1 and control["rows"] == 500
+    seed_file = yaml.safe_load((out / "config.yaml").read_text())["task"]["seed_file"]
+    assert control["epochs"] >= 1 and control["rows"] == len(Path(seed_file).read_text().splitlines())
     assert (ckpt := out / "control" / "checkpoint" / "model.safetensors").is_file(), ckpt
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert all(0.0 <= m["pass@1"] <= 1.0 for m in evals)
