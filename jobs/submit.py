@@ -20,6 +20,7 @@ import json
 import os
 import shlex
 import sys
+import time
 from pathlib import Path
 
 
@@ -88,8 +89,6 @@ def main(argv: list[str] | None = None) -> int:
         return 130
     status = client.get_job_status(job_id)
     while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):  # logs can end first
-        import time
-
         time.sleep(0.5)
         status = client.get_job_status(job_id)
     info = client.get_job_info(job_id)

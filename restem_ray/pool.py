@@ -152,7 +152,7 @@ class EStepPool:
             self.close()
             raise RunError(f"a vLLM sampler replica could not start on {model}: {_cause(e)}") from None
 
-    def _grow(self, free: list) -> None:
+    def _grow(self) -> None:
         """Elastic pools: while work is queued, start another replica (up to `sampling.max_replicas`) when a
         node has room for its bundle, e.g. a worker node that joined mid-E-step, and another verifier (up to
         `verification.max_workers`). A new replica takes work once its engine is up; nothing is moved."""
@@ -208,7 +208,7 @@ class EStepPool:
                 ref = replica.generate.remote(chunk, spec)
                 gen_of[ref] = (idx, chunk, replica)
             if todo:
-                self._grow(free)
+                self._grow()
             ready, _ = ray.wait(list(gen_of) + list(grading) + list(self._starting), num_returns=1)
             ref = ready[0]
             if ref in self._starting:
