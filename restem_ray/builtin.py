@@ -109,25 +109,15 @@ def build_model(spec: TinyModelSpec, tokenizer):
 def greedy_accuracy(model, tokenizer, problems: list[dict], kind: str = "math", max_new_tokens: int = 96,
                     batch: int = 128) -> float:
     """Greedy pass@1 with HF generate (used only while building the base; runs use vLLM)."""
-    import torch
-
+    from .sft import greedy_completions
     from .verification import Verifier
 
     verifier = Verifier(kind)
-
-    model.eval()
-    tokenizer.padding_side = "left"
-    correct = 0
-    with torch.no_grad():
-        for s in range(0, len(problems), batch):
-            chunk = problems[s : s + batch]
-            enc = tokenizer([p["prompt"] for p in chunk], return_tensors="pt", padding=True)
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
-            texts = tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
-            correct += sum(verifier.grade(p, t).reward for p, t in zip(chunk, texts))
-    model.train()
-    verifier.close()
+    try:
+        texts = greedy_completions(model, tokenizer, [p["prompt"] for p in problems], max_new_tokens, batch=batch)
+        correct = sum(verifier.grade(p, t).reward for p, t in zip(problems, texts))
+    finally:
+        verifier.close()
     return correct / max(1, len(problems))
 
 

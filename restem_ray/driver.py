@@ -28,6 +28,10 @@ from .storage import RunDir, atomic_write_text
 from .training import improve as train_m_step
 from .verification import check_verifier, load_plugin, resolve_verifier
 
+# What the M-step's metrics.jsonl line carries from the training result.
+MSTEP_METRICS = ("loss", "steps", "chosen_step", "valid_reward", "valid_history", "resumed_from_step",
+                 "real_token_fraction", "tokens_per_s_rank0", "train_seconds")
+
 
 class Samplers:
     """At most one live `EStepPool`, rebuilt when the model changes and closed before the M-step."""
@@ -178,10 +182,11 @@ class Driver:
             self.samplers.close()
             start = time.time()
             metrics = train_m_step(init_model=base, train_file=data, out_dir=d / "checkpoint",
-                                   cfg=tc.model_copy(update={"epochs": epochs}), seed=self.cfg.seed, storage=d)
+                                   cfg=tc.model_copy(update={"epochs": epochs}), seed=self.cfg.seed, storage=d,
+                                   **self._mstep_args("control"))
             self.run.complete("control", "improve", [{"seconds": round(time.time() - start, 2), "init": base,
                                                       "epochs": epochs, "rows": len(self.seed_rows),
-                                                      **{k: metrics[k] for k in ("loss", "steps") if k in metrics}}])
+                                                      **{k: metrics[k] for k in MSTEP_METRICS if k in metrics}}])
         self.evaluate("control", str(d / "checkpoint"))
 
     def improve(self, t: int, init_model: str, dataset: Path) -> str:
@@ -189,11 +194,18 @@ class Driver:
         if not self.run.done(t, "improve"):
             start = time.time()
             metrics = train_m_step(init_model=init_model, train_file=dataset, out_dir=ckpt,
-                                   cfg=self.cfg.training, seed=self.cfg.seed + t, storage=self.run.iter_dir(t))
+                                   cfg=self.cfg.training, seed=self.cfg.seed + t, storage=self.run.iter_dir(t),
+                                   **self._mstep_args(f"iter_{t:03d}"))
             crash_point(f"{t}/improve")
             self.run.complete(t, "improve", [{"seconds": round(time.time() - start, 2), "init": init_model,
-                                               **{k: metrics[k] for k in ("loss", "steps") if k in metrics}}])
+                                               **{k: metrics[k] for k in MSTEP_METRICS if k in metrics}}])
         return str(ckpt)
+
+    def _mstep_args(self, name: str) -> dict:
+        s, v = self.cfg.sampling, self.cfg.verification
+        return {"name": f"mstep-{self.run.root.name}-{name}", "valid_file": self.cfg.task.valid_file,
+                "verifier": resolve_verifier(v.verifier, self.cfg.task.kind), "verification": v.model_dump(),
+                "max_new_tokens": s.max_tokens, "stop": tuple(s.stop)}
 
     def evaluate(self, t: int | str, model: str) -> float:
         """Greedy pass@1 on every eval split (and pass@k, maj@k when evaluation.k > 0); returns valid pass@1."""

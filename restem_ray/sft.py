@@ -50,3 +50,112 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
         return (step + 1) / max(1, warmup)
     progress = (step - warmup) / max(1, total - warmup)
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def plan_epoch(lengths: list[int], micro_batch_size: int, world: int, grad_accum: int, seed: int) -> list[list[list[int]]]:
+    """One epoch's micro-steps, each a list of `world` per-rank index lists.
+
+    Length-grouped global batches (little padding), split across ranks; like DistributedSampler(drop_last=False)
+    the last global batch is filled by repeating rows and the count is rounded up to whole optimizer steps, so
+    every rank takes the same number of steps and no selected sample is dropped. Deterministic in `seed`, so a
+    resumed worker replays exactly the micro-steps it had not done.
+    """
+    g = torch.Generator().manual_seed(seed)
+    global_batch = micro_batch_size * world
+    order = [i for b in length_grouped_batches(lengths, global_batch, g) for i in b]
+    n_micro = -(-len(order) // global_batch)
+    n_micro = -(-n_micro // grad_accum) * grad_accum
+    while len(order) < n_micro * global_batch:
+        order += order[: n_micro * global_batch - len(order)]
+    steps = []
+    for s in range(n_micro):
+        idx = order[s * global_batch : (s + 1) * global_batch]
+        steps.append([idx[r::world] for r in range(world)])
+    return steps
+
+
+def pack(samples: list[tuple[list[int], list[int]]], pack_length: int) -> list[list[int]]:
+    """First-fit decreasing: sample indices per row of at most `pack_length` tokens (a longer sample gets its own)."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(samples)), key=lambda i: -len(samples[i][0])):
+        n = len(samples[i][0])
+        for r, free in enumerate(room):
+            if n <= free:
+                rows[r].append(i)
+                room[r] -= n
+                break
+        else:
+            rows.append([i])
+            room.append(pack_length - n)
+    return rows
+
+
+def collate_micro(samples: list[tuple[list[int], list[int]]], pad_id: int, packed: bool = False,
+                  pack_length: int | None = None) -> dict[str, torch.Tensor]:
+    """A micro-batch as model inputs plus `real_tokens` (non-padding count).
+
+    packed: samples are concatenated into rows with position ids restarting at 0 per sample and no
+    attention mask, which transformers turns into block-diagonal attention (no attention across samples;
+    flash-attention's variable-length kernel on GPUs). The loss is the same mean over completion tokens as
+    the padded batch's.
+    """
+    real = sum(len(x) for x, _ in samples)
+    if not packed:
+        out = collate(samples, pad_id)
+        out["real_tokens"] = torch.tensor(real)
+        return out
+    rows = pack(samples, pack_length or max(len(x) for x, _ in samples))
+    width = max(sum(len(samples[i][0]) for i in row) for row in rows)
+    ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
+    labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
+    pos = torch.zeros((len(rows), width), dtype=torch.long)
+    for r, row in enumerate(rows):
+        at = 0
+        for i in row:
+            x, y = samples[i]
+            ids[r, at : at + len(x)] = torch.tensor(x)
+            labels[r, at : at + len(y)] = torch.tensor(y)
+            pos[r, at : at + len(x)] = torch.arange(len(x))
+            at += len(x)
+        pos[r, at:] = torch.arange(width - at)  # the padding tail is one more (masked-out) sequence
+    return {"input_ids": ids, "labels": labels, "position_ids": pos, "real_tokens": torch.tensor(real)}
+
+
+def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...] = (),
+                       synced: bool = False, batch: int = 64) -> list[str]:
+    """Greedy decoding with HF generate (base-model build and in-training validation; runs sample with vLLM).
+
+    synced: DeepSpeed ZeRO-3 gathers parameters inside every forward, so all ranks must keep stepping until
+    the slowest finishes (the caller gives every rank the same number of prompts).
+    """
+    side = tokenizer.padding_side
+    tokenizer.padding_side = "left"
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    texts = []
+    try:
+        with torch.no_grad():
+            for s in range(0, len(prompts), batch):
+                enc = tokenizer(prompts[s : s + batch], return_tensors="pt", padding=True).to(device)
+                out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                texts += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    finally:
+        tokenizer.padding_side = side
+        model.train(was_training)
+    return [_cut(t, stop) for t in texts]
+
+
+def _cut(text: str, stop: tuple[str, ...]) -> str:
+    for s in stop:
+        if s and s in text:
+            text = text[: text.index(s)]
+    return text
+
+
+def forward(model, batch: dict[str, torch.Tensor]):
+    """The training forward. use_cache=False matters: with a KV cache transformers ignores the packed
+    position ids and lets packed samples attend to each other (measured with transformers 5.19)."""
+    return model(**batch, use_cache=False)

