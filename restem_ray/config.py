@@ -116,7 +116,8 @@ class TrainingConfig(_Section):
     packing: bool = Field(False, description="Concatenate each micro-batch's samples into rows of pack_length tokens "
                                              "(position ids restart per sample, no attention across samples). Off: "
                                              "length-grouped padded batches (>= 98% real tokens on the demo data).")
-    pack_length: int | None = Field(None, ge=8, description="Tokens per packed row (default: max_seq_len).")
+    pack_length: int | None = Field(None, ge=8, description="Tokens per packed row (default: the whole micro-batch "
+                                                        "in one row; bounds attention cost without flash-attention).")
     eval_every_steps: int | None = Field(None, ge=1, description="Paper's stopping rule: every this many steps, greedy "
                                                                  "validation reward on eval_problems task.valid_file "
                                                                  "problems; the best step's weights are kept.")
@@ -135,9 +136,16 @@ class TrainingConfig(_Section):
                                                                                      "training worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Placement of the training workers' bundles.")
+    lora_rank: int | None = Field(None, ge=1, description="Train LoRA adapters of this rank (peft) instead of all "
+                                                          "weights; checkpoints hold the merged weights vLLM loads.")
+    lora_alpha: float = Field(16.0, gt=0, description="LoRA scaling alpha.")
+    lora_target_modules: list[str] | str = Field("all-linear", description="Modules given LoRA adapters (peft's "
+                                                                          "target_modules).")
 
     @model_validator(mode="after")
     def _check_training(self) -> "TrainingConfig":
+        if self.lora_rank and self.zero_stage == 3:
+            raise ValueError("training.lora_rank needs training.zero_stage 0, 1 or 2 (adapters are small)")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("training.offload_params needs training.zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:

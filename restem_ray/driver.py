@@ -30,7 +30,7 @@ from .verification import check_verifier, load_plugin, resolve_verifier
 
 # What the M-step's metrics.jsonl line carries from the training result.
 MSTEP_METRICS = ("loss", "steps", "chosen_step", "valid_reward", "valid_history", "resumed_from_step",
-                 "real_token_fraction", "tokens_per_s_rank0", "train_seconds")
+                 "real_token_fraction", "tokens_per_s", "train_seconds")
 
 
 class Samplers:

@@ -105,7 +105,7 @@ def collate_micro(samples: list[tuple[list[int], list[int]]], pad_id: int, packe
         out = collate(samples, pad_id)
         out["real_tokens"] = torch.tensor(real)
         return out
-    rows = pack(samples, pack_length or max(len(x) for x, _ in samples))
+    rows = pack(samples, pack_length or real)  # no length given: the whole micro-batch is one row
     width = max(sum(len(samples[i][0]) for i in row) for row in rows)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)

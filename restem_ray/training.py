@@ -132,7 +132,6 @@ class MStep:
     # ---------------------------------------------------------------- set-up
     def _setup(self):
         import deepspeed
-        import pyarrow.parquet as pq
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -149,7 +148,12 @@ class MStep:
         model = AutoModelForCausalLM.from_pretrained(job["init_model"], **kwargs)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
-        rows = pq.read_table(job["train_file"], columns=["prompt", "completion"]).to_pylist()
+        if cfg.lora_rank:
+            from peft import LoraConfig, get_peft_model
+
+            model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, task_type="CAUSAL_LM",
+                                                     target_modules=cfg.lora_target_modules))
+        rows = _read_rows(job["train_file"])
         self.data = [encode(self.tok, r["prompt"], r["completion"], cfg.max_seq_len) for r in rows]
         lengths = [len(x[0]) for x in self.data]
         self.plan = lambda epoch: plan_epoch(lengths, cfg.micro_batch_size, self.world, cfg.grad_accum,
@@ -266,12 +270,17 @@ class MStep:
         """DeepSpeed state of every rank + consolidated HF weights + TrainState, reported as one checkpoint."""
         import torch
 
+        import torch.distributed as dist
+
         st, engine = self.state, self.engine
         elapsed = time.perf_counter() - t0
+        counts = torch.tensor([float(real), float(tokens)], dtype=torch.float64)
+        if dist.is_initialized():
+            dist.all_reduce(counts)  # every rank's batches, since this attempt started
         metrics = {"step": st.step, "loss": loss, "steps": st.step, "total_steps": self.total,
-                   "resumed_from_step": self.resumed_from, "tokens_rank0": tokens,
-                   "real_token_fraction": real / max(1, tokens),
-                   "train_seconds": elapsed, "tokens_per_s_rank0": real / max(1e-9, elapsed),
+                   "resumed_from_step": self.resumed_from, "real_tokens": int(counts[0]),
+                   "real_token_fraction": float(counts[0] / max(1.0, float(counts[1]))),
+                   "train_seconds": elapsed, "tokens_per_s": float(counts[0]) / max(1e-9, elapsed),
                    "best_step": st.best_step, "best_reward": st.best_reward}
         if st.history and st.history[-1]["step"] == st.step:
             metrics["valid_reward"] = st.history[-1]["valid_reward"]
@@ -283,16 +292,42 @@ class MStep:
             # ZeRO-3 shards parameters: every rank must take part in gathering them.
             state = engine._zero3_consolidated_16bit_state_dict() if self.cfg.zero_stage == 3 else None
             if self.rank == 0:
-                if state is None:
-                    state = engine.module.state_dict()
-                state = {k: v.to(torch.float32).cpu() for k, v in state.items()}
-                self.model.save_pretrained(os.path.join(tmp, "hf"), state_dict=state, safe_serialization=True)
-                self.tok.save_pretrained(os.path.join(tmp, "hf"))
+                hf = os.path.join(tmp, "hf")
+                if self.cfg.lora_rank:
+                    self._save_merged(hf)
+                else:
+                    if state is None:
+                        state = engine.module.state_dict()
+                    state = {k: v.to(torch.float32).cpu() for k, v in state.items()}
+                    self.model.save_pretrained(hf, state_dict=state, safe_serialization=True)
+                self.tok.save_pretrained(hf)
                 Path(tmp, "state.json").write_text(json.dumps(asdict(st)))
             self.last_metrics = metrics
             self.reporter.report(metrics, tmp, f"step_{st.step:07d}")
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    def _save_merged(self, hf: str) -> None:
+        """LoRA: vLLM gets plain weights, base + merged adapters, built on a CPU copy of the base model."""
+        import torch
+        from peft import get_peft_model, get_peft_model_state_dict, set_peft_model_state_dict
+        from transformers import AutoModelForCausalLM
+
+        adapters = {k: v.detach().to(torch.float32).cpu() for k, v in get_peft_model_state_dict(self.model).items()}
+        base = AutoModelForCausalLM.from_pretrained(self.job["init_model"], dtype=torch.float32)
+        copy = get_peft_model(base, self.model.peft_config["default"])
+        set_peft_model_state_dict(copy, adapters)
+        copy.merge_and_unload().save_pretrained(hf, safe_serialization=True)
+
+
+def _read_rows(path: str) -> list[dict]:
+    """prompt/completion rows from Parquet (what the driver writes) or JSONL (no pyarrow needed)."""
+    if path.endswith(".jsonl"):
+        with open(path) as f:
+            return [{k: r[k] for k in ("prompt", "completion")} for r in (json.loads(x) for x in f if x.strip())]
+    import pyarrow.parquet as pq
+
+    return pq.read_table(path, columns=["prompt", "completion"]).to_pylist()
 
 
 def train_loop(job: dict) -> None:

@@ -168,3 +168,54 @@ def test_killed_training_worker_resumes_from_the_last_checkpoint(setup):
     assert not (storage / "kill").exists()  # DeepSpeed shards removed once the HF checkpoint is out
     prompts = [json.loads(line)["prompt"] for line in open(root / "data" / "valid.jsonl")][:4]
     _vllm_matches_hf(storage / "ckpt", prompts)
+
+
+# ---------------------------------------------------------------- the plain loop, without Ray
+@pytest.fixture
+def single_process_group(monkeypatch):
+    """A one-rank gloo group for MStep, torn down after (later tests start vLLM in this process)."""
+    import deepspeed
+
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+                     DS_ACCELERATOR="cpu").items():
+        monkeypatch.setenv(k, v)
+    deepspeed.init_distributed(dist_backend="gloo")
+    yield
+    torch.distributed.destroy_process_group()
+
+
+def test_lora_m_step_writes_merged_weights_and_leaves_the_base_frozen(tmp_path, single_process_group):
+    """MStep driven directly (one rank, no Ray). LoRA: only adapters train; the checkpoint is base + merged
+    adapters as a plain HF model (what vLLM loads), equal to the trained peft model's outputs."""
+    from peft import PeftModel  # noqa: F401  (peft is part of the test stack)
+    from transformers import AutoModelForCausalLM
+
+    from restem_ray.config import TrainingConfig
+    from restem_ray.training import LocalReporter, MStep
+
+    tok = build_tokenizer()
+    base = build_model(TinyModelSpec(seed=2), tok)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    with open(tmp_path / "train.jsonl", "w") as f:
+        for i in range(24):
+            f.write(json.dumps({"prompt": f"Q: {i} + 1\nA:", "completion": f" {i + 1}"}) + "\n")
+    cfg = TrainingConfig(num_workers=1, micro_batch_size=8, epochs=3, lr=1e-2, lora_rank=4, zero_stage=2)
+    job = {"init_model": str(tmp_path / "base"), "train_file": str(tmp_path / "train.jsonl"), "seed": 0,
+           "cfg": cfg.model_dump(), "valid_file": None, "verifier": "math", "verification": {}, "max_new_tokens": 8,
+           "stop": ()}
+    step = MStep(job, 0, 1, LocalReporter(str(tmp_path / "ckpts")))
+    m = step.run()
+    assert m["steps"] == 9 and m["real_token_fraction"] > 0.8
+    trainable = {n for n, p in step.model.named_parameters() if p.requires_grad}
+    assert trainable and all("lora_" in n for n in trainable)
+    hf = tmp_path / "ckpts" / "step_0000009" / "hf"
+    merged = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
+    assert not any("lora" in k for k in merged.state_dict())     # plain weights: vLLM needs no adapter support
+    ids = torch.tensor([tok("Q: 3 + 1\nA: 4").input_ids])
+    with torch.no_grad():
+        want = step.engine.module.eval()(input_ids=ids).logits
+        got = merged(input_ids=ids).logits
+        before = base.eval()(input_ids=ids).logits
+    torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
+    assert (got - before).abs().max() > 1e-3                      # the adapters did change the model
