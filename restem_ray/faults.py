@@ -10,3 +10,21 @@ import signal
 def crash_point(name: str) -> None:
     if os.environ.get("RESTEM_CRASH_AT") == name:
         os.kill(os.getpid(), signal.SIGKILL)
+
+
+def crash_after_checkpoint(name: str, folder: str) -> None:
+    """`RESTEM_CRASH_AT=<name>`: SIGKILL the driver while Ray Train runs, once Ray Train has registered a
+    checkpoint in `folder` (its run snapshot is written), i.e. in the middle of an M-step."""
+    if os.environ.get("RESTEM_CRASH_AT") != name:
+        return
+    import threading
+    import time
+    from pathlib import Path
+
+    def watch():
+        snapshot = Path(folder, "checkpoint_manager_snapshot.json")
+        while not (snapshot.exists() and "step_" in snapshot.read_text()):
+            time.sleep(0.05)
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    threading.Thread(target=watch, daemon=True).start()

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Protocol
 
 from .config import TrainingConfig
+from .faults import crash_after_checkpoint
 
 
 @dataclass(frozen=True)
@@ -193,6 +194,7 @@ class MStep:
 
         self._setup()
         cfg, st, engine = self.cfg, self.state, self.engine
+        self.last_metrics = None
         bar = None
         if self.rank == 0:
             from tqdm import tqdm
@@ -232,6 +234,8 @@ class MStep:
                   f"stopped at step {st.step}, best step {st.best_step} ({st.best_reward:.3f})")
         if bar:
             bar.close()
+        if self.last_metrics is None:  # restored at the end (a re-run driver found the finished checkpoints)
+            self._checkpoint(float("nan"), 0, 0, t0)
         return self.last_metrics
 
     def _validate(self) -> bool:
@@ -365,6 +369,8 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="valid_score"
                                                if scored else None, checkpoint_score_order="max")),
     )
+    if "://" not in storage_path:
+        crash_after_checkpoint(f"{name}/checkpoint", os.path.join(storage_path, name))  # resume tests only
     result = trainer.fit()
     if scored and result.best_checkpoints:
         chosen, metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("valid_score", -1.0))
