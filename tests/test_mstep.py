@@ -185,8 +185,9 @@ def single_process_group(monkeypatch):
 
 
 def test_lora_m_step_writes_merged_weights_and_leaves_the_base_frozen(tmp_path, single_process_group):
-    """MStep driven directly (one rank, no Ray). LoRA: only adapters train; the checkpoint is base + merged
-    adapters as a plain HF model (what vLLM loads), equal to the trained peft model's outputs."""
+    """MStep driven directly (one rank, no Ray; gradient accumulation, optimizer offload). LoRA: only adapters
+    train; the checkpoint is base + merged adapters as a plain HF model (what vLLM loads), equal to the trained
+    peft model's outputs."""
     from peft import PeftModel  # noqa: F401  (peft is part of the test stack)
     from transformers import AutoModelForCausalLM
 
@@ -200,16 +201,17 @@ def test_lora_m_step_writes_merged_weights_and_leaves_the_base_frozen(tmp_path, 
     with open(tmp_path / "train.jsonl", "w") as f:
         for i in range(24):
             f.write(json.dumps({"prompt": f"Q: {i} + 1\nA:", "completion": f" {i + 1}"}) + "\n")
-    cfg = TrainingConfig(num_workers=1, micro_batch_size=8, epochs=3, lr=1e-2, lora_rank=4, zero_stage=2)
+    cfg = TrainingConfig(num_workers=1, micro_batch_size=8, grad_accum=2, epochs=3, lr=1e-2, lora_rank=4, zero_stage=2,
+                         offload_optimizer=True)
     job = {"init_model": str(tmp_path / "base"), "train_file": str(tmp_path / "train.jsonl"), "seed": 0,
            "cfg": cfg.model_dump(), "valid_file": None, "verifier": "math", "verification": {}, "max_new_tokens": 8,
            "stop": ()}
     step = MStep(job, 0, 1, LocalReporter(str(tmp_path / "ckpts")))
     m = step.run()
-    assert m["steps"] == 9 and m["real_token_fraction"] > 0.8
+    assert m["steps"] == 6 and m["real_token_fraction"] > 0.8  # 3 micro-batches -> 2 steps of 2 per epoch
     trainable = {n for n, p in step.model.named_parameters() if p.requires_grad}
     assert trainable and all("lora_" in n for n in trainable)
-    hf = tmp_path / "ckpts" / "step_0000009" / "hf"
+    hf = tmp_path / "ckpts" / "step_0000006" / "hf"
     merged = AutoModelForCausalLM.from_pretrained(hf, dtype=torch.float32).eval()
     assert not any("lora" in k for k in merged.state_dict())     # plain weights: vLLM needs no adapter support
     ids = torch.tensor([tok("Q: 3 + 1\nA: 4").input_ids])
