@@ -140,7 +140,8 @@ def test_zero3_early_stopping_keeps_the_best_step_and_vllm_serves_it(setup):
 @slow
 def test_killed_training_worker_resumes_from_the_last_checkpoint(setup):
     """SIGKILL one of the two ZeRO-2 workers mid-run: Ray Train replaces the worker group and training
-    continues from the latest registered checkpoint (not step 0) to the planned number of steps."""
+    continues from the latest registered checkpoint (not step 0) to the planned number of steps. Storage is
+    given as a pyarrow.fs URI, as on a cluster (file:// here)."""
     from restem_ray.config import TrainingConfig
     from restem_ray.training import improve
 
@@ -159,7 +160,7 @@ def test_killed_training_worker_resumes_from_the_last_checkpoint(setup):
 
     threading.Thread(target=kill_one_worker, daemon=True).start()
     cfg = TrainingConfig(num_workers=2, zero_stage=2, micro_batch_size=16, epochs=4, lr=1e-5,
-                         checkpoint_every_steps=5, max_failures=1)
+                         checkpoint_every_steps=5, max_failures=1, storage_path=f"file://{storage}")  # a URI
     m = improve(init_model=str(root / "model"), train_file=d / "train.parquet", out_dir=storage / "ckpt", cfg=cfg,
                 seed=0, storage=storage, name="kill")
     assert killed, "no training worker was found to kill"
