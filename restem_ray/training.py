@@ -152,6 +152,8 @@ class MStep:
         if cfg.lora_rank:
             from peft import LoraConfig, get_peft_model
 
+            if cfg.gradient_checkpointing:
+                model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
             model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, task_type="CAUSAL_LM",
                                                      target_modules=cfg.lora_target_modules))
         rows = _read_rows(job["train_file"])
@@ -290,6 +292,8 @@ class MStep:
             metrics["valid_reward"] = st.history[-1]["valid_reward"]
             # Ray Train keeps the best checkpoint by this score; ties go to the earlier step, as in TrainState.
             metrics["valid_score"] = metrics["valid_reward"] - 1e-9 * st.step
+        elif self.valid is not None:
+            metrics["valid_score"] = -1.0  # not evaluated (a re-report after a restore): never the best
         tmp = tempfile.mkdtemp(prefix="restem-ckpt-")
         try:
             engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="ckpt")

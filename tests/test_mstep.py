@@ -186,7 +186,7 @@ def single_process_group(monkeypatch):
 
 
 def test_lora_m_step_writes_merged_weights_and_leaves_the_base_frozen(tmp_path, single_process_group):
-    """MStep driven directly (one rank, no Ray; gradient accumulation, optimizer offload). LoRA: only adapters
+    """MStep driven directly (one rank, no Ray; gradient accumulation and checkpointing, optimizer offload). LoRA: only adapters
     train; the checkpoint is base + merged adapters as a plain HF model (what vLLM loads), equal to the trained
     peft model's outputs."""
     from peft import PeftModel  # noqa: F401  (peft is part of the test stack)
@@ -203,7 +203,7 @@ def test_lora_m_step_writes_merged_weights_and_leaves_the_base_frozen(tmp_path, 
         for i in range(24):
             f.write(json.dumps({"prompt": f"Q: {i} + 1\nA:", "completion": f" {i + 1}"}) + "\n")
     cfg = TrainingConfig(num_workers=1, micro_batch_size=8, grad_accum=2, epochs=3, lr=1e-2, lora_rank=4, zero_stage=2,
-                         offload_optimizer=True)
+                         offload_optimizer=True, gradient_checkpointing=True)
     job = {"init_model": str(tmp_path / "base"), "train_file": str(tmp_path / "train.jsonl"), "seed": 0,
            "cfg": cfg.model_dump(), "valid_file": None, "verifier": "math", "verification": {}, "max_new_tokens": 8,
            "stop": ()}
