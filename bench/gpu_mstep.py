@@ -90,7 +90,7 @@ def main():
            "cfg": tc.model_dump(), "valid_file": None, "verifier": "math", "verification": {},
            "max_new_tokens": 16, "stop": ()}
     t = time.perf_counter()
-    m = MStep(job, 0, 1, LocalReporter(str(work / "ckpts")), "cuda" if gpu else "cpu").run()
+    m = MStep(job, 0, 1, LocalReporter(str(work / "ckpts"))).run()
     wall = time.perf_counter() - t
     mean_len = sum(lengths) / len(lengths)
     flops_per_token = 6 * params + 6 * layers * hidden * mean_len  # dense + causal attention (half of L^2)

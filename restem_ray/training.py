@@ -126,8 +126,8 @@ class TrainState:
 class MStep:
     """One rank of the M-step. Plain code: Ray Train, a test or a benchmark constructs it."""
 
-    def __init__(self, job: dict, rank: int, world: int, reporter: Reporter, device: str = "cpu"):
-        self.job, self.rank, self.world, self.reporter, self.device = job, rank, world, reporter, device
+    def __init__(self, job: dict, rank: int, world: int, reporter: Reporter):
+        self.job, self.rank, self.world, self.reporter = job, rank, world, reporter
         self.cfg = TrainingConfig(**job["cfg"])
 
     # ---------------------------------------------------------------- set-up
@@ -180,6 +180,12 @@ class MStep:
             self.state = TrainState(**json.loads(Path(latest, "state.json").read_text()))
             self.resumed_from = self.state.step
         self.valid = self._load_valid()
+        self.verifier = None
+        if self.valid is not None:  # built once per M-step (a code verifier starts its sandbox here)
+            from .config import VerificationConfig
+            from .verification import Verifier
+
+            self.verifier = Verifier(self.job["verifier"], VerificationConfig(**self.job["verification"]))
 
     def _load_valid(self) -> list[dict] | None:
         if not (self.cfg.eval_every_steps and self.job.get("valid_file")):
@@ -192,9 +198,16 @@ class MStep:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
+        self._setup()
+        try:
+            return self._train()
+        finally:
+            if self.verifier is not None:
+                self.verifier.close()
+
+    def _train(self) -> dict:
         from .sft import collate_micro, forward
 
-        self._setup()
         cfg, st, engine = self.cfg, self.state, self.engine
         self.last_metrics = None
         bar = None
@@ -246,20 +259,13 @@ class MStep:
         import torch.distributed as dist
 
         from .sft import greedy_completions
-        from .verification import Verifier
 
         st = self.state
         prompts = [p["prompt"] for p in self.valid]
         # ZeRO-3 gathers parameters inside forward: every rank must run the same number of forwards.
         texts = greedy_completions(self.engine.module, self.tok, prompts, self.job["max_new_tokens"],
                                    stop=tuple(self.job["stop"]), synced=self.cfg.zero_stage == 3)
-        from .config import VerificationConfig
-
-        verifier = Verifier(self.job["verifier"], VerificationConfig(**self.job["verification"]))
-        try:
-            correct = sum(verifier.grade(p, t).reward for p, t in zip(self.valid, texts))
-        finally:
-            verifier.close()
+        correct = sum(self.verifier.grade(p, t).reward for p, t in zip(self.valid, texts))
         counts = torch.tensor([correct, float(len(self.valid))], dtype=torch.float64)
         if dist.is_initialized():
             dist.all_reduce(counts)
@@ -269,7 +275,6 @@ class MStep:
             st.best_reward, st.best_step, st.stale_evals = reward, st.step, 0
         else:
             st.stale_evals += 1
-        self.valid_reward = reward
         return st.stale_evals >= self.cfg.patience
 
     def _checkpoint(self, loss: float, tokens: int, real: int, t0: float) -> None:
@@ -344,8 +349,7 @@ def train_loop(job: dict) -> None:
     import ray.train
 
     ctx = ray.train.get_context()
-    MStep(job, ctx.get_world_rank(), ctx.get_world_size(), RayTrainReporter(),
-          "cuda" if job["cfg"]["use_gpu"] else "cpu").run()
+    MStep(job, ctx.get_world_rank(), ctx.get_world_size(), RayTrainReporter()).run()
 
 
 def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingConfig, seed: int,
@@ -383,11 +387,14 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
     out_dir = Path(out_dir)
     tmp = out_dir.with_name(out_dir.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
-    with tempfile.TemporaryDirectory() as d:
-        chosen.to_directory(d)
-        shutil.copytree(Path(d) / "hf", tmp)
-    with result.checkpoint.as_directory() as d:
-        history = json.loads(Path(d, "state.json").read_text())["history"]
+    # Only the HF weights leave storage: the DeepSpeed shards (optimizer state, the bulk) are never copied.
+    import pyarrow.fs as pafs
+
+    tmp.mkdir(parents=True)
+    pafs.copy_files(f"{chosen.path}/hf", str(tmp.resolve()), source_filesystem=chosen.filesystem,
+                    destination_filesystem=pafs.LocalFileSystem())
+    with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/state.json") as f:
+        history = json.loads(f.read())["history"]
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     if not cfg.keep_checkpoints:  # DeepSpeed shards of every step: large; the HF checkpoint is what we keep
