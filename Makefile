@@ -1,5 +1,5 @@
 # Two commands do all the set-up on a fresh CPU machine:
-#   make demo   # create .venv, install the CPU stack, run `restem-ray demo` (3 iterations, local Ray)
+#   make demo   # create .venv, install the CPU stack, run `restem-ray demo` (2 iterations + control arm, local Ray)
 #   make test   # same set-up, then the test suite (includes an end-to-end demo --quick)
 .PHONY: setup demo quick test
 setup:

@@ -37,8 +37,7 @@ def make_data(path: Path, rows: int) -> None:
     rng = random.Random(1)
     out = []
     for i in range(rows):
-        start, ops = task._draw(rng, rng.randint(*task.steps))
-        r = task.render(f"b{i}", start, ops)
+        r = task.render(f"b{i}", *task._draw(rng, transfer=False))
         out.append({"prompt": r["prompt"], "completion": r["solution"]})
     pq.write_table(pa.Table.from_pylist(out), path)
 

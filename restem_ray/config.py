@@ -124,7 +124,8 @@ class TrainingConfig(_Section):
     eval_problems: int = Field(128, ge=1, description="Validation problems decoded per evaluation (split over workers).")
     patience: int = Field(2, ge=1, description="Stop the M-step after this many evaluations without a new best.")
     checkpoint_every_steps: int | None = Field(None, ge=1, description="Checkpoint interval when not evaluating "
-                                                                       "(default: once per epoch); a replaced worker "
+                                                                       "(default: once per epoch, at most ~10 per "
+                                                                       "M-step); a replaced worker "
                                                                        "resumes from the latest.")
     max_failures: int = Field(1, ge=0, description="Worker-group failures Ray Train recovers from per M-step.")
     keep_checkpoints: bool = Field(False, description="Keep Ray Train's checkpoints (DeepSpeed shards of every rank) "

@@ -164,6 +164,9 @@ class MStep:
         self.micro_per_epoch = len(self.plan(0))  # the same count every epoch (same lengths)
         self.steps_per_epoch = self.micro_per_epoch // cfg.grad_accum
         self.total = cfg.max_steps or self.steps_per_epoch * cfg.epochs
+        # Default: once per epoch, but at most ~10 checkpoints per M-step: many short epochs (the control
+        # arm: 200 seed rows for 189 epochs) would otherwise spend more time saving than training.
+        self.checkpoint_every = cfg.checkpoint_every_steps or max(self.steps_per_epoch, -(-self.total // 10))
         warmup = int(cfg.warmup_ratio * self.total)
         schedule = (lambda s: warmup_cosine(s, self.total, warmup)) if cfg.lr_schedule == "cosine" else \
             (lambda s: min(1.0, (s + 1) / max(1, warmup)))
@@ -242,7 +245,7 @@ class MStep:
             if self.valid is not None and (st.step % cfg.eval_every_steps == 0 or last):
                 stop = self._validate()
                 self._checkpoint(sum(losses) / len(losses), tokens, real, t0)
-            elif st.step % (cfg.checkpoint_every_steps or self.steps_per_epoch) == 0 or last:
+            elif st.step % self.checkpoint_every == 0 or last:
                 self._checkpoint(sum(losses) / len(losses), tokens, real, t0)
         if stop and self.rank == 0:
             print(f"[restem] M-step: validation reward has not improved for {cfg.patience} evaluation(s); "

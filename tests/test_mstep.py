@@ -77,10 +77,11 @@ def setup(tmp_path_factory):
     import ray
 
     from restem_ray.builtin import ensure_builtin
+    from restem_ray.tasks.arithmetic import ArithmeticTask
 
     root = ensure_builtin()
     d = tmp_path_factory.mktemp("mstep")
-    rows = [json.loads(line) for line in open(root / "data" / "seed.jsonl")]
+    rows = ArithmeticTask(n_seed=320).splits()["seed"]  # 320 worked solutions: 10 steps per epoch of 2 x 16
     pq.write_table(pa.Table.from_pylist([{"prompt": r["prompt"], "completion": r["solution"]} for r in rows]),
                    d / "train.parquet")
     ray.init(num_cpus=4, include_dashboard=False)

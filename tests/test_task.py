@@ -22,29 +22,33 @@ def test_splits_are_deterministic_disjoint_and_sized():
 def test_worked_solutions_are_correct_and_graded_as_passed():
     task = small()
     for r in task.splits()["seed"]:
-        # the steps recompute: undo digit reversal and check each equation
+        # the steps recompute: undo digit reversal, each term is the sum of the two before it
+        a, b, _, k = r["prompt"].split("\n")[0].split()[1:]
+        a, b = int(a[::-1]), int(b[::-1])
         steps = r["solution"].split("####")[0].strip().rstrip(".").split(" . ")
+        assert len(steps) == int(k)
         for s in steps:
             lhs, rhs = s.split(" = ")
-            a, op, b = lhs.split()
-            a, b, c = (int(x[::-1]) for x in (a, b, rhs))
-            assert (a + b if op == "+" else a - b) == c >= 0
+            x, op, y = lhs.split()
+            assert (int(x[::-1]), op, int(y[::-1]), int(rhs[::-1])) == (a, "+", b, a + b)
+            a, b = b, a + b
+        assert r["answer"] == str(b).zfill(3)[::-1]
         assert grade_math(r, r["solution"]).reward == 1.0
 
 
-def ops(prompt):
-    return sum(tok in "+-" for tok in prompt.split())
+def starts(prompt):
+    return [int(x[::-1]) for x in prompt.split()[1:3]]
 
 
-def test_transfer_split_is_harder():
+def test_transfer_split_starts_below_the_trained_range():
     s = small().splits()
-    assert all(ops(r["prompt"]) == 4 for r in s["transfer"])  # 4 steps
-    assert all(ops(r["prompt"]) in (2, 3) for r in s["test"])
+    assert all(min(starts(r["prompt"])) < 10 for r in s["transfer"])
+    assert all(10 <= x <= 99 for split in ("seed", "train", "test") for r in s[split] for x in starts(r["prompt"]))
 
 
 def test_numbers_are_fixed_width_reversed():
     r = small().splits()["seed"][0]
-    nums = [t for t in r["prompt"][3:].split() + r["solution"].split() if t.isdigit()]
+    nums = [t for t in r["prompt"][3:].split() + r["solution"].split() if t.isdigit() and t != r["prompt"].split()[4]]
     assert nums and all(len(n) == 3 for n in nums)
     first = r["prompt"].split()[1]
     assert 10 <= int(first[::-1]) <= 99
@@ -55,12 +59,12 @@ def test_step_checker_rejects_right_answers_reached_through_wrong_steps():
     for r in task.splits()["seed"][:50]:
         sol = r["solution"]
         assert check_steps(r, sol) == 1.0
-        steps = sol.split(" . ")
-        a, op, b = steps[0].split()[:3]
-        # a wrong first equation (another operand), with the true final answer kept: answer-only passes
-        wrong = sol.replace(f"{a} {op} {b} =", f"{a} {op} {str(int(b[::-1]) % 90 + 10).zfill(3)[::-1]} =", 1)
+        x, op, y = sol.split(" . ")[0].split()[:3]
+        # a wrong first equation (another second operand), with the true final answer kept: answer-only passes
+        wrong = sol.replace(f"{x} {op} {y} =", f"{x} {op} {str(int(y[::-1]) % 90 + 10).zfill(3)[::-1]} =", 1)
         if wrong != sol:
             assert grade_math(r, wrong).reward == 1.0 and check_steps(r, wrong) == 0.0
+        assert check_steps(r, " . ".join(sol.split(" . ")[1:])) == 0.0  # a step left out
         assert check_steps(r, sol.split("####")[0] + "#### 000") == 0.0
         assert check_steps(r, "#### " + r["answer"]) == 0.0
         assert check_steps(r, sol.split("####")[0] + "#### =091") == 0.0  # malformed answers are just wrong
