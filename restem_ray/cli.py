@@ -48,7 +48,7 @@ def demo_config(root: Path, quick: bool, overrides: list[str], task: str = "arit
         # to its larger M-step take the demo past 20 minutes, for +3 test points (README, seed 0).
         "loop": {"iterations": 2, "patience": 3},
         "control": {"enabled": not code},
-        "evaluation": {"k": 4},  # pass@4 and maj@4 next to greedy pass@1 in the report (~25 s per evaluation)
+        "evaluation": {"k": 4},  # pass@4 and maj@4 next to greedy pass@1 in the report (~35 s per evaluation)
     }
     if not code:  # the task can tell a right answer reached through wrong steps: report how often
         tree["task"]["step_checker"] = "restem_ray.tasks.arithmetic:check_steps"

@@ -14,8 +14,9 @@ Why this task and not chains of `+`/`-` over numbers given in the question (the 
 there, the model learnt to add all the question's numbers in one pass while writing the answer, so its
 equations were decorative and 36-78% of the samples with the right answer had wrong equations (false
 positives that the paper's answer-only reward keeps). Here every term depends on the two terms the
-solution has just written, so a right answer almost always comes with right steps (12% false positives
-measured), and ReST^EM's kept samples are worked solutions worth learning from.
+solution has just written, so a right answer mostly comes with right steps (15-29% of the demo's
+right-answer samples have a wrong equation, mostly a mis-copied operand), and ReST^EM's kept samples are
+worked solutions worth learning from.
 
 Splits are disjoint (no two share the same starting numbers and length): `seed` has worked solutions
 (the "human data"), `train` has answers only (ReST^EM's E-step input), `valid`/`test` for evaluation,
