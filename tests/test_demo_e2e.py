@@ -50,6 +50,7 @@ def test_quick_demo_runs_every_phase(tmp_path):
     assert (ckpt := out / "control" / "checkpoint" / "model.safetensors").is_file(), ckpt
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     assert all(0.0 <= m["pass@1"] <= 1.0 for m in evals)
+    assert all(m["maj@4"] <= m["pass@4"] and m["pass@4"] >= 0.0 for m in evals)  # the demo reports pass@4, maj@4
     assert (out / "report.png").stat().st_size > 10_000
     assert "valid pass@1" in r.stdout
 
