@@ -1,7 +1,7 @@
 """`restem-ray` command line.
 
-    restem-ray demo [--task arithmetic|code] [--quick] [--out DIR] [--set key=value ...] [--resume]
-    restem-ray run CONFIG --out DIR [--set key=value ...] [--resume]
+    restem-ray demo [--task arithmetic|code] [--quick] [--out DIR] [--set key=value ...] [--resume] [--stop-after PHASE]
+    restem-ray run CONFIG --out DIR [--set key=value ...] [--resume] [--stop-after PHASE]
     restem-ray check CONFIG [--set key=value ...]
     restem-ray report RUN_DIR
     restem-ray eval --model PATH --problems FILE [--verifier V] [--k N]
@@ -63,12 +63,16 @@ def cmd_demo(args) -> int:
     from .builtin import arithmetic_builtin
 
     out = Path(args.out or f"restem-runs/demo-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
-    demo_config(Path("/nonexistent"), args.quick, args.set, args.task, args.seed)  # validate before building
+    pre = demo_config(Path("/nonexistent"), args.quick, args.set, args.task, args.seed)  # validate before building
+    if args.stop_after is not None:
+        from .driver import check_stop_after
+
+        check_stop_after(args.stop_after, pre, None)
     if args.seed and args.task != "arithmetic":
         raise UserError("--seed: only the arithmetic demo has per-seed builds")
     root = ensure_builtin(arithmetic_builtin(args.seed) if args.task == "arithmetic" else BUILTINS[args.task])
     cfg = demo_config(root, args.quick, args.set, args.task, args.seed)
-    return _run(cfg, out, _resume(args, out), args.force)
+    return _run(cfg, out, _resume(args, out), args.force, args.stop_after)
 
 
 def _resume(args, out: Path) -> bool:
@@ -81,10 +85,10 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.set)
     check_inputs(cfg)
-    return _run(cfg, Path(args.out), _resume(args, Path(args.out)), args.force)
+    return _run(cfg, Path(args.out), _resume(args, Path(args.out)), args.force, args.stop_after)
 
 
-def _run(cfg, out: Path, resume: bool, force: bool) -> int:
+def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = None) -> int:
     import os
 
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
@@ -95,10 +99,17 @@ def _run(cfg, out: Path, resume: bool, force: bool) -> int:
 
     from .resources import check_ray_cluster
 
-    driver = Driver(cfg, out, resume=resume, force=force)  # validates data and the run dir before Ray starts
+    from .errors import StopAfter
+
+    # validates data, the run dir and --stop-after before Ray starts
+    driver = Driver(cfg, out, resume=resume, force=force, stop_after=stop_after)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     check_ray_cluster(cfg)  # before anything is written or any actor waits for resources
-    best = driver.fit()
+    try:
+        best = driver.fit()
+    except StopAfter as e:
+        print(f"[restem] stopped after {e} (--stop-after): {out}; continue with --resume")
+        return 0
     print(f"[restem] done: {out} (best iteration {best['iteration']}, valid pass@1 {best['valid']:.3f})")
     return 0
 
@@ -305,6 +316,8 @@ def parser() -> argparse.ArgumentParser:
     d.add_argument("--resume", action="store_true", help="continue the run in --out")
     d.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
     d.add_argument("--auto-resume", action="store_true", help="resume if --out holds a run, else start one")
+    d.add_argument("--stop-after", metavar="PHASE", help="end cleanly once PHASE (as manifest.json names it, "
+                   "e.g. 1/generate) is committed; --resume continues the run")
     d.add_argument("--set", **sets)
     d.set_defaults(fn=cmd_demo)
 
@@ -315,6 +328,8 @@ def parser() -> argparse.ArgumentParser:
     r.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
     r.add_argument("--auto-resume", action="store_true", help="resume if --out holds a run, else start one "
                    "(for retried Ray jobs)")
+    r.add_argument("--stop-after", metavar="PHASE", help="end cleanly once PHASE (as manifest.json names it, "
+                   "e.g. 1/generate) is committed; --resume continues the run")
     r.add_argument("--set", **sets)
     r.set_defaults(fn=cmd_run)
 

@@ -16,7 +16,7 @@ import pyarrow as pa
 
 from .config import RestemConfig, dump_config
 from .data import load_problems, write_parquet
-from .errors import RunError
+from .errors import RunError, UserError
 from .faults import crash_point
 from .observability import MetricsSink
 from .evaluation import score_split
@@ -54,7 +54,8 @@ class Samplers:
 
 
 class Driver:
-    def __init__(self, cfg: RestemConfig, run_dir: str | Path, resume: bool = False, force: bool = False):
+    def __init__(self, cfg: RestemConfig, run_dir: str | Path, resume: bool = False, force: bool = False,
+                 stop_after: str | None = None):
         self.cfg, self.run = cfg, RunDir(run_dir)
         t = cfg.task
         self.train = load_problems(t.train_file, t.kind, t.max_train_problems)
@@ -65,6 +66,8 @@ class Driver:
         check_verifier(cfg)  # a bad plug-in or a missing sandbox fails before any work
         self.resume, self.force = resume, force
         self.run.validate(dump_config(cfg), resume, force)  # the run directory is written only in fit()
+        if stop_after is not None:
+            self.run.stop_after = check_stop_after(stop_after, cfg, self.run if resume else None)
         self.samplers = Samplers(cfg)
 
     # ------------------------------------------------------------------ the algorithm
@@ -235,6 +238,20 @@ class Driver:
             tmp.unlink()
         os.symlink(target, tmp)
         os.replace(tmp, link)
+
+
+PHASES = ("generate", "select", "improve", "eval")
+
+
+def check_stop_after(key: str, cfg: RestemConfig, run: RunDir | None) -> str:
+    """`--stop-after`: a phase of this run (as the manifest names it) that a resumed run has not done yet."""
+    keys = ["0/eval", *(f"{t}/{p}" for t in range(1, cfg.loop.iterations + 1) for p in PHASES)]
+    keys += ["control/improve", "control/eval"] if cfg.control.enabled else []
+    if key not in keys:
+        raise UserError(f"--stop-after {key}: not a phase of this run (one of {', '.join(keys[:5])}, ..., {keys[-1]})")
+    if run is not None and key in run.manifest()["completed"]:
+        raise UserError(f"--stop-after {key}: that phase is already complete in {run.root}")
+    return key
 
 
 def init_ray(address: str | None, num_cpus: int | None) -> None:

@@ -12,3 +12,8 @@ def where(path, line: int | None = None) -> str:
 
 class RunError(Exception):
     """A run cannot go on (e.g. the verifier accepted nothing). Printed as one line, exit code 1."""
+
+
+class StopAfter(Exception):
+    """`--stop-after PHASE` reached: the phase is committed and the run ends cleanly (exit 0); `--resume`
+    continues it, e.g. on another cluster or after inspecting the E-step's samples."""

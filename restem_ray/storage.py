@@ -15,7 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from .errors import UserError
+from .errors import StopAfter, UserError
 from .faults import crash_point
 
 
@@ -51,6 +51,7 @@ class RunDir:
         self.sink = sink  # optional MetricsSink: TensorBoard / MLflow views of the committed lines
         self.manifest_path = self.root / "manifest.json"
         self.metrics_path = self.root / "metrics.jsonl"
+        self.stop_after: str | None = None  # "t/phase": end the run cleanly once that phase is committed
 
     # --- creation / resume -------------------------------------------------------------------
     def validate(self, config_yaml: str, resume: bool, force: bool = False) -> None:
@@ -117,6 +118,8 @@ class RunDir:
         self._write_manifest(m, label=f"{iteration}/{phase}")
         if self.sink is not None:
             self.sink.log(iteration, phase, list(lines))
+        if f"{iteration}/{phase}" == self.stop_after:
+            raise StopAfter(self.stop_after)
 
     def set(self, **fields) -> None:
         m = self.manifest()

@@ -83,6 +83,8 @@ CASES = {
     "seed file lacks solutions": (lambda w: ((w / "seed.jsonl").write_text(json.dumps(GOOD[0]) + "\n"),
                                              edit_config(w, lambda t: t["task"].update(seed_file="seed.jsonl"))),
                                   [], "seed.jsonl:1: missing or empty field 'solution'"),
+    "stop-after not a phase": (None, ["--stop-after", "9/generate"], "--stop-after 9/generate: not a phase of this run"),
+    "stop-after control arm off": (None, ["--stop-after", "control/eval"], "--stop-after control/eval: not a phase"),
     "plug-in spec malformed": (None, ["--set", "verification.verifier=justaname"], "is not 'math', 'code' or 'module:function'"),
 }
 
@@ -114,10 +116,23 @@ def test_run_dir_that_holds_a_run_or_nothing_to_resume(world, capsys):
     assert "already holds a run (use --resume" in capsys.readouterr().err
 
 
+def test_stop_after_a_phase_the_resumed_run_already_did(world, capsys):
+    (world / "run").mkdir()
+    (world / "run" / "manifest.json").write_text(json.dumps({"version": 1, "completed": {"0/eval": 1.0}}))
+    (world / "run" / "config.yaml").write_text((world / "cfg.yaml").read_text())
+    before = snapshot(world)
+    assert main(["run", str(world / "cfg.yaml"), "--out", str(world / "run"), "--resume", "--force",
+                 "--stop-after", "0/eval"]) == 2
+    assert "--stop-after 0/eval: that phase is already complete" in capsys.readouterr().err
+    assert snapshot(world) == before
+
+
 def test_demo_rejects_bad_override_before_building(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("RESTEM_CACHE", str(tmp_path / "cache"))
     assert main(["demo", "--out", str(tmp_path / "run"), "--set", "training.epochs=-1"]) == 2
     assert "training.epochs" in capsys.readouterr().err
+    assert main(["demo", "--quick", "--out", str(tmp_path / "run"), "--stop-after", "2/eval"]) == 2
+    assert "--stop-after 2/eval: not a phase" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
 
 

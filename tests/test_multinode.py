@@ -1,6 +1,7 @@
 """A two-node local Ray cluster (`ray start --head` on 127.0.0.1 plus a second `ray start --address`
 node with its own custom resource) in a private network namespace: replicas land on both nodes and the
-E-step's rows are exactly those of the one-node reference run."""
+E-step's rows are exactly those of the one-node reference run. Both runs stop after the E-step
+(`--stop-after 1/generate`): what they test ends there."""
 import json
 import os
 import subprocess
@@ -26,9 +27,11 @@ def test_replicas_spread_over_two_nodes(tmp_path, small_reference_run):
     env.pop("RAY_ADDRESS", None)
     netns = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
     r = subprocess.run([*netns, "bash", str(SCRIPT), str(out), *SMALL, "--set", "sampling.num_replicas=2",
-                        "--set", "sampling.placement_strategy=STRICT_SPREAD"],
+                        "--set", "sampling.placement_strategy=STRICT_SPREAD", "--stop-after", "1/generate"],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    assert "stopped after 1/generate" in r.stdout
+    assert set(json.loads((out / "manifest.json").read_text())["completed"]) == {"0/eval", "1/generate"}
     nodes = json.loads((out / "nodes.json").read_text())
     assert len(nodes) == 2 and sum(n["second"] for n in nodes) == 1
     estep = next(m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
@@ -50,7 +53,8 @@ def test_node_joining_mid_e_step_gets_a_replica(tmp_path):
     netns = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
     problems = 640
     r = subprocess.run([*netns, "bash", str(ELASTIC), str(out), *SMALL, "--set", f"task.max_train_problems={problems}",
-                        "--set", "sampling.prompts_per_request=8", "--set", "sampling.max_replicas=2"],
+                        "--set", "sampling.prompts_per_request=8", "--set", "sampling.max_replicas=2",
+                        "--stop-after", "1/generate"],
                        capture_output=True, text=True, env=env, timeout=1200)
     log = (tmp_path / "run.log").read_text() if (tmp_path / "run.log").exists() else ""
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:] + log[-3000:]

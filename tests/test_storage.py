@@ -19,6 +19,18 @@ def test_manifest_records_phases_and_metrics(tmp_path):
     assert lines[1]["split"] == "valid" and lines[1]["pass@1"] == 0.5
 
 
+def test_stop_after_ends_the_run_once_the_phase_is_committed(tmp_path):
+    from restem_ray.errors import StopAfter
+
+    run = RunDir(tmp_path / "run")
+    run.create("x: 1\n", resume=False)
+    run.stop_after = "1/generate"
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.5}])
+    with pytest.raises(StopAfter, match="1/generate"):
+        run.complete(1, "generate", [{"samples": 8}])
+    assert run.done(1, "generate") and [m["phase"] for m in run.metrics()] == ["eval", "generate"]  # committed first
+
+
 def test_resume_drops_metrics_of_unfinished_phases_and_torn_lines(tmp_path):
     run = RunDir(tmp_path / "run")
     run.create("x: 1\n", resume=False)
