@@ -3,7 +3,8 @@ direct `vllm.LLM.generate` call on the same prompts and sampling parameters, in 
 
     .venv/bin/python bench/estep.py [--problems 512] [--samples 8] [--repeats 2]
 
-Engine start is excluded on both sides (both engines are up before timing); the two sides alternate
+Both engines run with the same arguments (the replicas' CPU defaults: in-process engine core, "uni"
+executor) and the same thread count (one: a replica's `cpus_per_replica`). Engine start is excluded on both sides (both engines are up before timing); the two sides alternate
 and the best of `--repeats` is kept, since this 2-core machine is noisy. Target: ratio <= 1.10.
 Writes bench/results/estep.json.
 """
@@ -17,6 +18,9 @@ from pathlib import Path
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")  # local Ray on loopback
 os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the direct engine runs as the replicas' do
+# and with as many threads: Ray gives an actor OMP_NUM_THREADS = its CPUs (sampling.cpus_per_replica = 1)
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import pyarrow as pa  # noqa: E402
 import ray  # noqa: E402
@@ -25,7 +29,7 @@ from restem_ray.builtin import ensure_builtin  # noqa: E402
 from restem_ray.config import SamplingConfig, VerificationConfig  # noqa: E402
 from restem_ray.data import load_problems, write_parquet  # noqa: E402
 from restem_ray.pool import EStepPool, chunked  # noqa: E402
-from restem_ray.sampling import CPU_ENGINE_DEFAULTS, SampleSpec  # noqa: E402
+from restem_ray.sampling import CPU_ENGINE_DEFAULTS, CPU_SINGLE_WORKER, SampleSpec  # noqa: E402
 
 ENGINE = {"max_model_len": 320, "dtype": "float32"}
 
@@ -51,7 +55,7 @@ def main():
     t = time.time()
     pool = EStepPool(str(root / "model"), sampling, VerificationConfig(), verifier="math")
     pool_start = time.time() - t
-    llm = LLM(model=str(root / "model"), seed=0, **(CPU_ENGINE_DEFAULTS | ENGINE))
+    llm = LLM(model=str(root / "model"), seed=0, **(CPU_ENGINE_DEFAULTS | CPU_SINGLE_WORKER | ENGINE))
     params = [SamplingParams(n=spec.n, temperature=spec.temperature, max_tokens=spec.max_tokens,
                              seed=spec.problem_seed(p["id"])) for p in problems]
 

@@ -4,6 +4,7 @@ A failed grade is data (a verdict), never an exception: one bad row must not sto
 """
 from __future__ import annotations
 
+import functools
 import importlib
 import logging
 import math
@@ -74,12 +75,20 @@ def answers_match(gold: str, pred: str) -> bool:
     g, p = _as_number(gold), _as_number(pred)
     if g is not None and p is not None:
         return math.isclose(g, p, rel_tol=1e-9, abs_tol=1e-9)
-    from math_verify import parse, verify
+    from math_verify import verify
+
+    gold_p, pred_p = _parse(gold), _parse(pred)
+    return bool(gold_p and pred_p and verify(gold_p, pred_p, timeout_seconds=None))
+
+
+@functools.lru_cache(maxsize=4096)
+def _parse(answer: str):
+    """math-verify's parse, cached: a problem's reference answer is parsed once for all its samples, and
+    repeated predictions once (parsing is most of math-verify's cost, ~3 ms per call here)."""
+    from math_verify import parse
 
     logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call without its timeouts
-    gold_p = parse(_wrap(gold), parsing_timeout=None)
-    pred_p = parse(_wrap(pred), parsing_timeout=None)
-    return bool(gold_p and pred_p and verify(gold_p, pred_p, timeout_seconds=None))
+    return parse(_wrap(answer), parsing_timeout=None)
 
 
 def grade_math(problem: dict, completion: str) -> Grade:
