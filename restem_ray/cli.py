@@ -20,9 +20,12 @@ from pathlib import Path
 
 from .errors import RunError, UserError
 
+# lr 3e-4 x 4 epochs: on the ~140 solutions 128 problems yield, the full demo's lr 1e-3 overwrites the base
+# (measured: valid pass@1 0.70 -> 0.38 with 2 epochs; 0.70 -> 0.75 with these settings, 5 s more).
 DEMO_QUICK = [
     "loop.iterations=1", "task.max_train_problems=128", "task.max_eval_problems=64", "sampling.samples_per_problem=8",
-    "training.epochs=2", "training.micro_batch_size=4", "sampling.prompts_per_request=32", "control.enabled=false",
+    "training.epochs=4", "training.lr=3e-4", "training.micro_batch_size=4", "sampling.prompts_per_request=32",
+    "control.enabled=false",
 ]
 
 

