@@ -4,8 +4,9 @@ direct `vllm.LLM.generate` call on the same prompts and sampling parameters, in 
     .venv/bin/python bench/estep.py [--problems 512] [--samples 8] [--repeats 2]
 
 Both engines run with the same arguments (the replicas' CPU defaults: in-process engine core, "uni"
-executor) and the same thread count (one: a replica's `cpus_per_replica`). Engine start is excluded on both sides (both engines are up before timing); the two sides alternate
-and the best of `--repeats` is kept, since this 2-core machine is noisy. Target: ratio <= 1.10.
+executor) and the same thread count (one: a replica's `cpus_per_replica`). Engine start is excluded on
+both sides (both engines are up before timing); the two sides alternate and the best of `--repeats` is
+kept, since this 2-core machine is noisy. Target: ratio <= 1.10.
 Writes bench/results/estep.json.
 """
 import argparse
