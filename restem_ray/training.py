@@ -14,6 +14,7 @@ the consolidated HF weights (so any checkpoint can be served by vLLM).
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -21,7 +22,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Protocol
+from typing import ContextManager, Protocol
 
 from .config import TrainingConfig
 from .faults import crash_after_checkpoint
@@ -78,16 +79,27 @@ def _merge(a: dict, b: dict) -> dict:
 class Reporter(Protocol):
     """Where a rank's checkpoints go: Ray Train in production, a local folder without Ray."""
 
-    def latest_checkpoint(self) -> str | None: ...
+    def latest_checkpoint(self) -> ContextManager[str | None]: ...  # a folder readable inside the block
     def report(self, metrics: dict, checkpoint_dir: str | None, name: str | None) -> None: ...
 
 
 class RayTrainReporter:
+    @contextlib.contextmanager
     def latest_checkpoint(self):
         import ray.train
 
         ckpt = ray.train.get_checkpoint()
-        return ckpt.to_directory() if ckpt is not None else None
+        if ckpt is None:
+            yield None
+            return
+        # A folder of this rank's own: `to_directory()` without a path shares one folder per node, and a rank
+        # that gets there after another finished downloads again over the files that one is still reading
+        # (seen once in CI: a ZeRO-2 shard read back truncated after a worker was replaced).
+        local = tempfile.mkdtemp(prefix="restem-restore-")
+        try:
+            yield ckpt.to_directory(local)
+        finally:
+            shutil.rmtree(local, ignore_errors=True)  # a ZeRO checkpoint holds the optimizer: do not leave it
 
     def report(self, metrics, checkpoint_dir, name):
         import ray.train
@@ -103,9 +115,10 @@ class LocalReporter:
         self.root = Path(root)
         self.reports: list[dict] = []
 
+    @contextlib.contextmanager
     def latest_checkpoint(self):
         done = sorted(self.root.glob("step_*"))
-        return str(done[-1]) if done else None
+        yield str(done[-1]) if done else None
 
     def report(self, metrics, checkpoint_dir, name):
         self.reports.append(metrics)
@@ -177,11 +190,11 @@ class MStep:
         self.model = model
         self.state = TrainState()
         self.resumed_from = 0
-        latest = self.reporter.latest_checkpoint()
-        if latest:  # a replaced worker group: continue from the last checkpoint, not from the start
-            self.engine.load_checkpoint(os.path.join(latest, "deepspeed"), tag="ckpt")
-            self.state = TrainState(**json.loads(Path(latest, "state.json").read_text()))
-            self.resumed_from = self.state.step
+        with self.reporter.latest_checkpoint() as latest:
+            if latest:  # a replaced worker group: continue from the last checkpoint, not from the start
+                self.engine.load_checkpoint(os.path.join(latest, "deepspeed"), tag="ckpt")
+                self.state = TrainState(**json.loads(Path(latest, "state.json").read_text()))
+                self.resumed_from = self.state.step
         self.valid = self._load_valid()
         self.verifier = None
         if self.valid is not None:  # built once per M-step (a code verifier starts its sandbox here)
