@@ -36,6 +36,11 @@ CPU_ENGINE_DEFAULTS = {"dtype": "bfloat16", "enforce_eager": True, "enable_chunk
 CPU_SINGLE_WORKER = {"distributed_executor_backend": "uni"}
 
 
+def _quiet_thread_warning(record: logging.LogRecord) -> bool:
+    """In-process, vLLM's CPU worker warns three times per start that it keeps Ray's thread count."""
+    return "set_num_threads" not in record.getMessage()
+
+
 def local_model_copy(model: str, cache_dir: str | None = None) -> str:
     """A model given as a URI (s3://, gs://, hdfs://, file://, ... anything `pyarrow.fs` opens) is copied to
     node-local disk once per node and that folder returned: vLLM reads local files, and many replicas
@@ -80,9 +85,7 @@ class Sampler:
         if not use_gpu and kwargs.get("tensor_parallel_size", 1) == 1 and "distributed_executor_backend" not in kwargs:
             kwargs |= CPU_SINGLE_WORKER
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            # in-process, vLLM's CPU worker warns three times per start that it keeps Ray's thread count
-            logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(
-                lambda r: "set_num_threads" not in r.getMessage())
+            logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_quiet_thread_warning)  # once: same object
         self.model = model
         self.exit_on_engine_death = exit_on_engine_death
         self.llm = LLM(model=local_model_copy(model), seed=seed, **kwargs)
