@@ -3,9 +3,10 @@
     restem-ray demo [--task arithmetic|code] [--quick] [--out DIR] [--set key=value ...] [--resume] [--stop-after PHASE]
     restem-ray run CONFIG --out DIR [--set key=value ...] [--resume] [--stop-after PHASE]
     restem-ray check CONFIG [--set key=value ...]
+    restem-ray prompt CONFIG [--n 2] [--set key=value ...]
     restem-ray report RUN_DIR
-    restem-ray eval --model PATH --problems FILE [--verifier V] [--k N]
-    restem-ray verify --verifier {math,code,module:function} --problems FILE --samples FILE --out FILE
+    restem-ray eval --model PATH --problems FILE [--dataset NAME] [--verifier V] [--k N]
+    restem-ray verify --verifier {math,code,module:function} [--dataset NAME] --problems FILE --samples FILE --out FILE
     restem-ray defaults
     restem-ray build-tiny
 
@@ -118,19 +119,17 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
 
 
 def check_inputs(cfg) -> None:
-    """Everything cheap to check before cluster work: data files, model folder, verifier."""
-    from .data import load_problems
+    """Everything cheap to check before cluster work: data files (adapted, row by row), model folder, the
+    rendered prompts and their lengths, verifier."""
+    from .datasets import load_splits
+    from .prompts import check_lengths, render_task, template_fields
     from .verification import check_verifier
 
-    t = cfg.task
-    for f in [t.train_file, t.valid_file, t.test_file, *t.extra_eval_files.values()]:
-        if f:
-            load_problems(f, t.kind)
-    if t.seed_file:
-        load_problems(t.seed_file, "solutions")
+    splits = load_splits(cfg.task, need=template_fields(cfg))
     for name, m in (("model.base", cfg.model.base), ("model.sampler", cfg.model.sampler)):
         if m is not None:
             check_model_dir(name, m)
+    check_lengths(cfg, render_task(cfg, splits))
     check_verifier(cfg)
 
 
@@ -148,8 +147,10 @@ def cmd_eval(args) -> int:
     import os
 
     from .config import RestemConfig, apply_overrides, config_from_dict
-    from .data import load_problems
+    from .config import DATASET_KINDS
+    from .datasets import load_split
     from .evaluation import score_split
+    from .prompts import check_model_len, load_tokenizer, make_renderer, render_rows, template_fields
     from .verification import check_verifier
 
     check_model_dir("--model", args.model)
@@ -163,14 +164,21 @@ def cmd_eval(args) -> int:
     if args.out and Path(args.out).suffix != ".json":
         raise UserError(f"--out {args.out}: use a .json file name")
     first = next(iter(splits.values()))
-    tree = {"task": {"kind": "code" if args.verifier == "code" else "math", "train_file": first, "valid_file": first},
+    kind = DATASET_KINDS.get(args.dataset) or ("code" if args.verifier == "code" else "math")
+    tree = {"task": {"kind": kind, "train_file": first, "valid_file": first, "dataset": args.dataset},
             "model": {"base": args.model}, "verification": {"verifier": args.verifier},
             "evaluation": {"k": args.k}}
     if args.max_tokens:
         tree["sampling"] = {"max_tokens": args.max_tokens}
     cfg: RestemConfig = config_from_dict(apply_overrides(tree, args.set), "eval")
     kind = cfg.task.kind if cfg.verification.verifier in ("math", "code") else "any"
-    problems = {n: load_problems(p, kind, cfg.task.max_eval_problems) for n, p in splits.items()}
+    t = cfg.task
+    problems = {n: load_split(p, kind=kind, dataset=t.dataset, columns=t.columns, adapter=t.adapter,
+                              need=template_fields(cfg), limit=t.max_eval_problems) for n, p in splits.items()}
+    renderer = make_renderer(cfg, args.model)  # a `prompt` section (--set prompt.*): rendered as a run would
+    problems = {n: render_rows(rows, renderer, code=t.kind == "code") for n, rows in problems.items()}
+    check_model_len(cfg, problems, load_tokenizer(args.model))
+    stop = tuple(cfg.sampling.stop) or (renderer.stop if renderer else ())
     verifier = check_verifier(cfg)
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -181,7 +189,7 @@ def cmd_eval(args) -> int:
     s, ev = cfg.sampling, cfg.evaluation
     pool = EStepPool(args.model, s, cfg.verification, verifier=verifier, seed=cfg.seed)
     try:
-        scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=tuple(s.stop), chunk_size=s.prompts_per_request,
+        scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=stop, chunk_size=s.prompts_per_request,
                                  k=ev.k, temperature=ev.temperature, top_p=ev.top_p, seed=cfg.seed,
                                  majority=kind == "math", desc=f"eval {n}")
                   for n, probs in problems.items()}
@@ -203,6 +211,33 @@ def cmd_check(args) -> int:
     cfg = load_config(args.config, args.set)
     check_inputs(cfg)
     print(f"{args.config}: ok")
+    return 0
+
+
+def cmd_prompt(args) -> int:
+    """Print the rendered prompts of the first train problems: exactly the text the model gets."""
+    from .config import load_config
+    from .datasets import load_splits
+    from .prompts import load_tokenizer, make_renderer, render_rows, template_fields
+
+    cfg = load_config(args.config, args.set)
+    splits = load_splits(cfg.task, need=template_fields(cfg))
+    check_model_dir("model.base", cfg.model.base)
+    renderer = make_renderer(cfg)
+    tok = load_tokenizer(cfg.model.base)
+    how = "as written in the file (no prompt section)" if renderer is None else (
+        "chat template" if renderer.chat else "plain text") + f", {len(renderer.shots)} exemplar(s)"
+    for r in render_rows(splits.train[: args.n], renderer, code=cfg.task.kind == "code", train=True):
+        print(f"===== train problem {r['id']!r}: {len(tok(r['prompt']).input_ids)} tokens, {how} =====")
+        print(r["prompt"])
+        if "train_prompt" in r:
+            print(f"----- the M-step trains on ({len(tok(r['train_prompt']).input_ids)} tokens; "
+                  "prompt.train_few_shot: false) -----")
+            print(r["train_prompt"])
+        print(f"----- end; the prompt ends with {r['prompt'][-16:]!r} -----")
+    stop = tuple(cfg.sampling.stop) or (renderer.stop if renderer else ())
+    src = "sampling.stop" if cfg.sampling.stop else "from the few-shot format" if stop else "none"
+    print(f"stop strings: {list(stop)} ({src})")
     return 0
 
 
@@ -230,8 +265,9 @@ def cmd_verify(args) -> int:
 
     import pyarrow as pa
 
-    from .config import VerificationConfig, apply_overrides, format_validation_error
-    from .data import load_problems, read_samples, write_jsonl, write_parquet
+    from .config import DATASET_KINDS, VerificationConfig, apply_overrides, format_validation_error
+    from .data import read_samples, write_jsonl, write_parquet
+    from .datasets import load_split
     from .verification import Verifier
 
     out = Path(args.out)
@@ -249,7 +285,10 @@ def cmd_verify(args) -> int:
     if vcfg.verifier == "auto":
         raise UserError("--verifier: give math, code or module:function")
     kind = {"math": "math", "code": "code"}.get(vcfg.verifier, "any")
-    problems = {p["id"]: p for p in load_problems(args.problems, kind)}
+    want = DATASET_KINDS.get(args.dataset)
+    if want and kind != "any" and kind != want:
+        raise UserError(f"--dataset {args.dataset} holds {want} problems: use --verifier {want} (or a plug-in)")
+    problems = {p["id"]: p for p in load_split(args.problems, kind=kind, dataset=args.dataset)}
     Verifier(vcfg.verifier, vcfg).close()  # a bad plug-in or a missing sandbox fails here, before Ray
     rows, bad = [], []
     for loc, r in read_samples(args.samples):
@@ -304,6 +343,9 @@ def cmd_build_tiny(args) -> int:
 
 
 def parser() -> argparse.ArgumentParser:
+    from .config import DATASET_KINDS
+
+    dataset_help = "released format of the problems file, as task.dataset (rows without ids: row number as id)"
     p = argparse.ArgumentParser(prog="restem-ray", description="ReST^EM self-training on Ray.")
     p.add_argument("--debug", action="store_true", help="show tracebacks for user errors")
     sub = p.add_subparsers(dest="cmd", required=True)
@@ -341,6 +383,12 @@ def parser() -> argparse.ArgumentParser:
     c.add_argument("--set", **sets)
     c.set_defaults(fn=cmd_check)
 
+    pr = sub.add_parser("prompt", help="print the rendered prompts of the first train problems")
+    pr.add_argument("config")
+    pr.add_argument("--n", type=int, default=2, help="how many problems (default 2)")
+    pr.add_argument("--set", **sets)
+    pr.set_defaults(fn=cmd_prompt)
+
     rp = sub.add_parser("report", help="print the per-iteration table and write report.png")
     rp.add_argument("run_dir")
     rp.set_defaults(fn=cmd_report)
@@ -350,6 +398,7 @@ def parser() -> argparse.ArgumentParser:
     v.add_argument("--problems", required=True, help="problems file (.jsonl or .parquet)")
     v.add_argument("--samples", required=True, help="samples file with id and completion (.jsonl or .parquet)")
     v.add_argument("--out", required=True, help="graded samples file (.jsonl or .parquet)")
+    v.add_argument("--dataset", choices=list(DATASET_KINDS), help=dataset_help)
     v.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")
     v.add_argument("--set", **dict(sets, help="override a verification.* key, e.g. verification.num_workers=4"))
     v.set_defaults(fn=cmd_verify)
@@ -359,6 +408,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--problems", required=True, action="append", metavar="[NAME=]FILE",
                    help="problem file (.jsonl/.parquet); repeat for several splits")
     e.add_argument("--verifier", default="math", help="math, code, or module:function (default math)")
+    e.add_argument("--dataset", choices=list(DATASET_KINDS), help=dataset_help)
     e.add_argument("--k", type=int, default=0, help="also pass@k and maj@k from k samples")
     e.add_argument("--max-tokens", type=int, default=None, help="max new tokens per completion")
     e.add_argument("--out", help="write the scores as JSON")

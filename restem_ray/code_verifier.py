@@ -1,17 +1,28 @@
 """Grading generated code: HumanEval-style and APPS-style problems, run in the bubblewrap sandbox.
 
-- HumanEval style (`test` defines `check(candidate)`, `entry_point`): the program is prompt + completion
-  (or the completion alone when it defines the entry point, with the prompt's imports), then the test,
-  then `check(entry_point)`. It passes only when the harness reports that `check` returned.
-- APPS style (`input_output` = {"inputs", "outputs", "fn_name"?}, a dict or its JSON): stdin/stdout cases
-  (one fresh process per case, stdout compared line by line, whitespace-trimmed, outside the sandbox),
-  or call cases when `fn_name` is given (the results come back out and are compared here, so expected
-  outputs never enter the sandbox).
-A completion holding a fenced code block is graded on the code in the first fence.
+- HumanEval style (`test` defines `check(candidate)`, `entry_point`): the program is built from the
+  problem's parts, never from the text the model saw: the code prefix is `code_prompt` when the row has
+  one (the original HumanEval prompt, when `prompt` holds a rendered, e.g. chat, text), else `prompt`.
+  A completion that defines `entry_point` at top level is a whole answer: the prefix's code before its
+  own `def entry_point(` (imports, helpers such as HumanEval/10's `is_palindrome`) + the completion.
+  Anything else is a body: prefix + completion, as HumanEval grades it. Then the test and
+  `check(entry_point)`; it passes only when the harness reports that `check` returned.
+- APPS style (`input_output` = {"inputs", "outputs", "fn_name"?}, a dict or its JSON, as published):
+  stdin/stdout cases (one fresh process per case, stdout compared line by line, whitespace-trimmed,
+  outside the sandbox), or call cases when `fn_name` is given: a module-level function, else a method of
+  a LeetCode-style `class Solution` (a fresh instance per case), with LeetCode's implicit imports
+  (`List`, `Counter`, `heapq`, ...). Results come back out and are compared here (tuples as lists, an
+  expected output wrapped in a one-element list accepted), so expected outputs never enter the sandbox.
+Completions: a body that continues the prefix is graded up to a closing fence; otherwise the fenced block
+that defines the function (else the first python block, else the first block), or the unfenced
+completion with prose lines before and after its code dropped. Top-level example usage in an answer
+(statements that call the function, `print` or `input`; `if __name__ == "__main__":` blocks) is dropped
+in HumanEval and call modes, where it is not part of the answer; stdin programs run as written.
 Verdicts: passed, wrong_answer, timeout, memory, runtime_error, syntax_error, sandbox_error, no_code.
 """
 from __future__ import annotations
 
+import ast
 import json
 import re
 import signal
@@ -19,28 +30,182 @@ import signal
 from .sandbox import RunResult, Sandbox
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
+_CLOSING_FENCE = re.compile(r"^[ \t]*```", re.M)
+# Where an unfenced answer's code may start after prose (lower case: "From the list..." is prose).
+_CODE_START = re.compile(r"(?:async\s+def|def|class|import|from|@)\b")
+_FUTURE = re.compile(r"^from __future__ import [^\n]*\n?", re.M)
+# LeetCode (and APPS's own harness) run call-style answers with these names already imported, so a
+# correct `def twoSum(self, nums: List[int], ...)` must not fail on a NameError.
+CALL_PRELUDE = ("from typing import *\nimport sys, math, heapq, bisect, itertools, functools, collections, string\n"
+                "from collections import Counter, OrderedDict, deque, defaultdict\n"
+                "from functools import lru_cache, reduce, cache\nfrom itertools import accumulate, product, "
+                "permutations, combinations\nfrom math import sqrt, ceil, floor, gcd, inf, log, log2\n"
+                "from heapq import heappush, heappop, heapify\nfrom bisect import bisect_left, bisect_right\n")
 
 
-def extract_code(completion: str) -> str:
-    """The code in the first fenced block (python-tagged preferred), else the completion itself."""
-    blocks = _FENCE.findall(completion)
-    if blocks:
-        tagged = [code for lang, code in blocks if lang.lower() in ("python", "py", "python3")]
-        return (tagged or [code for _, code in blocks])[0]
+def _indented_start(text: str) -> bool:
+    """A body that continues the prompt starts indented (2+ spaces or a tab: a lone leading space is a BPE
+    artefact before prose or a fence); prose, fences and whole answers start at column 0."""
+    first = next((l for l in text.splitlines() if l.strip()), "")
+    return first.startswith(("  ", "\t", " \t")) and not first.lstrip().startswith("```")
+
+
+def _defines_re(name: str) -> re.Pattern:
+    return re.compile(rf"^[ \t]*(?:async[ \t]+)?def[ \t]+{re.escape(name)}[ \t]*\(", re.M)
+
+
+def extract_code(completion: str, name: str | None = None) -> str:
+    """The code to grade: the first fenced block that defines `name` (a function or method); else a body
+    that continues the prompt, up to a closing fence a base model may add; else the first python-tagged
+    block, else the first block; else the completion itself."""
+    blocks = [(lang, code) for lang, code in _FENCE.findall(completion) if code.strip()]
+    tagged = [code for lang, code in blocks if lang.lower() in ("python", "py", "python3")]
+    codes = tagged or [code for _, code in blocks]
+    if name:
+        defining = [c for c in codes if _defines_re(name).search(c)]
+        if defining:
+            return defining[0]
+    if _indented_start(completion):
+        return _CLOSING_FENCE.split(completion, 1)[0]
+    if _FENCE.search(completion):
+        return codes[0] if codes else ""
     return completion
+
+
+def _parse(code: str) -> ast.Module | None:
+    try:
+        return ast.parse(code)
+    except Exception:  # SyntaxError, ValueError (NUL bytes), RecursionError/MemoryError (deep nesting)
+        return None
+
+
+def as_module(code: str) -> tuple[str, ast.Module] | None:
+    """`code` as a Python module: as written, else without prose lines before its first top-level
+    def/class/import and after its code (an instruct model's unfenced answer). None if neither parses.
+    Parsing only, on the host: nothing here runs the code."""
+    tree = _parse(code)
+    if tree is not None:
+        return code, tree
+    lines = code.split("\n")
+    for start in [i for i, l in enumerate(lines) if _CODE_START.match(l)][:3]:
+        part = lines[start:]
+        for _ in range(8):
+            text = "\n".join(part)
+            try:
+                return text, ast.parse(text)
+            except SyntaxError as e:  # cut at the last column-0 line at or before the error: prose after code
+                bad = min(max((e.lineno or 1) - 1, 0), len(part) - 1)
+                cut = next((i for i in range(bad, 0, -1) if part[i][:1] not in ("", " ", "\t", "#", ")", "]", "}")), 0)
+                if cut == 0:
+                    break
+                part = part[:cut]
+            except Exception:
+                return None
+    return None
+
+
+def _defines(tree: ast.Module, name: str) -> bool:
+    """`name` is defined at top level: a function, a class or an assignment."""
+    for node in tree.body:
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)) and node.name == name:
+            return True
+        if isinstance(node, ast.Assign) and any(isinstance(t, ast.Name) and t.id == name for t in node.targets):
+            return True
+    return False
+
+
+def _is_main_guard(test: ast.expr) -> bool:
+    if not (isinstance(test, ast.Compare) and len(test.ops) == 1 and isinstance(test.ops[0], ast.Eq)):
+        return False
+    sides = [test.left, test.comparators[0]]
+    return (any(isinstance(s, ast.Name) and s.id == "__name__" for s in sides)
+            and any(isinstance(s, ast.Constant) and s.value == "__main__" for s in sides))
+
+
+_EXAMPLE_STATEMENTS = (ast.Expr, ast.Assert, ast.Assign, ast.AugAssign, ast.AnnAssign, ast.For, ast.While, ast.With)
+
+
+def _is_example(node: ast.stmt, calls: set[str], methods: set[str]) -> bool:
+    if isinstance(node, ast.If) and _is_main_guard(node.test):
+        return True
+    if not isinstance(node, _EXAMPLE_STATEMENTS):
+        return False
+    for n in ast.walk(node):
+        if isinstance(n, ast.Call):
+            f = n.func
+            if (isinstance(f, ast.Name) and f.id in calls) or (isinstance(f, ast.Attribute) and f.attr in methods):
+                return True
+    return False
+
+
+def strip_examples(code: str, calls: set[str], methods: set[str] = frozenset()) -> str:
+    """Drop top-level example usage: statements that call one of `calls` (the function, print, input) or a
+    method in `methods`, and `if __name__ == "__main__":` blocks. Code that does not parse, and statements
+    sharing a line with kept code, stay as written."""
+    tree = _parse(code)
+    if tree is None or "\r" in code:  # line numbers below are counted on "\n"
+        return code
+    spans = []
+    for node in tree.body:
+        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+        spans.append((range(first - 1, node.end_lineno), _is_example(node, calls, methods)))
+    kept = {i for span, example in spans if not example for i in span}
+    drop = {i for span, example in spans if example and not kept.intersection(span) for i in span}
+    if not drop:
+        return code
+    return "\n".join(l for i, l in enumerate(code.split("\n")) if i not in drop)
+
+
+def _hoist_future(program: str) -> str:
+    """`from __future__` imports must come first; an answer's own ones end up after the prefix or prelude."""
+    futures = [f.rstrip("\n") + "\n" for f in _FUTURE.findall(program)]
+    return "".join(futures) + _FUTURE.sub("", program) if futures else program
 
 
 def _imports(prompt: str) -> str:
     return "\n".join(l for l in prompt.splitlines() if l.startswith(("import ", "from ")))
 
 
+def code_prefix(problem: dict) -> str:
+    """The code a HumanEval-style completion continues: `code_prompt` when present, else `prompt`."""
+    cp = problem.get("code_prompt")
+    return cp if isinstance(cp, str) else problem.get("prompt") or ""
+
+
+def _context(prefix: str, entry: str) -> str:
+    """What a whole answer still needs from the prefix: its code before `def entry(` (imports, helpers), or
+    all of it if it is code without that def; a prefix that is not code (today's prose prompts): its imports."""
+    m = re.search(rf"^(?:async[ \t]+)?def[ \t]+{re.escape(entry)}[ \t]*\(", prefix, re.M)
+    head = prefix[: m.start()] if m else prefix
+    return head if _parse(head) is not None else _imports(prefix)
+
+
+def whole_answer(code: str, entry: str) -> str | None:
+    """The completion as a whole answer defining `entry` at top level, or None when it is a body."""
+    if _indented_start(code):
+        return None
+    mod = as_module(code)
+    if mod is not None and _defines(mod[1], entry):
+        return mod[0]
+    if re.search(rf"^(?:async[ \t]+)?def[ \t]+{re.escape(entry)}[ \t]*\(", code, re.M):
+        return code  # a whole answer that does not parse: graded as written (syntax_error)
+    return None
+
+
 def humaneval_program(problem: dict, code: str) -> str:
     entry = problem["entry_point"]
-    if re.search(rf"^\s*def\s+{re.escape(entry)}\s*\(", code, re.M):
-        body = _imports(problem.get("prompt", "")) + "\n" + code
-    else:
-        body = problem.get("prompt", "") + code
-    return f"{body}\n\n{problem['test']}\n\ncheck({entry})\n"
+    prefix = code_prefix(problem)
+    whole = whole_answer(code, entry)
+    candidate = prefix + code if whole is None else _context(prefix, entry) + "\n" + whole
+    candidate = _hoist_future(strip_examples(candidate, {entry, "print", "input"}))
+    return f"{candidate}\n\n{problem['test']}\n\ncheck({entry})\n"
+
+
+def call_program(code: str, fn_name: str) -> str:
+    """An APPS/LeetCode call-style answer as the program the sandbox runs before calling `fn_name`."""
+    mod = as_module(code)
+    code = strip_examples(mod[0] if mod else code, {fn_name, "Solution", "print", "input"}, {fn_name})
+    return _hoist_future(CALL_PRELUDE + code)
 
 
 def verdict_of(result: RunResult) -> str:
@@ -82,6 +247,21 @@ def call_matches(got, expected) -> bool:
     return isinstance(expected, list) and len(expected) == 1 and got == expected[0]
 
 
+def _call_args(case) -> list:
+    """One APPS call case's arguments: a list of them, or a bare single argument."""
+    return case if isinstance(case, list) else [case]
+
+
+def _input_output(problem: dict) -> dict | None:
+    io = problem.get("input_output")
+    if isinstance(io, str):
+        try:
+            io = json.loads(io)
+        except ValueError:
+            return None
+    return io if isinstance(io, dict) else None
+
+
 class CodeGrader:
     """Grades code completions in one sandbox (one per verifier actor, created on first use)."""
 
@@ -96,29 +276,26 @@ class CodeGrader:
         return self._sandbox
 
     def grade(self, problem: dict, completion: str) -> str:
-        code = extract_code(completion or "")
+        io = _input_output(problem) if problem.get("input_output") else None
+        name = (io or {}).get("fn_name") or problem.get("entry_point")
+        code = extract_code(completion or "", name if isinstance(name, str) else None)
         if not code.strip():
             return "no_code"
         if problem.get("input_output"):
-            return self._apps(problem, code)
+            return self._apps(io, code) if io is not None else "invalid_problem"
         if problem.get("test") and problem.get("entry_point"):
             return verdict_of(self.sandbox.run(humaneval_program(problem, code), mode="test"))
         return "invalid_problem"
 
-    def _apps(self, problem: dict, code: str) -> str:
-        io = problem["input_output"]
-        if isinstance(io, str):
-            try:
-                io = json.loads(io)
-            except ValueError:
-                return "invalid_problem"
+    def _apps(self, io: dict, code: str) -> str:
         inputs, outputs = io.get("inputs") or [], io.get("outputs") or []
         if not inputs or len(inputs) != len(outputs):
             return "invalid_problem"
         if io.get("fn_name"):
-            calls = [a if isinstance(a, list) else [a] for a in inputs]
+            calls = [_call_args(a) for a in inputs]
             timeout = min(60.0, self.limits.timeout_s * len(calls))
-            res = self.sandbox.run(code, mode="call", fn_name=io["fn_name"], calls=calls, timeout_s=timeout)
+            res = self.sandbox.run(call_program(code, io["fn_name"]), mode="call", fn_name=io["fn_name"],
+                                   calls=calls, timeout_s=timeout)
             verdict = verdict_of(res)
             if verdict != "passed":
                 return verdict

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -22,8 +22,10 @@ class _Section(BaseModel):
 
 class TaskConfig(_Section):
     kind: Literal["math", "code"] = Field("math", description="Task family; picks the default verifier.")
-    train_file: str = Field(..., description="Training problems (JSONL or Parquet): id, prompt, answer.")
-    valid_file: str = Field(..., description="Validation problems, used for early stopping.")
+    train_file: str = Field(..., description="Training problems (JSONL, JSONL.gz or Parquet): id, prompt, answer; "
+                                             "or rows in the released format named by task.dataset.")
+    valid_file: str | None = Field(None, description="Validation problems, used for early stopping (or carve them "
+                                                     "out of train_file with task.valid_split).")
     test_file: str | None = Field(None, description="Test problems, reported but never used for decisions.")
     extra_eval_files: dict[str, str] = Field(
         default_factory=dict, description="More held-out splits to report, name -> file (e.g. transfer).")
@@ -35,6 +37,104 @@ class TaskConfig(_Section):
     step_checker: str | None = Field(
         None, description="Optional 'module:function' (problem, completion) -> 1.0 if every step is right; used only "
                           "to report the false-positive rate of kept samples (and usable as a stricter verifier).")
+    dataset: Literal["gsm8k", "math", "humaneval", "mbpp", "apps"] | None = Field(
+        None, description="Released format of every problem file (restem_ray/datasets/): gsm8k, math (Hendrycks MATH or "
+                          "MATH-500), humaneval, mbpp, apps. None: rows already hold id, prompt, answer/test/input_output.")
+    columns: dict[str, str] = Field(
+        default_factory=dict, description="Rename columns before use, field -> column, e.g. {prompt: question, answer: "
+                                          "final}; applied before task.dataset's adapter.")
+    adapter: str | None = Field(
+        None, description="Plug-in 'module:function' (row) -> problem dict, or None to skip the row; instead of "
+                          "task.dataset.")
+    valid_split: float | int | None = Field(
+        None, description="Carve the validation split out of train_file: a fraction (0-1) or a count of problems, "
+                          "chosen with valid_split_seed; the carved problems leave train. Instead of valid_file.")
+    valid_split_seed: int = Field(0, description="Seed of the valid_split choice (kept apart from `seed`, so runs with "
+                                                 "different seeds share one split).")
+    eval_datasets: dict[str, Literal["gsm8k", "math", "humaneval", "mbpp", "apps"] | None] = Field(
+        default_factory=dict, description="Another released format for some eval splits, split name -> dataset "
+                                          "(e.g. {transfer: gsm8k} next to dataset: math, or {humaneval: humaneval} "
+                                          "next to dataset: apps); task.columns/adapter do not apply to them.")
+
+    @model_validator(mode="after")
+    def _check_task(self) -> "TaskConfig":
+        if (self.valid_file is None) == (self.valid_split is None):
+            raise ValueError("task.valid_file: required key is missing (or carve one out of train_file with "
+                             "task.valid_split)" if self.valid_file is None else
+                             "task.valid_file and task.valid_split: give one, not both")
+        v = self.valid_split
+        if v is not None and (v <= 0 or (isinstance(v, float) and v >= 1)):
+            raise ValueError(f"task.valid_split: {v} is neither a fraction between 0 and 1 nor a count >= 1")
+        if self.dataset and self.adapter:
+            raise ValueError("task.dataset and task.adapter: give one, not both")
+        for key, name in [("task.dataset", self.dataset), *((f"task.eval_datasets.{n}", d) for n, d in
+                                                           self.eval_datasets.items())]:
+            want = DATASET_KINDS.get(name)
+            if want and want != self.kind:
+                raise ValueError(f"{key} {name!r} is a {want} dataset: set task.kind: {want}")
+        splits = {"valid", "test", *self.extra_eval_files}
+        unknown = next((n for n in self.eval_datasets if n not in splits or (n == "test" and not self.test_file)), None)
+        if unknown is not None:
+            raise ValueError(f"task.eval_datasets.{unknown}: no such eval split (valid, test or an extra_eval_files name)")
+        if "valid" in self.eval_datasets and self.valid_split is not None:
+            raise ValueError("task.eval_datasets.valid: a valid_split is carved out of train_file, in its format")
+        return self
+
+
+# task.dataset -> the task kind its problems are (the verifier that grades them)
+DATASET_KINDS = {"gsm8k": "math", "math": "math", "humaneval": "code", "mbpp": "code", "apps": "code"}
+
+
+class PromptConfig(_Section):
+    template: str = Field("{prompt}", description="The question as the model sees it: a Python format string over the "
+                                                  "problem row's fields by name, e.g. '{question}' or '{problem}' "
+                                                  "(literal braces doubled: \\boxed{{}}).")
+    system: str | None = Field(None, description="System prompt (a system turn with a chat template, else text "
+                                                 "before everything).")
+    few_shot: str | None = Field(None, description="Exemplars: 'standard' (task.dataset's own: gsm8k the 8-shot "
+                                                   "chain of thought of Wei et al. 2022, math the 4-shot Minerva "
+                                                   "prompt) or a JSONL file of {question|prompt, answer|solution}.")
+    few_shot_n: int | None = Field(None, ge=1, description="Use n exemplars (default: all).")
+    few_shot_seed: int | None = Field(None, description="Choose the n exemplars at random with this seed (default: "
+                                                        "the first n).")
+    shot_format: str | None = Field(None, description="Few-shot text without a chat template, one block per exemplar "
+                                                      "with {question} and {answer}; the problem ends the text cut "
+                                                      "before {answer}, and the text before {question} is the stop "
+                                                      "string. Default: the standard exemplars' own ('Q: {question}"
+                                                      "\\nA: {answer}', 'Problem:\\n{question}\\n\\nSolution:\\n"
+                                                      "{answer}'), else 'Question: {question}\\nAnswer: {answer}'.")
+    chat_template: Literal["auto"] | bool = Field(
+        "auto", description="Render with model.base's tokenizer chat template (exemplars as user/assistant turns): "
+                            "auto (when it has one), true (error if none), false (plain text).")
+    train_few_shot: bool = Field(True, description="false: the M-step trains on the zero-shot rendering of each "
+                                                   "problem (samples are still drawn with the exemplars).")
+
+    @model_validator(mode="after")
+    def _check_prompt(self) -> "PromptConfig":
+        from string import Formatter
+
+        for key in ("template", "shot_format"):
+            text = getattr(self, key)
+            try:
+                names = [f for _, f, _, _ in Formatter().parse(text or "") if f is not None]
+            except ValueError as e:
+                raise ValueError(f"prompt.{key}: not a valid format string ({e}; write literal braces as {{{{ }}}})")
+            bad = [n for n in names if not n.isidentifier()]
+            if bad:
+                raise ValueError(f"prompt.{key}: {{{bad[0]}}} is not a field name (literal braces: {{{{ }}}})")
+            if key == "shot_format" and text is not None and (
+                    names.count("question") != 1 or names.count("answer") != 1 or set(names) != {"question", "answer"}
+                    or "{question}" not in text or "{answer}" not in text
+                    or text.index("{question}") > text.index("{answer}")):
+                raise ValueError("prompt.shot_format: needs {question} then {answer}, once each, and no other field")
+        if self.few_shot is None and (self.few_shot_n or self.few_shot_seed is not None or self.shot_format):
+            raise ValueError("prompt.few_shot_n, few_shot_seed and shot_format need prompt.few_shot")
+        return self
+
+    def template_fields(self) -> list[str]:
+        from string import Formatter
+
+        return list(dict.fromkeys(f for _, f, _, _ in Formatter().parse(self.template) if f))
 
 
 class ModelConfig(_Section):
@@ -79,11 +179,18 @@ class VerificationConfig(_Section):
     tmpfs_mb: int = Field(64, ge=1, description="Code: size of the sandbox's /tmp.")
     output_bytes: int = Field(1 << 20, ge=1024, description="Code: stdout cap per run (more is a runtime_error).")
     sandbox_python: str = Field("/usr/bin/python3", description="Code: interpreter inside the sandbox (bound read-only).")
+    max_infra_error_rate: float = Field(
+        0.5, ge=0, le=1, description="Stop the run (exit 1) when more than this share of an E-step shard's grades are "
+                                     "infrastructure failures (sandbox_error, verifier_error:*) instead of training on "
+                                     "their zeros. Healthy: ~0; a broken sandbox or plug-in: ~1; 1 turns it off.")
 
 
 class SelectionConfig(_Section):
     max_solutions_per_problem: int = Field(10, ge=1, description="Cap on kept correct solutions per problem (paper: 10).")
     dedup: bool = Field(True, description="Drop exact duplicate completions of the same problem before capping.")
+    keep_truncated: bool = Field(False, description="Keep correct completions that ended on sampling.max_tokens "
+                                                    "(finish_reason 'length'). Off: never trained on, since the M-step "
+                                                    "would end them with EOS and teach stopping mid-solution.")
 
 
 class TrainingConfig(_Section):
@@ -102,7 +209,11 @@ class TrainingConfig(_Section):
                                                    "every M-step's data (paper: generated data only).")
     grad_accum: int = Field(1, ge=1, description="Gradient accumulation steps.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradient clipping norm.")
-    max_seq_len: int = Field(1024, ge=8, description="Prompt+completion tokens; longer rows are truncated from the left.")
+    max_seq_len: int = Field(1024, ge=8, description="Prompt+completion tokens per training row; longer rows are "
+                                                      "dropped and counted (a cut row would teach a headless solution).")
+    pad_to_multiple_of: int | None = Field(None, ge=1, description="Round padded (and packed) row widths up to a "
+                                                                   "multiple of this (default: 64 on GPUs, where each "
+                                                                   "new shape costs kernel planning; 1 on CPUs).")
     deepspeed: dict[str, Any] | str = Field(default_factory=dict, description="Raw DeepSpeed config (a mapping, or the "
                                             "path of a JSON file) merged over the generated one.")
     lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="After warm-up: cosine decay to 10% of "
@@ -207,6 +318,8 @@ class RestemConfig(_Section):
     seed: int = Field(0, description="Seed for sampling, selection and training.")
     task: TaskConfig
     model: ModelConfig
+    prompt: PromptConfig | None = Field(None, description="How problems become prompts; absent: each problem's prompt "
+                                                          "is used as written.")
     sampling: SamplingConfig = SamplingConfig()
     verification: VerificationConfig = VerificationConfig()
     selection: SelectionConfig = SelectionConfig()
@@ -301,6 +414,9 @@ def resolve_paths(tree: dict, base_dir: Path) -> dict:
                 task[k] = fix(task[k])
         if isinstance(task.get("extra_eval_files"), dict):
             task["extra_eval_files"] = {n: fix(v) for n, v in task["extra_eval_files"].items()}
+    prompt = tree.get("prompt")
+    if isinstance(prompt, dict) and prompt.get("few_shot") not in (None, "standard"):
+        prompt["few_shot"] = fix(prompt["few_shot"])
     model = tree.get("model")
     if isinstance(model, dict):
         for k in ("base", "sampler"):
@@ -325,9 +441,10 @@ def describe_defaults() -> str:
     """Every config field with its default and description, as commented YAML (`restem-ray defaults`)."""
     lines = []
     for name, field in RestemConfig.model_fields.items():
-        ann = field.annotation
-        if isinstance(ann, type) and issubclass(ann, BaseModel):
-            lines.append(f"{name}:")
+        ann = next((a for a in (field.annotation, *get_args(field.annotation)) if isinstance(a, type)
+                    and issubclass(a, BaseModel)), None)  # an optional section (prompt) shows its keys too
+        if ann is not None:
+            lines.append(f"{name}:" + ("  # optional section" if not field.is_required() and field.default is None else ""))
             for sub, f in ann.model_fields.items():
                 default = "REQUIRED" if f.is_required() else yaml.safe_dump(
                     f.get_default(call_default_factory=True), default_flow_style=True).strip().removesuffix("...").strip()

@@ -42,7 +42,7 @@ class _GradeHost:
     def grade(self, problems: list[dict], samples: list[dict]) -> list[dict]:
         by_id = {p["id"]: p for p in problems}
         rows = self.verifier.grade_batch([{**by_id[s["id"]], **s} for s in samples])
-        keep = set(samples[0]) | {"prompt", "reward", "verdict"} if samples else set()
+        keep = set(samples[0]) | {"prompt", "train_prompt", "reward", "verdict"} if samples else set()
         return [{k: v for k, v in r.items() if k in keep} for r in rows]
 
 
@@ -185,8 +185,11 @@ class EStepPool:
         replica = self._starting.pop(ref)
         try:
             self.nodes.append(ray.get(ref))
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError):
-            ray.kill(replica)  # a replica that could not start is dropped; the others carry on
+        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+            # Dropped; the others carry on. Its placement group stays reserved until close(), so a broken
+            # node is not retried every few seconds.
+            tqdm.write(f"[restem] an added sampler replica could not start and was dropped: {_cause(e)}")
+            ray.kill(replica)
             return
         self.samplers.append(replica)
         free += [replica, replica]
@@ -230,7 +233,11 @@ class EStepPool:
                 bar.update(len(rows))
                 bar.set_postfix(accept=f"{passed / max(1, bar.n):.3f}",
                                 tok_s=f"{tokens / max(1e-9, bar.format_dict['elapsed']):.0f}")
-                on_chunk(idx, rows)
+                try:
+                    on_chunk(idx, rows)
+                except BaseException:
+                    bar.close()  # the caller's one-line error (e.g. a broken verifier) gets a line of its own
+                    raise
         bar.close()
 
     def close(self) -> None:

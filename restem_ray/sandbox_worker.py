@@ -60,6 +60,25 @@ def _plain(x):
     return repr(x)
 
 
+def _function(scope, name):
+    """A module-level function, else a method of a LeetCode-style `class Solution` on a fresh instance per
+    call (as LeetCode runs each case)."""
+    fn = scope.get(name)
+    if callable(fn):
+        return fn
+    cls = scope.get("Solution")
+    if isinstance(cls, type) and callable(getattr(cls, name, None)):
+        return lambda *args: getattr(cls(), name)(*args)
+    return None
+
+
+def _int_keys(arg):
+    """JSON made an argument's int dict keys strings; APPS's own harness turns them back."""
+    if isinstance(arg, dict) and arg and all(isinstance(k, str) and k.lstrip("-").isdigit() for k in arg):
+        return {int(k): v for k, v in arg.items()}
+    return arg
+
+
 def _child(job, in_r, out_w, err_w, res_w):
     import resource
 
@@ -106,10 +125,10 @@ def _child(job, in_r, out_w, err_w, res_w):
         if job["mode"] == "call":
             if exited is not None:
                 report(status="error", exc="SystemExit")
-            fn = scope.get(job["fn_name"])
-            if not callable(fn):
+            fn = _function(scope, job["fn_name"])
+            if fn is None:
                 report(status="error", exc="NameError")
-            results = [_plain(fn(*args)) for args in job["calls"]]
+            results = [_plain(fn(*map(_int_keys, args))) for args in job["calls"]]
             report(status="ok", results=results)
         # "script": a program that ends with sys.exit(0) ran normally. "test": the asserts after the
         # program must all run, so any exit before the end is a failure.

@@ -6,13 +6,28 @@ import random
 import pyarrow as pa
 
 
-def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = True, seed: int = 0) -> pa.Table:
+def truncated(table: pa.Table) -> list[bool]:
+    """Rows whose completion ended on max_tokens (vLLM's finish_reason 'length'); none in a table without
+    the column (samples written before it existed)."""
+    if "finish_reason" not in table.column_names:
+        return [False] * table.num_rows
+    return [f == "length" for f in table["finish_reason"].to_pylist()]
+
+
+def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = True, seed: int = 0,
+           keep_truncated: bool = False) -> pa.Table:
     """Rows of `graded` to train on: correct, distinct per problem, at most N per problem (seeded choice).
 
-    The cap (paper: 10) keeps easy problems from dominating and keeps the data diverse.
+    The cap (paper: 10) keeps easy problems from dominating and keeps the data diverse. A completion cut
+    off by max_tokens is not kept unless `keep_truncated`: its answer may match by chance ("...72 clips,
+    and then she"), and the M-step would append EOS to it, teaching the model to stop mid-sentence.
     """
-    rows = [r for r in graded.select(["id", "sample_index", "prompt", "completion", "reward"]).to_pylist()
-            if r["reward"] >= 1.0]
+    # samples that carry train_prompt (prompt.train_few_shot: false) are trained on that rendering
+    prompt = "train_prompt" if "train_prompt" in graded.column_names else "prompt"
+    table = graded.select(["id", "sample_index", prompt, "completion", "reward"]).rename_columns(
+        ["id", "sample_index", "prompt", "completion", "reward"])
+    rows = [r for r, cut in zip(table.to_pylist(), truncated(graded))
+            if r["reward"] >= 1.0 and (keep_truncated or not cut)]
     rows.sort(key=lambda r: (r["id"], r["sample_index"]))  # order independent of shard completion order
     by_problem: dict[str, list[dict]] = {}
     for r in rows:

@@ -161,4 +161,5 @@ class RunDir:
 
     def read_samples(self, t: int) -> pa.Table:
         parts = sorted(self.samples_dir(t).glob("part-*.parquet"))
-        return pa.concat_tables([pq.read_table(p) for p in parts]) if parts else pa.table({})
+        # shards written before a resume may lack a column added since (filled with nulls)
+        return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default") if parts else pa.table({})

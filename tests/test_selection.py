@@ -1,6 +1,6 @@
 import pyarrow as pa
 
-from restem_ray.selection import select
+from restem_ray.selection import select, truncated
 
 
 def graded(rows):
@@ -33,3 +33,20 @@ def test_capped_choice_is_seeded_and_independent_of_row_order():
     other = select(graded(rows), max_solutions_per_problem=5, seed=4).to_pylist()
     assert one == two
     assert one != other
+
+
+def test_truncated_correct_samples_are_not_kept_unless_asked():
+    """A completion that ended on max_tokens may match the answer by chance; by default it is never kept."""
+    table = graded([("a", 0, "x", 1.0), ("a", 1, "y", 1.0), ("b", 0, "z", 1.0), ("b", 1, "w", 0.0)])
+    table = table.append_column("finish_reason", pa.array(["stop", "length", "length", "length"]))
+    assert [(r["id"], r["completion"]) for r in select(table, max_solutions_per_problem=10).to_pylist()] == [("a", "x")]
+    kept = select(table, max_solutions_per_problem=10, keep_truncated=True).to_pylist()
+    assert [(r["id"], r["completion"]) for r in kept] == [("a", "x"), ("a", "y"), ("b", "z")]
+
+
+def test_samples_without_a_finish_reason_count_as_complete():
+    """Shards written before the column existed (or with it null after a schema merge) lose nothing."""
+    old = graded([("a", 0, "x", 1.0)])
+    assert truncated(old) == [False] and select(old, max_solutions_per_problem=10).num_rows == 1
+    merged = old.append_column("finish_reason", pa.array([None], pa.string()))
+    assert truncated(merged) == [False] and select(merged, max_solutions_per_problem=10).num_rows == 1

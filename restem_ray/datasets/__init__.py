@@ -1,0 +1,182 @@
+"""Problem files in a released format -> the problem rows the rest of restem-ray uses.
+
+    rows = load_split("gsm8k/test.jsonl", kind="math", dataset="gsm8k")
+
+`task.dataset` names the format (one module each: gsm8k, hendrycks_math, humaneval, mbpp, apps); without
+one, rows are today's format (id, prompt, answer / test + entry_point / input_output). `task.columns`
+renames columns first; a `task.adapter` plug-in ('module:function', row -> dict or None) replaces the
+built-in adapters. A file whose rows carry no id numbers them: the 0-based row number, as a string.
+JSONL (also gzipped, as HumanEval ships), a .json array of rows (sanitized MBPP) and Parquet (as dataset
+repositories publish). Errors name `file:line` and the field.
+"""
+from __future__ import annotations
+
+import gzip
+import json
+import random
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+from ..data import _read_rows, _required
+from ..errors import UserError, where
+from . import apps, gsm8k, hendrycks_math, humaneval, mbpp
+from .common import BadField
+
+ADAPTERS: dict[str, Callable[[dict], dict | None]] = {
+    "gsm8k": gsm8k.adapt, "math": hendrycks_math.adapt, "humaneval": humaneval.adapt, "mbpp": mbpp.adapt,
+    "apps": apps.adapt}
+# task.dataset -> (exemplars as (question, answer), their few-shot text format)
+STANDARD_SHOTS = {"gsm8k": (gsm8k.STANDARD_SHOTS, gsm8k.SHOT_FORMAT),
+                  "math": (hendrycks_math.STANDARD_SHOTS, hendrycks_math.SHOT_FORMAT)}
+SKIP_REASON = {"apps": "no test cases in input_output"}
+
+
+def read_rows(path: str | Path, what: str = "problem file") -> list[tuple[str, dict]]:
+    """(location, row) per row: `file:line` for JSONL, `file:N (row)` for Parquet."""
+    p = Path(path)
+    if not p.is_file():
+        raise UserError(f"{p}: {what} not found")
+    if p.name.endswith(".jsonl.gz"):
+        return _read_gzip_jsonl(p)
+    if p.suffix == ".json" and p.read_bytes()[:64].lstrip().startswith(b"["):
+        return _read_json_array(p)
+    return [(where(p, line) if line is not None else f"{where(p, i + 1)} (row)", row)
+            for i, (line, row) in enumerate(_read_rows(p))]
+
+
+def _read_gzip_jsonl(p: Path) -> list[tuple[str, dict]]:
+    out = []
+    try:
+        lines = gzip.decompress(p.read_bytes()).splitlines()
+    except (OSError, EOFError) as e:
+        raise UserError(f"{p}: not a readable gzip file ({e})") from None
+    for lineno, raw in enumerate(lines, 1):
+        if not raw.strip():
+            continue
+        try:
+            row = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise UserError(f"{where(p, lineno)}: not valid JSON ({type(e).__name__})") from None
+        if not isinstance(row, dict):
+            raise UserError(f"{where(p, lineno)}: expected a JSON object")
+        out.append((where(p, lineno), row))
+    return out
+
+
+def _read_json_array(p: Path) -> list[tuple[str, dict]]:
+    """A .json file holding one array of objects (MBPP's sanitized-mbpp.json, for one)."""
+    try:
+        data = json.loads(p.read_bytes().decode("utf-8"))
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not UTF-8") from None
+    except json.JSONDecodeError as e:
+        raise UserError(f"{where(p, e.lineno)}: not valid JSON ({e.msg})") from None
+    bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
+    if bad is not None:
+        raise UserError(f"{where(p, bad + 1)} (row): expected a JSON object")
+    return [(f"{where(p, i + 1)} (row)", r) for i, r in enumerate(data)]
+
+
+def load_split(path: str | Path, *, kind: str, dataset: str | None = None, columns: dict[str, str] | None = None,
+               adapter: str | None = None, need: tuple[str, ...] = (), limit: int | None = None) -> list[dict]:
+    """Read, adapt and validate one problem file; `need` = fields the prompt template uses."""
+    rows = read_rows(path)
+    if not rows:
+        raise UserError(f"{path}: no problems in file")
+    if adapter:
+        from ..verification import load_plugin
+
+        plugin, name = load_plugin(adapter, "task.adapter"), f"task.adapter {adapter}"
+    else:
+        plugin, name = ADAPTERS.get(dataset) if dataset else None, f"task.dataset {dataset}"
+    adapted, skipped = [], 0
+    for index, (loc, row) in enumerate(rows):
+        out = _adapt(row, loc, columns or {}, plugin, name)
+        if out is None:
+            skipped += 1
+        else:
+            adapted.append((index, loc, out))
+    if skipped:
+        why = SKIP_REASON.get(dataset, f"{name} returned None")
+        print(f"[data] {path}: skipped {skipped} of {len(rows)} rows ({why})")
+    if not adapted:
+        raise UserError(f"{path}: no problems in file ({skipped} rows skipped)")
+    numbered = not any(r.get("id") is not None for _, _, r in adapted)  # a file without ids: row numbers
+    seen, out = set(), []
+    for index, loc, r in adapted:
+        if numbered:
+            r = {"id": str(index), **r}
+        missing = _required(r, kind)
+        if missing:
+            raise UserError(f"{loc}: missing or empty field '{missing}'")
+        missing = next((f for f in need if r.get(f) is None), None)
+        if missing:
+            raise UserError(f"{loc}: prompt.template uses field '{missing}', which this row lacks "
+                            f"(fields: {', '.join(sorted(r))})")
+        pid = str(r["id"])
+        if pid in seen:
+            raise UserError(f"{loc}: duplicate id {pid!r}")
+        seen.add(pid)
+        out.append(dict(r, id=pid))
+    return out[:limit] if limit else out
+
+
+def _adapt(row: dict, loc: str, columns: dict[str, str], plugin, name: str) -> dict | None:
+    if columns:
+        gone = next((c for c in columns.values() if c not in row), None)
+        if gone is not None:
+            target = next(t for t, c in columns.items() if c == gone)
+            raise UserError(f"{loc}: task.columns.{target}: no column {gone!r} (columns: {', '.join(row)})")
+        row = {**row, **{target: row[c] for target, c in columns.items()}}
+    if plugin is None:
+        return dict(row)
+    try:
+        out = plugin(row)
+    except BadField as e:
+        raise UserError(f"{loc}: {e}") from None
+    except Exception as e:  # user code: any failure names the row
+        raise UserError(f"{loc}: {name}: {type(e).__name__}: {e}") from None
+    if out is not None and not isinstance(out, dict):
+        raise UserError(f"{loc}: {name} returned {type(out).__name__}, expected a dict (or None to skip)")
+    return out
+
+
+@dataclass
+class Splits:
+    """The problems of one config, unrendered: train, and each eval split by name (valid first)."""
+    train: list[dict]
+    evals: dict[str, list[dict]]
+    seed_rows: list[dict] = field(default_factory=list)
+
+
+def load_splits(task, need: tuple[str, ...] = ()) -> Splits:
+    """Every problem file of `task` (a TaskConfig), adapted, validated, with valid_split carved out."""
+    opts = dict(kind=task.kind, dataset=task.dataset, columns=task.columns, adapter=task.adapter, need=need)
+
+    def load(name: str, path: str) -> list[dict]:
+        if name in task.eval_datasets:  # a split in another released format (e.g. a transfer set)
+            return load_split(path, kind=task.kind, dataset=task.eval_datasets[name], need=need)
+        return load_split(path, **opts)
+
+    train = load_split(task.train_file, **opts)
+    if task.valid_split is not None:
+        train, valid = carve(train, task.valid_split, task.valid_split_seed, task.train_file)
+    else:
+        valid = load("valid", task.valid_file)
+    files = ({"test": task.test_file} if task.test_file else {}) | task.extra_eval_files
+    evals = {"valid": valid} | {n: load(n, f) for n, f in files.items()}
+    lim = task.max_eval_problems
+    seed = load_split(task.seed_file, kind="solutions", need=need) if task.seed_file else []
+    return Splits(train[: task.max_train_problems] if task.max_train_problems else train,
+                  {n: rows[:lim] if lim else rows for n, rows in evals.items()}, seed)
+
+
+def carve(rows: list[dict], size: float | int, seed: int, source: str) -> tuple[list[dict], list[dict]]:
+    """A seeded validation split out of `rows`: (train without it, valid), both in file order."""
+    n = round(size * len(rows)) if isinstance(size, float) else size
+    if not 1 <= n < len(rows):
+        raise UserError(f"task.valid_split: {size} of the {len(rows)} problems in {source} leaves "
+                        f"{'no validation' if n < 1 else 'no train'} problems")
+    chosen = set(random.Random(seed).sample(range(len(rows)), n))
+    return ([r for i, r in enumerate(rows) if i not in chosen], [r for i, r in enumerate(rows) if i in chosen])

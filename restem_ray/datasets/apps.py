@@ -1,0 +1,38 @@
+"""APPS (Hendrycks et al. 2021) as released: `problem_id`, `question`, `input_output` (JSON text:
+{"inputs", "outputs"} stdin/stdout cases, or call cases with "fn_name", LeetCode `class Solution`
+methods included), `starter_code`, `difficulty`, `solutions`, `url`.
+
+The prompt is APPS's own (its generate_gpt_codes.py): QUESTION, the starter code, the I/O format,
+ANSWER. Rows without test cases (some APPS rows have an empty `input_output`) are skipped (None),
+and counted by the loader. `solutions` is dropped: megabytes per problem that nothing here uses.
+"""
+from __future__ import annotations
+
+import json
+
+from .common import BadField, some_id, text
+
+
+def adapt(row: dict) -> dict | None:
+    io = row.get("input_output")
+    if io is None or (isinstance(io, str) and not io.strip()):
+        return None
+    if isinstance(io, str):
+        try:
+            io = json.loads(io)
+        except ValueError as e:
+            raise BadField("input_output", f"not valid JSON ({e})") from None
+    if not isinstance(io, dict):
+        raise BadField("input_output", "expected a JSON object with inputs and outputs")
+    inputs, outputs = io.get("inputs") or [], io.get("outputs") or []
+    if not inputs:
+        return None
+    if len(inputs) != len(outputs):
+        raise BadField("input_output", f"{len(inputs)} inputs but {len(outputs)} outputs")
+    question = text(row, "question")
+    starter = row.get("starter_code") if isinstance(row.get("starter_code"), str) else ""
+    prompt = ("\nQUESTION:\n" + question + ("\n" + starter if starter else "")
+              + ("\nUse Call-Based format" if io.get("fn_name") else "\nUse Standard Input format") + "\nANSWER:\n")
+    extra = {k: row[k] for k in ("difficulty", "url") if row.get(k) is not None}
+    return {**some_id(row, "problem_id", "id"), "prompt": prompt, "question": question, "starter_code": starter,
+            "input_output": json.dumps(io), **extra}

@@ -1,0 +1,38 @@
+"""MBPP (Austin et al. 2021) as released: `task_id`, `text`, `code`, `test_list`, `test_setup_code`
+(the sanitized split says `prompt` and `test_imports` instead).
+
+The prompt states the task and shows the first test, in a docstring (as in the MBPP paper and the
+InCoder/bigcode evaluations); grading runs every test of `test_list`, HumanEval style: `test` = the
+setup code + `def check(candidate):` holding the asserts, `entry_point` = the reference `code`'s
+function that the asserts call.
+"""
+from __future__ import annotations
+
+import re
+import textwrap
+
+from .common import BadField, some_id, text
+
+
+def entry_point(code: str, tests: list[str]) -> str:
+    """The reference solution's top-level function that the tests call."""
+    for name in re.findall(r"^def\s+([A-Za-z_]\w*)\s*\(", code, re.M):
+        if any(re.search(rf"\b{name}\s*\(", t) for t in tests):
+            return name
+    raise BadField("code", "defines no top-level function that test_list calls")
+
+
+def adapt(row: dict) -> dict:
+    task = text(row, "text") if "text" in row else text(row, "prompt")
+    code = text(row, "code")
+    tests = row.get("test_list")
+    if not isinstance(tests, list) or not tests or not all(isinstance(t, str) and t.strip() for t in tests):
+        raise BadField("test_list", "expected a non-empty list of assert statements")
+    setup = text(row, "test_setup_code", empty_ok=True)
+    if not setup.strip() and isinstance(row.get("test_imports"), list):
+        setup = "\n".join(row["test_imports"])
+    prompt = f'"""\n{task}\n{tests[0]}\n"""\n'
+    check = "def check(candidate):\n" + "".join(textwrap.indent(t.strip(), "    ") + "\n" for t in tests)
+    test = (setup.strip() + "\n\n\n" if setup.strip() else "") + check
+    return {**some_id(row, "task_id"), "prompt": prompt, "code_prompt": prompt, "text": task, "test_example": tests[0],
+            "code": code, "test": test, "entry_point": entry_point(code, tests)}

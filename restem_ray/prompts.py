@@ -1,0 +1,209 @@
+"""The prompt layer: every problem is rendered once, at load time, into the text the model sees.
+
+    restem-ray prompt CONFIG --n 2        # print what the model gets for the first train problems
+
+`prompt.template` (the row's fields by name) gives the question; `prompt.system`, few-shot exemplars
+(`prompt.few_shot`: a file, or the dataset's standard ones) and the model's chat template wrap it. The
+rendered text goes into each problem's `prompt`: vLLM samples from it, the samples Parquet stores it and
+the M-step trains on it (masked), so the three never disagree. The unrendered text stays in `raw_prompt`
+(code rows: `code_prompt`, which the grader builds programs from). With `prompt.train_few_shot: false`,
+train rows also carry `train_prompt`, the zero-shot rendering the M-step trains on. No `prompt` section:
+prompts are used as the files give them.
+"""
+from __future__ import annotations
+
+import functools
+import random
+from dataclasses import dataclass, field
+
+from .config import PromptConfig, RestemConfig
+from .datasets import STANDARD_SHOTS, Splits, load_splits, read_rows
+from .errors import UserError
+
+PLAIN_SHOT_FORMAT = "Question: {question}\nAnswer: {answer}"
+
+
+@functools.lru_cache(maxsize=8)
+def load_tokenizer(path: str):
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except Exception as e:  # a broken or foreign folder: one line, not a transformers traceback
+        raise UserError(f"model.base: {path}: cannot load its tokenizer ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+
+
+def load_shots(pc: PromptConfig, dataset: str | None) -> tuple[list[tuple[str, dict]], str | None]:
+    """The chosen exemplars as (location, row with question/answer and their aliases), and their text format."""
+    if pc.few_shot is None:
+        return [], None
+    if pc.few_shot == "standard":
+        if dataset not in STANDARD_SHOTS:
+            raise UserError(f"prompt.few_shot: standard exemplars exist for task.dataset {' and '.join(STANDARD_SHOTS)}"
+                            f" (this config: {dataset}); give a JSONL file of question/answer exemplars instead")
+        pairs, fmt = STANDARD_SHOTS[dataset]
+        shots = [(f"{dataset} standard exemplar {i + 1}", _shot({}, q, a)) for i, (q, a) in enumerate(pairs)]
+    else:
+        fmt, shots = PLAIN_SHOT_FORMAT, []
+        for loc, row in read_rows(pc.few_shot, "exemplar file (prompt.few_shot)"):
+            q = next((row[k] for k in ("question", "prompt", "problem") if isinstance(row.get(k), str)), None)
+            a = next((row[k] for k in ("solution", "answer") if isinstance(row.get(k), str)), None)
+            if not (q and q.strip() and a and a.strip()):
+                raise UserError(f"{loc}: an exemplar needs 'question' (or 'prompt') and 'solution' (or 'answer')")
+            shots.append((loc, _shot(row, q, a)))
+    n = pc.few_shot_n or len(shots)
+    if n > len(shots):
+        raise UserError(f"prompt.few_shot_n: {n}, but {pc.few_shot} has {len(shots)} exemplars")
+    chosen = shots[:n] if pc.few_shot_seed is None else random.Random(pc.few_shot_seed).sample(shots, n)
+    return chosen, pc.shot_format or fmt
+
+
+def _shot(row: dict, question: str, answer: str) -> dict:
+    # the template may name the question by any dataset's field name
+    return {"question": question, "prompt": question, "problem": question, "text": question, **row, "answer": answer}
+
+
+class PromptRenderer:
+    """Renders problem rows into prompts for one tokenizer; built once per config."""
+
+    def __init__(self, pc: PromptConfig, tokenizer, dataset: str | None = None, model: str = "model.base"):
+        self.pc, self.tok = pc, tokenizer
+        has = bool(getattr(tokenizer, "chat_template", None))
+        if pc.chat_template is True and not has:
+            raise UserError(f"prompt.chat_template: true, but the tokenizer of {model} has no chat template")
+        self.chat = has if pc.chat_template == "auto" else pc.chat_template
+        shots, self.fmt = load_shots(pc, dataset)
+        self.shots = [(self._question(row, loc), row["answer"]) for loc, row in shots]
+        marker = self.fmt.split("{question}")[0].strip() if self.fmt and not self.chat else ""
+        self.stop: tuple[str, ...] = (marker,) if marker else ()  # the next exemplar's question marker
+        self._bos_twice: bool | None = None
+
+    def _question(self, row: dict, loc: str = "") -> str:
+        try:
+            return self.pc.template.format_map(row)
+        except KeyError as e:  # rows are checked at load; exemplars are checked here
+            raise UserError(f"{loc}: prompt.template uses field {e.args[0]!r}, which this exemplar lacks") from None
+
+    def render(self, row: dict, few_shot: bool = True) -> str:
+        q, shots, system = self._question(row), self.shots if few_shot else [], self.pc.system
+        if self.chat:
+            turns = [{"role": "system", "content": system}] if system else []
+            for sq, sa in shots:
+                turns += [{"role": "user", "content": sq}, {"role": "assistant", "content": sa}]
+            try:
+                text = self.tok.apply_chat_template(turns + [{"role": "user", "content": q}], tokenize=False,
+                                                    add_generation_prompt=True)
+            except Exception as e:  # e.g. a template that refuses a system turn
+                raise UserError(f"prompt: the model's chat template failed ({type(e).__name__}: {e})") from None
+            return self._no_double_bos(text)
+        if self.fmt is None:
+            return "\n\n".join(([system] if system else []) + [q])
+        blocks = [self.fmt.format(question=sq, answer=sa) for sq, sa in shots]
+        blocks.append(self.fmt.split("{answer}")[0].format(question=q).rstrip())
+        return "\n\n".join(([system] if system else []) + blocks)
+
+    def _no_double_bos(self, text: str) -> str:
+        """vLLM and the M-step tokenize with add_special_tokens=True: a template that writes BOS itself would
+        get a second one, so the rendered text leaves it out when the tokenizer adds it anyway."""
+        bos = self.tok.bos_token
+        if not bos or not text.startswith(bos):
+            return text
+        if self._bos_twice is None:
+            ids = self.tok(text).input_ids
+            self._bos_twice = len(ids) > 1 and ids[0] == ids[1] == self.tok.bos_token_id
+        return text[len(bos):] if self._bos_twice else text
+
+
+@dataclass
+class Task:
+    """The problems of one config as everything downstream sees them (rendered when `prompt` is set)."""
+    train: list[dict]
+    evals: dict[str, list[dict]]
+    seed_rows: list[dict] = field(default_factory=list)
+    stop: tuple[str, ...] = ()                 # sampling.stop, or the few-shot format's question marker
+    renderer: PromptRenderer | None = None
+
+
+def template_fields(cfg: RestemConfig) -> tuple[str, ...]:
+    return tuple(cfg.prompt.template_fields()) if cfg.prompt else ()
+
+
+def make_renderer(cfg: RestemConfig, model: str | None = None) -> PromptRenderer | None:
+    if cfg.prompt is None:
+        return None
+    model = model or cfg.model.base
+    return PromptRenderer(cfg.prompt, load_tokenizer(model), cfg.task.dataset, model)
+
+
+def render_rows(rows: list[dict], renderer: PromptRenderer | None, *, code: bool, train: bool = False) -> list[dict]:
+    """Rows with `prompt` rendered; `raw_prompt`, code rows' `code_prompt` and (train) `train_prompt` added."""
+    if renderer is None:
+        return rows
+    out = []
+    for r in rows:
+        new = dict(r, prompt=renderer.render(r), raw_prompt=r["prompt"])
+        if code and not new.get("code_prompt"):
+            new["code_prompt"] = r["prompt"]
+        if train and not renderer.pc.train_few_shot and renderer.shots:
+            new["train_prompt"] = renderer.render(r, few_shot=False)
+        out.append(new)
+    return out
+
+
+def render_task(cfg: RestemConfig, splits: Splits, model: str | None = None) -> Task:
+    renderer = make_renderer(cfg, model)
+    code = cfg.task.kind == "code"
+    train = render_rows(splits.train, renderer, code=code, train=True)
+    evals = {n: render_rows(rows, renderer, code=code) for n, rows in splits.evals.items()}
+    seed = splits.seed_rows
+    if renderer is not None:  # human solutions are trained on like samples: under the training rendering
+        seed = [dict(r, prompt=renderer.render(r, few_shot=cfg.prompt.train_few_shot), raw_prompt=r["prompt"])
+                for r in seed]
+    stop = tuple(cfg.sampling.stop) or (renderer.stop if renderer else ())
+    return Task(train, evals, seed, stop, renderer)
+
+
+def load_task(cfg: RestemConfig, model: str | None = None) -> Task:
+    """Every problem of `cfg`: read, adapted, split, rendered."""
+    return render_task(cfg, load_splits(cfg.task, need=template_fields(cfg)), model)
+
+
+def with_stop(cfg: RestemConfig, stop: tuple[str, ...]) -> RestemConfig:
+    """`cfg` with the stop strings its prompts imply (written to the run's config.yaml as run)."""
+    if tuple(cfg.sampling.stop) == tuple(stop):
+        return cfg
+    return cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"stop": list(stop)})})
+
+
+def check_lengths(cfg: RestemConfig, task: Task) -> None:
+    """Refuse a training.max_seq_len that the longest train prompt plus a full completion overflows, and an
+    engine max_model_len that a prompt alone overflows (vLLM would fail that request mid-run)."""
+    tok = load_tokenizer(cfg.model.base)
+    m = cfg.sampling.max_tokens
+    pid, longest = _longest(tok, [(r["id"], r.get("train_prompt", r["prompt"])) for r in task.train])
+    if longest + m > cfg.training.max_seq_len:
+        raise UserError(f"training.max_seq_len {cfg.training.max_seq_len} is shorter than the longest train prompt "
+                        f"({longest} tokens, problem {pid!r}) + sampling.max_tokens {m} = {longest + m}: raise "
+                        "training.max_seq_len or lower sampling.max_tokens")
+    check_model_len(cfg, {"train": task.train, **task.evals}, tok)
+
+
+def check_model_len(cfg: RestemConfig, splits: dict[str, list[dict]], tok) -> None:
+    """vLLM refuses a prompt that fills its max_model_len: fail now, not mid-run."""
+    limit = cfg.sampling.engine_kwargs.get("max_model_len")
+    if isinstance(limit, int):
+        pid, longest = _longest(tok, [(f"{n} problem {r['id']!r}", r["prompt"]) for n, rs in splits.items() for r in rs])
+        if longest >= limit:
+            raise UserError(f"sampling.engine_kwargs.max_model_len {limit} leaves no room after the longest prompt "
+                            f"({longest} tokens, {pid}): raise it or shorten the prompt")
+
+
+def _longest(tok, rows: list[tuple[str, str]]) -> tuple[str, int]:
+    best = ("", 0)
+    for i in range(0, len(rows), 1024):
+        chunk = rows[i : i + 1024]
+        for (pid, _), ids in zip(chunk, tok([t for _, t in chunk]).input_ids):
+            if len(ids) > best[1]:
+                best = (pid, len(ids))
+    return best

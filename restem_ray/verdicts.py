@@ -1,0 +1,34 @@
+"""E-step verdict bookkeeping: counts per kind, and the stop when grading itself failed (issue 19).
+
+A failed grade is data (a verdict), but a grade the infrastructure could not give (a sandbox that died
+and could not restart, a plug-in that raises) says nothing about the sample: its reward 0 is not the
+model's. A few are tolerated; a shard made mostly of them means the verifier is broken, and training on
+its zeros would quietly teach the M-step nothing (or the wrong thing), so the run stops instead.
+"""
+from __future__ import annotations
+
+from collections import Counter
+from typing import Iterable
+
+from .errors import RunError
+
+
+def is_infra(verdict: str) -> bool:
+    """Verdicts of the grading machinery, not of the sample."""
+    return verdict == "sandbox_error" or verdict.startswith("verifier_error:")
+
+
+def verdict_counts(verdicts: Iterable[str]) -> dict[str, int]:
+    """{"passed": n, "wrong_answer": n, ...}, most frequent first."""
+    return dict(Counter(verdicts).most_common())
+
+
+def check_infra_errors(verdicts: list[str], max_rate: float, where: str) -> None:
+    """Raise RunError when more than `max_rate` of `verdicts` are infrastructure failures."""
+    infra = Counter(v for v in verdicts if is_infra(v))
+    n = sum(infra.values())
+    if verdicts and n / len(verdicts) > max_rate:
+        kinds = ", ".join(f"{k}: {c}" for k, c in infra.most_common(3))
+        raise RunError(f"{where}: {n} of {len(verdicts)} grades are verifier/sandbox failures ({kinds}), more than "
+                       f"verification.max_infra_error_rate={max_rate:g}; stopped rather than train on their zeros "
+                       "(fix the verifier, then --resume: the shard was not saved)")

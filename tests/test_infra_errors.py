@@ -1,0 +1,167 @@
+"""Grades the infrastructure could not give (issue 19, item 5): counted per kind in the E-step line, and a
+shard made mostly of them stops the run with one line (exit 1) instead of being trained on as zeros."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+import yaml
+
+from restem_ray.config import config_from_dict, dump_config
+from restem_ray.driver import Driver
+from restem_ray.errors import RunError
+from restem_ray.storage import RunDir
+from restem_ray.verdicts import check_infra_errors, is_infra, verdict_counts
+
+HERE = Path(__file__).parent
+
+
+def test_infra_verdicts_and_the_threshold():
+    assert is_infra("sandbox_error") and is_infra("verifier_error:RuntimeError")
+    assert not any(map(is_infra, ["passed", "wrong_answer", "timeout", "runtime_error", "no_answer", "invalid_sample"]))
+    ok = ["passed", "wrong_answer", "timeout", "sandbox_error"]
+    check_infra_errors(ok, 0.5, "shard 0")                               # 1 of 4
+    check_infra_errors(["sandbox_error", "passed"], 0.5, "shard 0")     # exactly the share: allowed
+    check_infra_errors(["sandbox_error"] * 3, 1.0, "shard 0")           # 1.0 turns the stop off
+    check_infra_errors([], 0.0, "shard 0")
+    with pytest.raises(RunError, match=r"shard 7: 2 of 3 grades .*sandbox_error: 1.*max_infra_error_rate=0.5"):
+        check_infra_errors(["sandbox_error", "verifier_error:KeyError", "passed"], 0.5, "shard 7")
+    with pytest.raises(RunError):
+        check_infra_errors(["verifier_error:KeyError", "passed", "passed"], 0.0, "shard 0")
+    assert verdict_counts(["passed", "wrong_answer", "passed"]) == {"passed": 2, "wrong_answer": 1}
+
+
+def test_config_default_and_bounds():
+    base = {"task": {"train_file": "t", "valid_file": "v"}, "model": {"base": "m"}}
+    cfg = config_from_dict(base)
+    assert cfg.verification.max_infra_error_rate == 0.5 and cfg.selection.keep_truncated is False
+    with pytest.raises(Exception, match="max_infra_error_rate"):
+        config_from_dict({**base, "verification": {"max_infra_error_rate": 1.5}})
+
+
+# ---------------------------------------------------------------- Driver.generate / select without Ray
+class FakePool:
+    """Stands in for EStepPool: delivers given graded shards through the driver's on_chunk."""
+    nodes = ["node-a"]
+
+    def __init__(self, shards):
+        self.shards = shards
+
+    def run(self, chunks, spec, *, on_chunk, desc):
+        assert len(chunks) == len(self.shards)
+        for i, rows in enumerate(self.shards):
+            on_chunk(i, rows)
+
+
+class FakeSamplers:
+    def __init__(self, pool):
+        self.pool = pool
+
+    def get(self, model):
+        return self.pool
+
+
+def row(pid, i, verdict, finish="stop"):
+    return {"id": pid, "sample_index": i, "prompt": "Q", "completion": f"c{i}", "reward": float(verdict == "passed"),
+            "verdict": verdict, "prompt_tokens": 1, "completion_tokens": 3, "finish_reason": finish}
+
+
+def driver(tmp_path, shards, **sections):
+    cfg = config_from_dict({"task": {"train_file": "t", "valid_file": "v"}, "model": {"base": "m"},
+                            "sampling": {"prompts_per_request": 1, "samples_per_problem": 3},
+                            "observability": {"tensorboard": False}, **sections})
+    d = Driver.__new__(Driver)  # the phases alone: no data files, no Ray
+    d.cfg, d.run, d.step_checker = cfg, RunDir(tmp_path / "run"), None
+    d.train = [{"id": pid, "prompt": "Q", "answer": "1"} for pid in ("a", "b")][: len(shards)]
+    d.samplers = FakeSamplers(FakePool(shards))
+    d.run.create(dump_config(cfg), resume=False)
+    return d
+
+
+def test_e_step_line_counts_verdicts_and_truncation_and_select_drops_truncated(tmp_path):
+    shards = [[row("a", 0, "passed"), row("a", 1, "passed", "length"), row("a", 2, "wrong_answer", "length")],
+              [row("b", 0, "passed", "length"), row("b", 1, "sandbox_error"), row("b", 2, "no_answer")]]
+    d = driver(tmp_path, shards)
+    samples = d.generate(1, "m")
+    d.select(1, samples)
+    gen, sel = [m for m in d.run.metrics() if m["phase"] in ("generate", "select")]
+    assert gen["verdicts"] == {"passed": 3, "wrong_answer": 1, "sandbox_error": 1, "no_answer": 1}
+    assert gen["truncated"] == 3 and gen["correct"] == 3
+    assert sel["kept"] == 1 and sel["truncated_correct_dropped"] == 2
+    kept = pq.read_table(d.run.iter_dir(1) / "train.parquet").to_pylist()
+    assert [(r["id"], r["sample_index"]) for r in kept] == [("a", 0)]
+
+
+def test_all_correct_samples_truncated_is_a_clear_stop(tmp_path):
+    d = driver(tmp_path, [[row("a", 0, "passed", "length"), row("a", 1, "wrong_answer"), row("a", 2, "passed", "length")]])
+    with pytest.raises(RunError, match="all 2 correct samples ended on sampling.max_tokens"):
+        d.select(1, d.generate(1, "m"))
+
+
+def test_a_shard_of_infra_errors_stops_the_e_step_before_it_is_saved(tmp_path):
+    good = [row("a", i, "passed") for i in range(3)]
+    broken = [row("b", 0, "sandbox_error"), row("b", 1, "sandbox_error"), row("b", 2, "wrong_answer")]
+    d = driver(tmp_path, [good, broken])
+    with pytest.raises(RunError, match="iteration 1, E-step shard part-00001: 2 of 3 grades"):
+        d.generate(1, "m")
+    assert sorted(p.name for p in d.run.samples_dir(1).iterdir()) == ["part-00000.parquet"]  # resume regrades it
+    assert not d.run.done(1, "generate")
+    d = driver(tmp_path / "tolerant", [good, broken], verification={"max_infra_error_rate": 0.7})
+    assert d.generate(1, "m").num_rows == 6
+
+
+def test_a_replica_that_fails_to_start_is_logged_with_its_cause(monkeypatch, capsys):
+    import ray
+
+    from restem_ray import pool as pool_mod
+
+    def failing_get(ref):
+        raise ray.exceptions.RayTaskError("ready", "traceback...\nRuntimeError: no CUDA device on this node",
+                                          RuntimeError("no CUDA device on this node"))
+    killed = []
+    monkeypatch.setattr(pool_mod.ray, "get", failing_get)
+    monkeypatch.setattr(pool_mod.ray, "kill", killed.append)
+    p = pool_mod.EStepPool.__new__(pool_mod.EStepPool)
+    p._starting, p.samplers, p.nodes = {"ref": "replica"}, [], []
+    free = []
+    p._started("ref", free)
+    assert killed == ["replica"] and free == [] and p.samplers == [] and p._starting == {}
+    assert "could not start and was dropped: RuntimeError: no CUDA device on this node" in capsys.readouterr().out
+
+
+# ---------------------------------------------------------------- the real thing: CLI, Ray, vLLM
+@pytest.mark.slow
+def test_a_verifier_that_fails_on_every_row_stops_the_run_with_one_line(tmp_path):
+    """`restem-ray run` with a plug-in that raises on every row: exit 1, one line naming the cause and the
+    setting, no samples shard and no E-step committed (a fixed verifier + --resume regrades everything)."""
+    from restem_ray.builtin import TinyModelSpec, build_model, build_tokenizer
+
+    model = tmp_path / "tiny"
+    tok = build_tokenizer()
+    build_model(TinyModelSpec(seed=5), tok).save_pretrained(model)
+    tok.save_pretrained(model)
+    problems = [{"id": f"p{i}", "prompt": f"Q: {i} + 1\nA:", "answer": str(i + 1)} for i in range(6)]
+    for name, rows in (("train", problems), ("valid", problems[:2])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = {"task": {"kind": "math", "train_file": "train.jsonl", "valid_file": "valid.jsonl"},
+           "model": {"base": str(model)},
+           "sampling": {"samples_per_problem": 2, "max_tokens": 8, "prompts_per_request": 3,
+                        "engine_kwargs": {"dtype": "float32", "max_model_len": 128}},
+           "verification": {"verifier": "broken_verifier:reward", "num_workers": 1},
+           "loop": {"iterations": 1}, "observability": {"tensorboard": False}, "ray": {"num_cpus": 4}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(cfg))
+    env = dict(os.environ, PYTHONPATH=f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}", PYTHONUNBUFFERED="1")
+    p = subprocess.run([sys.executable, "-m", "restem_ray.cli", "run", str(tmp_path / "cfg.yaml"), "--out",
+                        str(tmp_path / "run")], capture_output=True, text=True, env=env, timeout=600,
+                       start_new_session=True)
+    assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
+    stops = [l for l in p.stderr.splitlines() if l.startswith("restem-ray: run stopped:")]
+    assert len(stops) == 1, p.stderr[-3000:]
+    assert "verifier_error:ConnectionError: 6" in stops[0] and "verification.max_infra_error_rate" in stops[0]
+    assert "Traceback" not in p.stderr
+    run = RunDir(tmp_path / "run")
+    assert not list((tmp_path / "run" / "iter_001" / "samples").glob("part-*.parquet"))
+    assert list(run.manifest()["completed"]) == ["0/eval"]

