@@ -1,23 +1,50 @@
-"""GPU readiness of the M-step loop: restem-ray's `MStep` (the code Ray Train runs on every rank), driven
-without Ray on one GPU, on a random-init Llama-shaped 0.5B model (Qwen2-0.5B's shape), bf16 DeepSpeed ZeRO-2,
-with sequence packing. Reports real tokens/s and MFU; writes bench/results/gpu_mstep.json.
+"""The M-step on one GPU: restem-ray's `MStep` (the loop Ray Train runs on every rank, driven here without
+Ray) against a plain DeepSpeed ZeRO-2 loop on the same batches, in one run.
 
-    bash bench/gpu_mstep.sh             # on a GPU machine (installs nothing; see the .sh for deepspeed)
-    python bench/gpu_mstep.py --steps 30 --packing 1 --attn sdpa
+    bash bench/gpu_mstep.sh                        # the prepared device check (installs what it carries)
+    python bench/gpu_mstep.py [--steps 30] [--variants plain,padded,packed,zero3,unbucketed]
+    python bench/gpu_mstep.py --cpu-smoke          # tiny shapes on CPU: checks the script, not speed
 
-MFU counts 6 x params x tokens plus causal attention (6 x layers x hidden x mean sample length per token,
-fwd+bwd) over the GPU's dense bf16 peak (989 TFLOP/s for H100/H200 SXM). Reference
-(shared/reference/gpu.md): plain DeepSpeed ZeRO-2 without packing 24% on an H200; target >= 35%.
+Model: random-init Llama shaped like Qwen2-0.5B (494M parameters, vocab 151,936, tied embeddings), bf16.
+Data: `--steps x --micro` rows of 256-1792 random tokens (a 32-token prompt, the rest completion), one
+epoch, length-grouped into micro-batches exactly as the M-step plans them (`restem_ray.sft.plan_epoch`).
+Each variant runs in a fresh process (its own CUDA context and DeepSpeed groups) on the same model folder
+and data file:
+  plain       a hand-written DeepSpeed ZeRO-2 loop (bf16, torch fused AdamW, clipping 1.0) over the very
+              batches `padded` trains on: the reference
+  padded      MStep, ZeRO-2, length-grouped padded micro-batches (widths rounded up to 64), sdpa
+  packed      MStep, ZeRO-2, samples packed into rows of 4096 (flash_attention_2 when importable, else sdpa)
+  zero3       MStep, ZeRO-3, padded
+  unbucketed  MStep, ZeRO-2, padded to the exact longest row (pad_to_multiple_of 1): what bucketing buys
+Throughput counts real (non-padding) tokens over the training steps, first step included, on both sides.
+MFU = real tokens/s x (6 x params + 6 x layers x hidden x mean sample length) / peak bf16 FLOP/s (989
+TFLOP/s: H100/H200 SXM dense). Writes OUT/gpu_mstep.json (OUT: $OUT or bench/results) and prints a table.
 """
 import argparse
 import json
 import os
 import random
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
 
-os.environ.setdefault("DS_ACCELERATOR", "cuda")
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+GPU_SHAPE = dict(vocab=151936, hidden=896, layers=24, heads=14, kv=2, ffn=4864)    # Qwen2-0.5B
+CPU_SHAPE = dict(vocab=1000, hidden=64, layers=2, heads=2, kv=1, ffn=128)
+VARIANTS = {
+    "plain": {},
+    "padded": {"zero_stage": 2},
+    "packed": {"zero_stage": 2, "packing": True, "pack_length": 4096},
+    "zero3": {"zero_stage": 3},
+    "unbucketed": {"zero_stage": 2, "pad_to_multiple_of": 1},
+}
+LABELS = {"plain": "plain DeepSpeed ZeRO-2 (same batches)", "padded": "restem-ray ZeRO-2, padded to x64",
+          "packed": "restem-ray ZeRO-2, packed rows of 4096", "zero3": "restem-ray ZeRO-3, padded to x64",
+          "unbucketed": "restem-ray ZeRO-2, padded exactly"}
 
 
 def word_tokenizer(vocab: int):
@@ -32,80 +59,203 @@ def word_tokenizer(vocab: int):
     return PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", bos_token="<s>", eos_token="</s>")
 
 
-def main():
-    ap = argparse.ArgumentParser()
-    ap.add_argument("--steps", type=int, default=30)
-    ap.add_argument("--micro", type=int, default=16, help="samples per micro-batch")
-    ap.add_argument("--min-len", type=int, default=256)
-    ap.add_argument("--max-len", type=int, default=1792)
-    ap.add_argument("--packing", type=int, default=1)
-    ap.add_argument("--pack-length", type=int, default=4096)
-    ap.add_argument("--attn", default="sdpa")
-    ap.add_argument("--zero", type=int, default=2)
-    ap.add_argument("--peak-tflops", type=float, default=989.0)
-    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the script, not speed")
-    args = ap.parse_args()
-    gpu = not args.cpu_smoke
-    if not gpu:
-        os.environ["DS_ACCELERATOR"] = "cpu"
-
+def prepare(work: Path, args) -> dict:
+    """Model folder (bf16, as real checkpoints come) and data file shared by every variant."""
     import torch
     from transformers import LlamaConfig, LlamaForCausalLM
 
-    from restem_ray.config import TrainingConfig
-    from restem_ray.training import LocalReporter, MStep
-
-    vocab, hidden, layers, heads, kv, ffn = (151936, 896, 24, 14, 2, 4864) if gpu else (1000, 64, 2, 2, 1, 128)
-    work = Path(tempfile.mkdtemp(prefix="gpu-mstep-"))
-    tok = word_tokenizer(vocab)
-    cfg = LlamaConfig(vocab_size=vocab, hidden_size=hidden, intermediate_size=ffn, num_hidden_layers=layers,
-                      num_attention_heads=heads, num_key_value_heads=kv, max_position_embeddings=4096,
-                      tie_word_embeddings=True, bos_token_id=1, eos_token_id=2, pad_token_id=0)
+    s = CPU_SHAPE if args.cpu_smoke else GPU_SHAPE
+    tok = word_tokenizer(s["vocab"])
+    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
+                      num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
+                      max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
+                      pad_token_id=0)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg)
+    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
-    del model
     rng = random.Random(0)
-    n_rows = args.steps * args.micro
     lengths = []
     with open(work / "train.jsonl", "w") as f:
-        for _ in range(n_rows):
+        for _ in range(args.steps * args.micro):
             n = rng.randint(args.min_len, args.max_len)
             lengths.append(n + 2)  # + BOS + EOS
-            words = [f"t{rng.randrange(3, vocab)}" for _ in range(n)]
+            words = [f"t{rng.randrange(3, s['vocab'])}" for _ in range(n)]
             f.write(json.dumps({"prompt": " ".join(words[:32]), "completion": " ".join(words[32:])}) + "\n")
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT="29511", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
+    return {"params": params, "layers": s["layers"], "hidden": s["hidden"],
+            "mean_sample_tokens": sum(lengths) / len(lengths)}
+
+
+def training_config(args, variant: str):
+    from restem_ray.config import TrainingConfig
+
+    gpu = not args.cpu_smoke
+    over = dict(VARIANTS[variant])
+    if over.get("packing") and gpu:
+        try:
+            import flash_attn  # noqa: F401  (the variable-length kernel packing is for)
+            over["attn_implementation"] = "flash_attention_2"
+        except ImportError:
+            pass
+    return TrainingConfig(**{"num_workers": 1, "use_gpu": gpu, "dtype": "bf16", "micro_batch_size": args.micro,
+                             "max_steps": args.steps, "lr": 1e-4, "max_seq_len": 4096, "warmup_ratio": 0.0,
+                             "lr_schedule": "constant", "attn_implementation": "sdpa" if gpu else None,
+                             "checkpoint_every_steps": 10**6, **over})
+
+
+def run_variant(work: Path, args, variant: str) -> dict:
+    """One variant in this (fresh) process; returns its measurements."""
+    import torch
+
+    gpu = not args.cpu_smoke
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(29600 + list(VARIANTS).index(variant)), RANK="0",
+                      LOCAL_RANK="0", WORLD_SIZE="1", DS_ACCELERATOR="cuda" if gpu else "cpu")
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="nccl" if gpu else "gloo")
     if gpu:
         torch.cuda.set_device(0)
         torch.cuda.reset_peak_memory_stats()
-    tc = TrainingConfig(num_workers=1, use_gpu=gpu, dtype="bf16" if gpu else "fp32", zero_stage=args.zero, micro_batch_size=args.micro,
-                        max_steps=args.steps, lr=1e-4, max_seq_len=4096, packing=bool(args.packing),
-                        pack_length=args.pack_length, attn_implementation=args.attn, checkpoint_every_steps=10**6)
-    job = {"init_model": str(work / "model"), "train_file": str(work / "train.jsonl"), "seed": 0,
-           "cfg": tc.model_dump(), "valid_file": None, "verifier": "math", "verification": {},
-           "max_new_tokens": 16, "stop": ()}
+    else:
+        torch.set_num_threads(os.cpu_count() or 1)
+    cfg = training_config(args, "padded" if variant == "plain" else variant)
     t = time.perf_counter()
-    m = MStep(job, 0, 1, LocalReporter(str(work / "ckpts"))).run()
-    wall = time.perf_counter() - t
-    mean_len = sum(lengths) / len(lengths)
-    flops_per_token = 6 * params + 6 * layers * hidden * mean_len  # dense + causal attention (half of L^2)
-    mfu = m["tokens_per_s"] * flops_per_token / (args.peak_tflops * 1e12)
-    result = {"device": torch.cuda.get_device_name(0) if gpu else "cpu (smoke)", "params": params, "steps": m["steps"],
-              "micro_batch": args.micro, "mean_sample_tokens": round(mean_len, 1), "packing": bool(args.packing),
-              "pack_length": args.pack_length, "attn": args.attn, "zero_stage": args.zero,
-              "real_tokens_per_s": round(m["tokens_per_s"]), "real_token_fraction": round(m["real_token_fraction"], 4),
-              "mfu": round(mfu, 4), "train_seconds": round(m["train_seconds"], 1), "wall_seconds": round(wall, 1),
-              "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
-              "loss": m["loss"]}
-    out = Path(os.environ.get("OUT", Path(__file__).parent / "results")) / "gpu_mstep.json"
+    m = plain_loop(work, cfg) if variant == "plain" else mstep(work, cfg, variant)
+    out = {"variant": variant, "steps": m["steps"], "real_tokens": m["real_tokens"],
+           "real_tokens_per_s": round(m["tokens_per_s"]), "real_token_fraction": round(m["real_token_fraction"], 4),
+           "train_seconds": round(m["train_seconds"], 2), "wall_seconds": round(time.perf_counter() - t, 1),
+           "loss": round(m["loss"], 5), "attn": cfg.attn_implementation or "default",
+           "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None}
+    if variant != "plain":
+        hf = work / f"ckpt-{variant}"
+        hf = sorted(hf.glob("step_*"))[-1] / "hf"
+        out["checkpoint_dtype"] = json.loads((hf / "config.json").read_text()).get("dtype")
+    return out
+
+
+def mstep(work: Path, cfg, variant: str) -> dict:
+    from restem_ray.training import LocalReporter, MStep
+
+    job = {"init_model": str(work / "model"), "train_file": str(work / "train.jsonl"), "seed": 0,
+           "cfg": cfg.model_dump(), "valid_file": None, "verifier": "math", "verification": {},
+           "max_new_tokens": 16, "stop": ()}
+    return MStep(job, 0, 1, LocalReporter(str(work / f"ckpt-{variant}"))).run()
+
+
+def plain_loop(work: Path, cfg) -> dict:
+    """What a user writes by hand: a DeepSpeed engine over the batches the M-step would train on (collated
+    before the clock starts, so the reference carries none of the host-side batching the M-step times)."""
+    import deepspeed
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from restem_ray.sft import collate_micro, encode, plan_epoch
+
+    gpu = cfg.use_gpu
+    tok = AutoTokenizer.from_pretrained(work / "model")
+    rows = [json.loads(line) for line in open(work / "train.jsonl")]
+    data = [encode(tok, r["prompt"], r["completion"]) for r in rows]
+    plan = plan_epoch([len(x[0]) for x in data], cfg.micro_batch_size, 1, 1, seed=0)  # MStep's epoch 0, seed 0
+    batches = [collate_micro([data[i] for i in idx], tok.pad_token_id, multiple=64 if gpu else 1)
+               for (idx,) in plan[: cfg.max_steps]]
+    kwargs = {"attn_implementation": cfg.attn_implementation} if cfg.attn_implementation else {}
+    model = AutoModelForCausalLM.from_pretrained(work / "model", dtype=torch.bfloat16, **kwargs)
+    ds = {"train_micro_batch_size_per_gpu": cfg.micro_batch_size, "gradient_accumulation_steps": 1,
+          "gradient_clipping": 1.0, "zero_optimization": {"stage": 2}, "bf16": {"enabled": True},
+          "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": 0.0, "betas": [0.9, 0.95],
+                                                    "torch_adam": True, **({"fused": True} if gpu else {})}},
+          "steps_per_print": 10**9}
+    engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
+    real = sum(int(b.pop("real_tokens")) for b in batches)
+    tokens = sum(b["input_ids"].numel() for b in batches)
+    t = time.perf_counter()
+    for b in batches:
+        loss = engine(**{k: v.to(engine.device) for k, v in b.items()}, use_cache=False).loss
+        engine.backward(loss)
+        engine.step()
+    if gpu:
+        torch.cuda.synchronize()
+    secs = time.perf_counter() - t
+    return {"steps": len(batches), "real_tokens": real, "tokens_per_s": real / secs, "train_seconds": secs,
+            "real_token_fraction": real / tokens, "loss": loss.item()}
+
+
+def device_name(gpu: bool) -> str:
+    if not gpu:
+        return f"cpu smoke ({os.cpu_count()} cores)"
+    import torch
+
+    return torch.cuda.get_device_name(0)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--micro", type=int, default=16, help="samples per micro-batch")
+    ap.add_argument("--min-len", type=int, default=256)
+    ap.add_argument("--max-len", type=int, default=1792)
+    ap.add_argument("--variants", default=",".join(VARIANTS))
+    ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the script, not speed")
+    ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results")))
+    ap.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one variant in this process
+    ap.add_argument("--work", help=argparse.SUPPRESS)
+    args = ap.parse_args()
+    if args.cpu_smoke and args.max_len > 64:
+        args.min_len, args.max_len = 16, 48
+    if args.one:
+        print("RESULT " + json.dumps(run_variant(Path(args.work), args, args.one)), flush=True)
+        return
+    variants = args.variants.split(",")
+    unknown = set(variants) - set(VARIANTS)
+    if unknown or "plain" not in variants or "padded" not in variants:
+        sys.exit(f"--variants: need plain and padded, from {', '.join(VARIANTS)} (got {args.variants})")
+    work = Path(tempfile.mkdtemp(prefix="gpu-mstep-"))
+    shape = prepare(work, args)
+    results = {}
+    for v in variants:
+        cmd = [sys.executable, __file__, "--one", v, "--work", str(work), "--steps", str(args.steps),
+               "--micro", str(args.micro), "--min-len", str(args.min_len), "--max-len", str(args.max_len)]
+        cmd += ["--cpu-smoke"] if args.cpu_smoke else []
+        p = subprocess.run(cmd, capture_output=True, text=True)
+        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        if p.returncode or not line:
+            results[v] = {"variant": v, "error": (p.stderr or p.stdout).strip().splitlines()[-1][:300]
+                          if (p.stderr or p.stdout).strip() else f"exit {p.returncode}"}
+            print(f"[gpu_mstep] {v} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
+            continue
+        results[v] = json.loads(line[0][len("RESULT "):])
+        print(f"[gpu_mstep] {v}: {results[v]['real_tokens_per_s']} real tokens/s", flush=True)
+    flops_per_token = 6 * shape["params"] + 6 * shape["layers"] * shape["hidden"] * shape["mean_sample_tokens"]
+    plain = results["plain"].get("real_tokens_per_s")
+    for r in results.values():
+        if "real_tokens_per_s" in r:
+            r["mfu"] = round(r["real_tokens_per_s"] * flops_per_token / (args.peak_tflops * 1e12), 4)
+            r["ratio_to_plain"] = round(r["real_tokens_per_s"] / plain, 3) if plain else None
+    summary = {"device": device_name(not args.cpu_smoke), "date": time.strftime("%Y-%m-%d"),
+               "model_params": shape["params"], "steps": args.steps, "micro_batch": args.micro,
+               "sample_tokens": [args.min_len + 2, args.max_len + 2],
+               "mean_sample_tokens": round(shape["mean_sample_tokens"], 1), "peak_tflops": args.peak_tflops,
+               "padded_ratio": results["padded"].get("ratio_to_plain"), "padded_mfu": results["padded"].get("mfu"),
+               "variants": results}
+    out = Path(args.out) / "gpu_mstep.json"
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(result, indent=1))
-    print(json.dumps(result, indent=1))
+    out.write_text(json.dumps(summary, indent=1))
+    print(f"\n{summary['device']}: {shape['params'] / 1e6:.0f}M params, {args.steps} steps x {args.micro} samples "
+          f"of {args.min_len + 2}-{args.max_len + 2} tokens, bf16")
+    print(f"| variant | real tokens/s | ratio to plain | MFU | peak GPU memory | checkpoint dtype |")
+    print("|---|---|---|---|---|---|")
+    for v, r in results.items():
+        if "error" in r:
+            print(f"| {LABELS[v]} | failed: {r['error']} | | | | |")
+            continue
+        mem = f"{r['peak_memory_gib']} GiB" if r["peak_memory_gib"] is not None else "-"
+        print(f"| {LABELS[v]} | {r['real_tokens_per_s']:,} | {r['ratio_to_plain']} | {100 * r['mfu']:.1f}% | {mem} "
+              f"| {r.get('checkpoint_dtype', '-')} |")
+    print(f"wrote {out}")
+    if any("error" in r for r in results.values()):
+        sys.exit(1)
 
 
 if __name__ == "__main__":

@@ -1,18 +1,27 @@
 #!/usr/bin/env bash
-# One prepared GPU check of the M-step loop (no Ray, no vLLM on the GPU machine; shared/reference/gpu.md):
-#   bash bench/gpu_mstep.sh            # deepspeed importable, or its sdist + wheels in ./shared/wheels
-# Runs packed and unpacked variants and prints both; results in $OUT (or bench/results).
+# The prepared GPU check: every M-step check that needs a GPU, in one call of a few minutes on one H100/H200.
+# The GPU machine has torch and transformers but no deepspeed, pydantic or accelerate and no network
+# (shared/reference/gpu.md), so what it lacks travels as .gpu-wheels/ (made by bench/gpu_wheels.sh here):
+#   device tool: run(command="bash bench/gpu_mstep.sh", carry=[".gpu-wheels"], timeout_s=540)
+# Writes $OUT/gpu_mstep.json (OUT defaults to bench/results) and prints the table the README quotes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-if ! python -c "import deepspeed" 2>/dev/null; then
-  whl=shared/wheels
-  [ -d "$whl" ] || { echo "deepspeed is not importable and $whl is missing (see shared/reference/gpu.md)" >&2; exit 2; }
-  pip install -q --no-index --no-deps --target /tmp/site "$whl"/*.whl
-  src=$(mktemp -d) && tar -xzf "$whl"/deepspeed-*.tar.gz -C "$src"
-  (cd "$src"/deepspeed-* && DS_BUILD_OPS=0 pip install -q --no-index --no-deps --no-build-isolation --target /tmp/site .)
-  export PYTHONPATH=/tmp/site:${PYTHONPATH:-}
+wheels=${WHEELS:-.gpu-wheels}
+if ! python -c "import deepspeed, pydantic, accelerate" 2>/dev/null; then
+  [ -d "$wheels" ] || { echo "deepspeed/pydantic/accelerate missing and no $wheels: run bench/gpu_wheels.sh first" >&2; exit 2; }
+  site=/tmp/restem-site
+  t=$(date +%s)
+  python -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl
+  src=$(mktemp -d) && tar -xzf "$wheels"/deepspeed-*.tar.gz -C "$src"
+  (cd "$src"/deepspeed-* && DS_BUILD_OPS=0 python -m pip install -q --no-index --no-deps --no-build-isolation \
+     --target "$site" .)
+  export PYTHONPATH=$site:${PYTHONPATH:-}
+  echo "[gpu_mstep] installed the carried packages in $(( $(date +%s) - t )) s"
 fi
 export PYTHONPATH=$PWD:${PYTHONPATH:-}
 OUT=${OUT:-bench/results}
-OUT=$OUT/packed python bench/gpu_mstep.py --packing 1 "$@"
-OUT=$OUT/padded python bench/gpu_mstep.py --packing 0 "$@"
+mkdir -p "$OUT"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+python -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
+'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
+PYTHONUNBUFFERED=1 python bench/gpu_mstep.py --out "$OUT" "$@"

@@ -15,22 +15,24 @@ from pathlib import Path
 import pyarrow as pa
 
 from .config import RestemConfig, dump_config
-from .data import load_problems, write_parquet
+from .data import write_parquet
 from .errors import RunError, UserError
 from .faults import crash_point
 from .observability import MetricsSink
 from .evaluation import score_split
 from .pool import EStepPool, chunked
+from .prompts import load_task, with_stop
 from .report import print_table, write_plot, write_problem_history
 from .sampling import SampleSpec
-from .selection import problem_stats, select
+from .selection import problem_stats, select, truncated
 from .storage import RunDir, atomic_write_text
 from .training import improve as train_m_step
+from .verdicts import check_infra_errors, verdict_counts
 from .verification import check_verifier, load_plugin, resolve_verifier
 
 # What the M-step's metrics.jsonl line carries from the training result.
 MSTEP_METRICS = ("loss", "steps", "chosen_step", "valid_reward", "valid_history", "resumed_from_step",
-                 "real_token_fraction", "tokens_per_s", "train_seconds")
+                 "real_token_fraction", "tokens_per_s", "train_seconds", "rows", "rows_dropped_too_long")
 
 
 class Samplers:
@@ -56,12 +58,14 @@ class Samplers:
 class Driver:
     def __init__(self, cfg: RestemConfig, run_dir: str | Path, resume: bool = False, force: bool = False,
                  stop_after: str | None = None):
-        self.cfg, self.run = cfg, RunDir(run_dir)
+        self.run = RunDir(run_dir)
         t = cfg.task
-        self.train = load_problems(t.train_file, t.kind, t.max_train_problems)
-        self.eval_splits = {"valid": t.valid_file} | ({"test": t.test_file} if t.test_file else {}) | t.extra_eval_files
-        self.eval_sets = {n: load_problems(p, t.kind, t.max_eval_problems) for n, p in self.eval_splits.items()}
-        self.seed_rows = load_problems(t.seed_file, "solutions") if t.seed_file else []
+        # adapters, valid_split and the prompt layer: every problem rendered once, here (restem_ray/prompts.py)
+        task = load_task(cfg)
+        if task.stop != tuple(cfg.sampling.stop):
+            print(f"[restem] stop strings from the few-shot format: {list(task.stop)}")
+        self.cfg = cfg = with_stop(cfg, task.stop)  # config.yaml records the stop strings sampled with
+        self.train, self.eval_sets, self.seed_rows = task.train, task.evals, task.seed_rows
         self.step_checker = load_plugin(t.step_checker, "task.step_checker") if t.step_checker else None
         check_verifier(cfg)  # a bad plug-in or a missing sandbox fails before any work
         self.resume, self.force = resume, force
@@ -119,6 +123,9 @@ class Driver:
         start, line_nodes = time.time(), []
         if todo:
             def save(j: int, rows: list[dict]) -> None:
+                # a shard graded mostly by a broken sandbox/plug-in stops the run before it is saved
+                check_infra_errors([r["verdict"] for r in rows], self.cfg.verification.max_infra_error_rate,
+                                   f"iteration {t}, E-step shard part-{todo[j]:05d}")
                 write_parquet(out / f"part-{todo[j]:05d}.parquet", pa.Table.from_pylist(rows))
                 crash_point(f"{t}/generate/shard")
             pool = self.samplers.get(model)
@@ -131,6 +138,8 @@ class Driver:
         solved = table.filter(pa.compute.greater_equal(table["reward"], 1.0))["id"]
         line["accept_rate"] = line["correct"] / max(1, line["samples"])
         line["replica_nodes"] = line_nodes  # Ray nodes the replicas ran on (empty if all shards were on disk)
+        line["truncated"] = sum(truncated(table))  # ended on sampling.max_tokens
+        line["verdicts"] = verdict_counts(table["verdict"].to_pylist())
         # pass@n on the train problems at the sampling temperature: how many problems can feed the M-step
         line[f"train pass@{s.samples_per_problem}"] = len(set(solved.to_pylist())) / max(1, len(self.train))
         self.run.complete(t, "generate", [line])
@@ -141,11 +150,17 @@ class Driver:
         if not self.run.done(t, "select"):
             sel = self.cfg.selection
             table = select(samples, max_solutions_per_problem=sel.max_solutions_per_problem, dedup=sel.dedup,
-                           seed=self.cfg.seed + t)
+                           seed=self.cfg.seed + t, keep_truncated=sel.keep_truncated)
+            cut = 0 if sel.keep_truncated else sum(c and r >= 1.0 for c, r in
+                                                   zip(truncated(samples), samples["reward"].to_pylist()))
+            if table.num_rows == 0 and cut:
+                raise RunError(f"iteration {t}: nothing to train on: all {cut} correct samples ended on "
+                               "sampling.max_tokens (raise it, or set selection.keep_truncated: true)")
             if table.num_rows == 0:
                 raise RunError(f"iteration {t}: the verifier accepted none of {samples.num_rows} samples; nothing to "
                                "train on (a stronger base model, more samples or a higher temperature may help)")
-            line = {"kept": table.num_rows, "problems_solved": len(set(table["id"].to_pylist()))}
+            line = {"kept": table.num_rows, "problems_solved": len(set(table["id"].to_pylist())),
+                    "truncated_correct_dropped": cut}
             if self.step_checker is not None:  # kept samples whose answer is right but whose steps are not
                 by_id = {p["id"]: p for p in self.train}
                 bad = sum(not self._steps_ok(by_id[r["id"]], r["completion"]) for r in table.to_pylist())
@@ -206,7 +221,10 @@ class Driver:
 
     def _mstep_args(self, name: str) -> dict:
         s, v = self.cfg.sampling, self.cfg.verification
-        return {"name": f"mstep-{self.run.root.name}-{name}", "valid_file": self.cfg.task.valid_file,
+        # the validation rows as the E-step renders them (adapters, prompt layer), not the raw file
+        tc = self.cfg.training
+        valid = self.eval_sets["valid"][: tc.eval_problems] if tc.eval_every_steps else None
+        return {"name": f"mstep-{self.run.root.name}-{name}", "valid_problems": valid,
                 "verifier": resolve_verifier(v.verifier, self.cfg.task.kind), "verification": v.model_dump(),
                 "max_new_tokens": s.max_tokens, "stop": tuple(s.stop)}
 

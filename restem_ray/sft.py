@@ -11,17 +11,25 @@ import torch
 IGNORE = -100
 
 
-def encode(tokenizer, prompt: str, completion: str, max_len: int) -> tuple[list[int], list[int]]:
-    """Token ids and labels for prompt+completion+eos, prompt masked; left-truncated to max_len."""
+def encode(tokenizer, prompt: str, completion: str, max_len: int | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and labels for prompt+completion+eos, prompt masked; left-truncated to max_len if given
+    (the M-step gives none: it drops over-long rows instead, since a cut row teaches a headless solution)."""
     p = tokenizer(prompt).input_ids  # with BOS, exactly as vLLM tokenizes the prompt
     c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
     ids, labels = p + c, [IGNORE] * len(p) + c
-    return ids[-max_len:], labels[-max_len:]
+    return (ids[-max_len:], labels[-max_len:]) if max_len else (ids, labels)
 
 
-def collate(batch: list[tuple[list[int], list[int]]], pad_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad a batch; attention_mask marks real tokens."""
-    width = max(len(ids) for ids, _ in batch)
+def round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def collate(batch: list[tuple[list[int], list[int]]], pad_id: int, multiple: int = 1) -> dict[str, torch.Tensor]:
+    """Right-pad a batch to its longest row rounded up to `multiple`; attention_mask marks real tokens.
+
+    On GPUs a multiple such as 64 keeps the set of shapes small: cuDNN's attention builds a plan per new
+    shape (12-14 ms of CPU per call measured on an H200), and matmuls prefer aligned sizes."""
+    width = round_up(max(len(ids) for ids, _ in batch), multiple)
     ids = torch.full((len(batch), width), pad_id, dtype=torch.long)
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
@@ -92,7 +100,7 @@ def pack(samples: list[tuple[list[int], list[int]]], pack_length: int) -> list[l
 
 
 def collate_micro(samples: list[tuple[list[int], list[int]]], pad_id: int, packed: bool = False,
-                  pack_length: int | None = None) -> dict[str, torch.Tensor]:
+                  pack_length: int | None = None, multiple: int = 1) -> dict[str, torch.Tensor]:
     """A micro-batch as model inputs plus `real_tokens` (non-padding count).
 
     packed: samples are concatenated into rows with position ids restarting at 0 per sample and no
@@ -102,11 +110,11 @@ def collate_micro(samples: list[tuple[list[int], list[int]]], pad_id: int, packe
     """
     real = sum(len(x) for x, _ in samples)
     if not packed:
-        out = collate(samples, pad_id)
+        out = collate(samples, pad_id, multiple)
         out["real_tokens"] = torch.tensor(real)
         return out
     rows = pack(samples, pack_length or real)  # no length given: the whole micro-batch is one row
-    width = max(sum(len(samples[i][0]) for i in row) for row in rows)
+    width = round_up(max(sum(len(samples[i][0]) for i in row) for row in rows), multiple)
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import ContextManager, Protocol
 
 from .config import TrainingConfig
+from .errors import RunError
 from .faults import crash_after_checkpoint
 
 
@@ -35,7 +36,8 @@ class MStepJob:
     train_file: str
     seed: int
     cfg: dict                          # TrainingConfig.model_dump()
-    valid_file: str | None = None      # early stopping: validation problems ...
+    valid_file: str | None = None      # early stopping: validation problems (a file of problem rows) ...
+    valid_problems: list | None = None  # ... or the rows themselves, prompts already rendered (the driver's)
     verifier: str = "math"             # ... graded by this verifier ...
     verification: dict = field(default_factory=dict)  # ... with this VerificationConfig
     max_new_tokens: int = 512
@@ -61,7 +63,11 @@ def deepspeed_config(cfg: TrainingConfig, world_size: int) -> dict:
         # torch's AdamW: no compiled DeepSpeed op needed (CPU or GPU); with offload DeepSpeed would
         # otherwise insist on its compiled CPU Adam.
         "optimizer": {"type": "AdamW", "params": {"lr": cfg.lr, "weight_decay": cfg.weight_decay,
-                                                  "betas": [0.9, 0.95], "torch_adam": True}},
+                                                  "betas": [0.9, 0.95], "torch_adam": True,
+                                                  # one fused kernel per step instead of a loop over tensors
+                                                  # (optimizer state on the GPU only)
+                                                  **({"fused": True} if cfg.use_gpu and not cfg.offload_optimizer
+                                                     else {})}},
         "zero_force_ds_cpu_optimizer": False,
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -74,6 +80,21 @@ def _merge(a: dict, b: dict) -> dict:
     for k, v in b.items():
         out[k] = _merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
     return out
+
+
+def sum_over_ranks(values: list[float], *, device) -> list[float]:
+    """Sum small per-rank tallies over all ranks: the one collective the M-step calls itself.
+
+    The tensor is made on the engine's device: NCCL reduces only GPU tensors (a CPU tensor fails with "No
+    backend type associated with device type cpu"), while gloo on CPUs accepts either, so a CPU run cannot
+    show the mistake. tests/test_collectives.py keeps every collective of the package in here."""
+    import torch
+    import torch.distributed as dist
+
+    t = torch.tensor(values, dtype=torch.float64, device=device)
+    if dist.is_initialized():
+        dist.all_reduce(t)
+    return t.tolist()
 
 
 class Reporter(Protocol):
@@ -142,6 +163,9 @@ class MStep:
     def __init__(self, job: dict, rank: int, world: int, reporter: Reporter):
         self.job, self.rank, self.world, self.reporter = job, rank, world, reporter
         self.cfg = TrainingConfig(**job["cfg"])
+        import torch
+
+        self.dtype = torch.bfloat16 if self.cfg.dtype == "bf16" else torch.float32  # also the checkpoints' dtype
 
     # ---------------------------------------------------------------- set-up
     def _setup(self):
@@ -152,14 +176,36 @@ class MStep:
         from .sft import encode, plan_epoch, warmup_cosine
 
         cfg, job = self.cfg, self.job
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()  # a "Writing model shards" bar per checkpoint drowns the M-step's own
         if not cfg.use_gpu:
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         torch.manual_seed(job["seed"])
         self.tok = AutoTokenizer.from_pretrained(job["init_model"])
-        kwargs = {"dtype": torch.float32}
+        ds_config = deepspeed_config(cfg, self.world)
+        # Loaded in the training dtype: DeepSpeed's bf16 mode casts the module to bf16 anyway (its fp32
+        # master copy is made from those), so an fp32 load only doubles host memory on the way.
+        kwargs = {"dtype": self.dtype}
         if cfg.use_gpu and cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
-        model = AutoModelForCausalLM.from_pretrained(job["init_model"], **kwargs)
+        zero3_init = None
+        if cfg.zero_stage == 3:
+            # zero.Init sizes its shards by DeepSpeed's view of the world: let it adopt the process group Ray
+            # Train made (otherwise it counts 1 rank, and the batch-size check fails on 2).
+            deepspeed.init_distributed()
+            # from_pretrained then builds the model inside deepspeed.zero.Init and loads each rank's shard
+            # only: a 7B model never sits whole in host RAM once per rank.
+            from transformers.integrations import HfDeepSpeedConfig
+
+            zero3_init = HfDeepSpeedConfig(ds_config)  # transformers keeps a global weak reference to it
+        try:
+            model = AutoModelForCausalLM.from_pretrained(job["init_model"], **kwargs)
+        finally:
+            if zero3_init is not None:  # only this load: later loads in the process stay ordinary
+                from transformers.integrations.deepspeed import unset_hf_deepspeed_config
+
+                unset_hf_deepspeed_config()
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if cfg.lora_rank:
@@ -170,7 +216,14 @@ class MStep:
             model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, task_type="CAUSAL_LM",
                                                      target_modules=cfg.lora_target_modules))
         rows = _read_rows(job["train_file"])
-        self.data = [encode(self.tok, r["prompt"], r["completion"], cfg.max_seq_len) for r in rows]
+        data = [encode(self.tok, r["prompt"], r["completion"]) for r in rows]
+        # A row longer than max_seq_len is dropped, not cut: cut from the left it loses the prompt, cut
+        # from the right it teaches the model to stop mid-solution.
+        self.data = [x for x in data if len(x[0]) <= cfg.max_seq_len]
+        self.dropped_too_long = len(data) - len(self.data)
+        if not self.data:
+            raise ValueError(f"all {len(data)} training rows are longer than training.max_seq_len "
+                             f"({cfg.max_seq_len} tokens; the shortest has {min(len(x[0]) for x in data)})")
         lengths = [len(x[0]) for x in self.data]
         self.plan = lambda epoch: plan_epoch(lengths, cfg.micro_batch_size, self.world, cfg.grad_accum,
                                              seed=job["seed"] * 1000 + epoch)
@@ -185,9 +238,9 @@ class MStep:
             (lambda s: min(1.0, (s + 1) / max(1, warmup)))
         self.engine, _, _, _ = deepspeed.initialize(
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
-            config=deepspeed_config(cfg, self.world),
-            lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
+            config=ds_config, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.model = model
+        self.device = self.engine.device  # every tensor a collective or the model sees lives here
         self.state = TrainState()
         self.resumed_from = 0
         with self.reporter.latest_checkpoint() as latest:
@@ -204,11 +257,12 @@ class MStep:
             self.verifier = Verifier(self.job["verifier"], VerificationConfig(**self.job["verification"]))
 
     def _load_valid(self) -> list[dict] | None:
-        if not (self.cfg.eval_every_steps and self.job.get("valid_file")):
+        if not (self.cfg.eval_every_steps and (self.job.get("valid_problems") or self.job.get("valid_file"))):
             return None
         from .data import load_problems
 
-        probs = load_problems(self.job["valid_file"], "any", self.cfg.eval_problems)
+        probs = self.job.get("valid_problems") or load_problems(self.job["valid_file"], "any")
+        probs = probs[: self.cfg.eval_problems]
         probs = probs[: max(self.world, len(probs) - len(probs) % self.world)]  # equal shares (ZeRO-3 sync)
         return probs[self.rank::self.world]  # each rank decodes its share; rewards are summed
 
@@ -222,11 +276,14 @@ class MStep:
                 self.verifier.close()
 
     def _train(self) -> dict:
+        import torch
+
         from .sft import collate_micro, forward
 
         cfg, st, engine = self.cfg, self.state, self.engine
+        multiple = cfg.pad_to_multiple_of or (64 if cfg.use_gpu else 1)
         self.last_metrics = None
-        bar = None
+        bar, shown = None, 0.0
         if self.rank == 0:
             from tqdm import tqdm
             bar = tqdm(total=self.total, initial=st.step, desc="M-step", unit="step", mininterval=2)
@@ -238,28 +295,34 @@ class MStep:
             epoch, within = divmod(st.step, self.steps_per_epoch)
             if epoch != plan_epoch_idx:
                 plan_epoch_idx, plan = epoch, self.plan(epoch)
-            losses = []
+            step_loss = torch.zeros((), device=self.device)
             for m in range(cfg.grad_accum):
                 micro = plan[within * cfg.grad_accum + m][self.rank]
-                batch = {k: v.to(engine.device) for k, v in
-                         collate_micro([self.data[i] for i in micro], self.tok.pad_token_id,
-                                       packed=cfg.packing, pack_length=cfg.pack_length).items()}
+                batch = collate_micro([self.data[i] for i in micro], self.tok.pad_token_id, packed=cfg.packing,
+                                      pack_length=cfg.pack_length, multiple=multiple)
+                real += int(batch.pop("real_tokens"))  # counted on the host, before the copy: no device sync
+                # Right padding under causal attention: no real token can see a pad, so the mask changes no
+                # loss term (tests/test_mstep.py checks) but would build a 4D mask per step and keep SDPA off
+                # its flash kernel.
+                batch.pop("attention_mask", None)
                 tokens += batch["input_ids"].numel()
-                real += int(batch.pop("real_tokens"))
+                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
                 loss = forward(engine, batch).loss
                 engine.backward(loss)
                 engine.step()
-                losses.append(loss.item())
+                step_loss += loss.detach()  # read back only when shown or saved: .item() per step stalls a GPU
             st.step += 1
             if bar:
                 bar.update(1)
-                bar.set_postfix(loss=f"{sum(losses) / len(losses):.3f}")
+                if time.monotonic() - shown > 5:
+                    shown = time.monotonic()
+                    bar.set_postfix(loss=f"{float(step_loss) / cfg.grad_accum:.3f}")
             last = st.step == self.total
             if self.valid is not None and (st.step % cfg.eval_every_steps == 0 or last):
                 stop = self._validate()
-                self._checkpoint(sum(losses) / len(losses), tokens, real, t0)
+                self._checkpoint(float(step_loss) / cfg.grad_accum, tokens, real, t0)
             elif st.step % self.checkpoint_every == 0 or last:
-                self._checkpoint(sum(losses) / len(losses), tokens, real, t0)
+                self._checkpoint(float(step_loss) / cfg.grad_accum, tokens, real, t0)
         if stop and self.rank == 0:
             print(f"[restem] M-step: validation reward has not improved for {cfg.patience} evaluation(s); "
                   f"stopped at step {st.step}, best step {st.best_step} ({st.best_reward:.3f})")
@@ -271,9 +334,6 @@ class MStep:
 
     def _validate(self) -> bool:
         """Greedy validation reward summed over ranks; returns True when patience is exhausted."""
-        import torch
-        import torch.distributed as dist
-
         from .sft import greedy_completions
 
         st = self.state
@@ -282,10 +342,8 @@ class MStep:
         texts = greedy_completions(self.engine.module, self.tok, prompts, self.job["max_new_tokens"],
                                    stop=tuple(self.job["stop"]), synced=self.cfg.zero_stage == 3)
         correct = sum(self.verifier.grade(p, t).reward for p, t in zip(self.valid, texts))
-        counts = torch.tensor([correct, float(len(self.valid))], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(counts)
-        reward = float(counts[0] / max(1.0, counts[1]))
+        correct, n = sum_over_ranks([correct, float(len(self.valid))], device=self.device)
+        reward = correct / max(1.0, n)
         st.history.append({"step": st.step, "valid_reward": reward})
         if st.best_reward is None or reward > st.best_reward:
             st.best_reward, st.best_step, st.stale_evals = reward, st.step, 0
@@ -295,19 +353,17 @@ class MStep:
 
     def _checkpoint(self, loss: float, tokens: int, real: int, t0: float) -> None:
         """DeepSpeed state of every rank + consolidated HF weights + TrainState, reported as one checkpoint."""
-        import torch
-
-        import torch.distributed as dist
+        from deepspeed.accelerator import get_accelerator
 
         st, engine = self.state, self.engine
+        get_accelerator().synchronize()  # GPU work still queued belongs to the timed steps
         elapsed = time.perf_counter() - t0
-        counts = torch.tensor([float(real), float(tokens)], dtype=torch.float64)
-        if dist.is_initialized():
-            dist.all_reduce(counts)  # every rank's batches, since this attempt started
+        real, tokens = sum_over_ranks([real, tokens], device=self.device)  # every rank's batches, this attempt
         metrics = {"step": st.step, "loss": loss, "steps": st.step, "total_steps": self.total,
-                   "resumed_from_step": self.resumed_from, "real_tokens": int(counts[0]),
-                   "real_token_fraction": float(counts[0] / max(1.0, float(counts[1]))),
-                   "train_seconds": elapsed, "tokens_per_s": float(counts[0]) / max(1e-9, elapsed),
+                   "resumed_from_step": self.resumed_from, "real_tokens": int(real),
+                   "real_token_fraction": real / max(1.0, tokens),
+                   "train_seconds": elapsed, "tokens_per_s": real / max(1e-9, elapsed),
+                   "rows": len(self.data), "rows_dropped_too_long": self.dropped_too_long,  # same on every rank
                    "best_step": st.best_step, "best_reward": st.best_reward}
         if st.history and st.history[-1]["step"] == st.step:
             metrics["valid_reward"] = st.history[-1]["valid_reward"]
@@ -327,7 +383,10 @@ class MStep:
                 else:
                     if state is None:
                         state = engine.module.state_dict()
-                    state = {k: v.to(torch.float32).cpu() for k, v in state.items()}
+                    # In the training dtype (bf16: half the bytes of fp32 to write and for every replica to
+                    # read); save_pretrained writes the model's dtype into config.json, so vLLM's "auto"
+                    # loads it as trained.
+                    state = {k: v.to(self.dtype).cpu() for k, v in state.items()}
                     self.model.save_pretrained(hf, state_dict=state, safe_serialization=True)
                 self.tok.save_pretrained(hf)
                 Path(tmp, "state.json").write_text(json.dumps(asdict(st)))
@@ -346,7 +405,7 @@ class MStep:
         base = AutoModelForCausalLM.from_pretrained(self.job["init_model"], dtype=torch.float32)
         copy = get_peft_model(base, self.model.peft_config["default"])
         set_peft_model_state_dict(copy, adapters)
-        copy.merge_and_unload().save_pretrained(hf, safe_serialization=True)
+        copy.merge_and_unload().to(self.dtype).save_pretrained(hf, safe_serialization=True)
 
 
 def _read_rows(path: str) -> list[dict]:
@@ -369,16 +428,17 @@ def train_loop(job: dict) -> None:
 
 
 def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingConfig, seed: int,
-            storage: Path | str, name: str = "mstep", valid_file: str | None = None, verifier: str = "math",
-            verification: dict | None = None, max_new_tokens: int = 512, stop: tuple[str, ...] = ()) -> dict:
+            storage: Path | str, name: str = "mstep", valid_file: str | None = None,
+            valid_problems: list[dict] | None = None, verifier: str = "math", verification: dict | None = None,
+            max_new_tokens: int = 512, stop: tuple[str, ...] = ()) -> dict:
     """Run the M-step; the HF checkpoint of the chosen step lands in `out_dir`. Returns its metrics."""
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
     job = asdict(MStepJob(init_model=init_model, train_file=str(train_file), seed=seed, cfg=cfg.model_dump(),
-                          valid_file=valid_file, verifier=verifier, verification=verification or {},
-                          max_new_tokens=max_new_tokens, stop=tuple(stop)))
-    scored = bool(cfg.eval_every_steps and valid_file)
+                          valid_file=valid_file, valid_problems=valid_problems, verifier=verifier,
+                          verification=verification or {}, max_new_tokens=max_new_tokens, stop=tuple(stop)))
+    scored = bool(cfg.eval_every_steps and (valid_file or valid_problems))
     storage_path = cfg.storage_path or str(Path(storage).resolve())
     trainer = TorchTrainer(
         train_loop,
@@ -395,7 +455,13 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
     )
     if "://" not in storage_path:
         crash_after_checkpoint(f"{name}/checkpoint", os.path.join(storage_path, name))  # resume tests only
-    result = trainer.fit()
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as e:  # one line naming the workers' error, not Ray's nested traceback
+        causes = getattr(e, "worker_failures", None) or {}
+        cause = next(iter(causes.values()), None) or getattr(e, "controller_failure", None) or e
+        raise RunError(f"M-step {name} failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}"
+                       ) from None
     if scored and result.best_checkpoints:
         chosen, metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("valid_score", -1.0))
     else:

@@ -145,3 +145,27 @@ def test_command_lines_in_recipes_are_valid_cli_calls():
 def test_job_configs_are_valid_restem_configs(cfg):
     c = load_config(cfg)
     assert c.sampling.use_gpu and c.training.use_gpu and c.ray.address == "auto"
+
+
+def test_gpu_image_installs_the_flash_attn_wheel_of_its_own_torch(tmp_path):
+    """The flash-attn step of Dockerfile.gpu, run with a stand-in torch of the version vllm 0.33.0 pins (2.14,
+    CUDA 13.0): it asks for the prebuilt wheel of that torch, CUDA and Python, then checks the import."""
+    import subprocess
+    import sys
+
+    text = (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    (run,) = [b for b in text.split("\nRUN ") if "FLASH_ATTN_WHEELS" in b and b.startswith("if [")]
+    cmd = re.sub(r"\\\n", "", run).split("\n")[0]
+    assert "import flash_attn" in cmd
+    cmd = cmd.replace("pip install --no-cache-dir --no-deps", "echo INSTALL").replace(
+        '&& python -c "import flash_attn', '&& true || python -c "import flash_attn')
+    (tmp_path / "torch.py").write_text('class version:\n    cuda = "13.0"\n__version__ = "2.14.0+cu130"\n')
+    (tmp_path / "python").symlink_to(sys.executable)
+    env = {"FLASH_ATTN_WHEELS": "https://wheels.example/rel", "FLASH_ATTN_VERSION": "2.8.3",
+           "PYTHONPATH": str(tmp_path), "PATH": f"{tmp_path}:/usr/bin:/bin"}
+    out = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True)
+    v = sys.version_info
+    assert out.stdout.strip() == (f"INSTALL https://wheels.example/rel/flash_attn-2.8.3+cu130torch2.14-"
+                                  f"cp{v[0]}{v[1]}-cp{v[0]}{v[1]}-linux_x86_64.whl"), out.stderr
+    out = subprocess.run(["bash", "-c", cmd], env=dict(env, FLASH_ATTN_WHEELS=""), capture_output=True, text=True)
+    assert out.returncode == 0 and "no flash-attn" in out.stdout

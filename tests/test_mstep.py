@@ -71,6 +71,24 @@ def test_packed_micro_batch_equals_padded_one():
     assert (packed["labels"] != IGNORE).sum() == (padded["labels"] != IGNORE).sum()
 
 
+def test_right_padded_batches_need_no_attention_mask():
+    """The M-step drops the mask of right-padded batches (so SDPA can take its flash kernel on GPUs): with causal
+    attention no real token sees a pad, so the loss and every real position's logits are unchanged. Rows are
+    padded to a multiple of 64, as on GPUs, so most positions are padding."""
+    tok = build_tokenizer()
+    model = build_model(TinyModelSpec(seed=5), tok).eval()
+    texts = [("Q: 12 + 30\nA:", " 042 ; 24 + 03 = 27\n"), ("Q: 7 - 5\nA:", " 2"), ("Q: 100 + 230 - 5\nA:", " 325 x")]
+    batch = collate_micro([encode(tok, p, c) for p, c in texts], tok.pad_token_id, multiple=64)
+    assert batch["input_ids"].shape[1] == 64 and int(batch.pop("real_tokens")) < 3 * 64 / 2
+    with torch.no_grad():
+        masked = forward(model, batch)
+        mask = batch.pop("attention_mask").bool()
+        bare = forward(model, batch)
+    assert (~mask).sum() > 100
+    torch.testing.assert_close(bare.logits[mask], masked.logits[mask], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(bare.loss, masked.loss, atol=1e-6, rtol=1e-6)
+
+
 # ---------------------------------------------------------------- Ray Train + DeepSpeed
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):
@@ -183,7 +201,14 @@ def single_process_group(monkeypatch):
         monkeypatch.setenv(k, v)
     deepspeed.init_distributed(dist_backend="gloo")
     yield
-    torch.distributed.destroy_process_group()
+    if torch.distributed.is_initialized():  # an in-process vLLM engine in the test tears it down itself
+        torch.distributed.destroy_process_group()
+    from deepspeed.utils import groups
+
+    # DeepSpeed caches the groups it derived from the destroyed one; the next test's engine must not find them
+    for name, value in vars(groups).items():
+        if name.startswith("_") and name.endswith("_GROUP"):
+            setattr(groups, name, {} if isinstance(value, dict) else None)
 
 
 def test_lora_m_step_writes_merged_weights_and_leaves_the_base_frozen(tmp_path, single_process_group):
@@ -223,3 +248,84 @@ def test_lora_m_step_writes_merged_weights_and_leaves_the_base_frozen(tmp_path, 
         before = base.eval()(input_ids=ids).logits
     torch.testing.assert_close(got, want, atol=1e-4, rtol=1e-4)
     assert (got - before).abs().max() > 1e-3                      # the adapters did change the model
+
+
+def _tiny_job(tmp_path, rows, **cfg_kw):
+    """A base model folder, a JSONL of rows and an MStep job for one rank."""
+    from restem_ray.config import TrainingConfig
+
+    tok = build_tokenizer()
+    base = build_model(TinyModelSpec(seed=2), tok)
+    base.save_pretrained(tmp_path / "base")
+    tok.save_pretrained(tmp_path / "base")
+    with open(tmp_path / "train.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    cfg = TrainingConfig(num_workers=1, **cfg_kw)
+    return {"init_model": str(tmp_path / "base"), "train_file": str(tmp_path / "train.jsonl"), "seed": 0,
+            "cfg": cfg.model_dump(), "valid_file": None, "verifier": "math", "verification": {}, "max_new_tokens": 8,
+            "stop": ()}
+
+
+SUMS = [{"prompt": f"Q: {i} + 1\nA:", "completion": f" {i + 1}"} for i in range(24)]
+
+
+def test_bf16_training_writes_bf16_checkpoints_that_vllm_loads_as_bf16(tmp_path, single_process_group):
+    """Checkpoints carry the training dtype (tensors and config.json), so vLLM's dtype "auto" serves them as
+    trained; over-long rows are dropped and counted, never cut."""
+    from safetensors import safe_open
+
+    from restem_ray.sampling import Sampler, SampleSpec
+    from restem_ray.training import LocalReporter, MStep
+
+    long_row = {"prompt": "Q: 5 + 1\nA:", "completion": " 6" + " and" * 100}
+    job = _tiny_job(tmp_path, SUMS + [long_row], micro_batch_size=8, epochs=2, lr=1e-3, dtype="bf16",
+                    max_seq_len=64)
+    m = MStep(job, 0, 1, LocalReporter(str(tmp_path / "ckpts"))).run()
+    assert m["rows"] == 24 and m["rows_dropped_too_long"] == 1
+    assert m["steps"] == 6 and m["real_tokens"] == 2 * sum(len(encode(build_tokenizer(), r["prompt"], r["completion"])[0])
+                                                           for r in SUMS)
+    hf = tmp_path / "ckpts" / "step_0000006" / "hf"
+    assert json.loads((hf / "config.json").read_text())["dtype"] == "bfloat16"
+    with safe_open(hf / "model.safetensors", "pt") as f:
+        assert {f.get_tensor(k).dtype for k in f.keys()} == {torch.bfloat16}
+    s = Sampler(str(hf), {"dtype": "auto", "max_model_len": 64}, seed=0)
+    try:
+        assert s.llm.llm_engine.model_config.dtype == torch.bfloat16
+        rows = s.generate([{"id": "a", "prompt": "Q: 3 + 1\nA:"}], SampleSpec(n=1, temperature=0.0, max_tokens=6))
+    finally:
+        s.close()
+    assert rows[0]["completion_tokens"] > 0
+
+
+def test_zero3_loads_sharded_and_saves_exactly_the_trained_weights(tmp_path, single_process_group, monkeypatch):
+    """ZeRO-3 builds the model inside deepspeed.zero.Init (each rank loads only its shard: a 7B model never sits
+    whole in host RAM per rank), and the consolidated HF checkpoint equals the parameters gathered from the
+    engine after the last step, in bf16."""
+    import deepspeed
+    from safetensors.torch import load_file
+
+    from restem_ray.training import LocalReporter, MStep
+
+    inits = []
+
+    class SpyInit(deepspeed.zero.Init):
+        def __init__(self, *a, **k):
+            if "module" not in k:  # not ZeRO-3's own conversion of an already built model in initialize()
+                inits.append(k.get("config_dict_or_path"))
+            super().__init__(*a, **k)
+
+    monkeypatch.setattr(deepspeed.zero, "Init", SpyInit)
+    job = _tiny_job(tmp_path, SUMS, micro_batch_size=8, epochs=1, lr=1e-3, dtype="bf16", zero_stage=3)
+    step = MStep(job, 0, 1, LocalReporter(str(tmp_path / "ckpts")))
+    m = step.run()
+    assert inits and inits[0]["zero_optimization"]["stage"] == 3
+    saved = load_file(tmp_path / "ckpts" / f"step_{m['steps']:07d}" / "hf" / "model.safetensors")
+    params = dict(step.engine.module.named_parameters())
+    with deepspeed.zero.GatheredParameters(list(params.values())):
+        live = {n: p.detach().clone() for n, p in params.items()}
+    base = load_file(tmp_path / "base" / "model.safetensors")
+    assert set(live) <= set(saved)
+    for n, t in live.items():
+        assert t.dtype == saved[n].dtype == torch.bfloat16
+        assert torch.equal(saved[n], t), n
+    assert any(not torch.equal(saved[n].float(), base[n].to(torch.bfloat16).float()) for n in live)  # it trained

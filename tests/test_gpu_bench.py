@@ -1,0 +1,28 @@
+"""bench/gpu_mstep.py, the GPU check, as a CPU smoke test: it must run end to end here so that the one GPU
+call a session gets is not spent on a broken script, and its reference must train on the same batches."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+@pytest.mark.slow
+def test_gpu_bench_compares_mstep_with_plain_deepspeed_on_the_same_batches(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_mstep.py"), "--cpu-smoke", "--steps", "4",
+                        "--variants", "plain,padded,zero3", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=600)
+    assert p.returncode == 0, p.stderr[-3000:]
+    r = json.loads((tmp_path / "gpu_mstep.json").read_text())
+    plain, padded, zero3 = (r["variants"][v] for v in ("plain", "padded", "zero3"))
+    # the same batches: the same tokens, and from the same initial weights the same training, step for step
+    assert plain["steps"] == padded["steps"] == zero3["steps"] == 4
+    assert plain["real_tokens"] == padded["real_tokens"] == zero3["real_tokens"]
+    assert abs(plain["loss"] - padded["loss"]) < 1e-4 and abs(plain["loss"] - zero3["loss"]) < 1e-2
+    assert padded["checkpoint_dtype"] == zero3["checkpoint_dtype"] == "bfloat16"
+    assert r["padded_ratio"] == padded["ratio_to_plain"] > 0
+    table = [line for line in p.stdout.splitlines() if line.startswith("| restem-ray ZeRO-2, padded")]
+    assert table and f"| {padded['ratio_to_plain']} |" in table[0]
