@@ -1,8 +1,11 @@
-"""Crash points for resume tests: `RESTEM_CRASH_AT=1/select` SIGKILLs the driver at that point.
+"""Test hooks. Crash points for resume tests: `RESTEM_CRASH_AT=1/select` SIGKILLs the driver at that point;
+`RESTEM_TRACE=FILE` makes each engine call append a line to FILE (tests count calls, e.g. that a resumed
+E-step does not sample its finished shards again).
 
 A real SIGKILL (no cleanup handlers, no flushes) at a named place is what the resume tests need to be
 deterministic; the points sit just before each commit to the manifest, where a crash is most harmful.
 """
+import json
 import os
 import signal
 
@@ -28,3 +31,12 @@ def crash_after_checkpoint(name: str, folder: str) -> None:
         os.kill(os.getpid(), signal.SIGKILL)
 
     threading.Thread(target=watch, daemon=True).start()
+
+
+def trace_call(name: str, **detail) -> None:
+    """`RESTEM_TRACE=FILE`: append one JSON line {"call": name, ...} to FILE (Ray actors inherit the driver's
+    environment on a local cluster). One short write in append mode, so concurrent callers do not interleave."""
+    path = os.environ.get("RESTEM_TRACE")
+    if path:
+        with open(path, "a") as f:
+            f.write(json.dumps({"call": name, "pid": os.getpid(), **detail}) + "\n")

