@@ -60,11 +60,7 @@ def demo_config(root: Path, quick: bool, overrides: list[str], task: str = "arit
 
 
 def cmd_demo(args) -> int:
-    from .builtin import ensure_builtin
-
-    from .builtin import BUILTINS
-
-    from .builtin import arithmetic_builtin
+    from .builtin import BUILTINS, arithmetic_builtin, ensure_builtin
 
     out = Path(args.out or f"restem-runs/demo-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
     pre = demo_config(Path("/nonexistent"), args.quick, args.set, args.task, args.seed)  # validate before building
@@ -88,7 +84,7 @@ def cmd_run(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.set)
-    check_inputs(cfg)
+    check_inputs(cfg, local_sandbox=False)
     return _run(cfg, Path(args.out), _resume(args, Path(args.out)), args.force, args.stop_after)
 
 
@@ -101,14 +97,17 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from .driver import Driver, init_ray
 
-    from .resources import check_ray_cluster
-
     from .errors import StopAfter
+    from .resources import check_ray_cluster, check_sandbox_on_cluster
+    from .verification import resolve_verifier
 
     # validates data, the run dir and --stop-after before Ray starts
     driver = Driver(cfg, out, resume=resume, force=force, stop_after=stop_after)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     check_ray_cluster(cfg)  # before anything is written or any actor waits for resources
+    check_sandbox_on_cluster(resolve_verifier(cfg.verification.verifier, cfg.task.kind), cfg.verification,
+                             cfg.sampling.placement_timeout_s)  # code tasks: where the verifiers will run
+    driver.run.lock()  # one driver per run directory, held until this process ends
     try:
         best = driver.fit()
     except StopAfter as e:
@@ -118,10 +117,12 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
     return 0
 
 
-def check_inputs(cfg) -> None:
+def check_inputs(cfg, local_sandbox: bool = True) -> None:
     """Everything cheap to check before cluster work: data files (adapted, row by row), model folder, the
-    rendered prompts and their lengths, verifier."""
+    rendered prompts and their lengths, verifier (`check` also starts the code sandbox here; `run` checks it
+    on a verifier node once Ray is up)."""
     from .datasets import load_splits
+    from .observability import check_sinks
     from .prompts import check_lengths, render_task, template_fields
     from .verification import check_verifier
 
@@ -130,7 +131,8 @@ def check_inputs(cfg) -> None:
         if m is not None:
             check_model_dir(name, m)
     check_lengths(cfg, render_task(cfg, splits))
-    check_verifier(cfg)
+    check_verifier(cfg, local_sandbox)
+    check_sinks(cfg.observability)
 
 
 def check_model_dir(name: str, path: str) -> None:
@@ -179,13 +181,15 @@ def cmd_eval(args) -> int:
     problems = {n: render_rows(rows, renderer, code=t.kind == "code") for n, rows in problems.items()}
     check_model_len(cfg, problems, load_tokenizer(args.model))
     stop = tuple(cfg.sampling.stop) or (renderer.stop if renderer else ())
-    verifier = check_verifier(cfg)
+    verifier = check_verifier(cfg, local_sandbox=False)
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from .driver import init_ray
     from .pool import EStepPool
+    from .resources import check_sandbox_on_cluster
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    check_sandbox_on_cluster(verifier, cfg.verification, cfg.sampling.placement_timeout_s)
     s, ev = cfg.sampling, cfg.evaluation
     pool = EStepPool(args.model, s, cfg.verification, verifier=verifier, seed=cfg.seed)
     try:
@@ -289,7 +293,8 @@ def cmd_verify(args) -> int:
     if want and kind != "any" and kind != want:
         raise UserError(f"--dataset {args.dataset} holds {want} problems: use --verifier {want} (or a plug-in)")
     problems = {p["id"]: p for p in load_split(args.problems, kind=kind, dataset=args.dataset)}
-    Verifier(vcfg.verifier, vcfg).close()  # a bad plug-in or a missing sandbox fails here, before Ray
+    if vcfg.verifier != "code":
+        Verifier(vcfg.verifier, vcfg).close()  # a bad plug-in fails here, before Ray (the sandbox: on a verifier node)
     rows, bad = [], []
     for loc, r in read_samples(args.samples):
         ok = r is not None and str(r.get("id")) in problems and isinstance(r.get("completion"), str)
@@ -306,7 +311,10 @@ def cmd_verify(args) -> int:
     from .driver import init_ray
     from .pool import VerifierPool
 
+    from .resources import check_sandbox_on_cluster
+
     init_ray(args.address, None)
+    check_sandbox_on_cluster(vcfg.verifier, vcfg)
     pool = VerifierPool(vcfg.verifier, vcfg)
     try:
         graded = pool.grade_all(problems, rows, chunk_size=16, desc="verify") if rows else []

@@ -171,6 +171,10 @@ class VerificationConfig(_Section):
     cpus_per_worker: float = Field(0.25, gt=0, description="Logical CPUs reserved per verifier actor.")
     max_workers: int | None = Field(None, ge=1, description="Elastic: add verifier actors up to this many during an "
                                                          "E-step when CPUs are free.")
+    resources: dict[str, float] | None = Field(
+        None, description="Custom Ray resources per verifier actor, e.g. {sandbox: 1}. None: code verifiers ask for "
+                          "`sandbox: 1` when the cluster advertises a `sandbox` resource (the pods that can run "
+                          "bubblewrap; cluster/kuberay/raycluster.yaml), else nothing; {}: never.")
     threshold: float = Field(0.5, ge=0, le=1, description="A plug-in's reward at or above this counts as correct.")
     answer_timeout_s: float = Field(5.0, gt=0, description="Time limit per math answer or plug-in call (verdict 'timeout').")
     timeout_s: float = Field(5.0, gt=0, description="Code: wall-clock limit per program run (per stdin case).")
@@ -304,8 +308,18 @@ class LoopConfig(_Section):
 
 class ObservabilityConfig(_Section):
     tensorboard: bool = Field(True, description="Also write metrics as TensorBoard scalars to RUN/tensorboard/.")
-    mlflow_tracking_uri: str | None = Field(None, description="Also log metrics to this MLflow server/URI (needs mlflow).")
+    mlflow_tracking_uri: str | None = Field(None, description="Also log metrics to this MLflow server/URI (needs mlflow); "
+                                                              "a resumed run continues the same MLflow run.")
     mlflow_experiment: str = Field("restem-ray", description="MLflow experiment name.")
+    wandb_project: str | None = Field(None, description="Also log metrics to this Weights & Biases project (needs "
+                                                        "wandb); a resumed run continues the same W&B run.")
+    wandb_entity: str | None = Field(None, description="W&B entity (user or team); default: wandb's own.")
+    wandb_mode: Literal["online", "offline", "disabled"] | None = Field(
+        None, description="W&B mode; default: wandb's own (WANDB_MODE, else online). W&B's files go to "
+                          "RUN/wandb/ (or WANDB_DIR); offline runs are uploaded later with `wandb sync`.")
+    log_every_steps: int = Field(10, ge=0, description="During an M-step, rank 0 reports loss, learning rate, "
+                                                       "gradient norm and tokens/s every this many optimizer steps "
+                                                       "(and at the last) to metrics.jsonl and the dashboards; 0: off.")
 
 
 class RayConfig(_Section):

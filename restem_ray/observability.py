@@ -1,32 +1,66 @@
 """Metrics beyond metrics.jsonl: TensorBoard event files in RUN/tensorboard/ (tensorboardX, which Ray
-already installs) and, when `observability.mlflow_tracking_uri` is set, an MLflow run.
+already installs) and, when configured, an MLflow run and a Weights & Biases run.
 
 Every numeric field of a committed phase line becomes a scalar `phase/field` (eval lines:
-`eval/<split>/pass_at_1`) at step = iteration; the control arm's lines go under `control/`.
+`eval/<split>/pass_at_1`) at step = iteration; the control arm's lines go under `control/`. The M-step's
+live step lines become `improve_step/iter_NNN/<field>` (control: `control/improve_step/<field>`) at step =
+the M-step's optimizer step: every M-step starts from the base model, so each has its own curve.
 `metrics.jsonl` stays the source of truth; these are views of it for the usual dashboards.
+
+RUN/tracking.json keeps the MLflow and W&B run ids, so a resumed run logs to the run it started.
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 
 from .errors import UserError
+from .storage import STEP_PHASE, atomic_write_text
+
+TRACKING_FILE = "tracking.json"
+MISSING = {"mlflow": "observability.mlflow_tracking_uri is set but mlflow is not installed (pip install mlflow)",
+           "wandb": "observability.wandb_project is set but wandb is not installed (pip install wandb)"}
+
+
+def check_sinks(o) -> None:
+    """Before any work: each configured dashboard's package is importable (`o`: ObservabilityConfig)."""
+    import importlib
+
+    for package, wanted in (("mlflow", o.mlflow_tracking_uri), ("wandb", o.wandb_project)):
+        if wanted:
+            try:
+                importlib.import_module(package)
+            except ImportError:
+                raise UserError(MISSING[package]) from None
+
+
+def _head(iteration, phase: str, line: dict) -> str:
+    prefix = "control/" if iteration == "control" else ""
+    if phase == STEP_PHASE:
+        return f"{prefix}{phase}" if iteration == "control" else f"{phase}/iter_{int(iteration):03d}"
+    return f"{prefix}{phase}/{line['split']}" if phase == "eval" and "split" in line else f"{prefix}{phase}"
 
 
 def scalars(iteration, phase: str, line: dict) -> dict[str, float]:
-    prefix = "control/" if iteration == "control" else ""
-    head = f"{prefix}{phase}/{line['split']}" if phase == "eval" and "split" in line else f"{prefix}{phase}"
+    head = _head(iteration, phase, line)
+    skip = ("time", "iteration", "step", "total_steps") if phase == STEP_PHASE else ("time", "iteration")
     # TensorBoard and MLflow accept neither '@' nor spaces in names: pass@1 -> pass_at_1
     return {f"{head}/{k}".replace("@", "_at_").replace(" ", "_"): float(v) for k, v in line.items()
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in ("time", "iteration")}
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
 
 
 class MetricsSink:
-    """Receives each committed phase's metrics lines (`RunDir.complete`)."""
+    """Receives each committed phase's metrics lines (`RunDir.complete`) and the M-step's live step lines
+    (`RunDir.log_steps`)."""
 
     def __init__(self, run_root: Path, tensorboard: bool = True, mlflow_uri: str | None = None,
-                 mlflow_experiment: str = "restem-ray"):
-        self._tb = None
-        self._mlflow = None
+                 mlflow_experiment: str = "restem-ray", wandb_project: str | None = None,
+                 wandb_entity: str | None = None, wandb_mode: str | None = None, config: dict | None = None):
+        run_root = Path(run_root)
+        self._tb = self._mlflow = self._wandb = None
+        ids_path = run_root / TRACKING_FILE
+        ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
         if tensorboard:
             from tensorboardX import SummaryWriter
 
@@ -35,22 +69,60 @@ class MetricsSink:
             try:
                 import mlflow
             except ImportError:
-                raise UserError("observability.mlflow_tracking_uri is set but mlflow is not installed "
-                                "(pip install mlflow)") from None
+                raise UserError(MISSING["mlflow"]) from None
             mlflow.set_tracking_uri(mlflow_uri)
             mlflow.set_experiment(mlflow_experiment)
+            prior = ids.get("mlflow") or {}
+            # a run id means nothing on another tracking server: continue only on the one that made it
+            if prior.get("run_id") and prior.get("tracking_uri") == mlflow_uri:
+                run = mlflow.start_run(run_id=prior["run_id"])
+            else:
+                run = mlflow.start_run(run_name=run_root.name)
+            ids["mlflow"] = {"tracking_uri": mlflow_uri, "run_id": run.info.run_id}
             self._mlflow = mlflow
-            self._mlflow_run = mlflow.start_run(run_name=run_root.name)
+        if wandb_project:
+            try:
+                import wandb
+            except ImportError:
+                raise UserError(MISSING["wandb"]) from None
+            prior = ids.get("wandb") or {}
+            # console="off": W&B would otherwise wrap the driver's stdout/stderr (progress bars, Ray's logs)
+            try:
+                self._wandb = wandb.init(project=wandb_project, entity=wandb_entity, mode=wandb_mode,
+                                         id=prior.get("id"), resume="allow", name=run_root.name,
+                                         dir=os.environ.get("WANDB_DIR") or str(run_root),
+                                         settings=wandb.Settings(console="off"))
+            except wandb.Error as e:  # e.g. online without `wandb login`
+                raise UserError(f"observability.wandb_project: W&B could not start a run "
+                                f"({str(e).strip().splitlines()[0][:200]})") from None
+            if config:  # a resumed run may have changed observability.* etc.: the newest config wins
+                self._wandb.config.update(config, allow_val_change=True)
+            ids["wandb"] = {"id": self._wandb.id, "project": wandb_project}
+            self._wandb_axes: set[str] = set()
+        if ids:
+            atomic_write_text(ids_path, json.dumps(ids, indent=1, sort_keys=True))
 
     def log(self, iteration, phase: str, lines: list[dict]) -> None:
-        step = 0 if iteration == "control" else int(iteration)
         for line in lines:
             values = scalars(iteration, phase, line)
-            for tag, v in values.items():
-                if self._tb is not None:
+            if not values:
+                continue
+            if phase == STEP_PHASE:
+                step, axis = int(line["step"]), f"{_head(iteration, phase, line)}/step"
+            else:
+                step, axis = (0 if iteration == "control" else int(iteration)), "iteration"
+            if self._tb is not None:
+                for tag, v in values.items():
                     self._tb.add_scalar(tag, v, global_step=step)
-            if self._mlflow is not None and values:
+            if self._mlflow is not None:
                 self._mlflow.log_metrics(values, step=step)
+            if self._wandb is not None:
+                # W&B's own step only increases, so each curve gets its x-axis as a metric: the iteration, or
+                # the optimizer step of that iteration's M-step
+                for tag in values.keys() - self._wandb_axes:
+                    self._wandb.define_metric(tag, step_metric=axis)
+                    self._wandb_axes.add(tag)
+                self._wandb.log({**values, axis: step})
         if self._tb is not None:
             self._tb.flush()
 
@@ -61,3 +133,6 @@ class MetricsSink:
         if self._mlflow is not None:
             self._mlflow.end_run()
             self._mlflow = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None

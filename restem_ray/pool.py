@@ -39,6 +39,11 @@ class _GradeHost:
     def ready(self) -> float:
         return self.startup_s
 
+    def where(self) -> dict:
+        import os
+
+        return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
+
     def grade(self, problems: list[dict], samples: list[dict]) -> list[dict]:
         by_id = {p["id"]: p for p in problems}
         rows = self.verifier.grade_batch([{**by_id[s["id"]], **s} for s in samples])
@@ -54,8 +59,12 @@ class VerifierPool:
     """
 
     def __init__(self, verifier: str, config: VerificationConfig, max_restarts: int = 3):
+        from .resources import sandbox_resources
+
         retry = dict(max_restarts=max_restarts, max_task_retries=max_restarts)
-        self._cls = ray.remote(_GradeHost).options(num_cpus=config.cpus_per_worker, **retry)
+        self.resources = sandbox_resources(config.resources, verifier == "code")  # nodes that can run bubblewrap
+        self._cls = ray.remote(_GradeHost).options(num_cpus=config.cpus_per_worker, resources=self.resources,
+                                                   **retry)
         self._args = (verifier, config)
         self.config = config
         self.actors = [self._cls.remote(verifier, config) for _ in range(config.num_workers)]
@@ -65,7 +74,9 @@ class VerifierPool:
         """Add one verifier actor if below `max_workers` and a node has a free CPU slot for it (elastic
         clusters: a node that joins mid-E-step takes grading work). Returns True if one was added."""
         limit = self.config.max_workers or self.config.num_workers
-        if len(self.actors) >= limit or ray.available_resources().get("CPU", 0) < self.config.cpus_per_worker:
+        free = ray.available_resources()
+        need = {"CPU": self.config.cpus_per_worker, **self.resources}
+        if len(self.actors) >= limit or any(free.get(k, 0) < v for k, v in need.items()):
             return False
         self.actors.append(self._cls.remote(*self._args))
         self._next = itertools.cycle(self.actors)

@@ -24,20 +24,46 @@ def _place(free: list[dict], bundle: dict[str, float], count: int) -> int:
     return placed
 
 
-def phase_needs(cfg: RestemConfig) -> dict[str, list[tuple[str, dict[str, float], int]]]:
+# The custom resource that marks a node whose pods can run the code sandbox (bubblewrap needs unprivileged
+# user namespaces: seccomp and AppArmor unconfined on Kubernetes). Code verifiers, and training workers that
+# grade code during M-step validation, ask for a sliver of it, so they are placed only on such nodes.
+SANDBOX_RESOURCE = "sandbox"
+
+
+def sandbox_resources(explicit: dict[str, float] | None, code: bool,
+                      cluster: dict[str, float] | None = None) -> dict[str, float]:
+    """Custom resources for an actor that may run the code sandbox: `explicit` when given, else
+    {sandbox: 1} for code when the cluster advertises `sandbox` anywhere (a local Ray does not: no change)."""
+    if explicit is not None:
+        return dict(explicit)
+    if not code:
+        return {}
+    if cluster is None:
+        import ray
+
+        cluster = ray.cluster_resources()
+    return {SANDBOX_RESOURCE: 1.0} if cluster.get(SANDBOX_RESOURCE, 0) > 0 else {}
+
+
+def phase_needs(cfg: RestemConfig, cluster: dict[str, float] | None = None) -> dict[str, list[tuple[str, dict[str, float], int]]]:
+    from .verification import resolve_verifier
+
     s, v, t = cfg.sampling, cfg.verification, cfg.training
+    code = resolve_verifier(v.verifier, cfg.task.kind) == "code"
     replica = {"CPU": s.cpus_per_replica} | ({"GPU": float(s.tensor_parallel_size)} if s.use_gpu else {})
     worker = {"CPU": t.cpus_per_worker} | ({"GPU": 1.0} if t.use_gpu else {})
+    verifier = {"CPU": v.cpus_per_worker} | sandbox_resources(v.resources, code, cluster or {})
     return {
         "E-step": [("sampler replica", replica, s.num_replicas),
-                   ("verifier", {"CPU": v.cpus_per_worker}, v.num_workers)],
+                   ("verifier", verifier, v.num_workers)],
         "M-step": [("training worker", worker, t.num_workers)],
     }
 
 
 def check_cluster(cfg: RestemConfig, nodes: list[dict[str, float]]) -> None:
     """`nodes`: each alive node's resources, as in `ray.nodes()[i]["Resources"]`."""
-    for phase, groups in phase_needs(cfg).items():
+    total = {k: sum(n.get(k, 0.0) for n in nodes) for n in nodes for k in n}
+    for phase, groups in phase_needs(cfg, total).items():
         free = [dict(n) for n in nodes]
         for name, bundle, count in groups:
             placed = _place(free, bundle, count)
@@ -55,3 +81,30 @@ def check_ray_cluster(cfg: RestemConfig) -> None:
 
     if cfg.ray.check_resources:
         check_cluster(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
+
+
+def check_sandbox_on_cluster(verifier: str, v, timeout_s: float = 120.0) -> dict | None:
+    """Code verification: start the sandbox once in a verifier actor (VerificationConfig `v`), placed as the
+    E-step's verifiers will be, so a cluster whose verifier nodes cannot run bubblewrap fails in one line
+    before anything is written. The driver's own node (e.g. a head pod without the security settings) is not
+    where grading runs, so that is not where the check runs. Returns where it ran ({node, pid}); None when
+    there is no sandbox to check."""
+    if verifier != "code":
+        return None
+    import ray
+
+    from .pool import VerifierPool
+
+    pool = VerifierPool("code", v.model_copy(update={"num_workers": 1}), max_restarts=0)
+    try:
+        (where,) = ray.get([a.where.remote() for a in pool.actors], timeout=timeout_s)
+    except ray.exceptions.GetTimeoutError:
+        raise UserError(f"verification: no node could host a code verifier (resources {pool.resources or 'CPU only'}) "
+                        f"within {timeout_s:g} s") from None
+    except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+        cause = str(e).strip().splitlines()[-1]
+        cause = cause.split("UserError: ", 1)[-1].removeprefix("verification.verifier: code: ")  # the actor's own line
+        raise UserError(f"verification.verifier: code: the sandbox cannot start on a verifier node: {cause}") from None
+    finally:
+        pool.close()
+    return where

@@ -2,12 +2,14 @@
 
 RUN/config.yaml, RUN/manifest.json (the single source of truth for what is complete, written
 atomically), RUN/iter_NNN/{samples/part-*.parquet, train.parquet, checkpoint/, eval.json},
-RUN/metrics.jsonl (one line per phase per iteration), RUN/report.png.
+RUN/metrics.jsonl (one line per phase per iteration, plus the M-steps' live step lines), RUN/report.png.
 """
 from __future__ import annotations
 
+import fcntl
 import json
 import os
+import socket
 import time
 from pathlib import Path
 
@@ -30,8 +32,25 @@ def atomic_write_text(path: Path, text: str, crash_label: str | None = None) -> 
     os.replace(tmp, path)
 
 
-# Keys a resumed run may change: they decide how far the run goes and where, not what it computed.
-RESUME_SAFE_KEYS = {"loop.iterations", "loop.patience", "ray.address", "ray.num_cpus", "ray.check_resources"}
+# Keys a resumed run may change: they decide how far the run goes, where it runs and what it reports, not
+# what it computes. Samples carry per-(problem, sample) seeds, so they do not depend on how many replicas or
+# verifiers draw and grade them; placement and restart limits only decide where and how often actors start.
+# Everything else is result-changing: the data, the model, sampling and verification settings, selection,
+# training (its worker count sets the global batch), and the E-step shard size (prompts_per_request), which
+# a resumed E-step relies on to find its finished shards.
+RESUME_SAFE_KEYS = {
+    "loop.iterations", "loop.patience",
+    "ray.address", "ray.num_cpus", "ray.check_resources",
+    "sampling.num_replicas", "sampling.max_replicas", "sampling.cpus_per_replica", "sampling.placement_strategy",
+    "sampling.placement_timeout_s", "sampling.max_restarts",
+    "verification.num_workers", "verification.max_workers", "verification.cpus_per_worker",
+    "training.cpus_per_worker", "training.gpus_per_worker", "training.resources_per_worker",
+    "training.placement_strategy", "training.max_failures",
+}
+RESUME_SAFE_SECTIONS = ("observability.",)
+
+# The M-step's live lines in metrics.jsonl: {"phase": "improve_step", "iteration": t, "step": s, "loss": ...}
+STEP_PHASE = "improve_step"
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -84,12 +103,40 @@ class RunDir:
         path = self.root / "config.yaml"
         old = _flatten(yaml.safe_load(path.read_text())) if path.is_file() else {}
         new = _flatten(yaml.safe_load(config_yaml))
-        changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS]
+        changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS
+                   and not k.startswith(RESUME_SAFE_SECTIONS)]
         if changed and not force:
             k = changed[0]
             raise UserError(f"{path}: resuming with a changed config ({k}: {old.get(k)!r} -> {new.get(k)!r}"
                             f"{f' and {len(changed) - 1} more' if len(changed) > 1 else ''}); "
-                            "only loop.*, ray.* may change (use --force to accept)")
+                            "only loop.*, ray.*, observability.* and replica/worker counts and placement may "
+                            "change (README 'Config changes on resume'; use --force to accept)")
+
+    def lock(self) -> None:
+        """One driver per run: hold an exclusive flock on RUN/.driver.lock for this process's life. The kernel
+        drops the lock when its holder dies however it dies, so a crashed driver never blocks its own resume;
+        the file names the holder for the refusal message."""
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.root / ".driver.lock", os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as e:
+            raise UserError(f"{self.root}: cannot create run directory ({e.strerror})") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
+            os.close(fd)
+            raise UserError(f"{self.root}: another driver is running this run ({holder}); wait for it to end "
+                            "or stop it, then --resume") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
+                      f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}".encode(), 0)
+        self._lock_fd = fd
+
+    def unlock(self) -> None:
+        fd, self._lock_fd = getattr(self, "_lock_fd", None), None
+        if fd is not None:
+            os.close(fd)
 
     def _write_manifest(self, m: dict, label: str | None = None) -> None:
         atomic_write_text(self.manifest_path, json.dumps(m, indent=1, sort_keys=True),
@@ -126,7 +173,23 @@ class RunDir:
         m.update(fields)
         self._write_manifest(m)
 
+    def log_steps(self, iteration, lines: list[dict], restart: bool = False) -> None:
+        """The M-step's live step lines, appended as rank 0 sends them (phase "improve_step"; no commit of
+        their own). A (re)started M-step first sends the lines its checkpoint holds (`restart`): they replace
+        the iteration's earlier step lines, so after a replaced worker group or a resumed driver each step
+        appears once, as in an uninterrupted run. Those lines already reached the dashboards: only new ones go
+        to the sink."""
+        if restart:  # the M-step is not committed yet: trimming drops its step lines
+            self._trim_metrics()
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            for line in lines:
+                f.write(json.dumps({"phase": STEP_PHASE, "iteration": iteration, **line}) + "\n")
+        if self.sink is not None and not restart:
+            self.sink.log(iteration, STEP_PHASE, list(lines))
+
     def _trim_metrics(self) -> None:
+        """Keep committed lines, and the step lines of committed M-steps (an unfinished M-step sends its step
+        lines again from its checkpoint when it resumes)."""
         if not self.metrics_path.exists():
             return
         completed = self.manifest()["completed"]
@@ -136,7 +199,11 @@ class RunDir:
                 line = json.loads(raw)
             except json.JSONDecodeError:
                 continue  # a torn last line
-            if completed.get(f"{line.get('iteration')}/{line.get('phase')}") == line.get("time"):
+            t, phase = line.get("iteration"), line.get("phase")
+            if phase == STEP_PHASE:
+                if f"{t}/improve" in completed:
+                    keep.append(raw)
+            elif completed.get(f"{t}/{phase}") == line.get("time"):
                 keep.append(raw)
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))
 

@@ -19,10 +19,11 @@ import json
 import os
 import shutil
 import tempfile
+import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import ContextManager, Protocol
+from typing import Callable, ContextManager, Protocol
 
 from .config import TrainingConfig
 from .errors import RunError
@@ -42,6 +43,7 @@ class MStepJob:
     verification: dict = field(default_factory=dict)  # ... with this VerificationConfig
     max_new_tokens: int = 512
     stop: tuple[str, ...] = ()
+    log_every_steps: int = 0           # rank 0's live step lines (observability.log_every_steps); 0: none
 
 
 def deepspeed_config(cfg: TrainingConfig, world_size: int) -> dict:
@@ -98,13 +100,19 @@ def sum_over_ranks(values: list[float], *, device) -> list[float]:
 
 
 class Reporter(Protocol):
-    """Where a rank's checkpoints go: Ray Train in production, a local folder without Ray."""
+    """Where a rank's checkpoints and rank 0's step lines go: Ray Train and the driver's step relay in
+    production, a local folder and a list without Ray."""
 
     def latest_checkpoint(self) -> ContextManager[str | None]: ...  # a folder readable inside the block
     def report(self, metrics: dict, checkpoint_dir: str | None, name: str | None) -> None: ...
+    def steps(self, lines: list[dict], restart: bool) -> None: ...  # must not wait for the receiver
+    def flush_steps(self) -> None: ...  # before the rank exits: the lines sent so far have arrived
 
 
 class RayTrainReporter:
+    def __init__(self, relay=None):
+        self.relay, self._sent = relay, None  # relay: the driver's StepRelay actor (improve())
+
     @contextlib.contextmanager
     def latest_checkpoint(self):
         import ray.train
@@ -128,6 +136,19 @@ class RayTrainReporter:
         ckpt = ray.train.Checkpoint.from_directory(checkpoint_dir) if checkpoint_dir else None
         ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=name)
 
+    def steps(self, lines, restart):
+        if self.relay is not None:  # fire-and-forget: training never waits on the driver
+            self._sent = self.relay.push.remote({"lines": lines, "restart": restart})
+
+    def flush_steps(self):
+        if self._sent is not None:  # a process that exits right after .remote() may not have sent the call
+            import ray
+
+            try:
+                ray.get(self._sent, timeout=30)
+            except Exception:  # the driver is gone or slow: metrics never fail an M-step
+                pass
+
 
 class LocalReporter:
     """No Ray: checkpoints are moved under `root` (single process, or ranks sharing a filesystem)."""
@@ -135,6 +156,7 @@ class LocalReporter:
     def __init__(self, root: str):
         self.root = Path(root)
         self.reports: list[dict] = []
+        self.step_lines: list[dict] = []
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
@@ -146,6 +168,12 @@ class LocalReporter:
         if checkpoint_dir:
             shutil.copytree(checkpoint_dir, self.root / name, dirs_exist_ok=True)
 
+    def steps(self, lines, restart):
+        self.step_lines = list(lines) if restart else self.step_lines + list(lines)
+
+    def flush_steps(self):
+        pass
+
 
 @dataclass
 class TrainState:
@@ -155,6 +183,8 @@ class TrainState:
     best_step: int | None = None
     stale_evals: int = 0                # evaluations since the last new best
     history: list = field(default_factory=list)
+    step_lines: list = field(default_factory=list)  # rank 0's live step lines so far, re-sent on a restart
+    step_carry: dict = field(default_factory=dict)  # rank 0's steps since the last line (StepLines.save)
 
 
 class MStep:
@@ -291,12 +321,18 @@ class MStep:
         t0 = time.perf_counter()
         plan_epoch_idx, plan = -1, None
         stop = False
+        lines = StepLines(self, self.job.get("log_every_steps", 0) if self.rank == 0 else 0)
         while st.step < self.total and not stop:
             epoch, within = divmod(st.step, self.steps_per_epoch)
             if epoch != plan_epoch_idx:
                 plan_epoch_idx, plan = epoch, self.plan(epoch)
             step_loss = torch.zeros((), device=self.device)
+            lr = engine.get_lr()[0] if lines.on else None  # this step's: the scheduler moves at its end
+            step_tokens = 0
             for m in range(cfg.grad_accum):
+                if lines.on:  # every rank's real tokens, from the plan all ranks share: no collective
+                    step_tokens += sum(len(self.data[i][0]) for part in plan[within * cfg.grad_accum + m]
+                                       for i in part)
                 micro = plan[within * cfg.grad_accum + m][self.rank]
                 batch = collate_micro([self.data[i] for i in micro], self.tok.pad_token_id, packed=cfg.packing,
                                       pack_length=cfg.pack_length, multiple=multiple)
@@ -318,11 +354,19 @@ class MStep:
                     shown = time.monotonic()
                     bar.set_postfix(loss=f"{float(step_loss) / cfg.grad_accum:.3f}")
             last = st.step == self.total
+            lines.add(step_loss, lr, step_tokens)
             if self.valid is not None and (st.step % cfg.eval_every_steps == 0 or last):
-                stop = self._validate()
-                self._checkpoint(float(step_loss) / cfg.grad_accum, tokens, real, t0)
+                with lines.paused():
+                    stop = self._validate()
+                if stop:
+                    lines.emit()  # the last step's line, before the checkpoint saves the lines
+                with lines.paused():
+                    lines.save()
+                    self._checkpoint(float(step_loss) / cfg.grad_accum, tokens, real, t0)
             elif st.step % self.checkpoint_every == 0 or last:
-                self._checkpoint(float(step_loss) / cfg.grad_accum, tokens, real, t0)
+                with lines.paused():
+                    lines.save()
+                    self._checkpoint(float(step_loss) / cfg.grad_accum, tokens, real, t0)
         if stop and self.rank == 0:
             print(f"[restem] M-step: validation reward has not improved for {cfg.patience} evaluation(s); "
                   f"stopped at step {st.step}, best step {st.best_step} ({st.best_reward:.3f})")
@@ -330,6 +374,7 @@ class MStep:
             bar.close()
         if self.last_metrics is None:  # restored at the end (a re-run driver found the finished checkpoints)
             self._checkpoint(float("nan"), 0, 0, t0)
+        self.reporter.flush_steps()
         return self.last_metrics
 
     def _validate(self) -> bool:
@@ -408,6 +453,73 @@ class MStep:
         copy.merge_and_unload().to(self.dtype).save_pretrained(hf, safe_serialization=True)
 
 
+class StepLines:
+    """Rank 0's live step lines, one per `every` optimizer steps (and at the last): rank 0's mean loss over
+    those steps, the learning rate, DeepSpeed's global gradient norm (before clipping; None where DeepSpeed
+    computes none: ZeRO-0 in fp32) and every rank's real (non-padding) tokens per second, validation and
+    checkpoint time left out. The loss stays on the device between lines: reading it is the one host sync a
+    line adds. The lines and the steps since the last one are saved with each checkpoint (TrainState), so a
+    restarted M-step sends the lines up to its checkpoint again (`restart`; the driver's metrics.jsonl then
+    holds every step once) and its next line covers the same steps, with the same loss, as without the restart."""
+
+    def __init__(self, mstep: "MStep", every: int):
+        self.m, self.every, self.on = mstep, every, every > 0
+        self._reset()
+        if self.on:
+            mstep.reporter.steps(list(mstep.state.step_lines), restart=True)
+            carry = mstep.state.step_carry
+            if carry.get("steps"):
+                import torch
+
+                self.loss = torch.tensor(carry["loss"], device=mstep.device)  # float32, as it was summed
+                self.steps, self.tokens, self.carried_s = carry["steps"], carry["tokens"], carry["seconds"]
+
+    def _reset(self) -> None:
+        self.loss, self.steps, self.tokens, self.pause_s, self.since = None, 0, 0, 0.0, time.perf_counter()
+        self.carried_s = 0.0
+
+    def _seconds(self) -> float:
+        return self.carried_s + time.perf_counter() - self.since - self.pause_s
+
+    def save(self) -> None:
+        """Before a checkpoint, which waits for the device anyway: the steps since the last line."""
+        if self.on:
+            self.m.state.step_carry = {"loss": float(self.loss) if self.steps else 0.0, "steps": self.steps,
+                                       "tokens": self.tokens, "seconds": self._seconds()}
+
+    def add(self, step_loss, lr: float, tokens: int) -> None:
+        """After each optimizer step (`state.step` already counts it)."""
+        if not self.on:
+            return
+        self.loss = step_loss if self.loss is None else self.loss + step_loss
+        self.steps, self.tokens, self.lr = self.steps + 1, self.tokens + tokens, lr
+        st = self.m.state
+        if st.step % self.every == 0 or st.step == self.m.total:
+            self.emit()
+
+    @contextlib.contextmanager
+    def paused(self):
+        start = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.pause_s += time.perf_counter() - start
+
+    def emit(self) -> None:
+        if not (self.on and self.steps):
+            return
+        st, engine = self.m.state, self.m.engine
+        loss = float(self.loss) / (self.steps * self.m.cfg.grad_accum)  # the host read: waits for the device
+        norm = engine.get_global_grad_norm()  # a float or a device tensor (already computed by now)
+        seconds = self._seconds()
+        line = {"step": st.step, "total_steps": self.m.total, "loss": loss, "lr": self.lr,
+                "grad_norm": None if norm is None else float(norm), "tokens": self.tokens,
+                "tokens_per_s": self.tokens / max(1e-9, seconds), "time": round(time.time(), 3)}
+        st.step_lines.append(line)
+        self.m.reporter.steps([line], restart=False)
+        self._reset()
+
+
 def _read_rows(path: str) -> list[dict]:
     """prompt/completion rows from Parquet (what the driver writes) or JSONL (no pyarrow needed)."""
     if path.endswith(".jsonl"):
@@ -424,27 +536,92 @@ def train_loop(job: dict) -> None:
     import ray.train
 
     ctx = ray.train.get_context()
-    MStep(job, ctx.get_world_rank(), ctx.get_world_size(), RayTrainReporter()).run()
+    MStep(job, ctx.get_world_rank(), ctx.get_world_size(), RayTrainReporter(job.get("step_relay"))).run()
+
+
+class StepRelay:
+    """A Ray actor near the driver holding rank 0's step lines until the driver takes them: training workers
+    may run on nodes that do not see the run directory, and rank 0 must never wait on the driver."""
+
+    def __init__(self):
+        self.messages: list[dict] = []
+
+    def push(self, message: dict) -> None:
+        self.messages.append(message)
+
+    def take(self) -> list[dict]:
+        messages, self.messages = self.messages, []
+        return messages
+
+
+class StepReceiver:
+    """Driver side: a StepRelay on the driver's node, and a thread handing its messages to `on_steps(lines,
+    restart)` every `every_s` seconds and once more at `close()`. A failing receiver (a full disk, a dashboard
+    that refuses a point) costs one warning, never the M-step."""
+
+    def __init__(self, on_steps: Callable[[list[dict], bool], None], every_s: float = 0.5):
+        import ray
+        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+        here = NodeAffinitySchedulingStrategy(ray.get_runtime_context().get_node_id(), soft=True)
+        self.actor = ray.remote(StepRelay).options(num_cpus=0, scheduling_strategy=here).remote()
+        self.on_steps, self.warned = on_steps, False
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(every_s,), name="mstep-step-lines", daemon=True)
+        self._thread.start()
+
+    def _loop(self, every_s: float) -> None:
+        while not self._done.wait(every_s):
+            self._deliver()
+
+    def _deliver(self) -> None:
+        import ray
+
+        try:
+            for message in ray.get(self.actor.take.remote()):
+                self.on_steps(message["lines"], message["restart"])
+        except Exception as e:
+            if not self.warned:
+                self.warned = True
+                print(f"[restem] live M-step metrics: {type(e).__name__}: {str(e).strip()[:200]}")
+
+    def close(self) -> None:
+        import ray
+
+        self._done.set()
+        self._thread.join()
+        self._deliver()  # the workers have ended (flush_steps): whatever they sent is in the relay
+        ray.kill(self.actor)
 
 
 def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingConfig, seed: int,
             storage: Path | str, name: str = "mstep", valid_file: str | None = None,
             valid_problems: list[dict] | None = None, verifier: str = "math", verification: dict | None = None,
-            max_new_tokens: int = 512, stop: tuple[str, ...] = ()) -> dict:
-    """Run the M-step; the HF checkpoint of the chosen step lands in `out_dir`. Returns its metrics."""
+            max_new_tokens: int = 512, stop: tuple[str, ...] = (), log_every_steps: int = 0,
+            on_steps: Callable[[list[dict], bool], None] | None = None) -> dict:
+    """Run the M-step; the HF checkpoint of the chosen step lands in `out_dir`. Returns its metrics.
+    With `log_every_steps` and `on_steps`, rank 0's step lines reach `on_steps(lines, restart)` in this
+    process while the M-step runs (`StepLines`, `StepReceiver`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
     from ray.train.torch import TorchTrainer
 
+    from .resources import sandbox_resources
+
     job = asdict(MStepJob(init_model=init_model, train_file=str(train_file), seed=seed, cfg=cfg.model_dump(),
                           valid_file=valid_file, valid_problems=valid_problems, verifier=verifier,
-                          verification=verification or {}, max_new_tokens=max_new_tokens, stop=tuple(stop)))
+                          verification=verification or {}, max_new_tokens=max_new_tokens, stop=tuple(stop),
+                          log_every_steps=log_every_steps if on_steps else 0))
+    receiver = StepReceiver(on_steps) if on_steps and log_every_steps else None
+    job["step_relay"] = receiver and receiver.actor
     scored = bool(cfg.eval_every_steps and (valid_file or valid_problems))
+    # Validation of a code task runs the sandbox in every training worker: place them where it can run.
+    grading = sandbox_resources((verification or {}).get("resources"), scored and verifier == "code")
     storage_path = cfg.storage_path or str(Path(storage).resolve())
     trainer = TorchTrainer(
         train_loop,
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,
-                                     resources_per_worker=cfg.worker_resources(),
+                                     resources_per_worker=cfg.worker_resources() | grading,
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
             storage_path=storage_path, name=name,
@@ -462,6 +639,9 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
         cause = next(iter(causes.values()), None) or getattr(e, "controller_failure", None) or e
         raise RunError(f"M-step {name} failed: {type(cause).__name__}: {str(cause).strip().splitlines()[-1][:300]}"
                        ) from None
+    finally:
+        if receiver is not None:
+            receiver.close()
     if scored and result.best_checkpoints:
         chosen, metrics = max(result.best_checkpoints, key=lambda cm: cm[1].get("valid_score", -1.0))
     else:

@@ -219,9 +219,12 @@ def resolve_verifier(name: str, task_kind: str) -> str:
     return "math" if task_kind == "math" else "code"
 
 
-def check_verifier(cfg) -> str:
+def check_verifier(cfg, local_sandbox: bool = True) -> str:
     """Resolve and build the configured verifier once (imports a plug-in, starts a sandbox), so that a
-    bad plug-in or a machine without bubblewrap fails before any run directory is written."""
+    bad plug-in or a machine without bubblewrap fails before any run directory is written. Commands that
+    grade in verifier actors (run, eval) pass local_sandbox=False: this machine need not run bubblewrap, and
+    resources.check_sandbox_on_cluster checks it where those actors run, once Ray is up."""
     name = resolve_verifier(cfg.verification.verifier, cfg.task.kind)
-    Verifier(name, cfg.verification).close()
+    if name != "code" or local_sandbox:
+        Verifier(name, cfg.verification).close()
     return name

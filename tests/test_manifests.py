@@ -169,3 +169,47 @@ def test_gpu_image_installs_the_flash_attn_wheel_of_its_own_torch(tmp_path):
                                   f"cp{v[0]}{v[1]}-cp{v[0]}{v[1]}-linux_x86_64.whl"), out.stderr
     out = subprocess.run(["bash", "-c", cmd], env=dict(env, FLASH_ATTN_WHEELS=""), capture_output=True, text=True)
     assert out.returncode == 0 and "no flash-attn" in out.stdout
+
+
+def ray_cluster_specs():
+    return [(f, doc["spec"].get("rayClusterSpec", doc["spec"])) for f, doc in kuberay_manifests()]
+
+
+def test_every_pod_that_can_host_a_verifier_can_run_bubblewrap():
+    """A group whose pods take actors (num-cpus not 0) may host a verifier, or a training worker that grades code
+    in validation: each of its containers runs with seccomp and AppArmor unconfined (bubblewrap's user
+    namespaces) and the group advertises the `sandbox` resource that code verifiers ask for. A group that
+    advertises `sandbox` without the settings would attract verifiers that cannot start."""
+    from restem_ray.resources import SANDBOX_RESOURCE
+
+    checked = 0
+    for f, spec in ray_cluster_specs():
+        groups = [("head", spec["headGroupSpec"])] + [(g["groupName"], g) for g in spec["workerGroupSpecs"]]
+        for name, g in groups:
+            params = g.get("rayStartParams") or {}
+            advertised = json.loads(json.loads(params["resources"])) if "resources" in params else {}
+            hosts_actors = str(params.get("num-cpus", "")) != "0"
+            if not hosts_actors:
+                assert SANDBOX_RESOURCE not in advertised, (f.name, name)
+                continue
+            assert advertised.get(SANDBOX_RESOURCE, 0) >= 1, (f.name, name, params)
+            for c in g["template"]["spec"]["containers"]:
+                sc = c.get("securityContext") or {}
+                assert sc.get("seccompProfile") == {"type": "Unconfined"}, (f.name, name, c["name"])
+                assert sc.get("appArmorProfile") == {"type": "Unconfined"}, (f.name, name, c["name"])
+            checked += 1
+    assert checked == 4  # gpu and cpu-verifiers, in the RayCluster and in the RayJob's cluster
+
+
+def test_the_rayjob_creates_the_cluster_of_raycluster_yaml():
+    (_, cluster), (_, job) = sorted(ray_cluster_specs(), key=lambda x: x[0].name)
+    assert job == cluster
+
+
+def test_cluster_launcher_nodes_that_take_actors_can_run_bubblewrap():
+    cfg = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    opts = " ".join(cfg["docker"]["run_options"])
+    assert "seccomp=unconfined" in opts and "apparmor=unconfined" in opts
+    for name, node in cfg["available_node_types"].items():
+        if node["resources"].get("CPU") != 0:
+            assert node["resources"].get("sandbox", 0) >= 1, name

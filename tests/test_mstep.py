@@ -131,12 +131,19 @@ def _vllm_matches_hf(model_dir: Path, prompts: list[str]) -> None:
 
 @slow
 def test_zero3_early_stopping_keeps_the_best_step_and_vllm_serves_it(setup):
+    """ZeRO-3 on 2 Ray Train workers with early stopping: the M-step returns the best step's weights, consolidated
+    from both ranks' shards. The reference is independent of ZeRO-3's consolidation: a ZeRO-2 run (every rank
+    holds whole parameters; its checkpoint is the module's own state dict) on the same batches, seed and
+    learning rates, stopped at that step. A constant learning rate makes "stopped at that step" the same
+    schedule (cosine decay would depend on the planned length)."""
+    from safetensors.torch import load_file
+
     from restem_ray.config import TrainingConfig
     from restem_ray.training import improve
 
     root, d = setup
-    cfg = TrainingConfig(num_workers=2, zero_stage=3, micro_batch_size=16, epochs=1, lr=1e-5, eval_every_steps=2,
-                         eval_problems=32, patience=1, keep_checkpoints=True)
+    cfg = TrainingConfig(num_workers=2, zero_stage=3, micro_batch_size=16, epochs=1, lr=1e-5, lr_schedule="constant",
+                         eval_every_steps=2, eval_problems=32, patience=1, keep_checkpoints=True)
     m = improve(init_model=str(root / "model"), train_file=d / "train.parquet", out_dir=d / "z3" / "ckpt", cfg=cfg,
                 seed=0, storage=d / "z3", name="es", valid_file=str(root / "data" / "valid.jsonl"), max_new_tokens=96)
     hist = m["valid_history"]
@@ -147,11 +154,23 @@ def test_zero3_early_stopping_keeps_the_best_step_and_vllm_serves_it(setup):
     if m["steps"] < m["total_steps"]:                       # stopped: `patience` evaluations without a new best
         assert len(hist) - 1 - rewards.index(max(rewards)) == cfg.patience
     assert m["chosen_step"] < m["steps"]                    # here: the last step is not the best one
-    # the returned HF checkpoint is that step's consolidated ZeRO-3 weights, not the last step's
-    kept = d / "z3" / "es" / f"step_{best['step']:07d}" / "hf" / "model.safetensors"
-    assert (d / "z3" / "ckpt" / "model.safetensors").read_bytes() == kept.read_bytes()
-    last = d / "z3" / "es" / f"step_{m['steps']:07d}" / "hf" / "model.safetensors"
-    assert last.read_bytes() != kept.read_bytes()
+
+    ref_cfg = TrainingConfig(num_workers=2, zero_stage=2, micro_batch_size=16, max_steps=best["step"], lr=1e-5,
+                             lr_schedule="constant")
+    r = improve(init_model=str(root / "model"), train_file=d / "train.parquet", out_dir=d / "z2ref" / "ckpt",
+                cfg=ref_cfg, seed=0, storage=d / "z2ref", name="ref")
+    assert r["steps"] == best["step"]
+    got, want = (load_file(p / "model.safetensors") for p in (d / "z3" / "ckpt", d / "z2ref" / "ckpt"))
+    base = load_file(root / "model" / "model.safetensors")
+    last = load_file(d / "z3" / "es" / f"step_{m['steps']:07d}" / "hf" / "model.safetensors")
+    assert set(got) == set(want)
+    moved = max(float((want[k] - base[k]).abs().max()) for k in want)
+    for k in want:  # fp32 on both sides: the two ZeRO stages differ only in summation order (measured: <= 3e-8)
+        torch.testing.assert_close(got[k], want[k], atol=1e-6, rtol=0, msg=k)
+    # ... far above that tolerance: it trained (Adam moves a weight by about lr = 1e-5 per step; the best step
+    # is >= 2, so >= 2e-5 moved, 20x the tolerance: an unconsolidated or untrained checkpoint fails)
+    assert moved > 10 * 1e-6, moved
+    assert any(float((last[k] - want[k]).abs().max()) > 1e-5 for k in want)  # the last step's weights differ
     prompts = [json.loads(line)["prompt"] for line in open(root / "data" / "valid.jsonl")][:4]
     _vllm_matches_hf(d / "z3" / "ckpt", prompts)
 
@@ -188,6 +207,40 @@ def test_killed_training_worker_resumes_from_the_last_checkpoint(setup):
     assert not (storage / "kill").exists()  # DeepSpeed shards removed once the HF checkpoint is out
     prompts = [json.loads(line)["prompt"] for line in open(root / "data" / "valid.jsonl")][:4]
     _vllm_matches_hf(storage / "ckpt", prompts)
+
+
+@slow
+def test_rank_0_reports_step_lines_live_while_the_m_step_runs(setup):
+    """log_every_steps=3 on 2 ZeRO-2 workers, 19 steps: rank 0's step lines reach the caller while training runs,
+    for steps 3, 6, ..., 18 and the last, with the scheduled learning rate, DeepSpeed's gradient norm, the loss
+    and every rank's real tokens (their sum is the M-step's all-reduced count)."""
+    import math
+
+    from restem_ray.config import TrainingConfig
+    from restem_ray.sft import warmup_cosine
+    from restem_ray.training import improve
+
+    root, d = setup
+    got = []  # (arrival time, restart, lines) in the calling process
+
+    cfg = TrainingConfig(num_workers=2, zero_stage=2, micro_batch_size=16, max_steps=19, lr=1e-4, warmup_ratio=0.2)
+    m = improve(init_model=str(root / "model"), train_file=d / "train.parquet", out_dir=d / "live" / "ckpt", cfg=cfg,
+                seed=0, storage=d / "live", name="live", log_every_steps=3,
+                on_steps=lambda lines, restart: got.append((time.time(), restart, lines)))
+    returned = time.time()
+    assert got[0][1:] == (True, [])                         # a fresh M-step: no lines from a checkpoint
+    assert all(not restart for _, restart, _ in got[1:])
+    lines = [line for _, _, batch in got[1:] for line in batch]
+    assert m["steps"] == 19 and [x["step"] for x in lines] == [3, 6, 9, 12, 15, 18, 19]
+    for x in lines:  # 3 warm-up steps (int(0.2 x 19)), then cosine decay
+        assert x["lr"] == pytest.approx(cfg.lr * warmup_cosine(x["step"] - 1, 19, 3), rel=1e-6), x
+        assert math.isfinite(x["loss"]) and x["loss"] > 0 and math.isfinite(x["grad_norm"]) and x["grad_norm"] > 0
+        assert x["tokens_per_s"] > 0 and x["total_steps"] == 19
+    assert lines[-1]["loss"] == m["loss"]                   # the last line covers step 19 alone: its loss
+    assert sum(x["tokens"] for x in lines) == m["real_tokens"]
+    assert sum(x["tokens"] / x["tokens_per_s"] for x in lines) <= m["train_seconds"]
+    first = next(t for t, _, batch in got if batch)
+    assert first < lines[-1]["time"] < returned             # delivered while rank 0 was still training
 
 
 # ---------------------------------------------------------------- the plain loop, without Ray
@@ -329,3 +382,34 @@ def test_zero3_loads_sharded_and_saves_exactly_the_trained_weights(tmp_path, sin
         assert t.dtype == saved[n].dtype == torch.bfloat16
         assert torch.equal(saved[n], t), n
     assert any(not torch.equal(saved[n].float(), base[n].to(torch.bfloat16).float()) for n in live)  # it trained
+
+
+def test_a_restarted_m_step_sends_the_step_lines_its_checkpoint_holds(tmp_path, single_process_group):
+    """A worker group that restarts from a checkpoint first re-sends the step lines saved with it (`restart`;
+    the driver replaces the iteration's lines with them), then continues where the checkpoint was taken, between
+    two lines: the next line covers the same steps (3 and 4), with the same loss and tokens, as without the
+    restart."""
+    import shutil
+
+    from restem_ray.training import LocalReporter, MStep
+
+    job = {**_tiny_job(tmp_path, SUMS, micro_batch_size=8, epochs=2, lr=1e-3, checkpoint_every_steps=3),
+           "log_every_steps": 2}
+    whole = LocalReporter(str(tmp_path / "ckpts"))
+    MStep(job, 0, 1, whole).run()
+    assert [x["step"] for x in whole.step_lines] == [2, 4, 6]  # 3 steps per epoch
+    shutil.rmtree(tmp_path / "ckpts" / "step_0000006")     # as if killed after step 3's checkpoint
+    calls = []
+
+    class Recording(LocalReporter):
+        def steps(self, lines, restart):
+            calls.append((restart, [x["step"] for x in lines]))
+            super().steps(lines, restart)
+
+    again = Recording(str(tmp_path / "ckpts"))
+    MStep(job, 0, 1, again).run()
+    assert calls == [(True, [2]), (False, [4]), (False, [6])]
+    assert again.step_lines[0] == whole.step_lines[0]       # sent from the checkpoint, its time included
+    for ours, theirs in zip(again.step_lines[1:], whole.step_lines[1:]):
+        assert {k: v for k, v in ours.items() if k not in ("time", "tokens_per_s")} == \
+            {k: v for k, v in theirs.items() if k not in ("time", "tokens_per_s")}

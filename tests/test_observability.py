@@ -1,6 +1,9 @@
 """TensorBoard view of the metrics: each committed phase line becomes scalars at step = iteration."""
+import json
 import struct
+import sys
 
+import pytest
 from tensorboardX.proto import event_pb2
 
 from restem_ray.observability import MetricsSink, scalars
@@ -43,3 +46,165 @@ def test_committed_phases_become_tensorboard_scalars(tmp_path):
 def test_scalars_keep_numbers_only():
     assert scalars(2, "improve", {"loss": 0.5, "init": "base", "ok": True, "steps": 10}) == \
         {"improve/loss": 0.5, "improve/steps": 10.0}
+
+
+# ---------------------------------------------------------------- the M-step's live step lines, W&B, MLflow
+def step_line(step, loss):
+    return {"step": step, "total_steps": 4, "loss": loss, "lr": 1e-3 * step, "grad_norm": 0.5 + step,
+            "tokens": 100 * step, "tokens_per_s": 10.0 * step, "time": 1.0 + step}
+
+
+def wandb_runs(wandb_dir) -> dict[str, list]:
+    """The records of each offline W&B run under `wandb_dir`, read from its run-ID.wandb file (W&B's
+    LevelDB-style log: 32 KiB blocks of records with a 7-byte header, crc32 + length + type, each a
+    protobuf `Record`), keyed by run directory name."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    runs = {}
+    for f in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
+        data, records, pos, part = f.read_bytes(), [], 7, b""
+        assert data[:4] == b":W&B"
+        while pos + 7 <= len(data):
+            if 32768 - pos % 32768 < 7:  # a block's tail too short for a header is padding
+                pos += 32768 - pos % 32768
+                continue
+            length, kind = struct.unpack("<HB", data[pos + 4 : pos + 7])
+            part += data[pos + 7 : pos + 7 + length]
+            pos += 7 + length
+            if kind in (1, 4):  # FULL, or LAST of FIRST/MIDDLE/LAST
+                records.append(pb.Record.FromString(part))
+                part = b""
+        runs[f.parent.name] = records
+    return runs
+
+
+def wandb_history(records) -> list[dict]:
+    rows = [{i.key or "/".join(i.nested_key): json.loads(i.value_json) for i in r.history.item}
+            for r in records if r.WhichOneof("record_type") == "history"]
+    return [{k: v for k, v in row.items() if not k.startswith("_")} for row in rows]  # less W&B's own _step etc.
+
+
+@pytest.fixture
+def wandb_offline(tmp_path, monkeypatch):
+    wandb = pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    monkeypatch.setenv("WANDB_DIR", str(tmp_path / "wb"))
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    (tmp_path / "wb").mkdir()
+    wandb.teardown()  # W&B reads its environment once per process: start from this test's
+    yield tmp_path / "wb"
+    wandb.teardown()
+
+
+def test_step_lines_reach_metrics_jsonl_tensorboard_and_wandb(tmp_path, wandb_offline):
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.sink = MetricsSink(run.root, tensorboard=True, wandb_project="restem-test", config={"training": {"lr": 1e-3}})
+    run.log_steps(1, [], restart=True)                      # a fresh M-step: nothing from a checkpoint
+    run.log_steps(1, [step_line(2, 1.5)])
+    run.log_steps(1, [step_line(4, 1.25)])
+    run.complete(1, "improve", [{"loss": 1.25, "steps": 4}])
+    run.log_steps("control", [], restart=True)
+    run.log_steps("control", [step_line(2, 2.0)])
+    run.sink.close()
+
+    steps = [m for m in run.metrics() if m["phase"] == "improve_step"]
+    assert [(m["iteration"], m["step"], m["loss"], m["time"]) for m in steps] == \
+        [(1, 2, 1.5, 3.0), (1, 4, 1.25, 5.0), ("control", 2, 2.0, 3.0)]
+    tags = read_scalars(run.root / "tensorboard")
+    assert tags["improve_step/iter_001/loss"] == {2: 1.5, 4: 1.25}
+    assert tags["improve_step/iter_001/grad_norm"] == {2: 2.5, 4: 4.5}
+    assert tags["improve_step/iter_001/tokens_per_s"] == {2: 20.0, 4: 40.0}
+    assert tags["control/improve_step/loss"] == {2: 2.0}
+    assert tags["improve/loss"] == {1: 1.25}
+    assert not any(t.endswith(("/step", "/total_steps", "/time")) for t in tags)
+
+    (records,) = wandb_runs(wandb_offline).values()
+    history = wandb_history(records)
+    assert [h["improve_step/iter_001/loss"] for h in history if "improve_step/iter_001/loss" in h] == [1.5, 1.25]
+    assert [h["improve_step/iter_001/step"] for h in history if "improve_step/iter_001/lr" in h] == [2, 4]
+    assert {"improve/loss": 1.25, "improve/steps": 4, "iteration": 1} in history
+    assert {"control/improve_step/loss", "control/improve_step/step"} <= set(history[-1])
+    # each curve is drawn against its own x-axis: the optimizer step of that M-step, or the iteration
+    axes = {r.metric.name: r.metric.step_metric for r in records if r.WhichOneof("record_type") == "metric"}
+    assert axes["improve_step/iter_001/loss"] == "improve_step/iter_001/step"
+    assert axes["improve/loss"] == "iteration"
+    config = {u.key: json.loads(u.value_json) for r in records if r.WhichOneof("record_type") == "config"
+              for u in r.config.update}
+    assert config["training"] == {"lr": 1e-3}
+
+
+def test_resumed_run_continues_the_same_wandb_run(tmp_path, wandb_offline):
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.sink = MetricsSink(run.root, tensorboard=False, wandb_project="restem-test")
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25}])
+    run.sink.close()
+    first = json.loads((run.root / "tracking.json").read_text())["wandb"]["id"]
+
+    resumed = RunDir(tmp_path / "run")
+    resumed.create("a: 1\n", resume=True)
+    resumed.sink = MetricsSink(resumed.root, tensorboard=False, wandb_project="restem-test")
+    resumed.complete(1, "eval", [{"split": "valid", "pass@1": 0.5}])
+    resumed.sink.close()
+
+    assert json.loads((run.root / "tracking.json").read_text())["wandb"]["id"] == first
+    runs = list(wandb_runs(wandb_offline).values())
+    assert len(runs) == 2  # offline, each driver writes its own files; `wandb sync` appends both to one run
+    assert [[r.run.run_id for r in records if r.WhichOneof("record_type") == "run"] for records in runs] == \
+        [[first], [first]]
+    assert [h["eval/valid/pass_at_1"] for records in runs for h in wandb_history(records)] == [0.25, 0.5]
+
+
+def test_step_lines_of_an_unfinished_m_step_are_replaced_by_the_resumed_one(tmp_path):
+    """Resume keeps the step lines of committed M-steps; an M-step that resumes from its checkpoint sends the
+    lines that checkpoint holds, which replace its earlier ones (lines the killed driver never received
+    included), then continues: each step appears once."""
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.log_steps(1, [step_line(2, 1.5), step_line(4, 1.25)])
+    run.complete(1, "improve", [{"loss": 1.25}])
+    run.log_steps(2, [step_line(2, 3.0), step_line(4, 2.5), step_line(6, 2.0)])  # killed after step 6
+    with open(run.metrics_path, "a") as f:
+        f.write('{"phase": "improve_st')  # torn by the kill
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=True)
+    assert [(m["iteration"], m["step"]) for m in run.metrics() if m["phase"] == "improve_step"] == [(1, 2), (1, 4)]
+    run.log_steps(2, [step_line(2, 3.0), step_line(4, 2.5)], restart=True)  # its checkpoint: step 4
+    run.log_steps(2, [step_line(6, 2.1)])
+    assert [(m["iteration"], m["step"], m["loss"]) for m in run.metrics() if m["phase"] == "improve_step"] == \
+        [(1, 2, 1.5), (1, 4, 1.25), (2, 2, 3.0), (2, 4, 2.5), (2, 6, 2.1)]
+    assert [m["phase"] for m in run.metrics()].count("improve") == 1
+
+
+def test_mlflow_gets_step_lines_and_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch):
+    import mlflow  # mlflow-skinny, in the test extra
+
+    # A file store, not a server: MLflow 3 keeps it behind this switch (servers are what users point at)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file://{tmp_path / 'mlruns'}"
+    ids = []
+    for resume in (False, True):
+        run = RunDir(tmp_path / "run")
+        run.create("a: 1\n", resume=resume)
+        run.sink = MetricsSink(run.root, tensorboard=False, mlflow_uri=uri)
+        run.log_steps(1 + resume, [step_line(2, 1.5 + resume)])
+        run.sink.close()
+        ids.append(json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"])
+    assert ids[0] == ids[1]
+    client = mlflow.tracking.MlflowClient(uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(ids[0], "improve_step/iter_001/loss")] == [(2, 1.5)]
+    assert [(m.step, m.value) for m in client.get_metric_history(ids[0], "improve_step/iter_002/loss")] == [(2, 2.5)]
+
+
+def test_a_configured_dashboard_without_its_package_is_one_line(tmp_path, monkeypatch):
+    from restem_ray.config import ObservabilityConfig
+    from restem_ray.errors import UserError
+    from restem_ray.observability import check_sinks
+
+    monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
+    with pytest.raises(UserError, match=r"^observability.wandb_project is set but wandb is not installed \(pip install wandb\)$"):
+        check_sinks(ObservabilityConfig(wandb_project="p"))
+    with pytest.raises(UserError, match="wandb is not installed"):
+        MetricsSink(tmp_path, tensorboard=False, wandb_project="p")
+    check_sinks(ObservabilityConfig())

@@ -1,4 +1,6 @@
 import json
+import os
+import socket
 import subprocess
 import sys
 import time
@@ -40,12 +42,17 @@ def test_verifiers_share_the_e_step_with_samplers():
         check_cluster(c, [{"CPU": 4}])  # one CPU goes to the sampler replica
 
 
-def test_run_asking_for_missing_gpus_fails_fast(tmp_path):
+def minimal_run_files(tmp_path):
+    """One-problem train/valid files and a model folder that passes the pre-Ray checks (config + tokenizer)."""
     for name in ("train", "valid"):
         (tmp_path / f"{name}.jsonl").write_text(json.dumps({"id": 1, "prompt": "q", "answer": "1"}) + "\n")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     build_tokenizer().save_pretrained(tmp_path / "model")
+
+
+def test_run_asking_for_missing_gpus_fails_fast(tmp_path):
+    minimal_run_files(tmp_path)
     tree = {"task": {"train_file": "train.jsonl", "valid_file": "valid.jsonl"}, "model": {"base": "model"},
             "sampling": {"use_gpu": True, "num_replicas": 2}}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tree))
@@ -57,3 +64,28 @@ def test_run_asking_for_missing_gpus_fails_fast(tmp_path):
     assert "2 sampler replica(s) need CPU 1, GPU 1 each; it holds 0 (cluster total CPU" in r.stderr
     assert "GPU 0" in r.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_run_refuses_a_run_directory_another_driver_holds(tmp_path):
+    """Through the CLI: a driver holds RUN (the lock of restem_ray.storage); a second `run` on RUN exits 2 with
+    one line naming the holder, before writing anything."""
+    from restem_ray.storage import RunDir
+
+    minimal_run_files(tmp_path)
+    tree = {"task": {"train_file": "train.jsonl", "valid_file": "valid.jsonl"}, "model": {"base": "model"},
+            "ray": {"num_cpus": 4}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tree))
+    held = RunDir(tmp_path / "run")
+    held.lock()
+    try:
+        r = subprocess.run([sys.executable, "-m", "restem_ray.cli", "run", str(tmp_path / "cfg.yaml"), "--out",
+                            str(tmp_path / "run")], capture_output=True, text=True, timeout=120)
+    finally:
+        held.unlock()
+    assert r.returncode == 2, r.stderr[-2000:]
+    errors = [line for line in r.stderr.splitlines() if line.startswith("restem-ray: error:")]
+    assert len(errors) == 1 and errors[0].startswith(
+        f"restem-ray: error: {tmp_path / 'run'}: another driver is running this run "
+        f"(pid {os.getpid()} on {socket.gethostname()} since "), r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
+    assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".driver.lock"]

@@ -73,3 +73,56 @@ def test_resume_allows_safe_changes_and_forced_ones(tmp_path):
         RunDir(tmp_path / "run").create(yaml.safe_dump(changed), resume=True)
     RunDir(tmp_path / "run").create(yaml.safe_dump(changed), resume=True, force=True)
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]["lr"] == 0.01
+
+
+def test_resume_accepts_a_resized_cluster_without_force(tmp_path):
+    """Replica and worker counts, placement and observability cannot change what a run computes (per-sample
+    seeds): a bigger cluster resumes without --force. The training worker count sets the global batch: refused."""
+    import yaml
+
+    old = {"sampling": {"num_replicas": 1, "samples_per_problem": 8}, "verification": {"num_workers": 2},
+           "training": {"num_workers": 2, "cpus_per_worker": 1.0}, "observability": {"tensorboard": True}}
+    RunDir(tmp_path / "run").create(yaml.safe_dump(old), resume=False)
+    bigger = {"sampling": {"num_replicas": 8, "max_replicas": 16, "samples_per_problem": 8},
+              "verification": {"num_workers": 32, "max_workers": 64},
+              "training": {"num_workers": 2, "cpus_per_worker": 4.0},
+              "observability": {"tensorboard": False, "mlflow_tracking_uri": "http://mlflow:5000"}}
+    RunDir(tmp_path / "run").create(yaml.safe_dump(bigger), resume=True)
+    for key, value in (("training", {"num_workers": 4, "cpus_per_worker": 4.0}),
+                       ("sampling", {"num_replicas": 8, "samples_per_problem": 16})):
+        changed = {**bigger, key: value}
+        with pytest.raises(UserError, match=rf"\({key}\.\w+: \d+ -> \d+\); only loop"):
+            RunDir(tmp_path / "run").create(yaml.safe_dump(changed), resume=True)
+
+
+HOLD = """
+import sys
+from restem_ray.storage import RunDir
+RunDir(sys.argv[1]).lock()
+print("locked", flush=True)
+sys.stdin.read()
+"""
+
+
+def test_a_second_driver_is_refused_until_the_holder_dies(tmp_path):
+    """The lock is the kernel's (flock): held while its process lives, dropped when it is SIGKILLed."""
+    import os
+    import subprocess
+    import sys
+
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(tmp_path / "run")], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        with pytest.raises(UserError, match=rf"another driver is running this run \(pid {holder.pid} on "):
+            RunDir(tmp_path / "run").lock()
+    finally:
+        holder.kill()
+        holder.wait()
+    mine = RunDir(tmp_path / "run")
+    mine.lock()  # the dead holder's lock went with it
+    assert f"pid {os.getpid()} on" in (tmp_path / "run" / ".driver.lock").read_text()
+    with pytest.raises(UserError, match=rf"pid {os.getpid()}"):
+        RunDir(tmp_path / "run").lock()  # a second lock in the same process is refused too (flock per open file)
+    mine.unlock()
+    RunDir(tmp_path / "run").lock()

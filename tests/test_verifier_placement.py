@@ -1,0 +1,69 @@
+"""Where code verifiers run (issue: a cluster whose head or GPU pods cannot run bubblewrap): they ask for the
+`sandbox` resource the sandbox-capable nodes advertise, and the sandbox pre-check runs in such an actor, not in
+the driver. Real Ray, real bubblewrap."""
+import os
+
+import pytest
+import ray
+
+from restem_ray.config import RestemConfig, VerificationConfig
+from restem_ray.errors import UserError
+from restem_ray.resources import check_cluster, check_sandbox_on_cluster, sandbox_resources
+
+
+def test_code_verifiers_ask_for_the_sandbox_resource_only_where_a_cluster_advertises_it():
+    assert sandbox_resources(None, code=True, cluster={"CPU": 8, "sandbox": 1000}) == {"sandbox": 1.0}
+    assert sandbox_resources(None, code=True, cluster={"CPU": 8}) == {}        # a local Ray: placed as before
+    assert sandbox_resources(None, code=False, cluster={"CPU": 8, "sandbox": 1000}) == {}  # math: anywhere
+    assert sandbox_resources({}, code=True, cluster={"sandbox": 1000}) == {}   # explicitly off
+    assert sandbox_resources({"verifier_pool": 1}, code=False, cluster={}) == {"verifier_pool": 1}
+
+
+def test_the_fit_check_counts_only_sandbox_nodes_for_code_verifiers():
+    """8 code verifiers of 0.25 CPU: a big GPU node without `sandbox` does not count; the 1-CPU sandbox node holds 4."""
+    tree = {"task": {"kind": "code", "train_file": "t", "valid_file": "v"}, "model": {"base": "m"},
+            "verification": {"num_workers": 8}}
+    cfg = RestemConfig.model_validate(tree)
+    nodes = [{"CPU": 64, "GPU": 8}, {"CPU": 1, "sandbox": 1000}]
+    with pytest.raises(UserError, match=r"8 verifier\(s\) need CPU 0.25, sandbox 1 each; it holds 4"):
+        check_cluster(cfg, nodes)
+    check_cluster(cfg, [{"CPU": 64, "GPU": 8}, {"CPU": 2, "sandbox": 1000}])
+    math = RestemConfig.model_validate({**tree, "task": {**tree["task"], "kind": "math"}})
+    check_cluster(math, nodes)  # math verifiers go anywhere
+
+
+@pytest.fixture(scope="module")
+def cluster():
+    ray.init(num_cpus=4, resources={"sandbox": 2}, include_dashboard=False)
+    yield
+    ray.shutdown()
+
+
+def test_code_verifiers_take_the_sandbox_resource_and_the_precheck_runs_in_one(cluster):
+    from restem_ray.pool import VerifierPool
+
+    where = check_sandbox_on_cluster("code", VerificationConfig())
+    assert where["pid"] != os.getpid() and where["node"] == ray.get_runtime_context().get_node_id()
+    pool = VerifierPool("code", VerificationConfig(num_workers=2, max_workers=3))
+    try:
+        assert pool.resources == {"sandbox": 1.0}
+        pool.ready()
+        assert ray.available_resources().get("sandbox", 0) == 0   # both took theirs
+        assert not pool.grow()                                    # CPUs are free, `sandbox` is not
+        graded = pool.grade_all({"p": {"id": "p", "prompt": "def f(x):\n", "test": "def check(f):\n    assert f(2) == 4\n",
+                                       "entry_point": "f"}},
+                                [{"id": "p", "completion": "    return x * 2\n"}, {"id": "p", "completion": "    return x\n"}])
+        assert [g["verdict"] for g in graded] == ["passed", "wrong_answer"]
+    finally:
+        pool.close()
+    math = VerifierPool("math", VerificationConfig(num_workers=1))
+    assert math.resources == {}
+    math.close()
+
+
+def test_a_sandbox_that_cannot_start_on_the_verifier_node_is_one_line(cluster):
+    with pytest.raises(UserError) as e:
+        check_sandbox_on_cluster("code", VerificationConfig(sandbox_python="/nonexistent/python3"))
+    msg = str(e.value)
+    assert msg.startswith("verification.verifier: code: the sandbox cannot start on a verifier node: ") and "\n" not in msg
+    assert "/nonexistent/python3" in msg, msg
