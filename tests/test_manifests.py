@@ -213,3 +213,19 @@ def test_cluster_launcher_nodes_that_take_actors_can_run_bubblewrap():
     for name, node in cfg["available_node_types"].items():
         if node["resources"].get("CPU") != 0:
             assert node["resources"].get("sandbox", 0) >= 1, name
+
+
+def test_gcs_fault_tolerance_points_at_the_redis_of_redis_yaml():
+    docs = {d["kind"]: d for d in yaml.safe_load_all((ROOT / "cluster" / "kuberay" / "redis.yaml").read_text())}
+    service, deployment = docs["Service"], docs["Deployment"]
+    port = service["spec"]["ports"][0]["port"]
+    container = deployment["spec"]["template"]["spec"]["containers"][0]
+    secret = next(e["valueFrom"]["secretKeyRef"] for e in container["env"] if e["name"] == "REDIS_PASSWORD")
+    assert "--requirepass" in " ".join(container["command"]) and "--appendonly yes" in " ".join(container["command"])
+    assert service["spec"]["selector"] == deployment["spec"]["template"]["metadata"]["labels"]
+    specs = ray_cluster_specs()
+    assert len(specs) == 2
+    for f, spec in specs:
+        ft = spec["gcsFaultToleranceOptions"]
+        assert ft["redisAddress"] == f"{service['metadata']['name']}:{port}", f.name
+        assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == secret, f.name

@@ -1,12 +1,16 @@
 """Resume after SIGKILL of the driver at each phase: the resumed run ends with exactly the rows of an
 uninterrupted run (per-problem seeds and seeded training make the two comparable row for row)."""
 import json
+import os
 import signal
+import subprocess
+import sys
+from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
 from safetensors.torch import load_file
-from helpers import demo
+from helpers import SMALL, demo
 
 pytestmark = pytest.mark.slow
 
@@ -26,6 +30,16 @@ def reference(small_reference_run):
 CRASH_POINTS = ["1/generate/shard", "1/select", "1/improve", "manifest:1/improve", "mstep-run-iter_001/checkpoint",
                 "1/eval"]
 EVERY_STEP = ["--set", "training.checkpoint_every_steps=2"]  # checkpoints only: the weights do not depend on it
+
+
+def assert_same_run(out, reference):
+    """The run in `out` ended with the reference run's samples, training rows, scores and weights, exactly."""
+    assert rows(out / "iter_001" / "samples") == rows(reference / "iter_001" / "samples")
+    assert rows(out / "iter_001" / "train.parquet") == rows(reference / "iter_001" / "train.parquet")
+    for t in ("iter_000", "iter_001"):
+        assert json.loads((out / t / "eval.json").read_text()) == json.loads((reference / t / "eval.json").read_text())
+    ours, theirs = (load_file(r / "iter_001" / "checkpoint" / "model.safetensors") for r in (out, reference))
+    assert all((ours[k] == theirs[k]).all() for k in theirs)
 
 
 def engine_calls(trace):
@@ -73,12 +87,7 @@ def test_sigkill_at_every_phase_then_resume_matches_uninterrupted_run(tmp_path, 
     for k in done:
         assert final[k] == done[k]
 
-    assert rows(out / "iter_001" / "samples") == rows(reference / "iter_001" / "samples")
-    assert rows(out / "iter_001" / "train.parquet") == rows(reference / "iter_001" / "train.parquet")
-    for t in ("iter_000", "iter_001"):
-        assert json.loads((out / t / "eval.json").read_text()) == json.loads((reference / t / "eval.json").read_text())
-    ours, theirs = (load_file(r / "iter_001" / "checkpoint" / "model.safetensors") for r in (out, reference))
-    assert all((ours[k] == theirs[k]).all() for k in theirs)
+    assert_same_run(out, reference)
     lines = [json.loads(x) for x in (out / "metrics.jsonl").read_text().splitlines()]
     assert sorted((m["iteration"], m["phase"], m.get("split", "")) for m in lines) == sorted(
         (m["iteration"], m["phase"], m.get("split", ""))
@@ -95,3 +104,26 @@ def test_resume_refuses_changed_config_unless_safe_or_forced(tmp_path, reference
     assert rc == 2 and "sampling.temperature: 1.0 -> 0.5" in log
     assert "Traceback" not in log
     assert (out / "config.yaml").read_text() == (reference / "config.yaml").read_text()
+
+
+HEAD_RESTART = Path(__file__).with_name("head_restart_demo.sh")
+
+
+def test_a_killed_head_then_resume_on_a_new_head_matches_an_uninterrupted_run(tmp_path, reference):
+    """The Ray head dies mid-run (after the E-step is committed, while the M-step is placed or running):
+    the driver loses its cluster and exits non-zero, nothing committed is damaged, and `--resume` on a fresh
+    head ends with exactly the reference run's rows, weights and scores."""
+    out = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # that switch forbids `ray start` clusters
+    env.pop("RAY_ADDRESS", None)
+    netns = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
+    r = subprocess.run([*netns, "bash", str(HEAD_RESTART), str(out), "1/select", *SMALL], capture_output=True,
+                       text=True, env=env, timeout=1500)
+    first = Path(f"{out}.first.log").read_text() if Path(f"{out}.first.log").exists() else ""
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + first[-3000:]
+    assert "first driver exit code: 0" not in r.stdout
+    assert "Traceback" not in r.stdout[r.stdout.rfind("first driver exit code"):]  # the resumed run is clean
+    final = json.loads((out / "manifest.json").read_text())["completed"]
+    assert set(final) == {"0/eval", "1/generate", "1/select", "1/improve", "1/eval"}
+    assert_same_run(out, reference)

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# `restem-ray demo` on a `ray start --head` cluster whose head is killed mid-run (the whole node: GCS,
+# raylet, the E-step's actors), then continued with --resume on a fresh head, as a RayJob retry with
+# --auto-resume continues a run after a head-pod restart. Inside a private network namespace (loopback only).
+# Used by test_resume.py.
+#   unshare --net bash tests/head_restart_demo.sh OUT_DIR KILL_WHEN_DONE [demo args...]
+# KILL_WHEN_DONE: a manifest key; the head is killed as soon as the run has committed it.
+set -euo pipefail
+out=$1; when=$2; shift 2
+bin=$(dirname "$(command -v python)")
+ip link set lo up
+export RAY_AUTH_MODE=disabled  # a throw-away cluster in its own namespace
+head=(--head --port=6379 --num-cpus=4 --node-ip-address=127.0.0.1 --disable-usage-stats --include-dashboard=false)
+trap '"$bin/ray" stop --force >/dev/null 2>&1 || true' EXIT
+"$bin/ray" start "${head[@]}" --temp-dir=/tmp/rt-head-1 >/dev/null
+python -m restem_ray.cli demo --out "$out" --set ray.address=127.0.0.1:6379 "$@" > "$out.first.log" 2>&1 &
+driver=$!
+for _ in $(seq 1800); do  # up to 15 minutes
+  if python -c "import json,sys; sys.exit(0 if sys.argv[2] in json.load(open(sys.argv[1]))['completed'] else 1)" \
+       "$out/manifest.json" "$when" 2>/dev/null; then break; fi
+  kill -0 $driver 2>/dev/null || { echo "driver ended before $when"; exit 3; }
+  sleep 0.5
+done
+"$bin/ray" stop --force >/dev/null 2>&1   # the head dies: GCS, raylet and every actor on it
+set +e
+timeout 300 tail --pid=$driver -f /dev/null   # the driver loses its cluster and exits
+wait $driver; rc=$?
+set -e
+echo "first driver exit code: $rc"
+[ "$rc" -ne 0 ] || { echo "the first driver finished although its head was killed"; exit 4; }
+"$bin/ray" start "${head[@]}" --temp-dir=/tmp/rt-head-2 >/dev/null
+python -m restem_ray.cli demo --out "$out" --set ray.address=127.0.0.1:6379 --resume "$@"
