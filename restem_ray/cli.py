@@ -84,11 +84,11 @@ def cmd_run(args) -> int:
     from .config import load_config
 
     cfg = load_config(args.config, args.set)
-    check_inputs(cfg, local_sandbox=False)
-    return _run(cfg, Path(args.out), _resume(args, Path(args.out)), args.force, args.stop_after)
+    task = check_inputs(cfg, local_sandbox=False)
+    return _run(cfg, Path(args.out), _resume(args, Path(args.out)), args.force, args.stop_after, task)
 
 
-def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = None) -> int:
+def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = None, task=None) -> int:
     import os
 
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
@@ -102,7 +102,7 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
     from .verification import resolve_verifier
 
     # validates data, the run dir and --stop-after before Ray starts
-    driver = Driver(cfg, out, resume=resume, force=force, stop_after=stop_after)
+    driver = Driver(cfg, out, resume=resume, force=force, stop_after=stop_after, task=task)
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     check_ray_cluster(cfg)  # before anything is written or any actor waits for resources
     check_sandbox_on_cluster(resolve_verifier(cfg.verification.verifier, cfg.task.kind), cfg.verification,
@@ -117,10 +117,10 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
     return 0
 
 
-def check_inputs(cfg, local_sandbox: bool = True) -> None:
+def check_inputs(cfg, local_sandbox: bool = True):
     """Everything cheap to check before cluster work: data files (adapted, row by row), model folder, the
     rendered prompts and their lengths, verifier (`check` also starts the code sandbox here; `run` checks it
-    on a verifier node once Ray is up)."""
+    on a verifier node once Ray is up). Returns the rendered Task, so `run` reads and renders the data once."""
     from .datasets import load_splits
     from .observability import check_sinks
     from .prompts import check_lengths, render_task, template_fields
@@ -130,9 +130,11 @@ def check_inputs(cfg, local_sandbox: bool = True) -> None:
     for name, m in (("model.base", cfg.model.base), ("model.sampler", cfg.model.sampler)):
         if m is not None:
             check_model_dir(name, m)
-    check_lengths(cfg, render_task(cfg, splits))
+    task = render_task(cfg, splits)
+    check_lengths(cfg, task)
     check_verifier(cfg, local_sandbox)
     check_sinks(cfg.observability)
+    return task
 
 
 def check_model_dir(name: str, path: str) -> None:
@@ -195,7 +197,8 @@ def cmd_eval(args) -> int:
     try:
         scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=stop, chunk_size=s.prompts_per_request,
                                  k=ev.k, temperature=ev.temperature, top_p=ev.top_p, seed=cfg.seed,
-                                 majority=kind == "math", desc=f"eval {n}")
+                                 majority=kind == "math", desc=f"eval {n}",
+                                 max_infra_error_rate=cfg.verification.max_infra_error_rate)
                   for n, probs in problems.items()}
     finally:
         pool.close()

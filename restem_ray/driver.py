@@ -21,7 +21,7 @@ from .faults import crash_point
 from .observability import MetricsSink, check_sinks
 from .evaluation import score_split
 from .pool import EStepPool, chunked
-from .prompts import load_task, with_stop
+from .prompts import Task, load_task, with_stop
 from .report import print_table, write_plot, write_problem_history
 from .sampling import SampleSpec
 from .selection import problem_stats, select, truncated
@@ -57,11 +57,12 @@ class Samplers:
 
 class Driver:
     def __init__(self, cfg: RestemConfig, run_dir: str | Path, resume: bool = False, force: bool = False,
-                 stop_after: str | None = None):
+                 stop_after: str | None = None, task: Task | None = None):
         self.run = RunDir(run_dir)
         t = cfg.task
-        # adapters, valid_split and the prompt layer: every problem rendered once, here (restem_ray/prompts.py)
-        task = load_task(cfg)
+        # adapters, valid_split and the prompt layer: every problem rendered once (restem_ray/prompts.py),
+        # here or by the caller's input check (`run`), which passes its Task
+        task = task or load_task(cfg)
         if task.stop != tuple(cfg.sampling.stop):
             print(f"[restem] stop strings from the few-shot format: {list(task.stop)}")
         self.cfg = cfg = with_stop(cfg, task.stop)  # config.yaml records the stop strings sampled with
@@ -254,7 +255,8 @@ class Driver:
         s = self.cfg.sampling
         return score_split(pool, problems, max_tokens=s.max_tokens, stop=tuple(s.stop), chunk_size=s.prompts_per_request,
                            k=ev.k, temperature=ev.temperature, top_p=ev.top_p, seed=self.cfg.seed,
-                           majority=self.cfg.task.kind == "math", desc=desc)
+                           majority=self.cfg.task.kind == "math", desc=desc,
+                           max_infra_error_rate=self.cfg.verification.max_infra_error_rate)
 
     def _link_best(self, t: int) -> None:
         link = self.run.root / "best"

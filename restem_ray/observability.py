@@ -45,8 +45,16 @@ def _head(iteration, phase: str, line: dict) -> str:
 def scalars(iteration, phase: str, line: dict) -> dict[str, float]:
     head = _head(iteration, phase, line)
     skip = ("time", "iteration", "step", "total_steps") if phase == STEP_PHASE else ("time", "iteration")
-    # TensorBoard and MLflow accept neither '@' nor spaces in names: pass@1 -> pass_at_1
-    return {f"{head}/{k}".replace("@", "_at_").replace(" ", "_"): float(v) for k, v in line.items()
+    # one level of counts becomes one curve each: the E-step's {"verdicts": {"passed": n, "timeout": n}} ->
+    # generate/verdicts/passed, generate/verdicts/timeout (verdict names carry ':', e.g. verifier_error:KeyError)
+    flat = {}
+    for k, v in line.items():
+        if isinstance(v, dict):
+            flat |= {f"{k}/{kind}": n for kind, n in v.items()}
+        else:
+            flat[k] = v
+    # TensorBoard and MLflow accept neither '@' nor spaces (nor ':', MLflow) in names: pass@1 -> pass_at_1
+    return {f"{head}/{k}".replace("@", "_at_").replace(" ", "_").replace(":", "_"): float(v) for k, v in flat.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
 
 

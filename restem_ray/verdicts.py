@@ -23,12 +23,15 @@ def verdict_counts(verdicts: Iterable[str]) -> dict[str, int]:
     return dict(Counter(verdicts).most_common())
 
 
-def check_infra_errors(verdicts: list[str], max_rate: float, where: str) -> None:
+TRAINING = "stopped rather than train on their zeros (fix the verifier, then --resume: the shard was not saved)"
+SCORING = "stopped rather than report their zeros as the model's score (fix the verifier, then run it again)"
+
+
+def check_infra_errors(verdicts: list[str], max_rate: float, where: str, then: str = TRAINING) -> None:
     """Raise RunError when more than `max_rate` of `verdicts` are infrastructure failures."""
     infra = Counter(v for v in verdicts if is_infra(v))
     n = sum(infra.values())
     if verdicts and n / len(verdicts) > max_rate:
         kinds = ", ".join(f"{k}: {c}" for k, c in infra.most_common(3))
         raise RunError(f"{where}: {n} of {len(verdicts)} grades are verifier/sandbox failures ({kinds}), more than "
-                       f"verification.max_infra_error_rate={max_rate:g}; stopped rather than train on their zeros "
-                       "(fix the verifier, then --resume: the shard was not saved)")
+                       f"verification.max_infra_error_rate={max_rate:g}; {then}")

@@ -162,3 +162,20 @@ def test_apps_module_level_function_and_stdin_cases(grader):
     program = "input()\nprint(sum(map(int, input().split())))\n"
     assert grader.grade(stdin, f"Read the list and sum it.\n```python\n{program}```") == "passed"
     assert grader.grade(stdin, "print(6)\n") == "wrong_answer"
+
+
+def test_apps_stdout_numbers_compare_within_apps_tolerance(grader):
+    """As APPS's own checker: a printed float matches the expected one within numpy.allclose's default
+    tolerance; a different number, or a different count of tokens, does not."""
+    from restem_ray.code_verifier import stdout_matches
+
+    assert stdout_matches("0.3333333\n", "0.33333333\n")
+    assert stdout_matches("2.0 3\n", ["2", "3.000000"])
+    assert not stdout_matches("0.3334\n", "0.3333\n")
+    assert not stdout_matches("2.0\n", "2.0 0\n")
+    assert not stdout_matches("abc\n", "abd\n")
+    avg = {"id": "apps-float", "prompt": "", "input_output": json.dumps(
+        {"inputs": ["3\n1 1 2\n", "2\n1 2\n"], "outputs": ["1.33333333\n", "1.5\n"]})}
+    assert grader.grade(avg, "input()\nx = list(map(int, input().split()))\nprint(sum(x) / len(x))\n") == "passed"
+    assert grader.grade(avg, "input()\nx = list(map(int, input().split()))\nprint(round(sum(x) / len(x), 2))\n") \
+        == "wrong_answer"

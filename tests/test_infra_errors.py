@@ -113,6 +113,28 @@ def test_a_shard_of_infra_errors_stops_the_e_step_before_it_is_saved(tmp_path):
     assert d.generate(1, "m").num_rows == 6
 
 
+def test_an_evaluation_graded_by_a_broken_verifier_is_not_a_score():
+    """score_split (the driver's evaluations and `restem-ray eval`): greedy rows or pass@k samples mostly graded
+    by a failing sandbox are a RunError naming the split, not a pass@1 of their zeros."""
+    from restem_ray.evaluation import score_split
+
+    problems = [{"id": "a", "prompt": "Q", "answer": "1"}, {"id": "b", "prompt": "Q", "answer": "1"}]
+    greedy = [row("a", 0, "passed"), row("b", 0, "sandbox_error")]
+    ok = score_split(FakePool([greedy]), problems, max_tokens=8, stop=(), chunk_size=2, max_infra_error_rate=0.5)
+    assert ok == {"pass@1": 0.5, "problems": 2}  # 1 of 2 is not more than half
+    with pytest.raises(RunError, match=r"^eval 0 valid: 1 of 2 grades .*sandbox_error: 1.*report their zeros"):
+        score_split(FakePool([greedy]), problems, max_tokens=8, stop=(), chunk_size=2, max_infra_error_rate=0.4,
+                    desc="eval 0 valid")
+    sampled = [row("a", i, "verifier_error:ConnectionError") for i in range(4)] + [row("b", i, "passed") for i in range(2)]
+
+    class TwoRuns(FakePool):
+        def run(self, chunks, spec, *, on_chunk, desc):
+            on_chunk(0, greedy if spec.n == 1 else sampled)
+
+    with pytest.raises(RunError, match=r"^eval pass@2: 4 of 6 grades"):
+        score_split(TwoRuns([]), problems, max_tokens=8, stop=(), chunk_size=2, k=2, max_infra_error_rate=0.5)
+
+
 def test_a_replica_that_fails_to_start_is_logged_with_its_cause(monkeypatch, capsys):
     import ray
 
@@ -136,7 +158,8 @@ def test_a_replica_that_fails_to_start_is_logged_with_its_cause(monkeypatch, cap
 @pytest.mark.slow
 def test_a_verifier_that_fails_on_every_row_stops_the_run_with_one_line(tmp_path):
     """`restem-ray run` with a plug-in that raises on every row: exit 1, one line naming the cause and the
-    setting, no samples shard and no E-step committed (a fixed verifier + --resume regrades everything)."""
+    setting, at the base's evaluation, the first grading of the run: nothing committed, no samples (a fixed
+    verifier + --resume starts from there). The E-step's own check: the shard test above."""
     from restem_ray.builtin import TinyModelSpec, build_model, build_tokenizer
 
     model = tmp_path / "tiny"
@@ -160,8 +183,10 @@ def test_a_verifier_that_fails_on_every_row_stops_the_run_with_one_line(tmp_path
     assert p.returncode == 1, p.stdout[-3000:] + p.stderr[-3000:]
     stops = [l for l in p.stderr.splitlines() if l.startswith("restem-ray: run stopped:")]
     assert len(stops) == 1, p.stderr[-3000:]
-    assert "verifier_error:ConnectionError: 6" in stops[0] and "verification.max_infra_error_rate" in stops[0]
+    assert stops[0].startswith("restem-ray: run stopped: eval 0 valid: 2 of 2 grades are verifier/sandbox failures "
+                               "(verifier_error:ConnectionError: 2), more than verification.max_infra_error_rate=0.5; "
+                               "stopped rather than report their zeros"), stops[0]
     assert "Traceback" not in p.stderr
     run = RunDir(tmp_path / "run")
-    assert not list((tmp_path / "run" / "iter_001" / "samples").glob("part-*.parquet"))
-    assert list(run.manifest()["completed"]) == ["0/eval"]
+    assert not (tmp_path / "run" / "iter_001").exists()
+    assert run.manifest()["completed"] == {}

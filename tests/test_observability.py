@@ -31,7 +31,8 @@ def test_committed_phases_become_tensorboard_scalars(tmp_path):
     run.sink = MetricsSink(run.root, tensorboard=True)
     run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25, "problems": 8, "model": "m"},
                              {"split": "test", "pass@1": 0.5, "problems": 8}])
-    run.complete(1, "generate", [{"samples": 64, "accept_rate": 0.5, "replica_nodes": ["n1"]}])
+    run.complete(1, "generate", [{"samples": 64, "accept_rate": 0.5, "replica_nodes": ["n1"],
+                                  "verdicts": {"passed": 32, "wrong_answer": 30, "verifier_error:KeyError": 2}}])
     run.complete(1, "eval", [{"split": "valid", "pass@1": 0.75, "problems": 8}])
     run.complete("control", "eval", [{"split": "valid", "pass@1": 0.3, "arm": "control"}])
     run.sink.close()
@@ -39,6 +40,9 @@ def test_committed_phases_become_tensorboard_scalars(tmp_path):
     assert tags["eval/valid/pass_at_1"] == {0: 0.25, 1: 0.75}
     assert tags["eval/test/pass_at_1"] == {0: 0.5}
     assert tags["generate/samples"] == {1: 64.0}
+    assert {t: v for t, v in tags.items() if t.startswith("generate/verdicts/")} == {
+        "generate/verdicts/passed": {1: 32.0}, "generate/verdicts/wrong_answer": {1: 30.0},
+        "generate/verdicts/verifier_error_KeyError": {1: 2.0}}
     assert tags["control/eval/valid/pass_at_1"] == {0: 0.30000001192092896}
     assert not any("model" in t or "replica_nodes" in t for t in tags)
 

@@ -89,3 +89,31 @@ def test_run_refuses_a_run_directory_another_driver_holds(tmp_path):
         f"(pid {os.getpid()} on {socket.gethostname()} since "), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".driver.lock"]
+
+
+def test_run_reads_and_renders_the_data_once(tmp_path, monkeypatch):
+    """`run` checks its inputs before Ray starts, and the driver uses the Task that check rendered: the files
+    are read once (a dataset's "skipped N rows" notice is printed once). Stopped where Ray would start."""
+    import restem_ray.datasets
+    import restem_ray.driver
+    import restem_ray.prompts
+    from restem_ray.cli import main
+
+    minimal_run_files(tmp_path)
+    tree = {"task": {"train_file": "train.jsonl", "valid_file": "valid.jsonl"}, "model": {"base": "model"}}
+    (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tree))
+    reads = []
+    real = restem_ray.datasets.load_splits
+
+    def counted(*a, **kw):
+        reads.append(1)
+        return real(*a, **kw)
+
+    def no_ray(*a, **kw):
+        raise UserError("stop before Ray")
+
+    monkeypatch.setattr(restem_ray.datasets, "load_splits", counted)
+    monkeypatch.setattr(restem_ray.prompts, "load_splits", counted)
+    monkeypatch.setattr(restem_ray.driver, "init_ray", no_ray)
+    assert main(["run", str(tmp_path / "cfg.yaml"), "--out", str(tmp_path / "run")]) == 2
+    assert len(reads) == 1
