@@ -138,6 +138,15 @@ def check_inputs(cfg, local_sandbox: bool = True):
 
 
 def check_model_dir(name: str, path: str) -> None:
+    from .remote import check_uri, is_uri
+
+    if is_uri(path):  # the same checks on the object store, without copying the weights here
+        check_uri(path, name, expect_dir=True)
+        try:
+            check_uri(path.rstrip("/") + "/config.json", name, expect_dir=False)
+        except UserError:
+            raise UserError(f"{name}: {path}: not an HF model folder (no config.json)") from None
+        return
     p = Path(path)
     if not (p / "config.json").is_file():
         raise UserError(f"{name}: {path}: not an HF model folder (no config.json)")

@@ -23,7 +23,8 @@ class _Section(BaseModel):
 class TaskConfig(_Section):
     kind: Literal["math", "code"] = Field("math", description="Task family; picks the default verifier.")
     train_file: str = Field(..., description="Training problems (JSONL, JSONL.gz or Parquet): id, prompt, answer; "
-                                             "or rows in the released format named by task.dataset.")
+                                             "or rows in the released format named by task.dataset. Every data file "
+                                             "may be a local path or a pyarrow.fs URI (s3://, gs://, ...).")
     valid_file: str | None = Field(None, description="Validation problems, used for early stopping (or carve them "
                                                      "out of train_file with task.valid_split).")
     test_file: str | None = Field(None, description="Test problems, reported but never used for decisions.")
@@ -138,7 +139,8 @@ class PromptConfig(_Section):
 
 
 class ModelConfig(_Section):
-    base: str = Field(..., description="Base model: an HF-format directory (config, weights, tokenizer).")
+    base: str = Field(..., description="Base model: an HF-format directory (config, weights, tokenizer), local or a "
+                                       "pyarrow.fs URI (s3://, gs://, ...), copied to each node's disk once.")
     sampler: str | None = Field(
         None, description="Model that samples in the E-step if not the current policy (distillation ablation).")
 

@@ -22,6 +22,7 @@ from .observability import MetricsSink, check_sinks
 from .evaluation import score_split
 from .pool import EStepPool, chunked
 from .prompts import Task, load_task, with_stop
+from .remote import is_uri
 from .report import print_table, write_plot, write_problem_history
 from .sampling import SampleSpec
 from .selection import problem_stats, select, truncated
@@ -260,6 +261,10 @@ class Driver:
 
     def _link_best(self, t: int) -> None:
         link = self.run.root / "best"
+        if t == 0 and is_uri(self.cfg.model.base):  # nothing local to link to: manifest.json's best_iteration 0
+            if link.is_symlink():
+                link.unlink()
+            return
         target = Path(f"iter_{t:03d}") / "checkpoint" if t > 0 else Path(self.cfg.model.base)
         tmp = self.run.root / "best.tmp"
         if tmp.is_symlink() or tmp.exists():

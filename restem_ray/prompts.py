@@ -27,8 +27,10 @@ PLAIN_SHOT_FORMAT = "Question: {question}\nAnswer: {answer}"
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
+    from .remote import local_model_copy
+
     try:
-        return AutoTokenizer.from_pretrained(path)
+        return AutoTokenizer.from_pretrained(local_model_copy(path))  # a URI: this node's copy
     except Exception as e:  # a broken or foreign folder: one line, not a transformers traceback
         raise UserError(f"model.base: {path}: cannot load its tokenizer ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None

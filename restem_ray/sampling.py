@@ -12,6 +12,7 @@ import zlib
 from dataclasses import dataclass
 
 from .faults import trace_call
+from .remote import local_model_copy  # noqa: F401  (also this module's name for it)
 
 
 @dataclass(frozen=True)
@@ -43,36 +44,6 @@ CPU_SINGLE_WORKER = {"distributed_executor_backend": "uni"}
 def _quiet_thread_warning(record: logging.LogRecord) -> bool:
     """In-process, vLLM's CPU worker warns three times per start that it keeps Ray's thread count."""
     return "set_num_threads" not in record.getMessage()
-
-
-def local_model_copy(model: str, cache_dir: str | None = None) -> str:
-    """A model given as a URI (s3://, gs://, hdfs://, file://, ... anything `pyarrow.fs` opens) is copied to
-    node-local disk once per node and that folder returned: vLLM reads local files, and many replicas
-    reading a shared store at once is slow. Plain paths are returned unchanged."""
-    if "://" not in model:
-        return model
-    import fcntl
-    import hashlib
-    import shutil
-    import tempfile
-
-    import pyarrow.fs as pafs
-
-    root = cache_dir or os.environ.get("RESTEM_MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "restem-models")
-    dest = os.path.join(root, hashlib.sha256(model.encode()).hexdigest()[:16])
-    os.makedirs(root, exist_ok=True)
-    with open(dest + ".lock", "w") as lock:  # replicas on one node copy once
-        fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isfile(os.path.join(dest, ".complete")):
-            fs, path = pafs.FileSystem.from_uri(model)
-            tmp = dest + ".tmp"
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-            pafs.copy_files(path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
-            open(os.path.join(tmp, ".complete"), "w").close()
-            shutil.rmtree(dest, ignore_errors=True)
-            os.replace(tmp, dest)
-    return dest
 
 
 class Sampler:

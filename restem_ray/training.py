@@ -28,6 +28,7 @@ from typing import Callable, ContextManager, Protocol
 from .config import TrainingConfig
 from .errors import RunError
 from .faults import crash_after_checkpoint
+from .remote import local_model_copy
 
 
 @dataclass(frozen=True)
@@ -212,7 +213,8 @@ class MStep:
         if not cfg.use_gpu:
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         torch.manual_seed(job["seed"])
-        self.tok = AutoTokenizer.from_pretrained(job["init_model"])
+        self.init_model = local_model_copy(job["init_model"])  # a URI base: this node's copy, made once
+        self.tok = AutoTokenizer.from_pretrained(self.init_model)
         ds_config = deepspeed_config(cfg, self.world)
         # Loaded in the training dtype: DeepSpeed's bf16 mode casts the module to bf16 anyway (its fp32
         # master copy is made from those), so an fp32 load only doubles host memory on the way.
@@ -230,7 +232,7 @@ class MStep:
 
             zero3_init = HfDeepSpeedConfig(ds_config)  # transformers keeps a global weak reference to it
         try:
-            model = AutoModelForCausalLM.from_pretrained(job["init_model"], **kwargs)
+            model = AutoModelForCausalLM.from_pretrained(self.init_model, **kwargs)
         finally:
             if zero3_init is not None:  # only this load: later loads in the process stay ordinary
                 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
@@ -447,7 +449,7 @@ class MStep:
         from transformers import AutoModelForCausalLM
 
         adapters = {k: v.detach().to(torch.float32).cpu() for k, v in get_peft_model_state_dict(self.model).items()}
-        base = AutoModelForCausalLM.from_pretrained(self.job["init_model"], dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(self.init_model, dtype=torch.float32)
         copy = get_peft_model(base, self.model.peft_config["default"])
         set_peft_model_state_dict(copy, adapters)
         copy.merge_and_unload().to(self.dtype).save_pretrained(hf, safe_serialization=True)

@@ -20,6 +20,7 @@ from typing import Callable
 
 from ..data import _read_rows, _required
 from ..errors import UserError, where
+from ..remote import check_uri, is_uri, local_file_copy
 from . import apps, gsm8k, hendrycks_math, humaneval, mbpp
 from .common import BadField
 
@@ -33,7 +34,16 @@ SKIP_REASON = {"apps": "no test cases in input_output"}
 
 
 def read_rows(path: str | Path, what: str = "problem file") -> list[tuple[str, dict]]:
-    """(location, row) per row: `file:line` for JSONL, `file:N (row)` for Parquet."""
+    """(location, row) per row: `file:line` for JSONL, `file:N (row)` for Parquet. A URI (s3://, gs://, ...)
+    is read from a node-local copy (restem_ray/remote.py); its locations and errors name the URI."""
+    if is_uri(path):
+        uri = str(path)
+        check_uri(uri, what, expect_dir=False)
+        local = local_file_copy(uri)
+        try:
+            return [(loc.replace(local, uri, 1), row) for loc, row in read_rows(local, what)]
+        except UserError as e:
+            raise UserError(str(e).replace(local, uri)) from None
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: {what} not found")

@@ -1,0 +1,85 @@
+"""Models and data files given as URIs (s3://, gs://, hdfs://, file://: anything `pyarrow.fs` opens).
+
+They are copied to node-local disk once per node and read from there: vLLM, transformers and the data
+readers read local files, and many replicas or training ranks reading one object store at once is slow.
+Copies are keyed by URI (a base model or a data file does not change under its name during a run) and
+made under a per-node file lock, into a temporary name renamed when complete, so concurrent processes
+on one node copy once and never read half a copy. The run directory itself stays a local or shared path.
+"""
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import os
+import shutil
+import tempfile
+
+from .errors import UserError
+
+
+def is_uri(path: str) -> bool:
+    return "://" in str(path)
+
+
+def _cache_root(cache_dir: str | None) -> str:
+    return cache_dir or os.environ.get("RESTEM_MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "restem-models")
+
+
+def _copy_once(uri: str, cache_dir: str | None, copy) -> str:
+    import pyarrow.fs as pafs
+
+    root = _cache_root(cache_dir)
+    dest = os.path.join(root, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    os.makedirs(root, exist_ok=True)
+    with open(dest + ".lock", "w") as lock:  # processes on one node copy once
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not os.path.isfile(os.path.join(dest, ".complete")):
+            fs, path = pafs.FileSystem.from_uri(uri)
+            tmp = dest + ".tmp"
+            shutil.rmtree(tmp, ignore_errors=True)
+            os.makedirs(tmp)
+            copy(fs, path, tmp)
+            open(os.path.join(tmp, ".complete"), "w").close()
+            shutil.rmtree(dest, ignore_errors=True)
+            os.replace(tmp, dest)
+    return dest
+
+
+def local_model_copy(model: str, cache_dir: str | None = None) -> str:
+    """A model folder given as a URI, as a node-local folder; plain paths are returned unchanged."""
+    if not is_uri(model):
+        return model
+    import pyarrow.fs as pafs
+
+    return _copy_once(model, cache_dir, lambda fs, path, tmp: pafs.copy_files(
+        path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()))
+
+
+def local_file_copy(uri: str, cache_dir: str | None = None) -> str:
+    """A file given as a URI, as a node-local file of the same name; plain paths are returned unchanged."""
+    if not is_uri(uri):
+        return uri
+    import pyarrow.fs as pafs
+
+    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    return os.path.join(_copy_once(uri, cache_dir, lambda fs, path, tmp: pafs.copy_files(
+        path, os.path.join(tmp, name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())), name)
+
+
+def check_uri(uri: str, what: str, expect_dir: bool) -> None:
+    """One line when a URI cannot be opened, does not exist or is the wrong kind (a folder for a model, a
+    file for data): the same checks a local path gets, before any cluster work."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(path)
+    except Exception as e:  # unknown scheme, bad credentials, unreachable endpoint
+        raise UserError(f"{what}: {uri}: cannot open ({type(e).__name__}: "
+                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    if info.type == pafs.FileType.NotFound:
+        raise UserError(f"{what}: {uri}: not found")
+    if expect_dir and info.type != pafs.FileType.Directory:
+        raise UserError(f"{what}: {uri}: not a folder")
+    if not expect_dir and info.type != pafs.FileType.File:
+        raise UserError(f"{what}: {uri}: not a file")
