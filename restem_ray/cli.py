@@ -40,19 +40,20 @@ def demo_config(root: Path, quick: bool, overrides: list[str], task: str = "arit
         "seed": seed,
         "task": {"kind": "code" if code else "math", "train_file": str(data / "train.jsonl"),
                  "valid_file": str(data / "valid.jsonl"), "test_file": str(data / "test.jsonl"),
-                 "extra_eval_files": {"transfer": str(data / "transfer.jsonl")}, "max_train_problems": 2000,
-                 "seed_file": str(data / "seed.jsonl")},
+                 "extra_eval_files": {"transfer": str(data / "transfer.jsonl")}, "max_train_problems": 1000,
+                 "max_eval_problems": 500, "seed_file": str(data / "seed.jsonl")},
         "model": {"base": str(model)},
         # temperature 1.0: the tiny model needs the diversity (calibration note); completions are < 80 tokens.
         "sampling": {"samples_per_problem": 8, "temperature": 1.0, "top_k": -1, "max_tokens": 24 if code else 96,
                      "prompts_per_request": 256, "engine_kwargs": {"max_model_len": 320, "dtype": "float32"}},
         "training": {"epochs": 8, "lr": 1e-3, "weight_decay": 1.0, "micro_batch_size": 32, "max_seq_len": 320,
                      "warmup_ratio": 0.05},
-        # 2 iterations (the paper's count for APPS): on 2 cores a third iteration and the control arm sized
-        # to its larger M-step take the demo past 20 minutes, for +3 test points (README, seed 0).
+        # 2 iterations (the paper's count for APPS) on 1,000 train problems, 500 per eval split: sized so the
+        # whole demo, base build included, stays within 20 minutes on a slow 2-core machine (README).
         "loop": {"iterations": 2, "patience": 3},
         "control": {"enabled": not code},
-        "evaluation": {"k": 4},  # pass@4 and maj@4 next to greedy pass@1 in the report (~35 s per evaluation)
+        # pass@4 and maj@4 next to greedy pass@1 where the report shows them (4x a split's greedy cost)
+        "evaluation": {"k": 4, "k_splits": ["test", "transfer"]},
     }
     if not code:  # the task can tell a right answer reached through wrong steps: report how often
         tree["task"]["step_checker"] = "restem_ray.tasks.arithmetic:check_steps"
@@ -62,7 +63,7 @@ def demo_config(root: Path, quick: bool, overrides: list[str], task: str = "arit
 def cmd_demo(args) -> int:
     from .builtin import BUILTINS, arithmetic_builtin, ensure_builtin
 
-    out = Path(args.out or f"restem-runs/demo-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}")
+    out = args.out or f"restem-runs/demo-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     pre = demo_config(Path("/nonexistent"), args.quick, args.set, args.task, args.seed)  # validate before building
     if args.stop_after is not None:
         from .driver import check_stop_after
@@ -70,14 +71,28 @@ def cmd_demo(args) -> int:
         check_stop_after(args.stop_after, pre, None)
     if args.seed and args.task != "arithmetic":
         raise UserError("--seed: only the arithmetic demo has per-seed builds")
+    local, resume, mirror = _out_dir(out, args)  # a bad --out URI fails before the build
     root = ensure_builtin(arithmetic_builtin(args.seed) if args.task == "arithmetic" else BUILTINS[args.task])
     cfg = demo_config(root, args.quick, args.set, args.task, args.seed)
-    return _run(cfg, out, _resume(args, out), args.force, args.stop_after)
+    return _run(cfg, local, resume, args.force, args.stop_after, mirror=mirror)
 
 
-def _resume(args, out: Path) -> bool:
-    """--auto-resume: continue the run in OUT if there is one, else start it (for job retries)."""
-    return args.resume or (args.auto_resume and (out / "manifest.json").is_file())
+def _out_dir(out: str, args):
+    """--out as (local run directory, resume?, mirror). A URI (s3://...) runs in a node-local copy mirrored to
+    it at every commit (restem_ray/mirror.py); on a resume the copy is first brought up to the remote one.
+    --auto-resume: continue the run in OUT if there is one, else start it (for job retries)."""
+    from .remote import is_uri
+
+    if not is_uri(out):
+        path = Path(out)
+        return path, args.resume or (args.auto_resume and (path / "manifest.json").is_file()), None
+    from .mirror import RunMirror
+
+    mirror = RunMirror(out)
+    has_run = mirror.check()
+    resume = args.resume or (args.auto_resume and (has_run or (mirror.local / "manifest.json").is_file()))
+    mirror.prepare(resume, has_run)
+    return mirror.local, resume, mirror
 
 
 def cmd_run(args) -> int:
@@ -85,10 +100,11 @@ def cmd_run(args) -> int:
 
     cfg = load_config(args.config, args.set)
     task = check_inputs(cfg, local_sandbox=False)
-    return _run(cfg, Path(args.out), _resume(args, Path(args.out)), args.force, args.stop_after, task)
+    local, resume, mirror = _out_dir(args.out, args)
+    return _run(cfg, local, resume, args.force, args.stop_after, task, mirror=mirror)
 
 
-def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = None, task=None) -> int:
+def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = None, task=None, mirror=None) -> int:
     import os
 
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
@@ -103,17 +119,23 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
 
     # validates data, the run dir and --stop-after before Ray starts
     driver = Driver(cfg, out, resume=resume, force=force, stop_after=stop_after, task=task)
+    driver.run.mirror = mirror  # a URI --out: every commit is mirrored to it
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     check_ray_cluster(cfg)  # before anything is written or any actor waits for resources
     check_sandbox_on_cluster(resolve_verifier(cfg.verification.verifier, cfg.task.kind), cfg.verification,
                              cfg.sampling.placement_timeout_s)  # code tasks: where the verifiers will run
     driver.run.lock()  # one driver per run directory, held until this process ends
+    shown = mirror.uri if mirror is not None else out
     try:
         best = driver.fit()
     except StopAfter as e:
-        print(f"[restem] stopped after {e} (--stop-after): {out}; continue with --resume")
+        if mirror is not None:  # the dashboards' files written after the commit
+            mirror.push()
+        print(f"[restem] stopped after {e} (--stop-after): {shown}; continue with --resume")
         return 0
-    print(f"[restem] done: {out} (best iteration {best['iteration']}, valid pass@1 {best['valid']:.3f})")
+    if mirror is not None:  # report.png, problems.parquet: written after the last commit
+        mirror.push()
+    print(f"[restem] done: {shown} (best iteration {best['iteration']}, valid pass@1 {best['valid']:.3f})")
     return 0
 
 
@@ -205,7 +227,7 @@ def cmd_eval(args) -> int:
     pool = EStepPool(args.model, s, cfg.verification, verifier=verifier, seed=cfg.seed)
     try:
         scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=stop, chunk_size=s.prompts_per_request,
-                                 k=ev.k, temperature=ev.temperature, top_p=ev.top_p, seed=cfg.seed,
+                                 k=ev.k_for(n), temperature=ev.temperature, top_p=ev.top_p, seed=cfg.seed,
                                  majority=kind == "math", desc=f"eval {n}",
                                  max_infra_error_rate=cfg.verification.max_infra_error_rate)
                   for n, probs in problems.items()}
@@ -258,10 +280,17 @@ def cmd_prompt(args) -> int:
 
 
 def cmd_report(args) -> int:
+    from .remote import is_uri
     from .report import print_table, write_plot, write_problem_history
     from .storage import RunDir
 
     run = RunDir(args.run_dir)
+    if is_uri(args.run_dir):  # a run directory on object storage: reported from this node's copy of it
+        from .mirror import RunMirror
+
+        mirror = RunMirror(args.run_dir, what="report")
+        mirror.prepare(True, mirror.check(write=False), reader=True)
+        run = RunDir(mirror.local)
     if not run.manifest_path.is_file():
         raise UserError(f"{args.run_dir}: not a run directory (no manifest.json)")
     print_table(run)
@@ -332,6 +361,11 @@ def cmd_verify(args) -> int:
         graded = pool.grade_all(problems, rows, chunk_size=16, desc="verify") if rows else []
     finally:
         pool.close()
+    from .verdicts import check_infra_errors
+
+    # as in a run: a verifier that mostly failed to grade must not leave a file of zeros behind
+    check_infra_errors([r["verdict"] for r in graded], vcfg.max_infra_error_rate, f"verify {args.samples}",
+                       f"nothing written to {out} (fix the verifier, then run it again)")
     cols = ["id", "completion", "reward", "verdict"] + (["sample"] if any("sample" in r for r in rows) else [])
     merged = sorted(graded + bad, key=lambda r: r["_n"])
     result = [{c: r.get(c) for c in cols} for r in merged]
@@ -372,7 +406,8 @@ def parser() -> argparse.ArgumentParser:
     sets = dict(action="append", default=[], metavar="KEY=VALUE", help="override a config key (YAML value)")
 
     d = sub.add_parser("demo", help="built-in task + tiny model on local Ray (CPU)")
-    d.add_argument("--out", help="run directory (default: a new folder under ./restem-runs)")
+    d.add_argument("--out", help="run directory, a path or a URI such as s3://bucket/runs/x (default: a new "
+                   "folder under ./restem-runs)")
     d.add_argument("--quick", action="store_true", help="smoke-test profile: 1 iteration, few problems")
     d.add_argument("--seed", type=int, default=0, help="seed of the task split, base model and run (default 0)")
     d.add_argument("--task", choices=["arithmetic", "code"], default="arithmetic",
@@ -388,7 +423,8 @@ def parser() -> argparse.ArgumentParser:
 
     r = sub.add_parser("run", help="run ReST^EM from a YAML config")
     r.add_argument("config")
-    r.add_argument("--out", required=True, help="run directory")
+    r.add_argument("--out", required=True, help="run directory: a path, or a URI (s3://, gs://, file://) the run "
+                   "is mirrored to at every commit from a node-local copy")
     r.add_argument("--resume", action="store_true", help="continue the run in --out")
     r.add_argument("--force", action="store_true", help="with --resume: accept a changed config")
     r.add_argument("--auto-resume", action="store_true", help="resume if --out holds a run, else start one "
@@ -410,7 +446,7 @@ def parser() -> argparse.ArgumentParser:
     pr.set_defaults(fn=cmd_prompt)
 
     rp = sub.add_parser("report", help="print the per-iteration table and write report.png")
-    rp.add_argument("run_dir")
+    rp.add_argument("run_dir", help="run directory, or its URI (reported from a node-local copy)")
     rp.set_defaults(fn=cmd_report)
 
     v = sub.add_parser("verify", help="grade a samples file with a verifier pool on Ray")

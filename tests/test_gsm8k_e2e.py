@@ -63,6 +63,9 @@ def test_gsm8k_as_released_with_few_shot_chat_prompts_runs_one_iteration(tmp_pat
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
     # a local Ray has no dashboard: Ray Train's placement-group cleaner must not log its State API warning
     assert "Failed to query Ray Train Controller" not in p.stdout + p.stderr
+    # nor Ray Train's two INFO lines per checkpoint and rank (the M-step's bar shows its progress)
+    assert "Checkpoint successfully created" not in p.stdout + p.stderr
+    assert "Reporting training result" not in p.stdout + p.stderr
 
     samples = pq.read_table(out / "iter_001" / "samples").to_pylist()
     assert {s["id"] for s in samples} == {p["id"] for p in task.train}  # the carved valid rows are not trained on

@@ -110,3 +110,69 @@ def test_bad_uris_are_one_line_errors(s3, tmp_path):
         read_rows(f"{s3}/bad/missing.jsonl")
     with pytest.raises(UserError, match=r"cannot open"):
         read_rows("nosuchscheme://x/y.jsonl")
+
+
+def download(uri: str, local: Path) -> Path:
+    import pyarrow.fs as pafs
+
+    fs, path = pafs.FileSystem.from_uri(uri)
+    pafs.copy_files(path, str(local), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+    return local
+
+
+def test_run_directory_on_s3_resumes_on_a_new_machine_as_the_local_run(tmp_path, s3, small_reference_run, monkeypatch):
+    """`--out s3://...`: the run works in a node-local copy mirrored to the bucket at every commit. Stopped after
+    the E-step's selection, its node-local copy wiped (a new machine), then resumed from the bucket alone: it
+    completes, and the bucket holds the run with exactly the local reference run's rows, scores and weights."""
+    import pyarrow.fs as pafs
+
+    uri, cache = f"{s3}/runs/q", tmp_path / "node-cache"
+    monkeypatch.setenv("RESTEM_RUN_CACHE", str(cache))
+    rc, log = demo(uri, "--stop-after", "1/select")
+    assert rc == 0, log[-4000:]
+    assert f"stopped after 1/select (--stop-after): {uri}" in log
+    fs, root = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_stream(f"{root}/manifest.json") as f:
+        assert set(json.loads(f.read())["completed"]) == {"0/eval", "1/generate", "1/select"}
+
+    import shutil
+
+    shutil.rmtree(cache)  # a new machine: nothing but the bucket
+    rc, log = demo(uri, "--resume")
+    assert rc == 0, log[-4000:]
+    assert "Traceback" not in log and f"downloading the run directory {uri}" in log
+    assert f"done: {uri}" in log
+
+    run = download(uri, tmp_path / "from-bucket")
+    assert set(json.loads((run / "manifest.json").read_text())["completed"]) == {
+        "0/eval", "1/generate", "1/select", "1/improve", "1/eval"}
+    assert (run / "config.yaml").is_file() and (run / "report.png").is_file()
+    assert not list(run.rglob(".driver.lock")) and not list(run.rglob(".mirror-state.json"))
+    assert rows(run / "iter_001" / "samples") == rows(small_reference_run / "iter_001" / "samples")
+    assert rows(run / "iter_001" / "train.parquet") == rows(small_reference_run / "iter_001" / "train.parquet")
+    for t in ("iter_000", "iter_001"):
+        assert json.loads((run / t / "eval.json").read_text()) == \
+            json.loads((small_reference_run / t / "eval.json").read_text())
+    ours, theirs = (load_file(r / "iter_001" / "checkpoint" / "model.safetensors") for r in (run, small_reference_run))
+    assert all((ours[k] == theirs[k]).all() for k in theirs)
+    phases = lambda r: sorted((m["iteration"], m["phase"], m.get("split", ""))  # noqa: E731
+                              for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines()))
+    assert phases(run) == phases(small_reference_run)
+
+
+def test_a_run_directory_in_a_missing_bucket_or_unreachable_store_is_one_line(s3, tmp_path, capsys, monkeypatch):
+    """Checked before the demo is built or Ray starts: exit 2, one line, nothing written anywhere."""
+    from restem_ray.cli import main
+
+    monkeypatch.setenv("RESTEM_RUN_CACHE", str(tmp_path / "cache"))
+    assert main(["demo", "--quick", "--out", "s3://nosuchbucket/runs/x"]) == 2
+    err = capsys.readouterr().err
+    assert err == "restem-ray: error: --out s3://nosuchbucket/runs/x: bucket 'nosuchbucket' not found\n", err
+    assert main(["demo", "--quick", "--out", f"{s3}/runs/never", "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"restem-ray: error: {s3}/runs/never: nothing to resume (no manifest.json)\n", err
+    monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:1")  # nothing listens there
+    assert main(["demo", "--quick", "--out", f"{s3}/runs/x"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"restem-ray: error: --out {s3}/runs/x: cannot open (") and err.count("\n") == 1, err
+    assert not (tmp_path / "cache").exists()

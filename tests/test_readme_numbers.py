@@ -14,7 +14,8 @@ def res(name):
 
 
 def quoted():
-    m, e, c, v = res("mstep"), res("estep"), res("verify_code"), res("verify_math")
+    m, e, c, v, ad = res("mstep"), res("estep"), res("verify_code"), res("verify_math"), res("adaptive_estep")
+    (sw,) = [w for w in ad["sweep"] if (w["round_size"], w["close_after_rounds"]) == (8, 2)]
     med = m["restem_ray"]
     return [
         # bench/mstep.py
@@ -40,6 +41,19 @@ def quoted():
         f"wrapped: {v['throughput_per_core']['math']['math_verify_per_s']:.0f}/s, ratio "
         f"{v['throughput_per_core']['math']['ratio']:.2f}",
         f"{v['pairs']} hand-checked",
+        # bench/adaptive_estep.py
+        *(f"| {label} | {a['samples']:,} | {a['completion_tokens']:,} | {a['kept']:,} | {a['kept_steps_right']:,} | "
+          f"{a['problems_covered']} | {a['seconds']:.1f} |" for label, a in (
+              (f"fixed K = {ad['k']}", ad["arms"]["fixed_k"]),
+              (f"adaptive, at most {ad['k']} per problem", ad["arms"]["adaptive"]),
+              (f"adaptive, at most {4 * ad['k']}, budget {ad['arms']['fixed_k']['samples']:,}",
+               ad["arms"]["adaptive_same_budget"]))),
+        f"Adaptive drew {ad['adaptive_vs_fixed']['completion_tokens']}x fixed-K's completion tokens",
+        f"it kept {ad['adaptive_vs_fixed']['kept']}x the rows, but {ad['adaptive_vs_fixed']['kept_steps_right']}x",
+        f"covered {ad['same_budget_vs_fixed']['problems_covered']} more problems "
+        f"({ad['arms']['adaptive_same_budget']['problems_covered']} of {ad['problems']})",
+        f"round size 8, close after 2: {sw['completion_tokens'] / ad['arms']['fixed_k']['completion_tokens']:.2f}x the "
+        f"tokens, {sw['kept'] / ad['arms']['fixed_k']['kept']:.2f}x the rows",
     ]
 
 
@@ -47,3 +61,40 @@ def quoted():
 def test_readme_quotes_the_benchmark_results(text):
     if text not in " ".join(README.split()):
         pytest.fail(f"README does not quote the result as: {text!r}")
+
+
+def demo_run(arm):
+    """bench/results/demo/seed0-ARM.jsonl: the committed metrics lines of the README's default demo runs."""
+    lines = [json.loads(x) for x in (ROOT / "bench" / "results" / "demo" / f"seed0-{arm}.jsonl").read_text().splitlines()]
+    it = {}
+    for m in lines:
+        r = it.setdefault(m["iteration"], {})
+        if m["phase"] == "eval":
+            r[m["split"]] = m
+        else:
+            r[m["phase"]] = m
+    return it
+
+
+def demo_quotes():
+    fixed, adaptive = demo_run("fixed"), demo_run("adaptive")
+    out = []
+    for t in (1, 2):  # the default demo's table (fixed K)
+        r = fixed[t]
+        out.append(f"| {t} | {r['generate']['train pass@8']:.3f} | {r['valid']['pass@1']:.3f} | ")
+        out.append(f"| {r['transfer']['pass@1']:.3f} / {r['transfer']['pass@4']:.3f} | {r['select']['kept']} | "
+                   f"{r['select']['kept_false_positive_rate']:.0%} | {r['improve']['seconds']:.0f} |")
+    for label, run in (("fixed K = 8", fixed), ("adaptive", adaptive)):
+        g, s, e = ([run[t][k] for t in (1, 2)] for k in ("generate", "select", "test"))
+        v, tr = ([run[t][k]["pass@1"] for t in (1, 2)] for k in ("valid", "transfer"))
+        out.append(f"| {label} | {g[0]['seconds']:.1f} + {g[1]['seconds']:.1f} | {g[0]['completion_tokens']:,} + "
+                   f"{g[1]['completion_tokens']:,} | {s[0]['kept']} ({s[0]['kept_false_positive_rate']:.0%}) + "
+                   f"{s[1]['kept']} ({s[1]['kept_false_positive_rate']:.0%}) | {v[0]:.3f}, {v[1]:.3f} | "
+                   f"{e[0]['pass@1']:.3f}, **{e[1]['pass@1']:.3f}** | {tr[0]:.3f}, {tr[1]:.3f} |")
+    return out
+
+
+@pytest.mark.parametrize("text", demo_quotes())
+def test_readme_quotes_the_demo_runs(text):
+    if text not in " ".join(README.split()):
+        pytest.fail(f"README does not quote the demo run as: {text!r}")

@@ -11,7 +11,8 @@ def make_run(tmp_path):
     run.create("a: 1\n", resume=False)
     for t, (v, te) in enumerate([(0.5, 0.4), (0.6, 0.55), (0.7, 0.62)]):
         if t:
-            run.complete(t, "generate", [{"samples": 80, "correct": 40, "seconds": 1.0, "train pass@8": 0.9}])
+            run.complete(t, "generate", [{"samples": 80, "correct": 40, "seconds": 1.0, "train pass@8": 0.9,
+                                          "completion_tokens": 1200 * t}])
             run.complete(t, "select", [{"kept": 30, "kept_false_positive_rate": 0.1}])
             run.complete(t, "improve", [{"seconds": 2.0, "loss": 0.3}])
         run.complete(t, "eval", [{"split": "valid", "pass@1": v}, {"split": "test", "pass@1": te}])
@@ -26,9 +27,11 @@ def test_rows_put_iterations_in_order_and_the_control_arm_last(tmp_path, capsys)
     rows = iteration_rows(run)
     assert [r["iteration"] for r in rows] == [0, 1, 2, "control"]
     assert rows[1]["kept FP"] == 0.1 and rows[3]["test pass@1"] == 0.45
+    # the E-step's yield: kept solutions per 1,000 completion tokens (30 kept of 1,200 and of 2,400 tokens)
+    assert rows[1]["kept/1k tok"] == 25.0 and rows[2]["kept/1k tok"] == 12.5 and "kept/1k tok" not in rows[0]
     print_table(run)
     out = capsys.readouterr().out
-    assert "control" in out and "kept FP" in out
+    assert "control" in out and "kept FP" in out and "kept/1k tok" in out and "25.0" in out
     write_plot(run)
     png = (run.root / "report.png").read_bytes()
     assert png[:8] == b"\x89PNG\r\n\x1a\n" and len(png) > 10_000

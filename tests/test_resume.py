@@ -95,6 +95,47 @@ def test_sigkill_at_every_phase_then_resume_matches_uninterrupted_run(tmp_path, 
     assert not list(out.rglob("*.tmp"))  # no half-written file left behind
 
 
+ADAPTIVE = ["--set", "sampling.adaptive=true", "--set", "sampling.round_size=2"]  # up to 4 rounds of K=8
+
+
+def test_adaptive_e_step_killed_mid_round_resumes_to_the_planned_subset_of_fixed_k(tmp_path, reference, monkeypatch):
+    """An adaptive E-step SIGKILLed once a shard of its second round is written, then resumed: it samples only
+    what is not on disk, and ends with exactly the rows the round planner picks when fed the fixed-K
+    reference's own samples (same seeds: adaptive draws a subset of fixed-K's samples), every row once."""
+    from restem_ray.adaptive import RoundPlanner
+
+    out, samples = tmp_path / "run", tmp_path / "run" / "iter_001" / "samples"
+    rc, log = demo(out, *ADAPTIVE, crash_at="1/generate/part-r002-00000")
+    assert rc == -signal.SIGKILL, log[-4000:]
+    first = {p.name for p in samples.glob("part-*.parquet")}
+    assert {"part-r001-00000.parquet", "part-r001-00001.parquet", "part-r002-00000.parquet"} <= first
+    assert first <= {"part-r001-00000.parquet", "part-r001-00001.parquet", "part-r002-00000.parquet",
+                     "part-r002-00001.parquet"}
+    on_disk = {(r["id"], r["sample_index"]) for p in first for r in pq.read_table(samples / p).to_pylist()}
+
+    trace = tmp_path / "engine-calls.jsonl"
+    monkeypatch.setenv("RESTEM_TRACE", str(trace))
+    rc, log = demo(out, "--resume", *ADAPTIVE, "--stop-after", "1/generate")
+    assert rc == 0, log[-4000:]
+    resampled = [(pid, off + i) for c in map(json.loads, trace.read_text().splitlines()) if c["call"] == "generate"
+                 and c["draws"] is not None for pid, (off, n) in zip(c["ids"], c["draws"]) for i in range(n)]
+    assert resampled and not set(resampled) & on_disk  # nothing on disk was sampled again
+
+    ref = {(r["id"], r["sample_index"]): r for r in rows(reference / "iter_001" / "samples")}
+    ids = sorted({pid for pid, _ in ref})
+    planner = RoundPlanner(ids, round_size=2, max_per_problem=8, budget=8 * len(ids), cap=10)
+    while draws := planner.next_round():
+        planner.observe(draws, [ref[(d.id, i)] for d in draws for i in range(d.offset, d.offset + d.n)])
+    expected = sorted(k for k in ref if k[0] in ids and k[1] < planner.problems[k[0]].drawn)
+    got = rows(samples)
+    assert [(r["id"], r["sample_index"]) for r in got] == expected  # every planned row, once
+    assert got == [ref[k] for k in expected]  # and each is fixed-K's sample, graded the same
+    assert len(got) < len(ref)  # the adaptive E-step drew fewer samples
+    (line,) = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["phase"] == "generate"]
+    assert line["samples"] == len(got) and line["rounds"] == planner.rounds >= 3
+    assert line["problems_with_kept"] == len({r["id"] for r in got if r["reward"] >= 1 and r["finish_reason"] != "length"})
+
+
 def test_resume_refuses_changed_config_unless_safe_or_forced(tmp_path, reference):
     import shutil
 

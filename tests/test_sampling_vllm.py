@@ -49,6 +49,20 @@ def test_seeded_samples_do_not_depend_on_batching(sampler):
     assert [r["completion"] for r in other] != [r["completion"] for r in alone]
 
 
+def test_samples_split_over_calls_are_the_samples_of_one_call(sampler):
+    """Adaptive rounds draw a problem's samples k.. in later calls (sample_offset, n): sample i is the same
+    sample whether it came in one call of 8 or in calls of 3 and 5, and a round's rows carry their indices."""
+    spec = SampleSpec(n=8, temperature=1.0, max_tokens=12, seed=5)
+    whole = sampler.generate(PROMPTS[:2], spec)
+    first = sampler.generate([{**p, "sample_offset": 0, "n": 3} for p in PROMPTS[:2]], spec)
+    rest = sampler.generate([{**PROMPTS[1], "sample_offset": 3, "n": 5}, {**PROMPTS[0], "sample_offset": 3, "n": 5}],
+                            spec)
+    key = lambda r: (r["id"], r["sample_index"])  # noqa: E731
+    assert sorted(r["sample_index"] for r in rest) == [3, 3, 4, 4, 5, 5, 6, 6, 7, 7]
+    assert sorted(first + rest, key=key) == sorted(whole, key=key)
+    assert len({r["completion"] for r in whole if r["id"] == "p0"}) > 1  # distinct samples, not one repeated
+
+
 def test_model_given_as_a_uri_is_copied_to_local_disk_once(tmp_path):
     from restem_ray.builtin import ensure_builtin
     from restem_ray.sampling import local_model_copy

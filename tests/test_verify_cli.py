@@ -83,6 +83,20 @@ def test_plugin_rewards_threshold_errors_and_timeout_in_the_pool(tmp_path):
     assert out == ["passed", "wrong_answer", "verifier_error:RuntimeError", "timeout", "passed"]
 
 
+def test_a_verifier_that_cannot_grade_stops_with_one_line_and_writes_nothing(tmp_path):
+    """Every grade a verifier_error (a plug-in that raises): exit 1 naming the share, no file of zeros."""
+    (tmp_path / "my_reward.py").write_text(PLUGIN)
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "q", "prompt": "say x", "answer": "x"}])
+    write_jsonl(tmp_path / "s.jsonl", [{"id": "q", "completion": c} for c in ("boom", "boom", "x")])
+    code, log = verify(tmp_path, "--verifier", "my_reward:reward", "--problems", tmp_path / "p.jsonl",
+                       "--samples", tmp_path / "s.jsonl", "--out", tmp_path / "out.jsonl")
+    assert code == 1, log
+    (line,) = [x for x in log.splitlines() if x.startswith("restem-ray: run stopped:")]
+    assert "2 of 3 grades are verifier/sandbox failures (verifier_error:RuntimeError: 2)" in line, line
+    assert "nothing written" in line and "Traceback" not in log
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--out", "{t}/out.csv"], "use a .jsonl or .parquet file name"),
     (["--out", "{t}/nope/out.jsonl"], "does not exist"),

@@ -1,0 +1,243 @@
+"""A run directory on object storage (`--out s3://bucket/runs/x`, or any `pyarrow.fs` URI).
+
+The driver works on a node-local copy of the run directory, exactly as on a local one (`RUN_CACHE/<sha of the
+URI>/<its last name>`; RUN_CACHE is `$RESTEM_RUN_CACHE`, default `~/.cache/restem-ray/runs`), and mirrors it to
+the URI at every commit: each manifest write (`RunDir._write_manifest`, RunDir's commit point) is followed by a
+`push`, which uploads the files that changed since the last push first and `manifest.json` last, so the
+remote manifest never lists a phase whose files are not all there (an object store shows an object whole or
+not at all). Files already uploaded and unchanged (same size and mtime, recorded in the local copy's
+`.mirror-state.json`, which is never uploaded) are not sent again: samples shards and HF checkpoints go up once.
+
+`--resume` on a machine whose copy is missing or behind the remote (a new node, a RayJob retried elsewhere)
+downloads the remote run directory first; a local copy that holds everything the remote manifest lists (the
+same machine, after a crash) is kept, with its uncommitted E-step shards, and pushed at the next commit.
+What crosses machines is what was committed: a new machine samples again the shards finished since the last
+commit. The driver lock (`.driver.lock`) is node-local: one driver per URI at a time is the operator's job.
+Symbolic links (`RUN/best`) are not mirrored; the manifest's `best_iteration` says the same.
+"""
+from __future__ import annotations
+
+import concurrent.futures
+import fcntl
+import hashlib
+import json
+import os
+import shutil
+import stat
+from pathlib import Path
+
+from .errors import RunError, UserError
+
+STATE = ".mirror-state.json"
+LOCAL_ONLY = {".driver.lock", STATE}
+MANIFEST = "manifest.json"
+BUCKET_STORES = ("s3", "gcs")  # file systems whose first path component is a bucket; they have no real folders
+
+
+def run_cache_root() -> Path:
+    if os.environ.get("RESTEM_RUN_CACHE"):
+        return Path(os.environ["RESTEM_RUN_CACHE"])
+    return Path(os.environ.get("RESTEM_CACHE", Path.home() / ".cache" / "restem-ray")) / "runs"
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
+
+
+class RunMirror:
+    def __init__(self, uri: str, cache: str | Path | None = None, what: str = "--out"):
+        self.uri, self.what = uri.rstrip("/"), what  # `what`: how errors name the URI
+        key = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
+        name = self.uri.rsplit("/", 1)[-1] or "run"
+        # the last name is kept: the M-step's Ray Train run is named after it, the same on every machine
+        self.local = Path(cache or run_cache_root()) / key / name
+        self.fs = self.path = None
+
+    # --- checks, before any cluster work ------------------------------------------------------
+    def _open(self):
+        if self.fs is None:
+            import pyarrow.fs as pafs
+
+            try:
+                self.fs, self.path = pafs.FileSystem.from_uri(self.uri)
+            except Exception as e:  # unknown scheme, malformed URI
+                raise UserError(f"{self.what} {self.uri}: cannot open ({_first_line(e)})") from None
+            self.path = self.path.rstrip("/")
+        return self.fs
+
+    def _info(self, path: str):
+        try:
+            return self._open().get_file_info(path)
+        except UserError:
+            raise
+        except Exception as e:  # bad credentials, unreachable endpoint
+            raise UserError(f"{self.what} {self.uri}: cannot open ({_first_line(e)})") from None
+
+    def check(self, write: bool = True) -> bool:
+        """One line if the URI cannot hold a run directory (cannot be opened, no such bucket, a file there, not
+        writable); returns whether it holds a run (a manifest.json)."""
+        import pyarrow.fs as pafs
+
+        fs = self._open()
+        if fs.type_name in BUCKET_STORES:
+            bucket = self.path.split("/", 1)[0]
+            if self._info(bucket).type != pafs.FileType.Directory:
+                raise UserError(f"{self.what} {self.uri}: bucket {bucket!r} not found")
+        info = self._info(self.path)
+        if info.type == pafs.FileType.File:
+            raise UserError(f"{self.what} {self.uri}: is a file, not a run directory")
+        has_run = self._info(f"{self.path}/{MANIFEST}").type == pafs.FileType.File
+        if not write:
+            return has_run
+        probe = f"{self.path}/.restem-write-test"
+        try:  # what the first commit will do, now: a store that takes no writes fails before the cluster work
+            if fs.type_name not in BUCKET_STORES:
+                fs.create_dir(self.path, recursive=True)
+            with fs.open_output_stream(probe) as f:
+                f.write(b"ok")
+            fs.delete_file(probe)
+        except Exception as e:
+            raise UserError(f"{self.what} {self.uri}: not writable ({_first_line(e)})") from None
+        return has_run
+
+    def _remote_manifest(self) -> dict | None:
+        try:
+            with self._open().open_input_stream(f"{self.path}/{MANIFEST}") as f:
+                return json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except Exception as e:
+            raise UserError(f"{self.what} {self.uri}/{MANIFEST}: cannot read ({_first_line(e)})") from None
+
+    def _check_not_locked(self) -> None:
+        lock = self.local / ".driver.lock"
+        if not lock.is_file():
+            return
+        with open(lock, "rb+") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                holder = f.read().decode(errors="replace").strip() or "unknown"
+                raise UserError(f"{self.uri}: another driver is running this run ({holder}); wait for it to end "
+                                "or stop it, then --resume") from None
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+    def prepare(self, resume: bool, has_run: bool, reader: bool = False) -> None:
+        """Make the local copy the run's working directory: downloaded on a resume when missing or behind the
+        remote one; emptied for a new run (the remote holds none: whatever is cached is stale). A `reader`
+        (`report`) may share the copy with a driver running here."""
+        if not reader:
+            self._check_not_locked()
+        if not resume:
+            if has_run:
+                raise UserError(f"{self.uri}: run directory already holds a run (use --resume to continue it)")
+            if self.local.exists():
+                shutil.rmtree(self.local)
+            return
+        remote = self._remote_manifest() if has_run else None
+        local = self._local_manifest()
+        if remote is None:
+            if local is None and not reader:
+                raise UserError(f"{self.uri}: nothing to resume (no manifest.json)")
+            return  # committed here, not yet pushed (the push failed): the local copy is the run
+        if local is not None and all(local["completed"].get(k) == v for k, v in remote["completed"].items()):
+            return  # this machine's copy holds all the remote one does (and maybe finished shards)
+        self.pull()
+
+    def _local_manifest(self) -> dict | None:
+        try:
+            return json.loads((self.local / MANIFEST).read_text())
+        except (OSError, ValueError):
+            return None
+
+    # --- transfers ----------------------------------------------------------------------------
+    def pull(self) -> None:
+        """Replace the local copy with the remote run directory."""
+        import pyarrow.fs as pafs
+
+        tmp = self.local.with_name(self.local.name + ".download")
+        shutil.rmtree(tmp, ignore_errors=True)
+        tmp.mkdir(parents=True)
+        print(f"[restem] downloading the run directory {self.uri} to {self.local}")
+        try:
+            pafs.copy_files(self.path, str(tmp), source_filesystem=self._open(),
+                            destination_filesystem=pafs.LocalFileSystem(), use_threads=True)
+        except Exception as e:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise UserError(f"{self.what} {self.uri}: cannot download the run directory ({_first_line(e)})") from None
+        (tmp / STATE).unlink(missing_ok=True)
+        state = {rel: sig for rel, sig in _local_files(tmp)}  # all of them are on the remote as they are here
+        _write_state(tmp, state)
+        shutil.rmtree(self.local, ignore_errors=True)
+        os.replace(tmp, self.local)
+
+    def push(self) -> None:
+        """Upload what changed since the last push, then manifest.json, then delete what the run removed."""
+        state = _read_state(self.local)
+        files = dict(_local_files(self.local))
+        changed = [rel for rel, sig in files.items() if rel != MANIFEST and state.get(rel) != sig]
+        try:
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                for rel, sent in zip(changed, pool.map(self._upload, changed)):
+                    if sent:  # the size/mtime before the upload: a file that grew meanwhile goes again
+                        state[rel] = files[rel]
+            if MANIFEST in files and state.get(MANIFEST) != files[MANIFEST]:
+                self._upload(MANIFEST)  # last: the remote manifest never lists a phase whose files are missing
+                state[MANIFEST] = files[MANIFEST]
+            for rel in [r for r in state if r not in files]:
+                try:
+                    self._open().delete_file(f"{self.path}/{rel}")
+                except FileNotFoundError:
+                    pass
+                del state[rel]
+        except Exception as e:
+            raise RunError(f"run directory {self.uri}: upload failed ({_first_line(e)}); the local copy "
+                           f"{self.local} holds the run: --resume on this machine continues it") from None
+        finally:
+            _write_state(self.local, state)
+
+    def _upload(self, rel: str) -> bool:
+        fs, dst = self._open(), f"{self.path}/{rel}"
+        try:
+            src = open(self.local / rel, "rb")
+        except FileNotFoundError:  # removed since the walk (a dashboard's own temporary files)
+            return False
+        local_store = fs.type_name not in BUCKET_STORES
+        if local_store:  # real folders, and no atomic object writes: a temporary name, then a rename
+            fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+        tmp = dst + ".tmp" if local_store else dst
+        with src, fs.open_output_stream(tmp) as out:
+            shutil.copyfileobj(src, out, 8 << 20)
+        if local_store:
+            fs.move(tmp, dst)
+        return True
+
+
+def _local_files(root: Path):
+    """(relative path, [size, mtime_ns]) of every regular file to mirror: not the lock or the mirror state, not
+    temporary names (written, then renamed), not symbolic links."""
+    for dirpath, dirnames, filenames in os.walk(root):
+        for name in filenames:
+            if name in LOCAL_ONLY or name.endswith(".tmp") or ".tmp." in name:
+                continue
+            p = os.path.join(dirpath, name)
+            try:
+                st = os.lstat(p)
+            except FileNotFoundError:  # removed while we walked (a dashboard's own files)
+                continue
+            if stat.S_ISREG(st.st_mode):
+                yield os.path.relpath(p, root).replace(os.sep, "/"), [st.st_size, st.st_mtime_ns]
+
+
+def _read_state(root: Path) -> dict:
+    try:
+        return json.loads((root / STATE).read_text())
+    except (OSError, ValueError):
+        return {}
+
+
+def _write_state(root: Path, state: dict) -> None:
+    tmp = root / (STATE + ".tmp")
+    tmp.write_text(json.dumps(state, sort_keys=True))
+    os.replace(tmp, root / STATE)

@@ -1,0 +1,132 @@
+"""A run directory on a URI (restem_ray/mirror.py), on `file://` URIs (the same pyarrow.fs calls as s3://; the
+S3 server runs in tests/test_object_storage.py): every commit uploads the phase's files, then the manifest;
+unchanged files go once; a resume on a new machine downloads the run, one on the same machine keeps its copy."""
+import json
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from restem_ray.errors import UserError
+from restem_ray.mirror import RunMirror
+from restem_ray.storage import RunDir
+
+
+def tree(root):
+    return {p.relative_to(root).as_posix(): p.read_bytes() for p in sorted(root.rglob("*")) if p.is_file()
+            and p.name not in (".driver.lock", ".mirror-state.json")}
+
+
+def recording(mirror):
+    sent = []
+    upload = mirror._upload
+    mirror._upload = lambda rel: (sent.append(rel), upload(rel))[1]
+    return sent
+
+
+def started(tmp_path, cache="node-a"):
+    uri = f"file://{tmp_path}/bucket/runs/x"
+    m = RunMirror(uri, cache=tmp_path / cache)
+    assert m.check() is False
+    m.prepare(resume=False, has_run=False)
+    run = RunDir(m.local)
+    run.mirror = m
+    return uri, m, run
+
+
+def test_commits_upload_the_phase_then_the_manifest_and_unchanged_files_once(tmp_path):
+    uri, m, run = started(tmp_path)
+    remote = tmp_path / "bucket" / "runs" / "x"
+    assert m.local.name == "x" and m.local.parent.parent == tmp_path / "node-a"  # Ray Train runs are named after it
+    sent = recording(m)
+    run.create("seed: 0\n", resume=False)
+    assert sent == ["config.yaml", "manifest.json"]
+    run.lock()
+    pq.write_table(pa.table({"id": ["a"], "reward": [1.0]}), run.samples_dir(1) / "part-00000.parquet")
+    sent.clear()
+    run.complete(1, "generate", [{"samples": 1}])
+    assert sorted(sent[:-1]) == ["iter_001/samples/part-00000.parquet", "metrics.jsonl"]
+    assert sent[-1] == "manifest.json"  # last
+    assert tree(remote) == tree(m.local)
+    sent.clear()
+    (run.iter_dir(1) / "train.parquet").write_bytes(b"rows")
+    run.complete(1, "select", [{"kept": 1}])
+    assert sorted(sent) == ["iter_001/train.parquet", "manifest.json", "metrics.jsonl"]  # the shard went once
+    # a file the run removed goes from the remote too; links (RUN/best) and temporary names are not mirrored
+    (run.iter_dir(1) / "train.parquet").unlink()
+    (m.local / "best").symlink_to("iter_001")
+    (m.local / "x.tmp").write_text("half")
+    run.set(best_iteration=1)
+    assert tree(remote) == {k: v for k, v in tree(m.local).items() if k != "x.tmp"}
+    assert not (remote / "best").exists() and not (remote / "iter_001" / "train.parquet").exists()
+    assert json.loads((remote / "manifest.json").read_text())["best_iteration"] == 1
+    run.unlock()
+
+
+def test_resume_downloads_on_a_new_machine_and_keeps_a_copy_that_is_ahead(tmp_path):
+    uri, m, run = started(tmp_path)
+    run.create("seed: 0\n", resume=False)
+    pq.write_table(pa.table({"id": ["a"]}), run.samples_dir(1) / "part-00000.parquet")
+    run.complete(1, "generate", [{"samples": 1}])
+    committed = tree(m.local)
+
+    # a new machine: nothing cached; the download is the run, and nothing goes back up
+    b = RunMirror(uri, cache=tmp_path / "node-b")
+    assert b.check() is True
+    with pytest.raises(UserError, match=r"already holds a run \(use --resume"):
+        b.prepare(resume=False, has_run=True)
+    b.prepare(resume=True, has_run=True)
+    assert tree(b.local) == committed
+    sent = recording(b)
+    b.push()
+    assert sent == []
+
+    # the first machine, killed with a finished but uncommitted shard: its copy is ahead, and kept
+    (run.samples_dir(1) / "part-00001.parquet").write_bytes(b"uncommitted")
+    m2 = RunMirror(uri, cache=tmp_path / "node-a")
+    m2.prepare(resume=True, has_run=True)
+    assert (m2.local / "iter_001" / "samples" / "part-00001.parquet").read_bytes() == b"uncommitted"
+
+    # machine b commits more; a's copy is now behind and is replaced by the remote one
+    rb = RunDir(b.local)
+    rb.mirror = b
+    rb.complete(1, "select", [{"kept": 1}])
+    m3 = RunMirror(uri, cache=tmp_path / "node-a")
+    m3.prepare(resume=True, has_run=True)
+    assert "1/select" in json.loads((m3.local / "manifest.json").read_text())["completed"]
+    assert not (m3.local / "iter_001" / "samples" / "part-00001.parquet").exists()
+
+
+def test_a_run_being_driven_here_is_not_replaced(tmp_path):
+    uri, m, run = started(tmp_path)
+    run.create("seed: 0\n", resume=False)
+    run.lock()
+    try:
+        with pytest.raises(UserError, match=r"another driver is running this run \(pid"):
+            RunMirror(uri, cache=tmp_path / "node-a").prepare(resume=False, has_run=False)
+    finally:
+        run.unlock()
+
+
+def test_uris_that_cannot_hold_a_run_are_one_line_errors(tmp_path):
+    (tmp_path / "afile").write_text("x")
+    with pytest.raises(UserError, match=r"^--out nosuchscheme://b/run: cannot open \("):
+        RunMirror("nosuchscheme://b/run").check()
+    with pytest.raises(UserError, match=rf"^--out file://{tmp_path}/afile: is a file, not a run directory$"):
+        RunMirror(f"file://{tmp_path}/afile").check()
+    with pytest.raises(UserError, match=r"nothing to resume \(no manifest.json\)$"):
+        RunMirror(f"file://{tmp_path}/empty", cache=tmp_path / "c").prepare(resume=True, has_run=False)
+
+
+def test_report_reads_a_run_directory_on_a_uri(tmp_path, capsys, monkeypatch):
+    from restem_ray.cli import main
+
+    uri, m, run = started(tmp_path)
+    run.create("seed: 0\n", resume=False)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25}])
+    monkeypatch.setenv("RESTEM_RUN_CACHE", str(tmp_path / "node-b"))  # another machine: nothing cached
+    assert main(["report", uri]) == 0
+    out = capsys.readouterr().out
+    assert "0.250" in out and (RunMirror(uri, cache=tmp_path / "node-b").local / "report.png").is_file()
+    assert main(["report", f"file://{tmp_path}/nothing"]) == 2
+    assert "not a run directory" in capsys.readouterr().err
