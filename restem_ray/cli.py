@@ -122,6 +122,8 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
     driver.run.mirror = mirror  # a URI --out: every commit is mirrored to it
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     check_ray_cluster(cfg)  # before anything is written or any actor waits for resources
+    if mirror is not None:
+        mirror.check_cluster()  # every node must see the working copy
     check_sandbox_on_cluster(resolve_verifier(cfg.verification.verifier, cfg.task.kind), cfg.verification,
                              cfg.sampling.placement_timeout_s)  # code tasks: where the verifiers will run
     driver.run.lock()  # one driver per run directory, held until this process ends

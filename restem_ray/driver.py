@@ -26,7 +26,7 @@ from .pool import EStepPool, chunked
 from .prompts import Task, load_task, with_stop
 from .remote import is_uri
 from .report import print_table, write_plot, write_problem_history
-from .sampling import SampleSpec
+from .sampling import SampleSpec, with_draw
 from .selection import problem_stats, select, truncated
 from .storage import RunDir, atomic_write_text
 from .training import improve as train_m_step
@@ -126,6 +126,10 @@ class Driver:
         spec = SampleSpec(n=s.samples_per_problem, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                           max_tokens=s.max_tokens, stop=tuple(s.stop), seed=self.cfg.seed * 1000 + t)
         start, nodes, rounds = time.time(), set(), {}
+        kinds = {"adaptive" if p.name.startswith("part-r") else "fixed-K" for p in self.run.samples_dir(t).glob("part-*.parquet")}
+        if kinds - {"adaptive" if s.adaptive else "fixed-K"}:  # only after a --force resume that changed it
+            raise RunError(f"iteration {t}: {self.run.samples_dir(t)} holds {kinds.pop()} E-step shards but "
+                           f"sampling.adaptive is {s.adaptive}; remove that folder to sample the iteration again")
         if s.adaptive:
             rounds = self._sample_rounds(t, model, spec, nodes)
         else:
@@ -141,7 +145,9 @@ class Driver:
         line["truncated"] = sum(truncated(table))  # ended on sampling.max_tokens
         line["verdicts"] = verdict_counts(table["verdict"].to_pylist())
         # pass@n on the train problems at the sampling temperature: how many problems can feed the M-step
-        line[f"train pass@{s.samples_per_problem}"] = len(set(solved.to_pylist())) / max(1, len(self.train))
+        # (adaptive: n is the most samples a problem may draw)
+        n = (s.max_samples_per_problem or s.samples_per_problem) if s.adaptive else s.samples_per_problem
+        line[f"train pass@{n}"] = len(set(solved.to_pylist())) / max(1, len(self.train))
         self.run.complete(t, "generate", [line | rounds])
         return table
 
@@ -180,13 +186,18 @@ class Driver:
         by_id = {p["id"]: p for p in self.train}
         while draws := planner.next_round():
             r = planner.rounds
-            chunks = chunked([{**by_id[d.id], "sample_offset": d.offset, "n": d.n} for d in draws],
-                             self.cfg.sampling.prompts_per_request)
+            chunks = chunked([with_draw(by_id[d.id], d.offset, d.n) for d in draws], s.prompts_per_request)
             names = [f"part-r{r:03d}-{i:05d}" for i in range(len(chunks))]
             self._sample_shards(t, model, spec, chunks, names, nodes, desc=f"E-step {t} round {r}")
             out = self.run.samples_dir(t)
             rows = [row for n in names for row in pq.read_table(
                 out / f"{n}.parquet", columns=["id", "sample_index", "completion", "reward", "finish_reason"]).to_pylist()]
+            got = [(row["id"], row["sample_index"]) for row in rows]
+            if len(set(got)) != len(got) or set(got) != {(d.id, d.offset + j) for d in draws for j in range(d.n)}:
+                # shards written under other settings (a --force resume that changed selection or sampling)
+                raise RunError(f"iteration {t}: the round-{r} shards in {out} do not hold this plan's samples (the "
+                               "E-step's settings changed since they were written); remove that folder to sample "
+                               "the iteration again")
             planner.observe(draws, rows)
         return planner.summary()
 

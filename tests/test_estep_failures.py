@@ -12,7 +12,7 @@ from restem_ray.builtin import TinyModelSpec, build_model, build_tokenizer
 from restem_ray.config import SamplingConfig, VerificationConfig
 from restem_ray.errors import RunError
 from restem_ray.pool import EStepPool, chunked
-from restem_ray.sampling import SampleSpec
+from restem_ray.sampling import SampleSpec, with_draw
 
 pytestmark = pytest.mark.slow
 PROBLEMS = [{"id": f"p{i:03d}", "prompt": f"Q: Ann has {i} coins, finds 12. How many now?\nA:", "answer": str(i + 12)}
@@ -68,6 +68,26 @@ def test_killed_sampler_and_verifier_are_replaced_and_nothing_is_lost_or_doubled
         pool.run(chunked(PROBLEMS[:4], 4), SPEC, on_chunk=lambda i, r: got.__setitem__("again", r))
         first = sorted((r["id"], r["sample_index"], r["completion"]) for r in rows if r["id"] in {"p000", "p001", "p002", "p003"})
         assert sorted((r["id"], r["sample_index"], r["completion"]) for r in got["again"]) == first
+    finally:
+        pool.close()
+
+
+def test_a_killed_replica_mid_adaptive_round_loses_and_doubles_nothing(model):
+    """An adaptive round's calls (each problem's draw, restem_ray/adaptive.py) survive a killed
+    replica and verifier as fixed-K's do: every (problem, sample) of the round arrives once, and each is the
+    sample a fixed-K call draws at that index (the restarted replica re-runs the call with the same seeds)."""
+    pool = make_pool(model, max_restarts=2)
+    try:
+        second = [with_draw(p, 2, 2 if i % 2 else 1) for i, p in enumerate(PROBLEMS)]
+        got = run_with_kills(pool, chunked(second, 4))
+        rows = [r for chunk in got.values() for r in chunk]
+        assert sorted((r["id"], r["sample_index"]) for r in rows) == sorted(
+            (p["id"], 2 + j) for i, p in enumerate(PROBLEMS) for j in range(2 if i % 2 else 1))
+        whole: dict = {}
+        pool.run(chunked(PROBLEMS[:8], 8), SPEC, on_chunk=lambda i, rs: whole.update(
+            {(r["id"], r["sample_index"]): r["completion"] for r in rs}))
+        checked = [r for r in rows if (r["id"], r["sample_index"]) in whole]
+        assert len(checked) == 12 and all(whole[(r["id"], r["sample_index"])] == r["completion"] for r in checked)
     finally:
         pool.close()
 

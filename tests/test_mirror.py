@@ -130,3 +130,43 @@ def test_report_reads_a_run_directory_on_a_uri(tmp_path, capsys, monkeypatch):
     assert "0.250" in out and (RunMirror(uri, cache=tmp_path / "node-b").local / "report.png").is_file()
     assert main(["report", f"file://{tmp_path}/nothing"]) == 2
     assert "not a run directory" in capsys.readouterr().err
+
+
+def test_a_copy_of_another_run_at_the_uri_is_replaced_and_an_unpushed_run_is_not_deleted(tmp_path):
+    # machine a holds an old run's copy (same URI); the remote now holds a new run with nothing completed yet
+    uri, m, run = started(tmp_path)
+    run.create("seed: 0\n", resume=False)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.5}])
+    remote = tmp_path / "bucket" / "runs" / "x"
+    new = RunDir(remote)
+    new._write_manifest({"version": 1, "completed": {}, "created": 1.0})  # another driver's fresh run
+    again = RunMirror(uri, cache=tmp_path / "node-a")
+    again.prepare(resume=True, has_run=True)
+    assert json.loads((again.local / "manifest.json").read_text())["created"] == 1.0  # the remote run, not the old copy
+
+    # a run committed on this machine whose push never happened: a new run at the URI refuses to delete it
+    uri2 = f"file://{tmp_path}/bucket/runs/y"
+    local = RunMirror(uri2, cache=tmp_path / "node-a")
+    RunDir(local.local).create("seed: 0\n", resume=False)  # no mirror attached: never pushed
+    with pytest.raises(UserError, match=r"holds a run not yet pushed; --resume continues it"):
+        RunMirror(uri2, cache=tmp_path / "node-a").prepare(resume=False, has_run=False)
+    assert (local.local / "manifest.json").is_file()
+
+
+def test_the_local_copy_is_named_without_the_uri_query():
+    m = RunMirror("s3://bucket/runs/exp1?endpoint_override=127.0.0.1:9000&scheme=http", cache="/c")
+    assert m.local.name == "exp1"
+
+
+def test_a_cluster_of_several_nodes_needs_a_working_copy_every_node_mounts(tmp_path, monkeypatch):
+    import ray
+
+    m = RunMirror(f"file://{tmp_path}/bucket/runs/x", cache=tmp_path / "node-a")
+    monkeypatch.delenv("RESTEM_RUN_CACHE", raising=False)
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": False}])
+    m.check_cluster()  # one live node: its local disk is everyone's
+    monkeypatch.setattr(ray, "nodes", lambda: [{"Alive": True}, {"Alive": True}])
+    with pytest.raises(UserError, match=r"the cluster has 2 nodes, .* set RESTEM_RUN_CACHE to a folder every node"):
+        m.check_cluster()
+    monkeypatch.setenv("RESTEM_RUN_CACHE", str(tmp_path / "shared"))
+    m.check_cluster()

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from restem_ray.builtin import TinyModelSpec, build_model, build_tokenizer
-from restem_ray.sampling import Sampler, SampleSpec
+from restem_ray.sampling import Sampler, SampleSpec, with_draw
 
 PROMPTS = [{"id": f"p{i}", "prompt": f"Q: Ann has {i}7 coins, finds 2{i}. How many coins now?\nA:"} for i in range(4)]
 
@@ -21,9 +21,14 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sampler(tiny):
+    # a Sampler sets vLLM's variables in its process (a replica's actor process); here that is pytest's, whose
+    # environment later Ray clusters of the session would inherit: restore it afterwards
+    saved = dict(os.environ)
     s = Sampler(str(tiny[0]), {"dtype": "float32", "max_model_len": 256}, seed=0)
     yield s
     s.close()
+    os.environ.clear()
+    os.environ.update(saved)
 
 
 def test_greedy_matches_transformers(tiny, sampler):
@@ -50,13 +55,13 @@ def test_seeded_samples_do_not_depend_on_batching(sampler):
 
 
 def test_samples_split_over_calls_are_the_samples_of_one_call(sampler):
-    """Adaptive rounds draw a problem's samples k.. in later calls (sample_offset, n): sample i is the same
-    sample whether it came in one call of 8 or in calls of 3 and 5, and a round's rows carry their indices."""
+    """Adaptive rounds draw a problem's samples k.. in later calls (`with_draw`): sample i is the same sample
+    whether it came in one call of 8 or in calls of 3 and 5, and a round's rows carry their indices. A
+    dataset column named `n` does not change a draw."""
     spec = SampleSpec(n=8, temperature=1.0, max_tokens=12, seed=5)
-    whole = sampler.generate(PROMPTS[:2], spec)
-    first = sampler.generate([{**p, "sample_offset": 0, "n": 3} for p in PROMPTS[:2]], spec)
-    rest = sampler.generate([{**PROMPTS[1], "sample_offset": 3, "n": 5}, {**PROMPTS[0], "sample_offset": 3, "n": 5}],
-                            spec)
+    whole = sampler.generate([{**p, "n": 2, "sample_offset": 1} for p in PROMPTS[:2]], spec)
+    first = sampler.generate([with_draw(p, 0, 3) for p in PROMPTS[:2]], spec)
+    rest = sampler.generate([with_draw(PROMPTS[1], 3, 5), with_draw(PROMPTS[0], 3, 5)], spec)
     key = lambda r: (r["id"], r["sample_index"])  # noqa: E731
     assert sorted(r["sample_index"] for r in rest) == [3, 3, 4, 4, 5, 5, 6, 6, 7, 7]
     assert sorted(first + rest, key=key) == sorted(whole, key=key)
