@@ -76,6 +76,30 @@ def simulate_settings(fixed_rows: dict, cfg, k: int) -> list[dict]:
     return out
 
 
+def foresight(fixed_rows: dict, k: int, cap: int, total_tokens: int) -> dict:
+    """What a rule that knew the future would draw: each solved problem up to its last sample that selection
+    keeps (a new distinct correct one, up to the cap), each unsolved one all K (no rule can tell unsolvable
+    from hard). Token shares of fixed-K's; the gap to the online rules is the cost of not knowing."""
+    by: dict = {}
+    for (pid, i), r in fixed_rows.items():
+        by.setdefault(pid, {})[i] = r
+    unsolved = needed = 0
+    for s in by.values():
+        seen, spent, last = set(), 0, None
+        for i in range(k):
+            r = s[i]
+            spent += r["completion_tokens"]
+            if r["reward"] >= 1.0 and r["finish_reason"] != "length" and r["completion"] not in seen and len(seen) < cap:
+                seen.add(r["completion"])
+                last = spent
+        if last is None:
+            unsolved += spent
+        else:
+            needed += last
+    return {"unsolved_token_share": round(unsolved / total_tokens, 3),
+            "tokens_to_keep_every_row": round((unsolved + needed) / total_tokens, 3)}
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--problems", type=int, default=500)
@@ -133,6 +157,7 @@ def main():
                                  "problems_covered": b["problems_covered"] - fixed["problems_covered"]},
     }
     out["sweep"] = sweep
+    out["foresight"] = foresight(rows["fixed_k"], args.k, args.cap, fixed["completion_tokens"])
     Path(args.out).write_text(json.dumps(out, indent=1) + "\n")
     print(f"{'arm':<22}{'samples':>9}{'tokens':>10}{'kept':>7}{'covered':>9}{'seconds':>9}")
     for name, r in res.items():

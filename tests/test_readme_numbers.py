@@ -52,6 +52,8 @@ def quoted():
         f"it kept {ad['adaptive_vs_fixed']['kept']}x the rows, but {ad['adaptive_vs_fixed']['kept_steps_right']}x",
         f"covered {ad['same_budget_vs_fixed']['problems_covered']} more problems "
         f"({ad['arms']['adaptive_same_budget']['problems_covered']} of {ad['problems']})",
+        f"each unsolved one all K, {ad['foresight']['unsolved_token_share']} of the tokens), would keep every row "
+        f"with {ad['foresight']['tokens_to_keep_every_row']}x the tokens",
         f"round size 8, close after 2: {sw['completion_tokens'] / ad['arms']['fixed_k']['completion_tokens']:.2f}x the "
         f"tokens, {sw['kept'] / ad['arms']['fixed_k']['kept']:.2f}x the rows",
     ]
