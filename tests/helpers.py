@@ -29,3 +29,24 @@ def demo(out, *extra, crash_at=None, timeout=900):
         except ProcessLookupError:
             pass
     return p.returncode, log
+
+
+def rows(path):
+    """A Parquet file's (or folder's) rows, in (id, sample_index) order."""
+    import pyarrow.parquet as pq
+
+    return sorted(pq.read_table(path).to_pylist(), key=lambda r: (r["id"], r["sample_index"]))
+
+
+def assert_same_run(out, reference):
+    """The run in `out` ended with the reference run's samples, training rows, scores and weights, exactly."""
+    import json
+
+    from safetensors.torch import load_file
+
+    assert rows(out / "iter_001" / "samples") == rows(reference / "iter_001" / "samples")
+    assert rows(out / "iter_001" / "train.parquet") == rows(reference / "iter_001" / "train.parquet")
+    for t in ("iter_000", "iter_001"):
+        assert json.loads((out / t / "eval.json").read_text()) == json.loads((reference / t / "eval.json").read_text())
+    ours, theirs = (load_file(r / "iter_001" / "checkpoint" / "model.safetensors") for r in (out, reference))
+    assert all((ours[k] == theirs[k]).all() for k in theirs)

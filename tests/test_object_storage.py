@@ -9,10 +9,8 @@ import sys
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import pytest
-from safetensors.torch import load_file
-from helpers import demo
+from helpers import assert_same_run, demo
 
 from restem_ray.builtin import arithmetic_builtin, ensure_builtin
 from restem_ray.errors import UserError
@@ -61,10 +59,6 @@ def upload(local: Path, uri: str) -> None:
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def rows(path):
-    return sorted(pq.read_table(path).to_pylist(), key=lambda r: (r["id"], r["sample_index"]))
-
-
 def test_model_data_and_checkpoints_on_s3_complete_and_resume_as_the_local_run(tmp_path, s3, small_reference_run):
     root = ensure_builtin(arithmetic_builtin(0))
     upload(root / "model", f"{s3}/models/tiny")
@@ -81,13 +75,7 @@ def test_model_data_and_checkpoints_on_s3_complete_and_resume_as_the_local_run(t
     rc, log = demo(out, *args, "--resume")
     assert rc == 0, log[-4000:]
     assert "Traceback" not in log
-    assert rows(out / "iter_001" / "samples") == rows(small_reference_run / "iter_001" / "samples")
-    assert rows(out / "iter_001" / "train.parquet") == rows(small_reference_run / "iter_001" / "train.parquet")
-    for t in ("iter_000", "iter_001"):
-        assert json.loads((out / t / "eval.json").read_text()) == \
-            json.loads((small_reference_run / t / "eval.json").read_text())
-    ours, theirs = (load_file(r / "iter_001" / "checkpoint" / "model.safetensors") for r in (out, small_reference_run))
-    assert all((ours[k] == theirs[k]).all() for k in theirs)
+    assert_same_run(out, small_reference_run)
     # the M-step's Ray Train checkpoints (DeepSpeed state + HF weights per step) went to the bucket
     import pyarrow.fs as pafs
 
@@ -148,13 +136,7 @@ def test_run_directory_on_s3_resumes_on_a_new_machine_as_the_local_run(tmp_path,
         "0/eval", "1/generate", "1/select", "1/improve", "1/eval"}
     assert (run / "config.yaml").is_file() and (run / "report.png").is_file()
     assert not list(run.rglob(".driver.lock")) and not list(run.rglob(".mirror-state.json"))
-    assert rows(run / "iter_001" / "samples") == rows(small_reference_run / "iter_001" / "samples")
-    assert rows(run / "iter_001" / "train.parquet") == rows(small_reference_run / "iter_001" / "train.parquet")
-    for t in ("iter_000", "iter_001"):
-        assert json.loads((run / t / "eval.json").read_text()) == \
-            json.loads((small_reference_run / t / "eval.json").read_text())
-    ours, theirs = (load_file(r / "iter_001" / "checkpoint" / "model.safetensors") for r in (run, small_reference_run))
-    assert all((ours[k] == theirs[k]).all() for k in theirs)
+    assert_same_run(run, small_reference_run)
     phases = lambda r: sorted((m["iteration"], m["phase"], m.get("split", ""))  # noqa: E731
                               for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines()))
     assert phases(run) == phases(small_reference_run)

@@ -9,14 +9,9 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from safetensors.torch import load_file
-from helpers import SMALL, demo
+from helpers import SMALL, assert_same_run, demo, rows
 
 pytestmark = pytest.mark.slow
-
-
-def rows(path):
-    return sorted(pq.read_table(path).to_pylist(), key=lambda r: (r["id"], r["sample_index"]))
 
 
 @pytest.fixture
@@ -30,16 +25,6 @@ def reference(small_reference_run):
 CRASH_POINTS = ["1/generate/shard", "1/select", "1/improve", "manifest:1/improve", "mstep-run-iter_001/checkpoint",
                 "1/eval"]
 EVERY_STEP = ["--set", "training.checkpoint_every_steps=2"]  # checkpoints only: the weights do not depend on it
-
-
-def assert_same_run(out, reference):
-    """The run in `out` ended with the reference run's samples, training rows, scores and weights, exactly."""
-    assert rows(out / "iter_001" / "samples") == rows(reference / "iter_001" / "samples")
-    assert rows(out / "iter_001" / "train.parquet") == rows(reference / "iter_001" / "train.parquet")
-    for t in ("iter_000", "iter_001"):
-        assert json.loads((out / t / "eval.json").read_text()) == json.loads((reference / t / "eval.json").read_text())
-    ours, theirs = (load_file(r / "iter_001" / "checkpoint" / "model.safetensors") for r in (out, reference))
-    assert all((ours[k] == theirs[k]).all() for k in theirs)
 
 
 def engine_calls(trace):
