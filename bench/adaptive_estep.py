@@ -76,28 +76,50 @@ def simulate_settings(fixed_rows: dict, cfg, k: int) -> list[dict]:
     return out
 
 
-def foresight(fixed_rows: dict, k: int, cap: int, total_tokens: int) -> dict:
+def foresight(fixed_rows: dict, k: int, cap: int, total_tokens: int, keep_pct: int = 95) -> dict:
     """What a rule that knew the future would draw: each solved problem up to its last sample that selection
     keeps (a new distinct correct one, up to the cap), each unsolved one all K (no rule can tell unsolvable
-    from hard). Token shares of fixed-K's; the gap to the online rules is the cost of not knowing."""
+    from hard). Token shares of fixed-K's; the gap to the online rules is the cost of not knowing.
+
+    Also the cheapest foresight plan that keeps 95% of those rows and every solved problem (exact: a knapsack
+    over how many tail rows each problem gives up), and why online rules fall short of it: the share of kept
+    rows whose text turns up once in a problem's K samples (its position is uniform over the K draws: no
+    earlier sample hints at it) and the share first drawn in the second half of the K."""
     by: dict = {}
     for (pid, i), r in fixed_rows.items():
         by.setdefault(pid, {})[i] = r
-    unsolved = needed = 0
+    unsolved = needed = late = once = 0
+    costs = []  # per solved problem: tokens spent by the time of its 1st, 2nd, ... kept row
     for s in by.values():
-        seen, spent, last = set(), 0, None
+        seen, spent, at = set(), 0, []
+        counts: dict = {}
+        for i in range(k):
+            counts[s[i]["completion"]] = counts.get(s[i]["completion"], 0) + 1
         for i in range(k):
             r = s[i]
             spent += r["completion_tokens"]
             if r["reward"] >= 1.0 and r["finish_reason"] != "length" and r["completion"] not in seen and len(seen) < cap:
                 seen.add(r["completion"])
-                last = spent
-        if last is None:
-            unsolved += spent
+                at.append(spent)
+                late += i >= k // 2
+                once += counts[r["completion"]] == 1
+        if at:
+            needed += at[-1]
+            costs.append(at)
         else:
-            needed += last
+            unsolved += spent
+    rows = sum(map(len, costs))
+    give_up = rows - -(-keep_pct * rows // 100)  # rows that may go: keep at least keep_pct%, rounded up
+    saved = [0] + [-1] * give_up  # saved[g]: most tokens saved by dropping g tail rows in all
+    for at in costs:
+        # a problem gives up its last t rows (keeping its first): it then stops at its (n - t)-th kept row
+        options = [(t, at[-1] - at[-1 - t]) for t in range(len(at))]
+        saved = [max((saved[g - t] + gain for t, gain in options if t <= g and saved[g - t] >= 0), default=-1)
+                 for g in range(give_up + 1)]
     return {"unsolved_token_share": round(unsolved / total_tokens, 3),
-            "tokens_to_keep_every_row": round((unsolved + needed) / total_tokens, 3)}
+            "tokens_to_keep_every_row": round((unsolved + needed) / total_tokens, 3),
+            f"tokens_to_keep_{keep_pct}pct_of_rows": round((unsolved + needed - max(saved)) / total_tokens, 3),
+            "rows": rows, "rows_seen_once": round(once / rows, 3), "rows_first_drawn_in_second_half": round(late / rows, 3)}
 
 
 def main():

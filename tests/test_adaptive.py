@@ -191,3 +191,50 @@ def test_a_resumed_e_step_replays_its_rounds_and_refuses_shards_of_other_setting
         adaptive_driver(other, TablePool(TABLE), round_size=3).generate(1, "m")  # as after a --force resume
     with pytest.raises(RunError, match="holds adaptive E-step shards but sampling.adaptive is False"):
         adaptive_driver(other, TablePool(TABLE), adaptive=False).generate(1, "m")
+
+
+def test_the_benchs_foresight_plan_is_the_cheapest_that_keeps_a_share_of_the_rows():
+    """bench/adaptive_estep.py's "tokens to keep 95% of rows" (a knapsack over tail rows) equals brute force over
+    every choice of where each solved problem stops, on small random tables (keeping 70%, so that several rows
+    may go)."""
+    import importlib.util
+    import itertools
+    import random
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parent.parent / "bench" / "adaptive_estep.py"
+    spec = importlib.util.spec_from_file_location("adaptive_estep_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    rng, dropped = random.Random(0), 0
+    for _ in range(30):
+        k, cap, rows = 6, 3, {}
+        for pid in range(4):
+            for i in range(k):
+                rows[(pid, i)] = {"completion": rng.choice(["a", "b", f"u{pid}{i}"]), "finish_reason": "stop",
+                                  "reward": float(pid != 0 and rng.random() < 0.7),
+                                  "completion_tokens": rng.randint(1, 9)}
+        total = sum(r["completion_tokens"] for r in rows.values())
+        got = bench.foresight(rows, k, cap, total, keep_pct=70)
+        # brute force: each solved problem stops at one of its kept rows (its first at least)
+        plans, unsolved = [], 0
+        for pid in range(4):
+            seen, spent, at = set(), 0, []
+            for i in range(k):
+                r = rows[(pid, i)]
+                spent += r["completion_tokens"]
+                if r["reward"] >= 1 and r["completion"] not in seen and len(seen) < cap:
+                    seen.add(r["completion"])
+                    at.append(spent)
+            if at:
+                plans.append([(j + 1, at[j]) for j in range(len(at))])
+            else:
+                unsolved += spent
+        n = sum(len(p) for p in plans)
+        best = min(sum(c for _, c in choice) for choice in itertools.product(*plans)
+                   if sum(j for j, _ in choice) * 100 >= 70 * n)
+        assert got["rows"] == n
+        assert got["tokens_to_keep_70pct_of_rows"] == round((unsolved + best) / total, 3)
+        dropped += got["tokens_to_keep_70pct_of_rows"] < got["tokens_to_keep_every_row"]
+        assert got["tokens_to_keep_every_row"] == round((unsolved + sum(p[-1][1] for p in plans)) / total, 3)
+    assert dropped >= 20  # most tables had rows worth dropping: the knapsack was exercised

@@ -54,6 +54,10 @@ def quoted():
         f"({ad['arms']['adaptive_same_budget']['problems_covered']} of {ad['problems']})",
         f"each unsolved one all K, {ad['foresight']['unsolved_token_share']} of the tokens), would keep every row "
         f"with {ad['foresight']['tokens_to_keep_every_row']}x the tokens",
+        f"keeps 95% of the rows (and every solved problem) needs {ad['foresight']['tokens_to_keep_95pct_of_rows']}x",
+        f"{ad['foresight']['rows_seen_once']:.0%} of the kept rows are texts that turn up once in their problem's "
+        f"{ad['k']} samples",
+        f"and {ad['foresight']['rows_first_drawn_in_second_half']:.0%} are first drawn in the second half",
         f"round size 8, close after 2: {sw['completion_tokens'] / ad['arms']['fixed_k']['completion_tokens']:.2f}x the "
         f"tokens, {sw['kept'] / ad['arms']['fixed_k']['kept']:.2f}x the rows",
     ]
