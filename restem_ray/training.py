@@ -21,6 +21,7 @@ import shutil
 import tempfile
 import threading
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, ContextManager, Protocol
@@ -535,6 +536,10 @@ def _read_rows(path: str) -> list[dict]:
 def train_loop(job: dict) -> None:
     """Per-worker M-step (Ray Train calls it on every rank)."""
     os.environ.setdefault("DS_ACCELERATOR", "cuda" if job["cfg"]["use_gpu"] else "cpu")
+    # DeepSpeed's ZeRO gathers call a deprecated torch alias: one FutureWarning per rank per M-step, for users
+    # of DeepSpeed to act on, not of restem-ray
+    warnings.filterwarnings("ignore", message=r"`torch\.distributed\.all_gather_into_tensor` is deprecated",
+                            category=FutureWarning)
     import ray.train
 
     ctx = ray.train.get_context()

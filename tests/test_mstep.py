@@ -375,13 +375,14 @@ def test_zero3_loads_sharded_and_saves_exactly_the_trained_weights(tmp_path, sin
     saved = load_file(tmp_path / "ckpts" / f"step_{m['steps']:07d}" / "hf" / "model.safetensors")
     params = dict(step.engine.module.named_parameters())
     with deepspeed.zero.GatheredParameters(list(params.values())):
-        live = {n: p.detach().clone() for n, p in params.items()}
+        # the state dict, not only the parameters: it also names tied weights (lm_head = embed_tokens)
+        live = {n: t.detach().clone() for n, t in step.engine.module.state_dict().items()}
     base = load_file(tmp_path / "base" / "model.safetensors")
-    assert set(live) <= set(saved)
-    for n, t in live.items():
-        assert t.dtype == saved[n].dtype == torch.bfloat16
-        assert torch.equal(saved[n], t), n
-    assert any(not torch.equal(saved[n].float(), base[n].to(torch.bfloat16).float()) for n in live)  # it trained
+    assert set(params) <= set(saved) <= set(live)
+    for n, t in saved.items():  # every saved tensor, tied ones included
+        assert t.dtype == live[n].dtype == torch.bfloat16
+        assert torch.equal(t, live[n]), n
+    assert any(not torch.equal(saved[n].float(), base[n].to(torch.bfloat16).float()) for n in params)  # it trained
 
 
 def test_a_restarted_m_step_sends_the_step_lines_its_checkpoint_holds(tmp_path, single_process_group):
