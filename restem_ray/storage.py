@@ -43,7 +43,7 @@ RESUME_SAFE_KEYS = {
     "ray.address", "ray.num_cpus", "ray.check_resources",
     "sampling.num_replicas", "sampling.max_replicas", "sampling.cpus_per_replica", "sampling.placement_strategy",
     "sampling.placement_timeout_s", "sampling.max_restarts",
-    "verification.num_workers", "verification.max_workers", "verification.cpus_per_worker",
+    "verification.num_workers", "verification.max_workers", "verification.cpus_per_worker", "verification.resources",
     "training.cpus_per_worker", "training.gpus_per_worker", "training.resources_per_worker",
     "training.placement_strategy", "training.max_failures",
 }
@@ -57,7 +57,9 @@ def _flatten(tree, prefix: str = "") -> dict:
     out = {}
     for k, v in (tree or {}).items():
         key = f"{prefix}{k}"
-        if isinstance(v, dict) and v and k not in ("engine_kwargs", "deepspeed", "extra_eval_files"):
+        # a resume-safe mapping (custom resources) stays one key, so changing an entry of it stays safe
+        if isinstance(v, dict) and v and k not in ("engine_kwargs", "deepspeed", "extra_eval_files") \
+                and key not in RESUME_SAFE_KEYS:
             out.update(_flatten(v, key + "."))
         else:
             out[key] = v

@@ -84,8 +84,8 @@ def test_resume_accepts_a_resized_cluster_without_force(tmp_path):
            "training": {"num_workers": 2, "cpus_per_worker": 1.0}, "observability": {"tensorboard": True}}
     RunDir(tmp_path / "run").create(yaml.safe_dump(old), resume=False)
     bigger = {"sampling": {"num_replicas": 8, "max_replicas": 16, "samples_per_problem": 8},
-              "verification": {"num_workers": 32, "max_workers": 64},
-              "training": {"num_workers": 2, "cpus_per_worker": 4.0},
+              "verification": {"num_workers": 32, "max_workers": 64, "resources": {"sandbox": 1}},
+              "training": {"num_workers": 2, "cpus_per_worker": 4.0, "resources_per_worker": {"sandbox": 1}},
               "observability": {"tensorboard": False, "mlflow_tracking_uri": "http://mlflow:5000"}}
     RunDir(tmp_path / "run").create(yaml.safe_dump(bigger), resume=True)
     for key, value in (("training", {"num_workers": 4, "cpus_per_worker": 4.0}),
