@@ -21,7 +21,9 @@ def test_gpu_bench_compares_mstep_with_plain_deepspeed_on_the_same_batches(tmp_p
     # the same batches: the same tokens, and from the same initial weights the same training, step for step
     assert plain["steps"] == padded["steps"] == zero3["steps"] == 4
     assert plain["real_tokens"] == padded["real_tokens"] == zero3["real_tokens"]
-    assert abs(plain["loss"] - padded["loss"]) < 1e-4 and abs(plain["loss"] - zero3["loss"]) < 1e-2
+    # on CPU the reference drops the mask as the M-step does, so the same batches give the same loss exactly
+    # (ZeRO-3 partitions its reductions differently: close, not equal)
+    assert plain["loss"] == padded["loss"] and abs(plain["loss"] - zero3["loss"]) < 1e-2
     assert padded["checkpoint_dtype"] == zero3["checkpoint_dtype"] == "bfloat16"
     assert r["padded_ratio"] == padded["ratio_to_plain"] > 0
     table = [line for line in p.stdout.splitlines() if line.startswith("| restem-ray ZeRO-2, padded")]
