@@ -17,13 +17,18 @@ and data file:
   zero3       MStep, ZeRO-3, padded
   unbucketed  MStep, ZeRO-2, padded to the exact longest row (pad_to_multiple_of 1): what bucketing buys
 Throughput counts real (non-padding) tokens over the training steps, first step included, on both sides.
-MFU = real tokens/s x (6 x params + 6 x layers x hidden x mean sample length) / peak bf16 FLOP/s (989
-TFLOP/s: H100/H200 SXM dense). Writes OUT/gpu_mstep.json (OUT: $OUT or bench/results) and prints a table.
+MFU = real tokens/s x (6 x params + 6 x layers x hidden x s) / peak bf16 FLOP/s (989 TFLOP/s: H100/H200 SXM
+dense), s the token-weighted mean sample length (sum of squares over sum: a sample's attention work per token
+grows with its length). The whole run keeps to --deadline-s (each variant's process gets what is left, and
+the JSON is rewritten after every variant, so an overrun keeps what finished). Each variant's checkpoint
+(DeepSpeed state and HF weights, ~8 GB at this shape) is deleted once read. Writes OUT/gpu_mstep.json (OUT:
+$OUT or bench/results) and prints a table.
 """
 import argparse
 import json
 import os
 import random
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -76,7 +81,7 @@ def prepare(work: Path, args) -> dict:
     model.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
     rng = random.Random(0)
-    lengths = []
+    lengths = []  # in tokens, BOS and EOS included
     with open(work / "train.jsonl", "w") as f:
         for _ in range(args.steps * args.micro):
             n = rng.randint(args.min_len, args.max_len)
@@ -84,7 +89,8 @@ def prepare(work: Path, args) -> dict:
             words = [f"t{rng.randrange(3, s['vocab'])}" for _ in range(n)]
             f.write(json.dumps({"prompt": " ".join(words[:32]), "completion": " ".join(words[32:])}) + "\n")
     return {"params": params, "layers": s["layers"], "hidden": s["hidden"],
-            "mean_sample_tokens": sum(lengths) / len(lengths)}
+            "mean_sample_tokens": sum(lengths) / len(lengths),
+            "attention_mean_tokens": sum(n * n for n in lengths) / sum(lengths)}
 
 
 def training_config(args, variant: str):
@@ -93,11 +99,10 @@ def training_config(args, variant: str):
     gpu = not args.cpu_smoke
     over = dict(VARIANTS[variant])
     if over.get("packing") and gpu:
-        try:
-            import flash_attn  # noqa: F401  (the variable-length kernel packing is for)
+        from transformers.utils import is_flash_attn_2_available
+
+        if is_flash_attn_2_available():  # the variable-length kernel packing is for (a bare import is not enough)
             over["attn_implementation"] = "flash_attention_2"
-        except ImportError:
-            pass
     return TrainingConfig(**{"num_workers": 1, "use_gpu": gpu, "dtype": "bf16", "micro_batch_size": args.micro,
                              "max_steps": args.steps, "lr": 1e-4, "max_seq_len": 4096, "warmup_ratio": 0.0,
                              "lr_schedule": "constant", "attn_implementation": "sdpa" if gpu else None,
@@ -128,9 +133,10 @@ def run_variant(work: Path, args, variant: str) -> dict:
            "loss": round(m["loss"], 5), "attn": cfg.attn_implementation or "default",
            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None}
     if variant != "plain":
-        hf = work / f"ckpt-{variant}"
-        hf = sorted(hf.glob("step_*"))[-1] / "hf"
+        ckpt = work / f"ckpt-{variant}"
+        hf = sorted(ckpt.glob("step_*"))[-1] / "hf"
         out["checkpoint_dtype"] = json.loads((hf / "config.json").read_text()).get("dtype")
+        shutil.rmtree(ckpt)  # ~8 GB each at the 0.5B shape: five variants would fill most of a 64 GiB disk
     return out
 
 
@@ -188,6 +194,23 @@ def plain_loop(work: Path, cfg) -> dict:
             "real_token_fraction": real / tokens, "loss": loss.item()}
 
 
+def summarize(results: dict, shape: dict, args) -> dict:
+    """MFU and the ratio to the plain loop for every finished variant, and the run's facts."""
+    flops_per_token = 6 * shape["params"] + 6 * shape["layers"] * shape["hidden"] * shape["attention_mean_tokens"]
+    plain = results.get("plain", {}).get("real_tokens_per_s")
+    for r in results.values():
+        if "real_tokens_per_s" in r:
+            r["mfu"] = round(r["real_tokens_per_s"] * flops_per_token / (args.peak_tflops * 1e12), 4)
+            r["ratio_to_plain"] = round(r["real_tokens_per_s"] / plain, 3) if plain else None
+    return {"device": device_name(not args.cpu_smoke), "date": time.strftime("%Y-%m-%d"),
+            "model_params": shape["params"], "steps": args.steps, "micro_batch": args.micro,
+            "sample_tokens": [args.min_len + 2, args.max_len + 2],
+            "mean_sample_tokens": round(shape["mean_sample_tokens"], 1),
+            "attention_mean_tokens": round(shape["attention_mean_tokens"], 1), "peak_tflops": args.peak_tflops,
+            "padded_ratio": results.get("padded", {}).get("ratio_to_plain"),
+            "padded_mfu": results.get("padded", {}).get("mfu"), "variants": results}
+
+
 def device_name(gpu: bool) -> str:
     if not gpu:
         return f"cpu smoke ({os.cpu_count()} cores)"
@@ -205,6 +228,8 @@ def main():
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the script, not speed")
+    ap.add_argument("--deadline-s", type=float, default=420.0,
+                    help="the whole run's time limit, start-up included (the device check's call allows 8 minutes)")
     ap.add_argument("--out", default=os.environ.get("OUT", str(ROOT / "bench" / "results")))
     ap.add_argument("--one", help=argparse.SUPPRESS)   # internal: run one variant in this process
     ap.add_argument("--work", help=argparse.SUPPRESS)
@@ -218,37 +243,36 @@ def main():
     unknown = set(variants) - set(VARIANTS)
     if unknown or "plain" not in variants or "padded" not in variants:
         sys.exit(f"--variants: need plain and padded, from {', '.join(VARIANTS)} (got {args.variants})")
+    deadline = time.monotonic() + args.deadline_s
     work = Path(tempfile.mkdtemp(prefix="gpu-mstep-"))
     shape = prepare(work, args)
+    out = Path(args.out) / "gpu_mstep.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
     results = {}
     for v in variants:
         cmd = [sys.executable, __file__, "--one", v, "--work", str(work), "--steps", str(args.steps),
                "--micro", str(args.micro), "--min-len", str(args.min_len), "--max-len", str(args.max_len)]
         cmd += ["--cpu-smoke"] if args.cpu_smoke else []
-        p = subprocess.run(cmd, capture_output=True, text=True)
-        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
-        if p.returncode or not line:
-            results[v] = {"variant": v, "error": (p.stderr or p.stdout).strip().splitlines()[-1][:300]
-                          if (p.stderr or p.stdout).strip() else f"exit {p.returncode}"}
-            print(f"[gpu_mstep] {v} failed:\n{p.stderr[-3000:]}", file=sys.stderr)
-            continue
-        results[v] = json.loads(line[0][len("RESULT "):])
-        print(f"[gpu_mstep] {v}: {results[v]['real_tokens_per_s']} real tokens/s", flush=True)
-    flops_per_token = 6 * shape["params"] + 6 * shape["layers"] * shape["hidden"] * shape["mean_sample_tokens"]
-    plain = results["plain"].get("real_tokens_per_s")
-    for r in results.values():
-        if "real_tokens_per_s" in r:
-            r["mfu"] = round(r["real_tokens_per_s"] * flops_per_token / (args.peak_tflops * 1e12), 4)
-            r["ratio_to_plain"] = round(r["real_tokens_per_s"] / plain, 3) if plain else None
-    summary = {"device": device_name(not args.cpu_smoke), "date": time.strftime("%Y-%m-%d"),
-               "model_params": shape["params"], "steps": args.steps, "micro_batch": args.micro,
-               "sample_tokens": [args.min_len + 2, args.max_len + 2],
-               "mean_sample_tokens": round(shape["mean_sample_tokens"], 1), "peak_tflops": args.peak_tflops,
-               "padded_ratio": results["padded"].get("ratio_to_plain"), "padded_mfu": results["padded"].get("mfu"),
-               "variants": results}
-    out = Path(args.out) / "gpu_mstep.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(summary, indent=1))
+        left = deadline - time.monotonic()
+        try:
+            if left < 10:
+                raise subprocess.TimeoutExpired(cmd, 0)
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+        except subprocess.TimeoutExpired:
+            results[v] = {"variant": v, "error": f"not finished within --deadline-s {args.deadline_s:.0f}"}
+            print(f"[gpu_mstep] {v}: {results[v]['error']}", file=sys.stderr, flush=True)
+        else:
+            line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+            if p.returncode or not line:
+                results[v] = {"variant": v, "error": (p.stderr or p.stdout).strip().splitlines()[-1][:300]
+                              if (p.stderr or p.stdout).strip() else f"exit {p.returncode}"}
+                print(f"[gpu_mstep] {v} failed:\n{p.stderr[-3000:]}", file=sys.stderr, flush=True)
+            else:
+                results[v] = json.loads(line[0][len("RESULT "):])
+                print(f"[gpu_mstep] {v}: {results[v]['real_tokens_per_s']} real tokens/s", flush=True)
+        summary = summarize(results, shape, args)
+        out.write_text(json.dumps(summary, indent=1))  # after every variant: an overrun keeps what finished
+    shutil.rmtree(work, ignore_errors=True)
     print(f"\n{summary['device']}: {shape['params'] / 1e6:.0f}M params, {args.steps} steps x {args.micro} samples "
           f"of {args.min_len + 2}-{args.max_len + 2} tokens, bf16")
     print(f"| variant | real tokens/s | ratio to plain | MFU | peak GPU memory | checkpoint dtype |")

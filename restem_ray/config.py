@@ -252,7 +252,9 @@ class TrainingConfig(_Section):
                                              "(position ids restart per sample, no attention across samples). Off: "
                                              "length-grouped padded batches (>= 98% real tokens on the demo data).")
     pack_length: int | None = Field(None, ge=8, description="Tokens per packed row (default: the whole micro-batch "
-                                                        "in one row; bounds attention cost without flash-attention).")
+                                                        "in one row; bounds attention cost without flash-attention; "
+                                                        "with a flash attn_implementation a micro-batch is always "
+                                                        "one row).")
     eval_every_steps: int | None = Field(None, ge=1, description="Paper's stopping rule: every this many steps, greedy "
                                                                  "validation reward on eval_problems task.valid_file "
                                                                  "problems; the best step's weights are kept.")

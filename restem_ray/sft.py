@@ -99,6 +99,15 @@ def pack(samples: list[tuple[list[int], list[int]]], pack_length: int) -> list[l
     return rows
 
 
+def packed_row_length(attn_implementation: str | None, pack_length: int | None) -> int | None:
+    """Tokens per packed row for this attention kernel. transformers' flash-attention path finds sample
+    boundaries from the position ids only in a one-row batch (`_is_packed_sequence`: batch size 1); given
+    several packed rows it runs causal attention over each whole row, so samples would attend to the ones before
+    them. With a flash kernel a micro-batch is therefore one row (its variable-length kernel costs the same);
+    other kernels (sdpa, eager) build a block-diagonal mask per row, whose size pack_length bounds."""
+    return None if attn_implementation and "flash" in attn_implementation else pack_length
+
+
 def collate_micro(samples: list[tuple[list[int], list[int]]], pad_id: int, packed: bool = False,
                   pack_length: int | None = None, multiple: int = 1) -> dict[str, torch.Tensor]:
     """A micro-batch as model inputs plus `real_tokens` (non-padding count).

@@ -79,6 +79,38 @@ def deepspeed_config(cfg: TrainingConfig, world_size: int) -> dict:
     return _merge(ds, cfg.deepspeed_overrides())
 
 
+def import_deepspeed():
+    """`import deepspeed` without mlflow. DeepSpeed's autotuner, which the M-step never runs, imports mlflow
+    whenever it is installed: 2-4 s of every training worker's start-up on a 2-core machine, each M-step.
+    Only that import is kept out: `import mlflow` afterwards works as usual."""
+    import sys
+
+    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
+        import deepspeed
+
+        return deepspeed
+    sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError, which DeepSpeed catches
+    try:
+        import deepspeed
+    finally:
+        if sys.modules.get("mlflow", 0) is None:
+            del sys.modules["mlflow"]
+    return deepspeed
+
+
+def host_state_dict(state: dict, dtype) -> dict:
+    """`state` on the host in `dtype`, for save_pretrained. Entries that share storage (tied input and output
+    embeddings) stay one tensor: copied off a GPU one by one they would be two, and save_pretrained, which finds
+    tied weights by storage, would write the embedding matrix twice (272 MB more per checkpoint for Qwen2-0.5B)."""
+    copies, out = {}, {}
+    for k, v in state.items():
+        at = (v.device, v.untyped_storage().data_ptr(), v.storage_offset(), tuple(v.shape), v.stride(), v.dtype)
+        if at not in copies:
+            copies[at] = v.to(dtype).cpu()
+        out[k] = copies[at]
+    return out
+
+
 def _merge(a: dict, b: dict) -> dict:
     out = dict(a)
     for k, v in b.items():
@@ -167,8 +199,12 @@ class LocalReporter:
 
     def report(self, metrics, checkpoint_dir, name):
         self.reports.append(metrics)
-        if checkpoint_dir:
-            shutil.copytree(checkpoint_dir, self.root / name, dirs_exist_ok=True)
+        if checkpoint_dir:  # file by file, moved: a 0.5B model's DeepSpeed checkpoint is ~8 GB; ranks sharing
+            for src in sorted(Path(checkpoint_dir).rglob("*")):  # a filesystem each add their own files
+                if src.is_file():
+                    dst = self.root / name / src.relative_to(checkpoint_dir)
+                    dst.parent.mkdir(parents=True, exist_ok=True)
+                    shutil.move(src, dst)
 
     def steps(self, lines, restart):
         self.step_lines = list(lines) if restart else self.step_lines + list(lines)
@@ -201,13 +237,13 @@ class MStep:
 
     # ---------------------------------------------------------------- set-up
     def _setup(self):
-        import deepspeed
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .sft import encode, plan_epoch, warmup_cosine
+        from .sft import encode, packed_row_length, plan_epoch, warmup_cosine
 
         cfg, job = self.cfg, self.job
+        deepspeed = import_deepspeed()
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()  # a "Writing model shards" bar per checkpoint drowns the M-step's own
@@ -257,6 +293,8 @@ class MStep:
         if not self.data:
             raise ValueError(f"all {len(data)} training rows are longer than training.max_seq_len "
                              f"({cfg.max_seq_len} tokens; the shortest has {min(len(x[0]) for x in data)})")
+        # flash-attention kernels see packed samples only in a one-row micro-batch (sft.packed_row_length)
+        self.pack_length = packed_row_length(cfg.attn_implementation if cfg.use_gpu else None, cfg.pack_length)
         lengths = [len(x[0]) for x in self.data]
         self.plan = lambda epoch: plan_epoch(lengths, cfg.micro_batch_size, self.world, cfg.grad_accum,
                                              seed=job["seed"] * 1000 + epoch)
@@ -338,7 +376,7 @@ class MStep:
                                        for i in part)
                 micro = plan[within * cfg.grad_accum + m][self.rank]
                 batch = collate_micro([self.data[i] for i in micro], self.tok.pad_token_id, packed=cfg.packing,
-                                      pack_length=cfg.pack_length, multiple=multiple)
+                                      pack_length=self.pack_length, multiple=multiple)
                 real += int(batch.pop("real_tokens"))  # counted on the host, before the copy: no device sync
                 # Right padding under causal attention: no real token can see a pad, so the mask changes no
                 # loss term (tests/test_mstep.py checks) but would build a 4D mask per step and keep SDPA off
@@ -434,7 +472,7 @@ class MStep:
                     # In the training dtype (bf16: half the bytes of fp32 to write and for every replica to
                     # read); save_pretrained writes the model's dtype into config.json, so vLLM's "auto"
                     # loads it as trained.
-                    state = {k: v.to(self.dtype).cpu() for k, v in state.items()}
+                    state = host_state_dict(state, self.dtype)
                     self.model.save_pretrained(hf, state_dict=state, safe_serialization=True)
                 self.tok.save_pretrained(hf)
                 Path(tmp, "state.json").write_text(json.dumps(asdict(st)))

@@ -1,6 +1,7 @@
 """bench/gpu_mstep.py, the GPU check, as a CPU smoke test: it must run end to end here so that the one GPU
 call a session gets is not spent on a broken script, and its reference must train on the same batches."""
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -12,10 +13,13 @@ ROOT = Path(__file__).resolve().parent.parent
 
 @pytest.mark.slow
 def test_gpu_bench_compares_mstep_with_plain_deepspeed_on_the_same_batches(tmp_path):
+    scratch = tmp_path / "scratch"
+    scratch.mkdir()
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_mstep.py"), "--cpu-smoke", "--steps", "4",
                         "--variants", "plain,padded,zero3", "--out", str(tmp_path)],
-                       capture_output=True, text=True, timeout=600)
+                       capture_output=True, text=True, timeout=600, env=dict(os.environ, TMPDIR=str(scratch)))
     assert p.returncode == 0, p.stderr[-3000:]
+    assert not list(scratch.iterdir())  # model, data and every variant's checkpoint deleted (GB each on a GPU)
     r = json.loads((tmp_path / "gpu_mstep.json").read_text())
     plain, padded, zero3 = (r["variants"][v] for v in ("plain", "padded", "zero3"))
     # the same batches: the same tokens, and from the same initial weights the same training, step for step
@@ -28,3 +32,16 @@ def test_gpu_bench_compares_mstep_with_plain_deepspeed_on_the_same_batches(tmp_p
     assert r["padded_ratio"] == padded["ratio_to_plain"] > 0
     table = [line for line in p.stdout.splitlines() if line.startswith("| restem-ray ZeRO-2, padded")]
     assert table and f"| {padded['ratio_to_plain']} |" in table[0]
+
+
+def test_gpu_bench_keeps_to_its_deadline_and_writes_what_it_has(tmp_path):
+    """The device call has a hard limit: past --deadline-s no variant starts, each is reported as not finished
+    in the JSON (written after every variant), and the exit code says the check is incomplete."""
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_mstep.py"), "--cpu-smoke", "--steps", "2",
+                        "--variants", "plain,padded", "--deadline-s", "0", "--out", str(tmp_path)],
+                       capture_output=True, text=True, timeout=300)
+    assert p.returncode == 1, p.stderr[-3000:]
+    r = json.loads((tmp_path / "gpu_mstep.json").read_text())
+    assert {v: x["error"] for v, x in r["variants"].items()} == {
+        "plain": "not finished within --deadline-s 0", "padded": "not finished within --deadline-s 0"}
+    assert r["padded_ratio"] is None

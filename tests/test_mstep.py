@@ -71,6 +71,58 @@ def test_packed_micro_batch_equals_padded_one():
     assert (packed["labels"] != IGNORE).sum() == (padded["labels"] != IGNORE).sum()
 
 
+def test_flash_attention_gets_each_packed_micro_batch_as_one_row():
+    """A GPU-only bug made visible here: transformers' flash-attention path reads sample boundaries from the
+    position ids only when the batch is one row (`_is_packed_sequence`); several packed rows would each get plain
+    causal attention, every sample attending to those before it. With a flash kernel the M-step packs each
+    micro-batch into one row (whatever pack_length says), which that check sees as packed and which trains
+    exactly as the rows do (same loss under sdpa's block-diagonal masks, which work for any number of rows)."""
+    from transformers.modeling_flash_attention_utils import _is_packed_sequence
+
+    from restem_ray.sft import packed_row_length
+
+    tok = build_tokenizer()
+    model = build_model(TinyModelSpec(seed=5), tok).eval()
+    texts = [("Q: 12 + 30\nA:", " 042 ; 24 + 03 = 27\n"), ("Q: 7 - 5\nA:", " 2"), ("Q: 100 + 230 - 5\nA:", " 325 x")]
+    samples = [encode(tok, p, c, 64) for p, c in texts]
+    width = max(len(x) for x, _ in samples)
+    assert packed_row_length("sdpa", width) == packed_row_length(None, width) == width
+    rows = collate_micro(samples, tok.pad_token_id, packed=True, pack_length=packed_row_length("sdpa", width))
+    flat = collate_micro(samples, tok.pad_token_id, packed=True,
+                         pack_length=packed_row_length("flash_attention_2", width))
+    assert rows["input_ids"].shape[0] > 1 and not _is_packed_sequence(rows["position_ids"], rows["input_ids"].shape[0])
+    assert flat["input_ids"].shape[0] == 1 and _is_packed_sequence(flat["position_ids"], 1)
+    assert packed_row_length("flash_attention_3", width) is None
+    rows.pop("real_tokens"), flat.pop("real_tokens")
+    with torch.no_grad():
+        torch.testing.assert_close(forward(model, flat).loss, forward(model, rows).loss, atol=1e-5, rtol=1e-5)
+
+
+def test_tied_embeddings_stay_one_tensor_on_the_way_to_the_host(tmp_path):
+    """Checkpoints copy the state dict to the host in the training dtype. Tensor by tensor, tied embeddings
+    would become two copies and save_pretrained (which finds ties by storage) would write both; the copy keeps
+    them one. On CPU a same-dtype copy is the tensor itself, so a dtype change stands in for the device move."""
+    from safetensors import safe_open
+    from transformers import AutoModelForCausalLM
+
+    from restem_ray.training import host_state_dict
+
+    tok = build_tokenizer()
+    model = build_model(TinyModelSpec(seed=5), tok)
+    state = model.state_dict()
+    assert state["lm_head.weight"].data_ptr() == state["model.embed_tokens.weight"].data_ptr()  # tied
+    host = host_state_dict(state, torch.bfloat16)
+    assert host["lm_head.weight"] is host["model.embed_tokens.weight"]
+    assert all(v.dtype == torch.bfloat16 and v.device.type == "cpu" for v in host.values())
+    assert len({id(v) for v in host.values()}) == len(host) - 1  # only the tie is shared
+    d, emb = tmp_path / "hf", host["model.embed_tokens.weight"]
+    model.save_pretrained(d, state_dict=host, safe_serialization=True)
+    with safe_open(str(d / "model.safetensors"), "pt") as f:
+        assert "lm_head.weight" not in f.keys() and "model.embed_tokens.weight" in f.keys()
+    back = AutoModelForCausalLM.from_pretrained(d, dtype=torch.bfloat16)
+    assert torch.equal(back.lm_head.weight, emb)
+
+
 def test_right_padded_batches_need_no_attention_mask():
     """The M-step drops the mask of right-padded batches (so SDPA can take its flash kernel on GPUs): with causal
     attention no real token sees a pad, so the loss and every real position's logits are unchanged. Rows are
@@ -127,6 +179,21 @@ def _vllm_matches_hf(model_dir: Path, prompts: list[str]) -> None:
                              eos_token_id=tok.eos_token_id)
         assert r["completion"] == tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
     assert any(r["completion"].strip() for r in rows)
+
+
+def test_training_workers_import_deepspeed_without_mlflow():
+    """mlflow (installed here, as on many ML platforms) is imported by DeepSpeed's unused autotuner: 2-4 s of every
+    training worker's start-up. The M-step's import leaves it out, the way a worker imports (transformers first),
+    and mlflow still imports afterwards."""
+    import subprocess
+    import sys
+
+    code = ("import sys\nfrom transformers import AutoModelForCausalLM\nfrom restem_ray.training import import_deepspeed\n"
+            "ds = import_deepspeed()\nprint(ds.__name__, 'mlflow' in sys.modules)\nimport mlflow\nprint(mlflow.__name__)")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
+                       env=dict(os.environ, DS_ACCELERATOR="cpu"))
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["deepspeed", "False", "mlflow"], r.stdout
 
 
 @slow
