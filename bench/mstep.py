@@ -1,7 +1,7 @@
 """M-step throughput: restem-ray's M-step (Ray Train, 2 DeepSpeed workers) against a plain single-process
 DeepSpeed loop on the same data, model and optimizer steps, in the same run.
 
-    .venv/bin/python bench/mstep.py [--rows 1024] [--micro 16] [--epochs 2] [--repeats 3]
+    .venv/bin/python bench/mstep.py [--rows 1024] [--micro 16] [--epochs 2] [--repeats 3] [--out FILE]
 
 Data: worked solutions of the built-in arithmetic task (the demo's M-step data has this form), with the
 built-in tiny model. Both sides use ZeRO-2, fp32, torch AdamW, global batch 2 x micro, length-grouped
@@ -11,7 +11,7 @@ steps only ("once workers are up"); Ray start, worker-group start and model load
 After one untimed round of each, the two sides alternate (which goes first alternates too) for `--repeats`
 rounds; the medians give the ratio and each round's ratio is reported, since these machines are noisy.
 Target: ratio >= 0.9. Also reports the real-token fraction of both batching modes on this data.
-Writes bench/results/mstep.json.
+Writes bench/results/mstep.json (or --out).
 """
 import argparse
 import json
@@ -127,6 +127,7 @@ def main():
     ap.add_argument("--micro", type=int, default=16)
     ap.add_argument("--epochs", type=int, default=2)
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "mstep.json")
     args = ap.parse_args()
 
     import ray
@@ -172,8 +173,8 @@ def main():
         "restem_ray_packed": packed[0],
         "all_runs": {"plain_deepspeed": plain, "restem_ray": ours},
     }
-    out = Path(__file__).parent / "results" / "mstep.json"
-    out.parent.mkdir(exist_ok=True)
+    out = args.out
+    out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1))
     print(f"{'side':<22}{'steps':>7}{'real tokens/s':>15}{'train s':>9}{'start-up s':>12}")
     print(f"{'plain DeepSpeed (1p)':<22}{best_plain['steps']:>7}{best_plain['tokens_per_s']:>15.0f}"

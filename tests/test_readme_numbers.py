@@ -16,7 +16,7 @@ def res(name):
 def quoted():
     m, e, c, v, ad = res("mstep"), res("estep"), res("verify_code"), res("verify_math"), res("adaptive_estep")
     (sw,) = [w for w in ad["sweep"] if (w["round_size"], w["close_after_rounds"]) == (8, 2)]
-    med = m["restem_ray"]
+    med, ms = m["restem_ray"], res("mstep-slower-machine")
     return [
         # bench/mstep.py
         f"ran at {med['tokens_per_s']:,.0f} real tokens/s against",
@@ -28,6 +28,11 @@ def quoted():
         f"{100 * m['real_token_fraction']['random_order_padded']:.1f}%)",
         f"{m['restem_ray_packed']['tokens_per_s']:,.0f} tokens/s "
         f"({m['restem_ray_packed']['tokens_per_s'] / med['tokens_per_s']:.2f}x)",
+        # bench/mstep.py --repeats 5 on a slower machine
+        f"{ms['restem_ray']['tokens_per_s']:,.0f} against {ms['plain_deepspeed']['tokens_per_s']:,.0f} real tokens/s",
+        f"ratio of medians {ms['ratio']}, per round " + ", ".join(str(r) for r in ms["pair_ratios"]) + ":",
+        f"spread by about {ms['ratio_max'] - ms['ratio_min']:.2f}; start-up and the final save took "
+        f"{ms['restem_ray']['startup_and_save_seconds']:.1f} s more",
         # bench/estep.py
         f"{e['estep_s']:.2f} s vs {e['direct_s']:.2f} s, ratio {e['ratio']:.3f}",
         f"one engine start per policy: {e['pool_start_s']:.1f} s",
