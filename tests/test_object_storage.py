@@ -59,31 +59,6 @@ def upload(local: Path, uri: str) -> None:
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def test_model_data_and_checkpoints_on_s3_complete_and_resume_as_the_local_run(tmp_path, s3, small_reference_run):
-    root = ensure_builtin(arithmetic_builtin(0))
-    upload(root / "model", f"{s3}/models/tiny")
-    for name in ("train", "valid", "test", "transfer", "seed"):
-        upload(root / "data" / f"{name}.jsonl", f"{s3}/data/{name}.jsonl")
-    sets = [f"model.base={s3}/models/tiny", f"task.train_file={s3}/data/train.jsonl",
-            f"task.valid_file={s3}/data/valid.jsonl", f"task.test_file={s3}/data/test.jsonl",
-            f"task.extra_eval_files.transfer={s3}/data/transfer.jsonl", f"task.seed_file={s3}/data/seed.jsonl",
-            f"training.storage_path={s3}/ray-train", "training.keep_checkpoints=true"]  # kept: to look at below
-    args = [a for s in sets for a in ("--set", s)]
-    out = tmp_path / "run"
-    rc, log = demo(out, *args, "--stop-after", "1/select")
-    assert rc == 0, log[-4000:]
-    rc, log = demo(out, *args, "--resume")
-    assert rc == 0, log[-4000:]
-    assert "Traceback" not in log
-    assert_same_run(out, small_reference_run)
-    # the M-step's Ray Train checkpoints (DeepSpeed state + HF weights per step) went to the bucket
-    import pyarrow.fs as pafs
-
-    fs, path = pafs.FileSystem.from_uri(f"{s3}/ray-train")
-    stored = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))]
-    assert any(p.endswith("model.safetensors") for p in stored), stored[:20]
-
-
 def test_bad_uris_are_one_line_errors(s3, tmp_path):
     from restem_ray.cli import check_model_dir
     from restem_ray.datasets import read_rows
@@ -108,25 +83,36 @@ def download(uri: str, local: Path) -> Path:
     return local
 
 
-def test_run_directory_on_s3_resumes_on_a_new_machine_as_the_local_run(tmp_path, s3, small_reference_run, monkeypatch):
-    """`--out s3://...`: the run works in a node-local copy mirrored to the bucket at every commit. Stopped after
+def test_a_run_all_on_s3_resumes_on_a_new_machine_as_the_local_run(tmp_path, s3, small_reference_run, monkeypatch):
+    """Base model, data files, Ray Train checkpoints and the run directory (`--out s3://...`) all in the bucket, as
+    on a cloud cluster. The run works in a node-local copy mirrored to the bucket at every commit. Stopped after
     the E-step's selection, its node-local copy wiped (a new machine), then resumed from the bucket alone: it
-    completes, and the bucket holds the run with exactly the local reference run's rows, scores and weights."""
-    import pyarrow.fs as pafs
-
-    uri, cache = f"{s3}/runs/q", tmp_path / "node-cache"
-    monkeypatch.setenv("RESTEM_RUN_CACHE", str(cache))
-    rc, log = demo(uri, "--stop-after", "1/select")
-    assert rc == 0, log[-4000:]
-    assert f"stopped after 1/select (--stop-after): {uri}" in log
-    fs, root = pafs.FileSystem.from_uri(uri)
-    with fs.open_input_stream(f"{root}/manifest.json") as f:
-        assert set(json.loads(f.read())["completed"]) == {"0/eval", "1/generate", "1/select"}
-
+    completes, and the bucket holds the run with exactly the local reference run's rows, scores and weights.
+    (One run for both: each part is read or written through its own path, and a run pays ~90 s here.)"""
     import shutil
 
+    import pyarrow.fs as pafs
+
+    root = ensure_builtin(arithmetic_builtin(0))
+    upload(root / "model", f"{s3}/models/tiny")
+    for name in ("train", "valid", "test", "transfer", "seed"):
+        upload(root / "data" / f"{name}.jsonl", f"{s3}/data/{name}.jsonl")
+    sets = [f"model.base={s3}/models/tiny", f"task.train_file={s3}/data/train.jsonl",
+            f"task.valid_file={s3}/data/valid.jsonl", f"task.test_file={s3}/data/test.jsonl",
+            f"task.extra_eval_files.transfer={s3}/data/transfer.jsonl", f"task.seed_file={s3}/data/seed.jsonl",
+            f"training.storage_path={s3}/ray-train", "training.keep_checkpoints=true"]  # kept: to look at below
+    args = [a for s in sets for a in ("--set", s)]
+    uri, cache = f"{s3}/runs/q", tmp_path / "node-cache"
+    monkeypatch.setenv("RESTEM_RUN_CACHE", str(cache))
+    rc, log = demo(uri, *args, "--stop-after", "1/select")
+    assert rc == 0, log[-4000:]
+    assert f"stopped after 1/select (--stop-after): {uri}" in log
+    fs, run_root = pafs.FileSystem.from_uri(uri)
+    with fs.open_input_stream(f"{run_root}/manifest.json") as f:
+        assert set(json.loads(f.read())["completed"]) == {"0/eval", "1/generate", "1/select"}
+
     shutil.rmtree(cache)  # a new machine: nothing but the bucket
-    rc, log = demo(uri, "--resume")
+    rc, log = demo(uri, *args, "--resume")
     assert rc == 0, log[-4000:]
     assert "Traceback" not in log and f"downloading the run directory {uri}" in log
     assert f"done: {uri}" in log
@@ -140,6 +126,10 @@ def test_run_directory_on_s3_resumes_on_a_new_machine_as_the_local_run(tmp_path,
     phases = lambda r: sorted((m["iteration"], m["phase"], m.get("split", ""))  # noqa: E731
                               for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines()))
     assert phases(run) == phases(small_reference_run)
+    # the M-step's Ray Train checkpoints (DeepSpeed state + HF weights per step) went to the bucket
+    fs, path = pafs.FileSystem.from_uri(f"{s3}/ray-train")
+    stored = [i.path for i in fs.get_file_info(pafs.FileSelector(path, recursive=True))]
+    assert any(p.endswith("model.safetensors") for p in stored), stored[:20]
 
 
 def test_a_run_directory_in_a_missing_bucket_or_unreachable_store_is_one_line(s3, tmp_path, capsys, monkeypatch):
