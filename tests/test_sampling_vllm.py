@@ -21,14 +21,11 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def sampler(tiny):
-    # a Sampler sets vLLM's variables in its process (a replica's actor process); here that is pytest's, whose
-    # environment later Ray clusters of the session would inherit: restore it afterwards
-    saved = dict(os.environ)
+    # a Sampler sets vLLM's variables in its process (a replica's actor process); here that is pytest's:
+    # conftest's _module_environment restores it after this module
     s = Sampler(str(tiny[0]), {"dtype": "float32", "max_model_len": 256}, seed=0)
     yield s
     s.close()
-    os.environ.clear()
-    os.environ.update(saved)
 
 
 def test_greedy_matches_transformers(tiny, sampler):
