@@ -17,7 +17,9 @@ def small_reference_run(tmp_path_factory):
     return out
 
 
-def _restore(saved: dict) -> None:
+def _kept_environment():
+    saved = dict(os.environ)
+    yield
     if dict(os.environ) != saved:
         os.environ.clear()
         os.environ.update(saved)
@@ -30,13 +32,9 @@ def _restore(saved: dict) -> None:
 # it found.
 @pytest.fixture(autouse=True, scope="module")
 def _module_environment():
-    saved = dict(os.environ)
-    yield
-    _restore(saved)
+    yield from _kept_environment()
 
 
 @pytest.fixture(autouse=True)
 def _test_environment():
-    saved = dict(os.environ)
-    yield
-    _restore(saved)
+    yield from _kept_environment()
