@@ -85,15 +85,13 @@ def import_deepspeed():
     Only that import is kept out: `import mlflow` afterwards works as usual."""
     import sys
 
-    if "deepspeed" in sys.modules or "mlflow" in sys.modules:
-        import deepspeed
-
-        return deepspeed
-    sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError, which DeepSpeed catches
+    hide = "deepspeed" not in sys.modules and "mlflow" not in sys.modules
+    if hide:
+        sys.modules["mlflow"] = None  # makes `import mlflow` raise ImportError, which DeepSpeed catches
     try:
         import deepspeed
     finally:
-        if sys.modules.get("mlflow", 0) is None:
+        if hide and sys.modules.get("mlflow", 0) is None:
             del sys.modules["mlflow"]
     return deepspeed
 
@@ -677,6 +675,11 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
     )
     if "://" not in storage_path:
         crash_after_checkpoint(f"{name}/checkpoint", os.path.join(storage_path, name))  # resume tests only
+    # Ray Train's controller sees that the workers have finished at its next health check (every 2 s by
+    # default, then up to 2 s more): measured 4.6 -> 1.8 s from the last step to fit() returning. A missed
+    # check costs nothing until RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min); Ray Train passes the
+    # variable on to its controller.
+    os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
     try:
         result = trainer.fit()
     except TrainingFailedError as e:  # one line naming the workers' error, not Ray's nested traceback
