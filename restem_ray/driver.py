@@ -351,31 +351,10 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address or os.environ.get("RAY_ADDRESS"):  # a Ray job's driver gets RAY_ADDRESS from the cluster
         ray.init(address=address)
-    else:
-        ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=False,
-                 runtime_env={"worker_process_setup_hook": "restem_ray.driver.quiet_local_workers"})
-
-
-def quiet_local_workers() -> None:
-    """Worker set-up on a local Ray, which runs without a dashboard: Ray Train's placement-group cleaner asks
-    the State API (served by the dashboard) every second whether the controller lives, and logs a warning
-    each time it cannot (587 of the 2,162 lines a demo printed). Nothing is lost: it would only remove a
-    dead controller's placement group, and a local Ray ends with the driver. It cost no measurable M-step
-    time here (bench/mstep.py ran with it polling)."""
-    import logging
-    import os.path
-
-    import ray
-
-    logging.getLogger("ray.train.v2._internal.execution.controller.placement_group_cleaner").setLevel(logging.ERROR)
-    # Two INFO lines per checkpoint per rank ("Checkpoint successfully created at ...", "Reporting training result
-    # ... metrics={...}"): 32 lines for an 8-epoch M-step on 2 ranks, saying what the M-step bar already shows.
-    # A filter, not a level: Ray Train's dictConfig resets the levels of ray.train's child loggers when a worker
-    # starts training. Ray names the second logger by its file's path, built here rather than imported.
-    for name in ("ray.train.v2._internal.execution.storage",
-                 os.path.join(os.path.dirname(ray.__file__), "train", "v2", "_internal", "execution", "context.py")):
-        logging.getLogger(name).addFilter(_warnings_only)
-
-
-def _warnings_only(record) -> bool:
-    return record.levelno >= 30  # logging.WARNING
+        return
+    # A local Ray keeps its dashboard (127.0.0.1:8265, or the next free port): Ray Train's placement-group
+    # cleaner asks its State API every second whether the controller lives, and warns at every miss without
+    # it. One machine is never preempted, so Ray Train's preemption watcher (an actor per M-step) is left
+    # out; the local raylet and so every worker inherit this process's environment.
+    os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1))
