@@ -168,18 +168,22 @@ def ensure_builtin(spec: Builtin = BUILTINS["arithmetic"], log=print) -> Path:
     t0 = time.time()
     tmp = root.with_name(root.name + f".tmp{os.getpid()}")
     shutil.rmtree(tmp, ignore_errors=True)
-    (tmp / "data").mkdir(parents=True)
-    splits = spec.task.splits()
-    for name, rows in splits.items():
-        write_jsonl(tmp / "data" / f"{name}.jsonl", rows)
-    log(f"[builtin] task written: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
-    tokenizer = build_tokenizer()
-    model, history = train_base(spec.model, tokenizer, splits["seed"], splits["valid"], spec.kind)
-    model.save_pretrained(tmp / "model", safe_serialization=True)
-    tokenizer.save_pretrained(tmp / "model")
-    info = {"history": history, "build_seconds": round(time.time() - t0, 1), "spec": asdict(spec)}
-    (tmp / "build.json").write_text(json.dumps(info, indent=1))
-    (tmp / "DONE").write_text("ok\n")
+    try:  # an interrupted or failed build leaves no half-built folder behind
+        (tmp / "data").mkdir(parents=True)
+        splits = spec.task.splits()
+        for name, rows in splits.items():
+            write_jsonl(tmp / "data" / f"{name}.jsonl", rows)
+        log(f"[builtin] task written: " + ", ".join(f"{k} {len(v)}" for k, v in splits.items()))
+        tokenizer = build_tokenizer()
+        model, history = train_base(spec.model, tokenizer, splits["seed"], splits["valid"], spec.kind)
+        model.save_pretrained(tmp / "model", safe_serialization=True)
+        tokenizer.save_pretrained(tmp / "model")
+        info = {"history": history, "build_seconds": round(time.time() - t0, 1), "spec": asdict(spec)}
+        (tmp / "build.json").write_text(json.dumps(info, indent=1))
+        (tmp / "DONE").write_text("ok\n")
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
     if root.exists():  # another process finished first: keep theirs
         shutil.rmtree(tmp, ignore_errors=True)
     else:

@@ -74,7 +74,8 @@ def cmd_demo(args) -> int:
     local, resume, mirror = _out_dir(out, args)  # a bad --out URI fails before the build
     root = ensure_builtin(arithmetic_builtin(args.seed) if args.task == "arithmetic" else BUILTINS[args.task])
     cfg = demo_config(root, args.quick, args.set, args.task, args.seed)
-    return _run(cfg, local, resume, args.force, args.stop_after, mirror=mirror)
+    task = check_inputs(cfg, local_sandbox=False)  # --set may point the demo at other files or lengths
+    return _run(cfg, local, resume, args.force, args.stop_after, task, mirror=mirror)
 
 
 def _out_dir(out: str, args):
@@ -148,7 +149,7 @@ def check_inputs(cfg, local_sandbox: bool = True):
     from .datasets import load_splits
     from .observability import check_sinks
     from .prompts import check_lengths, render_task, template_fields
-    from .verification import check_verifier
+    from .verification import check_verifier, load_plugin
 
     splits = load_splits(cfg.task, need=template_fields(cfg))
     for name, m in (("model.base", cfg.model.base), ("model.sampler", cfg.model.sampler)):
@@ -157,6 +158,8 @@ def check_inputs(cfg, local_sandbox: bool = True):
     task = render_task(cfg, splits)
     check_lengths(cfg, task)
     check_verifier(cfg, local_sandbox)
+    if cfg.task.step_checker:
+        load_plugin(cfg.task.step_checker, "task.step_checker")
     check_sinks(cfg.observability)
     return task
 
@@ -496,6 +499,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"restem-ray: run stopped: {e}", file=sys.stderr)
         return 1
+    except OSError as e:  # a path the checks let through: unreadable, a folder for a file, a read-only folder
+        if args.debug or not e.filename:
+            raise
+        print(f"restem-ray: error: {e.filename}: {e.strerror or type(e).__name__}", file=sys.stderr)
+        return 2
 
 
 if __name__ == "__main__":

@@ -123,6 +123,13 @@ class PromptConfig(_Section):
             bad = [n for n in names if not n.isidentifier()]
             if bad:
                 raise ValueError(f"prompt.{key}: {{{bad[0]}}} is not a field name (literal braces: {{{{ }}}})")
+            # fields are filled with text as written: a conversion (!r) or format spec (:d) is refused here,
+            # not by str.format at the first problem
+            spec = next((f"{{{f}{'!' + c if c else ''}{':' + s if s else ''}}}" for _, f, s, c in
+                         Formatter().parse(text or "") if f is not None and (s or c)), None)
+            if spec:
+                raise ValueError(f"prompt.{key}: {spec} has a conversion or format spec; fields take no "
+                                 f"'!' or ':' (literal braces: {{{{ }}}})")
             if key == "shot_format" and text is not None and (
                     names.count("question") != 1 or names.count("answer") != 1 or set(names) != {"question", "answer"}
                     or "{question}" not in text or "{answer}" not in text
@@ -357,7 +364,7 @@ class RayConfig(_Section):
 
 
 class RestemConfig(_Section):
-    seed: int = Field(0, description="Seed for sampling, selection and training.")
+    seed: int = Field(0, ge=0, lt=2**32, description="Seed for sampling, selection and training.")
     task: TaskConfig
     model: ModelConfig
     prompt: PromptConfig | None = Field(None, description="How problems become prompts; absent: each problem's prompt "
@@ -444,6 +451,10 @@ def read_yaml(path: str | Path) -> dict:
         tree = {}
     if not isinstance(tree, dict):
         raise UserError(f"{p}: top level must be a mapping of config sections")
+    try:  # an anchor used inside itself (`a: &x {b: *x}`) loads as a cycle that no config can be
+        json.dumps(tree, default=str)
+    except ValueError:
+        raise UserError(f"{p}: a YAML anchor refers to itself (a recursive structure)") from None
     return tree
 
 

@@ -88,6 +88,7 @@ class RunDir:
         if not os.access(parent, os.W_OK):
             raise UserError(f"{self.root}: run directory is not writable")
         if resume:
+            self.manifest()  # a damaged manifest fails here, before Ray starts
             self._check_resume_config(config_yaml, force)
 
     def create(self, config_yaml: str, resume: bool, force: bool = False) -> None:
@@ -104,7 +105,15 @@ class RunDir:
     def _check_resume_config(self, config_yaml: str, force: bool) -> None:
         """Refuse to resume with a changed config unless the change is safe or forced."""
         path = self.root / "config.yaml"
-        old = _flatten(yaml.safe_load(path.read_text())) if path.is_file() else {}
+        if not path.is_file():  # written before the manifest: a run with a manifest has one
+            raise UserError(f"{path}: missing (a damaged run directory)")
+        try:
+            old = yaml.safe_load(path.read_text())
+        except (yaml.YAMLError, UnicodeDecodeError):
+            raise UserError(f"{path}: not valid YAML (a damaged run directory)") from None
+        if not isinstance(old, dict):
+            raise UserError(f"{path}: not a restem-ray config (a damaged run directory)")
+        old = _flatten(old)
         new = _flatten(yaml.safe_load(config_yaml))
         changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS
                    and not k.startswith(RESUME_SAFE_SECTIONS)]
@@ -148,7 +157,13 @@ class RunDir:
             self.mirror.push()
 
     def manifest(self) -> dict:
-        return json.loads(self.manifest_path.read_text())
+        try:
+            m = json.loads(self.manifest_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError):
+            raise UserError(f"{self.manifest_path}: not valid JSON (a damaged run directory)") from None
+        if not isinstance(m, dict) or not isinstance(m.get("completed"), dict):
+            raise UserError(f"{self.manifest_path}: not a restem-ray manifest (no map of completed phases)")
+        return m
 
     # --- phases ------------------------------------------------------------------------------
     def done(self, iteration: int, phase: str) -> bool:
@@ -215,7 +230,21 @@ class RunDir:
     def metrics(self) -> list[dict]:
         if not self.metrics_path.exists():
             return []
-        return [json.loads(x) for x in self.metrics_path.read_text().splitlines() if x.strip()]
+        raws = self.metrics_path.read_text().splitlines()
+        lines = []
+        for i, raw in enumerate(raws, 1):
+            if not raw.strip():
+                continue
+            try:
+                line = json.loads(raw)
+            except json.JSONDecodeError:
+                if i == len(raws):
+                    continue  # a torn last line: the process was killed while appending it
+                raise UserError(f"{self.metrics_path}:{i}: not valid JSON") from None
+            if not isinstance(line, dict) or "iteration" not in line or "phase" not in line:
+                raise UserError(f"{self.metrics_path}:{i}: not a metrics line (needs 'iteration' and 'phase')")
+            lines.append(line)
+        return lines
 
     # --- paths -------------------------------------------------------------------------------
     def iter_dir(self, t: int) -> Path:

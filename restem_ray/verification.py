@@ -148,7 +148,7 @@ def load_plugin(spec: str, key: str = "verification.verifier") -> Callable[[dict
         raise UserError(f"{key}: {spec!r} is not {expected}")
     try:
         mod = importlib.import_module(mod_name)
-    except Exception as e:  # any import-time failure of user code is a user error
+    except (Exception, SystemExit) as e:  # any import-time failure of user code (sys.exit too) is a user error
         raise UserError(f"{key}: cannot import {mod_name!r} ({type(e).__name__}: {e})") from None
     fn = getattr(mod, fn_name, None)
     if not callable(fn):

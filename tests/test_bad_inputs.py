@@ -121,10 +121,30 @@ CASES = {
     "shot format without answer": (None, ["--set", "prompt.few_shot=standard", "--set", "prompt.shot_format='Q: {question}'"],
                                    "prompt.shot_format: needs {question} then {answer}"),
     "chat template required, none": (None, ["--set", "prompt.chat_template=true"], "has no chat template"),
+    "corrupt gzip data": (lambda w: (edit_config(w, lambda t: t["task"].update(train_file="t.jsonl.gz")),
+                                     (w / "t.jsonl.gz").write_bytes(corrupt_gzip())), [], "t.jsonl.gz: not a readable gzip file"),
+    "template format spec": (None, ["--set", "prompt.template='{prompt:d}'"],
+                             "prompt.template: {prompt:d} has a conversion or format spec"),
+    "template conversion": (None, ["--set", "prompt.template='{prompt!r}'"],
+                            "prompt.template: {prompt!r} has a conversion or format spec"),
+    "recursive yaml anchor": (lambda w: (w / "cfg.yaml").write_text((w / "cfg.yaml").read_text()
+                                                                    + "sampling: {engine_kwargs: &a {x: *a}}\n"),
+                              [], "cfg.yaml: a YAML anchor refers to itself"),
+    "seed out of range": (None, ["--set", "seed=4294967296"], "seed: Input should be less than 4294967296"),
     "max_seq_len below prompt + max_tokens": (None, ["--set", "training.max_seq_len=100"],
                                               "training.max_seq_len 100 is shorter than the longest train prompt (3 "
                                               "tokens, problem '0') + sampling.max_tokens 512 = 515"),
 }
+
+
+def corrupt_gzip() -> bytes:
+    """A gzip stream whose compressed bytes are damaged (zlib's error, not a truncated file's EOFError)."""
+    import gzip
+
+    data = bytearray(gzip.compress(b"".join(json.dumps(r).encode() + b"\n" for r in GOOD * 50)))
+    for i in range(20, 40):
+        data[i] ^= 0xFF
+    return bytes(data)
 
 
 def snapshot(root):
@@ -195,3 +215,62 @@ def test_run_dir_uri_that_cannot_hold_a_run(world, capsys, monkeypatch, out, nee
     assert err.startswith("restem-ray: error: ") and err.count("\n") == 1, err
     assert needle.format(world=world) in err, err
     assert snapshot(world) == before
+
+
+def test_a_plug_in_that_exits_at_import_is_a_user_error(world, capsys, monkeypatch):
+    (world / "exits_at_import.py").write_text("raise SystemExit(0)\n")
+    monkeypatch.syspath_prepend(str(world))
+    for cmd in ("check", "run"):
+        args = [cmd, str(world / "cfg.yaml"), *(["--out", str(world / "run")] if cmd == "run" else []),
+                "--set", "verification.verifier=exits_at_import:grade"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert "cannot import 'exits_at_import' (SystemExit" in err and err.count("\n") == 1, err
+    assert not (world / "run").exists()
+
+
+def test_check_loads_the_step_checker_as_run_does(world, capsys):
+    assert main(["check", str(world / "cfg.yaml"), "--set", "task.step_checker=no_such_mod_xyz:f"]) == 2
+    assert "task.step_checker: cannot import 'no_such_mod_xyz'" in capsys.readouterr().err
+
+
+def test_demo_checks_its_inputs_before_ray(tmp_path, capsys, monkeypatch):
+    """`demo --set` can point the built-in run at other files and lengths: checked as `run` checks them."""
+    assert main(["demo", "--quick", "--out", str(tmp_path / "run"), "--set", "training.max_seq_len=8"]) == 2
+    err = capsys.readouterr().err
+    assert "training.max_seq_len 8 is shorter than the longest train prompt" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda r: (r / "manifest.json").write_text('{"version": 1, "compl'), "manifest.json: not valid JSON"),
+    (lambda r: (r / "manifest.json").write_text('{"version": 1}'), "manifest.json: not a restem-ray manifest"),
+    (lambda r: ((r / "manifest.json").unlink(), (r / "manifest.json").mkdir()), "manifest.json: Is a directory"),
+    (lambda r: (r / "config.yaml").write_text("task: [oops\n"), "config.yaml: not valid YAML"),
+    (lambda r: (r / "config.yaml").write_text("- 1\n"), "config.yaml: not a restem-ray config"),
+    (lambda r: (r / "config.yaml").unlink(), "config.yaml: missing (a damaged run directory)"),
+])
+def test_resume_of_a_damaged_run_directory_is_one_line(world, capsys, damage, needle):
+    run = world / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"version": 1, "completed": {}}))
+    (run / "config.yaml").write_text((world / "cfg.yaml").read_text())
+    damage(run)
+    before = snapshot(world)
+    assert main(["run", str(world / "cfg.yaml"), "--out", str(run), "--resume", "--force"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("restem-ray: error: ") and err.count("\n") == 1 and needle in err, err
+    assert snapshot(world) == before
+
+
+def test_report_skips_a_torn_last_metrics_line_and_names_a_bad_one(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    (run / "manifest.json").write_text(json.dumps({"version": 1, "completed": {"0/eval": 1.0}}))
+    line = {"phase": "eval", "iteration": 0, "split": "valid", "pass@1": 0.5, "seconds": 1.0}
+    (run / "metrics.jsonl").write_text(json.dumps(line) + "\n" + '{"phase": "eval", "itera')
+    assert main(["report", str(run)]) == 0  # a driver killed while appending leaves a torn last line
+    assert "0.500" in capsys.readouterr().out
+    (run / "metrics.jsonl").write_text(json.dumps({"phase": "eval"}) + "\n" + json.dumps(line) + "\n")
+    assert main(["report", str(run)]) == 2
+    assert "metrics.jsonl:1: not a metrics line (needs 'iteration' and 'phase')" in capsys.readouterr().err

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -59,7 +60,7 @@ def _read_gzip_jsonl(p: Path) -> list[tuple[str, dict]]:
     out = []
     try:
         lines = gzip.decompress(p.read_bytes()).splitlines()
-    except (OSError, EOFError) as e:
+    except (OSError, EOFError, zlib.error) as e:  # zlib.error: corrupt compressed data
         raise UserError(f"{p}: not a readable gzip file ({e})") from None
     for lineno, raw in enumerate(lines, 1):
         if not raw.strip():
