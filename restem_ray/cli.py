@@ -15,6 +15,7 @@ User errors (bad config, data, paths, plug-ins) print one line and exit 2; `--de
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 import time
 from pathlib import Path
@@ -84,6 +85,8 @@ def _out_dir(out: str, args):
     --auto-resume: continue the run in OUT if there is one, else start it (for job retries)."""
     from .remote import is_uri
 
+    if not out.strip():
+        raise UserError("--out: empty path")
     if not is_uri(out):
         path = Path(out)
         return path, args.resume or (args.auto_resume and (path / "manifest.json").is_file()), None
@@ -106,8 +109,6 @@ def cmd_run(args) -> int:
 
 
 def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = None, task=None, mirror=None) -> int:
-    import os
-
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         # A local Ray binds to loopback only: Ray's switch for single-machine clusters, read when ray is
         # imported (it otherwise publishes its ports on the host's network address).
@@ -164,6 +165,18 @@ def check_inputs(cfg, local_sandbox: bool = True):
     return task
 
 
+def check_output_file(out: Path, suffixes: tuple[str, ...]) -> None:
+    """--out FILE of `eval` and `verify`: checked before the work whose result it holds."""
+    if out.suffix not in suffixes:
+        raise UserError(f"--out {out}: use a {' or '.join(suffixes)} file name")
+    if not out.parent.is_dir():
+        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    if out.is_dir():
+        raise UserError(f"--out {out}: is a folder")
+    if not os.access(out.parent, os.W_OK) or (out.exists() and not os.access(out, os.W_OK)):
+        raise UserError(f"--out {out}: not writable")
+
+
 def check_model_dir(name: str, path: str) -> None:
     from .remote import check_uri, is_uri
 
@@ -184,8 +197,6 @@ def check_model_dir(name: str, path: str) -> None:
 def cmd_eval(args) -> int:
     """Score any HF checkpoint on problem files with the same sampler replicas and verifier pool."""
     import json
-    import os
-
     from .config import RestemConfig, apply_overrides, config_from_dict
     from .config import DATASET_KINDS
     from .datasets import load_split
@@ -201,8 +212,8 @@ def cmd_eval(args) -> int:
         if name in splits:
             raise UserError(f"--problems {spec}: split name {name!r} given twice (use NAME=FILE)")
         splits[name] = path
-    if args.out and Path(args.out).suffix != ".json":
-        raise UserError(f"--out {args.out}: use a .json file name")
+    if args.out:
+        check_output_file(Path(args.out), (".json",))  # before the evaluation, not after it
     first = next(iter(splits.values()))
     kind = DATASET_KINDS.get(args.dataset) or ("code" if args.verifier == "code" else "math")
     tree = {"task": {"kind": kind, "train_file": first, "valid_file": first, "dataset": args.dataset},
@@ -311,8 +322,6 @@ def cmd_report(args) -> int:
 def cmd_verify(args) -> int:
     """Grade a samples file through the verifier actor pool (local Ray, or RAY_ADDRESS's cluster)."""
     import collections
-    import os
-
     import pyarrow as pa
 
     from .config import DATASET_KINDS, VerificationConfig, apply_overrides, format_validation_error
@@ -321,10 +330,7 @@ def cmd_verify(args) -> int:
     from .verification import Verifier
 
     out = Path(args.out)
-    if out.suffix not in (".jsonl", ".parquet"):
-        raise UserError(f"--out {out}: use a .jsonl or .parquet file name")
-    if not out.parent.is_dir():
-        raise UserError(f"--out {out}: folder {out.parent} does not exist")
+    check_output_file(out, (".jsonl", ".parquet"))
     tree = apply_overrides({"verification": {"verifier": args.verifier}}, args.set)
     if set(tree) != {"verification"}:
         raise UserError(f"--set: only verification.* keys apply to verify (got {sorted(set(tree) - {'verification'})})")
@@ -446,7 +452,7 @@ def parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prompt", help="print the rendered prompts of the first train problems")
     pr.add_argument("config")
-    pr.add_argument("--n", type=int, default=2, help="how many problems (default 2)")
+    pr.add_argument("--n", type=positive_int, default=2, help="how many problems (default 2)")
     pr.add_argument("--set", **sets)
     pr.set_defaults(fn=cmd_prompt)
 
@@ -471,7 +477,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--verifier", default="math", help="math, code, or module:function (default math)")
     e.add_argument("--dataset", choices=list(DATASET_KINDS), help=dataset_help)
     e.add_argument("--k", type=int, default=0, help="also pass@k and maj@k from k samples")
-    e.add_argument("--max-tokens", type=int, default=None, help="max new tokens per completion")
+    e.add_argument("--max-tokens", type=positive_int, default=None, help="max new tokens per completion")
     e.add_argument("--out", help="write the scores as JSON")
     e.add_argument("--set", **dict(sets, help="override a config key, e.g. sampling.engine_kwargs.dtype=float32"))
     e.set_defaults(fn=cmd_eval)
@@ -483,6 +489,13 @@ def parser() -> argparse.ArgumentParser:
     b.add_argument("--task", choices=["arithmetic", "code"], default="arithmetic")
     b.set_defaults(fn=cmd_build_tiny)
     return p
+
+
+def positive_int(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise ValueError(text)
+    return n
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -274,3 +274,26 @@ def test_report_skips_a_torn_last_metrics_line_and_names_a_bad_one(tmp_path, cap
     (run / "metrics.jsonl").write_text(json.dumps({"phase": "eval"}) + "\n" + json.dumps(line) + "\n")
     assert main(["report", str(run)]) == 2
     assert "metrics.jsonl:1: not a metrics line (needs 'iteration' and 'phase')" in capsys.readouterr().err
+
+
+def test_output_files_and_counts_are_checked_before_any_work(world, capsys):
+    (world / "scores.json").mkdir()
+    (world / "graded.jsonl").mkdir()
+    cases = [
+        (["eval", "--model", str(world / "model"), "--problems", str(world / "valid.jsonl"), "--out",
+          str(world / "scores.json")], "--out " + str(world / "scores.json") + ": is a folder"),
+        (["verify", "--verifier", "math", "--problems", str(world / "valid.jsonl"), "--samples",
+          str(world / "train.jsonl"), "--out", str(world / "graded.jsonl")], "graded.jsonl: is a folder"),
+        (["run", str(world / "cfg.yaml"), "--out", ""], "--out: empty path"),
+    ]
+    before = snapshot(world)
+    for args, needle in cases:
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    for args in (["prompt", str(world / "cfg.yaml"), "--n", "0"],
+                 ["eval", "--model", str(world / "model"), "--problems", "x.jsonl", "--max-tokens", "0"]):
+        with pytest.raises(SystemExit) as e:  # argparse: usage line, then the error
+            main(args)
+        assert e.value.code == 2 and "invalid positive_int value: '0'" in capsys.readouterr().err
+    assert snapshot(world) == before
