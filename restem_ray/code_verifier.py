@@ -276,6 +276,21 @@ def _input_output(problem: dict) -> dict | None:
     return io if isinstance(io, dict) else None
 
 
+def unusable_code_fields(problem: dict) -> str | None:
+    """The fields that keep a code problem from being graded (what `CodeGrader` would call invalid_problem),
+    checked when the file is read; None when it can be graded."""
+    if problem.get("input_output"):
+        io = _input_output(problem)
+        inputs, outputs = (io or {}).get("inputs"), (io or {}).get("outputs")
+        if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs and len(inputs) == len(outputs)):
+            return "field 'input_output': needs a JSON object with non-empty 'inputs' and 'outputs' lists of one length"
+        return None
+    test, entry = problem.get("test"), problem.get("entry_point")
+    if not (isinstance(test, str) and test.strip() and isinstance(entry, str) and entry.isidentifier()):
+        return "missing or empty field 'test/entry_point or input_output' (test code and a function name)"
+    return None
+
+
 class CodeGrader:
     """Grades code completions in one sandbox (one per verifier actor, created on first use)."""
 

@@ -16,21 +16,22 @@ from .errors import UserError, where
 
 
 def _required(row: dict, task_kind: str) -> str | None:
-    """Name of the first missing/invalid field for this task kind, else None."""
+    """Why this row is not a problem of this task kind ("missing or empty field 'x'", ...), else None."""
+    missing = "missing or empty field '{}'".format
     for key in ("id", "prompt"):
         if key not in row or row[key] is None:
-            return key
+            return missing(key)
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
-        return "prompt"
+        return missing("prompt")
     if task_kind == "math" and (row.get("answer") is None or str(row["answer"]).strip() == ""):
-        return "answer"
-    if task_kind == "any":
-        return None
+        return missing("answer")
     if task_kind == "solutions":  # human-written worked solutions (task.seed_file)
         sol = row.get("solution")
-        return None if isinstance(sol, str) and sol.strip() else "solution"
-    if task_kind == "code" and not (row.get("input_output") or (row.get("test") and row.get("entry_point"))):
-        return "test/entry_point or input_output"
+        return None if isinstance(sol, str) and sol.strip() else missing("solution")
+    if task_kind == "code":
+        from .code_verifier import unusable_code_fields
+
+        return unusable_code_fields(row)
     return None
 
 
@@ -74,9 +75,9 @@ def load_problems(path: str | Path, task_kind: str = "math", limit: int | None =
     out = []
     for i, (lineno, row) in enumerate(rows):
         loc = where(p, lineno if lineno is not None else i + 1) + ("" if lineno else " (row)")
-        missing = _required(row, task_kind)
-        if missing:
-            raise UserError(f"{loc}: missing or empty field '{missing}'")
+        problem = _required(row, task_kind)
+        if problem:
+            raise UserError(f"{loc}: {problem}")
         pid = str(row["id"])
         if pid in seen:
             raise UserError(f"{loc}: duplicate id {pid!r}")

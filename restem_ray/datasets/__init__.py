@@ -118,9 +118,9 @@ def load_split(path: str | Path, *, kind: str, dataset: str | None = None, colum
     for index, loc, r in adapted:
         if numbered:
             r = {"id": str(index), **r}
-        missing = _required(r, kind)
-        if missing:
-            raise UserError(f"{loc}: missing or empty field '{missing}'")
+        problem = _required(r, kind)
+        if problem:
+            raise UserError(f"{loc}: {problem}")
         missing = next((f for f in need if r.get(f) is None), None)
         if missing:
             raise UserError(f"{loc}: prompt.template uses field '{missing}', which this row lacks "
