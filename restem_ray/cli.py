@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import re
 import sys
 import time
 from pathlib import Path
@@ -208,7 +209,9 @@ def cmd_eval(args) -> int:
     splits = {}
     for spec in args.problems:
         name, sep, path = spec.partition("=")
-        name, path = (name, path) if sep else (Path(spec).stem, spec)
+        # NAME=FILE only where NAME is a plain name: /runs/lr=1e-3/test.jsonl is a file, not a split "/runs/lr"
+        if not (sep and re.fullmatch(r"[\w.-]+", name) and not Path(spec).exists()):
+            name, path = Path(spec).stem, spec
         if name in splits:
             raise UserError(f"--problems {spec}: split name {name!r} given twice (use NAME=FILE)")
         splits[name] = path
@@ -365,7 +368,7 @@ def cmd_verify(args) -> int:
 
     from .resources import check_sandbox_on_cluster
 
-    init_ray(args.address, None)
+    init_ray(args.address, None, key="--address")
     check_sandbox_on_cluster(vcfg.verifier, vcfg)
     pool = VerifierPool(vcfg.verifier, vcfg)
     try:

@@ -73,6 +73,10 @@ class TaskConfig(_Section):
             want = DATASET_KINDS.get(name)
             if want and want != self.kind:
                 raise ValueError(f"{key} {name!r} is a {want} dataset: set task.kind: {want}")
+        taken = next((n for n in self.extra_eval_files if n in ("valid", "test")), None)
+        if taken is not None:  # it would silently replace valid_file or test_file
+            raise ValueError(f"task.extra_eval_files.{taken}: {taken!r} is a built-in split name; "
+                             f"use task.{taken}_file, or give this split another name")
         splits = {"valid", "test", *self.extra_eval_files}
         unknown = next((n for n in self.eval_datasets if n not in splits or (n == "test" and not self.test_file)), None)
         if unknown is not None:
@@ -303,11 +307,14 @@ class TrainingConfig(_Section):
         if isinstance(self.deepspeed, dict):
             return self.deepspeed
         try:
-            data = json.loads(Path(self.deepspeed).read_text())
+            data = json.loads(Path(self.deepspeed).read_text(encoding="utf-8"))
         except OSError as e:
             raise ValueError(f"training.deepspeed: {self.deepspeed}: cannot read ({e.strerror})") from None
-        except json.JSONDecodeError as e:
-            raise ValueError(f"training.deepspeed: {self.deepspeed}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        except (UnicodeDecodeError, ValueError) as e:  # a binary file; a path with a NUL byte
+            if isinstance(e, json.JSONDecodeError):
+                raise ValueError(f"training.deepspeed: {self.deepspeed}: line {e.lineno}: not valid JSON "
+                                 f"({e.msg})") from None
+            raise ValueError(f"training.deepspeed: {self.deepspeed!r}: cannot read ({type(e).__name__})") from None
         if not isinstance(data, dict):
             raise ValueError(f"training.deepspeed: {self.deepspeed}: expected a JSON object")
         return data
@@ -440,6 +447,8 @@ def config_from_dict(tree: dict, source: str = "config") -> RestemConfig:
 
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p}: is a folder, not a config file")
     if not p.is_file():
         raise UserError(f"{p}: config file not found")
     try:

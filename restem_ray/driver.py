@@ -338,7 +338,24 @@ def check_stop_after(key: str, cfg: RestemConfig, run: RunDir | None) -> str:
     return key
 
 
-def init_ray(address: str | None, num_cpus: int | None) -> None:
+def check_reachable(address: str, key: str = "ray.address", timeout_s: float = 10.0) -> None:
+    """One line when nothing answers at a cluster address: `ray.init` itself retries for minutes, printing
+    a warning every few seconds."""
+    import socket
+
+    if address in ("auto", "local"):
+        return
+    host, sep, port = address.split("://", 1)[-1].rstrip("/").rpartition(":")
+    if not (sep and host and port.isdigit()):
+        raise UserError(f"{key}: {address!r}: expected HOST:PORT (the head's GCS port, e.g. 10.0.0.1:6379), "
+                        "ray://HOST:PORT or auto")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as e:
+        raise UserError(f"{key}: {address}: cannot reach a Ray cluster there ({e.strerror or e})") from None
+
+
+def init_ray(address: str | None, num_cpus: int | None, key: str = "ray.address") -> None:
     """Join the given cluster, or start a local Ray sized in logical CPUs.
 
     Two real cores are not enough logical CPUs for a sampler, verifiers and two training workers to be
@@ -350,6 +367,8 @@ def init_ray(address: str | None, num_cpus: int | None) -> None:
         return
     os.environ.setdefault("RAY_DEDUP_LOGS", "0")
     if address or os.environ.get("RAY_ADDRESS"):  # a Ray job's driver gets RAY_ADDRESS from the cluster
+        if address:
+            check_reachable(address, key)
         ray.init(address=address)
         return
     # A local Ray keeps its dashboard (127.0.0.1:8265, or the next free port): Ray Train's placement-group

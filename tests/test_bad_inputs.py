@@ -142,6 +142,14 @@ CASES = {
     "max_seq_len below prompt + max_tokens": (None, ["--set", "training.max_seq_len=100"],
                                               "training.max_seq_len 100 is shorter than the longest train prompt (3 "
                                               "tokens, problem '0') + sampling.max_tokens 512 = 515"),
+    "extra eval split named valid": (None, ["--set", "task.extra_eval_files={valid: train.jsonl}"],
+                                     "task.extra_eval_files.valid: 'valid' is a built-in split name"),
+    "deepspeed file not utf-8": (lambda w: ((w / "ds.json").write_bytes(b'{"a": "\xff"}'),
+                                            edit_config(w, lambda t: t.update(training={"deepspeed": "ds.json"}))),
+                                 [], "ds.json': cannot read (UnicodeDecodeError)"),
+    "ray address without a port": (None, ["--set", "ray.address=headnode"], "ray.address: 'headnode': expected HOST:PORT"),
+    "ray address nobody listens at": (None, ["--set", "ray.address=127.0.0.1:9"],
+                                      "ray.address: 127.0.0.1:9: cannot reach a Ray cluster there (Connection refused)"),
 }
 
 
@@ -305,3 +313,15 @@ def test_output_files_and_counts_are_checked_before_any_work(world, capsys):
             main(args)
         assert e.value.code == 2 and "invalid positive_int value: '0'" in capsys.readouterr().err
     assert snapshot(world) == before
+
+
+def test_a_folder_given_as_config_or_a_path_with_an_equals_sign(world, capsys):
+    assert main(["run", str(world), "--out", str(world / "run")]) == 2
+    assert f"{world}: is a folder, not a config file" in capsys.readouterr().err
+    # /x/lr=1e-3/valid.jsonl is a file (split "valid"), not the split "/x/lr" of file "1e-3/valid.jsonl"
+    (world / "lr=1e-3").mkdir()
+    (world / "lr=1e-3" / "valid.jsonl").write_text((world / "valid.jsonl").read_text())
+    assert main(["eval", "--model", str(world / "model"), "--problems", str(world / "lr=1e-3" / "valid.jsonl"),
+                 "--problems", f"valid={world / 'valid.jsonl'}"]) == 2
+    err = capsys.readouterr().err
+    assert "split name 'valid' given twice" in err and err.count("\n") == 1, err
