@@ -310,10 +310,9 @@ class TrainingConfig(_Section):
             data = json.loads(Path(self.deepspeed).read_text(encoding="utf-8"))
         except OSError as e:
             raise ValueError(f"training.deepspeed: {self.deepspeed}: cannot read ({e.strerror})") from None
-        except (UnicodeDecodeError, ValueError) as e:  # a binary file; a path with a NUL byte
-            if isinstance(e, json.JSONDecodeError):
-                raise ValueError(f"training.deepspeed: {self.deepspeed}: line {e.lineno}: not valid JSON "
-                                 f"({e.msg})") from None
+        except json.JSONDecodeError as e:
+            raise ValueError(f"training.deepspeed: {self.deepspeed}: line {e.lineno}: not valid JSON ({e.msg})") from None
+        except ValueError as e:  # a binary file (UnicodeDecodeError); a path with a NUL byte
             raise ValueError(f"training.deepspeed: {self.deepspeed!r}: cannot read ({type(e).__name__})") from None
         if not isinstance(data, dict):
             raise ValueError(f"training.deepspeed: {self.deepspeed}: expected a JSON object")
