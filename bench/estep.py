@@ -50,7 +50,7 @@ def main():
     from vllm import LLM, SamplingParams
 
     t = time.time()
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     ray_start = time.time() - t
     sampling = SamplingConfig(engine_kwargs=ENGINE, prompts_per_request=args.prompts_per_request)
     t = time.time()

@@ -140,7 +140,7 @@ def main():
     cfg = TrainingConfig(num_workers=2, cpus_per_worker=1, zero_stage=2, micro_batch_size=args.micro,
                          epochs=args.epochs, lr=1e-4, checkpoint_every_steps=10**6)
     t = time.perf_counter()
-    ray.init(num_cpus=4, include_dashboard=False)
+    ray.init(address="local", num_cpus=4, include_dashboard=False)
     ray_start = time.perf_counter() - t
     # One untimed round first: the first worker group of a fresh Ray (and the first DeepSpeed engine of the
     # process) pays one-off costs (imports into new workers, page cache, the CPU comm op) that measured 0.71x

@@ -58,7 +58,7 @@ def main():
     args = ap.parse_args()
     problems = read_problems()
     t = time.perf_counter()
-    ray.init(num_cpus=WORKERS + 1, include_dashboard=False, log_to_driver=False)
+    ray.init(address="local", num_cpus=WORKERS + 1, include_dashboard=False, log_to_driver=False)
     ray_start = time.perf_counter() - t
     # Actor processes (Python + imports) are Ray start-up: measure one pool start, then reuse warm workers.
     t = time.perf_counter()

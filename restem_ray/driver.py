@@ -376,4 +376,6 @@ def init_ray(address: str | None, num_cpus: int | None, key: str = "ray.address"
     # it. One machine is never preempted, so Ray Train's preemption watcher (an actor per M-step) is left
     # out; the local raylet and so every worker inherit this process's environment.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
-    ray.init(num_cpus=num_cpus or max(4, os.cpu_count() or 1))
+    # "local": a new Ray of this process's own. Without it ray.init joins the cluster that the machine's last
+    # `ray start` left in /tmp/ray/ray_current_cluster, and refuses num_cpus there (a ValueError traceback).
+    ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1))

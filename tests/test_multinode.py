@@ -4,8 +4,10 @@ E-step's rows are exactly those of the one-node reference run. Both runs stop af
 (`--stop-after 1/generate`): what they test ends there."""
 import json
 import os
+import shutil
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -64,3 +66,35 @@ def test_node_joining_mid_e_step_gets_a_replica(tmp_path):
     assert second in estep["replica_nodes"] and len(set(estep["replica_nodes"])) == 2, estep["replica_nodes"]
     samples = pq.read_table(out / "iter_001" / "samples").to_pylist()
     assert len({(s["id"], s["sample_index"]) for s in samples}) == len(samples) == problems * 8
+
+
+def test_a_run_without_ray_address_starts_its_own_ray_beside_a_ray_start_cluster(tmp_path):
+    """With a `ray start` cluster on the machine and no ray.address, a run starts its own local Ray of
+    ray.num_cpus CPUs, as documented. Before, ray.init joined that cluster (found through the file `ray start`
+    leaves in Ray's temp folder) and refused the CPU count there with a ValueError traceback."""
+    temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths live under it
+    bin_dir = Path(sys.executable).parent
+    script = f"""
+set -euo pipefail
+ip link set lo up
+export RAY_TMPDIR={temp} RAY_AUTH_MODE=disabled
+trap '"{bin_dir}/ray" stop --force >/dev/null 2>&1 || true' EXIT
+"{bin_dir}/ray" start --head --port=6379 --num-cpus=3 --node-ip-address=127.0.0.1 --include-dashboard=false \\
+  --disable-usage-stats >/dev/null
+test -s {temp}/ray/ray_current_cluster  # the file a plain ray.init() would follow
+"{sys.executable}" -c "
+import ray
+from restem_ray.driver import init_ray
+init_ray(None, 2)
+print('local CPUs', ray.cluster_resources()['CPU'], 'nodes', len(ray.nodes()))
+ray.shutdown()"
+"""
+    env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    netns = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
+    try:
+        r = subprocess.run([*netns, "bash", "-c", script], capture_output=True, text=True, env=env, timeout=300)
+    finally:
+        shutil.rmtree(temp, ignore_errors=True)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
+    assert "local CPUs 2.0 nodes 1" in r.stdout, r.stdout[-2000:]
