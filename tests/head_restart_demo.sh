@@ -13,7 +13,10 @@ export RAY_AUTH_MODE=disabled  # a throw-away cluster in its own namespace
 head=(--head --port=6379 --num-cpus=4 --node-ip-address=127.0.0.1 --disable-usage-stats --include-dashboard=false)
 trap '"$bin/ray" stop --force >/dev/null 2>&1 || true' EXIT
 "$bin/ray" start "${head[@]}" --temp-dir=/tmp/rt-head-1 >/dev/null
-python -m restem_ray.cli demo --out "$out" --set ray.address=127.0.0.1:6379 "$@" > "$out.first.log" 2>&1 &
+# The driver waits gcs_rpc_server_reconnect_timeout_s for a lost GCS to come back (Ray's default 60 s, for a GCS
+# with external storage that restarts); this head never does, so the first driver gives up after 5 s.
+RAY_gcs_rpc_server_reconnect_timeout_s=5 \
+  python -m restem_ray.cli demo --out "$out" --set ray.address=127.0.0.1:6379 "$@" > "$out.first.log" 2>&1 &
 driver=$!
 for _ in $(seq 1800); do  # up to 15 minutes
   if python -c "import json,sys; sys.exit(0 if sys.argv[2] in json.load(open(sys.argv[1]))['completed'] else 1)" \

@@ -7,9 +7,12 @@ import sys
 # A small `demo --quick` (64 train problems x 8 samples, 16 problems per eval split): the reference that
 # the resume and multi-node tests compare against, row for row.
 # greedy pass@1 only and 2 epochs: the runs built on SMALL check phases, resumption and pass@1, not the
-# demo's pass@4/maj@4 or its gain (the resume test's M-step checkpoints every 2 steps: half the steps, half the saves)
+# demo's pass@4/maj@4 or its gain (the resume test's M-step checkpoints every 2 steps: half the steps, half the saves).
+# A local Ray of 2 logical CPUs holds the E-step (a replica of 1 CPU, 2 verifiers of 0.25) or the M-step (2
+# workers of 1 CPU), never both: every SMALL run on a local Ray also proves the phases hand the CPUs over
+# (test_run_lifecycle). Runs on `ray start` clusters ignore it.
 SMALL = ["--quick", "--set", "task.max_train_problems=64", "--set", "task.max_eval_problems=16",
-         "--set", "evaluation.k=0", "--set", "training.epochs=2"]
+         "--set", "evaluation.k=0", "--set", "training.epochs=2", "--set", "ray.num_cpus=2"]
 
 
 def demo(out, *extra, crash_at=None, timeout=900):

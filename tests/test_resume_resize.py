@@ -32,7 +32,7 @@ def test_resume_with_more_replicas_and_verifiers_gives_the_same_samples(tmp_path
     trace = tmp_path / "engine-calls.jsonl"
     monkeypatch.setenv("RESTEM_TRACE", str(trace))
     rc, log = demo(out, "--resume", *SHARDS, "--set", "sampling.num_replicas=2", "--set", "verification.num_workers=2",
-                   "--stop-after", "1/generate")
+                   "--set", "ray.num_cpus=4", "--stop-after", "1/generate")  # room for both replicas
     assert rc == 0, log[-4000:]  # accepted without --force
     assert "changed config" not in log and "Traceback" not in log
     cfg = yaml.safe_load((out / "config.yaml").read_text())
