@@ -15,6 +15,10 @@ SMALL = ["--quick", "--set", "task.max_train_problems=64", "--set", "task.max_ev
          "--set", "evaluation.k=0", "--set", "training.epochs=2", "--set", "ray.num_cpus=2"]
 
 
+# A private network namespace (loopback only) for the tests' `ray start` clusters: their fixed ports and
+# head addresses cannot meet another cluster on the machine.
+NETNS = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
+
 def demo(out, *extra, crash_at=None, timeout=900):
     """Run `restem-ray demo` with SMALL in its own session; returns (exit code, combined output)."""
     env = dict(os.environ, PYTHONUNBUFFERED="1")

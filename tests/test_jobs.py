@@ -8,7 +8,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from helpers import SMALL
+from helpers import NETNS, SMALL
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("job_submit.sh")
@@ -19,8 +19,7 @@ def test_demo_as_a_ray_job_succeeds_and_streams_logs(tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     env.pop("RAY_ADDRESS", None)
-    netns = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
-    r = subprocess.run([*netns, "bash", str(SCRIPT), str(out), *SMALL], capture_output=True, text=True,
+    r = subprocess.run([*NETNS, "bash", str(SCRIPT), str(out), *SMALL], capture_output=True, text=True,
                        env=env, timeout=900)
     log = r.stdout + r.stderr
     assert r.returncode == 0 and "SUBMIT_EXIT=0" in r.stdout, log[-4000:]

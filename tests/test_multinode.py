@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import SMALL
+from helpers import NETNS, SMALL
 
 pytestmark = pytest.mark.slow
 SCRIPT = Path(__file__).with_name("two_node_demo.sh")
@@ -27,8 +27,7 @@ def test_replicas_spread_over_two_nodes(tmp_path, small_reference_run):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # that switch forbids multi-node clusters
     env.pop("RAY_ADDRESS", None)
-    netns = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
-    r = subprocess.run([*netns, "bash", str(SCRIPT), str(out), *SMALL, "--set", "sampling.num_replicas=2",
+    r = subprocess.run([*NETNS, "bash", str(SCRIPT), str(out), *SMALL, "--set", "sampling.num_replicas=2",
                         "--set", "sampling.placement_strategy=STRICT_SPREAD", "--stop-after", "1/generate"],
                        capture_output=True, text=True, env=env, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
@@ -52,9 +51,8 @@ def test_node_joining_mid_e_step_gets_a_replica(tmp_path):
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     env.pop("RAY_ADDRESS", None)
-    netns = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
     problems = 640
-    r = subprocess.run([*netns, "bash", str(ELASTIC), str(out), *SMALL, "--set", f"task.max_train_problems={problems}",
+    r = subprocess.run([*NETNS, "bash", str(ELASTIC), str(out), *SMALL, "--set", f"task.max_train_problems={problems}",
                         "--set", "sampling.prompts_per_request=8", "--set", "sampling.max_replicas=2",
                         "--stop-after", "1/generate"],
                        capture_output=True, text=True, env=env, timeout=1200)
@@ -91,9 +89,8 @@ ray.shutdown()"
 """
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
-    netns = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
     try:
-        r = subprocess.run([*netns, "bash", "-c", script], capture_output=True, text=True, env=env, timeout=300)
+        r = subprocess.run([*NETNS, "bash", "-c", script], capture_output=True, text=True, env=env, timeout=300)
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]

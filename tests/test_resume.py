@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
-from helpers import SMALL, assert_same_run, demo, rows
+from helpers import NETNS, SMALL, assert_same_run, demo, rows
 
 pytestmark = pytest.mark.slow
 
@@ -143,8 +143,7 @@ def test_a_killed_head_then_resume_on_a_new_head_matches_an_uninterrupted_run(tm
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # that switch forbids `ray start` clusters
     env.pop("RAY_ADDRESS", None)
-    netns = ["unshare", "--net"] if os.geteuid() == 0 else ["unshare", "--user", "--map-root-user", "--net"]
-    r = subprocess.run([*netns, "bash", str(HEAD_RESTART), str(out), "1/select", *SMALL], capture_output=True,
+    r = subprocess.run([*NETNS, "bash", str(HEAD_RESTART), str(out), "1/select", *SMALL], capture_output=True,
                        text=True, env=env, timeout=1500)
     first = Path(f"{out}.first.log").read_text() if Path(f"{out}.first.log").exists() else ""
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + first[-3000:]
