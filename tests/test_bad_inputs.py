@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 import yaml
 
-from restem_ray.builtin import build_tokenizer
+from restem_ray.builtin import build_tokenizer, ensure_builtin
 from restem_ray.cli import main
 
 GOOD = [{"id": i, "prompt": f"Q{i}", "answer": str(i)} for i in range(3)]
@@ -252,6 +252,8 @@ def test_check_loads_the_step_checker_as_run_does(world, capsys):
 
 def test_demo_checks_its_inputs_before_ray(tmp_path, capsys, monkeypatch):
     """`demo --set` can point the built-in run at other files and lengths: checked as `run` checks them."""
+    ensure_builtin()  # on a fresh machine this test may be the first to need it: its build's progress is not the error
+    capsys.readouterr()
     assert main(["demo", "--quick", "--out", str(tmp_path / "run"), "--set", "training.max_seq_len=8"]) == 2
     err = capsys.readouterr().err
     assert "training.max_seq_len 8 is shorter than the longest train prompt" in err and err.count("\n") == 1, err
