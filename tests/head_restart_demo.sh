@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # `restem-ray demo` on a `ray start --head` cluster whose head is killed mid-run (the whole node: GCS,
-# raylet, the E-step's actors), then continued with --resume on a fresh head, as a RayJob retry with
-# --auto-resume continues a run after a head-pod restart. Inside a private network namespace (loopback only).
-# Used by test_resume.py.
+# raylet, the E-step's actors), then continued on a fresh head as a RayJob retry continues a run after a
+# head-pod restart: submitted as a Ray job through jobs/submit.py (dashboard on 127.0.0.1) with --auto-resume,
+# its logs streamed. Inside a private network namespace (loopback only). Used by test_resume.py.
 #   unshare --net bash tests/head_restart_demo.sh OUT_DIR KILL_WHEN_DONE [demo args...]
 # KILL_WHEN_DONE: a manifest key; the head is killed as soon as the run has committed it.
 set -euo pipefail
@@ -10,9 +10,9 @@ out=$1; when=$2; shift 2
 bin=$(dirname "$(command -v python)")
 ip link set lo up
 export RAY_AUTH_MODE=disabled  # a throw-away cluster in its own namespace
-head=(--head --port=6379 --num-cpus=4 --node-ip-address=127.0.0.1 --disable-usage-stats --include-dashboard=false)
+head=(--head --port=6379 --num-cpus=4 --node-ip-address=127.0.0.1 --disable-usage-stats)
 trap '"$bin/ray" stop --force >/dev/null 2>&1 || true' EXIT
-"$bin/ray" start "${head[@]}" --temp-dir=/tmp/rt-head-1 >/dev/null
+"$bin/ray" start "${head[@]}" --temp-dir=/tmp/rt-head-1 --include-dashboard=false >/dev/null
 # The driver waits gcs_rpc_server_reconnect_timeout_s for a lost GCS to come back (Ray's default 60 s, for a GCS
 # with external storage that restarts); this head never does, so the first driver gives up after 5 s.
 RAY_gcs_rpc_server_reconnect_timeout_s=5 \
@@ -31,5 +31,10 @@ wait $driver; rc=$?
 set -e
 echo "first driver exit code: $rc"
 [ "$rc" -ne 0 ] || { echo "the first driver finished although its head was killed"; exit 4; }
-"$bin/ray" start "${head[@]}" --temp-dir=/tmp/rt-head-2 >/dev/null
-python -m restem_ray.cli demo --out "$out" --set ray.address=127.0.0.1:6379 --resume "$@"
+"$bin/ray" start "${head[@]}" --temp-dir=/tmp/rt-head-2 --include-dashboard=true --dashboard-host=127.0.0.1 \
+  --dashboard-port=8265 >/dev/null
+printf 'env_vars:\n  PYTHONUNBUFFERED: "1"\n' > "$out.runtime_env.yaml"
+set +e
+python "$(dirname "$0")/../jobs/submit.py" --address http://127.0.0.1:8265 --runtime-env "$out.runtime_env.yaml" \
+  --submission-id restem-test-retry -- restem-ray demo --out "$out" --set ray.address=auto --auto-resume "$@"
+echo "SUBMIT_EXIT=$?"

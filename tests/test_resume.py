@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pyarrow.parquet as pq
 import pytest
+import yaml
 from helpers import NETNS, SMALL, assert_same_run, demo, rows
 
 pytestmark = pytest.mark.slow
@@ -27,21 +28,33 @@ CRASH_POINTS = ["1/generate/shard", "1/select", "1/improve", "manifest:1/improve
 EVERY_STEP = ["--set", "training.checkpoint_every_steps=2"]  # checkpoints only: the weights do not depend on it
 
 
+# 16 problems per shard: 4 shards of the 64 train problems, so 3 are left for the resumed E-step's two replicas
+# (shard size does not change the samples; it is held fixed across the resumes, as a result-changing key)
+SHARDS = ["--set", "sampling.prompts_per_request=16"]
+# The first run samples on one replica and grades on one verifier; every resume runs on a bigger cluster (#18
+# item 5): two of each, in a local Ray of 4 CPUs. Accepted without --force: samples are seeded per problem and
+# sample, not per replica, so the resumed run must still end with the one-replica reference's rows.
+ONE = ["--set", "sampling.num_replicas=1", "--set", "verification.num_workers=1"]
+TWO = ["--set", "sampling.num_replicas=2", "--set", "verification.num_workers=2", "--set", "ray.num_cpus=4"]
+
+
 def engine_calls(trace):
-    """(problem ids, samples per problem) of every engine call a run's replicas made (RESTEM_TRACE)."""
-    return [(c["ids"], c["n"]) for c in map(json.loads, trace.read_text().splitlines())] if trace.exists() else []
+    """Every engine call a run's replicas made (RESTEM_TRACE): problem ids, samples per problem, replica pid."""
+    return [c for c in map(json.loads, trace.read_text().splitlines()) if c["call"] == "generate"] \
+        if trace.exists() else []
 
 
 def test_sigkill_at_every_phase_then_resume_matches_uninterrupted_run(tmp_path, reference, monkeypatch):
     """One run SIGKILLed at each crash point in turn (each resume dies at the next point), then resumed
     to the end: the same rows, weights and scores as the uninterrupted reference. The replicas record their
-    engine calls (RESTEM_TRACE), so the resumed E-step is seen to sample only the shards not on disk."""
+    engine calls (RESTEM_TRACE), so the resumed E-step is seen to sample only the shards not on disk, on both
+    of the resumed run's replicas."""
     out = tmp_path / "run"
     done: dict = {}
     for i, crash_at in enumerate(CRASH_POINTS):
         trace = tmp_path / f"engine-calls-{i}.jsonl"
         monkeypatch.setenv("RESTEM_TRACE", str(trace))
-        rc, log = demo(out, *(["--resume"] if i else []), *EVERY_STEP, crash_at=crash_at)
+        rc, log = demo(out, *(["--resume", *TWO] if i else ONE), *SHARDS, *EVERY_STEP, crash_at=crash_at)
         assert rc == -signal.SIGKILL, f"{crash_at}: " + log[-4000:]
         if crash_at == "1/generate/shard":  # killed once the first finished shard was written
             (kept_shard,) = (out / "iter_001" / "samples").glob("part-*.parquet")
@@ -50,11 +63,15 @@ def test_sigkill_at_every_phase_then_resume_matches_uninterrupted_run(tmp_path, 
         if i and CRASH_POINTS[i - 1] == "1/generate/shard":
             # the resumed E-step sampled each train problem of the missing shard(s) once, none of the shard on
             # disk, and left that shard's file alone (this run's only engine calls: 0/eval was done)
+            assert "changed config" not in log and "Traceback" not in log  # the resize needed no --force
+            cfg = yaml.safe_load((out / "config.yaml").read_text())
+            assert cfg["sampling"]["num_replicas"] == 2 and cfg["verification"]["num_workers"] == 2
             calls = engine_calls(trace)
             train = set(pq.read_table(reference / "iter_001" / "samples")["id"].to_pylist())
-            sampled = [pid for ids, n in calls for pid in ids]
-            assert calls and all(n == 8 for _, n in calls) and set(sampled) <= train, calls
+            sampled = [pid for c in calls for pid in c["ids"]]
+            assert calls and all(c["n"] == 8 for c in calls) and set(sampled) <= train, calls
             assert sorted(sampled) == sorted(train - on_disk)
+            assert len({c["pid"] for c in calls}) == 2, calls  # both replicas sampled
             assert kept_shard.stat().st_mtime_ns == kept_stat.st_mtime_ns and kept_shard.stat().st_ino == kept_stat.st_ino
         now = json.loads((out / "manifest.json").read_text())["completed"]
         assert "1/eval" not in now
@@ -62,7 +79,7 @@ def test_sigkill_at_every_phase_then_resume_matches_uninterrupted_run(tmp_path, 
             assert now[k] == done[k], (crash_at, k)
         done = now
 
-    rc, log = demo(out, "--resume", *EVERY_STEP)
+    rc, log = demo(out, "--resume", *TWO, *SHARDS, *EVERY_STEP)
     assert rc == 0, log[-4000:]
     (improve,) = [m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
                   if m["phase"] == "improve"]
@@ -137,8 +154,9 @@ HEAD_RESTART = Path(__file__).with_name("head_restart_demo.sh")
 
 def test_a_killed_head_then_resume_on_a_new_head_matches_an_uninterrupted_run(tmp_path, reference):
     """The Ray head dies mid-run (after the E-step is committed, while the M-step is placed or running):
-    the driver loses its cluster and exits non-zero, nothing committed is damaged, and `--resume` on a fresh
-    head ends with exactly the reference run's rows, weights and scores."""
+    the driver loses its cluster and exits non-zero, nothing committed is damaged, and the retry on a fresh
+    head, a Ray job submitted through jobs/submit.py with --auto-resume (as a RayJob retries), succeeds, streams
+    its logs, and ends with exactly the reference run's rows, weights and scores."""
     out = tmp_path / "run"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # that switch forbids `ray start` clusters
@@ -148,7 +166,11 @@ def test_a_killed_head_then_resume_on_a_new_head_matches_an_uninterrupted_run(tm
     first = Path(f"{out}.first.log").read_text() if Path(f"{out}.first.log").exists() else ""
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:] + first[-3000:]
     assert "first driver exit code: 0" not in r.stdout
-    assert "Traceback" not in r.stdout[r.stdout.rfind("first driver exit code"):]  # the resumed run is clean
+    retry = r.stdout[r.stdout.rfind("first driver exit code"):]
+    assert "SUBMIT_EXIT=0" in retry and "Traceback" not in retry  # the resumed run is clean
+    assert "[restem] done" in retry  # the job's own output, streamed through the submitter
+    assert '"status": "SUCCEEDED"' in r.stderr
     final = json.loads((out / "manifest.json").read_text())["completed"]
     assert set(final) == {"0/eval", "1/generate", "1/select", "1/improve", "1/eval"}
+    assert (out / "report.png").is_file()
     assert_same_run(out, reference)
