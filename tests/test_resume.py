@@ -23,8 +23,10 @@ def reference(small_reference_run):
 # mstep-run-iter_001/checkpoint: in the middle of the (re-run) M-step, once Ray Train has registered a
 # checkpoint; the next run's M-step continues from it (Ray Train's run snapshot), commits, and must still end
 # with the reference's weights byte for byte.
-CRASH_POINTS = ["1/generate/shard", "1/select", "1/improve", "manifest:1/improve", "mstep-run-iter_001/checkpoint",
-                "1/eval"]
+# manifest:1/select: mid-commit (select's files written, the new manifest fsynced as manifest.json.tmp, not yet
+# renamed over the old one): the state of a kill just before the commit, plus a stray .tmp; on select, not on
+# the M-step, so the resume redoes a cheap phase (1/improve is the kill before a commit on the M-step).
+CRASH_POINTS = ["1/generate/shard", "manifest:1/select", "1/improve", "mstep-run-iter_001/checkpoint", "1/eval"]
 EVERY_STEP = ["--set", "training.checkpoint_every_steps=2"]  # checkpoints only: the weights do not depend on it
 
 
