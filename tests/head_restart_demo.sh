@@ -1,8 +1,10 @@
 #!/usr/bin/env bash
-# `restem-ray demo` on a `ray start --head` cluster whose head is killed mid-run (the whole node: GCS,
-# raylet, the E-step's actors), then continued on a fresh head as a RayJob retry continues a run after a
-# head-pod restart: submitted as a Ray job through jobs/submit.py (dashboard on 127.0.0.1) with --auto-resume,
-# its logs streamed. Inside a private network namespace (loopback only). Used by test_resume.py.
+# `restem-ray demo` on a two-node `ray start` cluster (a head and a worker node with a custom resource), its two
+# sampler replicas spread over both nodes, whose head is killed mid-run (GCS, raylet, the E-step's actors; the
+# worker node goes with it, as worker pods do when a head pod restarts without GCS fault tolerance), then
+# continued on a fresh one-node head as a RayJob retry continues a run after a head-pod restart: submitted as a
+# Ray job through jobs/submit.py (dashboard on 127.0.0.1) with --auto-resume, its logs streamed. Inside a
+# private network namespace (loopback only). Used by test_resume.py.
 #   unshare --net bash tests/head_restart_demo.sh OUT_DIR KILL_WHEN_DONE [demo args...]
 # KILL_WHEN_DONE: a manifest key; the head is killed as soon as the run has committed it.
 set -euo pipefail
@@ -13,10 +15,13 @@ export RAY_AUTH_MODE=disabled  # a throw-away cluster in its own namespace
 head=(--head --port=6379 --num-cpus=4 --node-ip-address=127.0.0.1 --disable-usage-stats)
 trap '"$bin/ray" stop --force >/dev/null 2>&1 || true' EXIT
 "$bin/ray" start "${head[@]}" --temp-dir=/tmp/rt-head-1 --include-dashboard=false >/dev/null
+"$bin/ray" start --address=127.0.0.1:6379 --num-cpus=2 --resources='{"second_node": 1}' \
+  --node-ip-address=127.0.0.1 --disable-usage-stats >/dev/null
 # The driver waits gcs_rpc_server_reconnect_timeout_s for a lost GCS to come back (Ray's default 60 s, for a GCS
 # with external storage that restarts); this head never does, so the first driver gives up after 5 s.
 RAY_gcs_rpc_server_reconnect_timeout_s=5 \
-  python -m restem_ray.cli demo --out "$out" --set ray.address=127.0.0.1:6379 "$@" > "$out.first.log" 2>&1 &
+  python -m restem_ray.cli demo --out "$out" --set ray.address=127.0.0.1:6379 "$@" --set sampling.num_replicas=2 \
+  --set sampling.placement_strategy=STRICT_SPREAD > "$out.first.log" 2>&1 &
 driver=$!
 for _ in $(seq 1800); do  # up to 15 minutes
   if python -c "import json,sys; sys.exit(0 if sys.argv[2] in json.load(open(sys.argv[1]))['completed'] else 1)" \
@@ -24,7 +29,7 @@ for _ in $(seq 1800); do  # up to 15 minutes
   kill -0 $driver 2>/dev/null || { echo "driver ended before $when"; exit 3; }
   sleep 0.5
 done
-"$bin/ray" stop --force >/dev/null 2>&1   # the head dies: GCS, raylet and every actor on it
+"$bin/ray" stop --force >/dev/null 2>&1   # the head dies: GCS, raylet and every actor on it (and the worker node)
 set +e
 timeout 300 tail --pid=$driver -f /dev/null   # the driver loses its cluster and exits
 wait $driver; rc=$?

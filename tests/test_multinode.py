@@ -1,7 +1,6 @@
-"""A two-node local Ray cluster (`ray start --head` on 127.0.0.1 plus a second `ray start --address`
-node with its own custom resource) in a private network namespace: replicas land on both nodes and the
-E-step's rows are exactly those of the one-node reference run. Both runs stop after the E-step
-(`--stop-after 1/generate`): what they test ends there."""
+"""`ray start` clusters in a private network namespace: a node added mid-E-step gets a replica, and a run
+without ray.address starts a Ray of its own beside such a cluster. (Replicas spread over two nodes, with the
+E-step's rows equal to the one-node reference run's, is part of test_resume.py's killed-head test.)"""
 import json
 import os
 import shutil
@@ -15,32 +14,6 @@ import pytest
 from helpers import NETNS, SMALL
 
 pytestmark = pytest.mark.slow
-SCRIPT = Path(__file__).with_name("two_node_demo.sh")
-
-
-def rows(path):
-    return sorted((r["id"], r["sample_index"], r["completion"], r["reward"]) for r in pq.read_table(path).to_pylist())
-
-
-def test_replicas_spread_over_two_nodes(tmp_path, small_reference_run):
-    out = tmp_path / "run"
-    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
-    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # that switch forbids multi-node clusters
-    env.pop("RAY_ADDRESS", None)
-    r = subprocess.run([*NETNS, "bash", str(SCRIPT), str(out), *SMALL, "--set", "sampling.num_replicas=2",
-                        "--set", "sampling.placement_strategy=STRICT_SPREAD", "--stop-after", "1/generate"],
-                       capture_output=True, text=True, env=env, timeout=900)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    assert "stopped after 1/generate" in r.stdout
-    assert set(json.loads((out / "manifest.json").read_text())["completed"]) == {"0/eval", "1/generate"}
-    nodes = json.loads((out / "nodes.json").read_text())
-    assert len(nodes) == 2 and sum(n["second"] for n in nodes) == 1
-    estep = next(m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines())
-                 if m["phase"] == "generate")
-    assert set(estep["replica_nodes"]) == {n["id"] for n in nodes}  # one replica on each node
-    assert rows(out / "iter_001" / "samples") == rows(small_reference_run / "iter_001" / "samples")
-
-
 ELASTIC = Path(__file__).with_name("elastic_estep.sh")
 
 

@@ -155,10 +155,11 @@ HEAD_RESTART = Path(__file__).with_name("head_restart_demo.sh")
 
 
 def test_a_killed_head_then_resume_on_a_new_head_matches_an_uninterrupted_run(tmp_path, reference):
-    """The Ray head dies mid-run (after the E-step is committed, while the M-step is placed or running):
-    the driver loses its cluster and exits non-zero, nothing committed is damaged, and the retry on a fresh
-    head, a Ray job submitted through jobs/submit.py with --auto-resume (as a RayJob retries), succeeds, streams
-    its logs, and ends with exactly the reference run's rows, weights and scores."""
+    """The Ray head of a two-node cluster dies mid-run (after the E-step, sampled by one replica on each node, is
+    committed, while the M-step is placed or running): the driver loses its cluster and exits non-zero, nothing
+    committed is damaged, and the retry on a fresh one-node head, a Ray job submitted through jobs/submit.py with
+    --auto-resume (as a RayJob retries), succeeds, streams its logs, and ends with exactly the one-node reference
+    run's rows, weights and scores (samples do not depend on where or on how many replicas they are drawn)."""
     out = tmp_path / "run"
     env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)  # that switch forbids `ray start` clusters
@@ -175,4 +176,6 @@ def test_a_killed_head_then_resume_on_a_new_head_matches_an_uninterrupted_run(tm
     final = json.loads((out / "manifest.json").read_text())["completed"]
     assert set(final) == {"0/eval", "1/generate", "1/select", "1/improve", "1/eval"}
     assert (out / "report.png").is_file()
+    estep = next(m for m in map(json.loads, (out / "metrics.jsonl").read_text().splitlines()) if m["phase"] == "generate")
+    assert len(set(estep["replica_nodes"])) == 2, estep["replica_nodes"]  # STRICT_SPREAD: one replica per node
     assert_same_run(out, reference)
