@@ -2,7 +2,8 @@
 Ray) against a plain DeepSpeed ZeRO-2 loop on the same batches, in one run.
 
     bash bench/gpu_mstep.sh                        # the prepared device check (installs what it carries)
-    python bench/gpu_mstep.py [--steps 30] [--variants plain,padded,packed,zero3,unbucketed]
+    python bench/gpu_mstep.py [--steps 60] [--variants plain,padded,packed,zero3,unbucketed] [--cudnn-attention]
+                              [--step-times]
     python bench/gpu_mstep.py --cpu-smoke          # tiny shapes on CPU: checks the script, not speed
 
 Model: random-init Llama shaped like Qwen2-0.5B (494M parameters, vocab 151,936, tied embeddings), bf16.
@@ -16,7 +17,10 @@ and data file:
   packed      MStep, ZeRO-2, samples packed into rows of 4096 (flash_attention_2 when importable, else sdpa)
   zero3       MStep, ZeRO-3, padded
   unbucketed  MStep, ZeRO-2, padded to the exact longest row (pad_to_multiple_of 1): what bucketing buys
-Throughput counts real (non-padding) tokens over the training steps, first step included, on both sides.
+Throughput counts real (non-padding) tokens over the training steps, first step included, on both sides. Every
+new padded width costs kernel set-up (most of the ~25 widths come in the first 30 steps; `--step-times` records
+the plain loop's per-step times to show it), so short runs measure warm-up more than a long M-step's steady state.
+Both sides keep SDPA off cuDNN as the M-step does (`training.cudnn_attention`); `--cudnn-attention` lets both use it.
 MFU = real tokens/s x (6 x params + 6 x layers x hidden x s) / peak bf16 FLOP/s (989 TFLOP/s: H100/H200 SXM
 dense), s the token-weighted mean sample length (sum of squares over sum: a sample's attention work per token
 grows with its length). The whole run keeps to --deadline-s (each variant's process gets what is left, and
@@ -106,7 +110,7 @@ def training_config(args, variant: str):
     return TrainingConfig(**{"num_workers": 1, "use_gpu": gpu, "dtype": "bf16", "micro_batch_size": args.micro,
                              "max_steps": args.steps, "lr": 1e-4, "max_seq_len": 4096, "warmup_ratio": 0.0,
                              "lr_schedule": "constant", "attn_implementation": "sdpa" if gpu else None,
-                             "checkpoint_every_steps": 10**6, **over})
+                             "checkpoint_every_steps": 10**6, "cudnn_attention": args.cudnn_attention, **over})
 
 
 def run_variant(work: Path, args, variant: str) -> dict:
@@ -125,13 +129,18 @@ def run_variant(work: Path, args, variant: str) -> dict:
     else:
         torch.set_num_threads(os.cpu_count() or 1)
     cfg = training_config(args, "padded" if variant == "plain" else variant)
+    if gpu and variant == "plain":  # the M-step sets it in its own setup; both sides run the same kernels
+        from restem_ray.training import set_gpu_attention
+
+        set_gpu_attention(cfg.cudnn_attention)
     t = time.perf_counter()
-    m = plain_loop(work, cfg) if variant == "plain" else mstep(work, cfg, variant)
+    m = plain_loop(work, cfg, args.step_times) if variant == "plain" else mstep(work, cfg, variant)
     out = {"variant": variant, "steps": m["steps"], "real_tokens": m["real_tokens"],
            "real_tokens_per_s": round(m["tokens_per_s"]), "real_token_fraction": round(m["real_token_fraction"], 4),
            "train_seconds": round(m["train_seconds"], 2), "wall_seconds": round(time.perf_counter() - t, 1),
            "loss": round(m["loss"], 5), "attn": cfg.attn_implementation or "default",
-           "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None}
+           "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
+           **({"step_times": m["step_times"]} if m.get("step_times") else {})}
     if variant != "plain":
         ckpt = work / f"ckpt-{variant}"
         hf = sorted(ckpt.glob("step_*"))[-1] / "hf"
@@ -149,7 +158,7 @@ def mstep(work: Path, cfg, variant: str) -> dict:
     return MStep(job, 0, 1, LocalReporter(str(work / f"ckpt-{variant}"))).run()
 
 
-def plain_loop(work: Path, cfg) -> dict:
+def plain_loop(work: Path, cfg, step_times: bool = False) -> dict:
     """What a user writes by hand: a DeepSpeed engine over the batches the M-step would train on (collated
     before the clock starts, so the reference carries none of the host-side batching the M-step times)."""
     import deepspeed
@@ -182,16 +191,21 @@ def plain_loop(work: Path, cfg) -> dict:
         for b in batches:
             b.pop("attention_mask")
     tokens = sum(b["input_ids"].numel() for b in batches)
+    times = []  # --step-times: [width, seconds] per step, synchronised (shows what a new shape costs)
     t = time.perf_counter()
     for b in batches:
+        s = time.perf_counter()
         loss = engine(**{k: v.to(engine.device) for k, v in b.items()}, use_cache=False).loss
         engine.backward(loss)
         engine.step()
+        if step_times:
+            torch.cuda.synchronize() if gpu else None
+            times.append([b["input_ids"].shape[1], round(time.perf_counter() - s, 4)])
     if gpu:
         torch.cuda.synchronize()
     secs = time.perf_counter() - t
     return {"steps": len(batches), "real_tokens": real, "tokens_per_s": real / secs, "train_seconds": secs,
-            "real_token_fraction": real / tokens, "loss": loss.item()}
+            "real_token_fraction": real / tokens, "loss": loss.item(), "step_times": times}
 
 
 def summarize(results: dict, shape: dict, args) -> dict:
@@ -207,6 +221,7 @@ def summarize(results: dict, shape: dict, args) -> dict:
             "sample_tokens": [args.min_len + 2, args.max_len + 2],
             "mean_sample_tokens": round(shape["mean_sample_tokens"], 1),
             "attention_mean_tokens": round(shape["attention_mean_tokens"], 1), "peak_tflops": args.peak_tflops,
+            "cudnn_attention": args.cudnn_attention,
             "padded_ratio": results.get("padded", {}).get("ratio_to_plain"),
             "padded_mfu": results.get("padded", {}).get("mfu"), "variants": results}
 
@@ -221,12 +236,16 @@ def device_name(gpu: bool) -> str:
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--steps", type=int, default=30)
+    ap.add_argument("--steps", type=int, default=60,
+                    help="training steps; most new batch widths come in the first 30, so fewer measure warm-up")
     ap.add_argument("--micro", type=int, default=16, help="samples per micro-batch")
     ap.add_argument("--min-len", type=int, default=256)
     ap.add_argument("--max-len", type=int, default=1792)
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--peak-tflops", type=float, default=989.0)
+    ap.add_argument("--cudnn-attention", action="store_true",
+                    help="let SDPA use cuDNN on both sides (training.cudnn_attention; off by default)")
+    ap.add_argument("--step-times", action="store_true", help="record the plain loop's per-step times")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the script, not speed")
     ap.add_argument("--deadline-s", type=float, default=420.0,
                     help="the whole run's time limit, start-up included (the device check's call allows 8 minutes)")
@@ -253,6 +272,8 @@ def main():
         cmd = [sys.executable, __file__, "--one", v, "--work", str(work), "--steps", str(args.steps),
                "--micro", str(args.micro), "--min-len", str(args.min_len), "--max-len", str(args.max_len)]
         cmd += ["--cpu-smoke"] if args.cpu_smoke else []
+        cmd += ["--cudnn-attention"] if args.cudnn_attention else []
+        cmd += ["--step-times"] if args.step_times else []
         left = deadline - time.monotonic()
         try:
             if left < 10:

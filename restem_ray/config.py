@@ -259,6 +259,9 @@ class TrainingConfig(_Section):
     gradient_checkpointing: bool = Field(False, description="Recompute activations in backward (less memory).")
     attn_implementation: str | None = Field(None, description="GPU attention kernel, e.g. 'flash_attention_2' or 'sdpa' "
                                                               "(default: transformers' choice).")
+    cudnn_attention: bool = Field(False, description="Let SDPA use cuDNN's attention on GPUs. Off (default): cuDNN "
+                                                     "builds a plan for every new batch shape, and SDPA runs its flash "
+                                                     "or memory-efficient kernel instead (bench/gpu_mstep.py).")
     packing: bool = Field(False, description="Concatenate each micro-batch's samples into rows of pack_length tokens "
                                              "(position ids restart per sample, no attention across samples). Off: "
                                              "length-grouped padded batches (>= 98% real tokens on the demo data).")

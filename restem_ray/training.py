@@ -223,6 +223,16 @@ class TrainState:
     step_carry: dict = field(default_factory=dict)  # rank 0's steps since the last line (StepLines.save)
 
 
+def set_gpu_attention(cudnn: bool) -> None:
+    """cuDNN's SDPA builds a kernel plan for every new shape, and padded M-step batches change width every step:
+    on an H200 it spent 12-14 ms of CPU per attention call, and turning it off took the padded M-step from
+    48.1k to 60.9k real tokens/s over 60 steps (bench/results/gpu_mstep*.json). Process-wide, as torch has it;
+    a Ray Train worker process only trains."""
+    import torch
+
+    torch.backends.cuda.enable_cudnn_sdp(cudnn)
+
+
 class MStep:
     """One rank of the M-step. Plain code: Ray Train, a test or a benchmark constructs it."""
 
@@ -247,6 +257,8 @@ class MStep:
         hf_logging.disable_progress_bar()  # a "Writing model shards" bar per checkpoint drowns the M-step's own
         if not cfg.use_gpu:
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
+        else:
+            set_gpu_attention(cfg.cudnn_attention)
         torch.manual_seed(job["seed"])
         self.init_model = local_model_copy(job["init_model"])  # a URI base: this node's copy, made once
         self.tok = AutoTokenizer.from_pretrained(self.init_model)
