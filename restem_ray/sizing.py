@@ -2,14 +2,19 @@
 
 Mixed-precision AdamW holds 16 bytes per trained parameter: bf16 weights (2) and gradients (2), an fp32
 master copy (4) and two fp32 moments (8). ZeRO-2 shards gradients and optimizer state over the data-parallel
-ranks and keeps the bf16 weights whole on each; ZeRO-3 shards all 16 bytes. Activations: each layer keeps
-about 34 x hidden bytes per token (Korthikanti et al. 2022, bf16, with a fused attention kernel such as
-SDPA's or flash-attention's, which stores no seq x seq scores); with gradient checkpointing a layer keeps
-only its input (2 x hidden bytes per token) and one layer is recomputed at a time. The logits peak at about
-12 bytes per token and vocabulary entry (bf16 logits, transformers' fp32 copy for the loss, its fp32
-gradient, the bf16 gradient). Checked against one measurement (shared/reference/gpu.md: 0.5B, one H200,
-16 x 1024 tokens, plain torch 51.8 GiB, DeepSpeed ZeRO-2 55.5 GiB; this gives 46.4 GiB): allow 10-20% for
-the allocator, temporaries and communication buffers.
+ranks and keeps the bf16 weights whole on each; ZeRO-3 shards all 16 bytes. Activations: what transformers'
+Llama/Qwen2 decoder layer saves for backward under SDPA, per token (tests/test_sizing.py counts it with
+autograd's saved-tensor hooks): RMSNorm's fp32 input and bf16 output twice (12h), q and the attention output
+(4h), k and v (4h x kv_heads/heads), the attention's fp32 log-sum-exp (4 x heads), the MLP's gate, up,
+SiLU and product outputs (8 x intermediate) and its bf16 input and output (4h) -- about 64 x hidden bytes
+for Qwen2 shapes, nearly twice the 34 x hidden of fused GeLU layers (Korthikanti et al. 2022). With gradient
+checkpointing a layer keeps only its input (2 x hidden bytes per token) and one layer is recomputed at a
+time. The logits peak at 12 bytes per token and vocabulary entry at the start of backward: log-softmax's
+saved fp32 output, its fp32 gradient and the gradient of the fp32 upcast (the bf16 logits are gone by then:
+the M-step keeps only the loss). Checked against two H200 runs of the 0.5B shape, ZeRO-2 on one GPU: 16 x
+1024 tokens, 55.5 GiB measured (plain DeepSpeed, shared/reference/gpu.md); the M-step's widest batch 16 x 1856
+in bench/gpu_mstep.py, 95.2 GiB (bench/results/gpu_mstep.json); this gives 56.2 and 95.9. Allow 10-20% more
+for the allocator's cache and fragmentation.
 """
 from __future__ import annotations
 
@@ -24,13 +29,21 @@ class Shape:
     hidden: int
     layers: int
     vocab: int
+    heads: int
+    kv_heads: int
+    intermediate: int
+
+    def saved_bytes_per_token_per_layer(self) -> float:
+        """What one decoder layer keeps for backward per token (see the module's docstring)."""
+        h = self.hidden
+        return 20 * h + 4 * h * self.kv_heads / self.heads + 8 * self.intermediate + 4 * self.heads + 8
 
 
 # Qwen2.5 shapes (config.json of the released models).
 SHAPES = {
-    "0.5B": Shape(494e6, 896, 24, 151936),
-    "1.5B": Shape(1.54e9, 1536, 28, 151936),
-    "7B": Shape(7.62e9, 3584, 28, 152064),
+    "0.5B": Shape(494e6, 896, 24, 151936, heads=14, kv_heads=2, intermediate=4864),
+    "1.5B": Shape(1.54e9, 1536, 28, 151936, heads=12, kv_heads=2, intermediate=8960),
+    "7B": Shape(7.62e9, 3584, 28, 152064, heads=28, kv_heads=4, intermediate=18944),
 }
 
 
@@ -47,7 +60,7 @@ def mstep_gib_per_gpu(shape: Shape, *, gpus: int, zero_stage: int, micro_batch: 
     else:
         states = 16 * p
     tokens = micro_batch * seq_len
-    layer = tokens * 34 * shape.hidden
+    layer = tokens * shape.saved_bytes_per_token_per_layer()
     acts = shape.layers * tokens * 2 * shape.hidden + layer if gradient_checkpointing else shape.layers * layer
     logits = tokens * shape.vocab * 12
     out = {"model_states": states / GIB, "activations": acts / GIB, "logits": logits / GIB}
