@@ -1,14 +1,14 @@
 #!/usr/bin/env bash
 # The prepared GPU check: every M-step check that needs a GPU, in one call of a few minutes on one H100/H200.
-# The GPU machine has torch and transformers but no deepspeed, pydantic or accelerate and no network
+# The GPU machine has torch and transformers but no deepspeed, pydantic or liger-kernel and no network
 # (shared/reference/gpu.md), so what it lacks travels as .gpu-wheels/ (made by bench/gpu_wheels.sh here):
 #   device tool: run(command="bash bench/gpu_mstep.sh", carry=[".gpu-wheels"], timeout_s=480)
 # Writes $OUT/gpu_mstep.json (OUT defaults to bench/results) and prints the table the README quotes.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 wheels=${WHEELS:-.gpu-wheels}
-if ! python -c "import deepspeed, pydantic, accelerate" 2>/dev/null; then
-  [ -d "$wheels" ] || { echo "deepspeed/pydantic/accelerate missing and no $wheels: run bench/gpu_wheels.sh first" >&2; exit 2; }
+if ! python -c "import deepspeed, pydantic, accelerate, liger_kernel" 2>/dev/null; then
+  [ -d "$wheels" ] || { echo "deepspeed/pydantic/accelerate/liger-kernel missing and no $wheels: run bench/gpu_wheels.sh first" >&2; exit 2; }
   site=/tmp/restem-site
   t=$(date +%s)
   python -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl

@@ -262,6 +262,10 @@ class TrainingConfig(_Section):
     cudnn_attention: bool = Field(False, description="Let SDPA use cuDNN's attention on GPUs. Off (default): cuDNN "
                                                      "builds a plan for every new batch shape, and SDPA runs its flash "
                                                      "or memory-efficient kernel instead (bench/gpu_mstep.py).")
+    liger_kernel: bool = Field(False, description="Liger's Triton kernels on GPUs (liger-kernel, in the gpu extra): "
+                                                  "fused RMSNorm, RoPE and SwiGLU, and the loss computed from the last "
+                                                  "hidden states in chunks, never materialising the logits (12 bytes "
+                                                  "per token and vocabulary entry). ZeRO 0-2.")
     packing: bool = Field(False, description="Concatenate each micro-batch's samples into rows of pack_length tokens "
                                              "(position ids restart per sample, no attention across samples). Off: "
                                              "length-grouped padded batches (>= 98% real tokens on the demo data).")
@@ -298,6 +302,11 @@ class TrainingConfig(_Section):
     def _check_training(self) -> "TrainingConfig":
         if self.lora_rank and self.zero_stage == 3:
             raise ValueError("training.lora_rank needs training.zero_stage 0, 1 or 2 (adapters are small)")
+        if self.liger_kernel and not self.use_gpu:
+            raise ValueError("training.liger_kernel needs training.use_gpu: true (Liger's kernels are Triton GPU kernels)")
+        if self.liger_kernel and self.zero_stage == 3:
+            raise ValueError("training.liger_kernel needs training.zero_stage 0, 1 or 2 (its fused loss reads lm_head's "
+                             "weight directly, which ZeRO-3 gathers only inside lm_head's own forward)")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("training.offload_params needs training.zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:

@@ -233,6 +233,22 @@ def set_gpu_attention(cudnn: bool) -> None:
     torch.backends.cuda.enable_cudnn_sdp(cudnn)
 
 
+def apply_liger_kernel(model) -> None:
+    """Swap in Liger's fused kernels on this model instance (as transformers' Trainer does with
+    use_liger_kernel): in training with labels, its forward returns the loss without logits."""
+    try:
+        from liger_kernel.transformers import _apply_liger_kernel_to_instance
+        from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
+    except ImportError:
+        raise RuntimeError("training.liger_kernel: the liger-kernel package is not installed "
+                           "(pip install 'restem-ray[gpu]')") from None
+    kind = getattr(model.config, "model_type", None)
+    if kind not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # Liger itself would only log and train without its kernels
+        raise RuntimeError(f"training.liger_kernel: Liger has no kernels for model type {kind!r} "
+                           f"(it has: {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))})")
+    _apply_liger_kernel_to_instance(model=model)
+
+
 class MStep:
     """One rank of the M-step. Plain code: Ray Train, a test or a benchmark constructs it."""
 
@@ -285,6 +301,11 @@ class MStep:
                 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
                 unset_hf_deepspeed_config()
+        # from_pretrained returns the model in eval mode and DeepSpeed leaves it so; in eval mode transformers
+        # skips gradient checkpointing (and dropout), and Liger computes the full logits
+        model.train()
+        if cfg.liger_kernel:
+            apply_liger_kernel(model)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if cfg.lora_rank:

@@ -88,6 +88,9 @@ def test_training_options_are_checked_at_load_time(tmp_path):
     for tree, needle in [({"deepspeed": "bad.json"}, "bad.json: line 2: not valid JSON"),
                          ({"deepspeed": "nope.json"}, "nope.json: cannot read"),
                          ({"offload_params": True}, "training.offload_params needs training.zero_stage 3"),
+                         ({"liger_kernel": True}, "training.liger_kernel needs training.use_gpu: true"),
+                         ({"liger_kernel": True, "use_gpu": True, "zero_stage": 3},
+                          "training.liger_kernel needs training.zero_stage 0, 1 or 2"),
                          ({"lr_schedule": "linear"}, "training.lr_schedule")]:
         with pytest.raises(UserError) as e:
             load_config(write(tmp_path, {**MIN, "training": tree}))

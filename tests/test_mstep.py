@@ -417,6 +417,32 @@ def test_bf16_training_writes_bf16_checkpoints_that_vllm_loads_as_bf16(tmp_path,
     assert rows[0]["completion_tokens"] > 0
 
 
+@pytest.mark.parametrize("checkpointing", [False, True])
+def test_the_mstep_trains_in_train_mode_so_gradient_checkpointing_recomputes(tmp_path, single_process_group,
+                                                                            checkpointing):
+    """from_pretrained returns a model in eval mode, DeepSpeed keeps it so, and in eval mode transformers skips
+    gradient checkpointing: training.gradient_checkpointing was a silent no-op (a 7B job sized with it would
+    run out of GPU memory). With it, every decoder layer runs again in backward."""
+    from restem_ray.training import LocalReporter, MStep
+
+    class Counting(MStep):
+        def _setup(self):
+            super()._setup()
+            self.calls, self.modes = 0, set()
+
+            def count(module, args):  # a pre-hook: checkpointing's recompute stops before the layer returns
+                self.calls += 1
+                self.modes.add(module.training)
+
+            self.engine.module.model.layers[0].register_forward_pre_hook(count)
+
+    job = _tiny_job(tmp_path, SUMS, micro_batch_size=8, epochs=1, lr=1e-3, gradient_checkpointing=checkpointing)
+    step = Counting(job, 0, 1, LocalReporter(str(tmp_path / "ckpts")))
+    m = step.run()
+    assert m["steps"] == 3 and step.modes == {True}
+    assert step.calls == 3 * (2 if checkpointing else 1)
+
+
 def test_zero3_loads_sharded_and_saves_exactly_the_trained_weights(tmp_path, single_process_group, monkeypatch):
     """ZeRO-3 builds the model inside deepspeed.zero.Init (each rank loads only its shard: a 7B model never sits
     whole in host RAM per rank), and the consolidated HF checkpoint equals the parameters gathered from the

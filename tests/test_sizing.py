@@ -96,3 +96,8 @@ def test_readme_gpu_sizing_table_is_the_arithmetic():
                   f"16 x {widest} (estimate {est[1]:.1f})", f"need {big:.1f} GiB per GPU, more than an 80 GB GPU holds"):
         assert quote in text, quote
     assert big > 80 * 1e9 / 2**30
+    job = load_config(ROOT / "jobs" / "gsm8k-qwen-7b.yaml").training  # what checkpointing saves there
+    acts = [mstep_gib_per_gpu(SHAPES["7B"], gpus=job.num_workers, zero_stage=job.zero_stage,
+                              micro_batch=job.micro_batch_size, seq_len=job.max_seq_len,
+                              gradient_checkpointing=ckpt)["activations"] for ckpt in (False, True)]
+    assert job.gradient_checkpointing and f"held {acts[0]:.1f} GiB of activations per GPU instead of {acts[1]:.1f}" in text
