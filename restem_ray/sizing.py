@@ -4,12 +4,12 @@ Mixed-precision AdamW holds 16 bytes per trained parameter: bf16 weights (2) and
 master copy (4) and two fp32 moments (8). ZeRO-2 shards gradients and optimizer state over the data-parallel
 ranks and keeps the bf16 weights whole on each; ZeRO-3 shards all 16 bytes. Activations: what transformers'
 Llama/Qwen2 decoder layer saves for backward under SDPA, per token (tests/test_sizing.py counts it with
-autograd's saved-tensor hooks): RMSNorm's fp32 input and bf16 output twice (12h), q and the attention output
-(4h), k and v (4h x kv_heads/heads), the attention's fp32 log-sum-exp (4 x heads), the MLP's gate, up,
-SiLU and product outputs (8 x intermediate) and its bf16 input and output (4h) -- about 64 x hidden bytes
-for Qwen2 shapes, nearly twice the 34 x hidden of fused GeLU layers (Korthikanti et al. 2022). With gradient
-checkpointing a layer keeps only its input (2 x hidden bytes per token) and one layer is recomputed at a
-time. The logits peak at 12 bytes per token and vocabulary entry at the start of backward: log-softmax's
+autograd's saved-tensor hooks): each of the two RMSNorms its fp32 input, its bf16 normalised input and its
+scaled output, which the next projections read (8h each); q and the attention output (4h); k and v (4h x
+kv_heads/heads); fp32 row statistics (4 x heads + 8); the MLP's gate, up, SiLU and product outputs (8 x
+intermediate) -- about 64 x hidden bytes for Qwen2 shapes, nearly twice the 34 x hidden of fused GeLU
+layers (Korthikanti et al. 2022). With gradient checkpointing a layer keeps only its input (2 x hidden
+bytes per token) and one layer is recomputed at a time. The logits peak at 12 bytes per token and vocabulary entry at the start of backward: log-softmax's
 saved fp32 output, its fp32 gradient and the gradient of the fp32 upcast (the bf16 logits are gone by then:
 the M-step keeps only the loss). Checked against two H200 runs of the 0.5B shape, ZeRO-2 on one GPU: 16 x
 1024 tokens, 55.5 GiB measured (plain DeepSpeed, shared/reference/gpu.md); the M-step's widest batch 16 x 1856
