@@ -2,8 +2,8 @@
 Ray) against a plain DeepSpeed ZeRO-2 loop on the same batches, in one run.
 
     bash bench/gpu_mstep.sh                        # the prepared device check (installs what it carries)
-    python bench/gpu_mstep.py [--steps 60] [--variants plain,padded,liger,packed,zero3,unbucketed] [--cudnn-attention]
-                              [--step-times]
+    python bench/gpu_mstep.py [--steps 60] [--variants plain,padded,liger,zero3,packed] [--cudnn-attention]
+                              [--step-times]       # --variants may add unbucketed
     python bench/gpu_mstep.py --cpu-smoke          # tiny shapes on CPU: checks the script, not speed
 
 Model: random-init Llama shaped like Qwen2-0.5B (494M parameters, vocab 151,936, tied embeddings), bf16.
@@ -22,7 +22,8 @@ and data file:
               (not in the default list: at 30 steps with cuDNN it ran as fast as padded)
 Throughput counts real (non-padding) tokens over the training steps, first step included, on both sides. Every
 new padded width costs kernel set-up (most of the ~25 widths come in the first 30 steps; `--step-times` records
-the plain loop's per-step times to show it), so short runs measure warm-up more than a long M-step's steady state.
+the plain loop's per-step GPU times with CUDA events, no host syncs, to show it), so short runs measure warm-up
+more than a long M-step's steady state.
 Both sides keep SDPA off cuDNN as the M-step does (`training.cudnn_attention`); `--cudnn-attention` lets both use it.
 MFU = real tokens/s x (6 x params + 6 x layers x hidden x s) / peak bf16 FLOP/s (989 TFLOP/s: H100/H200 SXM
 dense), s the token-weighted mean sample length (sum of squares over sum: a sample's attention work per token
@@ -145,6 +146,7 @@ def run_variant(work: Path, args, variant: str) -> dict:
            "train_seconds": round(m["train_seconds"], 2), "wall_seconds": round(time.perf_counter() - t, 1),
            "loss": round(m["loss"], 5), "attn": cfg.attn_implementation or "default",
            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
+           **({"widths": m["widths"]} if "widths" in m else {}),
            **({"step_times": m["step_times"]} if m.get("step_times") else {})}
     if variant != "plain":
         ckpt = work / f"ckpt-{variant}"
@@ -196,21 +198,25 @@ def plain_loop(work: Path, cfg, step_times: bool = False) -> dict:
         for b in batches:
             b.pop("attention_mask")
     tokens = sum(b["input_ids"].numel() for b in batches)
-    times = []  # --step-times: [width, seconds] per step, synchronised (shows what a new shape costs)
+    widths = [b["input_ids"].shape[1] for b in batches]
+    # --step-times: CUDA events between steps, read after the run, so the loop never waits on the GPU for
+    # them (a synchronize per step would slow the reference the M-step is compared with)
+    marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(batches) + 1)] if gpu and step_times else []
     t = time.perf_counter()
-    for b in batches:
-        s = time.perf_counter()
+    for i, b in enumerate(batches):
+        if marks:
+            marks[i].record()
         loss = engine(**{k: v.to(engine.device) for k, v in b.items()}, use_cache=False).loss
         engine.backward(loss)
         engine.step()
-        if step_times:
-            torch.cuda.synchronize() if gpu else None
-            times.append([b["input_ids"].shape[1], round(time.perf_counter() - s, 4)])
+    if marks:
+        marks[-1].record()
     if gpu:
         torch.cuda.synchronize()
     secs = time.perf_counter() - t
+    times = [[w, round(a.elapsed_time(z) / 1000, 4)] for w, a, z in zip(widths, marks, marks[1:])]
     return {"steps": len(batches), "real_tokens": real, "tokens_per_s": real / secs, "train_seconds": secs,
-            "real_token_fraction": real / tokens, "loss": loss.item(), "step_times": times}
+            "real_token_fraction": real / tokens, "loss": loss.item(), "widths": widths, "step_times": times}
 
 
 def summarize(results: dict, shape: dict, args) -> dict:
@@ -221,7 +227,7 @@ def summarize(results: dict, shape: dict, args) -> dict:
         if "real_tokens_per_s" in r:
             r["mfu"] = round(r["real_tokens_per_s"] * flops_per_token / (args.peak_tflops * 1e12), 4)
             r["ratio_to_plain"] = round(r["real_tokens_per_s"] / plain, 3) if plain else None
-    return {"device": device_name(not args.cpu_smoke), "date": time.strftime("%Y-%m-%d"),
+    return {"device": device_name(not args.cpu_smoke), "date": time.strftime("%Y-%m-%d"), "versions": versions(),
             "model_params": shape["params"], "steps": args.steps, "micro_batch": args.micro,
             "sample_tokens": [args.min_len + 2, args.max_len + 2],
             "mean_sample_tokens": round(shape["mean_sample_tokens"], 1),
@@ -229,6 +235,15 @@ def summarize(results: dict, shape: dict, args) -> dict:
             "cudnn_attention": args.cudnn_attention,
             "padded_ratio": results.get("padded", {}).get("ratio_to_plain"),
             "padded_mfu": results.get("padded", {}).get("mfu"), "variants": results}
+
+
+def versions() -> dict:
+    import deepspeed
+    import torch
+    import transformers
+
+    return {"torch": torch.__version__, "cuda": torch.version.cuda, "transformers": transformers.__version__,
+            "deepspeed": deepspeed.__version__}
 
 
 def device_name(gpu: bool) -> str:
@@ -246,7 +261,7 @@ def main():
     ap.add_argument("--micro", type=int, default=16, help="samples per micro-batch")
     ap.add_argument("--min-len", type=int, default=256)
     ap.add_argument("--max-len", type=int, default=1792)
-    ap.add_argument("--variants", help="default: plain,padded,liger,packed,zero3 (without liger on CPU)")
+    ap.add_argument("--variants", help="default: plain,padded,liger,zero3,packed (without liger on CPU)")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--cudnn-attention", action="store_true",
                     help="let SDPA use cuDNN on both sides (training.cudnn_attention; off by default)")
@@ -263,7 +278,7 @@ def main():
     if args.one:
         print("RESULT " + json.dumps(run_variant(Path(args.work), args, args.one)), flush=True)
         return
-    args.variants = args.variants or ("plain,padded,packed,zero3" if args.cpu_smoke else "plain,padded,liger,packed,zero3")
+    args.variants = args.variants or ("plain,padded,zero3,packed" if args.cpu_smoke else "plain,padded,liger,zero3,packed")
     variants = args.variants.split(",")
     if args.cpu_smoke and "liger" in variants:
         sys.exit("--variants liger: Liger's kernels are Triton GPU kernels (not with --cpu-smoke)")

@@ -247,8 +247,8 @@ class TrainingConfig(_Section):
     max_seq_len: int = Field(1024, ge=8, description="Prompt+completion tokens per training row; longer rows are "
                                                       "dropped and counted (a cut row would teach a headless solution).")
     pad_to_multiple_of: int | None = Field(None, ge=1, description="Round padded (and packed) row widths up to a "
-                                                                   "multiple of this (default: 64 on GPUs, where each "
-                                                                   "new shape costs kernel planning; 1 on CPUs).")
+                                                                   "multiple of this (default: 64 on GPUs, to bound "
+                                                                   "the shapes kernels are set up for; 1 on CPUs).")
     deepspeed: dict[str, Any] | str = Field(default_factory=dict, description="Raw DeepSpeed config (a mapping, or the "
                                             "path of a JSON file) merged over the generated one.")
     lr_schedule: Literal["cosine", "constant"] = Field("cosine", description="After warm-up: cosine decay to 10% of "
@@ -311,8 +311,19 @@ class TrainingConfig(_Section):
             raise ValueError("training.offload_params needs training.zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:
             raise ValueError("training.offload_optimizer needs training.zero_stage 1, 2 or 3")
-        if isinstance(self.deepspeed, str):
-            self.deepspeed_overrides()  # a missing or malformed file fails at load time, not in a worker
+        ds = self.deepspeed_overrides()  # a missing or malformed file fails at load time, not in a worker
+        # Settings the M-step plans with (ZeRO-3's sharded loading and synced decoding, the batch plan, the
+        # checks above) come from training.*; a raw override that disagrees would split them silently.
+        owned = {("zero_optimization", "stage"): ("zero_stage", self.zero_stage),
+                 ("train_micro_batch_size_per_gpu",): ("micro_batch_size", self.micro_batch_size),
+                 ("gradient_accumulation_steps",): ("grad_accum", self.grad_accum)}
+        for path, (field, value) in owned.items():
+            got = ds
+            for key in path:
+                got = got.get(key) if isinstance(got, dict) else None
+            if got is not None and got != value:
+                raise ValueError(f"training.deepspeed: {'.'.join(path)} is {got!r} but training.{field} is "
+                                 f"{value!r}; set training.{field} instead")
         return self
 
     def deepspeed_overrides(self) -> dict:

@@ -91,7 +91,12 @@ def test_training_options_are_checked_at_load_time(tmp_path):
                          ({"liger_kernel": True}, "training.liger_kernel needs training.use_gpu: true"),
                          ({"liger_kernel": True, "use_gpu": True, "zero_stage": 3},
                           "training.liger_kernel needs training.zero_stage 0, 1 or 2"),
-                         ({"lr_schedule": "linear"}, "training.lr_schedule")]:
+                         ({"lr_schedule": "linear"}, "training.lr_schedule"),
+                         ({"deepspeed": {"zero_optimization": {"stage": 3}}},
+                          "training.deepspeed: zero_optimization.stage is 3 but training.zero_stage is 2; set "
+                          "training.zero_stage instead"),
+                         ({"deepspeed": {"gradient_accumulation_steps": 4}},
+                          "gradient_accumulation_steps is 4 but training.grad_accum is 1")]:
         with pytest.raises(UserError) as e:
             load_config(write(tmp_path, {**MIN, "training": tree}))
         assert needle in str(e.value) and "\n" not in str(e.value)

@@ -16,7 +16,7 @@ def test_gpu_bench_compares_mstep_with_plain_deepspeed_on_the_same_batches(tmp_p
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_mstep.py"), "--cpu-smoke", "--steps", "4",
-                        "--variants", "plain,padded,zero3", "--out", str(tmp_path)],
+                        "--variants", "plain,padded,zero3", "--step-times", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, TMPDIR=str(scratch)))
     assert p.returncode == 0, p.stderr[-3000:]
     # the bench's folder (model, data, every variant's checkpoint: GB each on a GPU) is gone; torch may keep
@@ -27,6 +27,9 @@ def test_gpu_bench_compares_mstep_with_plain_deepspeed_on_the_same_batches(tmp_p
     # the same batches: the same tokens, and from the same initial weights the same training, step for step
     assert plain["steps"] == padded["steps"] == zero3["steps"] == 4
     assert plain["real_tokens"] == padded["real_tokens"] == zero3["real_tokens"]
+    # the plain loop's batch widths are recorded (the sizing test reads the widest); step times are CUDA events
+    assert len(plain["widths"]) == 4 and "step_times" not in plain
+    assert set(r["versions"]) == {"torch", "cuda", "transformers", "deepspeed"}
     # on CPU the reference drops the mask as the M-step does, so the same batches give the same loss exactly
     # (ZeRO-3 partitions its reductions differently: close, not equal)
     assert plain["loss"] == padded["loss"] and abs(plain["loss"] - zero3["loss"]) < 1e-2
@@ -47,3 +50,11 @@ def test_gpu_bench_keeps_to_its_deadline_and_writes_what_it_has(tmp_path):
     assert {v: x["error"] for v, x in r["variants"].items()} == {
         "plain": "not finished within --deadline-s 0", "padded": "not finished within --deadline-s 0"}
     assert r["padded_ratio"] is None
+
+
+def test_gpu_bench_refuses_liger_on_cpu_before_building_anything(tmp_path):
+    p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_mstep.py"), "--cpu-smoke", "--variants",
+                        "plain,padded,liger", "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 1 and p.stderr.strip() == (
+        "--variants liger: Liger's kernels are Triton GPU kernels (not with --cpu-smoke)")
+    assert not list(tmp_path.iterdir())

@@ -88,7 +88,7 @@ def gpu_quotes():
     spec = importlib.util.spec_from_file_location("gpu_mstep", ROOT / "bench" / "gpu_mstep.py")
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    d30, dc, d = res("gpu_mstep-30steps"), res("gpu_mstep-cudnn"), res("gpu_mstep")
+    d30, dc, d = res("gpu_mstep-30steps"), res("gpu_mstep-60steps-cudnn"), res("gpu_mstep-60steps")
     v30, c, o = d30["variants"], gpu_step_costs(dc), gpu_step_costs(d)
     assert (d30["cudnn_attention"], dc["cudnn_attention"], d["cudnn_attention"]) == (True, True, False)
     pv, pp = d["variants"]["plain"], d["variants"]["padded"]
@@ -97,7 +97,7 @@ def gpu_quotes():
           f"{r['peak_memory_gib']} GiB | {r.get('checkpoint_dtype', '-')} |" for v, r in v30.items()),
         *(f"| {label} (`{name}.json`) | {x['variants']['plain']['real_tokens_per_s']:,} | "
           f"{x['variants']['padded']['real_tokens_per_s']:,} | {x['padded_ratio']} | {100 * x['padded_mfu']:.1f}% |"
-          for label, name, x in (("cuDNN free", "gpu_mstep-cudnn", dc), ("kept off cuDNN (default)", "gpu_mstep", d))),
+          for label, name, x in (("cuDNN free", "gpu_mstep-60steps-cudnn", dc), ("kept off cuDNN (default)", "gpu_mstep-60steps", d))),
         f"the batches have {o['widths']} padded widths, and {o['n_new']} of the {d['steps'] - 1} steps after the "
         f"first come at a width not seen before",
         f"with cuDNN's attention {c['new']:.1f} µs per padded token against {c['rep']:.1f} at a width seen before "
