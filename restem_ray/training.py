@@ -221,6 +221,7 @@ class TrainState:
     history: list = field(default_factory=list)
     step_lines: list = field(default_factory=list)  # rank 0's live step lines so far, re-sent on a restart
     step_carry: dict = field(default_factory=dict)  # rank 0's steps since the last line (StepLines.save)
+    done: bool = False                  # the M-step's last checkpoint: HF weights only, nothing left to train
 
 
 def set_gpu_attention(cudnn: bool) -> None:
@@ -345,11 +346,18 @@ class MStep:
         self.device = self.engine.device  # every tensor a collective or the model sees lives here
         self.state = TrainState()
         self.resumed_from = 0
+        self.finished_copy = None  # a finished M-step found again: its last checkpoint's files, to re-report
         with self.reporter.latest_checkpoint() as latest:
             if latest:  # a replaced worker group: continue from the last checkpoint, not from the start
-                self.engine.load_checkpoint(os.path.join(latest, "deepspeed"), tag="ckpt")
                 self.state = TrainState(**json.loads(Path(latest, "state.json").read_text()))
                 self.resumed_from = self.state.step
+                if self.state.done:  # no DeepSpeed state to load: the engine keeps the base weights
+                    self.finished_copy = tempfile.mkdtemp(prefix="restem-finished-")
+                    if self.rank == 0:  # rank 0's files, as _checkpoint writes them
+                        shutil.copytree(Path(latest, "hf"), Path(self.finished_copy, "hf"))
+                        shutil.copy(Path(latest, "state.json"), self.finished_copy)
+                else:
+                    self.engine.load_checkpoint(os.path.join(latest, "deepspeed"), tag="ckpt")
         self.valid = self._load_valid()
         self.verifier = None
         if self.valid is not None:  # built once per M-step (a code verifier starts its sandbox here)
@@ -394,7 +402,7 @@ class MStep:
         plan_epoch_idx, plan = -1, None
         stop = False
         lines = StepLines(self, self.job.get("log_every_steps", 0) if self.rank == 0 else 0)
-        while st.step < self.total and not stop:
+        while st.step < self.total and not stop and not st.done:
             epoch, within = divmod(st.step, self.steps_per_epoch)
             if epoch != plan_epoch_idx:
                 plan_epoch_idx, plan = epoch, self.plan(epoch)
@@ -434,18 +442,18 @@ class MStep:
                     lines.emit()  # the last step's line, before the checkpoint saves the lines
                 with lines.paused():
                     lines.save()
-                    self._checkpoint(float(step_loss) / cfg.grad_accum, tokens, real, t0)
+                    self._checkpoint(float(step_loss) / cfg.grad_accum, tokens, real, t0, final=stop or last)
             elif st.step % self.checkpoint_every == 0 or last:
                 with lines.paused():
                     lines.save()
-                    self._checkpoint(float(step_loss) / cfg.grad_accum, tokens, real, t0)
+                    self._checkpoint(float(step_loss) / cfg.grad_accum, tokens, real, t0, final=last)
         if stop and self.rank == 0:
             print(f"[restem] M-step: validation reward has not improved for {cfg.patience} evaluation(s); "
                   f"stopped at step {st.step}, best step {st.best_step} ({st.best_reward:.3f})")
         if bar:
             bar.close()
         if self.last_metrics is None:  # restored at the end (a re-run driver found the finished checkpoints)
-            self._checkpoint(float("nan"), 0, 0, t0)
+            self._checkpoint(float("nan"), 0, 0, t0, final=True)
         self.reporter.flush_steps()
         return self.last_metrics
 
@@ -468,8 +476,10 @@ class MStep:
             st.stale_evals += 1
         return st.stale_evals >= self.cfg.patience
 
-    def _checkpoint(self, loss: float, tokens: int, real: int, t0: float) -> None:
-        """DeepSpeed state of every rank + consolidated HF weights + TrainState, reported as one checkpoint."""
+    def _checkpoint(self, loss: float, tokens: int, real: int, t0: float, final: bool = False) -> None:
+        """DeepSpeed state of every rank + consolidated HF weights + TrainState, reported as one checkpoint.
+        The final one leaves the DeepSpeed state out: nothing resumes from it (the next M-step starts from
+        weights), and it is the optimizer's 12 bytes per parameter, ~85 GiB for a 7B model, every M-step."""
         from deepspeed.accelerator import get_accelerator
 
         st, engine = self.state, self.engine
@@ -488,9 +498,18 @@ class MStep:
             metrics["valid_score"] = metrics["valid_reward"] - 1e-9 * st.step
         elif self.valid is not None:
             metrics["valid_score"] = -1.0  # not evaluated (a re-report after a restore): never the best
+        st.done = final
+        if self.finished_copy is not None:  # the finished M-step's own files: this engine was never trained
+            try:
+                self.last_metrics = metrics
+                self.reporter.report(metrics, self.finished_copy, f"step_{st.step:07d}")
+            finally:
+                shutil.rmtree(self.finished_copy, ignore_errors=True)
+            return
         tmp = tempfile.mkdtemp(prefix="restem-ckpt-")
         try:
-            engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="ckpt")
+            if not final:
+                engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="ckpt")
             # ZeRO-3 shards parameters: every rank must take part in gathering them.
             state = engine._zero3_consolidated_16bit_state_dict() if self.cfg.zero_stage == 3 else None
             if self.rank == 0:

@@ -417,6 +417,28 @@ def test_bf16_training_writes_bf16_checkpoints_that_vllm_loads_as_bf16(tmp_path,
     assert rows[0]["completion_tokens"] > 0
 
 
+def test_the_last_checkpoint_leaves_out_the_optimizer_and_a_finished_mstep_reports_its_own_weights(
+        tmp_path, single_process_group):
+    """Nothing resumes from the M-step's last checkpoint, so it holds no DeepSpeed state (the optimizer's 12
+    bytes per parameter). A driver re-run after the M-step finished finds that checkpoint, trains nothing, and
+    reports the same weights again, not the untrained engine's."""
+    from restem_ray.training import LocalReporter, MStep
+
+    job = _tiny_job(tmp_path, SUMS, micro_batch_size=8, epochs=2, lr=1e-3, checkpoint_every_steps=3)
+    root = tmp_path / "ckpts"
+    first = LocalReporter(str(root))
+    MStep(job, 0, 1, first).run()
+    assert (root / "step_0000003" / "deepspeed").is_dir() and not (root / "step_0000006" / "deepspeed").exists()
+    weights = (root / "step_0000006" / "hf" / "model.safetensors").read_bytes()
+    assert json.loads((root / "step_0000006" / "state.json").read_text())["done"] is True
+    again = LocalReporter(str(root))
+    m = MStep(job, 0, 1, again).run()
+    assert m["resumed_from_step"] == 6 and m["steps"] == 6 and len(again.reports) == 1
+    assert (root / "step_0000006" / "hf" / "model.safetensors").read_bytes() == weights
+    base = (tmp_path / "base" / "model.safetensors").read_bytes()
+    assert weights != base
+
+
 @pytest.mark.parametrize("checkpointing", [False, True])
 def test_the_mstep_trains_in_train_mode_so_gradient_checkpointing_recomputes(tmp_path, single_process_group,
                                                                             checkpointing):
