@@ -9,12 +9,13 @@ scaled output, which the next projections read (8h each); q and the attention ou
 kv_heads/heads); fp32 row statistics (4 x heads + 8); the MLP's gate, up, SiLU and product outputs (8 x
 intermediate) -- about 64 x hidden bytes for Qwen2 shapes, nearly twice the 34 x hidden of fused GeLU
 layers (Korthikanti et al. 2022). With gradient checkpointing a layer keeps only its input (2 x hidden
-bytes per token) and one layer is recomputed at a time. The logits peak at 12 bytes per token and vocabulary entry at the start of backward: log-softmax's
-saved fp32 output, its fp32 gradient and the gradient of the fp32 upcast (the bf16 logits are gone by then:
-the M-step keeps only the loss). Checked against two H200 runs of the 0.5B shape, ZeRO-2 on one GPU: 16 x
-1024 tokens, 55.5 GiB measured (plain DeepSpeed, shared/reference/gpu.md); the M-step's widest batch 16 x 1856
-in bench/gpu_mstep.py, 95.2 GiB (bench/results/gpu_mstep.json); this gives 56.2 and 95.9. Allow 10-20% more
-for the allocator's cache and fragmentation.
+bytes per token) and one layer is recomputed at a time. The logits peak at 12 bytes per token and
+vocabulary entry at the start of backward: log-softmax's saved fp32 output, its fp32 gradient and the
+gradient of the fp32 upcast (the bf16 logits are gone by then: the M-step keeps only the loss). Checked
+against two H200 runs of the 0.5B shape, ZeRO-2 on one GPU: 16 x 1024 tokens, 55.5 GiB measured (plain
+DeepSpeed, shared/reference/gpu.md); the M-step's widest batch, 16 x 1856 in bench/gpu_mstep.py, 95.2 GiB
+(bench/results/gpu_mstep-60steps.json); this gives 56.2 and 95.9. Allow 10-20% more for the allocator's
+cache and fragmentation.
 """
 from __future__ import annotations
 

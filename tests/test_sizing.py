@@ -21,14 +21,20 @@ def readme_row(name, gpus, zero, micro, seq, ckpt) -> str:
             f"{host_gib_per_rank(SHAPES[name], zero_stage=zero, gpus=gpus):.1f} |")
 
 
-def test_estimate_matches_the_measured_h200_runs():
-    """Peak GPU memory of the 0.5B shape, ZeRO-2 on one H200: 16 x 1024 tokens, 55.5 GiB (plain DeepSpeed,
-    shared/reference/gpu.md), and the M-step in bench/gpu_mstep.py, whose widest micro-batch is the peak."""
+def measured_peaks():
+    """(micro-batch, tokens, measured GiB, estimated GiB) for the 0.5B shape, ZeRO-2 on one H200: 16 x 1024
+    tokens, 55.5 GiB (plain DeepSpeed, shared/reference/gpu.md), and the M-step in bench/gpu_mstep.py, whose
+    widest micro-batch is the peak (plain and padded train on the same batches)."""
     r = json.loads((ROOT / "bench" / "results" / "gpu_mstep-60steps.json").read_text())
-    widest = max(width for width, _ in r["variants"]["plain"]["step_times"])  # the same batches on both sides
-    for micro, seq, measured in ((16, 1024, 55.5), (r["micro_batch"], widest, r["variants"]["padded"]["peak_memory_gib"])):
-        est = mstep_gib_per_gpu(SHAPES["0.5B"], gpus=1, zero_stage=2, micro_batch=micro, seq_len=seq,
-                                gradient_checkpointing=False)["total"]
+    widest = max(width for width, _ in r["variants"]["plain"]["step_times"])
+    return [(micro, seq, measured, mstep_gib_per_gpu(SHAPES["0.5B"], gpus=1, zero_stage=2, micro_batch=micro,
+                                                     seq_len=seq, gradient_checkpointing=False)["total"])
+            for micro, seq, measured in ((16, 1024, 55.5),
+                                         (r["micro_batch"], widest, r["variants"]["padded"]["peak_memory_gib"]))]
+
+
+def test_estimate_matches_the_measured_h200_runs():
+    for micro, seq, measured, est in measured_peaks():
         assert abs(est / measured - 1) <= 0.03, (micro, seq, est, measured)
 
 
@@ -83,17 +89,14 @@ def test_readme_gpu_sizing_table_is_the_arithmetic():
     readme = (ROOT / "README.md").read_text()
     for row in README_ROWS:
         assert readme_row(*row) in readme, readme_row(*row)
-    r = json.loads((ROOT / "bench" / "results" / "gpu_mstep-60steps.json").read_text())
-    widest = max(width for width, _ in r["variants"]["plain"]["step_times"])
-    est = [mstep_gib_per_gpu(SHAPES["0.5B"], gpus=1, zero_stage=2, micro_batch=16, seq_len=seq,
-                             gradient_checkpointing=False)["total"] for seq in (1024, widest)]
+    (_, _, small, est_small), (micro, widest, peak, est_peak) = measured_peaks()
     big = mstep_gib_per_gpu(SHAPES["7B"], gpus=8, zero_stage=2, micro_batch=8, seq_len=1024,
                             gradient_checkpointing=False)["total"]
     text = " ".join(readme.split())
-    for quote in (f"within {100 * max(abs(est[0] / 55.5 - 1), abs(est[1] / r['variants']['padded']['peak_memory_gib'] - 1)):.1f}% "
-                  f"of both H200 measurements", f"16 x 1024 tokens (estimate {est[0]:.1f})",
-                  f"{r['variants']['padded']['peak_memory_gib']} GiB for the M-step's widest batch",
-                  f"16 x {widest} (estimate {est[1]:.1f})", f"need {big:.1f} GiB per GPU, more than an 80 GB GPU holds"):
+    for quote in (f"within {100 * max(abs(est_small / small - 1), abs(est_peak / peak - 1)):.1f}% of both H200 "
+                  f"measurements", f"{small} GiB for 16 x 1024 tokens (estimate {est_small:.1f})",
+                  f"{peak} GiB for the M-step's widest batch", f"{micro} x {widest} (estimate {est_peak:.1f})",
+                  f"need {big:.1f} GiB per GPU, more than an 80 GB GPU holds"):
         assert quote in text, quote
     assert big > 80 * 1e9 / 2**30
     job = load_config(ROOT / "jobs" / "gsm8k-qwen-7b.yaml").training  # what checkpointing saves there
