@@ -2,8 +2,8 @@
 Ray) against a plain DeepSpeed ZeRO-2 loop on the same batches, in one run.
 
     bash bench/gpu_mstep.sh                        # the prepared device check (installs what it carries)
-    python bench/gpu_mstep.py [--steps 60] [--variants plain,padded,liger,zero3,packed] [--cudnn-attention]
-                              [--step-times]       # --variants may add unbucketed
+    python bench/gpu_mstep.py [--steps 60] [--variants plain,padded,compiled,fused,liger] [--cudnn-attention]
+                              [--step-times]       # --variants may add zero3, packed, unbucketed
     python bench/gpu_mstep.py --cpu-smoke          # tiny shapes on CPU: checks the script, not speed
 
 Model: random-init Llama shaped like Qwen2-0.5B (494M parameters, vocab 151,936, tied embeddings), bf16.
@@ -14,16 +14,22 @@ and data file:
   plain       a hand-written DeepSpeed ZeRO-2 loop (bf16, torch fused AdamW, clipping 1.0) over the very
               batches `padded` trains on: the reference
   padded      MStep, ZeRO-2, length-grouped padded micro-batches (widths rounded up to 64), sdpa
+  compiled    padded with every decoder layer compiled (training.compile_layers: torch.compile, dynamic shapes)
+  fused       compiled, and Liger's loss computed from the hidden states without materialising the logits
+              (training.compile_layers + liger_kernel)
   liger       padded with Liger's Triton kernels (training.liger_kernel: fused norms, RoPE, SwiGLU, and the loss
               without materialising the logits)
   packed      MStep, ZeRO-2, samples packed into rows of 4096 (flash_attention_2 when importable, else sdpa)
-  zero3       MStep, ZeRO-3, padded
+              (not in the default list: 0.98x padding under sdpa at 30 steps)
+  zero3       MStep, ZeRO-3, padded (not in the default list: 0.677x plain at 30 steps, one GPU)
   unbucketed  MStep, ZeRO-2, padded to the exact longest row (pad_to_multiple_of 1): what bucketing buys
               (not in the default list: at 30 steps with cuDNN it ran as fast as padded)
 Throughput counts real (non-padding) tokens over the training steps, first step included, on both sides. Every
 new padded width costs kernel set-up (most of the ~25 widths come in the first 30 steps; `--step-times` records
-the plain loop's per-step GPU times with CUDA events, no host syncs, to show it), so short runs measure warm-up
-more than a long M-step's steady state.
+the plain loop's per-step GPU times with CUDA events, no host syncs, to show it), and compiled layers pay their
+compile in the first steps, so short runs measure warm-up more than a long M-step's steady state: the second
+half of the steps is also timed on its own (`steady_tokens_per_s`, `steady_mfu`; the plain loop by CUDA events,
+the M-step by its own step lines, `observability.log_every_steps`, every 5 of 60 steps, one host read each).
 Both sides keep SDPA off cuDNN as the M-step does (`training.cudnn_attention`); `--cudnn-attention` lets both use it.
 MFU = real tokens/s x (6 x params + 6 x layers x hidden x s) / peak bf16 FLOP/s (989 TFLOP/s: H100/H200 SXM
 dense), s the token-weighted mean sample length (sum of squares over sum: a sample's attention work per token
@@ -51,12 +57,16 @@ CPU_SHAPE = dict(vocab=1000, hidden=64, layers=2, heads=2, kv=1, ffn=128)
 VARIANTS = {
     "plain": {},
     "padded": {"zero_stage": 2},
+    "compiled": {"zero_stage": 2, "compile_layers": True},
+    "fused": {"zero_stage": 2, "compile_layers": True, "liger_kernel": True},
     "liger": {"zero_stage": 2, "liger_kernel": True},
     "packed": {"zero_stage": 2, "packing": True, "pack_length": 4096},
     "zero3": {"zero_stage": 3},
     "unbucketed": {"zero_stage": 2, "pad_to_multiple_of": 1},
 }
 LABELS = {"plain": "plain DeepSpeed ZeRO-2 (same batches)", "padded": "restem-ray ZeRO-2, padded to x64",
+          "compiled": "restem-ray ZeRO-2, padded to x64, compiled layers",
+          "fused": "restem-ray ZeRO-2, padded to x64, compiled layers + Liger loss",
           "liger": "restem-ray ZeRO-2, padded to x64, Liger kernels",
           "packed": "restem-ray ZeRO-2, packed rows of 4096", "zero3": "restem-ray ZeRO-3, padded to x64",
           "unbucketed": "restem-ray ZeRO-2, padded exactly"}
@@ -146,6 +156,7 @@ def run_variant(work: Path, args, variant: str) -> dict:
            "train_seconds": round(m["train_seconds"], 2), "wall_seconds": round(time.perf_counter() - t, 1),
            "loss": round(m["loss"], 5), "attn": cfg.attn_implementation or "default",
            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
+           "steady_tokens_per_s": round(m["steady_tokens"] / m["steady_seconds"]) if m["steady_seconds"] else None,
            **({"widths": m["widths"]} if "widths" in m else {}),
            **({"step_times": m["step_times"]} if m.get("step_times") else {})}
     if variant != "plain":
@@ -161,8 +172,19 @@ def mstep(work: Path, cfg, variant: str) -> dict:
 
     job = {"init_model": str(work / "model"), "train_file": str(work / "train.jsonl"), "seed": 0,
            "cfg": cfg.model_dump(), "valid_file": None, "verifier": "math", "verification": {},
-           "max_new_tokens": 16, "stop": ()}
-    return MStep(job, 0, 1, LocalReporter(str(work / f"ckpt-{variant}"))).run()
+           "max_new_tokens": 16, "stop": (), "log_every_steps": line_every(cfg.max_steps)}
+    reporter = LocalReporter(str(work / f"ckpt-{variant}"))
+    m = MStep(job, 0, 1, reporter).run()
+    # the second half of the steps, from the M-step's own step lines (each line's window ends in a host read)
+    half = [x for x in reporter.step_lines if x["step"] > cfg.max_steps // 2]
+    return {**m, "steady_tokens": sum(x["tokens"] for x in half),
+            "steady_seconds": sum(x["tokens"] / x["tokens_per_s"] for x in half)}
+
+
+def line_every(steps: int) -> int:
+    """Steps per M-step step line: about 6 lines in the second half, whose first step starts a line (5 at 60 steps)."""
+    half = steps // 2
+    return next(d for d in range(max(1, half // 6), 0, -1) if half % d == 0)
 
 
 def plain_loop(work: Path, cfg, step_times: bool = False) -> dict:
@@ -189,7 +211,8 @@ def plain_loop(work: Path, cfg, step_times: bool = False) -> dict:
                                                     "torch_adam": True, **({"fused": True} if gpu else {})}},
           "steps_per_print": 10**9}
     engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=ds)
-    real = sum(int(b.pop("real_tokens")) for b in batches)
+    reals = [int(b.pop("real_tokens")) for b in batches]
+    real = sum(reals)
     if not gpu:
         # The CPU smoke test checks that both sides train on the same batches, exactly: with the mask, bf16
         # attention takes another kernel than the M-step's mask-free one and rounds differently from the first
@@ -199,24 +222,43 @@ def plain_loop(work: Path, cfg, step_times: bool = False) -> dict:
             b.pop("attention_mask")
     tokens = sum(b["input_ids"].numel() for b in batches)
     widths = [b["input_ids"].shape[1] for b in batches]
-    # --step-times: CUDA events between steps, read after the run, so the loop never waits on the GPU for
-    # them (a synchronize per step would slow the reference the M-step is compared with)
-    marks = [torch.cuda.Event(enable_timing=True) for _ in range(len(batches) + 1)] if gpu and step_times else []
+    # Step boundaries as CUDA events, read after the run, so the loop never waits on the GPU for them (a
+    # synchronize per step would slow the reference the M-step is compared with); host clocks on CPUs.
+    marks = [Mark(gpu) for _ in range(len(batches) + 1)]
     t = time.perf_counter()
     for i, b in enumerate(batches):
-        if marks:
-            marks[i].record()
+        marks[i].record()
         loss = engine(**{k: v.to(engine.device) for k, v in b.items()}, use_cache=False).loss
         engine.backward(loss)
         engine.step()
-    if marks:
-        marks[-1].record()
+    marks[-1].record()
     if gpu:
         torch.cuda.synchronize()
     secs = time.perf_counter() - t
-    times = [[w, round(a.elapsed_time(z) / 1000, 4)] for w, a, z in zip(widths, marks, marks[1:])]
+    h = len(batches) // 2  # the second half, as the M-step's step lines time it
+    times = [[w, round(a.seconds_to(z), 4)] for w, a, z in zip(widths, marks, marks[1:])] if step_times else []
     return {"steps": len(batches), "real_tokens": real, "tokens_per_s": real / secs, "train_seconds": secs,
-            "real_token_fraction": real / tokens, "loss": loss.item(), "widths": widths, "step_times": times}
+            "real_token_fraction": real / tokens, "loss": loss.item(), "widths": widths, "step_times": times,
+            "steady_tokens": sum(reals[h:]), "steady_seconds": marks[h].seconds_to(marks[-1])}
+
+
+class Mark:
+    """A point in the step sequence: a CUDA event on GPUs (elapsed time read after the run), the host clock on CPUs."""
+
+    def __init__(self, gpu: bool):
+        import torch
+
+        self.event = torch.cuda.Event(enable_timing=True) if gpu else None
+        self.t = 0.0
+
+    def record(self) -> None:
+        if self.event is not None:
+            self.event.record()
+        else:
+            self.t = time.perf_counter()
+
+    def seconds_to(self, later: "Mark") -> float:
+        return self.event.elapsed_time(later.event) / 1000 if self.event is not None else later.t - self.t
 
 
 def summarize(results: dict, shape: dict, args) -> dict:
@@ -227,6 +269,8 @@ def summarize(results: dict, shape: dict, args) -> dict:
         if "real_tokens_per_s" in r:
             r["mfu"] = round(r["real_tokens_per_s"] * flops_per_token / (args.peak_tflops * 1e12), 4)
             r["ratio_to_plain"] = round(r["real_tokens_per_s"] / plain, 3) if plain else None
+            steady = r.get("steady_tokens_per_s")
+            r["steady_mfu"] = round(steady * flops_per_token / (args.peak_tflops * 1e12), 4) if steady else None
     return {"device": device_name(not args.cpu_smoke), "date": time.strftime("%Y-%m-%d"), "versions": versions(),
             "model_params": shape["params"], "steps": args.steps, "micro_batch": args.micro,
             "sample_tokens": [args.min_len + 2, args.max_len + 2],
@@ -234,7 +278,8 @@ def summarize(results: dict, shape: dict, args) -> dict:
             "attention_mean_tokens": round(shape["attention_mean_tokens"], 1), "peak_tflops": args.peak_tflops,
             "cudnn_attention": args.cudnn_attention,
             "padded_ratio": results.get("padded", {}).get("ratio_to_plain"),
-            "padded_mfu": results.get("padded", {}).get("mfu"), "variants": results}
+            "padded_mfu": results.get("padded", {}).get("mfu"), "steady_from_step": args.steps // 2 + 1,
+            "variants": results}
 
 
 def versions() -> dict:
@@ -278,10 +323,11 @@ def main():
     if args.one:
         print("RESULT " + json.dumps(run_variant(Path(args.work), args, args.one)), flush=True)
         return
-    args.variants = args.variants or ("plain,padded,zero3,packed" if args.cpu_smoke else "plain,padded,liger,zero3,packed")
+    args.variants = args.variants or ("plain,padded,compiled,zero3,packed" if args.cpu_smoke
+                                      else "plain,padded,compiled,fused,liger")
     variants = args.variants.split(",")
-    if args.cpu_smoke and "liger" in variants:
-        sys.exit("--variants liger: Liger's kernels are Triton GPU kernels (not with --cpu-smoke)")
+    if args.cpu_smoke and {"liger", "fused"} & set(variants):
+        sys.exit("--variants liger, fused: Liger's kernels are Triton GPU kernels (not with --cpu-smoke)")
     unknown = set(variants) - set(VARIANTS)
     if unknown or "plain" not in variants or "padded" not in variants:
         sys.exit(f"--variants: need plain and padded, from {', '.join(VARIANTS)} (got {args.variants})")
@@ -319,15 +365,18 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     print(f"\n{summary['device']}: {shape['params'] / 1e6:.0f}M params, {args.steps} steps x {args.micro} samples "
           f"of {args.min_len + 2}-{args.max_len + 2} tokens, bf16")
-    print(f"| variant | real tokens/s | ratio to plain | MFU | peak GPU memory | checkpoint dtype |")
-    print("|---|---|---|---|---|---|")
+    print(f"| variant | real tokens/s | ratio to plain | MFU | second half: tokens/s, MFU | peak GPU memory "
+          f"| checkpoint dtype |")
+    print("|---|---|---|---|---|---|---|")
     for v, r in results.items():
         if "error" in r:
-            print(f"| {LABELS[v]} | failed: {r['error']} | | | | |")
+            print(f"| {LABELS[v]} | failed: {r['error']} | | | | | |")
             continue
         mem = f"{r['peak_memory_gib']} GiB" if r["peak_memory_gib"] is not None else "-"
-        print(f"| {LABELS[v]} | {r['real_tokens_per_s']:,} | {r['ratio_to_plain']} | {100 * r['mfu']:.1f}% | {mem} "
-              f"| {r.get('checkpoint_dtype', '-')} |")
+        steady = (f"{r['steady_tokens_per_s']:,}, {100 * r['steady_mfu']:.1f}%" if r.get("steady_mfu") is not None
+                  else "-")
+        print(f"| {LABELS[v]} | {r['real_tokens_per_s']:,} | {r['ratio_to_plain']} | {100 * r['mfu']:.1f}% | {steady} "
+              f"| {mem} | {r.get('checkpoint_dtype', '-')} |")
     print(f"wrote {out}")
     if any("error" in r for r in results.values()):
         sys.exit(1)

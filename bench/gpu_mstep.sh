@@ -23,6 +23,9 @@ export PYTHONPATH=$PWD:${PYTHONPATH:-}
 OUT=${OUT:-bench/results}
 mkdir -p "$OUT"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || true
+# Triton (Liger's kernels, torch.compile's) builds a small C launcher with the machine's C compiler
+cc_path=$(command -v cc || command -v gcc || command -v clang || true)
+echo "[gpu_mstep] C compiler: ${cc_path:-none (Triton kernels cannot build their launchers)}"
 python -c "import torch, transformers, deepspeed; print('torch', torch.__version__, 'cuda', torch.version.cuda, \
 'transformers', transformers.__version__, 'deepspeed', deepspeed.__version__)"
 # The device call allows 480 s: the variants get what the install left, less 20 s to write and return

@@ -266,6 +266,11 @@ class TrainingConfig(_Section):
                                                   "fused RMSNorm, RoPE and SwiGLU, and the loss computed from the last "
                                                   "hidden states in chunks, never materialising the logits (12 bytes "
                                                   "per token and vocabulary entry). ZeRO 0-2.")
+    compile_layers: bool = Field(False, description="torch.compile every decoder layer (one layer's code, compiled for "
+                                                    "all of them, shapes dynamic: a new batch width needs no new "
+                                                    "compile): fuses the norms, rotary embeddings and SwiGLU that "
+                                                    "run unfused in eager mode. The first steps pay the compile. "
+                                                    "ZeRO 0-2; with liger_kernel, Liger keeps only its fused loss.")
     packing: bool = Field(False, description="Concatenate each micro-batch's samples into rows of pack_length tokens "
                                              "(position ids restart per sample, no attention across samples). Off: "
                                              "length-grouped padded batches (>= 98% real tokens on the demo data).")
@@ -307,6 +312,16 @@ class TrainingConfig(_Section):
         if self.liger_kernel and self.zero_stage == 3:
             raise ValueError("training.liger_kernel needs training.zero_stage 0, 1 or 2 (its fused loss reads lm_head's "
                              "weight directly, which ZeRO-3 gathers only inside lm_head's own forward)")
+        if self.use_gpu and self.gpus_per_worker != 1:
+            raise ValueError(f"training.gpus_per_worker is {self.gpus_per_worker:g}: with use_gpu every training worker "
+                             f"is one DeepSpeed rank on one GPU (DeepSpeed takes GPU number LOCAL_RANK of its node; "
+                             f"with more or less than one GPU per worker that is another worker's or none)")
+        if self.use_gpu and "flash" in (self.attn_implementation or "") and self.dtype != "bf16":
+            raise ValueError(f"training.attn_implementation {self.attn_implementation} needs training.dtype: bf16 "
+                             f"(flash-attention kernels take 16-bit inputs only)")
+        if self.compile_layers and self.zero_stage == 3:
+            raise ValueError("training.compile_layers needs training.zero_stage 0, 1 or 2 (ZeRO-3 gathers parameters in "
+                             "hooks inside every layer, which plain torch.compile does not support)")
         if self.offload_params and self.zero_stage != 3:
             raise ValueError("training.offload_params needs training.zero_stage 3")
         if self.offload_optimizer and self.zero_stage == 0:

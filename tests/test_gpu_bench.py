@@ -16,23 +16,28 @@ def test_gpu_bench_compares_mstep_with_plain_deepspeed_on_the_same_batches(tmp_p
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_mstep.py"), "--cpu-smoke", "--steps", "4",
-                        "--variants", "plain,padded,zero3", "--step-times", "--out", str(tmp_path)],
+                        "--variants", "plain,padded,zero3,compiled", "--step-times", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, TMPDIR=str(scratch)))
     assert p.returncode == 0, p.stderr[-3000:]
     # the bench's folder (model, data, every variant's checkpoint: GB each on a GPU) is gone; torch may keep
     # its compile cache beside it
     assert not list(scratch.glob("gpu-mstep-*")), list(scratch.iterdir())
     r = json.loads((tmp_path / "gpu_mstep.json").read_text())
-    plain, padded, zero3 = (r["variants"][v] for v in ("plain", "padded", "zero3"))
+    plain, padded, zero3, compiled = (r["variants"][v] for v in ("plain", "padded", "zero3", "compiled"))
     # the same batches: the same tokens, and from the same initial weights the same training, step for step
-    assert plain["steps"] == padded["steps"] == zero3["steps"] == 4
-    assert plain["real_tokens"] == padded["real_tokens"] == zero3["real_tokens"]
-    # the plain loop's batch widths are recorded (the sizing test reads the widest); step times are CUDA events
-    assert len(plain["widths"]) == 4 and "step_times" not in plain
+    assert plain["steps"] == padded["steps"] == zero3["steps"] == compiled["steps"] == 4
+    assert plain["real_tokens"] == padded["real_tokens"] == zero3["real_tokens"] == compiled["real_tokens"]
+    # the plain loop's batch widths are recorded (the sizing test reads the widest), and its step times
+    assert len(plain["widths"]) == 4 and [w for w, _ in plain["step_times"]] == plain["widths"]
+    # the second half (steps 3-4) timed on its own: the plain loop by its step marks, the M-step by its step lines
+    assert r["steady_from_step"] == 3
+    for x in (plain, padded, zero3, compiled):
+        assert 0 < x["steady_tokens_per_s"] and x["steady_mfu"] is not None, x  # MFU rounds to 0 at CPU shapes
     assert set(r["versions"]) == {"torch", "cuda", "transformers", "deepspeed"}
     # on CPU the reference drops the mask as the M-step does, so the same batches give the same loss exactly
     # (ZeRO-3 partitions its reductions differently: close, not equal)
     assert plain["loss"] == padded["loss"] and abs(plain["loss"] - zero3["loss"]) < 1e-2
+    assert abs(plain["loss"] - compiled["loss"]) < 1e-2  # compiled kernels round bf16 in another order
     assert padded["checkpoint_dtype"] == zero3["checkpoint_dtype"] == "bfloat16"
     assert r["padded_ratio"] == padded["ratio_to_plain"] > 0
     table = [line for line in p.stdout.splitlines() if line.startswith("| restem-ray ZeRO-2, padded")]
@@ -54,7 +59,7 @@ def test_gpu_bench_keeps_to_its_deadline_and_writes_what_it_has(tmp_path):
 
 def test_gpu_bench_refuses_liger_on_cpu_before_building_anything(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_mstep.py"), "--cpu-smoke", "--variants",
-                        "plain,padded,liger", "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
+                        "plain,padded,fused", "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and p.stderr.strip() == (
-        "--variants liger: Liger's kernels are Triton GPU kernels (not with --cpu-smoke)")
+        "--variants liger, fused: Liger's kernels are Triton GPU kernels (not with --cpu-smoke)")
     assert not list(tmp_path.iterdir())

@@ -310,6 +310,28 @@ def test_rank_0_reports_step_lines_live_while_the_m_step_runs(setup):
     assert first < lines[-1]["time"] < returned             # delivered while rank 0 was still training
 
 
+@pytest.mark.parametrize("problems, world", [(5, 8), (8, 8), (13, 4), (1, 2)])
+def test_every_rank_decodes_an_equal_share_of_validation_and_each_problem_counts_once(problems, world):
+    """ZeRO-3 gathers parameters in every forward, so all ranks must decode equally many prompts: with fewer
+    problems than ranks a rank with none would leave the others waiting in NCCL until its timeout. Repeats
+    fill the missing shares and count 0; past the ranks, shares are equal and the remainder is left out."""
+    from restem_ray.config import TrainingConfig
+    from restem_ray.training import LocalReporter, MStep
+
+    cfg = TrainingConfig(eval_every_steps=1, eval_problems=64, zero_stage=3)
+    job = {"cfg": cfg.model_dump(), "valid_problems": [{"id": f"v{i}", "prompt": f"Q{i}", "answer": str(i)}
+                                                      for i in range(problems)]}
+    shares, counted = [], []
+    for rank in range(world):
+        m = MStep(job, rank, world, LocalReporter("unused"))
+        probs = m._load_valid()
+        shares.append(len(probs))
+        counted += [p["id"] for p, w in zip(probs, m.valid_weights) if w == 1.0]
+        assert all(w in (0.0, 1.0) for w in m.valid_weights)
+    assert len(set(shares)) == 1 and shares[0] >= 1
+    assert sorted(counted) == sorted(f"v{i}" for i in range(min(problems, max(world, problems - problems % world))))
+
+
 # ---------------------------------------------------------------- the plain loop, without Ray
 @pytest.fixture
 def single_process_group(monkeypatch):
@@ -529,3 +551,73 @@ def test_a_restarted_m_step_sends_the_step_lines_its_checkpoint_holds(tmp_path, 
     for ours, theirs in zip(again.step_lines[1:], whole.step_lines[1:]):
         assert {k: v for k, v in ours.items() if k not in ("time", "tokens_per_s")} == \
             {k: v for k, v in theirs.items() if k not in ("time", "tokens_per_s")}
+
+
+@slow
+def test_compiled_layers_train_as_eager_ones_with_one_graph_for_every_width(tmp_path, single_process_group):
+    """training.compile_layers: every decoder layer compiled (dynamic shapes) trains to the same losses and weights
+    as eager layers on batches of several widths, compiles a bounded number of graphs however many widths come,
+    keeps the checkpoint's parameter names, and validation (KV-cache decoding) runs eagerly."""
+    import torch._dynamo
+    from safetensors.torch import load_file
+
+    from restem_ray.training import LocalReporter, MStep
+
+    rows = [{"prompt": f"Q: {i} + 1\nA:", "completion": f" {i + 1}" + " ok" * (i % 7)} for i in range(32)]
+    valid = [{"id": f"v{i}", "prompt": f"Q: {i} + 2\nA:", "answer": str(i + 2)} for i in range(4)]
+    runs = {}
+    for compiled in (False, True):
+        d = tmp_path / str(compiled)
+        d.mkdir()
+        job = _tiny_job(d, rows, micro_batch_size=4, epochs=1, lr=1e-3, lr_schedule="constant", eval_every_steps=4,
+                        eval_problems=4, patience=10, compile_layers=compiled, gradient_checkpointing=True)
+        job["valid_problems"] = valid
+        torch._dynamo.reset()
+        torch._dynamo.utils.counters.clear()
+        step = MStep(job, 0, 1, LocalReporter(str(d / "ckpts")))
+        m = step.run()
+        assert all((layer._compiled_call_impl is not None) == compiled for layer in step.engine.module.model.layers)
+        weights = load_file(d / "ckpts" / f"step_{m['steps']:07d}" / "hf" / "model.safetensors")
+        runs[compiled] = (m, weights, torch._dynamo.utils.counters["stats"]["unique_graphs"], step)
+    (eager, w_eager, _, _), (comp, w_comp, graphs, step) = runs[False], runs[True]
+    widths = {max(len(step.data[i][0]) for i in micro) for (micro,) in step.plan(0)}
+    assert eager["steps"] == comp["steps"] == 8 and len(widths) == 8
+    # one graph for every width (made again at most once when a first static one sees a second width), and
+    # none for validation's KV-cache decoding
+    assert graphs <= 2
+    assert [h["step"] for h in step.state.history] == [4, 8]
+    assert comp["loss"] == pytest.approx(eager["loss"], rel=1e-4)
+    assert set(w_comp) == set(w_eager)  # nn.Module.compile keeps the parameter names: no "_orig_mod." prefix
+    for k in w_eager:
+        torch.testing.assert_close(w_comp[k], w_eager[k], atol=2e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("done", [False, True])
+def test_a_resuming_rank_copies_only_the_files_it_loads(tmp_path, done):
+    """Every rank restores from the checkpoint's state.json and DeepSpeed state, but DeepSpeed reads only its own
+    rank's ZeRO shards: the others (every rank's optimizer state, ~106 GB at 7B) are not copied to each rank's
+    disk. A finished M-step's checkpoint has no DeepSpeed state; rank 0 takes its HF weights to report again."""
+    import pyarrow.fs as pafs
+
+    from restem_ray.training import restored_checkpoint
+
+    ckpt = tmp_path / "checkpoint_000003"
+    files = ["state.json", "hf/config.json", "hf/model.safetensors", "deepspeed/latest",
+             "deepspeed/ckpt/mp_rank_00_model_states.pt",
+             *(f"deepspeed/ckpt/bf16_zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in range(12)),
+             *(f"deepspeed/ckpt/zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in range(12))]
+    for rel in files:
+        (ckpt / rel).parent.mkdir(parents=True, exist_ok=True)
+        (ckpt / rel).write_text(json.dumps({"step": 3, "done": done}) if rel == "state.json" else rel)
+    for rank in (0, 1, 11):
+        with restored_checkpoint(pafs.LocalFileSystem(), str(ckpt), rank) as local:
+            got = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
+            assert all((Path(local) / rel).read_text() == rel for rel in got if rel != "state.json")
+        assert not Path(local).exists()  # optimizer state is not left behind
+        if done:
+            want = ["hf/config.json", "hf/model.safetensors"] if rank == 0 else []
+        else:
+            want = ["deepspeed/ckpt/mp_rank_00_model_states.pt",
+                    f"deepspeed/ckpt/bf16_zero_pp_rank_{rank}_mp_rank_00_optim_states.pt",
+                    f"deepspeed/ckpt/zero_pp_rank_{rank}_mp_rank_00_model_states.pt", "deepspeed/latest"]
+        assert got == sorted(want + ["state.json"]), got

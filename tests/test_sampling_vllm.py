@@ -97,3 +97,29 @@ def test_the_expected_cpu_warnings_are_still_vllms_and_only_they_are_dropped():
             assert text in source, (name, text)
             assert not log.filter(logging.makeLogRecord({"name": name, "msg": f"... {text} ...", "levelno": 30}))
         assert log.filter(logging.makeLogRecord({"name": name, "msg": "an engine warning nobody expects"}))
+
+
+def test_tensor_parallel_replicas_on_gpus_use_the_multiprocess_executor():
+    """A replica's actor holds its tensor_parallel_size GPUs in one placement-group bundle. Left to choose,
+    vLLM picks its Ray executor inside any placement group, and that executor refuses a bundle with more than one
+    GPU, so no tensor-parallel replica could start on GPUs. vLLM's own choice, checked with the arguments a
+    replica passes (the group as vLLM's engine arguments hand it over from the actor)."""
+    from vllm.config import ParallelConfig
+
+    from restem_ray.sampling import engine_args
+
+    class Group:  # what ray.util.get_current_placement_group() returns in a replica: one bundle of tp GPUs
+        bundle_specs = [{"CPU": 4, "GPU": 2}]
+
+    def backend(kwargs):
+        return ParallelConfig(tensor_parallel_size=kwargs.get("tensor_parallel_size", 1), placement_group=Group(),
+                              distributed_executor_backend=kwargs.get("distributed_executor_backend")
+                              ).distributed_executor_backend
+
+    assert backend({"tensor_parallel_size": 2}) == "ray"  # vLLM's default there: the failure
+    assert backend(engine_args({"tensor_parallel_size": 2}, use_gpu=True)) == "mp"
+    assert engine_args({"tensor_parallel_size": 2, "distributed_executor_backend": "ray"}, use_gpu=True)[
+        "distributed_executor_backend"] == "ray"  # a backend the user names wins
+    assert "distributed_executor_backend" not in engine_args({"dtype": "bfloat16"}, use_gpu=True)  # one GPU: vLLM's
+    assert engine_args({}, use_gpu=False) == {"dtype": "bfloat16", "enforce_eager": True,
+                                              "enable_chunked_prefill": False, "distributed_executor_backend": "uni"}
