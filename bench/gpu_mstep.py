@@ -3,7 +3,7 @@ Ray) against a plain DeepSpeed ZeRO-2 loop on the same batches, in one run.
 
     bash bench/gpu_mstep.sh                        # the prepared device check (installs what it carries)
     python bench/gpu_mstep.py [--steps 60] [--variants plain,padded,compiled,fused,liger] [--cudnn-attention]
-                              [--step-times]       # --variants may add zero3, packed, unbucketed
+                              [--step-times] [--profile padded,fused]   # --variants may add zero3, packed, unbucketed
     python bench/gpu_mstep.py --cpu-smoke          # tiny shapes on CPU: checks the script, not speed
 
 Model: random-init Llama shaped like Qwen2-0.5B (494M parameters, vocab 151,936, tied embeddings), bf16.
@@ -149,8 +149,9 @@ def run_variant(work: Path, args, variant: str) -> dict:
         from restem_ray.training import set_gpu_attention
 
         set_gpu_attention(cfg.cudnn_attention)
+    prof = StepProfiler(args.steps, gpu) if variant in (args.profile or "").split(",") else None
     t = time.perf_counter()
-    m = plain_loop(work, cfg, args.step_times) if variant == "plain" else mstep(work, cfg, variant)
+    m = plain_loop(work, cfg, args.step_times, prof) if variant == "plain" else mstep(work, cfg, variant, prof)
     out = {"variant": variant, "steps": m["steps"], "real_tokens": m["real_tokens"],
            "real_tokens_per_s": round(m["tokens_per_s"]), "real_token_fraction": round(m["real_token_fraction"], 4),
            "train_seconds": round(m["train_seconds"], 2), "wall_seconds": round(time.perf_counter() - t, 1),
@@ -158,7 +159,8 @@ def run_variant(work: Path, args, variant: str) -> dict:
            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
            "steady_tokens_per_s": round(m["steady_tokens"] / m["steady_seconds"]) if m["steady_seconds"] else None,
            **({"widths": m["widths"]} if "widths" in m else {}),
-           **({"step_times": m["step_times"]} if m.get("step_times") else {})}
+           **({"step_times": m["step_times"]} if m.get("step_times") else {}),
+           **({"profile": prof.summary()} if prof else {})}
     if variant != "plain":
         ckpt = work / f"ckpt-{variant}"
         hf = sorted(ckpt.glob("step_*"))[-1] / "hf"
@@ -167,8 +169,13 @@ def run_variant(work: Path, args, variant: str) -> dict:
     return out
 
 
-def mstep(work: Path, cfg, variant: str) -> dict:
+def mstep(work: Path, cfg, variant: str, prof=None) -> dict:
+    from restem_ray import sft
     from restem_ray.training import LocalReporter, MStep
+
+    if prof is not None:  # one training forward per step here (grad_accum 1): each marks a step for the profiler
+        forward = sft.forward
+        sft.forward = lambda model, batch: (prof.step(), forward(model, batch))[1]
 
     job = {"init_model": str(work / "model"), "train_file": str(work / "train.jsonl"), "seed": 0,
            "cfg": cfg.model_dump(), "valid_file": None, "verifier": "math", "verification": {},
@@ -187,7 +194,7 @@ def line_every(steps: int) -> int:
     return next(d for d in range(max(1, half // 6), 0, -1) if half % d == 0)
 
 
-def plain_loop(work: Path, cfg, step_times: bool = False) -> dict:
+def plain_loop(work: Path, cfg, step_times: bool = False, prof=None) -> dict:
     """What a user writes by hand: a DeepSpeed engine over the batches the M-step would train on (collated
     before the clock starts, so the reference carries none of the host-side batching the M-step times)."""
     import deepspeed
@@ -228,6 +235,8 @@ def plain_loop(work: Path, cfg, step_times: bool = False) -> dict:
     t = time.perf_counter()
     for i, b in enumerate(batches):
         marks[i].record()
+        if prof is not None:
+            prof.step()
         loss = engine(**{k: v.to(engine.device) for k, v in b.items()}, use_cache=False).loss
         engine.backward(loss)
         engine.step()
@@ -240,6 +249,50 @@ def plain_loop(work: Path, cfg, step_times: bool = False) -> dict:
     return {"steps": len(batches), "real_tokens": real, "tokens_per_s": real / secs, "train_seconds": secs,
             "real_token_fraction": real / tokens, "loss": loss.item(), "widths": widths, "step_times": times,
             "steady_tokens": sum(reals[h:]), "steady_seconds": marks[h].seconds_to(marks[-1])}
+
+
+class StepProfiler:
+    """--profile: torch.profiler over the 5 steps before the timed second half (after most new widths and any
+    compile), summarised as the ops that took the most device time and how busy the device was. The profiled
+    variant's whole-run figures include the profiler's overhead; its second half does not."""
+
+    def __init__(self, steps: int, gpu: bool):
+        import torch
+
+        self.first = max(1, steps // 2 - 5)  # 1-based step of the first profiled step
+        self.active = min(5, steps // 2)
+        self.calls, self.prof, self.gpu = 0, None, gpu
+        acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
+        self.kwargs = {"activities": acts}
+
+    def step(self) -> None:
+        """Called before each training step's forward."""
+        import torch
+
+        self.calls += 1
+        if self.calls == self.first:
+            if self.gpu:
+                torch.cuda.synchronize()
+            self.prof = torch.profiler.profile(**self.kwargs)
+            self.prof.__enter__()
+            self.t0 = time.perf_counter()
+        elif self.calls == self.first + self.active and self.prof is not None:
+            if self.gpu:
+                torch.cuda.synchronize()
+            self.seconds = time.perf_counter() - self.t0
+            self.prof.__exit__(None, None, None)
+
+    def summary(self, top: int = 25) -> dict:
+        if self.prof is None or not hasattr(self, "seconds"):
+            return {"error": "the profiled steps did not run"}
+        events = self.prof.key_averages()
+        dev = (lambda e: e.self_device_time_total) if self.gpu else (lambda e: e.self_cpu_time_total)
+        rows = sorted(events, key=dev, reverse=True)[:top]
+        busy = sum(dev(e) for e in events) / 1e6  # seconds of kernels (CPU ops on CPU), overlaps not merged
+        return {"steps": [self.first, self.first + self.active - 1], "wall_seconds": round(self.seconds, 3),
+                "device_busy_seconds": round(busy, 3),
+                "top_ops": [{"name": e.key[:120], "calls": e.count, "self_device_ms": round(dev(e) / 1e3, 2),
+                             "self_cpu_ms": round(e.self_cpu_time_total / 1e3, 2)} for e in rows]}
 
 
 class Mark:
@@ -311,6 +364,8 @@ def main():
     ap.add_argument("--cudnn-attention", action="store_true",
                     help="let SDPA use cuDNN on both sides (training.cudnn_attention; off by default)")
     ap.add_argument("--step-times", action="store_true", help="record the plain loop's per-step times")
+    ap.add_argument("--profile", help="variants to profile (comma-separated): torch.profiler over 5 steps before "
+                                      "the second half, the top ops by device time into the JSON")
     ap.add_argument("--cpu-smoke", action="store_true", help="tiny shapes on CPU: checks the script, not speed")
     ap.add_argument("--deadline-s", type=float, default=420.0,
                     help="the whole run's time limit, start-up included (the device check's call allows 8 minutes)")
@@ -343,6 +398,7 @@ def main():
         cmd += ["--cpu-smoke"] if args.cpu_smoke else []
         cmd += ["--cudnn-attention"] if args.cudnn_attention else []
         cmd += ["--step-times"] if args.step_times else []
+        cmd += ["--profile", args.profile] if args.profile else []
         left = deadline - time.monotonic()
         try:
             if left < 10:

@@ -16,7 +16,7 @@ def test_gpu_bench_compares_mstep_with_plain_deepspeed_on_the_same_batches(tmp_p
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_mstep.py"), "--cpu-smoke", "--steps", "4",
-                        "--variants", "plain,padded,zero3,compiled", "--step-times", "--out", str(tmp_path)],
+                        "--variants", "plain,padded,zero3,compiled", "--step-times", "--profile", "padded", "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, TMPDIR=str(scratch)))
     assert p.returncode == 0, p.stderr[-3000:]
     # the bench's folder (model, data, every variant's checkpoint: GB each on a GPU) is gone; torch may keep
@@ -31,6 +31,10 @@ def test_gpu_bench_compares_mstep_with_plain_deepspeed_on_the_same_batches(tmp_p
     assert len(plain["widths"]) == 4 and [w for w, _ in plain["step_times"]] == plain["widths"]
     # the second half (steps 3-4) timed on its own: the plain loop by its step marks, the M-step by its step lines
     assert r["steady_from_step"] == 3
+    # --profile: the steps before the second half, their busiest ops (on CPU: CPU time)
+    prof = padded["profile"]
+    assert prof["steps"] == [1, 2] and "profile" not in plain and prof["device_busy_seconds"] > 0
+    assert any(op["name"] == "aten::mm" and op["calls"] > 0 for op in prof["top_ops"]), prof
     for x in (plain, padded, zero3, compiled):
         assert 0 < x["steady_tokens_per_s"] and x["steady_mfu"] is not None, x  # MFU rounds to 0 at CPU shapes
     assert set(r["versions"]) == {"torch", "cuda", "transformers", "deepspeed"}
