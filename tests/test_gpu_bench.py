@@ -65,5 +65,5 @@ def test_gpu_bench_refuses_liger_on_cpu_before_building_anything(tmp_path):
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_mstep.py"), "--cpu-smoke", "--variants",
                         "plain,padded,fused", "--out", str(tmp_path)], capture_output=True, text=True, timeout=60)
     assert p.returncode == 1 and p.stderr.strip() == (
-        "--variants liger, fused: Liger's kernels are Triton GPU kernels (not with --cpu-smoke)")
+        "--variants liger, fused, lean: Liger's kernels are Triton GPU kernels (not with --cpu-smoke)")
     assert not list(tmp_path.iterdir())
