@@ -149,6 +149,7 @@ class EStepPool:
         self.extra_groups: list = []   # one single-bundle placement group per replica added later
         self._starting: dict = {}      # ready() ref -> replica whose engine is starting
         self._last_grow = 0.0
+        self._placing = None           # (group, its ready() ref, since): a replica's bundle being placed
         # A different seed per replica (OpenRLHF): per-problem seeds make samples batch-independent anyway.
         self.samplers = [
             sampler_cls.options(num_cpus=sampling.cpus_per_replica, num_gpus=gpus, **retry,
@@ -167,7 +168,19 @@ class EStepPool:
     def _grow(self) -> None:
         """Elastic pools: while work is queued, start another replica (up to `sampling.max_replicas`) when a
         node has room for its bundle, e.g. a worker node that joined mid-E-step, and another verifier (up to
-        `verification.max_workers`). A new replica takes work once its engine is up; nothing is moved."""
+        `verification.max_workers`). A new replica takes work once its engine is up; nothing is moved.
+        Never waits: a placement group asked for is checked at later calls and given up after 10 s (free
+        resources summed over nodes may hold a bundle that no single node holds)."""
+        if self._placing is not None:
+            group, ready_ref, since = self._placing
+            if not ray.wait([ready_ref], timeout=0)[0]:
+                if time.monotonic() - since > 10:
+                    remove_placement_group(group)
+                    self._placing = None
+                return
+            self._placing = None
+            self._start_replica(group)
+            return
         if time.monotonic() - self._last_grow < 2.0:
             return
         self._last_grow = time.monotonic()
@@ -175,16 +188,15 @@ class EStepPool:
         limit = self.sampling.max_replicas or self.sampling.num_replicas
         if len(self.samplers) + len(self._starting) >= limit:
             return
-        cls, bundle, retry, kwargs, seed, gpus = self._grow_args
+        bundle = self._grow_args[1]
         avail = ray.available_resources()
         if any(avail.get(k, 0) < v for k, v in bundle.items()):
             return
         group = placement_group([bundle], strategy="PACK")
-        try:
-            ray.get(group.ready(), timeout=10)
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(group)
-            return
+        self._placing = (group, group.ready(), time.monotonic())
+
+    def _start_replica(self, group) -> None:
+        cls, bundle, retry, kwargs, seed, gpus = self._grow_args
         i = len(self.samplers) + len(self._starting)
         replica = cls.options(num_cpus=self.sampling.cpus_per_replica, num_gpus=gpus, **retry,
                               scheduling_strategy=PlacementGroupSchedulingStrategy(
@@ -253,13 +265,20 @@ class EStepPool:
         bar.close()
 
     def close(self) -> None:
+        # Engines first, then the actors: ray.kill ends a replica's process at once, but its engine's GPU workers
+        # (a tensor-parallel engine's are the replica's grandchildren) exit later, and the next phase, the M-step
+        # or the next policy's engines, could start on GPUs that still hold this one's weights and KV cache.
+        closing = [a.close.remote() for a in self.samplers]
+        if closing:
+            ray.wait(closing, num_returns=len(closing), timeout=30)  # a dead or stuck replica is killed anyway
         for a in [*self.samplers, *self._starting.values()]:
             ray.kill(a)
         self.samplers, self._starting = [], {}
         self.verifiers.close()
-        for g in ([self.group] if self.group is not None else []) + self.extra_groups:
+        placing = [self._placing[0]] if self._placing is not None else []
+        for g in ([self.group] if self.group is not None else []) + self.extra_groups + placing:
             remove_placement_group(g)  # the accelerators are free for the M-step
-        self.group, self.extra_groups = None, []
+        self.group, self.extra_groups, self._placing = None, [], None
 
 
 def _cause(err: Exception) -> str:

@@ -67,3 +67,84 @@ def test_a_sandbox_that_cannot_start_on_the_verifier_node_is_one_line(cluster):
     msg = str(e.value)
     assert msg.startswith("verification.verifier: code: the sandbox cannot start on a verifier node: ") and "\n" not in msg
     assert "/nonexistent/python3" in msg, msg
+
+
+def test_an_elastic_pool_never_waits_on_a_bundle_no_single_node_holds(cluster, monkeypatch):
+    """Free resources summed over nodes can hold a replica's bundle that no node holds (two nodes with 2 of a
+    bundle's 3 each). Growing the pool used to wait 10 s on that placement group every 2 s, while no chunk was
+    dispatched or graded; now it asks once, checks without waiting, and gives up after 10 s."""
+    import time
+
+    from restem_ray.config import SamplingConfig
+    from restem_ray.pool import EStepPool
+
+    class NoVerifiers:
+        def grow(self):
+            pass
+
+    started = []
+    pool = object.__new__(EStepPool)  # the growing part alone: no vLLM replicas
+    pool.sampling = SamplingConfig(num_replicas=1, max_replicas=2, cpus_per_replica=1)
+    pool.samplers, pool._starting, pool.extra_groups = ["replica 0"], {}, []
+    pool.group, pool._placing, pool._last_grow, pool.verifiers = None, None, 0.0, NoVerifiers()
+    pool._start_replica = started.append
+    pool._grow_args = (None, {"CPU": 1, "sandbox": 3}, {}, {}, 0, 0)
+    monkeypatch.setattr(ray, "available_resources", lambda: {"CPU": 4, "sandbox": 4})  # 2 + 2 on two nodes
+    t = time.monotonic()
+    for _ in range(3):
+        pool._grow()
+    assert time.monotonic() - t < 2 and pool._placing is not None and not started
+    group, ref, since = pool._placing
+    pool._placing = (group, ref, since - 11)  # 10 s later: given up, the group removed
+    pool._grow()
+    assert pool._placing is None and ray.util.placement_group_table(group)["state"] == "REMOVED"
+    pool._grow_args = (None, {"CPU": 1, "sandbox": 1}, {}, {}, 0, 0)  # a bundle that fits
+    pool._last_grow = 0.0
+    pool._grow()
+    deadline = time.monotonic() + 30
+    while not started and time.monotonic() < deadline:
+        pool._grow()
+        time.sleep(0.1)
+    assert len(started) == 1 and pool._placing is None  # placed: the replica starts on that group
+    ray.util.remove_placement_group(started[0])
+
+
+def test_closing_the_pool_shuts_each_engine_down_before_ending_its_replica(cluster):
+    """ray.kill ends a replica's process at once, but the GPU workers of its engine exit later: the next phase
+    could start on GPUs still holding the engine. Each replica's engine is shut down first (Sampler.close)."""
+    from restem_ray.pool import EStepPool
+
+    @ray.remote
+    class Log:
+        def __init__(self):
+            self.lines = []
+
+        def add(self, line):
+            self.lines.append(line)
+
+        def get(self):
+            return self.lines
+
+    @ray.remote
+    class Replica:
+        def __init__(self, log, name):
+            self.log, self.name = log, name
+
+        def close(self):
+            ray.get(self.log.add.remote(f"{self.name} engine shut down"))
+
+    class NoVerifiers:
+        def close(self):
+            pass
+
+    log = Log.remote()
+    pool = object.__new__(EStepPool)
+    pool.samplers = [Replica.remote(log, f"r{i}") for i in range(2)]
+    pool._starting, pool.extra_groups, pool.group, pool._placing = {}, [], None, None
+    pool.verifiers = NoVerifiers()
+    replicas = list(pool.samplers)
+    pool.close()
+    assert sorted(ray.get(log.get.remote())) == ["r0 engine shut down", "r1 engine shut down"]
+    for r in replicas:  # and then ended
+        with pytest.raises(ray.exceptions.RayActorError):
+            ray.get(r.close.remote(), timeout=30)
