@@ -117,7 +117,7 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
     from .driver import Driver, init_ray
 
     from .errors import StopAfter
-    from .resources import check_ray_cluster, check_sandbox_on_cluster
+    from .resources import check_ray_cluster, check_run_dir_on_every_node, check_sandbox_on_cluster
     from .verification import resolve_verifier
 
     # validates data, the run dir and --stop-after before Ray starts
@@ -127,6 +127,8 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
     check_ray_cluster(cfg)  # before anything is written or any actor waits for resources
     if mirror is not None:
         mirror.check_cluster()  # every node must see the working copy
+    else:
+        check_run_dir_on_every_node(out)
     check_sandbox_on_cluster(resolve_verifier(cfg.verification.verifier, cfg.task.kind), cfg.verification,
                              cfg.sampling.placement_timeout_s)  # code tasks: where the verifiers will run
     driver.run.lock()  # one driver per run directory, held until this process ends

@@ -108,3 +108,53 @@ def check_sandbox_on_cluster(verifier: str, v, timeout_s: float = 120.0) -> dict
     finally:
         pool.close()
     return where
+
+
+def check_run_dir_on_every_node(out, timeout_s: float = 60.0) -> None:
+    """A local --out on a cluster of several nodes: the M-step's workers and the sampler replicas read the
+    iteration's data and checkpoints from it, so every node must mount it. A marker file written here is read
+    from each other alive node now, rather than a file missing in a worker after a whole E-step. Nodes that join
+    later (autoscaling) cannot be checked."""
+    import uuid
+    from pathlib import Path
+
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    here = ray.get_runtime_context().get_node_id()
+    others = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive") and n["NodeID"] != here}
+    if not others:
+        return
+    token = uuid.uuid4().hex
+    # in the run directory, or the folder it will be made in (a check that fails leaves nothing behind)
+    where = next(p for p in [Path(out).resolve(), *Path(out).resolve().parents] if p.is_dir())
+    marker = where / f".restem-node-check-{token[:8]}"
+    marker.write_text(token)
+    try:
+        sees = ray.remote(num_cpus=0)(_holds)
+        refs = [sees.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(str(marker), token)
+                for n in others]
+        try:
+            seen = ray.get(refs, timeout=timeout_s)
+        except ray.exceptions.GetTimeoutError:
+            print(f"[restem] could not check within {timeout_s:g} s that every node sees --out {out}")
+            return
+    finally:
+        marker.unlink(missing_ok=True)
+    missing = [addr for addr, ok in zip(others.values(), seen) if not ok]
+    if missing:
+        raise UserError(run_dir_not_shared(out, missing, len(others) + 1))
+
+
+def _holds(path: str, token: str) -> bool:
+    try:
+        with open(path) as f:
+            return f.read() == token
+    except OSError:
+        return False
+
+
+def run_dir_not_shared(out, missing: list[str], nodes: int) -> str:
+    return (f"--out {out}: {len(missing)} of the cluster's {nodes} nodes do not see it (e.g. {missing[0]}); the "
+            f"training workers and sampler replicas read each iteration's data and checkpoints from it: give "
+            f"--out a folder every node mounts (e.g. /shared/runs/NAME) or an object-store URI")

@@ -60,6 +60,55 @@ init_ray(None, 2)
 print('local CPUs', ray.cluster_resources()['CPU'], 'nodes', len(ray.nodes()))
 ray.shutdown()"
 """
+    r = in_netns(script, temp)
+    assert "local CPUs 2.0 nodes 1" in r.stdout, r.stdout[-2000:]
+
+
+def test_a_local_run_directory_a_node_does_not_mount_is_refused_in_one_line(tmp_path):
+    """A local --out on a cluster must be a folder every node mounts. The second node of this `ray start`
+    cluster runs in a mount namespace where the run directory's folder is an empty tmpfs, as on a node without
+    the shared volume: the check reads its marker from there and refuses, naming how many nodes miss it; a
+    folder both nodes see passes."""
+    temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths live under it
+    hidden, shared = tmp_path / "hidden", tmp_path / "shared"
+    hidden.mkdir()
+    shared.mkdir()
+    bin_dir = Path(sys.executable).parent
+    script = f"""
+set -euo pipefail
+ip link set lo up
+export RAY_TMPDIR={temp} RAY_AUTH_MODE=disabled
+common=(--node-ip-address=127.0.0.1 --disable-usage-stats --include-dashboard=false)
+trap '"{bin_dir}/ray" stop --force >/dev/null 2>&1 || true' EXIT
+"{bin_dir}/ray" start --head --port=6379 --num-cpus=1 "${{common[@]}}" >/dev/null
+unshare --mount --propagation private bash -c 'mount -t tmpfs tmpfs {hidden} && \\
+  "{bin_dir}/ray" start --address=127.0.0.1:6379 --num-cpus=1 --node-ip-address=127.0.0.1 \\
+  --disable-usage-stats >/dev/null'
+"{sys.executable}" -c "
+import ray
+from restem_ray.errors import UserError
+from restem_ray.resources import check_run_dir_on_every_node
+ray.init(address='127.0.0.1:6379')
+print('nodes', len([n for n in ray.nodes() if n['Alive']]))
+check_run_dir_on_every_node('{shared}/run')
+print('shared ok')
+try:
+    check_run_dir_on_every_node('{hidden}/run')
+except UserError as e:
+    print('refused:', e)
+ray.shutdown()"
+"""
+    r = in_netns(script, temp)
+    lines = [x for x in r.stdout.splitlines() if x.startswith(("nodes", "shared", "refused"))]
+    assert lines[:2] == ["nodes 2", "shared ok"], r.stdout[-2000:]
+    assert lines[2].startswith(f"refused: --out {hidden}/run: 1 of the cluster's 2 nodes do not see it (e.g. "
+                               f"127.0.0.1); "), lines
+    assert not list(shared.iterdir()) and not list(hidden.iterdir())  # the markers are gone
+
+
+def in_netns(script: str, temp: str) -> subprocess.CompletedProcess:
+    """Run a bash script that starts `ray start` nodes in a private network namespace, without the caller's Ray
+    address; `temp` (its RAY_TMPDIR) is removed after. The script must succeed."""
     env = {k: v for k, v in os.environ.items() if k != "RAY_ADDRESS"}
     env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
     try:
@@ -67,4 +116,4 @@ ray.shutdown()"
     finally:
         shutil.rmtree(temp, ignore_errors=True)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-3000:]
-    assert "local CPUs 2.0 nodes 1" in r.stdout, r.stdout[-2000:]
+    return r

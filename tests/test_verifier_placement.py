@@ -148,3 +148,20 @@ def test_closing_the_pool_shuts_each_engine_down_before_ending_its_replica(clust
     for r in replicas:  # and then ended
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(r.close.remote(), timeout=30)
+
+
+def test_a_run_directory_every_node_sees_passes_and_one_some_do_not_is_one_line(cluster, tmp_path):
+    """A local --out on a cluster: each other node reads a marker written here (a one-node Ray has none to ask;
+    the two-node runs of test_resume.py and test_multinode.py pass it on a shared folder). The refusal names
+    how many nodes do not see it."""
+    from restem_ray.resources import _holds, check_run_dir_on_every_node, run_dir_not_shared
+
+    check_run_dir_on_every_node(tmp_path / "new" / "run")
+    assert not list(tmp_path.iterdir())  # nothing left behind, no run directory made
+    (tmp_path / "m").write_text("abc")
+    assert _holds(str(tmp_path / "m"), "abc") and not _holds(str(tmp_path / "m"), "abd")
+    assert not _holds(str(tmp_path / "absent"), "abc")
+    assert run_dir_not_shared("/local/run", ["10.0.0.7"], 3) == (
+        "--out /local/run: 1 of the cluster's 3 nodes do not see it (e.g. 10.0.0.7); the training workers and "
+        "sampler replicas read each iteration's data and checkpoints from it: give --out a folder every node "
+        "mounts (e.g. /shared/runs/NAME) or an object-store URI")
