@@ -168,6 +168,7 @@ def run_variant(work: Path, args, variant: str) -> dict:
            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
            "steady_tokens_per_s": round(m["steady_tokens"] / m["steady_seconds"]) if m["steady_seconds"] else None,
            **({"widths": m["widths"]} if "widths" in m else {}),
+           **({"line_tokens_per_s": m["lines"]} if "lines" in m else {}),
            **({"step_times": m["step_times"]} if m.get("step_times") else {}),
            **({"profile": prof.summary()} if prof else {})}
     if variant != "plain":
@@ -194,7 +195,9 @@ def mstep(work: Path, cfg, variant: str, prof=None) -> dict:
     # the second half of the steps, from the M-step's own step lines (each line's window ends in a host read)
     half = [x for x in reporter.step_lines if x["step"] > cfg.max_steps // 2]
     return {**m, "steady_tokens": sum(x["tokens"] for x in half),
-            "steady_seconds": sum(x["tokens"] / x["tokens_per_s"] for x in half)}
+            "steady_seconds": sum(x["tokens"] / x["tokens_per_s"] for x in half),
+            # per line: where the time went (the first line holds any compile, the early ones most new widths)
+            "lines": [[x["step"], round(x["tokens_per_s"])] for x in reporter.step_lines]}
 
 
 def line_every(steps: int) -> int:

@@ -37,6 +37,8 @@ def test_gpu_bench_compares_mstep_with_plain_deepspeed_on_the_same_batches(tmp_p
     assert any(op["name"] == "aten::mm" and op["calls"] > 0 for op in prof["top_ops"]), prof
     for x in (plain, padded, zero3, compiled):
         assert 0 < x["steady_tokens_per_s"] and x["steady_mfu"] is not None, x  # MFU rounds to 0 at CPU shapes
+    # the M-step's step lines (one per step at 4 steps) are kept: the first holds any compile
+    assert [s for s, _ in compiled["line_tokens_per_s"]] == [1, 2, 3, 4] and "line_tokens_per_s" not in plain
     assert set(r["versions"]) == {"torch", "cuda", "transformers", "deepspeed"}
     # on CPU the reference drops the mask as the M-step does, so the same batches give the same loss exactly
     # (ZeRO-3 partitions its reductions differently: close, not equal)
