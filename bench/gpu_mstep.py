@@ -10,7 +10,7 @@ Ray) against a plain DeepSpeed ZeRO-2 loop on the same batches, in one run.
 Model: random-init Llama shaped like Qwen2-0.5B (494M parameters, vocab 151,936, tied embeddings), bf16.
 Data: `--steps x --micro` rows of 256-1792 random tokens (a 32-token prompt, the rest completion), one
 epoch, length-grouped into micro-batches exactly as the M-step plans them (`restem_ray.sft.plan_epoch`).
-Each variant runs in a fresh process (its own CUDA context and DeepSpeed groups) on the same model folder
+Each variant runs in a fresh process (its own CUDA context, DeepSpeed groups and compile caches) on the same model folder
 and data file:
   plain       a hand-written DeepSpeed ZeRO-2 loop (bf16, torch fused AdamW, clipping 1.0) over the very
               batches `padded` trains on: the reference
@@ -415,7 +415,11 @@ def main():
         try:
             if left < 10:
                 raise subprocess.TimeoutExpired(cmd, 0)
-            p = subprocess.run(cmd, capture_output=True, text=True, timeout=left)
+            # compile caches of its own: every variant compiles cold, as an M-step's first run on a node does
+            # (a later M-step there finds the graphs in its cache)
+            env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(work / f"inductor-{v}"),
+                       TRITON_CACHE_DIR=str(work / f"triton-{v}"))
+            p = subprocess.run(cmd, capture_output=True, text=True, timeout=left, env=env)
         except subprocess.TimeoutExpired:
             results[v] = {"variant": v, "error": f"not finished within --deadline-s {args.deadline_s:.0f}"}
             print(f"[gpu_mstep] {v}: {results[v]['error']}", file=sys.stderr, flush=True)
