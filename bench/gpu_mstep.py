@@ -63,8 +63,8 @@ VARIANTS = {
     "compiled": {"zero_stage": 2, "compile_layers": True},
     "fused": {"zero_stage": 2, "compile_layers": True, "liger_kernel": True},
     # DeepSpeed 0.19 checks every gradient tensor for inf/NaN before each bf16 step (bf16.check_grad_overflow,
-    # default true): a few kernels per tensor and a host read, redundant in bf16, which needs no loss
-    # scale; a NaN still shows in the gradient norm
+    # default true) and skips the step if one has any: a few kernels per tensor and a host read every step, for a
+    # guard bf16 without a loss scale rarely needs (a NaN still shows in the step lines' gradient norm)
     "lean": {"zero_stage": 2, "compile_layers": True, "liger_kernel": True,
              "deepspeed": {"bf16": {"check_grad_overflow": False}}},
     "liger": {"zero_stage": 2, "liger_kernel": True},
