@@ -264,15 +264,16 @@ def plain_loop(work: Path, cfg, step_times: bool = False, prof=None) -> dict:
 
 
 class StepProfiler:
-    """--profile: torch.profiler over the 5 steps before the timed second half (after most new widths and any
+    """--profile: torch.profiler over the 5 steps before the timed second half (fewer when it is short) (after most new widths and any
     compile), summarised as the ops that took the most device time and how busy the device was. The profiled
     variant's whole-run figures include the profiler's overhead; its second half does not."""
 
     def __init__(self, steps: int, gpu: bool):
         import torch
 
-        self.first = max(1, steps // 2 - 5)  # 1-based step of the first profiled step
-        self.active = min(5, steps // 2)
+        half = steps // 2  # the profiler stops before step half + 1, where the timed second half starts
+        self.active = min(5, half - 1)
+        self.first = max(1, half - self.active)  # 1-based step of the first profiled step
         self.calls, self.prof, self.gpu = 0, None, gpu
         acts = [torch.profiler.ProfilerActivity.CPU] + ([torch.profiler.ProfilerActivity.CUDA] if gpu else [])
         self.kwargs = {"activities": acts}
@@ -282,6 +283,8 @@ class StepProfiler:
         import torch
 
         self.calls += 1
+        if self.active < 1:
+            return
         if self.calls == self.first:
             if self.gpu:
                 torch.cuda.synchronize()
@@ -296,9 +299,15 @@ class StepProfiler:
 
     def summary(self, top: int = 25) -> dict:
         if self.prof is None or not hasattr(self, "seconds"):
-            return {"error": "the profiled steps did not run"}
+            return {"error": "the profiled steps did not run (--steps under 4)"}
+        from torch.autograd import DeviceType
+
         events = self.prof.key_averages()
-        dev = (lambda e: e.self_device_time_total) if self.gpu else (lambda e: e.self_cpu_time_total)
+        if self.gpu:  # the kernels themselves: a CPU op's self device time counts the kernels it launched again
+            events = [e for e in events if e.device_type == DeviceType.CUDA and not e.is_user_annotation]
+            dev = lambda e: e.self_device_time_total  # noqa: E731
+        else:
+            dev = lambda e: e.self_cpu_time_total  # noqa: E731
         rows = sorted(events, key=dev, reverse=True)[:top]
         busy = sum(dev(e) for e in events) / 1e6  # seconds of kernels (CPU ops on CPU), overlaps not merged
         return {"steps": [self.first, self.first + self.active - 1], "wall_seconds": round(self.seconds, 3),

@@ -190,6 +190,20 @@ class SamplingConfig(_Section):
     budget: int | None = Field(None, ge=1, description="Adaptive: total samples per E-step. None: what fixed-K "
                                                        "draws (train problems x samples_per_problem).")
 
+    @model_validator(mode="after")
+    def _check_engine(self) -> "SamplingConfig":
+        # A replica reserves tensor_parallel_size GPUs on one node for one engine; an engine that wants other
+        # GPUs (another tensor-parallel size, pipeline stages) would wait for them or take another replica's.
+        tp = self.engine_kwargs.get("tensor_parallel_size")
+        if tp is not None and tp != self.tensor_parallel_size:
+            raise ValueError(f"sampling.engine_kwargs.tensor_parallel_size is {tp} but sampling.tensor_parallel_size "
+                             f"is {self.tensor_parallel_size}; set sampling.tensor_parallel_size (it sizes the replica's "
+                             f"GPU reservation)")
+        if self.engine_kwargs.get("pipeline_parallel_size", 1) != 1:
+            raise ValueError("sampling.engine_kwargs.pipeline_parallel_size: replicas run tensor parallelism only "
+                             "(a replica reserves tensor_parallel_size GPUs on one node)")
+        return self
+
     @property
     def adaptive_round_size(self) -> int:
         """The adaptive round size, resolved."""

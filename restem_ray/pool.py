@@ -171,29 +171,29 @@ class EStepPool:
         `verification.max_workers`). A new replica takes work once its engine is up; nothing is moved.
         Never waits: a placement group asked for is checked at later calls and given up after 10 s (free
         resources summed over nodes may hold a bundle that no single node holds)."""
+        now = time.monotonic()
         if self._placing is not None:
             group, ready_ref, since = self._placing
-            if not ray.wait([ready_ref], timeout=0)[0]:
-                if time.monotonic() - since > 10:
-                    remove_placement_group(group)
-                    self._placing = None
-                return
-            self._placing = None
-            self._start_replica(group)
+            if ray.wait([ready_ref], timeout=0)[0]:
+                self._placing = None
+                self._start_replica(group)
+            elif now - since > 10:
+                remove_placement_group(group)
+                self._placing = None
+                self._last_grow = now  # asked again 2 s on: a node may have freed up meanwhile
+        if now - self._last_grow < 2.0:
             return
-        if time.monotonic() - self._last_grow < 2.0:
-            return
-        self._last_grow = time.monotonic()
+        self._last_grow = now
         self.verifiers.grow()
         limit = self.sampling.max_replicas or self.sampling.num_replicas
-        if len(self.samplers) + len(self._starting) >= limit:
+        if self._placing is not None or len(self.samplers) + len(self._starting) >= limit:
             return
         bundle = self._grow_args[1]
         avail = ray.available_resources()
         if any(avail.get(k, 0) < v for k, v in bundle.items()):
             return
         group = placement_group([bundle], strategy="PACK")
-        self._placing = (group, group.ready(), time.monotonic())
+        self._placing = (group, group.ready(), now)
 
     def _start_replica(self, group) -> None:
         cls, bundle, retry, kwargs, seed, gpus = self._grow_args
@@ -268,6 +268,7 @@ class EStepPool:
         # Engines first, then the actors: ray.kill ends a replica's process at once, but its engine's GPU workers
         # (a tensor-parallel engine's are the replica's grandchildren) exit later, and the next phase, the M-step
         # or the next policy's engines, could start on GPUs that still hold this one's weights and KV cache.
+        # (A replica still starting is only killed: asking it to close would wait for its engine to load.)
         closing = [a.close.remote() for a in self.samplers]
         if closing:
             ray.wait(closing, num_returns=len(closing), timeout=30)  # a dead or stuck replica is killed anyway

@@ -136,8 +136,8 @@ def check_run_dir_on_every_node(out, timeout_s: float = 60.0) -> None:
                 for n in others]
         try:
             seen = ray.get(refs, timeout=timeout_s)
-        except ray.exceptions.GetTimeoutError:
-            print(f"[restem] could not check within {timeout_s:g} s that every node sees --out {out}")
+        except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:  # e.g. a node that died meanwhile
+            print(f"[restem] could not check that every node sees --out {out}: {type(e).__name__}")
             return
     finally:
         marker.unlink(missing_ok=True)

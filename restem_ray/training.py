@@ -143,9 +143,9 @@ class Reporter(Protocol):
 
 
 class RayTrainReporter:
-    def __init__(self, relay=None, rank: int = 0):
+    def __init__(self, relay=None, rank: int = 0, every_rank: bool = False):
         self.relay, self._sent = relay, None  # relay: the driver's StepRelay actor (improve())
-        self.rank = rank
+        self.rank, self.every_rank = rank, every_rank
 
     @contextlib.contextmanager
     def latest_checkpoint(self):
@@ -155,7 +155,7 @@ class RayTrainReporter:
         if ckpt is None:
             yield None
             return
-        with restored_checkpoint(ckpt.filesystem, ckpt.path, self.rank) as local:
+        with restored_checkpoint(ckpt.filesystem, ckpt.path, self.rank, self.every_rank) as local:
             yield local
 
     def report(self, metrics, checkpoint_dir, name):
@@ -182,14 +182,15 @@ _RANK_FILE = re.compile(r"(?:^|_)zero_pp_rank_(\d+)_")
 
 
 @contextlib.contextmanager
-def restored_checkpoint(fs, path: str, rank: int):
+def restored_checkpoint(fs, path: str, rank: int, every_rank: bool = False):
     """The files of checkpoint `path` (on pyarrow filesystem `fs`) that this rank resumes from, in a folder of its
     own: state.json, and the DeepSpeed state less the other ranks' ZeRO shards (DeepSpeed reads only its own rank's
     optimizer and, under ZeRO-3, parameter shard), or, for a finished M-step's checkpoint, rank 0's HF weights.
     The whole checkpoint per rank would be every rank's optimizer state, about 106 GB for a 7B model, copied 8 times
     onto each 8-GPU node's disk. A folder per rank: `Checkpoint.to_directory()` without a path shares one per node,
     and a rank that got there after another finished downloaded again over the files that one was still reading
-    (seen once in CI: a ZeRO-2 shard read back truncated after a worker was replaced)."""
+    (seen once in CI: a ZeRO-2 shard read back truncated after a worker was replaced). `every_rank`: DeepSpeed
+    set to read every rank's files (zero_optimization.elastic_checkpoint, checkpoint.load_universal)."""
     import pyarrow.fs as pafs
 
     local = tempfile.mkdtemp(prefix="restem-restore-")
@@ -211,7 +212,7 @@ def restored_checkpoint(fs, path: str, rank: int):
                 wanted = done and rank == 0
             else:
                 m = _RANK_FILE.search(os.path.basename(rel))
-                wanted = not done and (m is None or int(m.group(1)) == rank)
+                wanted = not done and (m is None or every_rank or int(m.group(1)) == rank)
             if wanted:
                 fetch(rel)
         yield local
@@ -707,8 +708,11 @@ def train_loop(job: dict) -> None:
 
     quiet_checkpoint_logs()
     ctx = ray.train.get_context()
+    ds = TrainingConfig(**job["cfg"]).deepspeed_overrides()
+    every_rank = bool(ds.get("zero_optimization", {}).get("elastic_checkpoint")
+                      or ds.get("checkpoint", {}).get("load_universal"))
     MStep(job, ctx.get_world_rank(), ctx.get_world_size(),
-          RayTrainReporter(job.get("step_relay"), rank=ctx.get_world_rank())).run()
+          RayTrainReporter(job.get("step_relay"), rank=ctx.get_world_rank(), every_rank=every_rank)).run()
 
 
 def quiet_checkpoint_logs() -> None:

@@ -42,6 +42,10 @@ def test_overrides_and_relative_paths(tmp_path):
     ("nonsense", "expected key.path=value"),
     ("evaluation.k_splits=[tset]", "evaluation.k_splits: 'tset' is not an eval split (one of valid, test)"),
     ("sampling.round_size=0", "sampling.round_size"),
+    ("sampling.engine_kwargs={tensor_parallel_size: 2}", "sampling.engine_kwargs.tensor_parallel_size is 2 but "
+                                                         "sampling.tensor_parallel_size is 1"),
+    ("sampling.engine_kwargs={pipeline_parallel_size: 2}", "sampling.engine_kwargs.pipeline_parallel_size: replicas "
+                                                           "run tensor parallelism only"),
 ])
 def test_bad_config_is_one_named_error(tmp_path, override, needle):
     with pytest.raises(UserError) as e:

@@ -156,8 +156,8 @@ def test_a_run_directory_every_node_sees_passes_and_one_some_do_not_is_one_line(
     how many nodes do not see it."""
     from restem_ray.resources import _holds, check_run_dir_on_every_node, run_dir_not_shared
 
-    check_run_dir_on_every_node(tmp_path / "new" / "run")
-    assert not list(tmp_path.iterdir())  # nothing left behind, no run directory made
+    check_run_dir_on_every_node(tmp_path / "new" / "run")  # one node: nothing to ask, nothing written
+    assert not list(tmp_path.iterdir())
     (tmp_path / "m").write_text("abc")
     assert _holds(str(tmp_path / "m"), "abc") and not _holds(str(tmp_path / "m"), "abd")
     assert not _holds(str(tmp_path / "absent"), "abc")
