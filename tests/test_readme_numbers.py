@@ -76,8 +76,19 @@ def gpu_step_costs(d):
     for width, secs in st[1:]:
         (rep if width in seen else new).append(1e6 * secs / (width * d["micro_batch"]))
         seen.add(width)
+    # a straight line through the steps at widths seen before: seconds = per_step + per_token x padded tokens
+    xs, ys, seen = [], [], {st[0][0]}
+    for width, secs in st[1:]:
+        if width in seen:
+            xs.append(width * d["micro_batch"])
+            ys.append(secs)
+        seen.add(width)
+    mx, my = sum(xs) / len(xs), sum(ys) / len(ys)
+    per_token = sum((x - mx) * (y - my) for x, y in zip(xs, ys)) / sum((x - mx) ** 2 for x in xs)
+    flops = 6 * d["model_params"] + 6 * 24 * 896 * d["attention_mean_tokens"]  # bench.GPU_SHAPE: layers, hidden
     return {"new": sum(new) / len(new), "rep": sum(rep) / len(rep), "n_new": len(new), "first": st[0][1],
-            "widths": len(seen)}
+            "widths": len(seen), "fit_steps": len(xs), "per_token_us": 1e6 * per_token,
+            "per_step_ms": 1e3 * (my - per_token * mx), "per_token_mfu": flops / per_token / (d["peak_tflops"] * 1e12)}
 
 
 def gpu_quotes():
@@ -105,6 +116,9 @@ def gpu_quotes():
         f"(first step {o['first']:.2f} s)",
         f"**>= 0.9x plain DeepSpeed on the same batches: met**, {d['padded_ratio']} ({d30['padded_ratio']} at 30 steps)",
         f"**MFU >= 30%: not met**, {100 * d['padded_mfu']:.1f}%",
+        f"a straight line through the plain loop's {o['fit_steps']} steps at widths seen before gives "
+        f"{o['per_token_us']:.1f} µs per padded token plus {o['per_step_ms']:.1f} ms per step, and the per-token cost "
+        f"alone is {100 * o['per_token_mfu']:.0f}% MFU",
         f"the GPU M-step runs at {d['padded_ratio']}x plain DeepSpeed on the same batches but at "
         f"{100 * d['padded_mfu']:.1f}% MFU",  # Known gaps
         f"ran at {v30['packed']['real_tokens_per_s'] / v30['padded']['real_tokens_per_s']:.2f}x padding's speed",
