@@ -427,7 +427,7 @@ class MStep:
 
             self.verifier = Verifier(self.job["verifier"], VerificationConfig(**self.job["verification"]))
 
-    def _load_valid(self) -> list[dict] | None:
+    def _load_valid(self) -> list[tuple[dict, float]] | None:
         if not (self.cfg.eval_every_steps and (self.job.get("valid_problems") or self.job.get("valid_file"))):
             return None
         from .data import load_problems
@@ -438,13 +438,8 @@ class MStep:
         # as many prompts. Fewer problems than ranks: the missing shares repeat problems, which count 0 (a rank
         # with nothing to decode would leave the others waiting in NCCL until its timeout).
         n = len(probs)
-        if not n:
-            self.valid_weights = []
-            return []
-        share = [(probs[i % n], 1.0 if i < n else 0.0) for i in range(max(self.world, n - n % self.world))]
-        mine = share[self.rank::self.world]  # each rank decodes its share; rewards are summed
-        self.valid_weights = [w for _, w in mine]
-        return [p for p, _ in mine]
+        share = [(probs[i % n], float(i < n)) for i in range(max(self.world, n - n % self.world) if n else 0)]
+        return share[self.rank::self.world]  # (problem, weight): each rank decodes its share; rewards are summed
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> dict:
@@ -532,7 +527,7 @@ class MStep:
         from .sft import greedy_completions
 
         st = self.state
-        prompts = [p["prompt"] for p in self.valid]
+        prompts = [p["prompt"] for p, _ in self.valid]
         # Compiled layers decode eagerly: one-token steps with a KV cache are other graphs, and compiling them
         # would spend Dynamo's recompile limit on a few validation passes.
         import torch
@@ -542,8 +537,8 @@ class MStep:
             # ZeRO-3 gathers parameters inside forward: every rank must run the same number of forwards.
             texts = greedy_completions(self.engine.module, self.tok, prompts, self.job["max_new_tokens"],
                                        stop=tuple(self.job["stop"]), synced=self.cfg.zero_stage == 3)
-        correct = sum(w * self.verifier.grade(p, t).reward for p, t, w in zip(self.valid, texts, self.valid_weights))
-        correct, n = sum_over_ranks([correct, sum(self.valid_weights)], device=self.device)
+        correct = sum(w * self.verifier.grade(p, t).reward for (p, w), t in zip(self.valid, texts))
+        correct, n = sum_over_ranks([correct, sum(w for _, w in self.valid)], device=self.device)
         reward = correct / max(1.0, n)
         st.history.append({"step": st.step, "valid_reward": reward})
         if st.best_reward is None or reward > st.best_reward:
