@@ -96,6 +96,7 @@ def _out_dir(out: str, args):
     mirror = RunMirror(out)
     has_run = mirror.check()
     resume = args.resume or (args.auto_resume and (has_run or (mirror.local / "manifest.json").is_file()))
+    mirror.hold()  # one driver per URI, across machines (restem_ray/lease.py), before any download
     mirror.prepare(resume, has_run)
     return mirror.local, resume, mirror
 

@@ -164,6 +164,7 @@ class Driver:
             check_infra_errors([r["verdict"] for r in rows], self.cfg.verification.max_infra_error_rate,
                                f"iteration {t}, E-step shard {names[todo[j]]}")
             write_parquet(out / f"{names[todo[j]]}.parquet", pa.Table.from_pylist(rows))
+            self.run.saved(out / f"{names[todo[j]]}.parquet")  # a URI run directory: uploaded now, not at the commit
             crash_point(f"{t}/generate/shard")
             crash_point(f"{t}/generate/{names[todo[j]]}")  # e.g. 1/generate/part-r002-00000: mid-round kills
         pool = self.samplers.get(model)

@@ -8,11 +8,15 @@ remote manifest never lists a phase whose files are not all there (an object sto
 not at all). Files already uploaded and unchanged (same size and mtime, recorded in the local copy's
 `.mirror-state.json`, which is never uploaded) are not sent again: samples shards and HF checkpoints go up once.
 
+E-step shards do not wait for their commit (an E-step may run for hours): each goes up as soon as it is written
+(`push_file`), outside the commit order. The remote manifest does not list them, so a run resumed elsewhere
+treats them as a resumed E-step treats the shards on its disk: kept, and not sampled again.
+
 `--resume` on a machine whose copy is missing or behind the remote (a new node, a RayJob retried elsewhere)
-downloads the remote run directory first; a local copy that holds everything the remote manifest lists (the
-same machine, after a crash) is kept, with its uncommitted E-step shards, and pushed at the next commit.
-What crosses machines is what was committed: a new machine samples again the shards finished since the last
-commit. The driver lock (`.driver.lock`) is node-local: one driver per URI at a time is the operator's job.
+downloads the remote run directory first, uncommitted E-step shards included; a local copy that holds
+everything the remote manifest lists (the same machine, after a crash) is kept, with its own uncommitted
+shards, and gets the remote's uncommitted shards it lacks. One driver per URI: the node-local copy's flock
+(`.driver.lock`) on this machine, and a lease object beside the run across machines (`hold`, restem_ray/lease.py).
 Symbolic links (`RUN/best`) are not mirrored; the manifest's `best_iteration` says the same.
 """
 from __future__ import annotations
@@ -22,6 +26,7 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
 import stat
 from pathlib import Path
@@ -29,9 +34,10 @@ from pathlib import Path
 from .errors import RunError, UserError
 
 STATE = ".mirror-state.json"
-LOCAL_ONLY = {".driver.lock", STATE}
+LOCAL_ONLY = {".driver.lock", STATE, ".driver-lease.json"}  # the lease lives on the remote only
 MANIFEST = "manifest.json"
-BUCKET_STORES = ("s3", "gcs")  # file systems whose first path component is a bucket; they have no real folders
+BUCKET_STORES = ("s3", "gcs")
+SHARD = re.compile(r"iter_(\d+)/samples/part-[^/]+\.parquet")  # an E-step shard (restem_ray/storage.py)  # file systems whose first path component is a bucket; they have no real folders
 
 
 def run_cache_root() -> Path:
@@ -53,6 +59,7 @@ class RunMirror:
         # the last name is kept: the M-step's Ray Train run is named after it, the same on every machine
         self.local = Path(cache or run_cache_root()) / key / name
         self.fs = self.path = None
+        self.lease = None  # DriverLease once `hold` made this the run's driver
 
     # --- checks, before any cluster work ------------------------------------------------------
     def _open(self):
@@ -104,7 +111,8 @@ class RunMirror:
     def check_cluster(self) -> None:
         """The working copy lives on the driver's node, and the M-step's workers and the sampler replicas read the
         iteration's data and checkpoints from it: on a cluster of several nodes it must be a folder every node
-        mounts (RESTEM_RUN_CACHE), else one line now rather than a missing file in a worker later."""
+        mounts (RESTEM_RUN_CACHE, checked from every node), else one line now rather than a missing file in a worker
+        later."""
         import ray
 
         alive = sum(1 for n in ray.nodes() if n.get("Alive"))
@@ -112,6 +120,13 @@ class RunMirror:
             raise UserError(f"{self.what} {self.uri}: the cluster has {alive} nodes, and the run directory's working "
                             f"copy ({self.local}) is on this one only; set RESTEM_RUN_CACHE to a folder every node "
                             "mounts (e.g. /shared/restem-runs), or give --out a shared path")
+        if alive > 1:  # set, but is it shared? a marker written here, read from every other node
+            from .resources import check_run_dir_on_every_node
+
+            check_run_dir_on_every_node(self.local, not_shared=lambda local, missing, nodes: (
+                f"RESTEM_RUN_CACHE {os.environ['RESTEM_RUN_CACHE']}: {len(missing)} of the cluster's {nodes} nodes "
+                f"do not see it (e.g. {missing[0]}), and {self.uri}'s working copy ({local}) is in it; set it to a "
+                "folder every node mounts (e.g. /shared/restem-runs)"))
 
     def _remote_manifest(self) -> dict | None:
         try:
@@ -134,6 +149,16 @@ class RunMirror:
                 raise UserError(f"{self.uri}: another driver is running this run ({holder}); wait for it to end "
                                 "or stop it, then --resume") from None
             fcntl.flock(f, fcntl.LOCK_UN)
+
+    def hold(self) -> None:
+        """Become the run's one driver: refuse if a driver on this machine runs it (flock) or one anywhere holds
+        its lease (restem_ray/lease.py; may watch a silent lease for 3 renewals first), else hold the lease
+        until this process ends."""
+        from .lease import DriverLease
+
+        self._check_not_locked()
+        self.lease = DriverLease(self._open(), self.path, self.uri)
+        self.lease.acquire()
 
     def prepare(self, resume: bool, has_run: bool, reader: bool = False) -> None:
         """Make the local copy the run's working directory: downloaded on a resume when missing or behind the
@@ -158,8 +183,43 @@ class RunMirror:
             return  # committed here, not yet pushed (the push failed): the local copy is the run
         if (local is not None and local.get("created") == remote.get("created")
                 and all(local["completed"].get(k) == v for k, v in remote["completed"].items())):
-            return  # this machine's copy of the same run holds all the remote one does (and maybe finished shards)
+            # this machine's copy of the same run holds all the remote one does (and maybe finished shards)
+            if not reader:
+                self._fill_shards(local)
+            return
         self.pull()
+
+    def _fill_shards(self, local: dict) -> None:
+        """Download the remote's E-step shards of iterations not yet sampled here that this copy lacks (written
+        by a driver on another machine since this copy was made): the resumed E-step does not sample them again."""
+        import pyarrow.fs as pafs
+
+        try:
+            infos = self._open().get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
+        except Exception as e:
+            raise UserError(f"{self.what} {self.uri}: cannot list the run directory ({_first_line(e)})") from None
+        state, n = _read_state(self.local), 0
+        for info in infos:
+            rel = info.path[len(self.path) + 1:]
+            m = SHARD.fullmatch(rel)
+            if (info.type != pafs.FileType.File or m is None or f"{int(m[1])}/generate" in local["completed"]
+                    or (self.local / rel).exists()):
+                continue
+            dst = self.local / rel
+            dst.parent.mkdir(parents=True, exist_ok=True)
+            tmp = dst.with_name(dst.name + ".tmp")
+            try:
+                with self.fs.open_input_stream(info.path) as src, open(tmp, "wb") as out:
+                    shutil.copyfileobj(src, out, 8 << 20)
+            except Exception as e:
+                tmp.unlink(missing_ok=True)
+                raise UserError(f"{self.what} {self.uri}/{rel}: cannot download ({_first_line(e)})") from None
+            os.replace(tmp, dst)
+            st = dst.stat()
+            state[rel], n = [st.st_size, st.st_mtime_ns], n + 1  # it is on the remote as it is here
+        if n:
+            _write_state(self.local, state)
+            print(f"[restem] downloaded {n} E-step shard(s) another machine finished from {self.uri}")
 
     def _local_manifest(self) -> dict | None:
         try:
@@ -183,6 +243,7 @@ class RunMirror:
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(f"{self.what} {self.uri}: cannot download the run directory ({_first_line(e)})") from None
         (tmp / STATE).unlink(missing_ok=True)
+        (tmp / ".driver-lease.json").unlink(missing_ok=True)  # the remote's own
         state = {rel: sig for rel, sig in _local_files(tmp)}  # all of them are on the remote as they are here
         _write_state(tmp, state)
         shutil.rmtree(self.local, ignore_errors=True)
@@ -190,6 +251,8 @@ class RunMirror:
 
     def push(self) -> None:
         """Upload what changed since the last push, then manifest.json, then delete what the run removed."""
+        if self.lease is not None:
+            self.lease.check()  # a driver another one took the run from writes nothing more
         state = _read_state(self.local)
         files = dict(_local_files(self.local))
         changed = [rel for rel, sig in files.items() if rel != MANIFEST and state.get(rel) != sig]
@@ -211,6 +274,29 @@ class RunMirror:
             raise RunError(f"run directory {self.uri}: upload failed ({_first_line(e)}); the local copy "
                            f"{self.local} holds the run: --resume on this machine continues it") from None
         finally:
+            _write_state(self.local, state)
+
+    def push_file(self, rel: str) -> None:
+        """Upload one finished file now, outside the commit order (an E-step shard: its commit may be hours
+        away). The remote manifest does not list it until the commit. A failure only warns: the commit sends the
+        file again, and stops the run if the store still takes nothing."""
+        if self.lease is not None:
+            self.lease.check()
+        try:
+            st = os.stat(self.local / rel)
+        except FileNotFoundError:
+            return
+        state, sig = _read_state(self.local), [st.st_size, st.st_mtime_ns]
+        if state.get(rel) == sig:
+            return
+        try:
+            sent = self._upload(rel)
+        except Exception as e:
+            print(f"[restem] warning: could not upload {rel} to {self.uri} ({_first_line(e)}); the next commit "
+                  "sends it", flush=True)
+            return
+        if sent:
+            state[rel] = sig
             _write_state(self.local, state)
 
     def _upload(self, rel: str) -> bool:

@@ -110,11 +110,11 @@ def check_sandbox_on_cluster(verifier: str, v, timeout_s: float = 120.0) -> dict
     return where
 
 
-def check_run_dir_on_every_node(out, timeout_s: float = 60.0) -> None:
+def check_run_dir_on_every_node(out, timeout_s: float = 60.0, not_shared=None) -> None:
     """A local --out on a cluster of several nodes: the M-step's workers and the sampler replicas read the
     iteration's data and checkpoints from it, so every node must mount it. A marker file written here is read
     from each other alive node now, rather than a file missing in a worker after a whole E-step. Nodes that join
-    later (autoscaling) cannot be checked."""
+    later (autoscaling) cannot be checked. `not_shared(out, missing, nodes)`: the refusal's text, if not --out's."""
     import uuid
     from pathlib import Path
 
@@ -143,7 +143,7 @@ def check_run_dir_on_every_node(out, timeout_s: float = 60.0) -> None:
         marker.unlink(missing_ok=True)
     missing = [addr for addr, ok in zip(others.values(), seen) if not ok]
     if missing:
-        raise UserError(run_dir_not_shared(out, missing, len(others) + 1))
+        raise UserError((not_shared or run_dir_not_shared)(out, missing, len(others) + 1))
 
 
 def _holds(path: str, token: str) -> bool:

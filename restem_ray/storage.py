@@ -156,6 +156,12 @@ class RunDir:
         if self.mirror is not None:  # the phase's files to the URI, then the manifest (restem_ray/mirror.py)
             self.mirror.push()
 
+    def saved(self, path: Path) -> None:
+        """A file finished between commits (an E-step shard): on a URI run directory it goes up now, so a run
+        resumed on another machine does not compute it again (restem_ray/mirror.py)."""
+        if self.mirror is not None:
+            self.mirror.push_file(path.relative_to(self.root).as_posix())
+
     def manifest(self) -> dict:
         try:
             m = json.loads(self.manifest_path.read_text())

@@ -97,6 +97,63 @@ def test_resume_downloads_on_a_new_machine_and_keeps_a_copy_that_is_ahead(tmp_pa
     assert not (m3.local / "iter_001" / "samples" / "part-00001.parquet").exists()
 
 
+def test_e_step_shards_go_up_before_their_commit_and_a_resume_elsewhere_keeps_them(tmp_path, capsys):
+    uri, m, run = started(tmp_path)
+    remote = tmp_path / "bucket" / "runs" / "x"
+    run.create("seed: 0\n", resume=False)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.5}])
+    sent = recording(m)
+    shard = run.samples_dir(1) / "part-00000.parquet"
+    pq.write_table(pa.table({"id": ["a"], "reward": [1.0]}), shard)
+    run.saved(shard)
+    assert sent == ["iter_001/samples/part-00000.parquet"]  # at once, alone: no manifest, no metrics
+    assert (remote / "iter_001" / "samples" / "part-00000.parquet").read_bytes() == shard.read_bytes()
+    assert "1/generate" not in json.loads((remote / "manifest.json").read_text())["completed"]
+
+    # the driver dies here; a new machine resumes from the remote, uncommitted shard included
+    b = RunMirror(uri, cache=tmp_path / "node-b")
+    b.prepare(resume=True, has_run=True)
+    assert (b.local / "iter_001" / "samples" / "part-00000.parquet").read_bytes() == shard.read_bytes()
+    # ... and finishes a second shard before it dies too
+    rb = RunDir(b.local)
+    rb.mirror = b
+    second = rb.samples_dir(1) / "part-00001.parquet"
+    pq.write_table(pa.table({"id": ["b"], "reward": [0.0]}), second)
+    rb.saved(second)
+    sent_b = recording(b)
+    rb.saved(second)  # unchanged: not sent again
+    assert sent_b == []
+
+    # back on machine a, whose copy holds all the remote manifest lists: kept, and given b's shard
+    capsys.readouterr()
+    a = RunMirror(uri, cache=tmp_path / "node-a")
+    a.prepare(resume=True, has_run=True)
+    assert (a.local / "iter_001" / "samples" / "part-00001.parquet").read_bytes() == second.read_bytes()
+    assert "downloaded 1 E-step shard(s) another machine finished" in capsys.readouterr().out
+    sent_a = recording(a)
+    ra = RunDir(a.local)
+    ra.mirror = a
+    ra.complete(1, "generate", [{"samples": 2}])
+    assert sorted(sent_a) == ["manifest.json", "metrics.jsonl"]  # both shards are up already
+    assert tree(remote) == tree(a.local)
+
+
+def test_a_shard_that_cannot_go_up_warns_and_goes_with_the_commit(tmp_path, capsys):
+    uri, m, run = started(tmp_path)
+    run.create("seed: 0\n", resume=False)
+    shard = run.samples_dir(1) / "part-00000.parquet"
+    pq.write_table(pa.table({"id": ["a"]}), shard)
+    upload = m._upload
+    m._upload = lambda rel: (_ for _ in ()).throw(OSError("connection reset"))
+    run.saved(shard)  # the E-step goes on
+    assert "warning: could not upload iter_001/samples/part-00000.parquet" in capsys.readouterr().out
+    m._upload = upload
+    sent = recording(m)
+    run.complete(1, "generate", [{"samples": 1}])
+    assert "iter_001/samples/part-00000.parquet" in sent
+    assert tree(tmp_path / "bucket" / "runs" / "x") == tree(m.local)
+
+
 def test_a_run_being_driven_here_is_not_replaced(tmp_path):
     uri, m, run = started(tmp_path)
     run.create("seed: 0\n", resume=False)
@@ -169,4 +226,9 @@ def test_a_cluster_of_several_nodes_needs_a_working_copy_every_node_mounts(tmp_p
     with pytest.raises(UserError, match=r"the cluster has 2 nodes, .* set RESTEM_RUN_CACHE to a folder every node"):
         m.check_cluster()
     monkeypatch.setenv("RESTEM_RUN_CACHE", str(tmp_path / "shared"))
+    import restem_ray.resources as resources
+
+    checked = []  # whether every node sees it is checked from every node (tests/test_multinode.py)
+    monkeypatch.setattr(resources, "check_run_dir_on_every_node", lambda out, **kw: checked.append(out))
     m.check_cluster()
+    assert checked == [m.local]

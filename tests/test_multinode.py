@@ -68,7 +68,7 @@ def test_a_local_run_directory_a_node_does_not_mount_is_refused_in_one_line(tmp_
     """A local --out on a cluster must be a folder every node mounts. The second node of this `ray start`
     cluster runs in a mount namespace where the run directory's folder is an empty tmpfs, as on a node without
     the shared volume: the check reads its marker from there and refuses, naming how many nodes miss it; a
-    folder both nodes see passes."""
+    folder both nodes see passes. A URI --out's working copy (in RESTEM_RUN_CACHE) is checked the same way."""
     temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # short: Ray's socket paths live under it
     hidden, shared = tmp_path / "hidden", tmp_path / "shared"
     hidden.mkdir()
@@ -96,6 +96,13 @@ try:
     check_run_dir_on_every_node('{hidden}/run')
 except UserError as e:
     print('refused:', e)
+import os
+from restem_ray.mirror import RunMirror
+os.environ['RESTEM_RUN_CACHE'] = '{hidden}/runs'  # set, but not on every node
+try:
+    RunMirror('file://{shared}/bucket/x').check_cluster()
+except UserError as e:
+    print('refused:', e)
 ray.shutdown()"
 """
     r = in_netns(script, temp)
@@ -103,6 +110,9 @@ ray.shutdown()"
     assert lines[:2] == ["nodes 2", "shared ok"], r.stdout[-2000:]
     assert lines[2].startswith(f"refused: --out {hidden}/run: 1 of the cluster's 2 nodes do not see it (e.g. "
                                f"127.0.0.1); "), lines
+    # a run directory on a URI: its working copy's folder (RESTEM_RUN_CACHE) is checked the same way
+    assert lines[3].startswith(f"refused: RESTEM_RUN_CACHE {hidden}/runs: 1 of the cluster's 2 nodes do not see it "
+                               f"(e.g. 127.0.0.1), and file://{shared}/bucket/x's working copy"), lines
     assert not list(shared.iterdir()) and not list(hidden.iterdir())  # the markers are gone
 
 

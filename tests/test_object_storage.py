@@ -3,6 +3,7 @@ server mode on 127.0.0.1: a real S3 HTTP endpoint, not a mock of pyarrow): it co
 with exactly the rows, scores and weights of the same run on local files."""
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -85,13 +86,15 @@ def download(uri: str, local: Path) -> Path:
 
 def test_a_run_all_on_s3_resumes_on_a_new_machine_as_the_local_run(tmp_path, s3, small_reference_run, monkeypatch):
     """Base model, data files, Ray Train checkpoints and the run directory (`--out s3://...`) all in the bucket, as
-    on a cloud cluster. The run works in a node-local copy mirrored to the bucket at every commit. Stopped after
-    the E-step's selection, its node-local copy wiped (a new machine), then resumed from the bucket alone: it
-    completes, and the bucket holds the run with exactly the local reference run's rows, scores and weights.
-    (One run for both: each part is read or written through its own path, and a run pays ~90 s here.)"""
+    on a cloud cluster. The run works in a node-local copy mirrored to the bucket: every commit, and every E-step
+    shard as soon as it is written. SIGKILLed once the first shard of its E-step is written (nothing of the
+    E-step committed), its node-local copy wiped (a new machine), then resumed from the bucket alone: it samples
+    only the shards the bucket lacks, completes, and the bucket holds the run with exactly the local reference
+    run's rows, scores and weights. (One run for all of it: a run pays ~90 s here.)"""
     import shutil
 
     import pyarrow.fs as pafs
+    import pyarrow.parquet as pq
 
     root = ensure_builtin(arithmetic_builtin(0))
     upload(root / "model", f"{s3}/models/tiny")
@@ -100,28 +103,40 @@ def test_a_run_all_on_s3_resumes_on_a_new_machine_as_the_local_run(tmp_path, s3,
     sets = [f"model.base={s3}/models/tiny", f"task.train_file={s3}/data/train.jsonl",
             f"task.valid_file={s3}/data/valid.jsonl", f"task.test_file={s3}/data/test.jsonl",
             f"task.extra_eval_files.transfer={s3}/data/transfer.jsonl", f"task.seed_file={s3}/data/seed.jsonl",
-            f"training.storage_path={s3}/ray-train", "training.keep_checkpoints=true"]  # kept: to look at below
+            f"training.storage_path={s3}/ray-train", "training.keep_checkpoints=true",  # kept: to look at below
+            "sampling.prompts_per_request=16"]  # 4 shards of 16 problems (the samples do not depend on it)
     args = [a for s in sets for a in ("--set", s)]
     uri, cache = f"{s3}/runs/q", tmp_path / "node-cache"
     monkeypatch.setenv("RESTEM_RUN_CACHE", str(cache))
-    rc, log = demo(uri, *args, "--stop-after", "1/select")
-    assert rc == 0, log[-4000:]
-    assert f"stopped after 1/select (--stop-after): {uri}" in log
+    rc, log = demo(uri, *args, crash_at="1/generate/shard")
+    assert rc == -signal.SIGKILL, log[-4000:]
     fs, run_root = pafs.FileSystem.from_uri(uri)
     with fs.open_input_stream(f"{run_root}/manifest.json") as f:
-        assert set(json.loads(f.read())["completed"]) == {"0/eval", "1/generate", "1/select"}
+        assert set(json.loads(f.read())["completed"]) == {"0/eval"}
+    (shard,) = [i.path for i in fs.get_file_info(pafs.FileSelector(f"{run_root}/iter_001/samples"))]
+    up = set(pq.read_table(shard, filesystem=fs)["id"].to_pylist())  # went up before its E-step's commit
+    assert len(up) == 16
 
+    with fs.open_input_stream(f"{run_root}/.driver-lease.json") as f:  # the killed driver could not free it
+        assert json.loads(f.read())["pid"] > 0
     shutil.rmtree(cache)  # a new machine: nothing but the bucket
+    trace = tmp_path / "engine-calls.jsonl"
+    monkeypatch.setenv("RESTEM_TRACE", str(trace))
     rc, log = demo(uri, *args, "--resume")
     assert rc == 0, log[-4000:]
     assert "Traceback" not in log and f"downloading the run directory {uri}" in log
+    assert "is gone: taking its lease" in log  # same host, its pid gone: no wait
     assert f"done: {uri}" in log
+    train = set(pq.read_table(small_reference_run / "iter_001" / "samples")["id"].to_pylist())
+    calls = [c for c in map(json.loads, trace.read_text().splitlines()) if c["call"] == "generate" and c["n"] == 8]
+    assert sorted(pid for c in calls for pid in c["ids"]) == sorted(train - up)  # the shard in the bucket: not again
 
     run = download(uri, tmp_path / "from-bucket")
     assert set(json.loads((run / "manifest.json").read_text())["completed"]) == {
         "0/eval", "1/generate", "1/select", "1/improve", "1/eval"}
     assert (run / "config.yaml").is_file() and (run / "report.png").is_file()
     assert not list(run.rglob(".driver.lock")) and not list(run.rglob(".mirror-state.json"))
+    assert not (run / ".driver-lease.json").exists()  # the SIGKILLed driver's lease was taken, then freed at exit
     assert_same_run(run, small_reference_run)
     phases = lambda r: sorted((m["iteration"], m["phase"], m.get("split", ""))  # noqa: E731
                               for m in map(json.loads, (r / "metrics.jsonl").read_text().splitlines()))

@@ -1,0 +1,170 @@
+"""One driver per run directory on object storage, across machines: a lease object beside the run.
+
+A local run directory is locked with the kernel's flock (`RunDir.lock`), which a store such as S3 does not have,
+and a node-local copy's flock only keeps out a second driver on the same machine. So the driver of a URI run
+directory holds `URI/.driver-lease.json` ({owner, host, pid, since, beat, every_s}) and rewrites it with beat + 1
+every `every_s` seconds from a thread. A driver that finds another owner's lease:
+- takes it at once if the holder ran on this host and its pid is gone (a crashed driver's own resume);
+- otherwise watches it for 3 x the holder's `every_s`: a beat that moves is a live driver, refused in one line;
+  one that stays put is a dead driver's (a head node lost, a SIGKILL), and the lease is taken over.
+Only beats are compared, never clocks, so clock skew between machines does not matter. A driver that finds its
+lease taken (it was thought dead: a network partition, a suspended process) marks itself lost, and its next
+upload stops the run in one line instead of overwriting the new driver's manifest: every upload (a commit, an
+E-step shard) reads the lease first. A clean exit deletes the lease.
+
+pyarrow's file systems have no create-if-absent, so two drivers starting within the same second could both
+write a lease; each reads it back after a pause and the later writer wins, and a loser that read it back too
+early finds it taken before its first upload.
+"""
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+
+from .errors import RunError, UserError
+
+NAME = ".driver-lease.json"
+
+
+def renew_every_s() -> float:
+    return float(os.environ.get("RESTEM_LEASE_RENEW_S", "30"))
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+class DriverLease:
+    def __init__(self, fs, path: str, shown: str):
+        self.fs, self.path, self.shown = fs, f"{path}/{NAME}", shown  # shown: the URI, for messages
+        self.owner = uuid.uuid4().hex
+        self.every_s = renew_every_s()
+        self.beat = 0
+        self.lost: str | None = None  # why this driver no longer holds the run
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # --- the object ----------------------------------------------------------------------------------------
+    def _read(self) -> dict | None:
+        try:
+            with self.fs.open_input_stream(self.path) as f:
+                lease = json.loads(f.read())
+        except FileNotFoundError:
+            return None
+        except ValueError:  # torn or foreign: nobody's lease
+            return None
+        return lease if isinstance(lease, dict) and "owner" in lease else None
+
+    def _write(self) -> None:
+        lease = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "beat": self.beat,
+                 "every_s": self.every_s, "since": getattr(self, "_since", None)}
+        with self.fs.open_output_stream(self.path) as f:
+            f.write(json.dumps(lease).encode())
+
+    @staticmethod
+    def describe(lease: dict) -> str:
+        return f"pid {lease.get('pid')} on {lease.get('host')} since {lease.get('since')}"
+
+    # --- taking it -----------------------------------------------------------------------------------------
+    def acquire(self, settle_s: float = 2.0) -> None:
+        """Hold the lease, or raise a one-line UserError if a live driver holds it (may wait 3 x its renewal)."""
+        held = self._read()
+        if held is not None and not self._ours_to_take(held):
+            raise UserError(f"{self.shown}: another driver is running this run ({self.describe(held)}; its lease "
+                            f"{self.path.rsplit('/', 1)[-1]} is being renewed); wait for it to end or stop it, "
+                            "then --resume")
+        self._since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
+        self._write()
+        time.sleep(min(settle_s, self.every_s))  # a driver that read "no lease" at the same moment writes now
+        held = self._read()
+        if held is None or held.get("owner") != self.owner:
+            raise UserError(f"{self.shown}: another driver started this run at the same time"
+                            f"{f' ({self.describe(held)})' if held else ''}; wait for it to end or stop it, "
+                            "then --resume")
+        self._thread = threading.Thread(target=self._renew, name="restem-lease", daemon=True)
+        self._thread.start()
+        atexit.register(self.release)
+
+    def _ours_to_take(self, held: dict) -> bool:
+        if held.get("host") == socket.gethostname():
+            if held.get("pid") == os.getpid():
+                return True  # this process took it already (e.g. `demo` resuming what it started)
+            if isinstance(held.get("pid"), int) and not _pid_alive(held["pid"]):
+                print(f"[restem] the run's last driver ({self.describe(held)}) is gone: taking its lease")
+                return True
+        try:
+            every = min(max(float(held.get("every_s", 30)), 0.05), 200.0)
+        except (TypeError, ValueError):
+            every = 30.0
+        window = 3 * every
+        print(f"[restem] {self.shown} has a driver lease ({self.describe(held)}): watching it for {window:.0f} s "
+              "to see whether that driver still runs", flush=True)
+        deadline = time.monotonic() + window
+        while time.monotonic() < deadline:
+            time.sleep(min(every / 2, max(0.0, deadline - time.monotonic())))
+            now = self._read()
+            if now is None:
+                return True  # released meanwhile
+            if now.get("owner") != held.get("owner") or now.get("beat") != held.get("beat"):
+                return False  # renewed (or taken by a third driver): alive
+        print(f"[restem] its lease was not renewed for {window:.0f} s: that driver is gone, this one takes the run")
+        return True
+
+    # --- holding it ----------------------------------------------------------------------------------------
+    def _renew(self) -> None:
+        last_ok = time.monotonic()
+        while not self._stop.wait(self.every_s):
+            try:
+                held = self._read()
+                if held is None or held.get("owner") != self.owner:
+                    self.lost = (f"another driver took the run over ({self.describe(held)})" if held
+                                 else "its lease was deleted")
+                    return
+                self.beat += 1
+                self._write()
+                last_ok = time.monotonic()
+            except Exception as e:  # the store unreachable for a while: others may take the run after 3 beats
+                if time.monotonic() - last_ok > 3 * self.every_s:
+                    self.lost = f"its lease could not be renewed for {3 * self.every_s:.0f} s ({type(e).__name__})"
+                    return
+
+    def check(self) -> None:
+        """Before every upload (a commit, an E-step shard: one small read each): a driver whose lease is no longer
+        its own stops instead of overwriting the run of the driver that holds it."""
+        if not self.lost:
+            try:
+                held = self._read()
+            except Exception:  # the store unreachable: the upload itself will say so
+                held = {"owner": self.owner}
+            if held is None or held.get("owner") != self.owner:
+                self.lost = (f"another driver took the run over ({self.describe(held)})" if held
+                             else "its lease was deleted")
+        if self.lost:
+            raise RunError(f"{self.shown}: this driver no longer holds the run: {self.lost}; it stops here")
+
+    def release(self) -> None:
+        """Delete the lease if this driver still holds it (a clean exit: the next driver need not wait)."""
+        self._stop.set()
+        thread, self._thread = self._thread, None
+        if thread is None:
+            return
+        thread.join(timeout=60)  # not mid-write when the lease is deleted
+        if self.lost:
+            return
+        try:
+            held = self._read()
+            if held is not None and held.get("owner") == self.owner:
+                self.fs.delete_file(self.path)
+        except Exception:  # leaving it costs the next driver 3 beats of waiting, nothing more
+            pass

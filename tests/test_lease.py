@@ -1,0 +1,139 @@
+"""One driver per run directory on a URI, across machines (restem_ray/lease.py). Drivers are real processes
+(Python subprocesses holding the lease of a `file://` run directory, the same pyarrow.fs calls as s3://); a
+driver on "another machine" is a lease object naming another host. Renewal every 0.2 s keeps the waits short."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+
+import pytest
+
+from restem_ray.errors import RunError, UserError
+from restem_ray.mirror import RunMirror
+from restem_ray.storage import RunDir
+
+HOLD = """
+import sys, time
+from restem_ray.errors import UserError
+from restem_ray.mirror import RunMirror
+m = RunMirror(sys.argv[1], cache=sys.argv[2])
+try:
+    m.check()  # as `run` does: the folder exists, and takes writes
+    m.hold()
+except UserError as e:
+    print("refused:", e, flush=True)
+    sys.exit(2)
+print("held", flush=True)
+time.sleep(float(sys.argv[3]))
+print("lost" if m.lease.lost else "kept", flush=True)
+"""
+
+
+@pytest.fixture(autouse=True)
+def fast_beats(monkeypatch):
+    monkeypatch.setenv("RESTEM_LEASE_RENEW_S", "0.2")
+
+
+def driver(uri, cache, seconds):
+    return subprocess.Popen([sys.executable, "-c", HOLD, uri, str(cache), str(seconds)], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+
+
+def lease_of(tmp_path):
+    return json.loads((tmp_path / "bucket" / "run" / ".driver-lease.json").read_text())
+
+
+def test_a_live_driver_is_refused_a_dead_ones_lease_is_taken_and_a_clean_exit_frees_it(tmp_path, capsys):
+    uri = f"file://{tmp_path}/bucket/run"
+    other = driver(uri, tmp_path / "node-a", 60)
+    assert other.stdout.readline().strip() == "held"
+    held = lease_of(tmp_path)
+    assert held["pid"] == other.pid and held["host"] == socket.gethostname()
+
+    # a live driver (its lease renewed while we watch): refused in one line naming it
+    with pytest.raises(UserError) as e:
+        RunMirror(uri, cache=tmp_path / "node-b").hold()
+    msg = str(e.value)
+    assert msg.startswith(f"{uri}: another driver is running this run (pid {other.pid} on {socket.gethostname()}")
+    assert "\n" not in msg and lease_of(tmp_path)["pid"] == other.pid
+
+    # SIGKILLed (no clean-up): its lease stays, and this host sees its pid gone, so it is taken at once
+    other.send_signal(signal.SIGKILL)
+    other.wait()
+    assert lease_of(tmp_path)["pid"] == other.pid
+    capsys.readouterr()
+    t0 = time.monotonic()
+    mine = RunMirror(uri, cache=tmp_path / "node-b")
+    mine.check()
+    mine.hold()
+    assert "is gone: taking its lease" in capsys.readouterr().out and time.monotonic() - t0 < 5
+    assert lease_of(tmp_path)["pid"] == os.getpid()
+    beat = lease_of(tmp_path)["beat"]
+    time.sleep(0.7)
+    assert lease_of(tmp_path)["beat"] > beat  # renewed while held
+
+    # a clean exit deletes it: the next driver need not wait
+    mine.lease.release()
+    assert not (tmp_path / "bucket" / "run" / ".driver-lease.json").exists()
+    done = driver(uri, tmp_path / "node-c", 0)
+    assert done.communicate(timeout=60)[0].split() == ["held", "kept"] and done.returncode == 0
+    assert not (tmp_path / "bucket" / "run" / ".driver-lease.json").exists()
+
+
+def test_the_lease_of_a_driver_on_a_lost_machine_is_taken_once_it_stops_beating(tmp_path, capsys):
+    uri = f"file://{tmp_path}/bucket/run"
+    (tmp_path / "bucket" / "run").mkdir(parents=True)
+    silent = {"owner": "x", "host": "head-0-gone", "pid": 1, "beat": 41, "every_s": 0.2, "since": "yesterday"}
+    (tmp_path / "bucket" / "run" / ".driver-lease.json").write_text(json.dumps(silent))
+    t0 = time.monotonic()
+    m = RunMirror(uri, cache=tmp_path / "node-b")
+    m.hold()
+    waited = time.monotonic() - t0
+    out = capsys.readouterr().out
+    assert "has a driver lease (pid 1 on head-0-gone since yesterday): watching it for 1 s" in out
+    assert "not renewed for 1 s: that driver is gone, this one takes the run" in out
+    assert 0.6 <= waited < 10, waited  # it watched 3 beats of the holder's interval, no more
+    assert lease_of(tmp_path)["host"] == socket.gethostname()
+    m.lease.release()
+
+
+def test_a_driver_whose_run_was_taken_over_stops_at_its_next_upload(tmp_path):
+    uri = f"file://{tmp_path}/bucket/run"
+    m = RunMirror(uri, cache=tmp_path / "node-a")
+    assert m.check() is False
+    m.hold()
+    m.prepare(resume=False, has_run=False)
+    run = RunDir(m.local)
+    run.mirror = m
+    run.create("seed: 0\n", resume=False)
+    # another machine thought this driver dead (a network partition) and took the run
+    taker = {"owner": "y", "host": "head-1", "pid": 7, "beat": 0, "every_s": 0.2, "since": "now"}
+    (tmp_path / "bucket" / "run" / ".driver-lease.json").write_text(json.dumps(taker))
+    for _ in range(50):
+        if m.lease.lost:
+            break
+        time.sleep(0.1)
+    remote = (tmp_path / "bucket" / "run" / "manifest.json").read_text()
+    with pytest.raises(RunError, match=r"no longer holds the run: another driver took the run over \(pid 7 on head-1"):
+        run.complete(0, "eval", [{"split": "valid", "pass@1": 0.5}])
+    shard = run.samples_dir(1) / "part-00000.parquet"
+    shard.write_bytes(b"rows")
+    with pytest.raises(RunError, match="no longer holds the run"):
+        run.saved(shard)
+    assert (tmp_path / "bucket" / "run" / "manifest.json").read_text() == remote  # nothing overwritten
+    assert not (tmp_path / "bucket" / "run" / "iter_001").exists()
+    m.lease.release()
+    assert json.loads((tmp_path / "bucket" / "run" / ".driver-lease.json").read_text())["owner"] == "y"  # not ours
+
+
+def test_two_drivers_started_together_end_with_one_holding_the_run(tmp_path):
+    uri = f"file://{tmp_path}/bucket/run"
+    (tmp_path / "bucket" / "run").mkdir(parents=True)
+    a, b = driver(uri, tmp_path / "node-a", 2), driver(uri, tmp_path / "node-b", 2)
+    outs = [p.communicate(timeout=60)[0] for p in (a, b)]
+    holding = [o for o in outs if o.split()[-1:] == ["kept"]]
+    assert len(holding) == 1, outs  # the other was refused, or found itself overtaken within a beat
+    assert all("\nrefused: " in "\n" + o or o.split()[-1] in ("kept", "lost") for o in outs), outs
