@@ -356,6 +356,18 @@ def check_reachable(address: str, key: str = "ray.address", timeout_s: float = 1
         raise UserError(f"{key}: {address}: cannot reach a Ray cluster there ({e.strerror or e})") from None
 
 
+# A replica's vLLM engine core (and a tensor-parallel engine's workers) are child processes that vLLM ends only
+# from the replica's own exit handlers. A replica killed outright (the OOM killer, Ray's memory monitor) leaves
+# them running, holding its GPUs' memory, and its restart on those GPUs fails vLLM's free-memory check. Ray's
+# default clean-up (`kill_child_processes_on_worker_exit`) does not run for a crashed worker; with this one each
+# worker starts in a process group of its own, which the raylet kills when the worker exits however it exits
+# (tests/test_estep_failures.py: the engine core outlived a SIGKILLed replica without it). Ray's other switch,
+# the raylet as subreaper, sets SIGCHLD to SIG_IGN in every worker: a child's exit status is then lost, and the
+# code sandbox graded a fork bomb "timeout" instead of "runtime_error". Read by the raylet when it starts:
+# docker/Dockerfile.* and cluster/local-cluster.sh set it for `ray start` clusters.
+KILL_ORPHANS = {"RAY_process_group_cleanup_enabled": "true"}
+
+
 def init_ray(address: str | None, num_cpus: int | None, key: str = "ray.address") -> None:
     """Join the given cluster, or start a local Ray sized in logical CPUs.
 
@@ -377,6 +389,8 @@ def init_ray(address: str | None, num_cpus: int | None, key: str = "ray.address"
     # it. One machine is never preempted, so Ray Train's preemption watcher (an actor per M-step) is left
     # out; the local raylet and so every worker inherit this process's environment.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
+    for k, v in KILL_ORPHANS.items():  # the local raylet kills what a crashed worker leaves
+        os.environ.setdefault(k, v)
     # "local": a new Ray of this process's own. Without it ray.init joins the cluster that the machine's last
     # `ray start` left in /tmp/ray/ray_current_cluster, and refuses num_cpus there (a ValueError traceback).
     ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1))

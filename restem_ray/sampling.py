@@ -107,6 +107,51 @@ def quiet_cpu_engine_warnings() -> None:
     warnings.filterwarnings("ignore", message=r"`torch\.distributed\.reduce_op` is deprecated", category=FutureWarning)
 
 
+def gpu_memory_free() -> list[tuple[int, int]]:
+    """(free, total) bytes of each GPU this process sees, by NVML (vLLM's copy of pynvml): unlike torch, NVML
+    makes no CUDA context, which would hold GPU memory in the replica's own process for its whole life."""
+    from vllm.third_party import pynvml
+
+    pynvml.nvmlInit()
+    try:
+        out = []
+        for d in (x.strip() for x in os.environ.get("CUDA_VISIBLE_DEVICES", "").split(",") if x.strip()):
+            h = (pynvml.nvmlDeviceGetHandleByUUID(d) if d.startswith(("GPU-", "MIG-"))
+                 else pynvml.nvmlDeviceGetHandleByIndex(int(d)))
+            info = pynvml.nvmlDeviceGetMemoryInfo(h)
+            out.append((int(info.free), int(info.total)))
+        return out
+    finally:
+        pynvml.nvmlShutdown()
+
+
+def wait_for_gpu_memory(fraction: float, timeout_s: float = 60.0, poll_s: float = 2.0,
+                        free=gpu_memory_free) -> bool:
+    """Wait until every visible GPU has `fraction` of its memory free, the share vLLM's start demands
+    (gpu_memory_utilization), for at most `timeout_s`. A replica restarted on the GPUs of one that crashed starts
+    while the old engine's processes may still be exiting (killed with their process group, driver.KILL_ORPHANS),
+    and the engine would fail its check on memory about to be freed. Returns whether it is free; when not (another
+    tenant holds it), vLLM's own error says so. A machine where NVML cannot answer is not waited on."""
+    deadline = time.monotonic() + timeout_s
+    said = False
+    while True:
+        try:
+            short = [(i, f, t) for i, (f, t) in enumerate(free()) if f < fraction * t]
+        except Exception:  # no NVML (not an NVIDIA GPU), or a device name it does not know
+            return True
+        if not short:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        if not said:
+            i, f, t = short[0]
+            print(f"[restem] GPU {i} has {f / 2**30:.1f} of {t / 2**30:.1f} GiB free, the engine needs "
+                  f"{fraction:.0%}: waiting up to {timeout_s:.0f} s for a previous engine's processes to exit",
+                  flush=True)
+            said = True
+        time.sleep(poll_s)
+
+
 class Sampler:
     """Owns one `vllm.LLM`; `generate` maps to `LLM.generate` and returns one row per sample."""
 
@@ -124,6 +169,10 @@ class Sampler:
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
         self.model = model
         self.exit_on_engine_death = exit_on_engine_death
+        if use_gpu:
+            from vllm.engine.arg_utils import EngineArgs
+
+            wait_for_gpu_memory(float(kwargs.get("gpu_memory_utilization", EngineArgs.gpu_memory_utilization)))
         self.llm = LLM(model=local_model_copy(model), seed=seed, **kwargs)
         self._busy = False
         if exit_on_engine_death:

@@ -10,6 +10,7 @@ import ray
 
 from restem_ray.builtin import TinyModelSpec, build_model, build_tokenizer
 from restem_ray.config import SamplingConfig, VerificationConfig
+from restem_ray.driver import init_ray
 from restem_ray.errors import RunError
 from restem_ray.pool import EStepPool, chunked
 from restem_ray.sampling import SampleSpec, with_draw
@@ -29,7 +30,7 @@ def model(tmp_path_factory):
     # Replicas append a line per engine call here: Ray's workers inherit the environment ray.init sees.
     os.environ["RESTEM_TRACE"] = str(path / "engine-calls.jsonl")
     try:
-        ray.init(num_cpus=4, include_dashboard=False)
+        init_ray(None, 4)  # the run's own local Ray (its raylet reaps a crashed worker's processes)
     finally:
         del os.environ["RESTEM_TRACE"]
     yield str(path)
@@ -125,6 +126,7 @@ def test_a_replica_whose_engine_died_is_restarted_with_a_new_engine(model):
     """SIGKILL the vLLM engine-core process under the only replica after its first chunk: the replica's next
     engine call raises EngineDeadError, the replica exits (`exit_on_engine_death`), Ray restarts it with a new
     engine, and that new replica generates the chunks left, each row once and as a healthy engine draws them.
+    Then that replica is SIGKILLed itself, and its engine core goes with it (reaped by the raylet).
 
     The engine core runs in its own process here (`distributed_executor_backend` given: the CPU default runs it
     inside the replica's process, where it cannot die alone)."""
@@ -168,5 +170,12 @@ def test_a_replica_whose_engine_died_is_restarted_with_a_new_engine(model):
         pool.run([chunks[i0]], SPEC, on_chunk=lambda i, r: again.setdefault("rows", r))
         key = lambda r: (r["id"], r["sample_index"], r["completion"])  # noqa: E731
         assert sorted(map(key, again["rows"])) == sorted(map(key, got[i0]))
+
+        # a replica killed outright (the OOM killer; no exit handler runs): its engine core must not outlive it,
+        # holding (on GPUs) the memory the replica's restart needs
+        core = engine_core(replica, new_pid)
+        os.kill(new_pid, signal.SIGKILL)
+        gone, alive = psutil.wait_procs([core], timeout=30)
+        assert gone and not alive, f"engine core {core.pid} outlived its replica {new_pid}"
     finally:
         pool.close()

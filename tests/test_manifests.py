@@ -229,3 +229,14 @@ def test_gcs_fault_tolerance_points_at_the_redis_of_redis_yaml():
         ft = spec["gcsFaultToleranceOptions"]
         assert ft["redisAddress"] == f"{service['metadata']['name']}:{port}", f.name
         assert ft["redisPassword"]["valueFrom"]["secretKeyRef"] == secret, f.name
+
+
+def test_every_image_and_the_local_cluster_kill_what_a_crashed_worker_leaves():
+    """driver.KILL_ORPHANS is read by each raylet when it starts: a local Ray gets it from init_ray, `ray start`
+    clusters from their image (KubeRay, the cluster launcher) or cluster/local-cluster.sh."""
+    from restem_ray.driver import KILL_ORPHANS
+
+    for k, v in KILL_ORPHANS.items():
+        for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+            assert f"\nENV {k}={v}\n" in (ROOT / "docker" / name).read_text(), name
+        assert f"\nexport {k}={v}\n" in (ROOT / "cluster" / "local-cluster.sh").read_text()

@@ -123,3 +123,40 @@ def test_tensor_parallel_replicas_on_gpus_use_the_multiprocess_executor():
     assert "distributed_executor_backend" not in engine_args({"dtype": "bfloat16"}, use_gpu=True)  # one GPU: vLLM's
     assert engine_args({}, use_gpu=False) == {"dtype": "bfloat16", "enforce_eager": True,
                                               "enable_chunked_prefill": False, "distributed_executor_backend": "uni"}
+
+
+def test_a_gpu_replica_waits_for_a_previous_engines_memory_then_starts(capsys):
+    """A replica restarted on the GPUs of one that crashed waits (bounded) while the raylet reaps the old engine;
+    NVML's answers are played back here (two GPUs; the second frees up on the third look)."""
+    from restem_ray.sampling import wait_for_gpu_memory
+
+    gib = 2**30
+    looks = iter([[(80 * gib, 80 * gib), (9 * gib, 80 * gib)], [(80 * gib, 80 * gib), (9 * gib, 80 * gib)],
+                  [(80 * gib, 80 * gib), (79 * gib, 80 * gib)]])
+    assert wait_for_gpu_memory(0.92, timeout_s=5, poll_s=0.01, free=lambda: next(looks)) is True
+    assert next(looks, None) is None  # it looked until both had 92% free, and no more
+    out = capsys.readouterr().out
+    assert out.count("\n") == 1 and "GPU 1 has 9.0 of 80.0 GiB free, the engine needs 92%: waiting up to 5 s" in out
+    # memory another tenant keeps: it gives up at the deadline and lets vLLM's start say why
+    assert wait_for_gpu_memory(0.92, timeout_s=0.05, poll_s=0.01, free=lambda: [(9 * gib, 80 * gib)]) is False
+    # no NVML (another accelerator, a driver mismatch): no wait at all
+    assert wait_for_gpu_memory(0.92, free=lambda: (_ for _ in ()).throw(OSError("NVML Shared Library Not Found")))
+
+
+def test_nvml_is_asked_about_the_gpus_this_process_sees(monkeypatch):
+    from vllm.third_party import pynvml
+
+    from restem_ray import sampling
+
+    asked = []
+
+    class Info:
+        free, total = 5, 10
+    monkeypatch.setattr(pynvml, "nvmlInit", lambda: asked.append("init"))
+    monkeypatch.setattr(pynvml, "nvmlShutdown", lambda: asked.append("shutdown"))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByIndex", lambda i: ("index", i))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetHandleByUUID", lambda u: ("uuid", u))
+    monkeypatch.setattr(pynvml, "nvmlDeviceGetMemoryInfo", lambda h: asked.append(h) or Info())
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "3, GPU-8f2e")
+    assert sampling.gpu_memory_free() == [(5, 10), (5, 10)]
+    assert asked == ["init", ("index", 3), ("uuid", "GPU-8f2e"), "shutdown"]
