@@ -108,14 +108,24 @@ def packed_row_length(attn_implementation: str | None, pack_length: int | None) 
     return None if attn_implementation and "flash" in attn_implementation else pack_length
 
 
+def uses_varlen_kwargs(attn_implementation: str | None) -> bool:
+    """Flash-attention kernels take packed samples' boundaries as `cu_seq_lens_q/k` and `max_length_q/k`."""
+    return bool(attn_implementation) and "flash" in attn_implementation
+
+
 def collate_micro(samples: list[tuple[list[int], list[int]]], pad_id: int, packed: bool = False,
-                  pack_length: int | None = None, multiple: int = 1) -> dict[str, torch.Tensor]:
+                  pack_length: int | None = None, multiple: int = 1, varlen: bool = False) -> dict:
     """A micro-batch as model inputs plus `real_tokens` (non-padding count).
 
     packed: samples are concatenated into rows with position ids restarting at 0 per sample and no
     attention mask, which transformers turns into block-diagonal attention (no attention across samples;
     flash-attention's variable-length kernel on GPUs). The loss is the same mean over completion tokens as
     the padded batch's.
+    varlen (packed, a flash kernel): also the boundaries of every sample in the flattened batch (the padding
+    tail is one more sequence) as `cu_seq_lens_q/k` (int32) and the longest as `max_length_q/k` (ints), known
+    here on the host. Given only position ids, transformers finds the boundaries again in every attention layer,
+    forward and recomputed, with three device-to-host syncs each (`_is_packed_sequence`, `nonzero`, a 0-d
+    tensor as max length: transformers 5.19).
     """
     real = sum(len(x) for x, _ in samples)
     if not packed:
@@ -136,7 +146,21 @@ def collate_micro(samples: list[tuple[list[int], list[int]]], pad_id: int, packe
             pos[r, at : at + len(x)] = torch.arange(len(x))
             at += len(x)
         pos[r, at:] = torch.arange(width - at)  # the padding tail is one more (masked-out) sequence
-    return {"input_ids": ids, "labels": labels, "position_ids": pos, "real_tokens": torch.tensor(real)}
+    out = {"input_ids": ids, "labels": labels, "position_ids": pos, "real_tokens": torch.tensor(real)}
+    if varlen:
+        lengths = [len(samples[i][0]) for row in rows for i in row]
+        bounds, tails = [0], []
+        for row in rows:
+            for i in row:
+                bounds.append(bounds[-1] + len(samples[i][0]))
+            tail = width - sum(len(samples[i][0]) for i in row)
+            if tail:
+                bounds.append(bounds[-1] + tail)
+                tails.append(tail)
+        cu = torch.tensor(bounds, dtype=torch.int32)
+        longest = max(lengths + tails)
+        out |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+    return out
 
 
 def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...] = (),

@@ -324,7 +324,7 @@ class MStep:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .sft import encode, packed_row_length, plan_epoch, warmup_cosine
+        from .sft import encode, packed_row_length, plan_epoch, uses_varlen_kwargs, warmup_cosine
 
         cfg, job = self.cfg, self.job
         deepspeed = import_deepspeed()
@@ -388,6 +388,8 @@ class MStep:
                              f"({cfg.max_seq_len} tokens; the shortest has {min(len(x[0]) for x in data)})")
         # flash-attention kernels see packed samples only in a one-row micro-batch (sft.packed_row_length)
         self.pack_length = packed_row_length(cfg.attn_implementation if cfg.use_gpu else None, cfg.pack_length)
+        # ... and take their boundaries from the host rather than find them again in every layer (sft.collate_micro)
+        self.varlen = cfg.packing and cfg.use_gpu and uses_varlen_kwargs(cfg.attn_implementation)
         lengths = [len(x[0]) for x in self.data]
         self.plan = lambda epoch: plan_epoch(lengths, cfg.micro_batch_size, self.world, cfg.grad_accum,
                                              seed=job["seed"] * 1000 + epoch)
@@ -480,14 +482,15 @@ class MStep:
                                        for i in part)
                 micro = plan[within * cfg.grad_accum + m][self.rank]
                 batch = collate_micro([self.data[i] for i in micro], self.tok.pad_token_id, packed=cfg.packing,
-                                      pack_length=self.pack_length, multiple=multiple)
+                                      pack_length=self.pack_length, multiple=multiple, varlen=self.varlen)
                 real += int(batch.pop("real_tokens"))  # counted on the host, before the copy: no device sync
                 # Right padding under causal attention: no real token can see a pad, so the mask changes no
                 # loss term (tests/test_mstep.py checks) but would build a 4D mask per step and keep SDPA off
                 # its flash kernel.
                 batch.pop("attention_mask", None)
                 tokens += batch["input_ids"].numel()
-                batch = {k: v.to(self.device, non_blocking=True) for k, v in batch.items()}
+                batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v  # max_length_q/k: ints
+                         for k, v in batch.items()}
                 loss = forward(engine, batch).loss
                 engine.backward(loss)
                 engine.step()

@@ -98,6 +98,60 @@ def test_flash_attention_gets_each_packed_micro_batch_as_one_row():
         torch.testing.assert_close(forward(model, flat).loss, forward(model, rows).loss, atol=1e-5, rtol=1e-5)
 
 
+def varlen_reference(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kw):
+    """What flash-attention's variable-length path computes (transformers' `is_fa_with_varlen_kwargs` branch): the
+    batch flattened to one sequence of tokens, causal attention within each [cu[i], cu[i+1]), nothing else; by
+    sdpa per segment, so the boundaries it is given are all it goes by (no mask, no position ids)."""
+    cu, cu_k, longest = kw["cu_seq_lens_q"], kw["cu_seq_lens_k"], kw["max_length_q"]
+    assert cu.dtype == torch.int32 and torch.equal(cu, cu_k) and isinstance(longest, int) and attention_mask is None
+    b, h, n, d = query.shape
+    q, k, v = (x.transpose(1, 2).reshape(b * n, x.shape[1], d) for x in (query, key, value))
+    assert int(cu[0]) == 0 and int(cu[-1]) == b * n and int(cu.diff().max()) == longest
+    out = torch.empty_like(q)
+    rep = h // k.shape[1]
+    for s, e in zip(cu[:-1].tolist(), cu[1:].tolist()):
+        qs, ks, vs = (x[s:e].transpose(0, 1) for x in (q, k, v))
+        out[s:e] = torch.nn.functional.scaled_dot_product_attention(
+            qs, ks.repeat_interleave(rep, 0), vs.repeat_interleave(rep, 0), is_causal=True, scale=scaling).transpose(0, 1)
+    return out.view(b, n, h, d), None
+
+
+@pytest.mark.parametrize("pack_length", [None, 24])  # one row (what the M-step gives flash), several rows
+def test_flash_packing_passes_the_boundaries_the_varlen_kernel_needs(pack_length):
+    """On GPUs with a flash kernel, packed micro-batches carry each sample's boundaries (`cu_seq_lens_q/k`,
+    `max_length_q/k`, computed on the host) so transformers does not find them again from the position ids in every
+    layer (three host syncs each). flash-attn does not run on CPU: a reference of its varlen path, registered as
+    the model's attention, trains on exactly those boundaries, and its loss and logits must equal the padded
+    batch's under sdpa (a boundary off by one token would let samples see each other or cut them)."""
+    from transformers import AttentionInterface
+
+    from restem_ray.sft import uses_varlen_kwargs
+
+    assert uses_varlen_kwargs("flash_attention_2") and uses_varlen_kwargs("flash_attention_3")
+    assert not uses_varlen_kwargs("sdpa") and not uses_varlen_kwargs(None)
+    AttentionInterface.register("restem_varlen_reference", varlen_reference)
+    tok = build_tokenizer()
+    model = build_model(TinyModelSpec(seed=5), tok).eval()
+    texts = [("Q: 12 + 30\nA:", " 042 ; 24 + 03 = 27\n"), ("Q: 7 - 5\nA:", " 2"), ("Q: 100 + 230 - 5\nA:", " 325 x")]
+    samples = [encode(tok, p, c, 64) for p, c in texts]
+    padded = collate_micro(samples, tok.pad_token_id)
+    packed = collate_micro(samples, tok.pad_token_id, packed=True, pack_length=pack_length, multiple=8, varlen=True)
+    assert (packed["input_ids"].shape[0] == 1) == (pack_length is None)
+    assert isinstance(packed["max_length_q"], int) and packed["cu_seq_lens_q"].tolist()[-1] == packed["input_ids"].numel()
+    padded.pop("real_tokens"), packed.pop("real_tokens")
+    with torch.no_grad():
+        want = model(**padded)
+        model.set_attn_implementation("restem_varlen_reference")
+        got = forward(model, packed)
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+    cu = packed["cu_seq_lens_q"].tolist()
+    flat = got.logits.reshape(-1, got.logits.shape[-1])
+    tokens = packed["input_ids"].reshape(-1).tolist()
+    for i, (ids, _) in enumerate(samples):  # every sample is one segment, and its logits are the padded batch's
+        (at,) = [cu[j] for j in range(len(cu) - 1) if tokens[cu[j]:cu[j + 1]] == ids]
+        torch.testing.assert_close(flat[at:at + len(ids)], want.logits[i, : len(ids)], atol=1e-4, rtol=1e-4)
+
+
 def test_tied_embeddings_stay_one_tensor_on_the_way_to_the_host(tmp_path):
     """Checkpoints copy the state dict to the host in the training dtype. Tensor by tensor, tied embeddings
     would become two copies and save_pretrained (which finds ties by storage) would write both; the copy keeps
