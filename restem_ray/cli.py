@@ -94,9 +94,10 @@ def _out_dir(out: str, args):
     from .mirror import RunMirror
 
     mirror = RunMirror(out)
-    has_run = mirror.check()
-    resume = args.resume or (args.auto_resume and (has_run or (mirror.local / "manifest.json").is_file()))
+    mirror.check()
     mirror.hold()  # one driver per URI, across machines (restem_ray/lease.py), before any download
+    has_run = mirror.check(write=False)  # after the lease: a driver it waited out may have committed meanwhile
+    resume = args.resume or (args.auto_resume and (has_run or (mirror.local / "manifest.json").is_file()))
     mirror.prepare(resume, has_run)
     return mirror.local, resume, mirror
 

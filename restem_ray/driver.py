@@ -128,8 +128,9 @@ class Driver:
         start, nodes, rounds = time.time(), set(), {}
         kinds = {"adaptive" if p.name.startswith("part-r") else "fixed-K" for p in self.run.samples_dir(t).glob("part-*.parquet")}
         if kinds - {"adaptive" if s.adaptive else "fixed-K"}:  # only after a --force resume that changed it
-            raise RunError(f"iteration {t}: {self.run.samples_dir(t)} holds {kinds.pop()} E-step shards but "
-                           f"sampling.adaptive is {s.adaptive}; remove that folder to sample the iteration again")
+            where = self.run.samples_dir(t)
+            raise RunError(f"iteration {t}: {where} holds {kinds.pop()} E-step shards but sampling.adaptive is "
+                           f"{s.adaptive}; remove that folder{self.run.remote_too(where)} to sample the iteration again")
         if s.adaptive:
             rounds = self._sample_rounds(t, model, spec, nodes)
         else:
@@ -197,8 +198,8 @@ class Driver:
             if len(set(got)) != len(got) or set(got) != {(d.id, d.offset + j) for d in draws for j in range(d.n)}:
                 # shards written under other settings (a --force resume that changed selection or sampling)
                 raise RunError(f"iteration {t}: the round-{r} shards in {out} do not hold this plan's samples (the "
-                               "E-step's settings changed since they were written); remove that folder to sample "
-                               "the iteration again")
+                               f"E-step's settings changed since they were written); remove that folder"
+                               f"{self.run.remote_too(out)} to sample the iteration again")
             planner.observe(draws, rows)
         return planner.summary()
 

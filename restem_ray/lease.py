@@ -2,15 +2,17 @@
 
 A local run directory is locked with the kernel's flock (`RunDir.lock`), which a store such as S3 does not have,
 and a node-local copy's flock only keeps out a second driver on the same machine. So the driver of a URI run
-directory holds `URI/.driver-lease.json` ({owner, host, pid, since, beat, every_s}) and rewrites it with beat + 1
-every `every_s` seconds from a thread. A driver that finds another owner's lease:
-- takes it at once if the holder ran on this host and its pid is gone (a crashed driver's own resume);
+directory holds `URI/.driver-lease.json` ({owner, host, pid, machine, since, beat, every_s}) and rewrites it with
+beat + 1 every `every_s` seconds from a thread. A driver that finds another owner's lease:
+- takes it at once if the holder ran on this machine, in this pid namespace (boot id and namespace inode, not
+  just the host name: containers on the host network share one), and its pid is gone (a crashed driver's resume);
 - otherwise watches it for 3 x the holder's `every_s`: a beat that moves is a live driver, refused in one line;
   one that stays put is a dead driver's (a head node lost, a SIGKILL), and the lease is taken over.
-Only beats are compared, never clocks, so clock skew between machines does not matter. A driver that finds its
-lease taken (it was thought dead: a network partition, a suspended process) marks itself lost, and its next
-upload stops the run in one line instead of overwriting the new driver's manifest: every upload (a commit, an
-E-step shard) reads the lease first. A clean exit deletes the lease.
+Only beats are compared, never clocks, so clock skew between machines does not matter. Every upload (a commit,
+an E-step shard; before the manifest and before deletions too) reads the lease first: a driver whose lease is no
+longer its own (it was thought dead: a network partition, a suspended process) stops in one line instead of
+overwriting the new driver's run. A clean exit deletes the lease. A store that stays unreachable for 3 beats
+only pauses the renewals: the next upload finds whether the lease is still this driver's.
 
 pyarrow's file systems have no create-if-absent, so two drivers starting within the same second could both
 write a lease; each reads it back after a pause and the later writer wins, and a loser that read it back too
@@ -29,10 +31,30 @@ import uuid
 from .errors import RunError, UserError
 
 NAME = ".driver-lease.json"
+BUCKET_STORES = ("s3", "gcs")  # whole-object writes; elsewhere a temporary name, then a rename
+TORN = object()  # a lease read while it was being written (stores without atomic writes)
+PROCESS = uuid.uuid4().hex  # this process: a lease it wrote itself is its own
 
 
 def renew_every_s() -> float:
-    return float(os.environ.get("RESTEM_LEASE_RENEW_S", "30"))
+    raw = os.environ.get("RESTEM_LEASE_RENEW_S", "30")
+    try:
+        every = float(raw)
+    except ValueError:
+        every = -1.0
+    if not 0.1 <= every <= 300:
+        raise UserError(f"RESTEM_LEASE_RENEW_S: {raw!r} is not a number of seconds from 0.1 to 300")
+    return every
+
+
+def machine_id() -> str:
+    """This machine and pid namespace: where a pid in a lease means the same process."""
+    try:
+        with open("/proc/sys/kernel/random/boot_id") as f:
+            boot = f.read().strip()
+        return f"{boot}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:  # not Linux: the host name alone
+        return socket.gethostname()
 
 
 def _pid_alive(pid: int) -> bool:
@@ -52,28 +74,39 @@ class DriverLease:
         self.every_s = renew_every_s()
         self.beat = 0
         self.lost: str | None = None  # why this driver no longer holds the run
+        self._outage = False  # the renewals stopped on an unreachable store (not a loss by itself)
+        self._since = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
     # --- the object ----------------------------------------------------------------------------------------
-    def _read(self) -> dict | None:
+    def _read(self):
+        """The lease (a dict), None when there is none, or TORN when caught mid-write."""
         try:
             with self.fs.open_input_stream(self.path) as f:
-                lease = json.loads(f.read())
+                raw = f.read()
         except FileNotFoundError:
             return None
-        except ValueError:  # torn or foreign: nobody's lease
-            return None
-        return lease if isinstance(lease, dict) and "owner" in lease else None
+        try:
+            lease = json.loads(raw)
+        except ValueError:
+            return TORN
+        return lease if isinstance(lease, dict) and "owner" in lease else TORN
 
     def _write(self) -> None:
-        lease = {"owner": self.owner, "host": socket.gethostname(), "pid": os.getpid(), "beat": self.beat,
-                 "every_s": self.every_s, "since": getattr(self, "_since", None)}
-        with self.fs.open_output_stream(self.path) as f:
+        lease = {"owner": self.owner, "process": PROCESS, "host": socket.gethostname(), "pid": os.getpid(),
+                 "machine": machine_id(), "beat": self.beat, "every_s": self.every_s, "since": self._since}
+        whole = self.fs.type_name in BUCKET_STORES
+        tmp = self.path if whole else f"{self.path}.{self.owner[:8]}.tmp"
+        with self.fs.open_output_stream(tmp) as f:
             f.write(json.dumps(lease).encode())
+        if not whole:
+            self.fs.move(tmp, self.path)  # readers never see half a lease
 
     @staticmethod
-    def describe(lease: dict) -> str:
+    def describe(lease) -> str:
+        if not isinstance(lease, dict):
+            return "a lease being written"
         return f"pid {lease.get('pid')} on {lease.get('host')} since {lease.get('since')}"
 
     # --- taking it -----------------------------------------------------------------------------------------
@@ -82,40 +115,46 @@ class DriverLease:
         held = self._read()
         if held is not None and not self._ours_to_take(held):
             raise UserError(f"{self.shown}: another driver is running this run ({self.describe(held)}; its lease "
-                            f"{self.path.rsplit('/', 1)[-1]} is being renewed); wait for it to end or stop it, "
-                            "then --resume")
+                            f"{NAME} is being renewed); wait for it to end or stop it, then --resume")
         self._since = time.strftime("%Y-%m-%d %H:%M:%S %Z", time.localtime())
         self._write()
         time.sleep(min(settle_s, self.every_s))  # a driver that read "no lease" at the same moment writes now
         held = self._read()
-        if held is None or held.get("owner") != self.owner:
-            raise UserError(f"{self.shown}: another driver started this run at the same time"
-                            f"{f' ({self.describe(held)})' if held else ''}; wait for it to end or stop it, "
-                            "then --resume")
-        self._thread = threading.Thread(target=self._renew, name="restem-lease", daemon=True)
-        self._thread.start()
+        if not isinstance(held, dict) or held.get("owner") != self.owner:
+            raise UserError(f"{self.shown}: another driver started this run at the same time ({self.describe(held)});"
+                            " wait for it to end or stop it, then --resume")
+        self._start()
         atexit.register(self.release)
 
-    def _ours_to_take(self, held: dict) -> bool:
-        if held.get("host") == socket.gethostname():
-            if held.get("pid") == os.getpid():
+    def _start(self) -> None:
+        self._stop.clear()
+        self._thread = threading.Thread(target=self._renew, name="restem-lease", daemon=True)
+        self._thread.start()
+
+    def _ours_to_take(self, held) -> bool:
+        if isinstance(held, dict):
+            if held.get("process") == PROCESS:
                 return True  # this process took it already (e.g. `demo` resuming what it started)
-            if isinstance(held.get("pid"), int) and not _pid_alive(held["pid"]):
+            pid = held.get("pid")
+            if held.get("machine") == machine_id() and isinstance(pid, int) and not _pid_alive(pid):
                 print(f"[restem] the run's last driver ({self.describe(held)}) is gone: taking its lease")
                 return True
         try:
-            every = min(max(float(held.get("every_s", 30)), 0.05), 200.0)
+            every = min(max(float(held.get("every_s", 30)), 0.1), 300.0) if isinstance(held, dict) else 30.0
         except (TypeError, ValueError):
             every = 30.0
         window = 3 * every
-        print(f"[restem] {self.shown} has a driver lease ({self.describe(held)}): watching it for {window:.0f} s "
-              "to see whether that driver still runs", flush=True)
+        print(f"[restem] {self.shown} has a driver lease ({self.describe(held)}): watching it for {window:.0f} s to see "
+              "whether that driver still runs", flush=True)
         deadline = time.monotonic() + window
         while time.monotonic() < deadline:
             time.sleep(min(every / 2, max(0.0, deadline - time.monotonic())))
             now = self._read()
             if now is None:
                 return True  # released meanwhile
+            if now is TORN or held is TORN:
+                held = now  # mid-write: someone is writing it; judge by what it becomes
+                continue
             if now.get("owner") != held.get("owner") or now.get("beat") != held.get("beat"):
                 return False  # renewed (or taken by a third driver): alive
         print(f"[restem] its lease was not renewed for {window:.0f} s: that driver is gone, this one takes the run")
@@ -127,6 +166,8 @@ class DriverLease:
         while not self._stop.wait(self.every_s):
             try:
                 held = self._read()
+                if held is TORN:
+                    continue  # someone is writing it: look again at the next beat
                 if held is None or held.get("owner") != self.owner:
                     self.lost = (f"another driver took the run over ({self.describe(held)})" if held
                                  else "its lease was deleted")
@@ -134,22 +175,25 @@ class DriverLease:
                 self.beat += 1
                 self._write()
                 last_ok = time.monotonic()
-            except Exception as e:  # the store unreachable for a while: others may take the run after 3 beats
+            except Exception:  # the store unreachable for a while
                 if time.monotonic() - last_ok > 3 * self.every_s:
-                    self.lost = f"its lease could not be renewed for {3 * self.every_s:.0f} s ({type(e).__name__})"
+                    self._outage = True  # others may take the run now: the next upload reads the lease again
                     return
 
     def check(self) -> None:
-        """Before every upload (a commit, an E-step shard: one small read each): a driver whose lease is no longer
-        its own stops instead of overwriting the run of the driver that holds it."""
+        """Before every upload (one small read): a driver whose lease is no longer its own stops instead of
+        overwriting the run of the driver that holds it."""
         if not self.lost:
             try:
                 held = self._read()
             except Exception:  # the store unreachable: the upload itself will say so
-                held = {"owner": self.owner}
-            if held is None or held.get("owner") != self.owner:
+                held = TORN
+            if held is None or (isinstance(held, dict) and held.get("owner") != self.owner):
                 self.lost = (f"another driver took the run over ({self.describe(held)})" if held
                              else "its lease was deleted")
+            elif isinstance(held, dict) and self._outage:  # the store is back, and the run is still ours
+                self._outage = False
+                self._start()
         if self.lost:
             raise RunError(f"{self.shown}: this driver no longer holds the run: {self.lost}; it stops here")
 
@@ -164,7 +208,7 @@ class DriverLease:
             return
         try:
             held = self._read()
-            if held is not None and held.get("owner") == self.owner:
+            if isinstance(held, dict) and held.get("owner") == self.owner:
                 self.fs.delete_file(self.path)
         except Exception:  # leaving it costs the next driver 3 beats of waiting, nothing more
             pass

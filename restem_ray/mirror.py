@@ -29,6 +29,7 @@ import os
 import re
 import shutil
 import stat
+import uuid
 from pathlib import Path
 
 from .errors import RunError, UserError
@@ -36,8 +37,8 @@ from .errors import RunError, UserError
 STATE = ".mirror-state.json"
 LOCAL_ONLY = {".driver.lock", STATE, ".driver-lease.json"}  # the lease lives on the remote only
 MANIFEST = "manifest.json"
-BUCKET_STORES = ("s3", "gcs")
-SHARD = re.compile(r"iter_(\d+)/samples/part-[^/]+\.parquet")  # an E-step shard (restem_ray/storage.py)  # file systems whose first path component is a bucket; they have no real folders
+BUCKET_STORES = ("s3", "gcs")  # file systems whose first path component is a bucket; they have no real folders
+SHARD = re.compile(r"iter_(\d+)/samples/part-[^/]+\.parquet")  # an E-step shard (restem_ray/storage.py)
 
 
 def run_cache_root() -> Path:
@@ -97,7 +98,7 @@ class RunMirror:
         has_run = self._info(f"{self.path}/{MANIFEST}").type == pafs.FileType.File
         if not write:
             return has_run
-        probe = f"{self.path}/.restem-write-test"
+        probe = f"{self.path}/.restem-write-test-{uuid.uuid4().hex[:8]}"  # two drivers starting together
         try:  # what the first commit will do, now: a store that takes no writes fails before the cluster work
             if fs.type_name not in BUCKET_STORES:
                 fs.create_dir(self.path, recursive=True)
@@ -203,8 +204,8 @@ class RunMirror:
             rel = info.path[len(self.path) + 1:]
             m = SHARD.fullmatch(rel)
             if (info.type != pafs.FileType.File or m is None or f"{int(m[1])}/generate" in local["completed"]
-                    or (self.local / rel).exists()):
-                continue
+                    or (self.local / rel).exists() or rel in state):
+                continue  # `rel in state`: this copy uploaded it and removed it since; the next push deletes it
             dst = self.local / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_name(dst.name + ".tmp")
@@ -262,14 +263,21 @@ class RunMirror:
                     if sent:  # the size/mtime before the upload: a file that grew meanwhile goes again
                         state[rel] = files[rel]
             if MANIFEST in files and state.get(MANIFEST) != files[MANIFEST]:
+                if self.lease is not None:
+                    self.lease.check()  # again: the uploads above may have taken minutes (a checkpoint)
                 self._upload(MANIFEST)  # last: the remote manifest never lists a phase whose files are missing
                 state[MANIFEST] = files[MANIFEST]
-            for rel in [r for r in state if r not in files]:
+            gone = [r for r in state if r not in files]
+            if gone and self.lease is not None:
+                self.lease.check()
+            for rel in gone:
                 try:
                     self._open().delete_file(f"{self.path}/{rel}")
                 except FileNotFoundError:
                     pass
                 del state[rel]
+        except RunError:  # the lease was taken meanwhile: its own one line
+            raise
         except Exception as e:
             raise RunError(f"run directory {self.uri}: upload failed ({_first_line(e)}); the local copy "
                            f"{self.local} holds the run: --resume on this machine continues it") from None

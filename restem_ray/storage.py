@@ -162,6 +162,13 @@ class RunDir:
         if self.mirror is not None:
             self.mirror.push_file(path.relative_to(self.root).as_posix())
 
+    def remote_too(self, path: Path) -> str:
+        """For messages that ask to remove a folder: on a URI run directory, its copy on the store goes too (a
+        resume elsewhere would download it again)."""
+        if self.mirror is None:
+            return ""
+        return f" and {self.mirror.uri}/{path.relative_to(self.root).as_posix()}"
+
     def manifest(self) -> dict:
         try:
             m = json.loads(self.manifest_path.read_text())

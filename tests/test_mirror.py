@@ -138,6 +138,30 @@ def test_e_step_shards_go_up_before_their_commit_and_a_resume_elsewhere_keeps_th
     assert tree(remote) == tree(a.local)
 
 
+def test_shards_removed_here_are_not_downloaded_again_and_leave_the_store_at_the_next_commit(tmp_path):
+    """After a --force resume that changed the E-step, the run asks to remove the iteration's samples folder, here
+    and on the store; removed from this copy only, the shards it had uploaded are not brought back."""
+    import shutil
+
+    uri, m, run = started(tmp_path)
+    remote = tmp_path / "bucket" / "runs" / "x"
+    run.create("seed: 0\n", resume=False)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.5}])
+    shard = run.samples_dir(1) / "part-00000.parquet"
+    pq.write_table(pa.table({"id": ["a"]}), shard)
+    run.saved(shard)
+    assert run.remote_too(run.samples_dir(1)) == f" and {uri}/iter_001/samples"
+    shutil.rmtree(run.samples_dir(1))
+    a = RunMirror(uri, cache=tmp_path / "node-a")
+    a.prepare(resume=True, has_run=True)
+    assert not (a.local / "iter_001" / "samples" / "part-00000.parquet").exists()
+    ra = RunDir(a.local)
+    ra.mirror = a
+    ra.complete(0, "select", [])  # the next commit
+    assert not (remote / "iter_001" / "samples" / "part-00000.parquet").exists()
+    assert RunDir(tmp_path / "elsewhere").remote_too(tmp_path / "elsewhere" / "iter_001") == ""
+
+
 def test_a_shard_that_cannot_go_up_warns_and_goes_with_the_commit(tmp_path, capsys):
     uri, m, run = started(tmp_path)
     run.create("seed: 0\n", resume=False)
