@@ -194,6 +194,10 @@ class Sampler:
         if exit_on_engine_death:
             threading.Thread(target=self._watch_engine, daemon=True, name="restem-engine-watch").start()
 
+    def _engine_dead(self) -> bool:
+        resources = getattr(getattr(self.llm.llm_engine, "engine_core", None), "resources", None)
+        return bool(getattr(resources, "engine_dead", False))
+
     def _watch_engine(self) -> None:
         """vLLM's multiprocess client notices a SIGKILLed engine-core process (OOM killer, a lost GPU) and
         marks itself dead, but an engine step already waiting on its output queue is never woken (vllm 0.32,
@@ -226,26 +230,36 @@ class Sampler:
                 while not self._waiting and not self._closing:
                     self._engine.wait()
                 if self._closing:
-                    engine.engine_core.shutdown()
-                    failed, self._waiting = self._waiting, {}
-                    for f in failed.values():
-                        f.set_exception(RuntimeError("the replica's engine was shut down"))
+                    try:
+                        engine.engine_core.shutdown()
+                    finally:
+                        self._fail_waiting(RuntimeError("the replica's engine was shut down"))
                     return
                 try:
                     outputs = engine.step()
                 except BaseException as e:  # e.g. EngineDeadError: every waiting call gets it
-                    failed, self._waiting = self._waiting, {}
-                    for f in failed.values():
-                        f.set_exception(e)
+                    self._fail_waiting(e)
                     continue
                 done = [(self._waiting.pop(o.request_id), o) for o in outputs
                         if o.finished and o.request_id in self._waiting]
+                if self._waiting and not engine.has_unfinished_requests():
+                    # outputs that match no waiting call (vLLM's request ids changed form): fail the calls now
+                    # rather than step an idle engine forever (a multiprocess engine's step would block)
+                    self._fail_waiting(RuntimeError(
+                        f"the engine finished without outputs for requests {sorted(self._waiting)[:3]}"))
             for f, o in done:
                 f.set_result(o)
+
+    def _fail_waiting(self, error: BaseException) -> None:
+        failed, self._waiting = self._waiting, {}
+        for f in failed.values():
+            f.set_exception(error)
 
     def _submit(self, prompts: list[str], params: list) -> list[Future]:
         """Add a call's requests to the engine (`LLM.enqueue`: rendered as `LLM.generate` renders them)."""
         with self._engine:
+            if self._closing:
+                raise RuntimeError("the replica's engine was shut down")
             ids = self.llm.enqueue(prompts, params, use_tqdm=False)
             futures = [Future() for _ in ids]
             # enqueue returns the engine's ids, the LLM's own numbers plus a random suffix ("12-3f9a0c1e", vllm
@@ -271,8 +285,9 @@ class Sampler:
         try:
             outputs = [f.result() for f in self._submit([p["prompt"] for p in problems], params)]
         except Exception as e:
-            if type(e).__name__ == "EngineDeadError" and self.exit_on_engine_death:
-                # A dead engine cannot recover in place; end the actor so Ray restarts it with a new one.
+            if self.exit_on_engine_death and (type(e).__name__ == "EngineDeadError" or self._engine_dead()):
+                # A dead engine cannot recover in place; end the actor so Ray restarts it with a new one. (A call
+                # sent just as the engine died may fail with the socket's error instead of EngineDeadError.)
                 os._exit(1)
             raise
         rows = []
