@@ -11,8 +11,9 @@ beat + 1 every `every_s` seconds from a thread. A driver that finds another owne
 Only beats are compared, never clocks, so clock skew between machines does not matter. Every upload (a commit,
 an E-step shard; before the manifest and before deletions too) reads the lease first: a driver whose lease is no
 longer its own (it was thought dead: a network partition, a suspended process) stops in one line instead of
-overwriting the new driver's run. A clean exit deletes the lease. A store that stays unreachable for 3 beats
-only pauses the renewals: the next upload finds whether the lease is still this driver's.
+overwriting the new driver's run; a lease it cannot read is not uploaded over. A clean exit deletes the lease.
+Renewals go on through a store outage (after 3 missed beats another driver may take the run; the next read
+says whether it did).
 
 pyarrow's file systems have no create-if-absent, so two drivers starting within the same second could both
 write a lease; each reads it back after a pause and the later writer wins, and a loser that read it back too
@@ -174,28 +175,36 @@ class DriverLease:
                     return
                 self.beat += 1
                 self._write()
-                last_ok = time.monotonic()
-            except Exception:  # the store unreachable for a while
-                if time.monotonic() - last_ok > 3 * self.every_s:
-                    self._outage = True  # others may take the run now: the next upload reads the lease again
-                    return
+                last_ok, self._outage = time.monotonic(), False
+            except Exception:  # the store unreachable: keep trying; after 3 beats others may take the run
+                self._outage = time.monotonic() - last_ok > 3 * self.every_s
 
-    def check(self) -> None:
+    def check(self, strict: bool = True) -> bool:
         """Before every upload (one small read): a driver whose lease is no longer its own stops instead of
-        overwriting the run of the driver that holds it."""
+        overwriting the run of the driver that holds it. A lease that cannot be read (three tries) is not
+        uploaded over: a RunError (`strict`, a commit) or False (an E-step shard, which its commit sends again)."""
         if not self.lost:
-            try:
-                held = self._read()
-            except Exception:  # the store unreachable: the upload itself will say so
-                held = TORN
+            held, error = TORN, None
+            for attempt in range(3):
+                try:
+                    held = self._read()
+                except Exception as e:
+                    error = e
+                    time.sleep(0.5 * (attempt + 1))
+                    continue
+                break
+            else:
+                if strict:
+                    first = (str(error).strip().splitlines() or [""])[0]
+                    raise RunError(f"{self.shown}: cannot read the driver lease {NAME} "
+                                   f"({type(error).__name__}: {first}); nothing more was uploaded")
+                return False
             if held is None or (isinstance(held, dict) and held.get("owner") != self.owner):
                 self.lost = (f"another driver took the run over ({self.describe(held)})" if held
                              else "its lease was deleted")
-            elif isinstance(held, dict) and self._outage:  # the store is back, and the run is still ours
-                self._outage = False
-                self._start()
         if self.lost:
             raise RunError(f"{self.shown}: this driver no longer holds the run: {self.lost}; it stops here")
+        return True
 
     def release(self) -> None:
         """Delete the lease if this driver still holds it (a clean exit: the next driver need not wait)."""

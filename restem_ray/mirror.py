@@ -159,7 +159,12 @@ class RunMirror:
 
         self._check_not_locked()
         self.lease = DriverLease(self._open(), self.path, self.uri)
-        self.lease.acquire()
+        try:
+            self.lease.acquire()
+        except UserError:
+            raise
+        except Exception as e:  # the store failing between the checks and the lease
+            raise UserError(f"{self.what} {self.uri}: cannot hold the driver lease ({_first_line(e)})") from None
 
     def prepare(self, resume: bool, has_run: bool, reader: bool = False) -> None:
         """Make the local copy the run's working directory: downloaded on a resume when missing or behind the
@@ -204,8 +209,8 @@ class RunMirror:
             rel = info.path[len(self.path) + 1:]
             m = SHARD.fullmatch(rel)
             if (info.type != pafs.FileType.File or m is None or f"{int(m[1])}/generate" in local["completed"]
-                    or (self.local / rel).exists() or rel in state):
-                continue  # `rel in state`: this copy uploaded it and removed it since; the next push deletes it
+                    or (self.local / rel).exists() or (rel in state and state[rel][0] == info.size)):
+                continue  # in state: this copy uploaded it and removed it since; the next push deletes it
             dst = self.local / rel
             dst.parent.mkdir(parents=True, exist_ok=True)
             tmp = dst.with_name(dst.name + ".tmp")
@@ -288,8 +293,10 @@ class RunMirror:
         """Upload one finished file now, outside the commit order (an E-step shard: its commit may be hours
         away). The remote manifest does not list it until the commit. A failure only warns: the commit sends the
         file again, and stops the run if the store still takes nothing."""
-        if self.lease is not None:
-            self.lease.check()
+        if self.lease is not None and not self.lease.check(strict=False):
+            print(f"[restem] warning: could not read the driver lease at {self.uri}; {rel} goes with the next "
+                  "commit", flush=True)
+            return
         try:
             st = os.stat(self.local / rel)
         except FileNotFoundError:

@@ -209,7 +209,7 @@ class Sampler:
             return
         while True:
             time.sleep(0.5)
-            if self._waiting and resources.engine_dead:
+            if self._waiting and resources.engine_dead and not self._closing:
                 print("[restem] the replica's vLLM engine core died mid-call; ending the replica for a restart",
                       flush=True)
                 os._exit(1)
@@ -285,7 +285,8 @@ class Sampler:
         try:
             outputs = [f.result() for f in self._submit([p["prompt"] for p in problems], params)]
         except Exception as e:
-            if self.exit_on_engine_death and (type(e).__name__ == "EngineDeadError" or self._engine_dead()):
+            if self.exit_on_engine_death and not self._closing and (
+                    type(e).__name__ == "EngineDeadError" or self._engine_dead()):  # (a closed engine is "dead" too)
                 # A dead engine cannot recover in place; end the actor so Ray restarts it with a new one. (A call
                 # sent just as the engine died may fail with the socket's error instead of EngineDeadError.)
                 os._exit(1)

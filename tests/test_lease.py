@@ -119,13 +119,12 @@ def test_a_driver_whose_run_was_taken_over_stops_at_its_next_upload(tmp_path):
     run = RunDir(m.local)
     run.mirror = m
     run.create("seed: 0\n", resume=False)
-    # another machine thought this driver dead (a network partition) and took the run
+    # another machine thought this driver dead (a network partition) and took the run; this driver's renewals
+    # are held meanwhile (as a suspended process's are), so only the read before each upload can notice
+    m.lease._stop.set()
+    m.lease._thread.join()
     taker = {"owner": "y", "host": "head-1", "pid": 7, "beat": 0, "every_s": 0.2, "since": "now"}
     put_lease(tmp_path, taker)
-    for _ in range(50):
-        if m.lease.lost:
-            break
-        time.sleep(0.1)
     remote = (tmp_path / "bucket" / "run" / "manifest.json").read_text()
     with pytest.raises(RunError, match=r"no longer holds the run: another driver took the run over \(pid 7 on head-1"):
         run.complete(0, "eval", [{"split": "valid", "pass@1": 0.5}])
@@ -151,9 +150,9 @@ def test_two_drivers_started_together_end_with_one_holding_the_run(tmp_path):
 
 def test_a_same_named_host_is_not_this_machine_and_an_outage_only_pauses_the_lease(tmp_path, capsys):
     """Containers on the host network share a host name but not a pid namespace: a lease naming this host but
-    another machine id is watched, not taken because its pid is not running here. A store that takes no writes
-    for 3 beats pauses the renewals; once it answers again, the next upload finds the lease still this driver's
-    and renews it again. A lease caught mid-write is nobody's loss."""
+    another machine id is watched, not taken because its pid is not running here. Renewals go on through a store
+    that takes no writes and beat again once it answers; a lease caught mid-write is nobody's loss, and one that
+    cannot be read is not uploaded over."""
     import subprocess as sp
 
     uri = f"file://{tmp_path}/bucket/run"
@@ -170,29 +169,39 @@ def test_a_same_named_host_is_not_this_machine_and_an_outage_only_pauses_the_lea
     assert "is gone: taking its lease" not in out and "not renewed for 1 s: that driver is gone, this one takes" in out
 
     lease = m.lease
-    write = lease._write
+    write, read = lease._write, lease._read
     lease._write = lambda: (_ for _ in ()).throw(OSError("store unreachable"))
     for _ in range(100):
         if lease._outage:
             break
         time.sleep(0.1)
     assert lease._outage and not lease.lost
-    lease._write = write
+    lease._write = write  # the store answers again: the renewals, which never stopped, beat again
+    beat = lease_of(tmp_path)["beat"]
+    for _ in range(100):
+        if lease_of(tmp_path)["beat"] > beat and not lease._outage:
+            break
+        time.sleep(0.1)
+    assert lease_of(tmp_path)["beat"] > beat and not lease._outage and not lease.lost
     m.prepare(resume=False, has_run=False)
     run = RunDir(m.local)
     run.mirror = m
+    lease._stop.set()  # hold the renewals while the lease file is played with below
+    lease._thread.join()
     (tmp_path / "bucket" / "run" / ".driver-lease.json").write_text('{"owner": "')  # mid-write
-    lease.check()  # not lost
+    assert lease.check()  # nobody's loss
     (tmp_path / "bucket" / "run" / ".driver-lease.json").unlink()
     lease._write()  # whole again (as the store shows it once the write is done)
-    run.create("seed: 0\n", resume=False)  # an upload: the lease is still ours, the renewals start again
-    assert not lease._outage and not lease.lost
-    beat = lease_of(tmp_path)["beat"]
-    for _ in range(100):
-        if lease_of(tmp_path)["beat"] > beat:
-            break
-        time.sleep(0.1)
-    assert lease_of(tmp_path)["beat"] > beat
+    lease._read = lambda: (_ for _ in ()).throw(OSError("503 Slow Down"))
+    shard = run.samples_dir(1) / "part-00000.parquet"
+    shard.write_bytes(b"rows")
+    run.saved(shard)  # a lease it cannot read is not uploaded over: the shard waits for its commit
+    assert "could not read the driver lease" in capsys.readouterr().out
+    assert not (tmp_path / "bucket" / "run" / "iter_001").exists()
+    with pytest.raises(RunError, match=r"cannot read the driver lease \.driver-lease\.json \(OSError: 503 Slow Down\)"):
+        run.create("seed: 0\n", resume=False)  # a commit: one line
+    lease._read = read
+    lease._start()
     lease.release()
     assert not (tmp_path / "bucket" / "run" / ".driver-lease.json").exists()
 

@@ -204,18 +204,21 @@ def test_nvml_is_asked_about_the_gpus_this_process_sees(monkeypatch):
     assert asked == ["init", ("index", 3), ("uuid", "GPU-8f2e"), "shutdown"]
 
 
-def test_calls_whose_outputs_never_come_fail_instead_of_hanging_and_a_closed_engine_takes_none():
+def test_calls_whose_outputs_never_come_fail_instead_of_hanging_and_a_closed_engine_takes_none(monkeypatch):
     """The engine thread's bookkeeping on a stand-in engine (no vLLM): outputs under ids no call waits for (say a
     vLLM whose request ids changed form) fail the waiting call once the engine has nothing left to run, instead
-    of stepping an idle engine forever; closing fails what still waits, and a call after close is refused."""
+    of stepping an idle engine forever; closing fails what still waits (without ending the replica, though a
+    shut-down vLLM 0.32 engine reports itself dead), and a call after close is refused."""
     import threading
-    from concurrent.futures import Future
+    from concurrent.futures import Future, ThreadPoolExecutor
     from types import SimpleNamespace
 
     class Engine:
         def __init__(self):
             self.pending, self.shut = [], False
-            self.engine_core = SimpleNamespace(shutdown=lambda: setattr(self, "shut", True))
+            resources = SimpleNamespace(engine_dead=False)
+            self.engine_core = SimpleNamespace(resources=resources, shutdown=lambda: (
+                setattr(self, "shut", True), setattr(resources, "engine_dead", True)))
 
         def step(self):
             out, self.pending = self.pending, []
@@ -228,7 +231,9 @@ def test_calls_whose_outputs_never_come_fail_instead_of_hanging_and_a_closed_eng
     llm = SimpleNamespace(llm_engine=engine, enqueue=lambda prompts, params, use_tqdm: [
         engine.pending.append(str(i)) or f"{i}-abcd1234" for i in range(len(prompts))])
     s = Sampler.__new__(Sampler)
-    s._engine, s._waiting, s._closing, s.exit_on_engine_death = threading.Condition(), {}, False, False
+    s._engine, s._waiting, s._closing, s.exit_on_engine_death = threading.Condition(), {}, False, True
+    exits = []
+    monkeypatch.setattr(os, "_exit", lambda code: exits.append(code))  # a replica ending itself, recorded
     started = Future()
     s._thread = threading.Thread(target=s._serve, args=(lambda: llm, started), daemon=True)
     s._thread.start()
@@ -236,12 +241,15 @@ def test_calls_whose_outputs_never_come_fail_instead_of_hanging_and_a_closed_eng
     (f,) = s._submit(["Q"], [None])
     with pytest.raises(RuntimeError, match=r"the engine finished without outputs for requests \['0'\]"):
         f.result(timeout=10)
-    engine.step = lambda: []  # a request that never finishes ...
+    engine.step = lambda: []  # a call that never finishes ...
     engine.has_unfinished_requests = lambda: True
-    (g,) = s._submit(["Q"], [None])
-    s.close()  # ... fails when the engine is closed
-    with pytest.raises(RuntimeError, match="the replica's engine was shut down"):
-        g.result(timeout=10)
-    assert engine.shut and not s._thread.is_alive()
+    with ThreadPoolExecutor(1) as pool:
+        g = pool.submit(s.generate, [{"id": "p", "prompt": "Q"}], SampleSpec(n=1, temperature=1.0))
+        while not s._waiting:
+            threading.Event().wait(0.01)
+        s.close()  # ... fails when the engine is closed, and the replica stays (it is being closed, not dead)
+        with pytest.raises(RuntimeError, match="the replica's engine was shut down"):
+            g.result(timeout=10)
+    assert engine.shut and not s._thread.is_alive() and exits == []
     with pytest.raises(RuntimeError, match="the replica's engine was shut down"):
         s._submit(["Q"], [None])
