@@ -32,7 +32,6 @@ import uuid
 from .errors import RunError, UserError
 
 NAME = ".driver-lease.json"
-BUCKET_STORES = ("s3", "gcs")  # whole-object writes; elsewhere a temporary name, then a rename
 TORN = object()  # a lease read while it was being written (stores without atomic writes)
 PROCESS = uuid.uuid4().hex  # this process: a lease it wrote itself is its own
 
@@ -69,8 +68,9 @@ def _pid_alive(pid: int) -> bool:
 
 
 class DriverLease:
-    def __init__(self, fs, path: str, shown: str):
+    def __init__(self, fs, path: str, shown: str, whole_writes: bool):
         self.fs, self.path, self.shown = fs, f"{path}/{NAME}", shown  # shown: the URI, for messages
+        self.whole_writes = whole_writes  # an object store: a write shows whole or not at all
         self.owner = uuid.uuid4().hex
         self.every_s = renew_every_s()
         self.beat = 0
@@ -97,11 +97,10 @@ class DriverLease:
     def _write(self) -> None:
         lease = {"owner": self.owner, "process": PROCESS, "host": socket.gethostname(), "pid": os.getpid(),
                  "machine": machine_id(), "beat": self.beat, "every_s": self.every_s, "since": self._since}
-        whole = self.fs.type_name in BUCKET_STORES
-        tmp = self.path if whole else f"{self.path}.{self.owner[:8]}.tmp"
+        tmp = self.path if self.whole_writes else f"{self.path}.{self.owner[:8]}.tmp"
         with self.fs.open_output_stream(tmp) as f:
             f.write(json.dumps(lease).encode())
-        if not whole:
+        if not self.whole_writes:
             self.fs.move(tmp, self.path)  # readers never see half a lease
 
     @staticmethod

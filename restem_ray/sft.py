@@ -137,6 +137,7 @@ def collate_micro(samples: list[tuple[list[int], list[int]]], pad_id: int, packe
     ids = torch.full((len(rows), width), pad_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     pos = torch.zeros((len(rows), width), dtype=torch.long)
+    bounds = [0]  # every sequence's end in the flattened batch (varlen)
     for r, row in enumerate(rows):
         at = 0
         for i in row:
@@ -145,20 +146,14 @@ def collate_micro(samples: list[tuple[list[int], list[int]]], pad_id: int, packe
             labels[r, at : at + len(y)] = torch.tensor(y)
             pos[r, at : at + len(x)] = torch.arange(len(x))
             at += len(x)
+            bounds.append(r * width + at)
         pos[r, at:] = torch.arange(width - at)  # the padding tail is one more (masked-out) sequence
+        if at < width:
+            bounds.append((r + 1) * width)
     out = {"input_ids": ids, "labels": labels, "position_ids": pos, "real_tokens": torch.tensor(real)}
     if varlen:
-        lengths = [len(samples[i][0]) for row in rows for i in row]
-        bounds, tails = [0], []
-        for row in rows:
-            for i in row:
-                bounds.append(bounds[-1] + len(samples[i][0]))
-            tail = width - sum(len(samples[i][0]) for i in row)
-            if tail:
-                bounds.append(bounds[-1] + tail)
-                tails.append(tail)
         cu = torch.tensor(bounds, dtype=torch.int32)
-        longest = max(lengths + tails)
+        longest = int(cu.diff().max())
         out |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
     return out
 
