@@ -13,6 +13,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -157,19 +158,54 @@ def train_base(spec: TinyModelSpec, tokenizer, seed_rows: list[dict], valid: lis
     return model, history
 
 
+def build_once(root: Path, build, log=print) -> bool:
+    """Fill `root` by `build(folder)` unless it is already built; False when it was.
+
+    A cache folder counts as built once its DONE file exists. Builders on one machine take turns on a lock
+    file beside it (two demos, or two test workers, started on a fresh cache build once, not twice side by
+    side); the folder is built under a temporary name and renamed, so an interrupted or failed build leaves
+    nothing that looks built."""
+    from filelock import FileLock, Timeout
+
+    if (root / "DONE").is_file():
+        return False
+    root.parent.mkdir(parents=True, exist_ok=True)
+    lock = FileLock(str(root) + ".lock")
+    try:
+        lock.acquire(timeout=0)
+    except Timeout:
+        log(f"[cache] another process is building {root}; waiting for it")
+        lock.acquire()
+    try:
+        if (root / "DONE").is_file():
+            return False
+        for stale in root.parent.glob(root.name + ".tmp*"):  # left by a build that was killed
+            shutil.rmtree(stale, ignore_errors=True)
+        tmp = root.with_name(f"{root.name}.tmp-{socket.gethostname()}-{os.getpid()}")
+        try:
+            tmp.mkdir(parents=True)
+            build(tmp)
+            (tmp / "DONE").write_text("ok\n")
+            shutil.rmtree(root, ignore_errors=True)  # a folder without DONE: not built
+            os.replace(tmp, root)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return True
+    finally:
+        lock.release()
+
+
 def ensure_builtin(spec: Builtin = BUILTINS["arithmetic"], log=print) -> Path:
     """Build (once) and return the cache folder holding data/*.jsonl and model/ (HF format)."""
     root = cache_root() / f"builtin-{spec.key()}"
-    if (root / "DONE").is_file():
-        return root
-    import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    t0 = time.time()
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    try:  # an interrupted or failed build leaves no half-built folder behind
-        (tmp / "data").mkdir(parents=True)
+    def build(tmp: Path) -> None:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        t0 = time.time()
+        (tmp / "data").mkdir()
         splits = spec.task.splits()
         for name, rows in splits.items():
             write_jsonl(tmp / "data" / f"{name}.jsonl", rows)
@@ -180,14 +216,8 @@ def ensure_builtin(spec: Builtin = BUILTINS["arithmetic"], log=print) -> Path:
         tokenizer.save_pretrained(tmp / "model")
         info = {"history": history, "build_seconds": round(time.time() - t0, 1), "spec": asdict(spec)}
         (tmp / "build.json").write_text(json.dumps(info, indent=1))
-        (tmp / "DONE").write_text("ok\n")
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    if root.exists():  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, root)
-    log(f"[builtin] base model built in {info['build_seconds']} s; valid pass@1 by epoch: "
-        + ", ".join(f"{h['epoch']}:{h['valid_pass@1']:.2f}" for h in history))
+        log(f"[builtin] base model built in {info['build_seconds']} s; valid pass@1 by epoch: "
+            + ", ".join(f"{h['epoch']}:{h['valid_pass@1']:.2f}" for h in history))
+
+    build_once(root, build, log)
     return root

@@ -18,12 +18,11 @@ import hashlib
 import json
 import os
 import random
-import shutil
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-from .builtin import cache_root
+from .builtin import build_once, cache_root
 
 PAD, IM_START, IM_END = "<|endoftext|>", "<|im_start|>", "<|im_end|>"
 BPE_VOCAB = 1024  # bytes + merges; the three special tokens come after
@@ -290,25 +289,19 @@ def ensure_chat_model(pairs: list[tuple[str, str]], spec: ChatModelSpec = ChatMo
     grows with pairs x epochs (64 rows x 30 epochs: 135 s, not memorised by this 1M-parameter model)."""
     tok = build_chat_tokenizer()
     root = cache_root() / f"chat-{name}-{chat_model_key(pairs, spec, tok)}"
-    if (root / "DONE").is_file():
-        return root
-    import torch
 
-    torch.set_num_threads(os.cpu_count() or 1)
-    t0 = time.time()
-    tmp = root.with_name(root.name + f".tmp{os.getpid()}")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    model, history = train_chat_model(spec, tok, pairs, log)
-    model.save_pretrained(tmp, safe_serialization=True)
-    tok.save_pretrained(tmp, save_jinja_files=False)  # template inside tokenizer_config.json, as Qwen2.5 ships it
-    info = {"history": history, "build_seconds": round(time.time() - t0, 1), "spec": asdict(spec),
-            "pairs": len(pairs)}
-    (tmp / "build.json").write_text(json.dumps(info, indent=1))
-    (tmp / "DONE").write_text("ok\n")
-    if root.exists():  # another process finished first: keep theirs
-        shutil.rmtree(tmp, ignore_errors=True)
-    else:
-        os.replace(tmp, root)
-    log(f"[chat model] {name} built in {info['build_seconds']} s: {root}")
+    def build(tmp: Path) -> None:
+        import torch
+
+        torch.set_num_threads(os.cpu_count() or 1)
+        t0 = time.time()
+        model, history = train_chat_model(spec, tok, pairs, log)
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp, save_jinja_files=False)  # template inside tokenizer_config.json, as Qwen2.5 ships it
+        info = {"history": history, "build_seconds": round(time.time() - t0, 1), "spec": asdict(spec),
+                "pairs": len(pairs)}
+        (tmp / "build.json").write_text(json.dumps(info, indent=1))
+        log(f"[chat model] {name} built in {info['build_seconds']} s: {root}")
+
+    build_once(root, build, log)
     return root

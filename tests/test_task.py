@@ -79,3 +79,41 @@ def test_encode_masks_prompt_and_appends_eos():
     assert labels[:n_prompt] == [IGNORE] * n_prompt
     assert labels[n_prompt:] == ids[n_prompt:]
     assert tok.decode(ids[n_prompt:-1]) == " 2 #### 2"
+
+
+def _slow_build(root, counter):
+    import time
+
+    from restem_ray.builtin import build_once
+
+    def build(tmp):
+        with open(counter, "a") as f:
+            f.write("built\n")
+        time.sleep(1.0)  # long enough for the other process to arrive while this one builds
+        (tmp / "weights").write_text("w")
+
+    return build_once(root, build, log=lambda msg: None)
+
+
+def test_a_cache_folder_is_built_once_by_processes_that_ask_together_and_never_half(tmp_path):
+    import multiprocessing
+
+    import pytest
+
+    from restem_ray.builtin import build_once
+
+    root, counter = tmp_path / "cache" / "model", tmp_path / "count"
+    with multiprocessing.get_context("spawn").Pool(2) as pool:
+        built = pool.starmap(_slow_build, [(root, counter), (root, counter)])
+    assert sorted(built) == [False, True] and counter.read_text() == "built\n"
+    assert (root / "weights").read_text() == "w" and (root / "DONE").is_file()
+
+    def failing(tmp):
+        (tmp / "half").write_text("x")
+        raise RuntimeError("out of disk")
+
+    other = tmp_path / "cache" / "other"
+    with pytest.raises(RuntimeError, match="out of disk"):
+        build_once(other, failing)
+    assert not other.exists() and [p.name for p in other.parent.iterdir() if "tmp" in p.name] == []
+    assert build_once(other, lambda tmp: (tmp / "weights").write_text("w")) and (other / "DONE").is_file()
