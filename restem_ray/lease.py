@@ -11,7 +11,9 @@ beat + 1 every `every_s` seconds from a thread. A driver that finds another owne
 Only beats are compared, never clocks, so clock skew between machines does not matter. Every upload (a commit,
 an E-step shard; before the manifest and before deletions too) reads the lease first: a driver whose lease is no
 longer its own (it was thought dead: a network partition, a suspended process) stops in one line instead of
-overwriting the new driver's run; a lease it cannot read is not uploaded over. A clean exit deletes the lease.
+overwriting the new driver's run; a lease it cannot read is not uploaded over. The renewal that finds the lease
+taken stops the CLI's driver at once (`on_lost`), mid-phase: its M-step's Ray Train workers write checkpoints
+without asking the lease. A clean exit deletes the lease.
 Renewals go on through a store outage (after 3 missed beats another driver may take the run; the next read
 says whether it did).
 
@@ -75,6 +77,9 @@ class DriverLease:
         self.every_s = renew_every_s()
         self.beat = 0
         self.lost: str | None = None  # why this driver no longer holds the run
+        # called once, from the renewal thread, with `lost`: the CLI stops its driver there and then, so that an
+        # M-step or E-step in flight does not go on for hours (Ray Train uploads its own checkpoints)
+        self.on_lost = None
         self._outage = False  # the renewals stopped on an unreachable store (not a loss by itself)
         self._since = None
         self._stop = threading.Event()
@@ -164,6 +169,8 @@ class DriverLease:
     def _renew(self) -> None:
         last_ok = time.monotonic()
         while not self._stop.wait(self.every_s):
+            if self.lost:  # an upload's check found it taken first: that check says so
+                return
             try:
                 held = self._read()
                 if held is TORN:
@@ -171,6 +178,8 @@ class DriverLease:
                 if held is None or held.get("owner") != self.owner:
                     self.lost = (f"another driver took the run over ({self.describe(held)})" if held
                                  else "its lease was deleted")
+                    if self.on_lost is not None:
+                        self.on_lost(self.lost)
                     return
                 self.beat += 1
                 self._write()

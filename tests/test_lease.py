@@ -138,6 +138,24 @@ def test_a_driver_whose_run_was_taken_over_stops_at_its_next_upload(tmp_path):
     assert json.loads((tmp_path / "bucket" / "run" / ".driver-lease.json").read_text())["owner"] == "y"  # not ours
 
 
+def test_the_renewal_that_finds_the_run_taken_calls_on_lost_once(tmp_path):
+    uri = f"file://{tmp_path}/bucket/run"
+    m = RunMirror(uri, cache=tmp_path / "node-a")
+    m.check()
+    m.hold()
+    calls = []
+    m.lease.on_lost = calls.append
+    put_lease(tmp_path, {"owner": "y", "host": "head-1", "pid": 7, "beat": 0, "every_s": 0.5, "since": "now"})
+    for _ in range(100):
+        if calls:
+            break
+        time.sleep(0.05)
+    time.sleep(1.2)  # two more renewal periods: no second call
+    assert calls == ["another driver took the run over (pid 7 on head-1 since now)"] and m.lease.lost == calls[0]
+    m.lease.release()
+    assert lease_of(tmp_path)["owner"] == "y"
+
+
 def test_two_drivers_started_together_end_with_one_holding_the_run(tmp_path):
     uri = f"file://{tmp_path}/bucket/run"
     (tmp_path / "bucket" / "run").mkdir(parents=True)
@@ -212,3 +230,62 @@ def test_a_bad_renewal_interval_is_one_line(tmp_path, monkeypatch):
     m.check()
     with pytest.raises(UserError, match=r"^RESTEM_LEASE_RENEW_S: 'soon' is not a number of seconds from 0.1 to 300$"):
         m.hold()
+
+
+@pytest.mark.slow
+def test_a_driver_whose_run_is_taken_mid_m_step_stops_there_in_one_line(tmp_path, monkeypatch):
+    """The renewal that finds the lease taken stops the driver mid-phase: its M-step's Ray Train workers upload
+    checkpoints without asking the lease, so waiting for the phase's commit to notice would let a stale driver
+    train (and write) for the rest of its M-step."""
+    import psutil
+    from helpers import SMALL, tracebacks
+
+    monkeypatch.setenv("RESTEM_RUN_CACHE", str(tmp_path / "cache"))
+    uri = f"file://{tmp_path}/bucket/run"
+    # a long M-step (100 epochs: minutes) that the takeover must cut short
+    p = subprocess.Popen([sys.executable, "-m", "restem_ray.cli", "demo", *SMALL, "--out", uri,
+                          "--set", "training.epochs=100", "--set", "task.test_file=null",
+                          "--set", "task.extra_eval_files={}", "--set", "evaluation.k_splits=[]"],
+                         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True,
+                         env=dict(os.environ, PYTHONUNBUFFERED="1"))
+    try:
+        log = []
+        for line in p.stdout:
+            log.append(line)
+            if "M-step:" in line and "/" in line.split("M-step:")[1]:
+                break  # the training workers are stepping
+        assert p.poll() is None, "".join(log[-40:])
+        workers = lambda: [q for q in psutil.process_iter(["cmdline"])  # noqa: E731
+                           if "RayTrainWorker" in " ".join(q.info["cmdline"] or []) and _session(q) == p.pid]
+        assert workers()  # seen in the driver's session: their end below is seen too
+        put_lease(tmp_path, {"owner": "y", "host": "head-1", "pid": 7, "beat": 0, "every_s": 0.5, "since": "now"})
+        t0 = time.monotonic()
+        rest, _ = p.communicate(timeout=120)
+        stopped_s = time.monotonic() - t0
+        for _ in range(60):  # the local Ray, its training workers with it, ends with the driver
+            if not workers():
+                break
+            time.sleep(0.5)
+        assert not workers()
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    assert p.returncode == 1, rest[-3000:]
+    # one line says why (Ray's log monitor may still forward a worker's last lines after it)
+    ours = [line for line in rest.splitlines() if line.startswith("restem-ray:")]
+    assert ours == [f"restem-ray: run stopped: {uri}: this driver no longer holds the run: another driver took "
+                    "the run over (pid 7 on head-1 since now); it stops here"], rest[-3000:]
+    assert not tracebacks(rest), rest[-3000:]
+    assert stopped_s < 30, stopped_s  # within a few renewals, not at the end of the M-step
+    manifest = json.loads((tmp_path / "bucket" / "run" / "manifest.json").read_text())
+    assert "1/improve" not in manifest["completed"] and "1/select" in manifest["completed"]
+    assert lease_of(tmp_path)["owner"] == "y"  # the taker's lease stays
+
+
+def _session(proc) -> int | None:
+    try:
+        return os.getsid(proc.pid)
+    except OSError:
+        return None
