@@ -8,5 +8,8 @@ demo: setup
 	.venv/bin/restem-ray demo $(ARGS)
 quick: setup
 	.venv/bin/restem-ray demo --quick $(ARGS)
+# Two pytest-xdist workers: one end-to-end run leaves about a third of two cores idle while its processes
+# start (tests/conftest.py keeps the tests that time the machine alone).
+TEST_WORKERS ?= 2
 test: setup
-	.venv/bin/python -m pytest -q $(ARGS)
+	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) $(ARGS)

@@ -1,4 +1,7 @@
+import fcntl
 import os
+import shutil
+import tempfile
 
 import pytest
 
@@ -11,10 +14,58 @@ from helpers import demo  # noqa: E402
 
 @pytest.fixture(scope="session")
 def small_reference_run(tmp_path_factory):
-    out = tmp_path_factory.mktemp("ref") / "run"
-    rc, log = demo(out)
-    assert rc == 0, log[-4000:]
+    """The small demo run that resumed, moved and interrupted runs must equal. Under pytest-xdist (`make test` runs
+    two workers) a session fixture is made once per worker: the workers share this one instead, in the run's
+    common temporary folder, made by the first that needs it while the other waits. (xdist's own grouping,
+    `--dist loadgroup`, does not group under pytest 9: it renames items through an attribute pytest 9 no longer reads.)"""
+    from filelock import FileLock
+
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = tmp_path_factory.getbasetemp().parent / "shared-ref"  # pytest-N/, above each worker's popen-gwK/
+    else:
+        root = tmp_path_factory.mktemp("ref")
+    root.mkdir(exist_ok=True)
+    out = root / "run"
+    with FileLock(str(root / ".lock")):
+        if not (root / "DONE").is_file():
+            shutil.rmtree(out, ignore_errors=True)  # a failed attempt's
+            rc, log = demo(out)
+            assert rc == 0, log[-4000:]
+            (root / "DONE").write_text("ok\n")
     return out
+
+
+def pytest_collection_modifyitems(items):
+    # Under pytest-xdist the longest work goes first, so that no worker is left with a long run at the end: the tests
+    # on the reference run (about ten minutes of runs), then the modules without slow tests (while the base model
+    # that nearly every slow test needs is built), then the modules with slow tests. A module's tests stay together.
+    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: 0 if "small_reference_run" in getattr(item, "fixturenames", ())
+               else 2 if item.module.__name__ in slow else 1)
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_protocol(item, nextitem):
+    """Under pytest-xdist, a test marked `serial` (one that measures the machine's time or cores) runs while no
+    other worker runs a test: every test holds a shared lock, a serial one the exclusive lock, and a serial test
+    waiting for it holds the turnstile so that the other worker's next test waits behind it. The locks cover the
+    whole protocol: set-up and tear-down of module and session fixtures (a reference run, a model build) too."""
+    run = os.environ.get("PYTEST_XDIST_TESTRUNUID")
+    if not run:
+        yield
+        return
+    serial = item.get_closest_marker("serial") is not None
+    base = os.path.join(tempfile.gettempdir(), f"restem-tests-{run}")
+    with open(base + ".turn", "a") as turn, open(base + ".lock", "a") as lock:
+        fcntl.flock(turn, fcntl.LOCK_EX)
+        fcntl.flock(lock, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
+        if not serial:
+            fcntl.flock(turn, fcntl.LOCK_UN)
+        try:
+            yield
+        finally:
+            fcntl.flock(lock, fcntl.LOCK_UN)
+            fcntl.flock(turn, fcntl.LOCK_UN)
 
 
 def _kept_environment():

@@ -5,15 +5,17 @@
 # continued on a fresh one-node head as a RayJob retry continues a run after a head-pod restart: submitted as a
 # Ray job through jobs/submit.py (dashboard on 127.0.0.1) with --auto-resume, its logs streamed. Inside a
 # private network namespace (loopback only). Used by test_resume.py.
-#   unshare --net bash tests/head_restart_demo.sh OUT_DIR KILL_WHEN_DONE [demo args...]
+#   unshare --net --pid --fork --mount-proc bash tests/head_restart_demo.sh OUT_DIR KILL_WHEN_DONE [demo args...]
 # KILL_WHEN_DONE: a manifest key; the head is killed as soon as the run has committed it.
 set -euo pipefail
 out=$1; when=$2; shift 2
 bin=$(dirname "$(command -v python)")
 ip link set lo up
 export RAY_AUTH_MODE=disabled  # a throw-away cluster in its own namespace
+# its own Ray temp folder: `ray start` records its address there (ray_current_cluster), not in /tmp/ray
+export RAY_TMPDIR=$(mktemp -d /tmp/rt-XXXXXX)
 head=(--head --port=6379 --num-cpus=4 --node-ip-address=127.0.0.1 --disable-usage-stats)
-trap '"$bin/ray" stop --force >/dev/null 2>&1 || true' EXIT
+trap '"$bin/ray" stop --force >/dev/null 2>&1 || true; rm -rf "$RAY_TMPDIR"' EXIT
 "$bin/ray" start "${head[@]}" --temp-dir=/tmp/rt-head-1 --include-dashboard=false >/dev/null
 "$bin/ray" start --address=127.0.0.1:6379 --num-cpus=2 --resources='{"second_node": 1}' \
   --node-ip-address=127.0.0.1 --disable-usage-stats >/dev/null

@@ -311,8 +311,12 @@ def test_killed_training_worker_resumes_from_the_last_checkpoint(setup):
         while not list((storage / "kill").glob("step_*")):
             time.sleep(0.2)
         time.sleep(5)  # Ray Train registers a report at its next 2 s health check; let the first one land
-        for p in psutil.process_iter(["cmdline"]):
-            if "RayTrainWorker" in " ".join(p.info["cmdline"] or []):
+        for p in psutil.Process().children(recursive=True):  # this test's Ray only, not another test worker's
+            try:
+                cmdline = " ".join(p.cmdline())
+            except psutil.Error:  # ended meanwhile
+                continue
+            if "RayTrainWorker" in cmdline:
                 os.kill(p.pid, signal.SIGKILL)
                 killed.append(p.pid)
                 return

@@ -11,7 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
-from helpers import assert_same_run, demo
+from helpers import assert_same_run, demo, tracebacks
 
 from restem_ray.builtin import arithmetic_builtin, ensure_builtin
 from restem_ray.errors import UserError
@@ -124,7 +124,7 @@ def test_a_run_all_on_s3_resumes_on_a_new_machine_as_the_local_run(tmp_path, s3,
     monkeypatch.setenv("RESTEM_TRACE", str(trace))
     rc, log = demo(uri, *args, "--resume")
     assert rc == 0, log[-4000:]
-    assert "Traceback" not in log and f"downloading the run directory {uri}" in log
+    assert not tracebacks(log) and f"downloading the run directory {uri}" in log
     assert "is gone: taking its lease" in log  # same host, its pid gone: no wait
     assert f"done: {uri}" in log
     train = set(pq.read_table(small_reference_run / "iter_001" / "samples")["id"].to_pylist())

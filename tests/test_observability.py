@@ -62,8 +62,10 @@ def wandb_runs(wandb_dir) -> dict[str, list]:
     """The records of each offline W&B run under `wandb_dir`, read from its run-ID.wandb file (W&B's
     LevelDB-style log: 32 KiB blocks of records with a 7-byte header, crc32 + length + type, each a
     protobuf `Record`), keyed by run directory name."""
+    import wandb
     from wandb.proto import wandb_internal_pb2 as pb
 
+    wandb.teardown()  # W&B's service process writes the file: its last records are on disk once it has ended
     runs = {}
     for f in sorted(wandb_dir.glob("wandb/offline-run-*/run-*.wandb")):
         data, records, pos, part = f.read_bytes(), [], 7, b""

@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from helpers import demo
+from helpers import demo, tracebacks
 
 from restem_ray.config import config_from_dict
 from restem_ray.resources import phase_needs
@@ -26,7 +26,7 @@ def test_a_verifier_that_accepts_nothing_stops_the_run_with_exit_1(tmp_path, mon
     stops = [line for line in log.splitlines() if line.startswith("restem-ray: run stopped:")]
     assert stops == ["restem-ray: run stopped: iteration 1: the verifier accepted none of 128 samples; nothing to "
                      "train on (a stronger base model, more samples or a higher temperature may help)"], log[-4000:]
-    assert "Traceback" not in log
+    assert not tracebacks(log)
     assert set(json.loads((out / "manifest.json").read_text())["completed"]) == {"0/eval", "1/generate"}
     assert not (out / "iter_001" / "train.parquet").exists() and not (out / "iter_001" / "checkpoint").exists()
 

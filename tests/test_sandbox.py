@@ -258,6 +258,7 @@ while True:
 """
 
 
+@pytest.mark.serial  # it needs two free cores to race the CPU limit against the wall clock
 def test_cpu_time_limit_ends_a_program_before_the_wall_clock(grader):
     """RLIMIT_CPU counts all of a process's threads. The worker sets it to int(timeout) + 1 s, just above the
     wall-clock limit, so a single thread meets the wall clock first and a program burning more than one
