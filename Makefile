@@ -9,7 +9,11 @@ demo: setup
 quick: setup
 	.venv/bin/restem-ray demo --quick $(ARGS)
 # Two pytest-xdist workers: one end-to-end run leaves about a third of two cores idle while its processes
-# start (tests/conftest.py keeps the tests that time the machine alone).
+# start (tests/conftest.py keeps the tests that time the machine alone). The built-in base models that most
+# end-to-end tests need are built first, on every core (cached: a no-op once built); built inside the tests,
+# beside the other worker's runs, they took longer than the second worker saved on a fresh machine.
 TEST_WORKERS ?= 2
 test: setup
+	.venv/bin/restem-ray build-tiny >/dev/null
+	.venv/bin/restem-ray build-tiny --task code >/dev/null
 	.venv/bin/python -m pytest -q -n $(TEST_WORKERS) $(ARGS)

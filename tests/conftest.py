@@ -38,10 +38,13 @@ def small_reference_run(tmp_path_factory):
 def pytest_collection_modifyitems(items):
     # Under pytest-xdist the longest work goes first, so that no worker is left with a long run at the end: the tests
     # on the reference run (about ten minutes of runs), then the modules without slow tests (while the base model
-    # that nearly every slow test needs is built), then the modules with slow tests. A module's tests stay together.
-    slow = {item.module.__name__ for item in items if item.get_closest_marker("slow")}
+    # that nearly every slow test needs is built), then the modules with slow tests, each in its own order.
+    def module(item):
+        return getattr(getattr(item, "module", None), "__name__", "")
+
+    slow = {module(item) for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: 0 if "small_reference_run" in getattr(item, "fixturenames", ())
-               else 2 if item.module.__name__ in slow else 1)
+               else 2 if module(item) in slow else 1)
 
 
 @pytest.hookimpl(hookwrapper=True)

@@ -47,7 +47,7 @@ def test_verified_samples_raise_train_pass_at_1_and_wrong_ones_lower_it(tmp_path
     # run leaves idle while its processes start (measured: two small runs in 129 s together, 150 s in turn). Beside
     # another pytest-xdist worker's test the cores are filled already, and three local Rays starting at once on two
     # cores can miss Ray's fixed 30 s node start-up deadline: then one after the other.
-    with ThreadPoolExecutor(1 if os.environ.get("PYTEST_XDIST_WORKER") else 2) as pool:
+    with ThreadPoolExecutor(1 if int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1")) > 1 else 2) as pool:
         verified = pool.submit(run, tmp_path, "verified", "--set",
                                "verification.verifier=restem_ray.tasks.arithmetic:check_steps")
         inverted = pool.submit(run, tmp_path, "inverted", "--set", "verification.verifier=inverted_reward:reward")

@@ -7,6 +7,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 
 import pytest
@@ -145,11 +146,12 @@ def test_the_renewal_that_finds_the_run_taken_calls_on_lost_once(tmp_path):
     m.hold()
     calls = []
     m.lease.on_lost = calls.append
-    put_lease(tmp_path, {"owner": "y", "host": "head-1", "pid": 7, "beat": 0, "every_s": 0.5, "since": "now"})
     for _ in range(100):
+        # written again until seen: a renewal that read its own lease just before this write would write over it
+        put_lease(tmp_path, {"owner": "y", "host": "head-1", "pid": 7, "beat": 0, "every_s": 0.5, "since": "now"})
         if calls:
             break
-        time.sleep(0.05)
+        time.sleep(0.1)
     time.sleep(1.2)  # two more renewal periods: no second call
     assert calls == ["another driver took the run over (pid 7 on head-1 since now)"] and m.lease.lost == calls[0]
     m.lease.release()
@@ -258,10 +260,21 @@ def test_a_driver_whose_run_is_taken_mid_m_step_stops_there_in_one_line(tmp_path
         workers = lambda: [q for q in psutil.process_iter(["cmdline"])  # noqa: E731
                            if "RayTrainWorker" in " ".join(q.info["cmdline"] or []) and _session(q) == p.pid]
         assert workers()  # seen in the driver's session: their end below is seen too
-        put_lease(tmp_path, {"owner": "y", "host": "head-1", "pid": 7, "beat": 0, "every_s": 0.5, "since": "now"})
+        taker = {"owner": "y", "host": "head-1", "pid": 7, "beat": 0, "every_s": 0.5, "since": "now"}
         t0 = time.monotonic()
-        rest, _ = p.communicate(timeout=120)
+        out = []
+        reader = threading.Thread(target=lambda: out.append(p.stdout.read()), daemon=True)
+        reader.start()
+        while p.poll() is None and time.monotonic() - t0 < 120:
+            # written again until the driver ends: a renewal that read its own lease just before this write would
+            # write over it (a taker's next renewal would then find the run taken back)
+            put_lease(tmp_path, taker)
+            time.sleep(0.2)
+        p.wait(timeout=10)
         stopped_s = time.monotonic() - t0
+        reader.join(timeout=60)  # the output ends once the driver's Ray processes, which share it, have ended too
+        assert not reader.is_alive()
+        rest = "".join(out)
         for _ in range(60):  # the local Ray, its training workers with it, ends with the driver
             if not workers():
                 break
