@@ -15,7 +15,6 @@ User errors (bad config, data, paths, plug-ins) print one line and exit 2; `--de
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import re
 import sys
@@ -97,22 +96,21 @@ def _out_dir(out: str, args):
     mirror = RunMirror(out)
     mirror.check()
     mirror.hold()  # one driver per URI, across machines (restem_ray/lease.py), before any download
-    mirror.lease.on_lost = functools.partial(_stop_the_driver, out)
+    mirror.lease.on_lost = _stop_the_driver
     has_run = mirror.check(write=False)  # after the lease: a driver it waited out may have committed meanwhile
     resume = args.resume or (args.auto_resume and (has_run or (mirror.local / "manifest.json").is_file()))
     mirror.prepare(resume, has_run)
     return mirror.local, resume, mirror
 
 
-def _stop_the_driver(out: str, why: str) -> None:
+def _stop_the_driver(why: str) -> None:
     """Another driver holds the run now (restem_ray/lease.py): this one must stop wherever it waits (an M-step's
     fit, an E-step's ray.get), not when its phase ends and tries to upload. Called from the lease's renewal
     thread, it ends the process: no exception reaches a main thread blocked in Ray (and Ray Train's SIGINT
     handler would take an interrupt for a user's Ctrl-C). The run's Ray work ends with its driver (a local Ray's
     processes die with the process that started them; a job's actors with its driver)."""
     try:  # straight to the file descriptor: a stream's lock may be held by the main thread
-        os.write(2, f"restem-ray: run stopped: {out}: this driver no longer holds the run: {why}; it stops "
-                    "here\n".encode())
+        os.write(2, f"restem-ray: run stopped: {why}\n".encode())
     finally:
         os._exit(1)
 

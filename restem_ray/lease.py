@@ -77,7 +77,7 @@ class DriverLease:
         self.every_s = renew_every_s()
         self.beat = 0
         self.lost: str | None = None  # why this driver no longer holds the run
-        # called once, from the renewal thread, with `lost`: the CLI stops its driver there and then, so that an
+        # called once, from the renewal thread, with `lost_text()`: the CLI stops its driver there and then, so that an
         # M-step or E-step in flight does not go on for hours (Ray Train uploads its own checkpoints)
         self.on_lost = None
         self._outage = False  # the renewals stopped on an unreachable store (not a loss by itself)
@@ -179,7 +179,7 @@ class DriverLease:
                     self.lost = (f"another driver took the run over ({self.describe(held)})" if held
                                  else "its lease was deleted")
                     if self.on_lost is not None:
-                        self.on_lost(self.lost)
+                        self.on_lost(self.lost_text())
                     return
                 self.beat += 1
                 self._write()
@@ -211,8 +211,11 @@ class DriverLease:
                 self.lost = (f"another driver took the run over ({self.describe(held)})" if held
                              else "its lease was deleted")
         if self.lost:
-            raise RunError(f"{self.shown}: this driver no longer holds the run: {self.lost}; it stops here")
+            raise RunError(self.lost_text())
         return True
+
+    def lost_text(self) -> str:
+        return f"{self.shown}: this driver no longer holds the run: {self.lost}; it stops here"
 
     def release(self) -> None:
         """Delete the lease if this driver still holds it (a clean exit: the next driver need not wait)."""

@@ -153,7 +153,8 @@ def test_the_renewal_that_finds_the_run_taken_calls_on_lost_once(tmp_path):
             break
         time.sleep(0.1)
     time.sleep(1.2)  # two more renewal periods: no second call
-    assert calls == ["another driver took the run over (pid 7 on head-1 since now)"] and m.lease.lost == calls[0]
+    assert calls == [f"{uri}: this driver no longer holds the run: another driver took the run over (pid 7 on head-1 "
+                     "since now); it stops here"] and m.lease.lost == "another driver took the run over (pid 7 on head-1 since now)"
     m.lease.release()
     assert lease_of(tmp_path)["owner"] == "y"
 
