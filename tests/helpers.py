@@ -71,3 +71,12 @@ RAY_INTERNAL = ("(PlacementGroupCleaner ",)
 def tracebacks(log: str) -> list[str]:
     """The lines of a run's output that start a traceback, less those Ray forwards from its own internal actors."""
     return [line for line in log.splitlines() if "Traceback" in line and not any(t in line for t in RAY_INTERNAL)]
+
+
+def free_port() -> int:
+    """A free loopback port: a fixed one (a torch.distributed rendezvous) collides with the other test worker's."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]

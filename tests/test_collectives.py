@@ -12,6 +12,7 @@ from pathlib import Path
 
 import pytest
 import torch
+from helpers import free_port
 
 PKG = Path(__file__).resolve().parent.parent / "restem_ray"
 COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "all_gather_object", "broadcast",
@@ -100,7 +101,7 @@ def test_a_backend_without_cpu_support_refuses_the_old_tally():
     is what sum_over_ranks builds there (it is given engine.device)."""
     code = (
         "import os, torch, torch.distributed as dist\n"
-        "os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='29577')\n"
+        f"os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='{free_port()}')\n"
         "dist.init_process_group(backend='cuda:gloo', rank=0, world_size=1)\n"
         "try:\n"
         "    dist.all_reduce(torch.tensor([1.0, 2.0], dtype=torch.float64))\n"

@@ -15,6 +15,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
+from helpers import free_port
 
 from restem_ray.builtin import TinyModelSpec, build_model, build_tokenizer
 from restem_ray.sft import IGNORE, collate_micro, encode, forward, pack, plan_epoch
@@ -395,7 +396,7 @@ def single_process_group(monkeypatch):
     """A one-rank gloo group for MStep, torn down after (later tests start vLLM in this process)."""
     import deepspeed
 
-    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT="29533", RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+    for k, v in dict(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
                      DS_ACCELERATOR="cpu").items():
         monkeypatch.setenv(k, v)
     deepspeed.init_distributed(dist_backend="gloo")
