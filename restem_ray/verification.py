@@ -171,6 +171,10 @@ class Verifier:
         self.cfg = config or VerificationConfig()
         self._plugin = None if verifier in ("math", "code") else load_plugin(verifier)
         self._code = None
+        if verifier == "math":
+            # math-verify's import and first parse (0.3 s idle, over 5 s on a busy node) happen here, not
+            # inside the first non-numeric sample's answer_timeout_s, which they once turned into 'timeout'
+            answers_match("1", "\\frac{2}{2}")
         if verifier == "code":
             from .code_verifier import CodeGrader
             from .sandbox import Sandbox, SandboxLimits, SandboxUnavailable

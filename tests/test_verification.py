@@ -1,3 +1,6 @@
+import subprocess
+import sys
+
 import pytest
 
 from restem_ray.errors import UserError
@@ -48,3 +51,18 @@ def test_plugin_verifier_and_errors_become_verdicts(tmp_path, monkeypatch):
 def test_bad_plugin_is_user_error(spec):
     with pytest.raises(UserError, match="verification.verifier"):
         Verifier(spec)
+
+
+def test_math_verifiers_first_latex_answer_is_graded_not_timed_out():
+    # CI's quick demo once graded "#### 480\ufffdv90" 'timeout': the first answer that reached math-verify
+    # paid its cold import inside the 5 s limit on a busy machine. A fresh process and a 0.1 s limit make
+    # the same cold start visible here (the import alone takes ~0.3 s).
+    code = ("import sys\n"
+            "from restem_ray.config import VerificationConfig\n"
+            "from restem_ray.verification import Verifier\n"
+            "v = Verifier('math', VerificationConfig(answer_timeout_s=0.1))\n"
+            "print(v.grade({'answer': '480'}, ' 330 + 160 = 480 . #### 480\\ufffdv90').verdict)\n"
+            "print(v.grade({'answer': '\\\\frac{1}{2}'}, '#### \\\\dfrac{2}{4}').verdict)\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert r.stdout.split() == ["passed", "passed"]
