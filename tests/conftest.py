@@ -1,7 +1,6 @@
 import fcntl
 import os
 import shutil
-import tempfile
 
 import pytest
 
@@ -58,7 +57,8 @@ def pytest_runtest_protocol(item, nextitem):
         yield
         return
     serial = item.get_closest_marker("serial") is not None
-    base = os.path.join(tempfile.gettempdir(), f"restem-tests-{run}")
+    # in the run's common temporary folder (pytest-N/, above each worker's popen-gwK/), which pytest prunes
+    base = str(item.config._tmp_path_factory.getbasetemp().parent / f"restem-tests-{run}")
     with open(base + ".turn", "a") as turn, open(base + ".lock", "a") as lock:
         fcntl.flock(turn, fcntl.LOCK_EX)
         fcntl.flock(lock, fcntl.LOCK_EX if serial else fcntl.LOCK_SH)
