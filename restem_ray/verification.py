@@ -87,8 +87,19 @@ def _parse(answer: str):
     repeated predictions once (parsing is most of math-verify's cost, ~3 ms per call here)."""
     from math_verify import parse
 
-    logging.getLogger("math_verify").setLevel(logging.ERROR)  # it warns on every call without its timeouts
     return parse(_wrap(answer), parsing_timeout=None)
+
+
+# math-verify warns on every call without its own timeouts. Set once here, not inside the timed call: an alarm
+# landing inside logging's cache clearing would leave logging's lock held.
+logging.getLogger("math_verify").setLevel(logging.ERROR)
+
+
+def warm_math() -> None:
+    """math-verify's import and first parse: 0.3 s on an idle machine, over 5 s on a busy node. Done before any
+    timed call: inside a sample's answer_timeout_s it once graded a right answer 'timeout' (and an alarm inside
+    an import leaves the module half-initialised)."""
+    answers_match("1", "\\frac{2}{2}")
 
 
 def grade_math(problem: dict, completion: str) -> Grade:
@@ -103,10 +114,45 @@ class CallTimeout(Exception):
 
 
 _pool = None
+# A new helper process starts Python, re-imports the parent's __main__ (in a Ray worker: Ray), then restem_ray,
+# the plug-in's module and math-verify: seconds on a busy node, under its own limit rather than the first call's.
+HELPER_START_S = 120.0
 
 
 def _raise_timeout(signum, frame):
     raise CallTimeout()
+
+
+def _warm_helper(*fns) -> None:
+    # unpickling `fns` has imported their modules
+    if grade_math in fns:
+        warm_math()
+
+
+def _kill(pool) -> None:
+    for proc in list(getattr(pool, "_processes", {}).values()):
+        proc.kill()
+    pool.shutdown(wait=False, cancel_futures=True)
+
+
+def _helper(fn, args: tuple):
+    """The helper process, started and warmed for `fn` if there is none."""
+    global _pool
+    if _pool is None:
+        import concurrent.futures as cf
+        import multiprocessing
+
+        pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        try:
+            pool.submit(_warm_helper, fn, *(a for a in args if callable(a))).result(timeout=HELPER_START_S)
+        except cf.TimeoutError:
+            _kill(pool)
+            raise CallTimeout() from None
+        except BaseException:  # e.g. the plug-in's module fails to import there: that call's verdict
+            _kill(pool)
+            raise
+        _pool = pool
+    return _pool
 
 
 def call_with_timeout(fn, args: tuple, timeout: float):
@@ -126,17 +172,12 @@ def call_with_timeout(fn, args: tuple, timeout: float):
             signal.setitimer(signal.ITIMER_REAL, 0)
             signal.signal(signal.SIGALRM, old)
     import concurrent.futures as cf
-    import multiprocessing
 
-    if _pool is None:
-        _pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
     try:
-        return _pool.submit(fn, *args).result(timeout=timeout)
+        return _helper(fn, args).submit(fn, *args).result(timeout=timeout)
     except cf.TimeoutError:
         pool, _pool = _pool, None
-        for proc in list(getattr(pool, "_processes", {}).values()):
-            proc.kill()
-        pool.shutdown(wait=False, cancel_futures=True)
+        _kill(pool)
         raise CallTimeout() from None
 
 
@@ -172,9 +213,7 @@ class Verifier:
         self._plugin = None if verifier in ("math", "code") else load_plugin(verifier)
         self._code = None
         if verifier == "math":
-            # math-verify's import and first parse (0.3 s idle, over 5 s on a busy node) happen here, not
-            # inside the first non-numeric sample's answer_timeout_s, which they once turned into 'timeout'
-            answers_match("1", "\\frac{2}{2}")
+            warm_math()
         if verifier == "code":
             from .code_verifier import CodeGrader
             from .sandbox import Sandbox, SandboxLimits, SandboxUnavailable

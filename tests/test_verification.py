@@ -53,16 +53,27 @@ def test_bad_plugin_is_user_error(spec):
         Verifier(spec)
 
 
-def test_math_verifiers_first_latex_answer_is_graded_not_timed_out():
-    # CI's quick demo once graded "#### 480\ufffdv90" 'timeout': the first answer that reached math-verify
-    # paid its cold import inside the 5 s limit on a busy machine. A fresh process and a 0.1 s limit make
-    # the same cold start visible here (the import alone takes ~0.3 s).
-    code = ("import sys\n"
-            "from restem_ray.config import VerificationConfig\n"
-            "from restem_ray.verification import Verifier\n"
-            "v = Verifier('math', VerificationConfig(answer_timeout_s=0.1))\n"
-            "print(v.grade({'answer': '480'}, ' 330 + 160 = 480 . #### 480\\ufffdv90').verdict)\n"
-            "print(v.grade({'answer': '\\\\frac{1}{2}'}, '#### \\\\dfrac{2}{4}').verdict)\n")
-    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+def test_math_verifiers_first_latex_answer_is_graded_not_timed_out(tmp_path):
+    # CI's quick demo once graded "#### 480\ufffdv90" 'timeout': the first answer that reached math-verify paid
+    # its cold import inside the 5 s limit on a busy machine. Off the main thread (Ray Train's loop, which grades
+    # validation) each call runs in a helper process, whose start (Python, restem_ray, math-verify: 0.5 s or more
+    # on an idle machine) the first call paid too: a 0.25 s limit makes both cold starts visible here.
+    script = tmp_path / "grade.py"
+    script.write_text(
+        "import sys, threading\n"
+        "from restem_ray.config import VerificationConfig\n"
+        "from restem_ray.verification import Verifier\n"
+        "def grade(out):\n"
+        "    v = Verifier('math', VerificationConfig(answer_timeout_s=0.25))\n"
+        "    out.append('math_verify' in sys.modules)\n"
+        "    out.append(v.grade({'answer': '480'}, ' 330 + 160 = 480 . #### 480\\ufffdv90').verdict)\n"
+        "    out.append(v.grade({'answer': '\\\\frac{1}{2}'}, '#### \\\\dfrac{2}{4}').verdict)\n"
+        "if __name__ == '__main__':\n"
+        "    main, other = [], []\n"
+        "    grade(main)\n"
+        "    t = threading.Thread(target=grade, args=(other,))\n"
+        "    t.start(); t.join()\n"
+        "    print(main, other)\n")
+    r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
-    assert r.stdout.split() == ["passed", "passed"]
+    assert r.stdout.strip() == str([True, "passed", "passed"]) + " " + str([True, "passed", "passed"])
