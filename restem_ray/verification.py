@@ -8,6 +8,7 @@ import functools
 import importlib
 import logging
 import math
+import pickle
 import re
 import signal
 import threading
@@ -114,6 +115,8 @@ class CallTimeout(Exception):
 
 
 _pool = None
+_pool_lock = threading.Lock()  # one call at a time in the one helper process; resets must not race
+_helper_error: tuple[tuple, BaseException] | None = None  # a helper that could not load these functions
 # A new helper process starts Python, re-imports the parent's __main__ (in a Ray worker: Ray), then restem_ray,
 # the plug-in's module and math-verify: seconds on a busy node, under its own limit rather than the first call's.
 HELPER_START_S = 120.0
@@ -136,20 +139,25 @@ def _kill(pool) -> None:
 
 
 def _helper(fn, args: tuple):
-    """The helper process, started and warmed for `fn` if there is none."""
-    global _pool
-    if _pool is None:
-        import concurrent.futures as cf
-        import multiprocessing
+    """The helper process, started and warmed for `fn` if there is none. A start that failed for these functions
+    (the plug-in's module does not import there) fails every later call at once instead of starting again."""
+    global _pool, _helper_error
+    import concurrent.futures as cf
+    import multiprocessing
 
+    fns = (fn, *(a for a in args if callable(a)))
+    if _helper_error is not None and _helper_error[0] == fns:
+        raise _helper_error[1]
+    if _pool is None:
         pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        warmed = pool.submit(_warm_helper, *fns)
         try:
-            pool.submit(_warm_helper, fn, *(a for a in args if callable(a))).result(timeout=HELPER_START_S)
-        except cf.TimeoutError:
+            warmed.result(timeout=HELPER_START_S)
+        except BaseException as e:
             _kill(pool)
-            raise CallTimeout() from None
-        except BaseException:  # e.g. the plug-in's module fails to import there: that call's verdict
-            _kill(pool)
+            if isinstance(e, cf.TimeoutError) and not warmed.done():  # a slow start: the next call tries again
+                raise CallTimeout() from None
+            _helper_error = (fns, e)
             raise
         _pool = pool
     return _pool
@@ -173,12 +181,19 @@ def call_with_timeout(fn, args: tuple, timeout: float):
             signal.signal(signal.SIGALRM, old)
     import concurrent.futures as cf
 
-    try:
-        return _helper(fn, args).submit(fn, *args).result(timeout=timeout)
-    except cf.TimeoutError:
-        pool, _pool = _pool, None
-        _kill(pool)
-        raise CallTimeout() from None
+    with _pool_lock:
+        call = _helper(fn, args).submit(fn, *args)
+        try:
+            return call.result(timeout=timeout)
+        except (cf.TimeoutError, cf.BrokenExecutor) as e:
+            if isinstance(e, cf.TimeoutError) and call.done():  # the function's own TimeoutError: its verdict
+                raise
+            # over time, or the helper died (out of memory, a crash in a plug-in): the next call gets a new one
+            pool, _pool = _pool, None
+            _kill(pool)
+            if isinstance(e, cf.TimeoutError):
+                raise CallTimeout() from None
+            raise
 
 
 def load_plugin(spec: str, key: str = "verification.verifier") -> Callable[[dict, str], float]:
@@ -211,6 +226,12 @@ class Verifier:
         self.name = verifier
         self.cfg = config or VerificationConfig()
         self._plugin = None if verifier in ("math", "code") else load_plugin(verifier)
+        if self._plugin is not None:
+            try:  # off the main thread (Ray Train's validation) each call goes to a helper process by pickle
+                pickle.dumps(self._plugin)
+            except Exception as e:
+                raise UserError(f"verification.verifier: {verifier!r} cannot be pickled ({type(e).__name__}: {e}); "
+                                "give a module-level function") from None
         self._code = None
         if verifier == "math":
             warm_math()

@@ -9,7 +9,7 @@ import pytest
 os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
 # Under pytest-xdist two workers' torch processes share the cores, and OpenMP threads that spin while they wait
 # (libgomp's default) hold the cores the threads they wait for need: the tiny chat model's build took 197 s
-# beside a busy process instead of 37 s with passive waiting (20.5 s vs 24.7 s on an idle machine). Set before
+# beside a busy process with spinning, 37 s with passive waiting (idle machine: spinning 20.5 s, passive 24.7 s). Set before
 # torch is imported here, and inherited by every process the tests start (Ray's workers, vLLM engines).
 if os.environ.get("PYTEST_XDIST_WORKER"):
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")

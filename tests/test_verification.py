@@ -77,3 +77,79 @@ def test_math_verifiers_first_latex_answer_is_graded_not_timed_out(tmp_path):
     r = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stderr[-2000:]
     assert r.stdout.strip() == str([True, "passed", "passed"]) + " " + str([True, "passed", "passed"])
+
+
+@pytest.fixture
+def helper_state(monkeypatch):
+    """The module's helper process and remembered start failure, fresh for a test and ended after it; and a count
+    of helper processes started."""
+    import concurrent.futures as cf
+
+    import restem_ray.verification as v
+
+    monkeypatch.setattr(v, "_pool", None)
+    monkeypatch.setattr(v, "_helper_error", None)
+    started = []
+
+    class Counted(cf.ProcessPoolExecutor):
+        def __init__(self, *a, **kw):
+            started.append(1)
+            super().__init__(*a, **kw)
+
+    monkeypatch.setattr(cf, "ProcessPoolExecutor", Counted)
+    yield started
+    if v._pool is not None:
+        v._kill(v._pool)
+
+
+def off_main_thread(fn, *args):
+    import concurrent.futures as cf
+
+    with cf.ThreadPoolExecutor(1) as ex:
+        return ex.submit(fn, *args).result()
+
+
+HELPER_PLUGIN = '''
+import multiprocessing, os
+def reward(problem, completion):
+    if completion == "die":
+        os._exit(3)  # the helper process dies (as out of memory would end it)
+    if completion == "late":
+        raise TimeoutError("the plug-in's own")
+    return 1.0 if completion == problem["answer"] else 0.0
+'''
+
+
+def test_off_the_main_thread_a_dead_helper_is_replaced_and_a_plugins_timeout_error_is_its_own(
+        tmp_path, monkeypatch, helper_state):
+    (tmp_path / "helper_plugin.py").write_text(HELPER_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    v = Verifier("helper_plugin:reward")
+    grades = [off_main_thread(v.grade, {"answer": "a"}, c).verdict for c in ("a", "late", "b", "die", "a")]
+    assert grades == ["passed", "verifier_error:TimeoutError", "wrong_answer", "verifier_error:BrokenProcessPool",
+                      "passed"]
+    assert len(helper_state) == 2  # the plug-in's TimeoutError kept the helper; its death replaced it
+
+
+def test_a_plugin_the_helper_cannot_import_fails_each_call_at_once_without_new_helpers(
+        tmp_path, monkeypatch, helper_state):
+    (tmp_path / "parent_only.py").write_text(
+        "import multiprocessing\n"
+        "if multiprocessing.parent_process() is not None:\n"
+        "    raise ImportError('not in a helper')\n"
+        "def reward(problem, completion):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    v = Verifier("parent_only:reward")
+    assert v.grade({"answer": "a"}, "a").verdict == "passed"  # the main thread calls it in place
+    verdicts = {off_main_thread(v.grade, {"answer": "a"}, "a").verdict for _ in range(3)}
+    assert len(verdicts) == 1 and verdicts.pop().startswith("verifier_error:")
+    assert len(helper_state) == 1
+
+
+def test_a_plugin_that_cannot_be_pickled_is_refused_when_the_verifier_is_built(tmp_path, monkeypatch):
+    (tmp_path / "wrapped_plugin.py").write_text(
+        "def deco(f):\n    def inner(problem, completion):\n        return f(problem, completion)\n    return inner\n"
+        "@deco\ndef reward(problem, completion):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(UserError, match=r"^verification.verifier: 'wrapped_plugin:reward' cannot be pickled"):
+        Verifier("wrapped_plugin:reward")
