@@ -138,8 +138,9 @@ def test_call_with_timeout_on_and_off_the_main_thread():
 def test_math_answer_timeout_is_a_verdict(monkeypatch):
     import restem_ray.verification as v
 
-    monkeypatch.setattr(v, "answers_match", lambda gold, pred: _slow(30))
     from restem_ray.config import VerificationConfig
 
-    g = Verifier("math", VerificationConfig(answer_timeout_s=0.5)).grade({"answer": "\\frac{1}{2}"}, "\\boxed{x}")
+    verifier = Verifier("math", VerificationConfig(answer_timeout_s=0.5))  # (its warm-up calls answers_match)
+    monkeypatch.setattr(v, "answers_match", lambda gold, pred: _slow(30))
+    g = verifier.grade({"answer": "\\frac{1}{2}"}, "\\boxed{x}")
     assert g.verdict == "timeout" and g.reward == 0.0
