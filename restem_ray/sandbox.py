@@ -34,6 +34,9 @@ from pathlib import Path
 WORKER = Path(__file__).with_name("sandbox_worker.py")
 UID_BASE = 1_900_000_000  # far above any real account; setpriv needs no passwd entry
 UID_SLOTS = 4096
+# A start is bubblewrap plus one Python importing the worker: 0.1-0.5 s idle, far more on a node whose cores a vLLM
+# engine and a training job share; a restart mid-E-step that waited too little graded its program 'sandbox_error'.
+SANDBOX_START_S = 60.0
 
 
 class SandboxUnavailable(RuntimeError):
@@ -159,10 +162,12 @@ class Sandbox:
         self._proc = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
                                       stderr=subprocess.PIPE, env={}, close_fds=True, start_new_session=True)
         self.starts += 1
-        hello = self._recv(10.0)
+        hello = self._recv(SANDBOX_START_S)
         if not (isinstance(hello, dict) and hello.get("ready")):
             err = self._stop()
-            raise SandboxUnavailable(f"bubblewrap could not start a sandbox: {err or 'no reply'} (user namespaces "
+            if not err:  # bubblewrap refused nothing: the worker inside never said it was ready
+                raise SandboxUnavailable(f"the sandbox did not answer within {SANDBOX_START_S:.0f} s of its start")
+            raise SandboxUnavailable(f"bubblewrap could not start a sandbox: {err} (user namespaces "
                                      "must be allowed; in a container, allow unshare in its seccomp profile)")
 
     def _stop(self) -> str:

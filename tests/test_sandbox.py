@@ -324,6 +324,19 @@ def test_missing_bubblewrap_refuses_to_start(monkeypatch):
         Verifier("code", VerificationConfig())
 
 
+def test_a_sandbox_that_never_says_ready_is_reported_as_such(monkeypatch, tmp_path):
+    # bubblewrap starts and refuses nothing, but the worker inside never answers (as on a machine too busy to
+    # start it in time): the error says so, not that user namespaces are off
+    silent = tmp_path / "silent_worker.py"
+    silent.write_text("import time\ntime.sleep(60)\n")
+    monkeypatch.setattr(sandbox_module, "WORKER", silent)
+    monkeypatch.setattr(sandbox_module, "SANDBOX_START_S", 1.0)
+    t0 = time.monotonic()
+    with pytest.raises(sandbox_module.SandboxUnavailable, match=r"^the sandbox did not answer within 1 s of its start$"):
+        Sandbox(LIMITS)
+    assert time.monotonic() - t0 < 15
+
+
 def test_works_as_an_ordinary_user_with_a_warning(tmp_path):
     """As a non-root user (a laptop) the same sandbox starts, warns about the shared uid, and contains a
     fork bomb. Run as `nobody` with the system Python (sandbox.py is stdlib only)."""
