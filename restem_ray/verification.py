@@ -117,6 +117,7 @@ class CallTimeout(Exception):
 _pool = None
 _pool_lock = threading.Lock()  # one call at a time in the one helper process; resets must not race
 _helper_error: tuple[tuple, BaseException] | None = None  # a helper that could not load these functions
+_warmed: set[tuple] = set()  # the functions the current helper has loaded
 # A new helper process starts Python, re-imports the parent's __main__ (in a Ray worker: Ray), then restem_ray,
 # the plug-in's module and math-verify: seconds on a busy node, under its own limit rather than the first call's.
 HELPER_START_S = 120.0
@@ -147,19 +148,22 @@ def _helper(fn, args: tuple):
 
     fns = (fn, *(a for a in args if callable(a)))
     if _helper_error is not None and _helper_error[0] == fns:
-        raise _helper_error[1]
+        raise _helper_error[1].with_traceback(None)  # (a re-raise would grow its traceback on every row)
     if _pool is None:
-        pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
-        warmed = pool.submit(_warm_helper, *fns)
+        _pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
+        _warmed.clear()
+    if fns not in _warmed:  # a new helper, or functions it has not loaded yet
+        warmed = _pool.submit(_warm_helper, *fns)
         try:
             warmed.result(timeout=HELPER_START_S)
         except BaseException as e:
+            pool, _pool = _pool, None
             _kill(pool)
             if isinstance(e, cf.TimeoutError) and not warmed.done():  # a slow start: the next call tries again
                 raise CallTimeout() from None
             _helper_error = (fns, e)
             raise
-        _pool = pool
+        _warmed.add(fns)
     return _pool
 
 

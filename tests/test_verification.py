@@ -153,3 +153,20 @@ def test_a_plugin_that_cannot_be_pickled_is_refused_when_the_verifier_is_built(t
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(UserError, match=r"^verification.verifier: 'wrapped_plugin:reward' cannot be pickled"):
         Verifier("wrapped_plugin:reward")
+
+
+def test_a_second_plugins_import_in_a_running_helper_is_not_charged_to_its_first_call(
+        tmp_path, monkeypatch, helper_state):
+    from restem_ray.config import VerificationConfig
+
+    (tmp_path / "quick_plugin.py").write_text("def reward(problem, completion):\n    return 1.0\n")
+    (tmp_path / "slow_import_plugin.py").write_text(
+        "import multiprocessing, time\n"
+        "if multiprocessing.parent_process() is not None:\n    time.sleep(1.5)  # a heavy import, in the helper\n"
+        "def reward(problem, completion):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    cfg = VerificationConfig(answer_timeout_s=0.5)
+    first, second = Verifier("quick_plugin:reward", cfg), Verifier("slow_import_plugin:reward", cfg)
+    assert off_main_thread(first.grade, {}, "x").verdict == "passed"
+    assert off_main_thread(second.grade, {}, "x").verdict == "passed"
+    assert len(helper_state) == 1  # one helper loaded both
