@@ -164,9 +164,15 @@ class Sandbox:
         self.starts += 1
         hello = self._recv(SANDBOX_START_S)
         if not (isinstance(hello, dict) and hello.get("ready")):
+            try:  # a worker that ended closed its pipe just before it is reaped
+                exited = self._proc.wait(timeout=1.0)
+            except subprocess.TimeoutExpired:
+                exited = None
             err = self._stop()
-            if not err:  # bubblewrap refused nothing: the worker inside never said it was ready
+            if not err and exited is None:  # bubblewrap refused nothing: the worker inside never said it was ready
                 raise SandboxUnavailable(f"the sandbox did not answer within {SANDBOX_START_S:.0f} s of its start")
+            if not err:
+                raise SandboxUnavailable(f"the sandbox exited at its start (exit code {exited}) without a word")
             raise SandboxUnavailable(f"bubblewrap could not start a sandbox: {err} (user namespaces "
                                      "must be allowed; in a container, allow unshare in its seccomp profile)")
 

@@ -127,9 +127,11 @@ def _raise_timeout(signum, frame):
     raise CallTimeout()
 
 
-def _warm_helper(*fns) -> None:
-    # unpickling `fns` has imported their modules
-    if grade_math in fns:
+def _warm_helper(modules: tuple[str, ...], math: bool) -> None:
+    # by name, so that a module that fails to import there is this call's exception, not a crashed helper
+    for name in modules:
+        importlib.import_module(name)
+    if math:
         warm_math()
 
 
@@ -139,9 +141,26 @@ def _kill(pool) -> None:
     pool.shutdown(wait=False, cancel_futures=True)
 
 
+def _raised_by_the_function(fut, e: BaseException) -> bool:
+    """Whether `e`, raised by fut.result(timeout), is the function's own exception rather than the wait's or a
+    dead helper's (the executor sets BrokenProcessPool on the future as if the function had raised it)."""
+    import concurrent.futures as cf
+
+    return (fut is not None and not isinstance(e, cf.BrokenExecutor) and fut.done() and not fut.cancelled()
+            and fut.exception() is e)
+
+
+def _reset_helper() -> None:
+    global _pool
+    pool, _pool = _pool, None
+    if pool is not None:
+        _kill(pool)
+
+
 def _helper(fn, args: tuple):
     """The helper process, started and warmed for `fn` if there is none. A start that failed for these functions
-    (the plug-in's module does not import there) fails every later call at once instead of starting again."""
+    (the plug-in's module does not import there) fails every later call at once instead of starting again; one
+    that died or ran out of time (a busy node) is tried again by the next call."""
     global _pool, _helper_error
     import concurrent.futures as cf
     import multiprocessing
@@ -153,14 +172,16 @@ def _helper(fn, args: tuple):
         _pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         _warmed.clear()
     if fns not in _warmed:  # a new helper, or functions it has not loaded yet
-        warmed = _pool.submit(_warm_helper, *fns)
+        warmed = None
         try:
+            warmed = _pool.submit(_warm_helper, tuple(f.__module__ for f in fns), grade_math in fns)
             warmed.result(timeout=HELPER_START_S)
         except BaseException as e:
-            pool, _pool = _pool, None
-            _kill(pool)
-            if isinstance(e, cf.TimeoutError) and not warmed.done():  # a slow start: the next call tries again
-                raise CallTimeout() from None
+            _reset_helper()
+            if not _raised_by_the_function(warmed, e):
+                if isinstance(e, cf.TimeoutError):
+                    raise CallTimeout() from None
+                raise  # the helper died (BrokenProcessPool): not remembered
             _helper_error = (fns, e)
             raise
         _warmed.add(fns)
@@ -174,7 +195,6 @@ def call_with_timeout(fn, args: tuple, timeout: float):
     signals are unavailable, so the call runs in a helper process that is killed and replaced on
     timeout (fn and args must then be picklable: plug-ins are module-level functions).
     """
-    global _pool
     if threading.current_thread() is threading.main_thread():
         old = signal.signal(signal.SIGALRM, _raise_timeout)
         signal.setitimer(signal.ITIMER_REAL, timeout)
@@ -186,15 +206,19 @@ def call_with_timeout(fn, args: tuple, timeout: float):
     import concurrent.futures as cf
 
     with _pool_lock:
-        call = _helper(fn, args).submit(fn, *args)
+        pool = _helper(fn, args)
+        try:
+            call = pool.submit(fn, *args)
+        except cf.BrokenExecutor:  # the helper died while idle (the OOM killer): the call never ran, so a new one
+            _reset_helper()
+            call = _helper(fn, args).submit(fn, *args)
         try:
             return call.result(timeout=timeout)
         except (cf.TimeoutError, cf.BrokenExecutor) as e:
-            if isinstance(e, cf.TimeoutError) and call.done():  # the function's own TimeoutError: its verdict
+            if _raised_by_the_function(call, e):  # e.g. the plug-in's own TimeoutError: its verdict
                 raise
             # over time, or the helper died (out of memory, a crash in a plug-in): the next call gets a new one
-            pool, _pool = _pool, None
-            _kill(pool)
+            _reset_helper()
             if isinstance(e, cf.TimeoutError):
                 raise CallTimeout() from None
             raise

@@ -335,6 +335,9 @@ def test_a_sandbox_that_never_says_ready_is_reported_as_such(monkeypatch, tmp_pa
     with pytest.raises(sandbox_module.SandboxUnavailable, match=r"^the sandbox did not answer within 1 s of its start$"):
         Sandbox(LIMITS)
     assert time.monotonic() - t0 < 15
+    silent.write_text("raise SystemExit(3)\n")
+    with pytest.raises(sandbox_module.SandboxUnavailable, match=r"^the sandbox exited at its start \(exit code 3\)"):
+        Sandbox(LIMITS)
 
 
 def test_works_as_an_ordinary_user_with_a_warning(tmp_path):

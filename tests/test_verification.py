@@ -170,3 +170,29 @@ def test_a_second_plugins_import_in_a_running_helper_is_not_charged_to_its_first
     assert off_main_thread(first.grade, {}, "x").verdict == "passed"
     assert off_main_thread(second.grade, {}, "x").verdict == "passed"
     assert len(helper_state) == 1  # one helper loaded both
+
+
+def test_a_helper_killed_while_idle_or_while_starting_is_replaced_not_remembered(tmp_path, monkeypatch, helper_state):
+    import time
+
+    import restem_ray.verification as v
+
+    (tmp_path / "quick_plugin2.py").write_text("def reward(problem, completion):\n    return 1.0\n")
+    (tmp_path / "dies_on_import.py").write_text(
+        "import multiprocessing, os\n"
+        "if multiprocessing.parent_process() is not None:\n    os._exit(9)  # as the OOM killer during a start\n"
+        "def reward(problem, completion):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    quick = Verifier("quick_plugin2:reward")
+    assert off_main_thread(quick.grade, {}, "x").verdict == "passed"
+    for proc in list(v._pool._processes.values()):  # the OOM killer takes the idle helper
+        proc.kill()
+        proc.join()
+    time.sleep(0.5)  # the executor's manager thread marks the pool broken
+    assert off_main_thread(quick.grade, {}, "x").verdict == "passed"
+    assert len(helper_state) == 2
+
+    dies = Verifier("dies_on_import:reward")
+    assert [off_main_thread(dies.grade, {}, "x").verdict for _ in range(2)] == ["verifier_error:BrokenProcessPool"] * 2
+    # the first call loaded it in the running helper, the second in a new one: a death is not remembered
+    assert len(helper_state) == 3
