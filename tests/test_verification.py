@@ -109,6 +109,16 @@ def off_main_thread(fn, *args):
         return ex.submit(fn, *args).result()
 
 
+def plugin(tmp_path, monkeypatch, name: str, in_helper: str = "pass") -> str:
+    """A plug-in module that rewards 1.0 and, when imported in a helper process, first runs `in_helper`."""
+    (tmp_path / f"{name}.py").write_text(
+        "import multiprocessing, os, time\n"
+        f"if multiprocessing.parent_process() is not None:\n    {in_helper}\n"
+        "def reward(problem, completion):\n    return 1.0\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    return f"{name}:reward"
+
+
 HELPER_PLUGIN = '''
 import multiprocessing, os
 def reward(problem, completion):
@@ -133,13 +143,7 @@ def test_off_the_main_thread_a_dead_helper_is_replaced_and_a_plugins_timeout_err
 
 def test_a_plugin_the_helper_cannot_import_fails_each_call_at_once_without_new_helpers(
         tmp_path, monkeypatch, helper_state):
-    (tmp_path / "parent_only.py").write_text(
-        "import multiprocessing\n"
-        "if multiprocessing.parent_process() is not None:\n"
-        "    raise ImportError('not in a helper')\n"
-        "def reward(problem, completion):\n    return 1.0\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    v = Verifier("parent_only:reward")
+    v = Verifier(plugin(tmp_path, monkeypatch, "parent_only", "raise ImportError('not in a helper')"))
     assert v.grade({"answer": "a"}, "a").verdict == "passed"  # the main thread calls it in place
     verdicts = {off_main_thread(v.grade, {"answer": "a"}, "a").verdict for _ in range(3)}
     assert len(verdicts) == 1 and verdicts.pop().startswith("verifier_error:")
@@ -159,14 +163,9 @@ def test_a_second_plugins_import_in_a_running_helper_is_not_charged_to_its_first
         tmp_path, monkeypatch, helper_state):
     from restem_ray.config import VerificationConfig
 
-    (tmp_path / "quick_plugin.py").write_text("def reward(problem, completion):\n    return 1.0\n")
-    (tmp_path / "slow_import_plugin.py").write_text(
-        "import multiprocessing, time\n"
-        "if multiprocessing.parent_process() is not None:\n    time.sleep(1.5)  # a heavy import, in the helper\n"
-        "def reward(problem, completion):\n    return 1.0\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
     cfg = VerificationConfig(answer_timeout_s=0.5)
-    first, second = Verifier("quick_plugin:reward", cfg), Verifier("slow_import_plugin:reward", cfg)
+    first = Verifier(plugin(tmp_path, monkeypatch, "quick_plugin"), cfg)
+    second = Verifier(plugin(tmp_path, monkeypatch, "slow_import_plugin", "time.sleep(1.5)  # a heavy import"), cfg)
     assert off_main_thread(first.grade, {}, "x").verdict == "passed"
     assert off_main_thread(second.grade, {}, "x").verdict == "passed"
     assert len(helper_state) == 1  # one helper loaded both
@@ -177,13 +176,7 @@ def test_a_helper_killed_while_idle_or_while_starting_is_replaced_not_remembered
 
     import restem_ray.verification as v
 
-    (tmp_path / "quick_plugin2.py").write_text("def reward(problem, completion):\n    return 1.0\n")
-    (tmp_path / "dies_on_import.py").write_text(
-        "import multiprocessing, os\n"
-        "if multiprocessing.parent_process() is not None:\n    os._exit(9)  # as the OOM killer during a start\n"
-        "def reward(problem, completion):\n    return 1.0\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    quick = Verifier("quick_plugin2:reward")
+    quick = Verifier(plugin(tmp_path, monkeypatch, "quick_plugin2"))
     assert off_main_thread(quick.grade, {}, "x").verdict == "passed"
     for proc in list(v._pool._processes.values()):  # the OOM killer takes the idle helper
         proc.kill()
@@ -192,7 +185,7 @@ def test_a_helper_killed_while_idle_or_while_starting_is_replaced_not_remembered
     assert off_main_thread(quick.grade, {}, "x").verdict == "passed"
     assert len(helper_state) == 2
 
-    dies = Verifier("dies_on_import:reward")
+    dies = Verifier(plugin(tmp_path, monkeypatch, "dies_on_import", "os._exit(9)  # as the OOM killer during a start"))
     assert [off_main_thread(dies.grade, {}, "x").verdict for _ in range(2)] == ["verifier_error:BrokenProcessPool"] * 2
     # the first call loaded it in the running helper, the second in a new one: a death is not remembered
     assert len(helper_state) == 3
