@@ -789,6 +789,25 @@ class StepReceiver:
         ray.kill(self.actor)
 
 
+def _mstep_trainer():
+    """`TorchTrainer` without Ray Train's `PlacementGroupCleaner`. That detached actor removes the run's
+    placement group when the State API does not list the controller, and it reads "no answer" as "dead": a
+    cluster without a dashboard asks 127.0.0.1:8265, where another cluster's dashboard answers "no such actor"
+    (seen in CI), and a busy head can answer nothing. It then tore down a live M-step, which cost the run one of
+    its `max_failures`. Its job (freeing the placement group of a controller that died) is done here by Ray
+    itself: a controller that dies fails `fit()` and with it the run, and a job's placement groups go when the
+    driver's Ray job ends."""
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    class MStepTrainer(TorchTrainer):
+        def _create_default_callbacks(self):
+            return [c for c in super()._create_default_callbacks()
+                    if not isinstance(c, PlacementGroupCleanerCallback)]
+
+    return MStepTrainer
+
+
 def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingConfig, seed: int,
             storage: Path | str, name: str = "mstep", valid_file: str | None = None,
             valid_problems: list[dict] | None = None, verifier: str = "math", verification: dict | None = None,
@@ -798,7 +817,6 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
     With `log_every_steps` and `on_steps`, rank 0's step lines reach `on_steps(lines, restart)` in this
     process while the M-step runs (`StepLines`, `StepReceiver`)."""
     from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
-    from ray.train.torch import TorchTrainer
 
     from .resources import sandbox_resources
 
@@ -812,7 +830,7 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
     # Validation of a code task runs the sandbox in every training worker: place them where it can run.
     grading = sandbox_resources((verification or {}).get("resources"), scored and verifier == "code")
     storage_path = cfg.storage_path or str(Path(storage).resolve())
-    trainer = TorchTrainer(
+    trainer = _mstep_trainer()(
         train_loop,
         train_loop_config=job,
         scaling_config=ScalingConfig(num_workers=cfg.num_workers, use_gpu=cfg.use_gpu,

@@ -336,6 +336,53 @@ def test_killed_training_worker_resumes_from_the_last_checkpoint(setup):
 
 
 @slow
+def test_a_state_api_that_knows_no_actors_cannot_end_a_live_m_step(setup):
+    """Seen in CI: on a cluster without a dashboard, Ray Train's PlacementGroupCleaner asks 127.0.0.1:8265. Nothing
+    answered there at first; then another cluster's dashboard came up on that port and answered that no such
+    controller exists. The cleaner read that as a dead controller and removed the live run's placement group, which
+    cost the M-step one of its `max_failures`. Here a State API does the same to every process of the M-step (no
+    answer until the first checkpoint, then "no actors"): with no retry allowed, the M-step must still finish."""
+    import ray
+    from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+    from restem_ray.config import TrainingConfig
+    from restem_ray.training import improve
+
+    root, d = setup
+    storage = d / "blind"
+
+    class NoActors(BaseHTTPRequestHandler):
+        def do_GET(self):
+            up = bool(list((storage / "blind").glob("step_*")))
+            body = json.dumps({"result": True, "msg": "", "data": {"result": {
+                "result": [], "total": 0, "num_after_truncation": 0, "num_filtered": 0,
+                "partial_failure_warning": "", "warnings": None}}}).encode() if up else b"starting"
+            self.send_response(200 if up else 503)
+            self.send_header("Content-Type", "application/json" if up else "text/plain")
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = ThreadingHTTPServer(("127.0.0.1", free_port()), NoActors)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    cfg = TrainingConfig(num_workers=2, zero_stage=2, micro_batch_size=16, max_steps=40, checkpoint_every_steps=2,
+                         lr=1e-5, max_failures=0)
+    # Run from a task so that the controller, and every actor it starts, inherit the State API's address.
+    blind = {"env_vars": {"RAY_API_SERVER_ADDRESS": f"http://127.0.0.1:{server.server_port}"}}
+    try:
+        m = ray.get(ray.remote(num_cpus=0, runtime_env=blind)(improve).remote(
+            init_model=str(root / "model"), train_file=d / "train.parquet", out_dir=storage / "ckpt", cfg=cfg,
+            seed=0, storage=storage, name="blind"))
+    finally:
+        server.shutdown()
+    assert m["steps"] == 40 and m["resumed_from_step"] == 0  # one attempt, never restarted
+    assert (storage / "ckpt" / "config.json").exists()
+
+
+@slow
 def test_rank_0_reports_step_lines_live_while_the_m_step_runs(setup):
     """log_every_steps=3 on 2 ZeRO-2 workers, 19 steps: rank 0's step lines reach the caller while training runs,
     for steps 3, 6, ..., 18 and the last, with the scheduled learning rate, DeepSpeed's gradient norm, the loss
