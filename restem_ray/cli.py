@@ -132,7 +132,7 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
     from .driver import Driver, init_ray
 
     from .errors import StopAfter
-    from .resources import check_ray_cluster, check_run_dir_on_every_node, check_sandbox_on_cluster
+    from .resources import check_ray_cluster, check_run_dir_on_every_node, check_verifier_on_cluster
     from .verification import resolve_verifier
 
     # validates data, the run dir and --stop-after before Ray starts
@@ -144,8 +144,8 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
         mirror.check_cluster()  # every node must see the working copy
     else:
         check_run_dir_on_every_node(out)
-    check_sandbox_on_cluster(resolve_verifier(cfg.verification.verifier, cfg.task.kind), cfg.verification,
-                             cfg.sampling.placement_timeout_s)  # code tasks: where the verifiers will run
+    check_verifier_on_cluster(resolve_verifier(cfg.verification.verifier, cfg.task.kind), cfg.verification,
+                             cfg.sampling.placement_timeout_s)  # a sandbox or a warm-up: where verifiers run
     driver.run.lock()  # one driver per run directory, held until this process ends
     shown = mirror.uri if mirror is not None else out
     try:
@@ -255,10 +255,10 @@ def cmd_eval(args) -> int:
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from .driver import init_ray
     from .pool import EStepPool
-    from .resources import check_sandbox_on_cluster
+    from .resources import check_verifier_on_cluster
 
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    check_sandbox_on_cluster(verifier, cfg.verification, cfg.sampling.placement_timeout_s)
+    check_verifier_on_cluster(verifier, cfg.verification, cfg.sampling.placement_timeout_s)
     s, ev = cfg.sampling, cfg.evaluation
     pool = EStepPool(args.model, s, cfg.verification, verifier=verifier, seed=cfg.seed)
     try:
@@ -366,7 +366,8 @@ def cmd_verify(args) -> int:
         raise UserError(f"--dataset {args.dataset} holds {want} problems: use --verifier {want} (or a plug-in)")
     problems = {p["id"]: p for p in load_split(args.problems, kind=kind, dataset=args.dataset)}
     if vcfg.verifier != "code":
-        Verifier(vcfg.verifier, vcfg).close()  # a bad plug-in fails here, before Ray (the sandbox: on a verifier node)
+        # a bad plug-in fails here, before Ray (the sandbox: on a verifier node; a warm-up: in the verifier actors)
+        Verifier(vcfg.verifier, vcfg, warm=False).close()
     rows, bad = [], []
     for loc, r in read_samples(args.samples):
         ok = r is not None and str(r.get("id")) in problems and isinstance(r.get("completion"), str)
@@ -383,10 +384,10 @@ def cmd_verify(args) -> int:
     from .driver import init_ray
     from .pool import VerifierPool
 
-    from .resources import check_sandbox_on_cluster
+    from .resources import check_verifier_on_cluster
 
     init_ray(args.address, None, key="--address")
-    check_sandbox_on_cluster(vcfg.verifier, vcfg)
+    check_verifier_on_cluster(vcfg.verifier, vcfg)
     pool = VerifierPool(vcfg.verifier, vcfg)
     try:
         graded = pool.grade_all(problems, rows, chunk_size=16, desc="verify") if rows else []

@@ -224,6 +224,10 @@ class VerificationConfig(_Section):
                           "`sandbox: 1` when the cluster advertises a `sandbox` resource (the pods that can run "
                           "bubblewrap; cluster/kuberay/raycluster.yaml), else nothing; {}: never.")
     threshold: float = Field(0.5, ge=0, le=1, description="A plug-in's reward at or above this counts as correct.")
+    plugin_warmup: str | None = Field(
+        None, description="A plug-in's one-time set-up, 'module:function' called with no arguments once per grading "
+                          "process before its first grade, outside answer_timeout_s (a model load, a heavy import); "
+                          "at most 120 s.")
     answer_timeout_s: float = Field(5.0, gt=0, description="Time limit per math answer or plug-in call (verdict 'timeout').")
     timeout_s: float = Field(5.0, gt=0, description="Code: wall-clock limit per program run (per stdin case).")
     memory_mb: int = Field(1024, ge=64, description="Code: address-space limit per program run.")

@@ -83,28 +83,35 @@ def check_ray_cluster(cfg: RestemConfig) -> None:
         check_cluster(cfg, [n["Resources"] for n in ray.nodes() if n.get("Alive")])
 
 
-def check_sandbox_on_cluster(verifier: str, v, timeout_s: float = 120.0) -> dict | None:
-    """Code verification: start the sandbox once in a verifier actor (VerificationConfig `v`), placed as the
-    E-step's verifiers will be, so a cluster whose verifier nodes cannot run bubblewrap fails in one line
+def check_verifier_on_cluster(verifier: str, v, timeout_s: float = 120.0) -> dict | None:
+    """Start one verifier actor (VerificationConfig `v`), placed as the E-step's verifiers will be, when its start
+    can fail there: code verification starts its sandbox (a cluster whose verifier nodes cannot run bubblewrap),
+    a plug-in runs its `plugin_warmup` (weights that only the verifier nodes have). Either fails in one line
     before anything is written. The driver's own node (e.g. a head pod without the security settings) is not
     where grading runs, so that is not where the check runs. Returns where it ran ({node, pid}); None when
-    there is no sandbox to check."""
-    if verifier != "code":
+    nothing needed checking."""
+    if verifier != "code" and not (v.plugin_warmup and verifier not in ("math", "auto")):
         return None
     import ray
 
     from .pool import VerifierPool
 
-    pool = VerifierPool("code", v.model_copy(update={"num_workers": 1}), max_restarts=0)
+    pool = VerifierPool(verifier, v.model_copy(update={"num_workers": 1}), max_restarts=0)
     try:
         (where,) = ray.get([a.where.remote() for a in pool.actors], timeout=timeout_s)
     except ray.exceptions.GetTimeoutError:
-        raise UserError(f"verification: no node could host a code verifier (resources {pool.resources or 'CPU only'}) "
-                        f"within {timeout_s:g} s") from None
+        raise UserError(f"verification: no node could host a {verifier} verifier (resources "
+                        f"{pool.resources or 'CPU only'}) within {timeout_s:g} s") from None
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
         cause = str(e).strip().splitlines()[-1]
-        cause = cause.split("UserError: ", 1)[-1].removeprefix("verification.verifier: code: ")  # the actor's own line
-        raise UserError(f"verification.verifier: code: the sandbox cannot start on a verifier node: {cause}") from None
+        own = "UserError: " in cause
+        cause = cause.split("UserError: ", 1)[-1]  # the actor's own line
+        if verifier == "code":
+            raise UserError("verification.verifier: code: the sandbox cannot start on a verifier node: "
+                            + cause.removeprefix("verification.verifier: code: ")) from None
+        raise UserError(f"{cause} (on a verifier node)" if own else
+                        f"verification.plugin_warmup: the verifier could not start on a verifier node: {cause}"
+                        ) from None
     finally:
         pool.close()
     return where

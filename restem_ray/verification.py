@@ -127,12 +127,15 @@ def _raise_timeout(signum, frame):
     raise CallTimeout()
 
 
-def _warm_helper(modules: tuple[str, ...], math: bool) -> None:
+def _warm_helper(modules: tuple[str, ...], math: bool, warmups: tuple[str, ...] = ()) -> None:
     # by name, so that a module that fails to import there is this call's exception, not a crashed helper
     for name in modules:
         importlib.import_module(name)
     if math:
         warm_math()
+    for spec in warmups:  # verification.plugin_warmup
+        mod, _, fn = spec.partition(":")
+        getattr(importlib.import_module(mod), fn)()
 
 
 def _kill(pool) -> None:
@@ -157,8 +160,8 @@ def _reset_helper() -> None:
         _kill(pool)
 
 
-def _helper(fn, args: tuple):
-    """The helper process, started and warmed for `fn` if there is none. A start that failed for these functions
+def _helper(fn, args: tuple, warmups: tuple[str, ...] = ()):
+    """The helper process, started and warmed for `fn` (and its plug-in's `warmups`) if there is none. A start that failed for these functions
     (the plug-in's module does not import there) fails every later call at once instead of starting again; one
     that died or ran out of time (a busy node) is tried again by the next call."""
     global _pool, _helper_error
@@ -166,15 +169,16 @@ def _helper(fn, args: tuple):
     import multiprocessing
 
     fns = (fn, *(a for a in args if callable(a)))
-    if _helper_error is not None and _helper_error[0] == fns:
+    key = (*fns, *warmups)
+    if _helper_error is not None and _helper_error[0] == key:
         raise _helper_error[1].with_traceback(None)  # (a re-raise would grow its traceback on every row)
     if _pool is None:
         _pool = cf.ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn"))
         _warmed.clear()
-    if fns not in _warmed:  # a new helper, or functions it has not loaded yet
+    if key not in _warmed:  # a new helper, or functions it has not loaded yet
         warmed = None
         try:
-            warmed = _pool.submit(_warm_helper, tuple(f.__module__ for f in fns), grade_math in fns)
+            warmed = _pool.submit(_warm_helper, tuple(f.__module__ for f in fns), grade_math in fns, warmups)
             warmed.result(timeout=HELPER_START_S)
         except BaseException as e:
             _reset_helper()
@@ -182,18 +186,19 @@ def _helper(fn, args: tuple):
                 if isinstance(e, cf.TimeoutError):
                     raise CallTimeout() from None
                 raise  # the helper died (BrokenProcessPool): not remembered
-            _helper_error = (fns, e)
+            _helper_error = (key, e)
             raise
-        _warmed.add(fns)
+        _warmed.add(key)
     return _pool
 
 
-def call_with_timeout(fn, args: tuple, timeout: float):
+def call_with_timeout(fn, args: tuple, timeout: float, warmups: tuple[str, ...] = ()):
     """fn(*args), bounded in wall time; raises CallTimeout.
 
     On the main thread (a Ray actor's default) an interval timer interrupts the call in place. Elsewhere
     signals are unavailable, so the call runs in a helper process that is killed and replaced on
-    timeout (fn and args must then be picklable: plug-ins are module-level functions).
+    timeout (fn and args must then be picklable: plug-ins are module-level functions); a new helper first
+    runs `warmups` ('module:function' names), under the helper's start limit.
     """
     if threading.current_thread() is threading.main_thread():
         old = signal.signal(signal.SIGALRM, _raise_timeout)
@@ -206,12 +211,12 @@ def call_with_timeout(fn, args: tuple, timeout: float):
     import concurrent.futures as cf
 
     with _pool_lock:
-        pool = _helper(fn, args)
+        pool = _helper(fn, args, warmups)
         try:
             call = pool.submit(fn, *args)
         except cf.BrokenExecutor:  # the helper died while idle (the OOM killer): the call never ran, so a new one
             _reset_helper()
-            call = _helper(fn, args).submit(fn, *args)
+            call = _helper(fn, args, warmups).submit(fn, *args)
         try:
             return call.result(timeout=timeout)
         except (cf.TimeoutError, cf.BrokenExecutor) as e:
@@ -248,7 +253,8 @@ def _plugin_reward(fn, problem: dict, completion: str) -> float:
 class Verifier:
     """Grades rows that carry the problem's fields plus `completion`: 'math', 'code' or a plug-in."""
 
-    def __init__(self, verifier: str = "math", config=None):
+    def __init__(self, verifier: str = "math", config=None, warm: bool = True):
+        """`warm=False` checks a plug-in's `verification.plugin_warmup` without running it (`check_verifier`)."""
         from .config import VerificationConfig
 
         self.name = verifier
@@ -260,6 +266,7 @@ class Verifier:
             except Exception as e:
                 raise UserError(f"verification.verifier: {verifier!r} cannot be pickled ({type(e).__name__}: {e}); "
                                 "give a module-level function") from None
+        self._warmups = self._plugin_warmup(warm)
         self._code = None
         if verifier == "math":
             warm_math()
@@ -275,6 +282,25 @@ class Verifier:
             except SandboxUnavailable as e:
                 raise UserError(f"verification.verifier: code: {e}") from None
 
+    def _plugin_warmup(self, warm: bool) -> tuple[str, ...]:
+        """A plug-in's one-time set-up, run here on the main thread (where this process grades in place) and by
+        each helper process before its first call elsewhere: never inside a sample's answer_timeout_s."""
+        spec = self.cfg.plugin_warmup
+        if not spec:
+            return ()
+        if self._plugin is None:
+            raise UserError(f"verification.plugin_warmup: only a plug-in verifier has one (verifier {self.name!r})")
+        fn = load_plugin(spec, "verification.plugin_warmup")
+        if warm and threading.current_thread() is threading.main_thread():
+            try:
+                call_with_timeout(fn, (), HELPER_START_S)
+            except CallTimeout:
+                raise UserError(f"verification.plugin_warmup: {spec!r} did not finish within {HELPER_START_S:.0f} s"
+                                ) from None
+            except Exception as e:
+                raise UserError(f"verification.plugin_warmup: {spec!r} raised {type(e).__name__}: {e}") from None
+        return (spec,)
+
     def grade(self, problem: dict, completion: str) -> Grade:
         if not isinstance(completion, str):
             return Grade(0.0, "invalid_sample")
@@ -284,7 +310,8 @@ class Verifier:
                 return Grade(1.0 if verdict == "passed" else 0.0, verdict)
             if self._plugin is None:
                 return call_with_timeout(grade_math, (problem, completion), self.cfg.answer_timeout_s)
-            score = call_with_timeout(_plugin_reward, (self._plugin, problem, completion), self.cfg.answer_timeout_s)
+            score = call_with_timeout(_plugin_reward, (self._plugin, problem, completion), self.cfg.answer_timeout_s,
+                                      self._warmups)
             if not 0.0 <= score <= 1.0:  # NaN included
                 return Grade(0.0, "verifier_error:reward_out_of_range")
             return Grade(1.0, "passed") if score >= self.cfg.threshold else Grade(0.0, "wrong_answer")
@@ -315,8 +342,9 @@ def check_verifier(cfg, local_sandbox: bool = True) -> str:
     """Resolve and build the configured verifier once (imports a plug-in, starts a sandbox), so that a
     bad plug-in or a machine without bubblewrap fails before any run directory is written. Commands that
     grade in verifier actors (run, eval) pass local_sandbox=False: this machine need not run bubblewrap, and
-    resources.check_sandbox_on_cluster checks it where those actors run, once Ray is up."""
+    resources.check_verifier_on_cluster checks it where those actors run, once Ray is up (and runs a plug-in's
+    warm-up there, which only imports here)."""
     name = resolve_verifier(cfg.verification.verifier, cfg.task.kind)
     if name != "code" or local_sandbox:
-        Verifier(name, cfg.verification).close()
+        Verifier(name, cfg.verification, warm=False).close()  # a plug-in's warm-up may want the workers' hardware
     return name

@@ -1,3 +1,4 @@
+import os
 import subprocess
 import sys
 
@@ -157,6 +158,62 @@ def test_a_plugin_that_cannot_be_pickled_is_refused_when_the_verifier_is_built(t
     monkeypatch.syspath_prepend(str(tmp_path))
     with pytest.raises(UserError, match=r"^verification.verifier: 'wrapped_plugin:reward' cannot be pickled"):
         Verifier("wrapped_plugin:reward")
+
+
+LAZY_PLUGIN = '''
+import os, time
+MODEL = []
+def load():  # a model load: 1 s, written to WARM_LOG with the process's pid
+    if not MODEL:
+        time.sleep(1.0)
+        with open(os.environ["WARM_LOG"], "a") as f:
+            f.write(f"{os.getpid()}\\n")
+        MODEL.append("weights")
+def reward(problem, completion):
+    load()  # the usual lazy load: the first call pays for it
+    return 1.0
+def broken():
+    raise RuntimeError("no weights at /models/rm")
+'''
+
+
+def test_a_plugins_warmup_runs_once_per_grading_process_outside_the_answer_limit(tmp_path, monkeypatch, helper_state):
+    from restem_ray.config import VerificationConfig
+
+    (tmp_path / "lazy_plugin.py").write_text(LAZY_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+    log = tmp_path / "warm.log"
+    monkeypatch.setenv("WARM_LOG", str(log))
+    cold = Verifier("lazy_plugin:reward", VerificationConfig(answer_timeout_s=0.25))
+    assert cold.grade({}, "x").verdict == "timeout"  # without a warm-up the load lands in the first sample's limit
+    assert not log.exists()
+    warm = Verifier("lazy_plugin:reward", VerificationConfig(answer_timeout_s=0.25, plugin_warmup="lazy_plugin:load"))
+    assert [warm.grade({}, "x").verdict for _ in range(3)] == ["passed"] * 3
+    assert off_main_thread(warm.grade, {}, "x").verdict == "passed"  # a new helper process loads before its call
+    assert off_main_thread(warm.grade, {}, "x").verdict == "passed"
+    pids = log.read_text().split()
+    assert len(helper_state) == 1 and len(pids) == 2 and pids[0] == str(os.getpid()) != pids[1]
+
+
+def test_a_plugins_warmup_is_checked_when_the_verifier_is_built(tmp_path, monkeypatch):
+    from restem_ray.config import VerificationConfig
+
+    (tmp_path / "lazy_plugin2.py").write_text(LAZY_PLUGIN)
+    monkeypatch.syspath_prepend(str(tmp_path))
+
+    def build(verifier, warmup, **kw):
+        return Verifier(verifier, VerificationConfig(plugin_warmup=warmup), **kw)
+
+    with pytest.raises(UserError, match=r"^verification.plugin_warmup: 'lazy_plugin2:broken' raised RuntimeError: "
+                                        r"no weights at /models/rm$"):
+        build("lazy_plugin2:reward", "lazy_plugin2:broken")
+    with pytest.raises(UserError, match=r"^verification.plugin_warmup: cannot import 'no_such_module'"):
+        build("lazy_plugin2:reward", "no_such_module:load")
+    with pytest.raises(UserError, match=r"^verification.plugin_warmup: 'lazy_plugin2:missing' is not a callable"):
+        build("lazy_plugin2:reward", "lazy_plugin2:missing", warm=False)
+    with pytest.raises(UserError, match=r"^verification.plugin_warmup: only a plug-in verifier has one"):
+        build("math", "lazy_plugin2:load")
+    build("lazy_plugin2:reward", "lazy_plugin2:broken", warm=False).close()  # `check`: imported, not run
 
 
 def test_a_second_plugins_import_in_a_running_helper_is_not_charged_to_its_first_call(

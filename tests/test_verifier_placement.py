@@ -8,7 +8,7 @@ import ray
 
 from restem_ray.config import RestemConfig, VerificationConfig
 from restem_ray.errors import UserError
-from restem_ray.resources import check_cluster, check_sandbox_on_cluster, sandbox_resources
+from restem_ray.resources import check_cluster, check_verifier_on_cluster, sandbox_resources
 
 
 def test_code_verifiers_ask_for_the_sandbox_resource_only_where_a_cluster_advertises_it():
@@ -42,7 +42,7 @@ def cluster():
 def test_code_verifiers_take_the_sandbox_resource_and_the_precheck_runs_in_one(cluster):
     from restem_ray.pool import VerifierPool
 
-    where = check_sandbox_on_cluster("code", VerificationConfig())
+    where = check_verifier_on_cluster("code", VerificationConfig())
     assert where["pid"] != os.getpid() and where["node"] == ray.get_runtime_context().get_node_id()
     pool = VerifierPool("code", VerificationConfig(num_workers=2, max_workers=3))
     try:
@@ -63,7 +63,7 @@ def test_code_verifiers_take_the_sandbox_resource_and_the_precheck_runs_in_one(c
 
 def test_a_sandbox_that_cannot_start_on_the_verifier_node_is_one_line(cluster):
     with pytest.raises(UserError) as e:
-        check_sandbox_on_cluster("code", VerificationConfig(sandbox_python="/nonexistent/python3"))
+        check_verifier_on_cluster("code", VerificationConfig(sandbox_python="/nonexistent/python3"))
     msg = str(e.value)
     assert msg.startswith("verification.verifier: code: the sandbox cannot start on a verifier node: ") and "\n" not in msg
     assert "/nonexistent/python3" in msg, msg

@@ -12,12 +12,20 @@ from restem_ray.verification import CallTimeout, Verifier, call_with_timeout
 
 PLUGIN = '''
 import time
+READY = []
+def warm():  # a model load: 1.5 s, over the first test's 1 s answer limit unless done as the plug-in's warm-up
+    time.sleep(1.5)
+    READY.append(1)
 def reward(problem, completion):
     if completion == "hang":
         time.sleep(60)
     if completion == "boom":
         raise RuntimeError("plug-in bug")
+    if not READY:
+        warm()
     return 0.7 if completion == problem["answer"] else 0.2
+def broken():
+    raise RuntimeError("no weights at /models/rm")
 '''
 
 
@@ -77,7 +85,7 @@ def test_plugin_rewards_threshold_errors_and_timeout_in_the_pool(tmp_path):
     write_jsonl(tmp_path / "s.jsonl", [{"id": "q", "completion": c} for c in ("x", "y", "boom", "hang", "x")])
     code, log = verify(tmp_path, "--verifier", "my_reward:reward", "--problems", tmp_path / "p.jsonl",
                        "--samples", tmp_path / "s.jsonl", "--out", tmp_path / "out.jsonl",
-                       "--set", "verification.answer_timeout_s=1")
+                       "--set", "verification.answer_timeout_s=1", "--set", "verification.plugin_warmup=my_reward:warm")
     assert code == 0, log
     out = [json.loads(l)["verdict"] for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert out == ["passed", "wrong_answer", "verifier_error:RuntimeError", "timeout", "passed"]
@@ -97,11 +105,28 @@ def test_a_verifier_that_cannot_grade_stops_with_one_line_and_writes_nothing(tmp
     assert not (tmp_path / "out.jsonl").exists()
 
 
+def test_a_plugin_warmup_that_fails_on_the_verifier_nodes_is_one_line(tmp_path):
+    """`verify` imports the warm-up here but runs it where the verifier actors run: its error comes back from
+    there as one line, exit 2, nothing written."""
+    (tmp_path / "my_reward.py").write_text(PLUGIN)
+    write_jsonl(tmp_path / "p.jsonl", [{"id": "q", "prompt": "say x", "answer": "x"}])
+    write_jsonl(tmp_path / "s.jsonl", [{"id": "q", "completion": "x"}])
+    code, log = verify(tmp_path, "--verifier", "my_reward:reward", "--problems", tmp_path / "p.jsonl",
+                       "--samples", tmp_path / "s.jsonl", "--out", tmp_path / "out.jsonl",
+                       "--set", "verification.plugin_warmup=my_reward:broken")
+    assert code == 2 and "Traceback" not in log, log
+    (line,) = [x for x in log.splitlines() if x.startswith("restem-ray: ")]
+    assert line == ("restem-ray: error: verification.plugin_warmup: 'my_reward:broken' raised RuntimeError: no weights at "
+                    "/models/rm (on a verifier node)"), line
+    assert not (tmp_path / "out.jsonl").exists()
+
+
 @pytest.mark.parametrize("args, message", [
     (["--out", "{t}/out.csv"], "use a .jsonl or .parquet file name"),
     (["--out", "{t}/nope/out.jsonl"], "does not exist"),
     (["--set", "verification.timeout_s=-1"], "verification.timeout_s"),
     (["--set", "sampling.n=3"], "only verification.* keys"),
+    (["--set", "verification.plugin_warmup=my_reward:warm"], "verification.plugin_warmup: only a plug-in verifier"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "1+1?", "answer": "2"}])
