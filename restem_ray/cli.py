@@ -357,7 +357,9 @@ def cmd_verify(args) -> int:
     try:
         vcfg = VerificationConfig.model_validate(tree["verification"])
     except Exception as err:
-        raise UserError(format_validation_error(err, "verify").replace("verify: ", "verify: verification.")) from None
+        msg = format_validation_error(err, "verify")  # a field's own check names it already
+        raise UserError(msg if msg.startswith("verify: verification.") else
+                        msg.replace("verify: ", "verify: verification.", 1)) from None
     if vcfg.verifier == "auto":
         raise UserError("--verifier: give math, code or module:function")
     kind = {"math": "math", "code": "code"}.get(vcfg.verifier, "any")

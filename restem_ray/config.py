@@ -240,6 +240,12 @@ class VerificationConfig(_Section):
                                      "infrastructure failures (sandbox_error, verifier_error:*) instead of training on "
                                      "their zeros. Healthy: ~0; a broken sandbox or plug-in: ~1; 1 turns it off.")
 
+    @model_validator(mode="after")
+    def _check_warmup(self) -> "VerificationConfig":
+        if self.plugin_warmup and self.verifier in ("auto", "math", "code"):
+            raise ValueError(f"verification.plugin_warmup: only a plug-in verifier has one (verifier {self.verifier!r})")
+        return self
+
 
 class SelectionConfig(_Section):
     max_solutions_per_problem: int = Field(10, ge=1, description="Cap on kept correct solutions per problem (paper: 10).")

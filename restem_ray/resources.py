@@ -96,9 +96,12 @@ def check_verifier_on_cluster(verifier: str, v, timeout_s: float = 120.0) -> dic
 
     from .pool import VerifierPool
 
+    from .verification import HELPER_START_S
+
     pool = VerifierPool(verifier, v.model_copy(update={"num_workers": 1}), max_restarts=0)
-    try:
-        (where,) = ray.get([a.where.remote() for a in pool.actors], timeout=timeout_s)
+    try:  # the actor's placement, then its start: a warm-up has a limit of its own (HELPER_START_S) in there
+        (where,) = ray.get([a.where.remote() for a in pool.actors],
+                           timeout=timeout_s + (HELPER_START_S if v.plugin_warmup else 0))
     except ray.exceptions.GetTimeoutError:
         raise UserError(f"verification: no node could host a {verifier} verifier (resources "
                         f"{pool.resources or 'CPU only'}) within {timeout_s:g} s") from None

@@ -291,14 +291,19 @@ class Verifier:
         if self._plugin is None:
             raise UserError(f"verification.plugin_warmup: only a plug-in verifier has one (verifier {self.name!r})")
         fn = load_plugin(spec, "verification.plugin_warmup")
-        if warm and threading.current_thread() is threading.main_thread():
-            try:
+        if not warm:
+            return (spec,)
+        try:
+            if threading.current_thread() is threading.main_thread():
                 call_with_timeout(fn, (), HELPER_START_S)
-            except CallTimeout:
-                raise UserError(f"verification.plugin_warmup: {spec!r} did not finish within {HELPER_START_S:.0f} s"
-                                ) from None
-            except Exception as e:
-                raise UserError(f"verification.plugin_warmup: {spec!r} raised {type(e).__name__}: {e}") from None
+            else:  # grades go to the helper process (Ray Train's validation): start it now, so a failure is the
+                with _pool_lock:  # M-step's one-line error at its start, not a verifier_error on every row
+                    _helper(_plugin_reward, (self._plugin,), (spec,))
+        except CallTimeout:
+            raise UserError(f"verification.plugin_warmup: {spec!r} did not finish within {HELPER_START_S:.0f} s"
+                            ) from None
+        except Exception as e:
+            raise UserError(f"verification.plugin_warmup: {spec!r} raised {type(e).__name__}: {e}") from None
         return (spec,)
 
     def grade(self, problem: dict, completion: str) -> Grade:

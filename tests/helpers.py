@@ -62,15 +62,9 @@ def assert_same_run(out, reference):
     assert all((ours[k] == theirs[k]).all() for k in theirs)
 
 
-# Ray Train's placement-group cleaner (an actor of its own) asks the State API whether the controller lives; on a busy
-# machine that query can time out with an error it does not catch (ray 2.60), and its thread dies with a traceback
-# that Ray forwards to the driver's output. The cleaner's, not the run's.
-RAY_INTERNAL = ("(PlacementGroupCleaner ",)
-
-
 def tracebacks(log: str) -> list[str]:
-    """The lines of a run's output that start a traceback, less those Ray forwards from its own internal actors."""
-    return [line for line in log.splitlines() if "Traceback" in line and not any(t in line for t in RAY_INTERNAL)]
+    """The lines of a run's output that start a traceback."""
+    return [line for line in log.splitlines() if "Traceback" in line]
 
 
 def free_port() -> int:

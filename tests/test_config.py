@@ -46,6 +46,8 @@ def test_overrides_and_relative_paths(tmp_path):
                                                          "sampling.tensor_parallel_size is 1"),
     ("sampling.engine_kwargs={pipeline_parallel_size: 2}", "sampling.engine_kwargs.pipeline_parallel_size: replicas "
                                                            "run tensor parallelism only"),
+    ("verification.plugin_warmup=rm:load", "verification.plugin_warmup: only a plug-in verifier has one "
+                                           "(verifier 'auto')"),
 ])
 def test_bad_config_is_one_named_error(tmp_path, override, needle):
     with pytest.raises(UserError) as e:

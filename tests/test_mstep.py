@@ -196,6 +196,23 @@ def test_right_padded_batches_need_no_attention_mask():
     torch.testing.assert_close(bare.loss, masked.loss, atol=1e-6, rtol=1e-6)
 
 
+def test_the_m_step_trainer_has_ray_trains_callbacks_less_the_placement_group_cleaner():
+    """The cleaner tore down live M-steps (see the slow test below); every other callback Ray Train adds stays."""
+    from ray.train import ScalingConfig
+    from ray.train.torch import TorchTrainer
+    from ray.train.v2._internal.callbacks.placement_group_callback import PlacementGroupCleanerCallback
+
+    from restem_ray.training import _mstep_trainer
+
+    def names(cls):
+        return [type(c).__name__ for c in cls(lambda: None, scaling_config=ScalingConfig(num_workers=1)
+                                               )._create_default_callbacks()]
+
+    ray_default, ours = names(TorchTrainer), names(_mstep_trainer())
+    assert PlacementGroupCleanerCallback.__name__ in ray_default
+    assert ours == [n for n in ray_default if n != PlacementGroupCleanerCallback.__name__]
+
+
 # ---------------------------------------------------------------- Ray Train + DeepSpeed
 @pytest.fixture(scope="module")
 def setup(tmp_path_factory):

@@ -187,7 +187,8 @@ def test_a_plugins_warmup_runs_once_per_grading_process_outside_the_answer_limit
     cold = Verifier("lazy_plugin:reward", VerificationConfig(answer_timeout_s=0.25))
     assert cold.grade({}, "x").verdict == "timeout"  # without a warm-up the load lands in the first sample's limit
     assert not log.exists()
-    warm = Verifier("lazy_plugin:reward", VerificationConfig(answer_timeout_s=0.25, plugin_warmup="lazy_plugin:load"))
+    warm = Verifier("lazy_plugin:reward", VerificationConfig(verifier="lazy_plugin:reward", answer_timeout_s=0.25,
+                                                             plugin_warmup="lazy_plugin:load"))
     assert [warm.grade({}, "x").verdict for _ in range(3)] == ["passed"] * 3
     assert off_main_thread(warm.grade, {}, "x").verdict == "passed"  # a new helper process loads before its call
     assert off_main_thread(warm.grade, {}, "x").verdict == "passed"
@@ -195,14 +196,14 @@ def test_a_plugins_warmup_runs_once_per_grading_process_outside_the_answer_limit
     assert len(helper_state) == 1 and len(pids) == 2 and pids[0] == str(os.getpid()) != pids[1]
 
 
-def test_a_plugins_warmup_is_checked_when_the_verifier_is_built(tmp_path, monkeypatch):
+def test_a_plugins_warmup_is_checked_when_the_verifier_is_built(tmp_path, monkeypatch, helper_state):
     from restem_ray.config import VerificationConfig
 
     (tmp_path / "lazy_plugin2.py").write_text(LAZY_PLUGIN)
     monkeypatch.syspath_prepend(str(tmp_path))
 
     def build(verifier, warmup, **kw):
-        return Verifier(verifier, VerificationConfig(plugin_warmup=warmup), **kw)
+        return Verifier(verifier, VerificationConfig(verifier=verifier, plugin_warmup=warmup), **kw)
 
     with pytest.raises(UserError, match=r"^verification.plugin_warmup: 'lazy_plugin2:broken' raised RuntimeError: "
                                         r"no weights at /models/rm$"):
@@ -211,9 +212,11 @@ def test_a_plugins_warmup_is_checked_when_the_verifier_is_built(tmp_path, monkey
         build("lazy_plugin2:reward", "no_such_module:load")
     with pytest.raises(UserError, match=r"^verification.plugin_warmup: 'lazy_plugin2:missing' is not a callable"):
         build("lazy_plugin2:reward", "lazy_plugin2:missing", warm=False)
-    with pytest.raises(UserError, match=r"^verification.plugin_warmup: only a plug-in verifier has one"):
-        build("math", "lazy_plugin2:load")
+    with pytest.raises(ValueError, match=r"verification.plugin_warmup: only a plug-in verifier has one"):
+        build("code", "lazy_plugin2:load")
     build("lazy_plugin2:reward", "lazy_plugin2:broken", warm=False).close()  # `check`: imported, not run
+    with pytest.raises(UserError, match=r"^verification.plugin_warmup: 'lazy_plugin2:broken' raised RuntimeError"):
+        off_main_thread(build, "lazy_plugin2:reward", "lazy_plugin2:broken")  # in the helper (M-step validation)
 
 
 def test_a_second_plugins_import_in_a_running_helper_is_not_charged_to_its_first_call(
