@@ -86,7 +86,7 @@ def check_ray_cluster(cfg: RestemConfig) -> None:
 def check_verifier_on_cluster(verifier: str, v, timeout_s: float = 120.0) -> dict | None:
     """Start one verifier actor (VerificationConfig `v`), placed as the E-step's verifiers will be, when its start
     can fail there: code verification starts its sandbox (a cluster whose verifier nodes cannot run bubblewrap),
-    a plug-in runs its `plugin_warmup` (weights that only the verifier nodes have). Either fails in one line
+    a plug-in runs its `plugin_warmup` (weights that are missing there). Either fails in one line
     before anything is written. The driver's own node (e.g. a head pod without the security settings) is not
     where grading runs, so that is not where the check runs. Returns where it ran ({node, pid}); None when
     nothing needed checking."""
@@ -99,12 +99,12 @@ def check_verifier_on_cluster(verifier: str, v, timeout_s: float = 120.0) -> dic
     from .verification import HELPER_START_S
 
     pool = VerifierPool(verifier, v.model_copy(update={"num_workers": 1}), max_restarts=0)
-    try:  # the actor's placement, then its start: a warm-up has a limit of its own (HELPER_START_S) in there
-        (where,) = ray.get([a.where.remote() for a in pool.actors],
-                           timeout=timeout_s + (HELPER_START_S if v.plugin_warmup else 0))
+    wait_s = timeout_s + (HELPER_START_S if v.plugin_warmup else 0)  # placement, then a warm-up's own limit
+    try:
+        (where,) = ray.get([a.where.remote() for a in pool.actors], timeout=wait_s)
     except ray.exceptions.GetTimeoutError:
-        raise UserError(f"verification: no node could host a {verifier} verifier (resources "
-                        f"{pool.resources or 'CPU only'}) within {timeout_s:g} s") from None
+        raise UserError(f"verification: no node could host and start a {verifier} verifier (resources "
+                        f"{pool.resources or 'CPU only'}) within {wait_s:g} s") from None
     except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
         cause = str(e).strip().splitlines()[-1]
         own = "UserError: " in cause

@@ -293,17 +293,25 @@ class Verifier:
         fn = load_plugin(spec, "verification.plugin_warmup")
         if not warm:
             return (spec,)
+        here = threading.current_thread() is threading.main_thread()
         try:
-            if threading.current_thread() is threading.main_thread():
+            if here:
                 call_with_timeout(fn, (), HELPER_START_S)
             else:  # grades go to the helper process (Ray Train's validation): start it now, so a failure is the
                 with _pool_lock:  # M-step's one-line error at its start, not a verifier_error on every row
                     _helper(_plugin_reward, (self._plugin,), (spec,))
         except CallTimeout:
+            where = "" if here else " in the grading helper process (its start included)"
             raise UserError(f"verification.plugin_warmup: {spec!r} did not finish within {HELPER_START_S:.0f} s"
-                            ) from None
+                            f"{where}") from None
         except Exception as e:
-            raise UserError(f"verification.plugin_warmup: {spec!r} raised {type(e).__name__}: {e}") from None
+            import concurrent.futures as cf
+
+            if isinstance(e, cf.BrokenExecutor):  # out of memory, a crash: not the warm-up's own exception
+                raise UserError(f"verification.plugin_warmup: the grading helper process died while loading {spec!r}"
+                                f" ({type(e).__name__})") from None
+            what = "raised" if here else "failed in the grading helper process:"  # (or the plug-in's import there)
+            raise UserError(f"verification.plugin_warmup: {spec!r} {what} {type(e).__name__}: {e}") from None
         return (spec,)
 
     def grade(self, problem: dict, completion: str) -> Grade:

@@ -215,7 +215,8 @@ def test_a_plugins_warmup_is_checked_when_the_verifier_is_built(tmp_path, monkey
     with pytest.raises(ValueError, match=r"verification.plugin_warmup: only a plug-in verifier has one"):
         build("code", "lazy_plugin2:load")
     build("lazy_plugin2:reward", "lazy_plugin2:broken", warm=False).close()  # `check`: imported, not run
-    with pytest.raises(UserError, match=r"^verification.plugin_warmup: 'lazy_plugin2:broken' raised RuntimeError"):
+    with pytest.raises(UserError, match=r"^verification.plugin_warmup: 'lazy_plugin2:broken' failed in the grading "
+                                        r"helper process: RuntimeError: no weights at /models/rm$"):
         off_main_thread(build, "lazy_plugin2:reward", "lazy_plugin2:broken")  # in the helper (M-step validation)
 
 
