@@ -357,9 +357,7 @@ def cmd_verify(args) -> int:
     try:
         vcfg = VerificationConfig.model_validate(tree["verification"])
     except Exception as err:
-        msg = format_validation_error(err, "verify")  # a field's own check names it already
-        raise UserError(msg if msg.startswith("verify: verification.") else
-                        msg.replace("verify: ", "verify: verification.", 1)) from None
+        raise UserError(format_validation_error(err, "verify", within="verification")) from None
     if vcfg.verifier == "auto":
         raise UserError("--verifier: give math, code or module:function")
     kind = {"math": "math", "code": "code"}.get(vcfg.verifier, "any")

@@ -486,10 +486,11 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
-def format_validation_error(err: ValidationError, source: str) -> str:
-    """First pydantic error as `source: dotted.key: message`, one line."""
+def format_validation_error(err: ValidationError, source: str, within: str = "") -> str:
+    """First pydantic error as `source: dotted.key: message`, one line; `within`: the validated section's own key
+    (`verification`), put before the error's key."""
     e = err.errors()[0]
-    loc = ".".join(str(p) for p in e["loc"]) or "(top level)"
+    loc = ".".join([within] * bool(within) + [str(p) for p in e["loc"]]) or "(top level)"
     msg = e["msg"]
     if e["type"] == "value_error":  # our own checks already name the field
         return f"{source}: {msg.removeprefix('Value error, ')}"

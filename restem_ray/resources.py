@@ -90,7 +90,7 @@ def check_verifier_on_cluster(verifier: str, v, timeout_s: float = 120.0) -> dic
     before anything is written. The driver's own node (e.g. a head pod without the security settings) is not
     where grading runs, so that is not where the check runs. Returns where it ran ({node, pid}); None when
     nothing needed checking."""
-    if verifier != "code" and not (v.plugin_warmup and verifier not in ("math", "auto")):
+    if verifier != "code" and not v.plugin_warmup:  # (the config allows a warm-up only with a plug-in)
         return None
     import ray
 

@@ -161,9 +161,9 @@ def _reset_helper() -> None:
 
 
 def _helper(fn, args: tuple, warmups: tuple[str, ...] = ()):
-    """The helper process, started and warmed for `fn` (and its plug-in's `warmups`) if there is none. A start that failed for these functions
-    (the plug-in's module does not import there) fails every later call at once instead of starting again; one
-    that died or ran out of time (a busy node) is tried again by the next call."""
+    """The helper process, started and warmed for `fn` (and its plug-in's `warmups`) if there is none. A start that
+    failed for these functions (the plug-in's module does not import there) fails every later call at once instead
+    of starting again; one that died or ran out of time (a busy node) is tried again by the next call."""
     global _pool, _helper_error
     import concurrent.futures as cf
     import multiprocessing
@@ -286,10 +286,8 @@ class Verifier:
         """A plug-in's one-time set-up, run here on the main thread (where this process grades in place) and by
         each helper process before its first call elsewhere: never inside a sample's answer_timeout_s."""
         spec = self.cfg.plugin_warmup
-        if not spec:
+        if not spec or self._plugin is None:  # (the config refuses a warm-up without a plug-in)
             return ()
-        if self._plugin is None:
-            raise UserError(f"verification.plugin_warmup: only a plug-in verifier has one (verifier {self.name!r})")
         fn = load_plugin(spec, "verification.plugin_warmup")
         if not warm:
             return (spec,)
@@ -299,7 +297,7 @@ class Verifier:
                 call_with_timeout(fn, (), HELPER_START_S)
             else:  # grades go to the helper process (Ray Train's validation): start it now, so a failure is the
                 with _pool_lock:  # M-step's one-line error at its start, not a verifier_error on every row
-                    _helper(_plugin_reward, (self._plugin,), (spec,))
+                    _helper(_plugin_reward, (self._plugin,), (spec,))  # the helper `grade`'s calls will find
         except CallTimeout:
             where = "" if here else " in the grading helper process (its start included)"
             raise UserError(f"verification.plugin_warmup: {spec!r} did not finish within {HELPER_START_S:.0f} s"

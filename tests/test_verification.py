@@ -163,9 +163,9 @@ def test_a_plugin_that_cannot_be_pickled_is_refused_when_the_verifier_is_built(t
 LAZY_PLUGIN = '''
 import os, time
 MODEL = []
-def load():  # a model load: 1 s, written to WARM_LOG with the process's pid
+def load():  # a model load: 1.5 s, written to WARM_LOG with the process's pid
     if not MODEL:
-        time.sleep(1.0)
+        time.sleep(1.5)
         with open(os.environ["WARM_LOG"], "a") as f:
             f.write(f"{os.getpid()}\\n")
         MODEL.append("weights")
@@ -184,10 +184,10 @@ def test_a_plugins_warmup_runs_once_per_grading_process_outside_the_answer_limit
     monkeypatch.syspath_prepend(str(tmp_path))
     log = tmp_path / "warm.log"
     monkeypatch.setenv("WARM_LOG", str(log))
-    cold = Verifier("lazy_plugin:reward", VerificationConfig(answer_timeout_s=0.25))
+    cold = Verifier("lazy_plugin:reward", VerificationConfig(answer_timeout_s=0.5))
     assert cold.grade({}, "x").verdict == "timeout"  # without a warm-up the load lands in the first sample's limit
     assert not log.exists()
-    warm = Verifier("lazy_plugin:reward", VerificationConfig(verifier="lazy_plugin:reward", answer_timeout_s=0.25,
+    warm = Verifier("lazy_plugin:reward", VerificationConfig(verifier="lazy_plugin:reward", answer_timeout_s=0.5,
                                                              plugin_warmup="lazy_plugin:load"))
     assert [warm.grade({}, "x").verdict for _ in range(3)] == ["passed"] * 3
     assert off_main_thread(warm.grade, {}, "x").verdict == "passed"  # a new helper process loads before its call
