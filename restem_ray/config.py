@@ -205,6 +205,13 @@ class SamplingConfig(_Section):
         if self.engine_kwargs.get("pipeline_parallel_size", 1) != 1:
             raise ValueError("sampling.engine_kwargs.pipeline_parallel_size: replicas run tensor parallelism only "
                              "(a replica reserves tensor_parallel_size GPUs on one node)")
+        if self.engine_kwargs.get("distributed_executor_backend") == "ray":
+            # vLLM's Ray executor starts its workers as actors in the current placement group, whose bundles the
+            # replicas' actors already hold: with tensor_parallel_size 1 the worker waits forever for a GPU, above
+            # it vLLM refuses the replica's bundle of several GPUs (vllm 0.32 ray_utils.initialize_ray_cluster)
+            raise ValueError("sampling.engine_kwargs.distributed_executor_backend: 'ray' cannot run inside a replica "
+                             "(its workers would need GPUs the replica already holds); leave it unset ('mp' for "
+                             "tensor_parallel_size > 1) or name 'mp' or 'uni'")
         return self
 
     @property

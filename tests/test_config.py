@@ -46,6 +46,8 @@ def test_overrides_and_relative_paths(tmp_path):
                                                          "sampling.tensor_parallel_size is 1"),
     ("sampling.engine_kwargs={pipeline_parallel_size: 2}", "sampling.engine_kwargs.pipeline_parallel_size: replicas "
                                                            "run tensor parallelism only"),
+    ("sampling.engine_kwargs={distributed_executor_backend: ray}",
+     "sampling.engine_kwargs.distributed_executor_backend: 'ray' cannot run inside a replica"),
     ("verification.plugin_warmup=rm:load", "verification.plugin_warmup: only a plug-in verifier has one "
                                            "(verifier 'auto')"),
 ])
