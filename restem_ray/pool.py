@@ -27,6 +27,8 @@ from .errors import RunError
 from .sampling import DRAW, Sampler, SampleSpec, draw_of
 from .verification import Verifier
 
+CONTROL = "control"  # a sampler replica's concurrency group for `close`, beside its calls
+
 
 class _GradeHost:
     """Verifier actor body: joins problems with their samples and grades them."""
@@ -140,7 +142,9 @@ class EStepPool:
             remove_placement_group(self.group)
             raise RunError(f"no room for {sampling.num_replicas} sampler replica(s) of {bundle} with strategy "
                            f"{sampling.placement_strategy} after {sampling.placement_timeout_s:g} s") from None
-        sampler_cls = ray.remote(Sampler)
+        # `close` has a thread of its own: in the default group it would queue behind the calls in flight (an
+        # error or Ctrl-C mid-E-step), and a replica killed after the 30 s wait leaves its engine's processes.
+        sampler_cls = ray.remote(concurrency_groups={CONTROL: 1})(Sampler)
         kwargs = dict(sampling.engine_kwargs)
         if sampling.tensor_parallel_size > 1:
             kwargs.setdefault("tensor_parallel_size", sampling.tensor_parallel_size)
@@ -273,7 +277,7 @@ class EStepPool:
         # (a tensor-parallel engine's are the replica's grandchildren) exit later, and the next phase, the M-step
         # or the next policy's engines, could start on GPUs that still hold this one's weights and KV cache.
         # (A replica still starting is only killed: asking it to close would wait for its engine to load.)
-        closing = [a.close.remote() for a in self.samplers]
+        closing = [a.close.options(concurrency_group=CONTROL).remote() for a in self.samplers]
         if closing:
             ray.wait(closing, num_returns=len(closing), timeout=30)  # a dead or stuck replica is killed anyway
         for a in [*self.samplers, *self._starting.values()]:

