@@ -39,7 +39,7 @@ class MStepJob:
     init_model: str
     train_file: str
     seed: int
-    cfg: dict                          # TrainingConfig.model_dump()
+    cfg: dict                          # worker_config(TrainingConfig)
     valid_file: str | None = None      # early stopping: validation problems (a file of problem rows) ...
     valid_problems: list | None = None  # ... or the rows themselves, prompts already rendered (the driver's)
     verifier: str = "math"             # ... graded by this verifier ...
@@ -47,6 +47,12 @@ class MStepJob:
     max_new_tokens: int = 512
     stop: tuple[str, ...] = ()
     log_every_steps: int = 0           # rank 0's live step lines (observability.log_every_steps); 0: none
+
+
+def worker_config(cfg: TrainingConfig) -> dict:
+    """`cfg` as the workers rebuild it: a `training.deepspeed` file travels as its contents, read here (its path
+    is the driver's, and a worker on another node may not have it)."""
+    return cfg.model_copy(update={"deepspeed": cfg.deepspeed_overrides()}).model_dump()
 
 
 def deepspeed_config(cfg: TrainingConfig, world_size: int) -> dict:
@@ -820,7 +826,7 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
 
     from .resources import sandbox_resources
 
-    job = asdict(MStepJob(init_model=init_model, train_file=str(train_file), seed=seed, cfg=cfg.model_dump(),
+    job = asdict(MStepJob(init_model=init_model, train_file=str(train_file), seed=seed, cfg=worker_config(cfg),
                           valid_file=valid_file, valid_problems=valid_problems, verifier=verifier,
                           verification=verification or {}, max_new_tokens=max_new_tokens, stop=tuple(stop),
                           log_every_steps=log_every_steps if on_steps else 0))

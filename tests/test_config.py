@@ -4,7 +4,7 @@ import sys
 import pytest
 import yaml
 
-from restem_ray.config import RestemConfig, load_config
+from restem_ray.config import RestemConfig, TrainingConfig, load_config
 from restem_ray.errors import UserError
 
 MIN = {"task": {"train_file": "t.jsonl", "valid_file": "v.jsonl"}, "model": {"base": "m"}}
@@ -87,11 +87,15 @@ def test_training_options_are_checked_at_load_time(tmp_path):
     (tmp_path / "ds.json").write_text('{"zero_optimization": {"reduce_bucket_size": 5e7}}')
     c = load_config(write(tmp_path, {**MIN, "training": {"deepspeed": "ds.json", "zero_stage": 3,
                                                          "offload_params": True}}))
-    from restem_ray.training import deepspeed_config
+    from restem_ray.training import deepspeed_config, worker_config
 
     ds = deepspeed_config(c.training, world_size=2)
     assert ds["zero_optimization"]["reduce_bucket_size"] == 5e7 and ds["zero_optimization"]["stage"] == 3
     assert ds["zero_optimization"]["offload_param"]["device"] == "cpu" and ds["train_batch_size"] == 16
+    # the workers get the file's contents: on another node its path (the driver's) may not exist
+    sent = worker_config(c.training)
+    (tmp_path / "ds.json").unlink()
+    assert deepspeed_config(TrainingConfig(**sent), world_size=2) == ds
     (tmp_path / "bad.json").write_text('{"zero_optimization": \n  {stage: 3}}')
     for tree, needle in [({"deepspeed": "bad.json"}, "bad.json: line 2: not valid JSON"),
                          ({"deepspeed": "nope.json"}, "nope.json: cannot read"),
