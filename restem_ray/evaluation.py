@@ -1,11 +1,12 @@
 """Evaluation metrics: greedy pass@1, unbiased pass@k (Chen et al. 2021), maj@k."""
 from __future__ import annotations
 
+import re
 from collections import Counter, defaultdict
 
 import numpy as np
 
-from .verification import extract_answer
+from .verification import as_number, extract_answer
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -20,14 +21,35 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return float(1.0 - np.prod(1.0 - k / np.arange(n - c + 1, n + 1)))
 
 
+_CORRECT = ("correct",)
+
+
+def _vote_key(answer: str) -> tuple:
+    """What a wrong answer votes as: a number by its value ("1,000", "1000", "1000." are one answer, as for the
+    grader), other text without spacing, \\left/\\right, and with \\dfrac/\\tfrac as \\frac."""
+    number = as_number(answer)
+    if number is not None:
+        return ("number", float(f"{number:.12g}"))
+    text = re.sub(r"\\[dt]frac", r"\\frac", answer)
+    return ("text", re.sub(r"\\left|\\right|\s+", "", text).rstrip("."))
+
+
 def majority_correct(rows: list[dict]) -> float:
-    """maj@k for one problem: 1 if the most common extracted answer (ties: first seen) is graded correct."""
-    answers = [(extract_answer(r["completion"]), r["reward"]) for r in rows]
-    answers = [(a.strip(), rw) for a, rw in answers if a is not None]
-    if not answers:
+    """maj@k for one problem: whether the most common answer is correct. Rows graded correct all equal the
+    reference, so they vote as one answer whatever their form ("\\dfrac{1}{2}", "0.5"); the others vote by
+    `_vote_key`. A tie counts the share of the tied answers that is correct (the expected score of breaking it
+    at random), so the score does not depend on the order of the samples."""
+    votes: Counter = Counter()
+    for r in rows:
+        if r["reward"] >= 1.0:
+            votes[_CORRECT] += 1
+        elif (answer := extract_answer(r["completion"])) is not None:
+            votes[_vote_key(answer.strip())] += 1
+    if not votes:
         return 0.0
-    top, _ = Counter(a for a, _ in answers).most_common(1)[0]
-    return float(next(rw for a, rw in answers if a == top))
+    top = max(votes.values())
+    tied = [a for a, n in votes.items() if n == top]
+    return (_CORRECT in tied) / len(tied)
 
 
 def summarize_greedy(rows: list[dict]) -> dict:

@@ -51,7 +51,7 @@ def extract_answer(completion: str) -> str | None:
     return nums[-1] if nums else None
 
 
-def _as_number(text: str) -> float | None:
+def as_number(text: str) -> float | None:
     t = text.strip().replace(",", "").replace("$", "").rstrip(".").strip()
     try:
         if "/" in t:
@@ -73,7 +73,7 @@ def answers_match(gold: str, pred: str) -> bool:
     math-verify's own timeouts use SIGALRM; they are turned off here and the caller bounds the time
     (`call_with_timeout`), which also works off the main thread.
     """
-    g, p = _as_number(gold), _as_number(pred)
+    g, p = as_number(gold), as_number(pred)
     if g is not None and p is not None:
         return math.isclose(g, p, rel_tol=1e-9, abs_tol=1e-9)
     from math_verify import verify

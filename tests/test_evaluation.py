@@ -36,9 +36,31 @@ def test_majority_vote_uses_most_common_answer():
     assert majority_correct(rows) == 1.0
 
 
+def test_answers_the_grader_counts_as_equal_vote_together():
+    """Every form of the reference answer the grader accepted is one vote, and so are equal wrong answers: a
+    string vote split "1,000" / "1000" / "1000." and let two equal wrong answers win."""
+    rows = [{"completion": f"#### {a}", "reward": 1.0} for a in ("1,000", "1000", "1000.")]
+    rows += [{"completion": "#### 7", "reward": 0.0}] * 2
+    assert majority_correct(rows) == 1.0
+    rows = [{"completion": a, "reward": 1.0} for a in ("\\boxed{\\dfrac{1}{2}}", "\\boxed{0.5}")]
+    rows += [{"completion": a, "reward": 0.0} for a in ("\\boxed{\\frac{1}{3}}", "\\boxed{\\dfrac{1}{3}}",
+                                                         "\\boxed{\\left(\\frac13\\right)}", "\\boxed{7,000}",
+                                                         "\\boxed{7000}")]
+    # 2 correct, 2 x 1/3 (the parenthesised one is another text), 2 x 7000: three answers tie
+    assert majority_correct(rows) == pytest.approx(1 / 3)
+    assert majority_correct(rows + [{"completion": "\\boxed{7000.}", "reward": 0.0}]) == 0.0
+
+
+def test_a_tie_scores_the_share_of_tied_answers_that_is_correct_in_any_order():
+    rows = [{"completion": "#### 1", "reward": 1.0}, {"completion": "#### 2", "reward": 0.0},
+            {"completion": "#### 3", "reward": 0.0}]
+    assert majority_correct(rows) == majority_correct(rows[::-1]) == pytest.approx(1 / 3)
+    assert majority_correct([{"completion": "no answer", "reward": 0.0}]) == 0.0
+
+
 def test_summarize_samples_per_problem():
     rows = [{"id": "a", "completion": "#### 1", "reward": 1.0}, {"id": "a", "completion": "#### 2", "reward": 0.0},
             {"id": "b", "completion": "#### 3", "reward": 0.0}, {"id": "b", "completion": "#### 3", "reward": 0.0}]
     s = summarize_samples(rows, 2)
     assert s["pass@2"] == pytest.approx(0.5)
-    assert s["maj@2"] == pytest.approx(0.5)
+    assert s["maj@2"] == pytest.approx(0.25)  # a: a tie of 1 right and 1 wrong (1/2); b: wrong
