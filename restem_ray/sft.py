@@ -20,6 +20,24 @@ def encode(tokenizer, prompt: str, completion: str, max_len: int | None = None) 
     return (ids[-max_len:], labels[-max_len:]) if max_len else (ids, labels)
 
 
+def pad_id(tokenizer) -> int:
+    """The id padded positions get: the tokenizer's pad token, else its EOS (Llama-3's tokenizers have no pad
+    token). Padding is masked out of attention and loss, so its id changes nothing."""
+    pid = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+    if pid is None:
+        raise ValueError("the tokenizer has neither a pad token nor an EOS token")
+    return pid
+
+
+def stop_token_ids(model, tokenizer) -> list[int]:
+    """What generation stops on, as in vLLM: the tokenizer's EOS and every EOS id of the model's
+    generation_config (an instruct model's end of turn, e.g. Llama-3's <|eot_id|> beside <|end_of_text|>)."""
+    config = getattr(model, "generation_config", None)
+    ids = getattr(config, "eos_token_id", None)
+    ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
+    return list(dict.fromkeys(([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []) + ids))
+
+
 def round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -165,8 +183,10 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
     synced: DeepSpeed ZeRO-3 gathers parameters inside every forward, so all ranks must keep stepping until
     the slowest finishes (the caller gives every rank the same number of prompts).
     """
-    side = tokenizer.padding_side
+    side, pad = tokenizer.padding_side, tokenizer.pad_token
     tokenizer.padding_side = "left"
+    if pad is None:  # the tokenizer pads only with a pad token (Llama-3 has none): EOS, masked, for this call
+        tokenizer.pad_token = tokenizer.eos_token
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -176,10 +196,10 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
             for s in range(0, len(prompts), batch):
                 enc = tokenizer(prompts[s : s + batch], return_tensors="pt", padding=True).to(device)
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer))
                 texts += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     finally:
-        tokenizer.padding_side = side
+        tokenizer.padding_side, tokenizer.pad_token = side, pad
         model.train(was_training)
     return [_cut(t, stop) for t in texts]
 

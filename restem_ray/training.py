@@ -461,10 +461,11 @@ class MStep:
     def _train(self) -> dict:
         import torch
 
-        from .sft import collate_micro, forward
+        from .sft import collate_micro, forward, pad_id
 
         cfg, st, engine = self.cfg, self.state, self.engine
         multiple = cfg.pad_to_multiple_of or (64 if cfg.use_gpu else 1)
+        pad = pad_id(self.tok)
         self.last_metrics = None
         bar, shown = None, 0.0
         if self.rank == 0:
@@ -487,7 +488,7 @@ class MStep:
                     step_tokens += sum(len(self.data[i][0]) for part in plan[within * cfg.grad_accum + m]
                                        for i in part)
                 micro = plan[within * cfg.grad_accum + m][self.rank]
-                batch = collate_micro([self.data[i] for i in micro], self.tok.pad_token_id, packed=cfg.packing,
+                batch = collate_micro([self.data[i] for i in micro], pad, packed=cfg.packing,
                                       pack_length=self.pack_length, multiple=multiple, varlen=self.varlen)
                 real += int(batch.pop("real_tokens"))  # counted on the host, before the copy: no device sync
                 # Right padding under causal attention: no real token can see a pad, so the mask changes no

@@ -675,6 +675,73 @@ def test_a_restarted_m_step_sends_the_step_lines_its_checkpoint_holds(tmp_path, 
             {k: v for k, v in theirs.items() if k not in ("time", "tokens_per_s")}
 
 
+
+def _without_pad_token(folder):
+    """The tokenizer in `folder` saved again without a pad token, as Llama-3's tokenizers come."""
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(folder)
+    tok.pad_token = None
+    tok.save_pretrained(folder)
+    tok = AutoTokenizer.from_pretrained(folder)
+    assert tok.pad_token_id is None and tok.eos_token_id is not None
+    return tok
+
+
+def test_a_tokenizer_without_a_pad_token_trains_and_validates_as_one_with_it(tmp_path, single_process_group):
+    """Llama-3's tokenizers have no pad token: the M-step's padded batches failed on it (torch.full with None),
+    and so did validation's padded decoding. Both pad with EOS then; padding is masked, so the run is the one a
+    tokenizer with a pad token gives: the same losses, validation and weights."""
+    from safetensors.torch import load_file
+
+    from restem_ray.training import LocalReporter, MStep
+
+    rows = [{"prompt": f"Q: {i} + 1\nA:", "completion": f" {i + 1}" + " ok" * (i % 5)} for i in range(16)]
+    valid = [{"id": f"v{i}", "prompt": f"Q: {10 ** i} + 2\nA:", "answer": str(10 ** i + 2)} for i in range(4)]
+    runs = {}
+    for has_pad in (True, False):
+        d = tmp_path / str(has_pad)
+        d.mkdir()
+        job = _tiny_job(d, rows, micro_batch_size=4, epochs=1, lr=1e-3, eval_every_steps=2, eval_problems=4,
+                        patience=10)
+        job["valid_problems"] = valid
+        if not has_pad:
+            _without_pad_token(d / "base")
+        step = MStep(job, 0, 1, LocalReporter(str(d / "ckpts")))
+        m = step.run()
+        runs[has_pad] = (m, step.state.history, load_file(d / "ckpts" / f"step_{m['steps']:07d}" / "hf" /
+                                                          "model.safetensors"))
+    (with_pad, history, weights), (without, history_2, weights_2) = runs[True], runs[False]
+    assert any(len({len(step.data[i][0]) for i in micro}) > 1 for (micro,) in step.plan(0))  # padded batches
+    assert without["steps"] == with_pad["steps"] == 4 and [h["step"] for h in history_2] == [2, 4]
+    assert without["loss"] == pytest.approx(with_pad["loss"], rel=1e-6)
+    assert history_2 == history
+    for k in weights:
+        torch.testing.assert_close(weights_2[k], weights[k])
+
+
+def test_validation_decodes_without_a_pad_token_and_stops_where_vllm_does(tmp_path):
+    """greedy_completions (M-step validation) left-pads its prompts: without a pad token it pads with EOS, for that
+    call only, and decodes what it decodes with one. It stops, as vLLM does, on the tokenizer's EOS and on every
+    EOS id of the model's generation_config (an instruct model's end of turn)."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from restem_ray.sft import greedy_completions, stop_token_ids
+
+    tok = build_tokenizer()
+    build_model(TinyModelSpec(seed=2), tok).save_pretrained(tmp_path)
+    tok.save_pretrained(tmp_path)
+    model = AutoModelForCausalLM.from_pretrained(tmp_path)
+    prompts = [f"Q: {10 ** i} + 2\nA:" for i in range(4)]  # several lengths: padded
+    want = greedy_completions(model, AutoTokenizer.from_pretrained(tmp_path), prompts, max_new_tokens=6)
+    bare = _without_pad_token(tmp_path)
+    assert greedy_completions(model, bare, prompts, max_new_tokens=6) == want
+    assert bare.pad_token is None  # as it was
+    model.generation_config.eos_token_id = [5, bare.eos_token_id, 7]
+    assert stop_token_ids(model, bare) == [bare.eos_token_id, 5, 7]
+    model.generation_config.eos_token_id = None
+    assert stop_token_ids(model, bare) == [bare.eos_token_id]
+
 @slow
 def test_compiled_layers_train_as_eager_ones_with_one_graph_for_every_width(tmp_path, single_process_group):
     """training.compile_layers: every decoder layer compiled (dynamic shapes) trains to the same losses and weights
