@@ -219,7 +219,7 @@ def cmd_eval(args) -> int:
     from .config import DATASET_KINDS
     from .datasets import load_split
     from .evaluation import score_split
-    from .prompts import check_model_len, load_tokenizer, make_renderer, render_rows, template_fields
+    from .prompts import check_model_len, load_tokenizer, make_renderer, render_rows, sampling_stops, template_fields
     from .verification import check_verifier
 
     check_model_dir("--model", args.model)
@@ -249,7 +249,7 @@ def cmd_eval(args) -> int:
     renderer = make_renderer(cfg, args.model)  # a `prompt` section (--set prompt.*): rendered as a run would
     problems = {n: render_rows(rows, renderer, code=t.kind == "code") for n, rows in problems.items()}
     check_model_len(cfg, problems, load_tokenizer(args.model))
-    stop = tuple(cfg.sampling.stop) or (renderer.stop if renderer else ())
+    stop, stop_token_ids = sampling_stops(cfg, renderer)
     verifier = check_verifier(cfg, local_sandbox=False)
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -262,7 +262,8 @@ def cmd_eval(args) -> int:
     s, ev = cfg.sampling, cfg.evaluation
     pool = EStepPool(args.model, s, cfg.verification, verifier=verifier, seed=cfg.seed)
     try:
-        scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=stop, chunk_size=s.prompts_per_request,
+        scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=stop, stop_token_ids=stop_token_ids,
+                                 chunk_size=s.prompts_per_request,
                                  k=ev.k_for(n), temperature=ev.temperature, top_p=ev.top_p, seed=cfg.seed,
                                  majority=kind == "math", desc=f"eval {n}",
                                  max_infra_error_rate=cfg.verification.max_infra_error_rate)
@@ -292,7 +293,7 @@ def cmd_prompt(args) -> int:
     """Print the rendered prompts of the first train problems: exactly the text the model gets."""
     from .config import load_config
     from .datasets import load_splits
-    from .prompts import load_tokenizer, make_renderer, render_rows, template_fields
+    from .prompts import load_tokenizer, make_renderer, render_rows, sampling_stops, template_fields
 
     cfg = load_config(args.config, args.set)
     splits = load_splits(cfg.task, need=template_fields(cfg))
@@ -309,9 +310,12 @@ def cmd_prompt(args) -> int:
                   "prompt.train_few_shot: false) -----")
             print(r["train_prompt"])
         print(f"----- end; the prompt ends with {r['prompt'][-16:]!r} -----")
-    stop = tuple(cfg.sampling.stop) or (renderer.stop if renderer else ())
+    stop, stop_token_ids = sampling_stops(cfg, renderer)
     src = "sampling.stop" if cfg.sampling.stop else "from the few-shot format" if stop else "none"
     print(f"stop strings: {list(stop)} ({src})")
+    src = "sampling.stop_token_ids" if cfg.sampling.stop_token_ids else \
+        "the chat template's end of turn" if stop_token_ids else "none: the model's EOS ids end samples"
+    print(f"stop token ids: {[f'{i} {tok.convert_ids_to_tokens(i)}' for i in stop_token_ids]} ({src})")
     return 0
 
 

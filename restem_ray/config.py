@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Literal, get_args
+from typing import Annotated, Any, Literal, get_args
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -163,6 +163,10 @@ class SamplingConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="E-step nucleus p.")
     max_tokens: int = Field(512, ge=1, description="Max new tokens per completion.")
     stop: list[str] = Field(default_factory=list, description="Stop strings, e.g. the next few-shot question marker.")
+    stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, description=(
+        "Token ids that end a sample besides the model's EOS ids; the first also ends every completion the M-step "
+        "trains on. Empty: the chat template's end-of-turn token when it is not the tokenizer's EOS (a base model's "
+        "tokenizer with a chat template, e.g. Qwen2.5 base: <|im_end|>), else none."))
     num_replicas: int = Field(1, ge=1, description="vLLM sampler replicas (Ray actors) started with the E-step.")
     max_replicas: int | None = Field(None, ge=1, description="Elastic: add replicas up to this many while an E-step "
                                                           "runs, when nodes (e.g. newly joined ones) have room.")

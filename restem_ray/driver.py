@@ -68,7 +68,9 @@ class Driver:
         task = task or load_task(cfg)
         if task.stop != tuple(cfg.sampling.stop):
             print(f"[restem] stop strings from the few-shot format: {list(task.stop)}")
-        self.cfg = cfg = with_stop(cfg, task.stop)  # config.yaml records the stop strings sampled with
+        if task.stop_token_ids != tuple(cfg.sampling.stop_token_ids):
+            print(f"[restem] stop token ids from the chat template's end of turn: {list(task.stop_token_ids)}")
+        self.cfg = cfg = with_stop(cfg, task)  # config.yaml records the stops sampled with
         self.train, self.eval_sets, self.seed_rows = task.train, task.evals, task.seed_rows
         self.step_checker = load_plugin(t.step_checker, "task.step_checker") if t.step_checker else None
         check_verifier(cfg, local_sandbox=False)  # a bad plug-in fails before any work (the sandbox: in _run)
@@ -124,7 +126,8 @@ class Driver:
             return self.run.read_samples(t)
         s = self.cfg.sampling
         spec = SampleSpec(n=s.samples_per_problem, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
-                          max_tokens=s.max_tokens, stop=tuple(s.stop), seed=self.cfg.seed * 1000 + t)
+                          max_tokens=s.max_tokens, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
+                          seed=self.cfg.seed * 1000 + t)
         start, nodes, rounds = time.time(), set(), {}
         kinds = {"adaptive" if p.name.startswith("part-r") else "fixed-K" for p in self.run.samples_dir(t).glob("part-*.parquet")}
         if kinds - {"adaptive" if s.adaptive else "fixed-K"}:  # only after a --force resume that changed it
@@ -289,7 +292,7 @@ class Driver:
         valid = self.eval_sets["valid"][: tc.eval_problems] if tc.eval_every_steps else None
         return {"name": f"mstep-{self.run.root.name}-{name}", "valid_problems": valid,
                 "verifier": resolve_verifier(v.verifier, self.cfg.task.kind), "verification": v.model_dump(),
-                "max_new_tokens": s.max_tokens, "stop": tuple(s.stop)}
+                "max_new_tokens": s.max_tokens, "stop": tuple(s.stop), "stop_token_ids": tuple(s.stop_token_ids)}
 
     def evaluate(self, t: int | str, model: str) -> float:
         """Greedy pass@1 on every eval split (and pass@k, maj@k when evaluation.k > 0); returns valid pass@1."""
@@ -307,7 +310,8 @@ class Driver:
 
     def _score(self, pool: EStepPool, problems: list[dict], k: int, desc: str) -> dict:
         s, ev = self.cfg.sampling, self.cfg.evaluation
-        return score_split(pool, problems, max_tokens=s.max_tokens, stop=tuple(s.stop), chunk_size=s.prompts_per_request,
+        return score_split(pool, problems, max_tokens=s.max_tokens, stop=tuple(s.stop),
+                           stop_token_ids=tuple(s.stop_token_ids), chunk_size=s.prompts_per_request,
                            k=k, temperature=ev.temperature, top_p=ev.top_p, seed=self.cfg.seed,
                            majority=self.cfg.task.kind == "math", desc=desc,
                            max_infra_error_rate=self.cfg.verification.max_infra_error_rate)

@@ -69,6 +69,7 @@ def summarize_samples(rows: list[dict], k: int, majority: bool = True) -> dict:
 
 
 def score_split(pool, problems: list[dict], *, max_tokens: int, stop: tuple, chunk_size: int, k: int = 0,
+                stop_token_ids: tuple[int, ...] = (),
                 temperature: float = 1.0, top_p: float = 0.95, seed: int = 0, majority: bool = True,
                 desc: str = "eval", max_infra_error_rate: float = 1.0) -> dict:
     """Greedy pass@1 (and pass@k, maj@k when k > 0) of the pool's model on `problems`.
@@ -81,13 +82,14 @@ def score_split(pool, problems: list[dict], *, max_tokens: int, stop: tuple, chu
 
     chunks = [problems[i : i + chunk_size] for i in range(0, len(problems), chunk_size)]
     rows: list[dict] = []
-    pool.run(chunks, SampleSpec(n=1, temperature=0.0, max_tokens=max_tokens, stop=stop),
+    pool.run(chunks, SampleSpec(n=1, temperature=0.0, max_tokens=max_tokens, stop=stop, stop_token_ids=stop_token_ids),
              on_chunk=lambda i, r: rows.extend(r), desc=desc)
     check_infra_errors([r["verdict"] for r in rows], max_infra_error_rate, desc, SCORING)
     scores = summarize_greedy(rows)
     if k > 0:
         many: list[dict] = []
-        spec = SampleSpec(n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed)
+        spec = SampleSpec(n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
+                          stop_token_ids=stop_token_ids)
         pool.run(chunks, spec, on_chunk=lambda i, r: many.extend(r), desc=f"{desc} pass@{k}")
         check_infra_errors([r["verdict"] for r in many], max_infra_error_rate, f"{desc} pass@{k}", SCORING)
         scores |= summarize_samples(many, k, majority)

@@ -79,7 +79,28 @@ class PromptRenderer:
         self.shots = [(self._question(row, loc), row["answer"]) for loc, row in shots]
         marker = self.fmt.split("{question}")[0].strip() if self.fmt and not self.chat else ""
         self.stop: tuple[str, ...] = (marker,) if marker else ()  # the next exemplar's question marker
+        end = self._end_of_turn() if self.chat else None
+        self.stop_token_ids: tuple[int, ...] = (end,) if end is not None else ()
         self._bos_twice: bool | None = None
+
+    def _end_of_turn(self) -> int | None:
+        """The special token the chat template closes an assistant turn with, when it is not the tokenizer's EOS.
+        A base model's tokenizer may ship a chat template (Qwen2.5 base: turns end with <|im_end|>, EOS is
+        <|endoftext|>, the only id its generation_config stops on): without this token as a stop, vLLM samples
+        on past the answer into made-up turns, and the M-step would teach EOS where the template ends a turn."""
+        mark = "RESTEM_ANSWER_MARK"
+        try:
+            turns = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": mark}]
+            text = self.tok.apply_chat_template(turns, tokenize=False)
+        except Exception:  # a template that wants other turns: no end-of-turn token found, EOS ends samples
+            return None
+        if mark not in text:
+            return None
+        ids = self.tok(text.split(mark, 1)[1].lstrip(), add_special_tokens=False).input_ids
+        added = self.tok.added_tokens_decoder.get(ids[0]) if ids else None
+        if added is None or not added.special or ids[0] == self.tok.eos_token_id:
+            return None
+        return ids[0]
 
     def _question(self, row: dict, loc: str = "") -> str:
         try:
@@ -125,6 +146,7 @@ class Task:
     seed_rows: list[dict] = field(default_factory=list)
     stop: tuple[str, ...] = ()                 # sampling.stop, or the few-shot format's question marker
     renderer: PromptRenderer | None = None
+    stop_token_ids: tuple[int, ...] = ()       # sampling.stop_token_ids, or the chat template's end of turn
 
 
 def template_fields(cfg: RestemConfig) -> tuple[str, ...]:
@@ -162,8 +184,8 @@ def render_task(cfg: RestemConfig, splits: Splits, model: str | None = None) -> 
     if renderer is not None:  # human solutions are trained on like samples: under the training rendering
         seed = [dict(r, prompt=renderer.render(r, few_shot=cfg.prompt.train_few_shot), raw_prompt=r["prompt"])
                 for r in seed]
-    stop = tuple(cfg.sampling.stop) or (renderer.stop if renderer else ())
-    return Task(train, evals, seed, stop, renderer)
+    stop, stop_token_ids = sampling_stops(cfg, renderer)
+    return Task(train, evals, seed, stop, renderer, stop_token_ids)
 
 
 def load_task(cfg: RestemConfig, model: str | None = None) -> Task:
@@ -171,11 +193,21 @@ def load_task(cfg: RestemConfig, model: str | None = None) -> Task:
     return render_task(cfg, load_splits(cfg.task, need=template_fields(cfg)), model)
 
 
-def with_stop(cfg: RestemConfig, stop: tuple[str, ...]) -> RestemConfig:
-    """`cfg` with the stop strings its prompts imply (written to the run's config.yaml as run)."""
-    if tuple(cfg.sampling.stop) == tuple(stop):
+def sampling_stops(cfg: RestemConfig, renderer: PromptRenderer | None) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """The stop strings and stop token ids samples end on: `sampling.stop` and `sampling.stop_token_ids` where
+    given, else what the prompts imply (the few-shot format's question marker, the chat template's end of turn)."""
+    s = cfg.sampling
+    return (tuple(s.stop) or (renderer.stop if renderer else ()),
+            tuple(s.stop_token_ids) or (renderer.stop_token_ids if renderer else ()))
+
+
+def with_stop(cfg: RestemConfig, task: Task) -> RestemConfig:
+    """`cfg` with the stops its prompts imply (written to the run's config.yaml as run)."""
+    s = cfg.sampling
+    if (tuple(s.stop), tuple(s.stop_token_ids)) == (task.stop, task.stop_token_ids):
         return cfg
-    return cfg.model_copy(update={"sampling": cfg.sampling.model_copy(update={"stop": list(stop)})})
+    return cfg.model_copy(update={"sampling": s.model_copy(update={"stop": list(task.stop),
+                                                                   "stop_token_ids": list(task.stop_token_ids)})})
 
 
 def check_lengths(cfg: RestemConfig, task: Task) -> None:

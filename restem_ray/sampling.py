@@ -29,6 +29,7 @@ class SampleSpec:
     max_tokens: int = 256
     stop: tuple[str, ...] = ()
     seed: int = 0
+    stop_token_ids: tuple[int, ...] = ()
 
     def problem_seed(self, pid: str) -> int:
         return zlib.crc32(f"{self.seed}/{pid}".encode()) & 0x7FFFFFFF
@@ -280,6 +281,7 @@ class Sampler:
         params = [
             SamplingParams(n=n, temperature=spec.temperature, top_k=spec.top_k if spec.temperature > 0 else -1,
                            top_p=spec.top_p, max_tokens=spec.max_tokens, stop=list(spec.stop) or None,
+                           stop_token_ids=list(spec.stop_token_ids) or None,
                            seed=spec.problem_seed(p["id"]) + off if spec.temperature > 0 else None)
             for p, (off, n) in zip(problems, draws)
         ]

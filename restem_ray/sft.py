@@ -11,11 +11,12 @@ import torch
 IGNORE = -100
 
 
-def encode(tokenizer, prompt: str, completion: str, max_len: int | None = None) -> tuple[list[int], list[int]]:
-    """Token ids and labels for prompt+completion+eos, prompt masked; left-truncated to max_len if given
-    (the M-step gives none: it drops over-long rows instead, since a cut row teaches a headless solution)."""
+def encode(tokenizer, prompt: str, completion: str, max_len: int | None = None,
+           end: int | None = None) -> tuple[list[int], list[int]]:
+    """Token ids and labels for prompt+completion+`end` (default: EOS), prompt masked; left-truncated to max_len
+    if given (the M-step gives none: it drops over-long rows instead, since a cut row teaches a headless solution)."""
     p = tokenizer(prompt).input_ids  # with BOS, exactly as vLLM tokenizes the prompt
-    c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id]
+    c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id if end is None else end]
     ids, labels = p + c, [IGNORE] * len(p) + c
     return (ids[-max_len:], labels[-max_len:]) if max_len else (ids, labels)
 
@@ -29,13 +30,15 @@ def pad_id(tokenizer) -> int:
     return pid
 
 
-def stop_token_ids(model, tokenizer) -> list[int]:
-    """What generation stops on, as in vLLM: the tokenizer's EOS and every EOS id of the model's
-    generation_config (an instruct model's end of turn, e.g. Llama-3's <|eot_id|> beside <|end_of_text|>)."""
+def end_ids(model, tokenizer, extra: tuple[int, ...] = ()) -> list[int]:
+    """What generation stops on, as in vLLM: the tokenizer's EOS, every EOS id of the model's generation_config
+    (an instruct model's end of turn, e.g. Llama-3's <|eot_id|> beside <|end_of_text|>) and `extra`
+    (sampling.stop_token_ids)."""
     config = getattr(model, "generation_config", None)
     ids = getattr(config, "eos_token_id", None)
     ids = [] if ids is None else [ids] if isinstance(ids, int) else list(ids)
-    return list(dict.fromkeys(([tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []) + ids))
+    eos = [tokenizer.eos_token_id] if tokenizer.eos_token_id is not None else []
+    return list(dict.fromkeys(eos + ids + list(extra)))
 
 
 def round_up(n: int, multiple: int) -> int:
@@ -177,7 +180,7 @@ def collate_micro(samples: list[tuple[list[int], list[int]]], pad_id: int, packe
 
 
 def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...] = (),
-                       synced: bool = False, batch: int = 64) -> list[str]:
+                       synced: bool = False, batch: int = 64, stop_token_ids: tuple[int, ...] = ()) -> list[str]:
     """Greedy decoding with HF generate (base-model build and in-training validation; runs sample with vLLM).
 
     synced: DeepSpeed ZeRO-3 gathers parameters inside every forward, so all ranks must keep stepping until
@@ -190,13 +193,14 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
+    ends = end_ids(model, tokenizer, stop_token_ids)
     texts = []
     try:
         with torch.no_grad():
             for s in range(0, len(prompts), batch):
                 enc = tokenizer(prompts[s : s + batch], return_tensors="pt", padding=True).to(device)
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=stop_token_ids(model, tokenizer))
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=ends)
                 texts += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad

@@ -47,6 +47,7 @@ class MStepJob:
     max_new_tokens: int = 512
     stop: tuple[str, ...] = ()
     log_every_steps: int = 0           # rank 0's live step lines (observability.log_every_steps); 0: none
+    stop_token_ids: tuple[int, ...] = ()  # sampling.stop_token_ids: the first ends every trained completion
 
 
 def worker_config(cfg: TrainingConfig) -> dict:
@@ -384,7 +385,10 @@ class MStep:
         if cfg.compile_layers:  # after LoRA: its adapters are part of the layers' code
             compile_decoder_layers(model)
         rows = _read_rows(job["train_file"])
-        data = [encode(self.tok, r["prompt"], r["completion"]) for r in rows]
+        # a completion ends with the token that ends the model's turn: the sampler stopped on it (EOS, or the
+        # chat template's end of turn where that is another token: sampling.stop_token_ids)
+        end = (job.get("stop_token_ids") or (None,))[0]
+        data = [encode(self.tok, r["prompt"], r["completion"], end=end) for r in rows]
         # A row longer than max_seq_len is dropped, not cut: cut from the left it loses the prompt, cut
         # from the right it teaches the model to stop mid-solution.
         self.data = [x for x in data if len(x[0]) <= cfg.max_seq_len]
@@ -546,7 +550,8 @@ class MStep:
         with eager:
             # ZeRO-3 gathers parameters inside forward: every rank must run the same number of forwards.
             texts = greedy_completions(self.engine.module, self.tok, prompts, self.job["max_new_tokens"],
-                                       stop=tuple(self.job["stop"]), synced=self.cfg.zero_stage == 3)
+                                       stop=tuple(self.job["stop"]), synced=self.cfg.zero_stage == 3,
+                                       stop_token_ids=tuple(self.job.get("stop_token_ids") or ()))
         correct = sum(w * self.verifier.grade(p, t).reward for (p, w), t in zip(self.valid, texts))
         correct, n = sum_over_ranks([correct, sum(w for _, w in self.valid)], device=self.device)
         reward = correct / max(1.0, n)
@@ -818,8 +823,8 @@ def _mstep_trainer():
 def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingConfig, seed: int,
             storage: Path | str, name: str = "mstep", valid_file: str | None = None,
             valid_problems: list[dict] | None = None, verifier: str = "math", verification: dict | None = None,
-            max_new_tokens: int = 512, stop: tuple[str, ...] = (), log_every_steps: int = 0,
-            on_steps: Callable[[list[dict], bool], None] | None = None) -> dict:
+            max_new_tokens: int = 512, stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (),
+            log_every_steps: int = 0, on_steps: Callable[[list[dict], bool], None] | None = None) -> dict:
     """Run the M-step; the HF checkpoint of the chosen step lands in `out_dir`. Returns its metrics.
     With `log_every_steps` and `on_steps`, rank 0's step lines reach `on_steps(lines, restart)` in this
     process while the M-step runs (`StepLines`, `StepReceiver`)."""
@@ -830,6 +835,7 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
     job = asdict(MStepJob(init_model=init_model, train_file=str(train_file), seed=seed, cfg=worker_config(cfg),
                           valid_file=valid_file, valid_problems=valid_problems, verifier=verifier,
                           verification=verification or {}, max_new_tokens=max_new_tokens, stop=tuple(stop),
+                          stop_token_ids=tuple(stop_token_ids),
                           log_every_steps=log_every_steps if on_steps else 0))
     receiver = StepReceiver(on_steps) if on_steps and log_every_steps else None
     job["step_relay"] = receiver and receiver.actor

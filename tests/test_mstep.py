@@ -726,7 +726,7 @@ def test_validation_decodes_without_a_pad_token_and_stops_where_vllm_does(tmp_pa
     EOS id of the model's generation_config (an instruct model's end of turn)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from restem_ray.sft import greedy_completions, stop_token_ids
+    from restem_ray.sft import end_ids, greedy_completions
 
     tok = build_tokenizer()
     build_model(TinyModelSpec(seed=2), tok).save_pretrained(tmp_path)
@@ -738,9 +738,23 @@ def test_validation_decodes_without_a_pad_token_and_stops_where_vllm_does(tmp_pa
     assert greedy_completions(model, bare, prompts, max_new_tokens=6) == want
     assert bare.pad_token is None  # as it was
     model.generation_config.eos_token_id = [5, bare.eos_token_id, 7]
-    assert stop_token_ids(model, bare) == [bare.eos_token_id, 5, 7]
+    assert end_ids(model, bare) == [bare.eos_token_id, 5, 7]
+    assert end_ids(model, bare, (9, 5)) == [bare.eos_token_id, 5, 7, 9]  # and sampling.stop_token_ids
     model.generation_config.eos_token_id = None
-    assert stop_token_ids(model, bare) == [bare.eos_token_id]
+    assert end_ids(model, bare) == [bare.eos_token_id]
+
+
+def test_each_trained_completion_ends_with_the_first_stop_token_id_or_eos(tmp_path, single_process_group):
+    """A sample stops on EOS or on sampling.stop_token_ids (a chat template's end of turn that is not EOS): the
+    M-step teaches the completion to end with that token, the first of them, and EOS without them."""
+    from restem_ray.training import LocalReporter, MStep
+
+    job = _tiny_job(tmp_path, SUMS, micro_batch_size=8, epochs=1)
+    for stops, end in (((), build_tokenizer().eos_token_id), ((7, 9), 7)):
+        step = MStep({**job, "stop_token_ids": stops}, 0, 1, LocalReporter(str(tmp_path / f"ckpts-{end}")))
+        step._setup()
+        assert len(step.data) == len(SUMS) and all(ids[-1] == labels[-1] == end for ids, labels in step.data)
+
 
 @slow
 def test_compiled_layers_train_as_eager_ones_with_one_graph_for_every_width(tmp_path, single_process_group):

@@ -70,7 +70,7 @@ def test_gsm8k_standard_8_shot_plain_text_and_stop(tmp_path):
     assert p.startswith("Q: There are 15 trees in the grove.") and p.count("\nA: ") == 8
     assert p.endswith(f"The answer is 8.\n\nQ: {q}\nA:")  # Olivia's bagels, then the problem, as lm-eval renders it
     assert task.stop == ("Q:",)
-    assert with_stop(cfg, task.stop).sampling.stop == ["Q:"]
+    assert with_stop(cfg, task).sampling.stop == ["Q:"]
     given = config(tmp_path, gsm8k_task(), {"few_shot": "standard"}, sampling={"stop": ["\n\n\n"]})
     assert load_task(given).stop == ("\n\n\n",)  # sampling.stop wins
 
@@ -131,6 +131,44 @@ def test_chat_template_auto_true_false_without_one(tmp_path):
     assert auto.train[0]["prompt"] == auto.train[0]["question"]  # auto, no template: plain text
     with pytest.raises(UserError, match="prompt.chat_template: true, but the tokenizer of .* has no chat template"):
         load_task(config(tmp_path, gsm8k_task(), {"chat_template": True}))
+
+
+def chat_model(root: Path, eos: str) -> Path:
+    """An HF folder with a Qwen2-style byte-level BPE tokenizer and ChatML template (turns end with <|im_end|>),
+    its EOS `eos`: <|im_end|> as Qwen2.5-Instruct's, <|endoftext|> as Qwen2.5 base's."""
+    from restem_ray.tiny_chat import build_chat_tokenizer
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "config.json").write_text("{}")
+    tok = build_chat_tokenizer()
+    tok.eos_token = eos
+    tok.save_pretrained(root)
+    return root
+
+
+def test_a_chat_template_whose_turns_end_on_another_token_than_eos_stops_samples_on_it(tmp_path, capsys):
+    """A base model's tokenizer that ships a chat template (Qwen2.5 base: EOS <|endoftext|>, turns end with
+    <|im_end|>): that token becomes a stop token id for sampling, validation and the M-step's row ends; the run's
+    config records it. Where EOS ends turns (the instruct tokenizer), or without a chat template, there is none."""
+    from restem_ray.config import dump_config
+    from restem_ray.driver import Driver
+
+    base = chat_model(tmp_path / "base", "<|endoftext|>")
+    end = load_tokenizer(str(base)).convert_tokens_to_ids("<|im_end|>")
+    cfg = config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=base)
+    task = load_task(cfg)
+    assert task.train[0]["prompt"].endswith("<|im_end|>\n<|im_start|>assistant\n") and task.stop_token_ids == (end,)
+    d = Driver(cfg, tmp_path / "run")
+    assert d.cfg.sampling.stop_token_ids == [end] and f"stop_token_ids:\n  - {end}\n" in dump_config(d.cfg)
+    assert main(["prompt", str(tmp_path / "cfg.yaml"), "--n", "1"]) == 0
+    assert f"stop token ids: ['{end} <|im_end|>'] (the chat template's end of turn)" in capsys.readouterr().out
+    # sampling.stop_token_ids given: they win
+    assert load_task(config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=base,
+                            sampling={"stop_token_ids": [3]})).stop_token_ids == (3,)
+    instruct = chat_model(tmp_path / "instruct", "<|im_end|>")
+    assert load_task(config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=instruct)).stop_token_ids == ()
+    plain = config(tmp_path, gsm8k_task(), {"template": "{question}", "chat_template": False}, model=base)
+    assert load_task(plain).stop_token_ids == ()
 
 
 @pytest.mark.parametrize("adds_bos", [True, False])

@@ -41,6 +41,20 @@ def test_greedy_matches_transformers(tiny, sampler):
         assert r["completion"] == tok.decode(out[0, enc.input_ids.shape[1]:], skip_special_tokens=True)
 
 
+def test_a_stop_token_id_ends_samples_as_eos_does(tiny, sampler):
+    """sampling.stop_token_ids (a chat template's end of turn that is not the tokenizer's EOS) reach vLLM: greedy
+    decoding that would go on past such a token ends on it, and the sample counts as stopped, not cut."""
+    tok = tiny[2]
+    spec = SampleSpec(n=1, temperature=0.0, max_tokens=12)
+    (free,) = sampler.generate(PROMPTS[:1], spec)
+    ids = tok(free["completion"], add_special_tokens=False).input_ids
+    assert free["finish_reason"] == "length" and len(ids) > 4
+    stop = ids[3]
+    (stopped,) = sampler.generate(PROMPTS[:1], SampleSpec(n=1, temperature=0.0, max_tokens=12, stop_token_ids=(stop,)))
+    assert stopped["finish_reason"] == "stop" and stopped["completion_tokens"] == ids.index(stop) + 1
+    assert free["completion"].startswith(stopped["completion"]) and len(stopped["completion"]) < len(free["completion"])
+
+
 def test_seeded_samples_do_not_depend_on_batching(sampler):
     spec = SampleSpec(n=4, temperature=1.0, max_tokens=12, seed=7)
     together = sampler.generate(PROMPTS, spec)
