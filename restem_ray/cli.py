@@ -271,7 +271,9 @@ def cmd_eval(args) -> int:
     finally:
         pool.close()
     for n, sc in scores.items():
-        print(f"[eval] {n}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in sc.items()))
+        print(f"[eval] {n}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
+                                          f"{k} " + " ".join(f"{a}={c}" for a, c in v.items()) if isinstance(v, dict)
+                                          else f"{k} {v}" for k, v in sc.items()))
     if args.out:
         from .storage import atomic_write_text
 

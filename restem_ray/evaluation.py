@@ -72,20 +72,22 @@ def score_split(pool, problems: list[dict], *, max_tokens: int, stop: tuple, chu
                 stop_token_ids: tuple[int, ...] = (),
                 temperature: float = 1.0, top_p: float = 0.95, seed: int = 0, majority: bool = True,
                 desc: str = "eval", max_infra_error_rate: float = 1.0) -> dict:
-    """Greedy pass@1 (and pass@k, maj@k when k > 0) of the pool's model on `problems`.
+    """Greedy pass@1 (and pass@k, maj@k when k > 0) of the pool's model on `problems`, with the greedy
+    grades' verdict counts.
 
     `pool` is an `EStepPool` (sampler replicas + verifier actors); used by the driver and `restem-ray eval`.
     More than `max_infra_error_rate` of grades from a failing verifier or sandbox is a RunError, not a score.
     """
     from .sampling import SampleSpec
-    from .verdicts import SCORING, check_infra_errors
+    from .verdicts import SCORING, check_infra_errors, verdict_counts
 
     chunks = [problems[i : i + chunk_size] for i in range(0, len(problems), chunk_size)]
     rows: list[dict] = []
     pool.run(chunks, SampleSpec(n=1, temperature=0.0, max_tokens=max_tokens, stop=stop, stop_token_ids=stop_token_ids),
              on_chunk=lambda i, r: rows.extend(r), desc=desc)
     check_infra_errors([r["verdict"] for r in rows], max_infra_error_rate, desc, SCORING)
-    scores = summarize_greedy(rows)
+    # what the greedy grades were: timeouts and (up to max_infra_error_rate) grading failures count 0 in pass@1
+    scores = summarize_greedy(rows) | {"verdicts": verdict_counts(r["verdict"] for r in rows)}
     if k > 0:
         many: list[dict] = []
         spec = SampleSpec(n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,

@@ -34,6 +34,7 @@ def test_eval_scores_a_checkpoint_on_two_files(tmp_path):
     scores = json.loads(out.read_text())["scores"]
     assert set(scores) == {"test", "impossible"}
     assert scores["test"]["problems"] == 24 and set(scores["test"]) >= {"pass@1", "pass@4", "maj@4"}
+    assert sum(scores["test"]["verdicts"].values()) == 24  # every greedy grade's verdict, counted
     assert scores["impossible"]["pass@1"] == 0.0 and scores["impossible"]["pass@4"] == 0.0
     # greedy pass@1 is what transformers' greedy decoding of the same rows scores under the task's answer
     # rule (`#### N`, else the last number), decoded and graded here without vLLM or restem-ray's verifier

@@ -121,7 +121,8 @@ def test_an_evaluation_graded_by_a_broken_verifier_is_not_a_score():
     problems = [{"id": "a", "prompt": "Q", "answer": "1"}, {"id": "b", "prompt": "Q", "answer": "1"}]
     greedy = [row("a", 0, "passed"), row("b", 0, "sandbox_error")]
     ok = score_split(FakePool([greedy]), problems, max_tokens=8, stop=(), chunk_size=2, max_infra_error_rate=0.5)
-    assert ok == {"pass@1": 0.5, "problems": 2}  # 1 of 2 is not more than half
+    # 1 of 2 is not more than half; the failed grade counts 0, and the verdicts say so
+    assert ok == {"pass@1": 0.5, "problems": 2, "verdicts": {"passed": 1, "sandbox_error": 1}}
     with pytest.raises(RunError, match=r"^eval 0 valid: 1 of 2 grades .*sandbox_error: 1.*report their zeros"):
         score_split(FakePool([greedy]), problems, max_tokens=8, stop=(), chunk_size=2, max_infra_error_rate=0.4,
                     desc="eval 0 valid")
