@@ -165,8 +165,9 @@ class SamplingConfig(_Section):
     stop: list[str] = Field(default_factory=list, description="Stop strings, e.g. the next few-shot question marker.")
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, description=(
         "Token ids that end a sample besides the model's EOS ids; the first also ends every completion the M-step "
-        "trains on. Empty: the chat template's end-of-turn token when it is not the tokenizer's EOS (a base model's "
-        "tokenizer with a chat template, e.g. Qwen2.5 base: <|im_end|>), else none."))
+        "trains on. Empty: the chat template's end-of-turn token when it is not the tokenizer's EOS and the model's "
+        "generation_config stops on that EOS alone (a base model with a chat template, e.g. Qwen2.5 base: "
+        "<|im_end|>), else none."))
     num_replicas: int = Field(1, ge=1, description="vLLM sampler replicas (Ray actors) started with the E-step.")
     max_replicas: int | None = Field(None, ge=1, description="Elastic: add replicas up to this many while an E-step "
                                                           "runs, when nodes (e.g. newly joined ones) have room.")
@@ -475,6 +476,20 @@ class RestemConfig(_Section):
                 raise ValueError(f"evaluation.k_splits: {name!r} is not an eval split (one of {', '.join(splits)})")
         return self
 
+
+
+def key_default(key: str) -> Any:
+    """The schema's default of a dotted key ("sampling.stop_token_ids"); None for a key it has no default for.
+    A resumed run's config.yaml written before a key existed ran with that default."""
+    model: Any = RestemConfig
+    *sections, name = key.split(".")
+    try:
+        for section in sections:
+            ann = model.model_fields[section].annotation
+            model = next(a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel))
+        return model.model_fields[name].get_default(call_default_factory=True)
+    except (KeyError, StopIteration):
+        return None
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict, in order."""

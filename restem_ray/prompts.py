@@ -66,6 +66,24 @@ def _shot(row: dict, question: str, answer: str) -> dict:
     return {"question": question, "prompt": question, "problem": question, "text": question, **row, "answer": answer}
 
 
+def _own_stops(model: str, tokenizer) -> bool:
+    """Whether the model's generation_config.json stops on ids besides the tokenizer's EOS: its authors set the
+    stops of their chat format (Llama-3-Instruct, Qwen2.5-Instruct, gpt-oss, whose <|end|> closes a message, not
+    the answer), and vLLM applies them already. A base model's file names its EOS alone, or nothing."""
+    import json
+    import os
+
+    from .remote import local_model_copy
+
+    try:
+        with open(os.path.join(local_model_copy(model), "generation_config.json"), encoding="utf-8") as f:
+            ids = json.load(f).get("eos_token_id")
+    except (OSError, ValueError, AttributeError):  # none (a plain folder), or not a JSON object
+        return False
+    ids = {ids} if isinstance(ids, int) else set(ids or ())
+    return bool(ids - {tokenizer.eos_token_id})
+
+
 class PromptRenderer:
     """Renders problem rows into prompts for one tokenizer; built once per config."""
 
@@ -79,7 +97,7 @@ class PromptRenderer:
         self.shots = [(self._question(row, loc), row["answer"]) for loc, row in shots]
         marker = self.fmt.split("{question}")[0].strip() if self.fmt and not self.chat else ""
         self.stop: tuple[str, ...] = (marker,) if marker else ()  # the next exemplar's question marker
-        end = self._end_of_turn() if self.chat else None
+        end = self._end_of_turn() if self.chat and not _own_stops(model, tokenizer) else None
         self.stop_token_ids: tuple[int, ...] = (end,) if end is not None else ()
         self._bos_twice: bool | None = None
 
@@ -211,8 +229,9 @@ def with_stop(cfg: RestemConfig, task: Task) -> RestemConfig:
 
 
 def check_lengths(cfg: RestemConfig, task: Task) -> None:
-    """Refuse a training.max_seq_len that the longest train prompt plus a full completion overflows, and an
-    engine max_model_len that a prompt alone overflows (vLLM would fail that request mid-run)."""
+    """Refuse a training.max_seq_len that the longest train prompt plus a full completion overflows, an engine
+    max_model_len that a prompt alone overflows (vLLM would fail that request mid-run), and a stop token id
+    the tokenizer lacks."""
     tok = load_tokenizer(cfg.model.base)
     m = cfg.sampling.max_tokens
     pid, longest = _longest(tok, [(r["id"], r.get("train_prompt", r["prompt"])) for r in task.train])
@@ -221,6 +240,10 @@ def check_lengths(cfg: RestemConfig, task: Task) -> None:
                         f"({longest} tokens, problem {pid!r}) + sampling.max_tokens {m} = {longest + m}: raise "
                         "training.max_seq_len or lower sampling.max_tokens")
     check_model_len(cfg, {"train": task.train, **task.evals}, tok)
+    for i in cfg.sampling.stop_token_ids:  # past the vocabulary it would end every training row: a crash on GPUs
+        if i >= len(tok):
+            raise UserError(f"sampling.stop_token_ids: {i} is not a token of {cfg.model.base}'s tokenizer "
+                            f"({len(tok)} tokens)")
 
 
 def check_model_len(cfg: RestemConfig, splits: dict[str, list[dict]], tok) -> None:

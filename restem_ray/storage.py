@@ -113,8 +113,12 @@ class RunDir:
             raise UserError(f"{path}: not valid YAML (a damaged run directory)") from None
         if not isinstance(old, dict):
             raise UserError(f"{path}: not a restem-ray config (a damaged run directory)")
+        from .config import key_default
+
         old = _flatten(old)
         new = _flatten(yaml.safe_load(config_yaml))
+        # a key added to restem-ray since the run was created: the run had its default
+        old |= {k: key_default(k) for k in new if k not in old}
         changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS
                    and not k.startswith(RESUME_SAFE_SECTIONS)]
         if changed and not force:

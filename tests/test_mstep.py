@@ -675,7 +675,6 @@ def test_a_restarted_m_step_sends_the_step_lines_its_checkpoint_holds(tmp_path, 
             {k: v for k, v in theirs.items() if k not in ("time", "tokens_per_s")}
 
 
-
 def _without_pad_token(folder):
     """The tokenizer in `folder` saved again without a pad token, as Llama-3's tokenizers come."""
     from transformers import AutoTokenizer

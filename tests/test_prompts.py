@@ -165,6 +165,12 @@ def test_a_chat_template_whose_turns_end_on_another_token_than_eos_stops_samples
     # sampling.stop_token_ids given: they win
     assert load_task(config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=base,
                             sampling={"stop_token_ids": [3]})).stop_token_ids == (3,)
+    # a model whose generation_config names stops of its own (an instruct model; gpt-oss, whose <|end|> closes a
+    # message, not the answer): vLLM stops on them, and the template's end of turn is not added
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": [end - 2, end - 1]}))
+    assert load_task(cfg).stop_token_ids == ()
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": load_tokenizer(str(base)).eos_token_id}))
+    assert load_task(cfg).stop_token_ids == (end,)  # a base model's: its EOS alone
     instruct = chat_model(tmp_path / "instruct", "<|im_end|>")
     assert load_task(config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=instruct)).stop_token_ids == ()
     plain = config(tmp_path, gsm8k_task(), {"template": "{question}", "chat_template": False}, model=base)
@@ -242,6 +248,9 @@ def test_check_refuses_max_seq_len_below_longest_prompt_plus_max_tokens(tmp_path
     assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false", "--set",
                  "sampling.engine_kwargs.max_model_len=1024"]) == 2
     assert "sampling.engine_kwargs.max_model_len 1024 leaves no room after the longest prompt" in capsys.readouterr().err
+    assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false", "--set",
+                 f"sampling.stop_token_ids=[{len(tok)}]"]) == 2
+    assert f"sampling.stop_token_ids: {len(tok)} is not a token of " in capsys.readouterr().err
 
 
 def test_driver_loads_rendered_problems_and_records_the_stop(tmp_path):

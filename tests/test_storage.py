@@ -75,6 +75,21 @@ def test_resume_allows_safe_changes_and_forced_ones(tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]["lr"] == 0.01
 
 
+def test_a_run_from_before_a_key_existed_resumes_when_the_key_keeps_its_default(tmp_path):
+    """A config key added to restem-ray later is missing from an older run's config.yaml: that run had the key's
+    default, so resuming with the default is no change; another value is one."""
+    import yaml
+
+    old = {"seed": 0, "sampling": {"stop": ["Q:"]}}
+    RunDir(tmp_path / "run").create(yaml.safe_dump(old), resume=False)
+    now = {"seed": 0, "sampling": {"stop": ["Q:"], "stop_token_ids": []}}
+    RunDir(tmp_path / "run").create(yaml.safe_dump(now), resume=True)
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(old))
+    derived = {"seed": 0, "sampling": {"stop": ["Q:"], "stop_token_ids": [151645]}}
+    with pytest.raises(UserError, match=r"\(sampling.stop_token_ids: \[\] -> \[151645\]\); only loop"):
+        RunDir(tmp_path / "run").create(yaml.safe_dump(derived), resume=True)
+
+
 def test_resume_accepts_a_resized_cluster_without_force(tmp_path):
     """Replica and worker counts, placement and observability cannot change what a run computes (per-sample
     seeds): a bigger cluster resumes without --force. The training worker count sets the global batch: refused."""

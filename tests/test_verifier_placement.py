@@ -155,7 +155,9 @@ def test_closing_the_pool_shuts_each_engine_down_before_ending_its_replica(clust
     pool.verifiers = NoVerifiers()
     replicas = list(pool.samplers)
     calls = [r.generate.remote() for r in replicas for _ in range(2)]  # both threads of each default group
+    deadline = time.monotonic() + 60
     while len(ray.get(log.get.remote())) < len(calls):
+        assert time.monotonic() < deadline, ray.get(log.get.remote())
         time.sleep(0.1)
     pool.close()
     assert sorted(ray.get(log.get.remote())) == ["r0 call"] * 2 + ["r0 engine shut down"] + ["r1 call"] * 2 + [
