@@ -270,10 +270,13 @@ def cmd_eval(args) -> int:
                   for n, probs in problems.items()}
     finally:
         pool.close()
+    def shown(key, value) -> str:
+        if isinstance(value, dict):  # the verdict counts
+            return f"{key} " + " ".join(f"{a}={c}" for a, c in value.items())
+        return f"{key} {value:.3f}" if isinstance(value, float) else f"{key} {value}"
+
     for n, sc in scores.items():
-        print(f"[eval] {n}: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else
-                                          f"{k} " + " ".join(f"{a}={c}" for a, c in v.items()) if isinstance(v, dict)
-                                          else f"{k} {v}" for k, v in sc.items()))
+        print(f"[eval] {n}: " + ", ".join(shown(k, v) for k, v in sc.items()))
     if args.out:
         from .storage import atomic_write_text
 

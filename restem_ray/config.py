@@ -477,7 +477,6 @@ class RestemConfig(_Section):
         return self
 
 
-
 def key_default(key: str) -> Any:
     """The schema's default of a dotted key ("sampling.stop_token_ids"); None for a key it has no default for.
     A resumed run's config.yaml written before a key existed ran with that default."""
@@ -490,6 +489,7 @@ def key_default(key: str) -> Any:
         return model.model_fields[name].get_default(call_default_factory=True)
     except (KeyError, StopIteration):
         return None
+
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     """Apply `a.b.c=value` strings (value parsed as YAML) to a nested dict, in order."""
