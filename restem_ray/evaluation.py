@@ -30,7 +30,7 @@ def _vote_key(answer: str) -> tuple:
     number = as_number(answer)
     if number is not None:
         return ("number", float(f"{number:.12g}"))
-    text = re.sub(r"\\[dt]frac", r"\\frac", answer)
+    text = re.sub(r"\\[dt]frac", r"\\frac", answer.replace("\\$", ""))
     return ("text", re.sub(r"\\left|\\right|\s+", "", text).rstrip("."))
 
 

@@ -17,7 +17,18 @@ from typing import Callable
 
 from .errors import UserError
 
-_NUM = re.compile(r"-?\d[\d,]*(?:\.\d+)?(?:/\d+)?")
+# A number as written in an answer: thousands separated by commas only in groups of three ("1,3" is a list, not
+# 13), an optional decimal part, a fraction bar; Unicode's minus sign; ".5".
+_NUM_RE = r"[-\u2212]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?|[-\u2212]?\.\d+"
+_NUM = re.compile(_NUM_RE)
+_THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+# `#### <answer>` (GSM8K's format) on its own line; an "answer is" phrase (lm-eval's strict GSM8K match)
+_HASHES = re.compile(r"####[ \t]*([^\n]*)")
+# (the number must end there: "the final answer is $2\sqrt{2}$" is not 2, nor "answer is 1,3" 1)
+_ANSWER_IS = re.compile(r"answer is:?\s*\\?\$?\s*(" + _NUM_RE + r")(?=\$?(?:\s|[.;!?](?:\s|$)|,\s|$))",
+                        re.IGNORECASE)
+_ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE)
+_NUMBER_THEN_WORDS = re.compile(r"\\?\$?\s*(" + _NUM_RE + r")\s+[A-Za-z][A-Za-z\s.]*")
 
 
 @dataclass(frozen=True)
@@ -26,45 +37,77 @@ class Grade:
     verdict: str   # passed, wrong_answer, no_answer, verifier_error, ...
 
 
-def _boxed(text: str) -> str | None:
-    """Content of the last \\boxed{...}, braces balanced."""
-    start = text.rfind("\\boxed{")
-    if start < 0:
-        return None
-    i, depth = start + len("\\boxed{"), 1
-    for j in range(i, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[j], 0)
+def _last_boxed_at(text: str) -> tuple[int, str | None]:
+    """Where the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`) starts and its content, braces matched;
+    (-1, None) if there is none, (start, None) if it is empty or unbalanced."""
+    idx = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
+    if idx < 0:
+        return -1, None
+    rest = text[idx:].removeprefix("\\boxed").removeprefix("\\fbox")
+    if rest.startswith(" "):  # `\boxed 5$`: up to the end of the math
+        return idx, rest.strip().split("$")[0].strip() or None
+    if not rest.startswith("{"):
+        return idx, None
+    depth = 0
+    for i, ch in enumerate(rest):
+        depth += {"{": 1, "}": -1}.get(ch, 0)
         if depth == 0:
-            return text[i:j]
-    return None
+            return idx, rest[1:i].strip() or None
+    return idx, None  # unbalanced
+
+
+def last_boxed(text: str) -> str | None:
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`), braces matched; None if none."""
+    return _last_boxed_at(text)[1]
+
+
+def _hash_answer(line: str) -> str | None:
+    """The answer on a `####` line: "Final Answer: 42" is 42, "72 clips" is 72; a heading with no answer on its
+    line ("#### Final Answer", "#### Step 2: Conclude" followed by more text) is not one."""
+    line = _ANSWER_PREFIX.sub("", line.strip()).strip()
+    m = _NUMBER_THEN_WORDS.fullmatch(line)
+    return (m.group(1) if m else line) or None
 
 
 def extract_answer(completion: str) -> str | None:
-    """Final answer: text after the last `####`, else the last \\boxed{}, else the last number."""
-    if "####" in completion:
-        ans = completion.rsplit("####", 1)[1].strip().splitlines()
-        return ans[0].strip() if ans and ans[0].strip() else None
-    boxed = _boxed(completion)
+    """The final answer: whichever of a `####` line, the last \\boxed{} and the last "answer is <number>" comes
+    last in the text (a model's markdown `#### Step 2` heading before its \\boxed{} answer is not the answer);
+    else the last number."""
+    found: list[tuple[int, str]] = []
+    hashes = [m for m in _HASHES.finditer(completion) if _hash_answer(m.group(1))]
+    if hashes:
+        found.append((hashes[-1].start(), _hash_answer(hashes[-1].group(1))))
+    at, boxed = _last_boxed_at(completion)
     if boxed is not None:
-        return boxed.strip()
+        found.append((at, boxed))
+    phrases = list(_ANSWER_IS.finditer(completion))
+    if phrases:
+        found.append((phrases[-1].start(), phrases[-1].group(1)))
+    if found:
+        return max(found)[1].strip()
     nums = _NUM.findall(completion)
     return nums[-1] if nums else None
 
 
 def as_number(text: str) -> float | None:
-    t = text.strip().replace(",", "").replace("$", "").rstrip(".").strip()
+    """The answer's value when it is a plain number ("1,000", "$18.90", "\\$18.90", "18.", "3/4", "−5")."""
+    t = text.strip().replace("\\$", "").replace("$", "").replace("\u2212", "-").rstrip(".").strip()
+    if _THOUSANDS.fullmatch(t):
+        t = t.replace(",", "")
     try:
         if "/" in t:
             a, b = t.split("/", 1)
-            return float(a) / float(b)
-        return float(t)
+            value = float(a) / float(b)
+        else:
+            value = float(t)
     except (ValueError, ZeroDivisionError):
         return None
+    return value if math.isfinite(value) else None
 
 
 def _wrap(answer: str) -> str:
     """math-verify parses bare LaTeX (`2\\sqrt{2}`, `\\dfrac{3}{4}`, `(1,2)`) reliably only inside $...$."""
-    return answer if "$" in answer or "\\boxed" in answer else f"${answer}$"
+    return answer if re.search(r"(?<!\\)\$", answer) or "\\boxed" in answer else f"${answer}$"
 
 
 def answers_match(gold: str, pred: str) -> bool:
@@ -73,6 +116,8 @@ def answers_match(gold: str, pred: str) -> bool:
     math-verify's own timeouts use SIGALRM; they are turned off here and the caller bounds the time
     (`call_with_timeout`), which also works off the main thread.
     """
+    # MATH writes money as `\boxed{\$18.90}`: an escaped dollar sign is not math (math-verify parses nothing)
+    gold, pred = gold.replace("\\$", ""), pred.replace("\\$", "")
     g, p = as_number(gold), as_number(pred)
     if g is not None and p is not None:
         return math.isclose(g, p, rel_tol=1e-9, abs_tol=1e-9)

@@ -72,6 +72,19 @@ def test_math_gold_is_the_last_box_with_nested_braces():
         assert v.grade(rows[1], r"so $\boxed{1}$").verdict == "wrong_answer"
 
 
+def test_math_money_answer_grades_its_own_solution(tmp_path):
+    # MATH boxes money as \\boxed{\\$18.90}: the gold keeps the escaped dollar, and its own solution, a bare
+    # 18.90 and an instruct model's \\(\\boxed{\\$18.90}\\) must all pass
+    (tmp_path / "m.jsonl").write_text(json.dumps({"problem": "What does it cost?",
+                                                  "solution": "It costs $\\boxed{\\$18.90}$."}) + "\n")
+    row, = load_split(tmp_path / "m.jsonl", kind="math", dataset="math")
+    assert row["answer"] == r"\$18.90"
+    with closing(Verifier("math")) as v:
+        for completion in (row["solution"], r"$\boxed{18.90}$", r"So it is \(\boxed{\$18.90}\).", "#### 18.9"):
+            assert v.grade(row, completion).verdict == "passed", completion
+        assert v.grade(row, r"$\boxed{\$18.80}$").verdict == "wrong_answer"
+
+
 def test_last_boxed_edge_cases():
     assert last_boxed(r"\boxed{a} then \boxed{\frac{1}{\sqrt{2}}}.") == r"\frac{1}{\sqrt{2}}"
     assert last_boxed(r"\fbox{3}") == "3"

@@ -15,6 +15,20 @@ from restem_ray.verification import Verifier, answers_match, extract_answer, gra
     ("we get 3 then 1,234.", "1,234"),
     ("no digits here", None),
     ("#### ", None),
+    # a markdown heading is not the answer: the \\boxed{} after it is
+    ("#### Step 1: add\n6 x 7 = 42\n#### Step 2: Conclude\nThe answer is \\boxed{42}", "42"),
+    ("#### Final Answer\n\\[\n\\boxed{42}\n\\]", "42"),
+    ("#### 72 clips", "72"),
+    ("#### Final Answer: 42", "42"),
+    ("#### \\frac{1}{2}", "\\frac{1}{2}"),
+    ("so it is \\fbox{\\frac{1}{2}}", "\\frac{1}{2}"),
+    ("The answer is \u22125.", "\u22125"),
+    ("half is .5", ".5"),
+    # lm-eval's strict GSM8K phrase beats a number after it; a LaTeX answer after the phrase is not its digit
+    ("The answer is 18. That is 3 more than the 15 she had.", "18"),
+    ("so $\\boxed{2\\sqrt{2}}$.\nFinal Answer: The final answer is $2\\sqrt{2}$. I hope it is correct.",
+     "2\\sqrt{2}"),
+    ("costs 18, and then 20, in all", "20"),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
@@ -27,6 +41,21 @@ def test_numeric_and_latex_equivalence():
     assert answers_match("\\frac{1}{2}", "0.5")
     assert answers_match("2\\sqrt{2}", "\\sqrt{8}")
     assert not answers_match("2\\sqrt{2}", "\\sqrt{3}")
+    assert answers_match("-5", "\u22125")
+
+
+def test_escaped_dollar_answers_match():
+    # MATH writes money as \\boxed{\\$18.90}; math-verify parses a bare "\\$18.90" as nothing
+    assert answers_match(r"\$18.90", r"\$18.90")
+    assert answers_match(r"\$18.90", "18.90")
+    assert answers_match("1200", r"\$1,200")
+    assert grade_math({"answer": "108"}, r"So the total is \(\boxed{\$108}\).").verdict == "passed"
+
+
+def test_a_comma_list_is_not_a_thousands_separator():
+    assert not answers_match("1,3", "13")
+    assert answers_match("1,3", "3,1")
+    assert answers_match("1,000,000.5", "1000000.5")
 
 
 def test_grade_math_verdicts():

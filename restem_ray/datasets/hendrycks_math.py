@@ -7,6 +7,7 @@ minerva_math task gives it (typos included: it is the prompt the published numbe
 """
 from __future__ import annotations
 
+from ..verification import last_boxed
 from .common import BadField, some_id, text
 
 SHOT_FORMAT = "Problem:\n{question}\n\nSolution:\n{answer}"
@@ -33,24 +34,6 @@ STANDARD_SHOTS = [
      r"also know that $6y-9x=b$, we have" "\n\n" r"$$-\frac{3}{2}a=b\Rightarrow\frac{a}{b}=\boxed{-\frac{2}{3}}.$$"
      "\nFinal Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct."),
 ]
-
-
-def last_boxed(solution: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`), braces matched; None if none."""
-    idx = max(solution.rfind("\\boxed"), solution.rfind("\\fbox"))
-    if idx < 0:
-        return None
-    rest = solution[idx:].removeprefix("\\boxed").removeprefix("\\fbox")
-    if rest.startswith(" "):  # `\boxed 5$`: up to the end of the math
-        return rest.strip().split("$")[0].strip() or None
-    if not rest.startswith("{"):
-        return None
-    depth = 0
-    for i, ch in enumerate(rest):
-        depth += {"{": 1, "}": -1}.get(ch, 0)
-        if depth == 0:
-            return rest[1:i].strip() or None
-    return None  # unbalanced
 
 
 def adapt(row: dict) -> dict:
