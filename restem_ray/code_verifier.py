@@ -79,16 +79,23 @@ def _parse(code: str) -> ast.Module | None:
         return None
 
 
-def as_module(code: str) -> tuple[str, ast.Module] | None:
+def as_module(code: str, paragraphs: bool = False) -> tuple[str, ast.Module] | None:
     """`code` as a Python module: as written, else without prose lines before its first top-level
-    def/class/import and after its code (an instruct model's unfenced answer). None if neither parses.
+    def/class/import (with `paragraphs`, any paragraph's first line: a stdin program may start `n = ...`)
+    and after its code (an instruct model's unfenced answer). None if neither parses.
     Parsing only, on the host: nothing here runs the code."""
     tree = _parse(code)
     if tree is not None:
         return code, tree
     lines = code.split("\n")
-    for start in [i for i, l in enumerate(lines) if _CODE_START.match(l)][:3]:
+    starts = [i for i, l in enumerate(lines) if _CODE_START.match(l)][:3]
+    if paragraphs:
+        starts = sorted(set(starts) | {i for i, l in enumerate(lines)
+                                       if l[:1] not in ("", " ", "\t") and (i == 0 or not lines[i - 1].strip())})
+    for start in starts:
         part = lines[start:]
+        if paragraphs and _bare_word(part[0]):  # "Solution" parses as a name: prose, not the program
+            continue
         for _ in range(8):
             text = "\n".join(part)
             try:
@@ -102,6 +109,12 @@ def as_module(code: str) -> tuple[str, ast.Module] | None:
             except Exception:
                 return None
     return None
+
+
+def _bare_word(line: str) -> bool:
+    tree = _parse(line)
+    return tree is not None and len(tree.body) == 1 and isinstance(tree.body[0], ast.Expr) and isinstance(
+        tree.body[0].value, (ast.Name, ast.Constant, ast.Attribute))
 
 
 def _defines(tree: ast.Module, name: str) -> bool:
@@ -331,6 +344,8 @@ class CodeGrader:
             got = res.report.get("results", [])
             ok = len(got) == len(outputs) and all(call_matches(g, e) for g, e in zip(got, outputs))
             return "passed" if ok else "wrong_answer"
+        found = as_module(code, paragraphs=True)  # an unfenced program with prose around it
+        code = found[0] if found else code  # (else it runs as written, and fails as a syntax error)
         for stdin, expected in zip(inputs, outputs):
             stdin = "\n".join(map(str, stdin)) + "\n" if isinstance(stdin, list) else str(stdin)
             res = self.sandbox.run(code, stdin=stdin)

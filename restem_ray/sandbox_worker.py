@@ -98,6 +98,10 @@ def _child(job, in_r, out_w, err_w, res_w):
     sys.stderr = open(2, "w", closefd=False)
     sys.argv = ["solution.py"]
     sys.setrecursionlimit(10000)
+    # `python -I -S` skips site, which defines exit() and quit(); stdin programs end with them all the time
+    import builtins
+
+    builtins.exit = builtins.quit = sys.exit
     report_fd, nonce = 3, job["nonce"]
 
     def report(**fields):
@@ -122,6 +126,7 @@ def _child(job, in_r, out_w, err_w, res_w):
             exited = None
         except SystemExit as e:  # a script may end with sys.exit(); a call-mode program may not
             exited = e.code
+        _join_threads()
         if job["mode"] == "call":
             if exited is not None:
                 report(status="error", exc="SystemExit")
@@ -141,6 +146,22 @@ def _child(job, in_r, out_w, err_w, res_w):
         report(status="error", exc="SystemExit")
     except BaseException as e:
         report(status="error", exc=type(e).__name__)
+
+
+def _join_threads():
+    """Wait for the program's non-daemon threads, as Python does before it exits: competitive programs run
+    `main` in a thread with a large stack for deep recursion, and its output comes after the module's end
+    (report() ends the process at once). The wall-clock limit still bounds the wait."""
+    threading = sys.modules.get("threading")
+    if threading is None:
+        return
+    while True:
+        alive = [t for t in threading.enumerate()
+                 if t is not threading.main_thread() and not t.daemon and t.is_alive()]
+        if not alive:
+            return
+        for t in alive:
+            t.join()
 
 
 def _reap_all():

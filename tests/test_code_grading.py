@@ -164,6 +164,31 @@ def test_apps_module_level_function_and_stdin_cases(grader):
     assert grader.grade(stdin, "print(6)\n") == "wrong_answer"
 
 
+def test_stdin_programs_that_end_with_exit_or_print_from_a_thread(grader):
+    """Competitive-programming idioms run as plain Python runs them: exit() and quit() (defined by site, which
+    the sandbox's `python -I -S` skips), and `main` in a thread with a big stack for deep recursion, whose
+    output comes after the module's last line."""
+    add = {"id": "apps-add", "prompt": "", "input_output": json.dumps({"inputs": ["1 2\n"], "outputs": ["3\n"]})}
+    read = "a, b = map(int, input().split())\n"
+    assert grader.grade(add, read + "print(a + b)\nexit()\n") == "passed"
+    assert grader.grade(add, read + "print(a + b)\nquit()\n") == "passed"
+    assert grader.grade(add, read + "print(a + b)\nexit(3)\n") == "runtime_error"
+    threaded = ("import sys, threading, time\nsys.setrecursionlimit(1 << 20)\nthreading.stack_size(1 << 26)\n"
+                "def main():\n    a, b = map(int, sys.stdin.readline().split())\n    time.sleep(0.3)\n"
+                "    print(a + b)\nthreading.Thread(target=main).start()\n")
+    assert grader.grade(add, threaded) == "passed"
+    assert grader.grade(add, threaded.replace("print(a + b)", "print(a + b + 1)")) == "wrong_answer"
+
+
+def test_an_unfenced_stdin_program_with_prose_around_it_runs_without_the_prose(grader):
+    add = {"id": "apps-add", "prompt": "", "input_output": json.dumps({"inputs": ["1 2\n"], "outputs": ["3\n"]})}
+    answer = ("Here is my solution:\n\na, b = map(int, input().split())\nprint({})\n\n"
+              "This reads the two numbers (a and b) and prints their sum.")
+    assert grader.grade(add, answer.format("a + b")) == "passed"
+    assert grader.grade(add, answer.format("a * b")) == "wrong_answer"
+    assert grader.grade(add, "I cannot solve this one.") == "syntax_error"
+
+
 def test_apps_stdout_numbers_compare_within_apps_tolerance(grader):
     """As APPS's own checker: a printed float matches the expected one within numpy.allclose's default
     tolerance; a different number, or a different count of tokens, does not."""
