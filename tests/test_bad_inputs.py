@@ -15,8 +15,9 @@ GOOD = [{"id": i, "prompt": f"Q{i}", "answer": str(i)} for i in range(3)]
 @pytest.fixture
 def world(tmp_path):
     """A valid config with data and a model folder (config.json + tokenizer), all in tmp_path."""
-    for name in ("train", "valid"):
-        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in GOOD))
+    for name in ("train", "valid"):  # (problems of their own: a train problem also in valid would leave train)
+        (tmp_path / f"{name}.jsonl").write_text("".join(
+            json.dumps(r if name == "train" else dict(r, prompt=f"valid {r['prompt']}")) + "\n" for r in GOOD))
     model = tmp_path / "model"
     model.mkdir()
     (model / "config.json").write_text("{}")

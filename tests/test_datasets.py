@@ -254,6 +254,34 @@ def test_valid_split_is_carved_seeded_and_leaves_train(tmp_path):
     assert not {r["id"] for r in counted.train} & {r["id"] for r in counted.evals["valid"]}
 
 
+def test_train_problems_also_in_an_eval_split_are_left_out(tmp_path, capsys):
+    """A test file holding ten of the train rows (reworded only in case and spacing): those ten leave train,
+    with one line saying so; the same file as train and test is an error, not a run that trains on its test."""
+    rows = gsm8k_rows()
+    test = [dict(r, question="  " + r["question"].upper()) for r in rows[20:30]]
+    (tmp_path / "test.jsonl").write_text("".join(json.dumps(r) + "\n" for r in test))
+    task = {"train_file": str(GSM8K), "dataset": "gsm8k", "valid_split": 8, "test_file": str(tmp_path / "test.jsonl")}
+    s = load_splits(load_config(write_config(tmp_path, task)).task)
+    statements = {r["prompt"] for r in s.train}
+    assert len(s.train) == 64 - 8 - 10 + sum(r["question"] in {x["prompt"] for x in s.evals["valid"]}
+                                               for r in rows[20:30])
+    assert not statements & {r["question"] for r in rows[20:30]}
+    assert not statements & {r["prompt"] for r in s.evals["valid"]}
+    assert len(s.evals["test"]) == 10
+    line, = [l for l in capsys.readouterr().out.splitlines() if "left out" in l]
+    assert "whose statement is also in test (" in line
+    with pytest.raises(UserError, match=r"task.train_file: .*all 56 of its problems are also in test \(56\)"):
+        load_splits(load_config(write_config(tmp_path, {**task, "test_file": str(GSM8K)})).task)
+
+
+def test_the_builtin_code_task_splits_share_no_prompt():
+    from restem_ray.tasks.functions import FunctionTask
+
+    splits = FunctionTask().splits()
+    prompts = [r["prompt"] for rows in splits.values() for r in rows]
+    assert len(prompts) == sum(map(len, splits.values())) == len(set(prompts))
+
+
 def test_eval_split_in_another_format(tmp_path):
     """Train on MATH, report a GSM8K transfer split (the paper's setting): task.eval_datasets."""
     task = {"train_file": str(DATA / "math_train.jsonl"), "dataset": "math", "valid_split": 1,

@@ -168,7 +168,8 @@ def test_a_verifier_that_fails_on_every_row_stops_the_run_with_one_line(tmp_path
     build_model(TinyModelSpec(seed=5), tok).save_pretrained(model)
     tok.save_pretrained(model)
     problems = [{"id": f"p{i}", "prompt": f"Q: {i} + 1\nA:", "answer": str(i + 1)} for i in range(6)]
-    for name, rows in (("train", problems), ("valid", problems[:2])):
+    valid = [{"id": f"v{i}", "prompt": f"Q: {i} + 2\nA:", "answer": str(i + 2)} for i in range(2)]
+    for name, rows in (("train", problems), ("valid", valid)):
         (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     cfg = {"task": {"kind": "math", "train_file": "train.jsonl", "valid_file": "valid.jsonl"},
            "model": {"base": str(model)},

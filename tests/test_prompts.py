@@ -49,10 +49,12 @@ def gsm8k_task(**extra):
 def test_no_prompt_section_leaves_problems_as_written(tmp_path):
     rows = [{"id": f"p{i}", "prompt": f"Q{i} ", "answer": str(i), "extra": [i]} for i in range(6)]
     (tmp_path / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (tmp_path / "v.jsonl").write_text("".join(json.dumps(dict(r, prompt=f"V{i}")) + "\n" for i, r in enumerate(rows)))
     task = load_task(config(tmp_path, {"train_file": str(tmp_path / "t.jsonl"), "valid_split": None,
-                                       "valid_file": str(tmp_path / "t.jsonl")}))
+                                       "valid_file": str(tmp_path / "v.jsonl")}))
     assert task.train == load_problems(tmp_path / "t.jsonl", "math")  # exactly what the loader gave before
-    assert task.evals["valid"] == task.train and task.stop == () and task.renderer is None
+    assert task.evals["valid"] == load_problems(tmp_path / "v.jsonl", "math")
+    assert task.stop == () and task.renderer is None
 
 
 def test_template_and_system_plain(tmp_path):
@@ -221,7 +223,11 @@ def test_code_rows_keep_the_original_code_prompt_for_grading(tmp_path):
 
 
 def test_prompt_command_prints_what_the_model_gets(tmp_path, capsys):
-    cfg = config(tmp_path, gsm8k_task(valid_split=None, valid_file=str(GSM8K)), {"few_shot": "standard"})
+    first = [json.loads(l) for l in GSM8K.read_text().splitlines()[:4]]
+    valid = [dict(r, question=f"Another question {i}?") for i, r in enumerate(first)]
+    (tmp_path / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in valid))
+    cfg = config(tmp_path, gsm8k_task(valid_split=None, valid_file=str(tmp_path / "valid.jsonl")),
+                 {"few_shot": "standard"})
     assert main(["prompt", str(tmp_path / "cfg.yaml"), "--n", "2"]) == 0
     out = capsys.readouterr().out
     task = load_task(cfg)

@@ -45,7 +45,7 @@ def test_verifiers_share_the_e_step_with_samplers():
 def minimal_run_files(tmp_path):
     """One-problem train/valid files and a model folder that passes the pre-Ray checks (config + tokenizer)."""
     for name in ("train", "valid"):
-        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"id": 1, "prompt": "q", "answer": "1"}) + "\n")
+        (tmp_path / f"{name}.jsonl").write_text(json.dumps({"id": 1, "prompt": f"{name} q", "answer": "1"}) + "\n")
     (tmp_path / "model").mkdir()
     (tmp_path / "model" / "config.json").write_text("{}")
     build_tokenizer().save_pretrained(tmp_path / "model")

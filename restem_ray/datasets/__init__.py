@@ -15,6 +15,7 @@ import gzip
 import json
 import random
 import zlib
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -177,10 +178,39 @@ def load_splits(task, need: tuple[str, ...] = ()) -> Splits:
         valid = load("valid", task.valid_file)
     files = ({"test": task.test_file} if task.test_file else {}) | task.extra_eval_files
     evals = {"valid": valid} | {n: load(n, f) for n, f in files.items()}
+    train = leave_out_eval_problems(train, evals, task.train_file)
     lim = task.max_eval_problems
     seed = load_split(task.seed_file, kind="solutions", need=need) if task.seed_file else []
     return Splits(train[: task.max_train_problems] if task.max_train_problems else train,
                   {n: rows[:lim] if lim else rows for n, rows in evals.items()}, seed)
+
+
+def _question(row: dict) -> str:
+    """A problem's statement for comparing splits: case and spacing ignored."""
+    return " ".join(str(row.get("problem") or row.get("prompt") or "").lower().split())
+
+
+def leave_out_eval_problems(train: list[dict], evals: dict[str, list[dict]], source: str) -> list[dict]:
+    """Train without the problems whose statement is also in an eval split: one trained on would inflate the score
+    that picks the iteration (valid) or is reported (test). Said on one line; a train file that is all eval
+    problems (the same file twice, MBPP's one-file release) is an error."""
+    split_of: dict[str, str] = {}
+    for name, rows in evals.items():
+        for r in rows:
+            split_of.setdefault(_question(r), name)
+    split_of.pop("", None)
+    kept = [r for r in train if _question(r) not in split_of]
+    if len(kept) == len(train):
+        return train
+    found = Counter(split_of[_question(r)] for r in train if _question(r) in split_of)
+    where_ = ", ".join(f"{name} ({n})" for name, n in found.items())
+    if not kept:
+        raise UserError(f"task.train_file: {source}: all {len(train)} of its problems are also in {where_}: give "
+                        "train and eval problems from different files (MBPP's mbpp.jsonl holds every split: use "
+                        "the released train, validation and test files)")
+    print(f"[restem] {source}: left out {len(train) - len(kept)} train problems whose statement is also in "
+          f"{where_}", flush=True)
+    return kept
 
 
 def carve(rows: list[dict], size: float | int, seed: int, source: str) -> tuple[list[dict], list[dict]]:

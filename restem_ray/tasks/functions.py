@@ -28,6 +28,7 @@ class FunctionTask:
     n_transfer: int = 300
     n_examples: int = 2
     transfer_examples: int = 3    # more examples in the prompt than anything seen in training
+    distinct_prompts: bool = True  # no prompt in two problems: a test problem's twin in train is a leak
 
     def _draw(self, rng: random.Random) -> tuple[str, tuple[int, ...]]:
         fam = rng.choice(FAMILIES)
@@ -53,9 +54,15 @@ class FunctionTask:
         plan = [("seed", self.n_seed, self.n_examples), ("train", self.n_train, self.n_examples),
                 ("valid", self.n_valid, self.n_examples), ("test", self.n_test, self.n_examples),
                 ("transfer", self.n_transfer, self.transfer_examples)]
-        out = {}
+        out, used = {}, set()
         for split, count, n_examples in plan:
-            rows = [self.render(f"{split}-{i:05d}", *self._draw(rng), rng, n_examples) for i in range(count)]
+            rows = []
+            while len(rows) < count:
+                row = self.render(f"{split}-{len(rows):05d}", *self._draw(rng), rng, n_examples)
+                if self.distinct_prompts and row["prompt"] in used:
+                    continue
+                used.add(row["prompt"])
+                rows.append(row)
             if split != "seed":
                 for r in rows:
                     del r["solution"]
