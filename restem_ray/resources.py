@@ -51,7 +51,9 @@ def phase_needs(cfg: RestemConfig, cluster: dict[str, float] | None = None) -> d
     s, v, t = cfg.sampling, cfg.verification, cfg.training
     code = resolve_verifier(v.verifier, cfg.task.kind) == "code"
     replica = {"CPU": s.cpus_per_replica} | ({"GPU": float(s.tensor_parallel_size)} if s.use_gpu else {})
-    worker = {"CPU": t.cpus_per_worker} | ({"GPU": 1.0} if t.use_gpu else {})
+    # as training.py asks Ray Train for them: custom resources too (a worker that asks for an `H100` the nodes
+    # lack would wait forever, Ray Train retrying its start), and the sandbox's where validation grades code
+    worker = t.worker_resources() | sandbox_resources(v.resources, code and bool(t.eval_every_steps), cluster or {})
     verifier = {"CPU": v.cpus_per_worker} | sandbox_resources(v.resources, code, cluster or {})
     return {
         "E-step": [("sampler replica", replica, s.num_replicas),

@@ -36,6 +36,22 @@ def test_replicas_must_fit_on_single_nodes():
         check_cluster(c, [{"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 2}])
 
 
+def test_training_workers_custom_resources_are_checked():
+    """The check asks for what Ray Train will: a worker's custom resources, and the sandbox's when validation
+    grades code. (Ray Train retries a worker group that cannot be placed without end.)"""
+    c = cfg(training={"use_gpu": True, "num_workers": 2, "resources_per_worker": {"H100": 1}})
+    with pytest.raises(UserError, match=r"M-step: 2 training worker\(s\) need CPU 1, GPU 1, H100 1 each; it holds 0"):
+        check_cluster(c, [{"CPU": 16, "GPU": 8}])
+    check_cluster(c, [{"CPU": 16, "GPU": 8, "H100": 8}])
+    code = cfg(task={**BASE["task"], "kind": "code"}, training={"num_workers": 2, "eval_every_steps": 5},
+               verification={"num_workers": 1})
+    with pytest.raises(UserError, match=r"M-step: 2 training worker\(s\) need CPU 1, sandbox 1 each; it holds 1"):
+        check_cluster(code, [{"CPU": 8}, {"CPU": 1, "sandbox": 1000}])  # sandbox nodes exist: workers need one
+    check_cluster(code, [{"CPU": 8}, {"CPU": 2, "sandbox": 1000}])
+    check_cluster(code.model_copy(update={"training": code.training.model_copy(update={"eval_every_steps": None})}),
+                  [{"CPU": 8}, {"CPU": 1, "sandbox": 1000}])  # no validation: no grading in the workers
+
+
 def test_verifiers_share_the_e_step_with_samplers():
     c = cfg(verification={"num_workers": 8, "cpus_per_worker": 1})
     with pytest.raises(UserError, match=r"8 verifier\(s\) need CPU 1 each; it holds 3"):
