@@ -2,11 +2,13 @@
 # Submit the built-in demo as a Ray job to a running cluster (e.g. `bash cluster/local-cluster.sh start`).
 #   RAY_ADDRESS=http://127.0.0.1:8265 bash jobs/demo.sh [--quick]
 # The driver joins the cluster it runs on (ray.address: auto) and writes the run directory under OUT,
-# which must be storage every node can read (a shared mount on a real cluster). The Python submitter
+# which must be storage every node can read (a shared mount on a real cluster); so must RESTEM_CACHE, where the
+# driver builds the demo's model and data that replicas and trainers on other nodes load (default
+# ~/.cache/restem-ray, fine on one machine), e.g. RESTEM_CACHE=/shared/restem-cache. The Python submitter
 # (jobs/submit.py) does the same and exits with the job's outcome.
 set -euo pipefail
 OUT=${OUT:-/tmp/restem-runs/demo-$(date +%Y%m%d-%H%M%S)}
 RAY=${RAY:-ray}
 exec "$RAY" job submit --address "${RAY_ADDRESS:-http://127.0.0.1:8265}" \
-  --runtime-env-json '{"env_vars": {"PYTHONUNBUFFERED": "1"}}' -- \
+  --runtime-env-json "{\"env_vars\": {\"PYTHONUNBUFFERED\": \"1\"${RESTEM_CACHE:+, \"RESTEM_CACHE\": \"$RESTEM_CACHE\"}}}" -- \
   restem-ray demo --out "$OUT" --set ray.address=auto "$@"

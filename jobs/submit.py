@@ -2,9 +2,11 @@
 """Submit a restem-ray command as a Ray job, stream its logs, exit with the job's outcome.
 
     python jobs/submit.py [--address URL] [--runtime-env FILE.yaml] [--submission-id ID] [--no-wait] \\
-        -- restem-ray run jobs/gsm8k-qwen-0.5b.yaml --out /shared/runs/gsm8k-1 --set ray.address=auto
+        -- restem-ray run /shared/configs/gsm8k-qwen-0.5b.yaml --out /shared/runs/gsm8k-1 --set ray.address=auto
 
 - `--address`: the cluster's dashboard (default `RAY_ADDRESS`, else http://127.0.0.1:8265).
+- The command runs in the job's working directory on the head, not here: give paths every node sees (the
+  config on /shared), or ship the folder that holds them as the runtime_env's `working_dir`.
 - `--runtime-env`: a YAML/JSON runtime_env (env_vars, working_dir, pip, ...); `RESTEM_*` and `HF_*`
   variables of this shell are added to `env_vars` so a job sees the same cache and hub settings.
 - Exit status: 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED, 2 for bad arguments,

