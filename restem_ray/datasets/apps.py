@@ -25,6 +25,10 @@ def adapt(row: dict) -> dict | None:
     if not isinstance(io, dict):
         raise BadField("input_output", "expected a JSON object with inputs and outputs")
     inputs, outputs = io.get("inputs") or [], io.get("outputs") or []
+    if not isinstance(inputs, list) or not isinstance(outputs, list):
+        raise BadField("input_output", "inputs and outputs must be lists (one entry per test case)")
+    if io.get("fn_name") is not None and not (isinstance(io["fn_name"], str) and io["fn_name"].isidentifier()):
+        raise BadField("input_output", f"fn_name {io['fn_name']!r} is not a function name")
     if not inputs:
         return None
     if len(inputs) != len(outputs):

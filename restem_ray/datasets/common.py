@@ -15,7 +15,9 @@ def text(row: dict, field: str, *, empty_ok: bool = False) -> str:
     value = row.get(field)
     if value is None and empty_ok:
         return ""
-    if not isinstance(value, str) or (not empty_ok and not value.strip()):
+    if value is not None and not isinstance(value, str):
+        raise BadField(field, f"expected text, got {type(value).__name__}")
+    if value is None or (not empty_ok and not value.strip()):
         raise BadField(field)
     return value
 
