@@ -324,12 +324,12 @@ class CodeGrader:
         if not code.strip():
             return "no_code"
         if problem.get("input_output"):
-            return self._apps(io, code) if io is not None else "invalid_problem"
+            return self._apps(io, code, completion or "") if io is not None else "invalid_problem"
         if problem.get("test") and problem.get("entry_point"):
             return verdict_of(self.sandbox.run(humaneval_program(problem, code), mode="test"))
         return "invalid_problem"
 
-    def _apps(self, io: dict, code: str) -> str:
+    def _apps(self, io: dict, code: str, completion: str) -> str:
         inputs, outputs = io.get("inputs") or [], io.get("outputs") or []
         if not inputs or len(inputs) != len(outputs):
             return "invalid_problem"
@@ -344,8 +344,9 @@ class CodeGrader:
             got = res.report.get("results", [])
             ok = len(got) == len(outputs) and all(call_matches(g, e) for g, e in zip(got, outputs))
             return "passed" if ok else "wrong_answer"
-        found = as_module(code, paragraphs=True)  # an unfenced program with prose around it
-        code = found[0] if found else code  # (else it runs as written, and fails as a syntax error)
+        if not _FENCE.search(completion):  # an unfenced program with prose around it: without the prose
+            found = as_module(code, paragraphs=True)
+            code = found[0] if found else code  # (else it runs as written, and fails as a syntax error)
         for stdin, expected in zip(inputs, outputs):
             stdin = "\n".join(map(str, stdin)) + "\n" if isinstance(stdin, list) else str(stdin)
             res = self.sandbox.run(code, stdin=stdin)

@@ -28,7 +28,7 @@ from .remote import is_uri
 from .report import print_table, write_plot, write_problem_history
 from .sampling import SampleSpec, with_draw
 from .selection import problem_stats, select, truncated
-from .storage import RunDir, atomic_write_text
+from .storage import RunDir, atomic_write_text, problem_set
 from .training import improve as train_m_step
 from .verdicts import check_infra_errors, verdict_counts
 from .verification import check_verifier, load_plugin, resolve_verifier
@@ -76,7 +76,7 @@ class Driver:
         check_verifier(cfg, local_sandbox=False)  # a bad plug-in fails before any work (the sandbox: in _run)
         check_sinks(cfg.observability)  # as does a dashboard whose package is missing
         self.resume, self.force = resume, force
-        self.run.validate(dump_config(cfg), resume, force)  # the run directory is written only in fit()
+        self.run.validate(dump_config(cfg), resume, force, problem_set(self.train))  # written only in fit()
         if stop_after is not None:
             self.run.stop_after = check_stop_after(stop_after, cfg, self.run if resume else None)
         self.samplers = Samplers(cfg)
@@ -84,7 +84,7 @@ class Driver:
     # ------------------------------------------------------------------ the algorithm
     def fit(self) -> dict:
         cfg, base = self.cfg, self.cfg.model.base
-        self.run.create(dump_config(cfg), self.resume, self.force)
+        self.run.create(dump_config(cfg), self.resume, self.force, problem_set(self.train))
         o = cfg.observability
         if o.tensorboard or o.mlflow_tracking_uri or o.wandb_project:
             self.run.sink = MetricsSink(self.run.root, o.tensorboard, o.mlflow_tracking_uri, o.mlflow_experiment,

@@ -136,17 +136,8 @@ class EStepPool:
         gpus = sampling.tensor_parallel_size if sampling.use_gpu else 0
         bundle = {"CPU": sampling.cpus_per_replica} | ({"GPU": gpus} if gpus else {})
         self.group = placement_group([bundle] * sampling.num_replicas, strategy=sampling.placement_strategy)
-        try:
-            try:
-                ray.get(self.group.ready(), timeout=min(10.0, sampling.placement_timeout_s))
-            except ray.exceptions.GetTimeoutError:  # e.g. an autoscaler starting GPU nodes: say what it waits for
-                print(f"[restem] waiting up to {sampling.placement_timeout_s:g} s (sampling.placement_timeout_s) "
-                      f"for room for {sampling.num_replicas} sampler replica(s) of {bundle}", flush=True)
-                ray.get(self.group.ready(), timeout=max(0.0, sampling.placement_timeout_s - 10.0))
-        except ray.exceptions.GetTimeoutError:
-            remove_placement_group(self.group)
-            raise RunError(f"no room for {sampling.num_replicas} sampler replica(s) of {bundle} with strategy "
-                           f"{sampling.placement_strategy} after {sampling.placement_timeout_s:g} s") from None
+        what = f"{sampling.num_replicas} sampler replica(s) of {bundle} with strategy {sampling.placement_strategy}"
+        reserve(self.group, sampling.placement_timeout_s, what, "sampling.placement_timeout_s")
         # `close` has a thread of its own: in the default group it would queue behind the calls in flight (an
         # error or Ctrl-C mid-E-step), and a replica killed after the 30 s wait leaves its engine's processes.
         sampler_cls = ray.remote(concurrency_groups={CONTROL: 1})(Sampler)
@@ -293,6 +284,23 @@ class EStepPool:
         for g in ([self.group] if self.group is not None else []) + self.extra_groups + placing:
             remove_placement_group(g)  # the accelerators are free for the M-step
         self.group, self.extra_groups, self._placing = None, [], None
+
+
+def reserve(group, timeout_s: float, what: str, key: str, quiet_s: float = 10.0) -> None:
+    """Wait for a placement group's bundles, saying what it waits for once `quiet_s` have passed (an autoscaler
+    starting GPU nodes takes minutes); after `timeout_s` the group is removed and the phase fails (`key` names the
+    setting that bounds the wait)."""
+    try:
+        try:
+            ray.get(group.ready(), timeout=min(quiet_s, timeout_s))
+        except ray.exceptions.GetTimeoutError:
+            if timeout_s <= quiet_s:
+                raise
+            print(f"[restem] waiting up to {timeout_s:g} s ({key}) for room for {what}", flush=True)
+            ray.get(group.ready(), timeout=timeout_s - quiet_s)
+    except ray.exceptions.GetTimeoutError:
+        remove_placement_group(group)
+        raise RunError(f"no room for {what} after {timeout_s:g} s ({key})") from None
 
 
 def _cause(err: Exception) -> str:

@@ -126,7 +126,8 @@ def _child(job, in_r, out_w, err_w, res_w):
             exited = None
         except SystemExit as e:  # a script may end with sys.exit(); a call-mode program may not
             exited = e.code
-        _join_threads()
+        if job["mode"] != "call":  # (a call-mode module only defines what the calls then run)
+            _finish_threads()
         if job["mode"] == "call":
             if exited is not None:
                 report(status="error", exc="SystemExit")
@@ -148,19 +149,20 @@ def _child(job, in_r, out_w, err_w, res_w):
         report(status="error", exc=type(e).__name__)
 
 
-def _join_threads():
-    """Wait for the program's non-daemon threads, as Python does before it exits: competitive programs run
-    `main` in a thread with a large stack for deep recursion, and its output comes after the module's end
-    (report() ends the process at once). The wall-clock limit still bounds the wait."""
+def _finish_threads():
+    """What Python does before it exits: run threading's exit hooks (an unshut ThreadPoolExecutor's workers stop
+    on them) and wait for the program's non-daemon threads. Competitive programs run `main` in a thread with a
+    large stack for deep recursion, and its output comes after the module's end (report() ends the process at
+    once). The wall-clock limit still bounds the wait."""
     threading = sys.modules.get("threading")
     if threading is None:
         return
-    while True:
-        alive = [t for t in threading.enumerate()
-                 if t is not threading.main_thread() and not t.daemon and t.is_alive()]
-        if not alive:
-            return
-        for t in alive:
+    shutdown = getattr(threading, "_shutdown", None)
+    if shutdown is not None:
+        shutdown()
+        return
+    for t in threading.enumerate():  # (an interpreter without threading._shutdown)
+        if t is not threading.main_thread() and not t.daemon:
             t.join()
 
 

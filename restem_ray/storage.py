@@ -7,6 +7,7 @@ RUN/metrics.jsonl (one line per phase per iteration, plus the M-steps' live step
 from __future__ import annotations
 
 import fcntl
+import hashlib
 import json
 import os
 import socket
@@ -53,6 +54,11 @@ RESUME_SAFE_SECTIONS = ("observability.",)
 STEP_PHASE = "improve_step"
 
 
+def problem_set(rows: list[dict]) -> dict:
+    """What a resume must find unchanged: how many problems, and a digest of their ids in order."""
+    return {"count": len(rows), "sha256": hashlib.sha256("\n".join(str(r["id"]) for r in rows).encode()).hexdigest()}
+
+
 def _flatten(tree, prefix: str = "") -> dict:
     out = {}
     for k, v in (tree or {}).items():
@@ -76,8 +82,9 @@ class RunDir:
         self.mirror = None  # RunMirror when the run directory is a URI: this is its node-local copy
 
     # --- creation / resume -------------------------------------------------------------------
-    def validate(self, config_yaml: str, resume: bool, force: bool = False) -> None:
-        """Everything `create` checks, writing nothing (run before any cluster work)."""
+    def validate(self, config_yaml: str, resume: bool, force: bool = False, train: dict | None = None) -> None:
+        """Everything `create` checks, writing nothing (run before any cluster work). `train`: the train problems'
+        `problem_set` (their count and a digest of their ids in order)."""
         if self.manifest_path.exists() and not resume:
             raise UserError(f"{self.root}: run directory already holds a run (use --resume to continue it)")
         if resume and not self.manifest_path.exists():
@@ -88,18 +95,28 @@ class RunDir:
         if not os.access(parent, os.W_OK):
             raise UserError(f"{self.root}: run directory is not writable")
         if resume:
-            self.manifest()  # a damaged manifest fails here, before Ray starts
+            m = self.manifest()  # a damaged manifest fails here, before Ray starts
             self._check_resume_config(config_yaml, force)
+            was = m.get("train_problems")
+            if train is not None and was is not None and was != train and not force:
+                # E-step shards are chunks of the train list: another list would sample some problems twice and
+                # others never, and an iteration's samples would come from two problem sets
+                raise UserError(f"{self.manifest_path}: the train problems changed since the run was created "
+                                f"({was.get('count')} -> {train['count']} problems, or other ids): resuming would mix "
+                                "two problem sets (restore the data files, or use --force to accept)")
 
-    def create(self, config_yaml: str, resume: bool, force: bool = False) -> None:
-        self.validate(config_yaml, resume, force)
+    def create(self, config_yaml: str, resume: bool, force: bool = False, train: dict | None = None) -> None:
+        self.validate(config_yaml, resume, force, train)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
             raise UserError(f"{self.root}: cannot create run directory ({e.strerror})") from None
         atomic_write_text(self.root / "config.yaml", config_yaml)
         if not resume:
-            self._write_manifest({"version": 1, "completed": {}, "created": time.time()})
+            self._write_manifest({"version": 1, "completed": {}, "created": time.time()}
+                                 | ({"train_problems": train} if train is not None else {}))
+        elif train is not None and self.manifest().get("train_problems") != train:  # an older run, or --force
+            self.set(train_problems=train)
         self._trim_metrics()
 
     def _check_resume_config(self, config_yaml: str, force: bool) -> None:

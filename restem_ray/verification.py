@@ -22,13 +22,16 @@ from .errors import UserError
 _NUM_RE = r"[-\u2212]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?|[-\u2212]?\.\d+"
 _NUM = re.compile(_NUM_RE)
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
-# `#### <answer>` (GSM8K's format) on its own line; an "answer is" phrase (lm-eval's strict GSM8K match)
+# `#### <answer>` (GSM8K's format) on its own line
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
-# (the number must end there: "the final answer is $2\sqrt{2}$" is not 2, nor "answer is 1,3" 1)
-_ANSWER_IS = re.compile(r"answer is:?\s*\\?\$?\s*(" + _NUM_RE + r")(?=\$?(?:\s|[.;!?](?:\s|$)|,\s|$))",
+# "The answer is 18." (lm-eval's strict GSM8K match): only a number that ends the sentence or the line. "The final
+# answer is $2\sqrt{2}$" is not 2, "the answer is 3 - 4i" not 3, "the answer is 1,3" not 1.
+_ANSWER_IS = re.compile(r"answer is:?\s*\\?\$?\s*(" + _NUM_RE + r")(?=\$?(?:[.;!?](?:\s|$)|[ \t]*(?:\n|$)))",
                         re.IGNORECASE)
-_ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\s*(?:is\b|:)\s*:?\s*", re.IGNORECASE)
+_ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\b\s*(?:is\b|:)?\s*:?\s*", re.IGNORECASE)
 _NUMBER_THEN_WORDS = re.compile(r"\\?\$?\s*(" + _NUM_RE + r")\s+[A-Za-z][A-Za-z\s.]*")
+# \boxed{...} / \fbox{...}, or MATH's `$\boxed 5$`: one token, then the end of the math (not "in \boxed as asked")
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{|\\boxed +([^\s${}]+)(?=\s*(?:\$|\\\]|\\\)|$))")
 
 
 @dataclass(frozen=True)
@@ -40,20 +43,19 @@ class Grade:
 def _last_boxed_at(text: str) -> tuple[int, str | None]:
     """Where the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`) starts and its content, braces matched;
     (-1, None) if there is none, (start, None) if it is empty or unbalanced."""
-    idx = max(text.rfind("\\boxed"), text.rfind("\\fbox"))
-    if idx < 0:
+    m = None
+    for m in _BOX.finditer(text):
+        pass
+    if m is None:
         return -1, None
-    rest = text[idx:].removeprefix("\\boxed").removeprefix("\\fbox")
-    if rest.startswith(" "):  # `\boxed 5$`: up to the end of the math
-        return idx, rest.strip().split("$")[0].strip() or None
-    if not rest.startswith("{"):
-        return idx, None
-    depth = 0
-    for i, ch in enumerate(rest):
-        depth += {"{": 1, "}": -1}.get(ch, 0)
+    if m.group(1) is not None:  # `\boxed 5$`
+        return m.start(), m.group(1)
+    depth, start = 1, m.end()
+    for i in range(start, len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
         if depth == 0:
-            return idx, rest[1:i].strip() or None
-    return idx, None  # unbalanced
+            return m.start(), text[start:i].strip() or None
+    return m.start(), None  # unbalanced
 
 
 def last_boxed(text: str) -> str | None:
@@ -62,17 +64,17 @@ def last_boxed(text: str) -> str | None:
 
 
 def _hash_answer(line: str) -> str | None:
-    """The answer on a `####` line: "Final Answer: 42" is 42, "72 clips" is 72; a heading with no answer on its
-    line ("#### Final Answer", "#### Step 2: Conclude" followed by more text) is not one."""
+    """The answer on a `####` line: "Final Answer: 42" is 42, "72 clips" is 72; a line that only says "Final
+    Answer" (a heading) holds none."""
     line = _ANSWER_PREFIX.sub("", line.strip()).strip()
     m = _NUMBER_THEN_WORDS.fullmatch(line)
     return (m.group(1) if m else line) or None
 
 
 def extract_answer(completion: str) -> str | None:
-    """The final answer: whichever of a `####` line, the last \\boxed{} and the last "answer is <number>" comes
-    last in the text (a model's markdown `#### Step 2` heading before its \\boxed{} answer is not the answer);
-    else the last number."""
+    """The final answer: whichever of the last `####` line and the last \\boxed{} comes later (a model's markdown
+    `#### Step 2` heading before its \\boxed{} answer is not the answer); else the last "the answer is N." (lm-eval's
+    strict GSM8K match); else the last number."""
     found: list[tuple[int, str]] = []
     hashes = [m for m in _HASHES.finditer(completion) if _hash_answer(m.group(1))]
     if hashes:
@@ -80,11 +82,11 @@ def extract_answer(completion: str) -> str | None:
     at, boxed = _last_boxed_at(completion)
     if boxed is not None:
         found.append((at, boxed))
-    phrases = list(_ANSWER_IS.finditer(completion))
-    if phrases:
-        found.append((phrases[-1].start(), phrases[-1].group(1)))
     if found:
         return max(found)[1].strip()
+    phrases = list(_ANSWER_IS.finditer(completion))
+    if phrases:
+        return phrases[-1].group(1)
     nums = _NUM.findall(completion)
     return nums[-1] if nums else None
 

@@ -178,6 +178,9 @@ def test_stdin_programs_that_end_with_exit_or_print_from_a_thread(grader):
                 "    print(a + b)\nthreading.Thread(target=main).start()\n")
     assert grader.grade(add, threaded) == "passed"
     assert grader.grade(add, threaded.replace("print(a + b)", "print(a + b + 1)")) == "wrong_answer"
+    pool = ("from concurrent.futures import ThreadPoolExecutor\n" + read +  # never shut down: Python's exit does it
+            "print(ThreadPoolExecutor(2).submit(lambda: a + b).result())\n")
+    assert grader.grade(add, pool) == "passed"
 
 
 def test_an_unfenced_stdin_program_with_prose_around_it_runs_without_the_prose(grader):
@@ -187,6 +190,11 @@ def test_an_unfenced_stdin_program_with_prose_around_it_runs_without_the_prose(g
     assert grader.grade(add, answer.format("a + b")) == "passed"
     assert grader.grade(add, answer.format("a * b")) == "wrong_answer"
     assert grader.grade(add, "I cannot solve this one.") == "syntax_error"
+    # only prose is dropped: a fenced program that does not parse is not cut down to its part that does
+    broken = "n = int(input())\nif n > 0:\n    print(n)\nelse\n    print(-n)\n"
+    absolute = {"id": "apps-abs", "prompt": "", "input_output": json.dumps({"inputs": ["3\n"], "outputs": ["3\n"]})}
+    assert grader.grade(absolute, f"```python\n{broken}```") == "syntax_error"
+    assert grader.grade(absolute, f"```python\n{broken.replace('else', 'else:')}```") == "passed"
 
 
 def test_apps_stdout_numbers_compare_within_apps_tolerance(grader):

@@ -283,9 +283,31 @@ def test_train_problems_also_in_an_eval_split_are_left_out(tmp_path, capsys):
     assert not statements & {r["prompt"] for r in s.evals["valid"]}
     assert len(s.evals["test"]) == 10
     line, = [l for l in capsys.readouterr().out.splitlines() if "left out" in l]
-    assert "whose statement is also in test (" in line
+    assert "train problems whose problem statement is also in test (" in line
     with pytest.raises(UserError, match=r"task.train_file: .*all 56 of its problems are also in test \(56\)"):
         load_splits(load_config(write_config(tmp_path, {**task, "test_file": str(GSM8K)})).task)
+    # an extra split that is the train file itself watches train pass@1: not a leak
+    watched = load_splits(load_config(write_config(tmp_path, {**task, "extra_eval_files": {"train": str(GSM8K)}})).task)
+    assert [r["id"] for r in watched.train] == [r["id"] for r in s.train] and len(watched.evals["train"]) == 64
+
+
+def test_seed_solutions_of_eval_problems_are_left_out_and_the_template_fields_count(tmp_path, capsys):
+    """Seed solutions (the control arm's data) of valid problems leave the seed set too. Problems are the same
+    when their prompt and the fields the prompt template reads agree: rows whose `prompt` is boilerplate and
+    whose question sits in a templated field are not all one problem."""
+    rows = [{"id": f"p{i}", "prompt": "Solve it.", "q": f"What is {i} + 1?", "answer": str(i + 1)} for i in range(6)]
+    valid = [dict(r, id=f"v{r['id']}") for r in rows[:2]]
+    seed = [dict(r, solution=f"{r['q']} It is {r['answer']}.") for r in rows]
+    for name, data in (("train", rows), ("valid", valid), ("seed", seed)):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    task = {"train_file": str(tmp_path / "train.jsonl"), "valid_file": str(tmp_path / "valid.jsonl"),
+            "seed_file": str(tmp_path / "seed.jsonl")}
+    s = load_splits(load_config(write_config(tmp_path, task)).task, need=("q",))
+    assert [r["id"] for r in s.train] == ["p2", "p3", "p4", "p5"]
+    assert [r["id"] for r in s.seed_rows] == ["p2", "p3", "p4", "p5"]
+    out = capsys.readouterr().out
+    assert "left out 2 train problems whose problem statement is also in valid (2)" in out
+    assert "left out 2 seed solutions whose problem statement is also in valid (2)" in out
 
 
 def test_the_builtin_code_task_splits_share_no_prompt():

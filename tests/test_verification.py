@@ -29,6 +29,14 @@ from restem_ray.verification import Verifier, answers_match, extract_answer, gra
     ("so $\\boxed{2\\sqrt{2}}$.\nFinal Answer: The final answer is $2\\sqrt{2}$. I hope it is correct.",
      "2\\sqrt{2}"),
     ("costs 18, and then 20, in all", "20"),
+    # Minerva's format ends with "The final answer is $X$": X is the boxed answer whole, never its first number
+    ("so $\\boxed{3, 5}$.\nFinal Answer: The final answer is $3, 5$. I hope it is correct.", "3, 5"),
+    ("so $\\boxed{6-5i}$.\nFinal Answer: The final answer is $6 - 5i$. I hope it is correct.", "6-5i"),
+    ("so $\\boxed{3\\pi}$.\nFinal Answer: The final answer is $3 \\pi$. I hope it is correct.", "3\\pi"),
+    ("The answer is 3 more than that, so 15 + 3 = 18.\nTom has 18 apples.", "18"),
+    ("The total is $\\boxed{18}$.\n\nI put the final answer in \\boxed as requested.", "18"),
+    ("#### Final Answer\nThe total is 18.", "18"),
+    ("MATH writes $\\boxed 5$ too", "5"),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer

@@ -182,3 +182,27 @@ def test_a_run_directory_every_node_sees_passes_and_one_some_do_not_is_one_line(
         "--out /local/run: 1 of the cluster's 3 nodes do not see it (e.g. 10.0.0.7); the training workers and "
         "sampler replicas read each iteration's data and checkpoints from it: give --out a folder every node "
         "mounts (e.g. /shared/runs/NAME) or an object-store URI")
+
+
+def test_a_phase_waits_for_room_saying_so_and_gives_up_in_one_line(cluster, capsys):
+    """An autoscaling cluster adds nodes minutes after a phase asks: the wait is said once, a group that gets
+    its room (here: when another group frees the CPUs) goes on, and one that never does is removed and the run
+    stops in one line naming the setting that bounds the wait."""
+    import threading
+
+    from ray.util.placement_group import placement_group, placement_group_table, remove_placement_group
+
+    from restem_ray.errors import RunError
+    from restem_ray.pool import reserve
+
+    holder = placement_group([{"CPU": 4}])
+    ray.get(holder.ready(), timeout=30)
+    group = placement_group([{"CPU": 2}])
+    threading.Timer(1.5, remove_placement_group, args=(holder,)).start()  # the "new node"
+    reserve(group, 30.0, "2 things", "sampling.placement_timeout_s", quiet_s=0.5)
+    assert "[restem] waiting up to 30 s (sampling.placement_timeout_s) for room for 2 things" in capsys.readouterr().out
+    late = placement_group([{"CPU": 4}])  # the CPUs that remain: 2 of 4
+    with pytest.raises(RunError, match=r"^no room for 4 things after 1.5 s \(sampling.placement_timeout_s\)$"):
+        reserve(late, 1.5, "4 things", "sampling.placement_timeout_s", quiet_s=0.5)
+    assert placement_group_table(late)["state"] == "REMOVED"
+    remove_placement_group(group)

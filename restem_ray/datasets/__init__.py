@@ -178,37 +178,44 @@ def load_splits(task, need: tuple[str, ...] = ()) -> Splits:
         valid = load("valid", task.valid_file)
     files = ({"test": task.test_file} if task.test_file else {}) | task.extra_eval_files
     evals = {"valid": valid} | {n: load(n, f) for n, f in files.items()}
-    train = leave_out_eval_problems(train, evals, task.train_file)
+    # (an extra split that is the train file itself watches train pass@1: it is meant to hold train problems)
+    held_out = {n: rows for n, rows in evals.items() if task.extra_eval_files.get(n) != task.train_file}
+    train = leave_out_eval_problems(train, held_out, task.train_file, "task.train_file", need)
     lim = task.max_eval_problems
     seed = load_split(task.seed_file, kind="solutions", need=need) if task.seed_file else []
+    if seed:  # the control arm's data (and the M-step's with mix_seed_data): solutions of eval problems leak too
+        seed = leave_out_eval_problems(seed, held_out, task.seed_file, "task.seed_file", need)
     return Splits(train[: task.max_train_problems] if task.max_train_problems else train,
                   {n: rows[:lim] if lim else rows for n, rows in evals.items()}, seed)
 
 
-def _question(row: dict) -> str:
-    """A problem's statement for comparing splits: case and spacing ignored."""
-    return " ".join(str(row.get("problem") or row.get("prompt") or "").lower().split())
+def _statement(row: dict, need: tuple[str, ...]) -> str:
+    """What a problem asks, for comparing splits: its prompt and the fields the prompt template reads, case and
+    spacing ignored."""
+    return " ".join(" ".join(str(row.get(f) or "").lower().split()) for f in ("prompt", *need))
 
 
-def leave_out_eval_problems(train: list[dict], evals: dict[str, list[dict]], source: str) -> list[dict]:
-    """Train without the problems whose statement is also in an eval split: one trained on would inflate the score
-    that picks the iteration (valid) or is reported (test). Said on one line; a train file that is all eval
-    problems (the same file twice, MBPP's one-file release) is an error."""
+def leave_out_eval_problems(rows: list[dict], evals: dict[str, list[dict]], source: str, key: str,
+                            need: tuple[str, ...] = ()) -> list[dict]:
+    """`rows` (train problems or seed solutions) without those whose statement is also in an eval split: one
+    trained on would inflate the score that picks the iteration (valid) or is reported (test). Said on one line;
+    a file that is all eval problems (the same file twice, MBPP's one-file release) is an error."""
     split_of: dict[str, str] = {}
-    for name, rows in evals.items():
-        for r in rows:
-            split_of.setdefault(_question(r), name)
-    split_of.pop("", None)
-    kept = [r for r in train if _question(r) not in split_of]
-    if len(kept) == len(train):
-        return train
-    found = Counter(split_of[_question(r)] for r in train if _question(r) in split_of)
+    for name, eval_rows in evals.items():
+        for r in eval_rows:
+            split_of.setdefault(_statement(r, need), name)
+    split_of.pop(_statement({}, need), None)
+    kept = [r for r in rows if _statement(r, need) not in split_of]
+    if len(kept) == len(rows):
+        return rows
+    found = Counter(split_of[_statement(r, need)] for r in rows if _statement(r, need) in split_of)
     where_ = ", ".join(f"{name} ({n})" for name, n in found.items())
+    what = "seed solutions" if key == "task.seed_file" else "train problems"
     if not kept:
-        raise UserError(f"task.train_file: {source}: all {len(train)} of its problems are also in {where_}: give "
+        raise UserError(f"{key}: {source}: all {len(rows)} of its problems are also in {where_}: give "
                         "train and eval problems from different files (MBPP's mbpp.jsonl holds every split: use "
                         "the released train, validation and test files)")
-    print(f"[restem] {source}: left out {len(train) - len(kept)} train problems whose statement is also in "
+    print(f"[restem] {source}: left out {len(rows) - len(kept)} {what} whose problem statement is also in "
           f"{where_}", flush=True)
     return kept
 

@@ -28,7 +28,8 @@ class FunctionTask:
     n_transfer: int = 300
     n_examples: int = 2
     transfer_examples: int = 3    # more examples in the prompt than anything seen in training
-    distinct_prompts: bool = True  # no prompt in two problems: a test problem's twin in train is a leak
+    distinct_prompts: bool = True  # no prompt in two problems (a test problem's twin in train is a leak)
+    version: int = 2               # of splits()'s draws: part of the built-in's cache key
 
     def _draw(self, rng: random.Random) -> tuple[str, tuple[int, ...]]:
         fam = rng.choice(FAMILIES)
@@ -54,17 +55,27 @@ class FunctionTask:
         plan = [("seed", self.n_seed, self.n_examples), ("train", self.n_train, self.n_examples),
                 ("valid", self.n_valid, self.n_examples), ("test", self.n_test, self.n_examples),
                 ("transfer", self.n_transfer, self.transfer_examples)]
-        out, used = {}, set()
-        for split, count, n_examples in plan:
-            rows = []
-            while len(rows) < count:
-                row = self.render(f"{split}-{len(rows):05d}", *self._draw(rng), rng, n_examples)
-                if self.distinct_prompts and row["prompt"] in used:
-                    continue
-                used.add(row["prompt"])
-                rows.append(row)
-            if split != "seed":
-                for r in rows:
-                    del r["solution"]
-            out[split] = rows
-        return out
+        out = {}
+        for n_examples in sorted({n for _, _, n in plan}):
+            splits = [(split, count) for split, count, n in plan if n == n_examples]
+            want = sum(count for _, count in splits)
+            if self.distinct_prompts:
+                # One pool of distinct prompts, shuffled, then cut into the splits: drawn split after split, the
+                # later splits would get what the earlier ones left (fewer of the likeliest functions)
+                pool, seen = [], set()
+                while len(pool) < want:
+                    row = self.render("", *self._draw(rng), rng, n_examples)
+                    if row["prompt"] not in seen:
+                        seen.add(row["prompt"])
+                        pool.append(row)
+                rng.shuffle(pool)
+            else:
+                pool = [self.render("", *self._draw(rng), rng, n_examples) for _ in range(want)]
+            for split, count in splits:
+                rows, pool = pool[:count], pool[count:]
+                for i, r in enumerate(rows):
+                    r["id"] = f"{split}-{i:05d}"
+                    if split != "seed":
+                        del r["solution"]
+                out[split] = rows
+        return {split: out[split] for split, _, _ in plan}
