@@ -67,8 +67,12 @@ def extract_code(completion: str, name: str | None = None) -> str:
             return defining[0]
     if _indented_start(completion):
         return _CLOSING_FENCE.split(completion, 1)[0]
-    if _FENCE.search(completion):
-        return codes[0] if codes else ""
+    first = _FENCE.search(completion)
+    if first:
+        before = completion[:first.start()]
+        if not first.group(1) and before.strip() and _parse(before) is not None and not _bare_word(before.strip()):
+            return before  # unfenced code, then the closing fence a base model adds (and whatever follows it)
+        return codes[0] if codes else before
     return completion
 
 
@@ -344,7 +348,7 @@ class CodeGrader:
             got = res.report.get("results", [])
             ok = len(got) == len(outputs) and all(call_matches(g, e) for g, e in zip(got, outputs))
             return "passed" if ok else "wrong_answer"
-        if not _FENCE.search(completion):  # an unfenced program with prose around it: without the prose
+        if code not in [c for _, c in _FENCE.findall(completion)]:  # unfenced, prose around it: without the prose
             found = as_module(code, paragraphs=True)
             code = found[0] if found else code  # (else it runs as written, and fails as a syntax error)
         for stdin, expected in zip(inputs, outputs):

@@ -76,7 +76,9 @@ class Driver:
         check_verifier(cfg, local_sandbox=False)  # a bad plug-in fails before any work (the sandbox: in _run)
         check_sinks(cfg.observability)  # as does a dashboard whose package is missing
         self.resume, self.force = resume, force
-        self.run.validate(dump_config(cfg), resume, force, problem_set(self.train))  # written only in fit()
+        self.problems = {"train": problem_set(self.train)} | (
+            {"seed": problem_set(self.seed_rows)} if self.seed_rows else {})
+        self.run.validate(dump_config(cfg), resume, force, self.problems)  # the run directory is written in fit()
         if stop_after is not None:
             self.run.stop_after = check_stop_after(stop_after, cfg, self.run if resume else None)
         self.samplers = Samplers(cfg)
@@ -84,7 +86,7 @@ class Driver:
     # ------------------------------------------------------------------ the algorithm
     def fit(self) -> dict:
         cfg, base = self.cfg, self.cfg.model.base
-        self.run.create(dump_config(cfg), self.resume, self.force, problem_set(self.train))
+        self.run.create(dump_config(cfg), self.resume, self.force, self.problems)
         o = cfg.observability
         if o.tensorboard or o.mlflow_tracking_uri or o.wandb_project:
             self.run.sink = MetricsSink(self.run.root, o.tensorboard, o.mlflow_tracking_uri, o.mlflow_experiment,

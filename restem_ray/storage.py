@@ -55,8 +55,10 @@ STEP_PHASE = "improve_step"
 
 
 def problem_set(rows: list[dict]) -> dict:
-    """What a resume must find unchanged: how many problems, and a digest of their ids in order."""
-    return {"count": len(rows), "sha256": hashlib.sha256("\n".join(str(r["id"]) for r in rows).encode()).hexdigest()}
+    """What a resume must find unchanged: how many problems, and a digest of their ids and prompts in order (files
+    without ids number their rows: a reordered or replaced file of the same length has the same ids)."""
+    text = "\n".join(f"{r['id']}\t{r.get('prompt', '')}" for r in rows)
+    return {"count": len(rows), "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -82,9 +84,9 @@ class RunDir:
         self.mirror = None  # RunMirror when the run directory is a URI: this is its node-local copy
 
     # --- creation / resume -------------------------------------------------------------------
-    def validate(self, config_yaml: str, resume: bool, force: bool = False, train: dict | None = None) -> None:
-        """Everything `create` checks, writing nothing (run before any cluster work). `train`: the train problems'
-        `problem_set` (their count and a digest of their ids in order)."""
+    def validate(self, config_yaml: str, resume: bool, force: bool = False, problems: dict | None = None) -> None:
+        """Everything `create` checks, writing nothing (run before any cluster work). `problems`: {name:
+        `problem_set(rows)`} of the problems the run trains on (train, seed), which a resume must find unchanged."""
         if self.manifest_path.exists() and not resume:
             raise UserError(f"{self.root}: run directory already holds a run (use --resume to continue it)")
         if resume and not self.manifest_path.exists():
@@ -97,16 +99,18 @@ class RunDir:
         if resume:
             m = self.manifest()  # a damaged manifest fails here, before Ray starts
             self._check_resume_config(config_yaml, force)
-            was = m.get("train_problems")
-            if train is not None and was is not None and was != train and not force:
+            was = m.get("problem_sets") or {}
+            changed = [k for k in (problems or {}) if k in was and was[k] != problems[k]]
+            if changed and not force:
                 # E-step shards are chunks of the train list: another list would sample some problems twice and
-                # others never, and an iteration's samples would come from two problem sets
-                raise UserError(f"{self.manifest_path}: the train problems changed since the run was created "
-                                f"({was.get('count')} -> {train['count']} problems, or other ids): resuming would mix "
-                                "two problem sets (restore the data files, or use --force to accept)")
+                # others never, and an iteration's samples (or the control arm's data) would mix two problem sets
+                k = changed[0]
+                raise UserError(f"{self.manifest_path}: the {k} problems changed since the run was created "
+                                f"({was[k].get('count')} -> {problems[k]['count']} problems, or other ones): resuming "
+                                "would mix two problem sets (restore the data files, or use --force to accept)")
 
-    def create(self, config_yaml: str, resume: bool, force: bool = False, train: dict | None = None) -> None:
-        self.validate(config_yaml, resume, force, train)
+    def create(self, config_yaml: str, resume: bool, force: bool = False, problems: dict | None = None) -> None:
+        self.validate(config_yaml, resume, force, problems)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
@@ -114,9 +118,9 @@ class RunDir:
         atomic_write_text(self.root / "config.yaml", config_yaml)
         if not resume:
             self._write_manifest({"version": 1, "completed": {}, "created": time.time()}
-                                 | ({"train_problems": train} if train is not None else {}))
-        elif train is not None and self.manifest().get("train_problems") != train:  # an older run, or --force
-            self.set(train_problems=train)
+                                 | ({"problem_sets": problems} if problems else {}))
+        elif problems and self.manifest().get("problem_sets") != problems:  # an older run, or --force
+            self.set(problem_sets=problems)
         self._trim_metrics()
 
     def _check_resume_config(self, config_yaml: str, force: bool) -> None:

@@ -24,14 +24,18 @@ _NUM = re.compile(_NUM_RE)
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 # `#### <answer>` (GSM8K's format) on its own line
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
-# "The answer is 18." (lm-eval's strict GSM8K match): only a number that ends the sentence or the line. "The final
-# answer is $2\sqrt{2}$" is not 2, "the answer is 3 - 4i" not 3, "the answer is 1,3" not 1.
-_ANSWER_IS = re.compile(r"answer is:?\s*\\?\$?\s*(" + _NUM_RE + r")(?=\$?(?:[.;!?](?:\s|$)|[ \t]*(?:\n|$)))",
+# "The answer is 18." (lm-eval's strict GSM8K match): a number that ends there ("18, which is", "18 (5 more"), not
+# one that starts an expression ("3 - 4i", "2\sqrt{2}", "1,3"); or Minerva's "The final answer is $X$": the whole
+# math, unless it is prose between two currency dollars ("is $18.00, since 2 items cost $9").
+_ANSWER_IS = re.compile(r"answer is:?\s*\\?\$?\s*(" + _NUM_RE + r")(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$)))",
                         re.IGNORECASE)
+_ANSWER_IS_MATH = re.compile(r"answer is:?\s*\$([^$\n]+)\$", re.IGNORECASE)
+_PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")
 _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\b\s*(?:is\b|:)?\s*:?\s*", re.IGNORECASE)
 _NUMBER_THEN_WORDS = re.compile(r"\\?\$?\s*(" + _NUM_RE + r")\s+[A-Za-z][A-Za-z\s.]*")
 # \boxed{...} / \fbox{...}, or MATH's `$\boxed 5$`: one token, then the end of the math (not "in \boxed as asked")
-_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{|\\boxed +([^\s${}]+)(?=\s*(?:\$|\\\]|\\\)|$))")
+_BOX = re.compile(r"\\(?:boxed|fbox)\s*\{|\\boxed +([^\s${}\\]+|\\[A-Za-z]+)(?=\s*(?:\$|\\\]|\\\)))"
+                  r"|\\boxed +(-?\d[\d.,/]*)\s*$")
 
 
 @dataclass(frozen=True)
@@ -48,8 +52,8 @@ def _last_boxed_at(text: str) -> tuple[int, str | None]:
         pass
     if m is None:
         return -1, None
-    if m.group(1) is not None:  # `\boxed 5$`
-        return m.start(), m.group(1)
+    if m.group(1) is not None or m.group(2) is not None:  # `\boxed 5$`
+        return m.start(), m.group(1) or m.group(2)
     depth, start = 1, m.end()
     for i in range(start, len(text)):
         depth += {"{": 1, "}": -1}.get(text[i], 0)
@@ -73,8 +77,9 @@ def _hash_answer(line: str) -> str | None:
 
 def extract_answer(completion: str) -> str | None:
     """The final answer: whichever of the last `####` line and the last \\boxed{} comes later (a model's markdown
-    `#### Step 2` heading before its \\boxed{} answer is not the answer); else the last "the answer is N." (lm-eval's
-    strict GSM8K match); else the last number."""
+    `#### Step 2` heading before its \\boxed{} answer is not the answer); without a box, a later "the answer is N."
+    or "the final answer is $X$" (lm-eval's GSM8K and Minerva matches) competes with the `####` line; else the
+    last number."""
     found: list[tuple[int, str]] = []
     hashes = [m for m in _HASHES.finditer(completion) if _hash_answer(m.group(1))]
     if hashes:
@@ -82,11 +87,16 @@ def extract_answer(completion: str) -> str | None:
     at, boxed = _last_boxed_at(completion)
     if boxed is not None:
         found.append((at, boxed))
+    else:
+        # (where both read one phrase, "is $3, 5$", the whole math wins over its first number)
+        phrases = [(m.start(), 0, m.group(1)) for m in _ANSWER_IS.finditer(completion)]
+        phrases += [(m.start(), 1, m.group(1)) for m in _ANSWER_IS_MATH.finditer(completion)
+                    if m.group(1).strip() and not _PROSE.search(m.group(1))]
+        if phrases:
+            at, _, answer = max(phrases)
+            found.append((at, answer))
     if found:
         return max(found)[1].strip()
-    phrases = list(_ANSWER_IS.finditer(completion))
-    if phrases:
-        return phrases[-1].group(1)
     nums = _NUM.findall(completion)
     return nums[-1] if nums else None
 

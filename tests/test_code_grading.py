@@ -195,6 +195,8 @@ def test_an_unfenced_stdin_program_with_prose_around_it_runs_without_the_prose(g
     absolute = {"id": "apps-abs", "prompt": "", "input_output": json.dumps({"inputs": ["3\n"], "outputs": ["3\n"]})}
     assert grader.grade(absolute, f"```python\n{broken}```") == "syntax_error"
     assert grader.grade(absolute, f"```python\n{broken.replace('else', 'else:')}```") == "passed"
+    # a base model's program that ends with a stray closing fence is that program
+    assert grader.grade(absolute, broken.replace("else", "else:") + "```\nThat is all.") == "passed"
 
 
 def test_apps_stdout_numbers_compare_within_apps_tolerance(grader):

@@ -287,8 +287,10 @@ def test_train_problems_also_in_an_eval_split_are_left_out(tmp_path, capsys):
     with pytest.raises(UserError, match=r"task.train_file: .*all 56 of its problems are also in test \(56\)"):
         load_splits(load_config(write_config(tmp_path, {**task, "test_file": str(GSM8K)})).task)
     # an extra split that is the train file itself watches train pass@1: not a leak
-    watched = load_splits(load_config(write_config(tmp_path, {**task, "extra_eval_files": {"train": str(GSM8K)}})).task)
-    assert [r["id"] for r in watched.train] == [r["id"] for r in s.train] and len(watched.evals["train"]) == 64
+    (tmp_path / "link").symlink_to(GSM8K.parent)
+    for same in (str(GSM8K), str(tmp_path / "link" / GSM8K.name)):  # the same file, however it is named
+        watched = load_splits(load_config(write_config(tmp_path, {**task, "extra_eval_files": {"train": same}})).task)
+        assert [r["id"] for r in watched.train] == [r["id"] for r in s.train] and len(watched.evals["train"]) == 64
 
 
 def test_seed_solutions_of_eval_problems_are_left_out_and_the_template_fields_count(tmp_path, capsys):

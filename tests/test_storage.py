@@ -90,28 +90,32 @@ def test_a_run_from_before_a_key_existed_resumes_when_the_key_keeps_its_default(
         RunDir(tmp_path / "run").create(yaml.safe_dump(derived), resume=True)
 
 
-def test_resume_refuses_another_train_problem_set(tmp_path):
-    """E-step shards are chunks of the train list: a resume whose data files (or their decontamination) give other
-    train problems would sample some twice and others never. A run from before the record resumes and gets one."""
+def test_resume_refuses_other_train_or_seed_problems(tmp_path):
+    """E-step shards are chunks of the train list, and the control arm trains on the seed set: a resume whose data
+    files (or their decontamination) give other problems would mix two sets. Ids alone do not tell: files
+    without ids number their rows. A run from before the record resumes and gets one."""
     from restem_ray.storage import problem_set
 
-    rows = [{"id": f"p{i}"} for i in range(10)]
+    rows = [{"id": str(i), "prompt": f"Q{i}"} for i in range(10)]
+    sets = lambda train, seed=rows[:3]: {"train": problem_set(train), "seed": problem_set(seed)}
     run = RunDir(tmp_path / "run")
-    run.create("seed: 0\n", resume=False, train=problem_set(rows))
-    RunDir(tmp_path / "run").create("seed: 0\n", resume=True, train=problem_set(rows))
+    run.create("seed: 0\n", resume=False, problems=sets(rows))
+    RunDir(tmp_path / "run").create("seed: 0\n", resume=True, problems=sets(rows))
     with pytest.raises(UserError, match=r"manifest.json: the train problems changed since the run was created "
-                                        r"\(10 -> 8 problems, or other ids\)"):
-        RunDir(tmp_path / "run").create("seed: 0\n", resume=True, train=problem_set(rows[2:]))
-    reordered = rows[1:] + rows[:1]
-    with pytest.raises(UserError, match=r"\(10 -> 10 problems, or other ids\)"):
-        RunDir(tmp_path / "run").validate("seed: 0\n", resume=True, train=problem_set(reordered))
-    RunDir(tmp_path / "run").create("seed: 0\n", resume=True, force=True, train=problem_set(rows[2:]))
-    assert run.manifest()["train_problems"] == problem_set(rows[2:])  # forced: the new set is the run's now
+                                        r"\(10 -> 8 problems, or other ones\)"):
+        RunDir(tmp_path / "run").create("seed: 0\n", resume=True, problems=sets(rows[2:]))
+    renumbered = [dict(r, prompt=f"Q{(int(r['id']) + 1) % 10}") for r in rows]  # same ids, rows reordered
+    with pytest.raises(UserError, match=r"the train problems changed .*\(10 -> 10 problems, or other ones\)"):
+        RunDir(tmp_path / "run").validate("seed: 0\n", resume=True, problems=sets(renumbered))
+    with pytest.raises(UserError, match=r"the seed problems changed .*\(3 -> 2 problems"):
+        RunDir(tmp_path / "run").validate("seed: 0\n", resume=True, problems=sets(rows, rows[:2]))
+    RunDir(tmp_path / "run").create("seed: 0\n", resume=True, force=True, problems=sets(rows[2:]))
+    assert run.manifest()["problem_sets"] == sets(rows[2:])  # forced: the new sets are the run's now
     m = run.manifest()
-    del m["train_problems"]
+    del m["problem_sets"]
     (tmp_path / "run" / "manifest.json").write_text(json.dumps(m))  # a run from before the record
-    RunDir(tmp_path / "run").create("seed: 0\n", resume=True, train=problem_set(rows))
-    assert run.manifest()["train_problems"] == problem_set(rows)
+    RunDir(tmp_path / "run").create("seed: 0\n", resume=True, problems=sets(rows))
+    assert run.manifest()["problem_sets"] == sets(rows)
 
 
 def test_resume_accepts_a_resized_cluster_without_force(tmp_path):

@@ -37,6 +37,16 @@ from restem_ray.verification import Verifier, answers_match, extract_answer, gra
     ("The total is $\\boxed{18}$.\n\nI put the final answer in \\boxed as requested.", "18"),
     ("#### Final Answer\nThe total is 18.", "18"),
     ("MATH writes $\\boxed 5$ too", "5"),
+    ("\\[\\boxed \\pi\\]", "\\pi"),
+    ("18 apples. I will give the result in \\boxed form.", "18"),
+    # without a box: Minerva's sentence gives its whole math, lm-eval's GSM8K phrase its number
+    ("Final Answer: The final answer is $[2,5)$. I hope it is correct.", "[2,5)"),
+    ("Final Answer: The final answer is $3, 5$. I hope it is correct.", "3, 5"),
+    ("Final Answer: The final answer is $-\\frac{2}{3}$. I hope it is correct.", "-\\frac{2}{3}"),
+    ("#### Solution\nShe has 5 + 13 = 18 apples.\nThe answer is 18.", "18"),
+    ("The answer is 18, which is 3 more than 15.", "18"),
+    ("So the answer is 18 (5 more than the 13 she had).", "18"),
+    ("The answer is $18.00, since 2 items cost $9 each.", "18.00"),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer

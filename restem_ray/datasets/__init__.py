@@ -179,7 +179,8 @@ def load_splits(task, need: tuple[str, ...] = ()) -> Splits:
     files = ({"test": task.test_file} if task.test_file else {}) | task.extra_eval_files
     evals = {"valid": valid} | {n: load(n, f) for n, f in files.items()}
     # (an extra split that is the train file itself watches train pass@1: it is meant to hold train problems)
-    held_out = {n: rows for n, rows in evals.items() if task.extra_eval_files.get(n) != task.train_file}
+    held_out = {n: rows for n, rows in evals.items()
+                if n not in task.extra_eval_files or not _same_file(task.extra_eval_files[n], task.train_file)}
     train = leave_out_eval_problems(train, held_out, task.train_file, "task.train_file", need)
     lim = task.max_eval_problems
     seed = load_split(task.seed_file, kind="solutions", need=need) if task.seed_file else []
@@ -187,6 +188,13 @@ def load_splits(task, need: tuple[str, ...] = ()) -> Splits:
         seed = leave_out_eval_problems(seed, held_out, task.seed_file, "task.seed_file", need)
     return Splits(train[: task.max_train_problems] if task.max_train_problems else train,
                   {n: rows[:lim] if lim else rows for n, rows in evals.items()}, seed)
+
+
+def _same_file(a: str, b: str) -> bool:
+    """Two config paths name one file (a `--set` path may be relative, or go through a link)."""
+    if is_uri(a) or is_uri(b):
+        return a == b
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def _statement(row: dict, need: tuple[str, ...]) -> str:
