@@ -13,7 +13,8 @@
   a LeetCode-style `class Solution` (a fresh instance per case), with LeetCode's implicit imports
   (`List`, `Counter`, `heapq`, ...). Results come back out and are compared here (tuples as lists, an
   expected output wrapped in a one-element list accepted), so expected outputs never enter the sandbox.
-Completions: a body that continues the prefix is graded up to a closing fence; otherwise the fenced block
+Completions: a body that continues the prefix, or unfenced code (not a heading or a line of prose), is graded up
+to a closing fence; otherwise the fenced block
 that defines the function (else the first python block, else the first block), or the unfenced
 completion with prose lines before and after its code dropped. Top-level example usage in an answer
 (statements that call the function, `print` or `input`; `if __name__ == "__main__":` blocks) is dropped
@@ -56,8 +57,9 @@ def _defines_re(name: str) -> re.Pattern:
 
 def extract_code(completion: str, name: str | None = None) -> str:
     """The code to grade: the first fenced block that defines `name` (a function or method); else a body
-    that continues the prompt, up to a closing fence a base model may add; else the first python-tagged
-    block, else the first block; else the completion itself."""
+    that continues the prompt, up to a closing fence a base model may add; else unfenced code followed by such a
+    closing fence, up to it; else the first python-tagged block, else the first block; else the completion
+    itself."""
     blocks = [(lang, code) for lang, code in _FENCE.findall(completion) if code.strip()]
     tagged = [code for lang, code in blocks if lang.lower() in ("python", "py", "python3")]
     codes = tagged or [code for _, code in blocks]
@@ -70,10 +72,18 @@ def extract_code(completion: str, name: str | None = None) -> str:
     first = _FENCE.search(completion)
     if first:
         before = completion[:first.start()]
-        if not first.group(1) and before.strip() and _parse(before) is not None and not _bare_word(before.strip()):
+        if not first.group(1) and _is_program(before):
             return before  # unfenced code, then the closing fence a base model adds (and whatever follows it)
         return codes[0] if codes else before
     return completion
+
+
+def _is_program(text: str) -> bool:
+    """Code rather than a heading or a line of prose that happens to parse ("# Solution" is a comment, "Solution
+    (Python)" a call): it parses and holds a statement other than a bare expression (an assignment, an import,
+    a def, a loop)."""
+    tree = _parse(text)
+    return tree is not None and any(not isinstance(n, ast.Expr) for n in tree.body)
 
 
 def _parse(code: str) -> ast.Module | None:

@@ -56,8 +56,10 @@ STEP_PHASE = "improve_step"
 
 def problem_set(rows: list[dict]) -> dict:
     """What a resume must find unchanged: how many problems, and a digest of their ids and prompts in order (files
-    without ids number their rows: a reordered or replaced file of the same length has the same ids)."""
-    text = "\n".join(f"{r['id']}\t{r.get('prompt', '')}" for r in rows)
+    without ids number their rows: a reordered or replaced file of the same length has the same ids). The prompts
+    as the files hold them: a rendered one may carry the day's date (Llama-3's chat template), and its settings
+    are config keys that the resume checks anyway."""
+    text = "\n".join(f"{r['id']}\t{r.get('raw_prompt', r.get('prompt', ''))}" for r in rows)
     return {"count": len(rows), "sha256": hashlib.sha256(text.encode()).hexdigest()}
 
 

@@ -29,8 +29,10 @@ _HASHES = re.compile(r"####[ \t]*([^\n]*)")
 # math, unless it is prose between two currency dollars ("is $18.00, since 2 items cost $9").
 _ANSWER_IS = re.compile(r"answer is:?\s*\\?\$?\s*(" + _NUM_RE + r")(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$)))",
                         re.IGNORECASE)
-_ANSWER_IS_MATH = re.compile(r"answer is:?\s*\$([^$\n]+)\$", re.IGNORECASE)
+# (the math may hold `\$`; it does not end on a space nor at a currency sign: "is $10 + $8 = $18")
+_ANSWER_IS_MATH = re.compile(r"answer is:?\s*\$((?:\\.|[^$\\\n])+)(?<!\s)\$(?!\d)", re.IGNORECASE)
 _PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")
+_TEXT_IN_MATH = re.compile(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}")  # units: "\text{ square units}"
 _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\b\s*(?:is\b|:)?\s*:?\s*", re.IGNORECASE)
 _NUMBER_THEN_WORDS = re.compile(r"\\?\$?\s*(" + _NUM_RE + r")\s+[A-Za-z][A-Za-z\s.]*")
 # \boxed{...} / \fbox{...}, or MATH's `$\boxed 5$`: one token, then the end of the math (not "in \boxed as asked")
@@ -91,7 +93,7 @@ def extract_answer(completion: str) -> str | None:
         # (where both read one phrase, "is $3, 5$", the whole math wins over its first number)
         phrases = [(m.start(), 0, m.group(1)) for m in _ANSWER_IS.finditer(completion)]
         phrases += [(m.start(), 1, m.group(1)) for m in _ANSWER_IS_MATH.finditer(completion)
-                    if m.group(1).strip() and not _PROSE.search(m.group(1))]
+                    if m.group(1).strip() and not _PROSE.search(_TEXT_IN_MATH.sub("", m.group(1)))]
         if phrases:
             at, _, answer = max(phrases)
             found.append((at, answer))

@@ -197,6 +197,10 @@ def test_an_unfenced_stdin_program_with_prose_around_it_runs_without_the_prose(g
     assert grader.grade(absolute, f"```python\n{broken.replace('else', 'else:')}```") == "passed"
     # a base model's program that ends with a stray closing fence is that program
     assert grader.grade(absolute, broken.replace("else", "else:") + "```\nThat is all.") == "passed"
+    # ... but a heading or a line of prose before a fenced program is not a program
+    for heading in ("# Solution", "### Python solution", "Solution (Python)", "Solution in Python"):
+        fixed = broken.replace("else", "else:")
+        assert grader.grade(absolute, f"{heading}\n```\n{fixed}```\n") == "passed", heading
 
 
 def test_apps_stdout_numbers_compare_within_apps_tolerance(grader):

@@ -116,6 +116,9 @@ def test_resume_refuses_other_train_or_seed_problems(tmp_path):
     (tmp_path / "run" / "manifest.json").write_text(json.dumps(m))  # a run from before the record
     RunDir(tmp_path / "run").create("seed: 0\n", resume=True, problems=sets(rows))
     assert run.manifest()["problem_sets"] == sets(rows)
+    # the prompts as the files hold them: a rendering that stamps the day's date (Llama-3's template) is no change
+    dated = [dict(r, raw_prompt=r["prompt"], prompt=f"Today: 05 Dec 2026\n{r['prompt']}") for r in rows]
+    assert problem_set([dict(r, prompt=r["prompt"].replace("05", "06")) for r in dated]) == problem_set(rows)
 
 
 def test_resume_accepts_a_resized_cluster_without_force(tmp_path):

@@ -47,6 +47,12 @@ from restem_ray.verification import Verifier, answers_match, extract_answer, gra
     ("The answer is 18, which is 3 more than 15.", "18"),
     ("So the answer is 18 (5 more than the 13 she had).", "18"),
     ("The answer is $18.00, since 2 items cost $9 each.", "18.00"),
+    # currency dollars are not math delimiters; an escaped one is money inside the math; units in \\text{} are math
+    ("So the answer is $10 + $8 = $18.", "18"),
+    ("The answer is $18 each, or $36 total.", "36"),
+    ("Final Answer: The final answer is $\\$18.90$. I hope it is correct.", "\\$18.90"),
+    ("Final Answer: The final answer is $6\\sqrt{3}\\text{ square inches}$. I hope it is correct.",
+     "6\\sqrt{3}\\text{ square inches}"),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
