@@ -83,9 +83,9 @@ def extract_answer(completion: str) -> str | None:
     or "the final answer is $X$" (lm-eval's GSM8K and Minerva matches) competes with the `####` line; else the
     last number."""
     found: list[tuple[int, str]] = []
-    hashes = [m for m in _HASHES.finditer(completion) if _hash_answer(m.group(1))]
+    hashes = [(m.start(), a) for m in _HASHES.finditer(completion) if (a := _hash_answer(m.group(1)))]
     if hashes:
-        found.append((hashes[-1].start(), _hash_answer(hashes[-1].group(1))))
+        found.append(hashes[-1])
     at, boxed = _last_boxed_at(completion)
     if boxed is not None:
         found.append((at, boxed))

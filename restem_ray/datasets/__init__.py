@@ -213,10 +213,11 @@ def leave_out_eval_problems(rows: list[dict], evals: dict[str, list[dict]], sour
         for r in eval_rows:
             split_of.setdefault(_statement(r, need), name)
     split_of.pop(_statement({}, need), None)
-    kept = [r for r in rows if _statement(r, need) not in split_of]
+    statements = [_statement(r, need) for r in rows]
+    kept = [r for r, st in zip(rows, statements) if st not in split_of]
     if len(kept) == len(rows):
         return rows
-    found = Counter(split_of[_statement(r, need)] for r in rows if _statement(r, need) in split_of)
+    found = Counter(split_of[st] for st in statements if st in split_of)
     where_ = ", ".join(f"{name} ({n})" for name, n in found.items())
     what = "seed solutions" if key == "task.seed_file" else "train problems"
     if not kept:
