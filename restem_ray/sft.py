@@ -16,9 +16,22 @@ def encode(tokenizer, prompt: str, completion: str, max_len: int | None = None,
     """Token ids and labels for prompt+completion+`end` (default: EOS), prompt masked; left-truncated to max_len
     if given (the M-step gives none: it drops over-long rows instead, since a cut row teaches a headless solution)."""
     p = tokenizer(prompt).input_ids  # with BOS, exactly as vLLM tokenizes the prompt
-    c = tokenizer(completion, add_special_tokens=False).input_ids + [tokenizer.eos_token_id if end is None else end]
+    c = completion_ids(tokenizer, prompt, p, completion) + [tokenizer.eos_token_id if end is None else end]
     ids, labels = p + c, [IGNORE] * len(p) + c
     return (ids[-max_len:], labels[-max_len:]) if max_len else (ids, labels)
+
+
+def completion_ids(tokenizer, prompt: str, prompt_ids: list[int], completion: str) -> list[int]:
+    """The completion's tokens as they follow the prompt: the tail of prompt+completion tokenized as one text,
+    where its head is the prompt's own tokens. Tokenized alone, a SentencePiece tokenizer (Llama-2, Mistral)
+    starts the completion with its word-boundary "▁", so every trained solution would begin with a space or
+    a token the model never wrote. Where the two texts merge across the boundary (a prompt that ends in a
+    space), the prompt keeps the tokens vLLM gave it and the completion is tokenized alone."""
+    whole = tokenizer(prompt + completion).input_ids
+    n = len(prompt_ids)
+    if whole[:n] == prompt_ids:
+        return whole[n:]
+    return tokenizer(completion, add_special_tokens=False).input_ids
 
 
 def pad_id(tokenizer) -> int:

@@ -755,6 +755,52 @@ def test_each_trained_completion_ends_with_the_first_stop_token_id_or_eos(tmp_pa
         assert len(step.data) == len(SUMS) and all(ids[-1] == labels[-1] == end for ids, labels in step.data)
 
 
+def _sentencepiece_style_tokenizer(legacy: bool):
+    """A Llama-2/Mistral-style tokenizer: spaces become "\u2581" and a "\u2581" starts the text, BOS prepended.
+    `legacy`: as their tokenizer.json files write it (a Prepend normalizer, which prepends to any text);
+    else as a Metaspace pre-tokenizer that prepends only where the text does not start with a space."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, trainers
+    from tokenizers.processors import TemplateProcessing
+    from transformers import PreTrainedTokenizerFast
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>"))
+    if legacy:
+        tok.normalizer = normalizers.Sequence([normalizers.Prepend("\u2581"), normalizers.Replace(" ", "\u2581")])
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never")
+    else:
+        tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    tok.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    corpus = ["Question: what is 2 plus 3?\nAnswer: The answer is 5.\n#### 5", "So the total is 42 apples."] * 20
+    tok.train_from_iterator(corpus, trainers.BpeTrainer(vocab_size=120, special_tokens=["<unk>", "<s>", "</s>"]))
+    tok.post_processor = TemplateProcessing(single="<s> $A", special_tokens=[("<s>", tok.token_to_id("<s>"))])
+    return PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+
+
+@pytest.mark.parametrize("kind", ["sentencepiece-legacy", "sentencepiece", "qwen2-bpe", "characters"])
+def test_a_trained_completion_has_the_tokens_it_has_after_its_prompt(kind):
+    """Tokenized alone, a completion gets a SentencePiece tokenizer's leading "\u2581": the M-step would teach
+    every solution to start with a space the model never wrote. It gets the tokens it has after its prompt."""
+    from restem_ray.tiny_chat import build_chat_tokenizer
+
+    tok = {"sentencepiece-legacy": lambda: _sentencepiece_style_tokenizer(True),
+           "sentencepiece": lambda: _sentencepiece_style_tokenizer(False),
+           "qwen2-bpe": build_chat_tokenizer, "characters": build_tokenizer}[kind]()
+    for prompt, completion in [("Question: what is 2 plus 3?\nAnswer:", " The answer is 5.\n#### 5"),
+                               ("Question: what is 2 plus 3?\n", "The answer is 5."),
+                               ("Question: so the total is", " 42 apples.")]:
+        ids, labels = encode(tok, prompt, completion)
+        whole = tok(prompt + completion).input_ids
+        n = len(tok(prompt).input_ids)
+        assert ids == whole + [tok.eos_token_id], (kind, prompt, tok.convert_ids_to_tokens(ids))
+        assert labels == [IGNORE] * n + whole[n:] + [tok.eos_token_id]
+        assert tok.decode(ids, skip_special_tokens=True) == prompt + completion
+    # where the texts merge across the boundary the prompt keeps its own tokens (those vLLM sampled after)
+    prompt = "Answer: "
+    ids, labels = encode(tok, prompt, "5")
+    n = len(tok(prompt).input_ids)
+    assert ids[:n] == tok(prompt).input_ids and labels[:n] == [IGNORE] * n and labels[-1] == tok.eos_token_id
+
+
 @slow
 def test_compiled_layers_train_as_eager_ones_with_one_graph_for_every_width(tmp_path, single_process_group):
     """training.compile_layers: every decoder layer compiled (dynamic shapes) trains to the same losses and weights
