@@ -33,8 +33,9 @@ class TaskConfig(_Section):
     max_train_problems: int | None = Field(None, ge=1, description="Use only the first N train problems.")
     max_eval_problems: int | None = Field(None, ge=1, description="Use only the first N problems per eval split.")
     seed_file: str | None = Field(
-        None, description="Human-written solutions (id, prompt, solution): the control arm's data, and the M-step's "
-                          "with training.mix_seed_data. Never used by ReST^EM itself by default.")
+        None, description="Human-written solutions (id, prompt, solution, or the task.dataset format where it has "
+                          "worked solutions: gsm8k, math): the control arm's data, and the M-step's with "
+                          "training.mix_seed_data. Never used by ReST^EM itself by default.")
     step_checker: str | None = Field(
         None, description="Optional 'module:function' (problem, completion) -> 1.0 if every step is right; used only "
                           "to report the false-positive rate of kept samples (and usable as a stricter verifier).")

@@ -312,6 +312,23 @@ def test_seed_solutions_of_eval_problems_are_left_out_and_the_template_fields_co
     assert "left out 2 seed solutions whose problem statement is also in valid (2)" in out
 
 
+def test_a_seed_file_in_the_tasks_released_format_gives_its_worked_solutions(tmp_path):
+    """The paper's control arm trains on GSM8K's human solutions: with task.dataset gsm8k, the released train
+    file is a seed file (its worked answers the solutions, valid problems left out); a file of id, prompt,
+    solution still reads as it is."""
+    rows = gsm8k_rows()
+    task = {"train_file": str(GSM8K), "dataset": "gsm8k", "valid_split": 8, "seed_file": str(GSM8K)}
+    s = load_splits(load_config(write_config(tmp_path, task)).task)
+    valid = {r["prompt"] for r in s.evals["valid"]}
+    assert len(s.seed_rows) == 64 - 8 and not {r["prompt"] for r in s.seed_rows} & valid
+    by_question = {r["question"]: r["answer"] for r in rows}
+    assert all(r["solution"] == by_question[r["prompt"]] and "####" in r["solution"] for r in s.seed_rows)
+    ours = [{"id": f"s{i}", "prompt": r["question"], "solution": r["answer"]} for i, r in enumerate(rows[:5])]
+    (tmp_path / "seed.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ours))
+    s = load_splits(load_config(write_config(tmp_path, {**task, "seed_file": str(tmp_path / "seed.jsonl")})).task)
+    assert [r["solution"] for r in s.seed_rows] == [r["answer"] for r in rows[:5] if r["question"] not in valid]
+
+
 def test_the_builtin_code_task_splits_share_no_prompt():
     from restem_ray.tasks.functions import FunctionTask
 

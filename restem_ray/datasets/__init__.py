@@ -183,11 +183,23 @@ def load_splits(task, need: tuple[str, ...] = ()) -> Splits:
                 if n not in task.extra_eval_files or not _same_file(task.extra_eval_files[n], task.train_file)}
     train = leave_out_eval_problems(train, held_out, task.train_file, "task.train_file", need)
     lim = task.max_eval_problems
-    seed = load_split(task.seed_file, kind="solutions", need=need) if task.seed_file else []
+    seed = load_seed(task, need) if task.seed_file else []
     if seed:  # the control arm's data (and the M-step's with mix_seed_data): solutions of eval problems leak too
         seed = leave_out_eval_problems(seed, held_out, task.seed_file, "task.seed_file", need)
     return Splits(train[: task.max_train_problems] if task.max_train_problems else train,
                   {n: rows[:lim] if lim else rows for n, rows in evals.items()}, seed)
+
+
+def load_seed(task, need: tuple[str, ...] = ()) -> list[dict]:
+    """task.seed_file's human solutions: rows of id, prompt, solution as they are, or a file in the task's own
+    released format (GSM8K's or MATH's train file, whose worked solutions are the paper's human data) through
+    its adapter (task.dataset, task.columns, task.adapter)."""
+    rows = read_rows(task.seed_file, "seed file")
+    ours = not rows or {"prompt", "solution"} <= rows[0][1].keys()
+    if ours or not (task.dataset or task.adapter or task.columns):
+        return load_split(task.seed_file, kind="solutions", need=need)
+    return load_split(task.seed_file, kind="solutions", dataset=task.dataset, columns=task.columns,
+                      adapter=task.adapter, need=need)
 
 
 def _same_file(a: str, b: str) -> bool:
