@@ -20,8 +20,12 @@ import re
 import sys
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from .errors import RunError, UserError
+
+if TYPE_CHECKING:
+    from .config import RestemConfig
 
 # lr 3e-4 x 4 epochs: on the ~140 solutions 128 problems yield, the full demo's lr 1e-3 overwrites the base
 # (measured: valid pass@1 0.70 -> 0.38 with 2 epochs; 0.70 -> 0.75 with these settings, 5 s more).
@@ -212,11 +216,38 @@ def check_model_dir(name: str, path: str) -> None:
         raise UserError(f"{name}: {path}: no tokenizer files")
 
 
+def run_settings(path: str) -> dict:
+    """What `eval --config` takes from a run's config: how it prompts (few-shot, chat template, stops), samples,
+    grades and scores, and the task's format; not its files, model or training."""
+    from .config import load_config
+
+    run = load_config(path).model_dump(mode="json")
+    out = {k: run[k] for k in ("prompt", "sampling", "verification", "seed")}
+    # pass@k's sampling, not its k: that stays eval's --k (the run's k_splits name the run's splits)
+    out["evaluation"] = {k: v for k, v in run["evaluation"].items() if k not in ("k", "k_splits")}
+    return out | {"task": {k: run["task"][k] for k in ("kind", "dataset", "columns", "adapter")}}
+
+
+def eval_config(args, first: str) -> RestemConfig:
+    """eval's config: the --config run's settings (run_settings), then eval's own flags and --set."""
+    from .config import DATASET_KINDS, apply_overrides, config_from_dict
+
+    tree = run_settings(args.config) if args.config else {}
+    task = tree.pop("task", {})
+    dataset = args.dataset or task.get("dataset")
+    verifier = args.verifier or tree.get("verification", {}).get("verifier") or "auto"  # auto: by the task's kind
+    kind = DATASET_KINDS.get(dataset) or ("code" if verifier == "code" else task.get("kind", "math"))
+    tree |= {"task": {**task, "kind": kind, "train_file": first, "valid_file": first, "dataset": dataset},
+             "model": {"base": args.model}, "verification": {**tree.get("verification", {}), "verifier": verifier}}
+    tree["evaluation"] = {**tree.get("evaluation", {}), "k": args.k}
+    if args.max_tokens:
+        tree["sampling"] = {**tree.get("sampling", {}), "max_tokens": args.max_tokens}
+    return config_from_dict(apply_overrides(tree, args.set), "eval")
+
+
 def cmd_eval(args) -> int:
     """Score any HF checkpoint on problem files with the same sampler replicas and verifier pool."""
     import json
-    from .config import RestemConfig, apply_overrides, config_from_dict
-    from .config import DATASET_KINDS
     from .datasets import load_split
     from .evaluation import score_split
     from .prompts import check_model_len, load_tokenizer, make_renderer, render_rows, sampling_stops, template_fields
@@ -234,14 +265,7 @@ def cmd_eval(args) -> int:
         splits[name] = path
     if args.out:
         check_output_file(Path(args.out), (".json",))  # before the evaluation, not after it
-    first = next(iter(splits.values()))
-    kind = DATASET_KINDS.get(args.dataset) or ("code" if args.verifier == "code" else "math")
-    tree = {"task": {"kind": kind, "train_file": first, "valid_file": first, "dataset": args.dataset},
-            "model": {"base": args.model}, "verification": {"verifier": args.verifier},
-            "evaluation": {"k": args.k}}
-    if args.max_tokens:
-        tree["sampling"] = {"max_tokens": args.max_tokens}
-    cfg: RestemConfig = config_from_dict(apply_overrides(tree, args.set), "eval")
+    cfg = eval_config(args, next(iter(splits.values())))
     kind = cfg.task.kind if cfg.verification.verifier in ("math", "code") else "any"
     t = cfg.task
     problems = {n: load_split(p, kind=kind, dataset=t.dataset, columns=t.columns, adapter=t.adapter,
@@ -511,7 +535,10 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--model", required=True, help="HF model folder")
     e.add_argument("--problems", required=True, action="append", metavar="[NAME=]FILE",
                    help="problem file (.jsonl/.parquet); repeat for several splits")
-    e.add_argument("--verifier", default="math", help="math, code, or module:function (default math)")
+    e.add_argument("--config", help="a run's config (e.g. RUN/config.yaml): prompt, sample, grade and score as that "
+                                    "run does, its files and model aside")
+    e.add_argument("--verifier", help="math, code, or module:function (default: the --config's, else by the "
+                                      "task's kind: code for a code --dataset, else math)")
     e.add_argument("--dataset", choices=list(DATASET_KINDS), help=dataset_help)
     e.add_argument("--k", type=int, default=0, help="also pass@k and maj@k from k samples")
     e.add_argument("--max-tokens", type=positive_int, default=None, help="max new tokens per completion")

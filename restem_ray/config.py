@@ -481,18 +481,30 @@ class RestemConfig(_Section):
         return self
 
 
-def key_default(key: str) -> Any:
-    """The schema's default of a dotted key ("sampling.stop_token_ids"); None for a key it has no default for.
-    A resumed run's config.yaml written before a key existed ran with that default."""
+def _field(key: str):
+    """The schema's field of a dotted key ("sampling.stop_token_ids"); None for a key it does not have."""
     model: Any = RestemConfig
     *sections, name = key.split(".")
     try:
         for section in sections:
             ann = model.model_fields[section].annotation
             model = next(a for a in (ann, *get_args(ann)) if isinstance(a, type) and issubclass(a, BaseModel))
-        return model.model_fields[name].get_default(call_default_factory=True)
+        return model.model_fields[name]
     except (KeyError, StopIteration):
         return None
+
+
+def key_default(key: str) -> Any:
+    """The schema's default of a dotted key; None for a key it has no default for. A resumed run's config.yaml
+    written before a key existed ran with that default."""
+    f = _field(key)
+    return None if f is None else f.get_default(call_default_factory=True)
+
+
+def _is_text(key: str) -> bool:
+    """Whether a dotted key's field holds text (str, or str or None) in the schema."""
+    f = _field(key)
+    return f is not None and (f.annotation is str or set(get_args(f.annotation)) == {str, type(None)})
 
 
 def apply_overrides(tree: dict, overrides: list[str]) -> dict:
@@ -505,6 +517,8 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
+        if value is not None and not isinstance(value, str) and _is_text(key):
+            value = raw  # prompt.template={question} is the text, not YAML's mapping {question: null}
         node = tree
         parts = key.split(".")
         for p in parts[:-1]:

@@ -268,3 +268,39 @@ def test_driver_loads_rendered_problems_and_records_the_stop(tmp_path):
     assert d.train == load_task(cfg).train and d.train[0]["prompt"].startswith("Q: There are 15 trees")
     assert d.cfg.sampling.stop == ["Q:"] and "- 'Q:'" in dump_config(d.cfg)
     assert not (tmp_path / "run").exists()
+
+
+def eval_args(**given):
+    from argparse import Namespace
+
+    return Namespace(**{"config": None, "model": "m", "dataset": None, "verifier": None, "k": 0, "max_tokens": None,
+                        "set": [], **given})
+
+
+def test_eval_with_a_runs_config_prompts_samples_and_grades_as_that_run(tmp_path):
+    """`eval --config RUN/config.yaml` renders the run's prompts (few-shot turns, system, chat template) and
+    samples and grades as the run; without it the questions go as written. --dataset humaneval grades code
+    without --verifier, and --set prompt.template={question} is that text, not a YAML mapping."""
+    from restem_ray.cli import eval_config
+    from restem_ray.datasets import load_split
+    from restem_ray.prompts import make_renderer, render_rows, sampling_stops, template_fields
+
+    model = make_model(tmp_path / "chat", CHATML)
+    prompt = {"few_shot": "standard", "few_shot_n": 2, "system": "SYS", "template": "{question}"}
+    cfg = config(tmp_path, gsm8k_task(), prompt, model=model, sampling={"temperature": 0.7, "max_tokens": 300},
+                 evaluation={"k": 4, "k_splits": ["valid"], "temperature": 0.6})
+    run = load_task(cfg)
+    ev = eval_config(eval_args(config=str(tmp_path / "cfg.yaml"), model=str(model)), str(GSM8K))
+    assert ev.prompt == cfg.prompt and ev.sampling == cfg.sampling and ev.task.dataset == "gsm8k"
+    assert (ev.evaluation.temperature, ev.evaluation.k, ev.task.kind) == (0.6, 0, "math")
+    renderer = make_renderer(ev, str(model))
+    rendered = {r["id"]: r["prompt"] for r in render_rows(load_split(
+        GSM8K, kind="math", dataset="gsm8k", need=template_fields(ev)), renderer, code=False)}
+    assert run.evals["valid"] and all(rendered[r["id"]] == r["prompt"] for r in run.evals["valid"])
+    assert sampling_stops(ev, renderer) == (run.stop, run.stop_token_ids)
+    assert eval_config(eval_args(model=str(model), dataset="gsm8k"), str(GSM8K)).prompt is None
+    from restem_ray.verification import check_verifier
+
+    he = eval_config(eval_args(dataset="humaneval"), "he.jsonl")
+    assert he.task.kind == "code" and check_verifier(he, local_sandbox=False) == "code"
+    assert eval_config(eval_args(set=["prompt.template={question}"]), "x.jsonl").prompt.template == "{question}"
