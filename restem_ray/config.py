@@ -51,6 +51,10 @@ class TaskConfig(_Section):
     valid_split: float | int | None = Field(
         None, description="Carve the validation split out of train_file: a fraction (0-1) or a count of problems, "
                           "chosen with valid_split_seed; the carved problems leave train. Instead of valid_file.")
+    leave_out_long_prompts: bool = Field(
+        False, description="Leave out the train problems whose prompt plus sampling.max_tokens overflows "
+                           "training.max_seq_len, saying how many, instead of refusing the config (a dataset with a "
+                           "long tail of long problems, APPS).")
     valid_split_seed: int = Field(0, description="Seed of the valid_split choice (kept apart from `seed`, so runs with "
                                                  "different seeds share one split).")
     eval_datasets: dict[str, Literal["gsm8k", "math", "humaneval", "mbpp", "apps"] | None] = Field(

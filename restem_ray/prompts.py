@@ -197,6 +197,8 @@ def render_task(cfg: RestemConfig, splits: Splits, model: str | None = None) -> 
     renderer = make_renderer(cfg, model)
     code = cfg.task.kind == "code"
     train = render_rows(splits.train, renderer, code=code, train=True)
+    if cfg.task.leave_out_long_prompts:
+        train = _fitting(cfg, train, renderer.tok if renderer else load_tokenizer(model or cfg.model.base))
     evals = {n: render_rows(rows, renderer, code=code) for n, rows in splits.evals.items()}
     seed = splits.seed_rows
     if renderer is not None:  # human solutions are trained on like samples: under the training rendering
@@ -238,7 +240,8 @@ def check_lengths(cfg: RestemConfig, task: Task) -> None:
     if longest + m > cfg.training.max_seq_len:
         raise UserError(f"training.max_seq_len {cfg.training.max_seq_len} is shorter than the longest train prompt "
                         f"({longest} tokens, problem {pid!r}) + sampling.max_tokens {m} = {longest + m}: raise "
-                        "training.max_seq_len or lower sampling.max_tokens")
+                        "training.max_seq_len, lower sampling.max_tokens, or leave such problems out "
+                        "(task.leave_out_long_prompts: true)")
     check_model_len(cfg, {"train": task.train, **task.evals}, tok)
     for i in cfg.sampling.stop_token_ids:  # past the vocabulary it would end every training row: a crash on GPUs
         if i >= len(tok):
@@ -256,11 +259,25 @@ def check_model_len(cfg: RestemConfig, splits: dict[str, list[dict]], tok) -> No
                             f"({longest} tokens, {pid}): raise it or shorten the prompt")
 
 
+def _lengths(tok, texts: list[str]) -> list[int]:
+    return [len(ids) for i in range(0, len(texts), 1024) for ids in tok(texts[i : i + 1024]).input_ids]
+
+
 def _longest(tok, rows: list[tuple[str, str]]) -> tuple[str, int]:
-    best = ("", 0)
-    for i in range(0, len(rows), 1024):
-        chunk = rows[i : i + 1024]
-        for (pid, _), ids in zip(chunk, tok([t for _, t in chunk]).input_ids):
-            if len(ids) > best[1]:
-                best = (pid, len(ids))
-    return best
+    return max(zip((pid for pid, _ in rows), _lengths(tok, [t for _, t in rows])), key=lambda x: x[1],
+               default=("", 0))
+
+
+def _fitting(cfg: RestemConfig, train: list[dict], tok) -> list[dict]:
+    """task.leave_out_long_prompts: the train problems whose prompt leaves a full completion room in
+    training.max_seq_len (check_lengths' rule), the others left out on one line."""
+    room = cfg.training.max_seq_len - cfg.sampling.max_tokens
+    kept = [r for r, n in zip(train, _lengths(tok, [r.get("train_prompt", r["prompt"]) for r in train])) if n <= room]
+    if not kept:
+        raise UserError(f"task.leave_out_long_prompts: every train prompt is longer than training.max_seq_len "
+                        f"{cfg.training.max_seq_len} - sampling.max_tokens {cfg.sampling.max_tokens} = {room} tokens")
+    if len(kept) < len(train):
+        print(f"[restem] {cfg.task.train_file}: left out {len(train) - len(kept)} of {len(train)} train problems "
+              f"whose prompt is longer than training.max_seq_len {cfg.training.max_seq_len} - sampling.max_tokens "
+              f"{cfg.sampling.max_tokens} = {room} tokens (task.leave_out_long_prompts)", flush=True)
+    return kept

@@ -118,3 +118,17 @@ def test_training_options_are_checked_at_load_time(tmp_path):
         with pytest.raises(UserError) as e:
             load_config(write(tmp_path, {**MIN, "training": tree}))
         assert needle in str(e.value) and "\n" not in str(e.value)
+
+
+def test_every_config_example_in_the_readme_is_a_valid_config():
+    """The README's YAML examples name keys the config tree has, with values it accepts (a renamed key or a
+    wrong type in the docs fails here, not on a user's cluster)."""
+    import re
+    from pathlib import Path
+
+    from restem_ray.config import config_from_dict
+
+    blocks = re.findall(r"```yaml\n(.*?)```", (Path(__file__).parents[1] / "README.md").read_text(), re.S)
+    assert len(blocks) >= 4
+    for i, block in enumerate(blocks):
+        config_from_dict(yaml.safe_load(block), f"README yaml block {i}")

@@ -259,6 +259,29 @@ def test_check_refuses_max_seq_len_below_longest_prompt_plus_max_tokens(tmp_path
     assert f"sampling.stop_token_ids: {len(tok)} is not a token of " in capsys.readouterr().err
 
 
+def test_long_train_prompts_can_be_left_out_instead_of_refused(tmp_path, capsys):
+    """task.leave_out_long_prompts: a dataset's long tail (APPS) leaves train, on one line, rather than the whole
+    config being refused; the problems left are exactly those check's rule accepts, and eval splits keep all."""
+    cfg = config(tmp_path, gsm8k_task(), {"few_shot": "standard"})
+    tok = load_tokenizer(cfg.model.base)
+    every = load_task(cfg)
+    lens = {r["id"]: len(tok(r["prompt"]).input_ids) for r in every.train}
+    limit = sorted(lens.values())[len(lens) // 2] + 512  # half of them fit
+    assert main(["check", str(tmp_path / "cfg.yaml"), "--set", f"training.max_seq_len={limit}"]) == 2
+    assert "task.leave_out_long_prompts: true" in capsys.readouterr().err
+    sets = ["--set", f"training.max_seq_len={limit}", "--set", "task.leave_out_long_prompts=true"]
+    assert main(["check", str(tmp_path / "cfg.yaml"), *sets]) == 0
+    gone = sum(n + 512 > limit for n in lens.values())
+    assert 0 < gone < len(lens)
+    assert (f"left out {gone} of {len(lens)} train problems whose prompt is longer than training.max_seq_len "
+            f"{limit} - sampling.max_tokens 512 = {limit - 512} tokens") in capsys.readouterr().out
+    kept = load_task(load_config(tmp_path / "cfg.yaml", sets[1::2]))
+    assert [r["id"] for r in kept.train] == [r["id"] for r in every.train if lens[r["id"]] + 512 <= limit]
+    assert kept.evals == every.evals
+    with pytest.raises(UserError, match="task.leave_out_long_prompts: every train prompt is longer than"):
+        load_task(load_config(tmp_path / "cfg.yaml", ["training.max_seq_len=600", "task.leave_out_long_prompts=true"]))
+
+
 def test_driver_loads_rendered_problems_and_records_the_stop(tmp_path):
     from restem_ray.config import dump_config
     from restem_ray.driver import Driver
