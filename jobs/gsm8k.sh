@@ -2,7 +2,8 @@
 # Submit the GSM8K-format GPU run as a Ray job with `ray job submit` and a runtime_env.
 #   RAY_ADDRESS=http://HEAD:8265 OUT=/shared/runs/gsm8k-1 bash jobs/gsm8k.sh [--set key=value ...]
 # Needs the restem-ray GPU image (docker/Dockerfile.gpu) on every node and /shared mounted everywhere.
-# --auto-resume: a retried job continues the run in OUT instead of failing on it.
+# --auto-resume: the same OUT again continues that run (a new OUT, the default timestamped one, starts a new
+# run): to continue a run after a failure, submit again with OUT set to its folder.
 set -euo pipefail
 OUT=${OUT:-/shared/runs/gsm8k-$(date +%Y%m%d-%H%M%S)}
 here=$(cd "$(dirname "$0")" && pwd)
