@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The prepared GPU check: every M-step check that needs a GPU, in one call of a few minutes on one H100/H200.
 # The GPU machine has torch and transformers but no deepspeed, pydantic or liger-kernel and no network
-# (shared/reference/gpu.md), so what it lacks travels as .gpu-wheels/ (made by bench/gpu_wheels.sh here):
+# (docs/measurements.md), so what it lacks travels as .gpu-wheels/ (made by bench/gpu_wheels.sh here):
 #   device tool: run(command="bash bench/gpu_mstep.sh", carry=[".gpu-wheels"], timeout_s=480)
 # Writes $OUT/gpu_mstep.json (OUT defaults to bench/results) and prints the table the README quotes.
 set -euo pipefail

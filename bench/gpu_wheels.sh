@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Fetch (on a machine with network) what bench/gpu_mstep.sh installs on the GPU machine, which has torch and
-# transformers but no deepspeed, pydantic or liger-kernel and cannot reach PyPI (shared/reference/gpu.md):
+# transformers but no deepspeed, pydantic or liger-kernel and cannot reach PyPI (docs/measurements.md):
 #   bash bench/gpu_wheels.sh            # -> .gpu-wheels/ (git-ignored; name it in the device tool's carry)
 set -euo pipefail
 cd "$(dirname "$0")/.."

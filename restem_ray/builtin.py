@@ -4,7 +4,7 @@
 
 The base model is a character-level Llama given weak skill by supervised fine-tuning on the `seed`
 split (the "human data" that ReST^EM goes beyond), trained to its validation plateau and kept at the
-best validation epoch (shared/reference/demo-calibration.md: an under-trained base makes "train
+best validation epoch (docs/measurements.md: an under-trained base makes "train
 longer on the seed data" the stronger baseline). No download is involved anywhere.
 """
 from __future__ import annotations

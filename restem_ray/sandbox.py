@@ -1,4 +1,4 @@
-"""A bubblewrap OS sandbox for model-generated programs (shared/reference/sandbox.md has the why).
+"""A bubblewrap OS sandbox for model-generated programs (docs/measurements.md has the why).
 
     with Sandbox(SandboxLimits()) as box:
         result = box.run("print(input())", stdin="hi\\n")

@@ -1,7 +1,7 @@
 """The process that lives inside the bubblewrap sandbox (PID 1 of its namespace); stdlib only.
 
 It is started once per sandbox and forks a fresh child per program run (1.8 ms instead of 12.5 ms for
-a new sandbox, shared/reference/sandbox.md). Protocol on fds 0/1: 4-byte big-endian length + JSON.
+a new sandbox, docs/measurements.md). Protocol on fds 0/1: 4-byte big-endian length + JSON.
 
 Request:  {"code", "mode": "script"|"test"|"call", "stdin", "fn_name", "calls", "timeout", "memory",
            "output_cap", "nonce"}

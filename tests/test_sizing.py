@@ -23,7 +23,7 @@ def readme_row(name, gpus, zero, micro, seq, ckpt) -> str:
 
 def measured_peaks():
     """(micro-batch, tokens, measured GiB, estimated GiB) for the 0.5B shape, ZeRO-2 on one H200: 16 x 1024
-    tokens, 55.5 GiB (plain DeepSpeed, shared/reference/gpu.md), and the M-step in bench/gpu_mstep.py, whose
+    tokens, 55.5 GiB (plain DeepSpeed, docs/measurements.md), and the M-step in bench/gpu_mstep.py, whose
     widest micro-batch is the peak (plain and padded train on the same batches)."""
     r = json.loads((ROOT / "bench" / "results" / "gpu_mstep-60steps.json").read_text())
     widest = max(width for width, _ in r["variants"]["plain"]["step_times"])
