@@ -269,6 +269,32 @@ class TrainState:
     done: bool = False                  # the M-step's last checkpoint: HF weights only, nothing left to train
 
 
+def rotary_in_fp32(model) -> None:
+    """Recompute RoPE's frequency buffers in fp32 outside deepspeed.zero.Init, which casts every float tensor
+    made inside it to the training dtype, inv_freq too (transformers 5 builds it with torch.arange(dtype=float)):
+    positions rounded to bf16 are 2.4 rad off at position 2047 for Qwen2.5-7B's shape, and vLLM serves fp32
+    ones. The same rope functions transformers' own re-initialisation uses; DeepSpeed keeps buffers' dtype."""
+    import torch
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    for module in model.modules():
+        inv = getattr(module, "inv_freq", None)
+        if not isinstance(inv, torch.Tensor) or inv.dtype == torch.float32 or not hasattr(module, "config"):
+            continue
+        rope_type = getattr(module, "rope_type", "default")
+        fn = getattr(module, "compute_default_rope_parameters", None) if rope_type == "default" else \
+            ROPE_INIT_FUNCTIONS.get(rope_type)
+        if fn is None:  # a model's own code: say so rather than refuse it
+            print(f"[restem] warning: {type(module).__name__}'s {rope_type!r} rotary frequencies stay {inv.dtype} "
+                  "after ZeRO-3's load (no rope function to recompute them); training.zero_stage 2 keeps them "
+                  "fp32", flush=True)
+            continue
+        value = fn(module.config)[0].to(device=inv.device, dtype=torch.float32)
+        module.register_buffer("inv_freq", value, persistent=False)
+        if isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
+            module.register_buffer("original_inv_freq", value.clone(), persistent=False)
+
+
 def set_gpu_attention(cudnn: bool) -> None:
     """cuDNN's SDPA builds a kernel plan for every new shape, and padded M-step batches change width every step:
     on an H200 it spent 12-14 ms of CPU per attention call, and turning it off took the padded M-step from
@@ -368,6 +394,8 @@ class MStep:
                 from transformers.integrations.deepspeed import unset_hf_deepspeed_config
 
                 unset_hf_deepspeed_config()
+        if zero3_init is not None:
+            rotary_in_fp32(model)
         # from_pretrained returns the model in eval mode and DeepSpeed leaves it so; in eval mode transformers
         # skips gradient checkpointing (and dropout), and Liger computes the full logits
         model.train()

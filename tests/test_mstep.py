@@ -644,6 +644,26 @@ def test_zero3_loads_sharded_and_saves_exactly_the_trained_weights(tmp_path, sin
     assert any(not torch.equal(saved[n].float(), base[n].to(torch.bfloat16).float()) for n in params)  # it trained
 
 
+@pytest.mark.parametrize("stage", [2, 3])
+def test_rotary_frequencies_stay_fp32_under_bf16_and_zero3(tmp_path, single_process_group, stage):
+    """deepspeed.zero.Init casts every float tensor made inside it to the training dtype, RoPE's inv_freq too
+    (transformers builds it with torch.arange(..., dtype=float)): a ZeRO-3 M-step trained with positions rounded
+    to bf16 (2.4 rad off at position 2047 for Qwen2.5-7B's shape) while vLLM serves fp32 ones. The M-step's
+    rotary buffers equal a plain load's, exactly, after DeepSpeed took the model."""
+    from transformers import AutoModelForCausalLM
+
+    from restem_ray.training import LocalReporter, MStep
+
+    job = _tiny_job(tmp_path, SUMS, micro_batch_size=8, epochs=1, dtype="bf16", zero_stage=stage)
+    step = MStep(job, 0, 1, LocalReporter(str(tmp_path / "ckpts")))
+    step._setup()
+    plain = dict(AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.bfloat16).named_buffers())
+    rotary = {n: b for n, b in step.engine.module.named_buffers() if n.endswith("inv_freq")}
+    assert rotary and set(rotary) <= set(plain)
+    for n, b in rotary.items():
+        assert b.dtype == torch.float32 and torch.equal(b, plain[n]), n
+
+
 def test_a_restarted_m_step_sends_the_step_lines_its_checkpoint_holds(tmp_path, single_process_group):
     """A worker group that restarts from a checkpoint first re-sends the step lines saved with it (`restart`;
     the driver replaces the iteration's lines with them), then continues where the checkpoint was taken, between
