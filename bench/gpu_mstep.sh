@@ -2,7 +2,8 @@
 # The prepared GPU check: every M-step check that needs a GPU, in one call of a few minutes on one H100/H200.
 # The GPU machine has torch and transformers but no deepspeed, pydantic or liger-kernel and no network
 # (docs/measurements.md), so what it lacks travels as .gpu-wheels/ (made by bench/gpu_wheels.sh here):
-#   device tool: run(command="bash bench/gpu_mstep.sh", carry=[".gpu-wheels"], timeout_s=480)
+#   device tool: run(command="bash bench/gpu_mstep.sh", carry=[".gpu-wheels"], timeout_s=480, kind="nvidia-h200")
+#   (the MFU target is an H200's; on an H100 the script halves the micro-batch to fit 80 GB)
 # Writes $OUT/gpu_mstep.json (OUT defaults to bench/results) and prints the table the README quotes.
 set -euo pipefail
 start=$(date +%s)
