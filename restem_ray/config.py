@@ -189,6 +189,9 @@ class SamplingConfig(_Section):
                                        "for a node to run the verifier pre-check on). On an autoscaling cluster "
                                        "whose GPU nodes start at zero, allow for a node to boot and pull its image "
                                        "(the job recipes: 1800).")
+    start_timeout_s: float = Field(1800.0, gt=0, description="How long the replicas' vLLM engines may take to start "
+                                   "once placed (weights read, tensor-parallel workers joined, KV cache sized) before "
+                                   "the E-step fails instead of waiting on a hung start.")
     max_restarts: int = Field(3, ge=0, description="Restarts allowed per sampler/verifier actor (its unfinished calls are redone).")
     engine_kwargs: dict[str, Any] = Field(
         default_factory=dict, description="Passed through to vllm.LLM (dtype, max_model_len, gpu_memory_utilization, ...).")
@@ -215,6 +218,11 @@ class SamplingConfig(_Section):
             raise ValueError(f"sampling.engine_kwargs.tensor_parallel_size is {tp} but sampling.tensor_parallel_size "
                              f"is {self.tensor_parallel_size}; set sampling.tensor_parallel_size (it sizes the replica's "
                              f"GPU reservation)")
+        for key, why in (("seed", "each replica's engine gets the run's seed plus its index (and each problem its own "
+                                  "seed): set the top-level seed"),
+                         ("model", "replicas serve model.base, then each iteration's checkpoint: set model.base")):
+            if key in self.engine_kwargs:
+                raise ValueError(f"sampling.engine_kwargs.{key}: set by restem-ray ({why})")
         if self.engine_kwargs.get("pipeline_parallel_size", 1) != 1:
             raise ValueError("sampling.engine_kwargs.pipeline_parallel_size: replicas run tensor parallelism only "
                              "(a replica reserves tensor_parallel_size GPUs on one node)")

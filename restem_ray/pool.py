@@ -160,8 +160,18 @@ class EStepPool:
             .remote(model, kwargs, seed + i, sampling.use_gpu, exit_on_engine_death=True)
             for i in range(sampling.num_replicas)]
         self.verifiers = VerifierPool(verifier, verification, sampling.max_restarts)
+        refs = [s.ready.remote() for s in self.samplers]
+        # vLLM's own waits for an engine core and its tensor-parallel workers have no limit: a start hung in NCCL
+        # set-up or a stuck weight read would hold the run for good
+        _, late = ray.wait(refs, num_returns=len(refs), timeout=sampling.start_timeout_s)
+        if late:  # the started ones close their engines; those still starting are only killed (see close)
+            self._starting = {r: a for r, a in zip(refs, self.samplers) if r in set(late)}
+            self.samplers = [a for r, a in zip(refs, self.samplers) if r not in set(late)]
+            self.close()
+            raise RunError(f"{len(late)} of {len(refs)} vLLM sampler replica(s) did not start on {model} within "
+                           f"sampling.start_timeout_s ({sampling.start_timeout_s:g} s)")
         try:
-            self.nodes = ray.get([s.ready.remote() for s in self.samplers])  # engine start errors surface here
+            self.nodes = ray.get(refs)  # engine start errors surface here
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
             self.close()
             raise RunError(f"a vLLM sampler replica could not start on {model}: {_cause(e)}") from None

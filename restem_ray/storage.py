@@ -43,7 +43,7 @@ RESUME_SAFE_KEYS = {
     "loop.iterations", "loop.patience",
     "ray.address", "ray.num_cpus", "ray.check_resources",
     "sampling.num_replicas", "sampling.max_replicas", "sampling.cpus_per_replica", "sampling.placement_strategy",
-    "sampling.placement_timeout_s", "sampling.max_restarts", "sampling.calls_per_replica",
+    "sampling.placement_timeout_s", "sampling.start_timeout_s", "sampling.max_restarts", "sampling.calls_per_replica",
     "verification.num_workers", "verification.max_workers", "verification.cpus_per_worker", "verification.resources",
     "training.cpus_per_worker", "training.gpus_per_worker", "training.resources_per_worker",
     "training.placement_strategy", "training.max_failures",

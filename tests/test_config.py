@@ -132,3 +132,14 @@ def test_every_config_example_in_the_readme_is_a_valid_config():
     assert len(blocks) >= 4
     for i, block in enumerate(blocks):
         config_from_dict(yaml.safe_load(block), f"README yaml block {i}")
+
+
+@pytest.mark.parametrize("key", ["seed", "model"])
+def test_engine_kwargs_that_restem_ray_sets_itself_are_a_config_error(key):
+    """LLM(model=..., seed=..., **engine_kwargs) would fail every replica's start with a TypeError."""
+    from restem_ray.config import config_from_dict
+
+    tree = {"task": {"train_file": "t.jsonl", "valid_file": "v.jsonl"}, "model": {"base": "m"}}
+    config_from_dict(tree)
+    with pytest.raises(UserError, match=f"sampling.engine_kwargs.{key}: set by restem-ray"):
+        config_from_dict({**tree, "sampling": {"engine_kwargs": {key: 1}}})

@@ -103,6 +103,23 @@ def test_past_the_restart_limit_the_e_step_stops_with_a_clear_error(model):
         pool.close()
 
 
+def test_a_replica_engine_that_does_not_start_in_time_fails_the_e_step_and_frees_its_resources(model):
+    """vLLM waits without limit for an engine core and its tensor-parallel workers: a start hung in NCCL set-up
+    would hold the run for good. Past sampling.start_timeout_s the pool ends, its replica killed (not asked to
+    close: its engine is not up) and its resources freed. (The tiny engine takes ~10 s to start on CPU.)"""
+    total = ray.cluster_resources()["CPU"]
+    sampling = SamplingConfig(engine_kwargs={"dtype": "float32", "max_model_len": 128}, start_timeout_s=1)
+    start = time.monotonic()
+    with pytest.raises(RunError, match=r"1 of 1 vLLM sampler replica\(s\) did not start on .* within "
+                                       r"sampling.start_timeout_s \(1 s\)"):
+        EStepPool(model, sampling, VerificationConfig(num_workers=2), verifier="math")
+    assert time.monotonic() - start < 25  # not the 30 s a close() call on a starting replica would wait
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == total
+
+
 def test_a_replica_closed_mid_call_shuts_its_engine_down_under_the_calls(model):
     """An error or Ctrl-C mid-E-step closes the pool while each replica's calls still run, holding every thread
     of the actor's default group. `close` has a group of its own (pool.CONTROL), so it reaches the engine at
