@@ -392,7 +392,7 @@ def main():
                                               "an H100: the widest 16-sample batch peaks at about 96 GiB)")
     ap.add_argument("--min-len", type=int, default=256)
     ap.add_argument("--max-len", type=int, default=1792)
-    ap.add_argument("--variants", help="default: plain,padded,liger,zero3,packed (without liger on CPU)")
+    ap.add_argument("--variants", help="default: plain,padded,liger,lean (--cpu-smoke: plain,padded,compiled,zero3,packed)")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--cudnn-attention", action="store_true",
                     help="let SDPA use cuDNN on both sides (training.cudnn_attention; off by default)")

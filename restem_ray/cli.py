@@ -234,23 +234,55 @@ def eval_config(args, first: str) -> RestemConfig:
 
     tree = run_settings(args.config) if args.config else {}
     task = tree.pop("task", {})
-    dataset = args.dataset or task.get("dataset")
-    verifier = args.verifier or tree.get("verification", {}).get("verifier") or "auto"  # auto: by the task's kind
-    kind = DATASET_KINDS.get(dataset) or ("code" if verifier == "code" else task.get("kind", "math"))
+    dataset, rows_format = task.get("dataset"), args.dataset or task.get("dataset")
+    if not args.config:
+        dataset = args.dataset
+    elif args.dataset and args.dataset != dataset:
+        # files in another released format, prompted as the run prompted its task.eval_datasets splits: the
+        # run's task.dataset renders (its standard exemplars), --dataset reads the rows (no columns or adapter)
+        task["eval_datasets"] = {"valid": args.dataset}
+    verification = tree.get("verification", {})
+    if args.verifier and args.verifier != verification.get("verifier"):
+        verification = {k: v for k, v in verification.items() if k != "plugin_warmup"}  # the run's plug-in's
+    verifier = args.verifier or verification.get("verifier") or "auto"  # auto: by the task's kind
+    kind = DATASET_KINDS.get(rows_format) or ("code" if verifier == "code" else task.get("kind", "math"))
     tree |= {"task": {**task, "kind": kind, "train_file": first, "valid_file": first, "dataset": dataset},
-             "model": {"base": args.model}, "verification": {**tree.get("verification", {}), "verifier": verifier}}
+             "model": {"base": args.model}, "verification": {**verification, "verifier": verifier}}
     tree["evaluation"] = {**tree.get("evaluation", {}), "k": args.k}
     if args.max_tokens:
         tree["sampling"] = {**tree.get("sampling", {}), "max_tokens": args.max_tokens}
     return config_from_dict(apply_overrides(tree, args.set), "eval")
 
 
+def graded_kind(cfg: RestemConfig) -> str:
+    """What eval's rows must hold and how it scores them: "math" (an answer each; maj@k votes), "code", or "any"
+    (a plug-in verifier reads what it reads)."""
+    from .verification import resolve_verifier
+
+    name = resolve_verifier(cfg.verification.verifier, cfg.task.kind)
+    return name if name in ("math", "code") else "any"
+
+
+def eval_problems(cfg: RestemConfig, splits: dict[str, str], model: str) -> tuple[dict[str, list[dict]], object]:
+    """eval's problem files read in their format and rendered (a `prompt` section: as a run renders them), and
+    the renderer. Rows in another format than the --config run's (task.eval_datasets) take no columns/adapter."""
+    from .datasets import load_split
+    from .prompts import make_renderer, render_rows, template_fields
+
+    t = cfg.task
+    fmt = ({"dataset": t.eval_datasets["valid"]} if t.eval_datasets.get("valid")
+           else {"dataset": t.dataset, "columns": t.columns, "adapter": t.adapter})
+    problems = {n: load_split(p, kind=graded_kind(cfg), **fmt, need=template_fields(cfg), limit=t.max_eval_problems)
+                for n, p in splits.items()}
+    renderer = make_renderer(cfg, model)
+    return {n: render_rows(rows, renderer, code=t.kind == "code") for n, rows in problems.items()}, renderer
+
+
 def cmd_eval(args) -> int:
     """Score any HF checkpoint on problem files with the same sampler replicas and verifier pool."""
     import json
-    from .datasets import load_split
     from .evaluation import score_split
-    from .prompts import check_model_len, load_tokenizer, make_renderer, render_rows, sampling_stops, template_fields
+    from .prompts import check_model_len, load_tokenizer, sampling_stops
     from .verification import check_verifier
 
     check_model_dir("--model", args.model)
@@ -266,12 +298,8 @@ def cmd_eval(args) -> int:
     if args.out:
         check_output_file(Path(args.out), (".json",))  # before the evaluation, not after it
     cfg = eval_config(args, next(iter(splits.values())))
-    kind = cfg.task.kind if cfg.verification.verifier in ("math", "code") else "any"
-    t = cfg.task
-    problems = {n: load_split(p, kind=kind, dataset=t.dataset, columns=t.columns, adapter=t.adapter,
-                              need=template_fields(cfg), limit=t.max_eval_problems) for n, p in splits.items()}
-    renderer = make_renderer(cfg, args.model)  # a `prompt` section (--set prompt.*): rendered as a run would
-    problems = {n: render_rows(rows, renderer, code=t.kind == "code") for n, rows in problems.items()}
+    kind = graded_kind(cfg)
+    problems, renderer = eval_problems(cfg, splits, args.model)
     check_model_len(cfg, problems, load_tokenizer(args.model))
     stop, stop_token_ids = sampling_stops(cfg, renderer)
     verifier = check_verifier(cfg, local_sandbox=False)
@@ -322,7 +350,7 @@ def cmd_prompt(args) -> int:
     """Print the rendered prompts of the first train problems: exactly the text the model gets."""
     from .config import load_config
     from .datasets import load_splits
-    from .prompts import load_tokenizer, make_renderer, render_rows, sampling_stops, template_fields
+    from .prompts import fitting_prompts, load_tokenizer, make_renderer, render_rows, sampling_stops, template_fields
 
     cfg = load_config(args.config, args.set)
     splits = load_splits(cfg.task, need=template_fields(cfg))
@@ -331,7 +359,11 @@ def cmd_prompt(args) -> int:
     tok = load_tokenizer(cfg.model.base)
     how = "as written in the file (no prompt section)" if renderer is None else (
         "chat template" if renderer.chat else "plain text") + f", {len(renderer.shots)} exemplar(s)"
-    for r in render_rows(splits.train[: args.n], renderer, code=cfg.task.kind == "code", train=True):
+    rows = render_rows(splits.train if cfg.task.leave_out_long_prompts else splits.train[: args.n], renderer,
+                       code=cfg.task.kind == "code", train=True)
+    if cfg.task.leave_out_long_prompts:  # the problems the run samples
+        rows = fitting_prompts(cfg, rows, tok)[: args.n]
+    for r in rows:
         print(f"===== train problem {r['id']!r}: {len(tok(r['prompt']).input_ids)} tokens, {how} =====")
         print(r["prompt"])
         if "train_prompt" in r:

@@ -54,7 +54,7 @@ class TaskConfig(_Section):
     leave_out_long_prompts: bool = Field(
         False, description="Leave out the train problems whose prompt plus sampling.max_tokens overflows "
                            "training.max_seq_len, saying how many, instead of refusing the config (a dataset with a "
-                           "long tail of long problems, APPS).")
+                           "long tail of long problems, APPS). Applied after task.max_train_problems.")
     valid_split_seed: int = Field(0, description="Seed of the valid_split choice (kept apart from `seed`, so runs with "
                                                  "different seeds share one split).")
     eval_datasets: dict[str, Literal["gsm8k", "math", "humaneval", "mbpp", "apps"] | None] = Field(
@@ -190,7 +190,8 @@ class SamplingConfig(_Section):
                                        "whose GPU nodes start at zero, allow for a node to boot and pull its image "
                                        "(the job recipes: 1800).")
     start_timeout_s: float = Field(1800.0, gt=0, description="How long the replicas' vLLM engines may take to start "
-                                   "once placed (weights read, tensor-parallel workers joined, KV cache sized) before "
+                                   "once placed (a URI model copied to the node, weights read, tensor-parallel workers "
+                                   "joined, KV cache sized) before "
                                    "the E-step fails instead of waiting on a hung start.")
     max_restarts: int = Field(3, ge=0, description="Restarts allowed per sampler/verifier actor (its unfinished calls are redone).")
     engine_kwargs: dict[str, Any] = Field(
@@ -529,8 +530,11 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
             value = yaml.safe_load(raw) if raw != "" else ""
         except yaml.YAMLError:
             value = raw
-        if value is not None and not isinstance(value, str) and _is_text(key):
-            value = raw  # prompt.template={question} is the text, not YAML's mapping {question: null}
+        quoted = raw.strip()[:1] in ("'", '"') and isinstance(value, str)
+        if _is_text(key) and raw.strip() not in ("null", "Null", "NULL", "~") and not quoted:
+            # a text key takes the text as written: prompt.template={question} is not YAML's mapping
+            # {question: null}, and "Solve it # show work" keeps what YAML would read as a comment
+            value = raw
         node = tree
         parts = key.split(".")
         for p in parts[:-1]:

@@ -163,18 +163,29 @@ class EStepPool:
         refs = [s.ready.remote() for s in self.samplers]
         # vLLM's own waits for an engine core and its tensor-parallel workers have no limit: a start hung in NCCL
         # set-up or a stuck weight read would hold the run for good
-        _, late = ray.wait(refs, num_returns=len(refs), timeout=sampling.start_timeout_s)
-        if late:  # the started ones close their engines; those still starting are only killed (see close)
-            self._starting = {r: a for r, a in zip(refs, self.samplers) if r in set(late)}
-            self.samplers = [a for r, a in zip(refs, self.samplers) if r not in set(late)]
+        deadline, late = time.monotonic() + sampling.start_timeout_s, list(refs)
+        while late and time.monotonic() < deadline:
+            done, late = ray.wait(late, timeout=max(0.0, deadline - time.monotonic()))
+            try:
+                ray.get(done)  # an engine's start error surfaces as it happens, not after the others' start
+            except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                self._split_starting(refs, late)
+                self.close()
+                raise RunError(f"a vLLM sampler replica could not start on {model}: {_cause(e)}") from None
+        if late:
+            self._split_starting(refs, late)
             self.close()
             raise RunError(f"{len(late)} of {len(refs)} vLLM sampler replica(s) did not start on {model} within "
-                           f"sampling.start_timeout_s ({sampling.start_timeout_s:g} s)")
-        try:
-            self.nodes = ray.get(refs)  # engine start errors surface here
-        except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-            self.close()
-            raise RunError(f"a vLLM sampler replica could not start on {model}: {_cause(e)}") from None
+                           f"sampling.start_timeout_s ({sampling.start_timeout_s:g} s; a URI model is copied to "
+                           "each node within it too)")
+        self.nodes = ray.get(refs)
+
+    def _split_starting(self, refs: list, late: list) -> None:
+        """Replicas whose engine is still starting leave `samplers` for `_starting`: close() kills them rather than
+        ask them to close, which would wait for their engine to load."""
+        late = set(late)
+        self._starting = {r: a for r, a in zip(refs, self.samplers) if r in late}
+        self.samplers = [a for r, a in zip(refs, self.samplers) if r not in late]
 
     def _grow(self) -> None:
         """Elastic pools: while work is queued, start another replica (up to `sampling.max_replicas`) when a

@@ -198,7 +198,7 @@ def render_task(cfg: RestemConfig, splits: Splits, model: str | None = None) -> 
     code = cfg.task.kind == "code"
     train = render_rows(splits.train, renderer, code=code, train=True)
     if cfg.task.leave_out_long_prompts:
-        train = _fitting(cfg, train, renderer.tok if renderer else load_tokenizer(model or cfg.model.base))
+        train = fitting_prompts(cfg, train, renderer.tok if renderer else load_tokenizer(model or cfg.model.base))
     evals = {n: render_rows(rows, renderer, code=code) for n, rows in splits.evals.items()}
     seed = splits.seed_rows
     if renderer is not None:  # human solutions are trained on like samples: under the training rendering
@@ -268,7 +268,7 @@ def _longest(tok, rows: list[tuple[str, str]]) -> tuple[str, int]:
                default=("", 0))
 
 
-def _fitting(cfg: RestemConfig, train: list[dict], tok) -> list[dict]:
+def fitting_prompts(cfg: RestemConfig, train: list[dict], tok) -> list[dict]:
     """task.leave_out_long_prompts: the train problems whose prompt leaves a full completion room in
     training.max_seq_len (check_lengths' rule), the others left out on one line."""
     room = cfg.training.max_seq_len - cfg.sampling.max_tokens

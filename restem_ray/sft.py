@@ -26,12 +26,17 @@ def completion_ids(tokenizer, prompt: str, prompt_ids: list[int], completion: st
     where its head is the prompt's own tokens. Tokenized alone, a SentencePiece tokenizer (Llama-2, Mistral)
     starts the completion with its word-boundary "▁", so every trained solution would begin with a space or
     a token the model never wrote. Where the two texts merge across the boundary (a prompt that ends in a
-    space), the prompt keeps the tokens vLLM gave it and the completion is tokenized alone."""
+    space) or the tokenizer appends a special token, the prompt keeps the tokens vLLM gave it and the completion
+    is tokenized after a newline, whose own tokens are then dropped (so not at the start of a text either)."""
     whole = tokenizer(prompt + completion).input_ids
     n = len(prompt_ids)
     if whole[:n] == prompt_ids:
         return whole[n:]
-    return tokenizer(completion, add_special_tokens=False).input_ids
+    anchor = tokenizer("\n", add_special_tokens=False).input_ids
+    after = tokenizer("\n" + completion, add_special_tokens=False).input_ids
+    if after[:len(anchor)] == anchor:
+        return after[len(anchor):]
+    return tokenizer(completion, add_special_tokens=False).input_ids  # the newline merged with the completion
 
 
 def pad_id(tokenizer) -> int:

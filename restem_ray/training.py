@@ -273,26 +273,32 @@ def rotary_in_fp32(model) -> None:
     """Recompute RoPE's frequency buffers in fp32 outside deepspeed.zero.Init, which casts every float tensor
     made inside it to the training dtype, inv_freq too (transformers 5 builds it with torch.arange(dtype=float)):
     positions rounded to bf16 are 2.4 rad off at position 2047 for Qwen2.5-7B's shape, and vLLM serves fp32
-    ones. The same rope functions transformers' own re-initialisation uses; DeepSpeed keeps buffers' dtype."""
+    ones. The same rope functions transformers' own re-initialisation uses (a model with several layer types,
+    Gemma3's, has a `{layer_type}_inv_freq` each); DeepSpeed keeps buffers' dtype."""
     import torch
     from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
 
     for module in model.modules():
-        inv = getattr(module, "inv_freq", None)
-        if not isinstance(inv, torch.Tensor) or inv.dtype == torch.float32 or not hasattr(module, "config"):
+        stale = [n for n, b in module.named_buffers(recurse=False)
+                 if n.endswith("inv_freq") and b.is_floating_point() and b.dtype != torch.float32]
+        if not stale or not hasattr(module, "config"):
             continue
-        rope_type = getattr(module, "rope_type", "default")
-        fn = getattr(module, "compute_default_rope_parameters", None) if rope_type == "default" else \
-            ROPE_INIT_FUNCTIONS.get(rope_type)
-        if fn is None:  # a model's own code: say so rather than refuse it
-            print(f"[restem] warning: {type(module).__name__}'s {rope_type!r} rotary frequencies stay {inv.dtype} "
-                  "after ZeRO-3's load (no rope function to recompute them); training.zero_stage 2 keeps them "
-                  "fp32", flush=True)
-            continue
-        value = fn(module.config)[0].to(device=inv.device, dtype=torch.float32)
-        module.register_buffer("inv_freq", value, persistent=False)
-        if isinstance(getattr(module, "original_inv_freq", None), torch.Tensor):
-            module.register_buffer("original_inv_freq", value.clone(), persistent=False)
+        fresh: dict = {}
+        for name in stale:
+            layer_type = name.removesuffix("inv_freq").removesuffix("_").removesuffix("original").removesuffix("_")
+            rope_type = getattr(module, "rope_type", "default")
+            rope_type = rope_type.get(layer_type) if isinstance(rope_type, dict) else rope_type
+            fn = getattr(module, "compute_default_rope_parameters", None) if rope_type == "default" else \
+                ROPE_INIT_FUNCTIONS.get(rope_type)
+            if fn is None:  # a model's own code: say so rather than refuse it
+                print(f"[restem] warning: {type(module).__name__}.{name} ({rope_type!r} rotary frequencies) stays "
+                      f"{getattr(module, name).dtype} after ZeRO-3's load; training.zero_stage 2 keeps it fp32",
+                      flush=True)
+                continue
+            if layer_type not in fresh:
+                fresh[layer_type] = fn(module.config, **({"layer_type": layer_type} if layer_type else {}))[0]
+            value = fresh[layer_type].to(device=getattr(module, name).device, dtype=torch.float32)
+            module.register_buffer(name, value.clone(), persistent=False)
 
 
 def set_gpu_attention(cudnn: bool) -> None:

@@ -143,3 +143,21 @@ def test_engine_kwargs_that_restem_ray_sets_itself_are_a_config_error(key):
     config_from_dict(tree)
     with pytest.raises(UserError, match=f"sampling.engine_kwargs.{key}: set by restem-ray"):
         config_from_dict({**tree, "sampling": {"engine_kwargs": {key: 1}}})
+
+
+@pytest.mark.parametrize("item, value", [
+    ("prompt.template={question}", "{question}"),                 # YAML would read a mapping {question: null}
+    ("prompt.template=Solve {question} # show work", "Solve {question} # show work"),  # ... and a comment
+    ("prompt.system=# Be brief", "# Be brief"),
+    ("prompt.system='quoted: x'", "quoted: x"),                   # quoted YAML: its string
+    ("task.train_file=123", "123"),
+    ("task.seed_file=null", None),
+    ("sampling.temperature=0.5", 0.5),                            # not a text key: YAML's value
+    ("sampling.stop=['Q:']", ["Q:"]),
+])
+def test_set_gives_a_text_key_the_text_as_written(item, value):
+    from restem_ray.config import apply_overrides
+
+    key, _, _ = item.partition("=")
+    section, name = key.split(".")
+    assert apply_overrides({}, [item])[section][name] == value

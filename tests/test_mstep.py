@@ -664,6 +664,31 @@ def test_rotary_frequencies_stay_fp32_under_bf16_and_zero3(tmp_path, single_proc
         assert b.dtype == torch.float32 and torch.equal(b, plain[n]), n
 
 
+def test_rotary_buffers_of_other_rope_types_and_layer_types_are_recomputed_exactly():
+    """Llama-3's scaled RoPE and Gemma3's per-layer-type buffers (`{layer_type}_inv_freq`), rounded to bf16 as
+    zero.Init leaves them, come back as a fresh model's fp32 ones."""
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM
+
+    from restem_ray.training import rotary_in_fp32
+
+    small = dict(vocab_size=100, hidden_size=64, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                 num_key_value_heads=1)
+    llama3 = {"rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+              "original_max_position_embeddings": 1024, "rope_theta": 500000.0}
+    for model_cls, config in ((LlamaForCausalLM, LlamaConfig(**small, rope_parameters=llama3)),
+                              (Gemma3ForCausalLM, Gemma3TextConfig(**small, head_dim=32))):
+        want = {n: b.clone() for n, b in model_cls(config).named_buffers() if n.endswith("inv_freq")}
+        model = model_cls(config)
+        for module in model.modules():
+            for n, b in list(module.named_buffers(recurse=False)):
+                if n.endswith("inv_freq"):
+                    module.register_buffer(n, b.to(torch.bfloat16), persistent=False)
+        rotary_in_fp32(model)
+        got = {n: b for n, b in model.named_buffers() if n.endswith("inv_freq")}
+        assert want and set(got) == set(want)
+        assert all(got[n].dtype == torch.float32 and torch.equal(got[n], want[n]) for n in want), model_cls
+
+
 def test_a_restarted_m_step_sends_the_step_lines_its_checkpoint_holds(tmp_path, single_process_group):
     """A worker group that restarts from a checkpoint first re-sends the step lines saved with it (`restart`;
     the driver replaces the iteration's lines with them), then continues where the checkpoint was taken, between
@@ -814,11 +839,13 @@ def test_a_trained_completion_has_the_tokens_it_has_after_its_prompt(kind):
         assert ids == whole + [tok.eos_token_id], (kind, prompt, tok.convert_ids_to_tokens(ids))
         assert labels == [IGNORE] * n + whole[n:] + [tok.eos_token_id]
         assert tok.decode(ids, skip_special_tokens=True) == prompt + completion
-    # where the texts merge across the boundary the prompt keeps its own tokens (those vLLM sampled after)
-    prompt = "Answer: "
-    ids, labels = encode(tok, prompt, "5")
-    n = len(tok(prompt).input_ids)
-    assert ids[:n] == tok(prompt).input_ids and labels[:n] == [IGNORE] * n and labels[-1] == tok.eos_token_id
+    # where the texts merge across the boundary the prompt keeps its own tokens (those vLLM sampled after), and
+    # the completion still gets no leading "\u2581"
+    for prompt, completion in [("Answer: ", "5"), ("Question: so the total is ", "42 apples.\n#### 42")]:
+        ids, labels = encode(tok, prompt, completion)
+        n = len(tok(prompt).input_ids)
+        assert ids[:n] == tok(prompt).input_ids and labels[:n] == [IGNORE] * n and labels[-1] == tok.eos_token_id
+        assert tok.decode(ids, skip_special_tokens=True) == prompt + completion, tok.convert_ids_to_tokens(ids)
 
 
 @slow

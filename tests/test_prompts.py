@@ -304,9 +304,8 @@ def test_eval_with_a_runs_config_prompts_samples_and_grades_as_that_run(tmp_path
     """`eval --config RUN/config.yaml` renders the run's prompts (few-shot turns, system, chat template) and
     samples and grades as the run; without it the questions go as written. --dataset humaneval grades code
     without --verifier, and --set prompt.template={question} is that text, not a YAML mapping."""
-    from restem_ray.cli import eval_config
-    from restem_ray.datasets import load_split
-    from restem_ray.prompts import make_renderer, render_rows, sampling_stops, template_fields
+    from restem_ray.cli import eval_config, eval_problems, graded_kind
+    from restem_ray.prompts import sampling_stops
 
     model = make_model(tmp_path / "chat", CHATML)
     prompt = {"few_shot": "standard", "few_shot_n": 2, "system": "SYS", "template": "{question}"}
@@ -316,14 +315,25 @@ def test_eval_with_a_runs_config_prompts_samples_and_grades_as_that_run(tmp_path
     ev = eval_config(eval_args(config=str(tmp_path / "cfg.yaml"), model=str(model)), str(GSM8K))
     assert ev.prompt == cfg.prompt and ev.sampling == cfg.sampling and ev.task.dataset == "gsm8k"
     assert (ev.evaluation.temperature, ev.evaluation.k, ev.task.kind) == (0.6, 0, "math")
-    renderer = make_renderer(ev, str(model))
-    rendered = {r["id"]: r["prompt"] for r in render_rows(load_split(
-        GSM8K, kind="math", dataset="gsm8k", need=template_fields(ev)), renderer, code=False)}
+    problems, renderer = eval_problems(ev, {"test": str(GSM8K)}, str(model))
+    rendered = {r["id"]: r["prompt"] for r in problems["test"]}
     assert run.evals["valid"] and all(rendered[r["id"]] == r["prompt"] for r in run.evals["valid"])
     assert sampling_stops(ev, renderer) == (run.stop, run.stop_token_ids)
+    assert graded_kind(ev) == "math"  # rows need answers, and maj@k is scored, as in the run (verifier auto)
+    assert graded_kind(eval_config(eval_args(), "x.jsonl")) == "math"
+    assert graded_kind(eval_config(eval_args(verifier="m:f"), "x.jsonl")) == "any"
+    # rows in another released format (a MATH file for a GSM8K run): read as MATH, prompted as the run prompts
+    # its task.eval_datasets splits (its own standard exemplars)
+    other = eval_config(eval_args(config=str(tmp_path / "cfg.yaml"), model=str(model), dataset="math",
+                                  set=["prompt.template={prompt}"]), str(DATA / "math_train.jsonl"))
+    assert (other.task.dataset, other.task.eval_datasets, graded_kind(other)) == ("gsm8k", {"valid": "math"}, "math")
+    math_rows, _ = eval_problems(other, {"math": str(DATA / "math_train.jsonl")}, str(model))
+    first = math_rows["math"][0]
+    assert first["raw_prompt"] == hendrycks_math.adapt(json.loads((DATA / "math_train.jsonl").open().readline()))[
+        "prompt"] and run.train[0]["prompt"].split(run.train[0]["question"])[0] in first["prompt"]
     assert eval_config(eval_args(model=str(model), dataset="gsm8k"), str(GSM8K)).prompt is None
     from restem_ray.verification import check_verifier
 
     he = eval_config(eval_args(dataset="humaneval"), "he.jsonl")
-    assert he.task.kind == "code" and check_verifier(he, local_sandbox=False) == "code"
+    assert he.task.kind == "code" and check_verifier(he, local_sandbox=False) == graded_kind(he) == "code"
     assert eval_config(eval_args(set=["prompt.template={question}"]), "x.jsonl").prompt.template == "{question}"

@@ -198,8 +198,12 @@ def load_seed(task, need: tuple[str, ...] = ()) -> list[dict]:
     ours = not rows or {"prompt", "solution"} <= rows[0][1].keys()
     if ours or not (task.dataset or task.adapter or task.columns):
         return load_split(task.seed_file, kind="solutions", need=need)
-    return load_split(task.seed_file, kind="solutions", dataset=task.dataset, columns=task.columns,
-                      adapter=task.adapter, need=need)
+    try:
+        return load_split(task.seed_file, kind="solutions", dataset=task.dataset, columns=task.columns,
+                          adapter=task.adapter, need=need)
+    except UserError as e:  # its first row lacks prompt/solution: read as the task's format, which failed too
+        raise UserError(f"{e} (task.seed_file: rows of id, prompt, solution, or the task's released format where "
+                        "it has worked solutions: task.dataset gsm8k or math)") from None
 
 
 def _same_file(a: str, b: str) -> bool:
