@@ -244,8 +244,8 @@ class Driver:
             return False
 
     def _seed_table(self, schema: pa.Schema) -> pa.Table:
-        rows = [{"id": r["id"], "sample_index": -1, "prompt": r["prompt"], "completion": r["solution"]}
-                for r in self.seed_rows]
+        rows = [{"id": r["id"], "sample_index": -1, "prompt": r["prompt"], "completion": r["solution"],
+                 "stop_token": -1} for r in self.seed_rows]  # human solutions end with the M-step's default end
         return pa.Table.from_pylist(rows, schema=schema)
 
     def control(self, base: str) -> None:

@@ -302,9 +302,21 @@ class Sampler:
                 rows.append({
                     "id": prob["id"], "sample_index": off + i, "completion": c.text,
                     "prompt_tokens": len(out.prompt_token_ids or ()), "completion_tokens": len(c.token_ids),
-                    "finish_reason": str(c.finish_reason),
+                    "finish_reason": str(c.finish_reason), "stop_token": self._stop_token(c),
                 })
         return rows
+
+    def _stop_token(self, c) -> int:
+        """The token that ended the sample, which the M-step then trains it to end with: the tokenizer's EOS, or
+        a stop token id (sampling.stop_token_ids, or one of the model's generation_config eos ids, which vLLM adds
+        to them: Gemma-2-it's <end_of_turn>); -1 where a stop string or max_tokens ended it."""
+        if str(c.finish_reason) != "stop" or isinstance(c.stop_reason, str):
+            return -1
+        if isinstance(c.stop_reason, int):
+            return c.stop_reason
+        if not hasattr(self, "_eos"):
+            self._eos = self.llm.get_tokenizer().eos_token_id
+        return -1 if self._eos is None else self._eos
 
     def ready(self) -> str:
         """Called by the pool once the engine is up: the Ray node this replica runs on."""

@@ -26,6 +26,8 @@ def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = Tr
     prompt = "train_prompt" if "train_prompt" in graded.column_names else "prompt"
     table = graded.select(["id", "sample_index", prompt, "completion", "reward"]).rename_columns(
         ["id", "sample_index", "prompt", "completion", "reward"])
+    if "stop_token" in graded.column_names:  # (samples written before it existed: the M-step's default end)
+        table = table.append_column("stop_token", graded["stop_token"])
     rows = [r for r, cut in zip(table.to_pylist(), truncated(graded))
             if r["reward"] >= 1.0 and (keep_truncated or not cut)]
     rows.sort(key=lambda r: (r["id"], r["sample_index"]))  # order independent of shard completion order
@@ -43,8 +45,8 @@ def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = Tr
             cands = sorted(rng.sample(cands, max_solutions_per_problem), key=lambda r: r["sample_index"])
         out += cands
     schema = pa.schema([("id", pa.string()), ("sample_index", pa.int64()), ("prompt", pa.string()),
-                        ("completion", pa.string())])
-    return pa.Table.from_pylist([{k: r[k] for k in schema.names} for r in out], schema=schema)
+                        ("completion", pa.string()), ("stop_token", pa.int64())])
+    return pa.Table.from_pylist([{k: r.get(k, -1) for k in schema.names} for r in out], schema=schema)
 
 
 def problem_stats(samples: pa.Table, kept: pa.Table, iteration: int) -> pa.Table:

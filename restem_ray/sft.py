@@ -213,6 +213,11 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
     device = next(model.parameters()).device
     ends = end_ids(model, tokenizer, stop_token_ids)
     texts = []
+    # vLLM decodes with the SamplingParams it is given; generate would add the model's own generation_config
+    # knobs (Qwen2.5-Instruct's repetition_penalty 1.05, ...): validation would pick by another decoder
+    from transformers import GenerationConfig
+
+    own, model.generation_config = model.generation_config, GenerationConfig()
     try:
         with torch.no_grad():
             for s in range(0, len(prompts), batch):
@@ -222,6 +227,7 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
                 texts += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad
+        model.generation_config = own
         model.train(was_training)
     return [_cut(t, stop) for t in texts]
 

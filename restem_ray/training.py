@@ -269,6 +269,12 @@ class TrainState:
     done: bool = False                  # the M-step's last checkpoint: HF weights only, nothing left to train
 
 
+def _ended(row: dict, default: int | None) -> int | None:
+    """The token a training row ends with: the one its sample stopped on, else `default`."""
+    token = row.get("stop_token")
+    return token if token is not None and token >= 0 else default
+
+
 def rotary_in_fp32(model) -> None:
     """Recompute RoPE's frequency buffers in fp32 outside deepspeed.zero.Init, which casts every float tensor
     made inside it to the training dtype, inv_freq too (transformers 5 builds it with torch.arange(dtype=float)):
@@ -419,10 +425,11 @@ class MStep:
         if cfg.compile_layers:  # after LoRA: its adapters are part of the layers' code
             compile_decoder_layers(model)
         rows = _read_rows(job["train_file"])
-        # a completion ends with the token that ends the model's turn: the sampler stopped on it (EOS, or the
-        # chat template's end of turn where that is another token: sampling.stop_token_ids)
+        # A sample is trained to end with the token it ended with (vLLM's stop_reason: EOS, or a stop token id
+        # such as a generation_config eos id, Gemma-2-it's <end_of_turn>); rows without one (human solutions, a
+        # stop string) with the first of sampling.stop_token_ids, else EOS.
         end = (job.get("stop_token_ids") or (None,))[0]
-        data = [encode(self.tok, r["prompt"], r["completion"], end=end) for r in rows]
+        data = [encode(self.tok, r["prompt"], r["completion"], end=_ended(r, end)) for r in rows]
         # A row longer than max_seq_len is dropped, not cut: cut from the left it loses the prompt, cut
         # from the right it teaches the model to stop mid-solution.
         self.data = [x for x in data if len(x[0]) <= cfg.max_seq_len]
@@ -732,13 +739,16 @@ class StepLines:
 
 
 def _read_rows(path: str) -> list[dict]:
-    """prompt/completion rows from Parquet (what the driver writes) or JSONL (no pyarrow needed)."""
+    """prompt/completion rows, and the token each sample stopped on where known (`stop_token`), from Parquet
+    (what the driver writes) or JSONL (no pyarrow needed)."""
+    keys = ("prompt", "completion", "stop_token")
     if path.endswith(".jsonl"):
         with open(path) as f:
-            return [{k: r[k] for k in ("prompt", "completion")} for r in (json.loads(x) for x in f if x.strip())]
+            return [{k: r[k] for k in keys if k in r} for r in (json.loads(x) for x in f if x.strip())]
     import pyarrow.parquet as pq
 
-    return pq.read_table(path, columns=["prompt", "completion"]).to_pylist()
+    names = pq.read_schema(path).names
+    return pq.read_table(path, columns=[k for k in keys if k in names]).to_pylist()
 
 
 def train_loop(job: dict) -> None:

@@ -720,6 +720,32 @@ def test_a_restarted_m_step_sends_the_step_lines_its_checkpoint_holds(tmp_path, 
             {k: v for k, v in theirs.items() if k not in ("time", "tokens_per_s")}
 
 
+def test_validation_decodes_greedily_without_the_models_own_generation_knobs():
+    """A model's generation_config may set decoding knobs (Qwen2.5-Instruct: repetition_penalty 1.05): vLLM's
+    greedy samples ignore them, so M-step validation, which picks the checkpoint, must too: it takes the argmax
+    token each step, as a forward pass gives it, and leaves the model's generation_config as it was."""
+    from restem_ray.sft import greedy_completions
+
+    tok = build_tokenizer()
+    model = build_model(TinyModelSpec(seed=3), tok).eval()
+    model.generation_config.repetition_penalty = 50.0
+    model.generation_config.no_repeat_ngram_size = 1
+    prompts = ["Q: 1 + 1\nA:", "Q: 22 + 22\nA:"]
+    got = greedy_completions(model, tok, prompts, max_new_tokens=12)
+    for prompt, text in zip(prompts, got):
+        ids = tok(prompt, return_tensors="pt").input_ids
+        with torch.no_grad():
+            for _ in range(12):
+                nxt = model(ids).logits[0, -1].argmax()
+                if nxt.item() == tok.eos_token_id:
+                    break
+                ids = torch.cat([ids, nxt.view(1, 1)], dim=1)
+        want = tok.decode(ids[0, len(tok(prompt).input_ids):], skip_special_tokens=True)
+        assert text == want
+    assert any(len(set(t)) < len(t) for t in got)  # a repeated character: the knobs, had they applied, forbid it
+    assert model.generation_config.repetition_penalty == 50.0
+
+
 def _without_pad_token(folder):
     """The tokenizer in `folder` saved again without a pad token, as Llama-3's tokenizers come."""
     from transformers import AutoTokenizer
@@ -798,6 +824,13 @@ def test_each_trained_completion_ends_with_the_first_stop_token_id_or_eos(tmp_pa
         step = MStep({**job, "stop_token_ids": stops}, 0, 1, LocalReporter(str(tmp_path / f"ckpts-{end}")))
         step._setup()
         assert len(step.data) == len(SUMS) and all(ids[-1] == labels[-1] == end for ids, labels in step.data)
+    # a sample that stopped on a token of its own (a generation_config eos id vLLM stops on, Gemma-2-it's
+    # <end_of_turn>) ends with that token; -1 (a stop string, a human solution) or none: the default
+    own = [dict(r, stop_token=[11, 0, -1, None][i % 4]) for i, r in enumerate(SUMS)]
+    job = _tiny_job(tmp_path, own, micro_batch_size=8, epochs=1)
+    step = MStep({**job, "stop_token_ids": (7,)}, 0, 1, LocalReporter(str(tmp_path / "ckpts-own")))
+    step._setup()
+    assert [ids[-1] for ids, _ in step.data] == [[11, 0, 7, 7][i % 4] for i in range(len(SUMS))]
 
 
 def _sentencepiece_style_tokenizer(legacy: bool):

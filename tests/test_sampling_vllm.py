@@ -53,6 +53,12 @@ def test_a_stop_token_id_ends_samples_as_eos_does(tiny, sampler):
     (stopped,) = sampler.generate(PROMPTS[:1], SampleSpec(n=1, temperature=0.0, max_tokens=12, stop_token_ids=(stop,)))
     assert stopped["finish_reason"] == "stop" and stopped["completion_tokens"] == ids.index(stop) + 1
     assert free["completion"].startswith(stopped["completion"]) and len(stopped["completion"]) < len(free["completion"])
+    # the row names the token that ended it (the M-step trains the sample to end with it); -1 for max_tokens or a
+    # stop string
+    assert stopped["stop_token"] == stop and free["stop_token"] == -1
+    (cut,) = sampler.generate(PROMPTS[:1], SampleSpec(n=1, temperature=0.0, max_tokens=12,
+                                                      stop=(free["completion"][2:4],)))
+    assert cut["finish_reason"] == "stop" and cut["stop_token"] == -1
 
 
 def test_seeded_samples_do_not_depend_on_batching(sampler):

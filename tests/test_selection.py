@@ -50,3 +50,13 @@ def test_samples_without_a_finish_reason_count_as_complete():
     assert truncated(old) == [False] and select(old, max_solutions_per_problem=10).num_rows == 1
     merged = old.append_column("finish_reason", pa.array([None], pa.string()))
     assert truncated(merged) == [False] and select(merged, max_solutions_per_problem=10).num_rows == 1
+
+
+def test_kept_rows_carry_the_token_their_sample_stopped_on():
+    """train.parquet keeps each sample's stop token for the M-step (-1 for samples written before it existed)."""
+    rows = [("a", 0, "x", 1.0), ("a", 1, "y", 1.0), ("b", 0, "z", 0.0)]
+    table = graded(rows).append_column("stop_token", pa.array([107, 1, 107], pa.int64()))
+    out = select(table, max_solutions_per_problem=10)
+    assert out.schema.field("stop_token").type == pa.int64()
+    assert [(r["completion"], r["stop_token"]) for r in out.to_pylist()] == [("x", 107), ("y", 1)]
+    assert select(graded(rows), max_solutions_per_problem=10)["stop_token"].to_pylist() == [-1, -1]
