@@ -29,6 +29,7 @@ import re
 import signal
 
 from .sandbox import RunResult, Sandbox
+from .verification import after_thinking
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
 _CLOSING_FENCE = re.compile(r"^[ \t]*```", re.M)
@@ -56,10 +57,11 @@ def _defines_re(name: str) -> re.Pattern:
 
 
 def extract_code(completion: str, name: str | None = None) -> str:
-    """The code to grade: the first fenced block that defines `name` (a function or method); else a body
+    """The code to grade (after a reasoning model's </think>): the first fenced block that defines `name` (a function or method); else a body
     that continues the prompt, up to a closing fence a base model may add; else unfenced code followed by such a
     closing fence, up to it; else the first python-tagged block, else the first block; else the completion
     itself."""
+    completion = after_thinking(completion)
     blocks = [(lang, code) for lang, code in _FENCE.findall(completion) if code.strip()]
     tagged = [code for lang, code in blocks if lang.lower() in ("python", "py", "python3")]
     codes = tagged or [code for _, code in blocks]

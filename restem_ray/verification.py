@@ -77,11 +77,22 @@ def _hash_answer(line: str) -> str | None:
     return (m.group(1) if m else line) or None
 
 
+def after_thinking(completion: str) -> str:
+    """What a reasoning model (DeepSeek-R1 and its distills, Qwen3, QwQ) answers after its trace: the text after
+    the last </think>, since the trace's tentative answers ("so the answer is 20. Wait, ...") are not the final
+    one; a trace opened and never closed holds no answer yet. Other completions as they are."""
+    end = completion.rfind("</think>")
+    if end >= 0:
+        return completion[end + len("</think>"):]
+    return "" if "<think>" in completion else completion
+
+
 def extract_answer(completion: str) -> str | None:
-    """The final answer: whichever of the last `####` line and the last \\boxed{} comes later (a model's markdown
+    """The final answer (after a reasoning model's </think>): whichever of the last `####` line and the last \\boxed{} comes later (a model's markdown
     `#### Step 2` heading before its \\boxed{} answer is not the answer); without a box, a later "the answer is N."
     or "the final answer is $X$" (lm-eval's GSM8K and Minerva matches) competes with the `####` line; else the
     last number."""
+    completion = after_thinking(completion)
     found: list[tuple[int, str]] = []
     hashes = [(m.start(), a) for m in _HASHES.finditer(completion) if (a := _hash_answer(m.group(1)))]
     if hashes:

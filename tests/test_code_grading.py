@@ -218,3 +218,11 @@ def test_apps_stdout_numbers_compare_within_apps_tolerance(grader):
     assert grader.grade(avg, "input()\nx = list(map(int, input().split()))\nprint(sum(x) / len(x))\n") == "passed"
     assert grader.grade(avg, "input()\nx = list(map(int, input().split()))\nprint(round(sum(x) / len(x), 2))\n") \
         == "wrong_answer"
+
+
+def test_a_reasoning_models_code_comes_after_its_thinking():
+    """A draft in the trace (Qwen3, DeepSeek-R1 distills) is not the answer: the code after </think> is."""
+    completion = ("<think>First attempt:\n```python\ndef add(a, b):\n    return a - b\n```\nNo, plus.</think>\n"
+                  "```python\ndef add(a, b):\n    return a + b\n```")
+    assert extract_code(completion, "add") == "def add(a, b):\n    return a + b\n"
+    assert extract_code("<think>```python\ndef add(a, b):\n    return a\n```", "add") == ""  # trace never closed
