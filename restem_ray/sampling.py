@@ -66,6 +66,18 @@ CPU_SINGLE_WORKER = {"distributed_executor_backend": "uni"}
 GPU_TENSOR_PARALLEL = {"distributed_executor_backend": "mp"}
 
 
+def tokenizer_mode(folder: str, engine_kwargs: dict) -> dict:
+    """{"tokenizer_mode": "hf"} for a Mistral folder (tekken.json or tokenizer.model.v*), unless the user names a
+    mode: there vLLM's "auto" takes mistral_common, which encodes a rendered "[INST]" as text rather than the
+    control token the prompt layer and the M-step's HF tokenizer give it (and the M-step's checkpoints, without
+    consolidated weights, would switch back)."""
+    if "tokenizer_mode" in engine_kwargs or not os.path.isdir(folder):
+        return {}
+    names = os.listdir(folder)
+    mistral = any(n == "tekken.json" or n.startswith("tokenizer.model.v") for n in names)
+    return {"tokenizer_mode": "hf"} if mistral else {}
+
+
 def engine_args(engine_kwargs: dict, use_gpu: bool) -> dict:
     """What a replica passes to `vllm.LLM` besides the model and seed: the defaults above under the user's
     `sampling.engine_kwargs` (a backend the user names wins)."""
@@ -188,8 +200,10 @@ class Sampler:
         self._ids = itertools.count()
         self._closing = False
         started: Future = Future()
+        folder = local_model_copy(model)
+        kwargs |= tokenizer_mode(folder, kwargs)
         self._thread = threading.Thread(target=self._serve, args=(lambda: LLM(
-            model=local_model_copy(model), seed=seed, **kwargs), started), daemon=True, name="restem-engine")
+            model=folder, seed=seed, **kwargs), started), daemon=True, name="restem-engine")
         self._thread.start()
         self.llm = started.result()  # the engine's start errors surface here
         if exit_on_engine_death:

@@ -269,6 +269,28 @@ class TrainState:
     done: bool = False                  # the M-step's last checkpoint: HF weights only, nothing left to train
 
 
+# What a checkpoint gets from the M-step itself (weights, their index, config.json, generation_config.json) and
+# what must not travel without the weights it describes (Mistral's params.json, consolidated weights).
+_NOT_TOKENIZER = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack|ckpt)$|.*\.index\.json$|"
+                            r"(config|generation_config|params|adapter_config)\.json$")
+
+
+def copy_tokenizer_files(base: str, hf: str, tokenizer) -> None:
+    """The base folder's tokenizer files, byte for byte, into the checkpoint `hf` (tokenizer.json and its config,
+    chat template, tokenizer.model, tekken.json, special tokens, a custom tokenizer's code): the M-step does not
+    change them, and a re-serialized tokenizer names transformers 5's class (TokenizersBackend), which older
+    serving stacks cannot load, and drops the files it does not read. A base with none: `tokenizer` saved."""
+    copied = 0
+    for name in sorted(os.listdir(base)):
+        src = os.path.join(base, name)
+        if (os.path.isfile(src) and not _NOT_TOKENIZER.fullmatch(name) and os.path.getsize(src) < 2**30
+                and not os.path.exists(os.path.join(hf, name))):
+            shutil.copy2(src, os.path.join(hf, name))
+            copied += name.startswith("tokenizer") or name == "tekken.json"
+    if not copied:
+        tokenizer.save_pretrained(hf)
+
+
 def _ended(row: dict, default: int | None) -> int | None:
     """The token a training row ends with: the one its sample stopped on, else `default`."""
     token = row.get("stop_token")
@@ -651,7 +673,7 @@ class MStep:
                     # loads it as trained.
                     state = host_state_dict(state, self.dtype)
                     self.model.save_pretrained(hf, state_dict=state, safe_serialization=True)
-                self.tok.save_pretrained(hf)
+                copy_tokenizer_files(self.init_model, hf, self.tok)
                 Path(tmp, "state.json").write_text(json.dumps(asdict(st)))
             self.last_metrics = metrics
             self.reporter.report(metrics, tmp, f"step_{st.step:07d}")

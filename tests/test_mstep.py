@@ -720,6 +720,31 @@ def test_a_restarted_m_step_sends_the_step_lines_its_checkpoint_holds(tmp_path, 
             {k: v for k, v in theirs.items() if k not in ("time", "tokens_per_s")}
 
 
+def test_a_checkpoint_carries_the_base_models_tokenizer_files_as_they_are(tmp_path, single_process_group):
+    """The M-step does not change the tokenizer: its files go into every checkpoint byte for byte (a tokenizer
+    saved again by transformers 5 names its TokenizersBackend class, which older serving stacks cannot load, moves
+    the chat template out of tokenizer_config.json and drops files it does not read, e.g. tokenizer.model)."""
+    from transformers import AutoTokenizer
+
+    from restem_ray.training import LocalReporter, MStep
+
+    job = _tiny_job(tmp_path, SUMS, micro_batch_size=8, epochs=1)
+    base = tmp_path / "base"
+    config = json.loads((base / "tokenizer_config.json").read_text())
+    config |= {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": "{{ messages[0]['content'] }}"}
+    (base / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
+    (base / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
+    (base / "README.md").write_text("model card")
+    m = MStep(job, 0, 1, LocalReporter(str(tmp_path / "ckpts"))).run()
+    hf = tmp_path / "ckpts" / f"step_{m['steps']:07d}" / "hf"
+    for name in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "README.md"):
+        assert (hf / name).read_bytes() == (base / name).read_bytes(), name
+    assert not (hf / "chat_template.jinja").exists()
+    assert (hf / "model.safetensors").stat().st_size > 0 and (hf / "config.json").exists()  # the M-step's own
+    tok = AutoTokenizer.from_pretrained(hf)
+    assert tok("Q: 1 + 1").input_ids == AutoTokenizer.from_pretrained(base)("Q: 1 + 1").input_ids
+
+
 def test_validation_decodes_greedily_without_the_models_own_generation_knobs():
     """A model's generation_config may set decoding knobs (Qwen2.5-Instruct: repetition_penalty 1.05): vLLM's
     greedy samples ignore them, so M-step validation, which picks the checkpoint, must too: it takes the argmax

@@ -187,6 +187,21 @@ def test_tensor_parallel_replicas_on_gpus_use_the_multiprocess_executor():
                                               "enable_chunked_prefill": False, "distributed_executor_backend": "uni"}
 
 
+def test_a_mistral_folder_is_tokenized_with_its_hf_tokenizer(tmp_path):
+    """vLLM's "auto" takes mistral_common for a Mistral folder (consolidated weights with tekken.json or
+    tokenizer.model.v3), which encodes the rendered "[INST]" as text: such a folder gets the HF tokenizer the
+    prompt layer and the M-step use, unless the user names a mode; other folders keep vLLM's choice."""
+    from restem_ray.sampling import tokenizer_mode
+
+    (tmp_path / "config.json").write_text("{}")
+    assert tokenizer_mode(str(tmp_path), {}) == {}
+    for name in ("tekken.json", "tokenizer.model.v3"):
+        (tmp_path / name).write_text("{}")
+        assert tokenizer_mode(str(tmp_path), {}) == {"tokenizer_mode": "hf"}
+        assert tokenizer_mode(str(tmp_path), {"tokenizer_mode": "mistral"}) == {}
+        (tmp_path / name).unlink()
+
+
 def test_a_gpu_replica_waits_for_a_previous_engines_memory_then_starts(capsys):
     """A replica restarted on the GPUs of one that crashed waits (bounded) while the raylet reaps the old engine;
     NVML's answers are played back here (two GPUs; the second frees up on the third look)."""
