@@ -13,8 +13,10 @@ prompts are used as the files give them.
 from __future__ import annotations
 
 import functools
+import json
 import random
 from dataclasses import dataclass, field
+from pathlib import Path
 
 from .config import PromptConfig, RestemConfig
 from .datasets import STANDARD_SHOTS, Splits, load_splits, read_rows
@@ -29,11 +31,29 @@ def load_tokenizer(path: str):
 
     from .remote import local_model_copy
 
+    folder = local_model_copy(path)  # a URI: this node's copy
     try:
-        return AutoTokenizer.from_pretrained(local_model_copy(path))  # a URI: this node's copy
+        tok = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # a broken or foreign folder: one line, not a transformers traceback
         raise UserError(f"model.base: {path}: cannot load its tokenizer ({type(e).__name__}: "
                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+    # transformers 5 rebuilds a tokenizer from its tokenizer_class: a byte-level BPE folder that names a
+    # SentencePiece class (DeepSeek-R1-Distill-Llama's LlamaTokenizerFast) loads with the wrong pre-tokenizer and
+    # loses every space, for vLLM too, and every prompt and training row would be garbled
+    got = tok.decode(tok(ROUND_TRIP, add_special_tokens=False).input_ids, skip_special_tokens=True)
+    if got.strip() != ROUND_TRIP:
+        try:
+            name = json.loads(Path(folder, "tokenizer_config.json").read_text()).get("tokenizer_class")
+        except (OSError, ValueError, AttributeError):
+            name = None
+        raise UserError(f"model.base: {path}: its tokenizer does not give back the text it encodes ({ROUND_TRIP!r} "
+                        f"-> {got!r}): transformers loaded it as {type(tok).__name__} (tokenizer_class {name} in "
+                        "tokenizer_config.json); where tokenizer.json holds the whole tokenizer, set tokenizer_class "
+                        "to PreTrainedTokenizerFast there")
+    return tok
+
+
+ROUND_TRIP = "Janet's ducks lay 16 eggs per day, and she eats 3."
 
 
 def load_shots(pc: PromptConfig, dataset: str | None) -> tuple[list[tuple[str, dict]], str | None]:
@@ -70,7 +90,6 @@ def _own_stops(model: str, tokenizer) -> bool:
     """Whether the model's generation_config.json stops on ids besides the tokenizer's EOS: its authors set the
     stops of their chat format (Llama-3-Instruct, Qwen2.5-Instruct, gpt-oss, whose <|end|> closes a message, not
     the answer), and vLLM applies them already. A base model's file names its EOS alone, or nothing."""
-    import json
     import os
 
     from .remote import local_model_copy

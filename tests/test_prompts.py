@@ -337,3 +337,29 @@ def test_eval_with_a_runs_config_prompts_samples_and_grades_as_that_run(tmp_path
     he = eval_config(eval_args(dataset="humaneval"), "he.jsonl")
     assert he.task.kind == "code" and check_verifier(he, local_sandbox=False) == graded_kind(he) == "code"
     assert eval_config(eval_args(set=["prompt.template={question}"]), "x.jsonl").prompt.template == "{question}"
+
+
+def test_a_tokenizer_that_loses_the_text_it_encodes_is_refused_in_one_line(tmp_path, capsys):
+    """transformers 5 rebuilds a tokenizer from tokenizer_class: a byte-level BPE folder naming a SentencePiece
+    class (DeepSeek-R1-Distill-Llama's LlamaTokenizerFast) loads with the wrong pre-tokenizer and drops every
+    space, for vLLM too. check names the class and the fix; with the whole tokenizer's class it loads."""
+    from restem_ray.tiny_chat import build_chat_tokenizer
+
+    model = chat_model(tmp_path / "r1", "<|im_end|>")
+    (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
+    tok_config = json.loads((model / "tokenizer_config.json").read_text())
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_config | {"tokenizer_class": "LlamaTokenizerFast"}))
+    load_tokenizer.cache_clear()
+    with pytest.raises(UserError, match=r"does not give back the text it encodes .* -> \"Janet'sduckslay16eggs.*"
+                                        r"loaded it as LlamaTokenizer \(tokenizer_class LlamaTokenizerFast in "
+                                        r"tokenizer_config.json\); .* set tokenizer_class to PreTrainedTokenizerFast"):
+        load_tokenizer(str(model))
+    cfg = config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=model)
+    assert main(["check", str(tmp_path / "cfg.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "does not give back the text it encodes" in err and err.count("\n") == 1
+    (model / "tokenizer_config.json").write_text(json.dumps(tok_config | {"tokenizer_class": "PreTrainedTokenizerFast"}))
+    load_tokenizer.cache_clear()
+    tok = load_tokenizer(str(model))
+    assert tok.decode(tok("Janet's ducks lay 16 eggs.").input_ids) == "Janet's ducks lay 16 eggs."
+    assert load_task(cfg).train and build_chat_tokenizer().vocab_size == tok.vocab_size
