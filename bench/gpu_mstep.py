@@ -461,18 +461,20 @@ def main():
     shutil.rmtree(work, ignore_errors=True)
     print(f"\n{summary['device']}: {shape['params'] / 1e6:.0f}M params, {args.steps} steps x {args.micro} samples "
           f"of {args.min_len + 2}-{args.max_len + 2} tokens, bf16")
+    # the last step's loss on the same batches: a fused kernel that rounds differently (Liger's bf16 gradient
+    # sums) shows here beside the plain loop's
     print(f"| variant | real tokens/s | ratio to plain | MFU | second half: tokens/s, MFU | peak GPU memory "
-          f"| checkpoint dtype |")
-    print("|---|---|---|---|---|---|---|")
+          f"| checkpoint dtype | last loss |")
+    print("|---|---|---|---|---|---|---|---|")
     for v, r in results.items():
         if "error" in r:
-            print(f"| {LABELS[v]} | failed: {r['error']} | | | | | |")
+            print(f"| {LABELS[v]} | failed: {r['error']} | | | | | | |")
             continue
         mem = f"{r['peak_memory_gib']} GiB" if r["peak_memory_gib"] is not None else "-"
         steady = (f"{r['steady_tokens_per_s']:,}, {100 * r['steady_mfu']:.1f}%" if r.get("steady_mfu") is not None
                   else "-")
         print(f"| {LABELS[v]} | {r['real_tokens_per_s']:,} | {r['ratio_to_plain']} | {100 * r['mfu']:.1f}% | {steady} "
-              f"| {mem} | {r.get('checkpoint_dtype', '-')} |")
+              f"| {mem} | {r.get('checkpoint_dtype', '-')} | {r['loss']} |")
     print(f"wrote {out}")
     if any("error" in r for r in results.values()):
         sys.exit(1)
