@@ -317,7 +317,7 @@ def cmd_eval(args) -> int:
         scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=stop, stop_token_ids=stop_token_ids,
                                  chunk_size=s.prompts_per_request,
                                  k=ev.k_for(n), temperature=ev.temperature, top_p=ev.top_p, seed=cfg.seed,
-                                 majority=kind == "math", desc=f"eval {n}",
+                                 majority=cfg.task.kind == "math", desc=f"eval {n}",  # as a run's
                                  max_infra_error_rate=cfg.verification.max_infra_error_rate)
                   for n, probs in problems.items()}
     finally:

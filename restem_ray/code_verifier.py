@@ -56,12 +56,12 @@ def _defines_re(name: str) -> re.Pattern:
     return re.compile(rf"^[ \t]*(?:async[ \t]+)?def[ \t]+{re.escape(name)}[ \t]*\(", re.M)
 
 
-def extract_code(completion: str, name: str | None = None) -> str:
+def extract_code(completion: str, name: str | None = None, prompt: str = "") -> str:
     """The code to grade (after a reasoning model's </think>): the first fenced block that defines `name` (a function or method); else a body
     that continues the prompt, up to a closing fence a base model may add; else unfenced code followed by such a
     closing fence, up to it; else the first python-tagged block, else the first block; else the completion
     itself."""
-    completion = after_thinking(completion)
+    completion = after_thinking(completion, prompt)
     blocks = [(lang, code) for lang, code in _FENCE.findall(completion) if code.strip()]
     tagged = [code for lang, code in blocks if lang.lower() in ("python", "py", "python3")]
     codes = tagged or [code for _, code in blocks]
@@ -336,7 +336,9 @@ class CodeGrader:
     def grade(self, problem: dict, completion: str) -> str:
         io = _input_output(problem) if problem.get("input_output") else None
         name = (io or {}).get("fn_name") or problem.get("entry_point")
-        code = extract_code(completion or "", name if isinstance(name, str) else None)
+        prompt = problem.get("prompt")
+        code = extract_code(completion or "", name if isinstance(name, str) else None,
+                            prompt if isinstance(prompt, str) else "")
         if not code.strip():
             return "no_code"
         if problem.get("input_output"):

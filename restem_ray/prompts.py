@@ -40,16 +40,20 @@ def load_tokenizer(path: str):
     # transformers 5 rebuilds a tokenizer from its tokenizer_class: a byte-level BPE folder that names a
     # SentencePiece class (DeepSeek-R1-Distill-Llama's LlamaTokenizerFast) loads with the wrong pre-tokenizer and
     # loses every space, for vLLM too, and every prompt and training row would be garbled
-    got = tok.decode(tok(ROUND_TRIP, add_special_tokens=False).input_ids, skip_special_tokens=True)
-    if got.strip() != ROUND_TRIP:
+    try:
+        got = tok.decode(tok(ROUND_TRIP, add_special_tokens=False).input_ids, skip_special_tokens=True)
+    except Exception as e:
+        raise UserError(f"model.base: {path}: its tokenizer fails on plain text ({type(e).__name__}: {e})") from None
+    if got.strip().lower() != ROUND_TRIP.lower():  # (a lowercasing normalizer is the tokenizer's own choice)
         try:
             name = json.loads(Path(folder, "tokenizer_config.json").read_text()).get("tokenizer_class")
         except (OSError, ValueError, AttributeError):
             name = None
+        hint = ("; tokenizer.json holds the whole tokenizer: set tokenizer_class to PreTrainedTokenizerFast there"
+                if Path(folder, "tokenizer.json").is_file() and name not in (None, "PreTrainedTokenizerFast") else "")
         raise UserError(f"model.base: {path}: its tokenizer does not give back the text it encodes ({ROUND_TRIP!r} "
                         f"-> {got!r}): transformers loaded it as {type(tok).__name__} (tokenizer_class {name} in "
-                        "tokenizer_config.json); where tokenizer.json holds the whole tokenizer, set tokenizer_class "
-                        "to PreTrainedTokenizerFast there")
+                        f"tokenizer_config.json){hint}")
     return tok
 
 

@@ -320,17 +320,13 @@ class Sampler:
                 })
         return rows
 
-    def _stop_token(self, c) -> int:
-        """The token that ended the sample, which the M-step then trains it to end with: the tokenizer's EOS, or
-        a stop token id (sampling.stop_token_ids, or one of the model's generation_config eos ids, which vLLM adds
-        to them: Gemma-2-it's <end_of_turn>); -1 where a stop string or max_tokens ended it."""
-        if str(c.finish_reason) != "stop" or isinstance(c.stop_reason, str):
-            return -1
-        if isinstance(c.stop_reason, int):
-            return c.stop_reason
-        if not hasattr(self, "_eos"):
-            self._eos = self.llm.get_tokenizer().eos_token_id
-        return -1 if self._eos is None else self._eos
+    @staticmethod
+    def _stop_token(c) -> int:
+        """The stop token id that ended the sample, which the M-step then trains it to end with: one of
+        sampling.stop_token_ids or of the model's generation_config eos ids, which vLLM adds to them (Gemma-2-it's
+        <end_of_turn>); -1 where the tokenizer's EOS (vLLM's stop_reason None), a stop string or max_tokens ended
+        it, and the M-step's default end applies (the chat template's end of turn where it is a stop token id)."""
+        return c.stop_reason if isinstance(c.stop_reason, int) and str(c.finish_reason) == "stop" else -1
 
     def ready(self) -> str:
         """Called by the pool once the engine is up: the Ray node this replica runs on."""

@@ -217,7 +217,11 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
     # knobs (Qwen2.5-Instruct's repetition_penalty 1.05, ...): validation would pick by another decoder
     from transformers import GenerationConfig
 
-    own, model.generation_config = model.generation_config, GenerationConfig()
+    # (a LoRA PeftModel's generate hands its generation_config to the base model: both are set and restored)
+    holders = [model] + ([model.get_base_model()] if hasattr(model, "get_base_model") else [])
+    own = [h.generation_config for h in holders]
+    for h in holders:
+        h.generation_config = GenerationConfig()
     try:
         with torch.no_grad():
             for s in range(0, len(prompts), batch):
@@ -227,7 +231,8 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
                 texts += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad
-        model.generation_config = own
+        for h, config in zip(holders, own):
+            h.generation_config = config
         model.train(was_training)
     return [_cut(t, stop) for t in texts]
 

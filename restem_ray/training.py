@@ -269,10 +269,10 @@ class TrainState:
     done: bool = False                  # the M-step's last checkpoint: HF weights only, nothing left to train
 
 
-# What a checkpoint gets from the M-step itself (weights, their index, config.json, generation_config.json) and
-# what must not travel without the weights it describes (Mistral's params.json, consolidated weights).
-_NOT_TOKENIZER = re.compile(r".*\.(safetensors|bin|pt|pth|gguf|h5|msgpack|ckpt)$|.*\.index\.json$|"
-                            r"(config|generation_config|params|adapter_config)\.json$")
+# A tokenizer's files, as model folders ship them (HF, SentencePiece, tiktoken, Mistral's tekken, a custom
+# tokenizer's code); nothing else travels (weights, exports for other runtimes, a copy's marker files)
+_TOKENIZER_FILE = re.compile(r"tokenizer.*|tokenization_.*\.py|special_tokens_map\.json|added_tokens\.json|"
+                             r"vocab\.(json|txt)|merges\.txt|.*\.(model|tiktoken)|tekken\.json|chat_template\..*")
 
 
 def copy_tokenizer_files(base: str, hf: str, tokenizer) -> None:
@@ -280,21 +280,19 @@ def copy_tokenizer_files(base: str, hf: str, tokenizer) -> None:
     chat template, tokenizer.model, tekken.json, special tokens, a custom tokenizer's code): the M-step does not
     change them, and a re-serialized tokenizer names transformers 5's class (TokenizersBackend), which older
     serving stacks cannot load, and drops the files it does not read. A base with none: `tokenizer` saved."""
-    copied = 0
-    for name in sorted(os.listdir(base)):
-        src = os.path.join(base, name)
-        if (os.path.isfile(src) and not _NOT_TOKENIZER.fullmatch(name) and os.path.getsize(src) < 2**30
-                and not os.path.exists(os.path.join(hf, name))):
-            shutil.copy2(src, os.path.join(hf, name))
-            copied += name.startswith("tokenizer") or name == "tekken.json"
-    if not copied:
+    names = [n for n in sorted(os.listdir(base)) if _TOKENIZER_FILE.fullmatch(n)
+             and os.path.isfile(os.path.join(base, n)) and not os.path.exists(os.path.join(hf, n))]
+    for name in names:
+        shutil.copy2(os.path.join(base, name), os.path.join(hf, name))
+    if not any(n.startswith("tokenizer") or n == "tekken.json" for n in names):
         tokenizer.save_pretrained(hf)
 
 
-def _ended(row: dict, default: int | None) -> int | None:
-    """The token a training row ends with: the one its sample stopped on, else `default`."""
+def _ended(row: dict, default: int | None, ends: set[int]) -> int | None:
+    """The token a training row ends with: the stop token its sample ended on where the policy stops on it too
+    (`ends`: a model.sampler of another family has other ids), else `default`."""
     token = row.get("stop_token")
-    return token if token is not None and token >= 0 else default
+    return token if token in ends else default
 
 
 def rotary_in_fp32(model) -> None:
@@ -391,7 +389,7 @@ class MStep:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .sft import encode, packed_row_length, plan_epoch, uses_varlen_kwargs, warmup_cosine
+        from .sft import encode, end_ids, packed_row_length, plan_epoch, uses_varlen_kwargs, warmup_cosine
 
         cfg, job = self.cfg, self.job
         deepspeed = import_deepspeed()
@@ -451,7 +449,8 @@ class MStep:
         # such as a generation_config eos id, Gemma-2-it's <end_of_turn>); rows without one (human solutions, a
         # stop string) with the first of sampling.stop_token_ids, else EOS.
         end = (job.get("stop_token_ids") or (None,))[0]
-        data = [encode(self.tok, r["prompt"], r["completion"], end=_ended(r, end)) for r in rows]
+        ends = set(end_ids(model, self.tok, tuple(job.get("stop_token_ids") or ())))
+        data = [encode(self.tok, r["prompt"], r["completion"], end=_ended(r, end, ends)) for r in rows]
         # A row longer than max_seq_len is dropped, not cut: cut from the left it loses the prompt, cut
         # from the right it teaches the model to stop mid-solution.
         self.data = [x for x in data if len(x[0]) <= cfg.max_seq_len]

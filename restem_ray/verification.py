@@ -77,22 +77,29 @@ def _hash_answer(line: str) -> str | None:
     return (m.group(1) if m else line) or None
 
 
-def after_thinking(completion: str) -> str:
+def after_thinking(completion: str, prompt: str = "") -> str:
     """What a reasoning model (DeepSeek-R1 and its distills, Qwen3, QwQ) answers after its trace: the text after
     the last </think>, since the trace's tentative answers ("so the answer is 20. Wait, ...") are not the final
-    one; a trace opened and never closed holds no answer yet. Other completions as they are."""
-    end = completion.rfind("</think>")
-    if end >= 0:
-        return completion[end + len("</think>"):]
-    return "" if "<think>" in completion else completion
+    one; a trace never closed (max_tokens cut it) holds no answer yet. A trace is one the prompt opened (R1's
+    distills' templates end with <think>), one the completion starts with, or a </think> with no <think>. Other
+    completions as they are (a program may print a literal "<think>")."""
+    opened = prompt.rfind("<think>") > prompt.rfind("</think>")
+    if opened or completion.lstrip().startswith("<think>") or ("</think>" in completion and "<think>" not in completion):
+        end = completion.rfind("</think>")
+        return completion[end + len("</think>"):] if end >= 0 else ""
+    return completion
 
 
-def extract_answer(completion: str) -> str | None:
+def _text(value) -> str:
+    return value if isinstance(value, str) else ""
+
+
+def extract_answer(completion: str, prompt: str = "") -> str | None:
     """The final answer (after a reasoning model's </think>): whichever of the last `####` line and the last \\boxed{} comes later (a model's markdown
     `#### Step 2` heading before its \\boxed{} answer is not the answer); without a box, a later "the answer is N."
     or "the final answer is $X$" (lm-eval's GSM8K and Minerva matches) competes with the `####` line; else the
     last number."""
-    completion = after_thinking(completion)
+    completion = after_thinking(completion, prompt)
     found: list[tuple[int, str]] = []
     hashes = [(m.start(), a) for m in _HASHES.finditer(completion) if (a := _hash_answer(m.group(1)))]
     if hashes:
@@ -174,7 +181,7 @@ def warm_math() -> None:
 
 
 def grade_math(problem: dict, completion: str) -> Grade:
-    pred = extract_answer(completion)
+    pred = extract_answer(completion, _text(problem.get("prompt")))
     if pred is None:
         return Grade(0.0, "no_answer")
     return Grade(1.0, "passed") if answers_match(str(problem["answer"]), pred) else Grade(0.0, "wrong_answer")

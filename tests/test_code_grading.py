@@ -226,3 +226,5 @@ def test_a_reasoning_models_code_comes_after_its_thinking():
                   "```python\ndef add(a, b):\n    return a + b\n```")
     assert extract_code(completion, "add") == "def add(a, b):\n    return a + b\n"
     assert extract_code("<think>```python\ndef add(a, b):\n    return a\n```", "add") == ""  # trace never closed
+    literal = "```python\ns = input()\nprint(s.replace('<think>', ''))\n```"  # a program's own "<think>"
+    assert extract_code(literal) == "s = input()\nprint(s.replace('<think>', ''))\n"

@@ -734,12 +734,14 @@ def test_a_checkpoint_carries_the_base_models_tokenizer_files_as_they_are(tmp_pa
     config |= {"tokenizer_class": "PreTrainedTokenizerFast", "chat_template": "{{ messages[0]['content'] }}"}
     (base / "tokenizer_config.json").write_text(json.dumps(config, indent=1))
     (base / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
-    (base / "README.md").write_text("model card")
+    for other in ("README.md", ".complete", "model.onnx", "trainer_state.json"):  # not a tokenizer's: left out
+        (base / other).write_text("x")
     m = MStep(job, 0, 1, LocalReporter(str(tmp_path / "ckpts"))).run()
     hf = tmp_path / "ckpts" / f"step_{m['steps']:07d}" / "hf"
-    for name in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "README.md"):
+    for name in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model"):
         assert (hf / name).read_bytes() == (base / name).read_bytes(), name
-    assert not (hf / "chat_template.jinja").exists()
+    assert not any((hf / n).exists() for n in ("chat_template.jinja", "README.md", ".complete", "model.onnx",
+                                              "trainer_state.json"))
     assert (hf / "model.safetensors").stat().st_size > 0 and (hf / "config.json").exists()  # the M-step's own
     tok = AutoTokenizer.from_pretrained(hf)
     assert tok("Q: 1 + 1").input_ids == AutoTokenizer.from_pretrained(base)("Q: 1 + 1").input_ids
@@ -769,6 +771,13 @@ def test_validation_decodes_greedily_without_the_models_own_generation_knobs():
         assert text == want
     assert any(len(set(t)) < len(t) for t in got)  # a repeated character: the knobs, had they applied, forbid it
     assert model.generation_config.repetition_penalty == 50.0
+    # LoRA: PeftModel.generate hands its generation_config to the base model; both decode and come back as they were
+    from peft import LoraConfig, get_peft_model
+
+    peft = get_peft_model(model, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    assert greedy_completions(peft, tok, prompts, max_new_tokens=12) == got
+    assert peft.get_base_model().generation_config.repetition_penalty == 50.0
+    assert peft.generation_config.repetition_penalty == 50.0
 
 
 def _without_pad_token(folder):
@@ -849,13 +858,17 @@ def test_each_trained_completion_ends_with_the_first_stop_token_id_or_eos(tmp_pa
         step = MStep({**job, "stop_token_ids": stops}, 0, 1, LocalReporter(str(tmp_path / f"ckpts-{end}")))
         step._setup()
         assert len(step.data) == len(SUMS) and all(ids[-1] == labels[-1] == end for ids, labels in step.data)
-    # a sample that stopped on a token of its own (a generation_config eos id vLLM stops on, Gemma-2-it's
-    # <end_of_turn>) ends with that token; -1 (a stop string, a human solution) or none: the default
+    # a sample that stopped on a stop token id of the policy's (a generation_config eos id vLLM stops on besides
+    # the tokenizer's EOS, Gemma-2-it's <end_of_turn>) ends with that token; an id the policy does not stop on (a
+    # model.sampler of another family), -1 (EOS, a stop string, a human solution) or none: the default
     own = [dict(r, stop_token=[11, 0, -1, None][i % 4]) for i, r in enumerate(SUMS)]
     job = _tiny_job(tmp_path, own, micro_batch_size=8, epochs=1)
+    generation = json.loads((tmp_path / "base" / "generation_config.json").read_text())
+    eos = build_tokenizer().eos_token_id
+    (tmp_path / "base" / "generation_config.json").write_text(json.dumps(generation | {"eos_token_id": [eos, 11]}))
     step = MStep({**job, "stop_token_ids": (7,)}, 0, 1, LocalReporter(str(tmp_path / "ckpts-own")))
     step._setup()
-    assert [ids[-1] for ids, _ in step.data] == [[11, 0, 7, 7][i % 4] for i in range(len(SUMS))]
+    assert [ids[-1] for ids, _ in step.data] == [[11, 7, 7, 7][i % 4] for i in range(len(SUMS))]
 
 
 def _sentencepiece_style_tokenizer(legacy: bool):

@@ -305,17 +305,24 @@ def test_a_helper_killed_while_idle_or_while_starting_is_replaced_not_remembered
     assert len(helper_state) == 3
 
 
-@pytest.mark.parametrize("completion, answer", [
+R1_PROMPT = "<｜begin▁of▁sentence｜><｜User｜>Janet's ducks lay 16 eggs...<｜Assistant｜><think>\n"
+
+
+@pytest.mark.parametrize("prompt, completion, answer", [
     # DeepSeek-R1's distills: the prompt opens the trace, the completion closes it; a tentative answer inside
-    ("so the answer is 20. Wait, 16 - 3 - 4 = 9 and 9 * 2 = 18.\n</think>\n\nJanet makes **18** dollars.", "18"),
-    ("<think>Maybe \\boxed{20}? No.</think>\nThe answer is 18.", "18"),                  # Qwen3: a box in the trace
-    ("<think>first try</think> no <think>second</think>\nSo $\\boxed{\\frac{1}{2}}$", "\\frac{1}{2}"),
-    ("<think>16 - 3 - 4 = 9, so the answer is 18 or", None),                           # cut mid-trace: no answer
-    ("No trace: the answer is 7.", "7"),
+    (R1_PROMPT, "so the answer is 20. Wait, 16 - 3 - 4 = 9 and 9 * 2 = 18.\n</think>\n\nJanet makes **18** dollars.",
+     "18"),
+    (R1_PROMPT, "Okay, so the answer is 18. Wait, let me recheck the eggs per", None),   # max_tokens cut the trace
+    ("Q", "the answer is 20. Hmm.\n</think>\n\nThe answer is 18.", "18"),           # a close with no open
+    ("Q", "<think>Maybe \\boxed{20}? No.</think>\nThe answer is 18.", "18"),           # Qwen3: a box in the trace
+    ("Q", "<think>first try</think> no <think>second</think>\nSo $\\boxed{\\frac{1}{2}}$", "\\frac{1}{2}"),
+    ("Q", "<think>16 - 3 - 4 = 9, so the answer is 18 or", None),                      # cut mid-trace: no answer
+    ("<think>\n\n</think>\n\nQ", "No trace: the answer is 7.", "7"),                    # Qwen3, thinking off
+    ("Q", "No trace: the answer is 7.", "7"),
 ])
-def test_a_reasoning_models_answer_comes_after_its_thinking(completion, answer):
+def test_a_reasoning_models_answer_comes_after_its_thinking(prompt, completion, answer):
     from restem_ray.verification import grade_math
 
-    assert extract_answer(completion) == answer
-    assert grade_math({"answer": "18"}, completion).verdict == ("passed" if answer == "18" else
-                                                              "no_answer" if answer is None else "wrong_answer")
+    assert extract_answer(completion, prompt) == answer
+    assert grade_math({"answer": "18", "prompt": prompt}, completion).verdict == (
+        "passed" if answer == "18" else "no_answer" if answer is None else "wrong_answer")
