@@ -255,8 +255,8 @@ def eval_config(args, first: str) -> RestemConfig:
 
 
 def graded_kind(cfg: RestemConfig) -> str:
-    """What eval's rows must hold and how it scores them: "math" (an answer each; maj@k votes), "code", or "any"
-    (a plug-in verifier reads what it reads)."""
+    """What eval's rows must hold: "math" (an answer each), "code" (tests), or "any" (a plug-in verifier reads
+    what it reads)."""
     from .verification import resolve_verifier
 
     name = resolve_verifier(cfg.verification.verifier, cfg.task.kind)
@@ -298,7 +298,6 @@ def cmd_eval(args) -> int:
     if args.out:
         check_output_file(Path(args.out), (".json",))  # before the evaluation, not after it
     cfg = eval_config(args, next(iter(splits.values())))
-    kind = graded_kind(cfg)
     problems, renderer = eval_problems(cfg, splits, args.model)
     check_model_len(cfg, problems, load_tokenizer(args.model))
     stop, stop_token_ids = sampling_stops(cfg, renderer)
@@ -440,7 +439,9 @@ def cmd_verify(args) -> int:
         ok = r is not None and str(r.get("id")) in problems and isinstance(r.get("completion"), str)
         if ok:
             rows.append({"id": str(r["id"]), "completion": r["completion"], "_n": len(rows) + len(bad)}
-                        | ({"sample": r["sample"]} if isinstance(r.get("sample"), int) else {}))
+                        | ({"sample": r["sample"]} if isinstance(r.get("sample"), int) else {})
+                        # a run's samples keep the prompt the model saw (a reasoning template opens <think> there)
+                        | ({"sampled_prompt": r["prompt"]} if isinstance(r.get("prompt"), str) else {}))
         else:
             why = "unreadable row" if r is None else ("unknown problem id" if "completion" in r else "no completion")
             bad.append({"id": None if r is None or r.get("id") is None else str(r["id"]),

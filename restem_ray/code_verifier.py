@@ -29,7 +29,7 @@ import re
 import signal
 
 from .sandbox import RunResult, Sandbox
-from .verification import after_thinking
+from .verification import after_thinking, seen_prompt
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
 _CLOSING_FENCE = re.compile(r"^[ \t]*```", re.M)
@@ -336,9 +336,7 @@ class CodeGrader:
     def grade(self, problem: dict, completion: str) -> str:
         io = _input_output(problem) if problem.get("input_output") else None
         name = (io or {}).get("fn_name") or problem.get("entry_point")
-        prompt = problem.get("prompt")
-        code = extract_code(completion or "", name if isinstance(name, str) else None,
-                            prompt if isinstance(prompt, str) else "")
+        code = extract_code(completion or "", name if isinstance(name, str) else None, seen_prompt(problem))
         if not code.strip():
             return "no_code"
         if problem.get("input_output"):

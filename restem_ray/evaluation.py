@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from .verification import as_number, extract_answer
+from .verification import as_number, extract_answer, seen_prompt
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -43,7 +43,7 @@ def majority_correct(rows: list[dict]) -> float:
     for r in rows:
         if r["reward"] >= 1.0:
             votes[_CORRECT] += 1
-        elif (answer := extract_answer(r["completion"], r.get("prompt") or "")) is not None:
+        elif (answer := extract_answer(r["completion"], seen_prompt(r))) is not None:
             votes[_vote_key(answer.strip())] += 1
     if not votes:
         return 0.0

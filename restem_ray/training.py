@@ -270,9 +270,11 @@ class TrainState:
 
 
 # A tokenizer's files, as model folders ship them (HF, SentencePiece, tiktoken, Mistral's tekken, a custom
-# tokenizer's code); nothing else travels (weights, exports for other runtimes, a copy's marker files)
+# tokenizer's code), and the licence texts a derived model carries; nothing else travels (weights, exports for
+# other runtimes, a copy's marker files)
 _TOKENIZER_FILE = re.compile(r"tokenizer.*|tokenization_.*\.py|special_tokens_map\.json|added_tokens\.json|"
-                             r"vocab\.(json|txt)|merges\.txt|.*\.(model|tiktoken)|tekken\.json|chat_template\..*")
+                             r"vocab\.(json|txt)|merges\.txt|.*\.(model|tiktoken)|tekken\.json|chat_template\..*|"
+                             r"(LICENSE|NOTICE|USE_POLICY).*")
 
 
 def copy_tokenizer_files(base: str, hf: str, tokenizer) -> None:
@@ -281,9 +283,13 @@ def copy_tokenizer_files(base: str, hf: str, tokenizer) -> None:
     change them, and a re-serialized tokenizer names transformers 5's class (TokenizersBackend), which older
     serving stacks cannot load, and drops the files it does not read. A base with none: `tokenizer` saved."""
     names = [n for n in sorted(os.listdir(base)) if _TOKENIZER_FILE.fullmatch(n)
-             and os.path.isfile(os.path.join(base, n)) and not os.path.exists(os.path.join(hf, n))]
+             and os.path.isfile(os.path.join(base, n)) and os.path.getsize(os.path.join(base, n)) < 2**28
+             and not os.path.exists(os.path.join(hf, n))]
     for name in names:
         shutil.copy2(os.path.join(base, name), os.path.join(hf, name))
+    templates = os.path.join(base, "additional_chat_templates")  # named templates transformers loads from there
+    if os.path.isdir(templates) and not os.path.exists(os.path.join(hf, "additional_chat_templates")):
+        shutil.copytree(templates, os.path.join(hf, "additional_chat_templates"))
     if not any(n.startswith("tokenizer") or n == "tekken.json" for n in names):
         tokenizer.save_pretrained(hf)
 
@@ -445,11 +451,13 @@ class MStep:
         if cfg.compile_layers:  # after LoRA: its adapters are part of the layers' code
             compile_decoder_layers(model)
         rows = _read_rows(job["train_file"])
-        # A sample is trained to end with the token it ended with (vLLM's stop_reason: EOS, or a stop token id
-        # such as a generation_config eos id, Gemma-2-it's <end_of_turn>); rows without one (human solutions, a
+        # A sample is trained to end with the stop token id it ended on (vLLM's stop_reason: a stop token id such
+        # as a generation_config eos id, Gemma-2-it's <end_of_turn>); rows without one (EOS, human solutions, a
         # stop string) with the first of sampling.stop_token_ids, else EOS.
         end = (job.get("stop_token_ids") or (None,))[0]
-        ends = set(end_ids(model, self.tok, tuple(job.get("stop_token_ids") or ())))
+        stops = tuple(job.get("stop_token_ids") or ())
+        # (EOS itself is never a recorded stop token in new samples: vLLM reports it as no stop reason)
+        ends = set(end_ids(model, self.tok, stops)) - ({self.tok.eos_token_id} - set(stops))
         data = [encode(self.tok, r["prompt"], r["completion"], end=_ended(r, end, ends)) for r in rows]
         # A row longer than max_seq_len is dropped, not cut: cut from the left it loses the prompt, cut
         # from the right it teaches the model to stop mid-solution.

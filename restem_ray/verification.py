@@ -80,18 +80,24 @@ def _hash_answer(line: str) -> str | None:
 def after_thinking(completion: str, prompt: str = "") -> str:
     """What a reasoning model (DeepSeek-R1 and its distills, Qwen3, QwQ) answers after its trace: the text after
     the last </think>, since the trace's tentative answers ("so the answer is 20. Wait, ...") are not the final
-    one; a trace never closed (max_tokens cut it) holds no answer yet. A trace is one the prompt opened (R1's
-    distills' templates end with <think>), one the completion starts with, or a </think> with no <think>. Other
-    completions as they are (a program may print a literal "<think>")."""
-    opened = prompt.rfind("<think>") > prompt.rfind("</think>")
-    if opened or completion.lstrip().startswith("<think>") or ("</think>" in completion and "<think>" not in completion):
+    one; a trace never closed (max_tokens cut it) holds no answer yet. A trace is one the prompt opens at its end
+    (R1's distills' templates end with <think>), one the completion starts with, or a </think> with no <think>
+    before any code fence. Other completions as they are (a program may handle a literal "<think>" tag)."""
+    close = completion.find("</think>")
+    if (prompt.rstrip().endswith("<think>") or completion.lstrip().startswith("<think>")
+            or (close >= 0 and "<think>" not in completion and "```" not in completion[:close])):
         end = completion.rfind("</think>")
         return completion[end + len("</think>"):] if end >= 0 else ""
     return completion
 
 
-def _text(value) -> str:
-    return value if isinstance(value, str) else ""
+def seen_prompt(problem: dict) -> str:
+    """The prompt the model was given: a graded samples file's own (`restem-ray verify` keeps it as
+    sampled_prompt, the problem file holding the raw question), else the problem's (rendered) prompt."""
+    for key in ("sampled_prompt", "prompt"):
+        if isinstance(problem.get(key), str):
+            return problem[key]
+    return ""
 
 
 def extract_answer(completion: str, prompt: str = "") -> str | None:
@@ -181,7 +187,7 @@ def warm_math() -> None:
 
 
 def grade_math(problem: dict, completion: str) -> Grade:
-    pred = extract_answer(completion, _text(problem.get("prompt")))
+    pred = extract_answer(completion, seen_prompt(problem))
     if pred is None:
         return Grade(0.0, "no_answer")
     return Grade(1.0, "passed") if answers_match(str(problem["answer"]), pred) else Grade(0.0, "wrong_answer")

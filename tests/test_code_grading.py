@@ -228,3 +228,7 @@ def test_a_reasoning_models_code_comes_after_its_thinking():
     assert extract_code("<think>```python\ndef add(a, b):\n    return a\n```", "add") == ""  # trace never closed
     literal = "```python\ns = input()\nprint(s.replace('<think>', ''))\n```"  # a program's own "<think>"
     assert extract_code(literal) == "s = input()\nprint(s.replace('<think>', ''))\n"
+    closing = '```python\ndef f(s):\n    return s.split("</think>")[-1]\n```'  # ... and its own "</think>"
+    assert extract_code(closing, "f") == 'def f(s):\n    return s.split("</think>")[-1]\n'
+    fenced = "```python\ndef add(a, b):\n    return a + b\n```"
+    assert extract_code(fenced, "add", "Write add(a, b); strip <think> tags first.") == "def add(a, b):\n    return a + b\n"

@@ -736,9 +736,13 @@ def test_a_checkpoint_carries_the_base_models_tokenizer_files_as_they_are(tmp_pa
     (base / "tokenizer.model").write_bytes(b"sentencepiece model bytes")
     for other in ("README.md", ".complete", "model.onnx", "trainer_state.json"):  # not a tokenizer's: left out
         (base / other).write_text("x")
+    (base / "LICENSE").write_text("licence text")  # travels with a derived model
+    (base / "additional_chat_templates").mkdir()
+    (base / "additional_chat_templates" / "tool_use.jinja").write_text("{{ messages }}")
     m = MStep(job, 0, 1, LocalReporter(str(tmp_path / "ckpts"))).run()
     hf = tmp_path / "ckpts" / f"step_{m['steps']:07d}" / "hf"
-    for name in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model"):
+    for name in ("tokenizer_config.json", "tokenizer.json", "tokenizer.model", "LICENSE",
+                 "additional_chat_templates/tool_use.jinja"):
         assert (hf / name).read_bytes() == (base / name).read_bytes(), name
     assert not any((hf / n).exists() for n in ("chat_template.jinja", "README.md", ".complete", "model.onnx",
                                               "trainer_state.json"))

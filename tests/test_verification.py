@@ -326,3 +326,10 @@ def test_a_reasoning_models_answer_comes_after_its_thinking(prompt, completion, 
     assert extract_answer(completion, prompt) == answer
     assert grade_math({"answer": "18", "prompt": prompt}, completion).verdict == (
         "passed" if answer == "18" else "no_answer" if answer is None else "wrong_answer")
+    # restem-ray verify: the problem file holds the raw question, the samples file the prompt the model saw
+    assert grade_math({"answer": "18", "prompt": "Q", "sampled_prompt": prompt}, completion).verdict == (
+        "passed" if answer == "18" else "no_answer" if answer is None else "wrong_answer")
+
+
+def test_a_think_tag_in_the_question_opens_no_trace():
+    assert extract_answer("The answer is 7.", "What does <think> mean in a template? Then add 3 and 4.") == "7"
