@@ -91,9 +91,11 @@ def _read_json_array(p: Path) -> list[tuple[str, dict]]:
 
 
 def load_split(path: str | Path, *, kind: str, dataset: str | None = None, columns: dict[str, str] | None = None,
-               adapter: str | None = None, need: tuple[str, ...] = (), limit: int | None = None) -> list[dict]:
-    """Read, adapt and validate one problem file; `need` = fields the prompt template uses."""
-    rows = read_rows(path)
+               adapter: str | None = None, need: tuple[str, ...] = (), limit: int | None = None,
+               rows: list[tuple[str, dict]] | None = None) -> list[dict]:
+    """Read, adapt and validate one problem file; `need` = fields the prompt template uses; `rows`: the file's
+    rows where the caller has read them (read_rows)."""
+    rows = read_rows(path) if rows is None else rows
     if not rows:
         raise UserError(f"{path}: no problems in file")
     if adapter:
@@ -197,10 +199,10 @@ def load_seed(task, need: tuple[str, ...] = ()) -> list[dict]:
     rows = read_rows(task.seed_file, "seed file")
     ours = not rows or {"prompt", "solution"} <= rows[0][1].keys()
     if ours or not (task.dataset or task.adapter or task.columns):
-        return load_split(task.seed_file, kind="solutions", need=need)
+        return load_split(task.seed_file, kind="solutions", need=need, rows=rows)
     try:
         return load_split(task.seed_file, kind="solutions", dataset=task.dataset, columns=task.columns,
-                          adapter=task.adapter, need=need)
+                          adapter=task.adapter, need=need, rows=rows)
     except UserError as e:  # its first row lacks prompt/solution: read as the task's format, which failed too
         raise UserError(f"{e} (task.seed_file: rows of id, prompt, solution, or the task's released format where "
                         "it has worked solutions: task.dataset gsm8k or math)") from None
