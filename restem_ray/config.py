@@ -321,7 +321,8 @@ class TrainingConfig(_Section):
     liger_kernel: bool = Field(False, description="Liger's Triton kernels on GPUs (liger-kernel, in the gpu extra): "
                                                   "fused RMSNorm, RoPE and SwiGLU, and the loss computed from the last "
                                                   "hidden states in chunks, never materialising the logits (12 bytes "
-                                                  "per token and vocabulary entry). ZeRO 0-2.")
+                                                  "per token and vocabulary entry; lm_head's gradient summed over the "
+                                                  "chunks in fp32). ZeRO 0-2.")
     compile_layers: bool = Field(False, description="torch.compile every decoder layer (one layer's code, compiled for "
                                                     "all of them, shapes dynamic: a new batch width needs no new "
                                                     "compile): fuses the norms, rotary embeddings and SwiGLU that "

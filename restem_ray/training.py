@@ -362,6 +362,16 @@ def apply_liger_kernel(model, loss_only: bool = False) -> None:
                                                     if loss_only else {}))
 
 
+def loss_kwargs(cfg) -> dict:
+    """Extra forward arguments of the M-step's loss. Liger's fused loss adds up lm_head's gradient over chunks of
+    tokens, in the weight's dtype unless told otherwise: in bf16 every one of ~128 chunk sums rounds (Qwen's
+    151k-entry vocabulary over 896 hidden units, 8k tokens a micro-batch), on a matrix that is also the input
+    embedding where the two are tied. fp32 costs one vocabulary x hidden buffer."""
+    import torch
+
+    return {"accum_dtype": torch.float32} if cfg.liger_kernel else {}
+
+
 def compile_decoder_layers(model) -> int:
     """torch.compile every decoder layer in place (nn.Module.compile keeps the state-dict keys, so checkpoints
     and DeepSpeed see the same parameters). Per layer, not the whole model: the layers share one code object,
@@ -550,6 +560,7 @@ class MStep:
         plan_epoch_idx, plan = -1, None
         stop = False
         lines = StepLines(self, self.job.get("log_every_steps", 0) if self.rank == 0 else 0)
+        extra = loss_kwargs(cfg)
         while st.step < self.total and not stop and not st.done:
             epoch, within = divmod(st.step, self.steps_per_epoch)
             if epoch != plan_epoch_idx:
@@ -572,7 +583,7 @@ class MStep:
                 tokens += batch["input_ids"].numel()
                 batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v  # max_length_q/k: ints
                          for k, v in batch.items()}
-                loss = forward(engine, batch).loss
+                loss = forward(engine, batch | extra).loss
                 engine.backward(loss)
                 engine.step()
                 step_loss += loss.detach()  # read back only when shown or saved: .item() per step stalls a GPU

@@ -2,6 +2,7 @@
 backend cannot run here, but binding them to the model and to torch can, and that is what breaks when
 transformers or liger-kernel move. Run in a subprocess: Liger patches transformers' modules for the whole
 process (rotary embeddings included), which would leave Triton kernels in every later CPU test."""
+import json
 import subprocess
 import sys
 import textwrap
@@ -74,3 +75,53 @@ def test_compiling_a_model_without_decoder_layers_is_one_line():
         compile_decoder_layers(Custom())
     assert str(e.value) == ("training.compile_layers: no decoder layers (transformers' GradientCheckpointingLayer) "
                             "in model type 'custom'")
+
+
+ACCUM_SCRIPT = textwrap.dedent("""
+    import functools
+    import json
+
+    import torch
+    import liger_kernel.transformers.functional as F
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    from restem_ray.config import TrainingConfig
+    from restem_ray.sft import forward
+    from restem_ray.training import apply_liger_kernel, loss_kwargs
+
+    seen = []
+    triton = F.liger_fused_linear_cross_entropy
+
+    @functools.wraps(triton)  # Liger filters its keyword arguments by this signature
+    def reference(input, weight, target, *, ignore_index=-100, reduction="mean", accum_dtype=None, **_):
+        # the Triton kernel cannot run on a CPU: the same loss, and a record of what the M-step asked for
+        seen.append(accum_dtype)
+        return torch.nn.functional.cross_entropy(input @ weight.T, target, ignore_index=ignore_index,
+                                                 reduction=reduction)
+
+    F.liger_fused_linear_cross_entropy = reference
+    torch.manual_seed(0)
+    model = Qwen2ForCausalLM(Qwen2Config(vocab_size=300, hidden_size=64, intermediate_size=160, num_hidden_layers=2,
+                                         num_attention_heads=4, num_key_value_heads=2))
+    ids = torch.randint(0, 300, (2, 12))
+    labels = ids.clone()
+    labels[:, :5] = -100
+    batch = {"input_ids": ids, "labels": labels}
+    plain = forward(model.train(), batch).loss
+    apply_liger_kernel(model, loss_only=True)
+    cfg = TrainingConfig(use_gpu=True, liger_kernel=True)
+    fused = forward(model, batch | loss_kwargs(cfg)).loss
+    print(json.dumps({"seen": [str(d) for d in seen], "plain": float(plain), "fused": float(fused),
+                      "off": list(loss_kwargs(TrainingConfig()))}))
+""")
+
+
+def test_the_liger_loss_sums_lm_head_gradients_in_fp32():
+    """Liger's fused loss adds lm_head's gradient over ~128 chunks of tokens; left to its default it does so
+    in bf16. The M-step's forward must carry accum_dtype through the model's forward to Liger's loss."""
+    p = subprocess.run([sys.executable, "-c", ACCUM_SCRIPT], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    out = json.loads(p.stdout.splitlines()[-1])
+    assert out["seen"] == ["torch.float32"]  # Liger's loss was called once, asked for fp32 sums
+    assert abs(out["plain"] - out["fused"]) < 1e-5  # the same loss through Liger's path
+    assert out["off"] == []  # without Liger the forward is unchanged
