@@ -55,6 +55,11 @@ class TaskConfig(_Section):
         False, description="Leave out the train problems whose prompt plus sampling.max_tokens overflows "
                            "training.max_seq_len, saying how many, instead of refusing the config (a dataset with a "
                            "long tail of long problems, APPS). Applied after task.max_train_problems.")
+    decontamination_ngram: int | None = Field(
+        None, ge=3, description="Also leave out the train problems (and seed solutions) that share at least half "
+                                "of their runs of this many words with one eval problem: near-duplicates with a "
+                                "number or a name changed, which the check for identical statements misses (8 to "
+                                "13 are usual). None: identical statements (case and spacing aside) only.")
     valid_split_seed: int = Field(0, description="Seed of the valid_split choice (kept apart from `seed`, so runs with "
                                                  "different seeds share one split).")
     eval_datasets: dict[str, Literal["gsm8k", "math", "humaneval", "mbpp", "apps"] | None] = Field(

@@ -293,6 +293,33 @@ def test_train_problems_also_in_an_eval_split_are_left_out(tmp_path, capsys):
         assert [r["id"] for r in watched.train] == [r["id"] for r in s.train] and len(watched.evals["train"]) == 64
 
 
+def test_near_duplicates_of_eval_problems_leave_train_with_decontamination_ngram(tmp_path, capsys):
+    """A test split holding five train problems with one number or name changed (and two other GSM8K problems
+    that only share phrasing): the exact check keeps the five; with task.decontamination_ngram they leave
+    train (and the seed set), and no other problem does."""
+    rows = gsm8k_rows()
+    twins = []
+    for r in rows[10:15]:
+        words = r["question"].split()
+        i = next(k for k, w in enumerate(words) if any(c.isdigit() for c in w) or (k and w[:1].isupper()))
+        words[i] = "Zed" if not any(c.isdigit() for c in words[i]) else "7" + words[i]
+        twins.append(dict(r, question=" ".join(words)))
+    for name, data in (("test", twins + rows[40:42]), ("valid", rows[42:46]), ("train", rows[:40])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(json.dumps(r) + "\n" for r in data))
+    task = {"train_file": str(tmp_path / "train.jsonl"), "dataset": "gsm8k", "seed_file": str(tmp_path / "train.jsonl"),
+            "valid_file": str(tmp_path / "valid.jsonl"), "test_file": str(tmp_path / "test.jsonl")}
+    exact = load_splits(load_config(write_config(tmp_path, task)).task)
+    assert len(exact.train) == len(exact.seed_rows) == 40
+    capsys.readouterr()
+    near = load_splits(load_config(write_config(tmp_path, {**task, "decontamination_ngram": 8})).task)
+    kept = [r["id"] for r in exact.train if r["id"] not in {str(i) for i in range(10, 15)}]
+    assert [r["id"] for r in near.train] == [r["id"] for r in near.seed_rows] == kept
+    assert ("left out 5 train problems whose problem statement is also in test (5) (or shares half its 8-word runs "
+            "with a problem there)") in capsys.readouterr().out
+    with pytest.raises(UserError, match="decontamination_ngram"):
+        load_config(write_config(tmp_path, {**task, "decontamination_ngram": 2}))
+
+
 def test_seed_solutions_of_eval_problems_are_left_out_and_the_template_fields_count(tmp_path, capsys):
     """Seed solutions (the control arm's data) of valid problems leave the seed set too. Problems are the same
     when their prompt and the fields the prompt template reads agree: rows whose `prompt` is boilerplate and

@@ -14,6 +14,7 @@ from __future__ import annotations
 import gzip
 import json
 import random
+import re
 import zlib
 from collections import Counter
 from dataclasses import dataclass, field
@@ -183,11 +184,12 @@ def load_splits(task, need: tuple[str, ...] = ()) -> Splits:
     # (an extra split that is the train file itself watches train pass@1: it is meant to hold train problems)
     held_out = {n: rows for n, rows in evals.items()
                 if n not in task.extra_eval_files or not _same_file(task.extra_eval_files[n], task.train_file)}
-    train = leave_out_eval_problems(train, held_out, task.train_file, "task.train_file", need)
+    ngram = task.decontamination_ngram
+    train = leave_out_eval_problems(train, held_out, task.train_file, "task.train_file", need, ngram)
     lim = task.max_eval_problems
     seed = load_seed(task, need) if task.seed_file else []
     if seed:  # the control arm's data (and the M-step's with mix_seed_data): solutions of eval problems leak too
-        seed = leave_out_eval_problems(seed, held_out, task.seed_file, "task.seed_file", need)
+        seed = leave_out_eval_problems(seed, held_out, task.seed_file, "task.seed_file", need, ngram)
     return Splits(train[: task.max_train_problems] if task.max_train_problems else train,
                   {n: rows[:lim] if lim else rows for n, rows in evals.items()}, seed)
 
@@ -222,29 +224,61 @@ def _statement(row: dict, need: tuple[str, ...]) -> str:
 
 
 def leave_out_eval_problems(rows: list[dict], evals: dict[str, list[dict]], source: str, key: str,
-                            need: tuple[str, ...] = ()) -> list[dict]:
+                            need: tuple[str, ...] = (), ngram: int | None = None) -> list[dict]:
     """`rows` (train problems or seed solutions) without those whose statement is also in an eval split: one
-    trained on would inflate the score that picks the iteration (valid) or is reported (test). Said on one line;
-    a file that is all eval problems (the same file twice, MBPP's one-file release) is an error."""
+    trained on would inflate the score that picks the iteration (valid) or is reported (test). With `ngram`,
+    also those that share at least half their runs of `ngram` words with one eval problem (a near-duplicate
+    with a number or a name changed). Said on one line; a file that is all eval problems (the same file twice,
+    MBPP's one-file release) is an error."""
     split_of: dict[str, str] = {}
     for name, eval_rows in evals.items():
         for r in eval_rows:
             split_of.setdefault(_statement(r, need), name)
     split_of.pop(_statement({}, need), None)
     statements = [_statement(r, need) for r in rows]
-    kept = [r for r, st in zip(rows, statements) if st not in split_of]
+    found = Counter(split_of[st] for st in statements if st in split_of)
+    near = _near_duplicates([st for st in statements if st not in split_of], split_of, ngram) if ngram else {}
+    found.update(near.values())
+    kept = [r for r, st in zip(rows, statements) if st not in split_of and st not in near]
     if len(kept) == len(rows):
         return rows
-    found = Counter(split_of[st] for st in statements if st in split_of)
     where_ = ", ".join(f"{name} ({n})" for name, n in found.items())
     what = "seed solutions" if key == "task.seed_file" else "train problems"
     if not kept:
         raise UserError(f"{key}: {source}: all {len(rows)} of its problems are also in {where_}: give "
                         "train and eval problems from different files (MBPP's mbpp.jsonl holds every split: use "
                         "the released train, validation and test files)")
+    how = f" (or shares half its {ngram}-word runs with a problem there)" if ngram else ""
     print(f"[restem] {source}: left out {len(rows) - len(kept)} {what} whose problem statement is also in "
-          f"{where_}", flush=True)
+          f"{where_}{how}", flush=True)
     return kept
+
+
+def _grams(statement: str, n: int) -> set[tuple[str, ...]]:
+    words = re.findall(r"\w+", statement)
+    return {tuple(words[i:i + n]) for i in range(len(words) - n + 1)}
+
+
+def _near_duplicates(statements: list[str], split_of: dict[str, str], n: int) -> dict[str, str]:
+    """statement -> the eval split of the one eval problem it shares at least half its n-word runs with. A run
+    found in many eval problems is boilerplate ("the first line of the input contains"), no sign of a twin:
+    it counts on neither side, and looking it up in every problem would cost their number per run."""
+    holders: dict[tuple[str, ...], list[int]] = {}
+    eval_statements = list(split_of)
+    for j, st in enumerate(eval_statements):
+        for g in _grams(st, n):
+            holders.setdefault(g, []).append(j)
+    common = max(8, len(eval_statements) // 1000)
+    out = {}
+    for st in statements:
+        grams = [holders.get(g) for g in _grams(st, n)]
+        grams = [h for h in grams if h is None or len(h) <= common]
+        shared = Counter(j for h in grams if h for j in h)
+        if shared:
+            j, count = shared.most_common(1)[0]
+            if 2 * count >= len(grams):
+                out[st] = split_of[eval_statements[j]]
+    return out
 
 
 def carve(rows: list[dict], size: float | int, seed: int, source: str) -> tuple[list[dict], list[dict]]:
