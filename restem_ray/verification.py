@@ -22,15 +22,23 @@ from .errors import UserError
 _NUM_RE = r"[-\u2212]?(?:\d{1,3}(?:,\d{3})+(?!\d)|\d+)(?:\.\d+)?(?:/\d+)?|[-\u2212]?\.\d+"
 _NUM = re.compile(_NUM_RE)
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
+_GROUP_GAP = re.compile(r"\\,|\\!|\\ |\{,\}|~| ")
+_SPACED_THOUSANDS = re.compile(r"-?\d{1,3}(?:(?:,?(?:\\[,! ]|\{,\}|~| ))+\d{3})+(?:\.\d+)?")
 # `#### <answer>` (GSM8K's format) on its own line
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
 # "The answer is 18." (lm-eval's strict GSM8K match): a number that ends there ("18, which is", "18 (5 more"), not
 # one that starts an expression ("3 - 4i", "2\sqrt{2}", "1,3"); or Minerva's "The final answer is $X$": the whole
 # math, unless it is prose between two currency dollars ("is $18.00, since 2 items cost $9").
-_ANSWER_IS = re.compile(r"answer is:?\s*\\?\$?\s*(" + _NUM_RE + r")(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$)))",
-                        re.IGNORECASE)
+# Also "Answer: 18" and "**Answer:** 18" (chat models' labels, often with an explanation after), the number in
+# bold or \(...\), and unit words before the sentence ends ("18 dollars per day."), but not words that make it
+# part of an expression ("3 more than").
+_LABEL = r"answer(?:\*\*)?(?:\s+is\b\s*:?|\s*:)(?:\*\*)?\s*"
+_UNITS = (r"(?:[ \t]+(?!(?:more|less|fewer|times|than|plus|minus|divided|multiplied|over|of|and|or)\b)[A-Za-z]+"
+          r"(?:[ \t]+[A-Za-z]+){0,2})?")
+_ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|\\?\$|\*\*)?\s*(" + _NUM_RE + r")(?:\*\*|\s*\\\))?" + _UNITS
+                        + r"(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$)))", re.IGNORECASE)
 # (the math may hold `\$`; it does not end on a space nor at a currency sign: "is $10 + $8 = $18")
-_ANSWER_IS_MATH = re.compile(r"answer is:?\s*\$((?:\\.|[^$\\\n])+)(?<!\s)\$(?!\d)", re.IGNORECASE)
+_ANSWER_IS_MATH = re.compile(_LABEL + r"\$((?:\\.|[^$\\\n])+)(?<!\s)\$(?!\d)", re.IGNORECASE)
 _PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")
 _TEXT_IN_MATH = re.compile(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}")  # units: "\text{ square units}"
 _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\b\s*(?:is\b|:)?\s*:?\s*", re.IGNORECASE)
@@ -64,15 +72,59 @@ def _last_boxed_at(text: str) -> tuple[int, str | None]:
     return m.start(), None  # unbalanced
 
 
+# Between two boxes of one answer: "$\\boxed{2}$ and $\\boxed{3}$", "\\boxed{2}, \\boxed{3}", "x=\\boxed{2} or x=\\boxed{3}"
+_BOX_JOIN = re.compile(r"[\s$,]*(?:\\text\{\s*)?(?:(?:and|or)\b)?(?:\s*\})?[\s$,]*(?:\\[(\[]\s*)?(?:[A-Za-z]\s*=\s*)?")
+
+
+def _final_boxed_at(text: str) -> tuple[int, str | None]:
+    """The last box, and with it the boxes just before it that the same line joins to it by "and", "or" or a
+    comma (several solutions, boxed one by one): their contents joined by ", " ("2, 3")."""
+    at, last = _last_boxed_at(text)
+    parts = [last]
+    while last is not None:
+        head = text[:at]
+        prev_at, prev = _last_boxed_at(head)
+        if prev is None:
+            break
+        end = _box_end(head, prev_at)
+        if end is None or not _BOX_JOIN.fullmatch(head[end:]):
+            break
+        at, parts = prev_at, [prev, *parts]
+    return at, (", ".join(parts) if last is not None else None)
+
+
+def _box_end(text: str, at: int) -> int | None:
+    """Where the box starting at `at` ends (after its closing brace or its one token)."""
+    m = _BOX.match(text, at)
+    if m is None:
+        return None
+    if m.group(1) is not None or m.group(2) is not None:
+        return m.end()
+    depth = 1
+    for i in range(m.end(), len(text)):
+        depth += {"{": 1, "}": -1}.get(text[i], 0)
+        if depth == 0:
+            return i + 1
+    return None
+
+
 def last_boxed(text: str) -> str | None:
-    """Content of the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`), braces matched; None if none."""
-    return _last_boxed_at(text)[1]
+    """Content of the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`), braces matched, with the boxes
+    the same line joins to it ("$\\boxed{2}$ and $\\boxed{3}$" is "2, 3"); None if none."""
+    return _final_boxed_at(text)[1]
+
+
+# What a `####` answer starts with: a number or math, "x = 5", a choice letter; else the line is a markdown
+# heading ("#### Step 2: Earnings", "#### Verification")
+_HASH_ANSWER_START = re.compile(r"[-\u2212+$\\(\[.\d]|[A-Za-z]\s*=|\(?[A-E]\)?$")
 
 
 def _hash_answer(line: str) -> str | None:
-    """The answer on a `####` line: "Final Answer: 42" is 42, "72 clips" is 72; a line that only says "Final
-    Answer" (a heading) holds none."""
-    line = _ANSWER_PREFIX.sub("", line.strip()).strip()
+    """The answer on a `####` line: "Final Answer: 42" is 42, "72 clips" is 72, "**18**" is 18; a line that only
+    says "Final Answer" or "Step 2: Earnings" (a heading) holds none."""
+    line = _ANSWER_PREFIX.sub("", line.strip().replace("**", "")).strip()
+    if not _HASH_ANSWER_START.match(line):
+        return None
     m = _NUMBER_THEN_WORDS.fullmatch(line)
     return (m.group(1) if m else line) or None
 
@@ -110,7 +162,7 @@ def extract_answer(completion: str, prompt: str = "") -> str | None:
     hashes = [(m.start(), a) for m in _HASHES.finditer(completion) if (a := _hash_answer(m.group(1)))]
     if hashes:
         found.append(hashes[-1])
-    at, boxed = _last_boxed_at(completion)
+    at, boxed = _final_boxed_at(completion)
     if boxed is not None:
         found.append((at, boxed))
     else:
@@ -130,6 +182,8 @@ def extract_answer(completion: str, prompt: str = "") -> str | None:
 def as_number(text: str) -> float | None:
     """The answer's value when it is a plain number ("1,000", "$18.90", "\\$18.90", "18.", "3/4", "−5")."""
     t = text.strip().replace("\\$", "").replace("$", "").replace("\u2212", "-").rstrip(".").strip()
+    if _SPACED_THOUSANDS.fullmatch(t):  # "18\,000", "18 000", "10,\!000": LaTeX's and SI's groups of three
+        t = _GROUP_GAP.sub("", t)
     if _THOUSANDS.fullmatch(t):
         t = t.replace(",", "")
     try:

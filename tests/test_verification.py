@@ -49,10 +49,29 @@ from restem_ray.verification import Verifier, answers_match, extract_answer, gra
     ("The answer is $18.00, since 2 items cost $9 each.", "18.00"),
     # currency dollars are not math delimiters; an escaped one is money inside the math; units in \\text{} are math
     ("So the answer is $10 + $8 = $18.", "18"),
-    ("The answer is $18 each, or $36 total.", "36"),
+    # (the phrase's number, with its unit word, not the math "$18 each, or $")
+    ("The answer is $18 each, or $36 total.", "18"),
     ("Final Answer: The final answer is $\\$18.90$. I hope it is correct.", "\\$18.90"),
     ("Final Answer: The final answer is $6\\sqrt{3}\\text{ square inches}$. I hope it is correct.",
      "6\\sqrt{3}\\text{ square inches}"),
+    # a markdown `####` heading is no answer, wherever it stands; a bold `####` answer is one
+    ("#### Step 1: Eggs left\n16 - 3 - 4 = 9\n#### Step 2: Earnings\n9 * 2 = 18\n\nJanet makes $18 every day.", "18"),
+    ("The answer is $\\boxed{18}$.\n\n#### Verification\nCheck: 9 x 2 = 18.", "18"),
+    ("The answer is 18.\n\n#### Double-check\n9 * 2 = 18, 2 + 2", "18"),
+    ("#### **18**", "18"),
+    ("#### x = 5", "x = 5"),
+    # chat models' "Answer:" labels, bold or \(..\) numbers, unit words, with an explanation after them
+    ("She makes $18.\nAnswer: 18\n\nNote: this assumes all 9 eggs sell at $2 each.", "18"),
+    ("**Answer:** 18\n\nNote the 2 markets.", "18"),
+    ("The final answer is **18** dollars, since each of the 9 eggs sells for 2.", "18"),
+    ("The answer is \\(18\\) dollars, i.e. 9 eggs times 2.", "18"),
+    ("Final Answer: 18 dollars per day (9 eggs at $2).", "18"),
+    ("Final Answer: $\\frac{3}{4}$ of the 12 cakes", "\\frac{3}{4}"),
+    ("The answer is 3 more than the 15 she had, so 18.", "18"),
+    # several solutions boxed one by one on the last line are one answer; an earlier box is not part of it
+    ("The solutions are $\\boxed{2}$ and $\\boxed{3}$.", "2, 3"),
+    ("So $x=\\boxed{-2}$ or $x=\\boxed{3}$.", "-2, 3"),
+    ("First \\boxed{5}.\nThen the answer is \\boxed{7}.", "7"),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
@@ -74,6 +93,13 @@ def test_escaped_dollar_answers_match():
     assert answers_match(r"\$18.90", "18.90")
     assert answers_match("1200", r"\$1,200")
     assert grade_math({"answer": "108"}, r"So the total is \(\boxed{\$108}\).").verdict == "passed"
+
+
+def test_thin_space_and_space_thousands_separators():
+    """LaTeX's `18\\,000` and `10,\\!000` and SI's `18 000` are numbers (math-verify parses none of them)."""
+    for written in ("18\\,000", "18 000", "18,\\!000", "18{,}000", "\\$18\\,000"):
+        assert answers_match("18000", written) and answers_match(written, "18000"), written
+    assert not answers_match("18000", "18 00") and not answers_match("1,3", "1 3")
 
 
 def test_a_comma_list_is_not_a_thousands_separator():
