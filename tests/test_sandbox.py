@@ -43,6 +43,12 @@ def healthy(grader):
     assert grader.sandbox.starts == starts
 
 
+def bare(sandbox, code, **kwargs):
+    """A run without the harness's audit hook: what the OS layer alone (namespaces, mounts, limits) holds, probed
+    with the subprocesses, ctypes and /proc reads the hook would refuse."""
+    return sandbox.run(code, guard=False, **kwargs)
+
+
 HOSTILE = {
     # name: (problem, completion, expected verdicts)
     "fork bomb": (ADD, "    import os\n    while True:\n        os.fork()\n", {"runtime_error", "timeout"}),
@@ -67,6 +73,27 @@ HOSTILE = {
     "syntax error": (ADD, "    return a +\n", {"syntax_error"}),
     "no code": (ADD, "   \n", {"no_code"}),
     "prints another case's output": (ECHO_SUM, "print(3)\n", {"wrong_answer"}),
+    # a wrong answer that reports its own asserts passed, through the harness's frames or objects
+    "forged report from its caller's frame": (ADD, "    return 0\nimport sys\n"
+                                                   "sys._getframe(0).f_back.f_locals['report'](status='ok')\n",
+                                              {"runtime_error"}),
+    "forged report from a traceback": (ADD, "    return 0\ntry:\n    raise KeyError\nexcept KeyError as e:\n"
+                                            "    e.__traceback__.tb_frame.f_back.f_locals['report'](status='ok')\n",
+                                       {"runtime_error"}),
+    "forged report found by gc": (ADD, "    return 0\nimport gc\n[f for f in gc.get_objects() if "
+                                       "getattr(f, '__name__', '') == 'report'][0](status='ok')\n", {"runtime_error"}),
+    "forged report from a signal handler": (ADD, "    return 0\nimport signal, time\nsignal.signal(signal.SIGALRM, "
+                                                 "lambda n, f: f.f_back.f_locals['report'](status='ok'))\n"
+                                                 "signal.setitimer(signal.ITIMER_REAL, 0.01)\ntime.sleep(1)\n",
+                                            {"runtime_error"}),
+    "a new interpreter, outside the audit hook": (ADD, "    return 0\nimport subprocess\n"
+                                                     "subprocess.run(['/usr/bin/python3', '-c', 'print(1)'])\n",
+                                                {"runtime_error"}),
+    # RLIMIT_AS is per process: forked processes together are held to the limit by the worker's watch
+    "memory across forked processes": (ADD, "    import os, time\n    for _ in range(6):\n        if os.fork() == 0:\n"
+                                            "            x = bytearray(400 << 20)\n            time.sleep(3)\n"
+                                            "            os._exit(0)\n    time.sleep(4)\n    return a + b\n",
+                                       {"memory"}),
 }
 
 
@@ -82,9 +109,32 @@ def test_hostile_program_gets_zero_and_the_next_grades_normally(grader, name):
     healthy(grader)
 
 
+def test_the_guard_keeps_what_ordinary_programs_use(grader):
+    """The audit hook refuses frame look-ups with ValueError, which namedtuple, typing, enum and logging catch:
+    programs using them, threads with big stacks, fast input and sys.__stdout__ still run as they would."""
+    program = ("from collections import namedtuple\nimport dataclasses, enum, logging, sys, threading, typing, os, io\n"
+               "P = namedtuple('P', 'x y')\nT = typing.NamedTuple('T', [('a', int)])\nE = enum.Enum('E', 'A B')\n"
+               "@dataclasses.dataclass\nclass D:\n    x: int = 1\nlogging.warning('hi')\n"
+               "threading.stack_size(1 << 26)\nt = threading.Thread(target=lambda: print(P(1, 2), T(3), E.A, D()))\n"
+               "t.start()\nt.join()\nprint(os.read(0, os.fstat(0).st_size).split())\n"
+               "sys.stdout = io.StringIO()\nprint('buffered')\nsys.__stdout__.write(sys.stdout.getvalue())\n")
+    r = grader.sandbox.run(program, stdin="3\n1 2 3\n")
+    assert r.end == "report" and r.report["status"] == "ok", r
+    assert r.stdout.splitlines() == ["P(x=1, y=2) T(a=3) E.A D(x=1)", "[b'3', b'1', b'2', b'3']", "buffered"]
+
+
+def test_a_process_left_running_does_not_hold_a_finished_run(grader):
+    """The program ended and reported; a process it forked still holds the output pipes: the run ends, with
+    the program's output, not at the wall-clock limit."""
+    t0 = time.monotonic()
+    r = grader.sandbox.run("import os, time\nif os.fork() == 0:\n    time.sleep(30)\nprint(6)\n")
+    assert (r.end, r.report, r.stdout) == ("report", {"status": "ok"}, "6\n")
+    assert time.monotonic() - t0 < LIMITS.timeout_s
+
+
 def test_killing_the_parent_leaves_the_worker_alive(grader):
     starts = grader.sandbox.starts
-    r = grader.sandbox.run("import os\nos.kill(os.getppid(), 9)\nos.kill(1, 9)\nprint('alive')\n")
+    r = bare(grader.sandbox, "import os\nos.kill(os.getppid(), 9)\nos.kill(1, 9)\nprint('alive')\n")
     assert r.stdout.strip() == "alive" and grader.sandbox.starts == starts
 
 
@@ -113,7 +163,7 @@ except OSError as e:
     print('connect failed', type(e).__name__)
 print('uid', os.getuid(), 'pid', os.getpid())
 """
-    r = grader.sandbox.run(probe)
+    r = bare(grader.sandbox, probe)
     assert r.end == "report" and r.report["status"] == "ok", r
     out = r.stdout
     assert "WROTE RUN DIR" not in out and not (tmp_path / "run" / "pwned").exists()
@@ -155,7 +205,7 @@ def test_environment_is_empty_inside(monkeypatch, bwrap_gets_host_env):
 def test_root_is_read_only_and_holds_only_usr(grader):
     # merged-/usr hosts' /bin, /lib, ... links are recreated inside; nothing else of the host is there
     links = {name: os.readlink(f"/{name}") for name in ("bin", "sbin", "lib", "lib64") if os.path.islink(f"/{name}")}
-    r = grader.sandbox.run("""
+    r = bare(grader.sandbox, """
 import errno, os
 print(sorted(os.listdir('/')))
 print({n: os.readlink('/' + n) for n in os.listdir('/') if os.path.islink('/' + n)})
@@ -183,7 +233,7 @@ def test_new_user_pid_net_ipc_uts_namespaces(grader):
     over fork), so its own /proc/self/ns is closed to it."""
     names = [n for n in ("user", "pid", "net", "ipc", "uts", "cgroup", "mnt") if os.path.exists(f"/proc/self/ns/{n}")]
     host = {n: os.readlink(f"/proc/self/ns/{n}") for n in names}
-    r = grader.sandbox.run(f"""
+    r = bare(grader.sandbox, f"""
 import subprocess, sys
 subprocess.run([sys.executable, '-c', "import os; print({{n: os.readlink('/proc/self/ns/' + n) for n in {names!r}}})"])
 """)
@@ -200,7 +250,7 @@ def test_host_sysv_ipc_objects_are_invisible(grader):
     assert shmid >= 0, os.strerror(ctypes.get_errno())
     try:
         assert f" {key} " in f" {Path('/proc/sysvipc/shm').read_text()} ".replace("\n", " ")
-        r = grader.sandbox.run(f"""
+        r = bare(grader.sandbox, f"""
 import ctypes, errno
 libc = ctypes.CDLL(None, use_errno=True)
 print(libc.shmget({key}, 0, 0), errno.errorcode.get(ctypes.get_errno()))
@@ -214,7 +264,7 @@ print(open('/proc/sysvipc/shm').read().splitlines()[1:])
 def test_file_size_limit(grader):
     """A write ending past 16 MiB (the worker's RLIMIT_FSIZE) fails with EFBIG (Python ignores SIGXFSZ).
     Sparse writes, so the full /tmp (16 MiB here too) is not what stops it."""
-    r = grader.sandbox.run("""
+    r = bare(grader.sandbox, """
 import errno, os
 fd = os.open('/tmp/f', os.O_WRONLY | os.O_CREAT)
 for mib in (15, 17):
@@ -229,7 +279,7 @@ for mib in (15, 17):
 
 def test_open_file_limit(grader):
     """At most 64 open files per program (the worker's RLIMIT_NOFILE; the worker itself has 256)."""
-    r = grader.sandbox.run("""
+    r = bare(grader.sandbox, """
 import errno, os
 fds = []
 try:
@@ -266,7 +316,7 @@ def test_cpu_time_limit_ends_a_program_before_the_wall_clock(grader):
     sandbox is a session (autogroup) of its own, so a busy machine may give it one core: then only the
     limit's value is checked."""
     timeout = 2.95
-    r = grader.sandbox.run(CPU_BURNER, timeout_s=timeout)
+    r = bare(grader.sandbox, CPU_BURNER, timeout_s=timeout)
     limit, hard, *cpu = (float(x) for x in r.stdout.split())
     assert 0 < limit <= int(timeout) + 1 and 0 < hard <= limit + 1, r.stdout[:200]  # -1: unlimited
     if r.end == "timeout" and cpu and cpu[-1] < limit:  # a busy machine gave it under 1 core: no race was run
@@ -285,14 +335,14 @@ def test_two_sandboxes_get_distinct_uids():
 
 
 def test_tmp_is_empty_for_the_next_program(grader):
-    grader.sandbox.run("open('/tmp/leftover', 'w').write('x')\nimport os\nos.mkdir('/tmp/d')\nos.chmod('/tmp/d', 0)\n")
-    r = grader.sandbox.run("import os; print(os.listdir('/tmp'))")
+    bare(grader.sandbox, "open('/tmp/leftover', 'w').write('x')\nimport os\nos.mkdir('/tmp/d')\nos.chmod('/tmp/d', 0)\n")
+    r = bare(grader.sandbox, "import os; print(os.listdir('/tmp'))")
     assert r.stdout.strip() == "[]"
 
 
 def test_daemon_left_behind_is_killed(grader):
-    grader.sandbox.run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n")
-    r = grader.sandbox.run("import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
+    bare(grader.sandbox, "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n")
+    r = bare(grader.sandbox, "import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
     pids = json.loads(r.stdout)
     assert len(pids) == 2, pids  # the worker (PID 1) and this program only
 
