@@ -7,6 +7,7 @@ finished phases (and finished E-step shards) and redoes only the rest.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import time
@@ -18,7 +19,7 @@ import pyarrow.parquet as pq
 from .adaptive import RoundPlanner
 from .config import RestemConfig, dump_config
 from .data import write_parquet
-from .errors import RunError, UserError
+from .errors import RunError, StopAfter, UserError
 from .faults import crash_point
 from .observability import MetricsSink, check_sinks
 from .evaluation import score_split
@@ -58,6 +59,19 @@ class Samplers:
             self.pool = None
 
 
+def mstep_name(run: RunDir, name: str, shared: bool) -> str:
+    """The M-step's Ray Train run name. Ray Train resumes whatever run of that name it finds in its storage, so
+    where runs share one `training.storage_path`, the name holds a digest of this run's location and creation
+    time: two runs both called `g1` (or a run removed and started again under the same --out) must not resume
+    each other's M-steps."""
+    label = f"mstep-{run.root.name}-{name}"
+    if not shared:  # the run's own iteration directory
+        return label
+    where = run.mirror.uri if run.mirror is not None else str(run.root.resolve())
+    digest = hashlib.sha256(f"{where} {run.manifest().get('created')}".encode()).hexdigest()[:10]
+    return f"mstep-{run.root.name}-{digest}-{name}"
+
+
 class Driver:
     def __init__(self, cfg: RestemConfig, run_dir: str | Path, resume: bool = False, force: bool = False,
                  stop_after: str | None = None, task: Task | None = None):
@@ -92,23 +106,24 @@ class Driver:
             self.run.sink = MetricsSink(self.run.root, o.tensorboard, o.mlflow_tracking_uri, o.mlflow_experiment,
                                         wandb_project=o.wandb_project, wandb_entity=o.wandb_entity,
                                         wandb_mode=o.wandb_mode, config=cfg.model_dump(mode="json"))
-        policy = base
-        best = {"iteration": 0, "valid": self.evaluate(0, policy)}
+        policy, self.best = base, None
         try:
+            best = self.evaluate(0, policy)                                      # the base's scores
             for t in range(1, cfg.loop.iterations + 1):
                 samples = self.generate(t, cfg.model.sampler or policy)         # E-step: sample + grade
                 dataset = self.select(t, samples)                                # keep correct, dedup, cap
                 self.samplers.close()                                            # accelerators change hands
                 policy = self.improve(t, base if cfg.training.restart_from_base else policy, dataset)  # M-step
-                valid = self.evaluate(t, policy)                                 # greedy pass@1 (+ pass@k)
-                if valid > best["valid"]:
-                    best = {"iteration": t, "valid": valid}
-                self.run.set(best_iteration=best["iteration"])
+                best = self.evaluate(t, policy)                                  # greedy pass@1 (+ pass@k)
                 if t - best["iteration"] >= cfg.loop.patience:
                     print(f"[restem] validation pass@1 has not improved for {cfg.loop.patience} iteration(s): stop")
                     break
             if cfg.control.enabled:
                 self.control(base)                                               # seed data only, same budget
+        except StopAfter:  # a run stopped at a phase still points at its best iterate so far
+            if self.best is not None:
+                self._link_best(self.best["iteration"])
+            raise
         finally:
             self.samplers.close()
             if self.run.sink is not None:
@@ -292,23 +307,37 @@ class Driver:
         # the validation rows as the E-step renders them (adapters, prompt layer), not the raw file
         tc = self.cfg.training
         valid = self.eval_sets["valid"][: tc.eval_problems] if tc.eval_every_steps else None
-        return {"name": f"mstep-{self.run.root.name}-{name}", "valid_problems": valid,
+        return {"name": mstep_name(self.run, name, shared=bool(tc.storage_path)), "valid_problems": valid,
                 "verifier": resolve_verifier(v.verifier, self.cfg.task.kind), "verification": v.model_dump(),
                 "max_new_tokens": s.max_tokens, "stop": tuple(s.stop), "stop_token_ids": tuple(s.stop_token_ids)}
 
-    def evaluate(self, t: int | str, model: str) -> float:
-        """Greedy pass@1 on every eval split (and pass@k, maj@k when evaluation.k > 0); returns valid pass@1."""
+    def evaluate(self, t: int | str, model: str) -> dict:
+        """Greedy pass@1 on every eval split (and pass@k, maj@k when evaluation.k > 0). An iterate's scores
+        update the best one so far (valid pass@1; ties keep the earlier), committed with them in one manifest
+        write (`best_iteration`): the best iteration and the eval it rests on are never apart. Returns the
+        best so far ({"iteration", "valid"})."""
         path = (self.run.root / "control" if t == "control" else self.run.iter_dir(t)) / "eval.json"
         arm = {"arm": "control"} if t == "control" else {}
+
+        def best_with(valid: float) -> dict:
+            return {"iteration": t, "valid": valid} if self.best is None or valid > self.best["valid"] else self.best
+
         if not self.run.done(t, "eval"):
             start, pool, ev = time.time(), self.samplers.get(model), self.cfg.evaluation
             scores = {n: self._score(pool, probs, ev.k_for(n), f"eval {t} {n}") for n, probs in self.eval_sets.items()}
             atomic_write_text(path, json.dumps(scores, indent=1))
             crash_point(f"{t}/eval")
             secs = round(time.time() - start, 2)
-            self.run.complete(t, "eval", [{"split": n, "seconds": secs, "model": model, **arm, **s}
-                                          for n, s in scores.items()])
-        return json.loads(path.read_text())["valid"]["pass@1"]
+            best = {} if t == "control" else {"best_iteration": best_with(scores["valid"]["pass@1"])["iteration"]}
+            try:
+                self.run.complete(t, "eval", [{"split": n, "seconds": secs, "model": model, **arm, **s}
+                                              for n, s in scores.items()], **best)
+            finally:  # (StopAfter at this commit: the best is the one just committed)
+                if best:
+                    self.best = best_with(scores["valid"]["pass@1"])
+        elif t != "control":
+            self.best = best_with(json.loads(path.read_text())["valid"]["pass@1"])
+        return self.best
 
     def _score(self, pool: EStepPool, problems: list[dict], k: int, desc: str) -> dict:
         s, ev = self.cfg.sampling, self.cfg.evaluation

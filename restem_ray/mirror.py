@@ -186,6 +186,12 @@ class RunMirror:
         if remote is None:
             if local is None and not reader:
                 raise UserError(f"{self.uri}: nothing to resume (no manifest.json)")
+            if not reader and MANIFEST in _read_state(self.local):
+                # this copy did push its manifest, and the remote has none now (removed, expired): what the
+                # state file says was uploaded is gone too, so all of it goes up again at the next commit
+                print(f"[restem] warning: {self.uri} no longer holds the run this machine pushed there; "
+                      "its local copy is uploaded again whole", flush=True)
+                _write_state(self.local, {})
             return  # committed here, not yet pushed (the push failed): the local copy is the run
         if (local is not None and local.get("created") == remote.get("created")
                 and all(local["completed"].get(k) == v for k, v in remote["completed"].items())):

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from .errors import StopAfter, UserError
+from .errors import RunError, StopAfter, UserError
 from .faults import crash_point
 
 
@@ -223,8 +223,7 @@ class RunDir:
         m["completed"][f"{iteration}/{phase}"] = now
         m.update(manifest_fields)
         self._write_manifest(m, label=f"{iteration}/{phase}")
-        if self.sink is not None:
-            self.sink.log(iteration, phase, list(lines))
+        self._to_sink(iteration, phase, lines)
         if f"{iteration}/{phase}" == self.stop_after:
             raise StopAfter(self.stop_after)
 
@@ -244,8 +243,20 @@ class RunDir:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             for line in lines:
                 f.write(json.dumps({"phase": STEP_PHASE, "iteration": iteration, **line}) + "\n")
-        if self.sink is not None and not restart:
-            self.sink.log(iteration, STEP_PHASE, list(lines))
+        if not restart:
+            self._to_sink(iteration, STEP_PHASE, lines)
+
+    def _to_sink(self, iteration, phase: str, lines) -> None:
+        """The dashboards' copy of committed lines: an MLflow server down for a while must not end a run of
+        hours (metrics.jsonl holds every line; `restem-ray report` reads it)."""
+        if self.sink is None:
+            return
+        try:
+            self.sink.log(iteration, phase, list(lines))
+        except Exception as e:
+            first = (str(e).strip().splitlines() or [""])[0][:200]
+            print(f"[restem] warning: the dashboards did not take the {iteration}/{phase} lines "
+                  f"({type(e).__name__}: {first}); metrics.jsonl holds them", flush=True)
 
     def _trim_metrics(self) -> None:
         """Keep committed lines, and the step lines of committed M-steps (an unfinished M-step sends its step
@@ -302,5 +313,8 @@ class RunDir:
 
     def read_samples(self, t: int) -> pa.Table:
         parts = sorted(self.samples_dir(t).glob("part-*.parquet"))
+        if not parts and self.done(t, "generate"):  # never an empty E-step: its files were removed
+            raise RunError(f"{self.samples_dir(t)}: the committed E-step of iteration {t} has no samples files "
+                           "(a damaged run directory: restore them, or remove the iteration to sample it again)")
         # shards written before a resume may lack a column added since (filled with nulls)
         return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default") if parts else pa.table({})

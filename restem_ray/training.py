@@ -921,6 +921,12 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
                           verification=verification or {}, max_new_tokens=max_new_tokens, stop=tuple(stop),
                           stop_token_ids=tuple(stop_token_ids),
                           log_every_steps=log_every_steps if on_steps else 0))
+    fingerprint = _job_fingerprint(job, train_file)
+    finished = _finished_m_step(Path(out_dir), fingerprint)
+    if finished is not None:  # a driver killed after this M-step ended but before its commit
+        print(f"[restem] M-step {name}: {out_dir} already holds its finished checkpoint (trained by a driver "
+              "that ended before committing it): not trained again", flush=True)
+        return finished
     receiver = StepReceiver(on_steps) if on_steps and log_every_steps else None
     job["step_relay"] = receiver and receiver.actor
     scored = bool(cfg.eval_every_steps and (valid_file or valid_problems))
@@ -972,13 +978,41 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
                     destination_filesystem=pafs.LocalFileSystem())
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/state.json") as f:
         history = json.loads(f.read())["history"]
+    final = {**result.metrics, "chosen_step": metrics["step"], "valid_history": history,
+             **({"valid_reward": metrics.get("valid_reward")} if scored else {})}
+    # With the weights, in the same rename: the Ray Train storage goes next, and a driver killed before its
+    # commit finds the M-step finished here instead of training it again from step 0.
+    (tmp / FINISHED).write_text(json.dumps({"fingerprint": fingerprint, "metrics": final}, default=str))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     if not cfg.keep_checkpoints:  # DeepSpeed shards of every step: large; the HF checkpoint is what we keep
         _remove_storage(storage_path, name)
-    final = dict(result.metrics)
-    return {**final, "chosen_step": metrics["step"], "valid_history": history,
-            **({"valid_reward": metrics.get("valid_reward")} if scored else {})}
+    return final
+
+
+FINISHED = "restem_mstep.json"  # in an M-step's HF checkpoint: what trained it, and its metrics
+
+
+def _job_fingerprint(job: dict, train_file: Path | str) -> str:
+    """What decides an M-step's weights: the job (model, data path, seed, training settings, validation) and
+    the training rows' bytes."""
+    import hashlib
+
+    h = hashlib.sha256(json.dumps({k: v for k, v in job.items() if k not in ("step_relay", "log_every_steps")},
+                                  sort_keys=True, default=str).encode())
+    with open(train_file, "rb") as f:
+        for block in iter(lambda: f.read(8 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _finished_m_step(out_dir: Path, fingerprint: str) -> dict | None:
+    """The metrics of the finished M-step in `out_dir`, if the same job trained it."""
+    try:
+        saved = json.loads((out_dir / FINISHED).read_text())
+    except (OSError, ValueError):
+        return None
+    return saved["metrics"] if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else None
 
 
 def _remove_storage(storage_path: str, name: str) -> None:

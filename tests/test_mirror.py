@@ -256,3 +256,31 @@ def test_a_cluster_of_several_nodes_needs_a_working_copy_every_node_mounts(tmp_p
     monkeypatch.setattr(resources, "check_run_dir_on_every_node", lambda out, **kw: checked.append(out))
     m.check_cluster()
     assert checked == [m.local]
+
+
+def test_a_remote_run_removed_since_the_last_push_is_uploaded_again_whole(tmp_path, capsys):
+    """The remote run directory was removed (or expired) after this machine pushed it: a resume here keeps the
+    local copy, and the next commit uploads every file again, not only what changed (the state file said the
+    rest was there). A committed E-step whose shards are gone is an error, not an empty table."""
+    import shutil
+
+    from restem_ray.errors import RunError
+
+    uri, m, run = started(tmp_path)
+    remote = tmp_path / "bucket" / "runs" / "x"
+    run.create("seed: 0\n", resume=False)
+    pq.write_table(pa.table({"id": ["a"]}), run.samples_dir(1) / "part-00000.parquet")
+    run.complete(1, "generate", [{"samples": 1}])
+    shutil.rmtree(remote)
+    again = RunMirror(uri, cache=tmp_path / "node-a")
+    assert again.check() is False
+    again.prepare(resume=True, has_run=False)
+    assert "no longer holds the run this machine pushed" in capsys.readouterr().out
+    resumed = RunDir(again.local)
+    resumed.mirror = again
+    (resumed.iter_dir(1) / "train.parquet").write_bytes(b"rows")
+    resumed.complete(1, "select", [{"kept": 1}])
+    assert tree(remote) == tree(again.local)  # the shard and config.yaml included
+    (resumed.samples_dir(1) / "part-00000.parquet").unlink()
+    with pytest.raises(RunError, match="committed E-step of iteration 1 has no samples files"):
+        resumed.read_samples(1)

@@ -20,13 +20,14 @@ def reference(small_reference_run):
     return small_reference_run
 
 
-# mstep-run-iter_001/checkpoint: in the middle of the (re-run) M-step, once Ray Train has registered a
-# checkpoint; the next run's M-step continues from it (Ray Train's run snapshot), commits, and must still end
-# with the reference's weights byte for byte.
+# mstep-run-iter_001/checkpoint: in the middle of the M-step, once Ray Train has registered a checkpoint; the
+# next run's M-step continues from it (Ray Train's run snapshot) and must still end with the reference's weights
+# byte for byte. 1/improve: after that M-step ended (its Ray Train storage removed), before its commit: the next
+# run finds the finished checkpoint and commits it without training again.
 # manifest:1/select: mid-commit (select's files written, the new manifest fsynced as manifest.json.tmp, not yet
 # renamed over the old one): the state of a kill just before the commit, plus a stray .tmp; on select, not on
 # the M-step, so the resume redoes a cheap phase (1/improve is the kill before a commit on the M-step).
-CRASH_POINTS = ["1/generate/shard", "manifest:1/select", "1/improve", "mstep-run-iter_001/checkpoint", "1/eval"]
+CRASH_POINTS = ["1/generate/shard", "manifest:1/select", "mstep-run-iter_001/checkpoint", "1/improve", "1/eval"]
 EVERY_STEP = ["--set", "training.checkpoint_every_steps=2"]  # checkpoints only: the weights do not depend on it
 
 
@@ -75,6 +76,8 @@ def test_sigkill_at_every_phase_then_resume_matches_uninterrupted_run(tmp_path, 
             assert sorted(sampled) == sorted(train - on_disk)
             assert len({c["pid"] for c in calls}) == 2, calls  # both replicas sampled
             assert kept_shard.stat().st_mtime_ns == kept_stat.st_mtime_ns and kept_shard.stat().st_ino == kept_stat.st_ino
+        if i and CRASH_POINTS[i - 1] == "1/improve":
+            assert "already holds its finished checkpoint" in log, log[-4000:]  # committed, not trained again
         now = json.loads((out / "manifest.json").read_text())["completed"]
         assert "1/eval" not in now
         for k in done:  # phases finished before this crash were not redone

@@ -1,4 +1,5 @@
 import json
+import time
 
 import pytest
 
@@ -172,3 +173,98 @@ def test_a_second_driver_is_refused_until_the_holder_dies(tmp_path):
         RunDir(tmp_path / "run").lock()  # a second lock in the same process is refused too (flock per open file)
     mine.unlock()
     RunDir(tmp_path / "run").lock()
+
+
+def test_runs_sharing_a_storage_path_have_m_steps_of_their_own(tmp_path):
+    """Ray Train resumes whatever run of its name it finds in its storage: with a shared training.storage_path,
+    two runs named g1 (or g1 removed and started again) get different M-step names; in a run's own directory
+    the name stays readable."""
+    import shutil
+
+    from restem_ray.driver import mstep_name
+
+    a, b = RunDir(tmp_path / "x" / "g1"), RunDir(tmp_path / "y" / "g1")
+    for run in (a, b):
+        run.create("x: 1\n", resume=False)
+    assert mstep_name(a, "iter_001", shared=False) == mstep_name(b, "iter_001", shared=False) == "mstep-g1-iter_001"
+    first = mstep_name(a, "iter_001", shared=True)
+    assert first.startswith("mstep-g1-") and first.endswith("-iter_001")
+    assert first != mstep_name(b, "iter_001", shared=True)
+    assert first == mstep_name(RunDir(tmp_path / "x" / "g1"), "iter_001", shared=True)  # a resume: the same
+    shutil.rmtree(tmp_path / "x" / "g1")
+    time.sleep(0.01)
+    again = RunDir(tmp_path / "x" / "g1")
+    again.create("x: 1\n", resume=False)
+    assert mstep_name(again, "iter_001", shared=True) != first
+
+
+def test_a_finished_m_step_is_found_only_by_the_job_that_trained_it(tmp_path):
+    """The finished HF checkpoint's restem_mstep.json: the same job (and training bytes) finds its metrics; a
+    job with other settings or other rows trains anew."""
+    import json as _json
+
+    from restem_ray.training import FINISHED, _finished_m_step, _job_fingerprint
+
+    data = tmp_path / "train.parquet"
+    data.write_bytes(b"rows")
+    job = {"init_model": "base", "seed": 1, "cfg": {"lr": 1e-5}, "step_relay": object(), "log_every_steps": 5}
+    ckpt = tmp_path / "checkpoint"
+    ckpt.mkdir()
+    fp = _job_fingerprint(job, data)
+    (ckpt / FINISHED).write_text(_json.dumps({"fingerprint": fp, "metrics": {"steps": 4}}))
+    # the step relay (an actor handle) and how often steps are logged do not change the weights
+    assert _finished_m_step(ckpt, _job_fingerprint({**job, "step_relay": None, "log_every_steps": 0}, data)) == {
+        "steps": 4}
+    assert _finished_m_step(ckpt, _job_fingerprint({**job, "seed": 2}, data)) is None
+    data.write_bytes(b"other rows")
+    assert _finished_m_step(ckpt, _job_fingerprint(job, data)) is None
+    assert _finished_m_step(tmp_path / "missing", fp) is None
+
+
+def test_the_best_iteration_is_committed_with_the_eval_it_rests_on(tmp_path):
+    """--stop-after T/eval (or a kill right after that commit) must leave the manifest's best_iteration
+    naming the best iterate so far: it is written with the eval, not after. The scores here are given (scoring
+    is tested with vLLM elsewhere); the manifest is real."""
+    import types
+
+    from restem_ray.driver import Driver
+    from restem_ray.errors import StopAfter
+
+    run = RunDir(tmp_path / "run")
+    run.create("x: 1\n", resume=False)
+    valid = {0: 0.25, 1: 0.5, 2: 0.375}
+    d = Driver.__new__(Driver)  # the bookkeeping alone: no config, cluster or model
+    d.run, d.best, d.eval_sets = run, None, {"valid": []}
+    d.cfg = types.SimpleNamespace(evaluation=types.SimpleNamespace(k_for=lambda name: 0),
+                                  model=types.SimpleNamespace(base=str(tmp_path / "base")))
+    d.samplers = types.SimpleNamespace(get=lambda model: None)
+    d._score = lambda pool, problems, k, desc: {"pass@1": valid[int(desc.split()[1])]}
+    for t in (0, 1, 2):
+        run.iter_dir(t).mkdir(parents=True, exist_ok=True)
+    run.stop_after = "1/eval"
+    with pytest.raises(StopAfter):
+        d.evaluate(0, "base")
+        d.evaluate(1, "iter_001")
+    assert run.manifest()["best_iteration"] == 1 and d.best == {"iteration": 1, "valid": 0.5}
+    run.stop_after = None
+    assert d.evaluate(2, "iter_002") == {"iteration": 1, "valid": 0.5}  # ties and worse keep the earlier
+    assert run.manifest()["best_iteration"] == 1
+    resumed = Driver.__new__(Driver)  # a resume reads the committed scores back: the same best
+    resumed.run, resumed.best = run, None
+    assert [resumed.evaluate(t, "m") for t in (0, 1, 2)][-1] == {"iteration": 1, "valid": 0.5}
+
+
+def test_a_dashboard_that_fails_does_not_end_the_run(tmp_path, capsys):
+    """An MLflow server down mid-run: the phase is committed and its lines are in metrics.jsonl; one warning."""
+    class Down:
+        def log(self, iteration, phase, lines):
+            raise ConnectionError("mlflow: 503 Service Unavailable\nretry later")
+
+    run = RunDir(tmp_path / "run", sink=Down())
+    run.create("x: 1\n", resume=False)
+    run.complete(1, "generate", [{"samples": 8}])
+    run.log_steps(1, [{"step": 1, "loss": 2.0}])
+    assert run.done(1, "generate") and [m["phase"] for m in run.metrics()] == ["generate", "improve_step"]
+    out = capsys.readouterr().out
+    assert ("[restem] warning: the dashboards did not take the 1/generate lines (ConnectionError: mlflow: 503 "
+            "Service Unavailable); metrics.jsonl holds them") in out and "1/improve_step lines" in out
