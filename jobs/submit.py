@@ -8,7 +8,8 @@
 - The command runs in the job's working directory on the head, not here: give paths every node sees (the
   config on /shared), or ship the folder that holds them as the runtime_env's `working_dir`.
 - `--runtime-env`: a YAML/JSON runtime_env (env_vars, working_dir, pip, ...); `RESTEM_*` and `HF_*`
-  variables of this shell are added to `env_vars` so a job sees the same cache and hub settings.
+  settings of this shell are added to `env_vars` (its own values win), except secrets (`HF_TOKEN`: the dashboard
+  shows a runtime_env) and this machine's folders (`HF_HOME`, `RESTEM_CACHE`, ...).
 - Exit status: 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED, 2 for bad arguments,
   130 after Ctrl-C (which also stops the job). `--no-wait` prints the submission id and exits 0.
 The job's driver runs on the head node; everything it starts (samplers, verifiers, trainers) is
@@ -26,6 +27,19 @@ import time
 from pathlib import Path
 
 
+# Not forwarded: secrets (a runtime_env is shown by the dashboard and the Jobs API: give tokens to the cluster
+# as Kubernetes secrets or the nodes' environment) and this machine's own folders (a laptop's HF_HOME).
+_SECRET_PARTS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
+_LOCAL_PATHS = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE",
+                "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH", "RESTEM_CACHE", "RESTEM_RUN_CACHE")
+
+
+def forwarded(name: str) -> bool:
+    """A variable of this shell that the job gets too: RESTEM_* and HF_* settings, not secrets or local paths."""
+    return (name.startswith(("RESTEM_", "HF_")) and name not in _LOCAL_PATHS
+            and not any(part in name for part in _SECRET_PARTS))
+
+
 def load_runtime_env(path: str | None) -> dict:
     env: dict = {}
     if path:
@@ -40,7 +54,7 @@ def load_runtime_env(path: str | None) -> dict:
             raise SystemExit(_usage_error(f"--runtime-env {path}: not valid YAML/JSON ({str(e).splitlines()[0]})"))
         if not isinstance(env, dict):
             raise SystemExit(_usage_error(f"--runtime-env {path}: top level must be a mapping"))
-    passed = {k: v for k, v in os.environ.items() if k.startswith(("RESTEM_", "HF_"))}
+    passed = {k: v for k, v in os.environ.items() if forwarded(k)}
     if passed:
         env["env_vars"] = {**passed, **(env.get("env_vars") or {})}
     return env

@@ -8,8 +8,9 @@ child per program. The sandbox is:
 - a non-root uid outside it (as root: a uid of its own per sandbox, leased with a lock file, because
   RLIMIT_NPROC is per uid and not enforced for uid 0), no new privileges, no supplementary groups;
 - new user, PID, network, IPC, UTS and cgroup namespaces; no network at all; the worker is PID 1;
-- a read-only root holding only /usr (the interpreter) and a size-capped /tmp; no host paths (the run
-  directory, credentials, home) exist inside; an empty environment;
+- a read-only root holding only /usr (the interpreter), its own /proc (none where a container's masked /proc
+  forbids a new one) and a size-capped /tmp; no host paths (the run directory, credentials, home) exist
+  inside; an empty environment;
 - limits: processes (whole sandbox), and per program address space, CPU time, file size, open files,
   no core files; the memory of a program's processes together (polled); a wall-clock kill; an output cap.
 Never run in-process, never a silent fall-back: without bubblewrap (or without the kernel features
@@ -103,6 +104,7 @@ class _UidLease:
 
 
 _warned_unprivileged = False
+_proc_mountable = True  # False once bubblewrap was refused a new /proc here (a container's masked /proc)
 
 
 class Sandbox:
@@ -112,6 +114,7 @@ class Sandbox:
         self._lease: _UidLease | None = None
         self._lock = threading.Lock()
         self.starts = 0
+        self._mount_proc = _proc_mountable
         self._bwrap = shutil.which("bwrap")
         if self._bwrap is None:
             raise SandboxUnavailable(
@@ -124,6 +127,7 @@ class Sandbox:
     # -- life cycle -------------------------------------------------------------------------------
     def _command(self) -> list[str]:
         lim = self.limits
+        proc = ["--proc", "/proc"] if self._mount_proc else []
         python = os.path.realpath(lim.python)
         binds = ["--ro-bind", "/usr", "/usr"]
         if not python.startswith("/usr/"):
@@ -135,7 +139,7 @@ class Sandbox:
         bwrap = [
             self._bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
             "--new-session", "--clearenv", "--as-pid-1", *binds,
-            "--proc", "/proc", "--dev", "/dev", "--size", str(lim.tmpfs_mb << 20), "--tmpfs", "/tmp",
+            *proc, "--dev", "/dev", "--size", str(lim.tmpfs_mb << 20), "--tmpfs", "/tmp",
             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp",
             python, "-I", "-S", "-B", "-c", WORKER.read_text(),  # source as argv: no host path needed inside
         ]
@@ -173,8 +177,25 @@ class Sandbox:
                 raise SandboxUnavailable(f"the sandbox did not answer within {SANDBOX_START_S:.0f} s of its start")
             if not err:
                 raise SandboxUnavailable(f"the sandbox exited at its start (exit code {exited}) without a word")
+            if "Can't mount proc" in err and self._mount_proc:
+                self._without_proc()
+                return self._start()
             raise SandboxUnavailable(f"bubblewrap could not start a sandbox: {err} (user namespaces "
                                      "must be allowed; in a container, allow unshare in its seccomp profile)")
+
+    def _without_proc(self) -> None:
+        """Docker and Kubernetes mask parts of a container's /proc (/proc/kcore, /proc/keys, ...), and the kernel
+        then refuses a new procfs in a user namespace ("mount too revealing"). The sandbox runs without /proc
+        then: programs see none (stricter), and the worker's watch on a program's processes' memory together,
+        which reads /proc, is off (each process keeps its own limit)."""
+        global _proc_mountable
+        self._mount_proc = _proc_mountable = False
+        self.starts -= 1  # (the refused start is not a restart)
+        warnings.warn("restem-ray sandbox: this container masks parts of /proc, so the sandbox may not mount its "
+                      "own; programs run without /proc, and the limit on a program's processes' memory together "
+                      "is off (each process keeps its own). To have it, unmask /proc: docker run --security-opt "
+                      "systempaths=unconfined; Kubernetes securityContext.procMount: Unmasked (with hostUsers: "
+                      "false), or a privileged container", stacklevel=4)
 
     def _stop(self) -> str:
         """Kill the sandbox; returns whatever it said on stderr."""

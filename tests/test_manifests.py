@@ -222,6 +222,10 @@ def test_cluster_launcher_nodes_that_take_actors_can_run_bubblewrap():
     cfg = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
     opts = " ".join(cfg["docker"]["run_options"])
     assert "seccomp=unconfined" in opts and "apparmor=unconfined" in opts
+    assert "systempaths=unconfined" in opts  # Docker's masked /proc: the sandbox could not mount its own
+    # a failed mount of the shared run directory fails the node: never a local /shared of its own
+    mount = next(c for c in cfg["initialization_commands"] if "/shared" in c)
+    assert "|| true" not in mount and "${" not in mount
     for name, node in cfg["available_node_types"].items():
         if node["resources"].get("CPU") != 0:
             assert node["resources"].get("sandbox", 0) >= 1, name

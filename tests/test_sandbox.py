@@ -9,6 +9,8 @@ import secrets
 import signal
 import socket
 import subprocess
+import sys
+import textwrap
 import time
 import types
 from pathlib import Path
@@ -418,3 +420,30 @@ print('NEXT', box.run('print(6 * 7)').stdout.strip())
     assert p.returncode == 0, p.stderr
     assert lines["WARN"] == "True" and lines["UID"] == "65534"
     assert lines["BOMB"] != "report" and lines["NEXT"] == "42"
+
+
+def test_a_container_with_a_masked_proc_runs_the_sandbox_without_proc():
+    """Docker and Kubernetes mask parts of /proc (/proc/kcore, /proc/keys, ...), and the kernel then refuses
+    bubblewrap a new /proc in its user namespace ("mount too revealing"): the sandbox starts without /proc,
+    says once what is lost and how to unmask it, and grades as before. The container is an outer bubblewrap
+    here, /proc/cmdline masked as Docker masks its files."""
+    script = textwrap.dedent("""
+        from restem_ray.code_verifier import CodeGrader, verdict_of
+        from restem_ray.sandbox import Sandbox, SandboxLimits
+        box = Sandbox(SandboxLimits(timeout_s=2.0))
+        print("STARTS", box.starts)
+        print("PROC", box.run("import os; print(os.path.exists('/proc'))", guard=False).stdout.strip())
+        print("BOMB", verdict_of(box.run("import os\\nwhile True:\\n    os.fork()\\n")) in ("runtime_error", "timeout"))
+        print("NEXT", box.run("print(6 * 7)").stdout.strip())
+        g = CodeGrader(SandboxLimits(timeout_s=2.0))
+        print("GRADE", g.grade({"id": "add", "prompt": "def add(a, b):\\n", "entry_point": "add",
+                                "test": "def check(candidate):\\n    assert candidate(2, 3) == 5\\n"}, "    return a + b\\n"))
+    """)
+    p = subprocess.run(["bwrap", "--dev-bind", "/", "/", "--proc", "/proc", "--ro-bind", "/dev/null", "/proc/cmdline",
+                        "--unshare-pid", "--", sys.executable, "-c", script], capture_output=True, text=True,
+                       timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert p.stdout.split("\n")[:5] == ["STARTS 1", "PROC False", "BOMB True", "NEXT 42",
+                                         "GRADE passed"], p
+    assert p.stderr.count("this container masks parts of /proc") == 1, p.stderr  # once per process
+    assert "systempaths=unconfined" in p.stderr and "procMount: Unmasked" in p.stderr
