@@ -27,7 +27,6 @@ import ast
 import json
 import re
 import signal
-import textwrap
 
 from .sandbox import RunResult, Sandbox
 from .verification import after_thinking, seen_prompt
@@ -63,8 +62,7 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
     closing fence, up to it; else the first python-tagged block, else the first block; else the completion
     itself."""
     completion = after_thinking(completion, prompt)
-    # (dedented: a block inside a markdown list item is indented with it)
-    blocks = [(lang, textwrap.dedent(code)) for lang, code in _FENCE.findall(completion) if code.strip()]
+    blocks = [(lang, code) for lang, code in fenced_blocks(completion) if code.strip()]
     tagged = [code for lang, code in blocks if lang.lower() in ("python", "py", "python3")]
     codes = tagged or [code for _, code in blocks]
     if name:
@@ -80,6 +78,21 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
             return before  # unfenced code, then the closing fence a base model adds (and whatever follows it)
         return codes[0] if codes else before
     return completion
+
+
+def fenced_blocks(text: str) -> list[tuple[str, str]]:
+    """(language tag, code) of every fenced block, each less its fence's indentation."""
+    return [(m.group(1), _under_fence(text, m)) for m in _FENCE.finditer(text)]
+
+
+def _under_fence(text: str, m: re.Match) -> str:
+    """A fenced block's code less its fence's own indentation: a block inside a markdown list item is indented
+    with it, while a function body in a block at column 0 keeps its indentation (it continues the prompt)."""
+    indent = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
+    code = m.group(2)
+    if not indent or indent.strip():
+        return code
+    return "".join(line[len(indent):] if line.startswith(indent) else line for line in code.splitlines(True))
 
 
 def _is_program(text: str) -> bool:
@@ -371,7 +384,7 @@ class CodeGrader:
             got = res.report.get("results", [])
             ok = len(got) == len(outputs) and all(call_matches(g, e) for g, e in zip(got, outputs))
             return "passed" if ok else "wrong_answer"
-        if code not in [c for _, c in _FENCE.findall(completion)]:  # unfenced, prose around it: without the prose
+        if code not in [c for _, c in fenced_blocks(completion)]:  # unfenced, prose around it: without the prose
             found = as_module(code, paragraphs=True)
             code = found[0] if found else code  # (else it runs as written, and fails as a syntax error)
         for stdin, expected in zip(inputs, outputs):

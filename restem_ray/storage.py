@@ -46,7 +46,7 @@ RESUME_SAFE_KEYS = {
     "sampling.placement_timeout_s", "sampling.start_timeout_s", "sampling.max_restarts", "sampling.calls_per_replica",
     "verification.num_workers", "verification.max_workers", "verification.cpus_per_worker", "verification.resources",
     "training.cpus_per_worker", "training.gpus_per_worker", "training.resources_per_worker",
-    "training.placement_strategy", "training.max_failures",
+    "training.placement_strategy", "training.max_failures", "training.start_timeout_s",
 }
 RESUME_SAFE_SECTIONS = ("observability.",)
 
@@ -166,7 +166,8 @@ class RunDir:
             holder = os.pread(fd, 4096, 0).decode(errors="replace").strip() or "unknown"
             os.close(fd)
             raise UserError(f"{self.root}: another driver is running this run ({holder}); wait for it to end "
-                            "or stop it, then --resume") from None
+                            "or stop it, then --resume (on NFS a dead machine's lock can outlive it: if that host "
+                            f"is gone, remove {self.root / '.driver.lock'})") from None
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since "
                       f"{time.strftime('%Y-%m-%d %H:%M:%S', time.localtime())}".encode(), 0)
@@ -313,7 +314,7 @@ class RunDir:
 
     def read_samples(self, t: int) -> pa.Table:
         parts = sorted(self.samples_dir(t).glob("part-*.parquet"))
-        if not parts and self.done(t, "generate"):  # never an empty E-step: its files were removed
+        if not parts and self.done(t, "generate") and not self.done(t, "select"):  # (removed: not needed now)
             raise RunError(f"{self.samples_dir(t)}: the committed E-step of iteration {t} has no samples files "
                            "(a damaged run directory: restore them, or remove the iteration to sample it again)")
         # shards written before a resume may lack a column added since (filled with nulls)

@@ -926,7 +926,12 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
     if finished is not None:  # a driver killed after this M-step ended but before its commit
         print(f"[restem] M-step {name}: {out_dir} already holds its finished checkpoint (trained by a driver "
               "that ended before committing it): not trained again", flush=True)
-        return finished
+        metrics, step_lines = finished
+        if on_steps and log_every_steps:  # its step lines, as a restarted M-step sends its checkpoint's
+            on_steps(step_lines, True)
+        if not cfg.keep_checkpoints:  # (killed before it was removed)
+            _remove_storage(cfg.storage_path or str(Path(storage).resolve()), name)
+        return metrics
     receiver = StepReceiver(on_steps) if on_steps and log_every_steps else None
     job["step_relay"] = receiver and receiver.actor
     scored = bool(cfg.eval_every_steps and (valid_file or valid_problems))
@@ -941,7 +946,9 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
                                      placement_strategy=cfg.placement_strategy),
         run_config=RunConfig(
             storage_path=storage_path, name=name,
-            failure_config=FailureConfig(max_failures=cfg.max_failures),
+            # Ray Train retries a worker group that could not start (its timeout is a controller error) without
+            # end by default: with a lost node and no room elsewhere the run would wait forever.
+            failure_config=FailureConfig(max_failures=cfg.max_failures, controller_failure_limit=cfg.max_failures + 1),
             # The latest checkpoint is always kept (resume); with validation, the best one too.
             checkpoint_config=CheckpointConfig(num_to_keep=1, checkpoint_score_attribute="valid_score"
                                                if scored else None, checkpoint_score_order="max")),
@@ -953,6 +960,7 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
     # check costs nothing until RAY_TRAIN_WORKER_HEALTH_CHECK_TIMEOUT_S (10 min); Ray Train passes the
     # variable on to its controller.
     os.environ.setdefault("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S", "0.5")
+    os.environ["RAY_TRAIN_WORKER_GROUP_START_TIMEOUT_S"] = str(cfg.start_timeout_s)  # (passed on likewise)
     try:
         result = trainer.fit()
     except TrainingFailedError as e:  # one line naming the workers' error, not Ray's nested traceback
@@ -977,12 +985,14 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
     pafs.copy_files(f"{chosen.path}/hf", str(tmp.resolve()), source_filesystem=chosen.filesystem,
                     destination_filesystem=pafs.LocalFileSystem())
     with result.checkpoint.filesystem.open_input_stream(f"{result.checkpoint.path}/state.json") as f:
-        history = json.loads(f.read())["history"]
+        state = json.loads(f.read())
+    history = state["history"]
     final = {**result.metrics, "chosen_step": metrics["step"], "valid_history": history,
              **({"valid_reward": metrics.get("valid_reward")} if scored else {})}
     # With the weights, in the same rename: the Ray Train storage goes next, and a driver killed before its
     # commit finds the M-step finished here instead of training it again from step 0.
-    (tmp / FINISHED).write_text(json.dumps({"fingerprint": fingerprint, "metrics": final}, default=str))
+    (tmp / FINISHED).write_text(json.dumps({"fingerprint": fingerprint, "metrics": final,
+                                            "step_lines": state.get("step_lines", [])}, default=str))
     shutil.rmtree(out_dir, ignore_errors=True)
     os.replace(tmp, out_dir)
     if not cfg.keep_checkpoints:  # DeepSpeed shards of every step: large; the HF checkpoint is what we keep
@@ -993,26 +1003,36 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
 FINISHED = "restem_mstep.json"  # in an M-step's HF checkpoint: what trained it, and its metrics
 
 
+# training keys that decide where and how patiently an M-step runs, not its weights (a resume may change them)
+_WHERE_NOT_WHAT = {"cpus_per_worker", "gpus_per_worker", "resources_per_worker", "placement_strategy",
+                   "max_failures", "start_timeout_s", "storage_path", "keep_checkpoints"}
+
+
 def _job_fingerprint(job: dict, train_file: Path | str) -> str:
     """What decides an M-step's weights: the job (model, data path, seed, training settings, validation) and
     the training rows' bytes."""
     import hashlib
 
-    h = hashlib.sha256(json.dumps({k: v for k, v in job.items() if k not in ("step_relay", "log_every_steps")},
-                                  sort_keys=True, default=str).encode())
+    settings = {k: v for k, v in job.items() if k not in ("step_relay", "log_every_steps")}
+    settings["cfg"] = {k: v for k, v in job["cfg"].items() if k not in _WHERE_NOT_WHAT}
+    settings["verification"] = {k: v for k, v in (job.get("verification") or {}).items()
+                                if k not in ("num_workers", "max_workers", "cpus_per_worker", "resources")}
+    h = hashlib.sha256(json.dumps(settings, sort_keys=True, default=str).encode())
     with open(train_file, "rb") as f:
         for block in iter(lambda: f.read(8 << 20), b""):
             h.update(block)
     return h.hexdigest()
 
 
-def _finished_m_step(out_dir: Path, fingerprint: str) -> dict | None:
-    """The metrics of the finished M-step in `out_dir`, if the same job trained it."""
+def _finished_m_step(out_dir: Path, fingerprint: str) -> tuple[dict, list[dict]] | None:
+    """The metrics and step lines of the finished M-step in `out_dir`, if the same job trained it."""
     try:
         saved = json.loads((out_dir / FINISHED).read_text())
     except (OSError, ValueError):
         return None
-    return saved["metrics"] if isinstance(saved, dict) and saved.get("fingerprint") == fingerprint else None
+    if not isinstance(saved, dict) or saved.get("fingerprint") != fingerprint:
+        return None
+    return saved["metrics"], saved.get("step_lines", [])
 
 
 def _remove_storage(storage_path: str, name: str) -> None:

@@ -33,7 +33,8 @@ _HASHES = re.compile(r"####[ \t]*([^\n]*)")
 # bold or \(...\), and unit words before the sentence ends ("18 dollars per day."), but not words that make it
 # part of an expression ("3 more than").
 _LABEL = r"answer(?:\*\*)?(?:\s+is\b\s*:?|\s*:)(?:\*\*)?\s*"
-_UNITS = (r"(?:[ \t]+(?!(?:more|less|fewer|times|than|plus|minus|divided|multiplied|over|of|and|or)\b)[A-Za-z]+"
+_UNITS = (r"(?:[ \t]+(?!(?:more|less|fewer|times|than|plus|minus|divided|multiplied|over|of|and|or|squared|cubed|"
+          r"dozens?|hundreds?|thousands?|millions?|billions?|each|per)\b)[A-Za-z]+"
           r"(?:[ \t]+[A-Za-z]+){0,2})?")
 _ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|\\?\$|\*\*)?\s*(" + _NUM_RE + r")(?:\*\*|\s*\\\))?" + _UNITS
                         + r"(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$)))", re.IGNORECASE)
@@ -73,7 +74,8 @@ def _last_boxed_at(text: str) -> tuple[int, str | None]:
 
 
 # Between two boxes of one answer: "$\\boxed{2}$ and $\\boxed{3}$", "\\boxed{2}, \\boxed{3}", "x=\\boxed{2} or x=\\boxed{3}"
-_BOX_JOIN = re.compile(r"[\s$,]*(?:\\text\{\s*)?(?:(?:and|or)\b)?(?:\s*\})?[\s$,]*(?:\\[(\[]\s*)?(?:[A-Za-z]\s*=\s*)?")
+_BOX_JOIN = re.compile(r"[ \t$,]*(?:\\text\{[ \t]*)?(?:(?:and|or)\b)?(?:[ \t]*\})?[ \t$,]*(?:\\[(\[][ \t]*)?"
+                       r"(?:[A-Za-z][ \t]*=[ \t]*)?")
 
 
 def _final_boxed_at(text: str) -> tuple[int, str | None]:
@@ -114,16 +116,19 @@ def last_boxed(text: str) -> str | None:
     return _final_boxed_at(text)[1]
 
 
-# What a `####` answer starts with: a number or math, "x = 5", a choice letter; else the line is a markdown
-# heading ("#### Step 2: Earnings", "#### Verification")
-_HASH_ANSWER_START = re.compile(r"[-\u2212+$\\(\[.\d]|[A-Za-z]\s*=|\(?[A-E]\)?$")
+# A markdown heading on a `####` line, not an answer: "Step 2: Earnings", a title ending in a colon, two or more
+# plain words ("Eggs left"), or a one-word title ("Verification"); answers such as "x^2+2x+1", "{1, 2}",
+# "infinity", "yes" or "F" are none of these
+_HEADING = re.compile(r"step\b.*|.*:|[A-Za-z][A-Za-z'\u2019-]*(?:[ \t]+[A-Za-z][A-Za-z'\u2019-]*)+|"
+                      r"(?:solution|verification|explanation|summary|conclusion|calculations?|check|double-check|"
+                      r"reasoning|approach|analysis|answer|work|setup|problem)", re.IGNORECASE)
 
 
 def _hash_answer(line: str) -> str | None:
     """The answer on a `####` line: "Final Answer: 42" is 42, "72 clips" is 72, "**18**" is 18; a line that only
     says "Final Answer" or "Step 2: Earnings" (a heading) holds none."""
     line = _ANSWER_PREFIX.sub("", line.strip().replace("**", "")).strip()
-    if not _HASH_ANSWER_START.match(line):
+    if _HEADING.fullmatch(line):
         return None
     m = _NUMBER_THEN_WORDS.fullmatch(line)
     return (m.group(1) if m else line) or None

@@ -5,13 +5,8 @@
 #   unshare --net --pid --fork --mount-proc bash tests/elastic_estep.sh OUT_DIR [demo args...]
 set -euo pipefail
 out=$1; shift
-bin=$(dirname "$(command -v python)")
-ip link set lo up
-export RAY_AUTH_MODE=disabled
-# its own Ray temp folder: `ray start` records its address there (ray_current_cluster), not in /tmp/ray
-export RAY_TMPDIR=$(mktemp -d /tmp/rt-XXXXXX)
+source "$(dirname "$0")/netns_ray.sh"
 common=(--node-ip-address=127.0.0.1 --disable-usage-stats --include-dashboard=false)
-trap '"$bin/ray" stop --force >/dev/null 2>&1 || true; rm -rf "$RAY_TMPDIR"' EXIT
 "$bin/ray" start --head --port=6379 --num-cpus=2 --temp-dir=/tmp/rt-elastic "${common[@]}" >/dev/null
 python -m restem_ray.cli demo --out "$out" --set ray.address=127.0.0.1:6379 "$@" > "$out.log" 2>&1 &
 demo=$!

@@ -261,7 +261,8 @@ def test_a_cluster_of_several_nodes_needs_a_working_copy_every_node_mounts(tmp_p
 def test_a_remote_run_removed_since_the_last_push_is_uploaded_again_whole(tmp_path, capsys):
     """The remote run directory was removed (or expired) after this machine pushed it: a resume here keeps the
     local copy, and the next commit uploads every file again, not only what changed (the state file said the
-    rest was there). A committed E-step whose shards are gone is an error, not an empty table."""
+    rest was there). A committed E-step whose shards are gone before its selection is an error, not an empty
+    table."""
     import shutil
 
     from restem_ray.errors import RunError
@@ -281,6 +282,10 @@ def test_a_remote_run_removed_since_the_last_push_is_uploaded_again_whole(tmp_pa
     (resumed.iter_dir(1) / "train.parquet").write_bytes(b"rows")
     resumed.complete(1, "select", [{"kept": 1}])
     assert tree(remote) == tree(again.local)  # the shard and config.yaml included
-    (resumed.samples_dir(1) / "part-00000.parquet").unlink()
-    with pytest.raises(RunError, match="committed E-step of iteration 1 has no samples files"):
-        resumed.read_samples(1)
+    pq.write_table(pa.table({"id": ["a"]}), resumed.samples_dir(2) / "part-00000.parquet")
+    resumed.complete(2, "generate", [{"samples": 1}])
+    for t in (1, 2):
+        (resumed.samples_dir(t) / "part-00000.parquet").unlink()
+    assert resumed.read_samples(1).num_rows == 0  # selected already: its samples are not needed again
+    with pytest.raises(RunError, match="committed E-step of iteration 2 has no samples files"):
+        resumed.read_samples(2)

@@ -39,6 +39,32 @@ def test_node_joining_mid_e_step_gets_a_replica(tmp_path):
     assert len({(s["id"], s["sample_index"]) for s in samples}) == len(samples) == problems * 8
 
 
+def test_a_replica_whose_node_is_lost_without_a_replacement_stops_the_e_step_in_one_line(tmp_path):
+    """The only node with room for the sampler replica dies mid-E-step and none replaces it: Ray would keep the
+    replica's restart (and its calls) waiting forever; the E-step stops after sampling.placement_timeout_s with
+    one line naming the key, and the shards finished before stay on disk."""
+    import time
+
+    out = tmp_path / "run"
+    env = dict(os.environ, PATH=f"{Path(sys.executable).parent}:{os.environ['PATH']}", PYTHONUNBUFFERED="1")
+    env.pop("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", None)
+    env.pop("RAY_ADDRESS", None)
+    t0 = time.monotonic()
+    r = subprocess.run([*NETNS, "bash", str(Path(__file__).with_name("node_loss_estep.sh")), str(out), *SMALL,
+                        "--set", "sampling.num_replicas=1", "--set", "sampling.cpus_per_replica=2",
+                        "--set", "verification.num_workers=1", "--set", "sampling.placement_timeout_s=15",
+                        "--set", "sampling.prompts_per_request=4", "--stop-after", "1/generate"],
+                       capture_output=True, text=True, env=env, timeout=900)
+    log = (tmp_path / "run.log").read_text() if (tmp_path / "run.log").exists() else ""
+    assert "LOST_AT=" in r.stdout and "DEMO_RC=1" in r.stdout, r.stdout[-2000:] + r.stderr[-2000:] + log[-3000:]
+    lost = float(r.stdout.split("LOST_AT=")[1].split()[0])
+    errors = [line for line in log.splitlines() if line.startswith("restem-ray: run stopped:")]
+    assert errors and "lost a node and found no room to restart" in errors[-1], log[-3000:]
+    assert "sampling.placement_timeout_s 15" in errors[-1] and "Traceback" not in log
+    assert time.monotonic() - t0 < 600 and lost > 0
+    assert not json.loads((out / "manifest.json").read_text())["completed"].get("1/generate")
+
+
 def test_a_run_without_ray_address_starts_its_own_ray_beside_a_ray_start_cluster(tmp_path):
     """With a `ray start` cluster on the machine and no ray.address, a run starts its own local Ray of
     ray.num_cpus CPUs, as documented. Before, ray.init joined that cluster (found through the file `ray start`

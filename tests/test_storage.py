@@ -207,15 +207,19 @@ def test_a_finished_m_step_is_found_only_by_the_job_that_trained_it(tmp_path):
 
     data = tmp_path / "train.parquet"
     data.write_bytes(b"rows")
-    job = {"init_model": "base", "seed": 1, "cfg": {"lr": 1e-5}, "step_relay": object(), "log_every_steps": 5}
+    job = {"init_model": "base", "seed": 1, "cfg": {"lr": 1e-5, "cpus_per_worker": 1}, "step_relay": object(),
+           "log_every_steps": 5}
     ckpt = tmp_path / "checkpoint"
     ckpt.mkdir()
     fp = _job_fingerprint(job, data)
-    (ckpt / FINISHED).write_text(_json.dumps({"fingerprint": fp, "metrics": {"steps": 4}}))
+    (ckpt / FINISHED).write_text(_json.dumps({"fingerprint": fp, "metrics": {"steps": 4},
+                                              "step_lines": [{"step": 2, "loss": 1.5}]}))
     # the step relay (an actor handle) and how often steps are logged do not change the weights
-    assert _finished_m_step(ckpt, _job_fingerprint({**job, "step_relay": None, "log_every_steps": 0}, data)) == {
-        "steps": 4}
+    assert _finished_m_step(ckpt, _job_fingerprint({**job, "step_relay": None, "log_every_steps": 0}, data)) == (
+        {"steps": 4}, [{"step": 2, "loss": 1.5}])
+    assert _finished_m_step(ckpt, _job_fingerprint({**job, "cfg": {"lr": 1e-5, "cpus_per_worker": 4}}, data))  # where
     assert _finished_m_step(ckpt, _job_fingerprint({**job, "seed": 2}, data)) is None
+    assert _finished_m_step(ckpt, _job_fingerprint({**job, "cfg": {"lr": 2e-5, "cpus_per_worker": 1}}, data)) is None
     data.write_bytes(b"other rows")
     assert _finished_m_step(ckpt, _job_fingerprint(job, data)) is None
     assert _finished_m_step(tmp_path / "missing", fp) is None
