@@ -214,6 +214,33 @@ def check_model_dir(name: str, path: str) -> None:
         raise UserError(f"{name}: {path}: not an HF model folder (no config.json)")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise UserError(f"{name}: {path}: no tokenizer files")
+    check_architecture(name, p / "config.json")
+
+
+def check_architecture(name: str, config_json: Path) -> None:
+    """A model whose type transformers does not implement: one that ships its own code (auto_map, which
+    transformers would only run with trust_remote_code, asking on the terminal first) or one newer than the
+    installed transformers. Neither loads in the M-step, so neither passes `check`."""
+    import json
+
+    try:
+        config = json.loads(config_json.read_text())
+    except (OSError, ValueError) as e:
+        raise UserError(f"{name}: {config_json}: not valid JSON ({e})") from None
+    kind = config.get("model_type") if isinstance(config, dict) else None
+    if not kind:
+        return
+    import transformers
+    from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+    if kind in CONFIG_MAPPING:
+        return
+    if config.get("auto_map"):
+        raise UserError(f"{name}: {config_json.parent}: model type {kind!r} comes with its own code (auto_map), "
+                        "which restem-ray does not run (trust_remote_code): use a model whose architecture "
+                        f"transformers {transformers.__version__} and vLLM implement")
+    raise UserError(f"{name}: {config_json.parent}: transformers {transformers.__version__} does not know model type "
+                    f"{kind!r} (a model newer than it, or a misspelt config.json)")
 
 
 def run_settings(path: str) -> dict:

@@ -75,6 +75,12 @@ CASES = {
     "model folder missing": (lambda w: set_model(w, w / "nope"), [], "model.base:"),
     "model without tokenizer": (lambda w: [p.unlink() for p in (w / "model").iterdir() if p.name != "config.json"],
                                 [], "no tokenizer files"),
+    "model with its own code": (lambda w: (w / "model" / "config.json").write_text(json.dumps(
+        {"model_type": "foo_custom", "auto_map": {"AutoModelForCausalLM": "modeling_foo.FooForCausalLM"}})), [],
+        "model type 'foo_custom' comes with its own code (auto_map), which restem-ray does not run"),
+    "model type transformers lacks": (lambda w: (w / "model" / "config.json").write_text(json.dumps(
+        {"model_type": "qwen9"})), [], "does not know model type 'qwen9'"),
+    "config.json not json": (lambda w: (w / "model" / "config.json").write_text("{"), [], "config.json: not valid JSON"),
     "plug-in not importable": (None, ["--set", "verification.verifier=no_such_mod_xyz:grade"],
                                "cannot import 'no_such_mod_xyz'"),
     "plug-in not callable": (None, ["--set", "verification.verifier=json:__doc__"], "is not a callable"),
