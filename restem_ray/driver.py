@@ -157,6 +157,15 @@ class Driver:
             chunks = chunked(self.train, s.prompts_per_request)
             self._sample_shards(t, model, spec, chunks, [f"part-{i:05d}" for i in range(len(chunks))], nodes)
         table = self.run.read_samples(t)
+        if not s.adaptive:  # (adaptive rounds check their own shards)
+            got = list(zip(table["id"].to_pylist(), table["sample_index"].to_pylist()))
+            if len(set(got)) != len(got) or len(got) != len(self.train) * s.samples_per_problem:
+                # shards written under other settings (a --force resume that changed prompts_per_request or
+                # samples_per_problem): some problems sampled twice, others never
+                out = self.run.samples_dir(t)
+                raise RunError(f"iteration {t}: the shards in {out} do not hold one sample per (problem, sample "
+                               f"index) of this E-step (its settings changed since they were written); remove that "
+                               f"folder{self.run.remote_too(out)} to sample the iteration again")
         line = {"seconds": round(time.time() - start, 2), "samples": table.num_rows,
                 "correct": int(pa.compute.sum(table["reward"]).as_py() or 0),
                 "completion_tokens": int(pa.compute.sum(table["completion_tokens"]).as_py() or 0)}
@@ -271,7 +280,11 @@ class Driver:
         if not self.run.done("control", "improve"):
             kept = [m["kept"] + m.get("seed_rows_mixed", 0) for m in self.run.metrics() if m["phase"] == "select"]
             tc = self.cfg.training
-            epochs = self.cfg.control.epochs or max(1, -(-max(kept or [0]) * tc.epochs // max(1, len(self.seed_rows))))
+            # the first attempt's budget, kept: a resume with more loop.iterations may see a larger M-step, and
+            # Ray Train would continue the control M-step's checkpoint under another schedule
+            epochs = self.cfg.control.epochs or self.run.manifest().get("control_epochs") or max(
+                1, -(-max(kept or [0]) * tc.epochs // max(1, len(self.seed_rows))))
+            self.run.set(control_epochs=epochs)
             data = d / "train.parquet"
             write_parquet(data, self._seed_table(pa.schema([("id", pa.string()), ("sample_index", pa.int64()),
                                                             ("prompt", pa.string()), ("completion", pa.string())])))

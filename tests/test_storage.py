@@ -272,3 +272,32 @@ def test_a_dashboard_that_fails_does_not_end_the_run(tmp_path, capsys):
     out = capsys.readouterr().out
     assert ("[restem] warning: the dashboards did not take the 1/generate lines (ConnectionError: mlflow: 503 "
             "Service Unavailable); metrics.jsonl holds them") in out and "1/improve_step lines" in out
+
+
+def test_fixed_k_shards_written_under_other_settings_are_refused(tmp_path):
+    """A --force resume that changed sampling.prompts_per_request finds shards chunked another way: the E-step
+    would keep some problems' samples twice and others' never. It stops in one line instead. (All shards are
+    on disk here, so nothing is sampled; the shards and run directory are real.)"""
+    import types
+
+    import pyarrow as pa
+
+    from restem_ray.data import write_parquet
+    from restem_ray.driver import Driver
+    from restem_ray.errors import RunError
+
+    run = RunDir(tmp_path / "run")
+    run.create("x: 1\n", resume=False)
+    d = Driver.__new__(Driver)
+    d.run, d.train = run, [{"id": str(i), "prompt": f"q{i}"} for i in range(4)]
+    d.cfg = types.SimpleNamespace(seed=0, sampling=types.SimpleNamespace(
+        adaptive=False, prompts_per_request=2, samples_per_problem=2, temperature=1.0, top_k=-1, top_p=1.0,
+        max_tokens=8, stop=[], stop_token_ids=[]))
+    row = lambda i, k: {"id": str(i), "sample_index": k, "reward": 1.0, "completion_tokens": 3,  # noqa: E731
+                        "finish_reason": "stop", "verdict": "passed", "completion": "x"}
+    # written with 3 problems per shard, resumed with 2: shard 0 holds problems 0-2, shard 1 problems 2-3
+    write_parquet(run.samples_dir(1) / "part-00000.parquet", pa.Table.from_pylist([row(i, k) for i in range(3) for k in range(2)]))
+    write_parquet(run.samples_dir(1) / "part-00001.parquet", pa.Table.from_pylist([row(i, k) for i in (2, 3) for k in range(2)]))
+    with pytest.raises(RunError, match="do not hold one sample per"):
+        d.generate(1, "model")
+    assert not run.done(1, "generate")
