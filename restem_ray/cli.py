@@ -220,7 +220,8 @@ def check_model_dir(name: str, path: str) -> None:
 def check_architecture(name: str, config_json: Path) -> None:
     """A model whose type transformers does not implement: one that ships its own code (auto_map, which
     transformers would only run with trust_remote_code, asking on the terminal first) or one newer than the
-    installed transformers. Neither loads in the M-step, so neither passes `check`."""
+    installed transformers. Neither loads in vLLM (which reads the config through transformers) or in the
+    M-step, so neither passes `check`."""
     import json
 
     try:

@@ -27,6 +27,7 @@ import ast
 import json
 import re
 import signal
+import textwrap
 
 from .sandbox import RunResult, Sandbox
 from .verification import after_thinking, seen_prompt
@@ -67,8 +68,10 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
     codes = tagged or [code for _, code in blocks]
     if name:
         defining = [c for c in codes if _defines_re(name).search(c)]
-        if defining:
-            return defining[0]
+        if defining:  # (a whole answer indented in its block is that answer at column 0)
+            whole = textwrap.dedent(defining[0])
+            return whole if re.search(rf"^(?:async[ \t]+)?def[ \t]+{re.escape(name)}[ \t]*\(", whole, re.M) \
+                else defining[0]
     if _indented_start(completion):
         return _CLOSING_FENCE.split(completion, 1)[0]
     first = _FENCE.search(completion)
@@ -78,6 +81,9 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
             return before  # unfenced code, then the closing fence a base model adds (and whatever follows it)
         return codes[0] if codes else before
     return completion
+
+
+_LIST_MARKER = re.compile(r"[ \t]*(?:[-*+]|\d+[.)])[ \t]+")
 
 
 def fenced_blocks(text: str) -> list[tuple[str, str]]:
@@ -90,6 +96,8 @@ def _under_fence(text: str, m: re.Match) -> str:
     with it, while a function body in a block at column 0 keeps its indentation (it continues the prompt)."""
     indent = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
     code = m.group(2)
+    if _LIST_MARKER.fullmatch(indent):  # "- ```python", "1. ```python": the item's text is indented that far
+        indent = " " * len(indent)
     if not indent or indent.strip():
         return code
     return "".join(line[len(indent):] if line.startswith(indent) else line for line in code.splitlines(True))

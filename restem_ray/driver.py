@@ -280,11 +280,16 @@ class Driver:
         if not self.run.done("control", "improve"):
             kept = [m["kept"] + m.get("seed_rows_mixed", 0) for m in self.run.metrics() if m["phase"] == "select"]
             tc = self.cfg.training
-            # the first attempt's budget, kept: a resume with more loop.iterations may see a larger M-step, and
-            # Ray Train would continue the control M-step's checkpoint under another schedule
-            epochs = self.cfg.control.epochs or self.run.manifest().get("control_epochs") or max(
+            # A control M-step that left a checkpoint continues with the budget it started with: a resume with
+            # more loop.iterations may see a larger M-step, and Ray Train would continue that checkpoint under
+            # another schedule. One that left none starts afresh, with the budget of now.
+            name, m = self._mstep_args("control")["name"], self.run.manifest()
+            storage = tc.storage_path or str(d.resolve())
+            started = "://" in storage or (Path(storage) / name).exists()
+            pinned = m.get("control_epochs") if started and m.get("control_seed_rows") == len(self.seed_rows) else None
+            epochs = self.cfg.control.epochs or pinned or max(
                 1, -(-max(kept or [0]) * tc.epochs // max(1, len(self.seed_rows))))
-            self.run.set(control_epochs=epochs)
+            self.run.set(control_epochs=epochs, control_seed_rows=len(self.seed_rows))
             data = d / "train.parquet"
             write_parquet(data, self._seed_table(pa.schema([("id", pa.string()), ("sample_index", pa.int64()),
                                                             ("prompt", pa.string()), ("completion", pa.string())])))

@@ -84,9 +84,16 @@ def _int_keys(arg):
     return arg
 
 
+_prctl = None  # libc's prctl, loaded by main() before any child exists
+
+
 def _child(job, in_r, out_w, err_w, res_w):
     import resource
 
+    if job["mode"] != "test" and _prctl is not None:
+        # dumpable again (fork keeps the worker's 0), so the worker can read the program's proportional memory
+        # (PSS: pages a fork shares counted once); only a test-mode program's process holds a nonce worth hiding
+        _prctl(4, 1, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     for src, dst in ((in_r, 0), (out_w, 1), (err_w, 2), (res_w, 3)):
@@ -207,6 +214,8 @@ def _guard_harness():
         refuse("signal.signal")
 
     _signal.signal = signal_module.signal = no_handlers
+    import _posixsubprocess  # noqa: F401  (imported now, `import subprocess` works; only an import anew is refused)
+
     sys.addaudithook(hook)
 
 
@@ -277,10 +286,10 @@ def _stdin_fd(data: bytes):
 
 
 def _resident_bytes() -> int:
-    """Resident memory of every process in the sandbox but this one (PID 1): the per-process address-space
-    limit alone lets a program that forks take processes x memory. (statm, readable without ptrace rights: the
-    programs are not dumpable. Pages a fork still shares with its parent count in both: a forked Python is
-    ~10 MB.)"""
+    """Memory of every process in the sandbox but this one (PID 1): the per-process address-space limit alone
+    lets a program that forks take processes x memory. PSS, where each page a fork shares with its parent counts
+    once; for a process that is not dumpable (a test-mode program) its resident memory, which counts such pages
+    in every process that maps them."""
     total = 0
     page = os.sysconf("SC_PAGE_SIZE")
     try:
@@ -288,12 +297,19 @@ def _resident_bytes() -> int:
     except OSError:  # a sandbox without /proc (a container's masked /proc forbids a new one): no watch
         return 0
     for name in names:
-        if name.isdigit() and name != "1":
-            try:
-                with open(f"/proc/{name}/statm") as f:
-                    total += int(f.read().split()[1]) * page
-            except (OSError, ValueError, IndexError):
-                pass  # it ended meanwhile
+        if not name.isdigit() or name == "1":
+            continue
+        try:
+            with open(f"/proc/{name}/smaps_rollup") as f:
+                total += next(int(line.split()[1]) << 10 for line in f if line.startswith("Pss:"))
+            continue
+        except (OSError, ValueError, IndexError, StopIteration):
+            pass
+        try:
+            with open(f"/proc/{name}/statm") as f:
+                total += int(f.read().split()[1]) * page
+        except (OSError, ValueError, IndexError):
+            pass  # it ended meanwhile
     return total
 
 
@@ -406,9 +422,11 @@ def run(job):
 def main():
     import ctypes
 
-    # PR_SET_DUMPABLE = 4: no process may ptrace us or read our memory, nor (fork keeps the flag) a program's
-    # process the harness's: a new interpreter a program starts has no audit hook, but cannot read the nonce
-    ctypes.CDLL(None).prctl(4, 0, 0, 0, 0)
+    # PR_SET_DUMPABLE = 4: no process may ptrace us or read our memory, nor (fork keeps the flag) a test-mode
+    # program's process: a new interpreter a program starts has no audit hook, but cannot read the nonce
+    global _prctl
+    _prctl = ctypes.CDLL(None).prctl
+    _prctl(4, 0, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
     req, resp = os.dup(0), os.dup(1)

@@ -34,7 +34,7 @@ _HASHES = re.compile(r"####[ \t]*([^\n]*)")
 # part of an expression ("3 more than").
 _LABEL = r"answer(?:\*\*)?(?:\s+is\b\s*:?|\s*:)(?:\*\*)?\s*"
 _UNITS = (r"(?:[ \t]+(?!(?:more|less|fewer|times|than|plus|minus|divided|multiplied|over|of|and|or|squared|cubed|"
-          r"dozens?|hundreds?|thousands?|millions?|billions?|each|per)\b)[A-Za-z]+"
+          r"dozens?|hundreds?|thousands?|millions?|billions?)\b)[A-Za-z]+"
           r"(?:[ \t]+[A-Za-z]+){0,2})?")
 _ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|\\?\$|\*\*)?\s*(" + _NUM_RE + r")(?:\*\*|\s*\\\))?" + _UNITS
                         + r"(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$)))", re.IGNORECASE)
@@ -74,8 +74,7 @@ def _last_boxed_at(text: str) -> tuple[int, str | None]:
 
 
 # Between two boxes of one answer: "$\\boxed{2}$ and $\\boxed{3}$", "\\boxed{2}, \\boxed{3}", "x=\\boxed{2} or x=\\boxed{3}"
-_BOX_JOIN = re.compile(r"[ \t$,]*(?:\\text\{[ \t]*)?(?:(?:and|or)\b)?(?:[ \t]*\})?[ \t$,]*(?:\\[(\[][ \t]*)?"
-                       r"(?:[A-Za-z][ \t]*=[ \t]*)?")
+_BOX_JOIN = re.compile(r"[\s$,]*(?:\\text\{\s*)?(?:(?:and|or)\b)?(?:\s*\})?[\s$,]*(?:\\[(\[]\s*)?(?:[A-Za-z]\s*=\s*)?")
 
 
 def _final_boxed_at(text: str) -> tuple[int, str | None]:
@@ -89,7 +88,9 @@ def _final_boxed_at(text: str) -> tuple[int, str | None]:
         if prev is None:
             break
         end = _box_end(head, prev_at)
-        if end is None or not _BOX_JOIN.fullmatch(head[end:]):
+        between = head[end:] if end is not None else ""
+        if end is None or not _BOX_JOIN.fullmatch(between) or (
+                "\n" in between and not re.search(r"\b(?:and|or)\b|,", between)):  # (lines apart: joined in words)
             break
         at, parts = prev_at, [prev, *parts]
     return at, (", ".join(parts) if last is not None else None)
@@ -116,22 +117,30 @@ def last_boxed(text: str) -> str | None:
     return _final_boxed_at(text)[1]
 
 
-# A markdown heading on a `####` line, not an answer: "Step 2: Earnings", a title ending in a colon, two or more
-# plain words ("Eggs left"), or a one-word title ("Verification"); answers such as "x^2+2x+1", "{1, 2}",
-# "infinity", "yes" or "F" are none of these
-_HEADING = re.compile(r"step\b.*|.*:|[A-Za-z][A-Za-z'\u2019-]*(?:[ \t]+[A-Za-z][A-Za-z'\u2019-]*)+|"
-                      r"(?:solution|verification|explanation|summary|conclusion|calculations?|check|double-check|"
-                      r"reasoning|approach|analysis|answer|work|setup|problem)", re.IGNORECASE)
+# What a `####` answer starts with: a number or math, "x = 5", a choice letter. A `####` line that starts
+# otherwise and has text after it is a markdown heading ("#### Step 2: Earnings", "#### Verification"); the
+# completion's last line is an answer whatever it says ("#### yes", "#### New York", "#### infinity").
+_MATHY = re.compile(r"[-\u2212+$\\(\[{.\d\u221a\u03c0\u221e]|[A-Za-z]\s*[=^_]|\(?[A-E]\)?$")
+_LABELLED = re.compile(r"[A-Za-z][A-Za-z \t]*:\s*(.+)")  # "Total: 18", "Result: $18"
 
 
-def _hash_answer(line: str) -> str | None:
-    """The answer on a `####` line: "Final Answer: 42" is 42, "72 clips" is 72, "**18**" is 18; a line that only
-    says "Final Answer" or "Step 2: Earnings" (a heading) holds none."""
+def _hash_answer(line: str, last: bool) -> str | None:
+    """The answer on a `####` line: "Final Answer: 42" is 42, "72 clips" is 72, "**18**" is 18, "Total: 18" is
+    18; a heading ("Final Answer", "Step 2: Earnings", "Verification") holds none, unless it is the completion's
+    last line: "The total is 18" is 18 there, "yes" is yes."""
     line = _ANSWER_PREFIX.sub("", line.strip().replace("**", "")).strip()
-    if _HEADING.fullmatch(line):
+    labelled = _LABELLED.fullmatch(line)
+    if labelled and _MATHY.match(labelled.group(1)):
+        line = labelled.group(1).strip()
+    if not line:
         return None
-    m = _NUMBER_THEN_WORDS.fullmatch(line)
-    return (m.group(1) if m else line) or None
+    if _MATHY.match(line):
+        m = _NUMBER_THEN_WORDS.fullmatch(line)
+        return m.group(1) if m else line
+    if not last:
+        return None
+    nums = _NUM.findall(line) if _PROSE.search(line) else []  # a sentence's number; else the line ("n(n+1)/2")
+    return nums[-1] if nums else line
 
 
 def after_thinking(completion: str, prompt: str = "") -> str:
@@ -164,7 +173,8 @@ def extract_answer(completion: str, prompt: str = "") -> str | None:
     last number."""
     completion = after_thinking(completion, prompt)
     found: list[tuple[int, str]] = []
-    hashes = [(m.start(), a) for m in _HASHES.finditer(completion) if (a := _hash_answer(m.group(1)))]
+    hashes = [(m.start(), a) for m in _HASHES.finditer(completion)
+              if (a := _hash_answer(m.group(1), last=not completion[m.end():].strip()))]
     if hashes:
         found.append(hashes[-1])
     at, boxed = _final_boxed_at(completion)

@@ -172,6 +172,8 @@ def test_fast_input_and_a_fenced_block_inside_a_list_item(grader):
     add = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
            "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
     assert grader.grade(add, "```python\n    return a + b\n```\n") == "passed"  # a body keeps its indentation
+    assert grader.grade(add, "- ```python\n  def add(a, b):\n      return a + b\n  ```\n") == "passed"
+    assert grader.grade(add, "```python\n    import math\n    def add(a, b):\n        return a + b\n```\n") == "passed"
     assert grader.grade(add, "1. Here is the code:\n\n   ```python\n   def add(a, b):\n       return a + b\n   ```\n") \
         == "passed"
 

@@ -49,7 +49,7 @@ from restem_ray.verification import Verifier, answers_match, extract_answer, gra
     ("The answer is $18.00, since 2 items cost $9 each.", "18.00"),
     # currency dollars are not math delimiters; an escaped one is money inside the math; units in \\text{} are math
     ("So the answer is $10 + $8 = $18.", "18"),
-    ("The answer is $18 each, or $36 total.", "36"),
+    ("The answer is $18 each, or $36 total.", "18"),
     ("Final Answer: The final answer is $\\$18.90$. I hope it is correct.", "\\$18.90"),
     ("Final Answer: The final answer is $6\\sqrt{3}\\text{ square inches}$. I hope it is correct.",
      "6\\sqrt{3}\\text{ square inches}"),
@@ -65,6 +65,13 @@ from restem_ray.verification import Verifier, answers_match, extract_answer, gra
     ("#### infinity", "infinity"),
     ("#### F", "F"),
     ("#### Eggs left\n16 - 3 - 4 = 9", "9"),
+    ("#### Total: 18", "18"),
+    ("#### The total is 18", "18"),
+    ("#### Result\nShe earns $18 per day.", "18"),
+    ("#### 18\n\n#### Note\nEach of the 9 eggs sells for 2.", "18"),
+    ("#### Explanation: 9 eggs at 2\n#### 18", "18"),
+    ("#### New York", "New York"),
+    ("#### yes", "yes"),
     # chat models' "Answer:" labels, bold or \(..\) numbers, unit words, with an explanation after them
     ("She makes $18.\nAnswer: 18\n\nNote: this assumes all 9 eggs sell at $2 each.", "18"),
     ("**Answer:** 18\n\nNote the 2 markets.", "18"),
@@ -75,12 +82,13 @@ from restem_ray.verification import Verifier, answers_match, extract_answer, gra
     ("The answer is 3 more than the 15 she had, so 18.", "18"),
     ("The answer is 2 squared, which is 4.", "4"),
     ("The answer is 5 dozen, i.e. 60.", "60"),
-    ("The answer is 6 each, so 12 total.", "12"),
+    ("The answer is 18 per day.\nOver 7 days that is 126.", "18"),
     # several solutions boxed one by one on the last line are one answer; an earlier box is not part of it
     ("The solutions are $\\boxed{2}$ and $\\boxed{3}$.", "2, 3"),
     ("So $x=\\boxed{-2}$ or $x=\\boxed{3}$.", "-2, 3"),
     ("First \\boxed{5}.\nThen the answer is \\boxed{7}.", "7"),
     ("so it is \\boxed{5}\n\n\\boxed{10}", "10"),
+    ("$$x = \\boxed{2}$$\nand\n$$x = \\boxed{3}$$", "2, 3"),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
