@@ -96,8 +96,13 @@ def _under_fence(text: str, m: re.Match) -> str:
     with it, while a function body in a block at column 0 keeps its indentation (it continues the prompt)."""
     indent = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
     code = m.group(2)
-    if _LIST_MARKER.fullmatch(indent):  # "- ```python", "1. ```python": the item's text is indented that far
-        indent = " " * len(indent)
+    if _LIST_MARKER.fullmatch(indent):
+        # "- ```python", "10. ```python": the item's code may be indented as far as its text, or written at column
+        # 0; strip what every line has, up to the marker's width, where that leaves code that starts at column 0
+        lines = [l for l in code.splitlines() if l.strip()]
+        k = min([len(indent)] + [len(l) - len(l.lstrip(" ")) for l in lines])
+        stripped = "".join(l[k:] if l.startswith(" " * k) else l for l in code.splitlines(True))
+        return stripped if k and not _indented_start(stripped) else code
     if not indent or indent.strip():
         return code
     return "".join(line[len(indent):] if line.startswith(indent) else line for line in code.splitlines(True))

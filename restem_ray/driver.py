@@ -286,7 +286,8 @@ class Driver:
             name, m = self._mstep_args("control")["name"], self.run.manifest()
             storage = tc.storage_path or str(d.resolve())
             started = "://" in storage or (Path(storage) / name).exists()
-            pinned = m.get("control_epochs") if started and m.get("control_seed_rows") == len(self.seed_rows) else None
+            pinned = m.get("control_epochs") if started and m.get("control_seed_rows", len(self.seed_rows)) == len(
+                self.seed_rows) else None
             epochs = self.cfg.control.epochs or pinned or max(
                 1, -(-max(kept or [0]) * tc.epochs // max(1, len(self.seed_rows))))
             self.run.set(control_epochs=epochs, control_seed_rows=len(self.seed_rows))

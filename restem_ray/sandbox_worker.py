@@ -213,8 +213,13 @@ def _guard_harness():
     def no_handlers(*args, **kwargs):
         refuse("signal.signal")
 
+    def no_new_processes(*args, **kwargs):
+        refuse("_posixsubprocess.fork_exec")
+
     _signal.signal = signal_module.signal = no_handlers
-    import _posixsubprocess  # noqa: F401  (imported now, `import subprocess` works; only an import anew is refused)
+    import _posixsubprocess  # (imported now, `import subprocess` works; only an import anew is refused)
+
+    _posixsubprocess.fork_exec = no_new_processes  # it raises no audit event of its own
 
     sys.addaudithook(hook)
 

@@ -34,10 +34,11 @@ _HASHES = re.compile(r"####[ \t]*([^\n]*)")
 # part of an expression ("3 more than").
 _LABEL = r"answer(?:\*\*)?(?:\s+is\b\s*:?|\s*:)(?:\*\*)?\s*"
 _UNITS = (r"(?:[ \t]+(?!(?:more|less|fewer|times|than|plus|minus|divided|multiplied|over|of|and|or|squared|cubed|"
-          r"dozens?|hundreds?|thousands?|millions?|billions?)\b)[A-Za-z]+"
-          r"(?:[ \t]+[A-Za-z]+){0,2})?")
-_ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|\\?\$|\*\*)?\s*(" + _NUM_RE + r")(?:\*\*|\s*\\\))?" + _UNITS
-                        + r"(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$)))", re.IGNORECASE)
+          r"dozens?|hundreds?|thousands?|millions?|billions?|each|per)\b)[A-Za-z]+(?:[ \t]+[A-Za-z]+){0,2})?")
+# "18 each." and "18 per box." are the answer where the sentence ends there, not in "$18 each, or $36 total"
+_RATE = r"[ \t]+(?:each|per)\b(?:[ \t]+[A-Za-z]+){0,2}(?=\$?(?:[.;!?](?:\s|$)|[ \t]*(?:\n|$)))"
+_ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|\\?\$|\*\*)?\s*(" + _NUM_RE + r")(?:\*\*|\s*\\\))?(?:" + _RATE + "|"
+                        + _UNITS + r"(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$))))", re.IGNORECASE)
 # (the math may hold `\$`; it does not end on a space nor at a currency sign: "is $10 + $8 = $18")
 _ANSWER_IS_MATH = re.compile(_LABEL + r"\$((?:\\.|[^$\\\n])+)(?<!\s)\$(?!\d)", re.IGNORECASE)
 _PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")
@@ -117,27 +118,35 @@ def last_boxed(text: str) -> str | None:
     return _final_boxed_at(text)[1]
 
 
-# What a `####` answer starts with: a number or math, "x = 5", a choice letter. A `####` line that starts
-# otherwise and has text after it is a markdown heading ("#### Step 2: Earnings", "#### Verification"); the
-# completion's last line is an answer whatever it says ("#### yes", "#### New York", "#### infinity").
+# What a `####` answer starts with: a number or math, "x = 5", a choice letter.
 _MATHY = re.compile(r"[-\u2212+$\\(\[{.\d\u221a\u03c0\u221e]|[A-Za-z]\s*[=^_]|\(?[A-E]\)?$")
 _LABELLED = re.compile(r"[A-Za-z][A-Za-z \t]*:\s*(.+)")  # "Total: 18", "Result: $18"
+# A markdown heading, wherever it stands: "Step 2: Earnings", a title ending in a colon, a usual title word
+_TITLE = re.compile(r"step\b.*|.*:|(?:final\s+)?(?:solution|verification|explanation|summary|conclusion|"
+                    r"calculations?|check|double-check|reasoning|approach|analysis|answer|work|setup|problem|"
+                    r"breakdown|computation|result|results|note|remark)", re.IGNORECASE)
+# ... and, before the completion's last line, plain words ("Eggs left") or one word ("Earnings")
+_WORDS = re.compile(r"[A-Za-z][A-Za-z'\u2019-]*(?:[ \t]+[A-Za-z][A-Za-z'\u2019-]*)*")
 
 
 def _hash_answer(line: str, last: bool) -> str | None:
     """The answer on a `####` line: "Final Answer: 42" is 42, "72 clips" is 72, "**18**" is 18, "Total: 18" is
-    18; a heading ("Final Answer", "Step 2: Earnings", "Verification") holds none, unless it is the completion's
-    last line: "The total is 18" is 18 there, "yes" is yes."""
-    line = _ANSWER_PREFIX.sub("", line.strip().replace("**", "")).strip()
+    18, "x+1" is x+1; a markdown heading ("Step 2: Earnings", "Verification", and before the last line plain
+    words such as "Eggs left") holds none. On the last line words are an answer ("New York", "yes"), and a
+    sentence gives its number ("The total is 18")."""
+    line = line.strip().replace("**", "").strip()
+    unlabelled = _ANSWER_PREFIX.sub("", line).strip()
+    said = unlabelled != line  # "Final Answer: ...": an answer follows, whatever it looks like
+    line = unlabelled
     labelled = _LABELLED.fullmatch(line)
     if labelled and _MATHY.match(labelled.group(1)):
-        line = labelled.group(1).strip()
+        line, said = labelled.group(1).strip(), True
     if not line:
         return None
     if _MATHY.match(line):
         m = _NUMBER_THEN_WORDS.fullmatch(line)
         return m.group(1) if m else line
-    if not last:
+    if not said and (_TITLE.fullmatch(line) or (not last and len(line) > 2 and _WORDS.fullmatch(line))):
         return None
     nums = _NUM.findall(line) if _PROSE.search(line) else []  # a sentence's number; else the line ("n(n+1)/2")
     return nums[-1] if nums else line

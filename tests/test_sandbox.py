@@ -88,6 +88,10 @@ HOSTILE = {
                                                  "lambda n, f: f.f_back.f_locals['report'](status='ok'))\n"
                                                  "signal.setitimer(signal.ITIMER_REAL, 0.01)\ntime.sleep(1)\n",
                                             {"runtime_error"}),
+    "a new interpreter through _posixsubprocess": (ADD, "    return 0\nimport os, sys, _posixsubprocess\n"
+                                                        "_posixsubprocess.fork_exec([sys.executable], [], True, (), "
+                                                        "None, None, -1, -1, -1, -1, -1, -1, -1, -1, True, False, -1, "
+                                                        "None, None, None, -1, None, False)\n", {"runtime_error"}),
     "a new interpreter, outside the audit hook": (ADD, "    return 0\nimport subprocess\n"
                                                      "subprocess.run(['/usr/bin/python3', '-c', 'print(1)'])\n",
                                                 {"runtime_error"}),

@@ -49,7 +49,9 @@ from restem_ray.verification import Verifier, answers_match, extract_answer, gra
     ("The answer is $18.00, since 2 items cost $9 each.", "18.00"),
     # currency dollars are not math delimiters; an escaped one is money inside the math; units in \\text{} are math
     ("So the answer is $10 + $8 = $18.", "18"),
-    ("The answer is $18 each, or $36 total.", "18"),
+    ("The answer is $18 each, or $36 total.", "36"),
+    ("The answer is 4 per box, for a total of 20.", "20"),
+    ("The answer is 18 each.", "18"),
     ("Final Answer: The final answer is $\\$18.90$. I hope it is correct.", "\\$18.90"),
     ("Final Answer: The final answer is $6\\sqrt{3}\\text{ square inches}$. I hope it is correct.",
      "6\\sqrt{3}\\text{ square inches}"),
@@ -71,6 +73,11 @@ from restem_ray.verification import Verifier, answers_match, extract_answer, gra
     ("#### 18\n\n#### Note\nEach of the 9 eggs sells for 2.", "18"),
     ("#### Explanation: 9 eggs at 2\n#### 18", "18"),
     ("#### New York", "New York"),
+    ("#### **Final Answer:** Janet makes **$18** per day.\n\nThis assumes all 9 eggs are sold.", "18"),
+    ("#### x+1\n\nI hope it is correct for 3 cases.", "x+1"),
+    ("#### Earnings\n9 * 2 = 18", "18"),
+    ("The answer is 18.\n\n#### Verification", "18"),
+    ("so \\boxed{18}\n#### Step 3: Double-check", "18"),
     ("#### yes", "yes"),
     # chat models' "Answer:" labels, bold or \(..\) numbers, unit words, with an explanation after them
     ("She makes $18.\nAnswer: 18\n\nNote: this assumes all 9 eggs sell at $2 each.", "18"),
