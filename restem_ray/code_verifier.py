@@ -97,9 +97,17 @@ def _under_fence(text: str, m: re.Match) -> str:
     indent = text[text.rfind("\n", 0, m.start()) + 1:m.start()]
     code = m.group(2)
     if _LIST_MARKER.fullmatch(indent):
-        # "- ```python", "10. ```python": the item's code may be indented as far as its text, or written at column
-        # 0; strip what every line has, up to the marker's width, where that leaves code that starts at column 0
+        # "- ```python", "10. ```python": the item's code may be indented as far as its text (a docstring's lines
+        # at column 0 included), or written at column 0: the marker's width off the lines that have it where that
+        # parses as code starting at column 0; else what every line has, up to that width
+        width = " " * len(indent)
+        item = "".join(l[len(width):] if l.startswith(width) else l for l in code.splitlines(True))
+        if _parse(item) is not None and not _indented_start(item):
+            return item
         lines = [l for l in code.splitlines() if l.strip()]
+        first = len(lines[0]) - len(lines[0].lstrip(" ")) if lines else 0
+        if first - len(width) == 4 and all(l.startswith(width) for l in lines):  # a body, one level in the item
+            return item
         k = min([len(indent)] + [len(l) - len(l.lstrip(" ")) for l in lines])
         stripped = "".join(l[k:] if l.startswith(" " * k) else l for l in code.splitlines(True))
         return stripped if k and not _indented_start(stripped) else code

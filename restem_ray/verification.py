@@ -33,18 +33,23 @@ _HASHES = re.compile(r"####[ \t]*([^\n]*)")
 # bold or \(...\), and unit words before the sentence ends ("18 dollars per day."), but not words that make it
 # part of an expression ("3 more than").
 _LABEL = r"answer(?:\*\*)?(?:\s+is\b\s*:?|\s*:)(?:\*\*)?\s*"
+# (a verb after the number makes it a clause, not a unit: "9 eggs are left, and she earns $18")
+_UNIT_WORD = r"(?!(?:is|are|was|were|be|been|left|remains?|remaining)\b)[A-Za-z]+"
 _UNITS = (r"(?:[ \t]+(?!(?:more|less|fewer|times|than|plus|minus|divided|multiplied|over|of|and|or|squared|cubed|"
-          r"dozens?|hundreds?|thousands?|millions?|billions?|each|per)\b)[A-Za-z]+(?:[ \t]+[A-Za-z]+){0,2})?")
-# "18 each." and "18 per box." are the answer where the sentence ends there, not in "$18 each, or $36 total"
-_RATE = r"[ \t]+(?:each|per)\b(?:[ \t]+[A-Za-z]+){0,2}(?=\$?(?:[.;!?](?:\s|$)|[ \t]*(?:\n|$)))"
+          r"dozens?|hundreds?|thousands?|millions?|billions?|each|per)\b)" + _UNIT_WORD
+          + r"(?:[ \t]+" + _UNIT_WORD + r"){0,2})?")
+# "18 each." and "$18 per day, i.e. ..." are the answer, not "$18 each, or $36 total"
+_RATE = (r"[ \t]+(?:each|per)\b(?:[ \t]+" + _UNIT_WORD + r"){0,2}"
+         r"(?=\$?(?:[.;!?](?:\s|$)|[ \t]*(?:\n|$)|,(?![^.\n]*\btotal\b)))")
 _ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|\\?\$|\*\*)?\s*(" + _NUM_RE + r")(?:\*\*|\s*\\\))?(?:" + _RATE + "|"
                         + _UNITS + r"(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$))))", re.IGNORECASE)
 # (the math may hold `\$`; it does not end on a space nor at a currency sign: "is $10 + $8 = $18")
 _ANSWER_IS_MATH = re.compile(_LABEL + r"\$((?:\\.|[^$\\\n])+)(?<!\s)\$(?!\d)", re.IGNORECASE)
 _PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")
 _TEXT_IN_MATH = re.compile(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}")  # units: "\text{ square units}"
-_ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\b\s*(?:is\b|:)?\s*:?\s*", re.IGNORECASE)
-_NUMBER_THEN_WORDS = re.compile(r"\\?\$?\s*(" + _NUM_RE + r")\s+[A-Za-z][A-Za-z\s.]*")
+_ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\b\s*(?:is\b|:|[-\u2013\u2014=](?=\s))?\s*:?\s*",
+                            re.IGNORECASE)  # ("Answer - 18"; "Answer: -18" keeps its sign)
+_NUMBER_THEN_WORDS = re.compile(r"\\?\$?\s*(" + _NUM_RE + r")\s+(?:[A-Za-z][A-Za-z\s.]*|\(.*\)\s*\.?)")
 # \boxed{...} / \fbox{...}, or MATH's `$\boxed 5$`: one token, then the end of the math (not "in \boxed as asked")
 _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{|\\boxed +([^\s${}\\]+|\\[A-Za-z]+)(?=\s*(?:\$|\\\]|\\\)))"
                   r"|\\boxed +(-?\d[\d.,/]*)\s*$")
@@ -118,22 +123,25 @@ def last_boxed(text: str) -> str | None:
     return _final_boxed_at(text)[1]
 
 
-# What a `####` answer starts with: a number or math, "x = 5", a choice letter.
-_MATHY = re.compile(r"[-\u2212+$\\(\[{.\d\u221a\u03c0\u221e]|[A-Za-z]\s*[=^_]|\(?[A-E]\)?$")
+# What a `####` answer starts with: a number or math ("x = 5", "x+1", "sqrt(2)", "i"), a choice letter.
+_MATHY = re.compile(r"[-\u2212+$\\(\[{.\d\u221a\u03c0\u221e]|[A-Za-z]\s*[-=^_+*/]|[A-Za-z]+\(|[A-Za-z]$|\(?[A-E]\)?$")
 _LABELLED = re.compile(r"[A-Za-z][A-Za-z \t]*:\s*(.+)")  # "Total: 18", "Result: $18"
 # A markdown heading, wherever it stands: "Step 2: Earnings", a title ending in a colon, a usual title word
 _TITLE = re.compile(r"step\b.*|.*:|(?:final\s+)?(?:solution|verification|explanation|summary|conclusion|"
                     r"calculations?|check|double-check|reasoning|approach|analysis|answer|work|setup|problem|"
                     r"breakdown|computation|result|results|note|remark)", re.IGNORECASE)
-# ... and, before the completion's last line, plain words ("Eggs left") or one word ("Earnings")
-_WORDS = re.compile(r"[A-Za-z][A-Za-z'\u2019-]*(?:[ \t]+[A-Za-z][A-Za-z'\u2019-]*)*")
+# Before the completion's last line a line is a heading unless it is a sentence ("Janet makes $18 a day."), and
+# a numbered one ("2. Earnings") is a heading too
+_SENTENCE = re.compile(r".*[A-Za-z]{3}.*[.!]\s*")
+_NUMBERED = re.compile(r"\d{1,2}[.)]\s+[A-Za-z][^=]*")
+_MATH_SPANS = re.compile(r"\$[^$]*\$")
 
 
 def _hash_answer(line: str, last: bool) -> str | None:
     """The answer on a `####` line: "Final Answer: 42" is 42, "72 clips" is 72, "**18**" is 18, "Total: 18" is
-    18, "x+1" is x+1; a markdown heading ("Step 2: Earnings", "Verification", and before the last line plain
-    words such as "Eggs left") holds none. On the last line words are an answer ("New York", "yes"), and a
-    sentence gives its number ("The total is 18")."""
+    18, "x+1" is x+1; a markdown heading ("Step 2: Earnings", "Verification", and before the last line anything
+    but a sentence: "Eggs left", "Case 2: $x < 0$", "2. Earnings") holds none. On the last line words are an
+    answer ("New York", "yes"), and a sentence gives its number ("The total is 18")."""
     line = line.strip().replace("**", "").strip()
     unlabelled = _ANSWER_PREFIX.sub("", line).strip()
     said = unlabelled != line  # "Final Answer: ...": an answer follows, whatever it looks like
@@ -141,12 +149,12 @@ def _hash_answer(line: str, last: bool) -> str | None:
     labelled = _LABELLED.fullmatch(line)
     if labelled and _MATHY.match(labelled.group(1)):
         line, said = labelled.group(1).strip(), True
-    if not line:
+    if not line or (not said and not last and _NUMBERED.fullmatch(line)):
         return None
     if _MATHY.match(line):
         m = _NUMBER_THEN_WORDS.fullmatch(line)
         return m.group(1) if m else line
-    if not said and (_TITLE.fullmatch(line) or (not last and len(line) > 2 and _WORDS.fullmatch(line))):
+    if not said and (_TITLE.fullmatch(line) or (not last and not _SENTENCE.fullmatch(_MATH_SPANS.sub("", line)))):
         return None
     nums = _NUM.findall(line) if _PROSE.search(line) else []  # a sentence's number; else the line ("n(n+1)/2")
     return nums[-1] if nums else line

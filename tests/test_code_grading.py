@@ -176,6 +176,9 @@ def test_fast_input_and_a_fenced_block_inside_a_list_item(grader):
     assert grader.grade(add, "10. ```python\ndef add(a, b):\n    if a:\n        return a + b\n    return b\n```\n") \
         == "passed"  # code at column 0 after a wide list marker keeps its own indentation
     assert grader.grade(add, "- ```python\n    return a + b\n```\n") == "passed"  # a body after a list marker
+    assert grader.grade(add, "1. ```python\n       return a + b\n   ```\n") == "passed"  # ... one level in the item
+    assert grader.grade(add, '- ```python\n  def add(a, b):\n      """Add.\n\nTwo numbers.\n      """\n'
+                             '      return a + b\n  ```\n') == "passed"  # a docstring's lines at column 0
     assert grader.grade(add, "```python\n    import math\n    def add(a, b):\n        return a + b\n```\n") == "passed"
     assert grader.grade(add, "1. Here is the code:\n\n   ```python\n   def add(a, b):\n       return a + b\n   ```\n") \
         == "passed"
