@@ -220,6 +220,15 @@ def _guard_harness():
     import _posixsubprocess  # (imported now, `import subprocess` works; only an import anew is refused)
 
     _posixsubprocess.fork_exec = no_new_processes  # it raises no audit event of its own
+    # A fresh copy of a built-in module (importlib's module_from_spec) would hold the real signal() and
+    # fork_exec again, with no "import" event: every built-in module is imported already (main()), and no more
+    # are made.
+    import _imp
+
+    def no_new_builtins(*args, **kwargs):
+        refuse("a new built-in module")
+
+    _imp.create_builtin = no_new_builtins
 
     sys.addaudithook(hook)
 
@@ -434,6 +443,14 @@ def main():
     _prctl(4, 0, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
+    import importlib
+
+    for name in sys.builtin_module_names:  # once, here: a guarded program may not make built-in modules (_child)
+        if name not in sys.modules:
+            try:
+                importlib.import_module(name)
+            except Exception:
+                pass
     req, resp = os.dup(0), os.dup(1)
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):

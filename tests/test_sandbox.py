@@ -92,6 +92,12 @@ HOSTILE = {
                                                         "_posixsubprocess.fork_exec([sys.executable], [], True, (), "
                                                         "None, None, -1, -1, -1, -1, -1, -1, -1, -1, True, False, -1, "
                                                         "None, None, None, -1, None, False)\n", {"runtime_error"}),
+    "forged report through a fresh copy of _signal": (ADD, "    return 0\nimport importlib.util, importlib.machinery, "
+                                                         "os, time\nm = importlib.util.module_from_spec(importlib."
+                                                         "machinery.BuiltinImporter.find_spec('_signal'))\n"
+                                                         "m.signal(m.SIGUSR1, lambda n, f: f.f_back.f_locals"
+                                                         "['report'](status='ok'))\nos.kill(os.getpid(), 10)\n"
+                                                         "time.sleep(0.2)\n", {"runtime_error"}),
     "a new interpreter, outside the audit hook": (ADD, "    return 0\nimport subprocess\n"
                                                      "subprocess.run(['/usr/bin/python3', '-c', 'print(1)'])\n",
                                                 {"runtime_error"}),
