@@ -53,8 +53,9 @@ def _indented_start(text: str) -> bool:
     return first.startswith(("  ", "\t", " \t")) and not first.lstrip().startswith("```")
 
 
-def _defines_re(name: str) -> re.Pattern:
-    return re.compile(rf"^[ \t]*(?:async[ \t]+)?def[ \t]+{re.escape(name)}[ \t]*\(", re.M)
+def _defines_re(name: str, column0: bool = False) -> re.Pattern:
+    indent = "" if column0 else r"[ \t]*"
+    return re.compile(rf"^{indent}(?:async[ \t]+)?def[ \t]+{re.escape(name)}[ \t]*\(", re.M)
 
 
 def extract_code(completion: str, name: str | None = None, prompt: str = "") -> str:
@@ -70,8 +71,7 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
         defining = [c for c in codes if _defines_re(name).search(c)]
         if defining:  # (a whole answer indented in its block is that answer at column 0)
             whole = textwrap.dedent(defining[0])
-            return whole if re.search(rf"^(?:async[ \t]+)?def[ \t]+{re.escape(name)}[ \t]*\(", whole, re.M) \
-                else defining[0]
+            return whole if _defines_re(name, column0=True).search(whole) else defining[0]
     if _indented_start(completion):
         return _CLOSING_FENCE.split(completion, 1)[0]
     first = _FENCE.search(completion)

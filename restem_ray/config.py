@@ -193,7 +193,8 @@ class SamplingConfig(_Section):
     placement_timeout_s: float = Field(120.0, gt=0, description="How long to wait for the replicas' resources (and "
                                        "for a node to run the verifier pre-check on). On an autoscaling cluster "
                                        "whose GPU nodes start at zero, allow for a node to boot and pull its image "
-                                       "(the job recipes: 1800).")
+                                       "(the job recipes: 1800). Also how long a replica whose node was lost may "
+                                       "wait for a place to restart before the E-step stops.")
     start_timeout_s: float = Field(1800.0, gt=0, description="How long the replicas' vLLM engines may take to start "
                                    "once placed (a URI model copied to the node, weights read, tensor-parallel workers "
                                    "joined, KV cache sized) before "

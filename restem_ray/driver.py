@@ -106,16 +106,16 @@ class Driver:
             self.run.sink = MetricsSink(self.run.root, o.tensorboard, o.mlflow_tracking_uri, o.mlflow_experiment,
                                         wandb_project=o.wandb_project, wandb_entity=o.wandb_entity,
                                         wandb_mode=o.wandb_mode, config=cfg.model_dump(mode="json"))
-        policy, self.best = base, None
+        policy, self.best = base, None                                      # self.best: {"iteration", "valid"}
         try:
-            best = self.evaluate(0, policy)                                      # the base's scores
+            self.evaluate(0, policy)                                             # the base's scores
             for t in range(1, cfg.loop.iterations + 1):
                 samples = self.generate(t, cfg.model.sampler or policy)         # E-step: sample + grade
                 dataset = self.select(t, samples)                                # keep correct, dedup, cap
                 self.samplers.close()                                            # accelerators change hands
                 policy = self.improve(t, base if cfg.training.restart_from_base else policy, dataset)  # M-step
-                best = self.evaluate(t, policy)                                  # greedy pass@1 (+ pass@k)
-                if t - best["iteration"] >= cfg.loop.patience:
+                self.evaluate(t, policy)                                         # greedy pass@1 (+ pass@k)
+                if t - self.best["iteration"] >= cfg.loop.patience:
                     print(f"[restem] validation pass@1 has not improved for {cfg.loop.patience} iteration(s): stop")
                     break
             if cfg.control.enabled:
@@ -128,13 +128,13 @@ class Driver:
             self.samplers.close()
             if self.run.sink is not None:
                 self.run.sink.close()
-        self._link_best(best["iteration"])
+        self._link_best(self.best["iteration"])
         print_table(self.run)
         write_plot(self.run)
         summary = write_problem_history(self.run)
         if summary:
             print(f"[restem] {summary}")
-        return best
+        return self.best
 
     # ------------------------------------------------------------------ phases
     def generate(self, t: int, model: str) -> pa.Table:
@@ -282,10 +282,11 @@ class Driver:
             tc = self.cfg.training
             # A control M-step that left a checkpoint continues with the budget it started with: a resume with
             # more loop.iterations may see a larger M-step, and Ray Train would continue that checkpoint under
-            # another schedule. One that left none starts afresh, with the budget of now.
-            name, m = self._mstep_args("control")["name"], self.run.manifest()
+            # another schedule. One that left none starts afresh, with the budget of now. (Storage on a URI is
+            # not looked at: the budget pinned there is kept.)
+            args, m = self._mstep_args("control"), self.run.manifest()
             storage = tc.storage_path or str(d.resolve())
-            started = "://" in storage or (Path(storage) / name).exists()
+            started = "://" in storage or (Path(storage) / args["name"]).exists()
             pinned = m.get("control_epochs") if started and m.get("control_seed_rows", len(self.seed_rows)) == len(
                 self.seed_rows) else None
             epochs = self.cfg.control.epochs or pinned or max(
@@ -298,7 +299,7 @@ class Driver:
             start = time.time()
             metrics = train_m_step(init_model=base, train_file=data, out_dir=d / "checkpoint",
                                    cfg=tc.model_copy(update={"epochs": epochs}), seed=self.cfg.seed, storage=d,
-                                   **self._mstep_args("control"), **self._step_lines("control"))
+                                   **args, **self._step_lines("control"))
             self.run.complete("control", "improve", [{"seconds": round(time.time() - start, 2), "init": base,
                                                       "epochs": epochs, "rows": len(self.seed_rows),
                                                       **{k: metrics[k] for k in MSTEP_METRICS if k in metrics}}])
@@ -347,12 +348,12 @@ class Driver:
             atomic_write_text(path, json.dumps(scores, indent=1))
             crash_point(f"{t}/eval")
             secs = round(time.time() - start, 2)
-            best = {} if t == "control" else {"best_iteration": best_with(scores["valid"]["pass@1"])["iteration"]}
+            fields = {} if t == "control" else {"best_iteration": best_with(scores["valid"]["pass@1"])["iteration"]}
             try:
                 self.run.complete(t, "eval", [{"split": n, "seconds": secs, "model": model, **arm, **s}
-                                              for n, s in scores.items()], **best)
+                                              for n, s in scores.items()], **fields)
             finally:  # (StopAfter at this commit: the best is the one just committed)
-                if best:
+                if fields:
                     self.best = best_with(scores["valid"]["pass@1"])
         elif t != "control":
             self.best = best_with(json.loads(path.read_text())["valid"]["pass@1"])

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from typing import Callable, Iterable
+from typing import Callable
 
 import ray
 from ray.util.placement_group import placement_group, remove_placement_group

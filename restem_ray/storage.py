@@ -314,7 +314,8 @@ class RunDir:
 
     def read_samples(self, t: int) -> pa.Table:
         parts = sorted(self.samples_dir(t).glob("part-*.parquet"))
-        if not parts and self.done(t, "generate") and not self.done(t, "select"):  # (removed: not needed now)
+        # (after select the samples may be deleted: nothing reads them again)
+        if not parts and self.done(t, "generate") and not self.done(t, "select"):
             raise RunError(f"{self.samples_dir(t)}: the committed E-step of iteration {t} has no samples files "
                            "(a damaged run directory: restore them, or remove the iteration to sample it again)")
         # shards written before a resume may lack a column added since (filled with nulls)

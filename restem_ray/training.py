@@ -921,6 +921,7 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
                           verification=verification or {}, max_new_tokens=max_new_tokens, stop=tuple(stop),
                           stop_token_ids=tuple(stop_token_ids),
                           log_every_steps=log_every_steps if on_steps else 0))
+    storage_path = cfg.storage_path or str(Path(storage).resolve())
     fingerprint = _job_fingerprint(job, train_file)
     finished = _finished_m_step(Path(out_dir), fingerprint)
     if finished is not None:  # a driver killed after this M-step ended but before its commit
@@ -930,14 +931,13 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
         if on_steps and log_every_steps:  # its step lines, as a restarted M-step sends its checkpoint's
             on_steps(step_lines, True)
         if not cfg.keep_checkpoints:  # (killed before it was removed)
-            _remove_storage(cfg.storage_path or str(Path(storage).resolve()), name)
+            _remove_storage(storage_path, name)
         return metrics
     receiver = StepReceiver(on_steps) if on_steps and log_every_steps else None
     job["step_relay"] = receiver and receiver.actor
     scored = bool(cfg.eval_every_steps and (valid_file or valid_problems))
     # Validation of a code task runs the sandbox in every training worker: place them where it can run.
     grading = sandbox_resources((verification or {}).get("resources"), scored and verifier == "code")
-    storage_path = cfg.storage_path or str(Path(storage).resolve())
     trainer = _mstep_trainer()(
         train_loop,
         train_loop_config=job,

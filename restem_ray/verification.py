@@ -84,8 +84,8 @@ _BOX_JOIN = re.compile(r"[\s$,]*(?:\\text\{\s*)?(?:(?:and|or)\b)?(?:\s*\})?[\s$,
 
 
 def _final_boxed_at(text: str) -> tuple[int, str | None]:
-    """The last box, and with it the boxes just before it that the same line joins to it by "and", "or" or a
-    comma (several solutions, boxed one by one): their contents joined by ", " ("2, 3")."""
+    """The last box, and with it the boxes just before it joined to it by "and", "or" or a comma (several
+    solutions, boxed one by one; across lines only by those words): their contents joined by ", " ("2, 3")."""
     at, last = _last_boxed_at(text)
     parts = [last]
     while last is not None:
@@ -119,7 +119,7 @@ def _box_end(text: str, at: int) -> int | None:
 
 def last_boxed(text: str) -> str | None:
     """Content of the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`), braces matched, with the boxes
-    the same line joins to it ("$\\boxed{2}$ and $\\boxed{3}$" is "2, 3"); None if none."""
+    "and", "or" or a comma join to it ("$\\boxed{2}$ and $\\boxed{3}$" is "2, 3"); None if none."""
     return _final_boxed_at(text)[1]
 
 
@@ -184,10 +184,10 @@ def seen_prompt(problem: dict) -> str:
 
 
 def extract_answer(completion: str, prompt: str = "") -> str | None:
-    """The final answer (after a reasoning model's </think>): whichever of the last `####` line and the last \\boxed{} comes later (a model's markdown
-    `#### Step 2` heading before its \\boxed{} answer is not the answer); without a box, a later "the answer is N."
-    or "the final answer is $X$" (lm-eval's GSM8K and Minerva matches) competes with the `####` line; else the
-    last number."""
+    """The final answer (after a reasoning model's </think>): whichever of the last `####` answer and the last
+    \\boxed{} (with the boxes joined to it) comes later (a markdown `####` heading is no answer, `_hash_answer`);
+    without a box, a later "the answer is N." or "the final answer is $X$" (lm-eval's GSM8K and Minerva matches,
+    also as an "Answer:" label) competes with the `####` answer; else the last number."""
     completion = after_thinking(completion, prompt)
     found: list[tuple[int, str]] = []
     hashes = [(m.start(), a) for m in _HASHES.finditer(completion)

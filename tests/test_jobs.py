@@ -24,7 +24,7 @@ def test_the_runtime_env_gets_settings_but_no_secrets_or_local_folders(tmp_path,
         monkeypatch.delenv(name)
     for name, value in {"HF_TOKEN": "hf_secret", "HF_HOME": "/Users/me/.cache/hf", "HF_HUB_OFFLINE": "1",
                         "RESTEM_LOG_EVERY": "5", "RESTEM_CACHE": "/Users/me/.cache/restem-ray",
-                        "HF_ENDPOINT": "https://mirror.example", "AWS_SECRET_ACCESS_KEY": "x"}.items():
+                        "HF_ENDPOINT": "https://mirror.example", "RESTEM_S3_SECRET_KEY": "x", "HF_API_KEY": "y"}.items():
         monkeypatch.setenv(name, value)
     (tmp_path / "env.yaml").write_text("env_vars: {HF_HUB_OFFLINE: '0'}\n")
     env = submit.load_runtime_env(str(tmp_path / "env.yaml"))["env_vars"]

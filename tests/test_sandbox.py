@@ -45,12 +45,6 @@ def healthy(grader):
     assert grader.sandbox.starts == starts
 
 
-def bare(sandbox, code, **kwargs):
-    """A run without the harness's audit hook: what the OS layer alone (namespaces, mounts, limits) holds, probed
-    with the subprocesses, ctypes and /proc reads the hook would refuse."""
-    return sandbox.run(code, guard=False, **kwargs)
-
-
 HOSTILE = {
     # name: (problem, completion, expected verdicts)
     "fork bomb": (ADD, "    import os\n    while True:\n        os.fork()\n", {"runtime_error", "timeout"}),
@@ -130,7 +124,7 @@ def test_the_guard_keeps_what_ordinary_programs_use(grader):
                "threading.stack_size(1 << 26)\nt = threading.Thread(target=lambda: print(P(1, 2), T(3), E.A, D()))\n"
                "t.start()\nt.join()\nprint(os.read(0, os.fstat(0).st_size).split())\n"
                "sys.stdout = io.StringIO()\nprint('buffered')\nsys.__stdout__.write(sys.stdout.getvalue())\n")
-    r = grader.sandbox.run(program, stdin="3\n1 2 3\n")
+    r = grader.sandbox.run(program, stdin="3\n1 2 3\n", mode="test")  # (the mode the hook guards)
     assert r.end == "report" and r.report["status"] == "ok", r
     assert r.stdout.splitlines() == ["P(x=1, y=2) T(a=3) E.A D(x=1)", "[b'3', b'1', b'2', b'3']", "buffered"]
 
@@ -146,7 +140,7 @@ def test_a_process_left_running_does_not_hold_a_finished_run(grader):
 
 def test_killing_the_parent_leaves_the_worker_alive(grader):
     starts = grader.sandbox.starts
-    r = bare(grader.sandbox, "import os\nos.kill(os.getppid(), 9)\nos.kill(1, 9)\nprint('alive')\n")
+    r = grader.sandbox.run("import os\nos.kill(os.getppid(), 9)\nos.kill(1, 9)\nprint('alive')\n")
     assert r.stdout.strip() == "alive" and grader.sandbox.starts == starts
 
 
@@ -175,7 +169,7 @@ except OSError as e:
     print('connect failed', type(e).__name__)
 print('uid', os.getuid(), 'pid', os.getpid())
 """
-    r = bare(grader.sandbox, probe)
+    r = grader.sandbox.run(probe)
     assert r.end == "report" and r.report["status"] == "ok", r
     out = r.stdout
     assert "WROTE RUN DIR" not in out and not (tmp_path / "run" / "pwned").exists()
@@ -217,7 +211,7 @@ def test_environment_is_empty_inside(monkeypatch, bwrap_gets_host_env):
 def test_root_is_read_only_and_holds_only_usr(grader):
     # merged-/usr hosts' /bin, /lib, ... links are recreated inside; nothing else of the host is there
     links = {name: os.readlink(f"/{name}") for name in ("bin", "sbin", "lib", "lib64") if os.path.islink(f"/{name}")}
-    r = bare(grader.sandbox, """
+    r = grader.sandbox.run("""
 import errno, os
 print(sorted(os.listdir('/')))
 print({n: os.readlink('/' + n) for n in os.listdir('/') if os.path.islink('/' + n)})
@@ -245,7 +239,7 @@ def test_new_user_pid_net_ipc_uts_namespaces(grader):
     over fork), so its own /proc/self/ns is closed to it."""
     names = [n for n in ("user", "pid", "net", "ipc", "uts", "cgroup", "mnt") if os.path.exists(f"/proc/self/ns/{n}")]
     host = {n: os.readlink(f"/proc/self/ns/{n}") for n in names}
-    r = bare(grader.sandbox, f"""
+    r = grader.sandbox.run(f"""
 import subprocess, sys
 subprocess.run([sys.executable, '-c', "import os; print({{n: os.readlink('/proc/self/ns/' + n) for n in {names!r}}})"])
 """)
@@ -262,7 +256,7 @@ def test_host_sysv_ipc_objects_are_invisible(grader):
     assert shmid >= 0, os.strerror(ctypes.get_errno())
     try:
         assert f" {key} " in f" {Path('/proc/sysvipc/shm').read_text()} ".replace("\n", " ")
-        r = bare(grader.sandbox, f"""
+        r = grader.sandbox.run(f"""
 import ctypes, errno
 libc = ctypes.CDLL(None, use_errno=True)
 print(libc.shmget({key}, 0, 0), errno.errorcode.get(ctypes.get_errno()))
@@ -276,7 +270,7 @@ print(open('/proc/sysvipc/shm').read().splitlines()[1:])
 def test_file_size_limit(grader):
     """A write ending past 16 MiB (the worker's RLIMIT_FSIZE) fails with EFBIG (Python ignores SIGXFSZ).
     Sparse writes, so the full /tmp (16 MiB here too) is not what stops it."""
-    r = bare(grader.sandbox, """
+    r = grader.sandbox.run("""
 import errno, os
 fd = os.open('/tmp/f', os.O_WRONLY | os.O_CREAT)
 for mib in (15, 17):
@@ -291,7 +285,7 @@ for mib in (15, 17):
 
 def test_open_file_limit(grader):
     """At most 64 open files per program (the worker's RLIMIT_NOFILE; the worker itself has 256)."""
-    r = bare(grader.sandbox, """
+    r = grader.sandbox.run("""
 import errno, os
 fds = []
 try:
@@ -328,7 +322,7 @@ def test_cpu_time_limit_ends_a_program_before_the_wall_clock(grader):
     sandbox is a session (autogroup) of its own, so a busy machine may give it one core: then only the
     limit's value is checked."""
     timeout = 2.95
-    r = bare(grader.sandbox, CPU_BURNER, timeout_s=timeout)
+    r = grader.sandbox.run(CPU_BURNER, timeout_s=timeout)
     limit, hard, *cpu = (float(x) for x in r.stdout.split())
     assert 0 < limit <= int(timeout) + 1 and 0 < hard <= limit + 1, r.stdout[:200]  # -1: unlimited
     if r.end == "timeout" and cpu and cpu[-1] < limit:  # a busy machine gave it under 1 core: no race was run
@@ -347,14 +341,14 @@ def test_two_sandboxes_get_distinct_uids():
 
 
 def test_tmp_is_empty_for_the_next_program(grader):
-    bare(grader.sandbox, "open('/tmp/leftover', 'w').write('x')\nimport os\nos.mkdir('/tmp/d')\nos.chmod('/tmp/d', 0)\n")
-    r = bare(grader.sandbox, "import os; print(os.listdir('/tmp'))")
+    grader.sandbox.run("open('/tmp/leftover', 'w').write('x')\nimport os\nos.mkdir('/tmp/d')\nos.chmod('/tmp/d', 0)\n")
+    r = grader.sandbox.run("import os; print(os.listdir('/tmp'))")
     assert r.stdout.strip() == "[]"
 
 
 def test_daemon_left_behind_is_killed(grader):
-    bare(grader.sandbox, "import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n")
-    r = bare(grader.sandbox, "import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
+    grader.sandbox.run("import os, time\nif os.fork() == 0:\n    os.setsid()\n    time.sleep(60)\n")
+    r = grader.sandbox.run("import os; print(sorted(int(p) for p in os.listdir('/proc') if p.isdigit()))")
     pids = json.loads(r.stdout)
     assert len(pids) == 2, pids  # the worker (PID 1) and this program only
 
@@ -442,7 +436,7 @@ def test_a_container_with_a_masked_proc_runs_the_sandbox_without_proc():
         from restem_ray.sandbox import Sandbox, SandboxLimits
         box = Sandbox(SandboxLimits(timeout_s=2.0))
         print("STARTS", box.starts)
-        print("PROC", box.run("import os; print(os.path.exists('/proc'))", guard=False).stdout.strip())
+        print("PROC", box.run("import os; print(os.path.exists('/proc'))").stdout.strip())
         print("BOMB", verdict_of(box.run("import os\\nwhile True:\\n    os.fork()\\n")) in ("runtime_error", "timeout"))
         print("NEXT", box.run("print(6 * 7)").stdout.strip())
         g = CodeGrader(SandboxLimits(timeout_s=2.0))

@@ -201,8 +201,6 @@ def test_runs_sharing_a_storage_path_have_m_steps_of_their_own(tmp_path):
 def test_a_finished_m_step_is_found_only_by_the_job_that_trained_it(tmp_path):
     """The finished HF checkpoint's restem_mstep.json: the same job (and training bytes) finds its metrics; a
     job with other settings or other rows trains anew."""
-    import json as _json
-
     from restem_ray.training import FINISHED, _finished_m_step, _job_fingerprint
 
     data = tmp_path / "train.parquet"
@@ -212,7 +210,7 @@ def test_a_finished_m_step_is_found_only_by_the_job_that_trained_it(tmp_path):
     ckpt = tmp_path / "checkpoint"
     ckpt.mkdir()
     fp = _job_fingerprint(job, data)
-    (ckpt / FINISHED).write_text(_json.dumps({"fingerprint": fp, "metrics": {"steps": 4},
+    (ckpt / FINISHED).write_text(json.dumps({"fingerprint": fp, "metrics": {"steps": 4},
                                               "step_lines": [{"step": 2, "loss": 1.5}]}))
     # the step relay (an actor handle) and how often steps are logged do not change the weights
     assert _finished_m_step(ckpt, _job_fingerprint({**job, "step_relay": None, "log_every_steps": 0}, data)) == (
@@ -251,7 +249,10 @@ def test_the_best_iteration_is_committed_with_the_eval_it_rests_on(tmp_path):
         d.evaluate(1, "iter_001")
     assert run.manifest()["best_iteration"] == 1 and d.best == {"iteration": 1, "valid": 0.5}
     run.stop_after = None
-    assert d.evaluate(2, "iter_002") == {"iteration": 1, "valid": 0.5}  # ties and worse keep the earlier
+    assert d.evaluate(2, "iter_002") == {"iteration": 1, "valid": 0.5}  # worse keeps the earlier
+    valid[3] = 0.5
+    run.iter_dir(3).mkdir(parents=True, exist_ok=True)
+    assert d.evaluate(3, "iter_003") == {"iteration": 1, "valid": 0.5}  # and so does a tie
     assert run.manifest()["best_iteration"] == 1
     resumed = Driver.__new__(Driver)  # a resume reads the committed scores back: the same best
     resumed.run, resumed.best = run, None

@@ -98,7 +98,7 @@ from restem_ray.verification import Verifier, answers_match, extract_answer, gra
     ("The answer is 2 squared, which is 4.", "4"),
     ("The answer is 5 dozen, i.e. 60.", "60"),
     ("The answer is 18 per day.\nOver 7 days that is 126.", "18"),
-    # several solutions boxed one by one on the last line are one answer; an earlier box is not part of it
+    # several solutions boxed one by one, joined by "and", "or" or a comma, are one answer; an earlier box is not
     ("The solutions are $\\boxed{2}$ and $\\boxed{3}$.", "2, 3"),
     ("So $x=\\boxed{-2}$ or $x=\\boxed{3}$.", "-2, 3"),
     ("First \\boxed{5}.\nThen the answer is \\boxed{7}.", "7"),
