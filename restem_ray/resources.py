@@ -11,15 +11,44 @@ from .config import RestemConfig
 from .errors import UserError
 
 
-def _place(free: list[dict], bundle: dict[str, float], count: int) -> int:
-    """Place up to `count` bundles first-fit, taking their resources from `free`; return how many fit."""
+def _fits(node: dict, bundle: dict[str, float]) -> bool:
+    return all(node.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())
+
+
+def _take(node: dict, bundle: dict[str, float]) -> None:
+    for k, v in bundle.items():
+        node[k] -= v
+
+
+def _place(free: list[dict], bundle: dict[str, float], count: int, strategy: str = "PACK") -> int:
+    """Place up to `count` bundles as a placement group of `strategy` would, taking their resources from
+    `free`; return how many fit. PACK and SPREAD are soft (any node will do: first-fit); STRICT_PACK needs
+    all bundles on one node, STRICT_SPREAD each on a different node. A strict group that does not fit
+    whole is placed nowhere (Ray waits for all of its bundles), but the count returned is the most that
+    would fit, for the error message."""
+    if strategy == "STRICT_PACK":
+        best, where = 0, None
+        for node in free:
+            trial = dict(node)
+            n = _place([trial], bundle, count)
+            if n > best:
+                best, where = n, node
+        if best == count and where is not None:
+            for _ in range(count):
+                _take(where, bundle)
+        return best
+    if strategy == "STRICT_SPREAD":
+        nodes = [n for n in free if _fits(n, bundle)][:count]
+        if len(nodes) == count:
+            for node in nodes:
+                _take(node, bundle)
+        return len(nodes)
     placed = 0
     for _ in range(count):
-        node = next((n for n in free if all(n.get(k, 0.0) + 1e-9 >= v for k, v in bundle.items())), None)
+        node = next((n for n in free if _fits(n, bundle)), None)
         if node is None:
             break
-        for k, v in bundle.items():
-            node[k] -= v
+        _take(node, bundle)
         placed += 1
     return placed
 
@@ -45,7 +74,10 @@ def sandbox_resources(explicit: dict[str, float] | None, code: bool,
     return {SANDBOX_RESOURCE: 1.0} if cluster.get(SANDBOX_RESOURCE, 0) > 0 else {}
 
 
-def phase_needs(cfg: RestemConfig, cluster: dict[str, float] | None = None) -> dict[str, list[tuple[str, dict[str, float], int]]]:
+def phase_needs(cfg: RestemConfig, cluster: dict[str, float] | None = None
+                ) -> dict[str, list[tuple[str, dict[str, float], int, str]]]:
+    """Each phase's actor groups: (name, bundle, count, placement strategy), as pool.py and training.py
+    ask Ray for them (verifiers are separate actors: PACK, i.e. anywhere)."""
     from .verification import resolve_verifier
 
     s, v, t = cfg.sampling, cfg.verification, cfg.training
@@ -56,9 +88,9 @@ def phase_needs(cfg: RestemConfig, cluster: dict[str, float] | None = None) -> d
     worker = t.worker_resources() | sandbox_resources(v.resources, code and bool(t.eval_every_steps), cluster or {})
     verifier = {"CPU": v.cpus_per_worker} | sandbox_resources(v.resources, code, cluster or {})
     return {
-        "E-step": [("sampler replica", replica, s.num_replicas),
-                   ("verifier", verifier, v.num_workers)],
-        "M-step": [("training worker", worker, t.num_workers)],
+        "E-step": [("sampler replica", replica, s.num_replicas, s.placement_strategy),
+                   ("verifier", verifier, v.num_workers, "PACK")],
+        "M-step": [("training worker", worker, t.num_workers, t.placement_strategy)],
     }
 
 
@@ -67,15 +99,17 @@ def check_cluster(cfg: RestemConfig, nodes: list[dict[str, float]]) -> None:
     total = {k: sum(n.get(k, 0.0) for n in nodes) for n in nodes for k in n}
     for phase, groups in phase_needs(cfg, total).items():
         free = [dict(n) for n in nodes]
-        for name, bundle, count in groups:
-            placed = _place(free, bundle, count)
+        for name, bundle, count, strategy in groups:
+            placed = _place(free, bundle, count, strategy)
             if placed < count:
                 want = ", ".join(f"{k} {v:g}" for k, v in bundle.items())
                 total = ", ".join(f"{k} {sum(n.get(k, 0.0) for n in nodes):g}" for k in bundle)
+                where = {"STRICT_PACK": " on one node (placement_strategy STRICT_PACK)",
+                         "STRICT_SPREAD": " on different nodes (placement_strategy STRICT_SPREAD)"}.get(strategy, "")
                 raise UserError(
-                    f"cluster too small for the {phase}: {count} {name}(s) need {want} each; it holds "
-                    f"{placed} (cluster total {total}). Lower the count, add nodes, or set "
-                    "ray.check_resources=false on an autoscaling cluster")
+                    f"cluster too small for the {phase}: {count} {name}(s) need {want} each{where}; it holds "
+                    f"{placed} (cluster total {total}). Lower the count, add nodes, relax the placement "
+                    "strategy, or set ray.check_resources=false on an autoscaling cluster")
 
 
 def check_ray_cluster(cfg: RestemConfig) -> None:

@@ -11,7 +11,7 @@ import yaml
 from restem_ray.builtin import build_tokenizer
 from restem_ray.config import RestemConfig
 from restem_ray.errors import UserError
-from restem_ray.resources import check_cluster
+from restem_ray.resources import _place, check_cluster
 
 BASE = {"task": {"train_file": "t", "valid_file": "v"}, "model": {"base": "m"}}
 
@@ -50,6 +50,32 @@ def test_training_workers_custom_resources_are_checked():
     check_cluster(code, [{"CPU": 8}, {"CPU": 2, "sandbox": 1000}])
     check_cluster(code.model_copy(update={"training": code.training.model_copy(update={"eval_every_steps": None})}),
                   [{"CPU": 8}, {"CPU": 1, "sandbox": 1000}])  # no validation: no grading in the workers
+
+
+def test_strict_placement_strategies_are_checked_as_ray_places_them():
+    """STRICT_PACK puts every bundle of the group on one node and STRICT_SPREAD each on its own node: a
+    cluster with enough GPUs in total can still hold neither, and Ray would wait on the group for ever."""
+    two_nodes = [{"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 2}]
+    packed = cfg(sampling={"use_gpu": True, "num_replicas": 4, "placement_strategy": "STRICT_PACK"},
+                 training={"use_gpu": True, "num_workers": 2})
+    with pytest.raises(UserError, match=r"E-step: 4 sampler replica\(s\) need CPU 1, GPU 1 each on one node "
+                                        r"\(placement_strategy STRICT_PACK\); it holds 2"):
+        check_cluster(packed, two_nodes)
+    check_cluster(packed, [{"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 4}])  # the second node holds all four
+    check_cluster(packed.model_copy(update={"sampling": packed.sampling.model_copy(
+        update={"placement_strategy": "PACK"})}), two_nodes)  # soft: spills over to the next node
+    spread = cfg(training={"use_gpu": True, "num_workers": 3, "placement_strategy": "STRICT_SPREAD"})
+    with pytest.raises(UserError, match=r"M-step: 3 training worker\(s\) need CPU 1, GPU 1 each on different "
+                                        r"nodes \(placement_strategy STRICT_SPREAD\); it holds 2"):
+        check_cluster(spread, two_nodes)
+    check_cluster(spread, two_nodes + [{"CPU": 4, "GPU": 1}])
+    # a strict group that cannot be placed whole holds nothing (Ray reserves all of its bundles or none)
+    free = [{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}]
+    assert _place(free, {"CPU": 1, "GPU": 1}, 2, "STRICT_PACK") == 1
+    assert _place(free, {"CPU": 1, "GPU": 1}, 3, "STRICT_SPREAD") == 2
+    assert free == [{"CPU": 4, "GPU": 1}, {"CPU": 4, "GPU": 1}]
+    assert _place(free, {"CPU": 1, "GPU": 1}, 2, "STRICT_SPREAD") == 2
+    assert free == [{"CPU": 3, "GPU": 0}, {"CPU": 3, "GPU": 0}]
 
 
 def test_verifiers_share_the_e_step_with_samplers():

@@ -39,7 +39,7 @@ def test_the_m_step_gets_the_cpus_the_samplers_held(small_reference_run):
     M-step to the evaluation of its iterate, on a new replica."""
     cfg = yaml.safe_load((small_reference_run / "config.yaml").read_text())
     assert cfg["ray"]["num_cpus"] == 2 and cfg["ray"]["address"] is None
-    needs = {phase: sum(b["CPU"] * n for _, b, n in groups)
+    needs = {phase: sum(b["CPU"] * n for _, b, n, _ in groups)
              for phase, groups in phase_needs(config_from_dict(cfg, "config.yaml")).items()}
     assert needs == {"E-step": 1.5, "M-step": 2.0}  # each fits in 2 CPUs, the two together do not
     done = json.loads((small_reference_run / "manifest.json").read_text())["completed"]
