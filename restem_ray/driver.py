@@ -107,9 +107,11 @@ class Driver:
                                         wandb_project=o.wandb_project, wandb_entity=o.wandb_entity,
                                         wandb_mode=o.wandb_mode, config=cfg.model_dump(mode="json"))
         policy, self.best = base, None                                      # self.best: {"iteration", "valid"}
+        self.last_iteration = 0
         try:
             self.evaluate(0, policy)                                             # the base's scores
             for t in range(1, cfg.loop.iterations + 1):
+                self.last_iteration = t
                 samples = self.generate(t, cfg.model.sampler or policy)         # E-step: sample + grade
                 dataset = self.select(t, samples)                                # keep correct, dedup, cap
                 self.samplers.close()                                            # accelerators change hands
@@ -252,11 +254,12 @@ class Driver:
                 by_id = {p["id"]: p for p in self.train}
                 bad = sum(not self._steps_ok(by_id[r["id"]], r["completion"]) for r in table.to_pylist())
                 line["kept_false_positive_rate"] = bad / table.num_rows
+            stats = problem_stats(samples, table, t)  # what the E-step gave each problem (no seed rows)
             if self.cfg.training.mix_seed_data:  # declared deviation: human solutions join the generated ones
                 table = pa.concat_tables([table, self._seed_table(table.schema)])
                 line["seed_rows_mixed"] = len(self.seed_rows)
             write_parquet(path, table)
-            write_parquet(self.run.iter_dir(t) / "problems.parquet", problem_stats(samples, table, t))
+            write_parquet(self.run.iter_dir(t) / "problems.parquet", stats)
             crash_point(f"{t}/select")
             self.run.complete(t, "select", [line])
         return path
@@ -278,7 +281,8 @@ class Driver:
         d = self.run.root / "control"
         d.mkdir(exist_ok=True)
         if not self.run.done("control", "improve"):
-            kept = [m["kept"] + m.get("seed_rows_mixed", 0) for m in self.run.metrics() if m["phase"] == "select"]
+            kept = [m["kept"] + m.get("seed_rows_mixed", 0) for m in self.run.metrics()  # (the iterations this
+                    if m["phase"] == "select" and m["iteration"] <= self.last_iteration]  # run's loop went to)
             tc = self.cfg.training
             # A control M-step that left a checkpoint continues with the budget it started with: a resume with
             # more loop.iterations may see a larger M-step, and Ray Train would continue that checkpoint under
@@ -368,12 +372,17 @@ class Driver:
                            max_infra_error_rate=self.cfg.verification.max_infra_error_rate)
 
     def _link_best(self, t: int) -> None:
+        """`RUN/best` to iteration t's checkpoint (the base's folder for 0), and the manifest's `best_iteration`
+        to t: a resume with fewer `loop.iterations` or a lower `patience` ends on an earlier best than the
+        last eval committed, and the link, the manifest and the table must not disagree."""
+        if self.run.manifest().get("best_iteration") != t:
+            self.run.set(best_iteration=t)
         link = self.run.root / "best"
         if t == 0 and is_uri(self.cfg.model.base):  # nothing local to link to: manifest.json's best_iteration 0
             if link.is_symlink():
                 link.unlink()
             return
-        target = Path(f"iter_{t:03d}") / "checkpoint" if t > 0 else Path(self.cfg.model.base)
+        target = Path(f"iter_{t:03d}") / "checkpoint" if t > 0 else Path(self.cfg.model.base).resolve()
         tmp = self.run.root / "best.tmp"
         if tmp.is_symlink() or tmp.exists():
             tmp.unlink()

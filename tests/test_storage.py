@@ -302,3 +302,79 @@ def test_fixed_k_shards_written_under_other_settings_are_refused(tmp_path):
     with pytest.raises(RunError, match="do not hold one sample per"):
         d.generate(1, "model")
     assert not run.done(1, "generate")
+
+
+def _finished_run(root, valid: list[float]):
+    """A run directory as a finished run leaves it (evals committed for iterations 0..len(valid)-1), no Ray."""
+    import json as _json
+
+    comp = {"0/eval": 1.0}
+    metrics = [{"phase": "eval", "iteration": 0, "split": "valid", "pass@1": valid[0], "time": 1.0}]
+    for t in range(1, len(valid)):
+        comp |= {f"{t}/{p}": float(t * 10) for p in ("generate", "select", "improve", "eval")}
+        metrics.append({"phase": "eval", "iteration": t, "split": "valid", "pass@1": valid[t], "time": float(t * 10)})
+    for t, v in enumerate(valid):
+        (root / f"iter_{t:03d}").mkdir(parents=True)
+        (root / f"iter_{t:03d}" / "eval.json").write_text(_json.dumps({"valid": {"pass@1": v}}))
+    best = max(range(len(valid)), key=lambda t: (valid[t], -t))
+    (root / "manifest.json").write_text(_json.dumps({"version": 1, "completed": comp, "created": 0,
+                                                     "best_iteration": best}))
+    (root / "metrics.jsonl").write_text("".join(_json.dumps(m) + "\n" for m in metrics))
+
+
+def test_a_resume_that_covers_fewer_iterations_names_one_best_everywhere(tmp_path, capsys):
+    """A finished 3-iteration run resumed with loop.iterations=1 (a resume-safe key) ends on iteration 1: the
+    link, the manifest's best_iteration and the printed table must all say 1, not the 3 the last eval
+    committed. Nothing is sampled (every phase is done); the run directory and fit() are real."""
+    import os
+    import types
+
+    from restem_ray.config import config_from_dict, dump_config
+    from restem_ray.driver import Driver
+
+    root = tmp_path / "run"
+    _finished_run(root, [0.1, 0.2, 0.3, 0.4])
+    cfg = config_from_dict({"task": {"train_file": "x.jsonl", "valid_file": "v.jsonl"},
+                            "model": {"base": str(tmp_path / "base")}, "loop": {"iterations": 3, "patience": 3}})
+    (root / "config.yaml").write_text(dump_config(cfg))
+    d = Driver.__new__(Driver)
+    d.cfg = cfg.model_copy(update={"loop": cfg.loop.model_copy(update={"iterations": 1})})
+    d.run, d.resume, d.force, d.problems = RunDir(root), True, False, {}
+    d.train, d.eval_sets, d.seed_rows, d.step_checker = [], {"valid": []}, [], None
+    d.samplers = types.SimpleNamespace(get=lambda m: pytest.fail("nothing is left to sample"), close=lambda: None)
+    assert d.fit() == {"iteration": 1, "valid": 0.2}
+    assert d.run.manifest()["best_iteration"] == 1
+    assert os.readlink(root / "best") == "iter_001/checkpoint"
+    assert "best iteration by valid pass@1: 1" in capsys.readouterr().out
+
+
+def test_mixed_seed_rows_are_not_counted_as_kept_samples(tmp_path):
+    """problems.parquet says what the E-step gave each problem: human seed rows mixed into the M-step's data
+    (training.mix_seed_data) share the train ids when the seed file is the train set, and must not make an
+    unsolved problem look solved."""
+    import types
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from restem_ray.driver import Driver
+
+    run = RunDir(tmp_path / "run")
+    run.create("x: 1\n", resume=False)
+    run.iter_dir(1).mkdir(parents=True, exist_ok=True)
+    d = Driver.__new__(Driver)
+    d.run, d.step_checker = run, None
+    d.seed_rows = [{"id": "a", "prompt": "qa", "solution": "human a"}, {"id": "b", "prompt": "qb", "solution": "human b"}]
+    d.cfg = types.SimpleNamespace(seed=0, selection=types.SimpleNamespace(
+        max_solutions_per_problem=10, dedup=True, keep_truncated=False),
+        training=types.SimpleNamespace(mix_seed_data=True))
+    samples = pa.Table.from_pylist([
+        {"id": "a", "sample_index": 0, "prompt": "qa", "completion": "right", "reward": 1.0, "finish_reason": "stop",
+         "stop_token": 0},
+        {"id": "b", "sample_index": 0, "prompt": "qb", "completion": "wrong", "reward": 0.0, "finish_reason": "stop",
+         "stop_token": 0}])
+    train = d.select(1, samples)
+    assert sorted(pq.read_table(train)["id"].to_pylist()) == ["a", "a", "b"]  # the seed rows are trained on
+    stats = {r["id"]: r for r in pq.read_table(run.iter_dir(1) / "problems.parquet").to_pylist()}
+    assert (stats["a"]["kept"], stats["b"]["kept"]) == (1, 0)
+    assert run.metrics()[-1]["kept"] == 1 and run.metrics()[-1]["seed_rows_mixed"] == 2
