@@ -38,7 +38,7 @@ DEMO_QUICK = [
 
 def demo_config(root: Path, quick: bool, overrides: list[str], task: str = "arithmetic", seed: int = 0):
     """The built-in task and tiny model, with settings sized for a 2-core CPU machine."""
-    from .config import apply_overrides, config_from_dict
+    from .config import apply_overrides, config_from_dict, resolve_paths
 
     data, model = root / "data", root / "model"
     code = task == "code"
@@ -63,7 +63,8 @@ def demo_config(root: Path, quick: bool, overrides: list[str], task: str = "arit
     }
     if not code:  # the task can tell a right answer reached through wrong steps: report how often
         tree["task"]["step_checker"] = "restem_ray.tasks.arithmetic:check_steps"
-    return config_from_dict(apply_overrides(tree, (DEMO_QUICK if quick else []) + overrides), "demo config")
+    return config_from_dict(resolve_paths(apply_overrides(tree, (DEMO_QUICK if quick else []) + overrides)),
+                            "demo config")
 
 
 def cmd_demo(args) -> int:
@@ -258,7 +259,7 @@ def run_settings(path: str) -> dict:
 
 def eval_config(args, first: str) -> RestemConfig:
     """eval's config: the --config run's settings (run_settings), then eval's own flags and --set."""
-    from .config import DATASET_KINDS, apply_overrides, config_from_dict
+    from .config import DATASET_KINDS, apply_overrides, config_from_dict, resolve_paths
 
     tree = run_settings(args.config) if args.config else {}
     task = tree.pop("task", {})
@@ -279,7 +280,7 @@ def eval_config(args, first: str) -> RestemConfig:
     tree["evaluation"] = {**tree.get("evaluation", {}), "k": args.k}
     if args.max_tokens:
         tree["sampling"] = {**tree.get("sampling", {}), "max_tokens": args.max_tokens}
-    return config_from_dict(apply_overrides(tree, args.set), "eval")
+    return config_from_dict(resolve_paths(apply_overrides(tree, args.set)), "eval")
 
 
 def graded_kind(cfg: RestemConfig) -> str:

@@ -607,8 +607,10 @@ def read_yaml(path: str | Path) -> dict:
     return tree
 
 
-def resolve_paths(tree: dict, base_dir: Path) -> dict:
-    """Relative data/model paths in a config file are relative to that file."""
+def resolve_paths(tree: dict, base_dir: Path | None = None) -> dict:
+    """Relative data/model paths in a config file are relative to that file; those given with `--set` (still
+    relative after the file's were resolved), to the current folder (`base_dir` None)."""
+    base_dir = Path.cwd() if base_dir is None else base_dir
     def fix(v):
         if isinstance(v, str) and v and "://" not in v and not Path(v).is_absolute():
             return str((base_dir / v).resolve())
@@ -636,7 +638,7 @@ def resolve_paths(tree: dict, base_dir: Path) -> dict:
 
 def load_config(path: str | Path, overrides: list[str] = ()) -> RestemConfig:
     tree = resolve_paths(read_yaml(path), Path(path).resolve().parent)
-    return config_from_dict(apply_overrides(tree, list(overrides)), str(path))
+    return config_from_dict(resolve_paths(apply_overrides(tree, list(overrides))), str(path))
 
 
 def dump_config(cfg: RestemConfig) -> str:

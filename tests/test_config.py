@@ -34,6 +34,20 @@ def test_overrides_and_relative_paths(tmp_path):
     assert c.task.train_file == str(tmp_path / "t.jsonl")
 
 
+def test_paths_given_with_set_are_relative_to_the_current_folder(tmp_path, monkeypatch):
+    """A config file's paths are relative to the file; `--set` ones to where the command runs (a relative
+    model.base kept as written would make RUN/best, a link inside the run directory, point nowhere)."""
+    cfg_dir, cwd = tmp_path / "configs", tmp_path / "work"
+    cfg_dir.mkdir()
+    cwd.mkdir()
+    monkeypatch.chdir(cwd)
+    c = load_config(write(cfg_dir, MIN), ["model.base=models/tiny", "task.valid_file=data/v.jsonl",
+                                          "model.sampler=s3://bucket/m", "task.extra_eval_files={x: e.jsonl}"])
+    assert c.model.base == str(cwd / "models" / "tiny") and c.task.valid_file == str(cwd / "data" / "v.jsonl")
+    assert c.model.sampler == "s3://bucket/m" and c.task.extra_eval_files == {"x": str(cwd / "e.jsonl")}
+    assert c.task.train_file == str(cfg_dir / "t.jsonl")  # the file's own, relative to the file
+
+
 @pytest.mark.parametrize("override,needle", [
     ("training.lrr=3", "training.lrr: unknown key"),
     ("training.lr=abc", "training.lr: Input should be a valid number"),
