@@ -6,7 +6,7 @@ from collections import Counter, defaultdict
 
 import numpy as np
 
-from .verification import as_number, extract_answer, seen_prompt
+from .verification import _parse, as_number, call_with_timeout, extract_answer, seen_prompt
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -24,13 +24,30 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 _CORRECT = ("correct",)
 
 
+VOTE_PARSE_S = 2.0  # math-verify's parse of one wrong answer, in the driver: past it the answer votes as text
+
+
 def _vote_key(answer: str) -> tuple:
-    """What a wrong answer votes as: a number by its value ("1,000", "1000", "1000." are one answer, as for the
-    grader), other text without spacing, \\left/\\right, and with \\dfrac/\\tfrac as \\frac."""
+    """What a wrong answer votes as, so that answers the grader would call equal vote together: a number by its
+    value ("1,000", "1000", "1000." are one answer), math by math-verify's parse (`\\frac12`, `\\dfrac{1}{2}`
+    and 0.5 are one number; `x+1` and `1+x` one expression), other text without spacing and \\left/\\right."""
+    answer = answer.replace("\\$", "")
     number = as_number(answer)
     if number is not None:
         return ("number", float(f"{number:.12g}"))
-    text = re.sub(r"\\[dt]frac", r"\\frac", answer.replace("\\$", ""))
+    try:
+        parsed = call_with_timeout(_parse, (answer,), VOTE_PARSE_S)
+    except Exception:  # (a timeout or a parse error: the answer still votes, as text)
+        parsed = None
+    if parsed and not isinstance(parsed[0], str):
+        expr = parsed[0]
+        try:
+            if getattr(expr, "is_number", False):
+                return ("number", float(f"{float(expr):.12g}"))
+        except (TypeError, ValueError, OverflowError):  # complex, or too large for a float
+            pass
+        return ("math", str(expr))
+    text = re.sub(r"\\[dt]frac", r"\\frac", answer)
     return ("text", re.sub(r"\\left|\\right|\s+", "", text).rstrip("."))
 
 

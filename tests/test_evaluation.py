@@ -46,9 +46,22 @@ def test_answers_the_grader_counts_as_equal_vote_together():
     rows += [{"completion": a, "reward": 0.0} for a in ("\\boxed{\\frac{1}{3}}", "\\boxed{\\dfrac{1}{3}}",
                                                          "\\boxed{\\left(\\frac13\\right)}", "\\boxed{7,000}",
                                                          "\\boxed{7000}")]
-    # 2 correct, 2 x 1/3 (the parenthesised one is another text), 2 x 7000: three answers tie
-    assert majority_correct(rows) == pytest.approx(1 / 3)
-    assert majority_correct(rows + [{"completion": "\\boxed{7000.}", "reward": 0.0}]) == 0.0
+    # 2 correct, 3 x 1/3 (the parenthesised one too, as math-verify reads it), 2 x 7000: 1/3 wins
+    assert majority_correct(rows) == 0.0
+    assert majority_correct(rows[:4] + rows[5:]) == pytest.approx(1 / 3)  # 2 correct, 2 x 1/3, 2 x 7000: a tie
+    assert majority_correct(rows[:4] + rows[5:] + [{"completion": "\\boxed{7000.}", "reward": 0.0}]) == 0.0
+
+
+def test_wrong_answers_equal_as_math_vote_together():
+    """LaTeX forms of one wrong number (\\frac{1}{2}, \\frac12, 0.5) and one expression in two orders are one
+    answer each, as the grader would compare them: three such votes beat two correct ones."""
+    correct = [{"completion": "\\boxed{5}", "reward": 1.0}] * 2
+    half = [{"completion": f"\\boxed{{{a}}}", "reward": 0.0} for a in ("\\frac{1}{2}", "0.5", "\\frac12")]
+    assert majority_correct(correct + half) == 0.0
+    expr = [{"completion": f"\\boxed{{{a}}}", "reward": 0.0} for a in ("x+1", "1+x", "x + 1")]
+    assert majority_correct(correct + expr) == 0.0
+    distinct = [{"completion": f"\\boxed{{{a}}}", "reward": 0.0} for a in ("\\frac{1}{3}", "x+2", "\\sqrt{2}")]
+    assert majority_correct(correct + distinct) == 1.0
 
 
 def test_a_tie_scores_the_share_of_tied_answers_that_is_correct_in_any_order():
