@@ -168,7 +168,8 @@ class ModelConfig(_Section):
 
 class SamplingConfig(_Section):
     samples_per_problem: int = Field(32, ge=1, description="Samples per train problem in the E-step (paper: 32 MATH, 64 APPS).")
-    temperature: float = Field(0.7, ge=0.0, description="E-step sampling temperature (paper: 0.7).")
+    temperature: float = Field(0.7, ge=0.0, le=2.0, description="E-step sampling temperature (paper: 0.7; vLLM "
+                                                               "takes at most 2).")
     top_k: int = Field(40, ge=-1, description="E-step top-k, -1 for none (paper: 40).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="E-step nucleus p.")
     max_tokens: int = Field(512, ge=1, description="Max new tokens per completion.")
@@ -432,7 +433,8 @@ class TrainingConfig(_Section):
 
 class EvaluationConfig(_Section):
     k: int = Field(0, ge=0, description="If > 0, also report pass@k and maj@k from k samples (0: greedy pass@1 only).")
-    temperature: float = Field(1.0, ge=0, description="Temperature for the pass@k samples (paper: 1.0).")
+    temperature: float = Field(1.0, ge=0, le=2.0, description="Temperature for the pass@k samples (paper: 1.0; "
+                                                              "vLLM takes at most 2).")
     top_p: float = Field(0.95, gt=0, le=1, description="Nucleus p for the pass@k samples (paper: 0.95).")
     k_splits: list[str] | None = Field(
         None, description="Eval splits that get pass@k and maj@k (e.g. [test]); None: every split. The k samples "

@@ -280,10 +280,13 @@ class EStepPool:
                 idx = grading.pop(ref)
                 try:
                     rows = ray.get(ref)
-                except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
+                except ray.exceptions.RayActorError as e:  # the actor died more often than it may restart
                     bar.close()
-                    raise RunError(f"E-step chunk {idx} failed after the allowed actor restarts "
+                    raise RunError(f"{desc}: chunk {idx} failed after the allowed actor restarts "
                                    f"(sampling.max_restarts): {_cause(e)}") from None
+                except ray.exceptions.RayTaskError as e:  # the call's own error: a retry would fail alike
+                    bar.close()
+                    raise RunError(f"{desc}: chunk {idx} failed: {_cause(e)}") from None
                 passed += sum(r["reward"] for r in rows)
                 tokens += sum(r["completion_tokens"] for r in rows)
                 bar.update(len(rows))

@@ -56,6 +56,8 @@ def test_paths_given_with_set_are_relative_to_the_current_folder(tmp_path, monke
     ("nonsense", "expected key.path=value"),
     ("evaluation.k_splits=[tset]", "evaluation.k_splits: 'tset' is not an eval split (one of valid, test)"),
     ("sampling.round_size=0", "sampling.round_size"),
+    ("sampling.temperature=2.5", "sampling.temperature: Input should be less than or equal to 2"),
+    ("evaluation.temperature=3", "evaluation.temperature: Input should be less than or equal to 2"),
     ("sampling.engine_kwargs={tensor_parallel_size: 2}", "sampling.engine_kwargs.tensor_parallel_size is 2 but "
                                                          "sampling.tensor_parallel_size is 1"),
     ("sampling.engine_kwargs={pipeline_parallel_size: 2}", "sampling.engine_kwargs.pipeline_parallel_size: replicas "

@@ -97,6 +97,11 @@ def test_a_killed_replica_mid_adaptive_round_loses_and_doubles_nothing(model):
 def test_past_the_restart_limit_the_e_step_stops_with_a_clear_error(model):
     pool = make_pool(model, max_restarts=0)
     try:
+        # a call's own error is no lost actor: it names the phase and vLLM's reason, not the restart limit
+        with pytest.raises(RunError, match=r"^eval 3 valid: chunk 0 failed: .*temperature") as err:
+            pool.run(chunked(PROBLEMS[:4], 4), SampleSpec(n=2, temperature=2.5, max_tokens=8, seed=1),
+                     on_chunk=lambda i, r: None, desc="eval 3 valid")
+        assert "max_restarts" not in str(err.value)
         with pytest.raises(RunError, match="sampling.max_restarts"):
             run_with_kills(pool, chunked(PROBLEMS, 4))
     finally:
