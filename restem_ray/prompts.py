@@ -29,9 +29,9 @@ PLAIN_SHOT_FORMAT = "Question: {question}\nAnswer: {answer}"
 def load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
-    from .remote import local_model_copy
+    from .remote import local_model_files
 
-    folder = local_model_copy(path)  # a URI: this node's copy
+    folder = local_model_files(path)  # a URI: this node's copy of its small files (not the weights)
     try:
         tok = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # a broken or foreign folder: one line, not a transformers traceback
@@ -96,10 +96,10 @@ def _own_stops(model: str, tokenizer) -> bool:
     the answer), and vLLM applies them already. A base model's file names its EOS alone, or nothing."""
     import os
 
-    from .remote import local_model_copy
+    from .remote import local_model_files
 
     try:
-        with open(os.path.join(local_model_copy(model), "generation_config.json"), encoding="utf-8") as f:
+        with open(os.path.join(local_model_files(model), "generation_config.json"), encoding="utf-8") as f:
             ids = json.load(f).get("eos_token_id")
     except (OSError, ValueError, AttributeError):  # none (a plain folder), or not a JSON object
         return False
@@ -266,20 +266,77 @@ def check_lengths(cfg: RestemConfig, task: Task) -> None:
                         "training.max_seq_len, lower sampling.max_tokens, or leave such problems out "
                         "(task.leave_out_long_prompts: true)")
     check_model_len(cfg, {"train": task.train, **task.evals}, tok)
+    check_sampler(cfg, task)
     for i in cfg.sampling.stop_token_ids:  # past the vocabulary it would end every training row: a crash on GPUs
         if i >= len(tok):
             raise UserError(f"sampling.stop_token_ids: {i} is not a token of {cfg.model.base}'s tokenizer "
                             f"({len(tok)} tokens)")
 
 
-def check_model_len(cfg: RestemConfig, splits: dict[str, list[dict]], tok) -> None:
-    """vLLM refuses a prompt that fills its max_model_len: fail now, not mid-run."""
-    limit = cfg.sampling.engine_kwargs.get("max_model_len")
-    if isinstance(limit, int):
-        pid, longest = _longest(tok, [(f"{n} problem {r['id']!r}", r["prompt"]) for n, rs in splits.items() for r in rs])
-        if longest >= limit:
-            raise UserError(f"sampling.engine_kwargs.max_model_len {limit} leaves no room after the longest prompt "
-                            f"({longest} tokens, {pid}): raise it or shorten the prompt")
+def check_sampler(cfg: RestemConfig, task: Task) -> None:
+    """Prompts are rendered once, with model.base's tokenizer (its chat template, its end-of-turn stop id): a
+    model.sampler that reads them otherwise (another chat format: Llama-3 given ChatML as plain text; another
+    vocabulary: a stop id that is some other token) would sample garbage. Refuse it; a plain-text prompt
+    (prompt.chat_template: false) and stop strings suit any sampler."""
+    sampler = cfg.model.sampler
+    if sampler is None or (task.renderer is None and not task.stop_token_ids):
+        return
+    base_tok, tok = load_tokenizer(cfg.model.base), load_tokenizer(sampler)
+    for i in task.stop_token_ids:
+        ours = base_tok.convert_ids_to_tokens(i)
+        theirs = tok.convert_ids_to_tokens(i) if i < len(tok) else None
+        if ours != theirs:
+            raise UserError(f"model.sampler: {sampler}: stop token id {i} is {theirs!r} in its tokenizer but {ours!r} "
+                            f"in model.base's; set sampling.stop_token_ids for the sampler, or use a sampler of the "
+                            "base's vocabulary")
+    if task.renderer is not None and task.renderer.chat:
+        probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
+                 {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
+
+        def render(t):
+            try:
+                return t.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+            except Exception as e:
+                return f"(fails: {type(e).__name__})"
+        if not getattr(tok, "chat_template", None) or render(tok) != render(base_tok):
+            raise UserError(f"model.sampler: {sampler}: its chat template renders a conversation differently from "
+                            f"model.base's, with which every prompt is rendered; use a sampler of the base's chat "
+                            "format, or plain-text prompts (prompt.chat_template: false)")
+
+
+def check_model_len(cfg: RestemConfig, splits: dict[str, list[dict]], tok, model: str | None = None) -> None:
+    """vLLM ends every sample at max_model_len tokens, prompt included (finish_reason "length"): a prompt that
+    leaves less than sampling.max_tokens there would have all its samples cut short, counted truncated (and
+    dropped by selection), and a prompt that fills it fails its request mid-run. Fail now instead. The limit is
+    engine_kwargs.max_model_len, else the model's own context (max_position_embeddings, when its config does
+    not scale RoPE: vLLM then derives a longer one itself)."""
+    limit, source = cfg.sampling.engine_kwargs.get("max_model_len"), "sampling.engine_kwargs.max_model_len"
+    if not isinstance(limit, int):
+        limit, source = _context_length(model or cfg.model.base), f"the context of {model or cfg.model.base}"
+    if limit is None:
+        return
+    pid, longest = _longest(tok, [(f"{n} problem {r['id']!r}", r["prompt"]) for n, rs in splits.items() for r in rs])
+    m = cfg.sampling.max_tokens
+    if longest + m > limit:
+        raise UserError(f"{source} ({limit} tokens) is shorter than the longest prompt ({longest} tokens, {pid}) + "
+                        f"sampling.max_tokens {m} = {longest + m}: vLLM would cut its samples short. Raise "
+                        "max_model_len (up to the model's context), lower sampling.max_tokens, or shorten the prompt")
+
+
+def _context_length(model: str) -> int | None:
+    """A model's max_position_embeddings, where vLLM takes it as the context as it is (no rope_scaling)."""
+    from .remote import local_model_files
+
+    try:
+        with open(Path(local_model_files(model)) / "config.json", encoding="utf-8") as f:
+            config = json.load(f)
+    except (OSError, ValueError):
+        return None
+    config = config.get("text_config", config) if isinstance(config, dict) else {}
+    n = config.get("max_position_embeddings") if isinstance(config, dict) else None
+    if not isinstance(n, int) or config.get("rope_scaling") or config.get("rope_parameters", {}).get("factor"):
+        return None
+    return n
 
 
 def _lengths(tok, texts: list[str]) -> list[int]:

@@ -25,11 +25,15 @@ def _cache_root(cache_dir: str | None) -> str:
     return cache_dir or os.environ.get("RESTEM_MODEL_CACHE") or os.path.join(tempfile.gettempdir(), "restem-models")
 
 
-def _copy_once(uri: str, cache_dir: str | None, copy) -> str:
+def _cache_dir_of(key: str, cache_dir: str | None) -> str:
+    return os.path.join(_cache_root(cache_dir), hashlib.sha256(key.encode()).hexdigest()[:16])
+
+
+def _copy_once(uri: str, cache_dir: str | None, copy, key: str | None = None) -> str:
     import pyarrow.fs as pafs
 
     root = _cache_root(cache_dir)
-    dest = os.path.join(root, hashlib.sha256(uri.encode()).hexdigest()[:16])
+    dest = _cache_dir_of(key or uri, cache_dir)
     os.makedirs(root, exist_ok=True)
     with open(dest + ".lock", "w") as lock:  # processes on one node copy once
         fcntl.flock(lock, fcntl.LOCK_EX)
@@ -53,6 +57,31 @@ def local_model_copy(model: str, cache_dir: str | None = None) -> str:
 
     return _copy_once(model, cache_dir, lambda fs, path, tmp: pafs.copy_files(
         path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()))
+
+
+# what a model folder holds besides its configs and tokenizer: never needed to read those
+WEIGHT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".gguf", ".h5", ".msgpack", ".onnx", ".npz")
+
+
+def local_model_files(model: str, cache_dir: str | None = None) -> str:
+    """A model folder given as a URI, as a node-local folder of its top-level files without the weights (config,
+    tokenizer, chat template, generation config): what the driver reads, where a 70B model's weights would be
+    140 GB on a head node's small disk. A full copy made on this node already serves; plain paths are
+    returned unchanged."""
+    if not is_uri(model):
+        return model
+    full = _cache_dir_of(model, cache_dir)
+    if os.path.isfile(os.path.join(full, ".complete")):
+        return full
+    import pyarrow.fs as pafs
+
+    def copy(fs, path, tmp):
+        for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
+            if info.type == pafs.FileType.File and not info.base_name.endswith(WEIGHT_SUFFIXES):
+                with fs.open_input_stream(info.path) as src, open(os.path.join(tmp, info.base_name), "wb") as dst:
+                    shutil.copyfileobj(src, dst, 1 << 20)
+
+    return _copy_once(model, cache_dir, copy, key=model + "#no-weights")
 
 
 def local_file_copy(uri: str, cache_dir: str | None = None) -> str:

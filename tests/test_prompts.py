@@ -251,9 +251,28 @@ def test_check_refuses_max_seq_len_below_longest_prompt_plus_max_tokens(tmp_path
     # trained zero-shot, the same samples fit (sampling still uses the 8-shot prompt)
     assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 0
     capsys.readouterr()
+    # vLLM ends a sample at max_model_len, prompt included: the longest prompt must leave max_tokens there
+    longest = max(len(tok(r["prompt"]).input_ids) for split in (load_task(cfg).train, *load_task(cfg).evals.values())
+                  for r in split)
+    for limit in (1024, longest + 511):
+        assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false", "--set",
+                     f"sampling.engine_kwargs.max_model_len={limit}"]) == 2
+        err = capsys.readouterr().err
+        assert (f"sampling.engine_kwargs.max_model_len ({limit} tokens) is shorter than the longest prompt ({longest} "
+                f"tokens, ") in err and f"+ sampling.max_tokens 512 = {longest + 512}: vLLM would cut" in err
     assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false", "--set",
-                 "sampling.engine_kwargs.max_model_len=1024"]) == 2
-    assert "sampling.engine_kwargs.max_model_len 1024 leaves no room after the longest prompt" in capsys.readouterr().err
+                 f"sampling.engine_kwargs.max_model_len={longest + 512}"]) == 0
+    capsys.readouterr()
+    # no max_model_len: the model's own context is the limit (vLLM's default), unless its config scales RoPE
+    model_config = Path(cfg.model.base) / "config.json"
+    model_config.write_text(json.dumps({"max_position_embeddings": longest + 100}))
+    assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 2
+    assert f"the context of {cfg.model.base} ({longest + 100} tokens) is shorter" in capsys.readouterr().err
+    model_config.write_text(json.dumps({"max_position_embeddings": longest + 100,
+                                        "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 0
+    capsys.readouterr()
+    model_config.write_text("{}")
     assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false", "--set",
                  f"sampling.stop_token_ids=[{len(tok)}]"]) == 2
     assert f"sampling.stop_token_ids: {len(tok)} is not a token of " in capsys.readouterr().err
@@ -363,3 +382,61 @@ def test_a_tokenizer_that_loses_the_text_it_encodes_is_refused_in_one_line(tmp_p
     tok = load_tokenizer(str(model))
     assert tok.decode(tok("Janet's ducks lay 16 eggs.").input_ids) == "Janet's ducks lay 16 eggs."
     assert load_task(cfg).train and build_chat_tokenizer().vocab_size == tok.vocab_size
+
+
+def test_a_uri_model_lends_the_driver_its_tokenizer_without_its_weights(tmp_path, monkeypatch):
+    """The driver (and `check`) read a URI model's tokenizer, config and generation config: copying its
+    weights too would put a 70B model's 140 GB on a head node's disk. The weights are copied where an engine
+    or a training rank loads them (local_model_copy), and that full copy then serves the small reads too."""
+    from restem_ray.prompts import _context_length
+    from restem_ray.remote import local_model_copy, local_model_files
+
+    folder = make_model(tmp_path / "store" / "m", CHATML)
+    (folder / "config.json").write_text(json.dumps({"max_position_embeddings": 4096}))
+    (folder / "model.safetensors").write_bytes(b"\0" * 4096)
+    monkeypatch.setenv("RESTEM_MODEL_CACHE", str(tmp_path / "cache"))
+    uri = f"file://{folder}"
+    tok = load_tokenizer(uri)
+    assert tok.chat_template == CHATML and _context_length(uri) == 4096
+    small = Path(local_model_files(uri))
+    assert (small / "tokenizer_config.json").is_file() and not (small / "model.safetensors").exists()
+    full = Path(local_model_copy(uri))
+    assert (full / "model.safetensors").is_file() and full != small
+    assert Path(local_model_files(uri)) == full
+
+
+def test_a_sampler_that_would_read_the_prompts_otherwise_is_refused(tmp_path):
+    """Prompts are rendered once with model.base's tokenizer: a model.sampler of another chat format (Llama-3
+    given ChatML as text) or another vocabulary (the stop id is some other token there) is refused in one line;
+    one of the base's format is taken, and plain-text prompts suit any sampler."""
+    from restem_ray.prompts import check_sampler
+    from restem_ray.tiny_chat import build_chat_tokenizer
+
+    base = chat_model(tmp_path / "base", "<|endoftext|>")
+    prompt = {"template": "{question}"}
+
+    def cfg_with(sampler, p=prompt):
+        return load_config_with_sampler(tmp_path, base, sampler, p)
+
+    check_sampler(*cfg_with(chat_model(tmp_path / "same", "<|im_end|>")))  # the instruct model of the base
+    other = tmp_path / "other-format"
+    other.mkdir()
+    (other / "config.json").write_text("{}")
+    tok = build_chat_tokenizer()
+    tok.chat_template = ("{% for m in messages %}<|start_header_id|>{{ m['role'] }}<|end_header_id|>\n\n"
+                         "{{ m['content'] }}<|eot_id|>{% endfor %}")
+    tok.save_pretrained(other)
+    with pytest.raises(UserError, match=r"model.sampler: .*other-format: its chat template renders a conversation "
+                                        r"differently from model.base's"):
+        check_sampler(*cfg_with(other))
+    vocab = make_model(tmp_path / "other-vocab", CHATML)  # ChatML, but a character-level vocabulary
+    with pytest.raises(UserError, match=r"model.sampler: .*other-vocab: stop token id \d+ is .* in its tokenizer but "
+                                        r"'<\|im_end\|>' in model.base's"):
+        check_sampler(*cfg_with(vocab))
+    check_sampler(*cfg_with(other, {"template": "{question}", "chat_template": False}))  # plain text: any sampler
+
+
+def load_config_with_sampler(tmp_path, base, sampler, prompt):
+    cfg = config(tmp_path, gsm8k_task(), prompt, model=base)
+    cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"sampler": str(sampler)})})
+    return cfg, load_task(cfg)
