@@ -33,6 +33,34 @@ def check_sinks(o) -> None:
                 importlib.import_module(package)
             except ImportError:
                 raise UserError(MISSING[package]) from None
+    if o.mlflow_tracking_uri:
+        check_mlflow(o.mlflow_tracking_uri, o.mlflow_experiment)
+
+
+def check_mlflow(uri: str, experiment: str) -> None:
+    """One request to the tracking server before the run directory is written: a server down, a wrong URI or a
+    store MLflow refuses (its file store, unless MLFLOW_ALLOW_FILE_STORE) fails `check` and `run` in one line,
+    not the first phase's commit. Two retries, not MLflow's seven with back-off (minutes on a refused port)."""
+    import mlflow
+
+    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
+    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] or "2"
+    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = saved["MLFLOW_HTTP_REQUEST_TIMEOUT"] or "20"
+    try:
+        mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
+    except Exception as e:
+        raise UserError(f"observability.mlflow_tracking_uri: {uri}: {_first_line(e)}") from None
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
+
+
+def _first_line(e: Exception) -> str:
+    text = str(e).strip()
+    return f"{type(e).__name__}: {text.splitlines()[0][:240] if text else ''}"
 
 
 def _head(iteration, phase: str, line: dict) -> str:
@@ -78,14 +106,17 @@ class MetricsSink:
                 import mlflow
             except ImportError:
                 raise UserError(MISSING["mlflow"]) from None
-            mlflow.set_tracking_uri(mlflow_uri)
-            mlflow.set_experiment(mlflow_experiment)
             prior = ids.get("mlflow") or {}
-            # a run id means nothing on another tracking server: continue only on the one that made it
-            if prior.get("run_id") and prior.get("tracking_uri") == mlflow_uri:
-                run = mlflow.start_run(run_id=prior["run_id"])
-            else:
-                run = mlflow.start_run(run_name=run_root.name)
+            try:
+                mlflow.set_tracking_uri(mlflow_uri)
+                mlflow.set_experiment(mlflow_experiment)
+                # a run id means nothing on another tracking server: continue only on the one that made it
+                if prior.get("run_id") and prior.get("tracking_uri") == mlflow_uri:
+                    run = mlflow.start_run(run_id=prior["run_id"])
+                else:
+                    run = mlflow.start_run(run_name=run_root.name)
+            except Exception as e:  # the server went down since `check_sinks` reached it
+                raise UserError(f"observability.mlflow_tracking_uri: {mlflow_uri}: {_first_line(e)}") from None
             ids["mlflow"] = {"tracking_uri": mlflow_uri, "run_id": run.info.run_id}
             self._mlflow = mlflow
         if wandb_project:

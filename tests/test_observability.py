@@ -214,3 +214,30 @@ def test_a_configured_dashboard_without_its_package_is_one_line(tmp_path, monkey
     with pytest.raises(UserError, match="wandb is not installed"):
         MetricsSink(tmp_path, tensorboard=False, wandb_project="p")
     check_sinks(ObservabilityConfig())
+
+
+def test_an_mlflow_server_that_does_not_answer_fails_before_the_run_is_written(tmp_path, monkeypatch):
+    """check_sinks (run by `check` and the driver before the run directory is written) asks the tracking
+    server once: a refused port, or a store MLflow refuses, is one line naming the key, in seconds."""
+    import socket
+    import time
+
+    from restem_ray.config import ObservabilityConfig
+    from restem_ray.errors import UserError
+    from restem_ray.observability import check_sinks
+
+    with socket.socket() as s:  # a port nothing listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    start = time.monotonic()
+    with pytest.raises(UserError, match=rf"^observability.mlflow_tracking_uri: http://127.0.0.1:{port}: "
+                                        r"MlflowException: API request to .* failed"):
+        check_sinks(ObservabilityConfig(mlflow_tracking_uri=f"http://127.0.0.1:{port}", tensorboard=False))
+    assert time.monotonic() - start < 30  # not MLflow's default seven retries with back-off
+    monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
+    store = f"file://{tmp_path / 'mlruns'}"
+    with pytest.raises(UserError, match=r"^observability.mlflow_tracking_uri: file://.*: MlflowException: The "
+                                        r"filesystem tracking backend"):
+        check_sinks(ObservabilityConfig(mlflow_tracking_uri=store, tensorboard=False))
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_sinks(ObservabilityConfig(mlflow_tracking_uri=store, tensorboard=False))
