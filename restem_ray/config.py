@@ -16,24 +16,28 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_valida
 from .errors import UserError
 
 
+Amount = Annotated[float, Field(ge=0)]  # of a Ray resource
+
+
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # allow_inf_nan: no float key means infinity or NaN (a NaN passes every range check: NaN < 0 is false)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
 
 class TaskConfig(_Section):
     kind: Literal["math", "code"] = Field("math", description="Task family; picks the default verifier.")
-    train_file: str = Field(..., description="Training problems (JSONL, JSONL.gz or Parquet): id, prompt, answer; "
+    train_file: str = Field(..., min_length=1, description="Training problems (JSONL, JSONL.gz or Parquet): id, prompt, answer; "
                                              "or rows in the released format named by task.dataset. Every data file "
                                              "may be a local path or a pyarrow.fs URI (s3://, gs://, ...).")
-    valid_file: str | None = Field(None, description="Validation problems, used for early stopping (or carve them "
+    valid_file: str | None = Field(None, min_length=1, description="Validation problems, used for early stopping (or carve them "
                                                      "out of train_file with task.valid_split).")
-    test_file: str | None = Field(None, description="Test problems, reported but never used for decisions.")
+    test_file: str | None = Field(None, min_length=1, description="Test problems, reported but never used for decisions.")
     extra_eval_files: dict[str, str] = Field(
         default_factory=dict, description="More held-out splits to report, name -> file (e.g. transfer).")
     max_train_problems: int | None = Field(None, ge=1, description="Use only the first N train problems.")
     max_eval_problems: int | None = Field(None, ge=1, description="Use only the first N problems per eval split.")
     seed_file: str | None = Field(
-        None, description="Human-written solutions (id, prompt, solution, or the task.dataset format where it has "
+        None, min_length=1, description="Human-written solutions (id, prompt, solution, or the task.dataset format where it has "
                           "worked solutions: gsm8k, math): the control arm's data, and the M-step's with "
                           "training.mix_seed_data. Never used by ReST^EM itself by default.")
     step_checker: str | None = Field(
@@ -223,7 +227,7 @@ class SamplingConfig(_Section):
         # GPUs (another tensor-parallel size, pipeline stages) would wait for them or take another replica's.
         tp = self.engine_kwargs.get("tensor_parallel_size")
         if tp is not None and tp != self.tensor_parallel_size:
-            raise ValueError(f"sampling.engine_kwargs.tensor_parallel_size is {tp} but sampling.tensor_parallel_size "
+            raise ValueError(f"sampling.engine_kwargs.tensor_parallel_size is {tp!r} but sampling.tensor_parallel_size "
                              f"is {self.tensor_parallel_size}; set sampling.tensor_parallel_size (it sizes the replica's "
                              f"GPU reservation)")
         for key, why in (("seed", "each replica's engine gets the run's seed plus its index (and each problem its own "
@@ -255,7 +259,7 @@ class VerificationConfig(_Section):
     cpus_per_worker: float = Field(0.25, gt=0, description="Logical CPUs reserved per verifier actor.")
     max_workers: int | None = Field(None, ge=1, description="Elastic: add verifier actors up to this many during an "
                                                          "E-step when CPUs are free.")
-    resources: dict[str, float] | None = Field(
+    resources: dict[str, Amount] | None = Field(
         None, description="Custom Ray resources per verifier actor, e.g. {sandbox: 1}. None: code verifiers ask for "
                           "`sandbox: 1` when the cluster advertises a `sandbox` resource (the pods that can run "
                           "bubblewrap; cluster/kuberay/raycluster.yaml), else nothing; {}: never.")
@@ -264,8 +268,8 @@ class VerificationConfig(_Section):
         None, description="A plug-in's one-time set-up, 'module:function' called with no arguments once per grading "
                           "process before its first grade, outside answer_timeout_s (a model load, a heavy import); "
                           "at most 120 s.")
-    answer_timeout_s: float = Field(5.0, gt=0, description="Time limit per math answer or plug-in call (verdict 'timeout').")
-    timeout_s: float = Field(5.0, gt=0, description="Code: wall-clock limit per program run (per stdin case).")
+    answer_timeout_s: float = Field(5.0, gt=0, le=3600, description="Time limit per math answer or plug-in call (verdict 'timeout').")
+    timeout_s: float = Field(5.0, gt=0, le=3600, description="Code: wall-clock limit per program run (per stdin case).")
     memory_mb: int = Field(1024, ge=64, description="Code: address-space limit per process of a program run, and "
                                                     "the limit of its processes' memory together.")
     max_processes: int = Field(64, ge=4, description="Code: processes + threads allowed in one sandbox.")
@@ -363,7 +367,7 @@ class TrainingConfig(_Section):
     storage_path: str | None = Field(None, description="Ray Train storage (local path or pyarrow.fs URI such as "
                                                        "s3://bucket/prefix); default: the iteration directory.")
     gpus_per_worker: float = Field(1.0, gt=0, description="GPUs per training worker when use_gpu.")
-    resources_per_worker: dict[str, float] = Field(default_factory=dict, description="Extra custom resources per "
+    resources_per_worker: dict[str, Amount] = Field(default_factory=dict, description="Extra custom resources per "
                                                                                      "training worker.")
     placement_strategy: Literal["PACK", "SPREAD", "STRICT_PACK", "STRICT_SPREAD"] = Field(
         "PACK", description="Placement of the training workers' bundles.")
@@ -552,8 +556,12 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
             value = raw
         node = tree
         parts = key.split(".")
+        if not all(parts):
+            raise UserError(f"--set {item!r}: an empty name in the key path {key!r}")
         for p in parts[:-1]:
             nxt = node.setdefault(p, {})
+            if nxt is None and node is tree and _section_model(p) is not None:
+                nxt = node[p] = {}  # a section written with no keys (all commented out): its defaults
             if not isinstance(nxt, dict):
                 raise UserError(f"--set {item!r}: {p!r} is not a section")
             node = nxt
@@ -561,12 +569,30 @@ def apply_overrides(tree: dict, overrides: list[str]) -> dict:
     return tree
 
 
+_MEMBER_NAMES = {"float", "int", "str", "bool", "none", "dict", "list"}
+
+
+def _is_member(part) -> bool:
+    """A union member's name in a pydantic error location (`float`, `literal['auto']`, `dict[str,any]`)."""
+    return isinstance(part, str) and (part in _MEMBER_NAMES or "[" in part)
+
+
 def format_validation_error(err: ValidationError, source: str, within: str = "") -> str:
     """First pydantic error as `source: dotted.key: message`, one line; `within`: the validated section's own key
     (`verification`), put before the error's key."""
-    e = err.errors()[0]
-    loc = ".".join([within] * bool(within) + [str(p) for p in e["loc"]]) or "(top level)"
-    msg = e["msg"]
+    errors = err.errors()
+    e = errors[0]
+    # a union key (valid_split: float | int) fails once per member, each under the member's name ("float",
+    # "literal['auto']"): name the key, and what each member would have taken
+    key = [p for p in e["loc"] if not _is_member(p)]
+    same = [x for x in errors if [p for p in x["loc"] if not _is_member(p)] == key] \
+        if any(_is_member(p) for p in e["loc"]) else [e]
+    loc = ".".join([within] * bool(within) + [str(p) for p in key]) or "(top level)"
+    msg = e["msg"] if e["type"] == "value_error" else e["msg"].split(", unable to")[0]
+    if len(same) > 1:
+        alts = dict.fromkeys(x["msg"].split(", unable to")[0].removeprefix("Input should be ") for x in same[1:])
+        msg += "".join(", or " + a for a in alts if a not in msg)
+        errors = [x for x in errors if x not in same[1:]]
     if e["type"] == "value_error":  # our own checks already name the field
         return f"{source}: {msg.removeprefix('Value error, ')}"
 
@@ -576,7 +602,7 @@ def format_validation_error(err: ValidationError, source: str, within: str = "")
         msg = "required key is missing"
     elif "input" in e and not isinstance(e["input"], (dict, list)):
         msg += f" (got {e['input']!r})"
-    more = f" (and {len(err.errors()) - 1} more)" if len(err.errors()) > 1 else ""
+    more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{source}: {loc}: {msg}{more}"
 
 
@@ -587,6 +613,25 @@ def config_from_dict(tree: dict, source: str = "config") -> RestemConfig:
         raise UserError(format_validation_error(err, source)) from None
 
 
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """YAML's safe loader, refusing a key given twice in one mapping: PyYAML keeps the last silently, so a
+    second `loop:` section would drop every key of the first."""
+
+    def construct_mapping(self, node, deep=False):
+        seen: dict = {}
+        for key_node, _ in node.value:
+            key = self.construct_object(key_node, deep=True)
+            try:
+                line = seen.setdefault(key, key_node.start_mark.line + 1)
+            except TypeError:  # an unhashable key: the base loader says so
+                continue
+            if line != key_node.start_mark.line + 1:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"key {key!r} given twice (lines {line} and {key_node.start_mark.line + 1})",
+                    key_node.start_mark)
+        return super().construct_mapping(node, deep)
+
+
 def read_yaml(path: str | Path) -> dict:
     p = Path(path)
     if p.is_dir():
@@ -594,19 +639,29 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise UserError(f"{p}: config file not found")
     try:
-        tree = yaml.safe_load(p.read_text(encoding="utf-8"))
+        tree = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
-        raise UserError(f"{p}:{line + 1 if line is not None else '?'}: not valid YAML") from None
+        why = e.problem if isinstance(e, yaml.constructor.ConstructorError) and "twice" in str(e.problem) else "not valid YAML"
+        raise UserError(f"{p}:{line + 1 if line is not None else '?'}: {why}") from None
     if tree is None:
         tree = {}
     if not isinstance(tree, dict):
         raise UserError(f"{p}: top level must be a mapping of config sections")
+    for name, value in tree.items():  # a section whose keys are all commented out: its defaults
+        if value is None and name != "prompt" and _section_model(name) is not None:
+            tree[name] = {}
     try:  # an anchor used inside itself (`a: &x {b: *x}`) loads as a cycle that no config can be
         json.dumps(tree, default=str)
     except ValueError:
         raise UserError(f"{p}: a YAML anchor refers to itself (a recursive structure)") from None
     return tree
+
+
+def _section_model(name) -> type[BaseModel] | None:
+    f = RestemConfig.model_fields.get(name) if isinstance(name, str) else None
+    return None if f is None else next((a for a in (f.annotation, *get_args(f.annotation))  # (prompt: optional)
+                                        if isinstance(a, type) and issubclass(a, BaseModel)), None)
 
 
 def resolve_paths(tree: dict, base_dir: Path | None = None) -> dict:

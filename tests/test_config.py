@@ -66,6 +66,20 @@ def test_paths_given_with_set_are_relative_to_the_current_folder(tmp_path, monke
      "sampling.engine_kwargs.distributed_executor_backend: 'ray' cannot run inside a replica"),
     ("verification.plugin_warmup=rm:load", "verification.plugin_warmup: only a plug-in verifier has one "
                                            "(verifier 'auto')"),
+    # NaN passes every range check (NaN < 0 is false) and infinity overflows timers: no float key takes either
+    ("task.valid_split=.nan", "task.valid_split: Input should be a finite number (got nan)"),
+    ("verification.answer_timeout_s=.inf", "verification.answer_timeout_s: Input should be a finite number"),
+    ("verification.answer_timeout_s=1e300", "verification.answer_timeout_s: Input should be less than or equal to 3600"),
+    ("training.lr=.inf", "training.lr: Input should be a finite number"),
+    ("verification.resources={sandbox: .nan}", "verification.resources.sandbox: Input should be a finite number"),
+    ("training.resources_per_worker={x: -1}", "training.resources_per_worker.x: Input should be greater than or equal to 0"),
+    # a key of several types names the key and every type it takes, not pydantic's member names
+    ("task.valid_split=abc", "task.valid_split: Input should be a valid number, or a valid integer (got 'abc')"),
+    ("prompt.chat_template=maybe", "prompt.chat_template: Input should be 'auto', or a valid boolean (got 'maybe')"),
+    ("training.deepspeed=5", "training.deepspeed: Input should be a valid dictionary, or a valid string (got 5)"),
+    ('sampling.engine_kwargs={tensor_parallel_size: "1"}', "sampling.engine_kwargs.tensor_parallel_size is '1' but"),
+    (".training=1", "an empty name in the key path '.training'"),
+    ("task.train_file=", "task.train_file: String should have at least 1 character"),
 ])
 def test_bad_config_is_one_named_error(tmp_path, override, needle):
     with pytest.raises(UserError) as e:
@@ -177,3 +191,21 @@ def test_set_gives_a_text_key_the_text_as_written(item, value):
     key, _, _ = item.partition("=")
     section, name = key.split(".")
     assert apply_overrides({}, [item])[section][name] == value
+
+
+def test_a_key_given_twice_is_refused_and_an_empty_section_takes_its_defaults(tmp_path):
+    """PyYAML keeps the last of two equal keys silently: a second `loop:` section would drop the first's keys.
+    A section whose keys are all commented out (`sampling:` alone) is its defaults, and --set fills it."""
+    p = tmp_path / "cfg.yaml"
+    p.write_text("task:\n  train_file: t.jsonl\n  valid_file: v.jsonl\nmodel:\n  base: m\nloop:\n  iterations: 2\n"
+                 "sampling:\n#  temperature: 1.0\nloop:\n  patience: 1\n")
+    with pytest.raises(UserError, match=r"cfg.yaml:10: key 'loop' given twice \(lines 6 and 10\)$"):
+        load_config(p)
+    p.write_text("task:\n  train_file: t.jsonl\n  valid_file: v.jsonl\n  valid_file: w.jsonl\nmodel: {base: m}\n")
+    with pytest.raises(UserError, match=r"cfg.yaml:4: key 'valid_file' given twice"):
+        load_config(p)
+    p.write_text("task:\n  train_file: t.jsonl\n  valid_file: v.jsonl\nmodel:\n  base: m\nsampling:\n"
+                 "#  temperature: 1.0\nprompt:\n")
+    assert load_config(p).sampling.temperature == 0.7 and load_config(p).prompt is None
+    c = load_config(p, ["sampling.temperature=0.5", "prompt.system=Be brief."])
+    assert c.sampling.temperature == 0.5 and c.prompt.system == "Be brief."
