@@ -49,11 +49,15 @@ def load_runtime_env(path: str | None) -> dict:
         import yaml
 
         try:
-            env = yaml.safe_load(p.read_text()) or {}
+            env = yaml.safe_load(p.read_text(encoding="utf-8")) or {}
+        except UnicodeDecodeError:
+            raise SystemExit(_usage_error(f"--runtime-env {path}: not UTF-8 text"))
         except yaml.YAMLError as e:
             raise SystemExit(_usage_error(f"--runtime-env {path}: not valid YAML/JSON ({str(e).splitlines()[0]})"))
         if not isinstance(env, dict):
             raise SystemExit(_usage_error(f"--runtime-env {path}: top level must be a mapping"))
+        if not isinstance(env.get("env_vars") or {}, dict):
+            raise SystemExit(_usage_error(f"--runtime-env {path}: env_vars must be a mapping of NAME: value"))
     passed = {k: v for k, v in os.environ.items() if forwarded(k)}
     if passed:
         env["env_vars"] = {**passed, **(env.get("env_vars") or {})}

@@ -232,6 +232,8 @@ def check_architecture(name: str, config_json: Path) -> None:
     kind = config.get("model_type") if isinstance(config, dict) else None
     if not kind:
         return
+    if not isinstance(kind, str):
+        raise UserError(f"{name}: {config_json}: model_type must be a name (got {type(kind).__name__})")
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 

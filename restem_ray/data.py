@@ -6,6 +6,7 @@ Every problem has `id` and `prompt`; math problems add `answer`; code problems a
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -15,16 +16,49 @@ import pyarrow.parquet as pq
 from .errors import UserError, where
 
 
+def _kind(value) -> str:
+    return "NaN" if isinstance(value, float) and not math.isfinite(value) else type(value).__name__
+
+
+def _scalar(value) -> bool:
+    """Text or a finite number (not a bool, not bytes): what an id or a reference answer can be."""
+    return (isinstance(value, (str, int, float)) and not isinstance(value, bool)
+            and not (isinstance(value, float) and not math.isfinite(value)))
+
+
+def _not_unicode(value, field: str = "") -> str | None:
+    """A field whose text is not valid Unicode (a lone surrogate such as "\\ud800", which JSON allows): the
+    tokenizer would fail on it mid-run."""
+    if isinstance(value, str):
+        try:
+            value.encode("utf-8")
+        except UnicodeEncodeError:
+            return f"field '{field}' holds text that is not valid Unicode (a lone surrogate)"
+    elif isinstance(value, dict):
+        return next((w for k, v in value.items() if (w := _not_unicode(v, field or str(k)))), None)
+    elif isinstance(value, list):
+        return next((w for v in value if (w := _not_unicode(v, field))), None)
+    return None
+
+
 def _required(row: dict, task_kind: str) -> str | None:
     """Why this row is not a problem of this task kind ("missing or empty field 'x'", ...), else None."""
     missing = "missing or empty field '{}'".format
     for key in ("id", "prompt"):
         if key not in row or row[key] is None:
             return missing(key)
+    if not _scalar(row["id"]) or not str(row["id"]).strip():
+        return f"field 'id' must be non-empty text or a number (got {_kind(row['id'])} {row['id']!r})"[:200]
+    if isinstance(row["prompt"], (bytes, bytearray)):
+        return "field 'prompt' is bytes, not text"
     if not isinstance(row["prompt"], str) or not row["prompt"].strip():
         return missing("prompt")
+    if bad := _not_unicode(row):
+        return bad
     if task_kind == "math" and (row.get("answer") is None or str(row["answer"]).strip() == ""):
         return missing("answer")
+    if task_kind == "math" and isinstance(row["answer"], (bool, bytes, bytearray, float)) and not _scalar(row["answer"]):
+        return f"field 'answer' must be text or a number (got {_kind(row['answer'])})"
     if task_kind == "solutions":  # human-written worked solutions (task.seed_file)
         sol = row.get("solution")
         return None if isinstance(sol, str) and sol.strip() else missing("solution")
@@ -57,6 +91,8 @@ def _read_rows(path: Path) -> list[tuple[int | None, dict]]:
                 row = json.loads(text)
             except json.JSONDecodeError as e:
                 raise UserError(f"{where(path, lineno)}: not valid JSON ({e.msg})") from None
+            except RecursionError:
+                raise UserError(f"{where(path, lineno)}: JSON nested too deeply") from None
             if not isinstance(row, dict):
                 raise UserError(f"{where(path, lineno)}: expected a JSON object")
             rows.append((lineno, row))
@@ -122,7 +158,7 @@ def read_samples(path: str | Path) -> list[tuple[str, dict | None]]:
                 continue
             try:
                 row = json.loads(raw.decode("utf-8"))
-            except (UnicodeDecodeError, json.JSONDecodeError):
+            except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):
                 row = None
             out.append((where(p, lineno), row if isinstance(row, dict) else None))
     return out

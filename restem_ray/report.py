@@ -14,20 +14,20 @@ def iteration_rows(run: RunDir) -> list[dict]:
         if m["phase"] == "eval":
             for key, val in m.items():
                 if key.startswith(("pass@", "maj@")):
-                    r[f"{m['split']} {key}"] = val
+                    r[f"{m.get('split', '?')} {key}"] = val
             r["eval s"] = m.get("seconds")
         elif m["phase"] == "generate":
-            r.update({"samples": m["samples"], "correct": m["correct"], "generate s": m["seconds"],
+            r.update({"samples": m.get("samples"), "correct": m.get("correct"), "generate s": m.get("seconds"),
                       "tokens": m.get("completion_tokens")})
             r.update({k: v for k, v in m.items() if k.startswith("train pass@")})
         elif m["phase"] == "select":
-            r["kept"] = m["kept"]
+            r["kept"] = m.get("kept")
             if "kept_false_positive_rate" in m:
                 r["kept FP"] = m["kept_false_positive_rate"]
         elif m["phase"] == "improve":
-            r.update({"loss": m.get("loss"), "improve s": m["seconds"]})
+            r.update({"loss": m.get("loss"), "improve s": m.get("seconds")})
     for r in rows.values():  # the E-step's yield: kept solutions per 1,000 generated completion tokens
-        if r.get("tokens") and "kept" in r:
+        if isinstance(r.get("tokens"), (int, float)) and r["tokens"] and isinstance(r.get("kept"), (int, float)):
             r["kept/1k tok"] = 1000 * r["kept"] / r["tokens"]
     order = sorted(rows, key=lambda t: (isinstance(t, str), str(t) if isinstance(t, str) else t))
     return [{"iteration": t, **rows[t]} for t in order]  # iterations 0, 1, ..., then the control arm
@@ -78,9 +78,9 @@ def write_plot(run: RunDir) -> None:
     splits = sorted({k.split(" ")[0] for r in rows for k in r if k.endswith(" pass@1")}, key=_split_order)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for s in splits:
-        pts = [(r["iteration"], r[f"{s} pass@1"]) for r in loop if f"{s} pass@1" in r]
+        pts = [(r["iteration"], r[f"{s} pass@1"]) for r in loop if isinstance(r.get(f"{s} pass@1"), (int, float))]
         (line,) = ax.plot([p[0] for p in pts], [100 * p[1] for p in pts], marker="o", label=s)
-        if control is not None and f"{s} pass@1" in control:  # the control arm: a dashed level per split
+        if control is not None and isinstance(control.get(f"{s} pass@1"), (int, float)):  # the control arm: a dashed level per split
             ax.axhline(100 * control[f"{s} pass@1"], color=line.get_color(), linestyle="--", linewidth=1,
                        label=f"{s} (control: base + more seed training)")
     ax.set_xlabel("ReST^EM iteration (0 = base)")

@@ -282,19 +282,24 @@ class RunDir:
     def metrics(self) -> list[dict]:
         if not self.metrics_path.exists():
             return []
-        raws = self.metrics_path.read_text().splitlines()
+        raws = self.metrics_path.read_bytes().splitlines()
         lines = []
         for i, raw in enumerate(raws, 1):
             if not raw.strip():
                 continue
             try:
-                line = json.loads(raw)
-            except json.JSONDecodeError:
+                line = json.loads(raw.decode("utf-8"))
+            except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
                 if i == len(raws):
                     continue  # a torn last line: the process was killed while appending it
                 raise UserError(f"{self.metrics_path}:{i}: not valid JSON") from None
             if not isinstance(line, dict) or "iteration" not in line or "phase" not in line:
                 raise UserError(f"{self.metrics_path}:{i}: not a metrics line (needs 'iteration' and 'phase')")
+            t = line["iteration"]
+            if not (isinstance(t, str) or (isinstance(t, int) and not isinstance(t, bool))) or \
+                    not isinstance(line["phase"], str):
+                raise UserError(f"{self.metrics_path}:{i}: not a metrics line ('iteration' a number or 'control', "
+                                "'phase' a name)")
             lines.append(line)
         return lines
 

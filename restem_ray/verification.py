@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import functools
 import importlib
+import inspect
 import logging
 import math
 import pickle
@@ -411,7 +412,20 @@ def load_plugin(spec: str, key: str = "verification.verifier") -> Callable[[dict
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise UserError(f"{key}: {spec!r} is not a callable")
+    wants = PLUGIN_ARGS.get(key, ("problem", "completion"))
+    try:  # a wrong signature would make every call fail, found only mid-run (every grade a verifier_error)
+        inspect.signature(fn).bind(*wants)
+    except TypeError:
+        raise UserError(f"{key}: {spec!r} takes {inspect.signature(fn)}, but is called as "
+                        f"{fn_name}({', '.join(wants)})") from None
+    except ValueError:  # no signature to read (some built-ins): the first call will tell
+        pass
     return fn
+
+
+# what each kind of plug-in is called with
+PLUGIN_ARGS = {"verification.verifier": ("problem", "completion"), "task.step_checker": ("problem", "completion"),
+               "task.adapter": ("row",), "verification.plugin_warmup": ()}
 
 
 

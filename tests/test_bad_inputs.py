@@ -155,6 +155,30 @@ CASES = {
                                             edit_config(w, lambda t: t.update(training={"deepspeed": "ds.json"}))),
                                  [], "ds.json': cannot read (UnicodeDecodeError)"),
     "ray address without a port": (None, ["--set", "ray.address=headnode"], "ray.address: 'headnode': expected HOST:PORT"),
+    "json nested too deeply": (lambda w: jsonl_lines(w, [b'{"id": 1, "prompt": "q", "answer": ' + b"[" * 200000
+                                                         + b"]" * 200000 + b"}"]), [], "train.jsonl:1: JSON nested too deeply"),
+    "lone surrogate": (lambda w: jsonl_lines(w, [b'{"id": 1, "prompt": "q\\ud800", "answer": "1"}']), [],
+                       "train.jsonl:1: field 'prompt' holds text that is not valid Unicode (a lone surrogate)"),
+    "id a list": (lambda w: jsonl_lines(w, [b'{"id": [], "prompt": "q", "answer": "1"}']), [],
+                  "train.jsonl:1: field 'id' must be non-empty text or a number (got list [])"),
+    "id true": (lambda w: jsonl_lines(w, [b'{"id": true, "prompt": "q", "answer": "1"}']), [],
+                "train.jsonl:1: field 'id' must be non-empty text or a number (got bool True)"),
+    "id NaN": (lambda w: jsonl_lines(w, [b'{"id": NaN, "prompt": "q", "answer": "1"}']), [],
+               "train.jsonl:1: field 'id' must be non-empty text or a number (got NaN nan)"),
+    "answer true": (lambda w: jsonl_lines(w, [b'{"id": 1, "prompt": "q", "answer": true}']), [],
+                    "train.jsonl:1: field 'answer' must be text or a number (got bool)"),
+    "answer NaN": (lambda w: jsonl_lines(w, [b'{"id": 1, "prompt": "q", "answer": NaN}']), [],
+                   "train.jsonl:1: field 'answer' must be text or a number (got NaN)"),
+    "parquet prompt as bytes": (lambda w: (edit_config(w, lambda t: t["task"].update(train_file="b.parquet")),
+                                           pq.write_table(pa.Table.from_pylist([{"id": "a", "prompt": b"q", "answer": "1"}]),
+                                                          w / "b.parquet")),
+                                [], "b.parquet:1 (row): field 'prompt' is bytes, not text"),
+    "model_type not a name": (lambda w: (w / "model" / "config.json").write_text(json.dumps({"model_type": ["llama"]})),
+                              [], "model_type must be a name (got list)"),
+    "config key given twice": (lambda w: (w / "cfg.yaml").write_text((w / "cfg.yaml").read_text() + "task: {}\n"), [],
+                               "key 'task' given twice"),
+    "non-finite float": (None, ["--set", "verification.answer_timeout_s=.inf"],
+                         "verification.answer_timeout_s: Input should be a finite number"),
     "ray address nobody listens at": (None, ["--set", "ray.address=127.0.0.1:9"],
                                       "ray.address: 127.0.0.1:9: cannot reach a Ray cluster there (Connection refused)"),
 }
@@ -252,6 +276,41 @@ def test_a_plug_in_that_exits_at_import_is_a_user_error(world, capsys, monkeypat
     assert not (world / "run").exists()
 
 
+PLUGINS = """
+import sys
+def no_args():
+    return 1.0
+def exits(row):
+    sys.exit(0)
+def grade(problem, completion):
+    return 1.0
+"""
+
+
+@pytest.mark.parametrize("key,spec,needle", [
+    ("verification.verifier", "plg:no_args", "verification.verifier: 'plg:no_args' takes (), but is called as "
+                                             "no_args(problem, completion)"),
+    ("task.step_checker", "plg:no_args", "task.step_checker: 'plg:no_args' takes (), but is called as "
+                                         "no_args(problem, completion)"),
+    ("task.adapter", "plg:grade", "task.adapter: 'plg:grade' takes (problem, completion), but is called as grade(row)"),
+    ("task.adapter", "plg:exits", "train.jsonl:1: task.adapter plg:exits: SystemExit: 0"),
+])
+def test_a_plug_in_of_the_wrong_signature_or_that_exits_is_one_line_at_check(world, capsys, monkeypatch, key, spec,
+                                                                              needle):
+    """A wrong signature would fail every call mid-run (every grade a verifier_error, every kept sample a false
+    positive); an adapter that calls sys.exit made `check` and `run` exit 0 having done nothing."""
+    (world / "plg.py").write_text(PLUGINS)
+    monkeypatch.syspath_prepend(str(world))
+    before = snapshot(world)
+    for cmd in ("check", "run"):
+        args = [cmd, str(world / "cfg.yaml"), *(["--out", str(world / "run")] if cmd == "run" else []),
+                "--set", f"{key}={spec}"]
+        assert main(args) == 2
+        err = capsys.readouterr().err
+        assert needle in err and err.count("\n") == 1, err
+    assert snapshot(world) == before
+
+
 def test_check_loads_the_step_checker_as_run_does(world, capsys):
     assert main(["check", str(world / "cfg.yaml"), "--set", "task.step_checker=no_such_mod_xyz:f"]) == 2
     assert "task.step_checker: cannot import 'no_such_mod_xyz'" in capsys.readouterr().err
@@ -299,6 +358,18 @@ def test_report_skips_a_torn_last_metrics_line_and_names_a_bad_one(tmp_path, cap
     (run / "metrics.jsonl").write_text(json.dumps({"phase": "eval"}) + "\n" + json.dumps(line) + "\n")
     assert main(["report", str(run)]) == 2
     assert "metrics.jsonl:1: not a metrics line (needs 'iteration' and 'phase')" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_bytes(b'{"phase": "eval", "iteration": 0, "x": "\xff"}\n' + json.dumps(line).encode() + b"\n")
+    assert main(["report", str(run)]) == 2
+    assert "metrics.jsonl:1: not valid JSON" in capsys.readouterr().err
+    (run / "metrics.jsonl").write_text(json.dumps(dict(line, iteration=[0])) + "\n" + json.dumps(line) + "\n")
+    assert main(["report", str(run)]) == 2
+    assert "metrics.jsonl:1: not a metrics line ('iteration' a number or 'control'" in capsys.readouterr().err
+    # lines short of a field the table shows: shown as "-", not a KeyError
+    (run / "metrics.jsonl").write_text("".join(json.dumps(m) + "\n" for m in (
+        {"phase": "eval", "iteration": 0, "pass@1": 0.25}, {"phase": "generate", "iteration": 1},
+        {"phase": "select", "iteration": 1}, {"phase": "improve", "iteration": 1})))
+    assert main(["report", str(run)]) == 0
+    assert "0.250" in capsys.readouterr().out
 
 
 def test_output_files_and_counts_are_checked_before_any_work(world, capsys):

@@ -30,3 +30,16 @@ def test_the_runtime_env_gets_settings_but_no_secrets_or_local_folders(tmp_path,
     env = submit.load_runtime_env(str(tmp_path / "env.yaml"))["env_vars"]
     assert {k: env[k] for k in env if k.startswith(("HF_", "RESTEM_", "AWS_"))} == {
         "HF_HUB_OFFLINE": "0", "RESTEM_LOG_EVERY": "5", "HF_ENDPOINT": "https://mirror.example"}
+
+
+def test_a_bad_runtime_env_file_is_one_line(tmp_path, monkeypatch):
+    monkeypatch.setenv("RESTEM_LOG_EVERY", "5")  # forwarded: env_vars is merged
+    submit_py = str(Path(__file__).parents[1] / "jobs" / "submit.py")
+    for content, needle in ((b"env_vars: [1, 2]\n", "env_vars must be a mapping of NAME: value"),
+                            (b"env_vars: oops\n", "env_vars must be a mapping of NAME: value"),
+                            (b"env_vars: {A: '\xff'}\n", "not UTF-8 text")):
+        (tmp_path / "env.yaml").write_bytes(content)
+        r = subprocess.run([sys.executable, submit_py, "--address", "http://127.0.0.1:9", "--runtime-env",
+                            str(tmp_path / "env.yaml"), "--", "restem-ray", "demo"], capture_output=True, text=True,
+                           timeout=120)
+        assert r.returncode == 2 and needle in r.stderr and "Traceback" not in r.stderr, r.stderr

@@ -69,7 +69,7 @@ def _read_gzip_jsonl(p: Path) -> list[tuple[str, dict]]:
             continue
         try:
             row = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             raise UserError(f"{where(p, lineno)}: not valid JSON ({type(e).__name__})") from None
         if not isinstance(row, dict):
             raise UserError(f"{where(p, lineno)}: expected a JSON object")
@@ -85,6 +85,10 @@ def _read_json_array(p: Path) -> list[tuple[str, dict]]:
         raise UserError(f"{p}: not UTF-8") from None
     except json.JSONDecodeError as e:
         raise UserError(f"{where(p, e.lineno)}: not valid JSON ({e.msg})") from None
+    except RecursionError:
+        raise UserError(f"{p}: JSON nested too deeply") from None
+    if not isinstance(data, list):
+        raise UserError(f"{p}: expected a JSON array of objects")
     bad = next((i for i, r in enumerate(data) if not isinstance(r, dict)), None)
     if bad is not None:
         raise UserError(f"{where(p, bad + 1)} (row): expected a JSON object")
@@ -150,7 +154,7 @@ def _adapt(row: dict, loc: str, columns: dict[str, str], plugin, name: str) -> d
         out = plugin(row)
     except BadField as e:
         raise UserError(f"{loc}: {e}") from None
-    except Exception as e:  # user code: any failure names the row
+    except (Exception, SystemExit) as e:  # user code: any failure names the row (sys.exit too: not a silent exit)
         raise UserError(f"{loc}: {name}: {type(e).__name__}: {e}") from None
     if out is not None and not isinstance(out, dict):
         raise UserError(f"{loc}: {name} returned {type(out).__name__}, expected a dict (or None to skip)")
