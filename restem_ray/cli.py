@@ -446,6 +446,9 @@ def cmd_verify(args) -> int:
 
     out = Path(args.out)
     check_output_file(out, (".jsonl", ".parquet"))
+    for flag, given in (("--samples", args.samples), ("--problems", args.problems)):
+        if "://" not in str(given) and out.resolve() == Path(given).resolve():
+            raise UserError(f"--out {out}: is the {flag} file; the grades would replace it")
     tree = apply_overrides({"verification": {"verifier": args.verifier}}, args.set)
     if set(tree) != {"verification"}:
         raise UserError(f"--set: only verification.* keys apply to verify (got {sorted(set(tree) - {'verification'})})")

@@ -93,6 +93,11 @@ class RunDir:
             raise UserError(f"{self.root}: run directory already holds a run (use --resume to continue it)")
         if resume and not self.manifest_path.exists():
             raise UserError(f"{self.root}: nothing to resume (no manifest.json)")
+        if not resume and self.root.is_dir():  # `--out .` would write config.yaml over the user's own
+            other = sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))  # (.driver.lock)
+            if other:
+                raise UserError(f"{self.root}: not empty ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) "
+                                "and holds no run: give a new or empty folder as the run directory")
         parent = next((p for p in [self.root, *self.root.parents] if p.exists()), None)
         if parent is None or not parent.is_dir():
             raise UserError(f"{self.root}: cannot create run directory ({parent} is not a directory)")

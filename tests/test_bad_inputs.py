@@ -221,6 +221,15 @@ def test_run_dir_that_holds_a_run_or_nothing_to_resume(world, capsys):
     assert "already holds a run (use --resume" in capsys.readouterr().err
 
 
+def test_a_run_directory_that_holds_other_files_is_refused(world, capsys):
+    """`--out .` beside a config.yaml of the user's would write the run's config.yaml over it."""
+    before = snapshot(world)
+    assert main(["run", str(world / "cfg.yaml"), "--out", str(world)]) == 2
+    err = capsys.readouterr().err
+    assert f"{world}: not empty (cfg.yaml, model, train.jsonl, ...) and holds no run" in err and err.count("\n") == 1
+    assert snapshot(world) == before
+
+
 def test_stop_after_a_phase_the_resumed_run_already_did(world, capsys):
     (world / "run").mkdir()
     (world / "run" / "manifest.json").write_text(json.dumps({"version": 1, "completed": {"0/eval": 1.0}}))

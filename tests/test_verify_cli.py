@@ -147,6 +147,8 @@ def test_a_plugin_warmup_that_fails_on_the_verifier_nodes_is_one_line(tmp_path):
     (["--set", "verification.timeout_s=-1"], "verification.timeout_s"),
     (["--set", "sampling.n=3"], "only verification.* keys"),
     (["--set", "verification.plugin_warmup=my_reward:warm"], "verification.plugin_warmup: only a plug-in verifier"),
+    (["--out", "{t}/s.jsonl"], "s.jsonl: is the --samples file; the grades would replace it"),
+    (["--out", "{t}/p.jsonl"], "p.jsonl: is the --problems file; the grades would replace it"),
 ])
 def test_bad_arguments_are_one_line_errors(tmp_path, args, message):
     write_jsonl(tmp_path / "p.jsonl", [{"id": "a", "prompt": "1+1?", "answer": "2"}])
