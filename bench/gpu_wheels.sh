@@ -12,6 +12,6 @@ py=${PYTHON:-.venv/bin/python}
   --platform manylinux_2_17_x86_64 -d "$dest" \
   "pydantic==2.14.4" "pydantic-core==2.50.5" "annotated-types>=0.6" "typing-inspection>=0.4" \
   "typing-extensions>=4.14" hjson "accelerate==1.15.0" "transformers==5.19.0" msgpack ninja py-cpuinfo \
-  "liger-kernel==0.8.5"
+  "liger-kernel==0.8.5" einops
 "$py" -m pip download -q --no-deps --no-binary=:all: -d "$dest" "deepspeed==0.19.8"
 du -sh "$dest"

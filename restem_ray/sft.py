@@ -160,16 +160,23 @@ def collate_micro(samples: list[tuple[list[int], list[int]]], pad_id: int, packe
     attention mask, which transformers turns into block-diagonal attention (no attention across samples;
     flash-attention's variable-length kernel on GPUs). The loss is the same mean over completion tokens as
     the padded batch's.
-    varlen (packed, a flash kernel): also the boundaries of every sample in the flattened batch (the padding
-    tail is one more sequence) as `cu_seq_lens_q/k` (int32) and the longest as `max_length_q/k` (ints), known
-    here on the host. Given only position ids, transformers finds the boundaries again in every attention layer,
-    forward and recomputed, with three device-to-host syncs each (`_is_packed_sequence`, `nonzero`, a 0-d
-    tensor as max length: transformers 5.19).
+    varlen (a flash kernel): also the boundaries of every sample in the flattened batch (a padding tail is one
+    more sequence) as `cu_seq_lens_q/k` (int32) and the longest as `max_length_q/k` (ints), known here on the
+    host. Given only position ids, transformers finds the boundaries again in every attention layer, forward and
+    recomputed, with three device-to-host syncs each (`_is_packed_sequence`, `nonzero`, a 0-d tensor as max
+    length: transformers 5.19); padded rows too, where a micro-batch is one row (its mask is dropped, and the
+    model's own position ids are then checked for packing: one sync per layer).
     """
     real = sum(len(x) for x, _ in samples)
     if not packed:
         out = collate(samples, pad_id, multiple)
         out["real_tokens"] = torch.tensor(real)
+        if varlen:  # each row's real tokens are one sequence, its padding tail another
+            width = out["input_ids"].shape[1]
+            bounds = [0]
+            for r, (x, _) in enumerate(samples):
+                bounds += [r * width + len(x)] + ([(r + 1) * width] if len(x) < width else [])
+            out |= _varlen(bounds)
         return out
     rows = pack(samples, pack_length or real)  # no length given: the whole micro-batch is one row
     width = round_up(max(sum(len(samples[i][0]) for i in row) for row in rows), multiple)
@@ -191,10 +198,14 @@ def collate_micro(samples: list[tuple[list[int], list[int]]], pad_id: int, packe
             bounds.append((r + 1) * width)
     out = {"input_ids": ids, "labels": labels, "position_ids": pos, "real_tokens": torch.tensor(real)}
     if varlen:
-        cu = torch.tensor(bounds, dtype=torch.int32)
-        longest = int(cu.diff().max())
-        out |= {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
+        out |= _varlen(bounds)
     return out
+
+
+def _varlen(bounds: list[int]) -> dict:
+    cu = torch.tensor(bounds, dtype=torch.int32)
+    longest = int(cu.diff().max())
+    return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
 def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...] = (),

@@ -71,5 +71,7 @@ def mstep_gib_per_gpu(shape: Shape, *, gpus: int, zero_stage: int, micro_batch: 
 
 def host_gib_per_rank(shape: Shape, *, zero_stage: int, gpus: int) -> float:
     """Host RAM a rank needs to load the model: the whole bf16 model, or only its shard under ZeRO-3's
-    zero.Init (the M-step loads that way), with safetensors memory-mapped."""
+    zero.Init (the M-step loads that way). Every rank maps every weight file, and rank 0 copies each tensor to
+    scatter it: with safetensors memory-mapped, a node's page cache holds the files once (not counted per
+    rank here); a filesystem transformers does not map (some FUSE mounts) would cost the whole model per rank."""
     return 2 * shape.params / (gpus if zero_stage == 3 else 1) / GIB

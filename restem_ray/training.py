@@ -430,8 +430,11 @@ class MStep:
             # zero.Init sizes its shards by DeepSpeed's view of the world: let it adopt the process group Ray
             # Train made (otherwise it counts 1 rank, and the batch-size check fails on 2).
             deepspeed.init_distributed()
-            # from_pretrained then builds the model inside deepspeed.zero.Init and loads each rank's shard
-            # only: a 7B model never sits whole in host RAM once per rank.
+            # from_pretrained then builds the model inside deepspeed.zero.Init: each rank holds its shard only.
+            # Every rank still opens every weight file, and rank 0 copies each tensor before it is scattered; the
+            # files are memory-mapped (safetensors), so a node's page cache holds the model once, not once per
+            # rank. (Where transformers reads files whole instead, e.g. on a FUSE mount it does not map, each
+            # rank would read the whole model into RAM: put models on local disk or a mapped filesystem.)
             from transformers.integrations import HfDeepSpeedConfig
 
             zero3_init = HfDeepSpeedConfig(ds_config)  # transformers keeps a global weak reference to it
@@ -478,8 +481,9 @@ class MStep:
                              f"({cfg.max_seq_len} tokens; the shortest has {min(len(x[0]) for x in data)})")
         # flash-attention kernels see packed samples only in a one-row micro-batch (sft.packed_row_length)
         self.pack_length = packed_row_length(cfg.attn_implementation if cfg.use_gpu else None, cfg.pack_length)
-        # ... and take their boundaries from the host rather than find them again in every layer (sft.collate_micro)
-        self.varlen = cfg.packing and cfg.use_gpu and uses_varlen_kwargs(cfg.attn_implementation)
+        # ... and take their boundaries from the host rather than find them again in every layer, packed or padded
+        # (sft.collate_micro)
+        self.varlen = cfg.use_gpu and uses_varlen_kwargs(cfg.attn_implementation)
         lengths = [len(x[0]) for x in self.data]
         self.plan = lambda epoch: plan_epoch(lengths, cfg.micro_batch_size, self.world, cfg.grad_accum,
                                              seed=job["seed"] * 1000 + epoch)

@@ -153,6 +153,34 @@ def test_flash_packing_passes_the_boundaries_the_varlen_kernel_needs(pack_length
         torch.testing.assert_close(flat[at:at + len(ids)], want.logits[i, : len(ids)], atol=1e-4, rtol=1e-4)
 
 
+@pytest.mark.parametrize("rows", [1, 3])
+def test_flash_padded_batches_pass_their_boundaries_too(rows):
+    """Padded micro-batches under a flash kernel (the mask dropped) carry their rows' boundaries as well: else
+    transformers checks the model's own position ids for packing in every layer, a host sync each where a
+    micro-batch is one row (a 7B model's micro_batch_size 1). The varlen reference kernel, going by those
+    boundaries alone, must give the padded batch's loss and logits under sdpa."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register("restem_varlen_reference", varlen_reference)
+    tok = build_tokenizer()
+    model = build_model(TinyModelSpec(seed=5), tok).eval()
+    texts = [("Q: 12 + 30\nA:", " 042 ; 24 + 03 = 27\n"), ("Q: 7 - 5\nA:", " 2"), ("Q: 100 + 230 - 5\nA:", " 325 x")]
+    samples = [encode(tok, p, c, 64) for p, c in texts][:rows]
+    padded = collate_micro(samples, tok.pad_token_id, multiple=8)
+    varlen = collate_micro(samples, tok.pad_token_id, multiple=8, varlen=True)
+    width = varlen["input_ids"].shape[1]
+    assert varlen["cu_seq_lens_q"].tolist() == [0] + [b for r, (x, _) in enumerate(samples)
+                                                      for b in (r * width + len(x), (r + 1) * width)]
+    padded.pop("real_tokens"), varlen.pop("real_tokens"), varlen.pop("attention_mask")  # dropped, as the M-step does
+    with torch.no_grad():
+        want = model(**padded)
+        model.set_attn_implementation("restem_varlen_reference")
+        got = forward(model, varlen)
+    torch.testing.assert_close(got.loss, want.loss, atol=1e-5, rtol=1e-5)
+    for i, (ids, _) in enumerate(samples):
+        torch.testing.assert_close(got.logits[i, : len(ids)], want.logits[i, : len(ids)], atol=1e-4, rtol=1e-4)
+
+
 def test_tied_embeddings_stay_one_tensor_on_the_way_to_the_host(tmp_path):
     """Checkpoints copy the state dict to the host in the training dtype. Tensor by tensor, tied embeddings
     would become two copies and save_pretrained (which finds ties by storage) would write both; the copy keeps
