@@ -1,6 +1,7 @@
 """Test hooks. Crash points for resume tests: `RESTEM_CRASH_AT=1/select` SIGKILLs the driver at that point;
 `RESTEM_TRACE=FILE` makes each engine call append a line to FILE (tests count calls, e.g. that a resumed
-E-step does not sample its finished shards again).
+E-step does not sample its finished shards again); `RESTEM_HOLD_START=FILE` holds a sampler replica's start
+while FILE exists (a start that hangs, as vLLM's can in NCCL set-up).
 
 A real SIGKILL (no cleanup handlers, no flushes) at a named place is what the resume tests need to be
 deterministic; the points sit just before each commit to the manifest, where a crash is most harmful.
@@ -40,3 +41,12 @@ def trace_call(name: str, **detail) -> None:
     if path:
         with open(path, "a") as f:
             f.write(json.dumps({"call": name, "pid": os.getpid(), **detail}) + "\n")
+
+
+def hold_start() -> None:
+    """`RESTEM_HOLD_START=FILE`: wait while FILE exists (a test's stand-in for an engine start that hangs)."""
+    import time
+
+    path = os.environ.get("RESTEM_HOLD_START")
+    while path and os.path.exists(path):
+        time.sleep(0.2)

@@ -153,6 +153,8 @@ class EStepPool:
         self._placing = None           # (group, its ready() ref, since): a replica's bundle being placed
         self._unplaced_since: dict = {}  # placement group id -> when it was first seen without its nodes
         self._last_check = 0.0
+        self._restarting_since: dict = {}  # replica actor id -> when it was first seen restarting, placed
+        self._last_restart_check = 0.0
         # A different seed per replica (OpenRLHF): per-problem seeds make samples batch-independent anyway.
         self.samplers = [
             sampler_cls.options(num_cpus=sampling.cpus_per_replica, num_gpus=gpus, **retry,
@@ -264,6 +266,8 @@ class EStepPool:
                 gen_of[ref] = (idx, chunk, replica)
             if todo:
                 self._grow()
+            if gen_of and time.monotonic() - self._last_restart_check > WATCH_S:
+                self._check_restarts({r for _, _, r in gen_of.values()}, bar)
             ready, _ = ray.wait(list(gen_of) + list(grading) + list(self._starting), num_returns=1,
                                 timeout=WATCH_S)
             if not ready:
@@ -326,6 +330,31 @@ class EStepPool:
                            f"{self.sampling.placement_timeout_s:g}); add nodes (or let the autoscaler), then resume: "
                            "finished shards are kept")
 
+    def _check_restarts(self, busy: set, bar) -> None:
+        """A replica Ray restarts mid-E-step (its engine died, its node was lost) runs its start again, which
+        sampling.start_timeout_s bounds as it bounds the first: vLLM's own waits (an engine core, NCCL set-up of
+        tensor-parallel workers, a weight read) have no limit, and the calls queued on it would wait for good.
+        Counted only while every placement group is placed (_check_placed bounds the wait for a node)."""
+        from ray.util import placement_group_table
+
+        now = self._last_restart_check = time.monotonic()
+        try:
+            placed = all(placement_group_table(g).get("state") == "CREATED" for g in [self.group, *self.extra_groups])
+        except Exception:
+            placed = False
+        for replica in busy:
+            aid = replica._actor_id.hex()
+            state = _actor_state(aid)
+            if state != "RESTARTING" or not placed:
+                self._restarting_since.pop(aid, None)
+                continue
+            since = self._restarting_since.setdefault(aid, now)
+            if now - since > self.sampling.start_timeout_s:
+                bar.close()
+                raise RunError(f"E-step: a sampler replica restarted mid-E-step has not started again within "
+                               f"sampling.start_timeout_s ({self.sampling.start_timeout_s:g} s; its engine's start "
+                               "hangs); finished shards are kept: resume once the cause is fixed")
+
     def close(self) -> None:
         # Engines first, then the actors: ray.kill ends a replica's process at once, but its engine's GPU workers
         # (a tensor-parallel engine's are the replica's grandchildren) exit later, and the next phase, the M-step
@@ -359,6 +388,16 @@ def reserve(group, timeout_s: float, what: str, key: str, quiet_s: float = 10.0)
     except ray.exceptions.GetTimeoutError:
         remove_placement_group(group)
         raise RunError(f"no room for {what} after {timeout_s:g} s ({key})") from None
+
+
+def _actor_state(actor_id: str) -> str | None:
+    """An actor's state from the GCS (ALIVE, RESTARTING, ...); None when it cannot be read."""
+    try:
+        from ray._private.state import actors
+
+        return actors(actor_id=actor_id).get("State")
+    except Exception:  # (the GCS unreachable for a moment: the next look asks again)
+        return None
 
 
 def _cause(err: Exception) -> str:

@@ -14,7 +14,7 @@ import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass
 
-from .faults import trace_call
+from .faults import hold_start, trace_call
 from .remote import local_model_copy  # noqa: F401  (also this module's name for it)
 
 
@@ -179,6 +179,7 @@ class Sampler:
 
     def __init__(self, model: str, engine_kwargs: dict, seed: int = 0, use_gpu: bool = False,
                  exit_on_engine_death: bool = False):
+        hold_start()  # (a test hook: RESTEM_HOLD_START)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # engine INFO lines drown the progress bars
         if not use_gpu:
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; the default wants 4

@@ -4,6 +4,7 @@ import json
 import os
 import signal
 import time
+from pathlib import Path
 
 import psutil
 import pytest
@@ -30,10 +31,11 @@ def model(tmp_path_factory):
     tok.save_pretrained(path)
     # Replicas append a line per engine call here: Ray's workers inherit the environment ray.init sees.
     os.environ["RESTEM_TRACE"] = str(path / "engine-calls.jsonl")
+    os.environ["RESTEM_HOLD_START"] = str(path / "hold-start")  # replicas start only while it does not exist
     try:
         init_ray(None, 4)  # the run's own local Ray (its raylet reaps a crashed worker's processes)
     finally:
-        del os.environ["RESTEM_TRACE"]
+        del os.environ["RESTEM_TRACE"], os.environ["RESTEM_HOLD_START"]
     yield str(path)
     ray.shutdown()
 
@@ -123,6 +125,34 @@ def test_a_replica_engine_that_does_not_start_in_time_fails_the_e_step_and_frees
     while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
         time.sleep(0.5)
     assert ray.available_resources().get("CPU", 0) == total
+
+
+def test_a_replica_restarted_mid_e_step_whose_start_hangs_stops_the_e_step(model, monkeypatch):
+    """Ray restarts a killed replica by running its start again, where vLLM's waits have no limit (NCCL set-up,
+    a weight read): sampling.start_timeout_s bounds that start as it bounds the first, instead of the E-step
+    waiting on the replica's queued calls for good. (The bound and the watch interval are shortened once the
+    pool is up; the held start is a test hook, RESTEM_HOLD_START.)"""
+    import restem_ray.pool as pool_module
+
+    hold = Path(model) / "hold-start"
+    pool = make_pool(model, max_restarts=1)
+    try:
+        pool.sampling = pool.sampling.model_copy(update={"start_timeout_s": 3})
+        monkeypatch.setattr(pool_module, "WATCH_S", 1.0)
+
+        def on_chunk(i, rows):
+            if not hold.exists():
+                hold.touch()  # the restarted replica's start now waits
+                ray.kill(pool.samplers[0], no_restart=False)
+
+        start = time.monotonic()
+        with pytest.raises(RunError, match=r"a sampler replica restarted mid-E-step has not started again within "
+                                           r"sampling.start_timeout_s \(3 s"):
+            pool.run(chunked(PROBLEMS, 4), SPEC, on_chunk=on_chunk)
+        assert time.monotonic() - start < 60
+    finally:
+        hold.unlink(missing_ok=True)
+        pool.close()
 
 
 def test_a_replica_closed_mid_call_shuts_its_engine_down_under_the_calls(model):
