@@ -86,14 +86,16 @@ class RunDir:
         self.mirror = None  # RunMirror when the run directory is a URI: this is its node-local copy
 
     # --- creation / resume -------------------------------------------------------------------
-    def validate(self, config_yaml: str, resume: bool, force: bool = False, problems: dict | None = None) -> None:
+    def validate(self, config_yaml: str, resume: bool, force: bool = False, problems: dict | None = None,
+                 fresh: bool = True) -> None:
         """Everything `create` checks, writing nothing (run before any cluster work). `problems`: {name:
-        `problem_set(rows)`} of the problems the run trains on (train, seed), which a resume must find unchanged."""
+        `problem_set(rows)`} of the problems the run trains on (train, seed), which a resume must find unchanged.
+        `fresh`: a new run's folder must hold nothing yet (checked before the work, not again at `create`)."""
         if self.manifest_path.exists() and not resume:
             raise UserError(f"{self.root}: run directory already holds a run (use --resume to continue it)")
         if resume and not self.manifest_path.exists():
             raise UserError(f"{self.root}: nothing to resume (no manifest.json)")
-        if not resume and self.root.is_dir():  # `--out .` would write config.yaml over the user's own
+        if fresh and not resume and self.root.is_dir():  # `--out .` would write config.yaml over the user's own
             other = sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))  # (.driver.lock)
             if other:
                 raise UserError(f"{self.root}: not empty ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) "
@@ -117,7 +119,7 @@ class RunDir:
                                 "would mix two problem sets (restore the data files, or use --force to accept)")
 
     def create(self, config_yaml: str, resume: bool, force: bool = False, problems: dict | None = None) -> None:
-        self.validate(config_yaml, resume, force, problems)
+        self.validate(config_yaml, resume, force, problems, fresh=False)
         try:
             self.root.mkdir(parents=True, exist_ok=True)
         except OSError as e:
