@@ -35,10 +35,12 @@ from pathlib import Path
 from .errors import RunError, UserError
 from .lease import NAME as LEASE
 from .lease import DriverLease
+from .remote import shown_uri
 
 STATE = ".mirror-state.json"
 LOCAL_ONLY = {".driver.lock", STATE, LEASE}  # the lease lives on the remote only
 MANIFEST = "manifest.json"
+MARKERS = {"restem_mstep.json"}  # files that say their folder is whole (training.FINISHED): uploaded after it
 BUCKET_STORES = ("s3", "gcs")  # file systems whose first path component is a bucket; they have no real folders
 SHARD = re.compile(r"iter_(\d+)/samples/part-[^/]+\.parquet")  # an E-step shard (restem_ray/storage.py)
 
@@ -49,16 +51,19 @@ def run_cache_root() -> Path:
     return Path(os.environ.get("RESTEM_CACHE", Path.home() / ".cache" / "restem-ray")) / "runs"
 
 
-def _first_line(e: Exception) -> str:
+def _first_line(e: Exception, uri: str | None = None) -> str:
     text = str(e).strip()
+    if uri:  # an error that repeats the URI it was given repeats its credentials
+        text = text.replace(uri, shown_uri(uri))
     return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 class RunMirror:
     def __init__(self, uri: str, cache: str | Path | None = None, what: str = "--out"):
-        self.uri, self.what = uri.rstrip("/"), what  # `what`: how errors name the URI
+        # `uri` opens the store (it may carry credentials); `self.uri` is what messages, names and the cache show
+        self._uri, self.uri, self.what = uri.rstrip("/"), shown_uri(uri).rstrip("/"), what
         key = hashlib.sha256(self.uri.encode()).hexdigest()[:16]
-        name = self.uri.split("?", 1)[0].rstrip("/").rsplit("/", 1)[-1] or "run"  # no query (endpoint, keys)
+        name = self.uri.rstrip("/").rsplit("/", 1)[-1] or "run"
         # the last name is kept: the M-step's Ray Train run is named after it, the same on every machine
         self.local = Path(cache or run_cache_root()) / key / name
         self.fs = self.path = None
@@ -70,9 +75,9 @@ class RunMirror:
             import pyarrow.fs as pafs
 
             try:
-                self.fs, self.path = pafs.FileSystem.from_uri(self.uri)
+                self.fs, self.path = pafs.FileSystem.from_uri(self._uri)
             except Exception as e:  # unknown scheme, malformed URI
-                raise UserError(f"{self.what} {self.uri}: cannot open ({_first_line(e)})") from None
+                raise UserError(f"{self.what} {self.uri}: cannot open ({_first_line(e, self._uri)})") from None
             self.path = self.path.rstrip("/")
         return self.fs
 
@@ -82,7 +87,7 @@ class RunMirror:
         except UserError:
             raise
         except Exception as e:  # bad credentials, unreachable endpoint
-            raise UserError(f"{self.what} {self.uri}: cannot open ({_first_line(e)})") from None
+            raise UserError(f"{self.what} {self.uri}: cannot open ({_first_line(e, self._uri)})") from None
 
     def check(self, write: bool = True) -> bool:
         """One line if the URI cannot hold a run directory (cannot be opened, no such bucket, a file there, not
@@ -108,7 +113,7 @@ class RunMirror:
                 f.write(b"ok")
             fs.delete_file(probe)
         except Exception as e:
-            raise UserError(f"{self.what} {self.uri}: not writable ({_first_line(e)})") from None
+            raise UserError(f"{self.what} {self.uri}: not writable ({_first_line(e, self._uri)})") from None
         return has_run
 
     def check_cluster(self) -> None:
@@ -138,7 +143,7 @@ class RunMirror:
         except FileNotFoundError:
             return None
         except Exception as e:
-            raise UserError(f"{self.what} {self.uri}/{MANIFEST}: cannot read ({_first_line(e)})") from None
+            raise UserError(f"{self.what} {self.uri}/{MANIFEST}: cannot read ({_first_line(e, self._uri)})") from None
 
     def _check_not_locked(self) -> None:
         lock = self.local / ".driver.lock"
@@ -164,7 +169,7 @@ class RunMirror:
         except UserError:
             raise
         except Exception as e:  # the store failing between the checks and the lease
-            raise UserError(f"{self.what} {self.uri}: cannot hold the driver lease ({_first_line(e)})") from None
+            raise UserError(f"{self.what} {self.uri}: cannot hold the driver lease ({_first_line(e, self._uri)})") from None
 
     def prepare(self, resume: bool, has_run: bool, reader: bool = False) -> None:
         """Make the local copy the run's working directory: downloaded on a resume when missing or behind the
@@ -178,6 +183,7 @@ class RunMirror:
             if self._local_manifest() is not None:  # a run committed here whose push failed: not ours to delete
                 raise UserError(f"{self.uri}: this machine's copy of it ({self.local}) holds a run not yet pushed; "
                                 "--resume continues it, or remove that folder to start anew")
+            self._check_empty()
             if self.local.exists():
                 shutil.rmtree(self.local)
             return
@@ -201,6 +207,21 @@ class RunMirror:
             return
         self.pull()
 
+    def _check_empty(self) -> None:
+        """A new run's prefix holds nothing yet (but the lease and write probes): a prefix with other files would
+        have its config.yaml written over, and an earlier run's shards there taken for this run's."""
+        import pyarrow.fs as pafs
+
+        try:
+            infos = self._open().get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
+        except Exception as e:
+            raise UserError(f"{self.what} {self.uri}: cannot list it ({_first_line(e, self._uri)})") from None
+        other = sorted(i.path[len(self.path) + 1:] for i in infos if i.type == pafs.FileType.File
+                       and i.base_name != LEASE and not i.base_name.startswith(".restem-write-test-"))
+        if other:
+            raise UserError(f"{self.what} {self.uri}: not empty ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''})"
+                            " and holds no run: give a new or empty prefix as the run directory")
+
     def _fill_shards(self, local: dict) -> None:
         """Download the remote's E-step shards of iterations not yet sampled here that this copy lacks (written
         by a driver on another machine since this copy was made): the resumed E-step does not sample them again."""
@@ -209,7 +230,7 @@ class RunMirror:
         try:
             infos = self._open().get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
         except Exception as e:
-            raise UserError(f"{self.what} {self.uri}: cannot list the run directory ({_first_line(e)})") from None
+            raise UserError(f"{self.what} {self.uri}: cannot list the run directory ({_first_line(e, self._uri)})") from None
         state, n = _read_state(self.local), 0
         for info in infos:
             rel = info.path[len(self.path) + 1:]
@@ -225,7 +246,12 @@ class RunMirror:
                     shutil.copyfileobj(src, out, 8 << 20)
             except Exception as e:
                 tmp.unlink(missing_ok=True)
-                raise UserError(f"{self.what} {self.uri}/{rel}: cannot download ({_first_line(e)})") from None
+                raise UserError(f"{self.what} {self.uri}/{rel}: cannot download ({_first_line(e, self._uri)})") from None
+            if not _whole_parquet(tmp):  # cut off by an older version's upload: sampled again, not adopted
+                tmp.unlink(missing_ok=True)
+                print(f"[restem] warning: {self.uri}/{rel} is not a whole Parquet file; its problems are sampled "
+                      "again", flush=True)
+                continue
             os.replace(tmp, dst)
             st = dst.stat()
             state[rel], n = [st.st_size, st.st_mtime_ns], n + 1  # it is on the remote as it is here
@@ -253,9 +279,19 @@ class RunMirror:
                             destination_filesystem=pafs.LocalFileSystem(), use_threads=True)
         except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"{self.what} {self.uri}: cannot download the run directory ({_first_line(e)})") from None
+            raise UserError(f"{self.what} {self.uri}: cannot download the run directory ({_first_line(e, self._uri)})") from None
         (tmp / STATE).unlink(missing_ok=True)
         (tmp / LEASE).unlink(missing_ok=True)  # the remote's own
+        try:
+            committed = json.loads((tmp / MANIFEST).read_text()).get("completed", {})
+        except (OSError, ValueError):
+            committed = {}
+        for rel, _ in list(_local_files(tmp)):  # shards of an E-step not yet committed: adopted only whole
+            m = SHARD.fullmatch(rel)
+            if m and f"{int(m[1])}/generate" not in committed and not _whole_parquet(tmp / rel):
+                (tmp / rel).unlink()
+                print(f"[restem] warning: {self.uri}/{rel} is not a whole Parquet file; its problems are sampled "
+                      "again", flush=True)
         state = {rel: sig for rel, sig in _local_files(tmp)}  # all of them are on the remote as they are here
         _write_state(tmp, state)
         shutil.rmtree(self.local, ignore_errors=True)
@@ -268,11 +304,16 @@ class RunMirror:
         state = _read_state(self.local)
         files = dict(_local_files(self.local))
         changed = [rel for rel, sig in files.items() if rel != MANIFEST and state.get(rel) != sig]
+        # A finished M-step's marker (restem_mstep.json) vouches for the weights beside it, as the manifest does for
+        # the phases: it goes in a second wave, once they are all up (locally one rename shows them together)
+        waves = [[r for r in changed if r.rsplit("/", 1)[-1] not in MARKERS],
+                 [r for r in changed if r.rsplit("/", 1)[-1] in MARKERS]]
         try:
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
-                for rel, sent in zip(changed, pool.map(self._upload, changed)):
-                    if sent:  # the size/mtime before the upload: a file that grew meanwhile goes again
-                        state[rel] = files[rel]
+                for wave in waves:
+                    for rel, sent in zip(wave, pool.map(self._upload, wave)):
+                        if sent:  # the size/mtime before the upload: a file that grew meanwhile goes again
+                            state[rel] = files[rel]
             if MANIFEST in files and state.get(MANIFEST) != files[MANIFEST]:
                 if self.lease is not None:
                     self.lease.check()  # again: the uploads above may have taken minutes (a checkpoint)
@@ -290,7 +331,7 @@ class RunMirror:
         except RunError:  # the lease was taken meanwhile: its own one line
             raise
         except Exception as e:
-            raise RunError(f"run directory {self.uri}: upload failed ({_first_line(e)}); the local copy "
+            raise RunError(f"run directory {self.uri}: upload failed ({_first_line(e, self._uri)}); the local copy "
                            f"{self.local} holds the run: --resume on this machine continues it") from None
         finally:
             _write_state(self.local, state)
@@ -313,7 +354,7 @@ class RunMirror:
         try:
             sent = self._upload(rel)
         except Exception as e:
-            print(f"[restem] warning: could not upload {rel} to {self.uri} ({_first_line(e)}); the next commit "
+            print(f"[restem] warning: could not upload {rel} to {self.uri} ({_first_line(e, self._uri)}); the next commit "
                   "sends it", flush=True)
             return
         if sent:
@@ -330,11 +371,33 @@ class RunMirror:
         if local_store:  # real folders, and no atomic object writes: a temporary name, then a rename
             fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
         tmp = dst + ".tmp" if local_store else dst
-        with src, fs.open_output_stream(tmp) as out:
-            shutil.copyfileobj(src, out, 8 << 20)
+        try:
+            with src, fs.open_output_stream(tmp) as out:
+                shutil.copyfileobj(src, out, 8 << 20)
+        except BaseException:
+            # An object store completes an upload at close(), which the `with` runs on any way out (SIGTERM's
+            # SystemExit in a rescheduled pod too): what was sent so far would stand under the file's real name,
+            # and a resume elsewhere would take it for a finished shard. (A SIGKILL never closes: nothing shows.)
+            if not local_store:
+                try:
+                    fs.delete_file(dst)
+                except Exception:
+                    pass
+            raise
         if local_store:
             fs.move(tmp, dst)
         return True
+
+
+def _whole_parquet(path: Path) -> bool:
+    """Whether a file ends in a Parquet footer that reads (an upload cut off on an object store does not)."""
+    import pyarrow.parquet as pq
+
+    try:
+        pq.read_metadata(path)
+        return True
+    except Exception:
+        return False
 
 
 def _local_files(root: Path):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import fcntl
 import hashlib
 import os
+import re
 import shutil
 import tempfile
 
@@ -19,6 +20,13 @@ from .errors import UserError
 
 def is_uri(path: str) -> bool:
     return "://" in str(path)
+
+
+def shown_uri(uri: str) -> str:
+    """A URI as messages and names show it: without credentials pyarrow accepts in it (s3://KEY:SECRET@bucket/...)
+    or a query (?access_key=...&secret_key=...)."""
+    uri = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", str(uri))
+    return uri.split("?", 1)[0]
 
 
 def _cache_root(cache_dir: str | None) -> str:
@@ -100,15 +108,16 @@ def check_uri(uri: str, what: str, expect_dir: bool) -> None:
     file for data): the same checks a local path gets, before any cluster work."""
     import pyarrow.fs as pafs
 
+    shown = shown_uri(uri)
     try:
         fs, path = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(path)
     except Exception as e:  # unknown scheme, bad credentials, unreachable endpoint
-        raise UserError(f"{what}: {uri}: cannot open ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise UserError(f"{what}: {shown}: cannot open ({type(e).__name__}: {why.replace(uri, shown)})") from None
     if info.type == pafs.FileType.NotFound:
-        raise UserError(f"{what}: {uri}: not found")
+        raise UserError(f"{what}: {shown}: not found")
     if expect_dir and info.type != pafs.FileType.Directory:
-        raise UserError(f"{what}: {uri}: not a folder")
+        raise UserError(f"{what}: {shown}: not a folder")
     if not expect_dir and info.type != pafs.FileType.File:
-        raise UserError(f"{what}: {uri}: not a file")
+        raise UserError(f"{what}: {shown}: not a file")

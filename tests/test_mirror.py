@@ -289,3 +289,86 @@ def test_a_remote_run_removed_since_the_last_push_is_uploaded_again_whole(tmp_pa
     assert resumed.read_samples(1).num_rows == 0  # selected already: its samples are not needed again
     with pytest.raises(RunError, match="committed E-step of iteration 2 has no samples files"):
         resumed.read_samples(2)
+
+
+def test_a_uri_with_credentials_shows_none_of_them():
+    """pyarrow opens s3://KEY:SECRET@bucket/...: messages, the working copy's name (and the Ray Train run named
+    after it) and errors show the URI without them."""
+    from restem_ray.remote import check_uri, shown_uri
+
+    assert shown_uri("s3://AKIAX:s3cr3t@bucket/runs/x?secret_key=k") == "s3://bucket/runs/x"
+    assert shown_uri("file:///tmp/a@b/run") == "file:///tmp/a@b/run"  # an @ in a path is no user info
+    m = RunMirror("s3://AKIAX:s3cr3t@bucket", cache="/c")
+    assert m.local.name == "bucket" and m.uri == "s3://bucket" and "s3cr3t" not in str(m.local)
+    with pytest.raises(UserError) as e:
+        RunMirror("nosuchfs://AKIAX:s3cr3t@bucket/run").check()
+    assert "s3cr3t" not in str(e.value) and "nosuchfs://bucket/run" in str(e.value)
+    with pytest.raises(UserError) as e:
+        check_uri("nosuchfs://AKIAX:s3cr3t@bucket/train.jsonl", "task.train_file", expect_dir=False)
+    assert "s3cr3t" not in str(e.value)
+
+
+def test_a_new_run_at_a_prefix_that_holds_other_files_is_refused(tmp_path):
+    """A prefix holding a user's files (or an earlier run's shards, and no manifest) would have its config.yaml
+    written over, and the shards taken for this run's."""
+    remote = tmp_path / "bucket" / "runs" / "x"
+    remote.mkdir(parents=True)
+    (remote / "config.yaml").write_text("MY OWN CONFIG")
+    m = RunMirror(f"file://{remote}", cache=tmp_path / "node-a")
+    assert m.check() is False
+    with pytest.raises(UserError, match=r"runs/x: not empty \(config.yaml\) and holds no run"):
+        m.prepare(resume=False, has_run=False)
+    assert (remote / "config.yaml").read_text() == "MY OWN CONFIG"
+
+
+def test_a_checkpoint_marker_goes_up_only_after_its_weights(tmp_path):
+    """restem_mstep.json says an M-step finished (a resume does not train it again): on the store it must not
+    stand beside weights that did not all arrive. A push cut off in the weights sends no marker."""
+    uri, m, run = started(tmp_path)
+    remote = tmp_path / "bucket" / "runs" / "x"
+    run.create("seed: 0\n", resume=False)
+    ckpt = run.iter_dir(1) / "checkpoint"
+    ckpt.mkdir()
+    for name in ("model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors", "config.json"):
+        (ckpt / name).write_bytes(b"w" * 100)
+    (ckpt / "restem_mstep.json").write_text("{}")
+    upload = m._upload
+
+    def cut_off(rel):
+        if rel.endswith("00002.safetensors"):
+            raise OSError("connection reset")
+        return upload(rel)
+
+    m._upload = cut_off
+    with pytest.raises(Exception, match="upload failed"):
+        run.complete(1, "improve", [{"loss": 1.0}])
+    assert not (remote / "iter_001" / "checkpoint" / "restem_mstep.json").exists()
+    m._upload = upload
+    sent = recording(m)
+    run.complete(1, "eval", [{"split": "valid", "pass@1": 0.5}])
+    assert sent.index("iter_001/checkpoint/restem_mstep.json") > max(
+        sent.index(r) for r in sent if r.endswith(".safetensors"))
+    assert (remote / "iter_001" / "checkpoint" / "restem_mstep.json").is_file()
+
+
+def test_a_cut_off_shard_on_the_store_is_sampled_again_not_adopted(tmp_path, capsys):
+    """An uncommitted shard that an older upload left cut off (an object store completes an upload at close, on
+    SIGTERM too) is dropped by a resume elsewhere, whole or by its shards alone, instead of failing every resume."""
+    uri, m, run = started(tmp_path)
+    remote = tmp_path / "bucket" / "runs" / "x"
+    run.create("seed: 0\n", resume=False)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.5}])
+    good = run.samples_dir(1) / "part-00000.parquet"
+    pq.write_table(pa.table({"id": ["a"], "reward": [1.0]}), good)
+    run.saved(good)
+    cut = remote / "iter_001" / "samples" / "part-00001.parquet"
+    cut.write_bytes(good.read_bytes()[:-20])  # no footer
+    b = RunMirror(uri, cache=tmp_path / "node-b")
+    b.prepare(resume=True, has_run=True)  # a new machine: the whole directory is downloaded
+    assert (b.local / "iter_001" / "samples" / "part-00000.parquet").is_file()
+    assert not (b.local / "iter_001" / "samples" / "part-00001.parquet").exists()
+    assert "part-00001.parquet is not a whole Parquet file; its problems are sampled again" in capsys.readouterr().out
+    a = RunMirror(uri, cache=tmp_path / "node-a")  # the machine that holds the run: only the missing shards come
+    a.prepare(resume=True, has_run=True)
+    assert not (a.local / "iter_001" / "samples" / "part-00001.parquet").exists()
+    assert "part-00001.parquet is not a whole Parquet file" in capsys.readouterr().out

@@ -163,3 +163,32 @@ def test_a_run_directory_in_a_missing_bucket_or_unreachable_store_is_one_line(s3
     err = capsys.readouterr().err
     assert err.startswith(f"restem-ray: error: --out {s3}/runs/x: cannot open (") and err.count("\n") == 1, err
     assert not (tmp_path / "cache").exists()
+
+
+def test_an_upload_cut_off_by_sigterm_leaves_no_object_on_s3(s3, tmp_path, monkeypatch):
+    """S3 completes a multipart upload at close(), which a `with` runs on SystemExit too (SIGTERM in a driver
+    pod that is rescheduled): the part sent so far would stand under the shard's real name, and a resume on
+    another machine would take it for a finished shard. The cut-off object is removed (real S3 protocol, moto)."""
+    import pyarrow.fs as pafs
+
+    import restem_ray.mirror as mirror_module
+    from restem_ray.mirror import RunMirror
+
+    m = RunMirror(f"{s3}/runs/cut", cache=tmp_path / "node")
+    m.check()
+    rel = "iter_001/samples/part-00000.parquet"
+    (m.local / "iter_001" / "samples").mkdir(parents=True)
+    (m.local / rel).write_bytes(b"x" * (20 << 20))
+    copy = mirror_module.shutil.copyfileobj
+
+    def sigterm_after_a_chunk(src, dst, length):
+        dst.write(src.read(length))
+        raise SystemExit(15)
+
+    monkeypatch.setattr(mirror_module.shutil, "copyfileobj", sigterm_after_a_chunk)
+    with pytest.raises(SystemExit):
+        m._upload(rel)
+    fs, path = pafs.FileSystem.from_uri(f"{s3}/runs/cut/{rel}")
+    assert fs.get_file_info(path).type == pafs.FileType.NotFound
+    monkeypatch.setattr(mirror_module.shutil, "copyfileobj", copy)
+    assert m._upload(rel) and fs.get_file_info(path).size == 20 << 20

@@ -23,7 +23,7 @@ from typing import Callable
 
 from ..data import _read_rows, _required
 from ..errors import UserError, where
-from ..remote import check_uri, is_uri, local_file_copy
+from ..remote import check_uri, is_uri, local_file_copy, shown_uri
 from . import apps, gsm8k, hendrycks_math, humaneval, mbpp
 from .common import BadField
 
@@ -42,11 +42,11 @@ def read_rows(path: str | Path, what: str = "problem file") -> list[tuple[str, d
     if is_uri(path):
         uri = str(path)
         check_uri(uri, what, expect_dir=False)
-        local = local_file_copy(uri)
+        local, shown = local_file_copy(uri), shown_uri(uri)  # (locations without credentials in the URI)
         try:
-            return [(loc.replace(local, uri, 1), row) for loc, row in read_rows(local, what)]
+            return [(loc.replace(local, shown, 1), row) for loc, row in read_rows(local, what)]
         except UserError as e:
-            raise UserError(str(e).replace(local, uri)) from None
+            raise UserError(str(e).replace(local, shown)) from None
     p = Path(path)
     if not p.is_file():
         raise UserError(f"{p}: {what} not found")
