@@ -11,7 +11,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from .errors import UserError
 
@@ -29,15 +29,15 @@ class TaskConfig(_Section):
     train_file: str = Field(..., min_length=1, description="Training problems (JSONL, JSONL.gz or Parquet): id, prompt, answer; "
                                              "or rows in the released format named by task.dataset. Every data file "
                                              "may be a local path or a pyarrow.fs URI (s3://, gs://, ...).")
-    valid_file: str | None = Field(None, min_length=1, description="Validation problems, used for early stopping (or carve them "
+    valid_file: str | None = Field(None, description="Validation problems, used for early stopping (or carve them "
                                                      "out of train_file with task.valid_split).")
-    test_file: str | None = Field(None, min_length=1, description="Test problems, reported but never used for decisions.")
+    test_file: str | None = Field(None, description="Test problems, reported but never used for decisions.")
     extra_eval_files: dict[str, str] = Field(
         default_factory=dict, description="More held-out splits to report, name -> file (e.g. transfer).")
     max_train_problems: int | None = Field(None, ge=1, description="Use only the first N train problems.")
     max_eval_problems: int | None = Field(None, ge=1, description="Use only the first N problems per eval split.")
     seed_file: str | None = Field(
-        None, min_length=1, description="Human-written solutions (id, prompt, solution, or the task.dataset format where it has "
+        None, description="Human-written solutions (id, prompt, solution, or the task.dataset format where it has "
                           "worked solutions: gsm8k, math): the control arm's data, and the M-step's with "
                           "training.mix_seed_data. Never used by ReST^EM itself by default.")
     step_checker: str | None = Field(
@@ -70,6 +70,11 @@ class TaskConfig(_Section):
         default_factory=dict, description="Another released format for some eval splits, split name -> dataset "
                                           "(e.g. {transfer: gsm8k} next to dataset: math, or {humaneval: humaneval} "
                                           "next to dataset: apps); task.columns/adapter do not apply to them.")
+
+    @field_validator("valid_file", "test_file", "seed_file", mode="before")
+    @classmethod
+    def _empty_is_none(cls, v):
+        return None if v == "" else v  # `--set task.test_file=` drops the split, as null does
 
     @model_validator(mode="after")
     def _check_task(self) -> "TaskConfig":
@@ -620,6 +625,8 @@ class _UniqueKeyLoader(yaml.SafeLoader):
     def construct_mapping(self, node, deep=False):
         seen: dict = {}
         for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *defaults`: merged keys may be given again
+                continue
             key = self.construct_object(key_node, deep=True)
             try:
                 line = seen.setdefault(key, key_node.start_mark.line + 1)

@@ -57,7 +57,8 @@ def _required(row: dict, task_kind: str) -> str | None:
         return bad
     if task_kind == "math" and (row.get("answer") is None or str(row["answer"]).strip() == ""):
         return missing("answer")
-    if task_kind == "math" and isinstance(row["answer"], (bool, bytes, bytearray, float)) and not _scalar(row["answer"]):
+    if task_kind == "math" and (isinstance(row["answer"], (bytes, bytearray)) or (
+            isinstance(row["answer"], float) and not math.isfinite(row["answer"]))):  # (a bool is graded as text)
         return f"field 'answer' must be text or a number (got {_kind(row['answer'])})"
     if task_kind == "solutions":  # human-written worked solutions (task.seed_file)
         sol = row.get("solution")

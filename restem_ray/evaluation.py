@@ -1,12 +1,13 @@
 """Evaluation metrics: greedy pass@1, unbiased pass@k (Chen et al. 2021), maj@k."""
 from __future__ import annotations
 
+import functools
 import re
 from collections import Counter, defaultdict
 
 import numpy as np
 
-from .verification import _parse, as_number, call_with_timeout, extract_answer, seen_prompt
+from .verification import _parse, as_number, call_with_timeout, extract_answer, seen_prompt, warm_math
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -24,31 +25,44 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 _CORRECT = ("correct",)
 
 
-VOTE_PARSE_S = 2.0  # math-verify's parse of one wrong answer, in the driver: past it the answer votes as text
+VOTE_PARSE_S = 2.0  # math-verify's reading of one wrong answer, in the driver: past it the answer votes as text
 
 
+@functools.lru_cache(maxsize=1 << 16)
 def _vote_key(answer: str) -> tuple:
     """What a wrong answer votes as, so that answers the grader would call equal vote together: a number by its
-    value ("1,000", "1000", "1000." are one answer), math by math-verify's parse (`\\frac12`, `\\dfrac{1}{2}`
-    and 0.5 are one number; `x+1` and `1+x` one expression), other text without spacing and \\left/\\right."""
+    value ("1,000", "1000", "1000." are one answer), math by math-verify's reading (`\\frac12`, `\\dfrac{1}{2}`
+    and 0.5 are one number; `x+1` and `1+x` one expression), words and what math-verify cannot read in time as
+    text without spacing and \\left/\\right. Cached, failures too: a split's samples repeat their answers."""
     answer = answer.replace("\\$", "")
     number = as_number(answer)
     if number is not None:
         return ("number", float(f"{number:.12g}"))
-    try:
-        parsed = call_with_timeout(_parse, (answer,), VOTE_PARSE_S)
-    except Exception:  # (a timeout or a parse error: the answer still votes, as text)
-        parsed = None
-    if parsed and not isinstance(parsed[0], str):
-        expr = parsed[0]
+    if not re.fullmatch(r"[A-Za-z\s.,']*", answer):  # (words are no math: "yes" would read as y*e*s)
+        warm_math()  # the import outside the timer: an alarm inside it would leave sympy half-loaded
         try:
-            if getattr(expr, "is_number", False):
-                return ("number", float(f"{float(expr):.12g}"))
-        except (TypeError, ValueError, OverflowError):  # complex, or too large for a float
-            pass
-        return ("math", str(expr))
+            key = call_with_timeout(_math_key, (answer,), VOTE_PARSE_S)
+        except Exception:  # (a timeout or a parse error: the answer still votes, as text)
+            key = None
+        if key is not None:
+            return key
     text = re.sub(r"\\[dt]frac", r"\\frac", answer)
     return ("text", re.sub(r"\\left|\\right|\s+", "", text).rstrip("."))
+
+
+def _math_key(answer: str) -> tuple | None:
+    """math-verify's reading as a vote key, all of it under the caller's time limit (a float of `9!!!!` alone
+    runs for minutes)."""
+    parsed = _parse(answer)
+    if not parsed or isinstance(parsed[0], str):
+        return None
+    expr = parsed[0]
+    try:
+        if getattr(expr, "is_number", False):
+            return ("number", float(f"{float(expr):.12g}"))
+    except (TypeError, ValueError, OverflowError):  # complex, or too large for a float
+        pass
+    return ("math", str(expr))
 
 
 def majority_correct(rows: list[dict]) -> float:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import functools
 import json
 import random
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -293,34 +294,64 @@ def check_sampler(cfg: RestemConfig, task: Task) -> None:
         probe = [{"role": "system", "content": "S"}, {"role": "user", "content": "Q1"},
                  {"role": "assistant", "content": "A1"}, {"role": "user", "content": "Q2"}]
 
-        def render(t):
+        def shape(t):
+            """The rendered probe's special tokens in order (its turn structure; a date a template writes, as
+            Llama-3.2's does, may differ), or the whole text where the template writes none."""
             try:
-                return t.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+                text = t.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
             except Exception as e:
                 return f"(fails: {type(e).__name__})"
-        if not getattr(tok, "chat_template", None) or render(tok) != render(base_tok):
+            specials = {x for x in t.all_special_tokens} | {a.content for a in t.added_tokens_decoder.values() if a.special}
+            found = re.findall("|".join(re.escape(x) for x in sorted(specials, key=len, reverse=True)), text) \
+                if specials else []
+            return found or text
+        if not getattr(tok, "chat_template", None) or shape(tok) != shape(base_tok):
             raise UserError(f"model.sampler: {sampler}: its chat template renders a conversation differently from "
                             f"model.base's, with which every prompt is rendered; use a sampler of the base's chat "
                             "format, or plain-text prompts (prompt.chat_template: false)")
 
 
-def check_model_len(cfg: RestemConfig, splits: dict[str, list[dict]], tok, model: str | None = None) -> None:
-    """vLLM ends every sample at max_model_len tokens, prompt included (finish_reason "length"): a prompt that
-    leaves less than sampling.max_tokens there would have all its samples cut short, counted truncated (and
-    dropped by selection), and a prompt that fills it fails its request mid-run. Fail now instead. The limit is
+def engine_limit(cfg: RestemConfig, model: str | None = None) -> tuple[int | None, str]:
+    """The most tokens vLLM gives a sequence, prompt included, and where that limit comes from:
     engine_kwargs.max_model_len, else the model's own context (max_position_embeddings, when its config does
-    not scale RoPE: vLLM then derives a longer one itself)."""
-    limit, source = cfg.sampling.engine_kwargs.get("max_model_len"), "sampling.engine_kwargs.max_model_len"
-    if not isinstance(limit, int):
-        limit, source = _context_length(model or cfg.model.base), f"the context of {model or cfg.model.base}"
+    not scale RoPE: vLLM then derives a longer one itself); None when neither is known."""
+    limit = cfg.sampling.engine_kwargs.get("max_model_len")
+    if isinstance(limit, int):
+        return limit, "sampling.engine_kwargs.max_model_len"
+    model = model or cfg.model.sampler or cfg.model.base
+    return _context_length(model), f"the context of {model}"
+
+
+def check_model_len(cfg: RestemConfig, splits: dict[str, list[dict]], tok, model: str | None = None) -> None:
+    """vLLM ends every sample at max_model_len tokens, prompt included (finish_reason "length"), and fails the
+    request of a prompt that fills it. A prompt that fills it is refused, in any split. One that leaves less than
+    sampling.max_tokens is refused in train, where every such sample would be cut short, counted truncated and
+    never kept (task.leave_out_long_prompts leaves those problems out instead); in an eval split, which keeps
+    every problem, it is a warning with the count: its samples may end early."""
+    limit, source = engine_limit(cfg, model)
     if limit is None:
         return
-    pid, longest = _longest(tok, [(f"{n} problem {r['id']!r}", r["prompt"]) for n, rs in splits.items() for r in rs])
     m = cfg.sampling.max_tokens
-    if longest + m > limit:
-        raise UserError(f"{source} ({limit} tokens) is shorter than the longest prompt ({longest} tokens, {pid}) + "
-                        f"sampling.max_tokens {m} = {longest + m}: vLLM would cut its samples short. Raise "
-                        "max_model_len (up to the model's context), lower sampling.max_tokens, or shorten the prompt")
+    for name, rows in splits.items():
+        lengths = _lengths(tok, [r["prompt"] for r in rows])
+        if not lengths:
+            continue
+        i = max(range(len(rows)), key=lengths.__getitem__)
+        longest, pid = lengths[i], f"{name} problem {rows[i]['id']!r}"
+        if longest >= limit:
+            raise UserError(f"{source} ({limit} tokens) leaves no room after the longest prompt ({longest} tokens, "
+                            f"{pid}): raise it (up to the model's context) or shorten the prompt")
+        if longest + m <= limit:
+            continue
+        if name == "train":
+            raise UserError(f"{source} ({limit} tokens) is shorter than the longest prompt ({longest} tokens, {pid}) "
+                            f"+ sampling.max_tokens {m} = {longest + m}: vLLM would cut its samples short. Raise "
+                            "max_model_len (up to the model's context), lower sampling.max_tokens, or leave such "
+                            "problems out (task.leave_out_long_prompts: true)")
+        n = sum(x + m > limit for x in lengths)
+        print(f"[restem] warning: {n} of the {len(rows)} {name} prompts leave fewer than sampling.max_tokens {m} "
+              f"tokens within {source} ({limit}); their samples may end early (the longest: {longest} tokens, "
+              f"{pid})", flush=True)
 
 
 def _context_length(model: str) -> int | None:
@@ -332,9 +363,11 @@ def _context_length(model: str) -> int | None:
             config = json.load(f)
     except (OSError, ValueError):
         return None
-    config = config.get("text_config", config) if isinstance(config, dict) else {}
-    n = config.get("max_position_embeddings") if isinstance(config, dict) else None
-    if not isinstance(n, int) or config.get("rope_scaling") or config.get("rope_parameters", {}).get("factor"):
+    config = config.get("text_config") or config if isinstance(config, dict) else {}
+    if not isinstance(config, dict):
+        return None
+    n, rope = config.get("max_position_embeddings"), config.get("rope_parameters")
+    if not isinstance(n, int) or config.get("rope_scaling") or (isinstance(rope, dict) and rope.get("factor")):
         return None
     return n
 
@@ -352,12 +385,17 @@ def fitting_prompts(cfg: RestemConfig, train: list[dict], tok) -> list[dict]:
     """task.leave_out_long_prompts: the train problems whose prompt leaves a full completion room in
     training.max_seq_len (check_lengths' rule), the others left out on one line."""
     room = cfg.training.max_seq_len - cfg.sampling.max_tokens
-    kept = [r for r, n in zip(train, _lengths(tok, [r.get("train_prompt", r["prompt"]) for r in train])) if n <= room]
+    limit, _ = engine_limit(cfg)  # ... and the sampling prompt leaves a full completion room in vLLM's
+    fits = [n <= room for n in _lengths(tok, [r.get("train_prompt", r["prompt"]) for r in train])]
+    if limit is not None:
+        fits = [f and n + cfg.sampling.max_tokens <= limit for f, n in zip(fits, _lengths(tok, [r["prompt"] for r in train]))]
+    kept = [r for r, f in zip(train, fits) if f]
+    rule = (f"training.max_seq_len {cfg.training.max_seq_len} - sampling.max_tokens {cfg.sampling.max_tokens} = "
+            f"{room} tokens" + (f", or whose sampling prompt leaves less than sampling.max_tokens within "
+                                f"max_model_len {limit}" if limit is not None else ""))
     if not kept:
-        raise UserError(f"task.leave_out_long_prompts: every train prompt is longer than training.max_seq_len "
-                        f"{cfg.training.max_seq_len} - sampling.max_tokens {cfg.sampling.max_tokens} = {room} tokens")
+        raise UserError(f"task.leave_out_long_prompts: every train prompt is longer than {rule}")
     if len(kept) < len(train):
         print(f"[restem] {cfg.task.train_file}: left out {len(train) - len(kept)} of {len(train)} train problems "
-              f"whose prompt is longer than training.max_seq_len {cfg.training.max_seq_len} - sampling.max_tokens "
-              f"{cfg.sampling.max_tokens} = {room} tokens (task.leave_out_long_prompts)", flush=True)
+              f"whose prompt is longer than {rule} (task.leave_out_long_prompts)", flush=True)
     return kept

@@ -209,3 +209,10 @@ def test_a_key_given_twice_is_refused_and_an_empty_section_takes_its_defaults(tm
     assert load_config(p).sampling.temperature == 0.7 and load_config(p).prompt is None
     c = load_config(p, ["sampling.temperature=0.5", "prompt.system=Be brief."])
     assert c.sampling.temperature == 0.5 and c.prompt.system == "Be brief."
+    # merge keys are no duplicates: a key merged in may be given again (YAML's override)
+    p.write_text("base: &d {lr: 0.0001, epochs: 2}\ntask: {train_file: t.jsonl, valid_file: v.jsonl}\n"
+                 "model: {base: m}\ntraining:\n  <<: *d\n  epochs: 3\n")
+    from restem_ray.config import read_yaml
+    assert read_yaml(p)["training"] == {"lr": 0.0001, "epochs": 3}
+    # an optional file given empty drops its split, as null does
+    assert load_config(write(tmp_path, MIN), ["task.test_file="]).task.test_file is None

@@ -77,3 +77,16 @@ def test_summarize_samples_per_problem():
     s = summarize_samples(rows, 2)
     assert s["pass@2"] == pytest.approx(0.5)
     assert s["maj@2"] == pytest.approx(0.25)  # a: a tie of 1 right and 1 wrong (1/2); b: wrong
+
+
+def test_a_vote_key_is_bounded_in_time_and_words_are_not_math():
+    """math-verify's reading runs under a time limit, its float conversion included (`9!!!!` as a float alone runs
+    for minutes); words vote as words ("yes" would read as the product y*e*s, an anagram's equal)."""
+    import time
+
+    from restem_ray.evaluation import VOTE_PARSE_S, _vote_key
+
+    start = time.monotonic()
+    assert _vote_key("9!!!!") == ("text", "9!!!!")
+    assert time.monotonic() - start < VOTE_PARSE_S + 5
+    assert _vote_key("yes") != _vote_key("sey") and _vote_key("Yes") != _vote_key("yes")

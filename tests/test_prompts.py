@@ -251,25 +251,36 @@ def test_check_refuses_max_seq_len_below_longest_prompt_plus_max_tokens(tmp_path
     # trained zero-shot, the same samples fit (sampling still uses the 8-shot prompt)
     assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 0
     capsys.readouterr()
-    # vLLM ends a sample at max_model_len, prompt included: the longest prompt must leave max_tokens there
-    longest = max(len(tok(r["prompt"]).input_ids) for split in (load_task(cfg).train, *load_task(cfg).evals.values())
-                  for r in split)
-    for limit in (1024, longest + 511):
+    # vLLM ends a sample at max_model_len, prompt included: the longest train prompt must leave max_tokens there
+    task = load_task(cfg)
+    train = [len(tok(r["prompt"]).input_ids) for r in task.train]
+    valid = [len(tok(r["prompt"]).input_ids) for r in task.evals["valid"]]
+    longest = max(train)
+    for limit in (max(longest, max(valid)) + 1, longest + 511):
         assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false", "--set",
                      f"sampling.engine_kwargs.max_model_len={limit}"]) == 2
         err = capsys.readouterr().err
         assert (f"sampling.engine_kwargs.max_model_len ({limit} tokens) is shorter than the longest prompt ({longest} "
-                f"tokens, ") in err and f"+ sampling.max_tokens 512 = {longest + 512}: vLLM would cut" in err
+                "tokens, train problem") in err and "vLLM would cut its samples short" in err
     assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false", "--set",
-                 f"sampling.engine_kwargs.max_model_len={longest + 512}"]) == 0
-    capsys.readouterr()
+                 f"sampling.engine_kwargs.max_model_len={longest}"]) == 2
+    assert f"({longest} tokens) leaves no room after the longest prompt" in capsys.readouterr().err
+    # ... an eval split keeps every problem: a warning with the count, not a refusal
+    limit = max(longest + 512, max(valid) + 1)
+    assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false", "--set",
+                 f"sampling.engine_kwargs.max_model_len={limit}"]) == 0
+    out = capsys.readouterr().out
+    short = sum(n + 512 > limit for n in valid)
+    assert (f"warning: {short} of the {len(valid)} valid prompts leave fewer than sampling.max_tokens 512" in out) == (short > 0)
     # no max_model_len: the model's own context is the limit (vLLM's default), unless its config scales RoPE
     model_config = Path(cfg.model.base) / "config.json"
     model_config.write_text(json.dumps({"max_position_embeddings": longest + 100}))
     assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 2
     assert f"the context of {cfg.model.base} ({longest + 100} tokens) is shorter" in capsys.readouterr().err
-    model_config.write_text(json.dumps({"max_position_embeddings": longest + 100,
-                                        "rope_scaling": {"rope_type": "yarn", "factor": 4.0}}))
+    for rope in ({"rope_scaling": {"rope_type": "yarn", "factor": 4.0}}, {"rope_parameters": {"factor": 4.0}}):
+        model_config.write_text(json.dumps({"max_position_embeddings": longest + 100, **rope}))
+        assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 0
+    model_config.write_text(json.dumps({"max_position_embeddings": 10**6, "rope_parameters": None}))
     assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 0
     capsys.readouterr()
     model_config.write_text("{}")
@@ -419,6 +430,14 @@ def test_a_sampler_that_would_read_the_prompts_otherwise_is_refused(tmp_path):
         return load_config_with_sampler(tmp_path, base, sampler, p)
 
     check_sampler(*cfg_with(chat_model(tmp_path / "same", "<|im_end|>")))  # the instruct model of the base
+    dated = tmp_path / "dated"  # the same turns, but a date in the system turn (as Llama-3.2's template writes)
+    dated.mkdir()
+    (dated / "config.json").write_text("{}")
+    tok = build_chat_tokenizer()
+    tok.chat_template = tok.chat_template.replace("'<|im_start|>system\\n'", "'<|im_start|>system\\nToday: 5 Dec.\\n'")
+    assert "Today: 5 Dec." in tok.apply_chat_template([{"role": "system", "content": "S"}], tokenize=False)
+    tok.save_pretrained(dated)
+    check_sampler(*cfg_with(dated))
     other = tmp_path / "other-format"
     other.mkdir()
     (other / "config.json").write_text("{}")
@@ -440,3 +459,21 @@ def load_config_with_sampler(tmp_path, base, sampler, prompt):
     cfg = config(tmp_path, gsm8k_task(), prompt, model=base)
     cfg = cfg.model_copy(update={"model": cfg.model.model_copy(update={"sampler": str(sampler)})})
     return cfg, load_task(cfg)
+
+
+def test_an_eval_prompt_past_the_engine_limit_is_a_warning_not_a_refusal(tmp_path, capsys):
+    """Eval splits keep every problem (APPS' long tail): a prompt that leaves less than max_tokens within the
+    engine's limit only warns, with the count; one that fills the limit alone is refused (vLLM fails it)."""
+    from restem_ray.prompts import check_model_len
+
+    cfg = config(tmp_path, gsm8k_task(), sampling={"max_tokens": 50, "engine_kwargs": {"max_model_len": 120}})
+    tok = build_tokenizer()
+    row = lambda i, n: {"id": str(i), "prompt": "x" * n}  # noqa: E731  (a character-level tokenizer)
+    check_model_len(cfg, {"train": [row(0, 60)], "test": [row(1, 60), row(2, 80), row(3, 90)]}, tok)
+    out = capsys.readouterr().out
+    assert "warning: 2 of the 3 test prompts leave fewer than sampling.max_tokens 50 tokens within " \
+           "sampling.engine_kwargs.max_model_len (120)" in out
+    with pytest.raises(UserError, match=r"leaves no room after the longest prompt \(\d+ tokens, test problem '2'\)"):
+        check_model_len(cfg, {"train": [row(0, 60)], "test": [row(1, 60), row(2, 130)]}, tok)
+    with pytest.raises(UserError, match=r"is shorter than the longest prompt \(\d+ tokens, train problem '0'\)"):
+        check_model_len(cfg, {"train": [row(0, 90)], "test": [row(1, 60)]}, tok)
