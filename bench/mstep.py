@@ -74,7 +74,7 @@ def plain_loop(model_dir: str, data_file: Path, cfg: TrainingConfig, world: int)
     for plan in plans:
         for (idx,) in plan:
             batch = collate([data[i] for i in idx], tok.pad_token_id)
-            real += int(batch["attention_mask"].sum())
+            real += int(batch.pop("attention_mask").sum())  # dropped, as the M-step drops it: the same kernels
             loss = engine(**batch, use_cache=False).loss
             engine.backward(loss)
             engine.step()

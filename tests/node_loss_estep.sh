@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # A node lost mid-E-step with no room elsewhere: start `restem-ray demo` on a two-node Ray cluster (127.0.0.1,
 # private network namespace) whose only place for the sampler replica is the second node, then SIGKILL that
-# node's raylet and everything under it once the E-step samples. Used by
+# node's raylet and everything under it once the E-step has written its first shard. Used by
 # test_multinode.py::test_a_replica_whose_node_is_lost_without_a_replacement_stops_the_e_step_in_one_line.
 #   unshare --net --pid --fork --mount-proc bash tests/node_loss_estep.sh OUT_DIR [demo args...]
 set -euo pipefail
@@ -17,8 +17,8 @@ head_raylet=$(pgrep -x raylet)
 second=$(pgrep -x raylet | grep -vx "$head_raylet")
 python -m restem_ray.cli demo --out "$out" --set ray.address=127.0.0.1:6379 "$@" > "$out.log" 2>&1 &
 demo=$!
-for _ in $(seq 600); do  # wait until the E-step samples, then lose the second node
-  grep -q "E-step 1" "$out.log" 2>/dev/null && break
+for _ in $(seq 600); do  # wait until the E-step has finished a shard, then lose the second node
+  compgen -G "$out/iter_001/samples/part-*.parquet" >/dev/null && break
   kill -0 $demo 2>/dev/null || break
   sleep 0.5
 done

@@ -97,8 +97,9 @@ def test_sum_over_ranks_needs_a_device_and_sums_in_float64(monkeypatch):
 
 def test_a_backend_without_cpu_support_refuses_the_old_tally():
     """NCCL's refusal reproduced on CPU: a process group whose only backend serves CUDA tensors gives the error
-    the first GPU M-step died of, for the tensor the old line built; the tally on the backend's device type
-    is what sum_over_ranks builds there (it is given engine.device)."""
+    the first GPU M-step died of, for the tensor the old line built. (This machine has no CUDA device to build
+    the accepted tally on; that sum_over_ranks puts its tensor on the device it is given, and that the M-step gives
+    it engine.device, the tests above check.)"""
     code = (
         "import os, torch, torch.distributed as dist\n"
         f"os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT='{free_port()}')\n"

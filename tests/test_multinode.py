@@ -63,6 +63,7 @@ def test_a_replica_whose_node_is_lost_without_a_replacement_stops_the_e_step_in_
     assert "sampling.placement_timeout_s 15" in errors[-1] and "Traceback" not in log
     assert time.monotonic() - t0 < 600 and lost > 0
     assert not json.loads((out / "manifest.json").read_text())["completed"].get("1/generate")
+    assert list((out / "iter_001" / "samples").glob("part-*.parquet"))  # the shards finished before the loss
 
 
 def test_a_run_without_ray_address_starts_its_own_ray_beside_a_ray_start_cluster(tmp_path):

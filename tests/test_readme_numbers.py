@@ -155,6 +155,25 @@ def demo_quotes():
         out.append(f"| {t} | {r['generate']['train pass@8']:.3f} | {r['valid']['pass@1']:.3f} | ")
         out.append(f"| {r['transfer']['pass@1']:.3f} / {r['transfer']['pass@4']:.3f} | {r['select']['kept']} | "
                    f"{r['select']['kept_false_positive_rate']:.0%} | {r['improve']['seconds']:.0f} |")
+    f0, fc, f2 = fixed[0], fixed["control"], fixed[2]
+    te = lambda r, bold=False: (f"**{r['test']['pass@1']:.3f}**" if bold else f"{r['test']['pass@1']:.3f}") + \
+        f" / {r['test']['pass@4']:.3f} / {r['test']['maj@4']:.3f}"  # noqa: E731
+    tr = lambda r: f"{r['transfer']['pass@1']:.3f} / {r['transfer']['pass@4']:.3f}"  # noqa: E731
+    out.append(f"| 0 (base) | - | {f0['valid']['pass@1']:.3f} | {te(f0)} | {tr(f0)} | - | - | - |")
+    out += [f"| {te(fixed[1])} |", f"| {te(f2, bold=True)} |"]
+    out.append(f"| control | - | {fc['valid']['pass@1']:.3f} | {te(fc)} | {tr(fc)} | ({fc['improve']['rows']} seeds x "
+               f"{fc['improve']['epochs']} epochs) | - | {fc['improve']['seconds']:.0f} |")
+    out.append(f"raises test greedy pass@1 from {100 * f0['test']['pass@1']:.1f}% to {100 * f2['test']['pass@1']:.1f}% "
+               f"(+{100 * (f2['test']['pass@1'] - f0['test']['pass@1']):.1f} points; "
+               f"+{100 * (f2['test']['pass@1'] - fc['test']['pass@1']):.1f} over the control arm)")
+    out.append(f"({f0['transfer']['pass@1']:.3f} -> {f2['transfer']['pass@1']:.3f}; control "
+               f"{fc['transfer']['pass@1']:.3f})")
+    best = lambda run: max(run[t]["test"]["pass@1"] for t in (1, 2))  # noqa: E731
+    ga, gf = (sum(run[t]["generate"][k] for t in (1, 2)) for run, k in ((adaptive, "seconds"), (fixed, "seconds")))
+    ta, tf = (sum(run[t]["generate"]["completion_tokens"] for t in (1, 2)) for run in (adaptive, fixed))
+    out.append(f"Adaptive spent {ga / gf:.2f}x the E-step time and {ta / tf:.2f}x the tokens")
+    out.append(f"its best iterate scored {100 * (best(adaptive) - best(fixed)):.1f} test points above fixed-K's (the "
+               f"control arm, sized to the smaller M-step, scored {adaptive['control']['test']['pass@1']:.3f})")
     for label, run in (("fixed K = 8", fixed), ("adaptive", adaptive)):
         g, s, e = ([run[t][k] for t in (1, 2)] for k in ("generate", "select", "test"))
         v, tr = ([run[t][k]["pass@1"] for t in (1, 2)] for k in ("valid", "transfer"))
