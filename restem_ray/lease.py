@@ -81,6 +81,7 @@ class DriverLease:
         # M-step or E-step in flight does not go on for hours (Ray Train uploads its own checkpoints)
         self.on_lost = None
         self._outage = False  # the renewals stopped on an unreachable store (not a loss by itself)
+        self._period = self.every_s  # seconds between this driver's beats, as measured (written in the lease)
         self._since = None
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
@@ -100,13 +101,20 @@ class DriverLease:
         return lease if isinstance(lease, dict) and "owner" in lease else TORN
 
     def _write(self) -> None:
+        # period_s: how far apart this driver's beats really come (its renewal interval plus a read and a write of
+        # the lease), which a watcher waits 3 of: against a slow store, 3 renewal intervals alone can pass between
+        # two beats of a live driver
         lease = {"owner": self.owner, "process": PROCESS, "host": socket.gethostname(), "pid": os.getpid(),
-                 "machine": machine_id(), "beat": self.beat, "every_s": self.every_s, "since": self._since}
+                 "machine": machine_id(), "beat": self.beat, "every_s": self.every_s, "since": self._since,
+                 "period_s": round(self._period, 3)}
         tmp = self.path if self.whole_writes else f"{self.path}.{self.owner[:8]}.tmp"
+        start = time.monotonic()
         with self.fs.open_output_stream(tmp) as f:
             f.write(json.dumps(lease).encode())
         if not self.whole_writes:
             self.fs.move(tmp, self.path)  # readers never see half a lease
+        # before the first renewal has measured a period: the interval and a read and a write as slow as this one
+        self._period = max(self._period, self.every_s + 2 * (time.monotonic() - start))
 
     @staticmethod
     def describe(lease) -> str:
@@ -144,8 +152,9 @@ class DriverLease:
             if held.get("machine") == machine_id() and isinstance(pid, int) and not _pid_alive(pid):
                 print(f"[restem] the run's last driver ({self.describe(held)}) is gone: taking its lease")
                 return True
-        try:
-            every = min(max(float(held.get("every_s", 30)), 0.1), 300.0) if isinstance(held, dict) else 30.0
+        try:  # the holder's beats as they really come (period_s), not only its renewal interval
+            every = min(max(float(held.get("every_s", 30)), float(held.get("period_s", 0)), 0.1), 600.0) \
+                if isinstance(held, dict) else 30.0
         except (TypeError, ValueError):
             every = 30.0
         window = 3 * every
@@ -182,6 +191,9 @@ class DriverLease:
                         self.on_lost(self.lost_text())
                     return
                 self.beat += 1
+                if not self._outage and time.monotonic() - last_ok < 2 * self._period + self.every_s:
+                    # a beat after a beat (not the first after an outage): its spacing, slow ones remembered
+                    self._period = max(self.every_s, time.monotonic() - last_ok, 0.8 * self._period)
                 self._write()
                 last_ok, self._outage = time.monotonic(), False
             except Exception:  # the store unreachable: keep trying; after 3 beats others may take the run

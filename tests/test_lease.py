@@ -303,3 +303,37 @@ def _session(proc) -> int | None:
         return os.getsid(proc.pid)
     except OSError:
         return None
+
+
+def test_a_driver_far_from_its_store_is_not_taken_for_dead(tmp_path, monkeypatch):
+    """Against a slow store a live driver's beats come further apart than its renewal interval (a read and a
+    write each time): a watcher that waited 3 intervals took its run while it ran. The lease says how far apart
+    its beats really come (period_s), and a watcher waits 3 of those."""
+    import pyarrow.fs as pafs
+
+    import restem_ray.lease as lease_module
+
+    monkeypatch.setenv("RESTEM_LEASE_RENEW_S", "0.1")
+    root = tmp_path / "bucket" / "run"
+    root.mkdir(parents=True)
+    local = pafs.LocalFileSystem()
+
+    class Far:  # every request 120 ms away (another region)
+        def __getattr__(self, name):
+            call = getattr(local, name)
+            return lambda *a, **kw: (time.sleep(0.12), call(*a, **kw))[1]
+
+    holder = lease_module.DriverLease(Far(), str(root), "uri", whole_writes=False)
+    holder.acquire(settle_s=0.1)
+    try:
+        time.sleep(1.0)  # a few beats: the lease says how far apart they come
+        assert lease_of(tmp_path)["period_s"] > 0.3
+        monkeypatch.setattr(lease_module, "machine_id", lambda: "another-machine")
+        monkeypatch.setattr(lease_module, "PROCESS", "another-process")
+        watcher = lease_module.DriverLease(local, str(root), "uri", whole_writes=False)
+        with pytest.raises(UserError, match="another driver is running this run"):
+            watcher.acquire(settle_s=0.1)
+        assert holder.lost is None
+    finally:
+        holder._stop.set()
+        holder._thread.join()
