@@ -13,7 +13,7 @@ epoch, length-grouped into micro-batches exactly as the M-step plans them (`rest
 Each variant runs in a fresh process (its own CUDA context, DeepSpeed groups and compile caches) on the same model folder
 and data file:
   plain       a hand-written DeepSpeed ZeRO-2 loop (bf16, torch fused AdamW, clipping 1.0) over the very
-              batches `padded` trains on: the reference
+              batches `padded` trains on, without their attention mask as MStep: the reference
   padded      MStep, ZeRO-2, length-grouped padded micro-batches (widths rounded up to 64), sdpa
   compiled    padded with every decoder layer compiled (training.compile_layers: torch.compile, dynamic shapes)
   fused       compiled, and Liger's loss computed from the hidden states without materialising the logits

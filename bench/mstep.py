@@ -5,8 +5,9 @@ DeepSpeed loop on the same data, model and optimizer steps, in the same run.
 
 Data: worked solutions of the built-in arithmetic task (the demo's M-step data has this form), with the
 built-in tiny model. Both sides use ZeRO-2, fp32, torch AdamW, global batch 2 x micro, length-grouped
-padded batches and the same number of optimizer steps; the plain loop has the machine's 2 cores as torch
-threads, restem-ray one core per worker. Throughput counts real (non-padding) tokens over the training
+padded batches and the same number of optimizer steps, trained without an attention mask on both sides (the
+M-step drops it for right-padded batches: the same kernels then); the plain loop has the machine's 2 cores as
+torch threads, restem-ray one core per worker. Throughput counts real (non-padding) tokens over the training
 steps only ("once workers are up"); Ray start, worker-group start and model loading are reported apart.
 After one untimed round of each, the two sides alternate (which goes first alternates too) for `--repeats`
 rounds; the medians give the ratio and each round's ratio is reported, since these machines are noisy.

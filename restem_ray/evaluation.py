@@ -39,15 +39,20 @@ def _vote_key(answer: str) -> tuple:
     if number is not None:
         return ("number", float(f"{number:.12g}"))
     if not re.fullmatch(r"[A-Za-z\s.,']*", answer):  # (words are no math: "yes" would read as y*e*s)
-        warm_math()  # the import outside the timer: an alarm inside it would leave sympy half-loaded
-        try:
-            key = call_with_timeout(_math_key, (answer,), VOTE_PARSE_S)
+        _warm()  # the import outside the timer: an alarm inside it would leave sympy half-loaded
+        try:  # (off the main thread the call runs in a helper process, warmed up there alike)
+            key = call_with_timeout(_math_key, (answer,), VOTE_PARSE_S, warmups=("restem_ray.verification:warm_math",))
         except Exception:  # (a timeout or a parse error: the answer still votes, as text)
             key = None
         if key is not None:
             return key
     text = re.sub(r"\\[dt]frac", r"\\frac", answer)
     return ("text", re.sub(r"\\left|\\right|\s+", "", text).rstrip("."))
+
+
+@functools.cache
+def _warm() -> None:
+    warm_math()
 
 
 def _math_key(answer: str) -> tuple | None:

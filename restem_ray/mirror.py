@@ -36,6 +36,7 @@ from .errors import RunError, UserError
 from .lease import NAME as LEASE
 from .lease import DriverLease
 from .remote import shown_uri
+from .storage import written_by_a_driver as _driver_config
 
 STATE = ".mirror-state.json"
 LOCAL_ONLY = {".driver.lock", STATE, LEASE}  # the lease lives on the remote only
@@ -217,10 +218,19 @@ class RunMirror:
         except Exception as e:
             raise UserError(f"{self.what} {self.uri}: cannot list it ({_first_line(e, self._uri)})") from None
         other = sorted(i.path[len(self.path) + 1:] for i in infos if i.type == pafs.FileType.File
-                       and i.base_name != LEASE and not i.base_name.startswith(".restem-write-test-"))
+                       and not i.base_name.startswith((LEASE, ".restem-write-test-")) and not i.base_name.endswith(".tmp"))
+        if other == ["config.yaml"] and _driver_config(self._read_text("config.yaml")):
+            return  # a start that died before its manifest went up (the same push sends config.yaml first)
         if other:
             raise UserError(f"{self.what} {self.uri}: not empty ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''})"
                             " and holds no run: give a new or empty prefix as the run directory")
+
+    def _read_text(self, rel: str) -> str:
+        try:
+            with self._open().open_input_stream(f"{self.path}/{rel}") as f:
+                return f.read().decode("utf-8", errors="replace")
+        except Exception:
+            return ""
 
     def _fill_shards(self, local: dict) -> None:
         """Download the remote's E-step shards of iterations not yet sampled here that this copy lacks (written
@@ -371,14 +381,17 @@ class RunMirror:
         if local_store:  # real folders, and no atomic object writes: a temporary name, then a rename
             fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
         tmp = dst + ".tmp" if local_store else dst
+        copied = False
         try:
             with src, fs.open_output_stream(tmp) as out:
                 shutil.copyfileobj(src, out, 8 << 20)
+                copied = True
         except BaseException:
-            # An object store completes an upload at close(), which the `with` runs on any way out (SIGTERM's
-            # SystemExit in a rescheduled pod too): what was sent so far would stand under the file's real name,
+            # An object store completes an upload at close(), which the `with` runs on any way out (a SystemExit
+            # from SIGTERM where Ray handles it, too): what was sent so far would stand under the file's real name,
             # and a resume elsewhere would take it for a finished shard. (A SIGKILL never closes: nothing shows.)
-            if not local_store:
+            # An upload whose close() failed sent nothing: the object there, if any, is the last good one.
+            if not local_store and not copied:
                 try:
                     fs.delete_file(dst)
                 except Exception:

@@ -266,7 +266,9 @@ def check_lengths(cfg: RestemConfig, task: Task) -> None:
                         f"({longest} tokens, problem {pid!r}) + sampling.max_tokens {m} = {longest + m}: raise "
                         "training.max_seq_len, lower sampling.max_tokens, or leave such problems out "
                         "(task.leave_out_long_prompts: true)")
-    check_model_len(cfg, {"train": task.train, **task.evals}, tok)
+    # the E-step samples train prompts from model.sampler when set; evaluation always samples the policy (base)
+    check_model_len(cfg, {"train": task.train}, tok, cfg.model.sampler or cfg.model.base, refuse_long={"train"})
+    check_model_len(cfg, task.evals, tok, cfg.model.base)
     check_sampler(cfg, task)
     for i in cfg.sampling.stop_token_ids:  # past the vocabulary it would end every training row: a crash on GPUs
         if i >= len(tok):
@@ -322,12 +324,14 @@ def engine_limit(cfg: RestemConfig, model: str | None = None) -> tuple[int | Non
     return _context_length(model), f"the context of {model}"
 
 
-def check_model_len(cfg: RestemConfig, splits: dict[str, list[dict]], tok, model: str | None = None) -> None:
+def check_model_len(cfg: RestemConfig, splits: dict[str, list[dict]], tok, model: str | None = None,
+                    refuse_long: set[str] = frozenset()) -> None:
     """vLLM ends every sample at max_model_len tokens, prompt included (finish_reason "length"), and fails the
     request of a prompt that fills it. A prompt that fills it is refused, in any split. One that leaves less than
     sampling.max_tokens is refused in train, where every such sample would be cut short, counted truncated and
     never kept (task.leave_out_long_prompts leaves those problems out instead); in an eval split, which keeps
-    every problem, it is a warning with the count: its samples may end early."""
+    every problem, it is a warning with the count: its samples may end early. `refuse_long`: the splits that are
+    train splits (`eval` scores any file, whatever its name: it refuses none)."""
     limit, source = engine_limit(cfg, model)
     if limit is None:
         return
@@ -343,7 +347,7 @@ def check_model_len(cfg: RestemConfig, splits: dict[str, list[dict]], tok, model
                             f"{pid}): raise it (up to the model's context) or shorten the prompt")
         if longest + m <= limit:
             continue
-        if name == "train":
+        if name in refuse_long:
             raise UserError(f"{source} ({limit} tokens) is shorter than the longest prompt ({longest} tokens, {pid}) "
                             f"+ sampling.max_tokens {m} = {longest + m}: vLLM would cut its samples short. Raise "
                             "max_model_len (up to the model's context), lower sampling.max_tokens, or leave such "

@@ -76,6 +76,17 @@ def _flatten(tree, prefix: str = "") -> dict:
     return out
 
 
+def written_by_a_driver(config_yaml: str) -> bool:
+    """Whether a config.yaml is a run's own (every section written out, as the driver writes it), not a user's."""
+    from .config import RestemConfig
+
+    try:
+        tree = yaml.safe_load(config_yaml)
+    except yaml.YAMLError:
+        return False
+    return isinstance(tree, dict) and set(RestemConfig.model_fields) <= set(tree)
+
+
 class RunDir:
     def __init__(self, root: str | Path, sink=None):
         self.root = Path(root)
@@ -97,6 +108,8 @@ class RunDir:
             raise UserError(f"{self.root}: nothing to resume (no manifest.json)")
         if fresh and not resume and self.root.is_dir():  # `--out .` would write config.yaml over the user's own
             other = sorted(p.name for p in self.root.iterdir() if not p.name.startswith("."))  # (.driver.lock)
+            if other == ["config.yaml"] and written_by_a_driver((self.root / "config.yaml").read_text(errors="replace")):
+                other = []  # a start that died between its config and its manifest: this run writes both anew
             if other:
                 raise UserError(f"{self.root}: not empty ({', '.join(other[:3])}{', ...' if len(other) > 3 else ''}) "
                                 "and holds no run: give a new or empty folder as the run directory")

@@ -319,6 +319,15 @@ def test_a_new_run_at_a_prefix_that_holds_other_files_is_refused(tmp_path):
     with pytest.raises(UserError, match=r"runs/x: not empty \(config.yaml\) and holds no run"):
         m.prepare(resume=False, has_run=False)
     assert (remote / "config.yaml").read_text() == "MY OWN CONFIG"
+    # ... but a start that died between its config and its manifest (one push sends them in that order), with a
+    # temporary name left behind, is started again
+    from restem_ray.config import RestemConfig, dump_config
+
+    run_config = dump_config(RestemConfig.model_validate({"task": {"train_file": "t", "valid_file": "v"},
+                                                          "model": {"base": "m"}}))
+    (remote / "config.yaml").write_text(run_config)
+    (remote / "metrics.jsonl.tmp").write_text("")
+    m.prepare(resume=False, has_run=False)
 
 
 def test_a_checkpoint_marker_goes_up_only_after_its_weights(tmp_path):

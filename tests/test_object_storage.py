@@ -192,3 +192,31 @@ def test_an_upload_cut_off_by_sigterm_leaves_no_object_on_s3(s3, tmp_path, monke
     assert fs.get_file_info(path).type == pafs.FileType.NotFound
     monkeypatch.setattr(mirror_module.shutil, "copyfileobj", copy)
     assert m._upload(rel) and fs.get_file_info(path).size == 20 << 20
+
+    # an upload whose completion fails (the store refuses the close) sent nothing: the good object there stays
+    store = m.fs
+
+    class FailingClose:
+        def __init__(self, stream):
+            self.stream = stream
+
+        def __enter__(self):
+            return self.stream.__enter__()
+
+        def __exit__(self, *exc):
+            raise OSError("CompleteMultipartUpload: 503 Slow Down")
+
+    class Store:
+        type_name = store.type_name
+
+        def __getattr__(self, name):
+            return getattr(store, name)
+
+        def open_output_stream(self, p):
+            return FailingClose(store.open_output_stream(p + ".never"))
+
+    m.fs = Store()
+    (m.local / rel).write_bytes(b"y" * 1024)
+    with pytest.raises(OSError, match="Slow Down"):
+        m._upload(rel)
+    assert fs.get_file_info(path).size == 20 << 20

@@ -476,4 +476,7 @@ def test_an_eval_prompt_past_the_engine_limit_is_a_warning_not_a_refusal(tmp_pat
     with pytest.raises(UserError, match=r"leaves no room after the longest prompt \(\d+ tokens, test problem '2'\)"):
         check_model_len(cfg, {"train": [row(0, 60)], "test": [row(1, 60), row(2, 130)]}, tok)
     with pytest.raises(UserError, match=r"is shorter than the longest prompt \(\d+ tokens, train problem '0'\)"):
-        check_model_len(cfg, {"train": [row(0, 90)], "test": [row(1, 60)]}, tok)
+        check_model_len(cfg, {"train": [row(0, 90)], "test": [row(1, 60)]}, tok, refuse_long={"train"})
+    # `restem-ray eval --problems train.jsonl` scores a file whose split is named train: a warning there too
+    check_model_len(cfg, {"train": [row(0, 90)]}, tok)
+    assert "warning: 1 of the 1 train prompts leave fewer than sampling.max_tokens" in capsys.readouterr().out

@@ -378,3 +378,20 @@ def test_mixed_seed_rows_are_not_counted_as_kept_samples(tmp_path):
     stats = {r["id"]: r for r in pq.read_table(run.iter_dir(1) / "problems.parquet").to_pylist()}
     assert (stats["a"]["kept"], stats["b"]["kept"]) == (1, 0)
     assert run.metrics()[-1]["kept"] == 1 and run.metrics()[-1]["seed_rows_mixed"] == 2
+
+
+def test_a_start_that_died_before_its_manifest_is_started_again(tmp_path):
+    """`create` writes config.yaml, then the manifest: a driver killed between the two leaves a folder holding
+    only the run's own config (every section written out), which a new start takes; a user's config.yaml there
+    is still refused (test_bad_inputs)."""
+    from restem_ray.config import RestemConfig, dump_config
+    from restem_ray.errors import UserError
+
+    cfg = dump_config(RestemConfig.model_validate({"task": {"train_file": "t", "valid_file": "v"}, "model": {"base": "m"}}))
+    run = RunDir(tmp_path / "run")
+    run.root.mkdir()
+    (run.root / "config.yaml").write_text(cfg)
+    run.validate(cfg, resume=False)
+    (run.root / "config.yaml").write_text("task: {train_file: t}\nmodel: {base: m}\n")
+    with pytest.raises(UserError, match="not empty \\(config.yaml\\) and holds no run"):
+        run.validate(cfg, resume=False)
