@@ -134,7 +134,14 @@ def gpu_quotes():
     ]
 
 
-@pytest.mark.parametrize("text", quoted() + gpu_quotes())
+def suite_quotes():
+    """bench/results/ci_suite.json: the last fresh-clone .ci/run's counts and times (Known gaps)."""
+    c = res("ci_suite")
+    return [f"(the last run, {c['tests_passed']} tests: {c['pytest_seconds']:,.0f} s of pytest, "
+            f"{c['wall_seconds'] / 60:.1f} minutes in all"]
+
+
+@pytest.mark.parametrize("text", quoted() + gpu_quotes() + suite_quotes())
 def test_readme_quotes_the_benchmark_results(text):
     if text not in " ".join(README.split()):
         pytest.fail(f"README does not quote the result as: {text!r}")
