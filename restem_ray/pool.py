@@ -267,7 +267,7 @@ class EStepPool:
             if todo:
                 self._grow()
             if gen_of and time.monotonic() - self._last_restart_check > WATCH_S:
-                self._check_restarts({r for _, _, r in gen_of.values()}, bar)
+                self._check_restarts({r for _, _, r in gen_of.values()}, bar, desc)
             ready, _ = ray.wait(list(gen_of) + list(grading) + list(self._starting), num_returns=1,
                                 timeout=WATCH_S)
             if not ready:
@@ -330,7 +330,7 @@ class EStepPool:
                            f"{self.sampling.placement_timeout_s:g}); add nodes (or let the autoscaler), then resume: "
                            "finished shards are kept")
 
-    def _check_restarts(self, busy: set, bar) -> None:
+    def _check_restarts(self, busy: set, bar, desc: str = "E-step") -> None:
         """A replica Ray restarts mid-E-step (its engine died, its node was lost) runs its start again, which
         sampling.start_timeout_s bounds as it bounds the first: vLLM's own waits (an engine core, NCCL set-up of
         tensor-parallel workers, a weight read) have no limit, and the calls queued on it would wait for good.
@@ -351,7 +351,7 @@ class EStepPool:
             since = self._restarting_since.setdefault(aid, now)
             if now - since > self.sampling.start_timeout_s:
                 bar.close()
-                raise RunError(f"E-step: a sampler replica restarted mid-E-step has not started again within "
+                raise RunError(f"{desc}: a sampler replica Ray restarted has not started again within "
                                f"sampling.start_timeout_s ({self.sampling.start_timeout_s:g} s; its engine's start "
                                "hangs); finished shards are kept: resume once the cause is fixed")
 

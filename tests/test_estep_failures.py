@@ -146,9 +146,9 @@ def test_a_replica_restarted_mid_e_step_whose_start_hangs_stops_the_e_step(model
                 ray.kill(pool.samplers[0], no_restart=False)
 
         start = time.monotonic()
-        with pytest.raises(RunError, match=r"a sampler replica restarted mid-E-step has not started again within "
-                                           r"sampling.start_timeout_s \(3 s"):
-            pool.run(chunked(PROBLEMS, 4), SPEC, on_chunk=on_chunk)
+        with pytest.raises(RunError, match=r"^E-step 1: a sampler replica Ray restarted has not started again "
+                                           r"within sampling.start_timeout_s \(3 s"):
+            pool.run(chunked(PROBLEMS, 4), SPEC, on_chunk=on_chunk, desc="E-step 1")
         assert time.monotonic() - start < 60
     finally:
         hold.unlink(missing_ok=True)
