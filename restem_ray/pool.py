@@ -255,6 +255,7 @@ class EStepPool:
         free = list(self.samplers) * self.sampling.calls_per_replica
         gen_of: dict = {}
         grading: dict = {}
+        unavailable: dict = {}  # chunk index -> times its replica was unavailable mid-call
         total = sum(draw_of(p, spec)[1] for c in chunks for p in c)
         bar = tqdm(total=total, desc=desc, unit="sample", mininterval=1, dynamic_ncols=True)
         passed = tokens = 0
@@ -279,11 +280,23 @@ class EStepPool:
             elif ref in gen_of:
                 idx, chunk, replica = gen_of.pop(ref)
                 free.append(replica)
-                grading[self.verifiers.submit(chunk, ref)] = idx
+                grading[self.verifiers.submit(chunk, ref)] = (idx, chunk)
             else:
-                idx = grading.pop(ref)
+                idx, chunk = grading.pop(ref)
                 try:
                     rows = ray.get(ref)
+                except ray.exceptions.ActorUnavailableError:
+                    # The replica's node went away mid-call: Ray fails the call as "may or may not have run"
+                    # rather than retry it. The chunk goes back to the queue (its seeds give the same samples), to
+                    # whichever replica is free next, this one once Ray has restarted it (_check_placed bounds the
+                    # wait for a node, _check_restarts its start); a chunk lost this often is a failure.
+                    unavailable[idx] = unavailable.get(idx, 0) + 1
+                    if unavailable[idx] > self.sampling.max_restarts + 1:
+                        bar.close()
+                        raise RunError(f"{desc}: chunk {idx} failed: its sampler replica was unavailable "
+                                       f"{unavailable[idx]} times") from None
+                    todo.append((idx, chunk))
+                    continue
                 except ray.exceptions.RayActorError as e:  # the actor died more often than it may restart
                     bar.close()
                     raise RunError(f"{desc}: chunk {idx} failed after the allowed actor restarts "
