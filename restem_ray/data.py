@@ -13,7 +13,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from .errors import UserError, where
+from .errors import UserError, first_line, where
 
 
 def _kind(value) -> str:
@@ -75,7 +75,7 @@ def _read_rows(path: Path) -> list[tuple[int | None, dict]]:
         try:
             table = pq.read_table(path)
         except (pa.ArrowException, OSError) as e:
-            raise UserError(f"{path}: not a readable Parquet file ({str(e).splitlines()[0]})") from None
+            raise UserError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
         return [(None, r) for r in table.to_pylist()]
     if path.suffix not in (".jsonl", ".json"):
         raise UserError(f"{path}: unknown problem file type (use .jsonl or .parquet)")

@@ -32,10 +32,9 @@ import stat
 import uuid
 from pathlib import Path
 
-from .errors import RunError, UserError
+from .errors import RunError, UserError, first_line, shown_uri
 from .lease import NAME as LEASE
 from .lease import DriverLease
-from .remote import shown_uri
 from .storage import written_by_a_driver as _driver_config
 
 STATE = ".mirror-state.json"
@@ -50,13 +49,6 @@ def run_cache_root() -> Path:
     if os.environ.get("RESTEM_RUN_CACHE"):
         return Path(os.environ["RESTEM_RUN_CACHE"])
     return Path(os.environ.get("RESTEM_CACHE", Path.home() / ".cache" / "restem-ray")) / "runs"
-
-
-def _first_line(e: Exception, uri: str | None = None) -> str:
-    text = str(e).strip()
-    if uri:  # an error that repeats the URI it was given repeats its credentials
-        text = text.replace(uri, shown_uri(uri))
-    return f"{type(e).__name__}: {text.splitlines()[0]}" if text else type(e).__name__
 
 
 class RunMirror:
@@ -78,7 +70,7 @@ class RunMirror:
             try:
                 self.fs, self.path = pafs.FileSystem.from_uri(self._uri)
             except Exception as e:  # unknown scheme, malformed URI
-                raise UserError(f"{self.what} {self.uri}: cannot open ({_first_line(e, self._uri)})") from None
+                raise UserError(f"{self.what} {self.uri}: cannot open ({first_line(e, self._uri)})") from None
             self.path = self.path.rstrip("/")
         return self.fs
 
@@ -88,7 +80,7 @@ class RunMirror:
         except UserError:
             raise
         except Exception as e:  # bad credentials, unreachable endpoint
-            raise UserError(f"{self.what} {self.uri}: cannot open ({_first_line(e, self._uri)})") from None
+            raise UserError(f"{self.what} {self.uri}: cannot open ({first_line(e, self._uri)})") from None
 
     def check(self, write: bool = True) -> bool:
         """One line if the URI cannot hold a run directory (cannot be opened, no such bucket, a file there, not
@@ -114,7 +106,7 @@ class RunMirror:
                 f.write(b"ok")
             fs.delete_file(probe)
         except Exception as e:
-            raise UserError(f"{self.what} {self.uri}: not writable ({_first_line(e, self._uri)})") from None
+            raise UserError(f"{self.what} {self.uri}: not writable ({first_line(e, self._uri)})") from None
         return has_run
 
     def check_cluster(self) -> None:
@@ -144,7 +136,7 @@ class RunMirror:
         except FileNotFoundError:
             return None
         except Exception as e:
-            raise UserError(f"{self.what} {self.uri}/{MANIFEST}: cannot read ({_first_line(e, self._uri)})") from None
+            raise UserError(f"{self.what} {self.uri}/{MANIFEST}: cannot read ({first_line(e, self._uri)})") from None
 
     def _check_not_locked(self) -> None:
         lock = self.local / ".driver.lock"
@@ -170,7 +162,7 @@ class RunMirror:
         except UserError:
             raise
         except Exception as e:  # the store failing between the checks and the lease
-            raise UserError(f"{self.what} {self.uri}: cannot hold the driver lease ({_first_line(e, self._uri)})") from None
+            raise UserError(f"{self.what} {self.uri}: cannot hold the driver lease ({first_line(e, self._uri)})") from None
 
     def prepare(self, resume: bool, has_run: bool, reader: bool = False) -> None:
         """Make the local copy the run's working directory: downloaded on a resume when missing or behind the
@@ -216,7 +208,7 @@ class RunMirror:
         try:
             infos = self._open().get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
         except Exception as e:
-            raise UserError(f"{self.what} {self.uri}: cannot list it ({_first_line(e, self._uri)})") from None
+            raise UserError(f"{self.what} {self.uri}: cannot list it ({first_line(e, self._uri)})") from None
         other = sorted(i.path[len(self.path) + 1:] for i in infos if i.type == pafs.FileType.File
                        and not i.base_name.startswith((LEASE, ".restem-write-test-")) and not i.base_name.endswith(".tmp"))
         if other == ["config.yaml"] and _driver_config(self._read_text("config.yaml")):
@@ -240,7 +232,7 @@ class RunMirror:
         try:
             infos = self._open().get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
         except Exception as e:
-            raise UserError(f"{self.what} {self.uri}: cannot list the run directory ({_first_line(e, self._uri)})") from None
+            raise UserError(f"{self.what} {self.uri}: cannot list the run directory ({first_line(e, self._uri)})") from None
         state, n = _read_state(self.local), 0
         for info in infos:
             rel = info.path[len(self.path) + 1:]
@@ -256,7 +248,7 @@ class RunMirror:
                     shutil.copyfileobj(src, out, 8 << 20)
             except Exception as e:
                 tmp.unlink(missing_ok=True)
-                raise UserError(f"{self.what} {self.uri}/{rel}: cannot download ({_first_line(e, self._uri)})") from None
+                raise UserError(f"{self.what} {self.uri}/{rel}: cannot download ({first_line(e, self._uri)})") from None
             if not _whole_parquet(tmp):  # cut off by an older version's upload: sampled again, not adopted
                 tmp.unlink(missing_ok=True)
                 print(f"[restem] warning: {self.uri}/{rel} is not a whole Parquet file; its problems are sampled "
@@ -289,7 +281,7 @@ class RunMirror:
                             destination_filesystem=pafs.LocalFileSystem(), use_threads=True)
         except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"{self.what} {self.uri}: cannot download the run directory ({_first_line(e, self._uri)})") from None
+            raise UserError(f"{self.what} {self.uri}: cannot download the run directory ({first_line(e, self._uri)})") from None
         (tmp / STATE).unlink(missing_ok=True)
         (tmp / LEASE).unlink(missing_ok=True)  # the remote's own
         try:
@@ -341,7 +333,7 @@ class RunMirror:
         except RunError:  # the lease was taken meanwhile: its own one line
             raise
         except Exception as e:
-            raise RunError(f"run directory {self.uri}: upload failed ({_first_line(e, self._uri)}); the local copy "
+            raise RunError(f"run directory {self.uri}: upload failed ({first_line(e, self._uri)}); the local copy "
                            f"{self.local} holds the run: --resume on this machine continues it") from None
         finally:
             _write_state(self.local, state)
@@ -364,7 +356,7 @@ class RunMirror:
         try:
             sent = self._upload(rel)
         except Exception as e:
-            print(f"[restem] warning: could not upload {rel} to {self.uri} ({_first_line(e, self._uri)}); the next commit "
+            print(f"[restem] warning: could not upload {rel} to {self.uri} ({first_line(e, self._uri)}); the next commit "
                   "sends it", flush=True)
             return
         if sent:

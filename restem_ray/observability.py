@@ -15,7 +15,7 @@ import json
 import os
 from pathlib import Path
 
-from .errors import UserError
+from .errors import UserError, first_line, shown_uri
 from .storage import STEP_PHASE, atomic_write_text
 
 TRACKING_FILE = "tracking.json"
@@ -49,18 +49,13 @@ def check_mlflow(uri: str, experiment: str) -> None:
     try:
         mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
     except Exception as e:
-        raise UserError(f"observability.mlflow_tracking_uri: {uri}: {_first_line(e)}") from None
+        raise UserError(f"observability.mlflow_tracking_uri: {shown_uri(uri)}: {first_line(e, uri)}") from None
     finally:
         for k, v in saved.items():
             if v is None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
-
-
-def _first_line(e: Exception) -> str:
-    text = str(e).strip()
-    return f"{type(e).__name__}: {text.splitlines()[0][:240] if text else ''}"
 
 
 def _head(iteration, phase: str, line: dict) -> str:
@@ -116,7 +111,7 @@ class MetricsSink:
                 else:
                     run = mlflow.start_run(run_name=run_root.name)
             except Exception as e:  # the server went down since `check_sinks` reached it
-                raise UserError(f"observability.mlflow_tracking_uri: {mlflow_uri}: {_first_line(e)}") from None
+                raise UserError(f"observability.mlflow_tracking_uri: {shown_uri(mlflow_uri)}: {first_line(e, mlflow_uri)}") from None
             ids["mlflow"] = {"tracking_uri": mlflow_uri, "run_id": run.info.run_id}
             self._mlflow = mlflow
         if wandb_project:
@@ -133,7 +128,7 @@ class MetricsSink:
                                          settings=wandb.Settings(console="off"))
             except wandb.Error as e:  # e.g. online without `wandb login`
                 raise UserError(f"observability.wandb_project: W&B could not start a run "
-                                f"({str(e).strip().splitlines()[0][:200]})") from None
+                                f"({first_line(e, limit=200)})") from None
             if config:  # a resumed run may have changed observability.* etc.: the newest config wins
                 self._wandb.config.update(config, allow_val_change=True)
             ids["wandb"] = {"id": self._wandb.id, "project": wandb_project}

@@ -16,12 +16,13 @@ import functools
 import json
 import random
 import re
+import weakref
 from dataclasses import dataclass, field
 from pathlib import Path
 
 from .config import PromptConfig, RestemConfig
 from .datasets import STANDARD_SHOTS, Splits, load_splits, read_rows
-from .errors import UserError
+from .errors import UserError, first_line
 
 PLAIN_SHOT_FORMAT = "Question: {question}\nAnswer: {answer}"
 
@@ -36,8 +37,7 @@ def load_tokenizer(path: str):
     try:
         tok = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # a broken or foreign folder: one line, not a transformers traceback
-        raise UserError(f"model.base: {path}: cannot load its tokenizer ({type(e).__name__}: "
-                        f"{str(e).strip().splitlines()[0] if str(e).strip() else ''})") from None
+        raise UserError(f"model.base: {path}: cannot load its tokenizer ({first_line(e)})") from None
     # transformers 5 rebuilds a tokenizer from its tokenizer_class: a byte-level BPE folder that names a
     # SentencePiece class (DeepSeek-R1-Distill-Llama's LlamaTokenizerFast) loads with the wrong pre-tokenizer and
     # loses every space, for vLLM too, and every prompt and training row would be garbled
@@ -376,8 +376,17 @@ def _context_length(model: str) -> int | None:
     return n
 
 
+_LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {text: tokens}
+
+
 def _lengths(tok, texts: list[str]) -> list[int]:
-    return [len(ids) for i in range(0, len(texts), 1024) for ids in tok(texts[i : i + 1024]).input_ids]
+    """Token counts of `texts`, each text tokenized once per tokenizer: the start-up checks (check_lengths,
+    check_model_len, fitting_prompts) read the same train prompts."""
+    known = _LENGTHS.setdefault(tok, {})
+    new = list(dict.fromkeys(t for t in texts if t not in known))
+    for i in range(0, len(new), 1024):
+        known.update(zip(new[i : i + 1024], map(len, tok(new[i : i + 1024]).input_ids)))
+    return [known[t] for t in texts]
 
 
 def _longest(tok, rows: list[tuple[str, str]]) -> tuple[str, int]:

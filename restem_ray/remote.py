@@ -15,18 +15,11 @@ import re
 import shutil
 import tempfile
 
-from .errors import UserError
+from .errors import UserError, first_line, shown_uri
 
 
 def is_uri(path: str) -> bool:
     return "://" in str(path)
-
-
-def shown_uri(uri: str) -> str:
-    """A URI as messages and names show it: without credentials pyarrow accepts in it (s3://KEY:SECRET@bucket/...)
-    or a query (?access_key=...&secret_key=...)."""
-    uri = re.sub(r"^([A-Za-z][A-Za-z0-9+.-]*://)[^/@]*@", r"\1", str(uri))
-    return uri.split("?", 1)[0]
 
 
 def _cache_root(cache_dir: str | None) -> str:
@@ -113,8 +106,7 @@ def check_uri(uri: str, what: str, expect_dir: bool) -> None:
         fs, path = pafs.FileSystem.from_uri(uri)
         info = fs.get_file_info(path)
     except Exception as e:  # unknown scheme, bad credentials, unreachable endpoint
-        why = str(e).strip().splitlines()[0] if str(e).strip() else ""
-        raise UserError(f"{what}: {shown}: cannot open ({type(e).__name__}: {why.replace(uri, shown)})") from None
+        raise UserError(f"{what}: {shown}: cannot open ({first_line(e, uri)})") from None
     if info.type == pafs.FileType.NotFound:
         raise UserError(f"{what}: {shown}: not found")
     if expect_dir and info.type != pafs.FileType.Directory:

@@ -18,7 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
-from .errors import RunError, StopAfter, UserError
+from .errors import RunError, StopAfter, UserError, first_line
 from .faults import crash_point
 
 
@@ -275,9 +275,8 @@ class RunDir:
         try:
             self.sink.log(iteration, phase, list(lines))
         except Exception as e:
-            first = (str(e).strip().splitlines() or [""])[0][:200]
             print(f"[restem] warning: the dashboards did not take the {iteration}/{phase} lines "
-                  f"({type(e).__name__}: {first}); metrics.jsonl holds them", flush=True)
+                  f"({first_line(e, limit=200)}); metrics.jsonl holds them", flush=True)
 
     def _trim_metrics(self) -> None:
         """Keep committed lines, and the step lines of committed M-steps (an unfinished M-step sends its step

@@ -234,6 +234,9 @@ def test_an_mlflow_server_that_does_not_answer_fails_before_the_run_is_written(t
                                         r"MlflowException: API request to .* failed"):
         check_sinks(ObservabilityConfig(mlflow_tracking_uri=f"http://127.0.0.1:{port}", tensorboard=False))
     assert time.monotonic() - start < 30  # not MLflow's default seven retries with back-off
+    with pytest.raises(UserError) as e:  # the message (a terminal, a CI log) never shows a password the URI has
+        check_sinks(ObservabilityConfig(mlflow_tracking_uri=f"http://alice:s3cret@127.0.0.1:{port}", tensorboard=False))
+    assert "s3cret" not in str(e.value) and f"http://127.0.0.1:{port}" in str(e.value)
     monkeypatch.delenv("MLFLOW_ALLOW_FILE_STORE", raising=False)
     store = f"file://{tmp_path / 'mlruns'}"
     with pytest.raises(UserError, match=r"^observability.mlflow_tracking_uri: file://.*: MlflowException: The "

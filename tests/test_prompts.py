@@ -312,6 +312,27 @@ def test_long_train_prompts_can_be_left_out_instead_of_refused(tmp_path, capsys)
         load_task(load_config(tmp_path / "cfg.yaml", ["training.max_seq_len=600", "task.leave_out_long_prompts=true"]))
 
 
+def test_start_up_checks_tokenize_each_train_prompt_once(tmp_path, monkeypatch):
+    """check_lengths, check_model_len and leave_out_long_prompts all measure the train prompts: on a MATH-sized
+    set each measured them again; now one tokenization per text serves them all."""
+    cfg = config(tmp_path, gsm8k_task(), {"few_shot": "standard"})
+    tok = load_tokenizer(cfg.model.base)
+    lens = sorted(len(tok(r["prompt"]).input_ids) for r in load_task(cfg).train)
+    seen, call = [], type(tok).__call__
+
+    def counting(self, text, *a, **kw):
+        seen.extend([text] if isinstance(text, str) else text)
+        return call(self, text, *a, **kw)
+    monkeypatch.setattr(type(tok), "__call__", counting)
+    limit = lens[len(lens) // 2] + 512  # half of them fit
+    sets = ["--set", "task.leave_out_long_prompts=true", "--set", f"training.max_seq_len={limit + 100}",
+            "--set", f"sampling.engine_kwargs={{max_model_len: {limit}}}"]
+    assert main(["check", str(tmp_path / "cfg.yaml"), *sets]) == 0
+    train = {r["prompt"] for r in load_task(cfg).train}
+    assert train and train <= set(seen)  # every check ran ...
+    assert max(seen.count(t) for t in train) == 1  # ... on one tokenization
+
+
 def test_driver_loads_rendered_problems_and_records_the_stop(tmp_path):
     from restem_ray.config import dump_config
     from restem_ray.driver import Driver
