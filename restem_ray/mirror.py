@@ -202,15 +202,17 @@ class RunMirror:
 
     def _check_empty(self) -> None:
         """A new run's prefix holds nothing yet (but the lease and write probes): a prefix with other files would
-        have its config.yaml written over, and an earlier run's shards there taken for this run's."""
+        have its config.yaml written over, and an earlier run's shards there taken for this run's. Only its top
+        level is listed (a folder there is another's): at a bucket's root, a recursive listing is the bucket."""
         import pyarrow.fs as pafs
 
         try:
-            infos = self._open().get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
+            infos = self._open().get_file_info(pafs.FileSelector(self.path, recursive=False, allow_not_found=True))
         except Exception as e:
             raise UserError(f"{self.what} {self.uri}: cannot list it ({first_line(e, self._uri)})") from None
-        other = sorted(i.path[len(self.path) + 1:] for i in infos if i.type == pafs.FileType.File
-                       and not i.base_name.startswith((LEASE, ".restem-write-test-")) and not i.base_name.endswith(".tmp"))
+        other = sorted(i.base_name + ("/" if i.type == pafs.FileType.Directory else "") for i in infos
+                       if i.type == pafs.FileType.Directory or (i.type == pafs.FileType.File and not i.base_name.endswith(".tmp")
+                                                                and not i.base_name.startswith((LEASE, ".restem-write-test-"))))
         if other == ["config.yaml"] and _driver_config(self._read_text("config.yaml")):
             return  # a start that died before its manifest went up (the same push sends config.yaml first)
         if other:

@@ -328,6 +328,13 @@ def test_a_new_run_at_a_prefix_that_holds_other_files_is_refused(tmp_path):
     (remote / "config.yaml").write_text(run_config)
     (remote / "metrics.jsonl.tmp").write_text("")
     m.prepare(resume=False, has_run=False)
+    # only the top level is listed (at a bucket's root a recursive listing is the whole bucket): a folder there
+    # is named as what the prefix holds
+    other = tmp_path / "bucket" / "runs" / "y"
+    (other / "old" / "iter_001" / "samples").mkdir(parents=True)
+    (other / "old" / "iter_001" / "samples" / "part-0.parquet").write_text("x")
+    with pytest.raises(UserError, match=r"runs/y: not empty \(old/\) and holds no run"):
+        RunMirror(f"file://{other}", cache=tmp_path / "node-a").prepare(resume=False, has_run=False)
 
 
 def test_a_checkpoint_marker_goes_up_only_after_its_weights(tmp_path):
