@@ -14,6 +14,8 @@ longer its own (it was thought dead: a network partition, a suspended process) s
 overwriting the new driver's run; a lease it cannot read is not uploaded over. The renewal that finds the lease
 taken stops the CLI's driver at once (`on_lost`), mid-phase: its M-step's Ray Train workers write checkpoints
 without asking the lease. A clean exit deletes the lease.
+A lease written over by something else (not a lease) is written again by its holder, at its next beat or upload:
+left so, a watching driver would take the run after 3 beats while this one uploads on.
 Renewals go on through a store outage (after 3 missed beats another driver may take the run; the next read
 says whether it did).
 
@@ -31,10 +33,10 @@ import threading
 import time
 import uuid
 
-from .errors import RunError, UserError
+from .errors import RunError, UserError, first_line
 
 NAME = ".driver-lease.json"
-TORN = object()  # a lease read while it was being written (stores without atomic writes)
+TORN = object()  # a lease that is not one: caught mid-write, or written over by something else
 PROCESS = uuid.uuid4().hex  # this process: a lease it wrote itself is its own
 
 
@@ -83,6 +85,7 @@ class DriverLease:
         self._outage = False  # the renewals stopped on an unreachable store (not a loss by itself)
         self._period = self.every_s  # seconds between this driver's beats, as measured (written in the lease)
         self._since = None
+        self._writing = threading.Lock()  # the renewal thread and an upload's check both restore a torn lease
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
@@ -109,10 +112,11 @@ class DriverLease:
                  "period_s": round(self._period, 3)}
         tmp = self.path if self.whole_writes else f"{self.path}.{self.owner[:8]}.tmp"
         start = time.monotonic()
-        with self.fs.open_output_stream(tmp) as f:
-            f.write(json.dumps(lease).encode())
-        if not self.whole_writes:
-            self.fs.move(tmp, self.path)  # readers never see half a lease
+        with self._writing:
+            with self.fs.open_output_stream(tmp) as f:
+                f.write(json.dumps(lease).encode())
+            if not self.whole_writes:
+                self.fs.move(tmp, self.path)  # readers never see half a lease
         # before the first renewal has measured a period: the interval and a read and a write as slow as this one
         self._period = max(self._period, self.every_s + 2 * (time.monotonic() - start))
 
@@ -182,8 +186,10 @@ class DriverLease:
                 return
             try:
                 held = self._read()
-                if held is TORN:
-                    continue  # someone is writing it: look again at the next beat
+                if held is TORN:  # see _restore
+                    held = self._restore()
+                    if held is TORN:
+                        continue
                 if held is None or held.get("owner") != self.owner:
                     self.lost = (f"another driver took the run over ({self.describe(held)})" if held
                                  else "its lease was deleted")
@@ -207,24 +213,42 @@ class DriverLease:
             held, error = TORN, None
             for attempt in range(3):
                 try:
-                    held = self._read()
+                    held, error = self._read(), None
                 except Exception as e:
                     error = e
                     time.sleep(0.5 * (attempt + 1))
                     continue
                 break
-            else:
+            if held is TORN and error is None:
+                try:
+                    held = self._restore()
+                except Exception as e:
+                    error = e
+            if held is TORN:  # unreadable three times, or a lease written over that could not be restored
                 if strict:
-                    first = (str(error).strip().splitlines() or [""])[0]
                     raise RunError(f"{self.shown}: cannot read the driver lease {NAME} "
-                                   f"({type(error).__name__}: {first}); nothing more was uploaded")
+                                   f"({first_line(error) if error else 'not a lease'}); nothing more was uploaded")
                 return False
-            if held is None or (isinstance(held, dict) and held.get("owner") != self.owner):
+            if held is None or held.get("owner") != self.owner:
                 self.lost = (f"another driver took the run over ({self.describe(held)})" if held
                              else "its lease was deleted")
         if self.lost:
             raise RunError(self.lost_text())
         return True
+
+    def _restore(self):
+        """A lease that is not one, read by its holder: leases are written whole (a rename, or a store's whole
+        objects), so no driver is writing it; something else wrote over it. Left so, it would stop no other
+        driver: one watching it would take the run after 3 beats. The holder writes its lease again (a read
+        first, as a lease caught mid-write on a store without whole writes is whole a moment later)."""
+        time.sleep(min(0.5, self.every_s))
+        held = self._read()
+        if held is not TORN:
+            return held
+        print(f"[restem] warning: {self.shown}/{NAME} is not a driver lease (written over?): this driver, its "
+              "holder, writes it again", flush=True)
+        self._write()
+        return self._read()
 
     def lost_text(self) -> str:
         return f"{self.shown}: this driver no longer holds the run: {self.lost}; it stops here"

@@ -159,6 +159,34 @@ def test_the_renewal_that_finds_the_run_taken_calls_on_lost_once(tmp_path):
     assert lease_of(tmp_path)["owner"] == "y"
 
 
+def test_a_lease_written_over_by_something_else_is_restored_by_its_holder(tmp_path, capsys):
+    """A lease that is not one (a user's edit, a tool writing over it): the holder's uploads went on and its
+    renewals skipped it, so another driver watching it would take the run while this one still wrote."""
+    uri = f"file://{tmp_path}/bucket/run"
+    m = RunMirror(uri, cache=tmp_path / "node-a")
+    m.check()
+    m.hold()
+    try:
+        m.lease._stop.set()  # the upload's check alone first
+        m.lease._thread.join()
+        put_lease(tmp_path, {"not": "a lease"})
+        assert m.lease.check() is True
+        assert lease_of(tmp_path)["owner"] == m.lease.owner
+        assert "is not a driver lease (written over?)" in capsys.readouterr().out
+        m.lease._start()  # ... and the renewals
+        (tmp_path / "bucket" / "run" / ".driver-lease.json").write_text("{half a le")
+        for _ in range(50):
+            time.sleep(0.1)
+            try:
+                if lease_of(tmp_path)["owner"] == m.lease.owner:
+                    break
+            except ValueError:
+                pass
+        assert lease_of(tmp_path)["owner"] == m.lease.owner and m.lease.lost is None
+    finally:
+        m.lease.release()
+
+
 def test_two_drivers_started_together_end_with_one_holding_the_run(tmp_path):
     uri = f"file://{tmp_path}/bucket/run"
     (tmp_path / "bucket" / "run").mkdir(parents=True)
