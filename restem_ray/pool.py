@@ -149,6 +149,7 @@ class EStepPool:
         self.sampling = sampling
         self.extra_groups: list = []   # one single-bundle placement group per replica added later
         self._starting: dict = {}      # ready() ref -> replica whose engine is starting
+        self._started_at: dict = {}    # ready() ref of an added replica -> when it was asked to start
         self._last_grow = 0.0
         self._placing = None           # (group, its ready() ref, since): a replica's bundle being placed
         self._unplaced_since: dict = {}  # placement group id -> when it was first seen without its nodes
@@ -231,10 +232,24 @@ class EStepPool:
                                   group, placement_group_bundle_index=0, placement_group_capture_child_tasks=True)
                               ).remote(self.model, kwargs, seed + i, self.sampling.use_gpu, exit_on_engine_death=True)
         self.extra_groups.append(group)
-        self._starting[replica.ready.remote()] = replica
+        ref = replica.ready.remote()
+        self._starting[ref], self._started_at[ref] = replica, time.monotonic()
+
+    def _drop_late_starts(self) -> None:
+        """An added replica's start is bounded by sampling.start_timeout_s as the first replicas' are (vLLM's own
+        waits have no limit); one past it is dropped, and the E-step goes on with the others. Its placement
+        group stays reserved until close(), so a node where engines hang is not tried again every few seconds."""
+        now = time.monotonic()
+        for ref, since in list(self._started_at.items()):
+            if ref in self._starting and now - since > self.sampling.start_timeout_s:
+                ray.kill(self._starting.pop(ref))
+                del self._started_at[ref]
+                tqdm.write(f"[restem] an added sampler replica did not start within sampling.start_timeout_s "
+                           f"({self.sampling.start_timeout_s:g} s) and was dropped")
 
     def _started(self, ref, free: list) -> None:
         replica = self._starting.pop(ref)
+        self._started_at.pop(ref, None)
         try:
             self.nodes.append(ray.get(ref))
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
@@ -267,6 +282,8 @@ class EStepPool:
                 gen_of[ref] = (idx, chunk, replica)
             if todo:
                 self._grow()
+            if self._started_at:
+                self._drop_late_starts()
             if gen_of and time.monotonic() - self._last_restart_check > WATCH_S:
                 self._check_restarts({r for _, _, r in gen_of.values()}, bar, desc)
             ready, _ = ray.wait(list(gen_of) + list(grading) + list(self._starting), num_returns=1,
@@ -378,7 +395,7 @@ class EStepPool:
             ray.wait(closing, num_returns=len(closing), timeout=30)  # a dead or stuck replica is killed anyway
         for a in [*self.samplers, *self._starting.values()]:
             ray.kill(a)
-        self.samplers, self._starting = [], {}
+        self.samplers, self._starting, self._started_at = [], {}, {}
         self.verifiers.close()
         placing = [self._placing[0]] if self._placing is not None else []
         for g in ([self.group] if self.group is not None else []) + self.extra_groups + placing:

@@ -155,6 +155,35 @@ def test_a_replica_restarted_mid_e_step_whose_start_hangs_stops_the_e_step(model
         pool.close()
 
 
+def test_an_added_replica_whose_start_hangs_is_dropped_and_the_e_step_goes_on(model, monkeypatch, capsys):
+    """An elastic pool (sampling.max_replicas) adds a replica once a node has room; its engine's start had no
+    bound (vLLM's waits have none), holding its bundle for the whole E-step. It is bounded by
+    sampling.start_timeout_s as the first replicas' starts are: dropped, and the others finish the E-step."""
+    import restem_ray.pool as pool_module
+
+    hold = Path(model) / "hold-start"
+    sampling = SamplingConfig(engine_kwargs={"dtype": "float32", "max_model_len": 128}, max_replicas=2)
+    pool = EStepPool(model, sampling, VerificationConfig(num_workers=2), verifier="math")
+    try:
+        pool.sampling = pool.sampling.model_copy(update={"start_timeout_s": 2})
+        monkeypatch.setattr(pool_module, "WATCH_S", 0.5)
+        hold.touch()  # from now on, a replica's start waits
+        got = {}
+
+        def on_chunk(i, rows):
+            got[i] = rows
+            time.sleep(0.4)  # the E-step outlasts the added replica's bound
+
+        pool.run(chunked(PROBLEMS, 2), SPEC, on_chunk=on_chunk)
+        assert sorted(got) == list(range(24)) and len(pool.samplers) == 1
+        assert pool.extra_groups  # one was added (its bundle held until close: a node where engines hang)
+        assert "an added sampler replica did not start within sampling.start_timeout_s (2 s) and was dropped" \
+            in capsys.readouterr().out
+    finally:
+        hold.unlink(missing_ok=True)
+        pool.close()
+
+
 def test_a_replica_closed_mid_call_shuts_its_engine_down_under_the_calls(model):
     """An error or Ctrl-C mid-E-step closes the pool while each replica's calls still run, holding every thread
     of the actor's default group. `close` has a group of its own (pool.CONTROL), so it reaches the engine at

@@ -148,10 +148,10 @@ def test_a_replica_that_fails_to_start_is_logged_with_its_cause(monkeypatch, cap
     monkeypatch.setattr(pool_mod.ray, "get", failing_get)
     monkeypatch.setattr(pool_mod.ray, "kill", killed.append)
     p = pool_mod.EStepPool.__new__(pool_mod.EStepPool)
-    p._starting, p.samplers, p.nodes = {"ref": "replica"}, [], []
+    p._starting, p._started_at, p.samplers, p.nodes = {"ref": "replica"}, {"ref": 0.0}, [], []
     free = []
     p._started("ref", free)
-    assert killed == ["replica"] and free == [] and p.samplers == [] and p._starting == {}
+    assert killed == ["replica"] and free == [] and p.samplers == [] and p._starting == p._started_at == {}
     assert "could not start and was dropped: RuntimeError: no CUDA device on this node" in capsys.readouterr().out
 
 
