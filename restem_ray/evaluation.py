@@ -37,7 +37,7 @@ def _vote_key(answer: str) -> tuple:
     answer = answer.replace("\\$", "")
     number = as_number(answer)
     if number is not None:
-        return ("number", float(f"{number:.12g}"))
+        return ("number", _number_key(number))
     if not re.fullmatch(r"[A-Za-z\s.,']*", answer):  # (words are no math: "yes" would read as y*e*s)
         _warm()  # the import outside the timer: an alarm inside it would leave sympy half-loaded
         try:  # (off the main thread the call runs in a helper process, warmed up there alike)
@@ -63,24 +63,43 @@ def _math_key(answer: str) -> tuple | None:
         return None
     expr = parsed[0]
     try:
+        if getattr(expr, "is_Integer", False):
+            return ("number", int(expr))
         if getattr(expr, "is_number", False):
-            return ("number", float(f"{float(expr):.12g}"))
+            return ("number", _number_key(float(expr)))
     except (TypeError, ValueError, OverflowError):  # complex, or too large for a float
         pass
     return ("math", str(expr))
 
 
+def _number_key(x) -> int | float:
+    """An integer exactly (the grader tells 1000000007 from 1000000008), other values to 12 significant digits
+    (a float's own noise). Python hashes 2, 2.0 and Fraction(2) alike: keys of either kind compare."""
+    if x == int(x):
+        return int(x)
+    return float(f"{float(x):.12g}")
+
+
 def majority_correct(rows: list[dict]) -> float:
     """maj@k for one problem: whether the most common answer is correct. Rows graded correct all equal the
     reference, so they vote as one answer whatever their form ("\\dfrac{1}{2}", "0.5"); the others vote by
-    `_vote_key`. A tie counts the share of the tied answers that is correct (the expected score of breaking it
-    at random), so the score does not depend on the order of the samples."""
+    `_vote_key`, with the correct answer where they read as a correct row does (the right answer graded 0 for
+    its steps by task.step_checker, or a grading timeout, still votes for it). A tie counts the share of the tied
+    answers that is correct (the expected score of breaking it at random), so the score does not depend on the
+    order of the samples."""
     votes: Counter = Counter()
+    wrong = []
+    correct_keys = set()
     for r in rows:
+        answer = extract_answer(r["completion"], seen_prompt(r))
         if r["reward"] >= 1.0:
             votes[_CORRECT] += 1
-        elif (answer := extract_answer(r["completion"], seen_prompt(r))) is not None:
-            votes[_vote_key(answer.strip())] += 1
+            if answer is not None:
+                correct_keys.add(_vote_key(answer.strip()))
+        elif answer is not None:
+            wrong.append(_vote_key(answer.strip()))
+    for key in wrong:
+        votes[_CORRECT if key in correct_keys else key] += 1
     if not votes:
         return 0.0
     top = max(votes.values())

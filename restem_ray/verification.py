@@ -14,6 +14,7 @@ import re
 import signal
 import threading
 from dataclasses import dataclass
+from fractions import Fraction
 from typing import Callable
 
 from .errors import UserError
@@ -212,22 +213,43 @@ def extract_answer(completion: str, prompt: str = "") -> str | None:
     return nums[-1] if nums else None
 
 
-def as_number(text: str) -> float | None:
-    """The answer's value when it is a plain number ("1,000", "$18.90", "\\$18.90", "18.", "3/4", "−5")."""
+def as_number(text: str) -> Fraction | None:
+    """The answer's exact value when it is a plain number ("1,000", "$18.90", "\\$18.90", "18.", "3/4", "−5"):
+    a Fraction, so 1000000007 and 1000000008 (or two 20-digit integers) are not one number as floats made them."""
     t = text.strip().replace("\\$", "").replace("$", "").replace("\u2212", "-").rstrip(".").strip()
     if _SPACED_THOUSANDS.fullmatch(t):  # "18\,000", "18 000", "10,\!000": LaTeX's and SI's groups of three
         t = _GROUP_GAP.sub("", t)
     if _THOUSANDS.fullmatch(t):
         t = t.replace(",", "")
     try:
-        if "/" in t:
-            a, b = t.split("/", 1)
-            value = float(a) / float(b)
+        parts = [float(x) for x in t.split("/", 1)]  # what Python reads as a number at all, and its size
+        if not all(map(math.isfinite, parts)):
+            return None
+        if any(abs(int(e)) > 400 for e in re.findall(r"[eE]([+-]?\d+)", t)):
+            exact = [Fraction(x) for x in parts]  # (1e-999999 as a Fraction is a million-digit integer)
         else:
-            value = float(t)
-    except (ValueError, ZeroDivisionError):
+            exact = [Fraction(x.strip()) for x in t.split("/", 1)]
+        return exact[0] / exact[1] if len(exact) == 2 else exact[0]
+    except (ValueError, ZeroDivisionError, OverflowError):
         return None
-    return value if math.isfinite(value) else None
+
+
+def _same_number(a: Fraction, b: Fraction) -> bool:
+    """Exact, unless one side is a fraction no decimal writes out (1/3, 2/7): then a decimal of it matches to 1e-9
+    relative ("0.3333333333" for 1/3)."""
+    if a == b:
+        return True
+    if _terminates(a) and _terminates(b):
+        return False
+    return math.isclose(a, b, rel_tol=1e-9)
+
+
+def _terminates(x: Fraction) -> bool:
+    d = x.denominator
+    for p in (2, 5):
+        while d % p == 0:
+            d //= p
+    return d == 1
 
 
 def _wrap(answer: str) -> str:
@@ -245,7 +267,7 @@ def answers_match(gold: str, pred: str) -> bool:
     gold, pred = gold.replace("\\$", ""), pred.replace("\\$", "")
     g, p = as_number(gold), as_number(pred)
     if g is not None and p is not None:
-        return math.isclose(g, p, rel_tol=1e-9, abs_tol=1e-9)
+        return _same_number(g, p)
     from math_verify import verify
 
     gold_p, pred_p = _parse(gold), _parse(pred)

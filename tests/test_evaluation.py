@@ -64,6 +64,21 @@ def test_wrong_answers_equal_as_math_vote_together():
     assert majority_correct(correct + distinct) == 1.0
 
 
+def test_the_right_answer_graded_zero_still_votes_for_it():
+    """A sample with the right final answer can get reward 0 (task.step_checker found a wrong step, a grading
+    timeout): it read as another wrong answer, split the correct answer's votes and let a wrong one tie or win."""
+    rows = [{"completion": "#### 5", "reward": 1.0}, {"completion": "#### 5", "reward": 0.0},
+            {"completion": "#### 7", "reward": 0.0}]
+    assert majority_correct(rows) == 1.0
+    rows = [{"completion": "#### 5", "reward": 1.0}, {"completion": "#### 5.0", "reward": 0.0},
+            {"completion": "#### 5", "reward": 0.0}, {"completion": "#### 7", "reward": 0.0}] + \
+        [{"completion": "#### 7", "reward": 0.0}] * 2
+    assert majority_correct(rows) == 0.5  # 3 votes for 7 against 3 for 5: a tie ...
+    assert majority_correct(rows[:-1]) == 1.0  # ... and 3 against 2
+    assert majority_correct([{"completion": "#### 1000000008", "reward": 0.0}] * 2
+                            + [{"completion": "#### 1000000007", "reward": 1.0}]) == 0.0  # close is not equal
+
+
 def test_a_tie_scores_the_share_of_tied_answers_that_is_correct_in_any_order():
     rows = [{"completion": "#### 1", "reward": 1.0}, {"completion": "#### 2", "reward": 0.0},
             {"completion": "#### 3", "reward": 0.0}]

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from restem_ray.errors import UserError
-from restem_ray.verification import Verifier, answers_match, extract_answer, grade_math
+from restem_ray.verification import Verifier, answers_match, as_number, extract_answer, grade_math
 
 
 @pytest.mark.parametrize("text,answer", [
@@ -117,6 +117,21 @@ def test_numeric_and_latex_equivalence():
     assert answers_match("2\\sqrt{2}", "\\sqrt{8}")
     assert not answers_match("2\\sqrt{2}", "\\sqrt{3}")
     assert answers_match("-5", "\u22125")
+
+
+def test_plain_numbers_compare_exactly():
+    """A float tolerance (1e-9 relative) made 1000000007 and 1000000008, or 1e-10 and 0, one answer; math-verify,
+    given the same pair as LaTeX (3^{20}), told them apart. A fraction no decimal writes out still matches a
+    decimal of it."""
+    assert not answers_match("1000000007", "1000000008")
+    assert not answers_match("123456789012", "123,456,789,013")
+    assert not answers_match("31415926535897932384626433832795", "31415926535897932384626433832794")
+    assert not answers_match("0", "1e-10")
+    assert answers_match("3486784401", "3,486,784,401") and not answers_match("3486784401", "3486784402")
+    assert answers_match("1/3", "0.3333333333") and answers_match("2/7", "0.285714285714")
+    assert not answers_match("1/3", "0.33") and not answers_match("0.1", "0.1000000001")
+    assert answers_match("72", "72.0") and answers_match("0.5", "1/2") and answers_match("1e5", "100000")
+    assert as_number("1e-9999999") == 0 and as_number("1e9999") is None  # no million-digit integers
 
 
 def test_escaped_dollar_answers_match():
