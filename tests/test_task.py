@@ -69,6 +69,10 @@ def test_step_checker_rejects_right_answers_reached_through_wrong_steps():
         assert check_steps(r, "#### " + r["answer"]) == 0.0
         assert check_steps(r, sol.split("####")[0] + "#### =091") == 0.0  # malformed answers are just wrong
     assert check_steps({"prompt": "Q: x + 1\nA:"}, "#### 1") == 0.0
+    # under a few-shot prompt the question is the last one, not the first exemplar's
+    a, b = task.splits()["seed"][:2]
+    few_shot = {**b, "prompt": a["prompt"] + " " + a["solution"] + "\n\n" + b["prompt"]}
+    assert check_steps(few_shot, b["solution"]) == 1.0 and check_steps(few_shot, a["solution"]) == 0.0
 
 
 def test_encode_masks_prompt_and_appends_eos():

@@ -97,7 +97,8 @@ def _value(reversed_digits: str) -> int:
 def check_steps(problem: dict, completion: str) -> float:
     """1.0 if the completion writes the question's sequence term by term, every equation right, and the
     final answer is the last term; else 0.0. A plug-in verifier (`module:function`)."""
-    q = _QUESTION.search(problem["prompt"])
+    # the question is the prompt's last: a few-shot prompt's exemplars come first
+    q = ([None] + list(_QUESTION.finditer(problem.get("raw_prompt") or problem["prompt"])))[-1]
     if not q:
         return 0.0
     a, b, k = _value(q.group(1)), _value(q.group(2)), int(q.group(3))
