@@ -149,7 +149,8 @@ class EStepPool:
         self.sampling = sampling
         self.extra_groups: list = []   # one single-bundle placement group per replica added later
         self._starting: dict = {}      # ready() ref -> replica whose engine is starting
-        self._started_at: dict = {}    # ready() ref of an added replica -> when it was asked to start
+        self._started_at: dict = {}    # ready() ref of an added replica -> (when it was asked to start, its group)
+        self._add_failed = False       # an added replica failed or hung at start: none more is added this E-step
         self._last_grow = 0.0
         self._placing = None           # (group, its ready() ref, since): a replica's bundle being placed
         self._unplaced_since: dict = {}  # placement group id -> when it was first seen without its nodes
@@ -214,7 +215,7 @@ class EStepPool:
         self._last_grow = now
         self.verifiers.grow()
         limit = self.sampling.max_replicas or self.sampling.num_replicas
-        if self._placing is not None or len(self.samplers) + len(self._starting) >= limit:
+        if self._add_failed or self._placing is not None or len(self.samplers) + len(self._starting) >= limit:
             return
         bundle = self._grow_args[1]
         avail = ray.available_resources()
@@ -233,31 +234,38 @@ class EStepPool:
                               ).remote(self.model, kwargs, seed + i, self.sampling.use_gpu, exit_on_engine_death=True)
         self.extra_groups.append(group)
         ref = replica.ready.remote()
-        self._starting[ref], self._started_at[ref] = replica, time.monotonic()
+        self._starting[ref], self._started_at[ref] = replica, (time.monotonic(), group)
 
     def _drop_late_starts(self) -> None:
         """An added replica's start is bounded by sampling.start_timeout_s as the first replicas' are (vLLM's own
-        waits have no limit); one past it is dropped, and the E-step goes on with the others. Its placement
-        group stays reserved until close(), so a node where engines hang is not tried again every few seconds."""
+        waits have no limit); one past it is dropped, and the E-step goes on with the others."""
         now = time.monotonic()
-        for ref, since in list(self._started_at.items()):
+        for ref, (since, _) in list(self._started_at.items()):
             if ref in self._starting and now - since > self.sampling.start_timeout_s:
-                ray.kill(self._starting.pop(ref))
-                del self._started_at[ref]
-                tqdm.write(f"[restem] an added sampler replica did not start within sampling.start_timeout_s "
-                           f"({self.sampling.start_timeout_s:g} s) and was dropped")
+                self._drop_added(ref, f"did not start within sampling.start_timeout_s "
+                                      f"({self.sampling.start_timeout_s:g} s)")
+
+    def _drop_added(self, ref, why: str) -> None:
+        """An added replica that failed or hung at start goes, with its bundle (the accelerators are free again);
+        no other is added this E-step: on the next node with room, or the same one, it would likely fail alike and
+        hold its bundle while it did."""
+        replica = self._starting.pop(ref)
+        _, group = self._started_at.pop(ref, (None, None))
+        ray.kill(replica)
+        if group is not None:
+            remove_placement_group(group)
+            self.extra_groups = [g for g in self.extra_groups if g.id != group.id]
+        self._add_failed = True
+        tqdm.write(f"[restem] an added sampler replica {why} and was dropped; no more are added this E-step")
 
     def _started(self, ref, free: list) -> None:
-        replica = self._starting.pop(ref)
-        self._started_at.pop(ref, None)
         try:
             self.nodes.append(ray.get(ref))
         except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
-            # Dropped; the others carry on. Its placement group stays reserved until close(), so a broken
-            # node is not retried every few seconds.
-            tqdm.write(f"[restem] an added sampler replica could not start and was dropped: {_cause(e)}")
-            ray.kill(replica)
+            self._drop_added(ref, f"could not start ({_cause(e)})")  # the others carry on
             return
+        replica = self._starting.pop(ref)
+        self._started_at.pop(ref, None)
         self.samplers.append(replica)
         free += [replica] * self.sampling.calls_per_replica
 

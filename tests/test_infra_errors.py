@@ -148,11 +148,18 @@ def test_a_replica_that_fails_to_start_is_logged_with_its_cause(monkeypatch, cap
     monkeypatch.setattr(pool_mod.ray, "get", failing_get)
     monkeypatch.setattr(pool_mod.ray, "kill", killed.append)
     p = pool_mod.EStepPool.__new__(pool_mod.EStepPool)
-    p._starting, p._started_at, p.samplers, p.nodes = {"ref": "replica"}, {"ref": 0.0}, [], []
+    removed = []
+    monkeypatch.setattr(pool_mod, "remove_placement_group", removed.append)
+    group = type("Group", (), {"id": "g1"})()
+    p._starting, p._started_at, p.samplers, p.nodes = {"ref": "replica"}, {"ref": (0.0, group)}, [], []
+    p.extra_groups, p._add_failed = [group], False
     free = []
     p._started("ref", free)
     assert killed == ["replica"] and free == [] and p.samplers == [] and p._starting == p._started_at == {}
-    assert "could not start and was dropped: RuntimeError: no CUDA device on this node" in capsys.readouterr().out
+    # its bundle is given back (it held an accelerator until the pool closed), and no other replica is added
+    assert removed == [group] and p.extra_groups == [] and p._add_failed
+    assert ("could not start (RuntimeError: no CUDA device on this node) and was dropped; no more are added this "
+            "E-step") in capsys.readouterr().out
 
 
 # ---------------------------------------------------------------- the real thing: CLI, Ray, vLLM

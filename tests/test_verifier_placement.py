@@ -86,7 +86,7 @@ def test_an_elastic_pool_never_waits_on_a_bundle_no_single_node_holds(cluster, m
     started = []
     pool = object.__new__(EStepPool)  # the growing part alone: no vLLM replicas
     pool.sampling = SamplingConfig(num_replicas=1, max_replicas=2, cpus_per_replica=1)
-    pool.samplers, pool._starting, pool.extra_groups = ["replica 0"], {}, []
+    pool.samplers, pool._starting, pool.extra_groups, pool._add_failed = ["replica 0"], {}, [], False
     pool.group, pool._placing, pool._last_grow, pool.verifiers = None, None, 0.0, NoVerifiers()
     pool._start_replica = started.append
     pool._grow_args = (None, {"CPU": 1, "sandbox": 3}, {}, {}, 0, 0)
