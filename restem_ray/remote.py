@@ -91,7 +91,7 @@ def local_file_copy(uri: str, cache_dir: str | None = None) -> str:
         return uri
     import pyarrow.fs as pafs
 
-    name = uri.rstrip("/").rsplit("/", 1)[-1]
+    name = shown_uri(uri).rstrip("/").rsplit("/", 1)[-1]  # not `train.jsonl?endpoint_override=...` (nor credentials)
     return os.path.join(_copy_once(uri, cache_dir, lambda fs, path, tmp: pafs.copy_files(
         path, os.path.join(tmp, name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())), name)
 

@@ -74,6 +74,10 @@ def test_bad_uris_are_one_line_errors(s3, tmp_path):
         read_rows(f"{s3}/bad/missing.jsonl")
     with pytest.raises(UserError, match=r"cannot open"):
         read_rows("nosuchscheme://x/y.jsonl")
+    # a URI with options in its query (pyarrow's region=, endpoint_override=): the local copy's name leaves it out
+    (tmp_path / "good.jsonl").write_text('{"id": "1", "prompt": "q", "answer": "1"}\n')
+    upload(tmp_path / "good.jsonl", f"{s3}/bad/good.jsonl")
+    assert [r["id"] for _, r in read_rows(f"{s3}/bad/good.jsonl?region=us-east-1")] == ["1"]
 
 
 def download(uri: str, local: Path) -> Path:
