@@ -408,16 +408,18 @@ class TrainingConfig(_Section):
         ds = self.deepspeed_overrides()  # a missing or malformed file fails at load time, not in a worker
         # Settings the M-step plans with (ZeRO-3's sharded loading and synced decoding, the batch plan, the
         # checks above) come from training.*; a raw override that disagrees would split them silently.
-        owned = {("zero_optimization", "stage"): ("zero_stage", self.zero_stage),
-                 ("train_micro_batch_size_per_gpu",): ("micro_batch_size", self.micro_batch_size),
-                 ("gradient_accumulation_steps",): ("grad_accum", self.grad_accum)}
+        owned = {("zero_optimization", "stage"): ("training.zero_stage", self.zero_stage),
+                 ("train_micro_batch_size_per_gpu",): ("training.micro_batch_size", self.micro_batch_size),
+                 ("gradient_accumulation_steps",): ("training.grad_accum", self.grad_accum),
+                 ("train_batch_size",): ("training.micro_batch_size x grad_accum x num_workers",
+                                         self.micro_batch_size * self.grad_accum * self.num_workers)}
         for path, (field, value) in owned.items():
             got = ds
             for key in path:
                 got = got.get(key) if isinstance(got, dict) else None
             if got is not None and got != value:
-                raise ValueError(f"training.deepspeed: {'.'.join(path)} is {got!r} but training.{field} is "
-                                 f"{value!r}; set training.{field} instead")
+                raise ValueError(f"training.deepspeed: {'.'.join(path)} is {got!r} but {field} is {value!r}; set "
+                                 f"{field.replace(' x ', ', ').replace(', num', ' and num')} instead")
         return self
 
     def deepspeed_overrides(self) -> dict:
@@ -695,8 +697,10 @@ def resolve_paths(tree: dict, base_dir: Path | None = None) -> dict:
             if k in model:
                 model[k] = fix(model[k])
     training = tree.get("training")
-    if isinstance(training, dict) and isinstance(training.get("deepspeed"), str):
-        training["deepspeed"] = fix(training["deepspeed"])
+    if isinstance(training, dict):
+        for k in ("deepspeed", "storage_path"):
+            if isinstance(training.get(k), str):
+                training[k] = fix(training[k])
     return tree
 
 

@@ -46,6 +46,10 @@ def test_paths_given_with_set_are_relative_to_the_current_folder(tmp_path, monke
     assert c.model.base == str(cwd / "models" / "tiny") and c.task.valid_file == str(cwd / "data" / "v.jsonl")
     assert c.model.sampler == "s3://bucket/m" and c.task.extra_eval_files == {"x": str(cwd / "e.jsonl")}
     assert c.task.train_file == str(cfg_dir / "t.jsonl")  # the file's own, relative to the file
+    # Ray Train took a relative storage_path as a URI without a scheme and failed at the first M-step
+    c = load_config(write(cfg_dir, MIN), ["training.storage_path=ckpts"])
+    assert c.training.storage_path == str(cwd / "ckpts")
+    assert load_config(write(cfg_dir, MIN), ["training.storage_path=s3://b/p"]).training.storage_path == "s3://b/p"
 
 
 @pytest.mark.parametrize("override,needle", [
@@ -80,6 +84,10 @@ def test_paths_given_with_set_are_relative_to_the_current_folder(tmp_path, monke
     ('sampling.engine_kwargs={tensor_parallel_size: "1"}', "sampling.engine_kwargs.tensor_parallel_size is '1' but"),
     (".training=1", "an empty name in the key path '.training'"),
     ("task.train_file=", "task.train_file: String should have at least 1 character"),
+    # DeepSpeed asserted on it at the first M-step's start, after a whole E-step
+    ("training.deepspeed={train_batch_size: 999}", "training.deepspeed: train_batch_size is 999 but "
+     "training.micro_batch_size x grad_accum x num_workers is 16; set training.micro_batch_size, grad_accum and "
+     "num_workers instead"),
 ])
 def test_bad_config_is_one_named_error(tmp_path, override, needle):
     with pytest.raises(UserError) as e:
