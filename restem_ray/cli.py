@@ -330,7 +330,7 @@ def cmd_eval(args) -> int:
         check_output_file(Path(args.out), (".json",))  # before the evaluation, not after it
     cfg = eval_config(args, next(iter(splits.values())))
     problems, renderer = eval_problems(cfg, splits, args.model)
-    check_model_len(cfg, problems, load_tokenizer(args.model), args.model)
+    check_model_len(cfg, problems, load_tokenizer(args.model, "--model"), args.model)
     stop, stop_token_ids = sampling_stops(cfg, renderer)
     verifier = check_verifier(cfg, local_sandbox=False)
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):

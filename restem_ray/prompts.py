@@ -27,8 +27,16 @@ from .errors import UserError, first_line
 PLAIN_SHOT_FORMAT = "Question: {question}\nAnswer: {answer}"
 
 
+def load_tokenizer(path: str, what: str = "model.base"):
+    """`path`'s tokenizer, checked; errors name `what` (the key or flag that gave the path)."""
+    try:
+        return _load_tokenizer(path)
+    except UserError as e:
+        raise UserError(f"{what}: {e}") from None
+
+
 @functools.lru_cache(maxsize=8)
-def load_tokenizer(path: str):
+def _load_tokenizer(path: str):
     from transformers import AutoTokenizer
 
     from .remote import local_model_files
@@ -37,14 +45,14 @@ def load_tokenizer(path: str):
     try:
         tok = AutoTokenizer.from_pretrained(folder)
     except Exception as e:  # a broken or foreign folder: one line, not a transformers traceback
-        raise UserError(f"model.base: {path}: cannot load its tokenizer ({first_line(e)})") from None
+        raise UserError(f"{path}: cannot load its tokenizer ({first_line(e)})") from None
     # transformers 5 rebuilds a tokenizer from its tokenizer_class: a byte-level BPE folder that names a
     # SentencePiece class (DeepSeek-R1-Distill-Llama's LlamaTokenizerFast) loads with the wrong pre-tokenizer and
     # loses every space, for vLLM too, and every prompt and training row would be garbled
     try:
         got = tok.decode(tok(ROUND_TRIP, add_special_tokens=False).input_ids, skip_special_tokens=True)
     except Exception as e:
-        raise UserError(f"model.base: {path}: its tokenizer fails on plain text ({type(e).__name__}: {e})") from None
+        raise UserError(f"{path}: its tokenizer fails on plain text ({type(e).__name__}: {e})") from None
     if got.strip().lower() != ROUND_TRIP.lower():  # (a lowercasing normalizer is the tokenizer's own choice)
         try:
             name = json.loads(Path(folder, "tokenizer_config.json").read_text()).get("tokenizer_class")
@@ -52,7 +60,7 @@ def load_tokenizer(path: str):
             name = None
         hint = ("; tokenizer.json holds the whole tokenizer: set tokenizer_class to PreTrainedTokenizerFast there"
                 if Path(folder, "tokenizer.json").is_file() and name not in (None, "PreTrainedTokenizerFast") else "")
-        raise UserError(f"model.base: {path}: its tokenizer does not give back the text it encodes ({ROUND_TRIP!r} "
+        raise UserError(f"{path}: its tokenizer does not give back the text it encodes ({ROUND_TRIP!r} "
                         f"-> {got!r}): transformers loaded it as {type(tok).__name__} (tokenizer_class {name} in "
                         f"tokenizer_config.json){hint}")
     return tok
@@ -198,8 +206,9 @@ def template_fields(cfg: RestemConfig) -> tuple[str, ...]:
 def make_renderer(cfg: RestemConfig, model: str | None = None) -> PromptRenderer | None:
     if cfg.prompt is None:
         return None
+    what = "model.base" if model in (None, cfg.model.base) else "--model"  # (eval's)
     model = model or cfg.model.base
-    return PromptRenderer(cfg.prompt, load_tokenizer(model), cfg.task.dataset, model)
+    return PromptRenderer(cfg.prompt, load_tokenizer(model, what), cfg.task.dataset, model)
 
 
 def render_rows(rows: list[dict], renderer: PromptRenderer | None, *, code: bool, train: bool = False) -> list[dict]:
@@ -284,7 +293,7 @@ def check_sampler(cfg: RestemConfig, task: Task) -> None:
     sampler = cfg.model.sampler
     if sampler is None or (task.renderer is None and not task.stop_token_ids):
         return
-    base_tok, tok = load_tokenizer(cfg.model.base), load_tokenizer(sampler)
+    base_tok, tok = load_tokenizer(cfg.model.base), load_tokenizer(sampler, "model.sampler")
     for i in task.stop_token_ids:
         ours = base_tok.convert_ids_to_tokens(i)
         theirs = tok.convert_ids_to_tokens(i) if i < len(tok) else None

@@ -14,7 +14,7 @@ from restem_ray.config import load_config
 from restem_ray.data import load_problems
 from restem_ray.datasets import gsm8k, hendrycks_math
 from restem_ray.errors import UserError
-from restem_ray.prompts import load_task, load_tokenizer, with_stop
+from restem_ray.prompts import _load_tokenizer, load_task, load_tokenizer, with_stop
 from restem_ray.selection import select
 
 DATA = Path(__file__).parent / "data" / "datasets"
@@ -400,7 +400,7 @@ def test_a_tokenizer_that_loses_the_text_it_encodes_is_refused_in_one_line(tmp_p
     (model / "config.json").write_text(json.dumps({"model_type": "llama"}))
     tok_config = json.loads((model / "tokenizer_config.json").read_text())
     (model / "tokenizer_config.json").write_text(json.dumps(tok_config | {"tokenizer_class": "LlamaTokenizerFast"}))
-    load_tokenizer.cache_clear()
+    _load_tokenizer.cache_clear()
     with pytest.raises(UserError, match=r"does not give back the text it encodes .* -> \"Janet'sduckslay16eggs.*"
                                         r"loaded it as LlamaTokenizer \(tokenizer_class LlamaTokenizerFast in "
                                         r"tokenizer_config.json\); .* set tokenizer_class to PreTrainedTokenizerFast"):
@@ -409,8 +409,12 @@ def test_a_tokenizer_that_loses_the_text_it_encodes_is_refused_in_one_line(tmp_p
     assert main(["check", str(tmp_path / "cfg.yaml")]) == 2
     err = capsys.readouterr().err
     assert "does not give back the text it encodes" in err and err.count("\n") == 1
+    # the key that gave the folder is the one named: here model.sampler, not model.base
+    config(tmp_path / "ok", gsm8k_task(), {"template": "{question}"}, model=chat_model(tmp_path / "ok" / "m", "<|im_end|>"))
+    assert main(["check", str(tmp_path / "ok" / "cfg.yaml"), "--set", f"model.sampler={model}"]) == 2
+    assert capsys.readouterr().err.startswith(f"restem-ray: error: model.sampler: {model}: its tokenizer does not")
     (model / "tokenizer_config.json").write_text(json.dumps(tok_config | {"tokenizer_class": "PreTrainedTokenizerFast"}))
-    load_tokenizer.cache_clear()
+    _load_tokenizer.cache_clear()
     tok = load_tokenizer(str(model))
     assert tok.decode(tok("Janet's ducks lay 16 eggs.").input_ids) == "Janet's ducks lay 16 eggs."
     assert load_task(cfg).train and build_chat_tokenizer().vocab_size == tok.vocab_size
