@@ -268,6 +268,10 @@ def eval_config(args, first: str) -> RestemConfig:
     dataset, rows_format = task.get("dataset"), args.dataset or task.get("dataset")
     if not args.config:
         dataset = args.dataset
+    elif args.dataset and task.get("kind") and DATASET_KINDS.get(args.dataset, task["kind"]) != task["kind"]:
+        raise UserError(f"--dataset {args.dataset} holds {DATASET_KINDS[args.dataset]} problems but the --config run's "
+                        f"task is {task['kind']} (task.dataset {dataset}): its prompts and verifier do not apply; "
+                        "evaluate without --config, or with a run of a task of that kind")
     elif args.dataset and args.dataset != dataset:
         # files in another released format, prompted as the run prompted its task.eval_datasets splits: the
         # run's task.dataset renders (its standard exemplars), --dataset reads the rows (no columns or adapter)
@@ -607,7 +611,7 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--verifier", help="math, code, or module:function (default: the --config's, else by the "
                                       "task's kind: code for a code --dataset, else math)")
     e.add_argument("--dataset", choices=list(DATASET_KINDS), help=dataset_help)
-    e.add_argument("--k", type=int, default=0, help="also pass@k and maj@k from k samples")
+    e.add_argument("--k", type=non_negative_int, default=0, help="also pass@k and maj@k from k samples")
     e.add_argument("--max-tokens", type=positive_int, default=None, help="max new tokens per completion")
     e.add_argument("--out", help="write the scores as JSON")
     e.add_argument("--set", **dict(sets, help="override a config key, e.g. sampling.engine_kwargs.dtype=float32"))
@@ -619,12 +623,30 @@ def parser() -> argparse.ArgumentParser:
     b = sub.add_parser("build-tiny", help="build (and cache) the built-in task data and tiny base model")
     b.add_argument("--task", choices=["arithmetic", "code"], default="arithmetic")
     b.set_defaults(fn=cmd_build_tiny)
+    for command in sub.choices.values():  # `restem-ray run CFG --debug` as well as `restem-ray --debug run CFG`
+        command.add_argument("--debug", action="store_true", default=argparse.SUPPRESS,
+                             help="show tracebacks for user errors")
     return p
 
 
 def positive_int(text: str) -> int:
     n = int(text)
     if n < 1:
+        raise ValueError(text)
+    return n
+
+
+def as_flags(message: str, args) -> str:
+    """A message about a key the user set with a flag names the flag (eval/verify's --verifier is
+    verification.verifier inside)."""
+    if args.cmd in ("eval", "verify") and args.verifier:
+        message = re.sub(r"(^|\s)verification\.verifier:", r"\1--verifier:", message, count=1)
+    return message
+
+
+def non_negative_int(text: str) -> int:
+    n = int(text)
+    if n < 0:
         raise ValueError(text)
     return n
 
@@ -636,7 +658,7 @@ def main(argv: list[str] | None = None) -> int:
     except UserError as e:
         if args.debug:
             raise
-        print(f"restem-ray: error: {e}", file=sys.stderr)
+        print(f"restem-ray: error: {as_flags(str(e), args)}", file=sys.stderr)
         return 2
     except RunError as e:
         if args.debug:

@@ -83,3 +83,30 @@ def test_eval_bad_inputs(tmp_path, args, message):
         args = ["--model", str(root / "model"), *args]
     code, log = run(*args, timeout=120)
     assert code == 2 and message in log and "Traceback" not in log, log
+
+
+def test_eval_flag_errors_name_the_flags(tmp_path, capsys):
+    """Errors about what a flag set name the flag, not the config key behind it; a --dataset of another kind than
+    the --config run's task is refused naming both (it read as 'task.dataset gsm8k is a math dataset: set
+    task.kind: math', keys the user never wrote, and a wrong fix); `--debug` goes after the command too."""
+    import yaml
+
+    from restem_ray.cli import main
+
+    root = ensure_builtin()
+    model, valid = str(root / "model"), str(root / "data" / "valid.jsonl")
+    assert main(["eval", "--model", model, "--problems", valid, "--verifier", "nomodule"]) == 2
+    assert capsys.readouterr().err.startswith("restem-ray: error: --verifier: 'nomodule' is not")
+    data = os.path.join(os.path.dirname(__file__), "data", "datasets")
+    (tmp_path / "run.yaml").write_text(yaml.safe_dump({"task": {"train_file": f"{data}/gsm8k_train_sample.jsonl",
+                                                                "dataset": "gsm8k", "valid_split": 4},
+                                                       "model": {"base": model}}))
+    assert main(["eval", "--model", model, "--problems", f"{data}/mbpp.jsonl", "--config", str(tmp_path / "run.yaml"),
+                 "--dataset", "mbpp"]) == 2
+    assert ("--dataset mbpp holds code problems but the --config run's task is math (task.dataset gsm8k)"
+            in capsys.readouterr().err)
+    with pytest.raises(SystemExit):
+        main(["eval", "--model", model, "--problems", valid, "--k", "-1"])
+    assert "argument --k: invalid non_negative_int value: '-1'" in capsys.readouterr().err
+    with pytest.raises(Exception, match="config file not found"):  # the traceback's exception, not one line
+        main(["check", str(tmp_path / "none.yaml"), "--debug"])
