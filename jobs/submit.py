@@ -9,7 +9,10 @@
   config on /shared), or ship the folder that holds them as the runtime_env's `working_dir`.
 - `--runtime-env`: a YAML/JSON runtime_env (env_vars, working_dir, pip, ...); `RESTEM_*` and `HF_*`
   settings of this shell are added to `env_vars` (its own values win), except secrets (`HF_TOKEN`: the dashboard
-  shows a runtime_env) and this machine's folders (`HF_HOME`, `RESTEM_CACHE`, ...).
+  shows a runtime_env), this machine's folders (any name ending in `_CACHE`, `_DIR`, `_PATH` or `_HOME`:
+  `HF_HOME`, `RESTEM_CACHE`, `RESTEM_MODEL_CACHE`, ...) and the test hooks of restem_ray/faults.py
+  (`RESTEM_TRACE`, `RESTEM_HOLD_START`, `RESTEM_CRASH_AT`). `env_vars` values must be strings, as Ray requires:
+  quote numbers (`OMP_NUM_THREADS: "4"`); anything else is a one-line error (exit 2).
 - Exit status: 0 when the job SUCCEEDED, 1 when it FAILED or was STOPPED, 2 for bad arguments,
   130 after Ctrl-C (which also stops the job). `--no-wait` prints the submission id and exits 0.
 The job's driver runs on the head node; everything it starts (samplers, verifiers, trainers) is
@@ -28,16 +31,19 @@ from pathlib import Path
 
 
 # Not forwarded: secrets (a runtime_env is shown by the dashboard and the Jobs API: give tokens to the cluster
-# as Kubernetes secrets or the nodes' environment) and this machine's own folders (a laptop's HF_HOME).
+# as Kubernetes secrets or the nodes' environment), this machine's own folders (HF_HOME, HF_HUB_CACHE,
+# HF_MODULES_CACHE, HF_TOKEN_PATH, RESTEM_CACHE, RESTEM_MODEL_CACHE, RESTEM_RUN_CACHE, ...: every name ending in
+# one of _LOCAL_SUFFIXES) and the test hooks of restem_ray/faults.py (a trace file, a crash point, a held start).
 _SECRET_PARTS = ("TOKEN", "SECRET", "PASSWORD", "KEY")
-_LOCAL_PATHS = ("HF_HOME", "HF_HUB_CACHE", "HF_DATASETS_CACHE", "HF_ASSETS_CACHE", "HF_XET_CACHE",
-                "HF_TOKEN_PATH", "HF_STORED_TOKENS_PATH", "RESTEM_CACHE", "RESTEM_RUN_CACHE")
+_LOCAL_SUFFIXES = ("_CACHE", "_DIR", "_PATH", "_HOME")
+_TEST_HOOKS = ("RESTEM_TRACE", "RESTEM_HOLD_START", "RESTEM_CRASH_AT")
 
 
 def forwarded(name: str) -> bool:
-    """A variable of this shell that the job gets too: RESTEM_* and HF_* settings, not secrets or local paths."""
-    return (name.startswith(("RESTEM_", "HF_")) and name not in _LOCAL_PATHS
-            and not any(part in name for part in _SECRET_PARTS))
+    """A variable of this shell that the job gets too: RESTEM_* and HF_* settings, not secrets, local paths or
+    test hooks."""
+    return (name.startswith(("RESTEM_", "HF_")) and not name.endswith(_LOCAL_SUFFIXES)
+            and name not in _TEST_HOOKS and not any(part in name for part in _SECRET_PARTS))
 
 
 def load_runtime_env(path: str | None) -> dict:
@@ -58,6 +64,13 @@ def load_runtime_env(path: str | None) -> dict:
             raise SystemExit(_usage_error(f"--runtime-env {path}: top level must be a mapping"))
         if not isinstance(env.get("env_vars") or {}, dict):
             raise SystemExit(_usage_error(f"--runtime-env {path}: env_vars must be a mapping of NAME: value"))
+        for k, v in (env.get("env_vars") or {}).items():  # Ray's RuntimeEnv would raise a TypeError
+            if not isinstance(k, str):
+                raise SystemExit(_usage_error(f"--runtime-env {path}: env_vars name {k!r} must be a string"))
+            if not isinstance(v, str):
+                hint = f' (quote it: {k}: "{v}")' if type(v) in (int, float) else ""
+                raise SystemExit(_usage_error(
+                    f"--runtime-env {path}: env_vars.{k} must be a string, not {type(v).__name__} {v!r}{hint}"))
     passed = {k: v for k, v in os.environ.items() if forwarded(k)}
     if passed:
         env["env_vars"] = {**passed, **(env.get("env_vars") or {})}
@@ -103,14 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     try:
         asyncio.run(_follow(client, job_id))
-    except KeyboardInterrupt:
+        status = client.get_job_status(job_id)
+        while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):  # logs can end first
+            time.sleep(0.5)
+            status = client.get_job_status(job_id)
+    except KeyboardInterrupt:  # while following the logs or waiting for the final status
         client.stop_job(job_id)
         print(f"\n[submit] stopped job {job_id}", file=sys.stderr)
         return 130
-    status = client.get_job_status(job_id)
-    while status not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):  # logs can end first
-        time.sleep(0.5)
-        status = client.get_job_status(job_id)
     info = client.get_job_info(job_id)
     print(f"[submit] job {job_id}: {status.value}" + (f" ({info.message})" if info.message else ""),
           file=sys.stderr)
