@@ -19,8 +19,10 @@ from .errors import UserError, first_line, shown_uri
 from .storage import STEP_PHASE, atomic_write_text
 
 TRACKING_FILE = "tracking.json"
-MISSING = {"mlflow": "observability.mlflow_tracking_uri is set but mlflow is not installed (pip install mlflow)",
-           "wandb": "observability.wandb_project is set but wandb is not installed (pip install wandb)"}
+MISSING = {"mlflow": "observability.mlflow_tracking_uri is set but mlflow is not installed (pip install "
+                     "'restem-ray[dashboards]', or mlflow-skinny)",
+           "wandb": "observability.wandb_project is set but wandb is not installed (pip install "
+                    "'restem-ray[dashboards]', or wandb)"}
 
 
 def check_sinks(o) -> None:

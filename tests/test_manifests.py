@@ -105,7 +105,9 @@ def test_image_names_and_versions_agree_with_pyproject():
             assert set(extra.split(",")) <= set(extras), extra
     gpu = (ROOT / "docker" / "Dockerfile.gpu").read_text()
     assert f"FROM rayproject/ray:{RAY_VERSION}-py311" in gpu  # same Ray and Python as pyproject
-    assert '".[gpu,lora]"' in gpu and "vllm==" in " ".join(extras["gpu"])
+    # the head runs the GPU image: the driver writes to W&B and MLflow from there
+    assert '".[gpu,lora,dashboards]"' in gpu and "vllm==" in " ".join(extras["gpu"])
+    assert {re.split("[<>=]", x)[0] for x in extras["dashboards"]} == {"wandb", "mlflow-skinny"}
     assert "scripts/setup.sh" in (ROOT / "docker" / "Dockerfile.cpu").read_text()
     for _, doc in kuberay_manifests():
         spec = doc["spec"].get("rayClusterSpec", doc["spec"])

@@ -209,7 +209,8 @@ def test_a_configured_dashboard_without_its_package_is_one_line(tmp_path, monkey
     from restem_ray.observability import check_sinks
 
     monkeypatch.setitem(sys.modules, "wandb", None)  # import wandb -> ImportError
-    with pytest.raises(UserError, match=r"^observability.wandb_project is set but wandb is not installed \(pip install wandb\)$"):
+    with pytest.raises(UserError, match=r"^observability.wandb_project is set but wandb is not installed \(pip install "
+                                        r"'restem-ray\[dashboards\]', or wandb\)$"):
         check_sinks(ObservabilityConfig(wandb_project="p"))
     with pytest.raises(UserError, match="wandb is not installed"):
         MetricsSink(tmp_path, tensorboard=False, wandb_project="p")
