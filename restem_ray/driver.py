@@ -449,10 +449,8 @@ def init_ray(address: str | None, num_cpus: int | None, key: str = "ray.address"
             check_reachable(address, key)
         ray.init(address=address)
         return
-    # A local Ray keeps its dashboard (127.0.0.1:8265, or the next free port): Ray Train's placement-group
-    # cleaner asks its State API every second whether the controller lives, and warns at every miss without
-    # it. One machine is never preempted, so Ray Train's preemption watcher (an actor per M-step) is left
-    # out; the local raylet and so every worker inherit this process's environment.
+    # One machine is never preempted, so Ray Train's preemption watcher (an actor per M-step) is left out; the
+    # local raylet and so every worker inherit this process's environment.
     os.environ.setdefault("RAY_TRAIN_ENABLE_PREEMPTION_WATCHER", "0")
     for k, v in KILL_ORPHANS.items():  # the local raylet kills what a crashed worker leaves
         os.environ.setdefault(k, v)
