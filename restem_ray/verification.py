@@ -265,6 +265,7 @@ def answers_match(gold: str, pred: str) -> bool:
     """
     # MATH writes money as `\boxed{\$18.90}`: an escaped dollar sign is not math (math-verify parses nothing)
     gold, pred = gold.replace("\\$", ""), pred.replace("\\$", "")
+    gold, pred = gold.replace("\u2212", "-"), pred.replace("\u2212", "-")  # U+2212, the typeset minus sign
     g, p = as_number(gold), as_number(pred)
     if g is not None and p is not None:
         return _same_number(g, p)

@@ -117,6 +117,7 @@ def test_numeric_and_latex_equivalence():
     assert answers_match("2\\sqrt{2}", "\\sqrt{8}")
     assert not answers_match("2\\sqrt{2}", "\\sqrt{3}")
     assert answers_match("-5", "\u22125")
+    assert answers_match("-4", "\u22124°C") and answers_match("-4", "-4°C")  # the minus sign with a unit too
 
 
 def test_plain_numbers_compare_exactly():
