@@ -405,7 +405,7 @@ class MStep:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .sft import encode, end_ids, packed_row_length, plan_epoch, uses_varlen_kwargs, warmup_cosine
+        from .sft import IGNORE, encode, end_ids, packed_row_length, plan_epoch, uses_varlen_kwargs, warmup_cosine
 
         cfg, job = self.cfg, self.job
         deepspeed = import_deepspeed()
@@ -485,6 +485,9 @@ class MStep:
         # (sft.collate_micro)
         self.varlen = cfg.use_gpu and uses_varlen_kwargs(cfg.attn_implementation)
         lengths = [len(x[0]) for x in self.data]
+        # completion tokens each row adds to the loss (labels after the causal shift): the step's loss is one mean
+        # over every completion token of the optimizer step, all micro-batches and ranks (see the step loop)
+        self.loss_tokens = [sum(y != IGNORE for y in labels[1:]) for _, labels in self.data]
         self.plan = lambda epoch: plan_epoch(lengths, cfg.micro_batch_size, self.world, cfg.grad_accum,
                                              seed=job["seed"] * 1000 + epoch)
         self.micro_per_epoch = len(self.plan(0))  # the same count every epoch (same lengths)
@@ -572,6 +575,15 @@ class MStep:
             step_loss = torch.zeros((), device=self.device)
             lr = engine.get_lr()[0] if lines.on else None  # this step's: the scheduler moves at its end
             step_tokens = 0
+            # One mean over the step's completion tokens, on every rank and in every micro-batch, as one big batch
+            # would give (and HF Trainer does): each micro-batch's loss is its token sum over
+            # N / (grad_accum x world), which DeepSpeed's mean over the micro-batches and ranks turns into sum / N.
+            # A mean per micro-batch gave a 58-token solution's tokens 3.6 times the weight of a 458-token one's
+            # (length-grouped micro-batches put short ones together). N comes from the plan all ranks share.
+            parts = plan[within * cfg.grad_accum:(within + 1) * cfg.grad_accum]
+            step_n = max(1, sum(self.loss_tokens[i] for micro in parts for part in micro for i in part))
+            own_n = max(1, sum(self.loss_tokens[i] for micro in parts for i in micro[self.rank]))
+            per_micro = step_n / (cfg.grad_accum * self.world)
             for m in range(cfg.grad_accum):
                 if lines.on:  # every rank's real tokens, from the plan all ranks share: no collective
                     step_tokens += sum(len(self.data[i][0]) for part in plan[within * cfg.grad_accum + m]
@@ -587,10 +599,12 @@ class MStep:
                 tokens += batch["input_ids"].numel()
                 batch = {k: v.to(self.device, non_blocking=True) if torch.is_tensor(v) else v  # max_length_q/k: ints
                          for k, v in batch.items()}
-                loss = forward(engine, batch | extra).loss
+                loss = forward(engine, batch | extra | {"num_items_in_batch": per_micro}).loss
                 engine.backward(loss)
                 engine.step()
-                step_loss += loss.detach()  # read back only when shown or saved: .item() per step stalls a GPU
+                # shown: this rank's mean over its own tokens, x grad_accum (the lines divide by it); read back only
+                # when shown or saved: .item() per step stalls a GPU
+                step_loss += loss.detach() * (per_micro * cfg.grad_accum / own_n)
             st.step += 1
             if bar:
                 bar.update(1)
