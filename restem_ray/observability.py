@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 from .errors import UserError, first_line, shown_uri
@@ -45,6 +46,9 @@ def check_mlflow(uri: str, experiment: str) -> None:
     not the first phase's commit. Two retries, not MLflow's seven with back-off (minutes on a refused port)."""
     import mlflow
 
+    # a file store that is not there yet is made by the request: `check` writes nothing, so it goes again
+    local = uri.removeprefix("file://") if uri.startswith("file://") or ":" not in uri else None
+    new_store = local if local and not os.path.exists(local) else None
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] or "2"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = saved["MLFLOW_HTTP_REQUEST_TIMEOUT"] or "20"
@@ -58,6 +62,8 @@ def check_mlflow(uri: str, experiment: str) -> None:
                 os.environ.pop(k, None)
             else:
                 os.environ[k] = v
+        if new_store:
+            shutil.rmtree(new_store, ignore_errors=True)
 
 
 def _head(iteration, phase: str, line: dict) -> str:

@@ -245,3 +245,4 @@ def test_an_mlflow_server_that_does_not_answer_fails_before_the_run_is_written(t
         check_sinks(ObservabilityConfig(mlflow_tracking_uri=store, tensorboard=False))
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     check_sinks(ObservabilityConfig(mlflow_tracking_uri=store, tensorboard=False))
+    assert not (tmp_path / "mlruns").exists()  # a check writes nothing: the store its request made is gone
