@@ -119,8 +119,9 @@ def test_humaneval_as_released_grades_canonical_right_and_a_wrong_body():
 def test_mbpp_prompt_shows_the_first_test_and_grading_runs_all():
     rows = load_split(DATA / "mbpp.jsonl", kind="code", dataset="mbpp")
     raw = [json.loads(l) for l in (DATA / "mbpp.jsonl").read_text().splitlines()]
-    assert [r["id"] for r in rows] == ["2", "3", "901"]
-    assert [r["entry_point"] for r in rows] == ["similar_elements", "is_not_prime", "lcm"]  # not the helper gcd
+    assert [r["id"] for r in rows] == ["2", "3", "901", "56"]
+    # not the helper gcd; task 56's function is named `check`, as the harness's own test function is
+    assert [r["entry_point"] for r in rows] == ["similar_elements", "is_not_prime", "lcm", "check"]
     for r, x in zip(rows, raw):
         assert x["text"] in r["prompt"] and x["test_list"][0] in r["prompt"]
         assert not any(t in r["prompt"] for t in x["test_list"][1:])  # only the first test is shown
@@ -133,6 +134,9 @@ def test_mbpp_prompt_shows_the_first_test_and_grading_runs_all():
         # passes the shown test (2 -> False) but not the others: grading is not just the first test
         assert v.grade(rows[1], "def is_not_prime(n):\n    return False\n").verdict == "wrong_answer"
         assert v.grade(rows[2], "def lcm(a, b):\n    return 12\n").verdict == "wrong_answer"
+        # (its reference passed nothing: the asserts called the harness's check(candidate) in its place)
+        assert v.grade(rows[3], "def check(n):\n    return n == 73\n").verdict == "passed"
+        assert v.grade(rows[3], "def check(n):\n    return n < 50\n").verdict == "wrong_answer"
 
 
 def test_mbpp_sanitized_json_array(tmp_path):

@@ -32,7 +32,14 @@ def adapt(row: dict) -> dict:
     if not setup.strip() and isinstance(row.get("test_imports"), list):
         setup = "\n".join(row["test_imports"])
     prompt = f'"""\n{task}\n{tests[0]}\n"""\n'
-    check = "def check(candidate):\n" + "".join(textwrap.indent(t.strip(), "    ") + "\n" for t in tests)
-    test = (setup.strip() + "\n\n\n" if setup.strip() else "") + check
+    entry = entry_point(code, tests)
+    asserts = tests
+    keep = ""
+    if entry == "check":  # (tasks 56, 349, 899, 967): the harness's own check(candidate) would replace it, and
+        # its asserts would call the harness: the program's function is kept under another name for them
+        keep = "_mbpp_entry = check\n\n\n"
+        asserts = [re.sub(r"\bcheck\s*\(", "_mbpp_entry(", t) for t in tests]
+    check = "def check(candidate):\n" + "".join(textwrap.indent(t.strip(), "    ") + "\n" for t in asserts)
+    test = (setup.strip() + "\n\n\n" if setup.strip() else "") + keep + check
     return {**some_id(row, "task_id"), "prompt": prompt, "code_prompt": prompt, "text": task, "test_example": tests[0],
-            "code": code, "test": test, "entry_point": entry_point(code, tests)}
+            "code": code, "test": test, "entry_point": entry}
