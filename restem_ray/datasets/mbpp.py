@@ -1,8 +1,8 @@
 """MBPP (Austin et al. 2021) as released: `task_id`, `text`, `code`, `test_list`, `test_setup_code`
 (the sanitized split says `prompt` and `test_imports` instead).
 
-The prompt states the task and shows the first test, in a docstring (as in the MBPP paper and the
-InCoder/bigcode evaluations); grading runs every test of `test_list`, HumanEval style: `test` = the
+The prompt states the task and shows the first test, in a docstring (as in the InCoder and bigcode
+evaluations; the MBPP paper's own prompt shows all three tests after an instruction); grading runs every test of `test_list`, HumanEval style: `test` = the
 setup code + `def check(candidate):` holding the asserts, `entry_point` = the reference `code`'s
 function that the asserts call.
 """
