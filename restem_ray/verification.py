@@ -85,9 +85,11 @@ def _last_boxed_at(text: str) -> tuple[int, str | None]:
 _BOX_JOIN = re.compile(r"[\s$,]*(?:\\text\{\s*)?(?:(?:and|or)\b)?(?:\s*\})?[\s$,]*(?:\\[(\[]\s*)?(?:[A-Za-z]\s*=\s*)?")
 
 
-def _final_boxed_at(text: str) -> tuple[int, str | None]:
+def _final_boxed_at(text: str, join_or: bool = True) -> tuple[int, str | None]:
     """The last box, and with it the boxes just before it joined to it by "and", "or" or a comma (several
-    solutions, boxed one by one; across lines only by those words): their contents joined by ", " ("2, 3")."""
+    solutions, boxed one by one; across lines only by those words): their contents joined by ", " ("2, 3").
+    `join_or` False: boxes "or" joins are one answer written two ways ("$\\boxed{15\\frac{39}{40}}$ or
+    $\\boxed{\\frac{639}{40}}$" in a MATH solution): the last is taken alone."""
     at, last = _last_boxed_at(text)
     parts = [last]
     while last is not None:
@@ -98,7 +100,8 @@ def _final_boxed_at(text: str) -> tuple[int, str | None]:
         end = _box_end(head, prev_at)
         between = head[end:] if end is not None else ""
         if end is None or not _BOX_JOIN.fullmatch(between) or (
-                "\n" in between and not re.search(r"\b(?:and|or)\b|,", between)):  # (lines apart: joined in words)
+                "\n" in between and not re.search(r"\b(?:and|or)\b|,", between)) or (  # (lines apart: joined in words)
+                not join_or and re.search(r"\bor\b", between)):
             break
         at, parts = prev_at, [prev, *parts]
     return at, (", ".join(parts) if last is not None else None)
@@ -119,10 +122,11 @@ def _box_end(text: str, at: int) -> int | None:
     return None
 
 
-def last_boxed(text: str) -> str | None:
+def last_boxed(text: str, join_or: bool = True) -> str | None:
     """Content of the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`), braces matched, with the boxes
-    "and", "or" or a comma join to it ("$\\boxed{2}$ and $\\boxed{3}$" is "2, 3"); None if none."""
-    return _final_boxed_at(text)[1]
+    "and", "or" (unless `join_or` is False) or a comma join to it ("$\\boxed{2}$ and $\\boxed{3}$" is "2, 3");
+    None if none."""
+    return _final_boxed_at(text, join_or)[1]
 
 
 # What a `####` answer starts with: a number or math ("x = 5", "x+1", "sqrt(2)", "i"), a choice letter.

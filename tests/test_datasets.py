@@ -70,6 +70,14 @@ def test_math_gold_is_the_last_box_with_nested_braces():
     with closing(Verifier("math")) as v:  # the gold is the last box, not the first (a wrong guess) one
         assert v.grade(rows[1], r"so $\boxed{\frac{\sqrt{2}}{2}}$").verdict == "passed"
         assert v.grade(rows[1], r"so $\boxed{1}$").verdict == "wrong_answer"
+    # MATH-500's test/number_theory/459: one answer boxed two ways, "or" between them; the gold is the last box,
+    # as MATH-500's answer field has it (joined, it read as a two-part answer), while "and" joins two answers
+    from restem_ray.datasets import hendrycks_math
+
+    two_ways = {"problem": "p", "solution": r"is $\boxed{15\frac{39}{40}},$ or $\boxed{\frac{639}{40}}$."}
+    assert hendrycks_math.adapt(two_ways)["answer"] == r"\frac{639}{40}"
+    both = {"problem": "p", "solution": r"$x = \boxed{2}$ and $x = \boxed{3}$"}
+    assert hendrycks_math.adapt(both)["answer"] == "2, 3"
 
 
 def test_math_money_answer_grades_its_own_solution(tmp_path):

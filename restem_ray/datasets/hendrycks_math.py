@@ -43,7 +43,7 @@ def adapt(row: dict) -> dict:
     if answer is None or str(answer).strip() == "":
         if not solution:
             raise BadField("solution", "missing or empty (and no 'answer')")
-        answer = last_boxed(solution)
+        answer = last_boxed(solution, join_or=False)  # "A or B": one answer two ways, B as MATH-500 has it
         if answer is None:
             raise BadField("solution", "no \\boxed{...} final answer")
     extra = {k: row[k] for k in ("level", "type", "subject") if row.get(k) is not None}
