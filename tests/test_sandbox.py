@@ -28,6 +28,62 @@ ADD = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
 ECHO_SUM = {"id": "sum", "prompt": "Read two ints, print their sum.",
             "input_output": json.dumps({"inputs": ["1 2\n", "10 20\n"], "outputs": ["3\n", "30\n"]})}
 GOOD_ADD = "    return a + b\n"
+# the reviewer's example: a test that builtins.abs = lambda x: 0 would pass
+MAD = {"id": "mad", "prompt": "def mean_absolute_deviation(numbers):\n", "entry_point": "mean_absolute_deviation",
+       "test": "def check(candidate):\n    assert abs(candidate([1.0, 2.0, 3.0]) - 2 / 3) < 1e-6\n"}
+SQUARE = {"id": "square", "prompt": "def square(x):\n", "entry_point": "square",
+          "test": "import math\n\ndef check(candidate):\n    assert math.fabs(candidate(3) - 9) < 1e-9\n"}
+# A wrong answer that forks at every call, each branch returning another guess; the branches whose guess failed
+# end silently in the flush of the report (sys.exc_info() says they are failing), and the branch whose guesses
+# all passed reports.
+FORK_PER_GUESS = """import os, sys
+class Out:
+    def __init__(self, f):
+        self.f = f
+    def write(self, x):
+        return self.f.write(x)
+    def flush(self):
+        if sys.exc_info()[0] is not None:
+            os._exit(0)
+        self.f.flush()
+sys.stdout = Out(sys.stdout)
+def add(a, b):
+    for guess in range(-3, 8):
+        if os.fork() == 0:
+            return guess
+    try:
+        while True:
+            os.wait()
+    except ChildProcessError:
+        os._exit(0)
+"""
+# A wrong answer that reads memory with ctypes' classes (found through object.__subclasses__(), whatever imports are
+# refused; `c_char_p(address).value` raises no audit event): the traceback's frame pointer, then the harness's frame.
+CTYPES_FRAME = """    return 0
+def classes(c, seen):
+    for s in type.__subclasses__(c):
+        if s not in seen:
+            seen.add(s)
+            classes(s, seen)
+    return seen
+simple = [c for c in classes(object, set()) if c.__name__ == '_SimpleCData'][0]
+class CharP(simple):
+    _type_ = 'z'
+class Obj(simple):
+    _type_ = 'O'
+def read_word(address):
+    data = b''
+    while len(data) < 8:
+        data += (CharP(address + len(data)).value + b'\\0')[:8 - len(data)]
+    return int.from_bytes(data, 'little')
+try:
+    raise KeyError
+except KeyError as e:
+    tb = e.__traceback__
+o = Obj()
+memoryview(o).cast('B')[:8] = read_word(id(tb) + 24).to_bytes(8, 'little')  # (tb_frame)
+o.value.f_back.f_locals['report'](status='ok')
+"""
 
 
 @pytest.fixture(scope="module")
@@ -47,7 +103,8 @@ def healthy(grader):
 
 HOSTILE = {
     # name: (problem, completion, expected verdicts)
-    "fork bomb": (ADD, "    import os\n    while True:\n        os.fork()\n", {"runtime_error", "timeout"}),
+    # (a stdin program: in test mode a fork is refused)
+    "fork bomb": (ECHO_SUM, "import os\nwhile True:\n    os.fork()\n", {"runtime_error", "timeout"}),
     "thread bomb": (ADD, "    import threading, time\n    while True:\n"
                          "        threading.Thread(target=time.sleep, args=(60,)).start()\n", {"runtime_error", "timeout"}),
     "memory hog": (ADD, "    x = []\n    while True:\n        x.append(bytearray(50 << 20))\n", {"memory"}),
@@ -95,11 +152,94 @@ HOSTILE = {
     "a new interpreter, outside the audit hook": (ADD, "    return 0\nimport subprocess\n"
                                                      "subprocess.run(['/usr/bin/python3', '-c', 'print(1)'])\n",
                                                 {"runtime_error"}),
-    # RLIMIT_AS is per process: forked processes together are held to the limit by the worker's watch
-    "memory across forked processes": (ADD, "    import os, time\n    for _ in range(6):\n        if os.fork() == 0:\n"
-                                            "            x = bytearray(400 << 20)\n            time.sleep(3)\n"
-                                            "            os._exit(0)\n    time.sleep(4)\n    return a + b\n",
-                                       {"memory"}),
+    # a wrong answer that rewrites the report the harness writes after its asserts failed: what the report needs is
+    # bound before the program runs, and built without a call the program could patch
+    "forged report through json.dumps": (ADD, "    return 0\nimport json\n_o = json.dumps\njson.dumps = lambda d, *a, **k: "
+                                              "_o({'nonce': d['nonce'], 'status': 'ok'}) if isinstance(d, dict) and "
+                                              "'nonce' in d else _o(d, *a, **k)\n", {"wrong_answer"}),
+    "forged report through json.dumps, from the body": (ADD, "    import json\n    _o = json.dumps\n    json.dumps = "
+                                                             "lambda d, *a, **k: _o({'nonce': d['nonce'], 'status': "
+                                                             "'ok'}) if isinstance(d, dict) and 'nonce' in d else "
+                                                             "_o(d, *a, **k)\n    return 0\n", {"wrong_answer"}),
+    "forged report through os.write": (ADD, "    return 0\nimport json, os\n_w = os.write\ndef write(fd, data):\n"
+                                            "    if fd == 3:\n        try:\n            d = json.loads(data)\n"
+                                            "            data = json.dumps({'nonce': d['nonce'], 'status': 'ok'})"
+                                            ".encode()\n        except ValueError:\n            data = data.replace("
+                                            "b'error AssertionError', b'ok -')\n    return _w(fd, data)\n"
+                                            "os.write = write\n", {"wrong_answer"}),
+    "forged report through the worker's module": (ADD, "    return 0\nimport __main__, json\nclass Fake:\n"
+                                                       "    @staticmethod\n    def dumps(d, *a, **k):\n        return "
+                                                       "json.dumps({'nonce': d['nonce'], 'status': 'ok'})\n"
+                                                       "__main__.json = Fake\n", {"wrong_answer"}),
+    # DEBUG_SAVEALL keeps a collected frame in gc.garbage, and its f_back leads to the harness's frame
+    "forged report from frames gc saved": (ADD, "    return 0\nimport gc\ngc.set_debug(gc.DEBUG_SAVEALL)\ndef g():\n"
+                                                "    try:\n        raise KeyError\n    except KeyError as e:\n"
+                                                "        x = e\ng()\ngc.collect()\nf = [o for o in gc.garbage if "
+                                                "type(o).__name__ == 'frame'][0]\nwhile 'report' not in f.f_locals:\n"
+                                                "    f = f.f_back\nf.f_locals['report'](status='ok')\n",
+                                           {"runtime_error"}),
+    "forged report from a fork per guessed answer": (ADD, FORK_PER_GUESS, {"runtime_error"}),
+    "forged report through memory read with ctypes": (ADD, CTYPES_FRAME, {"runtime_error"}),
+    "sys.exit() before the asserts": (ADD, "    return 0\nimport sys\nsys.exit()\n", {"runtime_error"}),
+    # a wrong answer that reads the asserts' expected values: from `check` in its own namespace (where the asserts ran
+    # before), or from the code an audit hook of its own is given when the harness runs the asserts
+    "expected values read from check": (ADD, "import dis\ndef add(a, b):\n    values = [i.argval for i in dis."
+                                             "get_instructions(globals()['check']) if i.opname == 'LOAD_CONST']\n"
+                                             "    for i in range(len(values) - 2):\n        if values[i:i + 2] == [a, b]:"
+                                             "\n            return values[i + 2]\n", {"runtime_error"}),
+    "expected values read by an audit hook": (ADD, "import sys, dis\ncodes = []\nsys.addaudithook(lambda event, args: "
+                                                   "codes.append(args[0]) if event == 'exec' else None)\n"
+                                                   "def add(a, b):\n    for code in codes:\n        for const in "
+                                                   "code.co_consts:\n            if getattr(const, 'co_name', '') == "
+                                                   "'check':\n                values = [i.argval for i in dis."
+                                                   "get_instructions(const) if i.opname == 'LOAD_CONST']\n"
+                                                   "                for i in range(len(values) - 2):\n"
+                                                   "                    if values[i:i + 2] == [a, b]:\n"
+                                                   "                        return values[i + 2]\n    return 0\n",
+                                              {"wrong_answer"}),
+    # native code, which reads any memory: an extension module copied to /tmp, sqlite3's extensions, OpenSSL's
+    # engines (named by its configuration, named by an environment variable)
+    "a native module from /tmp": (ADD, "    return a + b\nimport importlib.util, importlib.machinery, shutil\nshutil.copy("
+                                       "importlib.machinery.PathFinder.find_spec('_json').origin, '/tmp/_json.so')\n"
+                                       "m = importlib.util.module_from_spec(importlib.util.spec_from_file_location("
+                                       "'_json', '/tmp/_json.so'))\n", {"runtime_error"}),
+    "sqlite3's extensions": (ADD, "    return a + b\nimport sqlite3\nsqlite3.connect(':memory:').enable_load_extension("
+                                  "True)\n", {"runtime_error"}),
+    "an environment variable": (ADD, "    return a + b\nimport os\nos.environ['OPENSSL_CONF'] = '/tmp/openssl.cnf'\n",
+                                {"runtime_error"}),
+    "a sub-interpreter, outside the audit hook": (ADD, "    return 0\nimport _xxsubinterpreters as si\n"
+                                                     "si.run_string(si.create(), 'import ctypes')\n", {"runtime_error"}),
+    "CPython's test module under another name": (ADD, "    return 0\nimport importlib.util, importlib.machinery\n"
+                                                     "spec = importlib.machinery.PathFinder.find_spec('_testcapi')\n"
+                                                     "spec.name = 'pkg._testcapi'\nm = importlib.util.module_from_spec("
+                                                     "spec)\n", {"runtime_error"}),
+    "/proc after patching os.path": (ADD, "    return a + b\nimport os, posixpath\nos.path.realpath = posixpath.realpath"
+                                          " = lambda p: '/tmp/x'\nopen('/proc/self/maps').read()\n", {"runtime_error"}),
+    "a link that leads into /proc once a directory is made": (ADD, "    return a + b\nimport os\nos.symlink("
+                                                                   "'q/../../proc', '/tmp/p')\nos.mkdir('/tmp/q')\n"
+                                                                   "open('/tmp/p/self/maps').read()\n", {"runtime_error"}),
+    # relative to a directory's descriptor, which the hook is not told of: /dev's `fd` links into /proc
+    "/proc through a descriptor of /dev": (ADD, "    return a + b\nimport os\nfd = os.open('/dev', os.O_RDONLY)\n"
+                                                "os.read(os.open('fd/../maps', os.O_RDONLY, dir_fd=fd), 10)\n",
+                                           {"runtime_error"}),
+    "/proc through a working directory": (ADD, "    return a + b\nimport os\nos.chdir('/dev')\n"
+                                               "open('fd/../maps').read()\n", {"runtime_error"}),
+    # a wrong answer that changes what the asserts use: they run with the builtins as they were before it
+    "builtins.abs replaced": (MAD, "import builtins\nbuiltins.abs = lambda x: 0\ndef mean_absolute_deviation(numbers):\n"
+                                   "    return 0.0\n", {"wrong_answer"}),
+    "__builtins__ of its own": (MAD, "__builtins__ = dict(vars(__builtins__), abs=lambda x: 0)\n"
+                                     "def mean_absolute_deviation(numbers):\n    return 0.0\n", {"wrong_answer"}),
+    "a built-in module patched": (SQUARE, "import math\nmath.fabs = lambda x: 0\ndef square(x):\n    return 0\n",
+                                  {"runtime_error"}),
+    "a built-in module replaced in sys.modules": (SQUARE, "import sys, types\nsys.modules['math'] = types.SimpleNamespace("
+                                                          "fabs=lambda x: 0)\ndef square(x):\n    return 0\n",
+                                                  {"runtime_error"}),
+    # RLIMIT_AS is per process: forked processes together are held to the limit by the worker's watch (a stdin
+    # program: in test mode a fork is refused)
+    "memory across forked processes": (ECHO_SUM, "import os, time\nfor _ in range(6):\n    if os.fork() == 0:\n"
+                                                 "        x = bytearray(400 << 20)\n        time.sleep(3)\n"
+                                                 "        os._exit(0)\ntime.sleep(4)\na, b = map(int, input().split())\n"
+                                                 "print(a + b)\n", {"memory"}),
 }
 
 
@@ -344,6 +484,43 @@ def test_tmp_is_empty_for_the_next_program(grader):
     grader.sandbox.run("open('/tmp/leftover', 'w').write('x')\nimport os\nos.mkdir('/tmp/d')\nos.chmod('/tmp/d', 0)\n")
     r = grader.sandbox.run("import os; print(os.listdir('/tmp'))")
     assert r.stdout.strip() == "[]"
+
+
+def test_a_tree_too_deep_for_rmtree_is_emptied_too(grader):
+    """A tree 3000 directories deep (its deepest one unreadable) overflows shutil.rmtree's recursion and PATH_MAX: the
+    worker empties /tmp anyway, in the same sandbox, and the program is graded on its output, not sandbox_error."""
+    starts = grader.sandbox.starts
+    deep = ("import os\nos.chdir('/tmp')\nfor _ in range(3000):\n    os.mkdir('a')\n    os.chdir('a')\n"
+            "os.chmod('.', 0)\na, b = map(int, input().split())\nprint(a + b)\n")
+    assert grader.grade(ECHO_SUM, deep) == "passed"
+    assert grader.sandbox.starts == starts
+    assert grader.sandbox.run("import os; print(os.listdir('/tmp'))").stdout.strip() == "[]"
+    healthy(grader)
+
+
+def test_the_worker_answers_every_job_even_when_it_fails(monkeypatch, tmp_path):
+    """An error in the worker's own code after a run (here: emptying /tmp) is answered as sandbox_error for that
+    run, and the host starts a fresh sandbox for the next: without the answer the worker died, and the host started
+    it anew and ran the program a second time."""
+    failing = tmp_path / "failing_worker.py"
+    source = sandbox_module.WORKER.read_text()
+    failing.write_text(source.replace('\nif __name__ == "__main__":',
+                                      '\ndef _clean_tmp():\n    raise RecursionError("too deep")\n\n\n'
+                                      'if __name__ == "__main__":'))
+    monkeypatch.setattr(sandbox_module, "WORKER", failing)
+    with Sandbox(LIMITS) as box:
+        r = box.run("print(6)")
+        assert (r.end, box.starts) == ("sandbox_error", 1), (r, box.starts)  # answered: not started anew, not rerun
+        assert "RecursionError: too deep" in r.stderr
+        assert box.run("print(7)").end == "sandbox_error" and box.starts == 2  # (not clean: a fresh sandbox)
+
+
+def test_a_program_is_its_own___main__(grader):
+    """`__main__` is the program's module, as under `python solution.py` (pickle finds its classes there), and
+    not the worker's, whose globals the harness uses."""
+    r = grader.sandbox.run("import pickle, sys\nclass P:\n    pass\n"
+                           "print(type(pickle.loads(pickle.dumps(P()))).__name__, sys.modules['__main__'].P is P)\n")
+    assert r.stdout == "P True\n", r
 
 
 def test_daemon_left_behind_is_killed(grader):
