@@ -786,7 +786,10 @@ def main():
     import marshal
 
     global _SELF_CODE
-    argv = sys.orig_argv  # (started as `python -c SOURCE`: sandbox.py)
+    argv = getattr(sys, "orig_argv", None)  # (started as `python -c SOURCE`: sandbox.py)
+    if argv is None:  # Python before 3.10
+        with open("/proc/self/cmdline", "rb") as f:
+            argv = [a.decode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()) for a in f.read().split(b"\0")]
     _SELF_CODE = marshal.dumps(compile(argv[argv.index("-c") + 1], "sandbox_worker.py", "exec"))
 
     # PR_SET_DUMPABLE = 4: no process may ptrace us or read our memory (a fork keeps the flag: _child sets it back)
