@@ -309,7 +309,7 @@ def eval_problems(cfg: RestemConfig, splits: dict[str, str], model: str) -> tupl
            else {"dataset": t.dataset, "columns": t.columns, "adapter": t.adapter})
     problems = {n: load_split(p, kind=graded_kind(cfg), **fmt, need=template_fields(cfg), limit=t.max_eval_problems)
                 for n, p in splits.items()}
-    renderer = make_renderer(cfg, model)
+    renderer = make_renderer(cfg, model, "--model")
     return {n: render_rows(rows, renderer, code=t.kind == "code") for n, rows in problems.items()}, renderer
 
 
@@ -384,7 +384,7 @@ def cmd_prompt(args) -> int:
     """Print the rendered prompts of the first train problems: exactly the text the model gets."""
     from .config import load_config
     from .datasets import load_splits
-    from .prompts import fitting_prompts, load_tokenizer, make_renderer, render_rows, sampling_stops, template_fields
+    from .prompts import fitting_prompts, load_tokenizer, make_renderer, render_rows, sampling_stops, stop_source, template_fields
 
     cfg = load_config(args.config, args.set)
     splits = load_splits(cfg.task, need=template_fields(cfg))
@@ -406,7 +406,7 @@ def cmd_prompt(args) -> int:
             print(r["train_prompt"])
         print(f"----- end; the prompt ends with {r['prompt'][-16:]!r} -----")
     stop, stop_token_ids = sampling_stops(cfg, renderer)
-    src = "sampling.stop" if cfg.sampling.stop else "from the few-shot format" if stop else "none"
+    src = "sampling.stop" if cfg.sampling.stop else stop_source(cfg, renderer) if stop else "none"
     print(f"stop strings: {list(stop)} ({src})")
     src = "sampling.stop_token_ids" if cfg.sampling.stop_token_ids else \
         "the chat template's end of turn" if stop_token_ids else "none: the model's EOS ids end samples"

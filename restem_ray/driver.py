@@ -24,7 +24,7 @@ from .faults import crash_point
 from .observability import MetricsSink, check_sinks
 from .evaluation import score_split
 from .pool import EStepPool, chunked
-from .prompts import Task, load_task, with_stop
+from .prompts import Task, load_task, stop_source, with_stop
 from .remote import is_uri
 from .report import print_table, write_plot, write_problem_history
 from .sampling import SampleSpec, with_draw
@@ -81,7 +81,7 @@ class Driver:
         # here or by the caller's input check (`run`), which passes its Task
         task = task or load_task(cfg)
         if task.stop != tuple(cfg.sampling.stop):
-            print(f"[restem] stop strings from the few-shot format: {list(task.stop)}")
+            print(f"[restem] stop strings {stop_source(cfg, task.renderer)}: {list(task.stop)}")
         if task.stop_token_ids != tuple(cfg.sampling.stop_token_ids):
             print(f"[restem] stop token ids from the chat template's end of turn: {list(task.stop_token_ids)}")
         self.cfg = cfg = with_stop(cfg, task)  # config.yaml records the stops sampled with

@@ -4,10 +4,11 @@ from __future__ import annotations
 import functools
 import re
 from collections import Counter, defaultdict
+from fractions import Fraction
 
 import numpy as np
 
-from .verification import _parse, as_number, call_with_timeout, extract_answer, seen_prompt, warm_math
+from .verification import _parse, _terminates, as_number, call_with_timeout, extract_answer, seen_prompt, warm_math
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -34,7 +35,7 @@ def _vote_key(answer: str) -> tuple:
     value ("1,000", "1000", "1000." are one answer), math by math-verify's reading (`\\frac12`, `\\dfrac{1}{2}`
     and 0.5 are one number; `x+1` and `1+x` one expression), words and what math-verify cannot read in time as
     text without spacing and \\left/\\right. Cached, failures too: a split's samples repeat their answers."""
-    answer = answer.replace("\\$", "")
+    answer = answer.replace("\\$", "").replace("\u2212", "-")  # (as answers_match reads them)
     number = as_number(answer)
     if number is not None:
         return ("number", _number_key(number))
@@ -63,8 +64,8 @@ def _math_key(answer: str) -> tuple | None:
         return None
     expr = parsed[0]
     try:
-        if getattr(expr, "is_Integer", False):
-            return ("number", int(expr))
+        if getattr(expr, "is_Rational", False):  # (exact: \\frac{1}{10} votes with 0.1)
+            return ("number", _number_key(Fraction(int(expr.p), int(expr.q))))
         if getattr(expr, "is_number", False):
             return ("number", _number_key(float(expr)))
     except (TypeError, ValueError, OverflowError):  # complex, or too large for a float
@@ -72,11 +73,13 @@ def _math_key(answer: str) -> tuple | None:
     return ("math", str(expr))
 
 
-def _number_key(x) -> int | float:
-    """An integer exactly (the grader tells 1000000007 from 1000000008), other values to 12 significant digits
-    (a float's own noise). Python hashes 2, 2.0 and Fraction(2) alike: keys of either kind compare."""
-    if x == int(x):
-        return int(x)
+def _number_key(x: Fraction | float) -> int | Fraction | float:
+    """A value as the grader compares it: a number a decimal writes out exactly (1000000007 is not
+    1000000007.0001), a fraction no decimal writes out, or a float, to 12 significant digits (a decimal of it
+    and a float's own noise). Python hashes 2, 2.0 and Fraction(2), or 0.5 and Fraction(1, 2), alike: keys of
+    either kind compare."""
+    if isinstance(x, Fraction) and (x.denominator == 1 or _terminates(x)):
+        return int(x) if x.denominator == 1 else x
     return float(f"{float(x):.12g}")
 
 
@@ -88,16 +91,16 @@ def majority_correct(rows: list[dict]) -> float:
     answers that is correct (the expected score of breaking it at random), so the score does not depend on the
     order of the samples."""
     votes: Counter = Counter()
-    wrong = []
-    correct_keys = set()
+    wrong, correct = [], []
     for r in rows:
         answer = extract_answer(r["completion"], seen_prompt(r))
         if r["reward"] >= 1.0:
             votes[_CORRECT] += 1
-            if answer is not None:
-                correct_keys.add(_vote_key(answer.strip()))
+            correct.append(answer)
         elif answer is not None:
             wrong.append(_vote_key(answer.strip()))
+    # (correct rows' answers are read only where some row was graded wrong: math-verify costs ms per answer)
+    correct_keys = {_vote_key(a.strip()) for a in set(correct) if a is not None} if wrong else set()
     for key in wrong:
         votes[_CORRECT if key in correct_keys else key] += 1
     if not votes:

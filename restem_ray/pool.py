@@ -255,6 +255,9 @@ class EStepPool:
         if group is not None:
             remove_placement_group(group)
             self.extra_groups = [g for g in self.extra_groups if g.id != group.id]
+        if self._placing is not None:  # a next one's bundle being placed: not started either
+            remove_placement_group(self._placing[0])
+            self._placing = None
         self._add_failed = True
         tqdm.write(f"[restem] an added sampler replica {why} and was dropped; no more are added this E-step")
 

@@ -203,10 +203,10 @@ def template_fields(cfg: RestemConfig) -> tuple[str, ...]:
     return tuple(cfg.prompt.template_fields()) if cfg.prompt else ()
 
 
-def make_renderer(cfg: RestemConfig, model: str | None = None) -> PromptRenderer | None:
+def make_renderer(cfg: RestemConfig, model: str | None = None, what: str = "model.base") -> PromptRenderer | None:
+    """`what`: the key or flag that gave `model` (errors name it)."""
     if cfg.prompt is None:
         return None
-    what = "model.base" if model in (None, cfg.model.base) else "--model"  # (eval's)
     model = model or cfg.model.base
     return PromptRenderer(cfg.prompt, load_tokenizer(model, what), cfg.task.dataset, model)
 
@@ -253,6 +253,11 @@ def load_task(cfg: RestemConfig, model: str | None = None) -> Task:
 CODE_STOPS = {"humaneval": ("\nclass", "\ndef", "\n#", "\nif", "\nprint"),
               "mbpp": ("\nclass", "\nassert", '\n"""', "\nprint", "\nif", "\n```"),
               "apps": ("\nQUESTION:",)}
+
+
+def stop_source(cfg: RestemConfig, renderer: PromptRenderer | None) -> str:
+    """Where the implied stop strings come from, for messages."""
+    return "from the few-shot format" if renderer and renderer.stop else f"of {cfg.task.dataset}'s code prompts"
 
 
 def sampling_stops(cfg: RestemConfig, renderer: PromptRenderer | None) -> tuple[tuple[str, ...], tuple[int, ...]]:

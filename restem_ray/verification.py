@@ -12,6 +12,7 @@ import math
 import pickle
 import re
 import signal
+import sys
 import threading
 from dataclasses import dataclass
 from fractions import Fraction
@@ -229,13 +230,17 @@ def as_number(text: str) -> Fraction | None:
         parts = [float(x) for x in t.split("/", 1)]  # what Python reads as a number at all, and its size
         if not all(map(math.isfinite, parts)):
             return None
-        if any(abs(int(e)) > 400 for e in re.findall(r"[eE]([+-]?\d+)", t)):
+        if any(abs(int(e)) > 4000 for e in re.findall(r"[eE]([+-]?\d+)", t)):
             exact = [Fraction(x) for x in parts]  # (1e-999999 as a Fraction is a million-digit integer)
         else:
             exact = [Fraction(x.strip()) for x in t.split("/", 1)]
-        return exact[0] / exact[1] if len(exact) == 2 else exact[0]
+        value = exact[0] / exact[1] if len(exact) == 2 else exact[0]
     except (ValueError, ZeroDivisionError, OverflowError):
         return None
+    return value if abs(value) <= _LARGEST else None  # ("1e300/1e-300": no float holds it, as none holds 1e999)
+
+
+_LARGEST = Fraction(sys.float_info.max)
 
 
 def _same_number(a: Fraction, b: Fraction) -> bool:
@@ -243,7 +248,7 @@ def _same_number(a: Fraction, b: Fraction) -> bool:
     relative ("0.3333333333" for 1/3)."""
     if a == b:
         return True
-    if _terminates(a) and _terminates(b):
+    if _terminates(a) == _terminates(b) or 1 in (a.denominator, b.denominator):  # (no such fraction is an integer)
         return False
     return math.isclose(a, b, rel_tol=1e-9)
 

@@ -77,6 +77,13 @@ def test_the_right_answer_graded_zero_still_votes_for_it():
     assert majority_correct(rows[:-1]) == 1.0  # ... and 3 against 2
     assert majority_correct([{"completion": "#### 1000000008", "reward": 0.0}] * 2
                             + [{"completion": "#### 1000000007", "reward": 1.0}]) == 0.0  # close is not equal
+    # a wrong decimal is not the integer it rounds to in 12 digits, and a typeset minus with a unit is the number
+    assert majority_correct([{"completion": "#### 1000000007.0001", "reward": 0.0}] * 2
+                            + [{"completion": "#### 1000000007", "reward": 1.0}]) == 0.0
+    assert majority_correct([{"completion": "#### \u22124°C", "reward": 0.0}] * 2
+                            + [{"completion": "#### -4", "reward": 1.0}] + [{"completion": "#### 7", "reward": 0.0}] * 2) == 1.0
+    # an answer no float holds votes (as math-verify reads it), and does not end the scoring with a traceback
+    assert majority_correct([{"completion": "#### 1e300/3e-300", "reward": 0.0}, {"completion": "#### 5", "reward": 1.0}]) == 0.5
 
 
 def test_a_tie_scores_the_share_of_tied_answers_that_is_correct_in_any_order():

@@ -151,13 +151,15 @@ def test_a_replica_that_fails_to_start_is_logged_with_its_cause(monkeypatch, cap
     removed = []
     monkeypatch.setattr(pool_mod, "remove_placement_group", removed.append)
     group = type("Group", (), {"id": "g1"})()
+    placing = type("Group", (), {"id": "g2"})()  # the next one's bundle, being placed meanwhile
     p._starting, p._started_at, p.samplers, p.nodes = {"ref": "replica"}, {"ref": (0.0, group)}, [], []
+    p._placing = (placing, "ready-ref", 0.0)
     p.extra_groups, p._add_failed = [group], False
     free = []
     p._started("ref", free)
     assert killed == ["replica"] and free == [] and p.samplers == [] and p._starting == p._started_at == {}
     # its bundle is given back (it held an accelerator until the pool closed), and no other replica is added
-    assert removed == [group] and p.extra_groups == [] and p._add_failed
+    assert removed == [group, placing] and p.extra_groups == [] and p._add_failed and p._placing is None
     assert ("could not start (RuntimeError: no CUDA device on this node) and was dropped; no more are added this "
             "E-step") in capsys.readouterr().out
 

@@ -133,6 +133,9 @@ def test_plain_numbers_compare_exactly():
     assert not answers_match("1/3", "0.33") and not answers_match("0.1", "0.1000000001")
     assert answers_match("72", "72.0") and answers_match("0.5", "1/2") and answers_match("1e5", "100000")
     assert as_number("1e-9999999") == 0 and as_number("1e9999") is None  # no million-digit integers
+    # past a float's range on the way (1e300/1e-300) it is no number, as 1e999 is not: no OverflowError either
+    assert as_number("1e300/3e-300") is None and not answers_match("1/3", "1e300/1e-300")
+    assert not answers_match("1000000007", "3000000022/3")  # no fraction no decimal writes out is an integer
 
 
 def test_escaped_dollar_answers_match():
