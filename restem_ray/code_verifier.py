@@ -260,20 +260,23 @@ def whole_answer(code: str, entry: str) -> str | None:
     return None
 
 
-def humaneval_parts(problem: dict, code: str) -> tuple[str, str]:
-    """The candidate (prefix and completion) and the asserts that run after it: the sandbox runs the asserts in a
-    namespace of their own, with the builtins as they were before the candidate ran."""
+def humaneval_parts(problem: dict, code: str) -> tuple[str, str, str]:
+    """The candidate (prefix and completion), the asserts that run after it, and the prompt's own code before the
+    entry point (imports, helpers such as HumanEval/38's encode_cyclic): the sandbox runs the asserts in a namespace
+    of their own, with the builtins as they were before the candidate ran and that code run afresh, so that a
+    candidate that redefines a helper the asserts use (or shadows a builtin) does not change what they check."""
     entry = problem["entry_point"]
     prefix = code_prefix(problem)
+    context = _context(prefix, entry)
     whole = whole_answer(code, entry)
-    candidate = prefix + code if whole is None else _context(prefix, entry) + "\n" + whole
+    candidate = prefix + code if whole is None else context + "\n" + whole
     candidate = _hoist_future(strip_examples(candidate, {entry, "print", "input"}))
-    return candidate, f"{problem['test']}\n\ncheck({entry})\n"
+    return candidate, f"{problem['test']}\n\ncheck({entry})\n", _hoist_future(context)
 
 
 def humaneval_program(problem: dict, code: str) -> str:
-    """The whole program, as one text (what the sandbox runs, in two parts: `humaneval_parts`)."""
-    candidate, test = humaneval_parts(problem, code)
+    """The whole program, as one text (what the sandbox runs, in parts: `humaneval_parts`)."""
+    candidate, test, _ = humaneval_parts(problem, code)
     return f"{candidate}\n\n{test}"
 
 
@@ -405,8 +408,9 @@ class CodeGrader:
         if problem.get("input_output"):
             return self._apps(io, code, completion or "") if io is not None else "invalid_problem"
         if problem.get("test") and problem.get("entry_point"):
-            candidate, test = humaneval_parts(problem, code)
-            return verdict_of(self.sandbox.run(candidate, mode="test", test=test))
+            candidate, test, context = humaneval_parts(problem, code)
+            return verdict_of(self.sandbox.run(candidate, mode="test", test=test, context=context,
+                                               entry=problem["entry_point"]))
         return "invalid_problem"
 
     def _apps(self, io: dict, code: str, completion: str) -> str:

