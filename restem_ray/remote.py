@@ -92,8 +92,10 @@ def local_file_copy(uri: str, cache_dir: str | None = None) -> str:
     import pyarrow.fs as pafs
 
     name = shown_uri(uri).rstrip("/").rsplit("/", 1)[-1]  # not `train.jsonl?endpoint_override=...` (nor credentials)
+    # (the name in the key: a copy an earlier version cached under another name is not taken for this one)
     return os.path.join(_copy_once(uri, cache_dir, lambda fs, path, tmp: pafs.copy_files(
-        path, os.path.join(tmp, name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())), name)
+        path, os.path.join(tmp, name), source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()),
+        key=f"{uri}#{name}"), name)
 
 
 def check_uri(uri: str, what: str, expect_dir: bool) -> None:

@@ -60,7 +60,7 @@ def upload(local: Path, uri: str) -> None:
     pafs.copy_files(str(local), path, source_filesystem=pafs.LocalFileSystem(), destination_filesystem=fs)
 
 
-def test_bad_uris_are_one_line_errors(s3, tmp_path):
+def test_bad_uris_are_one_line_errors(s3, tmp_path, monkeypatch):
     from restem_ray.cli import check_model_dir
     from restem_ray.datasets import read_rows
 
@@ -75,6 +75,7 @@ def test_bad_uris_are_one_line_errors(s3, tmp_path):
     with pytest.raises(UserError, match=r"cannot open"):
         read_rows("nosuchscheme://x/y.jsonl")
     # a URI with options in its query (pyarrow's region=, endpoint_override=): the local copy's name leaves it out
+    monkeypatch.setenv("RESTEM_MODEL_CACHE", str(tmp_path / "cache"))  # (this test's copies only)
     (tmp_path / "good.jsonl").write_text('{"id": "1", "prompt": "q", "answer": "1"}\n')
     upload(tmp_path / "good.jsonl", f"{s3}/bad/good.jsonl")
     assert [r["id"] for _, r in read_rows(f"{s3}/bad/good.jsonl?region=us-east-1")] == ["1"]
