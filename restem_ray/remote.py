@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import fcntl
 import hashlib
+import json
 import os
 import re
 import shutil
@@ -30,6 +31,31 @@ def _cache_dir_of(key: str, cache_dir: str | None) -> str:
     return os.path.join(_cache_root(cache_dir), hashlib.sha256(key.encode()).hexdigest()[:16])
 
 
+def _fingerprint(uri: str) -> str | None:
+    """What the object or prefix at `uri` holds, as sizes and modification times (one listing): a copy made of
+    something else (the model re-uploaded to the same URI) is not taken for it. None when it cannot be listed."""
+    import pyarrow.fs as pafs
+
+    try:
+        fs, path = pafs.FileSystem.from_uri(uri)
+        info = fs.get_file_info(path)
+        infos = [info] if info.type == pafs.FileType.File else fs.get_file_info(pafs.FileSelector(path, recursive=True))
+    except Exception:  # unreachable for a moment: the copy this node has serves
+        return None
+    return json.dumps(sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File))
+
+
+def _fresh(dest: str, uri: str) -> bool:
+    """`dest` is a whole copy of what `uri` holds now."""
+    try:
+        with open(os.path.join(dest, ".complete")) as f:
+            made_of = f.read()
+    except OSError:
+        return False
+    now = _fingerprint(uri)
+    return now is None or now == made_of
+
+
 def _copy_once(uri: str, cache_dir: str | None, copy, key: str | None = None) -> str:
     import pyarrow.fs as pafs
 
@@ -38,13 +64,15 @@ def _copy_once(uri: str, cache_dir: str | None, copy, key: str | None = None) ->
     os.makedirs(root, exist_ok=True)
     with open(dest + ".lock", "w") as lock:  # processes on one node copy once
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not os.path.isfile(os.path.join(dest, ".complete")):
+        if not _fresh(dest, uri):
+            made_of = _fingerprint(uri) or ""
             fs, path = pafs.FileSystem.from_uri(uri)
             tmp = dest + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
             copy(fs, path, tmp)
-            open(os.path.join(tmp, ".complete"), "w").close()
+            with open(os.path.join(tmp, ".complete"), "w") as f:
+                f.write(made_of)
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)
     return dest
@@ -72,7 +100,7 @@ def local_model_files(model: str, cache_dir: str | None = None) -> str:
     if not is_uri(model):
         return model
     full = _cache_dir_of(model, cache_dir)
-    if os.path.isfile(os.path.join(full, ".complete")):
+    if _fresh(full, model):
         return full
     import pyarrow.fs as pafs
 

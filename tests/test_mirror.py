@@ -388,3 +388,32 @@ def test_a_cut_off_shard_on_the_store_is_sampled_again_not_adopted(tmp_path, cap
     a.prepare(resume=True, has_run=True)
     assert not (a.local / "iter_001" / "samples" / "part-00001.parquet").exists()
     assert "part-00001.parquet is not a whole Parquet file" in capsys.readouterr().out
+
+
+def test_a_node_local_copy_of_a_uri_follows_what_the_uri_holds(tmp_path):
+    """A model or data file given as a URI is copied once per node and then served from that copy: one that was
+    made of an earlier upload to the same URI (a re-uploaded checkpoint, a fixed data file) is made again, not
+    served stale."""
+    import os
+
+    from restem_ray.remote import local_file_copy, local_model_copy, local_model_files
+
+    model = tmp_path / "bucket" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"v": 1}')
+    (model / "model.safetensors").write_bytes(b"old weights")
+    cache = str(tmp_path / "cache")
+    uri = f"file://{model}"
+    first = local_model_copy(uri, cache)
+    assert open(os.path.join(first, "model.safetensors"), "rb").read() == b"old weights"
+    assert local_model_copy(uri, cache) == first  # served from the copy
+    (model / "model.safetensors").write_bytes(b"new weights!")
+    (model / "config.json").write_text('{"v": 22}')
+    again = local_model_copy(uri, cache)
+    assert open(os.path.join(again, "model.safetensors"), "rb").read() == b"new weights!"
+    assert open(os.path.join(local_model_files(uri, cache), "config.json")).read() == '{"v": 22}'
+    data = tmp_path / "bucket" / "train.jsonl"
+    data.write_text('{"id": "1"}\n')
+    assert open(local_file_copy(f"file://{data}", cache)).read() == '{"id": "1"}\n'
+    data.write_text('{"id": "1"}\n{"id": "2"}\n')
+    assert open(local_file_copy(f"file://{data}", cache)).read() == '{"id": "1"}\n{"id": "2"}\n'
