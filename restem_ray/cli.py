@@ -584,7 +584,7 @@ def parser() -> argparse.ArgumentParser:
 
     pr = sub.add_parser("prompt", help="print the rendered prompts of the first train problems")
     pr.add_argument("config")
-    pr.add_argument("--n", type=positive_int, default=2, help="how many problems (default 2)")
+    pr.add_argument("--n", type=int_at_least(1), default=2, help="how many problems (default 2)")
     pr.add_argument("--set", **sets)
     pr.set_defaults(fn=cmd_prompt)
 
@@ -611,8 +611,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--verifier", help="math, code, or module:function (default: the --config's, else by the "
                                       "task's kind: code for a code --dataset, else math)")
     e.add_argument("--dataset", choices=list(DATASET_KINDS), help=dataset_help)
-    e.add_argument("--k", type=non_negative_int, default=0, help="also pass@k and maj@k from k samples")
-    e.add_argument("--max-tokens", type=positive_int, default=None, help="max new tokens per completion")
+    e.add_argument("--k", type=int_at_least(0), default=0, help="also pass@k and maj@k from k samples")
+    e.add_argument("--max-tokens", type=int_at_least(1), default=None, help="max new tokens per completion")
     e.add_argument("--out", help="write the scores as JSON")
     e.add_argument("--set", **dict(sets, help="override a config key, e.g. sampling.engine_kwargs.dtype=float32"))
     e.set_defaults(fn=cmd_eval)
@@ -629,11 +629,17 @@ def parser() -> argparse.ArgumentParser:
     return p
 
 
-def positive_int(text: str) -> int:
-    n = int(text)
-    if n < 1:
-        raise ValueError(text)
-    return n
+def int_at_least(low: int):
+    """An argparse type: a whole number >= low; argparse prints 'argument --k: ...' before the message."""
+    def parse(text: str) -> int:
+        try:
+            n = int(text)
+        except ValueError:
+            n = None
+        if n is None or n < low:
+            raise argparse.ArgumentTypeError(f"must be a whole number >= {low}, got {text!r}")
+        return n
+    return parse
 
 
 def as_flags(message: str, args) -> str:
@@ -642,13 +648,6 @@ def as_flags(message: str, args) -> str:
     if args.cmd in ("eval", "verify") and args.verifier:
         message = re.sub(r"(^|\s)verification\.verifier:", r"\1--verifier:", message, count=1)
     return message
-
-
-def non_negative_int(text: str) -> int:
-    n = int(text)
-    if n < 0:
-        raise ValueError(text)
-    return n
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -402,7 +402,7 @@ def test_output_files_and_counts_are_checked_before_any_work(world, capsys):
                  ["eval", "--model", str(world / "model"), "--problems", "x.jsonl", "--max-tokens", "0"]):
         with pytest.raises(SystemExit) as e:  # argparse: usage line, then the error
             main(args)
-        assert e.value.code == 2 and "invalid positive_int value: '0'" in capsys.readouterr().err
+        assert e.value.code == 2 and "must be a whole number >= 1, got '0'" in capsys.readouterr().err
     assert snapshot(world) == before
 
 

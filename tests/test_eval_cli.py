@@ -107,6 +107,6 @@ def test_eval_flag_errors_name_the_flags(tmp_path, capsys):
             in capsys.readouterr().err)
     with pytest.raises(SystemExit):
         main(["eval", "--model", model, "--problems", valid, "--k", "-1"])
-    assert "argument --k: invalid non_negative_int value: '-1'" in capsys.readouterr().err
+    assert "argument --k: must be a whole number >= 0, got '-1'" in capsys.readouterr().err
     with pytest.raises(Exception, match="config file not found"):  # the traceback's exception, not one line
         main(["check", str(tmp_path / "none.yaml"), "--debug"])
