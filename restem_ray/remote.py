@@ -45,34 +45,39 @@ def _fingerprint(uri: str) -> str | None:
     return json.dumps(sorted((i.path, i.size, i.mtime_ns) for i in infos if i.type == pafs.FileType.File))
 
 
-def _fresh(dest: str, uri: str) -> bool:
-    """`dest` is a whole copy of what `uri` holds now."""
+def _made_of(dest: str) -> str | None:
+    """The fingerprint a whole copy at `dest` was made of; None when there is no whole copy."""
     try:
         with open(os.path.join(dest, ".complete")) as f:
-            made_of = f.read()
+            return f.read()
     except OSError:
-        return False
-    now = _fingerprint(uri)
-    return now is None or now == made_of
+        return None
 
 
-def _copy_once(uri: str, cache_dir: str | None, copy, key: str | None = None) -> str:
+def _fresh(dest: str, now: str | None) -> bool:
+    """`dest` is a whole copy of what the URI, fingerprinted `now`, holds."""
+    made_of = _made_of(dest)
+    return made_of is not None and (now is None or now == made_of)
+
+
+def _copy_once(uri: str, cache_dir: str | None, copy, key: str | None = None, now: str | None = None) -> str:
+    """`now`: the URI's fingerprint when the caller has just taken it (one listing per use, not one per check)."""
     import pyarrow.fs as pafs
 
     root = _cache_root(cache_dir)
     dest = _cache_dir_of(key or uri, cache_dir)
     os.makedirs(root, exist_ok=True)
+    now = _fingerprint(uri) if now is None else now
     with open(dest + ".lock", "w") as lock:  # processes on one node copy once
         fcntl.flock(lock, fcntl.LOCK_EX)
-        if not _fresh(dest, uri):
-            made_of = _fingerprint(uri) or ""
+        if not _fresh(dest, now):
             fs, path = pafs.FileSystem.from_uri(uri)
             tmp = dest + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
             copy(fs, path, tmp)
             with open(os.path.join(tmp, ".complete"), "w") as f:
-                f.write(made_of)
+                f.write(now or "")
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)
     return dest
@@ -99,8 +104,9 @@ def local_model_files(model: str, cache_dir: str | None = None) -> str:
     returned unchanged."""
     if not is_uri(model):
         return model
+    now = _fingerprint(model)
     full = _cache_dir_of(model, cache_dir)
-    if _fresh(full, model):
+    if _fresh(full, now):
         return full
     import pyarrow.fs as pafs
 
@@ -110,7 +116,7 @@ def local_model_files(model: str, cache_dir: str | None = None) -> str:
                 with fs.open_input_stream(info.path) as src, open(os.path.join(tmp, info.base_name), "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
 
-    return _copy_once(model, cache_dir, copy, key=model + "#no-weights")
+    return _copy_once(model, cache_dir, copy, key=model + "#no-weights", now=now)
 
 
 def local_file_copy(uri: str, cache_dir: str | None = None) -> str:

@@ -417,3 +417,26 @@ def test_a_node_local_copy_of_a_uri_follows_what_the_uri_holds(tmp_path):
     assert open(local_file_copy(f"file://{data}", cache)).read() == '{"id": "1"}\n'
     data.write_text('{"id": "1"}\n{"id": "2"}\n')
     assert open(local_file_copy(f"file://{data}", cache)).read() == '{"id": "1"}\n{"id": "2"}\n'
+
+
+def test_each_use_of_a_uri_copy_lists_the_uri_once(tmp_path, monkeypatch):
+    """A stale node-local copy is checked and remade from one listing of the URI, not one per check: the driver
+    resolves a URI model's small files several times at start-up, each a LIST request on an object store."""
+    import restem_ray.remote as remote
+
+    model = tmp_path / "bucket" / "model"
+    model.mkdir(parents=True)
+    (model / "config.json").write_text('{"v": 1}')
+    (model / "model.safetensors").write_bytes(b"w")
+    listings = []
+    real = remote._fingerprint
+    monkeypatch.setattr(remote, "_fingerprint", lambda uri: listings.append(uri) or real(uri))
+    cache, uri = str(tmp_path / "cache"), f"file://{model}"
+    for use in (remote.local_model_files, remote.local_model_copy, remote.local_model_files, remote.local_model_copy):
+        before = len(listings)
+        use(uri, cache)  # first of each: a copy is made; then served from it
+        assert len(listings) - before == 1, use
+    (model / "config.json").write_text('{"v": 2}')
+    before = len(listings)
+    assert open(f"{remote.local_model_files(uri, cache)}/config.json").read() == '{"v": 2}'
+    assert len(listings) - before == 1
