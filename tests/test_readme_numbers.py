@@ -16,7 +16,7 @@ def res(name):
 def quoted():
     m, e, c, v, ad = res("mstep"), res("estep"), res("verify_code"), res("verify_math"), res("adaptive_estep")
     (sw,) = [w for w in ad["sweep"] if (w["round_size"], w["close_after_rounds"]) == (8, 2)]
-    med, ms = m["restem_ray"], res("mstep-slower-machine")
+    med, ms, m6 = m["restem_ray"], res("mstep-slower-machine"), res("mstep-2026-12-06")
     return [
         # bench/mstep.py
         f"ran at {med['tokens_per_s']:,.0f} real tokens/s against",
@@ -36,6 +36,9 @@ def quoted():
         f"ratio of medians {ms['ratio']}, per round " + ", ".join(str(r) for r in ms["pair_ratios"]) + ":",
         f"spread by about {ms['ratio_max'] - ms['ratio_min']:.2f}; start-up and the final save took "
         f"{ms['restem_ray']['startup_and_save_seconds']:.1f} s more",
+        # bench/mstep.py on 2026-12-06's machine
+        f"{m6['restem_ray']['tokens_per_s']:,.0f} against {m6['plain_deepspeed']['tokens_per_s']:,.0f} real tokens/s, "
+        f"ratio of medians {m6['ratio']}, per round " + ", ".join(str(r) for r in m6["pair_ratios"]),
         # bench/estep.py
         f"{e['estep_s']:.2f} s vs {e['direct_s']:.2f} s, ratio {e['ratio']:.3f}",
         f"{e['estep_one_call_s']:.2f} s, ratio {e['ratio_one_call']:.3f}",
