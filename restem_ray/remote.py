@@ -60,16 +60,15 @@ def _fresh(dest: str, now: str | None) -> bool:
     return made_of is not None and (now is None or now == made_of)
 
 
-def _copy_once(uri: str, cache_dir: str | None, copy, key: str | None = None, now: str | None = None) -> str:
-    """`now`: the URI's fingerprint when the caller has just taken it (one listing per use, not one per check)."""
+def _copy_once(uri: str, cache_dir: str | None, copy, key: str | None = None) -> str:
     import pyarrow.fs as pafs
 
     root = _cache_root(cache_dir)
     dest = _cache_dir_of(key or uri, cache_dir)
     os.makedirs(root, exist_ok=True)
-    now = _fingerprint(uri) if now is None else now
     with open(dest + ".lock", "w") as lock:  # processes on one node copy once
         fcntl.flock(lock, fcntl.LOCK_EX)
+        now = _fingerprint(uri)  # (under the lock: what the copy another process just made holds is compared)
         if not _fresh(dest, now):
             fs, path = pafs.FileSystem.from_uri(uri)
             tmp = dest + ".tmp"
@@ -104,9 +103,8 @@ def local_model_files(model: str, cache_dir: str | None = None) -> str:
     returned unchanged."""
     if not is_uri(model):
         return model
-    now = _fingerprint(model)
     full = _cache_dir_of(model, cache_dir)
-    if _fresh(full, now):
+    if _made_of(full) is not None and _fresh(full, _fingerprint(model)):
         return full
     import pyarrow.fs as pafs
 
@@ -116,7 +114,7 @@ def local_model_files(model: str, cache_dir: str | None = None) -> str:
                 with fs.open_input_stream(info.path) as src, open(os.path.join(tmp, info.base_name), "wb") as dst:
                     shutil.copyfileobj(src, dst, 1 << 20)
 
-    return _copy_once(model, cache_dir, copy, key=model + "#no-weights", now=now)
+    return _copy_once(model, cache_dir, copy, key=model + "#no-weights")
 
 
 def local_file_copy(uri: str, cache_dir: str | None = None) -> str:

@@ -420,8 +420,9 @@ def test_a_node_local_copy_of_a_uri_follows_what_the_uri_holds(tmp_path):
 
 
 def test_each_use_of_a_uri_copy_lists_the_uri_once(tmp_path, monkeypatch):
-    """A stale node-local copy is checked and remade from one listing of the URI, not one per check: the driver
-    resolves a URI model's small files several times at start-up, each a LIST request on an object store."""
+    """A node-local copy is checked from one listing of the URI, not one per check (the driver resolves a URI model's
+    small files several times at start-up, each a LIST request on an object store); a stale one of the model's small
+    files is remade from one more, taken under the copy's lock."""
     import restem_ray.remote as remote
 
     model = tmp_path / "bucket" / "model"
@@ -439,4 +440,4 @@ def test_each_use_of_a_uri_copy_lists_the_uri_once(tmp_path, monkeypatch):
     (model / "config.json").write_text('{"v": 2}')
     before = len(listings)
     assert open(f"{remote.local_model_files(uri, cache)}/config.json").read() == '{"v": 2}'
-    assert len(listings) - before == 1
+    assert len(listings) - before == 2  # the full copy's check, then the small files' copy's
