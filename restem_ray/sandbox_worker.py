@@ -417,8 +417,9 @@ def _refusing(what: str, error=ValueError):
 # directory stays /tmp and /tmp holds no link.
 # A code object of the program's own making (types.CodeType, code.replace, or unmarshalled from crafted bytes) may
 # hold bytecode compile() never makes: LOAD_CONST past co_consts turns any address into an object, and with it all
-# memory (the audit hooks' list). Imports unmarshal .pyc files and frozen modules, so once the guard is on they
-# compile their source instead (_guard_harness).
+# memory (the audit hooks' list). marshal cannot tell (a load of plain data is refused too: marshal.loads(
+# marshal.dumps(x)) as a deep copy fails in these programs). Imports unmarshal .pyc files (and, on interpreters
+# that do not deep-freeze them, frozen modules), so once the guard is on they compile their source (_guard_harness).
 _REFUSED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settrace", "sys.setprofile",
                              "gc.get_objects", "gc.get_referrers", "gc.get_referents",
                              "sys.monitoring.register_callback", "os.exec", "os.posix_spawn", "os.spawn",
@@ -572,8 +573,8 @@ def _guard_harness():
     # and no more are made.
     _imp.create_builtin = _refusing("a new built-in module", ImportError)  # (optional accelerators fall back)
     # Imports from here on compile the source of what they load: no .pyc is found under a cache folder that does
-    # not exist (none is written: -B), and frozen modules come from their source files. A program that undoes
-    # either only has its own imports refused (marshal.loads).
+    # not exist (none is written: -B), and frozen modules come from their source files (3.11 deep-freezes them, with
+    # no marshal.loads; other versions unmarshal). A program that reads .pyc files again has those imports refused.
     sys.pycache_prefix = "/nonexistent/restem-no-pycache"
     sys.meta_path[:] = [finder for finder in sys.meta_path if getattr(finder, "__name__", "") != "FrozenImporter"]
 

@@ -247,7 +247,12 @@ HOSTILE = {
                                                   " + marshal.dumps(compile('X = 1', 'm', 'exec')))\nimportlib.machinery."
                                                   "SourcelessFileLoader('m', '/tmp/m.pyc').load_module()\n",
                                              {"runtime_error"}),
-    "the .pyc files read again": (ADD, "    return 0\nimport sys\nsys.pycache_prefix = None\nimport shlex\n",
+    # (an unchecked hash-based .pyc beside its module's source, which imports read once the prefix is undone)
+    "the .pyc files read again": (ADD, "    return 0\nimport importlib.util, marshal, os, sys\nsys.pycache_prefix = None\n"
+                                       "open('/tmp/m.py', 'w').write('X = 1\\n')\nos.mkdir('/tmp/__pycache__')\n"
+                                       "open(importlib.util.cache_from_source('/tmp/m.py'), 'wb').write(importlib.util."
+                                       "MAGIC_NUMBER + (1).to_bytes(4, 'little') + bytes(8) + marshal.dumps(compile("
+                                       "'X = 2', 'm', 'exec')))\nsys.path.insert(0, '/tmp')\nimport m\n",
                                   {"runtime_error"}),
     # empty files hold kernel memory that no limit counts (a stdin program: the watch is the worker's)
     "a flood of files in /tmp": (ECHO_SUM, "for i in range(20000):\n    open('/tmp/f%d' % i, 'w').close()\n", {"memory"}),
