@@ -74,12 +74,30 @@ def _last_boxed_at(text: str) -> tuple[int, str | None]:
         return -1, None
     if m.group(1) is not None or m.group(2) is not None:  # `\boxed 5$`
         return m.start(), m.group(1) or m.group(2)
-    depth, start = 1, m.end()
-    for i in range(start, len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return m.start(), text[start:i].strip() or None
-    return m.start(), None  # unbalanced
+    start = m.end()
+    close = _closing_brace(text, start)
+    if close is None:
+        return m.start(), None  # unbalanced
+    return m.start(), text[start:close].strip() or None
+
+
+def _closing_brace(text: str, start: int) -> int | None:
+    """Where the group opened just before `start` closes: `\\{` and `\\}` (a set's braces, `\\left\\{` of a
+    piecewise answer) are characters, not braces, and `\\\\{` is a line break then a brace. None if it never does."""
+    depth, i = 1, start
+    while i < len(text):
+        c = text[i]
+        if c == "\\":
+            i += 2
+            continue
+        if c == "{":
+            depth += 1
+        elif c == "}":
+            depth -= 1
+            if depth == 0:
+                return i
+        i += 1
+    return None
 
 
 # Between two boxes of one answer: "$\\boxed{2}$ and $\\boxed{3}$", "\\boxed{2}, \\boxed{3}", "x=\\boxed{2} or x=\\boxed{3}"
@@ -115,12 +133,8 @@ def _box_end(text: str, at: int) -> int | None:
         return None
     if m.group(1) is not None or m.group(2) is not None:
         return m.end()
-    depth = 1
-    for i in range(m.end(), len(text)):
-        depth += {"{": 1, "}": -1}.get(text[i], 0)
-        if depth == 0:
-            return i + 1
-    return None
+    close = _closing_brace(text, m.end())
+    return None if close is None else close + 1
 
 
 def last_boxed(text: str, join_or: bool = True) -> str | None:

@@ -104,6 +104,11 @@ from restem_ray.verification import Verifier, answers_match, as_number, extract_
     ("First \\boxed{5}.\nThen the answer is \\boxed{7}.", "7"),
     ("so it is \\boxed{5}\n\n\\boxed{10}", "10"),
     ("$$x = \\boxed{2}$$\nand\n$$x = \\boxed{3}$$", "2, 3"),
+    # \{ and \} inside a box are characters (a set, a piecewise answer's \left\{), \\ a line break
+    ("So $f(x) = \\boxed{\\left\\{ \\begin{array}{cl} x & x<0 \\\\ 2x & x\\ge 0 \\end{array} \\right.}$ here, 0.",
+     "\\left\\{ \\begin{array}{cl} x & x<0 \\\\ 2x & x\\ge 0 \\end{array} \\right."),
+    ("The set is $\\boxed{\\{1, 2\\}}$.", "\\{1, 2\\}"),
+    ("$\\boxed{\\begin{pmatrix} 1 \\\\{2} \\end{pmatrix}}$", "\\begin{pmatrix} 1 \\\\{2} \\end{pmatrix}"),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
