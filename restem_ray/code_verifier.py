@@ -32,7 +32,7 @@ import signal
 import textwrap
 import time
 
-from .sandbox import RunResult, Sandbox
+from .sandbox import RunResult, Sandbox, lift_int_digit_limit
 from .verification import after_thinking, seen_prompt
 
 _FENCE = re.compile(r"```[ \t]*([A-Za-z0-9_+-]*)[ \t]*\n(.*?)(?:```|\Z)", re.S)
@@ -392,6 +392,7 @@ class CodeGrader:
     def __init__(self, limits, sandbox: Sandbox | None = None):
         self.limits = limits
         self._sandbox = sandbox
+        lift_int_digit_limit()  # (cases, replies and outputs with integers of thousands of digits)
 
     @property
     def sandbox(self) -> Sandbox:

@@ -26,6 +26,7 @@ import select
 import shutil
 import struct
 import subprocess
+import sys
 import tempfile
 import threading
 import warnings
@@ -38,6 +39,15 @@ UID_SLOTS = 4096
 # A start is bubblewrap plus one Python importing the worker: 0.1-0.5 s idle, far more on a node whose cores a vLLM
 # engine and a training job share; a restart mid-E-step that waited too little graded its program 'sandbox_error'.
 SANDBOX_START_S = 60.0
+
+
+def lift_int_digit_limit() -> None:
+    """No limit on an int's decimal digits in this process (Python 3.11's is 4,300): APPS's cases and correct
+    answers hold integers of thousands of digits, which its judges' Pythons printed and parsed. Set where code
+    problems are read and graded (the driver reading APPS, a verifier process, the sandbox worker); the sandbox's
+    time limits bound the conversions."""
+    if hasattr(sys, "set_int_max_str_digits"):
+        sys.set_int_max_str_digits(0)
 
 
 class SandboxUnavailable(RuntimeError):

@@ -577,6 +577,29 @@ def test_apps_call_cases_and_formats(grader):
     assert grader.grade(lines, "input()\nprint(sum(map(int, input().split())))\nimport sys; sys.exit(0)") == "passed"
 
 
+def test_integers_past_python_3_11s_digit_limit_are_graded_as_apps_judges_did(grader):
+    """APPS's cases and correct answers hold integers of thousands of digits, which its judges' Pythons printed and
+    parsed: loaded from the released row (input_output as JSON text), printed, returned and compared, they pass."""
+    import json as json_
+
+    from restem_ray.datasets import apps
+
+    row = {"problem_id": 1, "question": "Print 10^5000 + n.",
+           "input_output": json_.dumps({"inputs": ["7\n"], "outputs": ["1" + "0" * 4999 + "7\n"]})}
+    stdin = apps.adapt(row)
+    assert stdin is not None
+    assert grader.grade(stdin, "n = int(input())\nprint(10 ** 5000 + n)\n") == "passed"
+    assert grader.grade(stdin, "n = int(input())\nprint(10 ** 5000 + n + 1)\n") == "wrong_answer"
+    io = '{"fn_name": "f", "inputs": [[7]], "outputs": [' + "1" + "0" * 4999 + "7" + "]}"
+    call = apps.adapt({"problem_id": 2, "question": "Return 10^5000 + n.", "input_output": io})
+    assert call is not None
+    assert grader.grade(call, "def f(n):\n    return 10 ** 5000 + n\n") == "passed"
+    assert grader.grade(call, "def f(n):\n    return 10 ** 5000\n") == "wrong_answer"
+    test = {"id": "t", "prompt": "def f(n):\n", "entry_point": "f",
+            "test": "def check(candidate):\n    assert str(candidate(7)) == '1' + '0' * 4999 + '7'\n"}
+    assert grader.grade(test, "    return 10 ** 5000 + n\n") == "passed"
+
+
 def test_fenced_code_and_entry_point_in_completion(grader):
     fenced = "Here you go:\n```python\ndef add(a, b):\n    return a + b\n```\nDone."
     assert extract_code(fenced).startswith("def add")

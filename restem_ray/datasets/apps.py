@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import json
 
+from ..sandbox import lift_int_digit_limit
 from .common import BadField, some_id, text
 
 
 def adapt(row: dict) -> dict | None:
+    lift_int_digit_limit()  # (cases with integers of thousands of digits: read and written back as JSON)
     io = row.get("input_output")
     if io is None or (isinstance(io, str) and not io.strip()):
         return None
