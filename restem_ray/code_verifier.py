@@ -377,6 +377,8 @@ def unusable_code_fields(problem: dict) -> str | None:
             return "field 'input_output': needs a JSON object with non-empty 'inputs' and 'outputs' lists of one length"
         return None
     test, entry = problem.get("test"), problem.get("entry_point")
+    if isinstance(test, str) and test.strip() and isinstance(entry, str) and entry.strip() and not entry.isidentifier():
+        return f"field 'entry_point': {entry!r} is not a function name"
     if not (isinstance(test, str) and test.strip() and isinstance(entry, str) and entry.isidentifier()):
         return "missing or empty field 'test/entry_point or input_output' (test code and a function name)"
     return None
