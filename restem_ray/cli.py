@@ -254,6 +254,7 @@ def run_settings(path: str) -> dict:
 
     run = load_config(path).model_dump(mode="json")
     out = {k: run[k] for k in ("prompt", "sampling", "verification", "seed")}
+    out["sampling"].pop("split_stop", None)  # (named after the run's eval splits, not eval's)
     # pass@k's sampling, not its k: that stays eval's --k (the run's k_splits name the run's splits)
     out["evaluation"] = {k: v for k, v in run["evaluation"].items() if k not in ("k", "k_splits")}
     return out | {"task": {k: run["task"][k] for k in ("kind", "dataset", "columns", "adapter")}}

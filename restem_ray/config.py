@@ -183,6 +183,10 @@ class SamplingConfig(_Section):
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="E-step nucleus p.")
     max_tokens: int = Field(512, ge=1, description="Max new tokens per completion.")
     stop: list[str] = Field(default_factory=list, description="Stop strings, e.g. the next few-shot question marker.")
+    split_stop: dict[str, list[str]] | None = Field(None, description=(
+        "Stop strings of eval splits that sample with others than `stop`, split name -> strings. None: what their "
+        "prompts imply (a plain-text code split in another released format, task.eval_datasets, stops as that "
+        "dataset's own evaluation does); the run's config.yaml records what was used."))
     stop_token_ids: list[Annotated[int, Field(ge=0)]] = Field(default_factory=list, description=(
         "Token ids that end a sample besides the model's EOS ids; the first also ends every completion the M-step "
         "trains on. Empty: the chat template's end-of-turn token when it is not the tokenizer's EOS and the model's "
@@ -517,6 +521,9 @@ class RestemConfig(_Section):
         for name in self.evaluation.k_splits or []:
             if name not in splits:
                 raise ValueError(f"evaluation.k_splits: {name!r} is not an eval split (one of {', '.join(splits)})")
+        for name in self.sampling.split_stop or {}:
+            if name not in splits:
+                raise ValueError(f"sampling.split_stop: {name!r} is not an eval split (one of {', '.join(splits)})")
         return self
 
 

@@ -86,6 +86,9 @@ class Driver:
             print(f"[restem] stop token ids from the chat template's end of turn: {list(task.stop_token_ids)}")
         self.cfg = cfg = with_stop(cfg, task)  # config.yaml records the stops sampled with
         self.train, self.eval_sets, self.seed_rows = task.train, task.evals, task.seed_rows
+        self.split_stop = task.split_stop  # eval splits in another format that stop otherwise
+        for name, stop in self.split_stop.items():
+            print(f"[restem] stop strings of eval split {name}: {list(stop)}")
         self.step_checker = load_plugin(t.step_checker, "task.step_checker") if t.step_checker else None
         check_verifier(cfg, local_sandbox=False)  # a bad plug-in fails before any work (the sandbox: in _run)
         check_sinks(cfg.observability)  # as does a dashboard whose package is missing
@@ -333,7 +336,8 @@ class Driver:
         valid = self.eval_sets["valid"][: tc.eval_problems] if tc.eval_every_steps else None
         return {"name": mstep_name(self.run, name, shared=bool(tc.storage_path)), "valid_problems": valid,
                 "verifier": resolve_verifier(v.verifier, self.cfg.task.kind), "verification": v.model_dump(),
-                "max_new_tokens": s.max_tokens, "stop": tuple(s.stop), "stop_token_ids": tuple(s.stop_token_ids)}
+                "max_new_tokens": s.max_tokens, "stop": self.split_stop.get("valid", tuple(s.stop)),
+                "stop_token_ids": tuple(s.stop_token_ids)}
 
     def evaluate(self, t: int | str, model: str) -> dict:
         """Greedy pass@1 on every eval split (and pass@k, maj@k when evaluation.k > 0). An iterate's scores
@@ -348,7 +352,8 @@ class Driver:
 
         if not self.run.done(t, "eval"):
             start, pool, ev = time.time(), self.samplers.get(model), self.cfg.evaluation
-            scores = {n: self._score(pool, probs, ev.k_for(n), f"eval {t} {n}") for n, probs in self.eval_sets.items()}
+            scores = {n: self._score(pool, probs, ev.k_for(n), f"eval {t} {n}", n)
+                      for n, probs in self.eval_sets.items()}
             atomic_write_text(path, json.dumps(scores, indent=1))
             crash_point(f"{t}/eval")
             secs = round(time.time() - start, 2)
@@ -363,9 +368,9 @@ class Driver:
             self.best = best_with(json.loads(path.read_text())["valid"]["pass@1"])
         return self.best
 
-    def _score(self, pool: EStepPool, problems: list[dict], k: int, desc: str) -> dict:
+    def _score(self, pool: EStepPool, problems: list[dict], k: int, desc: str, split: str) -> dict:
         s, ev = self.cfg.sampling, self.cfg.evaluation
-        return score_split(pool, problems, max_tokens=s.max_tokens, stop=tuple(s.stop),
+        return score_split(pool, problems, max_tokens=s.max_tokens, stop=self.split_stop.get(split, tuple(s.stop)),
                            stop_token_ids=tuple(s.stop_token_ids), chunk_size=s.prompts_per_request,
                            k=k, temperature=ev.temperature, top_p=ev.top_p, seed=self.cfg.seed,
                            majority=self.cfg.task.kind == "math", desc=desc,

@@ -197,6 +197,7 @@ class Task:
     stop: tuple[str, ...] = ()                 # sampling.stop, or the few-shot format's question marker
     renderer: PromptRenderer | None = None
     stop_token_ids: tuple[int, ...] = ()       # sampling.stop_token_ids, or the chat template's end of turn
+    split_stop: dict[str, tuple[str, ...]] = field(default_factory=dict)  # eval splits that stop otherwise
 
 
 def template_fields(cfg: RestemConfig) -> tuple[str, ...]:
@@ -238,7 +239,7 @@ def render_task(cfg: RestemConfig, splits: Splits, model: str | None = None) -> 
         seed = [dict(r, prompt=renderer.render(r, few_shot=cfg.prompt.train_few_shot), raw_prompt=r["prompt"])
                 for r in seed]
     stop, stop_token_ids = sampling_stops(cfg, renderer)
-    return Task(train, evals, seed, stop, renderer, stop_token_ids)
+    return Task(train, evals, seed, stop, renderer, stop_token_ids, split_stops(cfg, renderer, stop))
 
 
 def load_task(cfg: RestemConfig, model: str | None = None) -> Task:
@@ -271,13 +272,33 @@ def sampling_stops(cfg: RestemConfig, renderer: PromptRenderer | None) -> tuple[
     return (tuple(s.stop) or implied, tuple(s.stop_token_ids) or (renderer.stop_token_ids if renderer else ()))
 
 
-def with_stop(cfg: RestemConfig, task: Task) -> RestemConfig:
-    """`cfg` with the stops its prompts imply (written to the run's config.yaml as run)."""
+def split_stops(cfg: RestemConfig, renderer: PromptRenderer | None, stop: tuple[str, ...]) -> dict[str, tuple]:
+    """The eval splits that stop otherwise than the run (`stop`): `sampling.split_stop` where given, else a
+    plain-text code split in another released format (task.eval_datasets) stops as its dataset's evaluation does
+    (an MBPP split beside HumanEval train would otherwise be cut at "\\ndef", after an answer's imports). Stops the
+    user set (`sampling.stop`), a few-shot format's and a chat template's apply to every split."""
     s = cfg.sampling
-    if (tuple(s.stop), tuple(s.stop_token_ids)) == (task.stop, task.stop_token_ids):
+    if s.split_stop is not None:
+        return {n: tuple(v) for n, v in s.split_stop.items() if tuple(v) != stop}
+    if s.stop or (renderer and (renderer.stop or renderer.chat)):
+        return {}
+    out = {}
+    for name, dataset in cfg.task.eval_datasets.items():
+        own = CODE_STOPS.get(dataset or "", ())
+        if dataset and own != stop:
+            out[name] = own
+    return out
+
+
+def with_stop(cfg: RestemConfig, task: Task) -> RestemConfig:
+    """`cfg` with the stops its prompts imply (written to the run's config.yaml as run: a resume samples with them)."""
+    s = cfg.sampling
+    split = {n: list(v) for n, v in task.split_stop.items()} or None
+    if (tuple(s.stop), tuple(s.stop_token_ids), s.split_stop or None) == (task.stop, task.stop_token_ids, split):
         return cfg
     return cfg.model_copy(update={"sampling": s.model_copy(update={"stop": list(task.stop),
-                                                                   "stop_token_ids": list(task.stop_token_ids)})})
+                                                                   "stop_token_ids": list(task.stop_token_ids),
+                                                                   "split_stop": split})})
 
 
 def check_lengths(cfg: RestemConfig, task: Task) -> None:

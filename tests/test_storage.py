@@ -240,7 +240,7 @@ def test_the_best_iteration_is_committed_with_the_eval_it_rests_on(tmp_path):
     d.cfg = types.SimpleNamespace(evaluation=types.SimpleNamespace(k_for=lambda name: 0),
                                   model=types.SimpleNamespace(base=str(tmp_path / "base")))
     d.samplers = types.SimpleNamespace(get=lambda model: None)
-    d._score = lambda pool, problems, k, desc: {"pass@1": valid[int(desc.split()[1])]}
+    d._score = lambda pool, problems, k, desc, split: {"pass@1": valid[int(desc.split()[1])]}
     for t in (0, 1, 2):
         run.iter_dir(t).mkdir(parents=True, exist_ok=True)
     run.stop_after = "1/eval"
