@@ -2,9 +2,10 @@
 
 They are copied to node-local disk once per node and read from there: vLLM, transformers and the data
 readers read local files, and many replicas or training ranks reading one object store at once is slow.
-Copies are keyed by URI (a base model or a data file does not change under its name during a run) and
-made under a per-node file lock, into a temporary name renamed when complete, so concurrent processes
-on one node copy once and never read half a copy. A run directory on a URI is mirrored (restem_ray/mirror.py).
+Copies are keyed by URI and record what the URI held (sizes and modification times, one listing per use):
+a model re-uploaded to the same URI is copied again, not served stale. They are made under a per-node file
+lock, into a temporary name renamed when complete, so concurrent processes on one node copy once and never
+read half a copy. A run directory on a URI is mirrored (restem_ray/mirror.py).
 """
 from __future__ import annotations
 
