@@ -263,6 +263,7 @@ def run_settings(path: str) -> dict:
 def eval_config(args, first: str) -> RestemConfig:
     """eval's config: the --config run's settings (run_settings), then eval's own flags and --set."""
     from .config import DATASET_KINDS, apply_overrides, config_from_dict, resolve_paths
+    from .prompts import CODE_STOPS
 
     tree = run_settings(args.config) if args.config else {}
     task = tree.pop("task", {})
@@ -277,6 +278,11 @@ def eval_config(args, first: str) -> RestemConfig:
         # files in another released format, prompted as the run prompted its task.eval_datasets splits: the
         # run's task.dataset renders (its standard exemplars), --dataset reads the rows (no columns or adapter)
         task["eval_datasets"] = {"valid": args.dataset}
+        # the run's config.yaml records the stops its prompts implied (with_stop): its code dataset's are not
+        # --dataset's, which then stop as that run's own split of this format would (split_stops)
+        sampling = tree["sampling"]
+        if sampling.get("stop") and tuple(sampling["stop"]) == CODE_STOPS.get(dataset or ""):
+            sampling["stop"] = []
     verification = tree.get("verification", {})
     if args.verifier and args.verifier != verification.get("verifier"):
         verification = {k: v for k, v in verification.items() if k != "plugin_warmup"}  # the run's plug-in's
@@ -314,11 +320,20 @@ def eval_problems(cfg: RestemConfig, splits: dict[str, str], model: str) -> tupl
     return {n: render_rows(rows, renderer, code=t.kind == "code") for n, rows in problems.items()}, renderer
 
 
+def eval_stops(cfg: RestemConfig, renderer) -> tuple[tuple[str, ...], tuple[int, ...]]:
+    """eval's stops: the run's (sampling_stops), or for --dataset rows in another format than the --config run's,
+    what a split of that format in the run would stop at (split_stops)."""
+    from .prompts import sampling_stops, split_stops
+
+    stop, stop_token_ids = sampling_stops(cfg, renderer)
+    return split_stops(cfg, renderer, stop).get("valid", stop), stop_token_ids
+
+
 def cmd_eval(args) -> int:
     """Score any HF checkpoint on problem files with the same sampler replicas and verifier pool."""
     import json
     from .evaluation import score_split
-    from .prompts import check_model_len, load_tokenizer, sampling_stops
+    from .prompts import check_model_len, load_tokenizer
     from .verification import check_verifier
 
     check_model_dir("--model", args.model)
@@ -336,7 +351,7 @@ def cmd_eval(args) -> int:
     cfg = eval_config(args, next(iter(splits.values())))
     problems, renderer = eval_problems(cfg, splits, args.model)
     check_model_len(cfg, problems, load_tokenizer(args.model, "--model"), args.model)
-    stop, stop_token_ids = sampling_stops(cfg, renderer)
+    stop, stop_token_ids = eval_stops(cfg, renderer)
     verifier = check_verifier(cfg, local_sandbox=False)
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

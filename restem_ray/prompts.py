@@ -261,33 +261,35 @@ def stop_source(cfg: RestemConfig, renderer: PromptRenderer | None) -> str:
     return "from the few-shot format" if renderer and renderer.stop else f"of {cfg.task.dataset}'s code prompts"
 
 
+def implied_stops(renderer: PromptRenderer | None, dataset: str | None) -> tuple[str, ...]:
+    """The stop strings `dataset`'s prompts imply when `sampling.stop` is not given: the few-shot format's
+    question marker; a chat template's none (its end-of-turn token stops); else, for plain-text code prompts, the
+    stops of the code dataset's own evaluation."""
+    if renderer and (renderer.stop or renderer.chat):
+        return renderer.stop
+    return CODE_STOPS.get(dataset or "", ())
+
+
 def sampling_stops(cfg: RestemConfig, renderer: PromptRenderer | None) -> tuple[tuple[str, ...], tuple[int, ...]]:
     """The stop strings and stop token ids samples end on: `sampling.stop` and `sampling.stop_token_ids` where
-    given, else what the prompts imply (the few-shot format's question marker, a plain-text code prompt's
-    dataset's stops, the chat template's end of turn)."""
+    given, else what the prompts imply (implied_stops; the chat template's end of turn)."""
     s = cfg.sampling
-    implied = renderer.stop if renderer else ()
-    if not implied and not (renderer and renderer.chat):
-        implied = CODE_STOPS.get(cfg.task.dataset or "", ())
-    return (tuple(s.stop) or implied, tuple(s.stop_token_ids) or (renderer.stop_token_ids if renderer else ()))
+    return (tuple(s.stop) or implied_stops(renderer, cfg.task.dataset),
+            tuple(s.stop_token_ids) or (renderer.stop_token_ids if renderer else ()))
 
 
 def split_stops(cfg: RestemConfig, renderer: PromptRenderer | None, stop: tuple[str, ...]) -> dict[str, tuple]:
     """The eval splits that stop otherwise than the run (`stop`): `sampling.split_stop` where given, else a
-    plain-text code split in another released format (task.eval_datasets) stops as its dataset's evaluation does
-    (an MBPP split beside HumanEval train would otherwise be cut at "\\ndef", after an answer's imports). Stops the
-    user set (`sampling.stop`), a few-shot format's and a chat template's apply to every split."""
+    split in another released format (task.eval_datasets) stops as that dataset's prompts imply (an MBPP split
+    beside HumanEval train would otherwise be cut at "\\ndef", after an answer's imports). `sampling.stop`, given
+    by the user, applies to every split."""
     s = cfg.sampling
     if s.split_stop is not None:
         return {n: tuple(v) for n, v in s.split_stop.items() if tuple(v) != stop}
-    if s.stop or (renderer and (renderer.stop or renderer.chat)):
+    if s.stop:
         return {}
-    out = {}
-    for name, dataset in cfg.task.eval_datasets.items():
-        own = CODE_STOPS.get(dataset or "", ())
-        if dataset and own != stop:
-            out[name] = own
-    return out
+    own = {n: implied_stops(renderer, d) for n, d in cfg.task.eval_datasets.items() if d}
+    return {n: v for n, v in own.items() if v != stop}
 
 
 def with_stop(cfg: RestemConfig, task: Task) -> RestemConfig:

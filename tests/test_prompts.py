@@ -379,6 +379,18 @@ def test_an_eval_split_in_another_code_format_stops_as_its_own_dataset(tmp_path)
     assert load_task(config(tmp_path, same)).split_stop == {}
     with pytest.raises(Exception, match="sampling.split_stop: 'nope' is not an eval split"):
         config(tmp_path, task, sampling={"split_stop": {"nope": ["x"]}})
+    # `eval --config RUN/config.yaml --dataset mbpp`: the run recorded HumanEval's implied stops, which MBPP
+    # rows do not take; stops the user set do apply
+    from restem_ray.cli import eval_config, eval_stops
+
+    run_yaml = tmp_path / "run.yaml"
+    run_yaml.write_text(dump_config(d.cfg))
+    ev = eval_config(eval_args(config=str(run_yaml), dataset="mbpp"), str(DATA / "mbpp.jsonl"))
+    assert eval_stops(ev, None) == (CODE_STOPS["mbpp"], ())
+    assert eval_stops(eval_config(eval_args(config=str(run_yaml)), HUMAN_EVAL), None)[0] == CODE_STOPS["humaneval"]
+    run_yaml.write_text(dump_config(config(tmp_path, task, sampling={"stop": ["\n\n\n"]})))
+    ev = eval_config(eval_args(config=str(run_yaml), dataset="mbpp"), str(DATA / "mbpp.jsonl"))
+    assert eval_stops(ev, None)[0] == ("\n\n\n",)
 
 
 def test_driver_loads_rendered_problems_and_records_the_stop(tmp_path):
