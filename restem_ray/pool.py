@@ -129,16 +129,36 @@ class EStepPool:
 
     def __init__(self, model: str, sampling: SamplingConfig, verification: VerificationConfig, *,
                  verifier: str, seed: int = 0):
-        self.model = model
+        self.model, self.sampling = model, sampling
+        self.samplers: list = []
+        self.verifiers: VerifierPool | None = None
+        self.group = None
+        self.extra_groups: list = []   # one single-bundle placement group per replica added later
+        self._starting: dict = {}      # ready() ref -> replica whose engine is starting
+        self._started_at: dict = {}    # ready() ref of an added replica -> (when it was asked to start, its group)
+        self._placing = None           # (group, its ready() ref, since): a replica's bundle being placed
+        self.nodes: list | None = None  # the replicas' nodes, once every engine is up
+        try:  # a start that fails or is interrupted (Ctrl-C while engines load) leaves no actor or reservation
+            self._start(verifier, verification, seed)
+        except BaseException as e:
+            if self.nodes is None and not isinstance(e, RunError):  # interrupted while engines load: killed, not
+                self._starting.update({id(a): a for a in self.samplers})  # asked to close (that waits for them)
+                self.samplers = []
+            self.close()
+            raise
+
+    def _start(self, verifier: str, verification: VerificationConfig, seed: int) -> None:
+        model, sampling = self.model, self.sampling
         retry = dict(max_restarts=sampling.max_restarts, max_task_retries=sampling.max_restarts)
         # One placement group for all replicas (OpenRLHF): a bundle per replica holding its CPUs and its
         # tensor_parallel_size GPUs on one node, reserved before any engine starts; the strategy decides
         # whether replicas pack onto few nodes or spread over many.
         gpus = sampling.tensor_parallel_size if sampling.use_gpu else 0
         bundle = {"CPU": sampling.cpus_per_replica} | ({"GPU": gpus} if gpus else {})
-        self.group = placement_group([bundle] * sampling.num_replicas, strategy=sampling.placement_strategy)
+        group = placement_group([bundle] * sampling.num_replicas, strategy=sampling.placement_strategy)
         what = f"{sampling.num_replicas} sampler replica(s) of {bundle} with strategy {sampling.placement_strategy}"
-        reserve(self.group, sampling.placement_timeout_s, what, "sampling.placement_timeout_s")
+        reserve(group, sampling.placement_timeout_s, what, "sampling.placement_timeout_s")
+        self.group = group
         # `close` has a thread of its own: in the default group it would queue behind the calls in flight (an
         # error or Ctrl-C mid-E-step), and a replica killed after the 30 s wait leaves its engine's processes.
         sampler_cls = ray.remote(concurrency_groups={CONTROL: 1})(Sampler)
@@ -146,13 +166,8 @@ class EStepPool:
         if sampling.tensor_parallel_size > 1:
             kwargs.setdefault("tensor_parallel_size", sampling.tensor_parallel_size)
         self._grow_args = (sampler_cls, bundle, retry, kwargs, seed, gpus)
-        self.sampling = sampling
-        self.extra_groups: list = []   # one single-bundle placement group per replica added later
-        self._starting: dict = {}      # ready() ref -> replica whose engine is starting
-        self._started_at: dict = {}    # ready() ref of an added replica -> (when it was asked to start, its group)
         self._add_failed = False       # an added replica failed or hung at start: none more is added this E-step
         self._last_grow = 0.0
-        self._placing = None           # (group, its ready() ref, since): a replica's bundle being placed
         self._unplaced_since: dict = {}  # placement group id -> when it was first seen without its nodes
         self._last_check = 0.0
         self._restarting_since: dict = {}  # replica actor id -> when it was first seen restarting, placed
@@ -177,11 +192,9 @@ class EStepPool:
                 ray.get(done)  # an engine's start error surfaces as it happens, not after the others' start
             except (ray.exceptions.RayActorError, ray.exceptions.RayTaskError) as e:
                 self._split_starting(refs, late)
-                self.close()
                 raise RunError(f"a vLLM sampler replica could not start on {model}: {_cause(e)}") from None
         if late:
             self._split_starting(refs, late)
-            self.close()
             raise RunError(f"{len(late)} of {len(refs)} vLLM sampler replica(s) did not start on {model} within "
                            f"sampling.start_timeout_s ({sampling.start_timeout_s:g} s; a URI model is copied to "
                            "each node within it too)")
@@ -282,28 +295,37 @@ class EStepPool:
         gen_of: dict = {}
         grading: dict = {}
         unavailable: dict = {}  # chunk index -> times its replica was unavailable mid-call
+        moved: dict = {}  # call -> its replica: a call taken off a replica Ray is restarting, run elsewhere instead
+        down: set = set()  # ids of the replicas Ray is restarting, as last looked at
         total = sum(draw_of(p, spec)[1] for c in chunks for p in c)
         bar = tqdm(total=total, desc=desc, unit="sample", mininterval=1, dynamic_ncols=True)
         passed = tokens = 0
         while todo or gen_of or grading:
-            while todo and free:
+            while todo:
+                slot = next((i for i, r in enumerate(free) if _id(r) not in down), None)
+                if slot is None:
+                    break
                 idx, chunk = todo.pop(0)
-                replica = free.pop(0)
+                replica = free.pop(slot)
                 ref = replica.generate.remote(chunk, spec)
                 gen_of[ref] = (idx, chunk, replica)
             if todo:
                 self._grow()
             if self._started_at:
                 self._drop_late_starts()
-            if gen_of and time.monotonic() - self._last_restart_check > WATCH_S:
-                self._check_restarts({r for _, _, r in gen_of.values()}, bar, desc)
-            ready, _ = ray.wait(list(gen_of) + list(grading) + list(self._starting), num_returns=1,
+            if (gen_of or down) and time.monotonic() - self._last_restart_check > WATCH_S:
+                down = self._check_restarts(gen_of, moved, todo, free, bar, desc)
+            ready, _ = ray.wait(list(gen_of) + list(grading) + list(self._starting) + list(moved), num_returns=1,
                                 timeout=WATCH_S)
             if not ready:
-                self._check_placed(bar)
+                self._check_placed(bar, down)
                 continue
             ref = ready[0]
-            if ref in self._starting:
+            if ref in moved:  # (cancelled, or run anyway: its chunk is another call's now)
+                replica = moved.pop(ref)
+                if replica in self.samplers:
+                    free.append(replica)
+            elif ref in self._starting:
                 self._started(ref, free)
             elif ref in gen_of:
                 idx, chunk, replica = gen_of.pop(ref)
@@ -344,10 +366,11 @@ class EStepPool:
                     raise
         bar.close()
 
-    def _check_placed(self, bar) -> None:
+    def _check_placed(self, bar, down: set) -> None:
         """A replica whose node was lost restarts once its placement group has a node again; on a cluster with
-        no room for it (no replacement node, the autoscaler at its maximum) its calls would wait forever. Past
-        sampling.placement_timeout_s without a place, the E-step stops in one line (finished shards are kept)."""
+        no room for it (no replacement node, the autoscaler at its maximum) it would wait forever. Its calls go to
+        the live replicas (_check_restarts); with none live (`down`: the ids of those restarting), past
+        sampling.placement_timeout_s without a place the E-step stops in one line (finished shards are kept)."""
         from ray.util import placement_group_table
 
         now, waiting = time.monotonic(), []
@@ -364,18 +387,23 @@ class EStepPool:
                 continue
             since = self._unplaced_since.setdefault(group.id, now)
             waiting.append(now - since)
-        if waiting and max(waiting) > self.sampling.placement_timeout_s:
+        live = any(_id(r) not in down for r in self.samplers)
+        if waiting and max(waiting) > self.sampling.placement_timeout_s and not live:
             bar.close()
             raise RunError(f"E-step: {len(waiting)} placement group(s) of sampler replicas lost a node and found "
                            f"no room to restart for {max(waiting):.0f} s (sampling.placement_timeout_s "
                            f"{self.sampling.placement_timeout_s:g}); add nodes (or let the autoscaler), then resume: "
                            "finished shards are kept")
 
-    def _check_restarts(self, busy: set, bar, desc: str = "E-step") -> None:
-        """A replica Ray restarts mid-E-step (its engine died, its node was lost) runs its start again, which
-        sampling.start_timeout_s bounds as it bounds the first: vLLM's own waits (an engine core, NCCL set-up of
-        tensor-parallel workers, a weight read) have no limit, and the calls queued on it would wait for good.
-        Counted only while every placement group is placed (_check_placed bounds the wait for a node)."""
+    def _check_restarts(self, gen_of: dict, moved: dict, todo: list, free: list, bar, desc: str) -> set:
+        """Replicas Ray restarts mid-E-step (an engine died, a node was lost) run their start again, minutes on GPUs
+        (a new node, a weight read). While a replica restarts, its queued calls are cancelled and go back to the
+        queue for the live replicas (their seeds give the same samples; `moved` keeps each such call until it
+        resolves, its slot then free again): the E-step does not wait on one replica. The restart is bounded by
+        sampling.start_timeout_s as the first start is (vLLM's own waits, NCCL set-up or a weight read, have no
+        limit), counted only while every placement group is placed (_check_placed bounds the wait for a node): past
+        it, a replica with live peers is dropped and the E-step goes on without it; with none, it stops in one line.
+        Returns the ids of the replicas restarting now."""
         from ray.util import placement_group_table
 
         now = self._last_restart_check = time.monotonic()
@@ -383,18 +411,35 @@ class EStepPool:
             placed = all(placement_group_table(g).get("state") == "CREATED" for g in [self.group, *self.extra_groups])
         except Exception:
             placed = False
-        for replica in busy:
-            aid = replica._actor_id.hex()
-            state = _actor_state(aid)
-            if state != "RESTARTING" or not placed:
-                self._restarting_since.pop(aid, None)
-                continue
-            since = self._restarting_since.setdefault(aid, now)
-            if now - since > self.sampling.start_timeout_s:
-                bar.close()
-                raise RunError(f"{desc}: a sampler replica Ray restarted has not started again within "
-                               f"sampling.start_timeout_s ({self.sampling.start_timeout_s:g} s; its engine's start "
-                               "hangs); finished shards are kept: resume once the cause is fixed")
+        down = {_id(r) for r in self.samplers if _actor_state(_id(r)) == "RESTARTING"}
+        for aid in list(self._restarting_since):
+            if aid not in down or not placed:
+                self._restarting_since.pop(aid)
+        if not any(_id(r) not in down for r in self.samplers):  # no live replica to move calls to
+            for aid in ({_id(r) for _, _, r in gen_of.values()} & down) if placed else ():
+                if now - self._restarting_since.setdefault(aid, now) > self.sampling.start_timeout_s:
+                    bar.close()
+                    raise RunError(f"{desc}: a sampler replica Ray restarted has not started again within "
+                                   f"sampling.start_timeout_s ({self.sampling.start_timeout_s:g} s; its engine's "
+                                   "start hangs); finished shards are kept: resume once the cause is fixed")
+            return down
+        for ref, (idx, chunk, replica) in list(gen_of.items()):
+            if _id(replica) in down:
+                del gen_of[ref]
+                ray.cancel(ref)  # (a cancelled call is not retried on the restarted replica)
+                moved[ref] = replica
+                todo.insert(0, (idx, chunk))
+        for replica in [r for r in self.samplers if _id(r) in down]:
+            if placed and now - self._restarting_since.setdefault(_id(replica), now) > self.sampling.start_timeout_s:
+                ray.kill(replica)  # its bundle stays with the pool's placement group, unused until close()
+                self.samplers.remove(replica)
+                free[:] = [r for r in free if r is not replica]
+                self._restarting_since.pop(_id(replica))
+                down.discard(_id(replica))
+                tqdm.write(f"[restem] {desc}: a sampler replica Ray restarted has not started again within "
+                           f"sampling.start_timeout_s ({self.sampling.start_timeout_s:g} s) and was dropped; the "
+                           f"E-step goes on with {len(self.samplers)} replica(s)")
+        return down
 
     def close(self) -> None:
         # Engines first, then the actors: ray.kill ends a replica's process at once, but its engine's GPU workers
@@ -407,7 +452,8 @@ class EStepPool:
         for a in [*self.samplers, *self._starting.values()]:
             ray.kill(a)
         self.samplers, self._starting, self._started_at = [], {}, {}
-        self.verifiers.close()
+        if self.verifiers is not None:
+            self.verifiers.close()
         placing = [self._placing[0]] if self._placing is not None else []
         for g in ([self.group] if self.group is not None else []) + self.extra_groups + placing:
             remove_placement_group(g)  # the accelerators are free for the M-step
@@ -426,9 +472,11 @@ def reserve(group, timeout_s: float, what: str, key: str, quiet_s: float = 10.0)
                 raise
             print(f"[restem] waiting up to {timeout_s:g} s ({key}) for room for {what}", flush=True)
             ray.get(group.ready(), timeout=timeout_s - quiet_s)
-    except ray.exceptions.GetTimeoutError:
+    except BaseException as e:  # (a Ctrl-C in the wait too: the reservation would hold its nodes' resources)
         remove_placement_group(group)
-        raise RunError(f"no room for {what} after {timeout_s:g} s ({key})") from None
+        if isinstance(e, ray.exceptions.GetTimeoutError):
+            raise RunError(f"no room for {what} after {timeout_s:g} s ({key})") from None
+        raise
 
 
 def _actor_state(actor_id: str) -> str | None:
@@ -439,6 +487,10 @@ def _actor_state(actor_id: str) -> str | None:
         return actors(actor_id=actor_id).get("State")
     except Exception:  # (the GCS unreachable for a moment: the next look asks again)
         return None
+
+
+def _id(replica) -> str:
+    return replica._actor_id.hex()
 
 
 def _cause(err: Exception) -> str:

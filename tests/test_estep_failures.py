@@ -127,6 +127,28 @@ def test_a_replica_engine_that_does_not_start_in_time_fails_the_e_step_and_frees
     assert ray.available_resources().get("CPU", 0) == total
 
 
+def test_a_pool_interrupted_while_it_starts_leaves_no_actor_or_reservation(model, monkeypatch):
+    """A Ctrl-C (or any error) while the engines load, minutes on GPUs: the pool was never returned, so no caller
+    could close it; it closes itself, its replicas killed and its placement group removed."""
+    import restem_ray.pool as pool_module
+
+    total = ray.cluster_resources()["CPU"]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(pool_module, "VerifierPool", interrupted)  # right after the replicas are asked to start
+    with pytest.raises(KeyboardInterrupt):
+        make_pool(model, max_restarts=0)
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < total and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == total
+    from ray.util import placement_group_table
+
+    assert all(g["state"] == "REMOVED" for g in placement_group_table().values())
+
+
 def test_a_replica_restarted_mid_e_step_whose_start_hangs_stops_the_e_step(model, monkeypatch):
     """Ray restarts a killed replica by running its start again, where vLLM's waits have no limit (NCCL set-up,
     a weight read): sampling.start_timeout_s bounds that start as it bounds the first, instead of the E-step
@@ -181,6 +203,47 @@ def test_an_added_replica_whose_start_hangs_is_dropped_and_the_e_step_goes_on(mo
         assert out.count("an added sampler replica did not start within sampling.start_timeout_s (2 s) and was "
                          "dropped; no more are added this E-step") == 1
         assert not pool.extra_groups and not pool._starting
+    finally:
+        hold.unlink(missing_ok=True)
+        pool.close()
+
+
+def test_calls_queued_on_a_restarting_replica_move_to_the_live_one(model, monkeypatch, capsys):
+    """A replica Ray restarts (its engine died, its node was lost) takes minutes to start again on GPUs: its calls
+    go to the live replica instead of waiting for it, every chunk once and with the samples its seeds give. Its
+    restart is held (RESTEM_HOLD_START) past sampling.start_timeout_s: it is dropped, and the E-step, which has
+    a live replica, goes on rather than stop."""
+    import restem_ray.pool as pool_module
+
+    hold = Path(model) / "hold-start"
+    sampling = SamplingConfig(engine_kwargs={"dtype": "float32", "max_model_len": 128}, num_replicas=2,
+                              max_restarts=1)
+    pool = EStepPool(model, sampling, VerificationConfig(num_workers=2), verifier="math")
+    try:
+        pool.sampling = pool.sampling.model_copy(update={"start_timeout_s": 3})
+        monkeypatch.setattr(pool_module, "WATCH_S", 0.5)
+        killed, live = pool.samplers
+        got: dict[int, list] = {}
+
+        def on_chunk(i, rows):
+            assert i not in got  # every chunk is delivered once
+            got[i] = rows
+            if len(got) == 1:
+                hold.touch()  # the killed replica's restart now waits
+                ray.kill(killed, no_restart=False)
+            time.sleep(0.5)  # the E-step outlasts the restart's bound
+
+        pool.run(chunked(PROBLEMS, 4), SPEC, on_chunk=on_chunk, desc="E-step 1")
+        rows = [r for chunk in got.values() for r in chunk]
+        assert sorted(got) == list(range(12)) and len(rows) == len(PROBLEMS) * SPEC.n
+        assert len({(r["id"], r["sample_index"]) for r in rows}) == len(rows)
+        assert pool.samplers == [live] and hold.exists()  # finished while the killed one's start still hung
+        assert ("E-step 1: a sampler replica Ray restarted has not started again within sampling.start_timeout_s "
+                "(3 s) and was dropped; the E-step goes on with 1 replica(s)") in capsys.readouterr().out
+        again: dict = {}
+        pool.run(chunked(PROBLEMS, 8), SPEC, on_chunk=lambda i, rs: again.update(
+            {(r["id"], r["sample_index"]): r["completion"] for r in rs}))
+        assert all(again[(r["id"], r["sample_index"])] == r["completion"] for r in rows)
     finally:
         hold.unlink(missing_ok=True)
         pool.close()
