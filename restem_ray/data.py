@@ -134,12 +134,42 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
 
 
 def write_parquet(path: str | Path, table: pa.Table) -> None:
-    """Write to a temporary name and rename: a reader never sees half a file."""
+    """Write to a temporary name and rename: a reader never sees half a file, and once this returns the file
+    survives a machine crash too (a run's manifest commits phases whose files must then be whole)."""
     p = Path(path)
     p.parent.mkdir(parents=True, exist_ok=True)
     tmp = p.with_name(p.name + ".tmp")
-    pq.write_table(table, tmp)
-    os.replace(tmp, p)
+    with open(tmp, "wb") as f:
+        pq.write_table(table, f)
+        f.flush()
+        os.fsync(f.fileno())
+    durable_replace(tmp, p)
+
+
+def whole_parquet(path: Path) -> bool:
+    """Whether a file ends in a Parquet footer that reads (a missing file, a write cut off by a crash or an
+    upload cut off on an object store does not)."""
+    try:
+        pq.read_metadata(path)
+        return True
+    except Exception:
+        return False
+
+
+def durable_replace(tmp: Path, path: Path) -> None:
+    """Rename `tmp` (already fsynced) to `path`, and fsync the folder so that the rename survives a crash
+    (ext4's delayed allocation can otherwise bring back the old name, or an empty file)."""
+    os.replace(tmp, path)
+    try:
+        fd = os.open(path.parent, os.O_RDONLY)
+    except OSError:  # (a folder that cannot be opened for reading: the rename stands, unsynced)
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # (some filesystems refuse fsync on a folder)
+        pass
+    finally:
+        os.close(fd)
 
 
 def read_samples(path: str | Path) -> list[tuple[str, dict | None]]:

@@ -1,6 +1,6 @@
 """The ReST^EM loop (Singh et al. 2023, Algorithm 1), one named, timed line per phase.
 
-    restem-ray run config.yaml [--resume]      # or: restem-ray demo
+    restem-ray run config.yaml --out RUN [--resume]      # or: restem-ray demo
 
 Every phase records itself in the run directory's manifest when it finishes; a resumed run skips
 finished phases (and finished E-step shards) and redoes only the rest.
@@ -18,7 +18,7 @@ import pyarrow.parquet as pq
 
 from .adaptive import RoundPlanner
 from .config import RestemConfig, dump_config
-from .data import write_parquet
+from .data import whole_parquet, write_parquet
 from .errors import RunError, StopAfter, UserError
 from .faults import crash_point
 from .observability import MetricsSink, check_sinks
@@ -93,8 +93,10 @@ class Driver:
         check_verifier(cfg, local_sandbox=False)  # a bad plug-in fails before any work (the sandbox: in _run)
         check_sinks(cfg.observability)  # as does a dashboard whose package is missing
         self.resume, self.force = resume, force
+        # the eval splits too: a resumed run compares their scores with earlier iterations' (best, patience)
         self.problems = {"train": problem_set(self.train)} | (
-            {"seed": problem_set(self.seed_rows)} if self.seed_rows else {})
+            {"seed": problem_set(self.seed_rows)} if self.seed_rows else {}) | {
+            f"eval {name}": problem_set(rows) for name, rows in self.eval_sets.items()}
         self.run.validate(dump_config(cfg), resume, force, self.problems)  # the run directory is written in fit()
         if stop_after is not None:
             self.run.stop_after = check_stop_after(stop_after, cfg, self.run if resume else None)
@@ -125,7 +127,7 @@ class Driver:
                     break
             if cfg.control.enabled:
                 self.control(base)                                               # seed data only, same budget
-        except StopAfter:  # a run stopped at a phase still points at its best iterate so far
+        except (StopAfter, RunError):  # a run stopped at a phase, or by an error, points at its best iterate so far
             if self.best is not None:
                 self._link_best(self.best["iteration"])
             raise
@@ -144,6 +146,8 @@ class Driver:
     # ------------------------------------------------------------------ phases
     def generate(self, t: int, model: str) -> pa.Table:
         """E-step: `samples_per_problem` samples per train problem (or adaptive rounds), graded as they stream in."""
+        if self.run.done(t, "select"):  # resumed past it: what select kept is on disk (train.parquet)
+            return pa.table({})
         if self.run.done(t, "generate"):
             return self.run.read_samples(t)
         s = self.cfg.sampling
@@ -190,7 +194,8 @@ class Driver:
                        nodes: set, desc: str | None = None) -> None:
         """Sample and grade the chunks whose shard (RUN/iter_t/samples/NAME.parquet) is not on disk yet."""
         out = self.run.samples_dir(t)
-        todo = [i for i in range(len(chunks)) if not (out / f"{names[i]}.parquet").exists()]
+        # (a shard torn by a machine crash, from before shards were fsynced, is sampled again)
+        todo = [i for i in range(len(chunks)) if not whole_parquet(out / f"{names[i]}.parquet")]
         if not todo:
             return
 
@@ -220,10 +225,12 @@ class Driver:
             prior=({r["id"]: r["pass_rate"] for r in pq.read_table(prior, columns=["id", "pass_rate"]).to_pylist()}
                    if prior is not None and prior.exists() else None))
         by_id = {p["id"]: p for p in self.train}
+        planned: set[str] = set()
         while draws := planner.next_round():
             r = planner.rounds
             chunks = chunked([with_draw(by_id[d.id], d.offset, d.n) for d in draws], s.prompts_per_request)
             names = [f"part-r{r:03d}-{i:05d}" for i in range(len(chunks))]
+            planned.update(f"{n}.parquet" for n in names)
             self._sample_shards(t, model, spec, chunks, names, nodes, desc=f"E-step {t} round {r}")
             out = self.run.samples_dir(t)
             rows = [row for n in names for row in pq.read_table(
@@ -235,6 +242,12 @@ class Driver:
                                f"E-step's settings changed since they were written); remove that folder"
                                f"{self.run.remote_too(out)} to sample the iteration again")
             planner.observe(draws, rows)
+        out = self.run.samples_dir(t)
+        extra = sorted(p.name for p in out.glob("part-*.parquet") if p.name not in planned)
+        if extra:  # rounds of an earlier plan (a --force resume that lowered the budget): select would read them
+            raise RunError(f"iteration {t}: {out} holds shards this E-step's plan does not ({extra[0]}; its settings "
+                           f"changed since they were written); remove that folder{self.run.remote_too(out)} to sample "
+                           "the iteration again")
         return planner.summary()
 
     def select(self, t: int, samples: pa.Table) -> Path:

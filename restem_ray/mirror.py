@@ -32,6 +32,7 @@ import stat
 import uuid
 from pathlib import Path
 
+from .data import whole_parquet
 from .errors import RunError, UserError, first_line, shown_uri
 from .lease import NAME as LEASE
 from .lease import DriverLease
@@ -251,7 +252,7 @@ class RunMirror:
             except Exception as e:
                 tmp.unlink(missing_ok=True)
                 raise UserError(f"{self.what} {self.uri}/{rel}: cannot download ({first_line(e, self._uri)})") from None
-            if not _whole_parquet(tmp):  # cut off by an older version's upload: sampled again, not adopted
+            if not whole_parquet(tmp):  # cut off by an older version's upload: sampled again, not adopted
                 tmp.unlink(missing_ok=True)
                 print(f"[restem] warning: {self.uri}/{rel} is not a whole Parquet file; its problems are sampled "
                       "again", flush=True)
@@ -292,7 +293,7 @@ class RunMirror:
             committed = {}
         for rel, _ in list(_local_files(tmp)):  # shards of an E-step not yet committed: adopted only whole
             m = SHARD.fullmatch(rel)
-            if m and f"{int(m[1])}/generate" not in committed and not _whole_parquet(tmp / rel):
+            if m and f"{int(m[1])}/generate" not in committed and not whole_parquet(tmp / rel):
                 (tmp / rel).unlink()
                 print(f"[restem] warning: {self.uri}/{rel} is not a whole Parquet file; its problems are sampled "
                       "again", flush=True)
@@ -394,17 +395,6 @@ class RunMirror:
         if local_store:
             fs.move(tmp, dst)
         return True
-
-
-def _whole_parquet(path: Path) -> bool:
-    """Whether a file ends in a Parquet footer that reads (an upload cut off on an object store does not)."""
-    import pyarrow.parquet as pq
-
-    try:
-        pq.read_metadata(path)
-        return True
-    except Exception:
-        return False
 
 
 def _local_files(root: Path):

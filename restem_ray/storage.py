@@ -18,6 +18,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import yaml
 
+from .data import durable_replace
 from .errors import RunError, StopAfter, UserError, first_line
 from .faults import crash_point
 
@@ -30,7 +31,7 @@ def atomic_write_text(path: Path, text: str, crash_label: str | None = None) -> 
         os.fsync(f.fileno())
     if crash_label:
         crash_point(crash_label)
-    os.replace(tmp, path)
+    durable_replace(tmp, path)
 
 
 # Keys a resumed run may change: they decide how far the run goes, where it runs and what it reports, not
@@ -341,6 +342,7 @@ class RunDir:
         # (after select the samples may be deleted: nothing reads them again)
         if not parts and self.done(t, "generate") and not self.done(t, "select"):
             raise RunError(f"{self.samples_dir(t)}: the committed E-step of iteration {t} has no samples files "
-                           "(a damaged run directory: restore them, or remove the iteration to sample it again)")
+                           f"(a damaged run directory: restore them, or remove \"{t}/generate\" from \"completed\" in "
+                           f"{self.manifest_path} to sample the iteration again)")
         # shards written before a resume may lack a column added since (filled with nulls)
         return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default") if parts else pa.table({})

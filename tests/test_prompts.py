@@ -393,6 +393,27 @@ def test_an_eval_split_in_another_code_format_stops_as_its_own_dataset(tmp_path)
     assert eval_stops(ev, None)[0] == ("\n\n\n",)
 
 
+def test_a_resume_refuses_a_changed_validation_file(tmp_path):
+    """The best iteration and the early stop compare validation pass@1 across iterations: a valid file changed
+    under the same path between a run and its resume would compare scores on two problem sets."""
+    from restem_ray.config import dump_config
+    from restem_ray.driver import Driver
+    from restem_ray.errors import UserError
+
+    lines = [json.dumps({"question": f"Tom has {i} pens and buys 3. How many now?", "answer": f"{i} + 3 = {i + 3}\n"
+                                     f"#### {i + 3}"}) + "\n" for i in range(7)]  # not in the train file
+    (tmp_path / "valid.jsonl").write_text("".join(lines[:6]))
+    cfg = config(tmp_path, gsm8k_task(valid_file=str(tmp_path / "valid.jsonl"), valid_split=None))
+    d = Driver(cfg, tmp_path / "run")
+    assert d.problems["eval valid"]["count"] == 6
+    d.run.create(dump_config(d.cfg), False, problems=d.problems)
+    Driver(cfg, tmp_path / "run", resume=True)  # unchanged: resumes
+    (tmp_path / "valid.jsonl").write_text("".join(lines[1:7]))
+    with pytest.raises(UserError, match=r"the eval valid problems changed since the run was created \(6 -> 6 "):
+        Driver(cfg, tmp_path / "run", resume=True)
+    Driver(cfg, tmp_path / "run", resume=True, force=True)
+
+
 def test_driver_loads_rendered_problems_and_records_the_stop(tmp_path):
     from restem_ray.config import dump_config
     from restem_ray.driver import Driver

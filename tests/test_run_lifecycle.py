@@ -29,6 +29,9 @@ def test_a_verifier_that_accepts_nothing_stops_the_run_with_exit_1(tmp_path, mon
     assert not tracebacks(log)
     assert set(json.loads((out / "manifest.json").read_text())["completed"]) == {"0/eval", "1/generate"}
     assert not (out / "iter_001" / "train.parquet").exists() and not (out / "iter_001" / "checkpoint").exists()
+    # the run stopped still points at its best iterate so far: the base
+    base = yaml.safe_load((out / "config.yaml").read_text())["model"]["base"]
+    assert (out / "best").is_symlink() and (out / "best").resolve() == Path(base).resolve()
 
 
 def test_the_m_step_gets_the_cpus_the_samplers_held(small_reference_run):
