@@ -2,12 +2,13 @@
 Ray) against a plain DeepSpeed ZeRO-2 loop on the same batches, in one run.
 
     bash bench/gpu_mstep.sh                        # the prepared device check (installs what it carries)
-    python bench/gpu_mstep.py [--steps 60] [--variants plain,padded,liger,lean] [--cudnn-attention]
+    python bench/gpu_mstep.py [--steps 60] [--variants plain,padded,zero3full,liger,lean] [--cudnn-attention]
                               [--step-times] [--profile padded,lean]   # --variants may add fused, compiled, zero3,
                                                                         # packed, unbucketed
     python bench/gpu_mstep.py --cpu-smoke          # tiny shapes on CPU: checks the script, not speed
 
-Model: random-init Llama shaped like Qwen2-0.5B (494M parameters, vocab 151,936, tied embeddings), bf16.
+Model: random-init Qwen2 of Qwen2.5-0.5B's shape (494M parameters, q/k/v biases, vocab 151,936, tied
+embeddings), bf16: the architecture the example jobs train, and the one Liger's Qwen2 patches apply to.
 Data: `--steps x --micro` rows of 256-1792 random tokens (a 32-token prompt, the rest completion), one
 epoch, length-grouped into micro-batches exactly as the M-step plans them (`restem_ray.sft.plan_epoch`).
 Each variant runs in a fresh process (its own CUDA context, DeepSpeed groups and compile caches) on the same model folder
@@ -25,6 +26,10 @@ and data file:
   packed      MStep, ZeRO-2, samples packed into rows of 4096 (flash_attention_2 when importable, else sdpa)
               (not in the default list: 0.98x padding under sdpa at 30 steps)
   zero3       MStep, ZeRO-3, padded (not in the default list: 0.677x plain at 30 steps, one GPU)
+  zero3full   a correctness check of what the 7B example job runs, never yet on a GPU: ZeRO-3 with gradient
+              checkpointing, 2 micro-batches a step (fp32 gradient sums), and validation (ZeRO-3's synced greedy
+              decoding on CUDA, graded, every 2 steps; random prompts grade 0, so early stopping, patience 2,
+              ends it at step 6 and keeps step 2); its speed is not comparable with the others
   unbucketed  MStep, ZeRO-2, padded to the exact longest row (pad_to_multiple_of 1): what bucketing buys
               (not in the default list: at 30 steps with cuDNN it ran as fast as padded)
 Throughput counts real (non-padding) tokens over the training steps, first step included, on both sides. Every
@@ -71,6 +76,8 @@ VARIANTS = {
     "liger": {"zero_stage": 2, "liger_kernel": True},
     "packed": {"zero_stage": 2, "packing": True, "pack_length": 4096},
     "zero3": {"zero_stage": 3},
+    "zero3full": {"zero_stage": 3, "gradient_checkpointing": True, "grad_accum": 2, "max_steps": 8,
+                  "eval_every_steps": 2, "eval_problems": 4},
     "unbucketed": {"zero_stage": 2, "pad_to_multiple_of": 1},
 }
 LABELS = {"plain": "plain DeepSpeed ZeRO-2 (same batches)", "padded": "restem-ray ZeRO-2, padded to x64",
@@ -79,6 +86,7 @@ LABELS = {"plain": "plain DeepSpeed ZeRO-2 (same batches)", "padded": "restem-ra
           "lean": "restem-ray ZeRO-2, padded to x64, compiled layers + Liger loss, no bf16 overflow pass",
           "liger": "restem-ray ZeRO-2, padded to x64, Liger kernels",
           "packed": "restem-ray ZeRO-2, packed rows of 4096", "zero3": "restem-ray ZeRO-3, padded to x64",
+          "zero3full": "check: ZeRO-3, grad. checkpointing, 2 micro-batches a step, validation",
           "unbucketed": "restem-ray ZeRO-2, padded exactly"}
 
 
@@ -107,16 +115,16 @@ def word_tokenizer(vocab: int):
 def prepare(work: Path, args) -> dict:
     """Model folder (bf16, as real checkpoints come) and data file shared by every variant."""
     import torch
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import Qwen2Config, Qwen2ForCausalLM
 
     s = CPU_SHAPE if args.cpu_smoke else GPU_SHAPE
     tok = word_tokenizer(s["vocab"])
-    cfg = LlamaConfig(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
+    cfg = Qwen2Config(vocab_size=s["vocab"], hidden_size=s["hidden"], intermediate_size=s["ffn"],
                       num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["kv"],
                       max_position_embeddings=4096, tie_word_embeddings=True, bos_token_id=1, eos_token_id=2,
                       pad_token_id=0)
     torch.manual_seed(0)
-    model = LlamaForCausalLM(cfg).to(torch.bfloat16)
+    model = Qwen2ForCausalLM(cfg).to(torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
     model.save_pretrained(work / "model")
     tok.save_pretrained(work / "model")
@@ -128,6 +136,10 @@ def prepare(work: Path, args) -> dict:
             lengths.append(n + 2)  # + BOS + EOS
             words = [f"t{rng.randrange(3, s['vocab'])}" for _ in range(n)]
             f.write(json.dumps({"prompt": " ".join(words[:32]), "completion": " ".join(words[32:])}) + "\n")
+    with open(work / "valid.jsonl", "w") as f:  # zero3full's validation problems (random prompts: graded 0)
+        for i in range(4):
+            f.write(json.dumps({"id": f"v{i}", "prompt": " ".join(f"t{rng.randrange(3, s['vocab'])}" for _ in range(24)),
+                                "answer": str(i)}) + "\n")
     return {"params": params, "layers": s["layers"], "hidden": s["hidden"],
             "mean_sample_tokens": sum(lengths) / len(lengths),
             "attention_mean_tokens": sum(n * n for n in lengths) / sum(lengths)}
@@ -177,6 +189,10 @@ def run_variant(work: Path, args, variant: str) -> dict:
            "train_seconds": round(m["train_seconds"], 2), "wall_seconds": round(time.perf_counter() - t, 1),
            "loss": round(m["loss"], 5), "attn": cfg.attn_implementation or "default",
            "peak_memory_gib": round(torch.cuda.max_memory_allocated() / 2**30, 1) if gpu else None,
+           # what the caching allocator held: widths that change every step fragment it (an out-of-memory error
+           # comes from this one, not from what tensors use)
+           "peak_reserved_gib": round(torch.cuda.max_memory_reserved() / 2**30, 1) if gpu else None,
+           **({"best_step": m["best_step"], "valid_reward": m.get("valid_reward")} if cfg.eval_every_steps else {}),
            "steady_tokens_per_s": round(m["steady_tokens"] / m["steady_seconds"]) if m["steady_seconds"] else None,
            **({"widths": m["widths"]} if "widths" in m else {}),
            **({"line_tokens_per_s": m["lines"]} if "lines" in m else {}),
@@ -199,7 +215,8 @@ def mstep(work: Path, cfg, variant: str, prof=None) -> dict:
         sft.forward = lambda model, batch: (prof.step(), forward(model, batch))[1]
 
     job = {"init_model": str(work / "model"), "train_file": str(work / "train.jsonl"), "seed": 0,
-           "cfg": cfg.model_dump(), "valid_file": None, "verifier": "math", "verification": {},
+           "cfg": cfg.model_dump(), "valid_file": str(work / "valid.jsonl") if cfg.eval_every_steps else None,
+           "verifier": "math", "verification": {},
            "max_new_tokens": 16, "stop": (), "log_every_steps": line_every(cfg.max_steps)}
     reporter = LocalReporter(str(work / f"ckpt-{variant}"))
     m = MStep(job, 0, 1, reporter).run()
@@ -392,7 +409,8 @@ def main():
                                               "an H100: the widest 16-sample batch peaks at about 96 GiB)")
     ap.add_argument("--min-len", type=int, default=256)
     ap.add_argument("--max-len", type=int, default=1792)
-    ap.add_argument("--variants", help="default: plain,padded,liger,lean (--cpu-smoke: plain,padded,compiled,zero3,packed)")
+    ap.add_argument("--variants", help="default: plain,padded,zero3full,liger,lean (--cpu-smoke: "
+                                       "plain,padded,compiled,zero3,packed)")
     ap.add_argument("--peak-tflops", type=float, default=989.0)
     ap.add_argument("--cudnn-attention", action="store_true",
                     help="let SDPA use cuDNN on both sides (training.cudnn_attention; off by default)")
@@ -415,7 +433,7 @@ def main():
     # (fused = lean with DeepSpeed's overflow pass: on request; each compiled variant compiles cold, and two of
     # them with the plain loop, padded and liger fill the 8 minutes a device call allows)
     args.variants = args.variants or ("plain,padded,compiled,zero3,packed" if args.cpu_smoke
-                                      else "plain,padded,liger,lean")
+                                      else "plain,padded,zero3full,liger,lean")
     variants = args.variants.split(",")
     if args.cpu_smoke and {"liger", "fused", "lean"} & set(variants):
         sys.exit("--variants liger, fused, lean: Liger's kernels are Triton GPU kernels (not with --cpu-smoke)")

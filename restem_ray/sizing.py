@@ -2,7 +2,8 @@
 
 Mixed-precision AdamW holds 16 bytes per trained parameter: bf16 weights (2) and gradients (2), an fp32
 master copy (4) and two fp32 moments (8). ZeRO-2 shards gradients and optimizer state over the data-parallel
-ranks and keeps the bf16 weights whole on each; ZeRO-3 shards all 16 bytes. Activations: what transformers'
+ranks and keeps the bf16 weights whole on each; ZeRO-3 shards all 16 bytes, 18 with gradient accumulation
+(the M-step sums a step's micro-batches into fp32 gradients there). Activations: what transformers'
 Llama/Qwen2 decoder layer saves for backward under SDPA, per token (tests/test_sizing.py counts it with
 autograd's saved-tensor hooks): each of the two RMSNorms its fp32 input, its bf16 normalised input and its
 scaled output, which the next projections read (8h each); q and the attention output (4h); k and v (4h x
@@ -49,11 +50,11 @@ SHAPES = {
 
 
 def mstep_gib_per_gpu(shape: Shape, *, gpus: int, zero_stage: int, micro_batch: int, seq_len: int,
-                      gradient_checkpointing: bool) -> dict[str, float]:
+                      gradient_checkpointing: bool, grad_accum: int = 1) -> dict[str, float]:
     """GiB per GPU for full fine-tuning in bf16: model states, activations, logits and their sum."""
     p = shape.params
     if zero_stage == 3:
-        states = 16 * p / gpus
+        states = (18 if grad_accum > 1 else 16) * p / gpus
     elif zero_stage == 2:
         states = 2 * p + 14 * p / gpus
     elif zero_stage == 1:

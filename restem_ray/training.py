@@ -81,10 +81,30 @@ def deepspeed_config(cfg: TrainingConfig, world_size: int) -> dict:
                                                   **({"fused": True} if cfg.use_gpu and not cfg.offload_optimizer
                                                      else {})}},
         "zero_force_ds_cpu_optimizer": False,
+        # ZeRO-3 sums a step's micro-batch gradients in the model's dtype unless told otherwise: in bf16 (8 bits
+        # of mantissa) a step of 4 micro-batches of per-token-scaled gradients loses their low bits. (ZeRO-2
+        # ignores the setting, and ZeRO-0/1 would take another optimizer path with it.)
+        **({"data_types": {"grad_accum_dtype": "fp32"}}
+           if cfg.zero_stage == 3 and cfg.dtype == "bf16" and cfg.grad_accum > 1 else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }
     return _merge(ds, cfg.deepspeed_overrides())
+
+
+def engine_device_args(use_gpu: bool):
+    """DeepSpeed's `args` for its engine's device. Left to itself it takes cuda:LOCAL_RANK; Ray Train made this
+    worker's GPU the current device (its place among the GPUs the worker sees), which LOCAL_RANK need not be: a
+    worker that sees only its own GPU (RAY_TRAIN_ENABLE_SHARE_CUDA_VISIBLE_DEVICES=0) has it at 0 whatever its
+    local rank, and on a node of more than 10 GPUs Ray lists them sorted as strings ("10" before "2"). The engine
+    would then run on another worker's GPU, or fail with an invalid device ordinal."""
+    import torch
+
+    if not (use_gpu and torch.cuda.is_available()):
+        return None
+    from types import SimpleNamespace
+
+    return SimpleNamespace(device_rank=torch.cuda.current_device())
 
 
 def import_deepspeed():
@@ -500,6 +520,7 @@ class MStep:
         schedule = (lambda s: warmup_cosine(s, self.total, warmup)) if cfg.lr_schedule == "cosine" else \
             (lambda s: min(1.0, (s + 1) / max(1, warmup)))
         self.engine, _, _, _ = deepspeed.initialize(
+            args=engine_device_args(cfg.use_gpu),
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.model = model

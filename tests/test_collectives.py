@@ -111,3 +111,38 @@ def test_a_backend_without_cpu_support_refuses_the_old_tally():
         "dist.destroy_process_group()\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert "refused: No backend type associated with device type cpu" in out.stdout, out.stdout + out.stderr
+
+
+def test_the_engine_runs_on_the_gpu_ray_train_made_current_not_on_local_rank(monkeypatch):
+    """Ray Train makes the worker's GPU the current CUDA device; DeepSpeed would take cuda:LOCAL_RANK, another GPU
+    where a worker sees only its own (index 0 at local rank 1) or a node lists more than 10. The M-step hands
+    DeepSpeed the current device (`device_rank`), and the installed DeepSpeed puts its engine there."""
+    from types import SimpleNamespace
+
+    import deepspeed.runtime.engine as engine_module
+
+    from restem_ray.training import engine_device_args
+
+    monkeypatch.setenv("LOCAL_RANK", "1")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the worker's own GPU, the only one it sees
+    assert engine_device_args(use_gpu=True).device_rank == 0
+    assert engine_device_args(use_gpu=False) is None  # CPU training: DeepSpeed's own choice
+
+    chosen = []
+
+    class Cuda:
+        def set_device(self, index):
+            chosen.append(index)
+
+        def device_name(self, index=None):
+            return "cuda" if index is None else f"cuda:{index}"
+
+    monkeypatch.setattr(engine_module, "get_accelerator", lambda: Cuda())
+    monkeypatch.setattr(engine_module.dist, "get_world_size", lambda *a, **k: 2)
+    monkeypatch.setattr(engine_module.dist, "get_rank", lambda *a, **k: 1)
+    engine = SimpleNamespace(local_rank=1)
+    engine_module.DeepSpeedEngine._set_distributed_vars(engine, engine_device_args(use_gpu=True))
+    assert chosen == [0] and engine.device == torch.device("cuda:0")
+    engine_module.DeepSpeedEngine._set_distributed_vars(engine, None)  # what it did before: LOCAL_RANK's GPU
+    assert engine.device == torch.device("cuda:1")

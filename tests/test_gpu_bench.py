@@ -16,7 +16,8 @@ def test_gpu_bench_compares_mstep_with_plain_deepspeed_on_the_same_batches(tmp_p
     scratch = tmp_path / "scratch"
     scratch.mkdir()
     p = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu_mstep.py"), "--cpu-smoke", "--steps", "4",
-                        "--variants", "plain,padded,zero3,compiled", "--step-times", "--profile", "padded", "--out", str(tmp_path)],
+                        "--variants", "plain,padded,zero3,compiled,zero3full", "--step-times", "--profile", "padded",
+                        "--out", str(tmp_path)],
                        capture_output=True, text=True, timeout=600, env=dict(os.environ, TMPDIR=str(scratch)))
     assert p.returncode == 0, p.stderr[-3000:]
     # the bench's folder (model, data, every variant's checkpoint: GB each on a GPU) is gone; torch may keep
@@ -43,6 +44,10 @@ def test_gpu_bench_compares_mstep_with_plain_deepspeed_on_the_same_batches(tmp_p
     # on CPU the reference drops the mask as the M-step does, so the same batches give the same loss exactly
     # (ZeRO-3 partitions its reductions differently: close, not equal)
     assert plain["loss"] == padded["loss"] and abs(plain["loss"] - zero3["loss"]) < 1e-2
+    # the correctness check of the 7B job's path: ZeRO-3, checkpointing, 2 micro-batches a step, validation every 2
+    # steps (random prompts grade 0: early stopping, patience 2, ends at step 6 and keeps step 2), bf16 weights
+    full = r["variants"]["zero3full"]
+    assert (full["steps"], full["best_step"], full["valid_reward"], full["checkpoint_dtype"]) == (6, 2, 0.0, "bfloat16")
     assert abs(plain["loss"] - compiled["loss"]) < 1e-2  # compiled kernels round bf16 in another order
     assert padded["checkpoint_dtype"] == zero3["checkpoint_dtype"] == "bfloat16"
     assert r["padded_ratio"] == padded["ratio_to_plain"] > 0

@@ -9,14 +9,16 @@ from restem_ray.sizing import SHAPES, Shape, host_gib_per_rank, mstep_gib_per_gp
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = {"gsm8k-qwen-0.5b.yaml": "0.5B", "gsm8k-qwen-7b.yaml": "7B"}
-README_ROWS = [("0.5B", 1, 2, 16, 1024, False), ("1.5B", 8, 2, 8, 1024, False), ("1.5B", 8, 2, 8, 1024, True),
-               ("7B", 8, 2, 4, 2048, True), ("7B", 8, 3, 4, 2048, True), ("7B", 8, 2, 8, 1024, False)]
+README_ROWS = [("0.5B", 1, 2, 16, 1024, False, 1), ("1.5B", 8, 2, 8, 1024, False, 1),
+               ("1.5B", 8, 2, 8, 1024, True, 1), ("7B", 8, 2, 4, 2048, True, 4), ("7B", 8, 3, 4, 2048, True, 4),
+               ("7B", 8, 2, 8, 1024, False, 1)]
 
 
-def readme_row(name, gpus, zero, micro, seq, ckpt) -> str:
+def readme_row(name, gpus, zero, micro, seq, ckpt, accum) -> str:
     r = mstep_gib_per_gpu(SHAPES[name], gpus=gpus, zero_stage=zero, micro_batch=micro, seq_len=seq,
-                          gradient_checkpointing=ckpt)
-    return (f"| {name} | {gpus} | {zero} | {micro} x {seq} | {'yes' if ckpt else 'no'} | {r['model_states']:.1f} | "
+                          gradient_checkpointing=ckpt, grad_accum=accum)
+    return (f"| {name} | {gpus} | {zero} | {micro} x {seq} | {accum} | {'yes' if ckpt else 'no'} | "
+            f"{r['model_states']:.1f} | "
             f"{r['activations']:.1f} | {r['logits']:.1f} | **{r['total']:.1f}** | "
             f"{host_gib_per_rank(SHAPES[name], zero_stage=zero, gpus=gpus):.1f} |")
 
@@ -78,7 +80,7 @@ def test_example_gpu_jobs_fit_80_gb_gpus_with_a_fifth_to_spare(job):
     t = cfg.training
     est = mstep_gib_per_gpu(SHAPES[JOBS[job]], gpus=t.num_workers, zero_stage=t.zero_stage,
                             micro_batch=t.micro_batch_size, seq_len=t.max_seq_len,
-                            gradient_checkpointing=t.gradient_checkpointing)
+                            gradient_checkpointing=t.gradient_checkpointing, grad_accum=t.grad_accum)
     assert t.dtype == "bf16" and t.use_gpu
     assert est["total"] * 1.2 <= 80 * 1e9 / 2**30, est
     # a node's host RAM holds every rank's copy while the model loads (8 ranks per node)
