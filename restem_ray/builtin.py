@@ -31,8 +31,8 @@ class TinyModelSpec:
     ffn: int = 512
     max_positions: int = 320
     # Trained to its plateau on the seed split and kept at its best validation epoch: 200 worked
-    # solutions give ~67% test greedy pass@1, flat from epoch ~80 to 160 (120 give ~5%, 320 ~87%: README,
-    # "The built-in demo"). Weight decay 1.0 makes the plateau come sooner than 0.1.
+    # solutions give ~67% test greedy pass@1, flat from epoch ~80 to 160 (120 give ~5%, 320 ~87%:
+    # docs/measurements.md). Weight decay 1.0 makes the plateau come sooner than 0.1.
     epochs: int = 160
     lr: float = 1e-3
     batch_size: int = 32

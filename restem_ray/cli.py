@@ -1,14 +1,17 @@
-"""`restem-ray` command line.
+"""`restem-ray` command line (`restem-ray COMMAND --help` for every flag).
 
-    restem-ray demo [--task arithmetic|code] [--quick] [--out DIR] [--set key=value ...] [--resume] [--stop-after PHASE]
-    restem-ray run CONFIG --out DIR [--set key=value ...] [--resume] [--stop-after PHASE]
+    restem-ray demo [--task arithmetic|code] [--quick] [--seed N] [--out DIR] [--set key=value ...]
+                    [--resume [--force]] [--auto-resume] [--stop-after PHASE]
+    restem-ray run CONFIG --out DIR [--set key=value ...] [--resume [--force]] [--auto-resume] [--stop-after PHASE]
     restem-ray check CONFIG [--set key=value ...]
     restem-ray prompt CONFIG [--n 2] [--set key=value ...]
     restem-ray report RUN_DIR
-    restem-ray eval --model PATH --problems FILE [--dataset NAME] [--verifier V] [--k N]
-    restem-ray verify --verifier {math,code,module:function} [--dataset NAME] --problems FILE --samples FILE --out FILE
+    restem-ray eval --model PATH --problems [NAME=]FILE [--config RUN/config.yaml] [--dataset NAME] [--verifier V]
+                    [--k N] [--max-tokens N] [--out scores.json] [--set key=value ...]
+    restem-ray verify --verifier {math,code,module:function} [--dataset NAME] --problems FILE --samples FILE
+                      --out FILE [--address A] [--set key=value ...]
     restem-ray defaults
-    restem-ray build-tiny
+    restem-ray build-tiny [--task arithmetic|code]
 
 User errors (bad config, data, paths, plug-ins) print one line and exit 2; `--debug` shows tracebacks.
 """
@@ -67,9 +70,15 @@ def demo_config(root: Path, quick: bool, overrides: list[str], task: str = "arit
                             "demo config")
 
 
+def check_force(args) -> None:
+    if args.force and not (args.resume or args.auto_resume):  # a new run has no config to differ from
+        raise UserError("--force accepts a changed config when resuming: give it with --resume or --auto-resume")
+
+
 def cmd_demo(args) -> int:
     from .builtin import BUILTINS, arithmetic_builtin, ensure_builtin
 
+    check_force(args)
     out = args.out or f"restem-runs/demo-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     pre = demo_config(Path("/nonexistent"), args.quick, args.set, args.task, args.seed)  # validate before building
     if args.stop_after is not None:
@@ -123,6 +132,7 @@ def _stop_the_driver(why: str) -> None:
 def cmd_run(args) -> int:
     from .config import load_config
 
+    check_force(args)
     cfg = load_config(args.config, args.set)
     task = check_inputs(cfg, local_sandbox=False)
     local, resume, mirror = _out_dir(args.out, args)

@@ -49,6 +49,7 @@ CASES = {
     "bad choice": (None, ["--set", "training.zero_stage=5"], "training.zero_stage"),
     "bad bool": (None, ["--set", "training.restart_from_base=maybe"], "training.restart_from_base"),
     "set without =": (None, ["--set", "loop.iterations"], "expected key.path=value"),
+    "force without resume": (None, ["--force"], "--force accepts a changed config when resuming"),
     "set into a value": (None, ["--set", "task.train_file.x=1"], "'train_file' is not a section"),
     "config not yaml": (lambda w: (w / "cfg.yaml").write_text("task: [oops\n"), [], "cfg.yaml:2: not valid YAML"),
     "config is a list": (lambda w: (w / "cfg.yaml").write_text("- 1\n- 2\n"), [], "top level must be a mapping"),
