@@ -161,6 +161,28 @@ def test_mbpp_sanitized_json_array(tmp_path):
         load_split(tmp_path / "bad.json", kind="code", dataset="mbpp")
 
 
+def test_full_mbpp_train_leaves_out_the_sanitized_test_tasks_whose_prompts_were_reworded(tmp_path, capsys):
+    """MBPP's sanitized release rewords many prompts of the full release's tasks and corrects some tests: a full
+    train file beside a sanitized test file held those tasks under other statements, and they were trained on.
+    A task leaves train when its tests, or its task text, are also an eval problem's."""
+    raw = [json.loads(l) for l in (DATA / "mbpp.jsonl").read_text().splitlines()]
+    extra = [dict(raw[0], task_id=700 + i, text=f"Write a function that returns {i}.", code=f"def f{i}():\n  return {i}",
+                  test_list=[f"assert f{i}() == {i}"]) for i in range(3)]  # tasks only train has
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in raw[:3] + extra))
+    sanitized = [{"task_id": 2, "prompt": raw[0]["text"], "code": raw[0]["code"],  # its tests corrected
+                  "test_list": [t.replace("== (", "== set((") for t in raw[0]["test_list"]], "test_imports": []},
+                 {"task_id": 3, "prompt": "Write a python function that tells whether a number is not prime.",
+                  "code": raw[1]["code"], "test_list": raw[1]["test_list"], "test_imports": []}]  # reworded
+    (tmp_path / "test.json").write_text(json.dumps(sanitized))
+    task = {"kind": "code", "dataset": "mbpp", "train_file": str(tmp_path / "train.jsonl"), "valid_split": 1,
+            "valid_split_seed": 0, "test_file": str(tmp_path / "test.json")}
+    s = load_splits(load_config(write_config(tmp_path, task)).task)
+    trained = {r["id"] for r in s.train} | {r["id"] for r in s.evals["valid"]}
+    assert not trained & {"2", "3"} and {"901", "700", "701", "702"} <= trained
+    line, = [l for l in capsys.readouterr().out.splitlines() if "left out" in l]
+    assert "left out 2 train problems whose problem statement (or tests) is also in test (2)" in line
+
+
 def test_mbpp_row_whose_code_defines_nothing_the_tests_call(tmp_path):
     row = json.loads((DATA / "mbpp.jsonl").read_text().splitlines()[0])
     row["code"] = "def something_else(a, b):\n    return a\n"

@@ -227,23 +227,45 @@ def _statement(row: dict, need: tuple[str, ...]) -> str:
     return " ".join(" ".join(str(row.get(f) or "").lower().split()) for f in ("prompt", *need))
 
 
+def _identities(row: dict, need: tuple[str, ...]) -> list[str]:
+    """What makes two rows one problem: its statement; for a code problem also its tests (a copy whose wording
+    was edited keeps them: MBPP's sanitized release rewords prompts of the full one's tasks), and for an MBPP
+    row its task text without the example test (the sanitized release corrected some tests, which the prompt
+    shows)."""
+    out = [_statement(row, need)]
+    tests = row.get("test") or row.get("input_output")
+    if isinstance(tests, str) and tests.strip():
+        out.append("tests: " + " ".join(tests.split()))
+    if row.get("test_example") and isinstance(row.get("text"), str) and row["text"].strip():  # (mbpp.adapt)
+        out.append("task: " + " ".join(row["text"].lower().split()))
+    return out
+
+
 def leave_out_eval_problems(rows: list[dict], evals: dict[str, list[dict]], source: str, key: str,
                             need: tuple[str, ...] = (), ngram: int | None = None) -> list[dict]:
-    """`rows` (train problems or seed solutions) without those whose statement is also in an eval split: one
-    trained on would inflate the score that picks the iteration (valid) or is reported (test). With `ngram`,
-    also those that share at least half their runs of `ngram` words with one eval problem (a near-duplicate
-    with a number or a name changed). Said on one line; a file that is all eval problems (the same file twice,
-    MBPP's one-file release) is an error."""
-    split_of: dict[str, str] = {}
+    """`rows` (train problems or seed solutions) without those that are also in an eval split (by statement, or
+    by tests or task text where a released code format has them: `_identities`): one trained on would inflate
+    the score that picks the iteration (valid) or is reported (test). With `ngram`, also those that share at
+    least half their runs of `ngram` words with one eval problem (a near-duplicate with a number or a name
+    changed). Said on one line; a file that is all eval problems (the same file twice, MBPP's one-file release)
+    is an error."""
+    split_of: dict[str, str] = {}  # identity -> its eval split
+    statement_split: dict[str, str] = {}  # the statements alone (near-duplicates are looked for among them)
     for name, eval_rows in evals.items():
         for r in eval_rows:
-            split_of.setdefault(_statement(r, need), name)
-    split_of.pop(_statement({}, need), None)
+            for i, ident in enumerate(_identities(r, need)):
+                split_of.setdefault(ident, name)
+                if i == 0:
+                    statement_split.setdefault(ident, name)
+    for d in (split_of, statement_split):
+        d.pop(_statement({}, need), None)
     statements = [_statement(r, need) for r in rows]
-    found = Counter(split_of[st] for st in statements if st in split_of)
-    near = _near_duplicates([st for st in statements if st not in split_of], split_of, ngram) if ngram else {}
+    twin = [next((split_of[i] for i in _identities(r, need) if i in split_of), None) for r in rows]
+    found = Counter(t for t in twin if t)
+    near = (_near_duplicates([st for st, t in zip(statements, twin) if not t], statement_split, ngram)
+            if ngram else {})
     found.update(near.values())
-    kept = [r for r, st in zip(rows, statements) if st not in split_of and st not in near]
+    kept = [r for r, st, t in zip(rows, statements, twin) if not t and st not in near]
     if len(kept) == len(rows):
         return rows
     where_ = ", ".join(f"{name} ({n})" for name, n in found.items())
@@ -253,7 +275,8 @@ def leave_out_eval_problems(rows: list[dict], evals: dict[str, list[dict]], sour
                         "train and eval problems from different files (MBPP's mbpp.jsonl holds every split: use "
                         "the released train, validation and test files)")
     how = f" (or shares half its {ngram}-word runs with a problem there)" if ngram else ""
-    print(f"[restem] {source}: left out {len(rows) - len(kept)} {what} whose problem statement is also in "
+    code = " (or tests)" if any(len(_identities(r, need)) > 1 for r in rows[:1]) else ""
+    print(f"[restem] {source}: left out {len(rows) - len(kept)} {what} whose problem statement{code} is also in "
           f"{where_}{how}", flush=True)
     return kept
 
