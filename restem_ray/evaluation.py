@@ -35,7 +35,7 @@ def _vote_key(answer: str) -> tuple:
     value ("1,000", "1000", "1000." are one answer), math by math-verify's reading (`\\frac12`, `\\dfrac{1}{2}`
     and 0.5 are one number; `x+1` and `1+x` one expression), words and what math-verify cannot read in time as
     text without spacing and \\left/\\right. Cached, failures too: a split's samples repeat their answers."""
-    answer = answer.replace("\\$", "").replace("\u2212", "-")  # (as answers_match reads them)
+    answer = _vote_form(answer.replace("\\$", "").replace("\u2212", "-"))  # (as answers_match reads them)
     number = as_number(answer)
     if number is not None:
         return ("number", _number_key(number))
@@ -49,6 +49,15 @@ def _vote_key(answer: str) -> tuple:
             return key
     text = re.sub(r"\\[dt]frac", r"\\frac", answer)
     return ("text", re.sub(r"\\left|\\right|\s+", "", text).rstrip("."))
+
+
+def _vote_form(answer: str) -> str:
+    """The answer without what the grader looks past, so that its forms vote together: "x = 5" and "5", "25\\%"
+    and "25", "30^\\circ" and "30", "\\text{(C)}", "(C)" and "C"."""
+    a = re.sub(r"^[A-Za-z]\s*=\s*(?=\S)", "", answer.strip())
+    a = re.sub(r"\s*(?:\\?%|\^\s*\{?\\circ\}?|\u00b0)\s*$", "", a)
+    choice = re.fullmatch(r"(?:\\text(?:bf)?\{\s*)?\(?([A-E])\)?(?:\s*\})?", a)
+    return choice.group(1) if choice else a
 
 
 @functools.cache

@@ -44,10 +44,18 @@ _UNITS = (r"(?:[ \t]+(?!(?:more|less|fewer|times|than|plus|minus|divided|multipl
 # "18 each." and "$18 per day, i.e. ..." are the answer, not "$18 each, or $36 total"
 _RATE = (r"[ \t]+(?:each|per)\b(?:[ \t]+" + _UNIT_WORD + r"){0,2}"
          r"(?=\$?(?:[.;!?](?:\s|$)|[ \t]*(?:\n|$)|,(?![^.\n]*\btotal\b)))")
+# ("The answer is 20 since she sells 10 eggs", "is 18: she ...", "is 12 as she has 4 boxes": the clause after it
+# explains it, and its numbers are not the answer)
+_CLAUSE = (r"[ \t]*[:\u2014\u2013][ \t]|[ \t]+-[ \t]|[ \t]+(?:because|since|as|after|given|so|for|which|when|where|"
+           r"if|but|from|with)\b")
 _ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|\\?\$|\*\*)?\s*(" + _NUM_RE + r")(?:\*\*|\s*\\\))?(?:" + _RATE + "|"
-                        + _UNITS + r"(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$))))", re.IGNORECASE)
+                        + _UNITS + r"(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$))|" + _CLAUSE + "))",
+                        re.IGNORECASE)
 # (the math may hold `\$`; it does not end on a space nor at a currency sign: "is $10 + $8 = $18")
 _ANSWER_IS_MATH = re.compile(_LABEL + r"\$((?:\\.|[^$\\\n])+)(?<!\s)\$(?!\d)", re.IGNORECASE)
+# "The answer is \frac{1}{3}." or "is 3\sqrt{2}.": LaTeX written without $...$, up to the sentence's end
+_ANSWER_IS_LATEX = re.compile(_LABEL + r"(?:\\\(\s*)?((?:-\s*)?(?:\d+(?:\.\d+)?\s*)?\\[A-Za-z]+[^\n$]*?)(?:\s*\\\))?"
+                              r"(?=\s*(?:[.;!?](?:\s|$)|\n|$))", re.IGNORECASE)
 _PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")
 _TEXT_IN_MATH = re.compile(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}")  # units: "\text{ square units}"
 _ANSWER_PREFIX = re.compile(r"^(?:the\s+)?(?:final\s+)?answer\b\s*(?:is\b|:|[-\u2013\u2014=](?=\s))?\s*:?\s*",
@@ -65,20 +73,19 @@ class Grade:
 
 
 def _last_boxed_at(text: str) -> tuple[int, str | None]:
-    """Where the last `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`) starts and its content, braces matched;
-    (-1, None) if there is none, (start, None) if it is empty or unbalanced."""
-    m = None
-    for m in _BOX.finditer(text):
-        pass
-    if m is None:
-        return -1, None
-    if m.group(1) is not None or m.group(2) is not None:  # `\boxed 5$`
-        return m.start(), m.group(1) or m.group(2)
-    start = m.end()
-    close = _closing_brace(text, start)
-    if close is None:
-        return m.start(), None  # unbalanced
-    return m.start(), text[start:close].strip() or None
+    """Where the last non-empty `\\boxed{...}` (or `\\fbox{...}`, or `\\boxed 5`) starts and its content, braces
+    matched; (-1, None) if there is none, (start, None) if it is unbalanced. An empty box ("I put the answer in
+    \\boxed{} as asked") is no answer and hides none before it."""
+    for m in reversed(list(_BOX.finditer(text))):
+        if m.group(1) is not None or m.group(2) is not None:  # `\boxed 5$`
+            return m.start(), m.group(1) or m.group(2)
+        start = m.end()
+        close = _closing_brace(text, start)
+        if close is None:
+            return m.start(), None  # unbalanced
+        if text[start:close].strip():
+            return m.start(), text[start:close].strip()
+    return -1, None
 
 
 def _closing_brace(text: str, start: int) -> int | None:
@@ -221,7 +228,8 @@ def extract_answer(completion: str, prompt: str = "") -> str | None:
     else:
         # (where both read one phrase, "is $3, 5$", the whole math wins over its first number)
         phrases = [(m.start(), 0, m.group(1)) for m in _ANSWER_IS.finditer(completion)]
-        phrases += [(m.start(), 1, m.group(1)) for m in _ANSWER_IS_MATH.finditer(completion)
+        phrases += [(m.start(), 1, m.group(1)) for pattern in (_ANSWER_IS_MATH, _ANSWER_IS_LATEX)
+                    for m in pattern.finditer(completion)
                     if m.group(1).strip() and not _PROSE.search(_TEXT_IN_MATH.sub("", m.group(1)))]
         if phrases:
             at, _, answer = max(phrases)
@@ -280,6 +288,20 @@ def _wrap(answer: str) -> str:
     return answer if re.search(r"(?<!\\)\$", answer) or "\\boxed" in answer else f"${answer}$"
 
 
+# A repeating decimal, 0.\overline{36} or 1.2\overline{3}: math-verify reads only its integer part (0, 1)
+_REPEATING = re.compile(r"(-?)(\d*)\.(\d*)\\overline\s*(?:\{(\d+)\}|(\d))")
+
+
+def _repeating_as_fraction(text: str) -> str:
+    def exact(m: re.Match) -> str:
+        sign, whole, fixed, rep = m.group(1), m.group(2) or "0", m.group(3), m.group(4) or m.group(5)
+        value = int(whole) + Fraction(int(fixed + rep) - int(fixed or "0"), 10 ** len(fixed) * (10 ** len(rep) - 1))
+        value = -value if sign else value
+        return f"{value.numerator}/{value.denominator}" if value.denominator != 1 else str(value.numerator)
+
+    return _REPEATING.sub(exact, text)
+
+
 def answers_match(gold: str, pred: str) -> bool:
     """Numeric comparison when both are numbers (GSM8K); LaTeX equivalence through math-verify otherwise.
 
@@ -289,13 +311,16 @@ def answers_match(gold: str, pred: str) -> bool:
     # MATH writes money as `\boxed{\$18.90}`: an escaped dollar sign is not math (math-verify parses nothing)
     gold, pred = gold.replace("\\$", ""), pred.replace("\\$", "")
     gold, pred = gold.replace("\u2212", "-"), pred.replace("\u2212", "-")  # U+2212, the typeset minus sign
+    gold, pred = _repeating_as_fraction(gold), _repeating_as_fraction(pred)
     g, p = as_number(gold), as_number(pred)
     if g is not None and p is not None:
         return _same_number(g, p)
     from math_verify import verify
 
     gold_p, pred_p = _parse(gold), _parse(pred)
-    return bool(gold_p and pred_p and verify(gold_p, pred_p, timeout_seconds=None))
+    # (math-verify rounds numbers to 6 decimals by default: 1/2^20 was 0.000001, and 1/8 was 0.1250001; 9 keeps a
+    # decimal of a fraction that no decimal writes out, 0.333333333 for 1/3, as the plain-number path does)
+    return bool(gold_p and pred_p and verify(gold_p, pred_p, float_rounding=9, timeout_seconds=None))
 
 
 @functools.lru_cache(maxsize=4096)
@@ -319,10 +344,31 @@ def warm_math() -> None:
     answers_match("1", "\\frac{2}{2}")
 
 
+def _latex_key(text: str) -> str:
+    """An expression as written, for finding it in a problem's text: spacing, $, \\left/\\right and \\dfrac aside."""
+    text = re.sub(r"\\(?:left|right)\b|\$|\\[,!;: ]", "", text).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
+    return "".join(text.split())
+
+
+def restates_the_problem(problem: dict, pred: str) -> bool:
+    """Whether the answer is an expression the problem itself writes ("Compute $\\dbinom{31}{28}$." answered
+    \\boxed{\\dbinom{31}{28}}): math-verify evaluates both sides, so it would pass without any work done, and the
+    M-step would learn to box the question. Not a plain number, nor the gold answer as written."""
+    statement = problem.get("raw_prompt") or problem.get("prompt")
+    if not isinstance(statement, str) or as_number(pred) is not None:
+        return False
+    key = _latex_key(pred)
+    if len(key) < 3 or not re.search(r"[\\^_/*+(]", key) or key == _latex_key(str(problem.get("answer", ""))):
+        return False
+    return key in _latex_key(statement)
+
+
 def grade_math(problem: dict, completion: str) -> Grade:
     pred = extract_answer(completion, seen_prompt(problem))
     if pred is None:
         return Grade(0.0, "no_answer")
+    if restates_the_problem(problem, pred):
+        return Grade(0.0, "wrong_answer")
     return Grade(1.0, "passed") if answers_match(str(problem["answer"]), pred) else Grade(0.0, "wrong_answer")
 
 

@@ -64,6 +64,15 @@ def test_wrong_answers_equal_as_math_vote_together():
     assert majority_correct(correct + distinct) == 1.0
 
 
+def test_forms_the_grader_looks_past_vote_together():
+    """"x = 5" and "5", "25\\%" and "25", "\\text{(C)}" and "C" are one answer to the grader: split, two wrong
+    answers of each form lost to three correct ones that four wrong votes should beat."""
+    for forms in (("x = 5", "5"), ("25\\%", "25"), ("\\text{(C)}", "C"), ("30^\\circ", "30")):
+        rows = [{"completion": "\\boxed{7}", "reward": 1.0}] * 3
+        rows += [{"completion": f"\\boxed{{{a}}}", "reward": 0.0} for a in forms for _ in range(2)]
+        assert majority_correct(rows) == 0.0, forms
+
+
 def test_the_right_answer_graded_zero_still_votes_for_it():
     """A sample with the right final answer can get reward 0 (task.step_checker found a wrong step, a grading
     timeout): it read as another wrong answer, split the correct answer's votes and let a wrong one tie or win."""

@@ -109,6 +109,16 @@ from restem_ray.verification import Verifier, answers_match, as_number, extract_
      "\\left\\{ \\begin{array}{cl} x & x<0 \\\\ 2x & x\\ge 0 \\end{array} \\right."),
     ("The set is $\\boxed{\\{1, 2\\}}$.", "\\{1, 2\\}"),
     ("$\\boxed{\\begin{pmatrix} 1 \\\\{2} \\end{pmatrix}}$", "\\begin{pmatrix} 1 \\\\{2} \\end{pmatrix}"),
+    # a clause after "the answer is N" explains it: its numbers are not the answer (the last number was taken)
+    ("The answer is 20 since she sells 10 eggs instead of 18.", "20"),
+    ("The answer is 18 because she sells 9 eggs.", "18"),
+    ("The answer is 18: she sells 9 eggs at $2 each.", "18"),
+    ("The answer is 12 as she has 4 boxes of 3.", "12"),
+    # LaTeX after the label without $...$ is the answer, not its last digits
+    ("The answer is \\frac{1}{3}.", "\\frac{1}{3}"),
+    ("So the answer is 3\\sqrt{2}.", "3\\sqrt{2}"),
+    # an empty box after the answer's own (a model saying what it did) hides nothing
+    ("So $p = \\boxed{\\frac{1}{2}}$. (I wrapped the answer in \\boxed{} as instructed.)", "\\frac{1}{2}"),
 ])
 def test_extract_answer(text, answer):
     assert extract_answer(text) == answer
@@ -141,6 +151,30 @@ def test_plain_numbers_compare_exactly():
     # past a float's range on the way (1e300/1e-300) it is no number, as 1e999 is not: no OverflowError either
     assert as_number("1e300/3e-300") is None and not answers_match("1/3", "1e300/1e-300")
     assert not answers_match("1000000007", "3000000022/3")  # no fraction no decimal writes out is an integer
+
+
+def test_repeating_decimals_and_latex_decimals_compare_by_value():
+    """math-verify reads 0.\\overline{36} as 0 (so 0.\\overline{27} passed against it, and 4/11 did not) and rounds
+    numbers to 6 decimals (1/2^20 was 0.000001)."""
+    assert answers_match("0.\\overline{36}", "\\frac{4}{11}") and answers_match("\\frac{4}{11}", "0.\\overline{36}")
+    assert not answers_match("0.\\overline{36}", "0.\\overline{27}") and not answers_match("1.\\overline{27}", "1")
+    assert answers_match("\\frac{1}{6}", "0.1\\overline{6}") and answers_match("-0.\\overline{3}", "-\\frac{1}{3}")
+    assert not answers_match("\\frac{1}{2^{20}}", "0.000001") and not answers_match("\\frac{1}{8}", "0.1250001")
+    assert answers_match("\\frac{1}{8}", "0.125") and not answers_match("\\frac{1}{3}", "0.333333")
+
+
+def test_boxing_the_problems_own_expression_is_no_answer():
+    """math-verify evaluates both sides, so boxing the expression the problem asks to compute passed without any
+    work done; the M-step would learn to box the question. The answer written as the gold is, or a plain number
+    the problem also shows, still passes."""
+    binom = {"answer": "4495", "prompt": "Compute $\\dbinom{31}{28}$."}
+    assert grade_math(binom, "The answer is $\\boxed{\\dbinom{31}{28}}$.").verdict == "wrong_answer"
+    assert grade_math(binom, "So it is $\\boxed{4495}$.").verdict == "passed"
+    root = {"answer": "11\\sqrt2", "prompt": "Simplify $\\sqrt{242}$.", "raw_prompt": "Simplify $\\sqrt{242}$."}
+    assert grade_math(root, "$\\boxed{\\sqrt{ 242 }}$").verdict == "wrong_answer"
+    assert grade_math(root, "$\\boxed{11\\sqrt{2}}$").verdict == "passed"
+    assert grade_math({"answer": "\\sqrt{53}", "prompt": "Simplify $\\sqrt{53}$."}, "$\\boxed{\\sqrt{53}}$").verdict == "passed"
+    assert grade_math({"answer": "5", "prompt": "What is $2+3$? Not 5.5."}, "$\\boxed{5}$").verdict == "passed"
 
 
 def test_escaped_dollar_answers_match():
