@@ -397,8 +397,8 @@ class TrainingConfig(_Section):
                              "weight directly, which ZeRO-3 gathers only inside lm_head's own forward)")
         if self.use_gpu and self.gpus_per_worker != 1:
             raise ValueError(f"training.gpus_per_worker is {self.gpus_per_worker:g}: with use_gpu every training worker "
-                             f"is one DeepSpeed rank on one GPU (DeepSpeed takes GPU number LOCAL_RANK of its node; "
-                             f"with more or less than one GPU per worker that is another worker's or none)")
+                             f"is one DeepSpeed rank on one GPU (the one Ray Train gives the worker; with more than one, "
+                             f"DeepSpeed would use the first alone, and with a fraction share it with another rank)")
         if self.use_gpu and "flash" in (self.attn_implementation or "") and self.dtype != "bf16":
             raise ValueError(f"training.attn_implementation {self.attn_implementation} needs training.dtype: bf16 "
                              f"(flash-attention kernels take 16-bit inputs only)")

@@ -130,7 +130,9 @@ def write_jsonl(path: str | Path, rows: list[dict]) -> None:
     with open(tmp, "w", encoding="utf-8") as f:
         for r in rows:
             f.write(json.dumps(r) + "\n")
-    os.replace(tmp, p)
+        f.flush()
+        os.fsync(f.fileno())
+    durable_replace(tmp, p)
 
 
 def write_parquet(path: str | Path, table: pa.Table) -> None:
@@ -156,13 +158,19 @@ def whole_parquet(path: Path) -> bool:
         return False
 
 
-def durable_replace(tmp: Path, path: Path) -> None:
-    """Rename `tmp` (already fsynced) to `path`, and fsync the folder so that the rename survives a crash
-    (ext4's delayed allocation can otherwise bring back the old name, or an empty file)."""
-    os.replace(tmp, path)
+def fsync_tree(root: Path) -> None:
+    """fsync every file and folder under `root` (a folder about to be renamed into place and committed)."""
+    for folder, _, files in os.walk(root):
+        for name in files:
+            with open(os.path.join(folder, name), "rb") as f:
+                os.fsync(f.fileno())
+        _fsync_folder(Path(folder))
+
+
+def _fsync_folder(folder: Path) -> None:
     try:
-        fd = os.open(path.parent, os.O_RDONLY)
-    except OSError:  # (a folder that cannot be opened for reading: the rename stands, unsynced)
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:  # (a folder that cannot be opened for reading: its entries stand, unsynced)
         return
     try:
         os.fsync(fd)
@@ -170,6 +178,13 @@ def durable_replace(tmp: Path, path: Path) -> None:
         pass
     finally:
         os.close(fd)
+
+
+def durable_replace(tmp: Path, path: Path) -> None:
+    """Rename `tmp` (already fsynced) to `path`, and fsync the folder so that the rename survives a crash
+    (ext4's delayed allocation can otherwise bring back the old name, or an empty file)."""
+    os.replace(tmp, path)
+    _fsync_folder(path.parent)
 
 
 def read_samples(path: str | Path) -> list[tuple[str, dict | None]]:

@@ -129,7 +129,10 @@ class Driver:
                 self.control(base)                                               # seed data only, same budget
         except (StopAfter, RunError):  # a run stopped at a phase, or by an error, points at its best iterate so far
             if self.best is not None:
-                self._link_best(self.best["iteration"])
+                try:
+                    self._link_best(self.best["iteration"])
+                except Exception:  # (the error that stopped the run, e.g. a lost upload, is the one to report)
+                    pass
             raise
         finally:
             self.samplers.close()

@@ -343,6 +343,6 @@ class RunDir:
         if not parts and self.done(t, "generate") and not self.done(t, "select"):
             raise RunError(f"{self.samples_dir(t)}: the committed E-step of iteration {t} has no samples files "
                            f"(a damaged run directory: restore them, or remove \"{t}/generate\" from \"completed\" in "
-                           f"{self.manifest_path} to sample the iteration again)")
+                           f"{self.manifest_path}{self.remote_too(self.manifest_path)} to sample the iteration again)")
         # shards written before a resume may lack a column added since (filled with nulls)
         return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default") if parts else pa.table({})

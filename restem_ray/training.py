@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import Callable, ContextManager, Protocol
 
 from .config import TrainingConfig
+from .data import durable_replace, fsync_tree
 from .errors import RunError
 from .faults import crash_after_checkpoint
 from .remote import local_model_copy
@@ -92,19 +93,17 @@ def deepspeed_config(cfg: TrainingConfig, world_size: int) -> dict:
     return _merge(ds, cfg.deepspeed_overrides())
 
 
-def engine_device_args(use_gpu: bool):
-    """DeepSpeed's `args` for its engine's device. Left to itself it takes cuda:LOCAL_RANK; Ray Train made this
-    worker's GPU the current device (its place among the GPUs the worker sees), which LOCAL_RANK need not be: a
-    worker that sees only its own GPU (RAY_TRAIN_ENABLE_SHARE_CUDA_VISIBLE_DEVICES=0) has it at 0 whatever its
-    local rank, and on a node of more than 10 GPUs Ray lists them sorted as strings ("10" before "2"). The engine
-    would then run on another worker's GPU, or fail with an invalid device ordinal."""
+def pin_local_rank_to_current_device(use_gpu: bool) -> None:
+    """DeepSpeed places its engine, and ZeRO-3's zero.Init the model's shards, on cuda:LOCAL_RANK. Ray Train made
+    this worker's own GPU the current device (its place among the GPUs the worker sees), which LOCAL_RANK need not
+    be: a worker that sees only its own GPU (RAY_TRAIN_ENABLE_SHARE_CUDA_VISIBLE_DEVICES=0) has it at 0 whatever
+    its local rank, and on a node of more than 10 GPUs Ray lists them sorted as strings ("10" before "2"). The
+    rank would then train on another worker's GPU, or fail with an invalid device ordinal. (The process group is
+    up already: LOCAL_RANK only picks the device from here on.)"""
     import torch
 
-    if not (use_gpu and torch.cuda.is_available()):
-        return None
-    from types import SimpleNamespace
-
-    return SimpleNamespace(device_rank=torch.cuda.current_device())
+    if use_gpu and torch.cuda.is_available():
+        os.environ["LOCAL_RANK"] = str(torch.cuda.current_device())
 
 
 def import_deepspeed():
@@ -436,6 +435,7 @@ class MStep:
             torch.set_num_threads(max(1, int(cfg.cpus_per_worker)))
         else:
             set_gpu_attention(cfg.cudnn_attention)
+        pin_local_rank_to_current_device(cfg.use_gpu)  # before zero.Init and the engine pick their device
         torch.manual_seed(job["seed"])
         self.init_model = local_model_copy(job["init_model"])  # a URI base: this node's copy, made once
         self.tok = AutoTokenizer.from_pretrained(self.init_model)
@@ -520,7 +520,6 @@ class MStep:
         schedule = (lambda s: warmup_cosine(s, self.total, warmup)) if cfg.lr_schedule == "cosine" else \
             (lambda s: min(1.0, (s + 1) / max(1, warmup)))
         self.engine, _, _, _ = deepspeed.initialize(
-            args=engine_device_args(cfg.use_gpu),
             model=model, model_parameters=[p for p in model.parameters() if p.requires_grad],
             config=ds_config, lr_scheduler=lambda opt: torch.optim.lr_scheduler.LambdaLR(opt, schedule))
         self.model = model
@@ -1032,8 +1031,9 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
     # commit finds the M-step finished here instead of training it again from step 0.
     (tmp / FINISHED).write_text(json.dumps({"fingerprint": fingerprint, "metrics": final,
                                             "step_lines": state.get("step_lines", [])}, default=str))
+    fsync_tree(tmp)  # the weights survive a machine crash before Ray Train's copy goes and the M-step commits
     shutil.rmtree(out_dir, ignore_errors=True)
-    os.replace(tmp, out_dir)
+    durable_replace(tmp, out_dir)
     if not cfg.keep_checkpoints:  # DeepSpeed shards of every step: large; the HF checkpoint is what we keep
         _remove_storage(storage_path, name)
     return final

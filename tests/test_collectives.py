@@ -114,20 +114,24 @@ def test_a_backend_without_cpu_support_refuses_the_old_tally():
 
 
 def test_the_engine_runs_on_the_gpu_ray_train_made_current_not_on_local_rank(monkeypatch):
-    """Ray Train makes the worker's GPU the current CUDA device; DeepSpeed would take cuda:LOCAL_RANK, another GPU
-    where a worker sees only its own (index 0 at local rank 1) or a node lists more than 10. The M-step hands
-    DeepSpeed the current device (`device_rank`), and the installed DeepSpeed puts its engine there."""
+    """Ray Train makes the worker's GPU the current CUDA device; DeepSpeed (its engine, and ZeRO-3's zero.Init)
+    takes cuda:LOCAL_RANK, another GPU where a worker sees only its own (index 0 at local rank 1) or a node lists
+    more than 10. The M-step points LOCAL_RANK at the current device before either reads it, and the installed
+    DeepSpeed's engine then runs there."""
+    import os
     from types import SimpleNamespace
 
     import deepspeed.runtime.engine as engine_module
 
-    from restem_ray.training import engine_device_args
+    from restem_ray.training import pin_local_rank_to_current_device
 
     monkeypatch.setenv("LOCAL_RANK", "1")
+    pin_local_rank_to_current_device(use_gpu=False)  # CPU training: left as the launcher set it
+    assert os.environ["LOCAL_RANK"] == "1"
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)  # the worker's own GPU, the only one it sees
-    assert engine_device_args(use_gpu=True).device_rank == 0
-    assert engine_device_args(use_gpu=False) is None  # CPU training: DeepSpeed's own choice
+    pin_local_rank_to_current_device(use_gpu=True)
+    assert os.environ["LOCAL_RANK"] == "0"
 
     chosen = []
 
@@ -141,8 +145,7 @@ def test_the_engine_runs_on_the_gpu_ray_train_made_current_not_on_local_rank(mon
     monkeypatch.setattr(engine_module, "get_accelerator", lambda: Cuda())
     monkeypatch.setattr(engine_module.dist, "get_world_size", lambda *a, **k: 2)
     monkeypatch.setattr(engine_module.dist, "get_rank", lambda *a, **k: 1)
-    engine = SimpleNamespace(local_rank=1)
-    engine_module.DeepSpeedEngine._set_distributed_vars(engine, engine_device_args(use_gpu=True))
+    engine = SimpleNamespace()
+    engine_module.DeepSpeedEngine._configure_with_arguments(engine, None, None)
+    engine_module.DeepSpeedEngine._set_distributed_vars(engine, None)
     assert chosen == [0] and engine.device == torch.device("cuda:0")
-    engine_module.DeepSpeedEngine._set_distributed_vars(engine, None)  # what it did before: LOCAL_RANK's GPU
-    assert engine.device == torch.device("cuda:1")
