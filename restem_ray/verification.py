@@ -236,6 +236,13 @@ def extract_answer(completion: str, prompt: str = "") -> str | None:
             found.append((at, answer))
     if found:
         return max(found)[1].strip()
+    # No answer marker: a last line that computes ("... = 6 miles on the 13th day") gives its result, not the
+    # numbers it goes on to restate; else the last number
+    lines = [line for line in completion.splitlines() if line.strip()]
+    if lines and "=" in lines[-1]:
+        result = _NUM.search(lines[-1].rsplit("=", 1)[1])
+        if result:
+            return result.group(0)
     nums = _NUM.findall(completion)
     return nums[-1] if nums else None
 

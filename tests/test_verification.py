@@ -117,6 +117,10 @@ from restem_ray.verification import Verifier, answers_match, as_number, extract_
     # LaTeX after the label without $...$ is the answer, not its last digits
     ("The answer is \\frac{1}{3}.", "\\frac{1}{3}"),
     ("So the answer is 3\\sqrt{2}.", "3\\sqrt{2}"),
+    # no answer marker: a last line that computes gives its result, not the numbers it restates after it
+    ("She walks 2 km an hour.\nSo, she walked 2 + 4 = 7 kilometers for 2 hours.", "7"),
+    ("Each day adds 2.\nSo he runs 2 * 3 = 6 miles on the 13th day", "6"),
+    ("First 3 + 4 = 7.\nThen she has 9 left over from 12", "12"),
     # an empty box after the answer's own (a model saying what it did) hides nothing
     ("So $p = \\boxed{\\frac{1}{2}}$. (I wrapped the answer in \\boxed{} as instructed.)", "\\frac{1}{2}"),
 ])
