@@ -309,6 +309,15 @@ def _repeating_as_fraction(text: str) -> str:
     return _REPEATING.sub(exact, text)
 
 
+_BASE = re.compile(r"\s*([0-9A-Za-z]+)_\{?\(?(\d+)\)?\}?\s*")  # 52_8, 1011_{2}, 2A_{(16)}
+
+
+def _in_base(answer: str) -> tuple[str, int] | None:
+    """A numeral with its base subscript: (digits, base)."""
+    m = _BASE.fullmatch(answer)
+    return (m.group(1), int(m.group(2))) if m else None
+
+
 def answers_match(gold: str, pred: str) -> bool:
     """Numeric comparison when both are numbers (GSM8K); LaTeX equivalence through math-verify otherwise.
 
@@ -319,6 +328,10 @@ def answers_match(gold: str, pred: str) -> bool:
     gold, pred = gold.replace("\\$", ""), pred.replace("\\$", "")
     gold, pred = gold.replace("\u2212", "-"), pred.replace("\u2212", "-")  # U+2212, the typeset minus sign
     gold, pred = _repeating_as_fraction(gold), _repeating_as_fraction(pred)
+    based = _in_base(gold), _in_base(pred)
+    if based[0] or based[1]:  # (math-verify drops a base subscript: 52_8 was 52_{10})
+        (gd, gb), (pd, pb) = (b or (t.strip(), 10) for b, t in zip(based, (gold, pred)))
+        return gb == pb and gd.upper().lstrip("0") == pd.upper().lstrip("0")
     g, p = as_number(gold), as_number(pred)
     if g is not None and p is not None:
         return _same_number(g, p)

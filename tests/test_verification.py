@@ -167,6 +167,13 @@ def test_repeating_decimals_and_latex_decimals_compare_by_value():
     assert answers_match("\\frac{1}{8}", "0.125") and not answers_match("\\frac{1}{3}", "0.333333")
 
 
+def test_a_base_subscript_is_part_of_the_answer():
+    """math-verify drops a base subscript: 52_8 matched 52_{10}."""
+    assert answers_match("52_8", "52_8") and answers_match("52_8", "52_{8}") and answers_match("2A_{16}", "2a_{16}")
+    assert not answers_match("52_8", "52_{10}") and not answers_match("52_8", "52") and not answers_match("52_8", "42")
+    assert answers_match("52_{10}", "52") and answers_match("52", "52_{10}")
+
+
 def test_boxing_the_problems_own_expression_is_no_answer():
     """math-verify evaluates both sides, so boxing the expression the problem asks to compute passed without any
     work done; the M-step would learn to box the question. The answer written as the gold is, or a plain number
