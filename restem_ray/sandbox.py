@@ -19,8 +19,10 @@ it needs) constructing a `Sandbox` raises `SandboxUnavailable` with the reason.
 from __future__ import annotations
 
 import fcntl
+import functools
 import json
 import os
+import re
 import secrets
 import select
 import shutil
@@ -117,6 +119,24 @@ _warned_unprivileged = False
 _proc_mountable = True  # False once bubblewrap was refused a new /proc here (a container's masked /proc)
 
 
+BWRAP_NEEDED = (0, 8)  # --disable-userns
+
+
+@functools.lru_cache(maxsize=4)
+def check_bwrap_version(bwrap: str) -> None:
+    """Refuse a bubblewrap older than the sandbox's options need, in one line: Ubuntu 22.04's 0.6.1 fails every
+    sandbox start on --disable-userns, mid-run, on whichever node has it."""
+    try:
+        out = subprocess.run([bwrap, "--version"], capture_output=True, text=True, timeout=30).stdout
+    except (OSError, subprocess.SubprocessError):
+        return  # (the start that follows reports what is wrong)
+    m = re.search(r"(\d+)\.(\d+)", out)
+    if m and (int(m.group(1)), int(m.group(2))) < BWRAP_NEEDED:
+        raise SandboxUnavailable(f"{bwrap} is bubblewrap {out.split()[-1]}; the sandbox needs "
+                                 f"{'.'.join(map(str, BWRAP_NEEDED))} or later (--disable-userns): install a newer "
+                                 "one (docker/Dockerfile.gpu builds 0.11.0 where its base image's is older)")
+
+
 class Sandbox:
     def __init__(self, limits: SandboxLimits = SandboxLimits()):
         self.limits = limits
@@ -130,6 +150,7 @@ class Sandbox:
             raise SandboxUnavailable(
                 "bubblewrap (bwrap) is not installed: generated code is only run inside it "
                 "(apt-get install bubblewrap, or run scripts/setup.sh)")
+        check_bwrap_version(self._bwrap)
         if not os.access(limits.python, os.X_OK):
             raise SandboxUnavailable(f"sandbox interpreter {limits.python} not found (verification.sandbox_python)")
         self._start()

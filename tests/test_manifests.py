@@ -261,10 +261,31 @@ def test_every_image_and_the_local_cluster_kill_what_a_crashed_worker_leaves():
 
 
 def apt_packages(name: str) -> list[str]:
-    """The packages of the one `apt-get install` of docker/NAME."""
+    """The packages of the first `apt-get install` of docker/NAME (the image's own; a later one builds a tool and
+    is purged)."""
     text = re.sub(r"\\\n", " ", (ROOT / "docker" / name).read_text())
-    (apt,) = [l for l in text.splitlines() if "apt-get install" in l]
+    apt = [l for l in text.splitlines() if "apt-get install" in l][0]
     return [w for w in apt.split("apt-get install", 1)[1].split("&&")[0].split() if not w.startswith("-")]
+
+
+def test_the_gpu_image_has_a_bubblewrap_the_sandbox_can_use(tmp_path):
+    """The sandbox passes --disable-userns (bubblewrap 0.8+); Ubuntu 22.04, under Ray's CUDA images, ships 0.6.1.
+    The GPU image's step builds a newer one where the base's is older, and fails the build if the bwrap on PATH
+    stays older: its version test, run here against stand-in bwraps, tells 0.6.1 from 0.8.0 and 0.11.0 (a
+    string comparison would call 0.11.0 older than 0.8.0)."""
+    import subprocess
+
+    step = run_step("Dockerfile.gpu", "need=0.8.0")
+    text = (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    assert text.index("need=0.8.0") < text.index("python-build-standalone")  # meson brings a python3
+    assert "--branch v0.11.0 https://github.com/containers/bubblewrap" in step and "--prefix=/usr/local" in step
+    assert step.rstrip().endswith('if older; then echo "bwrap on PATH is older than $need" >&2; exit 1; fi')
+    test = step.split("if older; then", 1)[0] + "older"
+    for version, older in (("0.6.1", True), ("0.8.0", False), ("0.11.0", False), ("0.7.99", True)):
+        (tmp_path / "bwrap").write_text(f"#!/bin/sh\necho 'bubblewrap {version}'\n")
+        (tmp_path / "bwrap").chmod(0o755)
+        out = subprocess.run(["bash", "-c", test], env={"PATH": f"{tmp_path}:/usr/bin:/bin"})
+        assert (out.returncode == 0) == older, version
 
 
 def run_step(name: str, marker: str) -> str:
