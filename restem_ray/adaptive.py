@@ -23,6 +23,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .selection import unfinished
+
 
 @dataclass
 class _Problem:
@@ -76,7 +78,7 @@ class RoundPlanner:
         new: dict[str, int] = {}
         for r in rows:
             p = self.problems[r["id"]]
-            if r["reward"] >= 1.0 and (self.keep_truncated or r.get("finish_reason") != "length"):
+            if r["reward"] >= 1.0 and (self.keep_truncated or not unfinished(r.get("finish_reason"))):
                 p.correct += 1
                 key = r["completion"] if self.dedup else r["sample_index"]
                 if key not in p.distinct:

@@ -262,8 +262,12 @@ class Driver:
             cut = 0 if sel.keep_truncated else sum(c and r >= 1.0 for c, r in
                                                    zip(truncated(samples), samples["reward"].to_pylist()))
             if table.num_rows == 0 and cut:
+                # (prompts that imply no stop, e.g. a zero-shot plain-text template, write on to max_tokens: a
+                # stop string is the fix there, and keep_truncated would train those run-on texts as finished)
                 raise RunError(f"iteration {t}: nothing to train on: all {cut} correct samples ended on "
-                               "sampling.max_tokens (raise it, or set selection.keep_truncated: true)")
+                               "sampling.max_tokens (raise it; where the prompts imply no stop, a plain-text "
+                               "template without few-shot exemplars, set sampling.stop; or set "
+                               "selection.keep_truncated: true)")
             if table.num_rows == 0:
                 raise RunError(f"iteration {t}: the verifier accepted none of {samples.num_rows} samples; nothing to "
                                "train on (a stronger base model, more samples or a higher temperature may help)")

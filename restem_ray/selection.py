@@ -6,12 +6,18 @@ import random
 import pyarrow as pa
 
 
+def unfinished(finish_reason: str | None) -> bool:
+    """A completion that did not end on its own: vLLM's finish_reason 'length' (max_tokens), or 'abort' or
+    'error' (a request cut off in the engine); not 'stop' (EOS, a stop string or token id) nor a row without one."""
+    return finish_reason not in ("stop", None)
+
+
 def truncated(table: pa.Table) -> list[bool]:
-    """Rows whose completion ended on max_tokens (vLLM's finish_reason 'length'); none in a table without
-    the column (samples written before it existed)."""
+    """Rows whose completion did not finish (`unfinished`: mostly those that ended on max_tokens); none in a
+    table without the column (samples written before it existed)."""
     if "finish_reason" not in table.column_names:
         return [False] * table.num_rows
-    return [f == "length" for f in table["finish_reason"].to_pylist()]
+    return [unfinished(f) for f in table["finish_reason"].to_pylist()]
 
 
 def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = True, seed: int = 0,

@@ -213,6 +213,15 @@ def _varlen(bounds: list[int]) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
+def decode_continuation(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+    """The text `ids` add after `prompt_ids`, as vLLM's detokenizer gives a sample (it decodes with the prompt
+    as context): SentencePiece decoders (Llama-2, Mistral, CodeLlama) strip a leading space from text decoded on
+    its own, and a code completion's indentation lost a space (an IndentationError graded wrong)."""
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
+    whole = tokenizer.decode(prompt_ids + ids, skip_special_tokens=True)
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(ids, skip_special_tokens=True)
+
+
 def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...] = (),
                        synced: bool = False, batch: int = 64, stop_token_ids: tuple[int, ...] = ()) -> list[str]:
     """Greedy decoding with HF generate (base-model build and in-training validation; runs sample with vLLM).
@@ -244,7 +253,9 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
                 enc = tokenizer(prompts[s : s + batch], return_tensors="pt", padding=True).to(device)
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=ends)
-                texts += tokenizer.batch_decode(out[:, enc.input_ids.shape[1]:], skip_special_tokens=True)
+                new = out[:, enc.input_ids.shape[1]:]
+                texts += [decode_continuation(tokenizer, ids[mask.bool()].tolist(), row.tolist())
+                          for ids, mask, row in zip(enc.input_ids, enc.attention_mask, new)]
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad
         for h, config in zip(holders, own):

@@ -25,6 +25,31 @@ slow = pytest.mark.slow
 
 
 # ---------------------------------------------------------------- batching (no Ray)
+def test_validation_decodes_a_completion_with_its_prompt_as_vllm_does():
+    """SentencePiece decoders (Llama-2, Mistral, CodeLlama; transformers' LlamaTokenizerFast ends its decoder with
+    a Strip of one leading space) drop a space from a completion decoded on its own: a code answer's indentation
+    lost one, and every in-training validation of a plain-text HumanEval prompt failed with IndentationError."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    from restem_ray.sft import decode_continuation
+
+    vocab = {"<unk>": 0, "<s>": 1, "</s>": 2, "\u2581def": 3, "\u2581f():": 4, "\n": 5, "\u2581\u2581\u2581": 6,
+             "\u2581return": 7, "\u25811": 8}
+    sp = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    sp.pre_tokenizer = pre_tokenizers.Metaspace(replacement="\u2581", prepend_scheme="first")
+    sp.decoder = decoders.Sequence([decoders.Replace("\u2581", " "), decoders.ByteFallback(), decoders.Fuse(),
+                                    decoders.Strip(" ", 1, 0)])
+    tok = PreTrainedTokenizerFast(tokenizer_object=sp, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    prompt, completion = [1, 3, 4, 5], [6, 7, 8, 2]  # "<s> def f():\n" then "    return 1</s>"
+    assert tok.decode(completion, skip_special_tokens=True) == "   return 1"  # what validation graded before
+    assert decode_continuation(tok, prompt, completion) == "    return 1"
+    plain = build_tokenizer()  # a byte-level BPE: the same text either way
+    ids = plain("Q: 1 + 1\nA:").input_ids
+    two = plain(" 2", add_special_tokens=False).input_ids
+    assert decode_continuation(plain, ids, two) == plain.decode(two) == " 2"
+
+
 def test_plan_epoch_covers_every_sample_with_equal_steps_per_rank():
     lengths = [5 + (i * 7) % 40 for i in range(103)]
     plan = plan_epoch(lengths, micro_batch_size=4, world=3, grad_accum=2, seed=11)

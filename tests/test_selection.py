@@ -44,6 +44,15 @@ def test_truncated_correct_samples_are_not_kept_unless_asked():
     assert [(r["id"], r["completion"]) for r in kept] == [("a", "x"), ("a", "y"), ("b", "z")]
 
 
+def test_a_sample_the_engine_aborted_is_not_kept_either():
+    """vLLM also ends a request 'abort' or 'error' (cut off in the engine): graded correct by chance, its partial
+    text would be trained with an end token appended, as a finished solution."""
+    table = graded([("a", 0, "x", 1.0), ("a", 1, "y", 1.0), ("b", 0, "z", 1.0)])
+    table = table.append_column("finish_reason", pa.array(["stop", "abort", "error"]))
+    assert truncated(table) == [False, True, True]
+    assert [r["completion"] for r in select(table, max_solutions_per_problem=10).to_pylist()] == ["x"]
+
+
 def test_samples_without_a_finish_reason_count_as_complete():
     """Shards written before the column existed (or with it null after a schema merge) lose nothing."""
     old = graded([("a", 0, "x", 1.0)])
