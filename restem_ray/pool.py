@@ -123,8 +123,9 @@ class EStepPool:
     """Sampler replicas + verifier actors for one policy checkpoint.
 
     Failures: a replica or verifier that dies (killed, OOM, node lost) is restarted by Ray up to
-    `max_restarts` times and its unfinished calls are re-run on the new actor (`max_task_retries`), so a
-    chunk's samples are produced exactly once. Past the limit the E-step ends with a `RunError`.
+    `max_restarts` times and its unfinished calls are re-run on the new actor (`max_task_retries`), or, while
+    other replicas are live, moved to them (`_check_restarts`): a chunk's samples are delivered exactly once
+    (a moved call that ran anyway is not graded). Past the limit the E-step ends with a `RunError`.
     """
 
     def __init__(self, model: str, sampling: SamplingConfig, verification: VerificationConfig, *,
@@ -315,8 +316,12 @@ class EStepPool:
                 self._drop_late_starts()
             if (gen_of or down) and time.monotonic() - self._last_restart_check > WATCH_S:
                 down = self._check_restarts(gen_of, moved, todo, free, bar, desc)
-            ready, _ = ray.wait(list(gen_of) + list(grading) + list(self._starting) + list(moved), num_returns=1,
-                                timeout=WATCH_S)
+            waiting = list(gen_of) + list(grading) + list(self._starting) + list(moved)
+            if not waiting:  # chunks queued, and every free slot's replica was restarting when last looked at
+                time.sleep(min(1.0, WATCH_S))
+                down = self._check_restarts(gen_of, moved, todo, free, bar, desc)
+                continue
+            ready, _ = ray.wait(waiting, num_returns=1, timeout=WATCH_S)
             if not ready:
                 self._check_placed(bar, down)
                 continue
@@ -330,6 +335,7 @@ class EStepPool:
             elif ref in gen_of:
                 idx, chunk, replica = gen_of.pop(ref)
                 free.append(replica)
+                down.discard(_id(replica))  # it answered: it is up again
                 grading[self.verifiers.submit(chunk, ref)] = (idx, chunk)
             else:
                 idx, chunk = grading.pop(ref)
@@ -415,8 +421,8 @@ class EStepPool:
         for aid in list(self._restarting_since):
             if aid not in down or not placed:
                 self._restarting_since.pop(aid)
-        if not any(_id(r) not in down for r in self.samplers):  # no live replica to move calls to
-            for aid in ({_id(r) for _, _, r in gen_of.values()} & down) if placed else ():
+        if not any(_id(r) not in down for r in self.samplers):  # no live replica to move calls to: the E-step waits
+            for aid in down if placed else ():
                 if now - self._restarting_since.setdefault(aid, now) > self.sampling.start_timeout_s:
                     bar.close()
                     raise RunError(f"{desc}: a sampler replica Ray restarted has not started again within "
@@ -432,6 +438,7 @@ class EStepPool:
         for replica in [r for r in self.samplers if _id(r) in down]:
             if placed and now - self._restarting_since.setdefault(_id(replica), now) > self.sampling.start_timeout_s:
                 ray.kill(replica)  # its bundle stays with the pool's placement group, unused until close()
+                self._add_failed = True  # (no other replica is added in its place: it would likely hang alike)
                 self.samplers.remove(replica)
                 free[:] = [r for r in free if r is not replica]
                 self._restarting_since.pop(_id(replica))
