@@ -318,11 +318,26 @@ def check_lengths(cfg: RestemConfig, task: Task) -> None:
     # the E-step samples train prompts from model.sampler when set; evaluation always samples the policy (base)
     check_model_len(cfg, {"train": task.train}, tok, cfg.model.sampler or cfg.model.base, refuse_long={"train"})
     check_model_len(cfg, task.evals, tok, cfg.model.base)
+    warn_double_bos(task, tok, cfg.model.base)
     check_sampler(cfg, task)
     for i in cfg.sampling.stop_token_ids:  # past the vocabulary it would end every training row: a crash on GPUs
         if i >= len(tok):
             raise UserError(f"sampling.stop_token_ids: {i} is not a token of {cfg.model.base}'s tokenizer "
                             f"({len(tok)} tokens)")
+
+
+def warn_double_bos(task: Task, tok, model: str) -> None:
+    """Prompts a file holds already rendered (apply_chat_template's text: Llama-3's starts <|begin_of_text|>),
+    without a prompt section, keep their BOS, and vLLM and the M-step tokenize with the BOS added again: the model
+    then sees two. (A prompt section leaves the rendered BOS out where the tokenizer adds one.)"""
+    bos = tok.bos_token
+    first = task.train[0]["prompt"] if task.renderer is None and task.train else None
+    if not (bos and first and first.startswith(bos)):
+        return
+    ids = tok(first).input_ids
+    if len(ids) > 1 and ids[0] == ids[1] == tok.bos_token_id:
+        print(f"[restem] warning: train prompts begin with {bos}, and {model}'s tokenizer adds one too: vLLM and "
+              f"the M-step would see it twice; drop it from the prompts", flush=True)
 
 
 def check_sampler(cfg: RestemConfig, task: Task) -> None:

@@ -414,6 +414,21 @@ def test_a_resume_refuses_a_changed_validation_file(tmp_path):
     Driver(cfg, tmp_path / "run", resume=True, force=True)
 
 
+def test_prompts_written_with_their_bos_get_a_warning_that_the_model_sees_two(tmp_path, capsys):
+    """A file of prompts rendered beforehand (apply_chat_template's text starts with the BOS) run without a prompt
+    section: vLLM and the M-step add the BOS again. check says so; prompts without it pass quietly."""
+    from restem_ray.prompts import check_lengths
+
+    model = make_model(tmp_path / "m")
+    for head, warned in (("<s>", True), ("", False)):
+        (tmp_path / "t.jsonl").write_text("".join(json.dumps({"id": f"p{i}", "prompt": f"{head}Q: {i} + 1\nA:",
+                                                              "answer": str(i + 1)}) + "\n" for i in range(6)))
+        cfg = config(tmp_path, {"train_file": str(tmp_path / "t.jsonl")}, model=model)
+        check_lengths(cfg, load_task(cfg))
+        out = capsys.readouterr().out
+        assert ("train prompts begin with <s>, and" in out) == warned, out
+
+
 def test_driver_loads_rendered_problems_and_records_the_stop(tmp_path):
     from restem_ray.config import dump_config
     from restem_ray.driver import Driver
