@@ -55,7 +55,7 @@ def _vote_form(answer: str) -> str:
     """The answer without what the grader looks past, so that its forms vote together: "x = 5" and "5", "25\\%"
     and "25", "30^\\circ" and "30", "\\text{(C)}", "(C)" and "C"."""
     a = re.sub(r"^[A-Za-z]\s*=\s*(?=\S)", "", answer.strip())
-    a = re.sub(r"\s*(?:\\?%|\^\s*\{?\\circ\}?|\u00b0)\s*$", "", a)
+    a = re.sub(r"(?:\\?%|\^\s*\{?\\circ\}?|\u00b0)$", "", a).rstrip()  # (answer is stripped: no run of spaces)
     choice = re.fullmatch(r"(?:\\text(?:bf)?\{\s*)?\(?([A-E])\)?(?:\s*\})?", a)
     return choice.group(1) if choice else a
 

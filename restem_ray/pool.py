@@ -320,6 +320,7 @@ class EStepPool:
             if not waiting:  # chunks queued, and every free slot's replica was restarting when last looked at
                 time.sleep(min(1.0, WATCH_S))
                 down = self._check_restarts(gen_of, moved, todo, free, bar, desc)
+                self._check_placed(bar, down)  # (a lost node with no room: bounded here too)
                 continue
             ready, _ = ray.wait(waiting, num_returns=1, timeout=WATCH_S)
             if not ready:

@@ -46,7 +46,8 @@ _RATE = (r"[ \t]+(?:each|per)\b(?:[ \t]+" + _UNIT_WORD + r"){0,2}"
          r"(?=\$?(?:[.;!?](?:\s|$)|[ \t]*(?:\n|$)|,(?![^.\n]*\btotal\b)))")
 # ("The answer is 20 since she sells 10 eggs", "is 18: she ...", "is 12 as she has 4 boxes": the clause after it
 # explains it, and its numbers are not the answer)
-_CLAUSE = (r"[ \t]*[:\u2014\u2013][ \t]|[ \t]+-[ \t]|[ \t]+(?:because|since|as|after|given|so|for|which|when|where|"
+# (not a hyphen or an en dash: "10 - 2 = 8" and "3 - 4i" go on as math)
+_CLAUSE = (r"[ \t]*[:\u2014][ \t]|[ \t]+(?:because|since|as|after|given|so|for|which|when|where|"
            r"if|but|from|with)\b")
 _ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|\\?\$|\*\*)?\s*(" + _NUM_RE + r")(?:\*\*|\s*\\\))?(?:" + _RATE + "|"
                         + _UNITS + r"(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$))|" + _CLAUSE + "))",
@@ -54,7 +55,7 @@ _ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|\\?\$|\*\*)?\s*(" + _NUM_RE + r")(?:\
 # (the math may hold `\$`; it does not end on a space nor at a currency sign: "is $10 + $8 = $18")
 _ANSWER_IS_MATH = re.compile(_LABEL + r"\$((?:\\.|[^$\\\n])+)(?<!\s)\$(?!\d)", re.IGNORECASE)
 # "The answer is \frac{1}{3}." or "is 3\sqrt{2}.": LaTeX written without $...$, up to the sentence's end
-_ANSWER_IS_LATEX = re.compile(_LABEL + r"(?:\\\(\s*)?((?:-\s*)?(?:\d+(?:\.\d+)?\s*)?\\[A-Za-z]+[^\n$]*?)(?:\s*\\\))?"
+_ANSWER_IS_LATEX = re.compile(_LABEL + r"(?:\\\(\s*)?((?:-\s*)?(?:\d+(?:\.\d+)?\s*)?\\[A-Za-z]+[^\n$]*?)(?<!\s)(?:\s*\\\))?"
                               r"(?=\s*(?:[.;!?](?:\s|$)|\n|$))", re.IGNORECASE)
 _PROSE = re.compile(r"(?<![\\A-Za-z])[A-Za-z]{2,}\s+[A-Za-z]{2,}")
 _TEXT_IN_MATH = re.compile(r"\\(?:text\w*|mbox|mathrm|operatorname)\s*\{[^{}]*\}")  # units: "\text{ square units}"
@@ -296,26 +297,39 @@ def _wrap(answer: str) -> str:
 
 
 # A repeating decimal, 0.\overline{36} or 1.2\overline{3}: math-verify reads only its integer part (0, 1)
-_REPEATING = re.compile(r"(-?)(\d*)\.(\d*)\\overline\s*(?:\{(\d+)\}|(\d))")
+_REPEATING = re.compile(r"(?<![\d.])(-?)(\d*)\.(\d*)\\overline\s*(?:\{(\d+)\}|(\d))")
 
 
 def _repeating_as_fraction(text: str) -> str:
     def exact(m: re.Match) -> str:
         sign, whole, fixed, rep = m.group(1), m.group(2) or "0", m.group(3), m.group(4) or m.group(5)
+        if len(whole) + len(fixed) + len(rep) > 400:  # (no answer; Python refuses such int conversions)
+            return m.group(0)
         value = int(whole) + Fraction(int(fixed + rep) - int(fixed or "0"), 10 ** len(fixed) * (10 ** len(rep) - 1))
         value = -value if sign else value
-        return f"{value.numerator}/{value.denominator}" if value.denominator != 1 else str(value.numerator)
+        if value.denominator == 1:
+            return str(value.numerator)
+        # (inside an expression, 0.\overline{3}x is (1/3)x, not 1/(3x))
+        whole = m.group(0) == text.strip()
+        return f"{value.numerator}/{value.denominator}" if whole else f"({value.numerator}/{value.denominator})"
 
     return _REPEATING.sub(exact, text)
 
 
-_BASE = re.compile(r"\s*([0-9A-Za-z]+)_\{?\(?(\d+)\)?\}?\s*")  # 52_8, 1011_{2}, 2A_{(16)}
+# 52_8, 1011_{2}, 2A_{(16)}, 1011_\text{2}
+_BASE = re.compile(r"\s*([0-9A-Za-z]+)_(?:\{\s*)?(?:\\(?:text|mathrm)\s*\{\s*)?\(?(\d+)\)?(?:\s*\})*\s*")
 
 
 def _in_base(answer: str) -> tuple[str, int] | None:
-    """A numeral with its base subscript: (digits, base)."""
+    """A numeral with its base subscript: (digits, base), for bases 2-36 whose digits it uses (x_1 is none)."""
     m = _BASE.fullmatch(answer)
-    return (m.group(1), int(m.group(2))) if m else None
+    if not m or not 2 <= int(m.group(2)) <= 36:
+        return None
+    try:
+        int(m.group(1), int(m.group(2)))
+    except ValueError:
+        return None
+    return m.group(1), int(m.group(2))
 
 
 def answers_match(gold: str, pred: str) -> bool:
@@ -330,8 +344,10 @@ def answers_match(gold: str, pred: str) -> bool:
     gold, pred = _repeating_as_fraction(gold), _repeating_as_fraction(pred)
     based = _in_base(gold), _in_base(pred)
     if based[0] or based[1]:  # (math-verify drops a base subscript: 52_8 was 52_{10})
-        (gd, gb), (pd, pb) = (b or (t.strip(), 10) for b, t in zip(based, (gold, pred)))
-        return gb == pb and gd.upper().lstrip("0") == pd.upper().lstrip("0")
+        base = (based[0] or based[1])[1]  # (a numeral without one is in the other side's base: "52" for 52_8)
+        (gd, gb), (pd, pb) = (b or (t.strip(), base) for b, t in zip(based, (gold, pred)))
+        same = gd.upper().lstrip("0") == pd.upper().lstrip("0") if gb > 10 else gd.lstrip("0") == pd.lstrip("0")
+        return gb == pb and same
     g, p = as_number(gold), as_number(pred)
     if g is not None and p is not None:
         return _same_number(g, p)
@@ -378,9 +394,26 @@ def restates_the_problem(problem: dict, pred: str) -> bool:
     if not isinstance(statement, str) or as_number(pred) is not None:
         return False
     key = _latex_key(pred)
-    if len(key) < 3 or not re.search(r"[\\^_/*+(]", key) or key == _latex_key(str(problem.get("answer", ""))):
+    if (len(key) < 3 or not re.search(r"[\\^_/*+(]", key) or key == _latex_key(str(problem.get("answer", "")))
+            or _CHOICE.fullmatch(key)):
         return False
-    return key in _latex_key(statement)
+    return key in _math_expressions(statement)
+
+
+_CHOICE = re.compile(r"(?:\\text(?:bf)?\{)?\(?[A-Ea-e]\)?\}?")  # a multiple-choice letter: "(C)", "\text{(C)}"
+_MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
+
+
+def _math_expressions(statement: str) -> set[str]:
+    """The problem's own expressions: each math span whole, and each side of an `=` in one ("Compute
+    $\\dbinom{31}{28}$", "Let $f(x) = x^2+1$"), as keys."""
+    out = set()
+    for m in _MATH_SPAN.finditer(statement):
+        span = next(g for g in m.groups() if g is not None)
+        out.add(_latex_key(span))
+        out.update(_latex_key(side) for side in span.split("="))
+    out.discard("")
+    return out
 
 
 def grade_math(problem: dict, completion: str) -> Grade:

@@ -114,6 +114,7 @@ from restem_ray.verification import Verifier, answers_match, as_number, extract_
     ("The answer is 18 because she sells 9 eggs.", "18"),
     ("The answer is 18: she sells 9 eggs at $2 each.", "18"),
     ("The answer is 12 as she has 4 boxes of 3.", "12"),
+    ("The answer is 10 - 2 = 8.", "8"),  # (a hyphen goes on as math, not as a clause)
     # LaTeX after the label without $...$ is the answer, not its last digits
     ("The answer is \\frac{1}{3}.", "\\frac{1}{3}"),
     ("So the answer is 3\\sqrt{2}.", "3\\sqrt{2}"),
@@ -168,10 +169,26 @@ def test_repeating_decimals_and_latex_decimals_compare_by_value():
 
 
 def test_a_base_subscript_is_part_of_the_answer():
-    """math-verify drops a base subscript: 52_8 matched 52_{10}."""
+    """math-verify drops a base subscript: 52_8 matched 52_{10}. A numeral written without one is read in the
+    other side's base (the question asked for base 8); x_1 is no numeral in base 1."""
     assert answers_match("52_8", "52_8") and answers_match("52_8", "52_{8}") and answers_match("2A_{16}", "2a_{16}")
-    assert not answers_match("52_8", "52_{10}") and not answers_match("52_8", "52") and not answers_match("52_8", "42")
+    assert answers_match("1011_2", "1011_\\text{2}") and answers_match("52_8", "52")
+    assert not answers_match("52_8", "52_{10}") and not answers_match("52_8", "42") and not answers_match("52_8", "42_8")
     assert answers_match("52_{10}", "52") and answers_match("52", "52_{10}")
+
+
+def test_new_answer_rules_stay_fast_on_degenerate_completions():
+    """A run of spaces or digits in a sample must not make a rule quadratic: maj@k reads answers in the driver
+    without a time limit."""
+    import time
+
+    from restem_ray.evaluation import _vote_form
+
+    start = time.perf_counter()
+    assert extract_answer("The answer is \\alpha" + " " * 20000 + "x") is not None
+    assert _vote_form("5" + " " * 20000 + "x").endswith("x")
+    assert not answers_match("1", "1" * 20000 + ".\\overline{3}")
+    assert time.perf_counter() - start < 3.0  # (each took seconds: 3.4 s, 3.2 s and a ValueError)
 
 
 def test_boxing_the_problems_own_expression_is_no_answer():
@@ -186,6 +203,15 @@ def test_boxing_the_problems_own_expression_is_no_answer():
     assert grade_math(root, "$\\boxed{11\\sqrt{2}}$").verdict == "passed"
     assert grade_math({"answer": "\\sqrt{53}", "prompt": "Simplify $\\sqrt{53}$."}, "$\\boxed{\\sqrt{53}}$").verdict == "passed"
     assert grade_math({"answer": "5", "prompt": "What is $2+3$? Not 5.5."}, "$\\boxed{5}$").verdict == "passed"
+    # a choice letter the options list, and an expression that is only part of one of the problem's, still pass
+    choice = {"answer": "\\text{(C)}", "prompt": "Which is it? (A) 1 (B) 2 (C) 3. Enter the letter of the option."}
+    assert grade_math(choice, "$\\boxed{(C)}$").verdict == "passed"
+    half_pi = {"answer": "\\frac{\\pi}{2}", "prompt": "Find the x in $[0, \\pi/2]$ where $\\sin x = 1$."}
+    assert grade_math(half_pi, "$\\boxed{\\pi/2}$").verdict == "passed"
+    f = {"answer": "x^2+1", "prompt": "Let $f(x) = x^2+1$. What is $f(x)$?"}
+    assert grade_math(f, "$\\boxed{x^2 + 1}$").verdict == "passed"  # the gold as written
+    assert grade_math({"answer": "26", "prompt": "Let $f(x) = x^2+1$. What is $f(5)$?"},
+                      "$\\boxed{x^2+1}$").verdict == "wrong_answer"
 
 
 def test_escaped_dollar_answers_match():
