@@ -8,7 +8,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from .verification import _parse, _terminates, as_number, call_with_timeout, extract_answer, seen_prompt, warm_math
+from .verification import (CHOICE, _parse, _terminates, as_number, call_with_timeout, extract_answer, latex_key,
+                           seen_prompt, warm_math)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -47,8 +48,7 @@ def _vote_key(answer: str) -> tuple:
             key = None
         if key is not None:
             return key
-    text = re.sub(r"\\[dt]frac", r"\\frac", answer)
-    return ("text", re.sub(r"\\left|\\right|\s+", "", text).rstrip("."))
+    return ("text", latex_key(answer).rstrip("."))  # (as the grader finds an expression in a problem's text)
 
 
 def _vote_form(answer: str) -> str:
@@ -56,7 +56,7 @@ def _vote_form(answer: str) -> str:
     and "25", "30^\\circ" and "30", "\\text{(C)}", "(C)" and "C"."""
     a = re.sub(r"^[A-Za-z]\s*=\s*(?=\S)", "", answer.strip())
     a = re.sub(r"(?:\\?%|\^\s*\{?\\circ\}?|\u00b0)$", "", a).rstrip()  # (answer is stripped: no run of spaces)
-    choice = re.fullmatch(r"(?:\\text(?:bf)?\{\s*)?\(?([A-E])\)?(?:\s*\})?", a)
+    choice = CHOICE.fullmatch(a)
     return choice.group(1) if choice else a
 
 

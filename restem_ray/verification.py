@@ -380,7 +380,7 @@ def warm_math() -> None:
     answers_match("1", "\\frac{2}{2}")
 
 
-def _latex_key(text: str) -> str:
+def latex_key(text: str) -> str:
     """An expression as written, for finding it in a problem's text: spacing, $, \\left/\\right and \\dfrac aside."""
     text = re.sub(r"\\(?:left|right)\b|\$|\\[,!;: ]", "", text).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
     return "".join(text.split())
@@ -393,14 +393,15 @@ def restates_the_problem(problem: dict, pred: str) -> bool:
     statement = problem.get("raw_prompt") or problem.get("prompt")
     if not isinstance(statement, str) or as_number(pred) is not None:
         return False
-    key = _latex_key(pred)
-    if (len(key) < 3 or not re.search(r"[\\^_/*+(]", key) or key == _latex_key(str(problem.get("answer", "")))
-            or _CHOICE.fullmatch(key)):
+    key = latex_key(pred)
+    if (len(key) < 3 or not re.search(r"[\\^_/*+(]", key) or key == latex_key(str(problem.get("answer", "")))
+            or CHOICE.fullmatch(key)):
         return False
     return key in _math_expressions(statement)
 
 
-_CHOICE = re.compile(r"(?:\\text(?:bf)?\{)?\(?[A-Ea-e]\)?\}?")  # a multiple-choice letter: "(C)", "\text{(C)}"
+# a multiple-choice letter: "(C)", "\text{(C)}", "C"
+CHOICE = re.compile(r"(?:\\text(?:bf)?\{\s*)?\(?([A-Ea-e])\)?(?:\s*\})?")
 _MATH_SPAN = re.compile(r"\$\$(.+?)\$\$|\$(.+?)\$|\\\((.+?)\\\)|\\\[(.+?)\\\]", re.S)
 
 
@@ -410,8 +411,8 @@ def _math_expressions(statement: str) -> set[str]:
     out = set()
     for m in _MATH_SPAN.finditer(statement):
         span = next(g for g in m.groups() if g is not None)
-        out.add(_latex_key(span))
-        out.update(_latex_key(side) for side in span.split("="))
+        out.add(latex_key(span))
+        out.update(latex_key(side) for side in span.split("="))
     out.discard("")
     return out
 

@@ -259,8 +259,9 @@ def leave_out_eval_problems(rows: list[dict], evals: dict[str, list[dict]], sour
                     statement_split.setdefault(ident, name)
     for d in (split_of, statement_split):
         d.pop(_statement({}, need), None)
-    statements = [_statement(r, need) for r in rows]
-    twin = [next((split_of[i] for i in _identities(r, need) if i in split_of), None) for r in rows]
+    identities = [_identities(r, need) for r in rows]
+    statements = [i[0] for i in identities]
+    twin = [next((split_of[i] for i in ids if i in split_of), None) for ids in identities]
     found = Counter(t for t in twin if t)
     near = (_near_duplicates([st for st, t in zip(statements, twin) if not t], statement_split, ngram)
             if ngram else {})
@@ -275,7 +276,7 @@ def leave_out_eval_problems(rows: list[dict], evals: dict[str, list[dict]], sour
                         "train and eval problems from different files (MBPP's mbpp.jsonl holds every split: use "
                         "the released train, validation and test files)")
     how = f" (or shares half its {ngram}-word runs with a problem there)" if ngram else ""
-    code = " (or tests)" if any(len(_identities(r, need)) > 1 for r in rows[:1]) else ""
+    code = " (or tests)" if len(identities[0]) > 1 else ""
     print(f"[restem] {source}: left out {len(rows) - len(kept)} {what} whose problem statement{code} is also in "
           f"{where_}{how}", flush=True)
     return kept
