@@ -332,6 +332,15 @@ def _in_base(answer: str) -> tuple[str, int] | None:
     return m.group(1), int(m.group(2))
 
 
+# \boxed{\text{18 dollars}}: the whole answer written as text, a number and its unit (math-verify reads no number)
+_NUMBER_IN_TEXT = re.compile(r"\s*\\(?:text(?:bf|rm)?|mbox|mathrm)\s*\{\s*((?:" + _NUM_RE + r"))\s+[A-Za-z][A-Za-z\s.]*\}\s*")
+
+
+def _number_in_text(answer: str) -> str:
+    m = _NUMBER_IN_TEXT.fullmatch(answer)
+    return m.group(1) if m else answer
+
+
 def answers_match(gold: str, pred: str) -> bool:
     """Numeric comparison when both are numbers (GSM8K); LaTeX equivalence through math-verify otherwise.
 
@@ -342,6 +351,7 @@ def answers_match(gold: str, pred: str) -> bool:
     gold, pred = gold.replace("\\$", ""), pred.replace("\\$", "")
     gold, pred = gold.replace("\u2212", "-"), pred.replace("\u2212", "-")  # U+2212, the typeset minus sign
     gold, pred = _repeating_as_fraction(gold), _repeating_as_fraction(pred)
+    gold, pred = _number_in_text(gold), _number_in_text(pred)
     based = _in_base(gold), _in_base(pred)
     if based[0] or based[1]:  # (math-verify drops a base subscript: 52_8 was 52_{10})
         base = (based[0] or based[1])[1]  # (a numeral without one is in the other side's base: "52" for 52_8)

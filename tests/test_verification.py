@@ -138,6 +138,10 @@ def test_numeric_and_latex_equivalence():
     assert not answers_match("2\\sqrt{2}", "\\sqrt{3}")
     assert answers_match("-5", "\u22125")
     assert answers_match("-4", "\u22124°C") and answers_match("-4", "-4°C")  # the minus sign with a unit too
+    # the whole answer as text, a number and its unit
+    assert answers_match("18", "\\text{18 dollars}") and answers_match("\\text{18 dollars}", "18")
+    assert answers_match("-3", "\\textbf{-3 degrees}") and not answers_match("18", "\\text{19 dollars}")
+    assert not answers_match("18", "\\text{18 x 2 dollars}")
 
 
 def test_plain_numbers_compare_exactly():
