@@ -8,8 +8,8 @@ from fractions import Fraction
 
 import numpy as np
 
-from .verification import (CHOICE, _parse, _terminates, as_number, call_with_timeout, extract_answer, latex_key,
-                           seen_prompt, warm_math)
+from .verification import (CHOICE, RESTATES, _number_in_text, _parse, _terminates, as_number, call_with_timeout,
+                           extract_answer, latex_key, seen_prompt, warm_math)
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -25,6 +25,7 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 _CORRECT = ("correct",)
+_NO_ANSWER = ("no answer",)  # (samples without one, a reasoning trace max_tokens cut, vote together: lm-eval's "[invalid]")
 
 
 VOTE_PARSE_S = 2.0  # math-verify's reading of one wrong answer, in the driver: past it the answer votes as text
@@ -54,7 +55,7 @@ def _vote_key(answer: str) -> tuple:
 def _vote_form(answer: str) -> str:
     """The answer without what the grader looks past, so that its forms vote together: "x = 5" and "5", "25\\%"
     and "25", "30^\\circ" and "30", "\\text{(C)}", "(C)" and "C"."""
-    a = re.sub(r"^[A-Za-z]\s*=\s*(?=\S)", "", answer.strip())
+    a = re.sub(r"^[A-Za-z]\s*=\s*(?=\S)", "", _number_in_text(answer.strip()))
     a = re.sub(r"(?:\\?%|\^\s*\{?\\circ\}?|\u00b0)$", "", a).rstrip()  # (answer is stripped: no run of spaces)
     choice = CHOICE.fullmatch(a)
     return choice.group(1) if choice else a
@@ -96,9 +97,10 @@ def majority_correct(rows: list[dict]) -> float:
     """maj@k for one problem: whether the most common answer is correct. Rows graded correct all equal the
     reference, so they vote as one answer whatever their form ("\\dfrac{1}{2}", "0.5"); the others vote by
     `_vote_key`, with the correct answer where they read as a correct row does (the right answer graded 0 for
-    its steps by task.step_checker, or a grading timeout, still votes for it). A tie counts the share of the tied
-    answers that is correct (the expected score of breaking it at random), so the score does not depend on the
-    order of the samples."""
+    its steps by task.step_checker, or a grading timeout, still votes for it). Samples without an answer vote
+    together for none, and an answer the grader refused for restating the problem votes apart from the reference
+    it evaluates to. A tie counts the share of the tied answers that is correct (the expected score of breaking it
+    at random), so the score does not depend on the order of the samples."""
     votes: Counter = Counter()
     wrong, correct = [], []
     for r in rows:
@@ -106,7 +108,11 @@ def majority_correct(rows: list[dict]) -> float:
         if r["reward"] >= 1.0:
             votes[_CORRECT] += 1
             correct.append(answer)
-        elif answer is not None:
+        elif answer is None or not answer.strip():
+            votes[_NO_ANSWER] += 1
+        elif r.get("verdict") == RESTATES:
+            votes[("restated", latex_key(answer))] += 1
+        else:
             wrong.append(_vote_key(answer.strip()))
     # (correct rows' answers are read only where some row was graded wrong: math-verify costs ms per answer)
     correct_keys = {_vote_key(a.strip()) for a in set(correct) if a is not None} if wrong else set()

@@ -70,7 +70,7 @@ _BOX = re.compile(r"\\(?:boxed|fbox)\s*\{|\\boxed +([^\s${}\\]+|\\[A-Za-z]+)(?=\
 @dataclass(frozen=True)
 class Grade:
     reward: float  # 0.0 or 1.0
-    verdict: str   # passed, wrong_answer, no_answer, verifier_error, ...
+    verdict: str   # passed, wrong_answer, no_answer, restates_problem, verifier_error, ...
 
 
 def _last_boxed_at(text: str) -> tuple[int, str | None]:
@@ -427,12 +427,15 @@ def _math_expressions(statement: str) -> set[str]:
     return out
 
 
+RESTATES = "restates_problem"  # the verdict of an answer that is the problem's own expression (reward 0)
+
+
 def grade_math(problem: dict, completion: str) -> Grade:
     pred = extract_answer(completion, seen_prompt(problem))
     if pred is None:
         return Grade(0.0, "no_answer")
     if restates_the_problem(problem, pred):
-        return Grade(0.0, "wrong_answer")
+        return Grade(0.0, RESTATES)
     return Grade(1.0, "passed") if answers_match(str(problem["answer"]), pred) else Grade(0.0, "wrong_answer")
 
 

@@ -121,3 +121,29 @@ def test_a_vote_key_is_bounded_in_time_and_words_are_not_math():
     assert _vote_key("9!!!!") == ("text", "9!!!!")
     assert time.monotonic() - start < VOTE_PARSE_S + 5
     assert _vote_key("yes") != _vote_key("sey") and _vote_key("Yes") != _vote_key("yes")
+
+
+def test_samples_without_an_answer_vote_together_for_none():
+    """A reasoning trace max_tokens cut holds no answer: such samples abstained, and one right sample among three
+    unfinished ones won maj@4 (lm-eval's majority vote counts them as one "[invalid]" answer)."""
+    prompt = "Solve it.<think>\n"
+    rows = [{"prompt": prompt, "completion": "so 7.\n</think>\n\\boxed{7}", "reward": 1.0}]
+    rows += [{"prompt": prompt, "completion": "let me try 3, then 5, then", "reward": 0.0}] * 3
+    assert majority_correct(rows) == 0.0
+    assert majority_correct(rows[:2]) == 0.5  # one right, one without an answer: a tie
+    assert majority_correct(rows + [{"prompt": prompt, "completion": "</think> \\boxed{7}", "reward": 1.0}] * 3) == 1.0
+
+
+def test_an_answer_that_restates_the_problem_does_not_vote_for_the_reference():
+    """The grader refuses `\\boxed{\\dbinom{31}{28}}` for "Compute $\\dbinom{31}{28}$" (restates_problem), but it
+    reads as 4495: such votes joined the reference's and won maj@k for one right sample."""
+    from restem_ray.verification import grade_math
+
+    problem = {"answer": "4495", "prompt": "Compute $\\dbinom{31}{28}$."}
+    completions = ["\\boxed{4495}", "\\boxed{\\dbinom{31}{28}}", "\\boxed{\\dbinom{31}{28}}", "\\boxed{4000}",
+                   "\\boxed{4000}"]
+    rows = [{**problem, "completion": c, "reward": g.reward, "verdict": g.verdict}
+            for c in completions for g in [grade_math(problem, c)]]
+    assert [r["verdict"] for r in rows][:3] == ["passed", "restates_problem", "restates_problem"]
+    assert majority_correct(rows) == 0.0  # 2 restated, 2 x 4000, 1 right: a tie the right answer is not in
+    assert majority_correct(rows[:3]) == 0.0

@@ -5,7 +5,7 @@ import sys
 import pytest
 
 from restem_ray.errors import UserError
-from restem_ray.verification import Verifier, answers_match, as_number, extract_answer, grade_math
+from restem_ray.verification import Grade, Verifier, answers_match, as_number, extract_answer, grade_math
 
 
 @pytest.mark.parametrize("text,answer", [
@@ -195,15 +195,15 @@ def test_new_answer_rules_stay_fast_on_degenerate_completions():
     assert time.perf_counter() - start < 3.0  # (each took seconds: 3.4 s, 3.2 s and a ValueError)
 
 
-def test_boxing_the_problems_own_expression_is_no_answer():
+def test_boxing_the_problems_own_expression_is_refused():
     """math-verify evaluates both sides, so boxing the expression the problem asks to compute passed without any
     work done; the M-step would learn to box the question. The answer written as the gold is, or a plain number
     the problem also shows, still passes."""
     binom = {"answer": "4495", "prompt": "Compute $\\dbinom{31}{28}$."}
-    assert grade_math(binom, "The answer is $\\boxed{\\dbinom{31}{28}}$.").verdict == "wrong_answer"
+    assert grade_math(binom, "The answer is $\\boxed{\\dbinom{31}{28}}$.") == Grade(0.0, "restates_problem")
     assert grade_math(binom, "So it is $\\boxed{4495}$.").verdict == "passed"
     root = {"answer": "11\\sqrt2", "prompt": "Simplify $\\sqrt{242}$.", "raw_prompt": "Simplify $\\sqrt{242}$."}
-    assert grade_math(root, "$\\boxed{\\sqrt{ 242 }}$").verdict == "wrong_answer"
+    assert grade_math(root, "$\\boxed{\\sqrt{ 242 }}$").verdict == "restates_problem"
     assert grade_math(root, "$\\boxed{11\\sqrt{2}}$").verdict == "passed"
     assert grade_math({"answer": "\\sqrt{53}", "prompt": "Simplify $\\sqrt{53}$."}, "$\\boxed{\\sqrt{53}}$").verdict == "passed"
     assert grade_math({"answer": "5", "prompt": "What is $2+3$? Not 5.5."}, "$\\boxed{5}$").verdict == "passed"
@@ -215,7 +215,7 @@ def test_boxing_the_problems_own_expression_is_no_answer():
     f = {"answer": "x^2+1", "prompt": "Let $f(x) = x^2+1$. What is $f(x)$?"}
     assert grade_math(f, "$\\boxed{x^2 + 1}$").verdict == "passed"  # the gold as written
     assert grade_math({"answer": "26", "prompt": "Let $f(x) = x^2+1$. What is $f(5)$?"},
-                      "$\\boxed{x^2+1}$").verdict == "wrong_answer"
+                      "$\\boxed{x^2+1}$").verdict == "restates_problem"
 
 
 def test_escaped_dollar_answers_match():
