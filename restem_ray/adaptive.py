@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .selection import unfinished
+from .selection import same_solution_key, unfinished
 
 
 @dataclass
@@ -80,7 +80,7 @@ class RoundPlanner:
             p = self.problems[r["id"]]
             if r["reward"] >= 1.0 and (self.keep_truncated or not unfinished(r.get("finish_reason"))):
                 p.correct += 1
-                key = r["completion"] if self.dedup else r["sample_index"]
+                key = same_solution_key(r["completion"]) if self.dedup else r["sample_index"]
                 if key not in p.distinct:
                     p.distinct.add(key)
                     new[r["id"]] = new.get(r["id"], 0) + 1

@@ -181,7 +181,9 @@ class Driver:
         line = {"seconds": round(time.time() - start, 2), "samples": table.num_rows,
                 "correct": int(pa.compute.sum(table["reward"]).as_py() or 0),
                 "completion_tokens": int(pa.compute.sum(table["completion_tokens"]).as_py() or 0)}
-        solved = table.filter(pa.compute.greater_equal(table["reward"], 1.0))["id"]
+        keep_cut = self.cfg.selection.keep_truncated  # (solved: what select may keep, not a max_tokens cut)
+        solved = [r["id"] for r, cut in zip(table.select(["id", "reward"]).to_pylist(), truncated(table))
+                  if r["reward"] >= 1.0 and (keep_cut or not cut)]
         line["accept_rate"] = line["correct"] / max(1, line["samples"])
         line["replica_nodes"] = sorted(nodes)  # Ray nodes the replicas ran on (empty if all shards were on disk)
         line["truncated"] = sum(truncated(table))  # ended on sampling.max_tokens
@@ -189,7 +191,7 @@ class Driver:
         # pass@n on the train problems at the sampling temperature: how many problems can feed the M-step
         # (adaptive: n is the most samples a problem may draw)
         n = (s.max_samples_per_problem or s.samples_per_problem) if s.adaptive else s.samples_per_problem
-        line[f"train pass@{n}"] = len(set(solved.to_pylist())) / max(1, len(self.train))
+        line[f"train pass@{n}"] = len(set(solved)) / max(1, len(self.train))
         self.run.complete(t, "generate", [line | rounds])
         return table
 
@@ -277,7 +279,7 @@ class Driver:
                 by_id = {p["id"]: p for p in self.train}
                 bad = sum(not self._steps_ok(by_id[r["id"]], r["completion"]) for r in table.to_pylist())
                 line["kept_false_positive_rate"] = bad / table.num_rows
-            stats = problem_stats(samples, table, t)  # what the E-step gave each problem (no seed rows)
+            stats = problem_stats(samples, table, t, sel.keep_truncated)  # what the E-step gave each problem
             if self.cfg.training.mix_seed_data:  # declared deviation: human solutions join the generated ones
                 table = pa.concat_tables([table, self._seed_table(table.schema)])
                 line["seed_rows_mixed"] = len(self.seed_rows)

@@ -12,6 +12,12 @@ def unfinished(finish_reason: str | None) -> bool:
     return finish_reason not in ("stop", None)
 
 
+def same_solution_key(completion: str) -> str:
+    """What `selection.dedup` compares: the completion without trailing whitespace (a sample ended by EOS after
+    a newline and one whose stop string vLLM removed are one solution; the M-step appends its end token to either)."""
+    return completion.rstrip()
+
+
 def truncated(table: pa.Table) -> list[bool]:
     """Rows whose completion did not finish (`unfinished`: mostly those that ended on max_tokens); none in a
     table without the column (samples written before it existed)."""
@@ -40,7 +46,7 @@ def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = Tr
     by_problem: dict[str, list[dict]] = {}
     for r in rows:
         kept = by_problem.setdefault(r["id"], [])
-        if dedup and any(k["completion"] == r["completion"] for k in kept):
+        if dedup and any(same_solution_key(k["completion"]) == same_solution_key(r["completion"]) for k in kept):
             continue
         kept.append(r)
     out = []
@@ -55,18 +61,24 @@ def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = Tr
     return pa.Table.from_pylist([{k: r.get(k, -1) for k in schema.names} for r in out], schema=schema)
 
 
-def problem_stats(samples: pa.Table, kept: pa.Table, iteration: int) -> pa.Table:
-    """Per problem: samples drawn, correct, distinct correct, kept (which problems the model can solve)."""
+def problem_stats(samples: pa.Table, kept: pa.Table, iteration: int, keep_truncated: bool = False) -> pa.Table:
+    """Per problem: samples drawn, correct, distinct correct, kept (which problems the model can solve). Correct
+    counts what `select` may keep: a correct sample max_tokens cut is counted apart (`correct_truncated`), so that
+    it neither marks the problem solved (`first_solved`) nor makes it look easy to the adaptive E-step's prior."""
     drawn: dict[str, list] = {}
-    for r in samples.select(["id", "completion", "reward"]).to_pylist():
-        d = drawn.setdefault(r["id"], [0, 0, set()])
+    cut = truncated(samples)
+    for r, unfinished_row in zip(samples.select(["id", "completion", "reward"]).to_pylist(), cut):
+        d = drawn.setdefault(r["id"], [0, 0, set(), 0])
         d[0] += 1
-        if r["reward"] >= 1.0:
+        if r["reward"] >= 1.0 and unfinished_row and not keep_truncated:
+            d[3] += 1
+        elif r["reward"] >= 1.0:
             d[1] += 1
-            d[2].add(r["completion"])
+            d[2].add(same_solution_key(r["completion"]))
     n_kept: dict[str, int] = {}
     for pid in kept["id"].to_pylist():
         n_kept[pid] = n_kept.get(pid, 0) + 1
     return pa.Table.from_pylist([
         {"id": pid, "iteration": iteration, "drawn": d[0], "correct": d[1], "distinct_correct": len(d[2]),
-         "kept": n_kept.get(pid, 0), "pass_rate": d[1] / d[0]} for pid, d in sorted(drawn.items())])
+         "kept": n_kept.get(pid, 0), "pass_rate": d[1] / d[0], "correct_truncated": d[3]}
+        for pid, d in sorted(drawn.items())])

@@ -69,3 +69,24 @@ def test_kept_rows_carry_the_token_their_sample_stopped_on():
     assert out.schema.field("stop_token").type == pa.int64()
     assert [(r["completion"], r["stop_token"]) for r in out.to_pylist()] == [("x", 107), ("y", 1)]
     assert select(graded(rows), max_solutions_per_problem=10)["stop_token"].to_pylist() == [-1, -1]
+
+
+def test_a_correct_sample_cut_by_max_tokens_solves_nothing_in_the_problem_stats():
+    """select drops it, so it must not mark the problem solved (first_solved) nor make the adaptive E-step's prior
+    call the problem easy (pass_rate 1.0 drew it nothing next iteration when the budget bound)."""
+    from restem_ray.selection import problem_stats
+
+    samples = pa.Table.from_pylist([
+        {"id": "p", "sample_index": 0, "prompt": "q", "completion": "... 72 clips and then", "reward": 1.0,
+         "finish_reason": "length"},
+        {"id": "p", "sample_index": 1, "prompt": "q", "completion": "no", "reward": 0.0, "finish_reason": "stop"},
+        {"id": "q", "sample_index": 0, "prompt": "q", "completion": "#### 5", "reward": 1.0, "finish_reason": "stop"},
+        {"id": "q", "sample_index": 1, "prompt": "q", "completion": "#### 5\n", "reward": 1.0, "finish_reason": "stop"}])
+    kept = select(samples, max_solutions_per_problem=10)
+    stats = {r["id"]: r for r in problem_stats(samples, kept, 1).to_pylist()}
+    assert (stats["p"]["correct"], stats["p"]["correct_truncated"], stats["p"]["pass_rate"], stats["p"]["kept"]) == (0, 1, 0.0, 0)
+    # a trailing newline makes no second solution: one kept, one distinct
+    assert (stats["q"]["correct"], stats["q"]["distinct_correct"], stats["q"]["kept"]) == (2, 1, 1)
+    both = {r["id"]: r for r in problem_stats(samples, select(samples, max_solutions_per_problem=10,
+                                                              keep_truncated=True), 1, keep_truncated=True).to_pylist()}
+    assert (both["p"]["correct"], both["p"]["correct_truncated"], both["p"]["kept"]) == (1, 0, 1)
