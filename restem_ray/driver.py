@@ -117,6 +117,7 @@ class Driver:
             self.evaluate(0, policy)                                             # the base's scores
             for t in range(1, cfg.loop.iterations + 1):
                 self.last_iteration = t
+                self.run.set(last_iteration=t)  # (the report leaves out later ones an earlier invocation left)
                 samples = self.generate(t, cfg.model.sampler or policy)         # E-step: sample + grade
                 dataset = self.select(t, samples)                                # keep correct, dedup, cap
                 self.samplers.close()                                            # accelerators change hands

@@ -6,10 +6,24 @@ from collections import defaultdict
 from .storage import RunDir
 
 
+def last_iteration(run: RunDir) -> int | None:
+    """The run's last iteration (the driver records it as it starts one): folders and metrics of later ones were
+    left by an earlier invocation that went further (a resume with fewer `loop.iterations` or a lower
+    `patience`) and are not this run's. None for runs recorded before it was."""
+    return run.manifest().get("last_iteration")
+
+
+def _in_run(t, last: int | None) -> bool:
+    return last is None or not isinstance(t, int) or t <= last
+
+
 def iteration_rows(run: RunDir) -> list[dict]:
     """One dict per iteration: eval scores per split, E-step/selection counts, seconds per phase."""
     rows: dict = defaultdict(dict)
+    last = last_iteration(run)
     for m in run.metrics():
+        if not _in_run(m["iteration"], last):
+            continue
         r = rows[m["iteration"]]
         if m["phase"] == "eval":
             for key, val in m.items():
@@ -19,7 +33,9 @@ def iteration_rows(run: RunDir) -> list[dict]:
         elif m["phase"] == "generate":
             r.update({"samples": m.get("samples"), "correct": m.get("correct"), "generate s": m.get("seconds"),
                       "tokens": m.get("completion_tokens")})
-            r.update({k: v for k, v in m.items() if k.startswith("train pass@")})
+            # (the E-step's pass@K at the sampling temperature: not a split's, which an extra split named "train"
+            # reports as "train pass@1")
+            r.update({f"E-step {k}": v for k, v in m.items() if k.startswith("train pass@")})
         elif m["phase"] == "select":
             r["kept"] = m.get("kept")
             if "kept_false_positive_rate" in m:
@@ -35,8 +51,8 @@ def iteration_rows(run: RunDir) -> list[dict]:
 
 def _split_order(col: str) -> tuple:
     split = col.split(" ")[0]
-    order = {"train": 0, "valid": 1, "test": 2}
-    return (order.get(split, 3), col)
+    order = {"E-step": 0, "train": 1, "valid": 2, "test": 3}
+    return (order.get(split, 4), col)
 
 
 def _fmt(v) -> str:
@@ -75,7 +91,7 @@ def write_plot(run: RunDir) -> None:
     rows = iteration_rows(run)
     loop = [r for r in rows if isinstance(r["iteration"], int)]
     control = next((r for r in rows if r["iteration"] == "control"), None)
-    splits = sorted({k.split(" ")[0] for r in rows for k in r if k.endswith(" pass@1")}, key=_split_order)
+    splits = sorted({m.get("split", "?") for m in run.metrics() if m["phase"] == "eval"}, key=_split_order)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for s in splits:
         pts = [(r["iteration"], r[f"{s} pass@1"]) for r in loop if isinstance(r.get(f"{s} pass@1"), (int, float))]
@@ -102,7 +118,8 @@ def problem_history(run: RunDir):
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    parts = sorted(run.root.glob("iter_*/problems.parquet"))
+    last = last_iteration(run)
+    parts = sorted(p for p in run.root.glob("iter_*/problems.parquet") if _in_run(int(p.parent.name[5:]), last))
     if not parts:
         return None
     table = pa.concat_tables([pq.read_table(p) for p in parts])

@@ -48,3 +48,43 @@ def test_problem_history_tracks_when_each_problem_was_first_solved(tmp_path):
     first = {r["id"]: r["first_solved"] for r in table}
     assert first == {"a": 2, "b": 1, "c": None} and len(table) == 6
     assert "iteration 1: 1, iteration 2: 1; never: 1 of 3" in summary
+
+
+def test_iterations_past_the_runs_last_are_left_out(tmp_path, capsys):
+    """A finished 2-iteration run resumed with loop.iterations: 1 (or a lower patience) ends at iteration 1: the
+    table, report.png and problems.parquet showed iteration 2's scores beside "best iteration: 1"."""
+    run = make_run(tmp_path)
+    for t in (1, 2):
+        pq.write_table(pa.Table.from_pylist([{"id": "a", "iteration": t, "drawn": 4, "correct": t - 1,
+                                              "distinct_correct": 1, "kept": 1, "pass_rate": 0.5}]),
+                       run.iter_dir(t) / "problems.parquet")
+    assert [r["iteration"] for r in iteration_rows(run)] == [0, 1, 2, "control"]
+    run.set(last_iteration=1, best_iteration=1)
+    assert [r["iteration"] for r in iteration_rows(run)] == [0, 1, "control"]
+    print_table(run)
+    assert "0.700" not in capsys.readouterr().out  # iteration 2's valid pass@1
+    write_problem_history(run)
+    table = pq.read_table(run.root / "problems.parquet").to_pylist()
+    assert [r["iteration"] for r in table] == [1] and table[0]["first_solved"] is None
+
+
+def test_the_e_steps_pass_rate_is_not_an_eval_split(tmp_path):
+    """With K = 1 the E-step logs "train pass@1", which read as a greedy split in the plot and overwrote the
+    scores of an extra eval split named "train" (the train file watched) in the table."""
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.5}, {"split": "train", "pass@1": 0.25}])
+    run.complete(1, "generate", [{"samples": 8, "correct": 3, "train pass@1": 0.375}])
+    run.complete(1, "eval", [{"split": "valid", "pass@1": 0.6}, {"split": "train", "pass@1": 0.5}])
+    rows = iteration_rows(run)
+    assert rows[1]["train pass@1"] == 0.5 and rows[1]["E-step train pass@1"] == 0.375
+    import matplotlib.pyplot as plt
+
+    seen = []
+    real = plt.Axes.plot
+    plt.Axes.plot = lambda self, xs, ys, **kw: seen.append((kw["label"], list(ys))) or real(self, xs, ys, **kw)
+    try:
+        write_plot(run)
+    finally:
+        plt.Axes.plot = real
+    assert sorted(seen) == [("train", [25.0, 50.0]), ("valid", [50.0, 60.0])]
