@@ -628,10 +628,12 @@ def test_bf16_training_writes_bf16_checkpoints_that_vllm_loads_as_bf16(tmp_path,
     assert rows[0]["completion_tokens"] > 0
 
 
-def test_an_optimizer_step_weighs_every_completion_token_alike(tmp_path, single_process_group, monkeypatch):
-    """The step's loss is one mean over all its completion tokens, as one big batch (or HF Trainer) gives: a mean
-    per micro-batch, averaged over grad_accum, gave each token of a micro-batch of short solutions (length-grouped
-    batches put them together) several times the weight of a long solution's token."""
+def test_every_completion_token_of_an_epoch_weighs_alike(tmp_path, single_process_group, monkeypatch):
+    """The loss is one mean over all completion tokens, as one big batch gives: a mean per micro-batch, averaged
+    over grad_accum, gave each token of a micro-batch of short solutions (length-grouped batches put them together)
+    several times the weight of a long solution's token; a mean per optimizer step did the same across steps (with
+    grad_accum 1 each step is one length group). Each micro-batch's loss is its token sum over the epoch's tokens
+    per micro-batch, whatever its own count."""
     import restem_ray.sft as sft
     from transformers import AutoModelForCausalLM
 
@@ -639,32 +641,37 @@ def test_an_optimizer_step_weighs_every_completion_token_alike(tmp_path, single_
 
     rows = [{"prompt": f"Q: {i} + 1\nA:", "completion": f" {i + 1}"} for i in range(4)]
     rows += [{"prompt": f"Q: {i} + 2\nA:", "completion": f" {i + 2}" + " and" * 30} for i in range(4)]
-    seen, real_forward = [], sft.forward
+    real_forward = sft.forward
+    for grad_accum, micro_batch_size, steps in ((4, 2, 1), (1, 4, 2)):
+        seen = []
 
-    def recording(model, batch):
-        out = real_forward(model, batch)
-        seen.append(({k: v.clone() for k, v in batch.items() if k in ("input_ids", "labels", "position_ids")},
-                     float(out.loss)))
-        return out
-    monkeypatch.setattr(sft, "forward", recording)
-    job = _tiny_job(tmp_path, rows, micro_batch_size=2, grad_accum=4, max_steps=1, lr=1e-3)
-    MStep(job, 0, 1, LocalReporter(str(tmp_path / "ckpts"))).run()
-    assert len(seen) == 4  # one optimizer step: the weights did not move between these forwards
-    base = AutoModelForCausalLM.from_pretrained(tmp_path / "base", dtype=torch.float32)
-    sums, counts = [], []
-    with torch.no_grad():
-        for batch, _ in seen:
-            logits = base(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits[:, :-1]
-            target = batch["labels"][:, 1:]
-            sums.append(float(torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), target.reshape(-1),
-                                                                 ignore_index=-100, reduction="sum")))
-            counts.append(int((target != -100).sum()))
-    one_mean = sum(sums) / sum(counts)
-    # DeepSpeed averages the micro-batches' losses (its gradients likewise): that average is the one mean ...
-    assert sum(loss for _, loss in seen) / 4 == pytest.approx(one_mean, rel=1e-4)
-    # ... as each micro-batch's is its token sum over a quarter of the step's tokens, whatever its own count
-    assert max(counts) > 5 * min(counts)
-    assert [loss for _, loss in seen] == pytest.approx([s * 4 / sum(counts) for s in sums], rel=1e-4)
+        def recording(model, batch):
+            out = real_forward(model, batch)
+            seen.append(({k: v.clone() for k, v in batch.items() if k in ("input_ids", "labels", "position_ids")},
+                         float(out.loss)))
+            return out
+        monkeypatch.setattr(sft, "forward", recording)
+        out = tmp_path / f"ga{grad_accum}"
+        out.mkdir()
+        job = _tiny_job(out, rows, micro_batch_size=micro_batch_size, grad_accum=grad_accum, max_steps=steps,
+                        lr=1e-12)  # (every forward sees the base's weights, to far below the tolerance)
+        MStep(job, 0, 1, LocalReporter(str(out / "ckpts"))).run()
+        n = len(seen)
+        assert n == 8 // micro_batch_size  # one epoch: 4 micro-batches in one step, or 2 in 2 steps
+        base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
+        sums, counts = [], []
+        with torch.no_grad():
+            for batch, _ in seen:
+                logits = base(input_ids=batch["input_ids"], position_ids=batch.get("position_ids")).logits[:, :-1]
+                target = batch["labels"][:, 1:]
+                sums.append(float(torch.nn.functional.cross_entropy(
+                    logits.reshape(-1, logits.shape[-1]), target.reshape(-1), ignore_index=-100, reduction="sum")))
+                counts.append(int((target != -100).sum()))
+        assert max(counts) > 5 * min(counts)  # short and long solutions in micro-batches (steps) of their own
+        # DeepSpeed averages a step's micro-batch losses: over the epoch that is the one mean ...
+        assert sum(loss for _, loss in seen) / n == pytest.approx(sum(sums) / sum(counts), rel=1e-4)
+        # ... as each micro-batch's is its token sum over the epoch's tokens per micro-batch
+        assert [loss for _, loss in seen] == pytest.approx([s * n / sum(counts) for s in sums], rel=1e-4), grad_accum
 
 
 def test_the_last_checkpoint_leaves_out_the_optimizer_and_a_finished_mstep_reports_its_own_weights(
