@@ -75,17 +75,25 @@ class RunResult:
     stderr: str
 
 
-def _count_processes(uid: int) -> int:
+def _count_tasks(uid: int) -> int:
+    """The threads (every process's, the kernel's count for RLIMIT_NPROC) this uid runs, as far as /proc shows:
+    counting processes gave a torch or vLLM worker's uid (hundreds of threads) a limit bubblewrap's own start
+    was already over."""
     n = 0
     for d in os.listdir("/proc"):
         if d.isdigit():
             try:
                 with open(f"/proc/{d}/status") as f:
+                    uid_line = threads = None
                     for line in f:
                         if line.startswith("Uid:"):
-                            n += int(line.split()[1]) == uid
+                            uid_line = line
+                        elif line.startswith("Threads:"):
+                            threads = int(line.split()[1])
                             break
-            except OSError:
+                if uid_line is not None and int(uid_line.split()[1]) == uid:
+                    n += threads or 1
+            except (OSError, ValueError):
                 pass
     return n
 
@@ -180,11 +188,11 @@ class Sandbox:
             uid = self._lease.uid
             pre = ["setpriv", f"--reuid={uid}", f"--regid={uid}", "--clear-groups", "--no-new-privs"]
         else:
-            # Without root there is no spare uid: the process limit is per uid, so it must sit above
-            # what this user already runs. The PID namespace and the kill after every run still bound
+            # Without root there is no spare uid: the process limit is per uid (threads included), so it must
+            # sit above what this user already runs. The PID namespace and the kill after every run still bound
             # a fork bomb, but it can briefly take this user's spare process slots.
             global _warned_unprivileged
-            nproc += _count_processes(os.getuid())
+            nproc += _count_tasks(os.getuid())
             pre = []
             if not _warned_unprivileged:
                 _warned_unprivileged = True
@@ -211,6 +219,11 @@ class Sandbox:
             if "Can't mount proc" in err and self._mount_proc:
                 self._without_proc()
                 return self._start()
+            if "Resource temporarily unavailable" in err and os.geteuid() != 0:
+                raise SandboxUnavailable(
+                    f"bubblewrap could not start a sandbox: {err} (this uid's process limit: threads of its other "
+                    "processes, some perhaps outside this container, left the sandbox none; run the verifier as "
+                    "root, where each sandbox gets a uid of its own)")
             raise SandboxUnavailable(f"bubblewrap could not start a sandbox: {err} (user namespaces "
                                      "must be allowed; in a container, allow unshare in its seccomp profile)")
 

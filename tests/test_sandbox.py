@@ -649,7 +649,9 @@ def test_a_sandbox_that_never_says_ready_is_reported_as_such(monkeypatch, tmp_pa
 
 def test_works_as_an_ordinary_user_with_a_warning(tmp_path):
     """As a non-root user (a laptop) the same sandbox starts, warns about the shared uid, and contains a
-    fork bomb. Run as `nobody` with the system Python (sandbox.py is stdlib only)."""
+    fork bomb, also while this user runs 200 threads (a torch worker runs hundreds: the process limit counted
+    processes, not the threads the kernel counts, and bubblewrap's own start failed). Run as `nobody` with the
+    system Python (sandbox.py is stdlib only)."""
     import subprocess
     from pathlib import Path
 
@@ -657,8 +659,11 @@ def test_works_as_an_ordinary_user_with_a_warning(tmp_path):
         pytest.skip("this whole file already runs as an ordinary user")
     repo = Path(__file__).resolve().parents[1]
     script = f"""
-import sys, warnings
+import sys, threading, warnings
 sys.path.insert(0, {str(repo)!r})
+busy = threading.Event()
+for _ in range(200):
+    threading.Thread(target=busy.wait, daemon=True).start()
 from restem_ray.sandbox import Sandbox, SandboxLimits
 with warnings.catch_warnings(record=True) as w:
     warnings.simplefilter('always')
