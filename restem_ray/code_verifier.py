@@ -193,7 +193,11 @@ def _is_main_guard(test: ast.expr) -> bool:
 _EXAMPLE_STATEMENTS = (ast.Expr, ast.Assert, ast.Assign, ast.AugAssign, ast.AnnAssign, ast.For, ast.While, ast.With)
 
 
-def _is_example(node: ast.stmt, calls: set[str], methods: set[str]) -> bool:
+def _is_example(node: ast.stmt, calls: set[str], methods: set[str], instances: set[str] = frozenset()) -> bool:
+    """A top-level statement that only shows the answer at work: it calls one of `calls`, `doctest.testmod()`, or
+    one of `methods` on an object one of `calls` made (`Solution().twoSum(...)`, or `s.twoSum(...)` after
+    `s = Solution()`: `instances`), not on any object (`ALPHABET.index(c)` is the answer's own code where the
+    answer's function is named `index`)."""
     if isinstance(node, ast.If) and _is_main_guard(node.test):
         return True
     if not isinstance(node, _EXAMPLE_STATEMENTS):
@@ -201,22 +205,34 @@ def _is_example(node: ast.stmt, calls: set[str], methods: set[str]) -> bool:
     for n in ast.walk(node):
         if isinstance(n, ast.Call):
             f = n.func
-            if (isinstance(f, ast.Name) and f.id in calls) or (isinstance(f, ast.Attribute) and f.attr in methods):
+            if isinstance(f, ast.Name) and f.id in calls:
+                return True
+            if isinstance(f, ast.Attribute) and (
+                    (f.attr == "testmod" and isinstance(f.value, ast.Name) and f.value.id == "doctest")
+                    or (f.attr in methods and _made_by(f.value, calls, instances))):
                 return True
     return False
 
 
+def _made_by(receiver: ast.expr, calls: set[str], instances: set[str]) -> bool:
+    return ((isinstance(receiver, ast.Call) and isinstance(receiver.func, ast.Name) and receiver.func.id in calls)
+            or (isinstance(receiver, ast.Name) and receiver.id in instances))
+
+
 def strip_examples(code: str, calls: set[str], methods: set[str] = frozenset()) -> str:
-    """Drop top-level example usage: statements that call one of `calls` (the function, print, input) or a
-    method in `methods`, and `if __name__ == "__main__":` blocks. Code that does not parse, and statements
-    sharing a line with kept code, stay as written."""
+    """Drop top-level example usage (`_is_example`): statements that call one of `calls` (the function, print,
+    input), `doctest.testmod()` or a method in `methods` of an object one of `calls` made, and
+    `if __name__ == "__main__":` blocks. Code that does not parse, and statements sharing a line with kept code,
+    stay as written."""
     tree = _parse(code)
     if tree is None or "\r" in code:  # line numbers below are counted on "\n"
         return code
+    instances = {t.id for node in tree.body if isinstance(node, ast.Assign) and _made_by(node.value, calls, set())
+                 for t in node.targets if isinstance(t, ast.Name)}
     spans = []
     for node in tree.body:
         first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-        spans.append((range(first - 1, node.end_lineno), _is_example(node, calls, methods)))
+        spans.append((range(first - 1, node.end_lineno), _is_example(node, calls, methods, instances)))
     kept = {i for span, example in spans if not example for i in span}
     drop = {i for span, example in spans if example and not kept.intersection(span) for i in span}
     if not drop:

@@ -178,6 +178,10 @@ class Sandbox:
         bwrap = [
             self._bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
             "--new-session", "--clearenv", "--as-pid-1", *binds,
+            # glibc reserves 64 MiB of address space per malloc arena, one per thread up to 8 per core: under
+            # memory_mb's address-space limit a program could start only ~21 threads (a ThreadPoolExecutor of
+            # 32 failed). The memory watch, not the reservation, bounds what they use.
+            "--setenv", "MALLOC_ARENA_MAX", "2",
             *proc, "--dev", "/dev", "--size", str(lim.tmpfs_mb << 20), "--tmpfs", "/tmp",
             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp",
             python, "-I", "-S", "-B", "-c", WORKER.read_text(),  # source as argv: no host path needed inside

@@ -155,6 +155,27 @@ def test_a_solution_method_named_like_a_prelude_import_is_the_one_graded(grader)
     assert grader.grade(gcd, "def gcd(a, b):\n    return b and gcd(b, a % b) or a\n") == "passed"
 
 
+def test_a_function_named_like_a_common_method_keeps_the_lines_that_call_that_method(grader):
+    """Answer lines that call `.index(` on other objects are the answer's own code, not examples of the graded
+    function `index`: dropping `POS = {c: ALPHABET.index(c) ...}` left a NameError; `s.index(...)` after
+    `s = Solution()` is an example still."""
+    index = {"id": "apps-index", "prompt": "", "input_output": json.dumps(
+        {"fn_name": "index", "inputs": [["bad"], ["a"]], "outputs": [[[1, 0, 3]], [[0]]]})}
+    answer = "ALPHABET = 'abcd'\nPOS = {c: ALPHABET.index(c) for c in ALPHABET}\n\ndef index(word):\n" \
+             "    return [POS[c] for c in word]\n"
+    assert grader.grade(index, answer) == "passed"
+    method = "class Solution:\n    def index(self, word):\n        return [ord(c) - 97 for c in word]\n"
+    assert grader.grade(index, method + "s = Solution()\ns.index('ab')\n") == "passed"  # (kept alone: a NameError)
+
+
+def test_a_top_level_doctest_run_is_example_usage(grader):
+    add = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
+           "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
+    answer = "import doctest\n\ndef add(a, b):\n    \"\"\">>> add(1, 1)\n    2\n    \"\"\"\n    return a + b\n\n" \
+             "doctest.testmod()\n"
+    assert grader.grade(add, answer) == "passed"
+
+
 def test_apps_class_solution_gets_a_fresh_instance_per_case(grader):
     stateful = ("class Solution:\n    def __init__(self):\n        self.calls = 0\n"
                 "    def twoSum(self, nums, target):\n        self.calls += 1\n"

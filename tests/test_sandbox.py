@@ -707,3 +707,18 @@ def test_a_container_with_a_masked_proc_runs_the_sandbox_without_proc():
                                          "GRADE passed"], p
     assert p.stderr.count("this container masks parts of /proc") == 1, p.stderr  # once per process
     assert "systempaths=unconfined" in p.stderr and "procMount: Unmasked" in p.stderr
+
+
+def test_a_program_may_start_a_thread_pool_of_32_under_the_default_limits():
+    """glibc reserved 64 MiB of address space per malloc arena (one per thread, up to 8 per core): under the
+    1 GiB address-space limit a program could start ~21 threads, so a ThreadPoolExecutor(32) (the default pool
+    on a 28-core node) failed; the memory watch bounds what they really use."""
+    g = CodeGrader(SandboxLimits(timeout_s=10.0))
+    try:
+        pool = "from concurrent.futures import ThreadPoolExecutor\nimport threading\nev = threading.Barrier(32)\n" \
+               "with ThreadPoolExecutor(max_workers=32) as ex:\n    got = list(ex.map(lambda x: ev.wait() * 0 + x, range(32)))\n"
+        assert g.grade(ECHO_SUM, pool + "a, b = map(int, input().split())\nprint(a + b + sum(got) - 496)\n") == "passed"
+        body = "    " + pool.replace("\n", "\n    ").rstrip() + "\n    return a + b + sum(got) - 496\n"
+        assert g.grade(ADD, body) == "passed"
+    finally:
+        g.close()
