@@ -101,6 +101,7 @@ def _int_keys(arg):
 
 
 _prctl = None  # libc's prctl, loaded by main() before any child exists
+_libc = None  # libc (ctypes), loaded by main(): System V IPC objects are counted and removed through it
 
 # The report on fd 3: "<nonce> <status> <exception name or ->\n" and, in call mode, the results as JSON. Written by
 # the child with what it bound before the program ran, read and checked by the worker (`_read_report`).
@@ -130,6 +131,7 @@ def _child(job, in_r, out_w, err_w, res_w):
     resource.setrlimit(resource.RLIMIT_FSIZE, (16 << 20, 16 << 20))
     resource.setrlimit(resource.RLIMIT_NOFILE, (64, 64))
     resource.setrlimit(resource.RLIMIT_CORE, (0, 0))
+    resource.setrlimit(resource.RLIMIT_MSGQUEUE, (0, 0))  # POSIX message queues outlive the program: none
     if job["mode"] == "test":
         _exec_test_child(job)
     _program(job)
@@ -625,6 +627,57 @@ def _reap_all():
 CLEAN_S = 5.0
 
 
+# System V IPC (shmctl, msgctl, semctl): the command that gives the highest index in use, the one that gives an
+# index's id, and IPC_RMID. Linux's values.
+_SYSV = (("shmctl", 14, 13), ("msgctl", 12, 11), ("semctl", 19, 18))
+_IPC_RMID = 0
+
+
+def _sysv_call(name: str, ident: int, cmd: int, buf) -> int:
+    fn = getattr(_libc, name)
+    return fn(ident, 0, cmd, buf) if name == "semctl" else fn(ident, cmd, buf)
+
+
+def _clear_sysv_ipc() -> bool:
+    """Remove every System V shared-memory segment, message queue and semaphore set a program left (they outlive
+    it in the sandbox's IPC namespace: memory no limit counted, and data the next program could read). False if
+    one could not be removed (the host then starts a fresh sandbox)."""
+    if _libc is None:
+        return True
+    import ctypes
+
+    buf = ctypes.create_string_buffer(512)  # (shmid_ds, msqid_ds, semid_ds and the *_info structs are smaller)
+    clean = True
+    for name, info, stat in _SYSV:
+        top = _sysv_call(name, 0, info, buf)
+        for index in range(top + 1):
+            ident = _sysv_call(name, index, stat, buf)
+            if ident >= 0 and _sysv_call(name, ident, _IPC_RMID, None) < 0:
+                clean = False
+    return clean
+
+
+_shm_info = None  # a struct shm_info (ctypes), made once
+
+
+def _sysv_shm_bytes() -> int:
+    """Shared memory held in System V segments (shm_info.shm_tot, in pages), attached or not."""
+    global _shm_info
+    if _libc is None:
+        return 0
+    import ctypes
+
+    if _shm_info is None:
+        class ShmInfo(ctypes.Structure):
+            _fields_ = [("used_ids", ctypes.c_int), ("shm_tot", ctypes.c_ulong), ("shm_rss", ctypes.c_ulong),
+                        ("shm_swp", ctypes.c_ulong), ("swap_attempts", ctypes.c_ulong),
+                        ("swap_successes", ctypes.c_ulong)]
+        _shm_info = ShmInfo()
+    if _libc.shmctl(0, 14, ctypes.byref(_shm_info)) < 0:  # SHM_INFO
+        return 0
+    return _shm_info.shm_tot * os.sysconf("SC_PAGE_SIZE")
+
+
 def _clean_tmp() -> bool:
     """Empty /tmp; False (the host then starts a fresh sandbox) if it cannot be done, or not in CLEAN_S. Iterative
     and by single names from the working directory: a program's tree 3000 directories deep overflows
@@ -811,7 +864,8 @@ def run(job):
             break
         if status is None and now >= next_memory_check:  # (what a finished program left behind is killed next)
             next_memory_check = now + MEMORY_POLL_S
-            if _resident_bytes() > job["memory"] or _tmp_files() > MAX_TMP_FILES:  # the program's processes together;
+            if (_resident_bytes() + _sysv_shm_bytes() > job["memory"]  # the program's processes together, and
+                    or _tmp_files() > MAX_TMP_FILES):  # System V segments (which may outlive every process);
                 end = "memory_limit"  # files in /tmp hold kernel memory (about 1 KB each, empty) that no limit counts
                 break
         if status is None:
@@ -839,7 +893,7 @@ def run(job):
         "end": end, "report": report, "code": code,
         "stdout": bytes(bufs[out_r][: job["output_cap"]]).decode("utf-8", "replace"),
         "stderr": bytes(bufs[err_r][-STDERR_KEEP:]).decode("utf-8", "replace"),
-        "clean": _clean_tmp(),
+        "clean": _clear_sysv_ipc() & _clean_tmp(),
     }
 
 
@@ -872,8 +926,9 @@ def main():
     _SELF_CODE = marshal.dumps(compile(argv[argv.index("-c") + 1], "sandbox_worker.py", "exec"))
 
     # PR_SET_DUMPABLE = 4: no process may ptrace us or read our memory (a fork keeps the flag: _child sets it back)
-    global _prctl
-    _prctl = ctypes.CDLL(None).prctl
+    global _prctl, _libc
+    _libc = ctypes.CDLL(None)
+    _prctl = _libc.prctl
     _prctl(4, 0, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGPIPE, signal.SIG_IGN)

@@ -382,8 +382,8 @@ def test_environment_is_empty_inside(monkeypatch, bwrap_gets_host_env):
     assert r.end == "report" and r.report["status"] == "ok", r.report
     secret_inside = SECRET in r.stdout
     assert not secret_inside
-    # PWD from bwrap's --chdir, LC_CTYPE from Python's C-locale coercion (PEP 538)
-    assert set(ast.literal_eval(r.stdout)) <= {"PWD", "LC_CTYPE"}, sorted(ast.literal_eval(r.stdout))
+    # PWD from bwrap's --chdir, LC_CTYPE from Python's C-locale coercion (PEP 538), MALLOC_ARENA_MAX the sandbox's
+    assert set(ast.literal_eval(r.stdout)) <= {"PWD", "LC_CTYPE", "MALLOC_ARENA_MAX"}, sorted(ast.literal_eval(r.stdout))
 
 
 def test_root_is_read_only_and_holds_only_usr(grader):
@@ -722,3 +722,23 @@ def test_a_program_may_start_a_thread_pool_of_32_under_the_default_limits():
         assert g.grade(ADD, body) == "passed"
     finally:
         g.close()
+
+
+def test_system_v_shared_memory_counts_against_the_limit_and_never_reaches_the_next_program():
+    """Segments a program makes (ctypes' shmget) outlive it in the sandbox's IPC namespace: 600 MB of them passed a
+    256 MB limit and stayed until the sandbox closed, and the next program could read what one left."""
+    box = Sandbox(SandboxLimits(timeout_s=10.0, memory_mb=256))
+    libc = "import ctypes\nlibc = ctypes.CDLL(None)\nlibc.shmat.restype = ctypes.c_void_p\n"
+    try:
+        hog = libc + ("for k in range(3):\n    a = libc.shmat(libc.shmget(0x1000 + k, 200 << 20, 0o1600), None, 0)\n"
+                      "    ctypes.memset(a, 1, 200 << 20)\n    libc.shmdt(ctypes.c_void_p(a))\nprint('done')\n")
+        assert box.run(hog).end == "memory_limit"
+        put = libc + ("a = libc.shmat(libc.shmget(0x1234, 4096, 0o1600), None, 0)\nctypes.memmove(a, b'SECRET', 6)\n"
+                      "libc.msgget(0x1235, 0o1600)\nprint('put')\n")
+        assert box.run(put).stdout == "put\n"
+        get = libc + "print(libc.shmget(0x1234, 4096, 0o600), libc.msgget(0x1235, 0o600))\n"
+        assert box.run(get).stdout == "-1 -1\n"  # (the segment and the queue are gone)
+        mq = "import ctypes\nlibc = ctypes.CDLL(None)\nprint(libc.mq_open(b'/q', 0o100 | 0o2, 0o600, None))\n"
+        assert box.run(mq).stdout == "-1\n"  # POSIX message queues, which outlive a program too: none
+    finally:
+        box.close()
