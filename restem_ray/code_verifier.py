@@ -62,28 +62,49 @@ def _defines_re(name: str, column0: bool = False) -> re.Pattern:
 
 
 def extract_code(completion: str, name: str | None = None, prompt: str = "") -> str:
-    """The code to grade (after a reasoning model's </think>): the first fenced block that defines `name` (a function or method); else a body
-    that continues the prompt, up to a closing fence a base model may add; else unfenced code followed by such a
-    closing fence, up to it; else the first python-tagged block, else the first block; else the completion
-    itself."""
+    """The code to grade (after a reasoning model's </think>): the first fenced block that defines `name` (a function
+    or method) with more than a stub's body; else a body that continues the prompt, up to a closing fence a base
+    model may add; else unfenced code followed by such a closing fence, up to it; else the first python-tagged
+    block (else the first block) that is more than constants; else the completion itself."""
     completion = after_thinking(completion, prompt)
     blocks = [(lang, code) for lang, code in fenced_blocks(completion) if code.strip()]
     tagged = [code for lang, code in blocks if lang.lower() in ("python", "py", "python3")]
     codes = tagged or [code for _, code in blocks]
     if name:
         defining = [c for c in codes if _defines_re(name).search(c)]
+        # (a chat answer that first quotes the prompt's stub, then implements it: the implementation)
+        defining = [c for c in defining if not _only_a_stub(c, name)] or defining
         if defining:  # (a whole answer indented in its block is that answer at column 0)
             whole = textwrap.dedent(defining[0])
             return whole if _defines_re(name, column0=True).search(whole) else defining[0]
-    if _indented_start(completion):
+    if name and _indented_start(completion):  # (a stdin program continues no prompt: an indented start is prose)
         return _CLOSING_FENCE.split(completion, 1)[0]
     first = _FENCE.search(completion)
     if first:
         before = completion[:first.start()]
         if not first.group(1) and _is_program(before):
             return before  # unfenced code, then the closing fence a base model adds (and whatever follows it)
-        return codes[0] if codes else before
+        # (untagged blocks of sample input before the program: the first block that does something)
+        return next((c for c in codes if _does_something(c)), codes[0]) if codes else before
     return completion
+
+
+def _only_a_stub(code: str, name: str) -> bool:
+    """Whether the block's `def name` has no body but a docstring, `pass` or `...` (the prompt's stub quoted)."""
+    tree = _parse(textwrap.dedent(code))
+    if tree is None:
+        return False
+    defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name]
+    return bool(defs) and all(
+        all(isinstance(b, ast.Pass) or (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))
+            for b in d.body) for d in defs)
+
+
+def _does_something(code: str) -> bool:
+    """Python that is more than constants ("3\n1 2 3" is sample input, not a program; nor is what does not parse)."""
+    tree = _parse(code)
+    return tree is not None and any(
+        not (isinstance(n, ast.Expr) and isinstance(n.value, (ast.Constant, ast.UnaryOp, ast.Tuple))) for n in tree.body)
 
 
 _LIST_MARKER = re.compile(r"[ \t]*(?:[-*+]|\d+[.)])[ \t]+")

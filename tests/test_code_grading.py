@@ -168,6 +168,25 @@ def test_a_function_named_like_a_common_method_keeps_the_lines_that_call_that_me
     assert grader.grade(index, method + "s = Solution()\ns.index('ab')\n") == "passed"  # (kept alone: a NameError)
 
 
+def test_the_implementation_is_graded_not_the_stub_a_chat_answer_quotes_first(grader):
+    add = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
+           "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
+    quoted = ('You asked for:\n```python\ndef add(a, b):\n    """Add two numbers."""\n```\nHere it is:\n'
+              '```python\ndef add(a, b):\n    """Add two numbers."""\n    return a + b\n```\n')
+    assert grader.grade(add, quoted) == "passed"
+    assert grader.grade(add, quoted.replace("return a + b", "return a - b")) == "wrong_answer"
+    stub_only = '```python\ndef add(a, b):\n    pass\n```\n'
+    assert grader.grade(add, stub_only) == "wrong_answer"  # (a stub alone is still the answer, and fails)
+
+
+def test_a_stdin_program_after_a_block_of_sample_input_and_after_indented_prose(grader):
+    stdin = {"id": "apps-io", "prompt": "", "input_output": json.dumps(
+        {"inputs": ["3\n1 2 3\n", "2\n5 5\n"], "outputs": ["6\n", "10\n"]})}
+    program = "input()\nprint(sum(map(int, input().split())))\n"
+    assert grader.grade(stdin, f"For the input\n```\n3\n1 2 3\n```\nthis prints 6:\n```\n{program}```\n") == "passed"
+    assert grader.grade(stdin, f"  Here is my solution:\n```python\n{program}```\n") == "passed"
+
+
 def test_a_top_level_doctest_run_is_example_usage(grader):
     add = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
            "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
