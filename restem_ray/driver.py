@@ -86,6 +86,7 @@ class Driver:
             print(f"[restem] stop token ids from the chat template's end of turn: {list(task.stop_token_ids)}")
         self.cfg = cfg = with_stop(cfg, task)  # config.yaml records the stops sampled with
         self.train, self.eval_sets, self.seed_rows = task.train, task.evals, task.seed_rows
+        self.end_token_id = task.renderer.end_token_id if task.renderer else None  # (rows that ended on no stop id)
         self.split_stop = task.split_stop  # eval splits in another format that stop otherwise
         for name, stop in self.split_stop.items():
             print(f"[restem] stop strings of eval split {name}: {list(stop)}")
@@ -360,7 +361,8 @@ class Driver:
         return {"name": mstep_name(self.run, name, shared=bool(tc.storage_path)), "valid_problems": valid,
                 "verifier": resolve_verifier(v.verifier, self.cfg.task.kind), "verification": v.model_dump(),
                 "max_new_tokens": s.max_tokens, "stop": self.split_stop.get("valid", tuple(s.stop)),
-                "stop_token_ids": tuple(s.stop_token_ids)}
+                "stop_token_ids": tuple(s.stop_token_ids),
+                "end_token_id": None if s.stop_token_ids else self.end_token_id}
 
     def evaluate(self, t: int | str, model: str) -> dict:
         """Greedy pass@1 on every eval split (and pass@k, maj@k when evaluation.k > 0). An iterate's scores

@@ -99,8 +99,8 @@ def _shot(row: dict, question: str, answer: str) -> dict:
     return {"question": question, "prompt": question, "problem": question, "text": question, **row, "answer": answer}
 
 
-def _own_stops(model: str, tokenizer) -> bool:
-    """Whether the model's generation_config.json stops on ids besides the tokenizer's EOS: its authors set the
+def _own_stops(model: str, tokenizer) -> set[int]:
+    """The ids besides the tokenizer's EOS that the model's generation_config.json stops on: its authors set the
     stops of their chat format (Llama-3-Instruct, Qwen2.5-Instruct, gpt-oss, whose <|end|> closes a message, not
     the answer), and vLLM applies them already. A base model's file names its EOS alone, or nothing."""
     import os
@@ -111,9 +111,9 @@ def _own_stops(model: str, tokenizer) -> bool:
         with open(os.path.join(local_model_files(model), "generation_config.json"), encoding="utf-8") as f:
             ids = json.load(f).get("eos_token_id")
     except (OSError, ValueError, AttributeError):  # none (a plain folder), or not a JSON object
-        return False
+        return set()
     ids = {ids} if isinstance(ids, int) else set(ids or ())
-    return bool(ids - {tokenizer.eos_token_id})
+    return ids - {tokenizer.eos_token_id}
 
 
 class PromptRenderer:
@@ -129,8 +129,14 @@ class PromptRenderer:
         self.shots = [(self._question(row, loc), row["answer"]) for loc, row in shots]
         marker = self.fmt.split("{question}")[0].strip() if self.fmt and not self.chat else ""
         self.stop: tuple[str, ...] = (marker,) if marker else ()  # the next exemplar's question marker
-        end = self._end_of_turn() if self.chat and not _own_stops(model, tokenizer) else None
-        self.stop_token_ids: tuple[int, ...] = (end,) if end is not None else ()
+        end = self._end_of_turn() if self.chat else None
+        own = _own_stops(model, tokenizer)
+        self.stop_token_ids: tuple[int, ...] = (end,) if end is not None and not own else ()
+        # What a completion that did not end on a stop token id (a human solution, an EOS-ended sample) is trained
+        # to end with where sampling.stop_token_ids is empty: the template's end of turn where the model stops on
+        # it (Gemma-2-it's <end_of_turn>, Llama-3-Instruct's <|eot_id|>: not the tokenizer's EOS, which the chat
+        # format never ends an answer with), not gpt-oss's <|end|>, which closes a message, not the answer.
+        self.end_token_id: int | None = end if end is not None and end in own else None
         self._bos_twice: bool | None = None
 
     def _end_of_turn(self) -> int | None:

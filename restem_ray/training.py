@@ -48,7 +48,8 @@ class MStepJob:
     max_new_tokens: int = 512
     stop: tuple[str, ...] = ()
     log_every_steps: int = 0           # rank 0's live step lines (observability.log_every_steps); 0: none
-    stop_token_ids: tuple[int, ...] = ()  # sampling.stop_token_ids: the first ends every trained completion
+    stop_token_ids: tuple[int, ...] = ()  # sampling.stop_token_ids: the first ends every trained completion ...
+    end_token_id: int | None = None    # ... without them, the chat template's end of turn the model stops on
 
 
 def worker_config(cfg: TrainingConfig) -> dict:
@@ -486,8 +487,9 @@ class MStep:
         rows = _read_rows(job["train_file"])
         # A sample is trained to end with the stop token id it ended on (vLLM's stop_reason: a stop token id such
         # as a generation_config eos id, Gemma-2-it's <end_of_turn>); rows without one (EOS, human solutions, a
-        # stop string) with the first of sampling.stop_token_ids, else EOS.
-        end = (job.get("stop_token_ids") or (None,))[0]
+        # stop string) with the first of sampling.stop_token_ids, else the template's end of turn that the
+        # model's generation_config stops on (end_token_id), else EOS.
+        end = (job.get("stop_token_ids") or (job.get("end_token_id"),))[0]
         stops = tuple(job.get("stop_token_ids") or ())
         # (EOS itself is never a recorded stop token in new samples: vLLM reports it as no stop reason)
         ends = set(end_ids(model, self.tok, stops)) - ({self.tok.eos_token_id} - set(stops))
@@ -949,7 +951,8 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
             storage: Path | str, name: str = "mstep", valid_file: str | None = None,
             valid_problems: list[dict] | None = None, verifier: str = "math", verification: dict | None = None,
             max_new_tokens: int = 512, stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (),
-            log_every_steps: int = 0, on_steps: Callable[[list[dict], bool], None] | None = None) -> dict:
+            end_token_id: int | None = None, log_every_steps: int = 0,
+            on_steps: Callable[[list[dict], bool], None] | None = None) -> dict:
     """Run the M-step; the HF checkpoint of the chosen step lands in `out_dir`. Returns its metrics.
     With `log_every_steps` and `on_steps`, rank 0's step lines reach `on_steps(lines, restart)` in this
     process while the M-step runs (`StepLines`, `StepReceiver`)."""
@@ -960,7 +963,7 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
     job = asdict(MStepJob(init_model=init_model, train_file=str(train_file), seed=seed, cfg=worker_config(cfg),
                           valid_file=valid_file, valid_problems=valid_problems, verifier=verifier,
                           verification=verification or {}, max_new_tokens=max_new_tokens, stop=tuple(stop),
-                          stop_token_ids=tuple(stop_token_ids),
+                          stop_token_ids=tuple(stop_token_ids), end_token_id=end_token_id,
                           log_every_steps=log_every_steps if on_steps else 0))
     storage_path = cfg.storage_path or str(Path(storage).resolve())
     fingerprint = _job_fingerprint(job, train_file)
@@ -1055,7 +1058,8 @@ def _job_fingerprint(job: dict, train_file: Path | str) -> str:
     the training rows' bytes."""
     import hashlib
 
-    settings = {k: v for k, v in job.items() if k not in ("step_relay", "log_every_steps")}
+    settings = {k: v for k, v in job.items() if k not in ("step_relay", "log_every_steps")
+                and not (k == "end_token_id" and v is None)}  # (as M-steps finished before it existed were keyed)
     settings["cfg"] = {k: v for k, v in job["cfg"].items() if k not in _WHERE_NOT_WHAT}
     settings["verification"] = {k: v for k, v in (job.get("verification") or {}).items()
                                 if k not in ("num_workers", "max_workers", "cpus_per_worker", "resources")}

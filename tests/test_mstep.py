@@ -1004,6 +1004,11 @@ def test_each_trained_completion_ends_with_the_first_stop_token_id_or_eos(tmp_pa
     step = MStep({**job, "stop_token_ids": (7,)}, 0, 1, LocalReporter(str(tmp_path / "ckpts-own")))
     step._setup()
     assert [ids[-1] for ids, _ in step.data] == [[11, 7, 7, 7][i % 4] for i in range(len(SUMS))]
+    # no sampling.stop_token_ids, a model that stops on its template's end of turn (Gemma-2-it's): rows that ended
+    # on no stop id end with that token, not EOS
+    step = MStep({**job, "end_token_id": 11}, 0, 1, LocalReporter(str(tmp_path / "ckpts-turn")))
+    step._setup()
+    assert [ids[-1] for ids, _ in step.data] == [11] * len(SUMS)
 
 
 def _sentencepiece_style_tokenizer(legacy: bool):

@@ -170,7 +170,15 @@ def test_a_chat_template_whose_turns_end_on_another_token_than_eos_stops_samples
     # a model whose generation_config names stops of its own (an instruct model; gpt-oss, whose <|end|> closes a
     # message, not the answer): vLLM stops on them, and the template's end of turn is not added
     (base / "generation_config.json").write_text(json.dumps({"eos_token_id": [end - 2, end - 1]}))
-    assert load_task(cfg).stop_token_ids == ()
+    assert load_task(cfg).stop_token_ids == () and load_task(cfg).renderer.end_token_id is None
+    # one that stops on the template's end of turn (Gemma-2-it: <eos> and <end_of_turn>): still no stop added,
+    # but human solutions and EOS-ended samples are trained to end with it, as the chat format ends an answer
+    (base / "generation_config.json").write_text(json.dumps({"eos_token_id": [end - 2, end]}))
+    gemma_like = load_task(cfg)
+    assert gemma_like.stop_token_ids == () and gemma_like.renderer.end_token_id == end
+    assert Driver(cfg, tmp_path / "run-own")._mstep_args("x")["end_token_id"] == end
+    assert Driver(config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=base,
+                         sampling={"stop_token_ids": [3]}), tmp_path / "run-set")._mstep_args("x")["end_token_id"] is None
     (base / "generation_config.json").write_text(json.dumps({"eos_token_id": load_tokenizer(str(base)).eos_token_id}))
     assert load_task(cfg).stop_token_ids == (end,)  # a base model's: its EOS alone
     instruct = chat_model(tmp_path / "instruct", "<|im_end|>")
