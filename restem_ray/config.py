@@ -462,8 +462,8 @@ class EvaluationConfig(_Section):
 class ControlConfig(_Section):
     enabled: bool = Field(False, description="Also train the base further on task.seed_file (the control arm) and "
                                              "evaluate it, so ReST^EM is compared with 'just train longer on human data'.")
-    epochs: int | None = Field(None, ge=1, description="Control arm epochs; default: as many sequences as the "
-                                                       "largest M-step saw (training.epochs x its kept samples).")
+    epochs: int | None = Field(None, ge=1, description="Control arm epochs; default: as many optimizer steps (so "
+                                                       "sequences) as the largest M-step took, in whole epochs.")
 
 
 class LoopConfig(_Section):

@@ -303,14 +303,22 @@ class Driver:
         return pa.Table.from_pylist(rows, schema=schema)
 
     def control(self, base: str) -> None:
-        """Control arm: the base trained further on the human seed solutions, with as many training
-        sequences as the largest M-step saw, then evaluated like every iterate ("iteration": "control")."""
+        """Control arm: the base trained further on the human seed solutions, with as many optimizer steps (so
+        training sequences) as the largest M-step took, then evaluated like every iterate ("iteration":
+        "control")."""
+        from .sft import micro_steps_per_epoch
+
         d = self.run.root / "control"
         d.mkdir(exist_ok=True)
         if not self.run.done("control", "improve"):
-            kept = [m["kept"] + m.get("seed_rows_mixed", 0) for m in self.run.metrics()  # (the iterations this
-                    if m["phase"] == "select" and m["iteration"] <= self.last_iteration]  # run's loop went to)
             tc = self.cfg.training
+            # (the iterations this run's loop went to; M-steps recorded before "steps" was: from their rows)
+            per_epoch = micro_steps_per_epoch(len(self.seed_rows), tc.micro_batch_size, tc.num_workers,
+                                              tc.grad_accum) // tc.grad_accum
+            largest = [m.get("steps") or tc.epochs * micro_steps_per_epoch(
+                           m.get("rows", 0), tc.micro_batch_size, tc.num_workers, tc.grad_accum) // tc.grad_accum
+                       for m in self.run.metrics() if m["phase"] == "improve" and isinstance(m["iteration"], int)
+                       and m["iteration"] <= self.last_iteration]
             # A control M-step that left a checkpoint continues with the budget it started with: a resume with
             # more loop.iterations may see a larger M-step, and Ray Train would continue that checkpoint under
             # another schedule. One that left none starts afresh, with the budget of now. (Storage on a URI is
@@ -320,8 +328,9 @@ class Driver:
             started = "://" in storage or (Path(storage) / args["name"]).exists()
             pinned = m.get("control_epochs") if started and m.get("control_seed_rows", len(self.seed_rows)) == len(
                 self.seed_rows) else None
-            epochs = self.cfg.control.epochs or pinned or max(
-                1, -(-max(kept or [0]) * tc.epochs // max(1, len(self.seed_rows))))
+            # (the last epoch's fill repeats rows: counting rows, 200 seeds for 64 epochs filled to 256 a round
+            # trained 28% more sequences than the M-step it was sized to)
+            epochs = self.cfg.control.epochs or pinned or max(1, -(-max(largest or [0]) // max(1, per_epoch)))
             self.run.set(control_epochs=epochs, control_seed_rows=len(self.seed_rows))
             data = d / "train.parquet"
             write_parquet(data, self._seed_table(pa.schema([("id", pa.string()), ("sample_index", pa.int64()),

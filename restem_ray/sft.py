@@ -104,6 +104,13 @@ def warmup_cosine(step: int, total: int, warmup: int) -> float:
     return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
+def micro_steps_per_epoch(rows: int, micro_batch_size: int, world: int, grad_accum: int) -> int:
+    """Micro-steps in an epoch of `rows`: whole global batches (the last one filled), rounded up to whole
+    optimizer steps."""
+    n_micro = -(-rows // (micro_batch_size * world))
+    return -(-n_micro // grad_accum) * grad_accum
+
+
 def plan_epoch(lengths: list[int], micro_batch_size: int, world: int, grad_accum: int, seed: int) -> list[list[list[int]]]:
     """One epoch's micro-steps, each a list of `world` per-rank index lists.
 
@@ -115,8 +122,7 @@ def plan_epoch(lengths: list[int], micro_batch_size: int, world: int, grad_accum
     g = torch.Generator().manual_seed(seed)
     global_batch = micro_batch_size * world
     order = [i for b in length_grouped_batches(lengths, global_batch, g, partial_last=True) for i in b]
-    n_micro = -(-len(order) // global_batch)
-    n_micro = -(-n_micro // grad_accum) * grad_accum
+    n_micro = micro_steps_per_epoch(len(order), micro_batch_size, world, grad_accum)
     while len(order) < n_micro * global_batch:
         order += order[: n_micro * global_batch - len(order)]
     steps = []

@@ -74,10 +74,15 @@ def test_quick_demo_runs_every_phase(tmp_path):
     wrong_steps = [check_steps(train[k["id"]], k["completion"]) < 1.0 for k in kept]
     assert select["kept"] == len(kept) and 0 < sum(wrong_steps) < len(kept)
     assert select["kept_false_positive_rate"] == pytest.approx(sum(wrong_steps) / len(kept))
-    # the control arm sees as many training sequences as the M-step: ceil(kept x epochs / seed rows) epochs
+    # the control arm takes as many optimizer steps (of as many sequences) as the M-step, in whole epochs of
+    # its seed rows: not as many rows, which the fill of each epoch's last global batch would have exceeded
     control = next(m for m in lines if m["phase"] == "improve" and m["iteration"] == "control")
+    mstep = next(m for m in lines if m["phase"] == "improve" and m["iteration"] == 1)
     seeds = len(Path(cfg["task"]["seed_file"]).read_text().splitlines())
-    assert control["rows"] == seeds and control["epochs"] == -(-len(kept) * cfg["training"]["epochs"] // seeds)
+    tc = cfg["training"]
+    per_epoch = -(-(-(-seeds // (tc["micro_batch_size"] * tc["num_workers"]))) // tc["grad_accum"])
+    assert control["rows"] == seeds and control["epochs"] == -(-mstep["steps"] // per_epoch)
+    assert mstep["steps"] <= control["steps"] < mstep["steps"] + per_epoch
     assert (ckpt := out / "control" / "checkpoint" / "model.safetensors").is_file(), ckpt
     assert list((out / "tensorboard").glob("events.out.tfevents.*"))
     score = {(m["iteration"], m["split"]): m for m in evals}
