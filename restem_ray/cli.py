@@ -191,7 +191,7 @@ def check_inputs(cfg, local_sandbox: bool = True):
             check_model_dir(name, m)
     task = render_task(cfg, splits)
     check_lengths(cfg, task)
-    check_verifier(cfg, local_sandbox)
+    check_verifier(cfg, local_sandbox, {"train": task.train, **task.evals} if local_sandbox else None)
     if cfg.task.step_checker:
         load_plugin(cfg.task.step_checker, "task.step_checker")
     check_sinks(cfg.observability)

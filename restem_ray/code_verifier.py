@@ -431,6 +431,7 @@ class CodeGrader:
     def __init__(self, limits, sandbox: Sandbox | None = None):
         self.limits = limits
         self._sandbox = sandbox
+        self.last_exc = None
         lift_int_digit_limit()  # (cases, replies and outputs with integers of thousands of digits)
 
     @property
@@ -440,6 +441,7 @@ class CodeGrader:
         return self._sandbox
 
     def grade(self, problem: dict, completion: str) -> str:
+        self.last_exc = None  # a HumanEval-style program's exception type (`reference_failures` names it)
         io = _input_output(problem) if problem.get("input_output") else None
         name = (io or {}).get("fn_name") or problem.get("entry_point")
         code = extract_code(completion or "", name if isinstance(name, str) else None, seen_prompt(problem))
@@ -449,8 +451,9 @@ class CodeGrader:
             return self._apps(io, code, completion or "") if io is not None else "invalid_problem"
         if problem.get("test") and problem.get("entry_point"):
             candidate, test, context = humaneval_parts(problem, code)
-            return verdict_of(self.sandbox.run(candidate, mode="test", test=test, context=context,
-                                               entry=problem["entry_point"]))
+            result = self.sandbox.run(candidate, mode="test", test=test, context=context, entry=problem["entry_point"])
+            self.last_exc = (result.report or {}).get("exc")
+            return verdict_of(result)
         return "invalid_problem"
 
     def _apps(self, io: dict, code: str, completion: str) -> str:
@@ -490,3 +493,24 @@ class CodeGrader:
         if self._sandbox is not None:
             self._sandbox.close()
             self._sandbox = None
+
+
+# A released reference solution, where the format has one: HumanEval's body (EvalPlus's too), MBPP's function
+REFERENCE_FIELDS = ("canonical_solution", "code")
+
+
+def reference_failures(grader: CodeGrader, problems: list[dict], limit: int) -> tuple[int, str, list[str]]:
+    """Grade the released reference solutions of the first `limit` problems that have one: (how many, the field,
+    "id: verdict (exception)" for each that fails). A reference that fails in the sandbox fails every answer to
+    its problem alike (tests that import a package the sandbox's Python lacks, EvalPlus's numpy; limits too tight
+    for the problem)."""
+    with_ref = [p for p in problems if any(isinstance(p.get(f), str) and p[f].strip() for f in REFERENCE_FIELDS)]
+    field = next((f for f in REFERENCE_FIELDS if with_ref and isinstance(with_ref[0].get(f), str)), "")
+    failed = []
+    for p in with_ref[:limit]:
+        ref = next(p[f] for f in REFERENCE_FIELDS if isinstance(p.get(f), str) and p[f].strip())
+        verdict = grader.grade({k: v for k, v in p.items() if k != "sampled_prompt"}, ref)
+        if verdict != "passed":
+            exc = grader.last_exc if verdict == "runtime_error" else None  # (which error: a missing module?)
+            failed.append(f"{p['id']}: {verdict}" + (f" ({exc})" if exc else ""))
+    return min(len(with_ref), limit), field, failed

@@ -691,7 +691,10 @@ def resolve_verifier(name: str, task_kind: str) -> str:
     return "math" if task_kind == "math" else "code"
 
 
-def check_verifier(cfg, local_sandbox: bool = True) -> str:
+REFERENCES_CHECKED = 20  # per split, by `check`: a few seconds in the sandbox
+
+
+def check_verifier(cfg, local_sandbox: bool = True, splits: dict[str, list[dict]] | None = None) -> str:
     """Resolve and build the configured verifier once (imports a plug-in, starts a sandbox), so that a
     bad plug-in or a machine without bubblewrap fails before any run directory is written. Commands that
     grade in verifier actors (run, eval) pass local_sandbox=False: this machine need not run bubblewrap, and
@@ -699,5 +702,29 @@ def check_verifier(cfg, local_sandbox: bool = True) -> str:
     warm-up there, which only imports here)."""
     name = resolve_verifier(cfg.verification.verifier, cfg.task.kind)
     if name != "code" or local_sandbox:
-        Verifier(name, cfg.verification, warm=False).close()  # a plug-in's warm-up may want the workers' hardware
+        v = Verifier(name, cfg.verification, warm=False)  # a plug-in's warm-up may want the workers' hardware
+        try:
+            if name == "code" and splits:
+                check_references(v._code, splits)
+        finally:
+            v.close()
     return name
+
+
+def check_references(grader, splits: dict[str, list[dict]]) -> None:
+    """Each split's released reference solutions (the first REFERENCES_CHECKED), graded in the sandbox: a split
+    whose references all fail would grade every answer 0 (RunError-free: a wrong_answer or runtime_error is the
+    sample's verdict), so it is refused in one line; some failing is said, and the run may go on."""
+    from .code_verifier import reference_failures
+
+    for split, problems in splits.items():
+        checked, field, failed = reference_failures(grader, problems, REFERENCES_CHECKED)
+        if not failed:
+            continue
+        what = (f"{split} split: {len(failed)} of the {checked} reference solutions checked ({field}) fail in the "
+                f"sandbox ({', '.join(failed[:3])}{', ...' if len(failed) > 3 else ''})")
+        if len(failed) == checked:
+            raise UserError(f"{what}: every answer would be graded 0; do its tests import a package the sandbox's "
+                            "Python (verification.sandbox_python, standard library only) lacks, or need higher "
+                            "verification limits (timeout_s, memory_mb)?")
+        print(f"[restem] warning: {what}; answers to those problems cannot pass")

