@@ -695,6 +695,11 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"restem-ray: error: {e.filename}: {e.strerror or type(e).__name__}", file=sys.stderr)
         return 2
+    except KeyboardInterrupt:  # Ctrl-C (what a run had committed stays; --resume goes on from it)
+        if args.debug:
+            raise
+        print("restem-ray: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

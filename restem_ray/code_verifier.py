@@ -418,6 +418,11 @@ def unusable_code_fields(problem: dict) -> str | None:
         return f"field 'entry_point': {entry!r} is not a function name"
     if not (isinstance(test, str) and test.strip() and isinstance(entry, str) and entry.isidentifier()):
         return "missing or empty field 'test/entry_point or input_output' (test code and a function name)"
+    tree = _parse(test)  # (the harness calls check(entry_point) after it: no answer could pass otherwise)
+    if tree is None:
+        return "field 'test': not valid Python"
+    if not any(isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == "check" for n in tree.body):
+        return "field 'test': defines no check(candidate), which the harness calls with the entry point"
     return None
 
 

@@ -7,6 +7,7 @@ syntax for the value (`--set sampling.temperature=1.0`, `--set loop.iterations=2
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
 
@@ -182,7 +183,8 @@ class SamplingConfig(_Section):
     top_k: int = Field(40, ge=-1, description="E-step top-k, -1 for none (paper: 40).")
     top_p: float = Field(1.0, gt=0.0, le=1.0, description="E-step nucleus p.")
     max_tokens: int = Field(512, ge=1, description="Max new tokens per completion.")
-    stop: list[str] = Field(default_factory=list, description="Stop strings, e.g. the next few-shot question marker.")
+    stop: list[Annotated[str, Field(min_length=1)]] = Field(
+        default_factory=list, description="Stop strings, e.g. the next few-shot question marker (vLLM refuses an empty one).")
     split_stop: dict[str, list[str]] | None = Field(None, description=(
         "Stop strings of eval splits that sample with others than `stop`, split name -> strings. None: what their "
         "prompts imply (a plain-text code split in another released format, task.eval_datasets, stops as that "
@@ -655,7 +657,13 @@ def read_yaml(path: str | Path) -> dict:
     if not p.is_file():
         raise UserError(f"{p}: config file not found")
     try:
-        tree = yaml.load(p.read_text(encoding="utf-8"), Loader=_UniqueKeyLoader)
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise UserError(f"{p}: not UTF-8") from None
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
+    try:
+        tree = yaml.load(text, Loader=_UniqueKeyLoader)
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         why = e.problem if isinstance(e, yaml.constructor.ConstructorError) and "twice" in str(e.problem) else "not valid YAML"
@@ -685,8 +693,12 @@ def resolve_paths(tree: dict, base_dir: Path | None = None) -> dict:
     relative after the file's were resolved), to the current folder (`base_dir` None)."""
     base_dir = Path.cwd() if base_dir is None else base_dir
     def fix(v):
+        if isinstance(v, str) and v.startswith("~"):
+            v = os.path.expanduser(v)
         if isinstance(v, str) and v and "://" not in v and not Path(v).is_absolute():
-            return str((base_dir / v).resolve())
+            # (lexically, not through links: a file the Hugging Face cache links to a blob named by its hash
+            # keeps the name, and so the type, it was given; an absolute path is taken as it is, too)
+            return os.path.normpath(base_dir / v)
         return v
     task = tree.get("task")
     if isinstance(task, dict):

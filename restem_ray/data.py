@@ -57,7 +57,7 @@ def _required(row: dict, task_kind: str) -> str | None:
         return bad
     if task_kind == "math" and (row.get("answer") is None or str(row["answer"]).strip() == ""):
         return missing("answer")
-    if task_kind == "math" and (isinstance(row["answer"], (bytes, bytearray)) or (
+    if task_kind == "math" and (isinstance(row["answer"], (bytes, bytearray, dict)) or (
             isinstance(row["answer"], float) and not math.isfinite(row["answer"]))):  # (a bool is graded as text)
         return f"field 'answer' must be text or a number (got {_kind(row['answer'])})"
     if task_kind == "solutions":  # human-written worked solutions (task.seed_file)
@@ -80,6 +80,13 @@ def _read_rows(path: Path) -> list[tuple[int | None, dict]]:
     if path.suffix not in (".jsonl", ".json"):
         raise UserError(f"{path}: unknown problem file type (use .jsonl or .parquet)")
     rows = []
+    try:
+        return _read_json_lines(path, rows)
+    except OSError as e:  # (unreadable: permissions, an I/O error)
+        raise UserError(f"{path}: cannot read ({e.strerror or type(e).__name__})") from None
+
+
+def _read_json_lines(path: Path, rows: list) -> list[tuple[int | None, dict]]:
     with open(path, "rb") as f:
         for lineno, raw in enumerate(f, 1):
             try:
@@ -103,6 +110,8 @@ def _read_rows(path: Path) -> list[tuple[int | None, dict]]:
 def load_problems(path: str | Path, task_kind: str = "math", limit: int | None = None) -> list[dict]:
     """Read and validate a problem file; ids are normalised to str."""
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p}: is a folder, not a problem file")
     if not p.is_file():
         raise UserError(f"{p}: problem file not found")
     rows = _read_rows(p)

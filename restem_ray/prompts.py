@@ -313,6 +313,11 @@ def check_lengths(cfg: RestemConfig, task: Task) -> None:
     """Refuse a training.max_seq_len that the longest train prompt plus a full completion overflows, an engine
     max_model_len that a prompt alone overflows (vLLM would fail that request mid-run), and a stop token id
     the tokenizer lacks."""
+    for split, rows in {"train": task.train, **task.evals}.items():  # (vLLM refuses an empty prompt mid-run)
+        empty = next((r["id"] for r in rows if not r["prompt"].strip() or not r.get("train_prompt", "x").strip()), None)
+        if empty is not None:
+            raise UserError(f"{split} problem {empty!r}: its rendered prompt is empty (prompt.template "
+                            f"{cfg.prompt.template if cfg.prompt else None!r}, the chat template); see `restem-ray prompt`")
     tok = load_tokenizer(cfg.model.base)
     m = cfg.sampling.max_tokens
     pid, longest = _longest(tok, [(r["id"], r.get("train_prompt", r["prompt"])) for r in task.train])

@@ -571,6 +571,9 @@ def load_plugin(spec: str, key: str = "verification.verifier") -> Callable[[dict
     fn = getattr(mod, fn_name, None)
     if not callable(fn):
         raise UserError(f"{key}: {spec!r} is not a callable")
+    if inspect.iscoroutinefunction(fn) or inspect.isasyncgenfunction(fn) or inspect.isgeneratorfunction(fn):
+        raise UserError(f"{key}: {spec!r} is an async or generator function; give a plain function that returns "
+                        "its result")
     wants = PLUGIN_ARGS.get(key, ("problem", "completion"))
     try:  # a wrong signature would make every call fail, found only mid-run (every grade a verifier_error)
         inspect.signature(fn).bind(*wants)

@@ -187,6 +187,29 @@ CASES = {
                                "key 'task' given twice"),
     "non-finite float": (None, ["--set", "verification.answer_timeout_s=.inf"],
                          "verification.answer_timeout_s: Input should be a finite number"),
+    "data file unreadable": (lambda w: ((w / "t.jsonl").symlink_to("/proc/self/mem"),
+                                        edit_config(w, lambda t: t["task"].update(train_file="t.jsonl"))),
+                             [], "t.jsonl: cannot read (Input/output error)"),
+    "data file a folder": (lambda w: ((w / "d.jsonl").mkdir(), edit_config(w, lambda t: t["task"].update(train_file="d.jsonl"))),
+                           [], "d.jsonl: is a folder, not a problem file"),
+    "config file unreadable": (lambda w: ((w / "cfg.yaml").unlink(), (w / "cfg.yaml").symlink_to("/proc/self/mem")),
+                               [], "cfg.yaml: cannot read (Input/output error)"),
+    "config not utf-8": (lambda w: (w / "cfg.yaml").write_bytes(b"task: {train_file: \xff}\n"), [], "cfg.yaml: not UTF-8"),
+    "answer an object": (lambda w: jsonl_lines(w, [b'{"id": 1, "prompt": "q", "answer": {"v": "401"}}']), [],
+                         "train.jsonl:1: field 'answer' must be text or a number (got dict)"),
+    "empty stop string": (None, ["--set", "sampling.stop=['']"], "sampling.stop.0: String should have at least 1 character"),
+    "empty rendered prompt": (None, ["--set", "prompt.template=' '"],
+                              "train problem '0': its rendered prompt is empty (prompt.template ' '"),
+    "humaneval test not python": (lambda w: jsonl_lines(w, [json.dumps({"id": 1, "prompt": "def f():\n", "entry_point": "f",
+                                                                        "test": "assert candidate(1 =="}).encode()]),
+                                  ["--set", "task.kind=code", "--set", "verification.verifier=code"],
+                                  "train.jsonl:1: field 'test': not valid Python"),
+    "humaneval test without check": (lambda w: jsonl_lines(w, [json.dumps({"id": 1, "prompt": "def f():\n", "entry_point": "f",
+                                                                           "test": "assert True"}).encode()]),
+                                     ["--set", "task.kind=code", "--set", "verification.verifier=code"],
+                                     "train.jsonl:1: field 'test': defines no check(candidate)"),
+    "async plug-in": (None, ["--set", "verification.verifier=asyncio:sleep"],
+                      "verification.verifier: 'asyncio:sleep' is an async or generator function"),
     "ray address nobody listens at": (None, ["--set", "ray.address=127.0.0.1:9"],
                                       "ray.address: 127.0.0.1:9: cannot reach a Ray cluster there (Connection refused)"),
 }
@@ -422,3 +445,28 @@ def test_a_folder_given_as_config_or_a_path_with_an_equals_sign(world, capsys):
                  "--problems", f"valid={world / 'valid.jsonl'}"]) == 2
     err = capsys.readouterr().err
     assert "split name 'valid' given twice" in err and err.count("\n") == 1, err
+
+
+def test_a_relative_data_path_keeps_its_name_through_links_and_tilde_is_home(world, capsys, monkeypatch):
+    """The Hugging Face cache links a snapshot's files to blobs named by their hash, without an extension: a
+    relative path was resolved through the link and its type read from the blob's name ("unknown problem file
+    type"), where the same path given absolute passed. `~` is the home folder, not a folder named ~."""
+    (world / "blobs").mkdir()
+    (world / "blobs" / "3f9a2c1e8b7d").write_bytes((world / "train.jsonl").read_bytes())
+    (world / "snap").mkdir()
+    (world / "snap" / "train.jsonl").symlink_to(world / "blobs" / "3f9a2c1e8b7d")
+    edit_config(world, lambda t: t["task"].update(train_file="snap/train.jsonl"))
+    assert main(["check", str(world / "cfg.yaml")]) == 0, capsys.readouterr().err
+    monkeypatch.setenv("HOME", str(world / "snap"))
+    edit_config(world, lambda t: t["task"].update(train_file="~/train.jsonl"))
+    assert main(["check", str(world / "cfg.yaml")]) == 0, capsys.readouterr().err
+
+
+def test_ctrl_c_is_one_line_and_exit_130(world, capsys, monkeypatch):
+    import restem_ray.cli as cli
+
+    def interrupted(cfg, *a, **k):
+        raise KeyboardInterrupt
+    monkeypatch.setattr(cli, "check_inputs", interrupted)
+    assert main(["check", str(world / "cfg.yaml")]) == 130
+    assert capsys.readouterr().err == "restem-ray: interrupted\n"

@@ -170,7 +170,8 @@ def test_full_mbpp_train_leaves_out_the_sanitized_test_tasks_whose_prompts_were_
                   test_list=[f"assert f{i}() == {i}"]) for i in range(3)]  # tasks only train has
     (tmp_path / "train.jsonl").write_text("".join(json.dumps(r) + "\n" for r in raw[:3] + extra))
     sanitized = [{"task_id": 2, "prompt": raw[0]["text"], "code": raw[0]["code"],  # its tests corrected
-                  "test_list": [t.replace("== (", "== set((") for t in raw[0]["test_list"]], "test_imports": []},
+                  "test_list": ["assert set(" + t[len("assert "):].replace(" == (", ") == set((") + ")"
+                                for t in raw[0]["test_list"]], "test_imports": []},
                  {"task_id": 3, "prompt": "Write a python function that tells whether a number is not prime.",
                   "code": raw[1]["code"], "test_list": raw[1]["test_list"], "test_imports": []}]  # reworded
     (tmp_path / "test.json").write_text(json.dumps(sanitized))

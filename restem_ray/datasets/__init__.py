@@ -48,11 +48,17 @@ def read_rows(path: str | Path, what: str = "problem file") -> list[tuple[str, d
         except UserError as e:
             raise UserError(str(e).replace(local, shown)) from None
     p = Path(path)
+    if p.is_dir():
+        raise UserError(f"{p}: is a folder, not a {what}")
     if not p.is_file():
         raise UserError(f"{p}: {what} not found")
     if p.name.endswith(".jsonl.gz"):
         return _read_gzip_jsonl(p)
-    if p.suffix == ".json" and p.read_bytes()[:64].lstrip().startswith(b"["):
+    try:
+        array = p.suffix == ".json" and p.read_bytes()[:64].lstrip().startswith(b"[")
+    except OSError as e:
+        raise UserError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
+    if array:
         return _read_json_array(p)
     return [(where(p, line) if line is not None else f"{where(p, i + 1)} (row)", row)
             for i, (line, row) in enumerate(_read_rows(p))]
