@@ -183,6 +183,7 @@ def check_inputs(cfg, local_sandbox: bool = True):
     from .datasets import load_splits
     from .observability import check_sinks
     from .prompts import check_lengths, render_task, template_fields
+    from .training import check_lora_targets
     from .verification import check_verifier, load_plugin
 
     splits = load_splits(cfg.task, need=template_fields(cfg))
@@ -191,6 +192,7 @@ def check_inputs(cfg, local_sandbox: bool = True):
             check_model_dir(name, m)
     task = render_task(cfg, splits)
     check_lengths(cfg, task)
+    check_lora_targets(cfg.training, cfg.model.base)
     check_verifier(cfg, local_sandbox, {"train": task.train, **task.evals} if local_sandbox else None)
     if cfg.task.step_checker:
         load_plugin(cfg.task.step_checker, "task.step_checker")

@@ -29,7 +29,7 @@ from typing import Callable, ContextManager, Protocol
 
 from .config import TrainingConfig
 from .data import durable_replace, fsync_tree
-from .errors import RunError
+from .errors import RunError, UserError
 from .faults import crash_after_checkpoint
 from .remote import local_model_copy
 
@@ -312,6 +312,36 @@ def copy_tokenizer_files(base: str, hf: str, tokenizer) -> None:
         shutil.copytree(templates, os.path.join(hf, "additional_chat_templates"))
     if not any(n.startswith("tokenizer") or n == "tekken.json" for n in names):
         tokenizer.save_pretrained(hf)
+
+
+def check_lora_targets(cfg: TrainingConfig, model: str) -> None:
+    """Refuse `training.lora_target_modules` that name no module of the model (peft's NoMatchingPeftModuleError at
+    the first M-step, after a whole E-step): a list names modules by their last parts, a string is a regular
+    expression over whole names (or "all-linear"). The model is built on the meta device: no weights read."""
+    targets = cfg.lora_target_modules
+    if not cfg.lora_rank or targets == "all-linear":
+        return
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from .remote import local_model_files
+
+    try:
+        config = AutoConfig.from_pretrained(local_model_files(model))
+        with torch.device("meta"):
+            modules = [(n, m) for n, m in AutoModelForCausalLM.from_config(config).named_modules() if n]
+        names = [n for n, _ in modules]
+    except Exception:  # (a model the checks before let through but this cannot build: the M-step will say)
+        return
+    if isinstance(targets, str):
+        if not any(re.fullmatch(targets, n) for n in names):
+            raise UserError(f"training.lora_target_modules: {targets!r} matches no module of {model}")
+        return
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
+    if missing or not targets:
+        linear = sorted({n.rsplit(".", 1)[-1] for n, m in modules if isinstance(m, torch.nn.Linear)})
+        raise UserError(f"training.lora_target_modules: {missing or '[]'} name no module of {model} (its linear "
+                        f"layers: {', '.join(linear[:12])}{', ...' if len(linear) > 12 else ''})")
 
 
 def _ended(row: dict, default: int | None, ends: set[int]) -> int | None:

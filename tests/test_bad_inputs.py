@@ -470,3 +470,21 @@ def test_ctrl_c_is_one_line_and_exit_130(world, capsys, monkeypatch):
     monkeypatch.setattr(cli, "check_inputs", interrupted)
     assert main(["check", str(world / "cfg.yaml")]) == 130
     assert capsys.readouterr().err == "restem-ray: interrupted\n"
+
+
+def test_lora_target_modules_that_name_no_module_of_the_model_are_refused_at_check(world, capsys):
+    """peft raised NoMatchingPeftModuleError at the first M-step, after a whole E-step; `check` builds the model
+    on the meta device (no weights) and names what its modules are called."""
+    (world / "model" / "config.json").write_text(json.dumps({
+        "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
+        "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 512}))
+    check = lambda *s: main(["check", str(world / "cfg.yaml"), "--set", "training.lora_rank=8",  # noqa: E731
+                             *[x for kv in s for x in ("--set", kv)]])
+    assert check("training.lora_target_modules=[q_proj, nope_proj]") == 2
+    err = capsys.readouterr().err
+    assert "training.lora_target_modules: ['nope_proj'] name no module of" in err and "q_proj" in err
+    assert err.count("\n") == 1
+    assert check("training.lora_target_modules=nothing_here") == 2
+    assert "'nothing_here' matches no module of" in capsys.readouterr().err
+    for ok in ("[q_proj, v_proj]", "'.*layers\\.0\\.mlp\\.down_proj'", "all-linear"):
+        assert check(f"training.lora_target_modules={ok}") == 0, capsys.readouterr().err
