@@ -208,6 +208,11 @@ CASES = {
                                                                            "test": "assert True"}).encode()]),
                                      ["--set", "task.kind=code", "--set", "verification.verifier=code"],
                                      "train.jsonl:1: field 'test': defines no check(candidate)"),
+    "gsm8k row with a stray id": (lambda w: jsonl_lines(w, [json.dumps({"question": "q", "answer": "#### 4"}).encode(),
+                                                            json.dumps({"question": "r", "answer": "#### 5",
+                                                                        "id": "x"}).encode()]),
+                                  ["--set", "task.dataset=gsm8k"], "train.jsonl:1: missing or empty field 'id' "
+                                  "(train.jsonl:2 has one: give every row an id, or none, to number them by row)"),
     "async plug-in": (None, ["--set", "verification.verifier=asyncio:sleep"],
                       "verification.verifier: 'asyncio:sleep' is an async or generator function"),
     "ray address nobody listens at": (None, ["--set", "ray.address=127.0.0.1:9"],

@@ -127,13 +127,17 @@ def load_split(path: str | Path, *, kind: str, dataset: str | None = None, colum
         print(f"[data] {path}: skipped {skipped} of {len(rows)} rows ({why})")
     if not adapted:
         raise UserError(f"{path}: no problems in file ({skipped} rows skipped)")
-    numbered = not any(r.get("id") is not None for _, _, r in adapted)  # a file without ids: row numbers
+    with_id = next((loc for _, loc, r in adapted if r.get("id") is not None), None)
+    numbered = with_id is None  # a file without ids: row numbers
     seen, out = set(), []
     for index, loc, r in adapted:
         if numbered:
             r = {"id": str(index), **r}
         problem = _required(r, kind)
         if problem:
+            if r.get("id") is None and problem.startswith("missing or empty field 'id'"):  # (a stray id elsewhere)
+                problem += (f" ({with_id.rsplit('/', 1)[-1]} has one: give every row an id, or none, to number "
+                            "them by row)")
             raise UserError(f"{loc}: {problem}")
         missing = next((f for f in need if r.get(f) is None), None)
         if missing:
