@@ -84,8 +84,9 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
         before = completion[:first.start()]
         if not first.group(1) and _is_program(before):
             return before  # unfenced code, then the closing fence a base model adds (and whatever follows it)
-        # (untagged blocks of sample input before the program: the first block that does something)
-        return next((c for c in codes if _does_something(c)), codes[0]) if codes else before
+        if codes and name is None:  # (a stdin program after untagged blocks of sample input: the first that does
+            return next((c for c in codes if _does_something(c)), codes[0])  # something; a body parses alone never)
+        return codes[0] if codes else before
     return completion
 
 
@@ -514,7 +515,9 @@ def reference_failures(grader: CodeGrader, problems: list[dict], limit: int) -> 
     failed = []
     for p in with_ref[:limit]:
         ref = next(p[f] for f in REFERENCE_FIELDS if isinstance(p.get(f), str) and p[f].strip())
-        verdict = grader.grade({k: v for k, v in p.items() if k != "sampled_prompt"}, ref)
+        # (graded as written: not after a reasoning template's <think>, where an answer's code would come after
+        # its closing tag)
+        verdict = grader.grade({**p, "sampled_prompt": ""}, ref)
         if verdict != "passed":
             exc = grader.last_exc if verdict == "runtime_error" else None  # (which error: a missing module?)
             failed.append(f"{p['id']}: {verdict}" + (f" ({exc})" if exc else ""))

@@ -122,7 +122,8 @@ def problem_history(run: RunDir):
     parts = sorted(p for p in run.root.glob("iter_*/problems.parquet") if _in_run(int(p.parent.name[5:]), last))
     if not parts:
         return None
-    table = pa.concat_tables([pq.read_table(p) for p in parts])
+    # (iterations written before a column existed, correct_truncated: nulls there)
+    table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
     first: dict[str, int] = {}
     for r in table.select(["id", "iteration", "correct"]).to_pylist():
         if r["correct"] > 0 and (r["id"] not in first or r["iteration"] < first[r["id"]]):

@@ -10,7 +10,7 @@ child per program. The sandbox is:
 - new user, PID, network, IPC, UTS and cgroup namespaces; no network at all; the worker is PID 1;
 - a read-only root holding only /usr (the interpreter), its own /proc (none where a container's masked /proc
   forbids a new one) and a size-capped /tmp; no host paths (the run directory, credentials, home) exist
-  inside; an empty environment;
+  inside; an environment of one variable (MALLOC_ARENA_MAX);
 - limits: processes (whole sandbox), and per program address space, CPU time, file size, open files,
   no core files; the memory of a program's processes together (polled); a wall-clock kill; an output cap.
 Never run in-process, never a silent fall-back: without bubblewrap (or without the kernel features

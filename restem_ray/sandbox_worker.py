@@ -418,7 +418,7 @@ def _refusing(what: str, error=ValueError):
 # Refused with ValueError, which the standard library's own frame look-ups (namedtuple, typing, enum,
 # logging) already catch. A fork would let a branch per guessed answer run the asserts, and the one whose guesses
 # passed report; a sub-interpreter has no audit hook. Native code a program could load reads any memory: an
-# sqlite3 extension, an OpenSSL engine its configuration names (OPENSSL_CONF: no environment variables are set), an
+# sqlite3 extension, an OpenSSL engine its configuration names (OPENSSL_CONF: the environment holds MALLOC_ARENA_MAX alone), an
 # extension module outside the interpreter's own files (_guard_harness). An audit hook of the program's would be
 # given the asserts' code (the "exec" of it), and so their expected values (refused, it is not added). A link, a
 # rename or a new working directory would let a path the hook checked lead elsewhere when it is opened (a thread
@@ -627,10 +627,12 @@ def _reap_all():
 CLEAN_S = 5.0
 
 
-# System V IPC (shmctl, msgctl, semctl): the command that gives the highest index in use, the one that gives an
-# index's id, and IPC_RMID. Linux's values.
-_SYSV = (("shmctl", 14, 13), ("msgctl", 12, 11), ("semctl", 19, 18))
+# System V IPC (shmctl, msgctl, semctl): the command that gives the highest index in use, the ones that give an
+# index's id (*_STAT_ANY, Linux 4.17+, whatever the object's mode: a segment made with mode 0 hid from *_STAT;
+# else *_STAT), and IPC_RMID. Linux's values.
+_SYSV = (("shmctl", 14, (15, 13)), ("msgctl", 12, (13, 11)), ("semctl", 19, (20, 18)))
 _IPC_RMID = 0
+_EINVAL = 22  # an index no object holds
 
 
 def _sysv_call(name: str, ident: int, cmd: int, buf) -> int:
@@ -641,18 +643,23 @@ def _sysv_call(name: str, ident: int, cmd: int, buf) -> int:
 def _clear_sysv_ipc() -> bool:
     """Remove every System V shared-memory segment, message queue and semaphore set a program left (they outlive
     it in the sandbox's IPC namespace: memory no limit counted, and data the next program could read). False if
-    one could not be removed (the host then starts a fresh sandbox)."""
+    one could not be found out or removed (the host then starts a fresh sandbox)."""
     if _libc is None:
         return True
     import ctypes
 
     buf = ctypes.create_string_buffer(512)  # (shmid_ds, msqid_ds, semid_ds and the *_info structs are smaller)
     clean = True
-    for name, info, stat in _SYSV:
+    for name, info, stats in _SYSV:
         top = _sysv_call(name, 0, info, buf)
         for index in range(top + 1):
-            ident = _sysv_call(name, index, stat, buf)
-            if ident >= 0 and _sysv_call(name, ident, _IPC_RMID, None) < 0:
+            for stat in stats:
+                ident = _sysv_call(name, index, stat, buf)
+                if ident >= 0 or ctypes.get_errno() != _EINVAL:
+                    break
+            if ident >= 0:
+                clean &= _sysv_call(name, ident, _IPC_RMID, None) >= 0
+            elif ctypes.get_errno() != _EINVAL:  # (one the worker may not even look at)
                 clean = False
     return clean
 
@@ -927,7 +934,7 @@ def main():
 
     # PR_SET_DUMPABLE = 4: no process may ptrace us or read our memory (a fork keeps the flag: _child sets it back)
     global _prctl, _libc
-    _libc = ctypes.CDLL(None)
+    _libc = ctypes.CDLL(None, use_errno=True)
     _prctl = _libc.prctl
     _prctl(4, 0, 0, 0, 0)
     signal.signal(signal.SIGINT, signal.SIG_IGN)

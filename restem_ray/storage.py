@@ -88,6 +88,13 @@ def written_by_a_driver(config_yaml: str) -> bool:
     return isinstance(tree, dict) and set(RestemConfig.model_fields) <= set(tree)
 
 
+def _same_file(a, b) -> bool:
+    """Two absolute paths to one file or folder: config.yaml recorded relative paths resolved through links
+    before it recorded them as written (a resume of such a run names the same data through its link)."""
+    return (isinstance(a, str) and isinstance(b, str) and a.startswith("/") and b.startswith("/")
+            and os.path.realpath(a) == os.path.realpath(b))
+
+
 class RunDir:
     def __init__(self, root: str | Path, sink=None):
         self.root = Path(root)
@@ -164,7 +171,7 @@ class RunDir:
         # a key added to restem-ray since the run was created: the run had its default
         old |= {k: key_default(k) for k in new if k not in old}
         changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS
-                   and not k.startswith(RESUME_SAFE_SECTIONS)]
+                   and not k.startswith(RESUME_SAFE_SECTIONS) and not _same_file(old.get(k), new.get(k))]
         if changed and not force:
             k = changed[0]
             raise UserError(f"{path}: resuming with a changed config ({k}: {old.get(k)!r} -> {new.get(k)!r}"

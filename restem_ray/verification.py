@@ -333,7 +333,9 @@ def _in_base(answer: str) -> tuple[str, int] | None:
 
 
 # \boxed{\text{18 dollars}}: the whole answer written as text, a number and its unit (math-verify reads no number)
-_NUMBER_IN_TEXT = re.compile(r"\s*\\(?:text(?:bf|rm)?|mbox|mathrm)\s*\{\s*((?:" + _NUM_RE + r"))\s+[A-Za-z][A-Za-z\s.]*\}\s*")
+_NUMBER_IN_TEXT = re.compile(r"\s*\\(?:text(?:bf|rm)?|mbox|mathrm)\s*\{\s*((?:" + _NUM_RE + r"))\s+"
+                             r"(?!(?:dozens?|hundreds?|thousands?|millions?|billions?|trillions?)\b)"
+                             r"[A-Za-z][A-Za-z\s.]*\}\s*", re.IGNORECASE)  # (not "1 million": 1,000,000)
 
 
 def _number_in_text(answer: str) -> str:

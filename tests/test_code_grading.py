@@ -179,6 +179,13 @@ def test_the_implementation_is_graded_not_the_stub_a_chat_answer_quotes_first(gr
     assert grader.grade(add, stub_only) == "wrong_answer"  # (a stub alone is still the answer, and fails)
 
 
+def test_a_fenced_body_then_an_example_block_grades_the_body(grader):
+    add = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
+           "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
+    assert grader.grade(add, "The body:\n```python\n    return a + b\n```\nExample:\n```python\nprint(add(2, 3))\n```\n") \
+        == "passed"
+
+
 def test_a_stdin_program_after_a_block_of_sample_input_and_after_indented_prose(grader):
     stdin = {"id": "apps-io", "prompt": "", "input_output": json.dumps(
         {"inputs": ["3\n1 2 3\n", "2\n5 5\n"], "outputs": ["6\n", "10\n"]})}

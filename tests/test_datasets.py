@@ -477,3 +477,14 @@ def test_check_grades_the_released_reference_solutions_in_the_sandbox(tmp_path, 
     assert "[restem] warning: train split: 2 of the 6 reference solutions checked (canonical_solution) fail in " \
            "the sandbox (HumanEval/4: runtime_error (TypeError), HumanEval/5: wrong_answer); answers to those" in out
     assert "valid split" not in out and out.strip().endswith(f"{cfg}: ok")
+    # a reasoning model's template ends its prompts with <think>: a reference is code as written, not a trace
+    from restem_ray.code_verifier import CodeGrader, reference_failures
+    from restem_ray.sandbox import SandboxLimits
+
+    grader = CodeGrader(SandboxLimits(timeout_s=5.0))
+    try:
+        r1 = [dict(r, id=r["task_id"], prompt=r["prompt"] + "<|Assistant|><think>\n", code_prompt=r["prompt"])
+              for r in rows[:3]]
+        assert reference_failures(grader, r1, 3) == (3, "canonical_solution", [])
+    finally:
+        grader.close()

@@ -43,8 +43,12 @@ def test_problem_history_tracks_when_each_problem_was_first_solved(tmp_path):
         rows = [{"id": i, "iteration": t, "drawn": 4, "correct": c, "distinct_correct": min(c, 1),
                  "kept": min(c, 1), "pass_rate": c / 4} for i, c in correct.items()]
         pq.write_table(pa.Table.from_pylist(rows), run.iter_dir(t) / "problems.parquet")
+    # iteration 2 as today's code writes it (correct_truncated), iteration 1 as older code did
+    two = pq.read_table(run.iter_dir(2) / "problems.parquet")
+    pq.write_table(two.append_column("correct_truncated", pa.array([0] * two.num_rows)), run.iter_dir(2) / "problems.parquet")
     summary = write_problem_history(run)
     table = pq.read_table(run.root / "problems.parquet").to_pylist()
+    assert [r["correct_truncated"] for r in table] == [None] * 3 + [0] * 3
     first = {r["id"]: r["first_solved"] for r in table}
     assert first == {"a": 2, "b": 1, "c": None} and len(table) == 6
     assert "iteration 1: 1, iteration 2: 1; never: 1 of 3" in summary

@@ -734,10 +734,10 @@ def test_system_v_shared_memory_counts_against_the_limit_and_never_reaches_the_n
                       "    ctypes.memset(a, 1, 200 << 20)\n    libc.shmdt(ctypes.c_void_p(a))\nprint('done')\n")
         assert box.run(hog).end == "memory_limit"
         put = libc + ("a = libc.shmat(libc.shmget(0x1234, 4096, 0o1600), None, 0)\nctypes.memmove(a, b'SECRET', 6)\n"
-                      "libc.msgget(0x1235, 0o1600)\nprint('put')\n")
+                      "libc.msgget(0x1235, 0o1600)\nlibc.shmget(0x1236, 64 << 20, 0o1000)\nprint('put')\n")
         assert box.run(put).stdout == "put\n"
-        get = libc + "print(libc.shmget(0x1234, 4096, 0o600), libc.msgget(0x1235, 0o600))\n"
-        assert box.run(get).stdout == "-1 -1\n"  # (the segment and the queue are gone)
+        get = libc + "print(libc.shmget(0x1234, 4096, 0o600), libc.msgget(0x1235, 0o600), libc.shmget(0x1236, 0, 0))\n"
+        assert box.run(get).stdout == "-1 -1 -1\n"  # (the segments, one of mode 0, and the queue are gone)
         mq = "import ctypes\nlibc = ctypes.CDLL(None)\nprint(libc.mq_open(b'/q', 0o100 | 0o2, 0o600, None))\n"
         assert box.run(mq).stdout == "-1\n"  # POSIX message queues, which outlive a program too: none
     finally:

@@ -76,6 +76,24 @@ def test_resume_allows_safe_changes_and_forced_ones(tmp_path):
     assert yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())["training"]["lr"] == 0.01
 
 
+def test_a_resume_that_names_the_same_data_through_a_link_is_no_config_change(tmp_path):
+    """config.yaml recorded relative paths resolved through links; they are now recorded as written (the HF
+    cache's hash-named blobs kept no file type): a run from before names the same file, and resumes."""
+    import yaml
+
+    (tmp_path / "real").mkdir()
+    (tmp_path / "real" / "train.jsonl").write_text("{}\n")
+    (tmp_path / "data").symlink_to(tmp_path / "real")
+    run = RunDir(tmp_path / "run")
+    run.create(yaml.safe_dump({"task": {"train_file": str(tmp_path / "real" / "train.jsonl")}}), resume=False)
+    RunDir(tmp_path / "run").create(yaml.safe_dump({"task": {"train_file": str(tmp_path / "data" / "train.jsonl")}}),
+                                    resume=True)
+    (tmp_path / "other.jsonl").write_text("{}\n")
+    with pytest.raises(UserError, match="task.train_file"):
+        RunDir(tmp_path / "run").create(yaml.safe_dump({"task": {"train_file": str(tmp_path / "other.jsonl")}}),
+                                        resume=True)
+
+
 def test_a_run_from_before_a_key_existed_resumes_when_the_key_keeps_its_default(tmp_path):
     """A config key added to restem-ray later is missing from an older run's config.yaml: that run had the key's
     default, so resuming with the default is no change; another value is one."""

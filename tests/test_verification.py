@@ -142,6 +142,7 @@ def test_numeric_and_latex_equivalence():
     assert answers_match("18", "\\text{18 dollars}") and answers_match("\\text{18 dollars}", "18")
     assert answers_match("-3", "\\textbf{-3 degrees}") and not answers_match("18", "\\text{19 dollars}")
     assert not answers_match("18", "\\text{18 x 2 dollars}")
+    assert not answers_match("1", "\\text{1 million}") and not answers_match("3", "\\text{3 Dozen}")  # a multiplier
 
 
 def test_plain_numbers_compare_exactly():
