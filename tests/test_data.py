@@ -43,7 +43,8 @@ def test_missing_and_unknown_files(tmp_path):
 
 def test_parquet_and_code_fields(tmp_path):
     p = tmp_path / "p.parquet"
-    pq.write_table(pa.Table.from_pylist([{"id": "a", "prompt": "def f():", "test": "assert 1", "entry_point": "f"}]), p)
+    pq.write_table(pa.Table.from_pylist([{"id": "a", "prompt": "def f():", "test": "def check(candidate):\n    assert 1\n",
+                                          "entry_point": "f"}]), p)
     assert load_problems(p, "code")[0]["id"] == "a"
     with pytest.raises(UserError, match="test/entry_point or input_output"):
         load_problems(jsonl(tmp_path, [json.dumps({"id": 1, "prompt": "x"})]), "code")
