@@ -228,6 +228,35 @@ def check_model_dir(name: str, path: str) -> None:
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise UserError(f"{name}: {path}: no tokenizer files")
     check_architecture(name, p / "config.json")
+    check_weights(name, p)
+
+
+def check_weights(name: str, folder: Path) -> None:
+    """A model folder's weights: present (vLLM failed at the first E-step without them) and, for safetensors
+    files, with a header that reads (a copy cut short). Folders whose config.json names no architecture (not a
+    saved model: tests' tokenizer folders) are not looked at."""
+    import json
+    import struct
+
+    try:
+        config = json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError):
+        return  # (check_architecture has said what is wrong)
+    if not (isinstance(config, dict) and config.get("architectures")):
+        return
+    shards = sorted(folder.glob("*.safetensors"))
+    if not shards and not any(folder.glob("pytorch_model*.bin")):
+        raise UserError(f"{name}: {folder}: no weights (*.safetensors or pytorch_model*.bin)")
+    for shard in shards:
+        try:
+            with open(shard, "rb") as f:
+                head = f.read(8)
+                size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+                ok = 2 <= size <= shard.stat().st_size - 8 and isinstance(json.loads(f.read(size)), dict)
+        except (OSError, ValueError, UnicodeDecodeError):
+            ok = False
+        if not ok:
+            raise UserError(f"{name}: {shard}: not a readable safetensors file (cut short or damaged)")
 
 
 def check_architecture(name: str, config_json: Path) -> None:

@@ -213,6 +213,13 @@ CASES = {
                                                                         "id": "x"}).encode()]),
                                   ["--set", "task.dataset=gsm8k"], "train.jsonl:1: missing or empty field 'id' "
                                   "(train.jsonl:2 has one: give every row an id, or none, to number them by row)"),
+    "model without weights": (lambda w: (w / "model" / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})), [],
+        "/model: no weights (*.safetensors or pytorch_model*.bin)"),
+    "model weights cut short": (lambda w: ((w / "model" / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})),
+        (w / "model" / "model.safetensors").write_bytes(b"\x10\x27\x00\x00\x00\x00\x00\x00{\"w\": ")), [],
+        "model.safetensors: not a readable safetensors file (cut short or damaged)"),
     "async plug-in": (None, ["--set", "verification.verifier=asyncio:sleep"],
                       "verification.verifier: 'asyncio:sleep' is an async or generator function"),
     "ray address nobody listens at": (None, ["--set", "ray.address=127.0.0.1:9"],
@@ -480,9 +487,13 @@ def test_ctrl_c_is_one_line_and_exit_130(world, capsys, monkeypatch):
 def test_lora_target_modules_that_name_no_module_of_the_model_are_refused_at_check(world, capsys):
     """peft raised NoMatchingPeftModuleError at the first M-step, after a whole E-step; `check` builds the model
     on the meta device (no weights) and names what its modules are called."""
+    import torch
+    from safetensors.torch import save_file
+
     (world / "model" / "config.json").write_text(json.dumps({
         "model_type": "llama", "architectures": ["LlamaForCausalLM"], "hidden_size": 16, "intermediate_size": 32,
         "num_hidden_layers": 1, "num_attention_heads": 2, "num_key_value_heads": 2, "vocab_size": 512}))
+    save_file({"w": torch.zeros(1)}, str(world / "model" / "model.safetensors"))  # (check reads its header)
     check = lambda *s: main(["check", str(world / "cfg.yaml"), "--set", "training.lora_rank=8",  # noqa: E731
                              *[x for kv in s for x in ("--set", kv)]])
     assert check("training.lora_target_modules=[q_proj, nope_proj]") == 2
