@@ -30,13 +30,22 @@ def completion_ids(tokenizer, prompt: str, prompt_ids: list[int], completion: st
     is tokenized after a newline, whose own tokens are then dropped (so not at the start of a text either)."""
     whole = tokenizer(prompt + completion).input_ids
     n = len(prompt_ids)
-    if whole[:n] == prompt_ids:
+    # A special token's text inside the completion (the model wrote "<|im_end|>" piece by piece; vLLM decodes
+    # without special tokens, so a sample holds no real one) stays text: parsed as the token, the M-step would
+    # train the end of turn mid-answer.
+    split = _holds_special_text(tokenizer, completion)
+    if whole[:n] == prompt_ids and not split:
         return whole[n:]
     anchor = tokenizer("\n", add_special_tokens=False).input_ids
-    after = tokenizer("\n" + completion, add_special_tokens=False).input_ids
+    after = tokenizer("\n" + completion, add_special_tokens=False, split_special_tokens=split).input_ids
     if after[:len(anchor)] == anchor:
         return after[len(anchor):]
-    return tokenizer(completion, add_special_tokens=False).input_ids  # the newline merged with the completion
+    # (the newline merged with the completion)
+    return tokenizer(completion, add_special_tokens=False, split_special_tokens=split).input_ids
+
+
+def _holds_special_text(tokenizer, text: str) -> bool:
+    return any(t.special and t.content in text for t in getattr(tokenizer, "added_tokens_decoder", {}).values())
 
 
 def pad_id(tokenizer) -> int:

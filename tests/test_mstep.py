@@ -1059,6 +1059,22 @@ def test_a_trained_completion_has_the_tokens_it_has_after_its_prompt(kind):
         assert tok.decode(ids, skip_special_tokens=True) == prompt + completion, tok.convert_ids_to_tokens(ids)
 
 
+
+def test_a_special_tokens_text_in_a_completion_is_trained_as_text():
+    """vLLM decodes samples without special tokens, so "<|im_end|>" in a completion is text the model wrote piece
+    by piece (and a seed solution may hold it): tokenized as the end-of-turn token it taught the model to end its
+    turn mid-answer. Only the end appended after the completion is the token."""
+    from restem_ray.tiny_chat import build_chat_tokenizer
+
+    tok = build_chat_tokenizer()
+    end = tok.convert_tokens_to_ids("<|im_end|>")
+    prompt = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    ids, labels = encode(tok, prompt, "It is 5<|im_end|> so #### 5", end=end)
+    completion = [y for y in labels if y != IGNORE]
+    assert completion.count(end) == 1 and completion[-1] == end
+    assert tok.decode(completion[:-1]) == "It is 5<|im_end|> so #### 5"
+    assert ids[:len(tok(prompt).input_ids)] == tok(prompt).input_ids  # the prompt's own special tokens stay
+
 @slow
 def test_compiled_layers_train_as_eager_ones_with_one_graph_for_every_width(tmp_path, single_process_group):
     """training.compile_layers: every decoder layer compiled (dynamic shapes) trains to the same losses and weights
