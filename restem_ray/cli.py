@@ -212,7 +212,7 @@ def check_output_file(out: Path, suffixes: tuple[str, ...]) -> None:
         raise UserError(f"--out {out}: not writable")
 
 
-def check_model_dir(name: str, path: str) -> None:
+def check_model_dir(name: str, path: str, weights: bool = True) -> None:
     from .remote import check_uri, is_uri
 
     if is_uri(path):  # the same checks on the object store, without copying the weights here
@@ -228,15 +228,17 @@ def check_model_dir(name: str, path: str) -> None:
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise UserError(f"{name}: {path}: no tokenizer files")
     check_architecture(name, p / "config.json")
-    check_weights(name, p)
+    if weights:
+        check_weights(name, p)
 
 
 def check_weights(name: str, folder: Path) -> None:
     """A model folder's weights: present (vLLM failed at the first E-step without them) and, for safetensors
-    files, with a header that reads (a copy cut short). Folders whose config.json names no architecture (not a
-    saved model: tests' tokenizer folders) are not looked at."""
+    files, whole: a header that reads and tensor data that fills the file to its end, as the format requires (a
+    copy cut short). With an index, exactly the shards it names (vLLM and transformers read no others: Mistral's
+    consolidated.safetensors beside them may be a git-lfs pointer). Folders whose config.json names no
+    architecture (not a saved model: tests' tokenizer folders) are not looked at."""
     import json
-    import struct
 
     try:
         config = json.loads((folder / "config.json").read_text())
@@ -244,19 +246,41 @@ def check_weights(name: str, folder: Path) -> None:
         return  # (check_architecture has said what is wrong)
     if not (isinstance(config, dict) and config.get("architectures")):
         return
-    shards = sorted(folder.glob("*.safetensors"))
+    index = folder / "model.safetensors.index.json"
+    if index.is_file():
+        try:
+            shards = sorted({folder / f for f in json.loads(index.read_text())["weight_map"].values()})
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            raise UserError(f"{name}: {index}: not a safetensors index (no weight_map)") from None
+        missing = next((s for s in shards if not s.is_file()), None)
+        if missing is not None:
+            raise UserError(f"{name}: {missing}: a shard {index.name} names is missing")
+    else:
+        shards = sorted(folder.glob("*.safetensors"))
     if not shards and not any(folder.glob("pytorch_model*.bin")):
         raise UserError(f"{name}: {folder}: no weights (*.safetensors or pytorch_model*.bin)")
     for shard in shards:
-        try:
-            with open(shard, "rb") as f:
-                head = f.read(8)
-                size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
-                ok = 2 <= size <= shard.stat().st_size - 8 and isinstance(json.loads(f.read(size)), dict)
-        except (OSError, ValueError, UnicodeDecodeError):
-            ok = False
-        if not ok:
-            raise UserError(f"{name}: {shard}: not a readable safetensors file (cut short or damaged)")
+        if not _whole_safetensors(shard):
+            raise UserError(f"{name}: {shard}: not a whole safetensors file (cut short or damaged)")
+
+
+def _whole_safetensors(path: Path) -> bool:
+    """The header reads and its tensors' data ends where the file does (safetensors' own rule)."""
+    import json
+    import struct
+
+    try:
+        with open(path, "rb") as f:
+            head = f.read(8)
+            size = struct.unpack("<Q", head)[0] if len(head) == 8 else -1
+            total = path.stat().st_size
+            if not 2 <= size <= total - 8:
+                return False
+            header = json.loads(f.read(size))
+        ends = [t["data_offsets"][1] for k, t in header.items() if k != "__metadata__"]
+        return isinstance(header, dict) and 8 + size + max(ends, default=0) == total
+    except (OSError, ValueError, UnicodeDecodeError, KeyError, TypeError, IndexError, AttributeError):
+        return False
 
 
 def check_architecture(name: str, config_json: Path) -> None:
@@ -445,7 +469,7 @@ def cmd_prompt(args) -> int:
 
     cfg = load_config(args.config, args.set)
     splits = load_splits(cfg.task, need=template_fields(cfg))
-    check_model_dir("model.base", cfg.model.base)
+    check_model_dir("model.base", cfg.model.base, weights=False)  # (prompts need only the tokenizer)
     renderer = make_renderer(cfg)
     tok = load_tokenizer(cfg.model.base)
     how = "as written in the file (no prompt section)" if renderer is None else (

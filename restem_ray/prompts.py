@@ -43,7 +43,9 @@ def _load_tokenizer(path: str):
 
     folder = local_model_files(path)  # a URI: this node's copy of its small files (not the weights)
     try:
-        tok = AutoTokenizer.from_pretrained(folder)
+        # (a Mistral folder's tekken.json as vLLM's tokenizer_mode "hf" loads it, sampling.tokenizer_mode: not
+        # mistral_common's backend, which writes a rendered [INST] as text)
+        tok = AutoTokenizer.from_pretrained(folder, mistral_format=False)
     except Exception as e:  # a broken or foreign folder: one line, not a transformers traceback
         raise UserError(f"{path}: cannot load its tokenizer ({first_line(e)})") from None
     # transformers 5 rebuilds a tokenizer from its tokenizer_class: a byte-level BPE folder that names a

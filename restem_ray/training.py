@@ -469,7 +469,7 @@ class MStep:
         pin_local_rank_to_current_device(cfg.use_gpu)  # before zero.Init and the engine pick their device
         torch.manual_seed(job["seed"])
         self.init_model = local_model_copy(job["init_model"])  # a URI base: this node's copy, made once
-        self.tok = AutoTokenizer.from_pretrained(self.init_model)
+        self.tok = AutoTokenizer.from_pretrained(self.init_model, mistral_format=False)  # (as vLLM's, prompts.py)
         ds_config = deepspeed_config(cfg, self.world)
         # Loaded in the training dtype: DeepSpeed's bf16 mode casts the module to bf16 anyway (its fp32
         # master copy is made from those), so an fp32 load only doubles host memory on the way.

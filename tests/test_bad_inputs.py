@@ -219,12 +219,30 @@ CASES = {
     "model weights cut short": (lambda w: ((w / "model" / "config.json").write_text(json.dumps(
         {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})),
         (w / "model" / "model.safetensors").write_bytes(b"\x10\x27\x00\x00\x00\x00\x00\x00{\"w\": ")), [],
-        "model.safetensors: not a readable safetensors file (cut short or damaged)"),
+        "model.safetensors: not a whole safetensors file (cut short or damaged)"),
+    "model weights cut short in the data": (lambda w: cut_weights(w), [],
+                                            "model.safetensors: not a whole safetensors file (cut short or damaged)"),
+    "model shard missing": (lambda w: ((w / "model" / "config.json").write_text(json.dumps(
+        {"model_type": "llama", "architectures": ["LlamaForCausalLM"]})),
+        (w / "model" / "model.safetensors.index.json").write_text(json.dumps(
+            {"weight_map": {"a": "model-00001-of-00002.safetensors", "b": "model-00002-of-00002.safetensors"}}))), [],
+        "model-00001-of-00002.safetensors: a shard model.safetensors.index.json names is missing"),
     "async plug-in": (None, ["--set", "verification.verifier=asyncio:sleep"],
                       "verification.verifier: 'asyncio:sleep' is an async or generator function"),
     "ray address nobody listens at": (None, ["--set", "ray.address=127.0.0.1:9"],
                                       "ray.address: 127.0.0.1:9: cannot reach a Ray cluster there (Connection refused)"),
 }
+
+
+def cut_weights(w):
+    """A model folder whose safetensors file lost its second half (a copy cut short: the header is whole)."""
+    import torch
+    from safetensors.torch import save_file
+
+    (w / "model" / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"]}))
+    save_file({"w": torch.zeros(1000)}, str(w / "model" / "model.safetensors"))
+    data = (w / "model" / "model.safetensors").read_bytes()
+    (w / "model" / "model.safetensors").write_bytes(data[: len(data) // 2])
 
 
 def corrupt_gzip() -> bytes:
