@@ -306,17 +306,16 @@ class Driver:
         """Control arm: the base trained further on the human seed solutions, with as many optimizer steps (so
         training sequences) as the largest M-step took, then evaluated like every iterate ("iteration":
         "control")."""
-        from .sft import micro_steps_per_epoch
+        from .sft import steps_per_epoch
 
         d = self.run.root / "control"
         d.mkdir(exist_ok=True)
         if not self.run.done("control", "improve"):
             tc = self.cfg.training
             # (the iterations this run's loop went to; M-steps recorded before "steps" was: from their rows)
-            per_epoch = micro_steps_per_epoch(len(self.seed_rows), tc.micro_batch_size, tc.num_workers,
-                                              tc.grad_accum) // tc.grad_accum
-            largest = [m.get("steps") or tc.epochs * micro_steps_per_epoch(
-                           m.get("rows", 0), tc.micro_batch_size, tc.num_workers, tc.grad_accum) // tc.grad_accum
+            batch = (tc.micro_batch_size, tc.num_workers, tc.grad_accum)
+            per_epoch = steps_per_epoch(len(self.seed_rows), *batch)
+            largest = [m.get("steps") or tc.epochs * steps_per_epoch(m.get("rows", 0), *batch)
                        for m in self.run.metrics() if m["phase"] == "improve" and isinstance(m["iteration"], int)
                        and m["iteration"] <= self.last_iteration]
             # A control M-step that left a checkpoint continues with the budget it started with: a resume with

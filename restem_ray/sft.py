@@ -139,6 +139,11 @@ def micro_steps_per_epoch(rows: int, micro_batch_size: int, world: int, grad_acc
     return -(-n_micro // grad_accum) * grad_accum
 
 
+def steps_per_epoch(rows: int, micro_batch_size: int, world: int, grad_accum: int) -> int:
+    """Optimizer steps in an epoch of `rows`."""
+    return micro_steps_per_epoch(rows, micro_batch_size, world, grad_accum) // grad_accum
+
+
 def plan_epoch(lengths: list[int], micro_batch_size: int, world: int, grad_accum: int, seed: int) -> list[list[list[int]]]:
     """One epoch's micro-steps, each a list of `world` per-rank index lists.
 
