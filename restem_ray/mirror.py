@@ -399,8 +399,11 @@ class RunMirror:
 
 def _local_files(root: Path):
     """(relative path, [size, mtime_ns]) of every regular file to mirror: not the lock or the mirror state, not
-    temporary names (written, then renamed), not symbolic links."""
+    temporary names (written, then renamed), not symbolic links, not Ray Train's storage of an M-step
+    (`mstep-*` folders: every rank's DeepSpeed state, about 100 GB for a 7B model; a run that wants it on the
+    store sets `training.storage_path` there) nor a checkpoint being assembled (`checkpoint.tmp`)."""
     for dirpath, dirnames, filenames in os.walk(root):
+        dirnames[:] = [d for d in dirnames if not (d.startswith("mstep-") or d.endswith(".tmp"))]
         for name in filenames:
             if name in LOCAL_ONLY or name.endswith(".tmp") or ".tmp." in name:
                 continue

@@ -248,6 +248,10 @@ class RunDir:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             for line in lines:
                 f.write(json.dumps({"phase": phase, "iteration": iteration, "time": now, **line}) + "\n")
+            # on disk before the manifest that commits them: after a power loss the manifest could survive
+            # without them, and a committed phase is never written again (report, control budget)
+            f.flush()
+            os.fsync(f.fileno())
         m = self.manifest()
         m["completed"][f"{iteration}/{phase}"] = now
         m.update(manifest_fields)

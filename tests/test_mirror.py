@@ -63,6 +63,26 @@ def test_commits_upload_the_phase_then_the_manifest_and_unchanged_files_once(tmp
     run.unlock()
 
 
+def test_ray_train_storage_and_a_checkpoint_being_assembled_stay_on_this_machine(tmp_path):
+    """An M-step's Ray Train folder (every rank's DeepSpeed state) and a `checkpoint.tmp` are not uploaded at the
+    next commit, a resume's manifest write included; the finished HF checkpoint is."""
+    uri, m, run = started(tmp_path)
+    remote = tmp_path / "bucket" / "runs" / "x"
+    run.create("seed: 0\n", resume=False)
+    run.lock()
+    it = run.iter_dir(1)
+    for rel in ("mstep-x-iter_001/checkpoint_000000/rank_0/optim.pt", "checkpoint.tmp/model.safetensors",
+                "checkpoint/model.safetensors"):
+        (it / rel).parent.mkdir(parents=True, exist_ok=True)
+        (it / rel).write_bytes(b"w")
+    sent = recording(m)
+    run.set(last_iteration=1)
+    assert sorted(sent) == ["iter_001/checkpoint/model.safetensors", "manifest.json"]
+    assert not (remote / "iter_001" / "mstep-x-iter_001").exists()
+    assert not (remote / "iter_001" / "checkpoint.tmp").exists()
+    run.unlock()
+
+
 def test_resume_downloads_on_a_new_machine_and_keeps_a_copy_that_is_ahead(tmp_path):
     uri, m, run = started(tmp_path)
     run.create("seed: 0\n", resume=False)
