@@ -542,6 +542,18 @@ def _field(key: str):
         return None
 
 
+def in_schema(key: str) -> bool:
+    """Whether a dotted key names a field of the schema or lies inside one (an entry of a mapping field such
+    as `sampling.engine_kwargs.dtype`); False for a key a later version removed."""
+    parts = key.split(".")
+    for i in range(1, len(parts) + 1):
+        f = _field(".".join(parts[:i]))
+        if f is not None and not any(isinstance(a, type) and issubclass(a, BaseModel)
+                                     for a in (f.annotation, *get_args(f.annotation))):
+            return True
+    return False
+
+
 def key_default(key: str) -> Any:
     """The schema's default of a dotted key; None for a key it has no default for. A resumed run's config.yaml
     written before a key existed ran with that default."""

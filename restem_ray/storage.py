@@ -164,11 +164,13 @@ class RunDir:
             raise UserError(f"{path}: not valid YAML (a damaged run directory)") from None
         if not isinstance(old, dict):
             raise UserError(f"{path}: not a restem-ray config (a damaged run directory)")
-        from .config import key_default
+        from .config import in_schema, key_default
 
         old = _flatten(old)
         new = _flatten(yaml.safe_load(config_yaml))
-        # a key added to restem-ray since the run was created: the run had its default
+        # a key added to restem-ray since the run was created: the run had its default; one removed since
+        # means nothing to this version
+        old = {k: v for k, v in old.items() if k in new or in_schema(k)}
         old |= {k: key_default(k) for k in new if k not in old}
         changed = [k for k in sorted(set(old) | set(new)) if old.get(k) != new.get(k) and k not in RESUME_SAFE_KEYS
                    and not k.startswith(RESUME_SAFE_SECTIONS) and not _same_file(old.get(k), new.get(k))]

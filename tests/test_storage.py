@@ -109,6 +109,22 @@ def test_a_run_from_before_a_key_existed_resumes_when_the_key_keeps_its_default(
         RunDir(tmp_path / "run").create(yaml.safe_dump(derived), resume=True)
 
 
+def test_a_run_from_before_a_key_was_removed_resumes_and_mapping_entries_still_count(tmp_path):
+    """A key a later restem-ray removed is in an older run's config.yaml but in no new one: it means nothing now,
+    so it is no change; an entry removed from a mapping field (engine_kwargs) still is one."""
+    import yaml
+
+    old = {"seed": 0, "sampling": {"stop": ["Q:"], "retired_knob": 3, "engine_kwargs": {"dtype": "bfloat16"}},
+           "retired_section": {"a": 1}}
+    RunDir(tmp_path / "run").create(yaml.safe_dump(old), resume=False)
+    now = {"seed": 0, "sampling": {"stop": ["Q:"], "engine_kwargs": {"dtype": "bfloat16"}}}
+    RunDir(tmp_path / "run").create(yaml.safe_dump(now), resume=True)
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump(old))
+    with pytest.raises(UserError, match=r"\(sampling.engine_kwargs: \{'dtype': 'bfloat16'\} -> \{\}\)"):
+        RunDir(tmp_path / "run").create(yaml.safe_dump({**now, "sampling": {"stop": ["Q:"], "engine_kwargs": {}}}),
+                                        resume=True)
+
+
 def test_resume_refuses_other_train_or_seed_problems(tmp_path):
     """E-step shards are chunks of the train list, and the control arm trains on the seed set: a resume whose data
     files (or their decontamination) give other problems would mix two sets. Ids alone do not tell: files
