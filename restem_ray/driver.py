@@ -173,9 +173,10 @@ class Driver:
         table = self.run.read_samples(t)
         if not s.adaptive:  # (adaptive rounds check their own shards)
             got = list(zip(table["id"].to_pylist(), table["sample_index"].to_pylist()))
-            if len(set(got)) != len(got) or len(got) != len(self.train) * s.samples_per_problem:
-                # shards written under other settings (a --force resume that changed prompts_per_request or
-                # samples_per_problem): some problems sampled twice, others never
+            want = {(p["id"], j) for p in self.train for j in range(s.samples_per_problem)}
+            if len(got) != len(want) or set(got) != want:
+                # shards written under other settings (a --force resume that changed prompts_per_request,
+                # samples_per_problem or the train file): some problems sampled twice, others never
                 out = self.run.samples_dir(t)
                 raise RunError(f"iteration {t}: the shards in {out} do not hold one sample per (problem, sample "
                                f"index) of this E-step (its settings changed since they were written); remove that "

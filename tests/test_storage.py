@@ -336,6 +336,15 @@ def test_fixed_k_shards_written_under_other_settings_are_refused(tmp_path):
     with pytest.raises(RunError, match="do not hold one sample per"):
         d.generate(1, "model")
     assert not run.done(1, "generate")
+    # a --force resume with a train file of as many other problems: every count matches, the ids do not
+    for p in run.samples_dir(1).glob("*.parquet"):
+        p.unlink()
+    for c in range(2):
+        write_parquet(run.samples_dir(1) / f"part-{c:05d}.parquet",
+                      pa.Table.from_pylist([row(i, k) for i in (2 * c, 2 * c + 1) for k in range(2)]))
+    d.train = [{"id": f"other-{i}", "prompt": f"q{i}"} for i in range(4)]
+    with pytest.raises(RunError, match="do not hold one sample per"):
+        d.generate(1, "model")
 
 
 def _finished_run(root, valid: list[float]):
