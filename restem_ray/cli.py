@@ -25,7 +25,7 @@ import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .errors import RunError, UserError
+from .errors import RunError, UserError, first_line
 
 if TYPE_CHECKING:
     from .config import RestemConfig
@@ -738,8 +738,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"restem-ray: run stopped: {e}", file=sys.stderr)
         return 1
     except OSError as e:  # a path the checks let through: unreadable, a folder for a file, a read-only folder
-        if args.debug or not e.filename:
+        if args.debug:
             raise
+        if not e.filename:  # the machine's, not the input's (a full disk while appending metrics)
+            print(f"restem-ray: run stopped: {e.strerror or first_line(e)} (--debug shows where)", file=sys.stderr)
+            return 1
         print(f"restem-ray: error: {e.filename}: {e.strerror or type(e).__name__}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:  # Ctrl-C (what a run had committed stays; --resume goes on from it)

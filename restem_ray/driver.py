@@ -399,7 +399,14 @@ class Driver:
                 if fields:
                     self.best = best_with(scores["valid"]["pass@1"])
         elif t != "control":
-            self.best = best_with(json.loads(path.read_text())["valid"]["pass@1"])
+            try:
+                valid = json.loads(path.read_text())["valid"]["pass@1"]
+            except (OSError, ValueError, KeyError, TypeError) as e:
+                raise RunError(f"{path}: the committed eval of iteration {t} cannot be read ({type(e).__name__}: "
+                               f"a damaged run directory: restore it, or remove \"{t}/eval\" from \"completed\" "
+                               f"in {self.run.manifest_path}{self.run.remote_too(self.run.manifest_path)} to "
+                               "evaluate it again)") from None
+            self.best = best_with(valid)
         return self.best
 
     def _score(self, pool: EStepPool, problems: list[dict], k: int, desc: str, split: str) -> dict:

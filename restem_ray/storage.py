@@ -358,4 +358,13 @@ class RunDir:
                            f"(a damaged run directory: restore them, or remove \"{t}/generate\" from \"completed\" in "
                            f"{self.manifest_path}{self.remote_too(self.manifest_path)} to sample the iteration again)")
         # shards written before a resume may lack a column added since (filled with nulls)
-        return pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default") if parts else pa.table({})
+        return pa.concat_tables([self._read_shard(t, p) for p in parts], promote_options="default") if parts else pa.table({})
+
+    def _read_shard(self, t: int, path: Path) -> pa.Table:
+        try:
+            return pq.read_table(path)
+        except (OSError, pa.ArrowException) as e:  # a committed shard damaged since
+            committed = (f" and \"{t}/generate\" from \"completed\" in {self.manifest_path}"
+                         if self.done(t, "generate") else "")
+            raise RunError(f"{path}: a damaged run directory ({first_line(e, limit=120)}); restore the file, or "
+                           f"remove it{self.remote_too(path)}{committed} to sample its problems again") from None

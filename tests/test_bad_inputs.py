@@ -502,6 +502,22 @@ def test_ctrl_c_is_one_line_and_exit_130(world, capsys, monkeypatch):
     assert capsys.readouterr().err == "restem-ray: interrupted\n"
 
 
+def test_a_machine_error_without_a_file_name_is_one_line_and_exit_1(world, capsys, monkeypatch):
+    """A full disk while appending to metrics.jsonl raises an OSError that names no file: one line, not a
+    traceback; --debug shows where."""
+    import errno
+
+    import restem_ray.cli as cli
+
+    def full(cfg, *a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device")
+    monkeypatch.setattr(cli, "check_inputs", full)
+    assert main(["check", str(world / "cfg.yaml")]) == 1
+    assert capsys.readouterr().err == "restem-ray: run stopped: No space left on device (--debug shows where)\n"
+    with pytest.raises(OSError):
+        main(["check", str(world / "cfg.yaml"), "--debug"])
+
+
 def test_lora_target_modules_that_name_no_module_of_the_model_are_refused_at_check(world, capsys):
     """peft raised NoMatchingPeftModuleError at the first M-step, after a whole E-step; `check` builds the model
     on the meta device (no weights) and names what its modules are called."""

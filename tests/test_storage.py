@@ -365,6 +365,34 @@ def _finished_run(root, valid: list[float]):
     (root / "metrics.jsonl").write_text("".join(_json.dumps(m) + "\n" for m in metrics))
 
 
+def test_a_damaged_committed_eval_or_shard_stops_in_one_line_naming_the_file(tmp_path):
+    """A committed eval.json or samples shard damaged since (a disk error, a hand edit) is a RunError naming the
+    file and how to go on, not a JSONDecodeError or Arrow traceback."""
+    import types
+
+    from restem_ray.driver import Driver
+    from restem_ray.errors import RunError
+
+    root = tmp_path / "run"
+    _finished_run(root, [0.1, 0.2])
+    (root / "iter_001" / "eval.json").write_text('{"valid": ')
+    d = Driver.__new__(Driver)
+    d.run, d.best = RunDir(root), None
+    assert d.evaluate(0, "m") == {"iteration": 0, "valid": 0.1}
+    with pytest.raises(RunError, match=r"iter_001/eval.json: the committed eval of iteration 1 cannot be read "
+                                       r"\(JSONDecodeError: .*remove \"1/eval\" from \"completed\""):
+        d.evaluate(1, "m")
+    shard = d.run.samples_dir(1) / "part-00000.parquet"
+    shard.parent.mkdir(parents=True, exist_ok=True)
+    shard.write_bytes(b"PAR1" + b"\0" * 64 + b"PAR1")  # the magic at both ends, nothing valid between
+    m = d.run.manifest()
+    m["completed"].pop("1/select")
+    d.run._write_manifest(m, label="test")
+    with pytest.raises(RunError, match=r"part-00000.parquet: a damaged run directory \(.*\); restore the file, or "
+                                       r"remove it and \"1/generate\" from \"completed\""):
+        d.run.read_samples(1)
+
+
 def test_a_resume_that_covers_fewer_iterations_names_one_best_everywhere(tmp_path, capsys):
     """A finished 3-iteration run resumed with loop.iterations=1 (a resume-safe key) ends on iteration 1: the
     link, the manifest's best_iteration and the printed table must all say 1, not the 3 the last eval
