@@ -392,8 +392,8 @@ def check_sampler(cfg: RestemConfig, task: Task) -> None:
 
 def engine_limit(cfg: RestemConfig, model: str | None = None) -> tuple[int | None, str]:
     """The most tokens vLLM gives a sequence, prompt included, and where that limit comes from:
-    engine_kwargs.max_model_len, else the model's own context (max_position_embeddings, when its config does
-    not scale RoPE: vLLM then derives a longer one itself); None when neither is known."""
+    engine_kwargs.max_model_len, else the model's own context as vLLM derives it (`_context_length`, when its
+    config does not scale RoPE: vLLM then derives a longer one itself); None when neither is known."""
     limit = cfg.sampling.engine_kwargs.get("max_model_len")
     if isinstance(limit, int):
         return limit, "sampling.engine_kwargs.max_model_len"
@@ -435,22 +435,40 @@ def check_model_len(cfg: RestemConfig, splits: dict[str, list[dict]], tok, model
               f"{pid})", flush=True)
 
 
+# The config keys vLLM takes a model's context from, the smallest found (vllm 0.32 derive_max_model_len_and_key)
+_CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_length", "model_max_length",
+                 "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
+
+
 def _context_length(model: str) -> int | None:
-    """A model's max_position_embeddings, where vLLM takes it as the context as it is (no rope_scaling)."""
+    """The context vLLM gives a model without max_model_len, where it takes it from the config as it is (no RoPE
+    scaling): the smallest of its length keys (a `model_max_length` there wins), capped by
+    tokenizer_config.json's `model_max_length`."""
     from .remote import local_model_files
 
+    folder = Path(local_model_files(model))
     try:
-        with open(Path(local_model_files(model)) / "config.json", encoding="utf-8") as f:
+        with open(folder / "config.json", encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):
         return None
     config = config.get("text_config") or config if isinstance(config, dict) else {}
     if not isinstance(config, dict):
         return None
-    n, rope = config.get("max_position_embeddings"), config.get("rope_parameters")
-    if not isinstance(n, int) or config.get("rope_scaling") or (isinstance(rope, dict) and rope.get("factor")):
+    rope = config.get("rope_parameters")
+    if config.get("rope_scaling") or (isinstance(rope, dict) and rope.get("factor")):
         return None
-    return n
+    number = lambda v: isinstance(v, (int, float)) and not isinstance(v, bool) and v > 0  # noqa: E731
+    found = [config[k] for k in _CONTEXT_KEYS if number(config.get(k))]
+    if not found:  # (vLLM assumes 2048 and warns; a config without one is not a released model's)
+        return None
+    n = config["model_max_length"] if number(config.get("model_max_length")) else min(found)
+    try:
+        with open(folder / "tokenizer_config.json", encoding="utf-8") as f:
+            cap = json.load(f).get("model_max_length")
+    except (OSError, ValueError, AttributeError):
+        cap = None
+    return int(min(n, cap) if number(cap) else n)
 
 
 _LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {text: tokens}

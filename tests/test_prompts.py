@@ -291,6 +291,17 @@ def test_check_refuses_max_seq_len_below_longest_prompt_plus_max_tokens(tmp_path
     model_config.write_text(json.dumps({"max_position_embeddings": 10**6, "rope_parameters": None}))
     assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 0
     capsys.readouterr()
+    # vLLM takes the smallest of the config's length keys, and the tokenizer config's model_max_length below it
+    model_config.write_text(json.dumps({"max_position_embeddings": 10**6, "seq_length": longest + 100}))
+    assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 2
+    assert f"({longest + 100} tokens) is shorter" in capsys.readouterr().err
+    model_config.write_text(json.dumps({"max_position_embeddings": 10**6}))
+    tok_config = Path(cfg.model.base) / "tokenizer_config.json"
+    kept = tok_config.read_text()
+    tok_config.write_text(json.dumps({**json.loads(kept), "model_max_length": longest + 100}))
+    assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 2
+    assert f"({longest + 100} tokens) is shorter" in capsys.readouterr().err
+    tok_config.write_text(kept)
     model_config.write_text("{}")
     assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false", "--set",
                  f"sampling.stop_token_ids=[{len(tok)}]"]) == 2
