@@ -131,6 +131,10 @@ class PromptConfig(_Section):
     chat_template: Literal["auto"] | bool = Field(
         "auto", description="Render with model.base's tokenizer chat template (exemplars as user/assistant turns): "
                             "auto (when it has one), true (error if none), false (plain text).")
+    chat_template_kwargs: dict[str, Any] = Field(default_factory=dict, description=(
+        "Variables the chat template reads besides the conversation, passed to every rendering, e.g. "
+        "{enable_thinking: false} for Qwen3's template (thinking on by default: answers that do not fit "
+        "sampling.max_tokens are never kept)."))
     train_few_shot: bool = Field(True, description="false: the M-step trains on the zero-shot rendering of each "
                                                    "problem (samples are still drawn with the exemplars).")
 
@@ -159,6 +163,12 @@ class PromptConfig(_Section):
                     or "{question}" not in text or "{answer}" not in text
                     or text.index("{question}") > text.index("{answer}")):
                 raise ValueError("prompt.shot_format: needs {question} then {answer}, once each, and no other field")
+        own = [k for k in self.chat_template_kwargs if k in ("conversation", "messages", "tokenize",
+                                                                  "add_generation_prompt", "continue_final_message",
+                                                                  "return_dict", "chat_template", "tools")]
+        if own:
+            raise ValueError(f"prompt.chat_template_kwargs.{own[0]}: set by restem-ray for each rendering, not a "
+                             "template variable")
         if self.few_shot is None and (self.few_shot_n or self.few_shot_seed is not None or self.shot_format):
             raise ValueError("prompt.few_shot_n, few_shot_seed and shot_format need prompt.few_shot")
         return self

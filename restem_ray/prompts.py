@@ -127,6 +127,11 @@ class PromptRenderer:
         if pc.chat_template is True and not has:
             raise UserError(f"prompt.chat_template: true, but the tokenizer of {model} has no chat template")
         self.chat = has if pc.chat_template == "auto" else pc.chat_template
+        if pc.chat_template_kwargs and not self.chat:
+            raise UserError(f"prompt.chat_template_kwargs: prompts are plain text (prompt.chat_template: "
+                            f"{pc.chat_template}{'' if has else f', and {model} has no chat template'}): no template "
+                            "reads them")
+        self.template_kwargs = dict(pc.chat_template_kwargs)  # what every rendering passes the template
         shots, self.fmt = load_shots(pc, dataset)
         self.shots = [(self._question(row, loc), row["answer"]) for loc, row in shots]
         marker = self.fmt.split("{question}")[0].strip() if self.fmt and not self.chat else ""
@@ -149,7 +154,7 @@ class PromptRenderer:
         mark = "RESTEM_ANSWER_MARK"
         try:
             turns = [{"role": "user", "content": "Q"}, {"role": "assistant", "content": mark}]
-            text = self.tok.apply_chat_template(turns, tokenize=False)
+            text = self.tok.apply_chat_template(turns, tokenize=False, **self.template_kwargs)
         except Exception:  # a template that wants other turns: no end-of-turn token found, EOS ends samples
             return None
         if mark not in text:
@@ -174,7 +179,7 @@ class PromptRenderer:
                 turns += [{"role": "user", "content": sq}, {"role": "assistant", "content": sa}]
             try:
                 text = self.tok.apply_chat_template(turns + [{"role": "user", "content": q}], tokenize=False,
-                                                    add_generation_prompt=True)
+                                                    add_generation_prompt=True, **self.template_kwargs)
             except Exception as e:  # e.g. a template that refuses a system turn
                 raise UserError(f"prompt: the model's chat template failed ({type(e).__name__}: {e})") from None
             return self._no_double_bos(text)
@@ -377,7 +382,8 @@ def check_sampler(cfg: RestemConfig, task: Task) -> None:
             """The rendered probe's special tokens in order (its turn structure; a date a template writes, as
             Llama-3.2's does, may differ), or the whole text where the template writes none."""
             try:
-                text = t.apply_chat_template(probe, tokenize=False, add_generation_prompt=True)
+                text = t.apply_chat_template(probe, tokenize=False, add_generation_prompt=True,
+                                             **task.renderer.template_kwargs)
             except Exception as e:
                 return f"(fails: {type(e).__name__})"
             specials = {x for x in t.all_special_tokens} | {a.content for a in t.added_tokens_decoder.values() if a.special}

@@ -128,6 +128,25 @@ def test_chat_template_few_shot_turns_then_the_question(tmp_path):
     assert plain.train[0]["prompt"].startswith("SYS\n\nQuestion: What is 2 + 3?") and plain.stop == ("Question:",)
 
 
+def test_chat_template_kwargs_reach_every_rendering(tmp_path):
+    """Qwen3's template thinks unless `enable_thinking` is false: prompt.chat_template_kwargs reaches the rendered
+    prompts and the end-of-turn probe; plain-text prompts, or a key the renderer sets itself, are refused."""
+    thinking = CHATML.replace("<|im_start|>assistant\n{% endif %}", "<|im_start|>assistant\n{% if enable_thinking "
+                              "is defined and not enable_thinking %}<think>\n\n</think>\n\n{% endif %}{% endif %}")
+    model = make_model(tmp_path / "chat", thinking)
+    q = load_task(config(tmp_path, gsm8k_task(), {}, model=model)).train[0]["question"]
+    task = load_task(config(tmp_path, gsm8k_task(), {"chat_template_kwargs": {"enable_thinking": False}}, model=model))
+    assert task.train[0]["prompt"] == f"<|im_start|>user\n{q}<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n"
+    assert task.renderer.template_kwargs == {"enable_thinking": False}
+    assert load_task(config(tmp_path, gsm8k_task(), {}, model=model)).train[0]["prompt"].endswith("assistant\n")
+    with pytest.raises(UserError, match=r"prompt.chat_template_kwargs: prompts are plain text \(prompt.chat_template: "
+                                        r"False\): no template reads them"):
+        load_task(config(tmp_path, gsm8k_task(), {"chat_template_kwargs": {"enable_thinking": False},
+                                                  "chat_template": False}, model=model))
+    with pytest.raises(UserError, match=r"prompt.chat_template_kwargs.add_generation_prompt: set by restem-ray"):
+        config(tmp_path, gsm8k_task(), {"chat_template_kwargs": {"add_generation_prompt": False}}, model=model)
+
+
 def test_chat_template_auto_true_false_without_one(tmp_path):
     auto = load_task(config(tmp_path, gsm8k_task(), {}))
     assert auto.train[0]["prompt"] == auto.train[0]["question"]  # auto, no template: plain text
