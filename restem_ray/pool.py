@@ -13,7 +13,6 @@ large model on GPUs); persistent replicas pay it once per policy.
 """
 from __future__ import annotations
 
-import itertools
 import time
 from typing import Callable
 
@@ -72,7 +71,8 @@ class VerifierPool:
         self._args = (verifier, config)
         self.config = config
         self.actors = [self._cls.remote(verifier, config) for _ in range(config.num_workers)]
-        self._next = itertools.cycle(self.actors)
+        self._inflight: list[list] = [[] for _ in self.actors]  # each actor's unfinished grade calls
+        self._turn = 0
 
     def grow(self) -> bool:
         """Add one verifier actor if below `max_workers` and a node has a free CPU slot for it (elastic
@@ -83,7 +83,7 @@ class VerifierPool:
         if len(self.actors) >= limit or any(free.get(k, 0) < v for k, v in need.items()):
             return False
         self.actors.append(self._cls.remote(*self._args))
-        self._next = itertools.cycle(self.actors)
+        self._inflight.append([])
         return True
 
     def ready(self) -> list[float]:
@@ -91,17 +91,33 @@ class VerifierPool:
         return ray.get([a.ready.remote() for a in self.actors])
 
     def submit(self, problems: list[dict], samples) -> ray.ObjectRef:
-        """Grade `samples` (a list or an object ref to one) against `problems`, on the next actor."""
-        return next(self._next).grade.remote(problems, samples)
+        """Grade `samples` (a list or an object ref to one) against `problems`, on the actor with the fewest
+        unfinished calls (ties in turn). A call queued on an actor cannot move: round-robin left chunks waiting
+        behind one actor's slow code chunk (programs that run to their timeout) while other actors were idle."""
+        for calls in self._inflight:
+            if calls:
+                done, calls[:] = ray.wait(calls, num_returns=len(calls), timeout=0, fetch_local=False)
+        n = len(self.actors)
+        i = min(range(n), key=lambda k: (len(self._inflight[(self._turn + k) % n]), k))
+        i = (self._turn + i) % n
+        self._turn = (i + 1) % n
+        ref = self.actors[i].grade.remote(problems, samples)
+        self._inflight[i].append(ref)
+        return ref
 
     def grade_all(self, problems: dict[str, dict], samples: list[dict], chunk_size: int = 16,
                   desc: str | None = None) -> list[dict]:
-        """Grade every sample (each carries `id`); rows come back in input order."""
+        """Grade every sample (each carries `id`); rows come back in input order. At most two chunks per actor
+        are in flight, so each next chunk goes to an actor that is free or nearly so."""
         chunks = chunked(samples, chunk_size)
-        pending = {self.submit([problems[i] for i in {s["id"] for s in c}], c): n for n, c in enumerate(chunks)}
+        todo = list(range(len(chunks)))[::-1]
+        pending: dict = {}
         out: list = [None] * len(chunks)
         bar = tqdm(total=len(samples), desc=desc, unit="sample", mininterval=1, disable=desc is None)
-        while pending:
+        while todo or pending:
+            while todo and len(pending) < 2 * len(self.actors):
+                n = todo.pop()
+                pending[self.submit([problems[i] for i in {s["id"] for s in chunks[n]}], chunks[n])] = n
             done, _ = ray.wait(list(pending), num_returns=1)
             n = pending.pop(done[0])
             out[n] = ray.get(done[0])
@@ -112,7 +128,7 @@ class VerifierPool:
     def close(self) -> None:
         for a in self.actors:
             ray.kill(a)
-        self.actors = []
+        self.actors, self._inflight = [], []
 
 
 def chunked(items: list, size: int) -> list[list]:

@@ -62,6 +62,30 @@ def test_code_verifiers_take_the_sandbox_resource_and_the_precheck_runs_in_one(c
     math.close()
 
 
+def test_grading_goes_to_the_verifier_with_the_fewest_unfinished_calls(cluster):
+    """A chunk whose program runs for seconds holds its actor: the next chunks go to the other one instead of
+    queueing behind it in turn, and grade_all keeps at most two chunks per actor in flight."""
+    from restem_ray.pool import VerifierPool
+
+    problem = {"id": "p", "prompt": "def f(x):\n", "test": "def check(f):\n    assert f(2) == 4\n",
+               "entry_point": "f"}
+    pool = VerifierPool("code", VerificationConfig(num_workers=2))
+    try:
+        pool.ready()
+        slow = pool.submit([problem], [{"id": "p", "completion": "    import time\n    time.sleep(4)\n    return x * 2\n"}])
+        for _ in range(3):  # each graded as it comes, as the E-step's chunks arrive from the replicas
+            fast = pool.submit([problem], [{"id": "p", "completion": "    return x * 2\n"}])
+            assert ray.get(fast)[0]["verdict"] == "passed"
+        assert [r.hex() for r in pool._inflight[0]] == [slow.hex()]  # none in turn behind the slow one
+        assert not ray.wait([slow], timeout=0)[0]  # (still running: the fast ones did not wait for it)
+        assert ray.get(slow)[0]["verdict"] == "passed"
+        rows = [{"id": "p", "completion": f"    return x * {k}\n"} for k in range(10)]
+        graded = pool.grade_all({"p": problem}, rows, chunk_size=1)
+        assert [g["verdict"] == "passed" for g in graded] == [k == 2 for k in range(10)]  # in input order
+    finally:
+        pool.close()
+
+
 def test_a_sandbox_that_cannot_start_on_the_verifier_node_is_one_line(cluster):
     with pytest.raises(UserError) as e:
         check_verifier_on_cluster("code", VerificationConfig(sandbox_python="/nonexistent/python3"))
