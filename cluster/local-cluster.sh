@@ -16,7 +16,7 @@ case "${1:-}" in
       "$RAY" start --address=127.0.0.1:6379 --node-ip-address=127.0.0.1 --num-cpus=2 \
         --resources="{\"node_$k\": 1}"
     done
-    echo "submit with: RAY_ADDRESS=http://127.0.0.1:8265 ray job submit -- restem-ray demo --quick"
+    echo "submit with: RAY_ADDRESS=http://127.0.0.1:8265 bash jobs/demo.sh --quick"
     ;;
   stop) "$RAY" stop --force ;;
   *) echo "usage: $0 start [WORKERS] | stop" >&2; exit 2 ;;

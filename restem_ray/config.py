@@ -518,7 +518,8 @@ class ObservabilityConfig(_Section):
 class RayConfig(_Section):
     address: str | None = Field(None, description="Ray cluster address (HOST:PORT, ray://HOST:PORT, or auto: the "
                                                    "cluster this machine is part of); None starts a local Ray of the "
-                                                   "run's own, even beside a `ray start` cluster.")
+                                                   "run's own, even beside a `ray start` cluster, unless "
+                                                   "RAY_ADDRESS is set (a Ray job's driver: its cluster).")
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local Ray (default: max(4, cores)).")
     check_resources: bool = Field(True, description="Fail at start if the cluster cannot hold a phase (off for autoscaling clusters).")
 
