@@ -1007,6 +1007,7 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
         if not cfg.keep_checkpoints:  # (killed before it was removed)
             _remove_storage(storage_path, name)
         return metrics
+    _same_job_or_afresh(storage_path, name, fingerprint)
     receiver = StepReceiver(on_steps) if on_steps and log_every_steps else None
     job["step_relay"] = receiver and receiver.actor
     scored = bool(cfg.eval_every_steps and (valid_file or valid_problems))
@@ -1111,12 +1112,44 @@ def _finished_m_step(out_dir: Path, fingerprint: str) -> tuple[dict, list[dict]]
     return saved["metrics"], saved.get("step_lines", [])
 
 
-def _remove_storage(storage_path: str, name: str) -> None:
+def _storage(storage_path: str):
     import pyarrow.fs as pafs
 
     fs, root = pafs.FileSystem.from_uri(storage_path) if "://" in storage_path else \
         (pafs.LocalFileSystem(), storage_path)
+    return fs, root.rstrip("/")
+
+
+def _same_job_or_afresh(storage_path: str, name: str, fingerprint: str) -> None:
+    """Ray Train continues whatever checkpoint it finds under the run's name. One left by an M-step of other
+    settings or rows (a --force resume that changed the learning rate, the epochs or the selected data) would be
+    continued under the new ones, half one job and half the other: its storage goes, and the M-step starts
+    afresh. The job's fingerprint is kept beside the storage (`NAME.job`); storage from before it is continued."""
+    fs, root = _storage(storage_path)
+    marker = f"{root}/{name}.job"
     try:
-        fs.delete_dir(f"{root.rstrip('/')}/{name}")
+        with fs.open_input_stream(marker) as f:
+            old = f.read().decode()
+    except (FileNotFoundError, OSError):
+        old = None
+    if old == fingerprint:
+        return
+    if old is not None:
+        print(f"[restem] M-step {name}: the checkpoints in its storage were trained with other settings or data "
+              "(a --force resume): trained afresh", flush=True)
+        _remove_storage(storage_path, name)
+    fs.create_dir(root, recursive=True)
+    with fs.open_output_stream(marker) as f:
+        f.write(fingerprint.encode())
+
+
+def _remove_storage(storage_path: str, name: str) -> None:
+    fs, root = _storage(storage_path)
+    try:
+        fs.delete_dir(f"{root}/{name}")
+    except (FileNotFoundError, OSError):
+        pass
+    try:
+        fs.delete_file(f"{root}/{name}.job")
     except (FileNotFoundError, OSError):
         pass

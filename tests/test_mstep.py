@@ -263,6 +263,26 @@ def test_right_padded_batches_need_no_attention_mask():
     torch.testing.assert_close(bare.loss, masked.loss, atol=1e-6, rtol=1e-6)
 
 
+def test_checkpoints_of_another_job_are_not_continued(tmp_path, capsys):
+    """Ray Train continues any checkpoint under the run's name: one left by other settings (a --force resume
+    that changed the learning rate) is removed and the M-step starts afresh; the same job's, or storage from
+    before the fingerprint was kept, is continued."""
+    from restem_ray.training import _remove_storage, _same_job_or_afresh
+
+    ckpt = tmp_path / "mstep-r-iter_001" / "checkpoint_000003" / "state.json"
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_text("{}")
+    _same_job_or_afresh(str(tmp_path), "mstep-r-iter_001", "a")  # storage from before: continued, now keyed
+    assert ckpt.exists() and (tmp_path / "mstep-r-iter_001.job").read_text() == "a"
+    _same_job_or_afresh(str(tmp_path), "mstep-r-iter_001", "a")
+    assert ckpt.exists() and "trained afresh" not in capsys.readouterr().out
+    _same_job_or_afresh(str(tmp_path), "mstep-r-iter_001", "b")
+    assert not ckpt.parent.parent.exists() and (tmp_path / "mstep-r-iter_001.job").read_text() == "b"
+    assert "mstep-r-iter_001: the checkpoints in its storage were trained with other settings" in capsys.readouterr().out
+    _remove_storage(f"file://{tmp_path}", "mstep-r-iter_001")  # a URI, as training.storage_path may be
+    assert not (tmp_path / "mstep-r-iter_001.job").exists()
+
+
 def test_the_m_step_trainer_has_ray_trains_callbacks_less_the_placement_group_cleaner():
     """The cleaner tore down live M-steps (see the slow test below); every other callback Ray Train adds stays."""
     from ray.train import ScalingConfig
