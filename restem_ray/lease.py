@@ -186,6 +186,9 @@ class DriverLease:
                 return
             try:
                 held = self._read()
+                if held is None:  # once more before giving the run up: a store may answer "not found" briefly
+                    self._stop.wait(min(1.0, self.every_s / 4))
+                    held = self._read()
                 if held is TORN:  # see _restore
                     held = self._restore()
                     if held is TORN:

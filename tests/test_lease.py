@@ -159,6 +159,33 @@ def test_the_renewal_that_finds_the_run_taken_calls_on_lost_once(tmp_path):
     assert lease_of(tmp_path)["owner"] == "y"
 
 
+def test_a_lease_the_store_misses_once_is_kept_and_one_deleted_is_lost(tmp_path):
+    """A store that answers "not found" for a moment (some S3-compatible ones) must not end a live driver: the
+    renewal reads again first. A lease that stays deleted is lost."""
+    uri = f"file://{tmp_path}/bucket/run"
+    m = RunMirror(uri, cache=tmp_path / "node-a")
+    m.check()
+    m.hold()
+    calls, read, missed = [], m.lease._read, []
+    m.lease.on_lost = calls.append
+
+    def flaky():
+        if not missed:
+            missed.append(1)
+            return None
+        return read()
+    m.lease._read = flaky
+    time.sleep(1.5)  # three renewals
+    assert missed and not calls and m.lease.lost is None
+    (tmp_path / "bucket" / "run" / ".driver-lease.json").unlink()
+    for _ in range(50):
+        if calls:
+            break
+        time.sleep(0.1)
+    assert m.lease.lost == "its lease was deleted" and len(calls) == 1
+    m.lease.release()
+
+
 def test_a_lease_written_over_by_something_else_is_restored_by_its_holder(tmp_path, capsys):
     """A lease that is not one (a user's edit, a tool writing over it): the holder's uploads went on and its
     renewals skipped it, so another driver watching it would take the run while this one still wrote."""
