@@ -307,7 +307,8 @@ class Driver:
         """Control arm: the base trained further on the human seed solutions, with as many optimizer steps (so
         training sequences) as the largest M-step took, then evaluated like every iterate ("iteration":
         "control")."""
-        from .sft import steps_per_epoch
+        from .prompts import load_tokenizer
+        from .sft import encode, steps_per_epoch
 
         d = self.run.root / "control"
         d.mkdir(exist_ok=True)
@@ -315,7 +316,10 @@ class Driver:
             tc = self.cfg.training
             # (the iterations this run's loop went to; M-steps recorded before "steps" was: from their rows)
             batch = (tc.micro_batch_size, tc.num_workers, tc.grad_accum)
-            per_epoch = steps_per_epoch(len(self.seed_rows), *batch)
+            # an epoch of the rows the M-step keeps: it drops those longer than max_seq_len (long human solutions)
+            tok = load_tokenizer(base)
+            kept = sum(len(encode(tok, r["prompt"], r["solution"])[0]) <= tc.max_seq_len for r in self.seed_rows)
+            per_epoch = steps_per_epoch(kept, *batch)
             largest = [m.get("steps") or tc.epochs * steps_per_epoch(m.get("rows", 0), *batch)
                        for m in self.run.metrics() if m["phase"] == "improve" and isinstance(m["iteration"], int)
                        and m["iteration"] <= self.last_iteration]

@@ -1,6 +1,8 @@
 import json
 import time
 
+import types
+
 import pytest
 
 from restem_ray.errors import UserError
@@ -363,6 +365,41 @@ def _finished_run(root, valid: list[float]):
     (root / "manifest.json").write_text(_json.dumps({"version": 1, "completed": comp, "created": 0,
                                                      "best_iteration": best}))
     (root / "metrics.jsonl").write_text("".join(_json.dumps(m) + "\n" for m in metrics))
+
+
+def test_the_control_arm_is_sized_by_the_seed_rows_the_m_step_keeps(tmp_path, monkeypatch):
+    """Seed solutions longer than training.max_seq_len are dropped by the M-step: an epoch of 12 rows of which
+    4 are dropped has 2 optimizer steps of 4, not 3, so matching an M-step of 6 steps takes 3 epochs, not 2.
+    (The real control arm runs in tests/test_demo_e2e.py; here train_m_step only records what it was asked.)"""
+    import restem_ray.driver as driver_module
+    from restem_ray.builtin import build_tokenizer
+    from restem_ray.config import config_from_dict
+    from restem_ray.driver import Driver
+
+    base = tmp_path / "base"
+    build_tokenizer().save_pretrained(base)
+    cfg = config_from_dict({"task": {"train_file": "t.jsonl", "valid_file": "v.jsonl", "seed_file": "s.jsonl"},
+                            "model": {"base": str(base)}, "control": {"enabled": True},
+                            "training": {"num_workers": 1, "micro_batch_size": 4, "grad_accum": 1,
+                                         "max_seq_len": 64}})
+    run = RunDir(tmp_path / "run")
+    run.create("x: 1\n", resume=False)
+    run.complete(1, "improve", [{"steps": 6, "rows": 24}])
+    d = Driver.__new__(Driver)
+    d.cfg, d.run, d.last_iteration, d.eval_sets = cfg, run, 1, {"valid": []}
+    d.split_stop, d.end_token_id = {}, None
+    d.seed_rows = [{"id": str(i), "prompt": f"Q{i} ", "solution": "x" * (200 if i % 3 == 0 else 10)}
+                   for i in range(12)]
+    d.samplers = types.SimpleNamespace(close=lambda: None)
+    d.evaluate = lambda t, model: None
+    asked = {}
+
+    def train(**kw):
+        asked.update(kw)
+        return {"steps": kw["cfg"].epochs * 2}
+    monkeypatch.setattr(driver_module, "train_m_step", train)
+    d.control(str(base))
+    assert asked["cfg"].epochs == 3 and run.manifest()["control_epochs"] == 3
 
 
 def test_a_damaged_committed_eval_or_shard_stops_in_one_line_naming_the_file(tmp_path):
