@@ -27,6 +27,7 @@ _NUM = re.compile(_NUM_RE)
 _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _GROUP_GAP = re.compile(r"\\,|\\!|\\ |\{,\}|~| ")
 _SPACED_THOUSANDS = re.compile(r"-?\d{1,3}(?:(?:,?(?:\\[,! ]|\{,\}|~| ))+\d{3})+(?:\.\d+)?")
+_MIXED = re.compile(r"(-?)(\d+)\s+(\d+)\s*/\s*(\d+)")  # "3 1/2", a mixed number as plain text writes it
 # `#### <answer>` (GSM8K's format) on its own line
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
 # "The answer is 18." (lm-eval's strict GSM8K match): a number that ends there ("18, which is", "18 (5 more"), not
@@ -338,6 +339,16 @@ _NUMBER_IN_TEXT = re.compile(r"\s*\\(?:text(?:bf|rm)?|mbox|mathrm)\s*\{\s*((?:" 
                              r"[A-Za-z][A-Za-z\s.]*\}\s*", re.IGNORECASE)  # (not "1 million": 1,000,000)
 
 
+def _mixed_as_fraction(answer: str) -> str:
+    """"3 1/2" as "7/2": a mixed number as plain text writes it, which math-verify reads as 1 (LaTeX's
+    3\frac{1}{2} it reads right). An improper "3 5/2" is left as written."""
+    m = _MIXED.fullmatch(answer.strip())
+    if not m or int(m.group(3)) >= int(m.group(4)) or len(answer) > 60:
+        return answer
+    sign, whole, num, den = m.groups()
+    return f"{sign}{int(whole) * int(den) + int(num)}/{den}"
+
+
 def _number_in_text(answer: str) -> str:
     m = _NUMBER_IN_TEXT.fullmatch(answer)
     return m.group(1) if m else answer
@@ -354,6 +365,7 @@ def answers_match(gold: str, pred: str) -> bool:
     gold, pred = gold.replace("\u2212", "-"), pred.replace("\u2212", "-")  # U+2212, the typeset minus sign
     gold, pred = _repeating_as_fraction(gold), _repeating_as_fraction(pred)
     gold, pred = _number_in_text(gold), _number_in_text(pred)
+    gold, pred = _mixed_as_fraction(gold), _mixed_as_fraction(pred)
     based = _in_base(gold), _in_base(pred)
     if based[0] or based[1]:  # (math-verify drops a base subscript: 52_8 was 52_{10})
         base = (based[0] or based[1])[1]  # (a numeral without one is in the other side's base: "52" for 52_8)

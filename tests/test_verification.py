@@ -161,6 +161,9 @@ def test_plain_numbers_compare_exactly():
     # past a float's range on the way (1e300/1e-300) it is no number, as 1e999 is not: no OverflowError either
     assert as_number("1e300/3e-300") is None and not answers_match("1/3", "1e300/1e-300")
     assert not answers_match("1000000007", "3000000022/3")  # no fraction no decimal writes out is an integer
+    # a mixed number as plain text: 3 1/2 is 7/2 (math-verify read "3 1/2" as 1); an improper "3 5/2" is none
+    assert answers_match("3.5", "3 1/2") and answers_match("\\frac{5}{2}", "2 1/2") and answers_match("-3.5", "-3 1/2")
+    assert not answers_match("3", "3 1/2") and not answers_match("11/2", "3 5/2") and as_number("1 200") == 1200
 
 
 def test_repeating_decimals_and_latex_decimals_compare_by_value():
