@@ -200,6 +200,13 @@ def check_inputs(cfg, local_sandbox: bool = True):
     return task
 
 
+def split_name(path: str) -> str:
+    """An eval split named after its file: HumanEval.jsonl.gz is "HumanEval"."""
+    name = Path(path).name
+    name = name[: -len(".gz")] if name.endswith(".gz") else name
+    return Path(name).stem or name
+
+
 def check_output_file(out: Path, suffixes: tuple[str, ...]) -> None:
     """--out FILE of `eval` and `verify`: checked before the work whose result it holds."""
     if out.suffix not in suffixes:
@@ -399,12 +406,15 @@ def cmd_eval(args) -> int:
         name, sep, path = spec.partition("=")
         # NAME=FILE only where NAME is a plain name: /runs/lr=1e-3/test.jsonl is a file, not a split "/runs/lr"
         if not (sep and re.fullmatch(r"[\w.-]+", name) and not Path(spec).exists()):
-            name, path = Path(spec).stem, spec
+            name, path = split_name(spec), spec
         if name in splits:
             raise UserError(f"--problems {spec}: split name {name!r} given twice (use NAME=FILE)")
         splits[name] = path
     if args.out:
         check_output_file(Path(args.out), (".json",))  # before the evaluation, not after it
+        for path in splits.values():  # (MBPP's sanitized release is a .json problems file)
+            if "://" not in path and Path(args.out).resolve() == Path(path).resolve():
+                raise UserError(f"--out {args.out}: is a --problems file; the scores would replace it")
     cfg = eval_config(args, next(iter(splits.values())))
     problems, renderer = eval_problems(cfg, splits, args.model)
     check_model_len(cfg, problems, load_tokenizer(args.model, "--model"), args.model)
@@ -424,7 +434,7 @@ def cmd_eval(args) -> int:
         scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=stop, stop_token_ids=stop_token_ids,
                                  chunk_size=s.prompts_per_request,
                                  k=ev.k_for(n), temperature=ev.temperature, top_p=ev.top_p, seed=cfg.seed,
-                                 majority=cfg.task.kind == "math", desc=f"eval {n}",  # as a run's
+                                 majority=verifier == "math", desc=f"eval {n}",  # as a run's
                                  max_infra_error_rate=cfg.verification.max_infra_error_rate)
                   for n, probs in problems.items()}
     finally:
@@ -554,7 +564,8 @@ def cmd_verify(args) -> int:
                         # a run's samples keep the prompt the model saw (a reasoning template opens <think> there)
                         | ({"sampled_prompt": r["prompt"]} if isinstance(r.get("prompt"), str) else {}))
         else:
-            why = "unreadable row" if r is None else ("unknown problem id" if "completion" in r else "no completion")
+            why = ("unreadable row" if r is None else "no completion" if "completion" not in r else
+                   "its completion is not text" if not isinstance(r.get("completion"), str) else "unknown problem id")
             bad.append({"id": None if r is None or r.get("id") is None else str(r["id"]),
                         "completion": r.get("completion") if r and isinstance(r.get("completion"), str) else None,
                         "reward": 0.0, "verdict": "invalid_sample", "_n": len(rows) + len(bad), "_why": f"{loc}: {why}"})
@@ -720,6 +731,8 @@ def as_flags(message: str, args) -> str:
     verification.verifier inside)."""
     if args.cmd in ("eval", "verify") and args.verifier:
         message = re.sub(r"(^|\s)verification\.verifier:", r"\1--verifier:", message, count=1)
+    if args.cmd == "eval":
+        message = re.sub(r"(^|\s)(?:eval: )?evaluation\.k:", r"\1--k:", message, count=1)
     return message
 
 

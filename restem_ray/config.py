@@ -477,6 +477,9 @@ class EvaluationConfig(_Section):
 
     @model_validator(mode="after")
     def _check_k(self) -> "EvaluationConfig":
+        if self.k == 1:  # (its pass@1 would be written over the greedy one, the score best_iteration is chosen by)
+            raise ValueError("evaluation.k: 1 would report a sampled pass@1 under the greedy pass@1's name; use 0 "
+                             "(greedy pass@1 only) or 2 and more")
         if self.temperature < GREEDY_BELOW and self.k > 1:
             raise ValueError(f"evaluation.temperature: {self.temperature:g} is greedy decoding, which gives one "
                              f"sample per request, but evaluation.k asks for {self.k} (vLLM refuses n > 1 below a "

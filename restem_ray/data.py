@@ -206,6 +206,16 @@ def read_samples(path: str | Path) -> list[tuple[str, dict | None]]:
         return [(f"{p}:{i + 1} (row)", r) for i, (_, r) in enumerate(_read_rows(p))]
     if p.suffix not in (".jsonl", ".json"):
         raise UserError(f"{p}: unknown samples file type (use .jsonl or .parquet)")
+    raw = p.read_bytes()
+    if p.suffix == ".json" and raw[:64].lstrip().startswith(b"["):  # one JSON array of samples, not JSONL
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
+            line = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
+            raise UserError(f"{p}{line}: not a valid JSON array of samples ({type(e).__name__})") from None
+        if not isinstance(data, list):
+            raise UserError(f"{p}: not a valid JSON array of samples")
+        return [(f"{where(p, i + 1)} (row)", r if isinstance(r, dict) else None) for i, r in enumerate(data)]
     out = []
     with open(p, "rb") as f:
         for lineno, raw in enumerate(f, 1):

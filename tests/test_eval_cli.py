@@ -108,5 +108,14 @@ def test_eval_flag_errors_name_the_flags(tmp_path, capsys):
     with pytest.raises(SystemExit):
         main(["eval", "--model", model, "--problems", valid, "--k", "-1"])
     assert "argument --k: must be a whole number >= 0, got '-1'" in capsys.readouterr().err
+    # k = 1: its sampled pass@1 was written over the greedy pass@1, under the same name
+    assert main(["eval", "--model", model, "--problems", valid, "--k", "1"]) == 2
+    assert capsys.readouterr().err.startswith("restem-ray: error: --k: 1 would report a sampled pass@1 under the "
+                                              "greedy pass@1's name")
+    # --out naming a problems file (MBPP's sanitized release is .json): refused before any work
+    (tmp_path / "probs.json").write_text(json.dumps([json.loads(open(valid).readline())]))
+    assert main(["eval", "--model", model, "--problems", str(tmp_path / "probs.json"), "--out",
+                 str(tmp_path / "probs.json")]) == 2
+    assert "is a --problems file; the scores would replace it" in capsys.readouterr().err
     with pytest.raises(Exception, match="config file not found"):  # the traceback's exception, not one line
         main(["check", str(tmp_path / "none.yaml"), "--debug"])

@@ -51,16 +51,36 @@ def test_math_and_bad_rows_each_get_a_verdict(tmp_path):
         {"id": "zzz", "completion": "#### 2"},
         "{not json",
         {"id": "a"},
+        {"id": "a", "completion": None},
     ])
     code, log = verify(tmp_path, "--verifier", "math", "--problems", tmp_path / "p.jsonl",
                        "--samples", tmp_path / "s.jsonl", "--out", tmp_path / "out.jsonl")
     assert code == 0, log
     out = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
     assert [r["verdict"] for r in out] == ["passed", "wrong_answer", "passed", "no_answer",
-                                           "invalid_sample", "invalid_sample", "invalid_sample"]
-    assert [r["reward"] for r in out] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0]
+                                           "invalid_sample", "invalid_sample", "invalid_sample", "invalid_sample"]
+    assert [r["reward"] for r in out] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
     assert out[0]["id"] == "a" and out[0]["completion"].endswith("#### 2")
-    assert "7 samples, 2 passed" in log
+    assert "8 samples, 2 passed" in log
+    assert "s.jsonl:5: unknown problem id" in log and "s.jsonl:7: no completion" in log
+    assert "s.jsonl:8: its completion is not text" in log  # (it was called an unknown problem id)
+
+
+def test_a_json_array_of_samples_is_read_as_one(tmp_path):
+    """A .json samples file may be one array (as MBPP's sanitized problems are): read line by line, its rows were
+    half of them unreadable and the grading exited 0."""
+    from restem_ray.data import read_samples
+    from restem_ray.errors import UserError
+
+    (tmp_path / "s.json").write_text('[\n {"id": "0", "completion": "#### 1"},\n {"id": "1", "completion": "#### 2"},\n 7\n]\n')
+    got = read_samples(tmp_path / "s.json")
+    assert [r for _, r in got] == [{"id": "0", "completion": "#### 1"}, {"id": "1", "completion": "#### 2"}, None]
+    assert got[2][0] == f"{tmp_path / 's.json'}:3 (row)"
+    (tmp_path / "l.json").write_text('{"id": "0", "completion": "#### 1"}\n')  # JSONL under .json: as before
+    assert [r for _, r in read_samples(tmp_path / "l.json")] == [{"id": "0", "completion": "#### 1"}]
+    (tmp_path / "bad.json").write_text('[{"id": "0"},\n')
+    with pytest.raises(UserError, match=r"bad.json:2: not a valid JSON array of samples"):
+        read_samples(tmp_path / "bad.json")
 
 
 def test_human_eval_samples_files_name_problems_by_task_id(tmp_path):
