@@ -117,5 +117,9 @@ def test_eval_flag_errors_name_the_flags(tmp_path, capsys):
     assert main(["eval", "--model", model, "--problems", str(tmp_path / "probs.json"), "--out",
                  str(tmp_path / "probs.json")]) == 2
     assert "is a --problems file; the scores would replace it" in capsys.readouterr().err
+    from restem_ray.cli import split_name  # a split is named after its file, less every suffix of its format
+
+    assert split_name("/d/HumanEval.jsonl.gz") == "HumanEval" and split_name("test-00000-of-00001.parquet") == \
+        "test-00000-of-00001" and split_name("valid.jsonl") == "valid"
     with pytest.raises(Exception, match="config file not found"):  # the traceback's exception, not one line
         main(["check", str(tmp_path / "none.yaml"), "--debug"])
