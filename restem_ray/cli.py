@@ -503,21 +503,26 @@ def cmd_report(args) -> int:
     from .storage import RunDir
 
     run = RunDir(args.run_dir)
-    if is_uri(args.run_dir):  # a run directory on object storage: reported from this node's copy of it
+    if is_uri(args.run_dir):  # a run directory on object storage: reported from a local copy of its metrics
         from .mirror import RunMirror
 
         mirror = RunMirror(args.run_dir, what="report")
-        mirror.prepare(True, mirror.check(write=False), reader=True)
-        run = RunDir(mirror.local)
+        if not mirror.check(write=False):
+            raise UserError(f"{args.run_dir}: not a run directory (no manifest.json)")
+        run = RunDir(mirror.report_copy())
+        print(f"[restem] reported from a copy of its metrics in {run.root} (the report's files are written there)")
     if not run.manifest_path.is_file():
         raise UserError(f"{args.run_dir}: not a run directory (no manifest.json)")
     print_table(run)
-    write_plot(run)
+    if not os.access(run.root, os.W_OK):  # another user's run: the table is the report
+        print(f"[restem] {run.root} is not writable: report.png and problems.parquet not written")
+        return 0
+    if write_plot(run):
+        print(f"wrote {run.root / 'report.png'}")
     summary = write_problem_history(run)
     if summary:
         print(summary)
         print(f"wrote {run.root / 'problems.parquet'} (per problem and iteration: drawn, correct, distinct, kept)")
-    print(f"wrote {run.root / 'report.png'}")
     return 0
 
 

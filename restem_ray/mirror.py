@@ -39,6 +39,7 @@ from .lease import DriverLease
 from .storage import written_by_a_driver as _driver_config
 
 STATE = ".mirror-state.json"
+REPORTED = re.compile(r"manifest\.json|metrics\.jsonl|config\.yaml|iter_\d+/problems\.parquet")  # report's reads
 LOCAL_ONLY = {".driver.lock", STATE, LEASE}  # the lease lives on the remote only
 MANIFEST = "manifest.json"
 MARKERS = {"restem_mstep.json"}  # files that say their folder is whole (training.FINISHED): uploaded after it
@@ -165,12 +166,10 @@ class RunMirror:
         except Exception as e:  # the store failing between the checks and the lease
             raise UserError(f"{self.what} {self.uri}: cannot hold the driver lease ({first_line(e, self._uri)})") from None
 
-    def prepare(self, resume: bool, has_run: bool, reader: bool = False) -> None:
+    def prepare(self, resume: bool, has_run: bool) -> None:
         """Make the local copy the run's working directory: downloaded on a resume when missing or behind the
-        remote one; emptied for a new run (the remote holds none: whatever is cached is stale). A `reader`
-        (`report`) may share the copy with a driver running here."""
-        if not reader:
-            self._check_not_locked()
+        remote one; emptied for a new run (the remote holds none: whatever is cached is stale)."""
+        self._check_not_locked()
         if not resume:
             if has_run:
                 raise UserError(f"{self.uri}: run directory already holds a run (use --resume to continue it)")
@@ -184,9 +183,9 @@ class RunMirror:
         remote = self._remote_manifest() if has_run else None
         local = self._local_manifest()
         if remote is None:
-            if local is None and not reader:
+            if local is None:
                 raise UserError(f"{self.uri}: nothing to resume (no manifest.json)")
-            if not reader and MANIFEST in _read_state(self.local):
+            if MANIFEST in _read_state(self.local):
                 # this copy did push its manifest, and the remote has none now (removed, expired): what the
                 # state file says was uploaded is gone too, so all of it goes up again at the next commit
                 print(f"[restem] warning: {self.uri} no longer holds the run this machine pushed there; "
@@ -196,10 +195,29 @@ class RunMirror:
         if (local is not None and local.get("created") == remote.get("created")
                 and all(local["completed"].get(k) == v for k, v in remote["completed"].items())):
             # this machine's copy of the same run holds all the remote one does (and maybe finished shards)
-            if not reader:
-                self._fill_shards(local)
+            self._fill_shards(local)
             return
         self.pull()
+
+    def report_copy(self) -> Path:
+        """What `report` reads of the run as the store holds it (manifest, metrics, per-problem tables: a few MB,
+        not its checkpoints and samples, tens of GB for a 7B run) in a folder of its own beside the working copy,
+        where the report's own files are written."""
+        import pyarrow.fs as pafs
+
+        dst = self.local.with_name(self.local.name + ".report")
+        shutil.rmtree(dst, ignore_errors=True)
+        try:
+            fs = self._open()
+            for info in fs.get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True)):
+                rel = info.path[len(self.path) + 1:]
+                if info.type == pafs.FileType.File and REPORTED.fullmatch(rel):
+                    (dst / rel).parent.mkdir(parents=True, exist_ok=True)
+                    with fs.open_input_stream(info.path) as src, open(dst / rel, "wb") as out:
+                        shutil.copyfileobj(src, out, 8 << 20)
+        except Exception as e:
+            raise UserError(f"{self.what} {self.uri}: cannot download the run's metrics ({first_line(e, self._uri)})") from None
+        return dst
 
     def _check_empty(self) -> None:
         """A new run's prefix holds nothing yet (but the lease and write probes): a prefix with other files would

@@ -1,8 +1,10 @@
 """Per-iteration table (terminal) and report.png (pass@1 vs iteration per split) from metrics.jsonl."""
 from __future__ import annotations
 
+import re
 from collections import defaultdict
 
+from .errors import UserError, first_line
 from .storage import RunDir
 
 
@@ -82,7 +84,10 @@ def print_table(run: RunDir) -> None:
         print(f"best iteration by valid pass@1: {best}")
 
 
-def write_plot(run: RunDir) -> None:
+def write_plot(run: RunDir) -> bool:
+    """RUN/report.png, greedy pass@1 per eval split and iteration; False (nothing written) before any eval."""
+    if not any(m["phase"] == "eval" for m in run.metrics()):
+        return False
     import matplotlib
 
     matplotlib.use("Agg")
@@ -109,6 +114,7 @@ def write_plot(run: RunDir) -> None:
     fig.savefig(tmp, dpi=120)
     plt.close(fig)
     tmp.replace(run.root / "report.png")
+    return True
 
 
 def problem_history(run: RunDir):
@@ -119,11 +125,18 @@ def problem_history(run: RunDir):
     import pyarrow.parquet as pq
 
     last = last_iteration(run)
-    parts = sorted(p for p in run.root.glob("iter_*/problems.parquet") if _in_run(int(p.parent.name[5:]), last))
+    parts = sorted(p for p in run.root.glob("iter_*/problems.parquet")
+                   if re.fullmatch(r"iter_\d+", p.parent.name) and _in_run(int(p.parent.name[5:]), last))
     if not parts:
         return None
+
+    def read(p):
+        try:
+            return pq.read_table(p)
+        except (OSError, pa.ArrowException) as e:
+            raise UserError(f"{p}: cannot be read ({first_line(e, limit=120)}); remove it to report without it") from None
     # (iterations written before a column existed, correct_truncated: nulls there)
-    table = pa.concat_tables([pq.read_table(p) for p in parts], promote_options="default")
+    table = pa.concat_tables([read(p) for p in parts], promote_options="default")
     first: dict[str, int] = {}
     for r in table.select(["id", "iteration", "correct"]).to_pylist():
         if r["correct"] > 0 and (r["id"] not in first or r["iteration"] < first[r["id"]]):

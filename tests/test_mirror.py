@@ -224,11 +224,17 @@ def test_report_reads_a_run_directory_on_a_uri(tmp_path, capsys, monkeypatch):
 
     uri, m, run = started(tmp_path)
     run.create("seed: 0\n", resume=False)
+    (run.checkpoint_dir(1)).mkdir(parents=True)
+    (run.checkpoint_dir(1) / "model.safetensors").write_bytes(b"weights")
+    pq.write_table(pa.table({"id": ["a"], "iteration": [1], "correct": [1]}), run.iter_dir(1) / "problems.parquet")
     run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25}])
     monkeypatch.setenv("RESTEM_RUN_CACHE", str(tmp_path / "node-b"))  # another machine: nothing cached
     assert main(["report", uri]) == 0
     out = capsys.readouterr().out
-    assert "0.250" in out and (RunMirror(uri, cache=tmp_path / "node-b").local / "report.png").is_file()
+    local = RunMirror(uri, cache=tmp_path / "node-b").local.with_name("x.report")
+    assert "0.250" in out and (local / "report.png").is_file() and (local / "problems.parquet").is_file()
+    assert f"reported from a copy of its metrics in {local}" in out
+    assert not (local / "iter_001" / "checkpoint").exists()  # the metrics, not the weights (tens of GB at 7B)
     assert main(["report", f"file://{tmp_path}/nothing"]) == 2
     assert "not a run directory" in capsys.readouterr().err
 

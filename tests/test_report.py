@@ -92,3 +92,26 @@ def test_the_e_steps_pass_rate_is_not_an_eval_split(tmp_path):
     finally:
         plt.Axes.plot = real
     assert sorted(seen) == [("train", [25.0, 50.0]), ("valid", [50.0, 60.0])]
+
+
+def test_a_run_without_evals_an_odd_folder_or_a_damaged_table_reports_in_one_piece(tmp_path, capsys):
+    """Before its first eval a run has no plot to draw (matplotlib drew an empty one with a warning); a folder
+    `iter_old/` is not an iteration (int() raised); a damaged per-problem table is a one-line error."""
+    import pytest
+
+    from restem_ray.cli import main
+    from restem_ray.errors import UserError
+
+    run = RunDir(tmp_path / "run")
+    run.create("seed: 0\n", resume=False)
+    run.complete(1, "generate", [{"samples": 8, "correct": 3}])
+    assert write_plot(run) is False and not (run.root / "report.png").exists()
+    (run.root / "iter_old").mkdir()
+    pq.write_table(pa.table({"id": ["a"], "iteration": [1], "correct": [1]}), run.root / "iter_old" / "problems.parquet")
+    assert write_problem_history(run) is None
+    assert main(["report", str(run.root)]) == 0
+    assert "report.png" not in capsys.readouterr().out
+    run.iter_dir(1).mkdir(parents=True, exist_ok=True)
+    (run.iter_dir(1) / "problems.parquet").write_bytes(b"PAR1" + b"\0" * 40 + b"PAR1")
+    with pytest.raises(UserError, match=r"iter_001/problems.parquet: cannot be read \(.*\); remove it to report"):
+        write_problem_history(run)
