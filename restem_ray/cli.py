@@ -79,6 +79,8 @@ def cmd_demo(args) -> int:
     from .builtin import BUILTINS, arithmetic_builtin, ensure_builtin
 
     check_force(args)
+    if args.resume and not args.out:  # (the default --out is a new, timestamped folder: nothing to resume there)
+        raise UserError("--resume: give the run directory to continue with --out")
     out = args.out or f"restem-runs/demo-{args.task}-{time.strftime('%Y%m%d-%H%M%S')}"
     pre = demo_config(Path("/nonexistent"), args.quick, args.set, args.task, args.seed)  # validate before building
     if args.stop_after is not None:

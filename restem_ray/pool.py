@@ -120,7 +120,12 @@ class VerifierPool:
                 pending[self.submit([problems[i] for i in {s["id"] for s in chunks[n]}], chunks[n])] = n
             done, _ = ray.wait(list(pending), num_returns=1)
             n = pending.pop(done[0])
-            out[n] = ray.get(done[0])
+            try:
+                out[n] = ray.get(done[0])
+            except ray.exceptions.RayActorError as e:  # a verifier that died past its restarts (OOM, lost node)
+                bar.close()
+                raise RunError(f"{desc or 'grading'}: chunk {n} failed after the allowed verifier restarts: "
+                               f"{_cause(e)}") from None
             bar.update(len(out[n]))
         bar.close()
         return [r for rows in out for r in rows]

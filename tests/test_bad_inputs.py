@@ -308,7 +308,11 @@ def test_demo_rejects_bad_override_before_building(tmp_path, capsys, monkeypatch
     assert "training.epochs" in capsys.readouterr().err
     assert main(["demo", "--quick", "--out", str(tmp_path / "run"), "--stop-after", "2/eval"]) == 2
     assert "--stop-after 2/eval: not a phase" in capsys.readouterr().err
+    monkeypatch.chdir(tmp_path)  # (the default --out is a new restem-runs/demo-... folder: nothing to resume)
+    assert main(["demo", "--quick", "--resume"]) == 2
+    assert "--resume: give the run directory to continue with --out" in capsys.readouterr().err
     assert not (tmp_path / "cache").exists() and not (tmp_path / "run").exists()
+    assert not (tmp_path / "restem-runs").exists()
 
 
 def test_debug_shows_the_traceback(world):

@@ -86,6 +86,27 @@ def test_grading_goes_to_the_verifier_with_the_fewest_unfinished_calls(cluster):
         pool.close()
 
 
+def test_a_verifier_that_dies_past_its_restarts_stops_grading_in_one_line(cluster):
+    """`restem-ray verify` grades through grade_all: a verifier killed for good mid-chunk (an OOM kill past
+    max_restarts) is a RunError naming the chunk, not a RayActorError traceback."""
+    import threading
+
+    from restem_ray.errors import RunError
+    from restem_ray.pool import VerifierPool
+
+    problem = {"id": "p", "prompt": "def f(x):\n", "test": "def check(f):\n    assert f(2) == 4\n",
+               "entry_point": "f"}
+    pool = VerifierPool("code", VerificationConfig(num_workers=1), max_restarts=0)
+    try:
+        pool.ready()
+        threading.Timer(2.0, lambda: ray.kill(pool.actors[0], no_restart=True)).start()
+        with pytest.raises(RunError, match=r"^verify: chunk 0 failed after the allowed verifier restarts: "):
+            pool.grade_all({"p": problem}, [{"id": "p", "completion": "    import time\n    time.sleep(8)\n"
+                                                                     "    return x * 2\n"}], desc="verify")
+    finally:
+        pool.close()
+
+
 def test_a_sandbox_that_cannot_start_on_the_verifier_node_is_one_line(cluster):
     with pytest.raises(UserError) as e:
         check_verifier_on_cluster("code", VerificationConfig(sandbox_python="/nonexistent/python3"))
