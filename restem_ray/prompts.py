@@ -136,6 +136,12 @@ class PromptRenderer:
         self.shots = [(self._question(row, loc), row["answer"]) for loc, row in shots]
         marker = self.fmt.split("{question}")[0].strip() if self.fmt and not self.chat else ""
         self.stop: tuple[str, ...] = (marker,) if marker else ()  # the next exemplar's question marker
+        # Zero-shot plain text in a question/answer format ("Question: {question}\nAnswer:"): a base model answers,
+        # then writes the next "Question:" on to max_tokens, and a cut sample is never kept. The question marker
+        # stops it, as the few-shot format's does. (Code prompts stop as their datasets' evaluations do instead.)
+        lead = re.match(r"\s*([A-Za-z][A-Za-z ]{0,29}:)[ \t]*(?:\n[ \t]*)?\{", pc.template)
+        qa = lead and re.search(r"\n[ \t]*[A-Za-z][A-Za-z ]{0,29}:\s*$", pc.template)
+        self.template_stop: tuple[str, ...] = (lead.group(1),) if qa and not self.chat and self.fmt is None else ()
         end = self._end_of_turn() if self.chat else None
         own = _own_stops(model, tokenizer)
         self.stop_token_ids: tuple[int, ...] = (end,) if end is not None and not own else ()
@@ -271,16 +277,20 @@ CODE_STOPS = {"humaneval": ("\nclass", "\ndef", "\n#", "\nif", "\nprint"),
 
 def stop_source(cfg: RestemConfig, renderer: PromptRenderer | None) -> str:
     """Where the implied stop strings come from, for messages."""
-    return "from the few-shot format" if renderer and renderer.stop else f"of {cfg.task.dataset}'s code prompts"
+    if renderer and renderer.stop:
+        return "from the few-shot format"
+    if CODE_STOPS.get(cfg.task.dataset or ""):
+        return f"of {cfg.task.dataset}'s code prompts"
+    return "from the prompt template's question marker"
 
 
 def implied_stops(renderer: PromptRenderer | None, dataset: str | None) -> tuple[str, ...]:
     """The stop strings `dataset`'s prompts imply when `sampling.stop` is not given: the few-shot format's
     question marker; a chat template's none (its end-of-turn token stops); else, for plain-text code prompts, the
-    stops of the code dataset's own evaluation."""
+    stops of the code dataset's own evaluation; else the question marker a zero-shot template opens with."""
     if renderer and (renderer.stop or renderer.chat):
         return renderer.stop
-    return CODE_STOPS.get(dataset or "", ())
+    return CODE_STOPS.get(dataset or "", ()) or (renderer.template_stop if renderer else ())
 
 
 def sampling_stops(cfg: RestemConfig, renderer: PromptRenderer | None) -> tuple[tuple[str, ...], tuple[int, ...]]:

@@ -65,6 +65,21 @@ def test_template_and_system_plain(tmp_path):
     assert all(row["prompt"].startswith("Be careful.\n\nSolve: ") for row in task.evals["valid"])
 
 
+def test_a_zero_shot_question_answer_template_stops_at_its_question_marker(tmp_path):
+    """A base model given "Question: ...\nAnswer:" answers, then writes the next "Question:" on to max_tokens: every
+    sample was cut and none kept. The marker stops it, as the few-shot format's does; a template that is no
+    question/answer format, a chat template, or sampling.stop keep their stops."""
+    qa = config(tmp_path, gsm8k_task(), {"template": "Question: {question}\nAnswer:"})
+    task = load_task(qa)
+    assert task.stop == ("Question:",) and with_stop(qa, task).sampling.stop == ["Question:"]
+    assert load_task(config(tmp_path, gsm8k_task(), {"template": "Problem:\n{question}\n\nSolution:\n"})).stop == ("Problem:",)
+    assert load_task(config(tmp_path, gsm8k_task(), {"template": "Solve: {question}"})).stop == ()
+    assert load_task(config(tmp_path, gsm8k_task(), {"template": "Question: {question}\nAnswer:"},
+                            model=make_model(tmp_path / "chat", CHATML))).stop == ()
+    assert load_task(config(tmp_path, gsm8k_task(), {"template": "Question: {question}\nAnswer:"},
+                            sampling={"stop": ["\n\n"]})).stop == ("\n\n",)
+
+
 def test_gsm8k_standard_8_shot_plain_text_and_stop(tmp_path):
     cfg = config(tmp_path, gsm8k_task(), {"few_shot": "standard"})
     task = load_task(cfg)
