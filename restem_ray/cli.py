@@ -155,6 +155,8 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
     # validates data, the run dir and --stop-after before Ray starts
     driver = Driver(cfg, out, resume=resume, force=force, stop_after=stop_after, task=task)
     driver.run.mirror = mirror  # a URI --out: every commit is mirrored to it
+    if resume and mirror is None:  # a second driver of this run stops here, before it starts a Ray of its own
+        driver.run.lock()
     init_ray(cfg.ray.address, cfg.ray.num_cpus)
     check_ray_cluster(cfg)  # before anything is written or any actor waits for resources
     if mirror is not None:

@@ -184,7 +184,9 @@ class RunDir:
     def lock(self) -> None:
         """One driver per run: hold an exclusive flock on RUN/.driver.lock for this process's life. The kernel
         drops the lock when its holder dies however it dies, so a crashed driver never blocks its own resume;
-        the file names the holder for the refusal message."""
+        the file names the holder for the refusal message. Held already by this object: nothing to do."""
+        if getattr(self, "_lock_fd", None) is not None:
+            return
         try:
             self.root.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.root / ".driver.lock", os.O_RDWR | os.O_CREAT, 0o644)

@@ -133,6 +133,17 @@ def test_run_refuses_a_run_directory_another_driver_holds(tmp_path):
         f"(pid {os.getpid()} on {socket.gethostname()} since "), r.stderr[-2000:]
     assert "Traceback" not in r.stderr
     assert sorted(p.name for p in (tmp_path / "run").iterdir()) == [".driver.lock"]
+    # a --resume of a run another driver holds is refused before Ray: with a cluster address nothing answers at,
+    # the refusal is the lock's, not a connection error
+    held.create(yaml.safe_dump(tree), resume=False)
+    held.lock()
+    try:
+        r = subprocess.run([sys.executable, "-m", "restem_ray.cli", "run", str(tmp_path / "cfg.yaml"), "--out",
+                            str(tmp_path / "run"), "--resume", "--force"], capture_output=True, text=True,
+                           timeout=120, env=dict(os.environ, RAY_ADDRESS="127.0.0.1:1"))
+    finally:
+        held.unlock()
+    assert r.returncode == 2 and "another driver is running this run" in r.stderr, r.stderr[-2000:]
 
 
 def test_run_reads_and_renders_the_data_once(tmp_path, monkeypatch):
