@@ -11,6 +11,7 @@ import hashlib
 import json
 import os
 import time
+from collections import Counter
 from pathlib import Path
 
 import pyarrow as pa
@@ -207,10 +208,13 @@ class Driver:
         if not todo:
             return
 
+        # this E-step's grades so far, in this process: a small shard is judged with them
+        graded = self.__dict__.setdefault("_graded", {}).setdefault(t, Counter())
+
         def save(j: int, rows: list[dict]) -> None:
             # a shard graded mostly by a broken sandbox/plug-in stops the run before it is saved
             check_infra_errors([r["verdict"] for r in rows], self.cfg.verification.max_infra_error_rate,
-                               f"iteration {t}, E-step shard {names[todo[j]]}")
+                               f"iteration {t}, E-step shard {names[todo[j]]}", before=graded)
             write_parquet(out / f"{names[todo[j]]}.parquet", pa.Table.from_pylist(rows))
             self.run.saved(out / f"{names[todo[j]]}.parquet")  # a URI run directory: uploaded now, not at the commit
             crash_point(f"{t}/generate/shard")

@@ -27,11 +27,26 @@ TRAINING = "stopped rather than train on their zeros (fix the verifier, then --r
 SCORING = "stopped rather than report their zeros as the model's score (fix the verifier, then run it again)"
 
 
-def check_infra_errors(verdicts: list[str], max_rate: float, where: str, then: str = TRAINING) -> None:
-    """Raise RunError when more than `max_rate` of `verdicts` are infrastructure failures."""
+# Fewer grades than this say nothing about the verifier: one failed grade of a late adaptive round's shard of
+# one row would stop the run, and stop its resume again (the same seed redraws the same sample).
+MIN_GRADES = 16
+
+
+def check_infra_errors(verdicts: list[str], max_rate: float, where: str, then: str = TRAINING,
+                       before: Counter | None = None) -> None:
+    """Raise RunError when more than `max_rate` of `verdicts` are infrastructure failures. `before`: the counts
+    ("infra", "all") of grades judged earlier in the same phase, judged with these and updated; the rate is
+    judged from MIN_GRADES grades on."""
     infra = Counter(v for v in verdicts if is_infra(v))
-    n = sum(infra.values())
-    if verdicts and n / len(verdicts) > max_rate:
+    n, total = sum(infra.values()), len(verdicts)
+    if before is not None:
+        before.update({"infra": n, "all": total})
+        if total < MIN_GRADES:
+            n, total = before["infra"], before["all"]
+            if total < MIN_GRADES:
+                return
+    if total and n / total > max_rate:
         kinds = ", ".join(f"{k}: {c}" for k, c in infra.most_common(3))
-        raise RunError(f"{where}: {n} of {len(verdicts)} grades are verifier/sandbox failures ({kinds}), more than "
+        raise RunError(f"{where}: {n} of {total} grades{' of this E-step' if total > len(verdicts) else ''} are "
+                       f"verifier/sandbox failures ({kinds or 'in earlier shards'}), more than "
                        f"verification.max_infra_error_rate={max_rate:g}; {then}")

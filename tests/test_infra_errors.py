@@ -32,6 +32,22 @@ def test_infra_verdicts_and_the_threshold():
     with pytest.raises(RunError):
         check_infra_errors(["verifier_error:KeyError", "passed", "passed"], 0.0, "shard 0")
     assert verdict_counts(["passed", "wrong_answer", "passed"]) == {"passed": 2, "wrong_answer": 1}
+    # an E-step's shards judged with the grades before them: a late adaptive round's shard of one row, its one
+    # grade failed, is not a broken verifier (it stopped the run, and every resume, at rate 1 of 1) ...
+    from collections import Counter
+
+    seen = Counter()
+    check_infra_errors(["passed"] * 40, 0.5, "shard 0", before=seen)
+    check_infra_errors(["sandbox_error"], 0.5, "shard r007", before=seen)
+    assert seen == {"infra": 1, "all": 41}
+    fresh = Counter()  # ... nor is it on a resume that starts there: too few grades to judge
+    check_infra_errors(["sandbox_error"], 0.5, "shard r007", before=fresh)
+    # ... but small shards that keep failing add up, and a large one is judged on its own
+    with pytest.raises(RunError, match=r"shard r009: 16 of 16 grades of this E-step are verifier/sandbox failures"):
+        for _ in range(16):
+            check_infra_errors(["sandbox_error"], 0.5, "shard r009", before=fresh)
+    with pytest.raises(RunError, match=r"shard 1: 20 of 20 grades are"):
+        check_infra_errors(["sandbox_error"] * 20, 0.5, "shard 1", before=Counter({"infra": 0, "all": 1000}))
 
 
 def test_config_default_and_bounds():
@@ -72,7 +88,7 @@ def row(pid, i, verdict, finish="stop"):
 def driver(tmp_path, shards, **sections):
     cfg = config_from_dict({"task": {"train_file": "t", "valid_file": "v"}, "model": {"base": "m"},
                             "sampling": {"prompts_per_request": 1, "samples_per_problem": 3},
-                            "observability": {"tensorboard": False}, **sections})
+                            "observability": {"tensorboard": False}} | sections)
     d = Driver.__new__(Driver)  # the phases alone: no data files, no Ray
     d.cfg, d.run, d.step_checker = cfg, RunDir(tmp_path / "run"), None
     d.train = [{"id": pid, "prompt": "Q", "answer": "1"} for pid in ("a", "b")][: len(shards)]
@@ -102,14 +118,20 @@ def test_all_correct_samples_truncated_is_a_clear_stop(tmp_path):
 
 
 def test_a_shard_of_infra_errors_stops_the_e_step_before_it_is_saved(tmp_path):
-    good = [row("a", i, "passed") for i in range(3)]
-    broken = [row("b", 0, "sandbox_error"), row("b", 1, "sandbox_error"), row("b", 2, "wrong_answer")]
-    d = driver(tmp_path, [good, broken])
-    with pytest.raises(RunError, match="iteration 1, E-step shard part-00001: 2 of 3 grades"):
+    k = 20  # (a shard of fewer than MIN_GRADES rows is judged with the E-step's grades before it)
+    sampling = {"prompts_per_request": 1, "samples_per_problem": k}
+    good = [row("a", i, "passed") for i in range(k)]
+    broken = [row("b", i, "sandbox_error" if i < 13 else "wrong_answer") for i in range(k)]
+    d = driver(tmp_path, [good, broken], sampling=sampling)
+    with pytest.raises(RunError, match="iteration 1, E-step shard part-00001: 13 of 20 grades"):
         d.generate(1, "m")
     assert sorted(p.name for p in d.run.samples_dir(1).iterdir()) == ["part-00000.parquet"]  # resume regrades it
     assert not d.run.done(1, "generate")
-    d = driver(tmp_path / "tolerant", [good, broken], verification={"max_infra_error_rate": 0.7})
+    d = driver(tmp_path / "tolerant", [good, broken], verification={"max_infra_error_rate": 0.7}, sampling=sampling)
+    assert d.generate(1, "m").num_rows == 2 * k
+    # three rows, two failed, after a good shard: too few to say the verifier is broken
+    small = [row("b", 0, "sandbox_error"), row("b", 1, "sandbox_error"), row("b", 2, "wrong_answer")]
+    d = driver(tmp_path / "small", [[row("a", i, "passed") for i in range(3)], small])
     assert d.generate(1, "m").num_rows == 6
 
 
