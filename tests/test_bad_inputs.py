@@ -50,6 +50,9 @@ CASES = {
     "bad bool": (None, ["--set", "training.restart_from_base=maybe"], "training.restart_from_base"),
     "set without =": (None, ["--set", "loop.iterations"], "expected key.path=value"),
     "force without resume": (None, ["--force"], "--force accepts a changed config when resuming"),
+    # the adaptive E-step's first round would leave the easiest problems without a sample, and without solutions
+    "adaptive budget under a round": (None, ["--set", "sampling.adaptive=true", "--set", "sampling.budget=2"],
+                                      "sampling.budget: 2 samples cannot give each of the"),
     "set into a value": (None, ["--set", "task.train_file.x=1"], "'train_file' is not a section"),
     "config not yaml": (lambda w: (w / "cfg.yaml").write_text("task: [oops\n"), [], "cfg.yaml:2: not valid YAML"),
     "config is a list": (lambda w: (w / "cfg.yaml").write_text("- 1\n- 2\n"), [], "top level must be a mapping"),
