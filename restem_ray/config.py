@@ -262,11 +262,12 @@ class SamplingConfig(_Section):
         if self.engine_kwargs.get("pipeline_parallel_size", 1) != 1:
             raise ValueError("sampling.engine_kwargs.pipeline_parallel_size: replicas run tensor parallelism only "
                              "(a replica reserves tensor_parallel_size GPUs on one node)")
-        n = self.adaptive_round_size if self.adaptive else self.samples_per_problem
+        # (adaptive rounds of one sample would pass vLLM, and draw the same greedy sample round after round)
+        n = (self.max_samples_per_problem or self.samples_per_problem) if self.adaptive else self.samples_per_problem
         if self.temperature < GREEDY_BELOW and n > 1:
             raise ValueError(f"sampling.temperature: {self.temperature:g} is greedy decoding, which gives one sample "
-                             f"per request, but {'sampling.round_size' if self.adaptive else 'samples_per_problem'} "
-                             f"asks for {n} (vLLM refuses n > 1 below a temperature of {GREEDY_BELOW:g})")
+                             f"per problem, but a problem draws up to {n} (vLLM refuses n > 1 below a temperature "
+                             f"of {GREEDY_BELOW:g})")
         if self.engine_kwargs.get("distributed_executor_backend") == "ray":
             # vLLM's Ray executor starts its workers as actors in the current placement group, whose bundles the
             # replicas' actors already hold: with tensor_parallel_size 1 the worker waits forever for a GPU, above

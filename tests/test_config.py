@@ -61,9 +61,9 @@ def test_paths_given_with_set_are_relative_to_the_current_folder(tmp_path, monke
     ("evaluation.k_splits=[tset]", "evaluation.k_splits: 'tset' is not an eval split (one of valid, test)"),
     ("sampling.round_size=0", "sampling.round_size"),
     # vLLM refused n > 1 at greedy temperatures at the first generate call, after the engines had loaded
-    ("sampling.temperature=0", "sampling.temperature: 0 is greedy decoding, which gives one sample per request, "
-                               "but samples_per_problem asks for 32"),
-    ("sampling={temperature: 0.000001, adaptive: true}", "but sampling.round_size asks for 4"),
+    ("sampling.temperature=0", "sampling.temperature: 0 is greedy decoding, which gives one sample per problem, "
+                               "but a problem draws up to 32"),
+    ("sampling={temperature: 0.000001, adaptive: true, round_size: 1}", "but a problem draws up to 32"),
     ("evaluation={k: 4, temperature: 0}", "evaluation.temperature: 0 is greedy decoding, which gives one sample per "
                                           "request, but evaluation.k asks for 4"),
     # the replicas reserved no GPU: a CUDA vLLM took GPUs the M-step and other replicas hold
