@@ -16,7 +16,8 @@ easy problem must keep its solutions in every iteration's data.
 
 Sample i of a problem always has the seed `problem_seed + i` (vLLM gives child i of an n-sample request
 `seed + i`), so a round drawing samples k..k+r-1 draws exactly fixed-K's samples k..k+r-1: adaptive
-draws a subset of fixed-K's samples when `max_per_problem` is K. The plan depends only on the rows of
+draws a subset of fixed-K's samples when `max_per_problem` is K (on GPUs up to bf16 rounding, which depends
+on what else is in the engine's batch). The plan depends only on the rows of
 earlier rounds, so a resumed E-step replays the finished rounds from disk and continues.
 """
 from __future__ import annotations

@@ -21,7 +21,8 @@ from .remote import local_model_copy  # noqa: F401  (also this module's name for
 @dataclass(frozen=True)
 class SampleSpec:
     """Sampling parameters for one call; `seed` is mixed with each problem id, so a problem's samples
-    do not depend on how problems are batched (a resumed E-step redraws the same samples)."""
+    do not depend on how problems are batched (a resumed E-step redraws the same samples: exactly on CPUs; on
+    GPUs the same draws over logits that bf16 kernels compute a little differently in another batch)."""
     n: int
     temperature: float
     top_k: int = -1
