@@ -2,8 +2,8 @@
 
 Mixed-precision AdamW holds 16 bytes per trained parameter: bf16 weights (2) and gradients (2), an fp32
 master copy (4) and two fp32 moments (8). ZeRO-2 shards gradients and optimizer state over the data-parallel
-ranks and keeps the bf16 weights whole on each; ZeRO-3 shards all 16 bytes, 18 with gradient accumulation
-(the M-step sums a step's micro-batches into fp32 gradients there). Activations: what transformers'
+ranks and keeps the bf16 weights whole on each; ZeRO-3 shards all 16 bytes. With gradient accumulation the
+M-step sums a step's micro-batches into fp32 gradients at both stages: 2 bytes per parameter more, sharded. Activations: what transformers'
 Llama/Qwen2 decoder layer saves for backward under SDPA, per token (tests/test_sizing.py counts it with
 autograd's saved-tensor hooks): each of the two RMSNorms its fp32 input, its bf16 normalised input and its
 scaled output, which the next projections read (8h each); q and the attention output (4h); k and v (4h x
@@ -56,7 +56,7 @@ def mstep_gib_per_gpu(shape: Shape, *, gpus: int, zero_stage: int, micro_batch: 
     if zero_stage == 3:
         states = (18 if grad_accum > 1 else 16) * p / gpus
     elif zero_stage == 2:
-        states = 2 * p + 14 * p / gpus
+        states = 2 * p + (16 if grad_accum > 1 else 14) * p / gpus
     elif zero_stage == 1:
         states = 4 * p + 12 * p / gpus
     else:

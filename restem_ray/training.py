@@ -83,11 +83,11 @@ def deepspeed_config(cfg: TrainingConfig, world_size: int) -> dict:
                                                   **({"fused": True} if cfg.use_gpu and not cfg.offload_optimizer
                                                      else {})}},
         "zero_force_ds_cpu_optimizer": False,
-        # ZeRO-3 sums a step's micro-batch gradients in the model's dtype unless told otherwise: in bf16 (8 bits
-        # of mantissa) a step of 4 micro-batches of per-token-scaled gradients loses their low bits. (ZeRO-2
-        # ignores the setting, and ZeRO-0/1 would take another optimizer path with it.)
+        # ZeRO-2 and -3 sum a step's micro-batch gradients in the model's dtype unless told otherwise: in bf16 (8
+        # bits of mantissa) a step of 4 micro-batches of per-token-scaled gradients loses their low bits. fp32
+        # costs 2 bytes per parameter more, sharded. (ZeRO-0/1 would take another optimizer path with it.)
         **({"data_types": {"grad_accum_dtype": "fp32"}}
-           if cfg.zero_stage == 3 and cfg.dtype == "bf16" and cfg.grad_accum > 1 else {}),
+           if cfg.zero_stage in (2, 3) and cfg.dtype == "bf16" and cfg.grad_accum > 1 else {}),
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
     }

@@ -815,6 +815,31 @@ def test_zero3_sums_bf16_micro_batches_into_fp32_gradients(tmp_path, single_proc
     assert m["steps"] == 3 and math.isfinite(m["loss"])  # trained, and not to NaN
 
 
+def test_zero2_sums_bf16_micro_batches_into_fp32_gradients(tmp_path, single_process_group):
+    """ZeRO-2 likewise (DeepSpeed 0.19's stage 1/2 optimizer keeps an fp32 gradient partition when told to):
+    without it a step's micro-batch gradients were summed in bf16. It trains, saves and resumes with it."""
+    import shutil
+
+    from restem_ray.training import LocalReporter, MStep
+
+    for accum, fp32 in ((2, True), (1, False)):
+        job = _tiny_job(tmp_path / str(accum), SUMS, micro_batch_size=4, grad_accum=accum, epochs=1, dtype="bf16",
+                        zero_stage=2)
+        step = MStep(job, 0, 1, LocalReporter(str(tmp_path / str(accum) / "ckpts")))
+        step._setup()
+        opt = step.engine.optimizer
+        assert (opt.gradient_accumulation_dtype == torch.float32) == fp32
+        assert opt._use_compact_grad_partition_buffer(0) == fp32
+    job = _tiny_job(tmp_path / "run", SUMS, micro_batch_size=4, grad_accum=2, epochs=2, dtype="bf16", zero_stage=2,
+                    checkpoint_every_steps=2)
+    whole = MStep(job, 0, 1, LocalReporter(str(tmp_path / "run" / "ckpts"))).run()
+    assert whole["steps"] == 6 and math.isfinite(whole["loss"])
+    shutil.rmtree(tmp_path / "run" / "ckpts" / "step_0000006")  # as if killed after step 4's checkpoint
+    shutil.rmtree(tmp_path / "run" / "ckpts" / "step_0000004", ignore_errors=True)
+    resumed = MStep(job, 0, 1, LocalReporter(str(tmp_path / "run" / "ckpts"))).run()
+    assert resumed["steps"] == 6 and math.isfinite(resumed["loss"])
+
+
 def test_rotary_buffers_of_other_rope_types_and_layer_types_are_recomputed_exactly():
     """Llama-3's scaled RoPE and Gemma3's per-layer-type buffers (`{layer_type}_inv_freq`), rounded to bf16 as
     zero.Init leaves them, come back as a fresh model's fp32 ones."""
