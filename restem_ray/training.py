@@ -586,10 +586,11 @@ class MStep:
         probs = self.job.get("valid_problems") or load_problems(self.job["valid_file"], "any")
         probs = probs[: self.cfg.eval_problems]
         # Equal shares: under ZeRO-3 every forward gathers parameters with all ranks, so every rank must decode
-        # as many prompts. Fewer problems than ranks: the missing shares repeat problems, which count 0 (a rank
-        # with nothing to decode would leave the others waiting in NCCL until its timeout).
+        # as many prompts. The last shares are filled up with repeated problems, which count 0 (a rank with
+        # nothing to decode would leave the others waiting in NCCL until its timeout; rounding down left up to
+        # world - 1 problems unscored).
         n = len(probs)
-        share = [(probs[i % n], float(i < n)) for i in range(max(self.world, n - n % self.world) if n else 0)]
+        share = [(probs[i % n], float(i < n)) for i in range(-(-n // self.world) * self.world)]
         return share[self.rank::self.world]  # (problem, weight): each rank decodes its share; rewards are summed
 
     # ---------------------------------------------------------------- the loop

@@ -815,6 +815,24 @@ def test_zero3_sums_bf16_micro_batches_into_fp32_gradients(tmp_path, single_proc
     assert m["steps"] == 3 and math.isfinite(m["loss"])  # trained, and not to NaN
 
 
+def test_validation_shares_are_equal_and_score_every_problem():
+    """Every rank decodes as many prompts (ZeRO-3 gathers parameters with all ranks at every forward); the fill
+    counts 0, and no problem is left out (5 problems on 3 ranks scored 3 before)."""
+    import types
+
+    from restem_ray.config import TrainingConfig
+    from restem_ray.training import MStep
+
+    for n, world in ((5, 3), (2, 4), (6, 3), (1, 1)):
+        probs = [{"id": str(i), "prompt": "Q", "answer": "1"} for i in range(n)]
+        shares = [MStep._load_valid(types.SimpleNamespace(job={"valid_problems": probs}, world=world, rank=r,
+                                                          cfg=TrainingConfig(eval_problems=64, eval_every_steps=1)))
+                  for r in range(world)]
+        assert len({len(s) for s in shares}) == 1, (n, world)
+        scored = sorted(p["id"] for s in shares for p, w in s if w == 1.0)
+        assert scored == sorted(map(str, range(n))) and sum(w for s in shares for _, w in s) == n
+
+
 def test_zero2_sums_bf16_micro_batches_into_fp32_gradients(tmp_path, single_process_group):
     """ZeRO-2 likewise (DeepSpeed 0.19's stage 1/2 optimizer keeps an fp32 gradient partition when told to):
     without it a step's micro-batch gradients were summed in bf16. It trains, saves and resumes with it."""
