@@ -290,8 +290,12 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
         with torch.no_grad():
             for s in range(0, len(prompts), batch):
                 enc = tokenizer(prompts[s : s + batch], return_tensors="pt", padding=True).to(device)
+                # stop strings end a row as vLLM's do (a few-shot base model writes the next "Question:" on to
+                # max_new_tokens otherwise); the text is still cut at them below
+                criteria = [_StopStrings(tokenizer, stop, enc.input_ids.shape[1])] if any(stop) else None
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
-                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=ends)
+                                     pad_token_id=tokenizer.pad_token_id, eos_token_id=ends,
+                                     stopping_criteria=criteria)
                 new = out[:, enc.input_ids.shape[1]:]
                 texts += [decode_continuation(tokenizer, ids[mask.bool()].tolist(), row.tolist())
                           for ids, mask, row in zip(enc.input_ids, enc.attention_mask, new)]
@@ -301,6 +305,23 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
             h.generation_config = config
         model.train(was_training)
     return [_cut(t, stop) for t in texts]
+
+
+class _StopStrings:
+    """A generate stopping criterion: a row is done once its completion holds a stop string. Only the completion
+    is looked at, as vLLM does (transformers' own stop_strings also match text that began in the prompt: a prompt
+    ending "A:" and the stop "::" stopped at the first ":"), and only its last tokens, enough to hold the
+    longest stop string, are decoded at each step."""
+
+    def __init__(self, tokenizer, stop: tuple[str, ...], prompt_len: int):
+        self.tok, self.stop, self.start = tokenizer, tuple(x for x in stop if x), prompt_len
+        self.window = max(map(len, self.stop)) + 2  # tokens: every token holds a character or more (or a byte)
+
+    def __call__(self, input_ids, scores, **kwargs):
+        tail = input_ids[:, max(self.start, input_ids.shape[1] - 4 * self.window):]
+        texts = self.tok.batch_decode(tail, skip_special_tokens=True)
+        return torch.tensor([any(x in t for x in self.stop) for t in texts], dtype=torch.bool,
+                            device=input_ids.device)
 
 
 def _cut(text: str, stop: tuple[str, ...]) -> str:
