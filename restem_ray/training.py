@@ -747,13 +747,16 @@ class MStep:
             finally:
                 shutil.rmtree(self.finished_copy, ignore_errors=True)
             return
+        # HF weights only where the M-step's result can come from: the last checkpoint, or one validation scored
+        # (the others are for resuming; under ZeRO-3 each consolidation holds the whole model in rank 0's RAM)
+        chosen = final or "valid_reward" in metrics or self.cfg.keep_checkpoints
         tmp = tempfile.mkdtemp(prefix="restem-ckpt-")
         try:
             if not final:
                 engine.save_checkpoint(os.path.join(tmp, "deepspeed"), tag="ckpt")
             # ZeRO-3 shards parameters: every rank must take part in gathering them.
-            state = engine._zero3_consolidated_16bit_state_dict() if self.cfg.zero_stage == 3 else None
-            if self.rank == 0:
+            state = engine._zero3_consolidated_16bit_state_dict() if self.cfg.zero_stage == 3 and chosen else None
+            if self.rank == 0 and chosen:
                 hf = os.path.join(tmp, "hf")
                 if self.cfg.lora_rank:
                     self._save_merged(hf)
@@ -766,6 +769,7 @@ class MStep:
                     state = host_state_dict(state, self.dtype)
                     self.model.save_pretrained(hf, state_dict=state, safe_serialization=True)
                 copy_tokenizer_files(self.init_model, hf, self.tok)
+            if self.rank == 0:
                 Path(tmp, "state.json").write_text(json.dumps(asdict(st)))
             self.last_metrics = metrics
             self.reporter.report(metrics, tmp, f"step_{st.step:07d}")
