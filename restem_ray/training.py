@@ -227,6 +227,9 @@ def restored_checkpoint(fs, path: str, rank: int, every_rank: bool = False):
         def fetch(rel: str) -> None:
             dst = os.path.join(local, rel)
             os.makedirs(os.path.dirname(dst), exist_ok=True)
+            if fs.type_name == "local":  # storage on this machine's disk: linked, not copied (ZeRO-2's module
+                os.symlink(f"{root}/{rel}", dst)  # file is the whole model, which every rank reads)
+                return
             pafs.copy_files(f"{root}/{rel}", dst, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem())
 
         fetch("state.json")

@@ -1217,4 +1217,12 @@ def test_a_resuming_rank_copies_only_the_files_it_loads(tmp_path, done):
     if not done:  # DeepSpeed told to read every rank's files (elastic or universal checkpoints): all are copied
         with restored_checkpoint(pafs.LocalFileSystem(), str(ckpt), 1, every_rank=True) as local:
             got = sorted(str(p.relative_to(local)) for p in Path(local).rglob("*") if p.is_file())
+            # on this machine's disk the files are linked, not copied (ZeRO-2's module file is the whole model)
+            assert (Path(local) / "deepspeed/ckpt/mp_rank_00_model_states.pt").is_symlink()
         assert got == sorted(f for f in files if not f.startswith("hf/")), got
+    assert all((ckpt / rel).is_file() for rel in files)  # the checkpoint itself is left as it was
+    # storage elsewhere (an object store; a subtree of the disk stands in for one here): copied
+    store = pafs.SubTreeFileSystem(str(tmp_path), pafs.LocalFileSystem())
+    with restored_checkpoint(store, "checkpoint_000003", 0) as local:
+        assert (Path(local) / "state.json").is_file() and not (Path(local) / "state.json").is_symlink()
+        assert (Path(local) / "state.json").read_text() == (ckpt / "state.json").read_text()
