@@ -240,6 +240,9 @@ def check_model_dir(name: str, path: str, weights: bool = True) -> None:
             raise UserError(f"{name}: {path}: not an HF model folder (no config.json)") from None
         return
     p = Path(path)
+    if not p.exists():  # (a Hub id, Qwen/Qwen2.5-7B, reads as a folder beside the config)
+        raise UserError(f"{name}: {path}: no such folder (a local folder or a URI; a Hugging Face Hub id is not "
+                        "downloaded: fetch the model first, README 'Your own data')")
     if not (p / "config.json").is_file():
         raise UserError(f"{name}: {path}: not an HF model folder (no config.json)")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):

@@ -77,6 +77,11 @@ CASES = {
                                         pq.write_table(pa.Table.from_pylist([{"id": "a", "answer": "1"}]), w / "p.parquet")),
                              [], "p.parquet:1 (row): missing or empty field 'prompt'"),
     "model folder missing": (lambda w: set_model(w, w / "nope"), [], "model.base:"),
+    "model a hub id": (lambda w: edit_config(w, lambda t: t["model"].update(base="Qwen/Qwen2.5-0.5B")), [],
+                       "Qwen/Qwen2.5-0.5B: no such folder (a local folder or a URI; a Hugging Face Hub id is not "
+                       "downloaded"),
+    "model folder without config": (lambda w: (w / "model" / "config.json").unlink(), [],
+                                    "not an HF model folder (no config.json)"),
     "model without tokenizer": (lambda w: [p.unlink() for p in (w / "model").iterdir() if p.name != "config.json"],
                                 [], "no tokenizer files"),
     "model with its own code": (lambda w: (w / "model" / "config.json").write_text(json.dumps(

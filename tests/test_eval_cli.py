@@ -73,7 +73,7 @@ def hf_greedy_pass_at_1(model_dir, rows, max_new_tokens) -> float:
 
 
 @pytest.mark.parametrize("args, message", [
-    (["--model", "/nonexistent", "--problems", "x.jsonl"], "not an HF model folder"),
+    (["--model", "/nonexistent", "--problems", "x.jsonl"], "/nonexistent: no such folder"),
     (["--problems", "/nonexistent.jsonl"], "problem file not found"),
     (["--problems", "a=x.jsonl", "--problems", "a=y.jsonl"], "given twice"),
 ])
