@@ -89,6 +89,15 @@ def scalars(iteration, phase: str, line: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
 
 
+def _without_credentials(tree):
+    """A config as the dashboards may show it: URIs without the keys pyarrow and MLflow accept in them."""
+    if isinstance(tree, dict):
+        return {k: _without_credentials(v) for k, v in tree.items()}
+    if isinstance(tree, list):
+        return [_without_credentials(v) for v in tree]
+    return shown_uri(tree) if isinstance(tree, str) and "://" in tree else tree
+
+
 class MetricsSink:
     """Receives each committed phase's metrics lines (`RunDir.complete`) and the M-step's live step lines
     (`RunDir.log_steps`)."""
@@ -98,6 +107,7 @@ class MetricsSink:
                  wandb_entity: str | None = None, wandb_mode: str | None = None, config: dict | None = None):
         run_root = Path(run_root)
         self._tb = self._mlflow = self._wandb = None
+        self._mlflow_uri, self._mlflow_run = mlflow_uri, None
         ids_path = run_root / TRACKING_FILE
         ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
         if tensorboard:
@@ -110,18 +120,25 @@ class MetricsSink:
             except ImportError:
                 raise UserError(MISSING["mlflow"]) from None
             prior = ids.get("mlflow") or {}
+            # a server down mid-run: each call gives up in seconds, not after MLflow's default retries and
+            # timeouts (minutes per call, on the driver's main thread); metrics.jsonl keeps every line anyway
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "2")
+            os.environ.setdefault("MLFLOW_HTTP_REQUEST_TIMEOUT", "20")
             try:
                 mlflow.set_tracking_uri(mlflow_uri)
                 mlflow.set_experiment(mlflow_experiment)
                 # a run id means nothing on another tracking server: continue only on the one that made it
-                if prior.get("run_id") and prior.get("tracking_uri") == mlflow_uri:
+                if prior.get("run_id") and prior.get("tracking_uri") in (mlflow_uri, shown_uri(mlflow_uri)):
                     run = mlflow.start_run(run_id=prior["run_id"])
                 else:
                     run = mlflow.start_run(run_name=run_root.name)
             except Exception as e:  # the server went down since `check_sinks` reached it
                 raise UserError(f"observability.mlflow_tracking_uri: {shown_uri(mlflow_uri)}: {first_line(e, mlflow_uri)}") from None
-            ids["mlflow"] = {"tracking_uri": mlflow_uri, "run_id": run.info.run_id}
+            ids["mlflow"] = {"tracking_uri": shown_uri(mlflow_uri), "run_id": run.info.run_id}  # (no credentials)
             self._mlflow = mlflow
+            # by id: MLflow's active run is per thread, and the M-step's live step lines are logged from another
+            # (without it they started a stray run of their own)
+            self._mlflow_run = run.info.run_id
         if wandb_project:
             try:
                 import wandb
@@ -138,13 +155,16 @@ class MetricsSink:
                 raise UserError(f"observability.wandb_project: W&B could not start a run "
                                 f"({first_line(e, limit=200)})") from None
             if config:  # a resumed run may have changed observability.* etc.: the newest config wins
-                self._wandb.config.update(config, allow_val_change=True)
+                self._wandb.config.update(_without_credentials(config), allow_val_change=True)
             ids["wandb"] = {"id": self._wandb.id, "project": wandb_project}
             self._wandb_axes: set[str] = set()
         if ids:
             atomic_write_text(ids_path, json.dumps(ids, indent=1, sort_keys=True))
 
     def log(self, iteration, phase: str, lines: list[dict]) -> None:
+        """Each dashboard takes the lines on its own: one that fails (an MLflow server down) raises after the
+        others have them."""
+        points = []
         for line in lines:
             values = scalars(iteration, phase, line)
             if not values:
@@ -153,28 +173,48 @@ class MetricsSink:
                 step, axis = int(line["step"]), f"{_head(iteration, phase, line)}/step"
             else:
                 step, axis = (0 if iteration == "control" else int(iteration)), "iteration"
-            if self._tb is not None:
+            points.append((values, step, axis))
+        failed = []
+        for name, write in (("TensorBoard", self._log_tb), ("MLflow", self._log_mlflow), ("W&B", self._log_wandb)):
+            try:
+                write(points)
+            except Exception as e:
+                failed.append(f"{name}: {first_line(e, self._mlflow_uri, limit=160)}")
+        if failed:
+            raise RuntimeError("; ".join(failed))
+
+    def _log_tb(self, points) -> None:
+        if self._tb is not None:
+            for values, step, _ in points:
                 for tag, v in values.items():
                     self._tb.add_scalar(tag, v, global_step=step)
-            if self._mlflow is not None:
-                self._mlflow.log_metrics(values, step=step)
-            if self._wandb is not None:
+            self._tb.flush()
+
+    def _log_mlflow(self, points) -> None:
+        if self._mlflow is not None:
+            for values, step, _ in points:
+                self._mlflow.log_metrics(values, step=step, run_id=self._mlflow_run)
+
+    def _log_wandb(self, points) -> None:
+        if self._wandb is not None:
+            for values, step, axis in points:
                 # W&B's own step only increases, so each curve gets its x-axis as a metric: the iteration, or
                 # the optimizer step of that iteration's M-step
                 for tag in values.keys() - self._wandb_axes:
                     self._wandb.define_metric(tag, step_metric=axis)
                     self._wandb_axes.add(tag)
                 self._wandb.log({**values, axis: step})
-        if self._tb is not None:
-            self._tb.flush()
 
     def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-            self._tb = None
-        if self._mlflow is not None:
-            self._mlflow.end_run()
-            self._mlflow = None
-        if self._wandb is not None:
-            self._wandb.finish()
-            self._wandb = None
+        """Each dashboard closed on its own; one that cannot be reached at the end of a run is a warning, not a
+        failed run (metrics.jsonl holds every line)."""
+        held = (("TensorBoard", self._tb, "close"), ("MLflow", self._mlflow, "end_run"), ("W&B", self._wandb, "finish"))
+        self._tb = self._mlflow = self._wandb = None
+        for name, sink, end in held:
+            if sink is None:
+                continue
+            try:
+                getattr(sink, end)()
+            except Exception as e:
+                print(f"[restem] warning: {name} did not close its run ({first_line(e, self._mlflow_uri, limit=200)})",
+                      flush=True)

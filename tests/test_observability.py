@@ -203,6 +203,41 @@ def test_mlflow_gets_step_lines_and_a_resumed_run_continues_its_mlflow_run(tmp_p
     assert [(m.step, m.value) for m in client.get_metric_history(ids[0], "improve_step/iter_002/loss")] == [(2, 2.5)]
 
 
+def test_step_lines_from_another_thread_reach_the_runs_mlflow_run_and_one_failing_sink_spares_the_others(
+        tmp_path, monkeypatch, capsys):
+    """The M-step's live step lines arrive on the StepReceiver's thread: MLflow's active run is per thread, so
+    logged by the active run they started a stray run of their own. A dashboard that fails (MLflow down) must not
+    keep the others from their lines, nor fail the run when it cannot close."""
+    import threading
+
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file://{tmp_path / 'mlruns'}"
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.sink = MetricsSink(run.root, tensorboard=True, mlflow_uri=uri)
+    t = threading.Thread(target=run.log_steps, args=(1, [step_line(2, 1.5)]))
+    t.start()
+    t.join()
+    rid = json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"]
+    client = mlflow.tracking.MlflowClient(uri)
+    assert [(m.step, m.value) for m in client.get_metric_history(rid, "improve_step/iter_001/loss")] == [(2, 1.5)]
+    assert len(client.search_runs([client.get_run(rid).info.experiment_id])) == 1  # no stray run
+    sink = run.sink
+
+    def down(*a, **k):
+        raise ConnectionError("http://alice:s3cret@mlflow:5000/api: refused")
+    monkeypatch.setattr(sink._mlflow, "log_metrics", down)
+    monkeypatch.setattr(sink._mlflow, "end_run", down)
+    run.complete(1, "eval", [{"split": "valid", "pass@1": 0.5}])
+    out = capsys.readouterr().out
+    assert "the dashboards did not take the 1/eval lines (RuntimeError: MLflow: ConnectionError" in out
+    assert list((run.root / "tensorboard").glob("events.*")) and run.done(1, "eval")  # TensorBoard has them
+    sink.close()  # a warning, not an exception
+    assert "MLflow did not close its run (ConnectionError" in capsys.readouterr().out
+
+
 def test_a_configured_dashboard_without_its_package_is_one_line(tmp_path, monkeypatch):
     from restem_ray.config import ObservabilityConfig
     from restem_ray.errors import UserError
