@@ -1,10 +1,14 @@
 """GSM8K (Cobbe et al. 2021) as released: `question`, `answer` = worked solution ending in `#### N`.
 
-Gold = the number after `####`, commas removed; the worked solution stays as `solution`. The split has
+Gold = the number after `####`, commas removed; the worked solution stays as `solution`, less the calculator
+annotations of the release (`48/2 = <<48/2=24>>24`: the control arm's human data would teach the model to
+write every result twice, in a notation no prompt asks for). The split has
 no ids: rows are numbered by the loader. STANDARD_SHOTS are the 8 chain-of-thought exemplars of Wei et
 al. 2022 (Table 20), as lm-evaluation-harness's gsm8k-cot task gives them, with its `Q: ... A: ...` format.
 """
 from __future__ import annotations
+
+import re
 
 from .common import BadField, some_id, text
 
@@ -54,4 +58,7 @@ def gold(solution: str) -> str:
 def adapt(row: dict) -> dict:
     question, solution = text(row, "question"), text(row, "answer")
     return {**some_id(row, "id"), "prompt": question, "question": question, "answer": gold(solution),
-            "solution": solution}
+            "solution": _CALCULATOR.sub("", solution)}
+
+
+_CALCULATOR = re.compile(r"<<[^<>\n]*>>")
