@@ -492,3 +492,25 @@ def test_check_grades_the_released_reference_solutions_in_the_sandbox(tmp_path, 
         assert reference_failures(grader, r1, 3) == (3, "canonical_solution", [])
     finally:
         grader.close()
+
+
+def test_code_datasets_released_files_are_seed_files_too(tmp_path, capsys):
+    """The control arm (and mix_seed_data) trains on human solutions: MBPP's `code`, HumanEval's
+    `canonical_solution` and the first of APPS's `solutions` (decoded alone: the list runs to megabytes), as a
+    seed file's `solution`; a released problem without one is no seed row, and is counted."""
+    mbpp = load_split(DATA / "mbpp.jsonl", kind="solutions", dataset="mbpp")
+    raw = [json.loads(line) for line in (DATA / "mbpp.jsonl").read_text().splitlines() if line.strip()]
+    assert [r["solution"] for r in mbpp] == [r["code"] for r in raw]
+    apps = load_split(DATA / "apps.jsonl", kind="solutions", dataset="apps")
+    released = [json.loads(line) for line in (DATA / "apps.jsonl").read_text().splitlines() if line.strip()]
+    want = [json.loads(r["solutions"])[0] for r in released if r.get("input_output") and r.get("solutions")]
+    assert [r["solution"] for r in apps] == want and len(apps) == 3
+    released[0]["solutions"] = ""  # a problem without human solutions: left out of the seed rows, counted
+    (tmp_path / "apps.jsonl").write_text("".join(json.dumps(r) + "\n" for r in released))
+    capsys.readouterr()
+    assert len(load_split(tmp_path / "apps.jsonl", kind="solutions", dataset="apps")) == 2
+    assert "1 problems have no solution to train on" in capsys.readouterr().out
+    he = {"task_id": "HumanEval/0", "prompt": "def f(x):\n", "canonical_solution": "    return x\n",
+          "test": "def check(candidate):\n    assert candidate(1) == 1\n", "entry_point": "f"}
+    (tmp_path / "he.jsonl").write_text(json.dumps(he) + "\n")
+    assert load_split(tmp_path / "he.jsonl", kind="solutions", dataset="humaneval")[0]["solution"] == "    return x\n"

@@ -129,10 +129,13 @@ def load_split(path: str | Path, *, kind: str, dataset: str | None = None, colum
         raise UserError(f"{path}: no problems in file ({skipped} rows skipped)")
     with_id = next((loc for _, loc, r in adapted if r.get("id") is not None), None)
     numbered = with_id is None  # a file without ids: row numbers
-    seen, out = set(), []
+    seen, out, unsolved = set(), [], 0
     for index, loc, r in adapted:
         if numbered:
             r = {"id": str(index), **r}
+        if kind == "solutions" and plugin is not None and not r.get("solution"):
+            unsolved += 1  # a released problem without a human solution (APPS has some): no seed row
+            continue
         problem = _required(r, kind)
         if problem:
             if r.get("id") is None and problem.startswith("missing or empty field 'id'"):  # (a stray id elsewhere)
@@ -148,6 +151,10 @@ def load_split(path: str | Path, *, kind: str, dataset: str | None = None, colum
             raise UserError(f"{loc}: duplicate id {pid!r}")
         seen.add(pid)
         out.append(dict(r, id=pid))
+    if unsolved:
+        print(f"[data] {path}: {unsolved} problems have no solution to train on")
+    if not out:
+        raise UserError(f"{path}: no rows with a solution")
     return out[:limit] if limit else out
 
 
@@ -221,7 +228,7 @@ def load_seed(task, need: tuple[str, ...] = ()) -> list[dict]:
                           adapter=task.adapter, need=need, rows=rows)
     except UserError as e:  # its first row lacks prompt/solution: read as the task's format, which failed too
         raise UserError(f"{e} (task.seed_file: rows of id, prompt, solution, or the task's released format where "
-                        "it has worked solutions: task.dataset gsm8k or math)") from None
+                        "it has worked solutions: task.dataset gsm8k, math, humaneval, mbpp or apps)") from None
 
 
 def _same_file(a: str, b: str) -> bool:

@@ -4,7 +4,8 @@ methods included), `starter_code`, `difficulty`, `solutions`, `url`.
 
 The prompt is APPS's own (its generate_gpt_codes.py): QUESTION, the starter code, the I/O format,
 ANSWER. Rows without test cases (some APPS rows have an empty `input_output`) are skipped (None),
-and counted by the loader. `solutions` is dropped: megabytes per problem that nothing here uses.
+and counted by the loader. Of `solutions` (megabytes per problem) only the first is kept, as `solution`: a
+seed file's human solution.
 """
 from __future__ import annotations
 
@@ -40,5 +41,22 @@ def adapt(row: dict) -> dict | None:
     prompt = ("\nQUESTION:\n" + question + ("\n" + starter if starter else "")
               + ("\nUse Call-Based format" if io.get("fn_name") else "\nUse Standard Input format") + "\nANSWER:\n")
     extra = {k: row[k] for k in ("difficulty", "url") if row.get(k) is not None}
+    first = _first_solution(row.get("solutions"))
+    if first:
+        extra["solution"] = first
     return {**some_id(row, "problem_id", "id"), "prompt": prompt, "question": question, "starter_code": starter,
             "input_output": json.dumps(io), **extra}
+
+
+def _first_solution(solutions) -> str | None:
+    """The first of `solutions` (a JSON list of programs, as text), decoded alone: the rest can be megabytes."""
+    if isinstance(solutions, list):
+        return solutions[0] if solutions and isinstance(solutions[0], str) else None
+    if not isinstance(solutions, str) or not solutions.lstrip().startswith("["):
+        return None
+    text = solutions.lstrip()[1:].lstrip()
+    try:
+        first, _ = json.JSONDecoder().raw_decode(text)
+    except ValueError:
+        return None
+    return first if isinstance(first, str) and first.strip() else None

@@ -12,6 +12,6 @@ def adapt(row: dict) -> dict:
     prompt = text(row, "prompt")
     out = {"id": text(row, "task_id"), "prompt": prompt, "code_prompt": prompt, "test": text(row, "test"),
            "entry_point": text(row, "entry_point")}
-    if isinstance(row.get("canonical_solution"), str):
-        out["canonical_solution"] = row["canonical_solution"]
+    if isinstance(row.get("canonical_solution"), str):  # (also the human solution of a seed file)
+        out["canonical_solution"] = out["solution"] = row["canonical_solution"]
     return out

@@ -42,4 +42,4 @@ def adapt(row: dict) -> dict:
     check = "def check(candidate):\n" + "".join(textwrap.indent(t.strip(), "    ") + "\n" for t in asserts)
     test = (setup.strip() + "\n\n\n" if setup.strip() else "") + keep + check
     return {**some_id(row, "task_id"), "prompt": prompt, "code_prompt": prompt, "text": task, "test_example": tests[0],
-            "code": code, "test": test, "entry_point": entry}
+            "code": code, "solution": code, "test": test, "entry_point": entry}  # (solution: a seed file's)
