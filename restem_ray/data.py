@@ -206,10 +206,11 @@ def read_samples(path: str | Path) -> list[tuple[str, dict | None]]:
         return [(f"{p}:{i + 1} (row)", r) for i, (_, r) in enumerate(_read_rows(p))]
     if p.suffix not in (".jsonl", ".json"):
         raise UserError(f"{p}: unknown samples file type (use .jsonl or .parquet)")
-    raw = p.read_bytes()
-    if p.suffix == ".json" and raw[:64].lstrip().startswith(b"["):  # one JSON array of samples, not JSONL
+    with open(p, "rb") as f:
+        head = f.read(64)
+    if p.suffix == ".json" and head.lstrip().startswith(b"["):  # one JSON array of samples, not JSONL
         try:
-            data = json.loads(raw.decode("utf-8"))
+            data = json.loads(p.read_bytes().decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as e:
             line = f":{e.lineno}" if isinstance(e, json.JSONDecodeError) else ""
             raise UserError(f"{p}{line}: not a valid JSON array of samples ({type(e).__name__})") from None

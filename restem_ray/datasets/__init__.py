@@ -55,13 +55,18 @@ def read_rows(path: str | Path, what: str = "problem file") -> list[tuple[str, d
     if p.name.endswith(".jsonl.gz"):
         return _read_gzip_jsonl(p)
     try:
-        array = p.suffix == ".json" and p.read_bytes()[:64].lstrip().startswith(b"[")
+        array = p.suffix == ".json" and _head(p).lstrip().startswith(b"[")
     except OSError as e:
         raise UserError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
     if array:
         return _read_json_array(p)
     return [(where(p, line) if line is not None else f"{where(p, i + 1)} (row)", row)
             for i, (line, row) in enumerate(_read_rows(p))]
+
+
+def _head(p: Path) -> bytes:
+    with open(p, "rb") as f:  # (not the whole file: APPS's test split is 1.3 GB)
+        return f.read(64)
 
 
 def _read_gzip_jsonl(p: Path) -> list[tuple[str, dict]]:
