@@ -234,8 +234,9 @@ def check_model_dir(name: str, path: str, weights: bool = True) -> None:
 
     if is_uri(path):  # the same checks on the object store, without copying the weights here
         check_uri(path, name, expect_dir=True)
+        where, sep, query = path.partition("?")  # (s3://b/model?endpoint_override=...: the file before the query)
         try:
-            check_uri(path.rstrip("/") + "/config.json", name, expect_dir=False)
+            check_uri(where.rstrip("/") + "/config.json" + sep + query, name, expect_dir=False)
         except UserError:
             raise UserError(f"{name}: {path}: not an HF model folder (no config.json)") from None
         return

@@ -79,6 +79,11 @@ def test_bad_uris_are_one_line_errors(s3, tmp_path, monkeypatch):
     (tmp_path / "good.jsonl").write_text('{"id": "1", "prompt": "q", "answer": "1"}\n')
     upload(tmp_path / "good.jsonl", f"{s3}/bad/good.jsonl")
     assert [r["id"] for _, r in read_rows(f"{s3}/bad/good.jsonl?region=us-east-1")] == ["1"]
+    # a model folder given with options: its config.json is looked for before the query, not after it
+    (tmp_path / "m").mkdir()
+    (tmp_path / "m" / "config.json").write_text("{}")
+    upload(tmp_path / "m", f"{s3}/models/m")
+    check_model_dir("model.base", f"{s3}/models/m?region=us-east-1")
 
 
 def download(uri: str, local: Path) -> Path:
