@@ -75,22 +75,38 @@ def _copy_once(uri: str, cache_dir: str | None, copy, key: str | None = None) ->
             tmp = dest + ".tmp"
             shutil.rmtree(tmp, ignore_errors=True)
             os.makedirs(tmp)
-            copy(fs, path, tmp)
-            with open(os.path.join(tmp, ".complete"), "w") as f:
-                f.write(now or "")
+            try:
+                copy(fs, path, tmp)
+                with open(os.path.join(tmp, ".complete"), "w") as f:
+                    f.write(now or "")
+            except BaseException:  # (a full disk: what was copied goes, not left to fill it until the next try)
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
             shutil.rmtree(dest, ignore_errors=True)
             os.replace(tmp, dest)
     return dest
 
 
 def local_model_copy(model: str, cache_dir: str | None = None) -> str:
-    """A model folder given as a URI, as a node-local folder; plain paths are returned unchanged."""
+    """A model folder given as a URI, as a node-local folder of what vLLM and transformers load: its top-level
+    files, and of its weights the safetensors where there are some (not Meta's `original/*.pth` beside them, a
+    second copy of the model, nor `.bin` duplicates or training checkpoints in subfolders). Plain paths are
+    returned unchanged."""
     if not is_uri(model):
         return model
     import pyarrow.fs as pafs
 
-    return _copy_once(model, cache_dir, lambda fs, path, tmp: pafs.copy_files(
-        path, tmp, source_filesystem=fs, destination_filesystem=pafs.LocalFileSystem()))
+    def copy(fs, path, tmp):
+        files = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=False)) if i.type == pafs.FileType.File]
+        safetensors = any(i.base_name.endswith(".safetensors") for i in files)
+        for info in files:
+            if safetensors and info.base_name.endswith(WEIGHT_SUFFIXES) and not info.base_name.endswith(
+                    (".safetensors", ".safetensors.index.json")):
+                continue
+            with fs.open_input_stream(info.path) as src, open(os.path.join(tmp, info.base_name), "wb") as dst:
+                shutil.copyfileobj(src, dst, 8 << 20)
+
+    return _copy_once(model, cache_dir, copy)
 
 
 # what a model folder holds besides its configs and tokenizer: never needed to read those

@@ -438,6 +438,13 @@ def test_a_node_local_copy_of_a_uri_follows_what_the_uri_holds(tmp_path):
     again = local_model_copy(uri, cache)
     assert open(os.path.join(again, "model.safetensors"), "rb").read() == b"new weights!"
     assert open(os.path.join(local_model_files(uri, cache), "config.json")).read() == '{"v": 22}'
+    # what vLLM and transformers load: not Meta's original/*.pth, a .bin duplicate or a training checkpoint
+    (model / "pytorch_model.bin").write_bytes(b"the same weights again")
+    for extra in ("original/consolidated.00.pth", "checkpoint-100/model.safetensors"):
+        (model / extra).parent.mkdir(exist_ok=True)
+        (model / extra).write_bytes(b"more")
+    third = local_model_copy(uri, cache)
+    assert sorted(os.listdir(third)) == [".complete", "config.json", "model.safetensors"]
     data = tmp_path / "bucket" / "train.jsonl"
     data.write_text('{"id": "1"}\n')
     assert open(local_file_copy(f"file://{data}", cache)).read() == '{"id": "1"}\n'
