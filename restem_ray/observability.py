@@ -128,9 +128,14 @@ class MetricsSink:
                 mlflow.set_tracking_uri(mlflow_uri)
                 mlflow.set_experiment(mlflow_experiment)
                 # a run id means nothing on another tracking server: continue only on the one that made it
+                run = None
                 if prior.get("run_id") and prior.get("tracking_uri") in (mlflow_uri, shown_uri(mlflow_uri)):
-                    run = mlflow.start_run(run_id=prior["run_id"])
-                else:
+                    try:
+                        run = mlflow.start_run(run_id=prior["run_id"])
+                    except mlflow.exceptions.MlflowException as e:  # deleted there, or its experiment renamed
+                        print(f"[restem] warning: MLflow run {prior['run_id']} cannot be continued "
+                              f"({first_line(e, mlflow_uri, limit=160)}); the run logs to a new one", flush=True)
+                if run is None:
                     run = mlflow.start_run(run_name=run_root.name)
             except Exception as e:  # the server went down since `check_sinks` reached it
                 raise UserError(f"observability.mlflow_tracking_uri: {shown_uri(mlflow_uri)}: {first_line(e, mlflow_uri)}") from None

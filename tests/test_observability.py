@@ -201,6 +201,13 @@ def test_mlflow_gets_step_lines_and_a_resumed_run_continues_its_mlflow_run(tmp_p
     client = mlflow.tracking.MlflowClient(uri)
     assert [(m.step, m.value) for m in client.get_metric_history(ids[0], "improve_step/iter_001/loss")] == [(2, 1.5)]
     assert [(m.step, m.value) for m in client.get_metric_history(ids[0], "improve_step/iter_002/loss")] == [(2, 2.5)]
+    # the run deleted on the server since: a resume logs to a new run, with a warning, instead of refusing
+    client.delete_run(ids[0])
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=True)
+    run.sink = MetricsSink(run.root, tensorboard=False, mlflow_uri=uri)
+    run.sink.close()
+    assert json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"] != ids[0]
 
 
 def test_step_lines_from_another_thread_reach_the_runs_mlflow_run_and_one_failing_sink_spares_the_others(
