@@ -409,7 +409,12 @@ def test_eval_split_in_another_format(tmp_path):
             "extra_eval_files": {"transfer": str(GSM8K)}, "eval_datasets": {"transfer": "gsm8k"}}
     s = load_splits(load_config(write_config(tmp_path, task)).task)
     assert s.evals["transfer"][0]["answer"] == "72" and s.evals["transfer"][0]["id"] == "0"
-    assert s.train[0]["problem"] and "problem" not in s.evals["transfer"][0]
+    # each format's text field under the other's name too: one template, {problem} or {question}, reads both
+    assert s.train[0]["problem"] == s.train[0]["question"]
+    assert s.evals["transfer"][0]["problem"] == s.evals["transfer"][0]["question"] == s.evals["transfer"][0]["prompt"]
+    mbpp = load_split(DATA / "mbpp.jsonl", kind="code", dataset="mbpp")[0]
+    raw = json.loads((DATA / "mbpp.jsonl").read_text().splitlines()[0])
+    assert mbpp["tests"] == "\n".join(raw["test_list"])  # for a template in the MBPP paper's form
     with pytest.raises(UserError, match="task.eval_datasets.nope: no such eval split"):
         load_config(write_config(tmp_path, dict(task, eval_datasets={"nope": "gsm8k"})))
     with pytest.raises(UserError, match="task.eval_datasets.transfer 'apps' is a code dataset"):

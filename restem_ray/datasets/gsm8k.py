@@ -57,7 +57,9 @@ def gold(solution: str) -> str:
 
 def adapt(row: dict) -> dict:
     question, solution = text(row, "question"), text(row, "answer")
-    return {**some_id(row, "id"), "prompt": question, "question": question, "answer": gold(solution),
+    # ("problem" too: one prompt.template, {problem}, reads a MATH split beside GSM8K, as exemplars do)
+    return {**some_id(row, "id"), "prompt": question, "question": question, "problem": question,
+            "answer": gold(solution),
             "solution": _CALCULATOR.sub("", solution)}
 
 

@@ -47,5 +47,7 @@ def adapt(row: dict) -> dict:
         if answer is None:
             raise BadField("solution", "no \\boxed{...} final answer")
     extra = {k: row[k] for k in ("level", "type", "subject") if row.get(k) is not None}
-    return {**some_id(row, "unique_id", "id"), "prompt": problem, "problem": problem, "answer": str(answer),
+    # ("question" too: one prompt.template, {question}, reads a GSM8K transfer split beside MATH, as exemplars do)
+    return {**some_id(row, "unique_id", "id"), "prompt": problem, "problem": problem, "question": problem,
+            "answer": str(answer),
             **({"solution": solution} if solution else {}), **extra}

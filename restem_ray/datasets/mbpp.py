@@ -41,5 +41,8 @@ def adapt(row: dict) -> dict:
         asserts = [re.sub(r"\bcheck\s*\(", "_mbpp_entry(", t) for t in tests]
     check = "def check(candidate):\n" + "".join(textwrap.indent(t.strip(), "    ") + "\n" for t in asserts)
     test = (setup.strip() + "\n\n\n" if setup.strip() else "") + keep + check
+    # "tests": every assert, one per line, for a template in the MBPP paper's form ("Your code should pass these
+    # tests:\n\n{tests}")
     return {**some_id(row, "task_id"), "prompt": prompt, "code_prompt": prompt, "text": task, "test_example": tests[0],
+            "tests": "\n".join(t.strip() for t in tests),
             "code": code, "solution": code, "test": test, "entry_point": entry}  # (solution: a seed file's)
