@@ -60,6 +60,17 @@ class Samplers:
             self.pool = None
 
 
+def _recorded_stop(run: RunDir) -> list | None:
+    """The stop strings a run's config.yaml records it sampled with; None where unreadable."""
+    import yaml
+
+    try:
+        stop = (yaml.safe_load((run.root / "config.yaml").read_text()) or {}).get("sampling", {}).get("stop")
+    except (OSError, yaml.YAMLError, AttributeError):
+        return None
+    return stop if isinstance(stop, list) else None
+
+
 def mstep_name(run: RunDir, name: str, shared: bool) -> str:
     """The M-step's Ray Train run name. Ray Train resumes whatever run of that name it finds in its storage, so
     where runs share one `training.storage_path`, the name holds a digest of this run's location and creation
@@ -81,6 +92,12 @@ class Driver:
         # adapters, valid_split and the prompt layer: every problem rendered once (restem_ray/prompts.py),
         # here or by the caller's input check (`run`), which passes its Task
         task = task or load_task(cfg)
+        if resume and task.renderer is not None and task.stop and task.stop == task.renderer.template_stop \
+                and not cfg.sampling.stop and _recorded_stop(self.run) == []:
+            # a run begun before a zero-shot template's question marker was a stop: it goes on as it sampled
+            print(f"[restem] the run was sampled without the stop {list(task.stop)} its template implies now: "
+                  "resumed as it was (set sampling.stop to change it)")
+            task.stop = ()
         if task.stop != tuple(cfg.sampling.stop):
             print(f"[restem] stop strings {stop_source(cfg, task.renderer)}: {list(task.stop)}")
         if task.stop_token_ids != tuple(cfg.sampling.stop_token_ids):

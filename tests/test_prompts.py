@@ -80,6 +80,21 @@ def test_a_zero_shot_question_answer_template_stops_at_its_question_marker(tmp_p
                             sampling={"stop": ["\n\n"]})).stop == ("\n\n",)
 
 
+def test_a_run_begun_before_the_template_stop_resumes_as_it_sampled(tmp_path, capsys):
+    """A run of a zero-shot question/answer template made by the version before recorded `sampling.stop: []`:
+    its resume keeps sampling that way (a changed sampling.stop was refused without --force, and with it one
+    iteration's shards would mix the two)."""
+    from restem_ray.config import dump_config
+    from restem_ray.driver import Driver
+    from restem_ray.storage import RunDir
+
+    qa = config(tmp_path, gsm8k_task(), {"template": "Question: {question}\nAnswer:"})
+    RunDir(tmp_path / "run").create(dump_config(qa), resume=False)  # as the old version wrote it: stop []
+    d = Driver(qa, tmp_path / "run", resume=True)
+    assert d.cfg.sampling.stop == [] and "resumed as it was" in capsys.readouterr().out
+    assert Driver(qa, tmp_path / "new").cfg.sampling.stop == ["Question:"]  # a new run stops there
+
+
 def test_gsm8k_standard_8_shot_plain_text_and_stop(tmp_path):
     cfg = config(tmp_path, gsm8k_task(), {"few_shot": "standard"})
     task = load_task(cfg)
