@@ -32,7 +32,7 @@ from .sampling import SampleSpec, with_draw
 from .selection import problem_stats, select, truncated
 from .storage import RunDir, atomic_write_text, problem_set
 from .training import improve as train_m_step
-from .verdicts import check_infra_errors, verdict_counts
+from .verdicts import MIN_GRADES, check_infra_errors, is_infra, verdict_counts
 from .verification import check_verifier, load_plugin, resolve_verifier
 
 # What the M-step's metrics.jsonl line carries from the training result.
@@ -225,13 +225,23 @@ class Driver:
         if not todo:
             return
 
-        # this E-step's grades so far, in this process: a small shard is judged with them
+        # this E-step's grades so far, in this process: a small shard is judged with them; until they are enough
+        # to judge, shards with failed grades are saved on probation (removed if the stop comes: regraded)
         graded = self.__dict__.setdefault("_graded", {}).setdefault(t, Counter())
+        probation: list[Path] = []
 
         def save(j: int, rows: list[dict]) -> None:
             # a shard graded mostly by a broken sandbox/plug-in stops the run before it is saved
-            check_infra_errors([r["verdict"] for r in rows], self.cfg.verification.max_infra_error_rate,
-                               f"iteration {t}, E-step shard {names[todo[j]]}", before=graded)
+            verdicts = [r["verdict"] for r in rows]
+            try:
+                check_infra_errors(verdicts, self.cfg.verification.max_infra_error_rate,
+                                   f"iteration {t}, E-step shard {names[todo[j]]}", before=graded)
+            except RunError:
+                for p in probation:
+                    p.unlink(missing_ok=True)
+                raise
+            if graded["all"] < MIN_GRADES and any(map(is_infra, verdicts)):
+                probation.append(out / f"{names[todo[j]]}.parquet")
             write_parquet(out / f"{names[todo[j]]}.parquet", pa.Table.from_pylist(rows))
             self.run.saved(out / f"{names[todo[j]]}.parquet")  # a URI run directory: uploaded now, not at the commit
             crash_point(f"{t}/generate/shard")

@@ -34,19 +34,21 @@ MIN_GRADES = 16
 
 def check_infra_errors(verdicts: list[str], max_rate: float, where: str, then: str = TRAINING,
                        before: Counter | None = None) -> None:
-    """Raise RunError when more than `max_rate` of `verdicts` are infrastructure failures. `before`: the counts
-    ("infra", "all") of grades judged earlier in the same phase, judged with these and updated; the rate is
-    judged from MIN_GRADES grades on."""
+    """Raise RunError when more than `max_rate` of `verdicts` are infrastructure failures. `before`: the counts of
+    the same phase's earlier grades ("all", and each failure verdict), updated with these; a shard of fewer than
+    MIN_GRADES grades is judged with them, and not before there are MIN_GRADES."""
     infra = Counter(v for v in verdicts if is_infra(v))
     n, total = sum(infra.values()), len(verdicts)
     if before is not None:
-        before.update({"infra": n, "all": total})
+        before.update(infra)
+        before["all"] += total
         if total < MIN_GRADES:
-            n, total = before["infra"], before["all"]
+            infra = Counter({k: c for k, c in before.items() if k != "all"})
+            n, total = sum(infra.values()), before["all"]
             if total < MIN_GRADES:
                 return
     if total and n / total > max_rate:
         kinds = ", ".join(f"{k}: {c}" for k, c in infra.most_common(3))
         raise RunError(f"{where}: {n} of {total} grades{' of this E-step' if total > len(verdicts) else ''} are "
-                       f"verifier/sandbox failures ({kinds or 'in earlier shards'}), more than "
+                       f"verifier/sandbox failures ({kinds}), more than "
                        f"verification.max_infra_error_rate={max_rate:g}; {then}")

@@ -39,15 +39,16 @@ def test_infra_verdicts_and_the_threshold():
     seen = Counter()
     check_infra_errors(["passed"] * 40, 0.5, "shard 0", before=seen)
     check_infra_errors(["sandbox_error"], 0.5, "shard r007", before=seen)
-    assert seen == {"infra": 1, "all": 41}
+    assert seen == {"sandbox_error": 1, "all": 41}
     fresh = Counter()  # ... nor is it on a resume that starts there: too few grades to judge
     check_infra_errors(["sandbox_error"], 0.5, "shard r007", before=fresh)
     # ... but small shards that keep failing add up, and a large one is judged on its own
-    with pytest.raises(RunError, match=r"shard r009: 16 of 16 grades of this E-step are verifier/sandbox failures"):
+    with pytest.raises(RunError, match=r"shard r009: 16 of 16 grades of this E-step are verifier/sandbox failures "
+                                       r"\(sandbox_error: 16\)"):
         for _ in range(16):
             check_infra_errors(["sandbox_error"], 0.5, "shard r009", before=fresh)
     with pytest.raises(RunError, match=r"shard 1: 20 of 20 grades are"):
-        check_infra_errors(["sandbox_error"] * 20, 0.5, "shard 1", before=Counter({"infra": 0, "all": 1000}))
+        check_infra_errors(["sandbox_error"] * 20, 0.5, "shard 1", before=Counter({"all": 1000}))
 
 
 def test_config_default_and_bounds():
@@ -133,6 +134,14 @@ def test_a_shard_of_infra_errors_stops_the_e_step_before_it_is_saved(tmp_path):
     small = [row("b", 0, "sandbox_error"), row("b", 1, "sandbox_error"), row("b", 2, "wrong_answer")]
     d = driver(tmp_path / "small", [[row("a", i, "passed") for i in range(3)], small])
     assert d.generate(1, "m").num_rows == 6
+    # small shards of failed grades are saved on probation until there are enough grades to judge: when the stop
+    # comes, they go too, and the resume regrades them (a broken sandbox's zeros were kept)
+    eight = {"prompts_per_request": 1, "samples_per_problem": 8}
+    d = driver(tmp_path / "probation", [[row("a", i, "sandbox_error") for i in range(8)],
+                                        [row("b", i, "sandbox_error") for i in range(8)]], sampling=eight)
+    with pytest.raises(RunError, match="E-step shard part-00001: 16 of 16 grades of this E-step"):
+        d.generate(1, "m")
+    assert not list(d.run.samples_dir(1).iterdir())
 
 
 def test_an_evaluation_graded_by_a_broken_verifier_is_not_a_score():
