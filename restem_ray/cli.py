@@ -197,11 +197,12 @@ def check_inputs(cfg, local_sandbox: bool = True):
     task = render_task(cfg, splits)
     check_lengths(cfg, task)
     s = cfg.sampling
-    if s.adaptive and s.budget and s.budget < len(task.train) * s.adaptive_round_size:
+    first = min(s.adaptive_round_size, s.max_samples_per_problem or s.samples_per_problem)  # a first round's draws
+    if s.adaptive and s.budget and s.budget < len(task.train) * first:
         # the first round ranks problems hardest first: the easiest would get no sample, and no solution in this
         # iteration's data (the M-step restarts from the base)
         raise UserError(f"sampling.budget: {s.budget} samples cannot give each of the {len(task.train)} train problems "
-                        f"its first round of {s.adaptive_round_size} (at least {len(task.train) * s.adaptive_round_size})")
+                        f"its first round of {first} (at least {len(task.train) * first})")
     check_lora_targets(cfg.training, cfg.model.base)
     check_verifier(cfg, local_sandbox, {"train": task.train, **task.evals} if local_sandbox else None)
     if cfg.task.step_checker:

@@ -1138,14 +1138,17 @@ def _same_job_or_afresh(storage_path: str, name: str, fingerprint: str) -> None:
     try:
         with fs.open_input_stream(marker) as f:
             old = f.read().decode()
-    except (FileNotFoundError, OSError):
+    except FileNotFoundError:
         old = None
     if old == fingerprint:
         return
     if old is not None:
         print(f"[restem] M-step {name}: the checkpoints in its storage were trained with other settings or data "
               "(a --force resume): trained afresh", flush=True)
-        _remove_storage(storage_path, name)
+        try:  # (not _remove_storage, which lets a failed delete pass: they would be continued under this job's key)
+            fs.delete_dir(f"{root}/{name}")
+        except FileNotFoundError:
+            pass
     fs.create_dir(root, recursive=True)
     with fs.open_output_stream(marker) as f:
         f.write(fingerprint.encode())
