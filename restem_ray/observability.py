@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -95,7 +96,7 @@ def _without_credentials(tree):
         return {k: _without_credentials(v) for k, v in tree.items()}
     if isinstance(tree, list):
         return [_without_credentials(v) for v in tree]
-    return shown_uri(tree) if isinstance(tree, str) and "://" in tree else tree
+    return shown_uri(tree) if isinstance(tree, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://\S*$", tree) else tree
 
 
 class MetricsSink:
@@ -133,6 +134,10 @@ class MetricsSink:
                     try:
                         run = mlflow.start_run(run_id=prior["run_id"])
                     except mlflow.exceptions.MlflowException as e:  # deleted there, or its experiment renamed
+                        gone = e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") \
+                            or "deleted state" in str(e)  # (MLflow 3.17 raises the deleted run as INTERNAL_ERROR)
+                        if not gone:
+                            raise  # (a server down: not a reason to split the run's curves)
                         print(f"[restem] warning: MLflow run {prior['run_id']} cannot be continued "
                               f"({first_line(e, mlflow_uri, limit=160)}); the run logs to a new one", flush=True)
                 if run is None:
