@@ -157,15 +157,19 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
     driver.run.mirror = mirror  # a URI --out: every commit is mirrored to it
     if resume and mirror is None:  # a second driver of this run stops here, before it starts a Ray of its own
         driver.run.lock()
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
-    check_ray_cluster(cfg)  # before anything is written or any actor waits for resources
-    if mirror is not None:
-        mirror.check_cluster()  # every node must see the working copy
-    else:
-        check_run_dir_on_every_node(out)
-    check_verifier_on_cluster(resolve_verifier(cfg.verification.verifier, cfg.task.kind), cfg.verification,
-                             cfg.sampling.placement_timeout_s)  # a sandbox or a warm-up: where verifiers run
-    driver.run.lock()  # one driver per run directory, held until this process ends
+    try:
+        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        check_ray_cluster(cfg)  # before anything is written or any actor waits for resources
+        if mirror is not None:
+            mirror.check_cluster()  # every node must see the working copy
+        else:
+            check_run_dir_on_every_node(out)
+        check_verifier_on_cluster(resolve_verifier(cfg.verification.verifier, cfg.task.kind), cfg.verification,
+                                 cfg.sampling.placement_timeout_s)  # a sandbox or a warm-up: where verifiers run
+        driver.run.lock()  # one driver per run directory, held until this process ends
+    except BaseException:  # (a process that goes on, a test's, must not keep the run locked)
+        driver.run.unlock()
+        raise
     shown = mirror.uri if mirror is not None else out
     try:
         best = driver.fit()

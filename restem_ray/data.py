@@ -205,7 +205,7 @@ def read_samples(path: str | Path) -> list[tuple[str, dict | None]]:
     if p.suffix == ".parquet":
         return [(f"{p}:{i + 1} (row)", r) for i, (_, r) in enumerate(_read_rows(p))]
     if p.suffix not in (".jsonl", ".json"):
-        raise UserError(f"{p}: unknown samples file type (use .jsonl or .parquet)")
+        raise UserError(f"{p}: unknown samples file type (use .jsonl, .json or .parquet)")
     with open(p, "rb") as f:
         head = f.read(64)
     if p.suffix == ".json" and head.lstrip().startswith(b"["):  # one JSON array of samples, not JSONL

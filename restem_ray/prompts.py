@@ -462,8 +462,8 @@ def _context_length(model: str) -> int | None:
     tokenizer_config.json's `model_max_length`."""
     from .remote import local_model_files
 
-    folder = Path(local_model_files(model))
     try:
+        folder = Path(local_model_files(model))
         with open(folder / "config.json", encoding="utf-8") as f:
             config = json.load(f)
     except (OSError, ValueError):
