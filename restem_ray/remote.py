@@ -94,19 +94,24 @@ def local_model_copy(model: str, cache_dir: str | None = None) -> str:
     returned unchanged."""
     if not is_uri(model):
         return model
+
+    def keep(name: str, names: list[str]) -> bool:
+        safetensors = any(n.endswith(".safetensors") for n in names)
+        return not (safetensors and name.endswith(WEIGHT_SUFFIXES) and not name.endswith(".safetensors"))
+
+    return _copy_once(model, cache_dir, lambda fs, path, tmp: _copy_top_level(fs, path, tmp, keep))
+
+
+def _copy_top_level(fs, path: str, tmp: str, keep) -> None:
+    """The files directly in `path` (no subfolders) for which `keep(name, all names)` holds, copied into `tmp`."""
     import pyarrow.fs as pafs
 
-    def copy(fs, path, tmp):
-        files = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=False)) if i.type == pafs.FileType.File]
-        safetensors = any(i.base_name.endswith(".safetensors") for i in files)
-        for info in files:
-            if safetensors and info.base_name.endswith(WEIGHT_SUFFIXES) and not info.base_name.endswith(
-                    (".safetensors", ".safetensors.index.json")):
-                continue
+    files = [i for i in fs.get_file_info(pafs.FileSelector(path, recursive=False)) if i.type == pafs.FileType.File]
+    names = [i.base_name for i in files]
+    for info in files:
+        if keep(info.base_name, names):
             with fs.open_input_stream(info.path) as src, open(os.path.join(tmp, info.base_name), "wb") as dst:
                 shutil.copyfileobj(src, dst, 8 << 20)
-
-    return _copy_once(model, cache_dir, copy)
 
 
 # what a model folder holds besides its configs and tokenizer: never needed to read those
@@ -123,15 +128,8 @@ def local_model_files(model: str, cache_dir: str | None = None) -> str:
     full = _cache_dir_of(model, cache_dir)
     if _made_of(full) is not None and _fresh(full, _fingerprint(model)):
         return full
-    import pyarrow.fs as pafs
-
-    def copy(fs, path, tmp):
-        for info in fs.get_file_info(pafs.FileSelector(path, recursive=False)):
-            if info.type == pafs.FileType.File and not info.base_name.endswith(WEIGHT_SUFFIXES):
-                with fs.open_input_stream(info.path) as src, open(os.path.join(tmp, info.base_name), "wb") as dst:
-                    shutil.copyfileobj(src, dst, 1 << 20)
-
-    return _copy_once(model, cache_dir, copy, key=model + "#no-weights")
+    return _copy_once(model, cache_dir, lambda fs, path, tmp: _copy_top_level(
+        fs, path, tmp, lambda name, names: not name.endswith(WEIGHT_SUFFIXES)), key=model + "#no-weights")
 
 
 def local_file_copy(uri: str, cache_dir: str | None = None) -> str:
