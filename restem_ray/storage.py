@@ -99,6 +99,8 @@ class RunDir:
     def __init__(self, root: str | Path, sink=None):
         self.root = Path(root)
         self.sink = sink  # optional MetricsSink: TensorBoard / MLflow views of the committed lines
+        # per unfinished M-step, the last step whose line reached the dashboards before a restart trimmed it
+        self._shown_steps: dict = {}
         self.manifest_path = self.root / "manifest.json"
         self.metrics_path = self.root / "metrics.jsonl"
         self.stop_after: str | None = None  # "t/phase": end the run cleanly once that phase is committed
@@ -273,15 +275,17 @@ class RunDir:
         """The M-step's live step lines, appended as rank 0 sends them (phase "improve_step"; no commit of
         their own). A (re)started M-step first sends the lines its checkpoint holds (`restart`): they replace
         the iteration's earlier step lines, so after a replaced worker group or a resumed driver each step
-        appears once, as in an uninterrupted run. Those lines already reached the dashboards: only new ones go
-        to the sink."""
+        appears once, as in an uninterrupted run. The dashboards cannot take a point back: they got every step
+        up to the last line before the restart, and get only later steps (a step trained again from the
+        checkpoint is the same computation; where it came out different, metrics.jsonl holds the new value)."""
         if restart:  # the M-step is not committed yet: trimming drops its step lines
             self._trim_metrics()
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             for line in lines:
                 f.write(json.dumps({"phase": STEP_PHASE, "iteration": iteration, **line}) + "\n")
         if not restart:
-            self._to_sink(iteration, STEP_PHASE, lines)
+            shown = self._shown_steps.get(iteration, 0)
+            self._to_sink(iteration, STEP_PHASE, [x for x in lines if x.get("step", shown + 1) > shown])
 
     def _to_sink(self, iteration, phase: str, lines) -> None:
         """The dashboards' copy of committed lines: an MLflow server down for a while must not end a run of
@@ -310,6 +314,8 @@ class RunDir:
             if phase == STEP_PHASE:
                 if f"{t}/improve" in completed:
                     keep.append(raw)
+                elif isinstance(line.get("step"), int):  # sent to the dashboards as it came: not sent again
+                    self._shown_steps[t] = max(self._shown_steps.get(t, 0), line["step"])
             elif completed.get(f"{t}/{phase}") == line.get("time"):
                 keep.append(raw)
         atomic_write_text(self.metrics_path, "".join(k + "\n" for k in keep))

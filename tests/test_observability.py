@@ -183,6 +183,36 @@ def test_step_lines_of_an_unfinished_m_step_are_replaced_by_the_resumed_one(tmp_
     assert [m["phase"] for m in run.metrics()].count("improve") == 1
 
 
+class Recorder:
+    """A dashboard that keeps every point it is sent, as MLflow and W&B do (a point cannot be taken back)."""
+
+    def __init__(self):
+        self.points = []
+
+    def log(self, iteration, phase, lines):
+        self.points += [(iteration, line["step"]) for line in lines if phase == "improve_step"]
+
+
+def test_dashboards_get_each_step_once_across_a_restarted_worker_group_and_a_resumed_driver(tmp_path):
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.sink = first = Recorder()
+    run.log_steps(1, [], restart=True)
+    run.log_steps(1, [step_line(2, 3.0), step_line(4, 2.5), step_line(6, 2.0)])
+    run.log_steps(1, [step_line(2, 3.0), step_line(4, 2.5)], restart=True)  # a new worker group, from step 4
+    run.log_steps(1, [step_line(6, 2.0), step_line(8, 1.5)])  # step 6 again, then new: the driver is killed
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=True)
+    run.sink = second = Recorder()
+    run.log_steps(1, [step_line(2, 3.0), step_line(4, 2.5)], restart=True)  # the checkpoint: step 4 again
+    run.log_steps(1, [step_line(6, 2.0), step_line(8, 1.5), step_line(10, 1.0)])
+    run.complete(1, "improve", [{"loss": 1.0}])
+    run.log_steps(2, [], restart=True)  # the next M-step has curves of its own
+    run.log_steps(2, [step_line(2, 3.0)])
+    assert first.points + second.points == [(1, 2), (1, 4), (1, 6), (1, 8), (1, 10), (2, 2)]
+    assert [m["step"] for m in run.metrics() if m["phase"] == "improve_step"] == [2, 4, 6, 8, 10, 2]
+
+
 def test_mlflow_gets_step_lines_and_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch):
     import mlflow  # mlflow-skinny, in the test extra
 
