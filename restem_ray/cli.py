@@ -114,7 +114,7 @@ def _out_dir(out: str, args):
     mirror.hold()  # one driver per URI, across machines (restem_ray/lease.py), before any download
     mirror.lease.on_lost = _stop_the_driver
     has_run = mirror.check(write=False)  # after the lease: a driver it waited out may have committed meanwhile
-    resume = args.resume or (args.auto_resume and (has_run or (mirror.local / "manifest.json").is_file()))
+    resume = args.resume or (args.auto_resume and (has_run or mirror.unpushed_run()))
     mirror.prepare(resume, has_run)
     return mirror.local, resume, mirror
 

@@ -173,9 +173,12 @@ class RunMirror:
         if not resume:
             if has_run:
                 raise UserError(f"{self.uri}: run directory already holds a run (use --resume to continue it)")
-            if self._local_manifest() is not None:  # a run committed here whose push failed: not ours to delete
+            if self.unpushed_run():  # a run committed here whose push failed: not ours to delete
                 raise UserError(f"{self.uri}: this machine's copy of it ({self.local}) holds a run not yet pushed; "
                                 "--resume continues it, or remove that folder to start anew")
+            if self._local_manifest() is not None:  # pushed, and removed from the store since: a stale copy
+                print(f"[restem] {self.uri} no longer holds the run this machine pushed there; a new run starts "
+                      f"(its local copy {self.local} is removed)", flush=True)
             self._check_empty()
             if self.local.exists():
                 shutil.rmtree(self.local)
@@ -198,6 +201,12 @@ class RunMirror:
             self._fill_shards(local)
             return
         self.pull()
+
+    def unpushed_run(self) -> bool:
+        """This machine's copy holds a run whose manifest never reached the store (its first push failed): only
+        here, so `--auto-resume` continues it. A copy whose manifest did go up, where the store holds no run now,
+        is of a run removed from the store: not brought back."""
+        return self._local_manifest() is not None and MANIFEST not in _read_state(self.local)
 
     def report_copy(self) -> Path:
         """What `report` reads of the run as the store holds it (manifest, metrics, per-problem tables: a few MB,
@@ -290,22 +299,30 @@ class RunMirror:
 
     # --- transfers ----------------------------------------------------------------------------
     def pull(self) -> None:
-        """Replace the local copy with the remote run directory."""
+        """Replace the local copy with the remote run directory (what `push` mirrors: an earlier version's
+        uploaded Ray Train storage, `mstep-*`, stays on the store)."""
         import pyarrow.fs as pafs
 
         tmp = self.local.with_name(self.local.name + ".download")
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         print(f"[restem] downloading the run directory {self.uri} to {self.local}")
+
+        def download(rel: str) -> None:
+            (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+            with self.fs.open_input_stream(f"{self.path}/{rel}") as src, open(tmp / rel, "wb") as out:
+                shutil.copyfileobj(src, out, 8 << 20)
+
         try:
-            pafs.copy_files(self.path, str(tmp), source_filesystem=self._open(),
-                            destination_filesystem=pafs.LocalFileSystem(), use_threads=True)
+            infos = self._open().get_file_info(pafs.FileSelector(self.path, recursive=True, allow_not_found=True))
+            wanted = [rel for rel in (i.path[len(self.path) + 1:] for i in infos if i.type == pafs.FileType.File)
+                      if _mirrored(rel)]
+            with concurrent.futures.ThreadPoolExecutor(8) as pool:
+                list(pool.map(download, wanted))
         except Exception as e:
             shutil.rmtree(tmp, ignore_errors=True)
             raise UserError(f"{self.what} {self.uri}: cannot download the run directory ({first_line(e, self._uri)})") from None
-        (tmp / STATE).unlink(missing_ok=True)
-        (tmp / LEASE).unlink(missing_ok=True)  # the remote's own
-        try:
+        try:  # (the remote's lease and a stray state file are not `_mirrored`: not downloaded)
             committed = json.loads((tmp / MANIFEST).read_text()).get("completed", {})
         except (OSError, ValueError):
             committed = {}
@@ -421,9 +438,9 @@ def _local_files(root: Path):
     (`mstep-*` folders: every rank's DeepSpeed state, about 100 GB for a 7B model; a run that wants it on the
     store sets `training.storage_path` there) nor a checkpoint being assembled (`checkpoint.tmp`)."""
     for dirpath, dirnames, filenames in os.walk(root):
-        dirnames[:] = [d for d in dirnames if not (d.startswith("mstep-") or d.endswith(".tmp"))]
+        dirnames[:] = [d for d in dirnames if not _local_folder(d)]
         for name in filenames:
-            if name in LOCAL_ONLY or name.endswith(".tmp") or ".tmp." in name:
+            if _local_file(name):
                 continue
             p = os.path.join(dirpath, name)
             try:
@@ -432,6 +449,20 @@ def _local_files(root: Path):
                 continue
             if stat.S_ISREG(st.st_mode):
                 yield os.path.relpath(p, root).replace(os.sep, "/"), [st.st_size, st.st_mtime_ns]
+
+
+def _local_folder(name: str) -> bool:
+    return name.startswith("mstep-") or name.endswith(".tmp")
+
+
+def _local_file(name: str) -> bool:
+    return name in LOCAL_ONLY or name.endswith(".tmp") or ".tmp." in name
+
+
+def _mirrored(rel: str) -> bool:
+    """Whether `push` mirrors the file at `rel` (as `_local_files` walks them)."""
+    *folders, name = rel.split("/")
+    return not _local_file(name) and not any(map(_local_folder, folders))
 
 
 def _read_state(root: Path) -> dict:

@@ -317,6 +317,45 @@ def test_a_remote_run_removed_since_the_last_push_is_uploaded_again_whole(tmp_pa
         resumed.read_samples(2)
 
 
+def test_auto_resume_starts_anew_where_the_store_lost_the_run_this_machine_pushed(tmp_path, capsys, monkeypatch):
+    """`--auto-resume` (a retried job) continues a run only the store or an unpushed local copy holds: a run this
+    machine pushed and someone removed from the store since is not brought back from the stale copy."""
+    import shutil
+    from types import SimpleNamespace
+
+    from restem_ray.cli import _out_dir
+
+    monkeypatch.setenv("RESTEM_RUN_CACHE", str(tmp_path / "cache"))  # where the CLI's mirror keeps its copy
+    uri, m, run = started(tmp_path, cache="cache")
+    run.create("seed: 0\n", resume=False)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.5}])
+    shutil.rmtree(tmp_path / "bucket" / "runs" / "x")
+    local, resume, mirror = _out_dir(uri, SimpleNamespace(resume=False, auto_resume=True))
+    try:
+        assert resume is False and not local.exists()
+        assert "no longer holds the run this machine pushed there; a new run starts" in capsys.readouterr().out
+        RunDir(local).create("seed: 0\n", resume=False)  # committed here, its push failed: continued
+    finally:
+        mirror.lease.release()
+    local, resume, mirror = _out_dir(uri, SimpleNamespace(resume=False, auto_resume=True))
+    mirror.lease.release()
+    assert resume is True and (local / "manifest.json").is_file()
+
+
+def test_a_download_leaves_ray_train_storage_an_earlier_version_uploaded_on_the_store(tmp_path):
+    uri, m, run = started(tmp_path)
+    run.create("seed: 0\n", resume=False)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.5}])
+    remote = tmp_path / "bucket" / "runs" / "x"
+    for rel in ("iter_001/mstep-x-iter_001/checkpoint_000000/rank_0/optim.pt", "iter_001/checkpoint.tmp/a",
+                "iter_001/samples/part-00000.parquet.tmp", "iter_001/samples/part-00000.parquet"):
+        (remote / rel).parent.mkdir(parents=True, exist_ok=True)
+        pq.write_table(pa.table({"id": ["a"]}), remote / rel)
+    b = RunMirror(uri, cache=tmp_path / "node-b")
+    b.prepare(resume=True, has_run=True)
+    assert set(tree(b.local)) == {"config.yaml", "manifest.json", "metrics.jsonl", "iter_001/samples/part-00000.parquet"}
+
+
 def test_a_uri_with_credentials_shows_none_of_them():
     """pyarrow opens s3://KEY:SECRET@bucket/...: messages, the working copy's name (and the Ray Train run named
     after it) and errors show the URI without them."""
