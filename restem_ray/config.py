@@ -7,6 +7,7 @@ syntax for the value (`--set sampling.temperature=1.0`, `--set loop.iterations=2
 from __future__ import annotations
 
 import json
+import re
 import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, get_args
@@ -160,8 +161,7 @@ class PromptConfig(_Section):
                                  f"'!' or ':' (literal braces: {{{{ }}}})")
             if key == "shot_format" and text is not None and (
                     names.count("question") != 1 or names.count("answer") != 1 or set(names) != {"question", "answer"}
-                    or "{question}" not in text or "{answer}" not in text
-                    or text.index("{question}") > text.index("{answer}")):
+                    or names.index("question") > names.index("answer")):
                 raise ValueError("prompt.shot_format: needs {question} then {answer}, once each, and no other field")
         own = [k for k in self.chat_template_kwargs if k in ("conversation", "messages", "tokenize",
                                                                   "add_generation_prompt", "continue_final_message",
@@ -198,7 +198,7 @@ class SamplingConfig(_Section):
     max_tokens: int = Field(512, ge=1, description="Max new tokens per completion.")
     stop: list[Annotated[str, Field(min_length=1)]] = Field(
         default_factory=list, description="Stop strings, e.g. the next few-shot question marker (vLLM refuses an empty one).")
-    split_stop: dict[str, list[str]] | None = Field(None, description=(
+    split_stop: dict[str, list[Annotated[str, Field(min_length=1)]]] | None = Field(None, description=(
         "Stop strings of eval splits that sample with others than `stop`, split name -> strings. None: what their "
         "prompts imply (a plain-text code split in another released format, task.eval_datasets, stops as that "
         "dataset's own evaluation does); the run's config.yaml records what was used."))
@@ -283,6 +283,14 @@ class SamplingConfig(_Section):
         return self.round_size or max(1, self.samples_per_problem // 8)
 
 
+def _custom_only(resources: dict | None, key: str, instead: str) -> None:
+    """Ray takes CPUs and GPUs as their own arguments: in a custom-resource mapping an actor refuses them when it
+    starts (mid-run), and a training worker's would replace the ones its settings ask for."""
+    own = sorted(set(resources or {}) & {"CPU", "GPU"})
+    if own:
+        raise ValueError(f"{key}.{own[0]}: custom resources only; set {instead} for CPUs and GPUs")
+
+
 class VerificationConfig(_Section):
     verifier: str = Field("auto", description="'auto' (by task kind), 'math', 'code', or a plug-in 'module:function'.")
     num_workers: int = Field(2, ge=1, description="Verifier actors in the CPU pool.")
@@ -313,6 +321,7 @@ class VerificationConfig(_Section):
 
     @model_validator(mode="after")
     def _check_warmup(self) -> "VerificationConfig":
+        _custom_only(self.resources, "verification.resources", "verification.cpus_per_worker")
         if self.plugin_warmup and self.verifier in ("auto", "math", "code"):
             raise ValueError(f"verification.plugin_warmup: only a plug-in verifier has one (verifier {self.verifier!r})")
         return self
@@ -409,6 +418,14 @@ class TrainingConfig(_Section):
 
     @model_validator(mode="after")
     def _check_training(self) -> "TrainingConfig":
+        _custom_only(self.resources_per_worker, "training.resources_per_worker",
+                     "training.cpus_per_worker and training.use_gpu")
+        if isinstance(self.lora_target_modules, str) and self.lora_target_modules != "all-linear":
+            try:  # (peft matches a string as a regular expression over whole module names)
+                re.compile(self.lora_target_modules)
+            except re.error as e:
+                raise ValueError(f"training.lora_target_modules: {self.lora_target_modules!r} is not a valid regular "
+                                 f"expression ({e})") from None
         if self.lora_rank and self.zero_stage == 3:
             raise ValueError("training.lora_rank needs training.zero_stage 0, 1 or 2 (adapters are small)")
         if self.liger_kernel and not self.use_gpu:
@@ -458,6 +475,8 @@ class TrainingConfig(_Section):
             raise ValueError(f"training.deepspeed: {self.deepspeed}: line {e.lineno}: not valid JSON ({e.msg})") from None
         except ValueError as e:  # a binary file (UnicodeDecodeError); a path with a NUL byte
             raise ValueError(f"training.deepspeed: {self.deepspeed!r}: cannot read ({type(e).__name__})") from None
+        except RecursionError:
+            raise ValueError(f"training.deepspeed: {self.deepspeed}: JSON nested too deeply") from None
         if not isinstance(data, dict):
             raise ValueError(f"training.deepspeed: {self.deepspeed}: expected a JSON object")
         return data
@@ -664,7 +683,8 @@ def format_validation_error(err: ValidationError, source: str, within: str = "")
     elif e["type"] == "missing":
         msg = "required key is missing"
     elif "input" in e and not isinstance(e["input"], (dict, list)):
-        msg += f" (got {e['input']!r})"
+        got = repr(e["input"])
+        msg += f" (got {got if len(got) <= 80 else got[:60] + f'... ({len(got)} characters)'})"
     more = f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
     return f"{source}: {loc}: {msg}{more}"
 
@@ -711,6 +731,8 @@ def read_yaml(path: str | Path) -> dict:
         raise UserError(f"{p}: cannot read ({e.strerror or type(e).__name__})") from None
     try:
         tree = yaml.load(text, Loader=_UniqueKeyLoader)
+    except RecursionError:
+        raise UserError(f"{p}: nested too deeply") from None
     except (yaml.YAMLError, UnicodeDecodeError) as e:
         line = getattr(getattr(e, "problem_mark", None), "line", None)
         why = e.problem if isinstance(e, yaml.constructor.ConstructorError) and "twice" in str(e.problem) else "not valid YAML"
@@ -726,7 +748,22 @@ def read_yaml(path: str | Path) -> dict:
         json.dumps(tree, default=str)
     except ValueError:
         raise UserError(f"{p}: a YAML anchor refers to itself (a recursive structure)") from None
+    except RecursionError:
+        raise UserError(f"{p}: nested too deeply") from None
+    except TypeError:  # a key YAML reads as a date (`2024-06-01: file`): no field or split name is one
+        raise UserError(f"{p}: key {_odd_key(tree)}: is not text (quote it)") from None
     return tree
+
+
+def _odd_key(tree, path: str = "") -> str | None:
+    """The dotted path of the first mapping key that is not text, a number or a bool."""
+    for k, v in tree.items() if isinstance(tree, dict) else enumerate(tree if isinstance(tree, list) else ()):
+        here = f"{path}.{k}" if path else str(k)
+        if isinstance(tree, dict) and not isinstance(k, (str, int, float, bool)):
+            return repr(here)
+        if (found := _odd_key(v, here)) is not None:
+            return found
+    return None
 
 
 def _section_model(name) -> type[BaseModel] | None:

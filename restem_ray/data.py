@@ -29,15 +29,18 @@ def _scalar(value) -> bool:
 def _not_unicode(value, field: str = "") -> str | None:
     """A field whose text is not valid Unicode (a lone surrogate such as "\\ud800", which JSON allows): the
     tokenizer would fail on it mid-run."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-        except UnicodeEncodeError:
-            return f"field '{field}' holds text that is not valid Unicode (a lone surrogate)"
-    elif isinstance(value, dict):
-        return next((w for k, v in value.items() if (w := _not_unicode(v, field or str(k)))), None)
-    elif isinstance(value, list):
-        return next((w for v in value if (w := _not_unicode(v, field))), None)
+    todo = [(value, field)]  # (not recursive: JSON allows nesting deeper than Python's stack)
+    while todo:
+        value, field = todo.pop()
+        if isinstance(value, str):
+            try:
+                value.encode("utf-8")
+            except UnicodeEncodeError:
+                return f"field '{field}' holds text that is not valid Unicode (a lone surrogate)"
+        elif isinstance(value, dict):
+            todo += [(v, field or str(k)) for k, v in reversed(value.items())]
+        elif isinstance(value, list):
+            todo += [(v, field) for v in reversed(value)]
     return None
 
 
@@ -73,10 +76,9 @@ def _required(row: dict, task_kind: str) -> str | None:
 def _read_rows(path: Path) -> list[tuple[int | None, dict]]:
     if path.suffix == ".parquet":
         try:
-            table = pq.read_table(path)
-        except (pa.ArrowException, OSError) as e:
+            return [(None, r) for r in pq.read_table(path).to_pylist()]
+        except (pa.ArrowException, OSError, ValueError, OverflowError) as e:  # (a timestamp Python cannot hold)
             raise UserError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
-        return [(None, r) for r in table.to_pylist()]
     if path.suffix not in (".jsonl", ".json"):
         raise UserError(f"{path}: unknown problem file type (use .jsonl or .parquet)")
     rows = []

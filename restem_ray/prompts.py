@@ -114,8 +114,29 @@ def _own_stops(model: str, tokenizer) -> set[int]:
             ids = json.load(f).get("eos_token_id")
     except (OSError, ValueError, AttributeError):  # none (a plain folder), or not a JSON object
         return set()
-    ids = {ids} if isinstance(ids, int) else set(ids or ())
+    if ids is None or isinstance(ids, int) and not isinstance(ids, bool):
+        ids = {ids} - {None}
+    elif isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
+        ids = set(ids)
+    else:  # (vLLM and transformers would fail on it at the engine's start)
+        raise UserError(f"{os.path.join(model, 'generation_config.json')}: eos_token_id must be a token id or a list "
+                        f"of ids (got {ids!r:.60})")
     return ids - {tokenizer.eos_token_id}
+
+
+def before_field(fmt: str, name: str, filled: bool = False) -> str:
+    """The part of format string `fmt` before its field `{name}` (a literal "{{name}}" is text, not the field):
+    still a format string, or with `filled` the text as it renders (its literal braces single)."""
+    from string import Formatter
+
+    out = []
+    for text, field, spec, conv in Formatter().parse(fmt):
+        out.append(text if filled else text.replace("{", "{{").replace("}", "}}"))
+        if field == name:
+            break
+        if field is not None:
+            out.append(f"{{{field}{'!' + conv if conv else ''}{':' + spec if spec else ''}}}")
+    return "".join(out)
 
 
 class PromptRenderer:
@@ -134,7 +155,7 @@ class PromptRenderer:
         self.template_kwargs = dict(pc.chat_template_kwargs)  # what every rendering passes the template
         shots, self.fmt = load_shots(pc, dataset)
         self.shots = [(self._question(row, loc), row["answer"]) for loc, row in shots]
-        marker = self.fmt.split("{question}")[0].strip() if self.fmt and not self.chat else ""
+        marker = before_field(self.fmt, "question", filled=True).strip() if self.fmt and not self.chat else ""
         self.stop: tuple[str, ...] = (marker,) if marker else ()  # the next exemplar's question marker
         # Zero-shot plain text in a question/answer format ("Question: {question}\nAnswer:"): a base model answers,
         # then writes the next "Question:" on to max_tokens, and a cut sample is never kept. The question marker
@@ -192,7 +213,7 @@ class PromptRenderer:
         if self.fmt is None:
             return "\n\n".join(([system] if system else []) + [q])
         blocks = [self.fmt.format(question=sq, answer=sa) for sq, sa in shots]
-        blocks.append(self.fmt.split("{answer}")[0].format(question=q).rstrip())
+        blocks.append(before_field(self.fmt, "answer").format(question=q).rstrip())
         return "\n\n".join(([system] if system else []) + blocks)
 
     def _no_double_bos(self, text: str) -> str:

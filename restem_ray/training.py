@@ -317,6 +317,20 @@ def copy_tokenizer_files(base: str, hf: str, tokenizer) -> None:
         tokenizer.save_pretrained(hf)
 
 
+def check_attention(cfg: TrainingConfig) -> None:
+    """Refuse a `training.attn_implementation` transformers does not know (its ValueError at the first M-step's
+    model load, after a whole E-step). A Hub kernel ("kernels-community/flash-attn") is left to transformers."""
+    name = cfg.attn_implementation
+    if not name or "/" in name or name.startswith("paged|"):
+        return
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    known = ["eager", *ALL_ATTENTION_FUNCTIONS.valid_keys()]
+    if name not in known:
+        raise UserError(f"training.attn_implementation: {name!r} is not an attention transformers knows "
+                        f"({', '.join(k for k in known if '|' not in k)})")
+
+
 def check_lora_targets(cfg: TrainingConfig, model: str) -> None:
     """Refuse `training.lora_target_modules` that name no module of the model (peft's NoMatchingPeftModuleError at
     the first M-step, after a whole E-step): a list names modules by their last parts, a string is a regular

@@ -239,7 +239,40 @@ CASES = {
                       "verification.verifier: 'asyncio:sleep' is an async or generator function"),
     "ray address nobody listens at": (None, ["--set", "ray.address=127.0.0.1:9"],
                                       "ray.address: 127.0.0.1:9: cannot reach a Ray cluster there (Connection refused)"),
+    # refused at the start, not at the first M-step's model load or the first verifier's start (mid-run)
+    "attention transformers does not know": (None, ["--set", "training.attn_implementation=flash_attn2"],
+                                             "training.attn_implementation: 'flash_attn2' is not an attention"),
+    "CPUs as a verifier's custom resource": (None, ["--set", "verification.resources={CPU: 1}"],
+                                             "verification.resources.CPU: custom resources only"),
+    "GPUs as a training worker's custom resource": (None, ["--set", "training.resources_per_worker={GPU: 1}"],
+                                                    "training.resources_per_worker.GPU: custom resources only"),
+    "an empty split stop string": (None, ["--set", "sampling.split_stop={valid: ['']}"], "sampling.split_stop.valid.0"),
+    "LoRA targets not a regular expression": (None, ["--set", "training.lora_rank=8", "--set",
+                                                     "training.lora_target_modules=q_proj("],
+                                              "training.lora_target_modules: 'q_proj(' is not a valid regular expression"),
+    "a config key YAML reads as a date": (lambda w: (w / "cfg.yaml").write_text(
+        (w / "cfg.yaml").read_text().replace("task:\n", "task:\n  columns:\n    2024-06-01: x\n")), [],
+        "cfg.yaml: key 'task.columns.2024-06-01': is not text (quote it)"),
+    "a config nested too deeply": (lambda w: (w / "cfg.yaml").write_text(
+        (w / "cfg.yaml").read_text() + "ray:\n  address: " + "[" * 5000 + "]" * 5000 + "\n"), [],
+        "cfg.yaml: nested too deeply"),
+    "a seed of thousands of digits": (None, ["--set", "seed=" + "9" * 5000],
+                                      "seed: Input should be less than 4294967296 (got 99999"),
+    "parquet column Python cannot hold": (lambda w: parquet_train(w, pa.table({
+        "id": ["a"], "prompt": ["q"], "answer": ["1"], "created": pa.array([10 ** 13], pa.timestamp("s"))})),
+        [], "train.parquet: not a readable Parquet file (OverflowError"),
+    "eos id that is no id": (lambda w: (w / "model" / "generation_config.json").write_text('{"eos_token_id": 2.0}'),
+                             ["--set", "prompt.template={prompt}"],
+                             "generation_config.json: eos_token_id must be a token id or a list of ids (got 2.0)"),
+    "code case calling no function name": (lambda w: jsonl_lines(w, [json.dumps({
+        "id": 1, "prompt": "p", "input_output": json.dumps({"inputs": [[0]], "outputs": [1], "fn_name": "add one"})
+    }).encode()]), ["--set", "task.kind=code"], "train.jsonl:1: field 'input_output': fn_name 'add one' is not a function"),
 }
+
+
+def parquet_train(w, table):
+    pq.write_table(table, w / "train.parquet")
+    edit_config(w, lambda t: t["task"].update(train_file="train.parquet"))
 
 
 def cut_weights(w):
@@ -550,3 +583,15 @@ def test_lora_target_modules_that_name_no_module_of_the_model_are_refused_at_che
     assert "'nothing_here' matches no module of" in capsys.readouterr().err
     for ok in ("[q_proj, v_proj]", "'.*layers\\.0\\.mlp\\.down_proj'", "all-linear"):
         assert check(f"training.lora_target_modules={ok}") == 0, capsys.readouterr().err
+
+
+def test_rows_with_integers_of_thousands_of_digits_or_deep_unused_fields_are_read(world, capsys):
+    """Valid JSON that Python's defaults refuse: an answer of 5,000 digits (int parsing stops at 4,300) and a
+    field nested deeper than a recursive walk goes (the Unicode check was recursive). Both were tracebacks."""
+    from restem_ray.data import load_problems
+
+    big = "9" * 5000
+    jsonl_lines(world, [('{"id": 1, "prompt": "q", "answer": ' + big + ', "meta": ' + "[" * 600 + "]" * 600 + "}").encode()])
+    assert main(["check", str(world / "cfg.yaml")]) == 0, capsys.readouterr().err
+    (row,) = load_problems(world / "train.jsonl")
+    assert str(row["answer"]) == big

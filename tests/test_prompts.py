@@ -143,6 +143,18 @@ def test_exemplars_from_a_file_plain(tmp_path):
     assert task.stop == ("Question:",)
 
 
+def test_a_shot_format_with_literal_braces_renders_them_as_text(tmp_path):
+    """`{{answer}}` is the text "{answer}", not the field: the prompt is cut before the real field, and the stop
+    is the text before the real {question} (both were found by searching the raw text, and rendering failed)."""
+    fmt = "[{{question}}] Q: {question}\nA ({{answer}} below): {answer}"
+    task = load_task(config(tmp_path, gsm8k_task(), {"few_shot": str(DATA / "shots.jsonl"), "few_shot_n": 1,
+                                                     "shot_format": fmt}))
+    q = task.train[0]["question"]
+    assert task.train[0]["prompt"] == ("[{question}] Q: What is 2 + 3?\nA ({answer} below): 2 + 3 = 5.\n#### 5\n\n"
+                                       f"[{{question}}] Q: {q}\nA ({{answer}} below):")
+    assert task.stop == ("[{question}] Q:",)
+
+
 def test_chat_template_few_shot_turns_then_the_question(tmp_path):
     model = make_model(tmp_path / "chat", CHATML)
     prompt = {"few_shot": str(DATA / "shots.jsonl"), "few_shot_n": 2, "system": "SYS", "template": "{question}"}

@@ -52,18 +52,22 @@ def test_math_and_bad_rows_each_get_a_verdict(tmp_path):
         "{not json",
         {"id": "a"},
         {"id": "a", "completion": None},
+        # JSON allows lone surrogates, which a Parquet file cannot hold: the whole grading was lost at the write
+        {"id": "a", "completion": "#### 2 \ud800"},
+        {"id": "\ud800", "completion": "#### 2"},
     ])
     code, log = verify(tmp_path, "--verifier", "math", "--problems", tmp_path / "p.jsonl",
-                       "--samples", tmp_path / "s.jsonl", "--out", tmp_path / "out.jsonl")
+                       "--samples", tmp_path / "s.jsonl", "--out", tmp_path / "out.parquet")
     assert code == 0, log
-    out = [json.loads(l) for l in (tmp_path / "out.jsonl").read_text().splitlines()]
-    assert [r["verdict"] for r in out] == ["passed", "wrong_answer", "passed", "no_answer",
-                                           "invalid_sample", "invalid_sample", "invalid_sample", "invalid_sample"]
-    assert [r["reward"] for r in out] == [1.0, 0.0, 1.0, 0.0, 0.0, 0.0, 0.0, 0.0]
+    out = pq.read_table(tmp_path / "out.parquet").to_pylist()
+    assert [r["verdict"] for r in out] == ["passed", "wrong_answer", "passed", "no_answer"] + ["invalid_sample"] * 6
+    assert [r["reward"] for r in out] == [1.0, 0.0, 1.0, 0.0] + [0.0] * 6
     assert out[0]["id"] == "a" and out[0]["completion"].endswith("#### 2")
-    assert "8 samples, 2 passed" in log
+    assert "10 samples, 2 passed" in log
     assert "s.jsonl:5: unknown problem id" in log and "s.jsonl:7: no completion" in log
     assert "s.jsonl:8: its completion is not text" in log  # (it was called an unknown problem id)
+    assert "s.jsonl:9: its completion is not valid Unicode" in log and out[8]["completion"] is None
+    assert out[9]["id"] == "?"
 
 
 def test_a_json_array_of_samples_is_read_as_one(tmp_path):
