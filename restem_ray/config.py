@@ -179,7 +179,6 @@ class PromptConfig(_Section):
         return list(dict.fromkeys(f for _, f, _, _ in Formatter().parse(self.template) if f))
 
 
-GREEDY_BELOW = 1e-5  # vLLM decodes greedily below this temperature and refuses n > 1 there (vllm 0.32 _SAMPLING_EPS)
 
 
 class ModelConfig(_Section):
@@ -264,10 +263,10 @@ class SamplingConfig(_Section):
                              "(a replica reserves tensor_parallel_size GPUs on one node)")
         # (adaptive rounds of one sample would pass vLLM, and draw the same greedy sample round after round)
         n = (self.max_samples_per_problem or self.samples_per_problem) if self.adaptive else self.samples_per_problem
-        if self.temperature < GREEDY_BELOW and n > 1:
-            raise ValueError(f"sampling.temperature: {self.temperature:g} is greedy decoding, which gives one sample "
-                             f"per problem, but a problem draws up to {n} (vLLM refuses n > 1 below a temperature "
-                             f"of {GREEDY_BELOW:g})")
+        # (vLLM 0.32 decodes greedily at 0 only: it raises a temperature between 0 and 0.01 to 0.01)
+        if self.temperature == 0 and n > 1:
+            raise ValueError(f"sampling.temperature: 0 is greedy decoding, which gives one sample per problem, but a "
+                             f"problem draws up to {n} (vLLM refuses n > 1 at temperature 0)")
         if self.engine_kwargs.get("distributed_executor_backend") == "ray":
             # vLLM's Ray executor starts its workers as actors in the current placement group, whose bundles the
             # replicas' actors already hold: with tensor_parallel_size 1 the worker waits forever for a GPU, above
@@ -500,10 +499,9 @@ class EvaluationConfig(_Section):
         if self.k == 1:  # (its pass@1 would be written over the greedy one, the score best_iteration is chosen by)
             raise ValueError("evaluation.k: 1 would report a sampled pass@1 under the greedy pass@1's name; use 0 "
                              "(greedy pass@1 only) or 2 and more")
-        if self.temperature < GREEDY_BELOW and self.k > 1:
-            raise ValueError(f"evaluation.temperature: {self.temperature:g} is greedy decoding, which gives one "
-                             f"sample per request, but evaluation.k asks for {self.k} (vLLM refuses n > 1 below a "
-                             f"temperature of {GREEDY_BELOW:g})")
+        if self.temperature == 0 and self.k > 1:
+            raise ValueError(f"evaluation.temperature: 0 is greedy decoding, which gives one sample per request, but "
+                             f"evaluation.k asks for {self.k} (vLLM refuses n > 1 at temperature 0)")
         return self
 
     def k_for(self, split: str) -> int:

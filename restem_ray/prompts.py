@@ -173,8 +173,9 @@ class PromptRenderer:
         self.end_token_id: int | None = end if end is not None and end in own else None
         self._bos_twice: bool | None = None
 
-    def _end_of_turn(self) -> int | None:
-        """The special token the chat template closes an assistant turn with, when it is not the tokenizer's EOS.
+    def _end_of_turn(self, or_eos: bool = False) -> int | None:
+        """The special token the chat template closes an assistant turn with, when it is not the tokenizer's EOS
+        (`or_eos`: when it is, too).
         A base model's tokenizer may ship a chat template (Qwen2.5 base: turns end with <|im_end|>, EOS is
         <|endoftext|>, the only id its generation_config stops on): without this token as a stop, vLLM samples
         on past the answer into made-up turns, and the M-step would teach EOS where the template ends a turn."""
@@ -188,7 +189,7 @@ class PromptRenderer:
             return None
         ids = self.tok(text.split(mark, 1)[1].lstrip(), add_special_tokens=False).input_ids
         added = self.tok.added_tokens_decoder.get(ids[0]) if ids else None
-        if added is None or not added.special or ids[0] == self.tok.eos_token_id:
+        if added is None or not added.special or (ids[0] == self.tok.eos_token_id and not or_eos):
             return None
         return ids[0]
 
@@ -279,7 +280,20 @@ def render_task(cfg: RestemConfig, splits: Splits, model: str | None = None) -> 
         seed = [dict(r, prompt=renderer.render(r, few_shot=cfg.prompt.train_few_shot), raw_prompt=r["prompt"])
                 for r in seed]
     stop, stop_token_ids = sampling_stops(cfg, renderer)
+    if model is None and cfg.model.sampler and renderer is not None and renderer.chat and not cfg.sampling.stop_token_ids:
+        stop_token_ids = _sampler_stop(cfg.model.sampler, renderer, stop_token_ids)
     return Task(train, evals, seed, stop, renderer, stop_token_ids, split_stops(cfg, renderer, stop))
+
+
+def _sampler_stop(sampler: str, renderer: PromptRenderer, ids: tuple[int, ...]) -> tuple[int, ...]:
+    """model.sampler samples the E-step and stops on its own EOS and generation_config ids: the chat template's end
+    of turn, where model.base (an instruct model) stops on it itself, is added for a sampler that does not (a base
+    model of the same chat format, whose EOS is <|endoftext|>: it would write further turns to max_tokens)."""
+    end = renderer._end_of_turn(or_eos=True)
+    if end is None or end in ids:
+        return ids
+    tok = load_tokenizer(sampler, "model.sampler")
+    return ids if end in _own_stops(sampler, tok) | {tok.eos_token_id} else (*ids, end)
 
 
 def load_task(cfg: RestemConfig, model: str | None = None) -> Task:
@@ -431,11 +445,13 @@ def engine_limit(cfg: RestemConfig, model: str | None = None) -> tuple[int | Non
     """The most tokens vLLM gives a sequence, prompt included, and where that limit comes from:
     engine_kwargs.max_model_len, else the model's own context as vLLM derives it (`_context_length`, when its
     config does not scale RoPE: vLLM then derives a longer one itself); None when neither is known."""
-    limit = cfg.sampling.engine_kwargs.get("max_model_len")
-    if isinstance(limit, int):
+    kwargs = cfg.sampling.engine_kwargs
+    limit = kwargs.get("max_model_len")
+    if isinstance(limit, int) and not isinstance(limit, bool) and limit > 0:
         return limit, "sampling.engine_kwargs.max_model_len"
+    # -1 (vLLM's auto-fit): the derived context, which the engine may then lower to fit the memory it finds
     model = model or cfg.model.sampler or cfg.model.base
-    return _context_length(model), f"the context of {model}"
+    return _context_length(model, bool(kwargs.get("disable_sliding_window"))), f"the context of {model}"
 
 
 def check_model_len(cfg: RestemConfig, splits: dict[str, list[dict]], tok, model: str | None = None,
@@ -477,10 +493,11 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_l
                  "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
 
 
-def _context_length(model: str) -> int | None:
+def _context_length(model: str, no_sliding_window: bool = False) -> int | None:
     """The context vLLM gives a model without max_model_len, where it takes it from the config as it is (no RoPE
-    scaling): the smallest of its length keys (a `model_max_length` there wins), capped by
-    tokenizer_config.json's `model_max_length`."""
+    scaling): the smallest of its length keys (a `model_max_length` there wins); with `disable_sliding_window`,
+    at most the model's sliding window. (tokenizer_config.json's `model_max_length` is not a limit: vLLM reads it
+    for pooling models only, and DeepSeek-R1-Distill-Qwen's 16,384 is below its 131,072 context.)"""
     from .remote import local_model_files
 
     try:
@@ -500,12 +517,15 @@ def _context_length(model: str) -> int | None:
     if not found:  # (vLLM assumes 2048 and warns; a config without one is not a released model's)
         return None
     n = config["model_max_length"] if number(config.get("model_max_length")) else min(found)
-    try:
-        with open(folder / "tokenizer_config.json", encoding="utf-8") as f:
-            cap = json.load(f).get("model_max_length")
-    except (OSError, ValueError, AttributeError):
-        cap = None
-    return int(min(n, cap) if number(cap) else n)
+    if no_sliding_window:
+        try:  # (as transformers reads it: Qwen2's is None unless use_sliding_window)
+            from transformers import AutoConfig
+
+            window = AutoConfig.from_pretrained(folder).get_text_config().sliding_window
+        except Exception:
+            window = None
+        n = min(n, window) if number(window) else n
+    return int(n)
 
 
 _LENGTHS: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()  # tokenizer -> {text: tokens}

@@ -63,7 +63,7 @@ def test_paths_given_with_set_are_relative_to_the_current_folder(tmp_path, monke
     # vLLM refused n > 1 at greedy temperatures at the first generate call, after the engines had loaded
     ("sampling.temperature=0", "sampling.temperature: 0 is greedy decoding, which gives one sample per problem, "
                                "but a problem draws up to 32"),
-    ("sampling={temperature: 0.000001, adaptive: true, round_size: 1}", "but a problem draws up to 32"),
+    ("sampling={temperature: 0, adaptive: true, round_size: 1}", "but a problem draws up to 32"),
     ("evaluation={k: 4, temperature: 0}", "evaluation.temperature: 0 is greedy decoding, which gives one sample per "
                                           "request, but evaluation.k asks for 4"),
     # the replicas reserved no GPU: a CUDA vLLM took GPUs the M-step and other replicas hold

@@ -35,8 +35,10 @@ def make_model(root: Path, chat_template: str | None = None, adds_bos: bool = Tr
     return root
 
 
-def config(tmp_path, task: dict, prompt: dict | None = None, model: Path | None = None, **sections):
-    tree = {"task": {"valid_split": 4, **task}, "model": {"base": str(model or make_model(tmp_path / "plain"))},
+def config(tmp_path, task: dict, prompt: dict | None = None, model: Path | None = None, model_extra: dict | None = None,
+           **sections):
+    tree = {"task": {"valid_split": 4, **task},
+            "model": {"base": str(model or make_model(tmp_path / "plain")), **(model_extra or {})},
             **({"prompt": prompt} if prompt is not None else {}), **sections}
     (tmp_path / "cfg.yaml").write_text(yaml.safe_dump(tree))
     return load_config(tmp_path / "cfg.yaml")
@@ -246,6 +248,12 @@ def test_a_chat_template_whose_turns_end_on_another_token_than_eos_stops_samples
     assert load_task(config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=instruct)).stop_token_ids == ()
     plain = config(tmp_path, gsm8k_task(), {"template": "{question}", "chat_template": False}, model=base)
     assert load_task(plain).stop_token_ids == ()
+    # an instruct base, which stops on <|im_end|> by itself, and a base model of its format sampling the E-step
+    # (model.sampler): the sampler stops on its own EOS alone, so the end of turn is added for it
+    assert load_task(config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=instruct,
+                            model_extra={"sampler": str(base)})).stop_token_ids == (end,)
+    assert load_task(config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=instruct,
+                            model_extra={"sampler": str(instruct)})).stop_token_ids == ()
 
 
 @pytest.mark.parametrize("adds_bos", [True, False])
@@ -352,7 +360,8 @@ def test_check_refuses_max_seq_len_below_longest_prompt_plus_max_tokens(tmp_path
     model_config.write_text(json.dumps({"max_position_embeddings": 10**6, "rope_parameters": None}))
     assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 0
     capsys.readouterr()
-    # vLLM takes the smallest of the config's length keys, and the tokenizer config's model_max_length below it
+    # vLLM takes the smallest of the config's length keys; the tokenizer config's model_max_length is no limit
+    # for generation (DeepSeek-R1-Distill-Qwen: 16,384 there, 131,072 in config.json)
     model_config.write_text(json.dumps({"max_position_embeddings": 10**6, "seq_length": longest + 100}))
     assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 2
     assert f"({longest + 100} tokens) is shorter" in capsys.readouterr().err
@@ -360,9 +369,17 @@ def test_check_refuses_max_seq_len_below_longest_prompt_plus_max_tokens(tmp_path
     tok_config = Path(cfg.model.base) / "tokenizer_config.json"
     kept = tok_config.read_text()
     tok_config.write_text(json.dumps({**json.loads(kept), "model_max_length": longest + 100}))
-    assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 2
-    assert f"({longest + 100} tokens) is shorter" in capsys.readouterr().err
+    assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false"]) == 0
     tok_config.write_text(kept)
+    # max_model_len -1 is vLLM's auto-fit from the derived context; disable_sliding_window caps it at the window
+    model_config.write_text(json.dumps({"model_type": "mistral", "max_position_embeddings": 10**6,
+                                        "sliding_window": longest + 100}))
+    assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false",
+                 "--set", "sampling.engine_kwargs={max_model_len: -1}"]) == 0
+    capsys.readouterr()
+    assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false",
+                 "--set", "sampling.engine_kwargs={max_model_len: -1, disable_sliding_window: true}"]) == 2
+    assert f"the context of {cfg.model.base} ({longest + 100} tokens) is shorter" in capsys.readouterr().err
     model_config.write_text("{}")
     assert main(["check", str(tmp_path / "cfg.yaml"), "--set", "prompt.train_few_shot=false", "--set",
                  f"sampling.stop_token_ids=[{len(tok)}]"]) == 2
