@@ -24,7 +24,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
-from .selection import same_solution_key, unfinished
+from .selection import kept_ending, same_solution_key
 
 
 @dataclass
@@ -79,7 +79,7 @@ class RoundPlanner:
         new: dict[str, int] = {}
         for r in rows:
             p = self.problems[r["id"]]
-            if r["reward"] >= 1.0 and (self.keep_truncated or not unfinished(r.get("finish_reason"))):
+            if r["reward"] >= 1.0 and kept_ending(r.get("finish_reason"), self.keep_truncated):
                 p.correct += 1
                 key = same_solution_key(r["completion"]) if self.dedup else r["sample_index"]
                 if key not in p.distinct:

@@ -331,7 +331,8 @@ class SelectionConfig(_Section):
     dedup: bool = Field(True, description="Drop exact duplicate completions of the same problem before capping.")
     keep_truncated: bool = Field(False, description="Keep correct completions that ended on sampling.max_tokens "
                                                     "(finish_reason 'length'). Off: never trained on, since the M-step "
-                                                    "would end them with EOS and teach stopping mid-solution.")
+                                                    "would end them with EOS and teach stopping mid-solution. Ones the "
+                                                    "engine cut off ('abort', 'error') are never kept.")
 
 
 class TrainingConfig(_Section):

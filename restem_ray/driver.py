@@ -29,7 +29,7 @@ from .prompts import Task, load_task, stop_source, with_stop
 from .remote import is_uri
 from .report import print_table, write_plot, write_problem_history
 from .sampling import SampleSpec, with_draw
-from .selection import problem_stats, select, truncated
+from .selection import keepable, problem_stats, select, truncated
 from .storage import RunDir, atomic_write_text, problem_set
 from .training import improve as train_m_step
 from .verdicts import MIN_GRADES, check_infra_errors, is_infra, verdict_counts
@@ -179,9 +179,9 @@ class Driver:
                           seed=self.cfg.seed * 1000 + t)
         start, nodes, rounds = time.time(), set(), {}
         kinds = {"adaptive" if p.name.startswith("part-r") else "fixed-K" for p in self.run.samples_dir(t).glob("part-*.parquet")}
-        if kinds - {"adaptive" if s.adaptive else "fixed-K"}:  # only after a --force resume that changed it
+        if other := kinds - {"adaptive" if s.adaptive else "fixed-K"}:  # only after a --force resume that changed it
             where = self.run.samples_dir(t)
-            raise RunError(f"iteration {t}: {where} holds {kinds.pop()} E-step shards but sampling.adaptive is "
+            raise RunError(f"iteration {t}: {where} holds {other.pop()} E-step shards but sampling.adaptive is "
                            f"{s.adaptive}; remove that folder{self.run.remote_too(where)} to sample the iteration again")
         if s.adaptive:
             rounds = self._sample_rounds(t, model, spec, nodes)
@@ -202,17 +202,17 @@ class Driver:
         line = {"seconds": round(time.time() - start, 2), "samples": table.num_rows,
                 "correct": int(pa.compute.sum(table["reward"]).as_py() or 0),
                 "completion_tokens": int(pa.compute.sum(table["completion_tokens"]).as_py() or 0)}
-        keep_cut = self.cfg.selection.keep_truncated  # (solved: what select may keep, not a max_tokens cut)
-        solved = [r["id"] for r, cut in zip(table.select(["id", "reward"]).to_pylist(), truncated(table))
-                  if r["reward"] >= 1.0 and (keep_cut or not cut)]
+        ok = keepable(table, self.cfg.selection.keep_truncated)  # (solved: what select may keep, not a cut sample)
+        solved = [r["id"] for r, keeps in zip(table.select(["id", "reward"]).to_pylist(), ok) if r["reward"] >= 1.0 and keeps]
         line["accept_rate"] = line["correct"] / max(1, line["samples"])
         line["replica_nodes"] = sorted(nodes)  # Ray nodes the replicas ran on (empty if all shards were on disk)
         line["truncated"] = sum(truncated(table))  # ended on sampling.max_tokens
         line["verdicts"] = verdict_counts(table["verdict"].to_pylist())
-        # pass@n on the train problems at the sampling temperature: how many problems can feed the M-step
-        # (adaptive: n is the most samples a problem may draw)
-        n = (s.max_samples_per_problem or s.samples_per_problem) if s.adaptive else s.samples_per_problem
-        line[f"train pass@{n}"] = len(set(solved)) / max(1, len(self.train))
+        # pass@K on the train problems at the sampling temperature: how many problems can feed the M-step. The
+        # adaptive E-step draws a different number per problem (fewer once solved, or when the budget runs out):
+        # the share it solved is no pass@n of any one n
+        solved_share = len(set(solved)) / max(1, len(self.train))
+        line["train solved" if s.adaptive else f"train pass@{s.samples_per_problem}"] = solved_share
         self.run.complete(t, "generate", [line | rounds])
         return table
 
@@ -295,13 +295,13 @@ class Driver:
             sel = self.cfg.selection
             table = select(samples, max_solutions_per_problem=sel.max_solutions_per_problem, dedup=sel.dedup,
                            seed=self.cfg.seed + t, keep_truncated=sel.keep_truncated)
-            cut = 0 if sel.keep_truncated else sum(c and r >= 1.0 for c, r in
-                                                   zip(truncated(samples), samples["reward"].to_pylist()))
+            cut = sum(not ok and r >= 1.0 for ok, r in zip(keepable(samples, sel.keep_truncated),
+                                                            samples["reward"].to_pylist()))
             if table.num_rows == 0 and cut:
                 # (prompts that imply no stop, e.g. a zero-shot plain-text template, write on to max_tokens: a
                 # stop string is the fix there, and keep_truncated would train those run-on texts as finished)
-                raise RunError(f"iteration {t}: nothing to train on: all {cut} correct samples ended on "
-                               "sampling.max_tokens (raise it; where the prompts imply no stop, a plain-text "
+                raise RunError(f"iteration {t}: nothing to train on: all {cut} correct samples ended unfinished, "
+                               "most likely on sampling.max_tokens (raise it; where the prompts imply no stop, a plain-text "
                                "template without few-shot exemplars, set sampling.stop; or set "
                                "selection.keep_truncated: true)")
             if table.num_rows == 0:
@@ -373,7 +373,8 @@ class Driver:
             self.samplers.close()
             start = time.time()
             metrics = train_m_step(init_model=base, train_file=data, out_dir=d / "checkpoint",
-                                   cfg=tc.model_copy(update={"epochs": epochs}), seed=self.cfg.seed, storage=d,
+                                   # (whole epochs: training.max_steps, which sized the M-steps, would override them)
+                                   cfg=tc.model_copy(update={"epochs": epochs, "max_steps": None}), seed=self.cfg.seed, storage=d,
                                    **args, **self._step_lines("control"))
             self.run.complete("control", "improve", [{"seconds": round(time.time() - start, 2), "init": base,
                                                       "epochs": epochs, "rows": len(self.seed_rows),

@@ -37,7 +37,7 @@ def iteration_rows(run: RunDir) -> list[dict]:
                       "tokens": m.get("completion_tokens")})
             # (the E-step's pass@K at the sampling temperature: not a split's, which an extra split named "train"
             # reports as "train pass@1")
-            r.update({f"E-step {k}": v for k, v in m.items() if k.startswith("train pass@")})
+            r.update({f"E-step {k}": v for k, v in m.items() if k.startswith("train pass@") or k == "train solved"})
         elif m["phase"] == "select":
             r["kept"] = m.get("kept")
             if "kept_false_positive_rate" in m:

@@ -12,6 +12,20 @@ def unfinished(finish_reason: str | None) -> bool:
     return finish_reason not in ("stop", None)
 
 
+def kept_ending(finish_reason: str | None, keep_truncated: bool = False) -> bool:
+    """Whether selection may keep a correct completion that ended so: on its own ('stop', or a row from before the
+    column existed), or with `keep_truncated` on max_tokens ('length'); never one the engine cut off ('abort',
+    'error'), which no setting makes a whole solution."""
+    return not unfinished(finish_reason) or (keep_truncated and finish_reason == "length")
+
+
+def keepable(table: pa.Table, keep_truncated: bool = False) -> list[bool]:
+    """`kept_ending` of every row of a samples table."""
+    if "finish_reason" not in table.column_names:
+        return [True] * table.num_rows
+    return [kept_ending(f, keep_truncated) for f in table["finish_reason"].to_pylist()]
+
+
 def same_solution_key(completion: str) -> str:
     """What `selection.dedup` compares: the completion without trailing whitespace (a sample ended by EOS after
     a newline and one whose stop string vLLM removed are one solution; the M-step appends its end token to either)."""
@@ -32,7 +46,8 @@ def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = Tr
 
     The cap (paper: 10) keeps easy problems from dominating and keeps the data diverse. A completion cut
     off by max_tokens is not kept unless `keep_truncated`: its answer may match by chance ("...72 clips,
-    and then she"), and the M-step would append EOS to it, teaching the model to stop mid-sentence.
+    and then she"), and the M-step would append EOS to it, teaching the model to stop mid-sentence. One the
+    engine aborted is never kept.
     """
     # samples that carry train_prompt (prompt.train_few_shot: false) are trained on that rendering
     prompt = "train_prompt" if "train_prompt" in graded.column_names else "prompt"
@@ -40,8 +55,7 @@ def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = Tr
         ["id", "sample_index", "prompt", "completion", "reward"])
     if "stop_token" in graded.column_names:  # (samples written before it existed: the M-step's default end)
         table = table.append_column("stop_token", graded["stop_token"])
-    rows = [r for r, cut in zip(table.to_pylist(), truncated(graded))
-            if r["reward"] >= 1.0 and (keep_truncated or not cut)]
+    rows = [r for r, ok in zip(table.to_pylist(), keepable(graded, keep_truncated)) if r["reward"] >= 1.0 and ok]
     rows.sort(key=lambda r: (r["id"], r["sample_index"]))  # order independent of shard completion order
     by_problem: dict[str, list[dict]] = {}
     for r in rows:
@@ -66,11 +80,11 @@ def problem_stats(samples: pa.Table, kept: pa.Table, iteration: int, keep_trunca
     counts what `select` may keep: a correct sample max_tokens cut is counted apart (`correct_truncated`), so that
     it neither marks the problem solved (`first_solved`) nor makes it look easy to the adaptive E-step's prior."""
     drawn: dict[str, list] = {}
-    cut = truncated(samples)
-    for r, unfinished_row in zip(samples.select(["id", "completion", "reward"]).to_pylist(), cut):
+    ok = keepable(samples, keep_truncated)
+    for r, keeps in zip(samples.select(["id", "completion", "reward"]).to_pylist(), ok):
         d = drawn.setdefault(r["id"], [0, 0, set(), 0])
         d[0] += 1
-        if r["reward"] >= 1.0 and unfinished_row and not keep_truncated:
+        if r["reward"] >= 1.0 and not keeps:
             d[3] += 1
         elif r["reward"] >= 1.0:
             d[1] += 1

@@ -114,7 +114,7 @@ def test_e_step_line_counts_verdicts_and_truncation_and_select_drops_truncated(t
 
 def test_all_correct_samples_truncated_is_a_clear_stop(tmp_path):
     d = driver(tmp_path, [[row("a", 0, "passed", "length"), row("a", 1, "wrong_answer"), row("a", 2, "passed", "length")]])
-    with pytest.raises(RunError, match="all 2 correct samples ended on sampling.max_tokens"):
+    with pytest.raises(RunError, match="all 2 correct samples ended unfinished, most likely on sampling.max_tokens"):
         d.select(1, d.generate(1, "m"))
 
 

@@ -1,6 +1,6 @@
 import pyarrow as pa
 
-from restem_ray.selection import select, truncated
+from restem_ray.selection import problem_stats, select, truncated
 
 
 def graded(rows):
@@ -51,6 +51,10 @@ def test_a_sample_the_engine_aborted_is_not_kept_either():
     table = table.append_column("finish_reason", pa.array(["stop", "abort", "error"]))
     assert truncated(table) == [False, True, True]
     assert [r["completion"] for r in select(table, max_solutions_per_problem=10).to_pylist()] == ["x"]
+    # keep_truncated releases max_tokens cuts only: an aborted text is no whole solution under any setting
+    assert [r["completion"] for r in select(table, max_solutions_per_problem=10, keep_truncated=True).to_pylist()] == ["x"]
+    stats = problem_stats(table, select(table, max_solutions_per_problem=10), 1, keep_truncated=True).to_pylist()
+    assert [(s["id"], s["correct"], s["correct_truncated"]) for s in stats] == [("a", 1, 1), ("b", 0, 1)]
 
 
 def test_samples_without_a_finish_reason_count_as_complete():

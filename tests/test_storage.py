@@ -369,7 +369,8 @@ def _finished_run(root, valid: list[float]):
 
 def test_the_control_arm_is_sized_by_the_seed_rows_the_m_step_keeps(tmp_path, monkeypatch):
     """Seed solutions longer than training.max_seq_len are dropped by the M-step: an epoch of 12 rows of which
-    4 are dropped has 2 optimizer steps of 4, not 3, so matching an M-step of 6 steps takes 3 epochs, not 2.
+    4 are dropped has 2 optimizer steps of 4, not 3, so matching an M-step of 6 steps (training.max_steps) takes 3
+    epochs, not 2.
     (The real control arm runs in tests/test_demo_e2e.py; here train_m_step only records what it was asked.)"""
     import restem_ray.driver as driver_module
     from restem_ray.builtin import build_tokenizer
@@ -381,7 +382,7 @@ def test_the_control_arm_is_sized_by_the_seed_rows_the_m_step_keeps(tmp_path, mo
     cfg = config_from_dict({"task": {"train_file": "t.jsonl", "valid_file": "v.jsonl", "seed_file": "s.jsonl"},
                             "model": {"base": str(base)}, "control": {"enabled": True},
                             "training": {"num_workers": 1, "micro_batch_size": 4, "grad_accum": 1,
-                                         "max_seq_len": 64}})
+                                         "max_seq_len": 64, "max_steps": 6}})
     run = RunDir(tmp_path / "run")
     run.create("x: 1\n", resume=False)
     run.complete(1, "improve", [{"steps": 6, "rows": 24}])
@@ -400,6 +401,8 @@ def test_the_control_arm_is_sized_by_the_seed_rows_the_m_step_keeps(tmp_path, mo
     monkeypatch.setattr(driver_module, "train_m_step", train)
     d.control(str(base))
     assert asked["cfg"].epochs == 3 and run.manifest()["control_epochs"] == 3
+    # in whole epochs: training.max_steps, which sized the M-step, would have overridden them (control.epochs too)
+    assert asked["cfg"].max_steps is None
 
 
 def test_a_damaged_committed_eval_or_shard_stops_in_one_line_naming_the_file(tmp_path):
