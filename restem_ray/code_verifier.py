@@ -26,6 +26,7 @@ program's cases share one time budget, as call cases do (MAX_PROBLEM_S).
 from __future__ import annotations
 
 import ast
+import decimal
 import json
 import re
 import signal
@@ -371,10 +372,16 @@ _INTEGER = re.compile(r"[-+]?\d+")
 
 
 def _close(got: str, expected: str) -> bool:
-    """Numbers within allclose's tolerance, unless both are integers: 1000000000 is not 1000000007 (a modular
-    answer), though APPS's own checker would take it."""
-    if _INTEGER.fullmatch(got) and _INTEGER.fullmatch(expected):
-        return int(got) == int(expected)
+    """Numbers within allclose's tolerance, unless the expected one is an integer: then exactly that number
+    ("2.0" is 2), as 1000000000 is not 1000000007 (a modular answer) written "1000000000" or "1e9", though
+    APPS's own checker would take either."""
+    if _INTEGER.fullmatch(expected):
+        if _INTEGER.fullmatch(got):
+            return int(got) == int(expected)
+        try:
+            return decimal.Decimal(got) == int(expected)  # (exact: no float rounding of a large integer)
+        except (decimal.InvalidOperation, ValueError):
+            return False
     try:
         g, e = float(got), float(expected)
     except ValueError:

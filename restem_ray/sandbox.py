@@ -52,6 +52,40 @@ def lift_int_digit_limit() -> None:
         sys.set_int_max_str_digits(0)
 
 
+# The kernel's key-management calls, per audit architecture: a sandbox shares its uid's user keyring (across
+# programs and sandbox restarts: a channel from one graded program to the next) and inherits the verifier's session
+# keyring (a container's or a login's keys). Refused with EPERM, as Docker's default seccomp profile does.
+_KEY_SYSCALLS = {  # AUDIT_ARCH_*: (add_key, request_key, keyctl)
+    0xC000003E: (248, 249, 250, 0x40000000 + 248, 0x40000000 + 249, 0x40000000 + 250),  # x86_64, and its x32 ABI
+    0x40000003: (286, 287, 288),  # i386 (int 0x80 from a 64-bit process)
+    0xC00000B7: (217, 218, 219),  # aarch64
+    0x40000028: (309, 310, 311),  # arm
+}
+
+
+def key_syscall_filter() -> bytes:
+    """A classic-BPF seccomp program (bwrap --seccomp) that makes the key syscalls fail with EPERM and allows the
+    rest: for each architecture, a jump over its block unless the call is of it, then its syscall numbers."""
+    ld_abs, jeq, ret = 0x20, 0x15, 0x06  # BPF_LD|BPF_W|BPF_ABS, BPF_JMP|BPF_JEQ|BPF_K, BPF_RET|BPF_K
+    allow, deny = 0x7FFF0000, 0x00050000 | 1  # SECCOMP_RET_ALLOW; SECCOMP_RET_ERRNO | EPERM
+    prog = [(ld_abs, 0, 0, 4)]  # seccomp_data.arch
+    denials = []  # indices of the jumps to the final deny
+    for arch, numbers in _KEY_SYSCALLS.items():
+        prog.append((jeq, 0, len(numbers) + 2, arch))  # not this architecture: past ld, its numbers and ret
+        prog.append((ld_abs, 0, 0, 0))  # seccomp_data.nr
+        for n in numbers:
+            denials.append(len(prog))
+            prog.append((jeq, 0, 0, n))
+        prog.append((ret, 0, 0, allow))
+    prog.append((ret, 0, 0, allow))  # another architecture
+    prog.append((ret, 0, 0, deny))
+    end = len(prog) - 1
+    for i in denials:
+        code, _, jf, k = prog[i]
+        prog[i] = (code, end - i - 1, jf, k)
+    return b"".join(struct.pack("<HBBI", *ins) for ins in prog)
+
+
 class SandboxUnavailable(RuntimeError):
     """The sandbox cannot be created on this machine (message says why and what to do)."""
 
@@ -153,6 +187,7 @@ class Sandbox:
         self._lock = threading.Lock()
         self.starts = 0
         self._mount_proc = _proc_mountable
+        self._seccomp_fd: int | None = None
         self._bwrap = shutil.which("bwrap")
         if self._bwrap is None:
             raise SandboxUnavailable(
@@ -177,6 +212,7 @@ class Sandbox:
                 binds += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
         bwrap = [
             self._bwrap, "--unshare-all", "--unshare-user", "--disable-userns", "--die-with-parent",
+            *(["--seccomp", str(self._seccomp_fd)] if self._seccomp_fd is not None else []),
             "--new-session", "--clearenv", "--as-pid-1", *binds,
             # glibc reserves 64 MiB of address space per malloc arena, one per thread up to 8 per core: under
             # memory_mb's address-space limit a program could start only ~21 threads (a ThreadPoolExecutor of
@@ -206,8 +242,17 @@ class Sandbox:
         return pre + limits + bwrap
 
     def _start(self) -> None:
-        self._proc = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE, env={}, close_fds=True, start_new_session=True)
+        # the seccomp program is read by bubblewrap from an inherited descriptor, once per start
+        self._seccomp_fd = os.memfd_create("restem-seccomp", 0)
+        try:
+            os.write(self._seccomp_fd, key_syscall_filter())
+            os.lseek(self._seccomp_fd, 0, os.SEEK_SET)
+            self._proc = subprocess.Popen(self._command(), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                          stderr=subprocess.PIPE, env={}, close_fds=True, start_new_session=True,
+                                          pass_fds=(self._seccomp_fd,))
+        finally:
+            os.close(self._seccomp_fd)
+            self._seccomp_fd = None
         self.starts += 1
         hello = self._recv(SANDBOX_START_S)
         if not (isinstance(hello, dict) and hello.get("ready")):

@@ -216,7 +216,7 @@ def _test_child():
 # text names them: once the guard is on, nothing is unmarshalled (_guard_harness) and an import compiles its module's
 # source (typing and what it imports: about 40 ms that way, 10 from .pyc files). Only these: importing before the
 # guard runs a module's top level unguarded (ctypes would stay loaded; antigravity starts a browser).
-_COMMON_IMPORTS = frozenset({"abc", "array", "bisect", "calendar", "cmath", "collections", "contextlib", "copy",
+_COMMON_IMPORTS = frozenset({"abc", "array", "asyncio", "bisect", "calendar", "cmath", "collections", "contextlib", "copy",
                              "dataclasses", "datetime", "decimal", "enum", "fractions", "functools", "hashlib",
                              "heapq", "itertools", "json", "math", "numbers", "operator", "queue", "random", "re",
                              "statistics", "string", "struct", "textwrap", "typing", "unicodedata"})
@@ -462,7 +462,7 @@ def _guard_harness():
     import _stat
 
     refused_events, frame_attributes, refused_imports = _REFUSED_EVENTS, _FRAME_ATTRIBUTES, _REFUSED_IMPORTS
-    is_instance, str_type, bytes_type = isinstance, str, bytes
+    is_instance, str_type, bytes_type, int_type, int_and = isinstance, str, bytes, int, int.__and__
     text, raw = "".join, b"".join  # a str or bytes subclass's own contents, running none of its methods
     decode, fs_encoding, fs_errors = bytes.decode, sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
     lstat, readlink, is_link, getcwd = os.lstat, os.readlink, _stat.S_ISLNK, os.getcwd
@@ -526,6 +526,17 @@ def _guard_harness():
                 return True
         return False
 
+    def reads_only(mode, flags):
+        """An open for reading: os.open's flags with O_RDONLY (O_PATH too), or io.open's mode without w, a, x or
+        +. A directory opened to write gives no directory descriptor: tempfile's io.open(dir, "w+b", opener=...)
+        passes its folder, and the opener makes the file (its own os.open is an event of its own)."""
+        if mode is None:
+            return not (is_instance(flags, int_type) and int_and(flags, 3))
+        if not is_instance(mode, str_type):
+            return True
+        written = text([mode])
+        return "w" not in written and "a" not in written and "x" not in written and "+" not in written
+
     def is_directory(p):
         path = path_of(p)
         if path is None:
@@ -572,7 +583,7 @@ def _guard_harness():
                 target = name[5:].partition("?")[0]
         if target is not None and under_proc(target):
             raise denial(path_of(target) + " is not available to graded programs")
-        if event == "open" and is_directory(args[0]):
+        if event == "open" and is_directory(args[0]) and reads_only(args[1], args[2]):
             raise denial("a directory's descriptor is not available to graded programs")
 
     _signal.signal = signal.signal = _refusing("signal.signal")
@@ -685,6 +696,37 @@ def _sysv_shm_bytes() -> int:
     return _shm_info.shm_tot * os.sysconf("SC_PAGE_SIZE")
 
 
+_START_STATE = None  # the worker's limits and scheduling, and /tmp's mode, as it started (main)
+
+
+def _worker_state():
+    """What a program can change in this long-lived worker and every later program inherits: its resource limits
+    (prlimit works on a process of the same uid, dumpable or not), its nice value, CPU affinity and scheduling
+    policy, and /tmp's own mode (a chmod 555 fails every later program that writes a file)."""
+    import resource
+
+    limits = tuple(resource.getrlimit(getattr(resource, n)) for n in sorted(dir(resource)) if n.startswith("RLIMIT_"))
+    try:
+        sched = (os.getpriority(os.PRIO_PROCESS, 0), tuple(sorted(os.sched_getaffinity(0))), os.sched_getscheduler(0),
+                 os.sched_getparam(0).sched_priority)
+    except (AttributeError, OSError):
+        sched = None
+    return limits, sched, os.stat("/tmp").st_mode
+
+
+def _as_it_started() -> bool:
+    """The worker as it started, and /tmp's attributes and times reset (emptying it leaves them: an extended
+    attribute or a time set by one program would be read by the next); False (a fresh sandbox) otherwise."""
+    try:
+        for name in os.listxattr("/tmp"):
+            if name.startswith("user."):
+                os.removexattr("/tmp", name)
+        os.utime("/tmp", ns=(0, 0))
+        return _worker_state() == _START_STATE
+    except BaseException:
+        return False
+
+
 def _clean_tmp() -> bool:
     """Empty /tmp; False (the host then starts a fresh sandbox) if it cannot be done, or not in CLEAN_S. Iterative
     and by single names from the working directory: a program's tree 3000 directories deep overflows
@@ -744,16 +786,26 @@ def _resident_bytes() -> int:
     """Memory of every process in the sandbox but this one (PID 1): the per-process address-space limit alone
     lets a program that forks take processes x memory. PSS, where each page a fork shares with its parent counts
     once; for a process that is not dumpable its resident memory, which counts such pages
-    in every process that maps them."""
+    in every process that maps them. Plus the size of every in-memory file (memfd_create) a process holds open,
+    each once: its pages are shared memory, in no process's PSS until mapped, and bounded by no limit of its own
+    (RLIMIT_FSIZE per file, times 64 descriptors per process)."""
     total = 0
     page = os.sysconf("SC_PAGE_SIZE")
     try:
         names = os.listdir("/proc")
     except OSError:  # a sandbox without /proc (a container's masked /proc forbids a new one): no watch
         return 0
+    memfds = {}
     for name in names:
         if not name.isdigit() or name == "1":
             continue
+        try:
+            for fd in os.listdir(f"/proc/{name}/fd"):
+                if os.readlink(f"/proc/{name}/fd/{fd}").startswith("/memfd:"):
+                    st = os.stat(f"/proc/{name}/fd/{fd}")
+                    memfds[st.st_dev, st.st_ino] = st.st_size
+        except (OSError, ValueError):
+            pass  # it ended, or closed the descriptor, meanwhile
         try:
             with open(f"/proc/{name}/smaps_rollup") as f:
                 total += next(int(line.split()[1]) << 10 for line in f if line.startswith("Pss:"))
@@ -765,7 +817,7 @@ def _resident_bytes() -> int:
                 total += int(f.read().split()[1]) * page
         except (OSError, ValueError, IndexError):
             pass  # it ended meanwhile
-    return total
+    return total + sum(memfds.values())
 
 
 MAX_TMP_FILES = 10000  # files (and folders) a program may leave in /tmp
@@ -900,7 +952,7 @@ def run(job):
         "end": end, "report": report, "code": code,
         "stdout": bytes(bufs[out_r][: job["output_cap"]]).decode("utf-8", "replace"),
         "stderr": bytes(bufs[err_r][-STDERR_KEEP:]).decode("utf-8", "replace"),
-        "clean": _clear_sysv_ipc() & _clean_tmp(),
+        "clean": _clear_sysv_ipc() & _clean_tmp() & _as_it_started(),
     }
 
 
@@ -949,6 +1001,8 @@ def main():
     import gc
 
     gc.freeze()  # (what this worker holds now is no program's: a child's collection and gc.get_objects() skip it)
+    global _START_STATE
+    _START_STATE = _worker_state()
     _send(resp, {"ready": True, "pid": os.getpid(), "uid": os.getuid()})
     while True:
         head = _read_exact(req, 4)

@@ -327,6 +327,9 @@ def test_apps_stdout_numbers_compare_within_apps_tolerance(grader):
     # two integers are equal or not: a modular answer off by 7 is wrong, within allclose's tolerance or not
     assert not stdout_matches("1000000000\n", "1000000007\n")
     assert stdout_matches("007\n", "7\n") and stdout_matches("7.0\n", "7\n")
+    # ... and an integer written as a float is that integer or not, exactly
+    assert not stdout_matches("1000000000.0\n", "1000000007\n") and not stdout_matches("1e+18\n", "1000000000000000001\n")
+    assert stdout_matches("1e18\n", "1000000000000000000\n") and not stdout_matches("nan\n", "7\n")
     avg = {"id": "apps-float", "prompt": "", "input_output": json.dumps(
         {"inputs": ["3\n1 1 2\n", "2\n1 2\n"], "outputs": ["1.33333333\n", "1.5\n"]})}
     assert grader.grade(avg, "input()\nx = list(map(int, input().split()))\nprint(sum(x) / len(x))\n") == "passed"

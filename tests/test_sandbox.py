@@ -757,3 +757,61 @@ def test_system_v_shared_memory_counts_against_the_limit_and_never_reaches_the_n
         assert box.run(mq).stdout == "-1\n"  # POSIX message queues, which outlive a program too: none
     finally:
         box.close()
+
+
+# A warm sandbox's worker outlives the program: what a program changes in it or in /tmp itself must not reach the
+# next program (a fresh sandbox where it cannot be undone). Each of these was graded passed and then failed, or
+# passed a message to, every later program in that sandbox.
+CARRY_OVER = {
+    "lower the worker's file-size limit": "import resource\nresource.prlimit(1, resource.RLIMIT_FSIZE, (1 << 20, 1 << 20))\n",
+    "lower the worker's priority": "import os\nos.setpriority(os.PRIO_PROCESS, 1, 19)\n",
+    "pin the worker to one core": "import os\nos.sched_setaffinity(1, {min(os.sched_getaffinity(1))})\n",
+    "make /tmp read-only": "import os\nos.chmod('/tmp', 0o555)\n",
+}
+
+
+@pytest.mark.parametrize("case", sorted(CARRY_OVER))
+def test_a_program_cannot_change_the_sandbox_for_the_next_one(case):
+    with Sandbox(LIMITS) as sb:
+        state = "import os, resource\nprint(resource.getrlimit(resource.RLIMIT_FSIZE), os.getpriority(os.PRIO_PROCESS, 0), " \
+                "sorted(os.sched_getaffinity(0)), oct(os.stat('/tmp').st_mode & 0o777))\n"
+        before = sb.run(state).stdout
+        assert sb.run(CARRY_OVER[case] + "print('done')\n").stdout == "done\n"
+        assert sb.run(state).stdout == before
+        assert sb.run("open('/tmp/f', 'w').write('x')\nprint(open('/tmp/f').read())\n").stdout == "x\n"
+
+
+def test_nothing_passes_from_one_program_to_the_next_through_tmp_or_the_keyrings():
+    """/tmp's extended attributes and times are reset; the key syscalls (a uid's user keyring outlives the sandbox,
+    the session keyring is the verifier's) are refused."""
+    keys = ("import ctypes\nlibc = ctypes.CDLL(None, use_errno=True)\n"
+            "print(libc.syscall({}, b'user', b'note', b'1', 1, -4), ctypes.get_errno())\n")
+    add_key = {"x86_64": 248, "aarch64": 217}.get(os.uname().machine)
+    with Sandbox(LIMITS) as sb:
+        first = sb.run("import os\nos.setxattr('/tmp', 'user.n', b'1')\nos.utime('/tmp', ns=(7, 7))\nprint('set')\n")
+        if first.stdout != "set\n":  # (a kernel before 6.6: tmpfs has no user attributes)
+            assert "OSError" in first.stderr or "PermissionError" in first.stderr, first
+        seen = sb.run("import os\nprint(os.listxattr('/tmp'), os.stat('/tmp').st_mtime_ns)\n").stdout
+        assert seen == "[] 0\n"
+        if add_key is not None:
+            assert sb.run(keys.format(add_key)).stdout == f"-1 {errno.EPERM}\n"
+
+
+def test_memory_held_in_in_memory_files_counts_against_the_limit():
+    hold = ("import os, time\nfds = []\nfor i in range(12):\n    fd = os.memfd_create('x')\n"
+            "    os.pwrite(fd, b'a' * (16 << 20), 0)\n    fds.append(fd)\ntime.sleep(1.5)\nprint('held')\n")
+    with Sandbox(SandboxLimits(timeout_s=4.0, memory_mb=128)) as sb:
+        for mode in ("script", "test"):
+            assert sb.run(hold, mode=mode).end == "memory_limit", mode
+        assert sb.run("import sys\nprint(len(sys.stdin.read()))\n", stdin="x" * (1 << 20)).stdout == "1048576\n"
+
+
+def test_guarded_programs_may_use_temporary_files_and_asyncio():
+    """Opening a directory to write makes no directory descriptor (tempfile's io.open(dir, 'w+b', opener=...)),
+    and asyncio, whose import replaces a code object's flags, is imported before the guard."""
+    program = ("import asyncio, tempfile\nwith tempfile.NamedTemporaryFile() as f, tempfile.TemporaryFile() as g:\n"
+               "    f.write(b'x'); g.write(b'y')\nprint(asyncio.run(asyncio.sleep(0, 'ok')))\n"
+               "import os\ntry:\n    os.open('/tmp', os.O_RDONLY)\nexcept PermissionError:\n    print('refused')\n")
+    with Sandbox(LIMITS) as sb:
+        r = sb.run(program, mode="test")
+        assert (r.end, r.stdout) == ("report", "ok\nrefused\n"), r
