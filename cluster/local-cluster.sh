@@ -5,6 +5,8 @@
 # Each worker node is a separate raylet with its own logical CPUs and a custom resource `node_k`.
 set -euo pipefail
 RAY=${RAY:-$(dirname "$0")/../.venv/bin/ray}
+# a job's entrypoint (`restem-ray ...`) runs in a shell with the raylets' PATH: the venv's bin must be on it
+export PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
 # the raylets kill what a crashed worker leaves (a replica's vLLM engine processes): restem_ray/driver.py KILL_ORPHANS
 export RAY_process_group_cleanup_enabled=true
 case "${1:-}" in

