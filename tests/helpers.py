@@ -59,7 +59,7 @@ def assert_same_run(out, reference):
     for t in ("iter_000", "iter_001"):
         assert json.loads((out / t / "eval.json").read_text()) == json.loads((reference / t / "eval.json").read_text())
     ours, theirs = (load_file(r / "iter_001" / "checkpoint" / "model.safetensors") for r in (out, reference))
-    assert all((ours[k] == theirs[k]).all() for k in theirs)
+    assert set(ours) == set(theirs) and all((ours[k] == theirs[k]).all() for k in theirs)
 
 
 def tracebacks(log: str) -> list[str]:

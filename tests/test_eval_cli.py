@@ -43,6 +43,8 @@ def test_eval_scores_a_checkpoint_on_two_files(tmp_path):
     # on these 24 problems; the floors leave room for a base built on another machine, and a split graded
     # against the wrong answers, pass@4 from unsampled or ungraded samples, or a broken vote fall below them
     assert scores["test"]["pass@1"] >= 0.5 and scores["test"]["pass@4"] >= 0.6 and scores["test"]["maj@4"] >= 0.5, scores
+    # four greedy samples would make pass@4 pass@1; a vote for an answer no sample holds, maj@4 above pass@4
+    assert scores["test"]["pass@1"] < scores["test"]["pass@4"] and scores["test"]["maj@4"] <= scores["test"]["pass@4"]
     assert "[eval] test: pass@1" in log
 
 

@@ -56,6 +56,7 @@ def test_numbers_are_fixed_width_reversed():
 
 def test_step_checker_rejects_right_answers_reached_through_wrong_steps():
     task = small()
+    rewritten = 0
     for r in task.splits()["seed"][:50]:
         sol = r["solution"]
         assert check_steps(r, sol) == 1.0
@@ -64,10 +65,12 @@ def test_step_checker_rejects_right_answers_reached_through_wrong_steps():
         wrong = sol.replace(f"{x} {op} {y} =", f"{x} {op} {str(int(y[::-1]) % 90 + 10).zfill(3)[::-1]} =", 1)
         if wrong != sol:
             assert grade_math(r, wrong).reward == 1.0 and check_steps(r, wrong) == 0.0
+            rewritten += 1
         assert check_steps(r, " . ".join(sol.split(" . ")[1:])) == 0.0  # a step left out
         assert check_steps(r, sol.split("####")[0] + "#### 000") == 0.0
         assert check_steps(r, "#### " + r["answer"]) == 0.0
         assert check_steps(r, sol.split("####")[0] + "#### =091") == 0.0  # malformed answers are just wrong
+    assert rewritten >= 40, rewritten  # (an operand that reads the same reversed keeps its equation: skipped)
     assert check_steps({"prompt": "Q: x + 1\nA:"}, "#### 1") == 0.0
     # under a few-shot prompt the question is the last one, not the first exemplar's
     a, b = task.splits()["seed"][:2]
