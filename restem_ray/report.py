@@ -70,7 +70,8 @@ def print_table(run: RunDir) -> None:
     from rich.table import Table
 
     rows = iteration_rows(run)
-    cols = ["iteration"] + sorted({k for r in rows for k in r if " pass@" in k or " maj@" in k}, key=_split_order) + \
+    cols = ["iteration"] + sorted({k for r in rows for k in r if " pass@" in k or " maj@" in k or k == "E-step train solved"},
+                                  key=_split_order) + \
         [c for c in ("samples", "correct", "kept", "kept/1k tok", "kept FP", "loss", "generate s", "improve s", "eval s")
          if any(c in r for r in rows)]
     table = Table(title=f"ReST^EM run {run.root}")

@@ -115,3 +115,16 @@ def test_a_run_without_evals_an_odd_folder_or_a_damaged_table_reports_in_one_pie
     (run.iter_dir(1) / "problems.parquet").write_bytes(b"PAR1" + b"\0" * 40 + b"PAR1")
     with pytest.raises(UserError, match=r"iter_001/problems.parquet: cannot be read \(.*\); remove it to report"):
         write_problem_history(run)
+
+
+def test_the_adaptive_e_steps_solved_share_is_a_table_column(tmp_path, capsys):
+    from restem_ray.report import print_table
+
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.5}])
+    run.complete(1, "generate", [{"samples": 8, "correct": 3, "train solved": 0.625}])
+    assert iteration_rows(run)[1]["E-step train solved"] == 0.625
+    print_table(run)
+    out = capsys.readouterr().out
+    assert "train solved" in out and "0.625" in out
