@@ -377,9 +377,9 @@ def test_zero3_early_stopping_keeps_the_best_step_and_vllm_serves_it(setup):
     assert [h["step"] for h in hist] == list(range(2, 2 * len(hist) + 1, 2))
     best = hist[rewards.index(max(rewards))]                # the first step with the best reward
     assert m["chosen_step"] == best["step"] and m["valid_reward"] == best["valid_reward"]
-    if m["steps"] < m["total_steps"]:                       # stopped: `patience` evaluations without a new best
-        assert len(hist) - 1 - rewards.index(max(rewards)) == cfg.patience
-    assert m["chosen_step"] < m["steps"]                    # here: the last step is not the best one
+    assert m["steps"] < m["total_steps"], (m["steps"], m["total_steps"], rewards)  # it stopped early: seeded, here
+    assert len(hist) - 1 - rewards.index(max(rewards)) == cfg.patience  # after `patience` evaluations without a best
+    assert m["chosen_step"] < m["steps"]                    # the last step is not the best one
 
     ref_cfg = TrainingConfig(num_workers=2, zero_stage=2, micro_batch_size=16, max_steps=best["step"], lr=1e-5,
                              lr_schedule="constant")
