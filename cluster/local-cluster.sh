@@ -6,7 +6,7 @@
 set -euo pipefail
 RAY=${RAY:-$(dirname "$0")/../.venv/bin/ray}
 # a job's entrypoint (`restem-ray ...`) runs in a shell with the raylets' PATH: the venv's bin must be on it
-export PATH="$(cd "$(dirname "$RAY")" && pwd):$PATH"
+case "$RAY" in */*) bin=$(cd "$(dirname "$RAY")" 2>/dev/null && pwd) && export PATH="$bin:$PATH" ;; esac
 # the raylets kill what a crashed worker leaves (a replica's vLLM engine processes): restem_ray/driver.py KILL_ORPHANS
 export RAY_process_group_cleanup_enabled=true
 case "${1:-}" in

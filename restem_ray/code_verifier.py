@@ -372,14 +372,17 @@ _INTEGER = re.compile(r"[-+]?\d+")
 
 
 def _close(got: str, expected: str) -> bool:
-    """Numbers within allclose's tolerance, unless the expected one is an integer: then exactly that number
-    ("2.0" is 2), as 1000000000 is not 1000000007 (a modular answer) written "1000000000" or "1e9", though
-    APPS's own checker would take either."""
+    """Numbers within allclose's tolerance, unless both are whole numbers: then exactly ("2.0" is 2, and
+    1000000000 is not 1000000007, a modular answer, written "1000000000", "1e9" or "1000000000.0", though APPS's
+    own checker would take any of them). A float result near an expected integer ("1.9999999999999996" for 2)
+    is within the tolerance, as APPS's checker has it."""
     if _INTEGER.fullmatch(expected):
         if _INTEGER.fullmatch(got):
             return int(got) == int(expected)
         try:
-            return decimal.Decimal(got) == int(expected)  # (exact: no float rounding of a large integer)
+            whole = decimal.Decimal(got)
+            if whole.is_finite() and whole == whole.to_integral_value():  # (exact: no float rounding of 10^18)
+                return whole == int(expected)
         except (decimal.InvalidOperation, ValueError):
             return False
     try:
@@ -422,7 +425,7 @@ def unusable_code_fields(problem: dict) -> str | None:
         if not (isinstance(inputs, list) and isinstance(outputs, list) and inputs and len(inputs) == len(outputs)):
             return "field 'input_output': needs a JSON object with non-empty 'inputs' and 'outputs' lists of one length"
         fn = io.get("fn_name")
-        if fn is not None and not (isinstance(fn, str) and fn.isidentifier()):  # (every answer: runtime_error)
+        if fn and not (isinstance(fn, str) and fn.isidentifier()):  # (every answer: runtime_error; "": stdin cases)
             return f"field 'input_output': fn_name {fn!r} is not a function name"
         return None
     test, entry = problem.get("test"), problem.get("entry_point")

@@ -60,12 +60,13 @@ class Samplers:
             self.pool = None
 
 
-def _recorded_stop(run: RunDir) -> list | None:
-    """The stop strings a run's config.yaml records it sampled with; None where unreadable."""
+def _recorded_stop(run: RunDir, key: str = "stop") -> list | None:
+    """The stop strings (or `key`: stop_token_ids) a run's config.yaml records it sampled with; None where
+    unreadable."""
     import yaml
 
     try:
-        stop = (yaml.safe_load((run.root / "config.yaml").read_text()) or {}).get("sampling", {}).get("stop")
+        stop = (yaml.safe_load((run.root / "config.yaml").read_text()) or {}).get("sampling", {}).get(key)
     except (OSError, yaml.YAMLError, AttributeError):
         return None
     return stop if isinstance(stop, list) else None
@@ -98,6 +99,13 @@ class Driver:
             print(f"[restem] the run was sampled without the stop {list(task.stop)} its template implies now: "
                   "resumed as it was (set sampling.stop to change it)")
             task.stop = ()
+        if resume and cfg.model.sampler and task.renderer is not None and not task.renderer.stop_token_ids \
+                and task.stop_token_ids and not cfg.sampling.stop_token_ids \
+                and _recorded_stop(self.run, "stop_token_ids") == []:
+            # a model.sampler run begun before its end-of-turn stop id was added (prompts._sampler_stop)
+            print(f"[restem] the run was sampled without the stop token ids {list(task.stop_token_ids)} model.sampler "
+                  "needs now: resumed as it was (set sampling.stop_token_ids to change it)")
+            task.stop_token_ids = ()
         if task.stop != tuple(cfg.sampling.stop):
             print(f"[restem] stop strings {stop_source(cfg, task.renderer)}: {list(task.stop)}")
         if task.stop_token_ids != tuple(cfg.sampling.stop_token_ids):

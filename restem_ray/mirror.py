@@ -176,12 +176,13 @@ class RunMirror:
             if self.unpushed_run():  # a run committed here whose push failed: not ours to delete
                 raise UserError(f"{self.uri}: this machine's copy of it ({self.local}) holds a run not yet pushed; "
                                 "--resume continues it, or remove that folder to start anew")
-            if self._local_manifest() is not None:  # pushed, and removed from the store since: a stale copy
-                print(f"[restem] {self.uri} no longer holds the run this machine pushed there; a new run starts "
-                      f"(its local copy {self.local} is removed)", flush=True)
+            stale = self._local_manifest() is not None  # pushed, and removed from the store since: a stale copy
             self._check_empty()
             if self.local.exists():
                 shutil.rmtree(self.local)
+            if stale:
+                print(f"[restem] {self.uri} no longer holds the run this machine pushed there; a new run starts "
+                      f"(its local copy {self.local} was removed)", flush=True)
             return
         remote = self._remote_manifest() if has_run else None
         local = self._local_manifest()

@@ -332,7 +332,7 @@ class Sandbox:
 
     @staticmethod
     def _read(fd: int, n: int, timeout: float) -> bytes | None:
-        buf = b""
+        buf = bytearray()  # (not bytes +=, which copies the whole buffer at every pipe read)
         while len(buf) < n:
             r, _, _ = select.select([fd], [], [], timeout)
             if not r:
@@ -341,7 +341,7 @@ class Sandbox:
             if not chunk:
                 return None
             buf += chunk
-        return buf
+        return bytes(buf)
 
     def run(self, code: str, *, stdin: str = "", mode: str = "script", fn_name: str | None = None,
             calls: list | None = None, timeout_s: float | None = None, test: str = "", context: str = "",

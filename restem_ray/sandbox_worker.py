@@ -50,13 +50,13 @@ STDERR_KEEP = 4096
 
 
 def _read_exact(fd, n):
-    buf = b""
+    buf = bytearray()  # (bytes += bytes copies the whole buffer per 64 KiB pipe read: minutes for 100 MB of stdin)
     while len(buf) < n:
         chunk = os.read(fd, n - len(buf))
         if not chunk:
             return None
         buf += chunk
-    return buf
+    return bytes(buf)
 
 
 def _send(fd, obj):
@@ -462,7 +462,7 @@ def _guard_harness():
     import _stat
 
     refused_events, frame_attributes, refused_imports = _REFUSED_EVENTS, _FRAME_ATTRIBUTES, _REFUSED_IMPORTS
-    is_instance, str_type, bytes_type, int_type, int_and = isinstance, str, bytes, int, int.__and__
+    is_instance, str_type, bytes_type = isinstance, str, bytes
     text, raw = "".join, b"".join  # a str or bytes subclass's own contents, running none of its methods
     decode, fs_encoding, fs_errors = bytes.decode, sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
     lstat, readlink, is_link, getcwd = os.lstat, os.readlink, _stat.S_ISLNK, os.getcwd
@@ -527,11 +527,9 @@ def _guard_harness():
         return False
 
     def reads_only(mode, flags):
-        """An open for reading: os.open's flags with O_RDONLY (O_PATH too), or io.open's mode without w, a, x or
-        +. A directory opened to write gives no directory descriptor: tempfile's io.open(dir, "w+b", opener=...)
-        passes its folder, and the opener makes the file (its own os.open is an event of its own)."""
-        if mode is None:
-            return not (is_instance(flags, int_type) and int_and(flags, 3))
+        """Any os.open of a directory (O_PATH gives a directory descriptor whatever its access bits), and an
+        io.open whose mode has no w, a, x or +. io.open(dir, "w+b", opener=...) makes no directory descriptor
+        itself: tempfile passes its folder that way, and the opener's own os.open is an event of its own."""
         if not is_instance(mode, str_type):
             return True
         written = text([mode])
@@ -697,6 +695,7 @@ def _sysv_shm_bytes() -> int:
 
 
 _START_STATE = None  # the worker's limits and scheduling, and /tmp's mode, as it started (main)
+_STDIN_FILE = None  # (st_dev, st_ino) of the running program's stdin, an in-memory file the worker made
 
 
 def _worker_state():
@@ -817,6 +816,7 @@ def _resident_bytes() -> int:
                 total += int(f.read().split()[1]) * page
         except (OSError, ValueError, IndexError):
             pass  # it ended meanwhile
+    memfds.pop(_STDIN_FILE, None)
     return total + sum(memfds.values())
 
 
@@ -864,10 +864,14 @@ def _read_report(data: bytes, nonce: str):
 def run(job):
     stdin = job.get("stdin", "").encode()
     file_in = _stdin_fd(stdin)
+    global _STDIN_FILE
     if file_in is None:
         in_r, in_w = os.pipe()
+        _STDIN_FILE = None
     else:
         in_r, in_w, stdin = file_in, None, b""
+        st = os.fstat(file_in)
+        _STDIN_FILE = (st.st_dev, st.st_ino)  # the job's input, not the program's memory (_resident_bytes)
     out_r, out_w = os.pipe()
     err_r, err_w = os.pipe()
     res_r, res_w = os.pipe()

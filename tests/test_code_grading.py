@@ -330,6 +330,8 @@ def test_apps_stdout_numbers_compare_within_apps_tolerance(grader):
     # ... and an integer written as a float is that integer or not, exactly
     assert not stdout_matches("1000000000.0\n", "1000000007\n") and not stdout_matches("1e+18\n", "1000000000000000001\n")
     assert stdout_matches("1e18\n", "1000000000000000000\n") and not stdout_matches("nan\n", "7\n")
+    # a float result near an expected integer is within the tolerance, as in APPS's checker
+    assert stdout_matches("1.9999999999999996\n", "2\n") and stdout_matches("1e-12\n", "0\n")
     avg = {"id": "apps-float", "prompt": "", "input_output": json.dumps(
         {"inputs": ["3\n1 1 2\n", "2\n1 2\n"], "outputs": ["1.33333333\n", "1.5\n"]})}
     assert grader.grade(avg, "input()\nx = list(map(int, input().split()))\nprint(sum(x) / len(x))\n") == "passed"
@@ -349,3 +351,12 @@ def test_a_reasoning_models_code_comes_after_its_thinking():
     assert extract_code(closing, "f") == 'def f(s):\n    return s.split("</think>")[-1]\n'
     fenced = "```python\ndef add(a, b):\n    return a + b\n```"
     assert extract_code(fenced, "add", "Write add(a, b); strip <think> tags first.") == "def add(a, b):\n    return a + b\n"
+
+
+def test_an_apps_file_with_an_empty_fn_name_is_read_as_stdin_cases():
+    """The grader takes a falsy fn_name for stdin cases: the file check does too (an empty name refused the file)."""
+    from restem_ray.code_verifier import unusable_code_fields
+
+    io = {"inputs": ["1\n"], "outputs": ["1\n"]}
+    assert unusable_code_fields({"input_output": json.dumps({**io, "fn_name": ""})}) is None
+    assert "is not a function name" in unusable_code_fields({"input_output": json.dumps({**io, "fn_name": "a b"})})

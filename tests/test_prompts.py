@@ -254,6 +254,16 @@ def test_a_chat_template_whose_turns_end_on_another_token_than_eos_stops_samples
                             model_extra={"sampler": str(base)})).stop_token_ids == (end,)
     assert load_task(config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=instruct,
                             model_extra={"sampler": str(instruct)})).stop_token_ids == ()
+    # a run of that pair begun by the version before recorded stop_token_ids []: its resume samples as it did
+    from restem_ray.config import dump_config
+    from restem_ray.storage import RunDir
+
+    pair = config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=instruct, model_extra={"sampler": str(base)})
+    RunDir(tmp_path / "old-run").create(dump_config(pair), resume=False)
+    capsys.readouterr()
+    assert Driver(pair, tmp_path / "old-run", resume=True).cfg.sampling.stop_token_ids == []
+    assert "resumed as it was" in capsys.readouterr().out
+    assert Driver(pair, tmp_path / "new-run").cfg.sampling.stop_token_ids == [end]
 
 
 @pytest.mark.parametrize("adds_bos", [True, False])
