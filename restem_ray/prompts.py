@@ -114,8 +114,10 @@ def _own_stops(model: str, tokenizer) -> set[int]:
             ids = json.load(f).get("eos_token_id")
     except (OSError, ValueError, AttributeError):  # none (a plain folder), or not a JSON object
         return set()
-    if ids is None or isinstance(ids, int) and not isinstance(ids, bool):
-        ids = {ids} - {None}
+    if ids is None:
+        ids = set()
+    elif isinstance(ids, int) and not isinstance(ids, bool):
+        ids = {ids}
     elif isinstance(ids, list) and all(isinstance(i, int) and not isinstance(i, bool) for i in ids):
         ids = set(ids)
     else:  # (vLLM and transformers would fail on it at the engine's start)

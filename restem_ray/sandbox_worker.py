@@ -526,10 +526,11 @@ def _guard_harness():
                 return True
         return False
 
-    def reads_only(mode, flags):
-        """Any os.open of a directory (O_PATH gives a directory descriptor whatever its access bits), and an
-        io.open whose mode has no w, a, x or +. io.open(dir, "w+b", opener=...) makes no directory descriptor
-        itself: tempfile passes its folder that way, and the opener's own os.open is an event of its own."""
+    def descriptor_of_it(mode):
+        """Whether an open of a directory would give its descriptor: any os.open (no mode; O_PATH gives one
+        whatever its access bits), and an io.open whose mode has no w, a, x or +. io.open(dir, "w+b",
+        opener=...) makes none itself: tempfile passes its folder that way, and the opener's own os.open is an
+        event of its own."""
         if not is_instance(mode, str_type):
             return True
         written = text([mode])
@@ -581,7 +582,7 @@ def _guard_harness():
                 target = name[5:].partition("?")[0]
         if target is not None and under_proc(target):
             raise denial(path_of(target) + " is not available to graded programs")
-        if event == "open" and is_directory(args[0]) and reads_only(args[1], args[2]):
+        if event == "open" and is_directory(args[0]) and descriptor_of_it(args[1]):
             raise denial("a directory's descriptor is not available to graded programs")
 
     _signal.signal = signal.signal = _refusing("signal.signal")
