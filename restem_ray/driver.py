@@ -212,7 +212,10 @@ class Driver:
                 "completion_tokens": int(pa.compute.sum(table["completion_tokens"]).as_py() or 0)}
         ok = keepable(table, self.cfg.selection.keep_truncated)  # (solved: what select may keep, not a cut sample)
         solved = [r["id"] for r, keeps in zip(table.select(["id", "reward"]).to_pylist(), ok) if r["reward"] >= 1.0 and keeps]
-        line["accept_rate"] = line["correct"] / max(1, line["samples"])
+        # correct counts the verifier's verdicts; a correct sample selection may not keep (cut at max_tokens) is
+        # counted apart, and accept_rate is what selection may accept, as in problems.parquet
+        line["correct_truncated"] = line["correct"] - len(solved)
+        line["accept_rate"] = len(solved) / max(1, line["samples"])
         line["replica_nodes"] = sorted(nodes)  # Ray nodes the replicas ran on (empty if all shards were on disk)
         line["truncated"] = sum(truncated(table))  # ended on sampling.max_tokens
         line["verdicts"] = verdict_counts(table["verdict"].to_pylist())

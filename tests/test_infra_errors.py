@@ -107,6 +107,8 @@ def test_e_step_line_counts_verdicts_and_truncation_and_select_drops_truncated(t
     gen, sel = [m for m in d.run.metrics() if m["phase"] in ("generate", "select")]
     assert gen["verdicts"] == {"passed": 3, "wrong_answer": 1, "sandbox_error": 1, "no_answer": 1}
     assert gen["truncated"] == 3 and gen["correct"] == 3
+    # two of the three correct were cut: selection can accept one sample of six
+    assert gen["correct_truncated"] == 2 and gen["accept_rate"] == pytest.approx(1 / 6)
     assert sel["kept"] == 1 and sel["truncated_correct_dropped"] == 2
     kept = pq.read_table(d.run.iter_dir(1) / "train.parquet").to_pylist()
     assert [(r["id"], r["sample_index"]) for r in kept] == [("a", 0)]
