@@ -293,6 +293,10 @@ class Sampler:
         return futures
 
     def generate(self, problems: list[dict], spec: SampleSpec) -> list[dict]:
+        """One row per sample, problem by problem."""
+        return [r for rows in self._sample(problems, spec) for r in rows]
+
+    def _sample(self, problems: list[dict], spec: SampleSpec) -> list[list[dict]]:
         from vllm import SamplingParams
 
         # vLLM seeds child i of an n-sample request with seed + i, so sample k of a problem has the seed
@@ -316,15 +320,20 @@ class Sampler:
                 # sent just as the engine died may fail with the socket's error instead of EngineDeadError.)
                 os._exit(1)
             raise
-        rows = []
-        for prob, out, (off, _) in zip(problems, outputs, draws):
-            for i, c in enumerate(out.outputs):
-                rows.append({
-                    "id": prob["id"], "sample_index": off + i, "completion": c.text,
-                    "prompt_tokens": len(out.prompt_token_ids or ()), "completion_tokens": len(c.token_ids),
-                    "finish_reason": str(c.finish_reason), "stop_token": self._stop_token(c),
-                })
-        return rows
+        return [[{"id": prob["id"], "sample_index": off + i, "completion": c.text,
+                  "prompt_tokens": len(out.prompt_token_ids or ()), "completion_tokens": len(c.token_ids),
+                  "finish_reason": str(c.finish_reason), "stop_token": self._stop_token(c)}
+                 for i, c in enumerate(out.outputs)]
+                for prob, out, (off, _) in zip(problems, outputs, draws)]
+
+    def generate_pieces(self, problems: list[dict], spec: SampleSpec, sizes: list[int]) -> tuple[list[dict], ...]:
+        """`generate`, its rows split into pieces of `sizes[i]` consecutive problems each: a Ray call with one
+        return per piece (`num_returns`), so that the pieces of one call are graded on several verifier actors."""
+        per_problem, out, at = self._sample(problems, spec), [], 0
+        for size in sizes:
+            out.append([r for rows in per_problem[at: at + size] for r in rows])
+            at += size
+        return tuple(out)
 
     @staticmethod
     def _stop_token(c) -> int:

@@ -76,6 +76,37 @@ def test_killed_sampler_and_verifier_are_replaced_and_nothing_is_lost_or_doubled
         pool.close()
 
 
+def test_a_calls_samples_are_graded_in_pieces_on_several_verifiers_each_delivered_once(model):
+    """A call's rows are split into pieces of whole problems graded on different verifier actors, and the chunk
+    arrives once, whole and in problem order, even when a replica and a verifier are killed mid-E-step."""
+    since = len(grade_calls(model))
+    pool = make_pool(model, max_restarts=2)
+    pool.grade_piece = 4  # (4 problems x 4 samples a call: 2 pieces of 2 problems, over the 2 verifiers)
+    try:
+        got = run_with_kills(pool, chunked(PROBLEMS, 4))
+        for i, rows in got.items():
+            want = [(p["id"], j) for p in PROBLEMS[4 * i: 4 * i + 4] for j in range(SPEC.n)]
+            assert sorted((r["id"], r["sample_index"]) for r in rows) == want
+            assert [r["id"] for r in rows] == sorted(r["id"] for r in rows)  # problem order
+        pieces = grade_calls(model)[since:]
+        assert all(len(c["ids"]) == 2 and c["rows"] == 8 for c in pieces), pieces
+        assert {tuple(c["ids"]) for c in pieces} == {(p["id"], q["id"]) for p, q in zip(PROBLEMS[::2], PROBLEMS[1::2])}
+        # a chunk's two pieces go to the two actors while both are free (the first chunks; later ones may queue)
+        pids: dict = {}
+        for c in pieces:
+            pids.setdefault(int(c["ids"][0][1:]) // 4, set()).add(c["pid"])
+        assert sum(len(p) >= 2 for p in pids.values()) >= 2, pids
+    finally:
+        pool.close()
+
+
+def grade_calls(model):
+    """Grade calls the verifier actors recorded (RESTEM_TRACE)."""
+    trace = os.path.join(model, "engine-calls.jsonl")
+    lines = open(trace).read().splitlines() if os.path.exists(trace) else []
+    return [c for c in map(json.loads, lines) if c["call"] == "grade"]
+
+
 def test_a_killed_replica_mid_adaptive_round_loses_and_doubles_nothing(model):
     """An adaptive round's calls (each problem's draw, restem_ray/adaptive.py) survive a killed
     replica and verifier as fixed-K's do: every (problem, sample) of the round arrives once, and each is the
@@ -278,7 +309,7 @@ def engine_calls(model, since=0):
     """Engine calls the replicas recorded (RESTEM_TRACE), from line `since` on."""
     trace = os.path.join(model, "engine-calls.jsonl")
     lines = open(trace).read().splitlines() if os.path.exists(trace) else []
-    return [json.loads(x) for x in lines[since:]]
+    return [c for c in map(json.loads, lines) if c["call"] == "generate"][since:]  # (verifiers add "grade" lines)
 
 
 def engine_core(replica, replica_pid):

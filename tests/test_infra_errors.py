@@ -234,3 +234,17 @@ def test_a_verifier_that_fails_on_every_row_stops_the_run_with_one_line(tmp_path
     run = RunDir(tmp_path / "run")
     assert not (tmp_path / "run" / "iter_001").exists()
     assert run.manifest()["completed"] == {}
+
+
+def test_a_calls_rows_are_graded_in_pieces_of_whole_problems_spread_over_the_verifiers():
+    from restem_ray.pool import piece_sizes
+    from restem_ray.sampling import SampleSpec, with_draw
+
+    spec = SampleSpec(n=32, temperature=1.0, max_tokens=8, seed=0)
+    problems = [{"id": str(i), "prompt": "Q"} for i in range(64)]
+    assert piece_sizes(problems, spec, verifiers=256) == [2] * 32  # 2,048 samples: 64 a piece (the least)
+    assert piece_sizes(problems, spec, verifiers=4) == [16] * 4    # an even share per actor
+    assert piece_sizes(problems, spec, verifiers=1) == [64]
+    # an adaptive round's draws: whole problems, one drawing more than a piece holds is a piece alone
+    drawn = [with_draw(p, 0, n) for p, n in zip(problems[:5], (100, 10, 30, 30, 1))]
+    assert piece_sizes(drawn, spec, verifiers=64) == [1, 2, 2]
