@@ -32,7 +32,7 @@ import stat
 import uuid
 from pathlib import Path
 
-from .data import whole_parquet
+from .data import durable_replace, fsync_tree, whole_parquet
 from .errors import RunError, UserError, first_line, shown_uri
 from .lease import NAME as LEASE
 from .lease import DriverLease
@@ -277,6 +277,8 @@ class RunMirror:
             try:
                 with self.fs.open_input_stream(info.path) as src, open(tmp, "wb") as out:
                     shutil.copyfileobj(src, out, 8 << 20)
+                    out.flush()
+                    os.fsync(out.fileno())  # (the state file below vouches for it: on disk first)
             except Exception as e:
                 tmp.unlink(missing_ok=True)
                 raise UserError(f"{self.what} {self.uri}/{rel}: cannot download ({first_line(e, self._uri)})") from None
@@ -285,7 +287,7 @@ class RunMirror:
                 print(f"[restem] warning: {self.uri}/{rel} is not a whole Parquet file; its problems are sampled "
                       "again", flush=True)
                 continue
-            os.replace(tmp, dst)
+            durable_replace(tmp, dst)
             st = dst.stat()
             state[rel], n = [st.st_size, st.st_mtime_ns], n + 1  # it is on the remote as it is here
         if n:
@@ -335,8 +337,9 @@ class RunMirror:
                       "again", flush=True)
         state = {rel: sig for rel, sig in _local_files(tmp)}  # all of them are on the remote as they are here
         _write_state(tmp, state)
+        fsync_tree(tmp)  # a crash after the rename must not leave a torn checkpoint the state file vouches for
         shutil.rmtree(self.local, ignore_errors=True)
-        os.replace(tmp, self.local)
+        durable_replace(tmp, self.local)
 
     def push(self) -> None:
         """Upload what changed since the last push, then manifest.json, then delete what the run removed."""
@@ -349,16 +352,18 @@ class RunMirror:
         # the phases: it goes in a second wave, once they are all up (locally one rename shows them together)
         waves = [[r for r in changed if r.rsplit("/", 1)[-1] not in MARKERS],
                  [r for r in changed if r.rsplit("/", 1)[-1] in MARKERS]]
+        again = {rel for rel in changed if rel in state}  # on the store already: replaced, never cut off
         try:
             with concurrent.futures.ThreadPoolExecutor(8) as pool:
                 for wave in waves:
-                    for rel, sent in zip(wave, pool.map(self._upload, wave)):
+                    for rel, sent in zip(wave, pool.map(lambda r: self._upload(r, r in again), wave)):
                         if sent:  # the size/mtime before the upload: a file that grew meanwhile goes again
                             state[rel] = files[rel]
             if MANIFEST in files and state.get(MANIFEST) != files[MANIFEST]:
                 if self.lease is not None:
                     self.lease.check()  # again: the uploads above may have taken minutes (a checkpoint)
-                self._upload(MANIFEST)  # last: the remote manifest never lists a phase whose files are missing
+                self._upload(MANIFEST, MANIFEST in state)  # last: the remote manifest never lists a phase whose
+                # files are missing
                 state[MANIFEST] = files[MANIFEST]
             gone = [r for r in state if r not in files]
             if gone and self.lease is not None:
@@ -393,7 +398,7 @@ class RunMirror:
         if state.get(rel) == sig:
             return
         try:
-            sent = self._upload(rel)
+            sent = self._upload(rel, rel in state)
         except Exception as e:
             print(f"[restem] warning: could not upload {rel} to {self.uri} ({first_line(e, self._uri)}); the next commit "
                   "sends it", flush=True)
@@ -402,7 +407,9 @@ class RunMirror:
             state[rel] = sig
             _write_state(self.local, state)
 
-    def _upload(self, rel: str) -> bool:
+    def _upload(self, rel: str, replacing: bool = False) -> bool:
+        """Upload one file. `replacing`: the store holds an earlier version (manifest.json, metrics.jsonl at every
+        commit), which an upload cut off must leave as it is: it goes to a temporary name, then moves."""
         fs, dst = self._open(), f"{self.path}/{rel}"
         try:
             src = open(self.local / rel, "rb")
@@ -411,7 +418,7 @@ class RunMirror:
         local_store = fs.type_name not in BUCKET_STORES
         if local_store:  # real folders, and no atomic object writes: a temporary name, then a rename
             fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
-        tmp = dst + ".tmp" if local_store else dst
+        tmp = dst + ".tmp" if local_store or replacing else dst
         copied = False
         try:
             with src, fs.open_output_stream(tmp) as out:
@@ -422,14 +429,15 @@ class RunMirror:
             # from SIGTERM where Ray handles it, too): what was sent so far would stand under the file's real name,
             # and a resume elsewhere would take it for a finished shard. (A SIGKILL never closes: nothing shows.)
             # An upload whose close() failed sent nothing: the object there, if any, is the last good one.
-            if not local_store and not copied:
+            # A replaced object's upload went to a temporary name: the store's copy is the last good one, kept.
+            if not local_store and (not copied or tmp != dst):
                 try:
-                    fs.delete_file(dst)
+                    fs.delete_file(tmp)
                 except Exception:
                     pass
             raise
-        if local_store:
-            fs.move(tmp, dst)
+        if tmp != dst:
+            fs.move(tmp, dst)  # (on S3 and GCS a copy on the store, then a delete)
         return True
 
 

@@ -20,7 +20,7 @@ def tree(root):
 def recording(mirror):
     sent = []
     upload = mirror._upload
-    mirror._upload = lambda rel: (sent.append(rel), upload(rel))[1]
+    mirror._upload = lambda rel, *again: (sent.append(rel), upload(rel, *again))[1]
     return sent
 
 
@@ -188,7 +188,7 @@ def test_a_shard_that_cannot_go_up_warns_and_goes_with_the_commit(tmp_path, caps
     shard = run.samples_dir(1) / "part-00000.parquet"
     pq.write_table(pa.table({"id": ["a"]}), shard)
     upload = m._upload
-    m._upload = lambda rel: (_ for _ in ()).throw(OSError("connection reset"))
+    m._upload = lambda rel, *again: (_ for _ in ()).throw(OSError("connection reset"))
     run.saved(shard)  # the E-step goes on
     assert "warning: could not upload iter_001/samples/part-00000.parquet" in capsys.readouterr().out
     m._upload = upload
@@ -415,10 +415,10 @@ def test_a_checkpoint_marker_goes_up_only_after_its_weights(tmp_path):
     (ckpt / "restem_mstep.json").write_text("{}")
     upload = m._upload
 
-    def cut_off(rel):
+    def cut_off(rel, *again):
         if rel.endswith("00002.safetensors"):
             raise OSError("connection reset")
-        return upload(rel)
+        return upload(rel, *again)
 
     m._upload = cut_off
     with pytest.raises(Exception, match="upload failed"):

@@ -230,3 +230,37 @@ def test_an_upload_cut_off_by_sigterm_leaves_no_object_on_s3(s3, tmp_path, monke
     with pytest.raises(OSError, match="Slow Down"):
         m._upload(rel)
     assert fs.get_file_info(path).size == 20 << 20
+
+
+def test_a_replaced_object_whose_upload_is_cut_off_keeps_its_last_good_copy(s3, tmp_path, monkeypatch):
+    """manifest.json and metrics.jsonl go up again at every commit: a SIGTERM mid-upload must not leave the part
+    sent so far, nor nothing, where the last good copy was (a resume elsewhere then found no run to resume)."""
+    import pyarrow.fs as pafs
+
+    import restem_ray.mirror as mirror_module
+    from restem_ray.mirror import RunMirror
+
+    m = RunMirror(f"{s3}/runs/again", cache=tmp_path / "node")
+    m.check()
+    good = json.dumps({"completed": {"0/eval": 1.0}}).encode() + b" " * (6 << 20)  # (over one multipart part)
+    m.local.mkdir(parents=True, exist_ok=True)
+    (m.local / "manifest.json").write_bytes(good)
+    m.push()
+    fs, path = pafs.FileSystem.from_uri(f"{s3}/runs/again/manifest.json")
+    assert fs.get_file_info(path).size == len(good)
+    copy = mirror_module.shutil.copyfileobj
+
+    def sigterm_after_a_chunk(src, dst, length):
+        dst.write(src.read(length))
+        raise SystemExit(15)
+
+    (m.local / "manifest.json").write_bytes(good + b"\n" * 1024)
+    monkeypatch.setattr(mirror_module.shutil, "copyfileobj", sigterm_after_a_chunk)
+    with pytest.raises(SystemExit):
+        m.push()
+    with fs.open_input_stream(path) as f:
+        assert f.read() == good
+    assert fs.get_file_info(path + ".tmp").type == pafs.FileType.NotFound
+    monkeypatch.setattr(mirror_module.shutil, "copyfileobj", copy)
+    m.push()  # the next commit sends it
+    assert fs.get_file_info(path).size == len(good) + 1024
