@@ -61,7 +61,19 @@ def problem_set(rows: list[dict]) -> dict:
     as the files hold them: a rendered one may carry the day's date (Llama-3's chat template), and its settings
     are config keys that the resume checks anyway."""
     text = "\n".join(f"{r['id']}\t{r.get('raw_prompt', r.get('prompt', ''))}" for r in rows)
-    return {"count": len(rows), "sha256": hashlib.sha256(text.encode()).hexdigest()}
+    # what the built-in verifiers grade against: a corrected answer or test mid-run would score iterations under two
+    # answer keys (a key of its own: runs recorded before it resume, and get it)
+    graded = hashlib.sha256()
+    for r in rows:
+        graded.update(json.dumps([r.get(k) for k in GRADED_FIELDS], default=str).encode() + b"\n")
+    return {"count": len(rows), "sha256": hashlib.sha256(text.encode()).hexdigest(), "graded": graded.hexdigest()}
+
+
+GRADED_FIELDS = ("answer", "test", "entry_point", "input_output")
+
+
+def _same_problems(was: dict, now: dict) -> bool:
+    return all(was.get(k) == now.get(k) for k in ("count", "sha256")) and was.get("graded", now["graded"]) == now["graded"]
 
 
 def _flatten(tree, prefix: str = "") -> dict:
@@ -132,11 +144,15 @@ class RunDir:
             m = self.manifest()  # a damaged manifest fails here, before Ray starts
             self._check_resume_config(config_yaml, force)
             was = m.get("problem_sets") or {}
-            changed = [k for k in (problems or {}) if k in was and was[k] != problems[k]]
+            changed = [k for k in (problems or {}) if k in was and not _same_problems(was[k], problems[k])]
             if changed and not force:
                 # E-step shards are chunks of the train list: another list would sample some problems twice and
                 # others never, and an iteration's samples (or the control arm's data) would mix two problem sets
                 k = changed[0]
+                if all(was[k].get(f) == problems[k][f] for f in ("count", "sha256")):
+                    raise UserError(f"{self.manifest_path}: the {k} problems' answers or tests changed since the run "
+                                    "was created: resuming would score iterations against two answer keys (restore "
+                                    "the data files, or use --force to accept)")
                 raise UserError(f"{self.manifest_path}: the {k} problems changed since the run was created "
                                 f"({was[k].get('count')} -> {problems[k]['count']} problems, or other ones): resuming "
                                 "would mix two problem sets (restore the data files, or use --force to accept)")

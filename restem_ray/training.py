@@ -1018,7 +1018,7 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
                           stop_token_ids=tuple(stop_token_ids), end_token_id=end_token_id,
                           log_every_steps=log_every_steps if on_steps else 0))
     storage_path = cfg.storage_path or str(Path(storage).resolve())
-    fingerprint = _job_fingerprint(job, train_file)
+    fingerprint = _job_fingerprint(job, train_file, run_root=Path(out_dir).parent.parent)  # (RUN/iter_t/checkpoint)
     finished = _finished_m_step(Path(out_dir), fingerprint)
     if finished is not None:  # a driver killed after this M-step ended but before its commit
         print(f"[restem] M-step {name}: {out_dir} already holds its finished checkpoint (trained by a driver "
@@ -1106,13 +1106,17 @@ _WHERE_NOT_WHAT = {"cpus_per_worker", "gpus_per_worker", "resources_per_worker",
                    "max_failures", "start_timeout_s", "storage_path", "keep_checkpoints"}
 
 
-def _job_fingerprint(job: dict, train_file: Path | str) -> str:
+def _job_fingerprint(job: dict, train_file: Path | str, run_root: Path | None = None) -> str:
     """What decides an M-step's weights: the job (model, data path, seed, training settings, validation) and
-    the training rows' bytes."""
+    the training rows' bytes. Paths inside the run directory count from its root: a run resumed as
+    `--out /abs/runs/x` after `--out runs/x`, or a URI run's local copy on another machine, is the same job."""
     import hashlib
 
     settings = {k: v for k, v in job.items() if k not in ("step_relay", "log_every_steps")
                 and not (k == "end_token_id" and v is None)}  # (as M-steps finished before it existed were keyed)
+    if run_root is not None:
+        for key in ("init_model", "train_file"):
+            settings[key] = _in_run(settings.get(key), run_root)
     settings["cfg"] = {k: v for k, v in job["cfg"].items() if k not in _WHERE_NOT_WHAT}
     settings["verification"] = {k: v for k, v in (job.get("verification") or {}).items()
                                 if k not in ("num_workers", "max_workers", "cpus_per_worker", "resources")}
@@ -1121,6 +1125,16 @@ def _job_fingerprint(job: dict, train_file: Path | str) -> str:
         for block in iter(lambda: f.read(8 << 20), b""):
             h.update(block)
     return h.hexdigest()
+
+
+def _in_run(path, run_root: Path):
+    """`path` as RUN/<relative path> when it lies inside the run directory `run_root`, otherwise as given."""
+    if not isinstance(path, str) or "://" in path:
+        return path
+    try:
+        return "RUN/" + Path(path).resolve().relative_to(run_root.resolve()).as_posix()
+    except (ValueError, OSError):
+        return path
 
 
 def _finished_m_step(out_dir: Path, fingerprint: str) -> tuple[dict, list[dict]] | None:

@@ -1,7 +1,7 @@
 import json
 import time
-
 import types
+from pathlib import Path
 
 import pytest
 
@@ -158,6 +158,26 @@ def test_resume_refuses_other_train_or_seed_problems(tmp_path):
     assert problem_set([dict(r, prompt=r["prompt"].replace("05", "06")) for r in dated]) == problem_set(rows)
 
 
+def test_resume_refuses_problems_whose_answers_or_tests_changed(tmp_path):
+    """Same ids and prompts, a corrected answer (or test): the iterations before and after would be scored
+    against two answer keys. A run recorded before the answers were digested resumes, and records them."""
+    from restem_ray.storage import problem_set
+
+    rows = [{"id": str(i), "prompt": f"Q{i}", "answer": str(i), "other": "x"} for i in range(5)]
+    run = RunDir(tmp_path / "run")
+    run.create("seed: 0\n", resume=False, problems={"eval test": problem_set(rows)})
+    RunDir(tmp_path / "run").validate("seed: 0\n", resume=True, problems={  # a column no verifier reads
+        "eval test": problem_set([dict(r, other="y") for r in rows])})
+    fixed = [dict(r, answer="42") if r["id"] == "3" else r for r in rows]
+    with pytest.raises(UserError, match=r"the eval test problems' answers or tests changed since the run was created"):
+        RunDir(tmp_path / "run").validate("seed: 0\n", resume=True, problems={"eval test": problem_set(fixed)})
+    m = run.manifest()
+    m["problem_sets"]["eval test"].pop("graded")  # a run from before the answers were digested
+    (tmp_path / "run" / "manifest.json").write_text(json.dumps(m))
+    RunDir(tmp_path / "run").create("seed: 0\n", resume=True, problems={"eval test": problem_set(fixed)})
+    assert run.manifest()["problem_sets"]["eval test"] == problem_set(fixed)
+
+
 def test_resume_accepts_a_resized_cluster_without_force(tmp_path):
     """Replica and worker counts, placement and observability cannot change what a run computes (per-sample
     seeds): a bigger cluster resumes without --force. The training worker count sets the global batch: refused."""
@@ -257,6 +277,28 @@ def test_a_finished_m_step_is_found_only_by_the_job_that_trained_it(tmp_path):
     data.write_bytes(b"other rows")
     assert _finished_m_step(ckpt, _job_fingerprint(job, data)) is None
     assert _finished_m_step(tmp_path / "missing", fp) is None
+
+
+def test_an_m_step_fingerprint_does_not_depend_on_how_the_run_directory_is_spelt(tmp_path, monkeypatch):
+    """A run resumed as --out /abs/runs/x after --out runs/x (or a URI run's copy on another machine, another
+    cache folder) finds the M-step it finished; a base model outside the run is keyed as configured."""
+    from restem_ray.training import _job_fingerprint
+
+    def fingerprint(root: Path, spelt: str):
+        (root / "iter_001").mkdir(parents=True, exist_ok=True)
+        (root / "iter_001" / "train.parquet").write_bytes(b"rows")
+        job = {"init_model": f"{spelt}/iter_000/checkpoint", "train_file": f"{spelt}/iter_001/train.parquet", "seed": 1,
+               "cfg": {"lr": 1e-5}}
+        return _job_fingerprint(job, root / "iter_001" / "train.parquet", run_root=(Path(spelt) / "iter_001" / "checkpoint").parent.parent)  # as improve() roots it
+
+    monkeypatch.chdir(tmp_path)
+    here = fingerprint(tmp_path / "runs" / "x", "runs/x")
+    assert fingerprint(tmp_path / "runs" / "x", str(tmp_path / "runs" / "x")) == here
+    assert fingerprint(tmp_path / "cache" / "y", str(tmp_path / "cache" / "y")) == here  # another machine's copy
+    job = {"init_model": "/models/base", "train_file": "runs/x/iter_001/train.parquet", "seed": 1, "cfg": {"lr": 1e-5}}
+    other = _job_fingerprint({**job, "init_model": "/models/other"}, tmp_path / "runs/x/iter_001/train.parquet",
+                             run_root=Path("runs/x"))
+    assert other != _job_fingerprint(job, tmp_path / "runs/x/iter_001/train.parquet", run_root=Path("runs/x"))
 
 
 def test_the_best_iteration_is_committed_with_the_eval_it_rests_on(tmp_path):
