@@ -143,6 +143,8 @@ def test_mbpp_prompt_shows_the_first_test_and_grading_runs_all():
     with closing(Verifier("code")) as v:
         for r, x in zip(rows, raw):
             assert v.grade(r, x["code"].replace("\r\n", "\n")).verdict == "passed", r["id"]
+            # the control arm's solution has Unix line ends (the release's are Windows ones), the code as released
+            assert r["solution"] == x["code"].replace("\r\n", "\n") and r["code"] == x["code"]
         # passes the shown test (2 -> False) but not the others: grading is not just the first test
         assert v.grade(rows[1], "def is_not_prime(n):\n    return False\n").verdict == "wrong_answer"
         assert v.grade(rows[2], "def lcm(a, b):\n    return 12\n").verdict == "wrong_answer"
@@ -226,6 +228,13 @@ def test_apps_malformed_input_output_is_an_error_not_a_skip(tmp_path):
         (tmp_path / "a.jsonl").write_text(json.dumps(dict(row, input_output=json.dumps(io))) + "\n")
         with pytest.raises(UserError, match=f"a.jsonl:1: field 'input_output': {why}"):
             load_split(tmp_path / "a.jsonl", kind="code", dataset="apps")
+    # an empty fn_name is stdin cases (as the grader reads it), not a bad name
+    io = dict(json.loads(row["input_output"]), fn_name="")
+    (tmp_path / "a.jsonl").write_text(json.dumps(dict(row, input_output=json.dumps(io))) + "\n")
+    (stdin,) = load_split(tmp_path / "a.jsonl", kind="code", dataset="apps")
+    assert "Use Standard Input format" in stdin["prompt"]
+    with closing(Verifier("code")) as v:
+        assert v.grade(stdin, "a, b = map(int, input().split())\nprint(a + b)\n").verdict == "passed"
 
 
 def test_a_field_of_the_wrong_type_is_named_as_such(tmp_path):
