@@ -28,6 +28,11 @@ _THOUSANDS = re.compile(r"-?\d{1,3}(?:,\d{3})+(?:\.\d+)?")
 _GROUP_GAP = re.compile(r"\\,|\\!|\\ |\{,\}|~| ")
 _SPACED_THOUSANDS = re.compile(r"-?\d{1,3}(?:(?:,?(?:\\[,! ]|\{,\}|~| ))+\d{3})+(?:\.\d+)?")
 _MIXED = re.compile(r"(-?)(\d+)\s+(\d+)\s*/\s*(\d+)")  # "3 1/2", a mixed number as plain text writes it
+# Where an answer phrase or the last number is read: also "18 000" (SI's groups of three, as `as_number` reads them)
+# and "1 1/2" (a mixed number), taken whole; their last group alone ("000", "1/2") passed for the gold 0 and 1/2
+_WIDE_NUM_RE = (r"[-\u2212]?\d{1,3}(?:[ \u2009\u202f]\d{3})+(?![\d/]|[ \t]*\d+[ \t]*/)(?:\.\d+)?"
+                r"|[-\u2212]?\d+[ \t]+\d+[ \t]*/[ \t]*\d+|" + _NUM_RE)
+_WIDE_NUM = re.compile(_WIDE_NUM_RE)
 # `#### <answer>` (GSM8K's format) on its own line
 _HASHES = re.compile(r"####[ \t]*([^\n]*)")
 # "The answer is 18." (lm-eval's strict GSM8K match): a number that ends there ("18, which is", "18 (5 more"), not
@@ -50,7 +55,7 @@ _RATE = (r"[ \t]+(?:each|per)\b(?:[ \t]+" + _UNIT_WORD + r"){0,2}"
 # (not a hyphen or an en dash: "10 - 2 = 8" and "3 - 4i" go on as math)
 _CLAUSE = (r"[ \t]*[:\u2014][ \t]|[ \t]+(?:because|since|as|after|given|so|for|which|when|where|"
            r"if|but|from|with)\b")
-_ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|\\?\$|\*\*)?\s*(" + _NUM_RE + r")(?:\*\*|\s*\\\))?(?:" + _RATE + "|"
+_ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|\\?\$|\*\*)?\s*(" + _WIDE_NUM_RE + r")(?:\*\*|\s*\\\))?(?:" + _RATE + "|"
                         + _UNITS + r"(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$))|" + _CLAUSE + "))",
                         re.IGNORECASE)
 # (the math may hold `\$`; it does not end on a space nor at a currency sign: "is $10 + $8 = $18")
@@ -183,7 +188,13 @@ def _hash_answer(line: str, last: bool) -> str | None:
         return None
     if _MATHY.match(line):
         m = _NUMBER_THEN_WORDS.fullmatch(line)
-        return m.group(1) if m else line
+        if m:
+            return m.group(1)
+        if last and "\\" not in line and _PROSE.search(_MATH_SPANS.sub("", line)):
+            # a sentence or a numbered heading on the last line ("3. Total earnings: $18", "9 eggs are left, and
+            # she earns $18"): its last number, as a sentence's below
+            return _NUM.findall(line)[-1]
+        return line
     if not said and (_TITLE.fullmatch(line) or (not last and not _SENTENCE.fullmatch(_MATH_SPANS.sub("", line)))):
         return None
     nums = _NUM.findall(line) if _PROSE.search(line) else []  # a sentence's number; else the line ("n(n+1)/2")
@@ -245,7 +256,7 @@ def extract_answer(completion: str, prompt: str = "") -> str | None:
         result = _NUM.search(lines[-1].rsplit("=", 1)[1])
         if result:
             return result.group(0)
-    nums = _NUM.findall(completion)
+    nums = _WIDE_NUM.findall(completion)
     return nums[-1] if nums else None
 
 
@@ -349,6 +360,18 @@ def _mixed_as_fraction(answer: str) -> str:
     return f"{sign}{int(whole) * int(den) + int(num)}/{den}"
 
 
+# MATH's "Enter the letters of the correct options, separated by commas": \text{A, C}, A, C or (A), (C)
+_TEXT_WRAP = re.compile(r"\\(?:text(?:bf|rm)?|mathrm|mbox)\s*\{([^{}]*)\}")
+_LETTER_LIST = re.compile(r"\(?[A-Z]\)?(?:\s*,\s*\(?[A-Z]\)?)+")
+
+
+def _letter_choices(answer: str) -> list[str] | None:
+    """The letters of a list of options, in order of the alphabet; None for anything else (one letter included:
+    math-verify reads that)."""
+    text = _TEXT_WRAP.sub(r"\1", answer).replace("$", "").strip()
+    return sorted(re.findall(r"[A-Z]", text)) if _LETTER_LIST.fullmatch(text) else None
+
+
 def _number_in_text(answer: str) -> str:
     m = _NUMBER_IN_TEXT.fullmatch(answer)
     return m.group(1) if m else answer
@@ -366,6 +389,9 @@ def answers_match(gold: str, pred: str) -> bool:
     gold, pred = _repeating_as_fraction(gold), _repeating_as_fraction(pred)
     gold, pred = _number_in_text(gold), _number_in_text(pred)
     gold, pred = _mixed_as_fraction(gold), _mixed_as_fraction(pred)
+    letters = _letter_choices(gold), _letter_choices(pred)
+    if letters[0] and letters[1]:  # (math-verify read "\text{A, C}" and "A, C" as different)
+        return letters[0] == letters[1]
     based = _in_base(gold), _in_base(pred)
     if based[0] or based[1]:  # (math-verify drops a base subscript: 52_8 was 52_{10})
         base = (based[0] or based[1])[1]  # (a numeral without one is in the other side's base: "52" for 52_8)

@@ -514,7 +514,7 @@ def test_code_datasets_released_files_are_seed_files_too(tmp_path, capsys):
     seed file's `solution`; a released problem without one is no seed row, and is counted."""
     mbpp = load_split(DATA / "mbpp.jsonl", kind="solutions", dataset="mbpp")
     raw = [json.loads(line) for line in (DATA / "mbpp.jsonl").read_text().splitlines() if line.strip()]
-    assert [r["solution"] for r in mbpp] == [r["code"] for r in raw]
+    assert [r["solution"] for r in mbpp] == [r["code"].replace("\r\n", "\n") for r in raw]  # (Unix line ends)
     apps = load_split(DATA / "apps.jsonl", kind="solutions", dataset="apps")
     released = [json.loads(line) for line in (DATA / "apps.jsonl").read_text().splitlines() if line.strip()]
     want = [json.loads(r["solutions"])[0] for r in released if r.get("input_output") and r.get("solutions")]

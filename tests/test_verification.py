@@ -237,6 +237,33 @@ def test_thin_space_and_space_thousands_separators():
     assert not answers_match("18000", "18 00") and not answers_match("1,3", "1 3")
 
 
+def test_spaced_thousands_and_mixed_numbers_are_read_whole_in_phrases_and_as_the_last_number():
+    """"The answer is 18 000." was read "000" (passing for the gold 0), "1 1/2 cups" was "1/2"."""
+    for text, gold, other in (("The answer is 18 000.", "18000", "0"), ("She earns 18 000 dollars.", "18000", "0"),
+                              ("The answer is 1 1/2 cups.", "1.5", "1/2"), ("She needs 2 3/4 cups", "11/4", "3/4")):
+        assert grade_math({"answer": gold}, text).verdict == "passed", text
+        assert grade_math({"answer": other}, text).verdict == "wrong_answer", text
+    # a date's year, or a list of small numbers, is no group of three
+    assert extract_answer("On May 5 2026 she had 7") == "7" and extract_answer("Numbers: 1 2 3") == "3"
+
+
+def test_a_sentence_or_numbered_heading_on_the_last_hash_line_gives_its_last_number():
+    for line in ("#### 3. Total earnings: $18", "#### 9 eggs are left, and she earns $18"):
+        assert extract_answer("16 - 3 - 4 = 9 eggs, 9 * 2 = 18.\n" + line) == "18", line
+    assert extract_answer("#### 72 clips") == "72" and extract_answer("#### 2\\sqrt{2}") == "2\\sqrt{2}"
+
+
+def test_lists_of_option_letters_match_however_they_are_wrapped():
+    """MATH's "Enter the letters of the correct options, separated by commas": math-verify read \\text{A, C} and
+    A, C as different answers."""
+    for gold, pred in ((r"\text{A, C}", "A, C"), ("A, C", r"\text{A, C}"), (r"\text{B, E}", "B,E"), ("A, C", "C, A"),
+                       ("(A), (C)", r"\text{A,C}")):
+        assert answers_match(gold, pred), (gold, pred)
+    for gold, pred in (("A, C", "A, D"), ("A, C", "A"), (r"\text{A, C}", r"\text{A, C, E}")):
+        assert not answers_match(gold, pred), (gold, pred)
+    assert grade_math({"answer": r"\text{A, C}"}, r"The valid options are $\boxed{\text{A, C}}$.").verdict == "passed"
+
+
 def test_a_comma_list_is_not_a_thousands_separator():
     assert not answers_match("1,3", "13")
     assert answers_match("1,3", "3,1")
