@@ -515,8 +515,15 @@ class CodeGrader:
             self._sandbox = None
 
 
-# A released reference solution, where the format has one: HumanEval's body (EvalPlus's too), MBPP's function
+# A released reference solution, where the format has one: HumanEval's body (EvalPlus's too), MBPP's function;
+# APPS's first human solution (the adapter's `solution`) where the row has stdin/call cases
 REFERENCE_FIELDS = ("canonical_solution", "code")
+APPS_REFERENCE = "solution"
+
+
+def _reference(problem: dict) -> tuple[str, str] | None:
+    fields = REFERENCE_FIELDS + ((APPS_REFERENCE,) if problem.get("input_output") else ())
+    return next(((f, problem[f]) for f in fields if isinstance(problem.get(f), str) and problem[f].strip()), None)
 
 
 def reference_failures(grader: CodeGrader, problems: list[dict], limit: int) -> tuple[int, str, list[str]]:
@@ -524,11 +531,10 @@ def reference_failures(grader: CodeGrader, problems: list[dict], limit: int) -> 
     "id: verdict (exception)" for each that fails). A reference that fails in the sandbox fails every answer to
     its problem alike (tests that import a package the sandbox's Python lacks, EvalPlus's numpy; limits too tight
     for the problem)."""
-    with_ref = [p for p in problems if any(isinstance(p.get(f), str) and p[f].strip() for f in REFERENCE_FIELDS)]
-    field = next((f for f in REFERENCE_FIELDS if with_ref and isinstance(with_ref[0].get(f), str)), "")
+    with_ref = [(p, ref) for p in problems if (ref := _reference(p))]
+    field = with_ref[0][1][0] if with_ref else ""
     failed = []
-    for p in with_ref[:limit]:
-        ref = next(p[f] for f in REFERENCE_FIELDS if isinstance(p.get(f), str) and p[f].strip())
+    for p, (_, ref) in with_ref[:limit]:
         # (graded as written: not after a reasoning template's <think>, where an answer's code would come after
         # its closing tag)
         verdict = grader.grade({**p, "sampled_prompt": ""}, ref)

@@ -508,6 +508,30 @@ def test_check_grades_the_released_reference_solutions_in_the_sandbox(tmp_path, 
         grader.close()
 
 
+def test_apps_human_solutions_are_checked_and_only_warned_about(capsys):
+    """APPS's first human solution (the adapter's `solution`) is graded by `check` as the other formats'
+    references are; since some of the judges' own submissions fail its tests, a split whose checked ones all
+    fail is said, not refused."""
+    from restem_ray.code_verifier import CodeGrader, reference_failures
+    from restem_ray.sandbox import SandboxLimits
+    from restem_ray.verification import check_references
+
+    rows = load_split(DATA / "apps.jsonl", kind="code", dataset="apps")
+    grader = CodeGrader(SandboxLimits(timeout_s=5.0))
+    try:
+        assert reference_failures(grader, rows, 5) == (3, "solution", [])
+        broken = [dict(r, solution="print(0)\n") for r in rows]
+        checked, field, failed = reference_failures(grader, broken, 5)
+        assert (checked, field, len(failed)) == (3, "solution", 3)
+        capsys.readouterr()
+        check_references(grader, {"train": broken})  # (no UserError)
+        assert "warning: train split: 3 of the 3 reference solutions checked (solution) fail" in capsys.readouterr().out
+        # an own-format file's `solution` beside HumanEval-style tests is no APPS reference
+        assert reference_failures(grader, [{"id": "x", "solution": "print(0)", "test": "def check(c): pass"}], 5)[0] == 0
+    finally:
+        grader.close()
+
+
 def test_code_datasets_released_files_are_seed_files_too(tmp_path, capsys):
     """The control arm (and mix_seed_data) trains on human solutions: MBPP's `code`, HumanEval's
     `canonical_solution` and the first of APPS's `solutions` (decoded alone: the list runs to megabytes), as a
