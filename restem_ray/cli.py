@@ -452,7 +452,7 @@ def cmd_eval(args) -> int:
     pool = EStepPool(args.model, s, cfg.verification, verifier=verifier, seed=cfg.seed)
     try:
         scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=stop, stop_token_ids=stop_token_ids,
-                                 chunk_size=s.prompts_per_request,
+                                 chunk_size=s.prompts_per_request, slots=pool.call_slots,
                                  k=ev.k_for(n), temperature=ev.temperature, top_p=ev.top_p, seed=cfg.seed,
                                  majority=verifier == "math", desc=f"eval {n}",  # as a run's
                                  max_infra_error_rate=cfg.verification.max_infra_error_rate)

@@ -460,7 +460,7 @@ class Driver:
         s, ev = self.cfg.sampling, self.cfg.evaluation
         return score_split(pool, problems, max_tokens=s.max_tokens, stop=self.split_stop.get(split, tuple(s.stop)),
                            stop_token_ids=tuple(s.stop_token_ids), chunk_size=s.prompts_per_request,
-                           k=k, temperature=ev.temperature, top_p=ev.top_p, seed=self.cfg.seed,
+                           slots=pool.call_slots, k=k, temperature=ev.temperature, top_p=ev.top_p, seed=self.cfg.seed,
                            # (a plug-in's rewards come with no answers to vote on)
                            majority=resolve_verifier(self.cfg.verification.verifier, self.cfg.task.kind) == "math",
                            desc=desc,

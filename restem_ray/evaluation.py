@@ -141,7 +141,7 @@ def summarize_samples(rows: list[dict], k: int, majority: bool = True) -> dict:
     return out
 
 
-def score_split(pool, problems: list[dict], *, max_tokens: int, stop: tuple, chunk_size: int, k: int = 0,
+def score_split(pool, problems: list[dict], *, max_tokens: int, stop: tuple, chunk_size: int, slots: int = 1, k: int = 0,
                 stop_token_ids: tuple[int, ...] = (),
                 temperature: float = 1.0, top_p: float = 0.95, seed: int = 0, majority: bool = True,
                 desc: str = "eval", max_infra_error_rate: float = 1.0) -> dict:
@@ -150,10 +150,13 @@ def score_split(pool, problems: list[dict], *, max_tokens: int, stop: tuple, chu
 
     `pool` is an `EStepPool` (sampler replicas + verifier actors); used by the driver and `restem-ray eval`.
     More than `max_infra_error_rate` of grades from a failing verifier or sandbox is a RunError, not a score.
+    Calls hold at most `chunk_size` problems, fewer where that gives each of the pool's `slots` (replicas x
+    calls_per_replica) a call: a 500-problem split in calls of 256 kept 14 of 16 replicas idle.
     """
     from .sampling import SampleSpec
     from .verdicts import SCORING, check_infra_errors, verdict_counts
 
+    chunk_size = max(1, min(chunk_size, -(-len(problems) // max(1, slots))))
     chunks = [problems[i : i + chunk_size] for i in range(0, len(problems), chunk_size)]
     rows: list[dict] = []
     pool.run(chunks, SampleSpec(n=1, temperature=0.0, max_tokens=max_tokens, stop=stop, stop_token_ids=stop_token_ids),

@@ -256,6 +256,11 @@ class EStepPool:
                            "each node within it too)")
         self.nodes = ray.get(refs)
 
+    @property
+    def call_slots(self) -> int:
+        """Calls the replicas take at once (each replica's calls_per_replica)."""
+        return max(1, len(self.samplers)) * self.sampling.calls_per_replica
+
     def _split_starting(self, refs: list, late: list) -> None:
         """Replicas whose engine is still starting leave `samplers` for `_starting`: close() kills them rather than
         ask them to close, which would wait for their engine to load."""

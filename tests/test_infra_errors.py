@@ -248,3 +248,24 @@ def test_a_calls_rows_are_graded_in_pieces_of_whole_problems_spread_over_the_ver
     # an adaptive round's draws: whole problems, one drawing more than a piece holds is a piece alone
     drawn = [with_draw(p, 0, n) for p, n in zip(problems[:5], (100, 10, 30, 30, 1))]
     assert piece_sizes(drawn, spec, verifiers=64) == [1, 2, 2]
+
+
+def test_an_evaluation_gives_every_replica_call_slot_work():
+    """A split is cut into calls of at most prompts_per_request problems, fewer where that leaves a replica's call
+    slot idle (500 problems in calls of 256 kept 14 of 16 replicas idle)."""
+    from restem_ray.evaluation import score_split
+
+    class Sizes:
+        def __init__(self):
+            self.sizes = []
+
+        def run(self, chunks, spec, *, on_chunk, desc):
+            self.sizes.append([len(c) for c in chunks])
+            for i, c in enumerate(chunks):
+                on_chunk(i, [row(p["id"], 0, "passed") for p in c])
+
+    problems = [{"id": str(i), "prompt": "Q", "answer": "1"} for i in range(10)]
+    for chunk_size, slots, want in ((64, 4, [3, 3, 3, 1]), (2, 4, [2] * 5), (64, 1, [10]), (64, 32, [1] * 10)):
+        pool = Sizes()
+        assert score_split(pool, problems, max_tokens=8, stop=(), chunk_size=chunk_size, slots=slots)["pass@1"] == 1.0
+        assert pool.sizes == [want], (chunk_size, slots)
