@@ -21,14 +21,38 @@ def encode(tokenizer, prompt: str, completion: str, max_len: int | None = None,
     return (ids[-max_len:], labels[-max_len:]) if max_len else (ids, labels)
 
 
-def completion_ids(tokenizer, prompt: str, prompt_ids: list[int], completion: str) -> list[int]:
+def encode_many(tokenizer, rows: list[tuple[str, str, int | None]], block: int = 1024) -> list[tuple[list[int], list[int]]]:
+    """`encode(tokenizer, prompt, completion, end=end)` of each (prompt, completion, end), the same ids, faster: each
+    distinct prompt is tokenized once (a problem's kept solutions share it) and texts go to the tokenizer in
+    batches (a fast tokenizer encodes a batch on all cores). The M-step's 75,000 rows took 3.9 ms each, on
+    every rank."""
+    prompts = list(dict.fromkeys(p for p, _, _ in rows))
+    prompt_ids = dict(zip(prompts, _tokenized(tokenizer, prompts, block)))
+    out = []
+    for at in range(0, len(rows), block):
+        part = rows[at: at + block]
+        for (p, c, end), whole in zip(part, _tokenized(tokenizer, [p + c for p, c, _ in part], block)):
+            head = prompt_ids[p]
+            tail = completion_ids(tokenizer, p, head, c, whole=whole) + [tokenizer.eos_token_id if end is None else end]
+            out.append((head + tail, [IGNORE] * len(head) + tail))
+    return out
+
+
+def _tokenized(tokenizer, texts: list[str], block: int) -> list[list[int]]:
+    """Each text's input_ids, as `tokenizer(text).input_ids` gives them, asked in batches of `block`."""
+    return [ids for at in range(0, len(texts), block) for ids in tokenizer(texts[at: at + block]).input_ids]
+
+
+def completion_ids(tokenizer, prompt: str, prompt_ids: list[int], completion: str,
+                   whole: list[int] | None = None) -> list[int]:
     """The completion's tokens as they follow the prompt: the tail of prompt+completion tokenized as one text,
     where its head is the prompt's own tokens. Tokenized alone, a SentencePiece tokenizer (Llama-2, Mistral)
     starts the completion with its word-boundary "▁", so every trained solution would begin with a space or
     a token the model never wrote. Where the two texts merge across the boundary (a prompt that ends in a
     space) or the tokenizer appends a special token, the prompt keeps the tokens vLLM gave it and the completion
     is tokenized after a newline, whose own tokens are then dropped (so not at the start of a text either)."""
-    whole = tokenizer(prompt + completion).input_ids
+    if whole is None:  # (prompt + completion's own ids, where the caller has them)
+        whole = tokenizer(prompt + completion).input_ids
     n = len(prompt_ids)
     # A special token's text inside the completion (the model wrote "<|im_end|>" piece by piece; vLLM decodes
     # without special tokens, so a sample holds no real one) stays text: parsed as the token, the M-step would

@@ -472,7 +472,7 @@ class MStep:
         import torch
         from transformers import AutoModelForCausalLM, AutoTokenizer
 
-        from .sft import IGNORE, encode, end_ids, packed_row_length, plan_epoch, uses_varlen_kwargs, warmup_cosine
+        from .sft import IGNORE, encode_many, end_ids, packed_row_length, plan_epoch, uses_varlen_kwargs, warmup_cosine
 
         cfg, job = self.cfg, self.job
         deepspeed = import_deepspeed()
@@ -540,7 +540,7 @@ class MStep:
         stops = tuple(job.get("stop_token_ids") or ())
         # (EOS itself is never a recorded stop token in new samples: vLLM reports it as no stop reason)
         ends = set(end_ids(model, self.tok, stops)) - ({self.tok.eos_token_id} - set(stops))
-        data = [encode(self.tok, r["prompt"], r["completion"], end=_ended(r, end, ends)) for r in rows]
+        data = encode_many(self.tok, [(r["prompt"], r["completion"], _ended(r, end, ends)) for r in rows])
         # A row longer than max_seq_len is dropped, not cut: cut from the left it loses the prompt, cut
         # from the right it teaches the model to stop mid-solution.
         self.data = [x for x in data if len(x[0]) <= cfg.max_seq_len]

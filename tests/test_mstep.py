@@ -1131,6 +1131,26 @@ def test_a_trained_completion_has_the_tokens_it_has_after_its_prompt(kind):
 
 
 
+@pytest.mark.parametrize("kind", ["sentencepiece-legacy", "qwen2-bpe", "characters"])
+def test_the_m_steps_batched_tokenizing_gives_each_rows_own_ids(kind):
+    """encode_many (the M-step: each distinct prompt once, texts in batches) gives what encode gives row by row,
+    where prompts repeat, texts merge across the boundary, a completion holds a special token's text, and ends
+    differ; in blocks smaller than the rows too."""
+    from restem_ray.sft import encode_many
+    from restem_ray.tiny_chat import build_chat_tokenizer
+
+    tok = {"sentencepiece-legacy": lambda: _sentencepiece_style_tokenizer(True), "qwen2-bpe": build_chat_tokenizer,
+           "characters": build_tokenizer}[kind]()
+    chat = "<|im_start|>user\nWhat is 2 + 3?<|im_end|>\n<|im_start|>assistant\n"
+    rows = [("Question: what is 2 plus 3?\nAnswer:", " The answer is 5.\n#### 5", None),
+            ("Question: what is 2 plus 3?\nAnswer:", " 5", 7),
+            ("Answer: ", "5", None), ("Question: so the total is ", "42 apples.\n#### 42", 3),
+            (chat, "It is 5<|im_end|> so #### 5", None), (chat, "5", 2)]
+    want = [encode(tok, p, c, end=e) for p, c, e in rows]
+    assert encode_many(tok, rows) == want
+    assert encode_many(tok, rows, block=4) == want
+
+
 def test_a_special_tokens_text_in_a_completion_is_trained_as_text():
     """vLLM decodes samples without special tokens, so "<|im_end|>" in a completion is text the model wrote piece
     by piece (and a seed solution may hold it): tokenized as the end-of-turn token it taught the model to end its
