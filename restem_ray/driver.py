@@ -147,6 +147,7 @@ class Driver:
                 self.run.set(last_iteration=t)  # (the report leaves out later ones an earlier invocation left)
                 samples = self.generate(t, cfg.model.sampler or policy)         # E-step: sample + grade
                 dataset = self.select(t, samples)                                # keep correct, dedup, cap
+                del samples  # (every sample of the iteration, gigabytes at scale: not held through the M-step)
                 self.samplers.close()                                            # accelerators change hands
                 policy = self.improve(t, base if cfg.training.restart_from_base else policy, dataset)  # M-step
                 self.evaluate(t, policy)                                         # greedy pass@1 (+ pass@k)

@@ -55,7 +55,9 @@ def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = Tr
         ["id", "sample_index", "prompt", "completion", "reward"])
     if "stop_token" in graded.column_names:  # (samples written before it existed: the M-step's default end)
         table = table.append_column("stop_token", graded["stop_token"])
-    rows = [r for r, ok in zip(table.to_pylist(), keepable(graded, keep_truncated)) if r["reward"] >= 1.0 and ok]
+    # (filtered in Arrow first: an E-step's rows as Python objects were gigabytes of repeated prompts at scale)
+    kept = [ok and r >= 1.0 for ok, r in zip(keepable(graded, keep_truncated), graded["reward"].to_pylist())]
+    rows = table.filter(pa.array(kept, pa.bool_())).to_pylist()
     rows.sort(key=lambda r: (r["id"], r["sample_index"]))  # order independent of shard completion order
     by_problem: dict[str, list[dict]] = {}
     for r in rows:
