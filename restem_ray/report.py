@@ -23,7 +23,7 @@ def iteration_rows(run: RunDir) -> list[dict]:
     """One dict per iteration: eval scores per split, E-step/selection counts, seconds per phase."""
     rows: dict = defaultdict(dict)
     last = last_iteration(run)
-    for m in run.metrics():
+    for m in run.committed_metrics():
         if not _in_run(m["iteration"], last):
             continue
         r = rows[m["iteration"]]
@@ -87,7 +87,7 @@ def print_table(run: RunDir) -> None:
 
 def write_plot(run: RunDir) -> bool:
     """RUN/report.png, greedy pass@1 per eval split and iteration; False (nothing written) before any eval."""
-    if not any(m["phase"] == "eval" for m in run.metrics()):
+    if not any(m["phase"] == "eval" for m in run.committed_metrics()):
         return False
     import matplotlib
 
@@ -97,7 +97,7 @@ def write_plot(run: RunDir) -> bool:
     rows = iteration_rows(run)
     loop = [r for r in rows if isinstance(r["iteration"], int)]
     control = next((r for r in rows if r["iteration"] == "control"), None)
-    splits = sorted({m.get("split", "?") for m in run.metrics() if m["phase"] == "eval"}, key=_split_order)
+    splits = sorted({m.get("split", "?") for m in run.committed_metrics() if m["phase"] == "eval"}, key=_split_order)
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
     for s in splits:
         pts = [(r["iteration"], r[f"{s} pass@1"]) for r in loop if isinstance(r.get(f"{s} pass@1"), (int, float))]

@@ -360,6 +360,14 @@ class RunDir:
             lines.append(line)
         return lines
 
+    def committed_metrics(self) -> list[dict]:
+        """`metrics()` without lines of a phase the manifest does not list (a driver killed between its two
+        writes, not resumed since: a resume drops them too), and with the M-steps' live step lines. (Lines without
+        a commit time, written by hand or by early versions, are kept.)"""
+        completed = self.manifest()["completed"]
+        return [m for m in self.metrics() if m["phase"] == STEP_PHASE or "time" not in m
+                or completed.get(f"{m['iteration']}/{m['phase']}") == m["time"]]
+
     # --- paths -------------------------------------------------------------------------------
     def iter_dir(self, t: int) -> Path:
         d = self.root / f"iter_{t:03d}"

@@ -1,4 +1,6 @@
 """The report: per-iteration rows (control arm last), report.png, and the per-problem history."""
+import json
+
 import pyarrow as pa
 import pyarrow.parquet as pq
 
@@ -128,3 +130,17 @@ def test_the_adaptive_e_steps_solved_share_is_a_table_column(tmp_path, capsys):
     print_table(run)
     out = capsys.readouterr().out
     assert "train solved" in out and "0.625" in out
+
+
+def test_the_report_leaves_out_lines_of_a_phase_the_manifest_does_not_list(tmp_path, capsys):
+    """A driver killed between a phase's metrics lines and its manifest commit, not resumed since: the phase is
+    done again on resume, so `report` does not show the lines of the try that did not count."""
+    run = RunDir(tmp_path / "run")
+    run.create("seed: 0\n", resume=False)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25}])
+    with open(run.metrics_path, "a") as f:  # iteration 1's eval lines, its commit never written
+        f.write(json.dumps({"phase": "eval", "iteration": 1, "time": 5.0, "split": "valid", "pass@1": 0.75}) + "\n")
+    assert [m["iteration"] for m in run.committed_metrics()] == [0]
+    print_table(run)
+    out = capsys.readouterr().out
+    assert "0.250" in out and "0.750" not in out
