@@ -19,7 +19,7 @@ import pyarrow.parquet as pq
 
 from .adaptive import RoundPlanner
 from .config import RestemConfig, dump_config
-from .data import whole_parquet, write_parquet
+from .data import durable_replace, whole_parquet, write_parquet
 from .errors import RunError, StopAfter, UserError
 from .faults import crash_point
 from .observability import MetricsSink, check_sinks
@@ -32,7 +32,7 @@ from .sampling import SampleSpec, with_draw
 from .selection import keepable, problem_stats, select, truncated
 from .storage import RunDir, atomic_write_text, problem_set
 from .training import improve as train_m_step
-from .verdicts import MIN_GRADES, check_infra_errors, is_infra, verdict_counts
+from .verdicts import MIN_GRADES, check_infra_errors, check_one_actors_grades, is_infra, verdict_counts
 from .verification import check_verifier, load_plugin, resolve_verifier
 
 # What the M-step's metrics.jsonl line carries from the training result.
@@ -238,28 +238,49 @@ class Driver:
             return
 
         # this E-step's grades so far, in this process: a small shard is judged with them; until they are enough
-        # to judge, shards with failed grades are saved on probation (removed if the stop comes: regraded)
+        # to judge, shards with failed grades wait on probation under a name no reader takes (NAME.parquet.probation,
+        # not uploaded), and become shards once the grades are enough, or when the E-step ends; if the stop comes
+        # they are removed, and a driver killed meanwhile leaves only them: sampled and graded again on resume
         graded = self.__dict__.setdefault("_graded", {}).setdefault(t, Counter())
+        for stale in out.glob("*.parquet.probation"):
+            stale.unlink()
         probation: list[Path] = []
+
+        def promote() -> None:
+            for p in probation:
+                shard = p.with_name(p.name[: -len(".probation")])
+                durable_replace(p, shard)
+                self.run.saved(shard)  # a URI run directory: uploaded now, not at the commit
+            probation.clear()
 
         def save(j: int, rows: list[dict]) -> None:
             # a shard graded mostly by a broken sandbox/plug-in stops the run before it is saved
             verdicts = [r["verdict"] for r in rows]
-            try:
-                check_infra_errors(verdicts, self.cfg.verification.max_infra_error_rate,
-                                   f"iteration {t}, E-step shard {names[todo[j]]}", before=graded)
-            except RunError:
-                for p in probation:
-                    p.unlink(missing_ok=True)
-                raise
+            check_infra_errors(verdicts, self.cfg.verification.max_infra_error_rate,
+                               f"iteration {t}, E-step shard {names[todo[j]]}", before=graded)
+            shard = out / f"{names[todo[j]]}.parquet"
             if graded["all"] < MIN_GRADES and any(map(is_infra, verdicts)):
-                probation.append(out / f"{names[todo[j]]}.parquet")
-            write_parquet(out / f"{names[todo[j]]}.parquet", pa.Table.from_pylist(rows))
-            self.run.saved(out / f"{names[todo[j]]}.parquet")  # a URI run directory: uploaded now, not at the commit
+                probation.append(shard.with_name(shard.name + ".probation"))
+                write_parquet(probation[-1], pa.Table.from_pylist(rows))
+            else:
+                write_parquet(shard, pa.Table.from_pylist(rows))
+                self.run.saved(shard)  # a URI run directory: uploaded now, not at the commit
+            if graded["all"] >= MIN_GRADES:
+                promote()
             crash_point(f"{t}/generate/shard")
             crash_point(f"{t}/generate/{names[todo[j]]}")  # e.g. 1/generate/part-r002-00000: mid-round kills
+        def judge(j: int, rows: list[dict]) -> None:  # one verifier actor's piece of a shard
+            check_one_actors_grades([r["verdict"] for r in rows], self.cfg.verification.max_infra_error_rate,
+                                    f"iteration {t}, E-step shard {names[todo[j]]}")
+
         pool = self.samplers.get(model)
-        pool.run([chunks[i] for i in todo], spec, on_chunk=save, desc=desc or f"E-step {t}")
+        try:
+            pool.run([chunks[i] for i in todo], spec, on_chunk=save, on_piece=judge, desc=desc or f"E-step {t}")
+        except RunError:
+            for p in probation:
+                p.unlink(missing_ok=True)
+            raise
+        promote()  # (an E-step of fewer grades than it takes to judge: its shards stand as they are)
         nodes.update(pool.nodes)
 
     def _sample_rounds(self, t: int, model: str, spec: SampleSpec, nodes: set) -> dict:

@@ -154,13 +154,18 @@ def score_split(pool, problems: list[dict], *, max_tokens: int, stop: tuple, chu
     calls_per_replica) a call: a 500-problem split in calls of 256 kept 14 of 16 replicas idle.
     """
     from .sampling import SampleSpec
-    from .verdicts import SCORING, check_infra_errors, verdict_counts
+    from .verdicts import SCORING, check_infra_errors, check_one_actors_grades, verdict_counts
 
     chunk_size = max(1, min(chunk_size, -(-len(problems) // max(1, slots))))
     chunks = [problems[i : i + chunk_size] for i in range(0, len(problems), chunk_size)]
     rows: list[dict] = []
+
+    def judge(what: str):  # one verifier actor's grades of a piece of a call
+        return lambda i, piece: check_one_actors_grades([r["verdict"] for r in piece], max_infra_error_rate, what,
+                                                        SCORING)
+
     pool.run(chunks, SampleSpec(n=1, temperature=0.0, max_tokens=max_tokens, stop=stop, stop_token_ids=stop_token_ids),
-             on_chunk=lambda i, r: rows.extend(r), desc=desc)
+             on_chunk=lambda i, r: rows.extend(r), on_piece=judge(desc), desc=desc)
     check_infra_errors([r["verdict"] for r in rows], max_infra_error_rate, desc, SCORING)
     # what the greedy grades were: timeouts and (up to max_infra_error_rate) grading failures count 0 in pass@1
     scores = summarize_greedy(rows) | {"verdicts": verdict_counts(r["verdict"] for r in rows)}
@@ -168,7 +173,8 @@ def score_split(pool, problems: list[dict], *, max_tokens: int, stop: tuple, chu
         many: list[dict] = []
         spec = SampleSpec(n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
                           stop_token_ids=stop_token_ids)
-        pool.run(chunks, spec, on_chunk=lambda i, r: many.extend(r), desc=f"{desc} pass@{k}")
+        pool.run(chunks, spec, on_chunk=lambda i, r: many.extend(r), on_piece=judge(f"{desc} pass@{k}"),
+                 desc=f"{desc} pass@{k}")
         check_infra_errors([r["verdict"] for r in many], max_infra_error_rate, f"{desc} pass@{k}", SCORING)
         scores |= summarize_samples(many, k, majority)
     return scores

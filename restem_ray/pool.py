@@ -347,8 +347,9 @@ class EStepPool:
         free += [replica] * self.sampling.calls_per_replica
 
     def run(self, chunks: list[list[dict]], spec: SampleSpec, *, on_chunk: Callable[[int, list[dict]], None],
-            desc: str = "sample") -> None:
-        """Generate and grade every chunk; `on_chunk(index, graded_rows)` is called as each finishes."""
+            on_piece: Callable[[int, list[dict]], None] | None = None, desc: str = "sample") -> None:
+        """Generate and grade every chunk; `on_chunk(index, graded_rows)` is called as each finishes, and
+        `on_piece(index, rows)` for each piece of it one verifier actor graded (to judge that actor's grades)."""
         todo = list(enumerate(chunks))
         # calls in flight per replica, run at once into its engine (sampling.Sampler): the next call's requests join
         # the batch while the last call's longest samples decode
@@ -449,6 +450,12 @@ class EStepPool:
                 bar.set_postfix(accept=f"{passed / max(1, bar.n):.3f}",
                                 tok_s=f"{tokens / max(1e-9, bar.format_dict['elapsed']):.0f}")
                 parts[idx][k] = rows
+                try:
+                    if on_piece is not None:
+                        on_piece(idx, rows)
+                except BaseException:
+                    bar.close()
+                    raise
                 if any(p is None for p in parts[idx]):
                     continue
                 rows = [r for p in parts.pop(idx) for r in p]

@@ -52,3 +52,16 @@ def check_infra_errors(verdicts: list[str], max_rate: float, where: str, then: s
         raise RunError(f"{where}: {n} of {total} grades{' of this E-step' if total > len(verdicts) else ''} are "
                        f"verifier/sandbox failures ({kinds}), more than "
                        f"verification.max_infra_error_rate={max_rate:g}; {then}")
+
+
+def check_one_actors_grades(verdicts: list[str], max_rate: float, where: str, then: str = TRAINING) -> None:
+    """A piece of a sampler call graded by one verifier actor (restem_ray/pool.py): raise RunError when more than
+    `max_rate` of its grades are `sandbox_error`, a sandbox that died and could not start again. The pieces of one
+    call go to several actors, so one actor's broken sandbox (a node whose kernel refuses bubblewrap's namespaces)
+    is a minority of a shard's grades and would pass the shard's check, its zeros kept. Only sandbox_error: a
+    plug-in's errors belong to the rows it fails on (an odd answer format of one problem), judged per shard."""
+    n = sum(v == "sandbox_error" for v in verdicts)
+    if len(verdicts) >= MIN_GRADES and n / len(verdicts) > max_rate:
+        raise RunError(f"{where}: {n} of {len(verdicts)} grades by one verifier actor are sandbox_error (its sandbox "
+                       f"died and could not start again), more than verification.max_infra_error_rate={max_rate:g}; "
+                       f"{then}")

@@ -113,7 +113,7 @@ class TablePool:
     def __init__(self, table, fail_after=None):
         self.table, self.fail_after, self.calls = table, fail_after, []
 
-    def run(self, chunks, spec, *, on_chunk, desc):
+    def run(self, chunks, spec, *, on_chunk, desc, on_piece=None):
         from restem_ray.sampling import draw_of
 
         if self.fail_after is not None and len(self.calls) >= self.fail_after:

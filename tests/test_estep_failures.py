@@ -45,7 +45,7 @@ def make_pool(model, max_restarts):
     return EStepPool(model, sampling, VerificationConfig(num_workers=2), verifier="math")
 
 
-def run_with_kills(pool, chunks):
+def run_with_kills(pool, chunks, on_piece=None):
     got: dict[int, list] = {}
 
     def on_chunk(i, rows):
@@ -55,7 +55,7 @@ def run_with_kills(pool, chunks):
             ray.kill(pool.samplers[0], no_restart=False)
             ray.kill(pool.verifiers.actors[0], no_restart=False)
 
-    pool.run(chunks, SPEC, on_chunk=on_chunk)
+    pool.run(chunks, SPEC, on_chunk=on_chunk, on_piece=on_piece)
     return got
 
 
@@ -83,7 +83,10 @@ def test_a_calls_samples_are_graded_in_pieces_on_several_verifiers_each_delivere
     pool = make_pool(model, max_restarts=2)
     pool.grade_piece = 4  # (4 problems x 4 samples a call: 2 pieces of 2 problems, over the 2 verifiers)
     try:
-        got = run_with_kills(pool, chunked(PROBLEMS, 4))
+        seen = []
+        got = run_with_kills(pool, chunked(PROBLEMS, 4), on_piece=lambda i, rows: seen.append((i, len(rows))))
+        # each piece reached on_piece once graded (a chunk sent again after the kill, its pieces again)
+        assert all(n == 8 for _, n in seen) and {i for i, _ in seen} == set(range(12)), seen
         for i, rows in got.items():
             want = [(p["id"], j) for p in PROBLEMS[4 * i: 4 * i + 4] for j in range(SPEC.n)]
             assert sorted((r["id"], r["sample_index"]) for r in rows) == want

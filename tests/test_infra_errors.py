@@ -67,7 +67,7 @@ class FakePool:
     def __init__(self, shards):
         self.shards = shards
 
-    def run(self, chunks, spec, *, on_chunk, desc):
+    def run(self, chunks, spec, *, on_chunk, desc, on_piece=None):
         assert len(chunks) == len(self.shards)
         for i, rows in enumerate(self.shards):
             on_chunk(i, rows)
@@ -146,6 +146,41 @@ def test_a_shard_of_infra_errors_stops_the_e_step_before_it_is_saved(tmp_path):
     assert not list(d.run.samples_dir(1).iterdir())
 
 
+
+def test_a_shard_on_probation_is_no_shard_until_judged_so_a_killed_driver_regrades_it(tmp_path):
+    """A small shard with failed grades waits under a name no reader (nor the mirror) takes: a driver killed then
+    leaves no shard that a resume would adopt unjudged. Once the E-step's grades are enough, it is a shard."""
+    eight = {"prompts_per_request": 1, "samples_per_problem": 8}
+    first = [row("a", i, "sandbox_error" if i < 2 else "passed") for i in range(8)]
+    second = [row("b", i, "passed") for i in range(8)]
+
+    class KilledAfterFirst(FakePool):
+        def run(self, chunks, spec, *, on_chunk, desc, on_piece=None):
+            on_chunk(0, first)
+            raise KeyboardInterrupt  # (the driver's process ends here)
+
+    d = driver(tmp_path, [first, second], sampling=eight)
+    d.samplers = FakeSamplers(KilledAfterFirst([first, second]))
+    with pytest.raises(KeyboardInterrupt):
+        d.generate(1, "m")
+    assert sorted(p.name for p in d.run.samples_dir(1).iterdir()) == ["part-00000.parquet.probation"]
+    resumed = driver(tmp_path / "x", [first, second], sampling=eight)
+    resumed.run = d.run  # the same run directory, a new driver process
+    seen = []
+
+    class Both(FakePool):
+        def run(self, chunks, spec, *, on_chunk, desc, on_piece=None):
+            seen.append(len(chunks))
+            for i, rows in enumerate((first, second)):
+                on_chunk(i, rows)
+                names = sorted(p.name for p in resumed.run.samples_dir(1).iterdir())
+                assert names == (["part-00000.parquet.probation"] if i == 0 else
+                                 ["part-00000.parquet", "part-00001.parquet"]), names
+
+    resumed.samplers = FakeSamplers(Both([first, second]))
+    assert resumed.generate(1, "m").num_rows == 16 and seen == [2]  # both chunks sampled: none was adopted
+
+
 def test_an_evaluation_graded_by_a_broken_verifier_is_not_a_score():
     """score_split (the driver's evaluations and `restem-ray eval`): greedy rows or pass@k samples mostly graded
     by a failing sandbox are a RunError naming the split, not a pass@1 of their zeros."""
@@ -162,7 +197,7 @@ def test_an_evaluation_graded_by_a_broken_verifier_is_not_a_score():
     sampled = [row("a", i, "verifier_error:ConnectionError") for i in range(4)] + [row("b", i, "passed") for i in range(2)]
 
     class TwoRuns(FakePool):
-        def run(self, chunks, spec, *, on_chunk, desc):
+        def run(self, chunks, spec, *, on_chunk, desc, on_piece=None):
             on_chunk(0, greedy if spec.n == 1 else sampled)
 
     with pytest.raises(RunError, match=r"^eval pass@2: 4 of 6 grades"):
@@ -259,7 +294,7 @@ def test_an_evaluation_gives_every_replica_call_slot_work():
         def __init__(self):
             self.sizes = []
 
-        def run(self, chunks, spec, *, on_chunk, desc):
+        def run(self, chunks, spec, *, on_chunk, desc, on_piece=None):
             self.sizes.append([len(c) for c in chunks])
             for i, c in enumerate(chunks):
                 on_chunk(i, [row(p["id"], 0, "passed") for p in c])
@@ -269,3 +304,32 @@ def test_an_evaluation_gives_every_replica_call_slot_work():
         pool = Sizes()
         assert score_split(pool, problems, max_tokens=8, stop=(), chunk_size=chunk_size, slots=slots)["pass@1"] == 1.0
         assert pool.sizes == [want], (chunk_size, slots)
+
+
+
+def test_one_verifier_actors_broken_sandbox_stops_the_e_step_though_its_shard_is_mostly_fine(tmp_path):
+    """A call's rows are graded in pieces on several actors: one actor whose sandbox cannot start (sandbox_error
+    on all its rows) is a minority of the shard, which its check passes; its piece is judged on its own. A
+    plug-in's errors on some rows are the rows' (judged with the shard)."""
+    sampling = {"prompts_per_request": 4, "samples_per_problem": 16}
+    good = [row(p, i, "passed") for p in "abc" for i in range(16)]
+    broken = [row("d", i, "sandbox_error") for i in range(16)]
+
+    class Pieces(FakePool):
+        def run(self, chunks, spec, *, on_chunk, desc, on_piece=None):
+            for piece in self.shards:  # one chunk, graded in pieces by four actors
+                on_piece(0, piece)
+            on_chunk(0, [r for piece in self.shards for r in piece])
+
+    d = driver(tmp_path, [[]], sampling=sampling)
+    d.train = [{"id": pid, "prompt": "Q", "answer": "1"} for pid in "abcd"]
+    d.samplers = FakeSamplers(Pieces([good[:16], good[16:32], good[32:], broken]))
+    with pytest.raises(RunError, match=r"iteration 1, E-step shard part-00000: 16 of 16 grades by one verifier "
+                                       r"actor are sandbox_error"):
+        d.generate(1, "m")
+    assert not list(d.run.samples_dir(1).iterdir())
+    plugin = [row("d", i, "verifier_error:ValueError") for i in range(16)]
+    d = driver(tmp_path / "plugin", [[]], sampling=sampling)
+    d.train = [{"id": pid, "prompt": "Q", "answer": "1"} for pid in "abcd"]
+    d.samplers = FakeSamplers(Pieces([good[:16], good[16:32], good[32:], plugin]))
+    assert d.generate(1, "m").num_rows == 64
