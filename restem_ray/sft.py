@@ -125,8 +125,8 @@ def collate(batch: list[tuple[list[int], list[int]]], pad_id: int, multiple: int
     labels = torch.full((len(batch), width), IGNORE, dtype=torch.long)
     mask = torch.zeros((len(batch), width), dtype=torch.long)
     for i, (x, y) in enumerate(batch):
-        ids[i, : len(x)] = torch.tensor(x)
-        labels[i, : len(y)] = torch.tensor(y)
+        ids[i, : len(x)] = torch.as_tensor(x)  # (lists, or the M-step's int32 arrays)
+        labels[i, : len(y)] = torch.as_tensor(y)
         mask[i, : len(x)] = 1
     return {"input_ids": ids, "labels": labels, "attention_mask": mask}
 
@@ -256,8 +256,8 @@ def collate_micro(samples: list[tuple[list[int], list[int]]], pad_id: int, packe
         at = 0
         for i in row:
             x, y = samples[i]
-            ids[r, at : at + len(x)] = torch.tensor(x)
-            labels[r, at : at + len(y)] = torch.tensor(y)
+            ids[r, at : at + len(x)] = torch.as_tensor(x)
+            labels[r, at : at + len(y)] = torch.as_tensor(y)
             pos[r, at : at + len(x)] = torch.arange(len(x))
             at += len(x)
             bounds.append(r * width + at)

@@ -11,6 +11,7 @@ import threading
 import time
 from pathlib import Path
 
+import numpy as np
 import psutil
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -676,7 +677,10 @@ def test_every_completion_token_of_an_epoch_weighs_alike(tmp_path, single_proces
         out.mkdir()
         job = _tiny_job(out, rows, micro_batch_size=micro_batch_size, grad_accum=grad_accum, max_steps=steps,
                         lr=1e-12)  # (every forward sees the base's weights, to far below the tolerance)
-        MStep(job, 0, 1, LocalReporter(str(out / "ckpts"))).run()
+        step = MStep(job, 0, 1, LocalReporter(str(out / "ckpts")))
+        step.run()
+        # (rows held as int32 arrays, 4 bytes a token, not Python lists of ~40: gigabytes per rank at scale)
+        assert all(x.dtype == y.dtype == np.int32 for x, y in step.data) and len(step.data) == 8
         n = len(seen)
         assert n == 8 // micro_batch_size  # one epoch: 4 micro-batches in one step, or 2 in 2 steps
         base = AutoModelForCausalLM.from_pretrained(out / "base", dtype=torch.float32)
