@@ -265,7 +265,11 @@ class Driver:
             else:
                 write_parquet(shard, pa.Table.from_pylist(rows))
                 self.run.saved(shard)  # a URI run directory: uploaded now, not at the commit
-            if graded["all"] >= MIN_GRADES:
+            if graded["all"] >= MIN_GRADES and probation:  # judged with every grade so far (this shard, if of 16
+                # or more, was judged alone), then shards
+                waiting = probation[0].name[: -len(".parquet.probation")]
+                check_infra_errors([], self.cfg.verification.max_infra_error_rate,
+                                   f"iteration {t}, E-step shard {waiting}", before=graded)
                 promote()
             crash_point(f"{t}/generate/shard")
             crash_point(f"{t}/generate/{names[todo[j]]}")  # e.g. 1/generate/part-r002-00000: mid-round kills

@@ -418,6 +418,9 @@ class RunMirror:
         local_store = fs.type_name not in BUCKET_STORES
         if local_store:  # real folders, and no atomic object writes: a temporary name, then a rename
             fs.create_dir(dst.rsplit("/", 1)[0], recursive=True)
+        # (a replaced object over 1 GiB, a retrained checkpoint's shard, goes directly: S3's server-side copy, which
+        # the move is, takes 5 GiB at most; the ones rewritten at every commit are small)
+        replacing = replacing and os.fstat(src.fileno()).st_size <= 1 << 30
         tmp = dst + ".tmp" if local_store or replacing else dst
         copied = False
         try:

@@ -434,6 +434,12 @@ class EStepPool:
                         bar.update(-len(rows))
                         passed -= sum(r["reward"] for r in rows)
                         tokens -= sum(r["completion_tokens"] for r in rows)
+                    for g in [g for g, (i, *_, tok) in grading.items() if i == idx and tok is token]:
+                        del grading[g]  # this attempt's other pieces: not graded for nothing, not waited for
+                        try:
+                            ray.cancel(g)
+                        except Exception:  # (already finished or failed)
+                            pass
                     del attempt[idx]
                     todo.append((idx, chunk))
                     continue

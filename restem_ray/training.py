@@ -1026,7 +1026,8 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
                           log_every_steps=log_every_steps if on_steps else 0))
     storage_path = cfg.storage_path or str(Path(storage).resolve())
     fingerprint = _job_fingerprint(job, train_file, run_root=Path(out_dir).parent.parent)  # (RUN/iter_t/checkpoint)
-    finished = _finished_m_step(Path(out_dir), fingerprint)
+    spelt = _job_fingerprint(job, train_file)  # as versions before 2026-12-06 keyed a job: its paths as given
+    finished = _finished_m_step(Path(out_dir), fingerprint) or _finished_m_step(Path(out_dir), spelt)
     if finished is not None:  # a driver killed after this M-step ended but before its commit
         print(f"[restem] M-step {name}: {out_dir} already holds its finished checkpoint (trained by a driver "
               "that ended before committing it): not trained again", flush=True)
@@ -1036,7 +1037,7 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
         if not cfg.keep_checkpoints:  # (killed before it was removed)
             _remove_storage(storage_path, name)
         return metrics
-    _same_job_or_afresh(storage_path, name, fingerprint)
+    _same_job_or_afresh(storage_path, name, fingerprint, also=spelt)
     receiver = StepReceiver(on_steps) if on_steps and log_every_steps else None
     job["step_relay"] = receiver and receiver.actor
     scored = bool(cfg.eval_every_steps and (valid_file or valid_problems))
@@ -1163,11 +1164,12 @@ def _storage(storage_path: str):
     return fs, root.rstrip("/")
 
 
-def _same_job_or_afresh(storage_path: str, name: str, fingerprint: str) -> None:
+def _same_job_or_afresh(storage_path: str, name: str, fingerprint: str, also: str | None = None) -> None:
     """Ray Train continues whatever checkpoint it finds under the run's name. One left by an M-step of other
     settings or rows (a --force resume that changed the learning rate, the epochs or the selected data) would be
     continued under the new ones, half one job and half the other: its storage goes, and the M-step starts
-    afresh. The job's fingerprint is kept beside the storage (`NAME.job`); storage from before it is continued."""
+    afresh. The job's fingerprint is kept beside the storage (`NAME.job`); storage from before it is continued,
+    and so is storage keyed `also` (the same job as an earlier version keyed it), then keyed anew."""
     fs, root = _storage(storage_path)
     marker = f"{root}/{name}.job"
     try:
@@ -1177,7 +1179,7 @@ def _same_job_or_afresh(storage_path: str, name: str, fingerprint: str) -> None:
         old = None
     if old == fingerprint:
         return
-    if old is not None:
+    if old is not None and old != also:
         print(f"[restem] M-step {name}: the checkpoints in its storage were trained with other settings or data "
               "(a --force resume): trained afresh", flush=True)
         try:  # (not _remove_storage, which lets a failed delete pass: they would be continued under this job's key)

@@ -190,10 +190,11 @@ def _hash_answer(line: str, last: bool) -> str | None:
         m = _NUMBER_THEN_WORDS.fullmatch(line)
         if m:
             return m.group(1)
-        if last and "\\" not in line and _PROSE.search(_MATH_SPANS.sub("", line)):
+        nums = _NUM.findall(line)
+        if nums and last and "\\" not in line and _PROSE.search(_MATH_SPANS.sub("", line)):
             # a sentence or a numbered heading on the last line ("3. Total earnings: $18", "9 eggs are left, and
             # she earns $18"): its last number, as a sentence's below
-            return _NUM.findall(line)[-1]
+            return nums[-1]
         return line
     if not said and (_TITLE.fullmatch(line) or (not last and not _SENTENCE.fullmatch(_MATH_SPANS.sub("", line)))):
         return None
@@ -369,7 +370,7 @@ def _letter_choices(answer: str) -> list[str] | None:
     """The letters of a list of options, in order of the alphabet; None for anything else (one letter included:
     math-verify reads that)."""
     text = _TEXT_WRAP.sub(r"\1", answer).replace("$", "").strip()
-    return sorted(re.findall(r"[A-Z]", text)) if _LETTER_LIST.fullmatch(text) else None
+    return sorted(set(re.findall(r"[A-Z]", text))) if _LETTER_LIST.fullmatch(text) else None
 
 
 def _number_in_text(answer: str) -> str:

@@ -179,6 +179,13 @@ def test_a_shard_on_probation_is_no_shard_until_judged_so_a_killed_driver_regrad
 
     resumed.samplers = FakeSamplers(Both([first, second]))
     assert resumed.generate(1, "m").num_rows == 16 and seen == [2]  # both chunks sampled: none was adopted
+    # a shard of 16 or more grades is judged alone: the ones on probation are judged with all the grades so far
+    d = driver(tmp_path / "judged", [[row("a", i, "sandbox_error") for i in range(8)],
+                                     [row("b", i, "passed") for i in range(16)]],
+               sampling={"prompts_per_request": 1, "samples_per_problem": 16}, verification={"max_infra_error_rate": 0.2})
+    with pytest.raises(RunError, match=r"E-step shard part-00000: 8 of 24 grades of this E-step are verifier/sandbox"):
+        d.generate(1, "m")
+    assert sorted(p.name for p in d.run.samples_dir(1).iterdir()) == ["part-00001.parquet"]
 
 
 def test_an_evaluation_graded_by_a_broken_verifier_is_not_a_score():

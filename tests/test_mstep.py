@@ -280,6 +280,12 @@ def test_checkpoints_of_another_job_are_not_continued(tmp_path, capsys):
     _same_job_or_afresh(str(tmp_path), "mstep-r-iter_001", "b")
     assert not ckpt.parent.parent.exists() and (tmp_path / "mstep-r-iter_001.job").read_text() == "b"
     assert "mstep-r-iter_001: the checkpoints in its storage were trained with other settings" in capsys.readouterr().out
+    # the same job as an earlier version keyed it (its paths as spelt): continued, and keyed anew
+    ckpt.parent.mkdir(parents=True)
+    ckpt.write_text("{}")
+    _same_job_or_afresh(str(tmp_path), "mstep-r-iter_001", "c", also="b")
+    assert ckpt.exists() and (tmp_path / "mstep-r-iter_001.job").read_text() == "c"
+    assert "trained afresh" not in capsys.readouterr().out
     _remove_storage(f"file://{tmp_path}", "mstep-r-iter_001")  # a URI, as training.storage_path may be
     assert not (tmp_path / "mstep-r-iter_001.job").exists()
 

@@ -251,6 +251,10 @@ def test_a_sentence_or_numbered_heading_on_the_last_hash_line_gives_its_last_num
     for line in ("#### 3. Total earnings: $18", "#### 9 eggs are left, and she earns $18"):
         assert extract_answer("16 - 3 - 4 = 9 eggs, 9 * 2 = 18.\n" + line) == "18", line
     assert extract_answer("#### 72 clips") == "72" and extract_answer("#### 2\\sqrt{2}") == "2\\sqrt{2}"
+    # words and no number: the line, as before (a wrong answer, not a grading failure)
+    for line in ("#### (no real solutions)", "#### - see the table above", "#### Final Answer: (see above)"):
+        assert extract_answer("Solving gives no real x.\n" + line) == line[5:].replace("Final Answer: ", ""), line
+        assert grade_math({"answer": "18"}, "Solving gives no real x.\n" + line).verdict == "wrong_answer", line
 
 
 def test_lists_of_option_letters_match_however_they_are_wrapped():
@@ -259,6 +263,7 @@ def test_lists_of_option_letters_match_however_they_are_wrapped():
     for gold, pred in ((r"\text{A, C}", "A, C"), ("A, C", r"\text{A, C}"), (r"\text{B, E}", "B,E"), ("A, C", "C, A"),
                        ("(A), (C)", r"\text{A,C}")):
         assert answers_match(gold, pred), (gold, pred)
+    assert answers_match("A, C", "A, C, C")  # (a set: a letter said twice is one option)
     for gold, pred in (("A, C", "A, D"), ("A, C", "A"), (r"\text{A, C}", r"\text{A, C, E}")):
         assert not answers_match(gold, pred), (gold, pred)
     assert grade_math({"answer": r"\text{A, C}"}, r"The valid options are $\boxed{\text{A, C}}$.").verdict == "passed"
