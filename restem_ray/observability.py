@@ -15,12 +15,14 @@ import json
 import os
 import re
 import shutil
+import time
 from pathlib import Path
 
 from .errors import UserError, first_line, shown_uri
 from .storage import STEP_PHASE, atomic_write_text
 
 TRACKING_FILE = "tracking.json"
+MLFLOW_PAUSE_S = 600.0  # after a failed request, MLflow is not asked again for this long
 MISSING = {"mlflow": "observability.mlflow_tracking_uri is set but mlflow is not installed (pip install "
                      "'restem-ray[dashboards]', or mlflow-skinny)",
            "wandb": "observability.wandb_project is set but wandb is not installed (pip install "
@@ -85,8 +87,9 @@ def scalars(iteration, phase: str, line: dict) -> dict[str, float]:
             flat |= {f"{k}/{kind}": n for kind, n in v.items()}
         else:
             flat[k] = v
-    # TensorBoard and MLflow accept neither '@' nor spaces (nor ':', MLflow) in names: pass@1 -> pass_at_1
-    return {f"{head}/{k}".replace("@", "_at_").replace(" ", "_").replace(":", "_"): float(v) for k, v in flat.items()
+    # TensorBoard and MLflow accept neither '@' nor spaces (nor ':', MLflow) in names: pass@1 -> pass_at_1; MLflow
+    # takes letters, digits, '_', '-', '.', '/' (an extra eval split named "gsm8k(hard)" lost a whole commit's)
+    return {re.sub(r"[^\w./-]", "_", f"{head}/{k}".replace("@", "_at_")): float(v) for k, v in flat.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
 
 
@@ -130,25 +133,33 @@ class MetricsSink:
                 mlflow.set_experiment(mlflow_experiment)
                 # a run id means nothing on another tracking server: continue only on the one that made it
                 run = None
-                if prior.get("run_id") and prior.get("tracking_uri") in (mlflow_uri, shown_uri(mlflow_uri)):
+                # (nor in another experiment: MLflow refuses to continue a run outside the active one)
+                if prior.get("run_id") and prior.get("tracking_uri") in (mlflow_uri, shown_uri(mlflow_uri)) \
+                        and prior.get("experiment", mlflow_experiment) == mlflow_experiment:
                     try:
                         run = mlflow.start_run(run_id=prior["run_id"])
                     except mlflow.exceptions.MlflowException as e:  # deleted there, or its experiment renamed
+                        # (MLflow 3.17 raises a deleted run, and one of an experiment renamed since, as INTERNAL_ERROR)
                         gone = e.error_code in ("RESOURCE_DOES_NOT_EXIST", "INVALID_PARAMETER_VALUE") \
-                            or "deleted state" in str(e)  # (MLflow 3.17 raises the deleted run as INTERNAL_ERROR)
+                            or "deleted state" in str(e) or "experiment ID does not match" in str(e)
                         if not gone:
                             raise  # (a server down: not a reason to split the run's curves)
                         print(f"[restem] warning: MLflow run {prior['run_id']} cannot be continued "
                               f"({first_line(e, mlflow_uri, limit=160)}); the run logs to a new one", flush=True)
+                elif prior.get("run_id"):
+                    print(f"[restem] note: MLflow run {prior['run_id']} was on another tracking server or experiment; "
+                          "the run logs to a new one", flush=True)
                 if run is None:
                     run = mlflow.start_run(run_name=run_root.name)
             except Exception as e:  # the server went down since `check_sinks` reached it
                 raise UserError(f"observability.mlflow_tracking_uri: {shown_uri(mlflow_uri)}: {first_line(e, mlflow_uri)}") from None
-            ids["mlflow"] = {"tracking_uri": shown_uri(mlflow_uri), "run_id": run.info.run_id}  # (no credentials)
+            ids["mlflow"] = {"tracking_uri": shown_uri(mlflow_uri), "run_id": run.info.run_id,  # (no credentials)
+                             "experiment": mlflow_experiment}
             self._mlflow = mlflow
             # by id: MLflow's active run is per thread, and the M-step's live step lines are logged from another
             # (without it they started a stray run of their own)
             self._mlflow_run = run.info.run_id
+            self._mlflow_down_until = 0.0  # a server that failed a call is left alone a while (MLFLOW_PAUSE_S)
         if wandb_project:
             try:
                 import wandb
@@ -201,9 +212,21 @@ class MetricsSink:
             self._tb.flush()
 
     def _log_mlflow(self, points) -> None:
-        if self._mlflow is not None:
-            for values, step, _ in points:
-                self._mlflow.log_metrics(values, step=step, run_id=self._mlflow_run)
+        """One request for the call's points. A server that failed one is not asked again for MLFLOW_PAUSE_S: each
+        failed request costs seconds to a minute of the driver's main thread, and an M-step's step lines arrive
+        in hundreds (metrics.jsonl keeps every line)."""
+        if self._mlflow is None or not points or time.monotonic() < self._mlflow_down_until:
+            return
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        metrics = [Metric(k, v, now, step) for values, step, _ in points for k, v in values.items()]
+        try:
+            for at in range(0, len(metrics), 1000):  # (MLflow's limit per batch)
+                self._mlflow.MlflowClient().log_batch(self._mlflow_run, metrics=metrics[at: at + 1000])
+        except Exception:
+            self._mlflow_down_until = time.monotonic() + MLFLOW_PAUSE_S
+            raise
 
     def _log_wandb(self, points) -> None:
         if self._wandb is not None:
@@ -215,16 +238,19 @@ class MetricsSink:
                     self._wandb_axes.add(tag)
                 self._wandb.log({**values, axis: step})
 
-    def close(self) -> None:
+    def close(self, failed: bool = False) -> None:
         """Each dashboard closed on its own; one that cannot be reached at the end of a run is a warning, not a
-        failed run (metrics.jsonl holds every line)."""
-        held = (("TensorBoard", self._tb, "close"), ("MLflow", self._mlflow, "end_run"), ("W&B", self._wandb, "finish"))
+        failed run (metrics.jsonl holds every line). `failed`: the run stopped on an error, and the dashboards
+        say so (MLflow's FAILED, W&B's exit code 1)."""
+        held = (("TensorBoard", self._tb, "close", {}),
+                ("MLflow", self._mlflow, "end_run", {"status": "FAILED"} if failed else {}),
+                ("W&B", self._wandb, "finish", {"exit_code": 1} if failed else {}))
         self._tb = self._mlflow = self._wandb = None
-        for name, sink, end in held:
+        for name, sink, end, kwargs in held:
             if sink is None:
                 continue
             try:
-                getattr(sink, end)()
+                getattr(sink, end)(**kwargs)
             except Exception as e:
                 print(f"[restem] warning: {name} did not close its run ({first_line(e, self._mlflow_uri, limit=200)})",
                       flush=True)

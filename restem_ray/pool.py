@@ -52,7 +52,7 @@ class _GradeHost:
         trace_call("grade", ids=sorted({s["id"] for s in samples}), rows=len(samples))  # tests see who graded what
         by_id = {p["id"]: {k: v for k, v in p.items() if k != DRAW} for p in problems}
         rows = self.verifier.grade_batch([{**by_id[s["id"]], **s} for s in samples])
-        keep = set(samples[0]) | {"prompt", "train_prompt", "reward", "verdict"} if samples else set()
+        keep = set().union(*samples) | {"prompt", "train_prompt", "reward", "verdict"}  # (every row's own keys)
         return [{k: v for k, v in r.items() if k in keep} for r in rows]
 
 

@@ -238,3 +238,36 @@ def test_the_benchs_foresight_plan_is_the_cheapest_that_keeps_a_share_of_the_row
         dropped += got["tokens_to_keep_70pct_of_rows"] < got["tokens_to_keep_every_row"]
         assert got["tokens_to_keep_every_row"] == round((unsolved + sum(p[-1][1] for p in plans)) / total, 3)
     assert dropped >= 20  # most tables had rows worth dropping: the knapsack was exercised
+
+
+def test_rounds_on_probation_wait_for_later_rounds_to_be_judged(tmp_path):
+    """A round's shards with failed grades, while the E-step has too few grades to judge, wait on probation
+    through the next rounds (the planner reads them), and go when the judgement comes: a round's end promoted
+    them unjudged, and a resume replayed a broken sandbox's zeros."""
+    from restem_ray.errors import RunError
+    from restem_ray.sampling import draw_of
+
+    class Broken(TablePool):  # every grade a sandbox_error
+        def run(self, chunks, spec, *, on_chunk, desc, on_piece=None):
+            for j, chunk in enumerate(chunks):
+                on_chunk(j, [{"id": p["id"], "sample_index": i, "prompt": "Q", "completion": "c", "reward": 0.0,
+                              "verdict": "sandbox_error", "prompt_tokens": 1, "completion_tokens": 1,
+                              "finish_reason": "stop"}
+                             for p in chunk for i in range(draw_of(p, spec)[0], sum(draw_of(p, spec)))])
+
+    with pytest.raises(RunError, match=r"16 of 16 grades of this E-step are verifier/sandbox failures"):
+        adaptive_driver(tmp_path, Broken(TABLE)).generate(1, "m")
+    assert not list((tmp_path / "run" / "iter_001" / "samples").iterdir())  # rounds 1-2 went with the stop
+    # one failed grade in round 1: its shard waits on probation, the planner reads it, and it stands at the end
+
+    class OneFailed(TablePool):
+        def run(self, chunks, spec, *, on_chunk, desc, on_piece=None):
+            def failing(j, rows):
+                on_chunk(j, [dict(r, verdict="sandbox_error") if (r["id"], r["sample_index"]) == ("never", 0) else r
+                             for r in rows])
+            super().run(chunks, spec, on_chunk=failing, desc=desc)
+
+    samples = adaptive_driver(tmp_path / "one", OneFailed(TABLE)).generate(1, "m")
+    assert samples.num_rows == 16
+    names = sorted(p.name for p in (tmp_path / "one" / "run" / "iter_001" / "samples").iterdir())
+    assert len(names) == 6 and all(n.endswith(".parquet") for n in names), names

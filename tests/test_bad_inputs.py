@@ -53,6 +53,11 @@ CASES = {
     # the adaptive E-step's first round would leave the easiest problems without a sample, and without solutions
     "adaptive budget under a round": (None, ["--set", "sampling.adaptive=true", "--set", "sampling.budget=2"],
                                       "sampling.budget: 2 samples cannot give each of the"),
+    "adaptive default budget under a round": (None, ["--set", "sampling.adaptive=true", "--set",
+                                                     "sampling.samples_per_problem=2", "--set",
+                                                     "sampling.round_size=4", "--set",
+                                                     "sampling.max_samples_per_problem=8"],
+                                              "sampling.budget (default: samples_per_problem 2 x the train problems)"),
     "set into a value": (None, ["--set", "task.train_file.x=1"], "'train_file' is not a section"),
     "config not yaml": (lambda w: (w / "cfg.yaml").write_text("task: [oops\n"), [], "cfg.yaml:2: not valid YAML"),
     "config is a list": (lambda w: (w / "cfg.yaml").write_text("- 1\n- 2\n"), [], "top level must be a mapping"),

@@ -263,16 +263,54 @@ def test_step_lines_from_another_thread_reach_the_runs_mlflow_run_and_one_failin
     assert len(client.search_runs([client.get_run(rid).info.experiment_id])) == 1  # no stray run
     sink = run.sink
 
+    calls = []
+
     def down(*a, **k):
+        calls.append(1)
         raise ConnectionError("http://alice:s3cret@mlflow:5000/api: refused")
-    monkeypatch.setattr(sink._mlflow, "log_metrics", down)
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", down)
     monkeypatch.setattr(sink._mlflow, "end_run", down)
-    run.complete(1, "eval", [{"split": "valid", "pass@1": 0.5}])
+    run.complete(1, "eval", [{"split": "valid", "pass@1": 0.5}, {"split": "test", "pass@1": 0.25}])
     out = capsys.readouterr().out
     assert "the dashboards did not take the 1/eval lines (RuntimeError: MLflow: ConnectionError" in out
     assert list((run.root / "tensorboard").glob("events.*")) and run.done(1, "eval")  # TensorBoard has them
+    assert len(calls) == 1  # one request for the commit's points
+    # a server that failed is left alone a while: the M-step's hundreds of step lines cost no request each
+    run.log_steps(2, [step_line(s, 1.0) for s in range(1, 4)])
+    run.complete(2, "eval", [{"split": "valid", "pass@1": 0.5}])
+    assert len(calls) == 1
     sink.close()  # a warning, not an exception
     assert "MLflow did not close its run (ConnectionError" in capsys.readouterr().out
+
+
+def test_mlflow_names_runs_ends_and_experiments(tmp_path, monkeypatch, capsys):
+    """An eval split named with characters MLflow refuses ("gsm8k(hard)") is logged under a cleaned name with the
+    others (it lost the whole commit's points); a run resumed into another experiment logs to a new MLflow run
+    (MLflow refused to continue the old one there, and the resume exited 2); a run stopped by an error ends its
+    MLflow run FAILED."""
+    import mlflow
+
+    while mlflow.active_run():  # (one an earlier test's unreachable server left open in this process)
+        mlflow.end_run()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file://{tmp_path / 'mlruns'}"
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.sink = MetricsSink(run.root, tensorboard=False, mlflow_uri=uri, mlflow_experiment="exp-a")
+    run.complete(0, "eval", [{"split": "gsm8k(hard)+x", "pass@1": 0.5}, {"split": "valid", "pass@1": 0.25}])
+    run.sink.close(failed=True)
+    first = json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"]
+    client = mlflow.tracking.MlflowClient(uri)
+    assert set(client.get_run(first).data.metrics) == {"eval/gsm8k_hard__x/pass_at_1", "eval/valid/pass_at_1"}
+    assert client.get_run(first).info.status == "FAILED"
+    resumed = RunDir(tmp_path / "run")
+    resumed.create("a: 1\n", resume=True)
+    resumed.sink = MetricsSink(resumed.root, tensorboard=False, mlflow_uri=uri, mlflow_experiment="exp-b")
+    resumed.sink.close()
+    second = json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"]
+    assert second != first and client.get_run(second).info.status == "FINISHED"
+    assert client.get_experiment(client.get_run(second).info.experiment_id).name == "exp-b"
+    assert "the run logs to a new one" in capsys.readouterr().out
 
 
 def test_a_configured_dashboard_without_its_package_is_one_line(tmp_path, monkeypatch):
