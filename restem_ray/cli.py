@@ -416,6 +416,17 @@ def eval_stops(cfg: RestemConfig, renderer) -> tuple[tuple[str, ...], tuple[int,
     return split_stops(cfg, renderer, stop).get("valid", stop), stop_token_ids
 
 
+def run_split_stops(config: str | None, dataset: str | None) -> dict[str, tuple[str, ...]]:
+    """The --config run's eval splits that stopped otherwise than its `sampling.stop` (its `split_stop`, as
+    config.yaml records it): an eval split of the same name stops as it did in the run. None with --dataset,
+    whose rows stop as a split of their format would (eval_stops)."""
+    if not config or dataset:
+        return {}
+    from .config import load_config
+
+    return {n: tuple(v) for n, v in (load_config(config).sampling.split_stop or {}).items()}
+
+
 def cmd_eval(args) -> int:
     """Score any HF checkpoint on problem files with the same sampler replicas and verifier pool."""
     import json
@@ -442,14 +453,7 @@ def cmd_eval(args) -> int:
     problems, renderer = eval_problems(cfg, splits, args.model)
     check_model_len(cfg, problems, load_tokenizer(args.model, "--model"), args.model)
     stop, stop_token_ids = eval_stops(cfg, renderer)
-    # a split named as one of the --config run's that stopped otherwise there (sampling.split_stop, as config.yaml
-    # records it) stops as it did in the run
-    if args.config and not args.dataset:
-        from .config import load_config
-
-        named = {n: tuple(v) for n, v in (load_config(args.config).sampling.split_stop or {}).items()}
-    else:
-        named = {}
+    named = run_split_stops(args.config, args.dataset)
     verifier = check_verifier(cfg, local_sandbox=False)
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
