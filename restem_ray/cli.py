@@ -209,7 +209,8 @@ def check_inputs(cfg, local_sandbox: bool = True):
         key = "sampling.budget" if s.budget else (f"sampling.budget (default: samples_per_problem "
                                                   f"{s.samples_per_problem} x the train problems)")
         raise UserError(f"{key}: {budget} samples cannot give each of the {len(task.train)} train problems its first "
-                        f"round of {first} (at least {len(task.train) * first}; lower sampling.round_size)")
+                        f"round of {first} (at least {len(task.train) * first}; set a larger sampling.budget, or a smaller "
+                        "sampling.round_size)")
     check_attention(cfg.training)
     check_lora_targets(cfg.training, cfg.model.base)
     check_verifier(cfg, local_sandbox, {"train": task.train, **task.evals} if local_sandbox else None)
@@ -453,7 +454,9 @@ def cmd_eval(args) -> int:
     problems, renderer = eval_problems(cfg, splits, args.model)
     check_model_len(cfg, problems, load_tokenizer(args.model, "--model"), args.model)
     stop, stop_token_ids = eval_stops(cfg, renderer)
-    named = run_split_stops(args.config, args.dataset)
+    # (a stop given to eval, --set sampling.stop=..., is for every split)
+    named = {} if any(k.startswith("sampling.stop=") for k in args.set or ()) else run_split_stops(args.config,
+                                                                                                   args.dataset)
     verifier = check_verifier(cfg, local_sandbox=False)
     if not (cfg.ray.address or os.environ.get("RAY_ADDRESS")):
         os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")

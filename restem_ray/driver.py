@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -141,6 +140,7 @@ class Driver:
                                         wandb_mode=o.wandb_mode, config=cfg.model_dump(mode="json"))
         policy, self.best = base, None                                      # self.best: {"iteration", "valid"}
         self.last_iteration = 0
+        failed = True  # (until the loop ends: the dashboards then say how the run ended)
         try:
             self.evaluate(0, policy)                                             # the base's scores
             for t in range(1, cfg.loop.iterations + 1):
@@ -157,7 +157,9 @@ class Driver:
                     break
             if cfg.control.enabled:
                 self.control(base)                                               # seed data only, same budget
-        except (StopAfter, RunError):  # a run stopped at a phase, or by an error, points at its best iterate so far
+            failed = False
+        except (StopAfter, RunError) as e:  # a run stopped at a phase, or by an error, points at its best iterate
+            failed = not isinstance(e, StopAfter)
             if self.best is not None:
                 try:
                     self._link_best(self.best["iteration"])
@@ -167,7 +169,7 @@ class Driver:
         finally:
             self.samplers.close()
             if self.run.sink is not None:
-                self.run.sink.close(failed=sys.exc_info()[0] is not None and sys.exc_info()[0] is not StopAfter)
+                self.run.sink.close(failed=failed)
         self._link_best(self.best["iteration"])
         print_table(self.run)
         write_plot(self.run)
@@ -256,7 +258,9 @@ class Driver:
             check_infra_errors(verdicts, self.cfg.verification.max_infra_error_rate,
                                f"iteration {t}, E-step shard {names[todo[j]]}", before=graded)
             shard = out / f"{names[todo[j]]}.parquet"
-            if graded["all"] < MIN_GRADES and any(map(is_infra, verdicts)):
+            # (once one waits, every later shard waits with it: an adaptive round's plan rests on the rounds
+            # before it, and a removed shard must take every shard planned after it along)
+            if probation or (graded["all"] < MIN_GRADES and any(map(is_infra, verdicts))):
                 probation.append(shard.with_name(shard.name + ".probation"))
                 write_parquet(probation[-1], pa.Table.from_pylist(rows))
             else:
@@ -323,7 +327,7 @@ class Driver:
             out = self.run.samples_dir(t)
             shards = [out / f"{n}.parquet" for n in names]  # (or still on probation, until judged)
             rows = [row for p in shards for row in pq.read_table(
-                p if p.exists() else p.with_name(p.name + ".probation"),
+                p.with_name(p.name + ".probation") if p.with_name(p.name + ".probation").exists() else p,
                 columns=["id", "sample_index", "completion", "reward", "finish_reason"]).to_pylist()]
             got = [(row["id"], row["sample_index"]) for row in rows]
             if len(set(got)) != len(got) or set(got) != {(d.id, d.offset + j) for d in draws for j in range(d.n)}:

@@ -89,8 +89,15 @@ def scalars(iteration, phase: str, line: dict) -> dict[str, float]:
             flat[k] = v
     # TensorBoard and MLflow accept neither '@' nor spaces (nor ':', MLflow) in names: pass@1 -> pass_at_1; MLflow
     # takes letters, digits, '_', '-', '.', '/' (an extra eval split named "gsm8k(hard)" lost a whole commit's)
-    return {re.sub(r"[^\w./-]", "_", f"{head}/{k}".replace("@", "_at_")): float(v) for k, v in flat.items()
+    return {_metric_name(f"{head}/{k}"): float(v) for k, v in flat.items()
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
+
+
+def _metric_name(name: str) -> str:
+    """A name both dashboards take: MLflow refuses other characters, and a path its normalisation would change
+    ("eval/hard//pass_at_1" for a split named "hard/")."""
+    name = re.sub(r"[^\w./-]", "_", name.replace("@", "_at_"))
+    return "/".join(part for part in name.split("/") if part not in ("", ".", ".."))
 
 
 def _without_credentials(tree):
@@ -215,16 +222,33 @@ class MetricsSink:
         """One request for the call's points. A server that failed one is not asked again for MLFLOW_PAUSE_S: each
         failed request costs seconds to a minute of the driver's main thread, and an M-step's step lines arrive
         in hundreds (metrics.jsonl keeps every line)."""
-        if self._mlflow is None or not points or time.monotonic() < self._mlflow_down_until:
+        if self._mlflow is None or not points:
+            return
+        if time.monotonic() < self._mlflow_down_until:  # (said for a phase's lines; an M-step's steps go quietly)
+            if any(axis == "iteration" for _, _, axis in points):
+                raise RuntimeError(f"not sent: a request failed within the last {MLFLOW_PAUSE_S / 60:.0f} minutes")
             return
         from mlflow.entities import Metric
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for values, step, _ in points for k, v in values.items()]
+        client = self._mlflow.MlflowClient()
         try:
             for at in range(0, len(metrics), 1000):  # (MLflow's limit per batch)
-                self._mlflow.MlflowClient().log_batch(self._mlflow_run, metrics=metrics[at: at + 1000])
-        except Exception:
+                client.log_batch(self._mlflow_run, metrics=metrics[at: at + 1000])
+        except self._mlflow.exceptions.MlflowException as e:
+            if e.error_code != "INVALID_PARAMETER_VALUE":
+                self._mlflow_down_until = time.monotonic() + MLFLOW_PAUSE_S
+                raise
+            # a name or value the server refuses (the server is up): the others one by one, without it
+            refused = []
+            for m in metrics:
+                try:
+                    client.log_batch(self._mlflow_run, metrics=[m])
+                except Exception:
+                    refused.append(m.key)
+            raise RuntimeError(f"MLflow refused {len(refused)} of {len(metrics)} metrics ({refused[0]}, ...)") from None
+        except Exception:  # a server down or unreachable
             self._mlflow_down_until = time.monotonic() + MLFLOW_PAUSE_S
             raise
 

@@ -271,3 +271,24 @@ def test_rounds_on_probation_wait_for_later_rounds_to_be_judged(tmp_path):
     assert samples.num_rows == 16
     names = sorted(p.name for p in (tmp_path / "one" / "run" / "iter_001" / "samples").iterdir())
     assert len(names) == 6 and all(n.endswith(".parquet") for n in names), names
+
+
+def test_a_resume_after_a_round_on_probation_samples_it_and_every_later_round_again(tmp_path):
+    """Once a shard waits on probation, every later one waits with it: a driver killed then leaves only whole
+    earlier rounds, and the resume's plan (which rests on them) meets no shard of a plan it no longer makes."""
+    class FlakyFirstRound(TablePool):  # easy's first grades: a sandbox that failed, then the driver is killed
+        def run(self, chunks, spec, *, on_chunk, desc, on_piece=None):
+            first = not self.calls
+
+            def graded(j, rows):
+                on_chunk(j, [dict(r, verdict="sandbox_error", reward=0.0) if first and r["id"] == "easy" else r
+                             for r in rows])
+            super().run(chunks, spec, on_chunk=graded, desc=desc)
+
+    with pytest.raises(KeyboardInterrupt):
+        adaptive_driver(tmp_path, FlakyFirstRound(TABLE, fail_after=2)).generate(1, "m")
+    left = sorted(p.name for p in (tmp_path / "run" / "iter_001" / "samples").iterdir())
+    assert left == [f"part-r00{r}-0000{c}.parquet.probation" for r in (1, 2) for c in (0, 1)], left
+    resumed = TablePool(TABLE)
+    samples = adaptive_driver(tmp_path, resumed).generate(1, "m")  # (it refused: "settings changed")
+    assert samples.num_rows == 16 and resumed.calls[0] == [("easy", 0, 2), ("never", 0, 2), ("varied", 0, 2)]

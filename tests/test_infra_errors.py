@@ -185,7 +185,7 @@ def test_a_shard_on_probation_is_no_shard_until_judged_so_a_killed_driver_regrad
                sampling={"prompts_per_request": 1, "samples_per_problem": 16}, verification={"max_infra_error_rate": 0.2})
     with pytest.raises(RunError, match=r"E-step shard part-00000: 8 of 24 grades of this E-step are verifier/sandbox"):
         d.generate(1, "m")
-    assert sorted(p.name for p in d.run.samples_dir(1).iterdir()) == ["part-00001.parquet"]
+    assert not list(d.run.samples_dir(1).iterdir())  # (the good one waited with it: a later shard always does)
 
 
 def test_an_evaluation_graded_by_a_broken_verifier_is_not_a_score():

@@ -279,6 +279,8 @@ def test_step_lines_from_another_thread_reach_the_runs_mlflow_run_and_one_failin
     run.log_steps(2, [step_line(s, 1.0) for s in range(1, 4)])
     run.complete(2, "eval", [{"split": "valid", "pass@1": 0.5}])
     assert len(calls) == 1
+    assert "did not take the 2/eval lines (RuntimeError: MLflow: RuntimeError: not sent: a request failed within the last 10 " \
+           "minutes)" in capsys.readouterr().out
     sink.close()  # a warning, not an exception
     assert "MLflow did not close its run (ConnectionError" in capsys.readouterr().out
 
@@ -297,11 +299,19 @@ def test_mlflow_names_runs_ends_and_experiments(tmp_path, monkeypatch, capsys):
     run = RunDir(tmp_path / "run")
     run.create("a: 1\n", resume=False)
     run.sink = MetricsSink(run.root, tensorboard=False, mlflow_uri=uri, mlflow_experiment="exp-a")
-    run.complete(0, "eval", [{"split": "gsm8k(hard)+x", "pass@1": 0.5}, {"split": "valid", "pass@1": 0.25}])
-    run.sink.close(failed=True)
+    run.complete(0, "eval", [{"split": "gsm8k(hard)+x", "pass@1": 0.5}, {"split": "valid", "pass@1": 0.25},
+                             {"split": "hard/", "pass@1": 0.125}, {"split": "../up", "pass@1": 0.0}])
     first = json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"]
     client = mlflow.tracking.MlflowClient(uri)
-    assert set(client.get_run(first).data.metrics) == {"eval/gsm8k_hard__x/pass_at_1", "eval/valid/pass_at_1"}
+    assert set(client.get_run(first).data.metrics) == {"eval/gsm8k_hard__x/pass_at_1", "eval/valid/pass_at_1",
+                                                       "eval/hard/pass_at_1", "eval/up/pass_at_1"}
+    # a name the server refuses (too long) costs only itself, and pauses nothing: the server is up
+    run.complete(1, "eval", [{"split": "x" * 300, "pass@1": 0.5}, {"split": "valid", "pass@1": 0.75}])
+    assert "MLflow refused 1 of 2 metrics" in capsys.readouterr().out
+    run.complete(2, "generate", [{"accept_rate": 0.5}])
+    assert [m.value for m in client.get_metric_history(first, "eval/valid/pass_at_1")] == [0.25, 0.75]
+    assert client.get_metric_history(first, "generate/accept_rate")[0].value == 0.5
+    run.sink.close(failed=True)
     assert client.get_run(first).info.status == "FAILED"
     resumed = RunDir(tmp_path / "run")
     resumed.create("a: 1\n", resume=True)

@@ -498,7 +498,8 @@ def test_an_eval_split_in_another_code_format_stops_as_its_own_dataset(tmp_path)
     run_yaml.write_text(dump_config(config(tmp_path, task, sampling={"stop": ["\n\n\n"]})))
     ev = eval_config(eval_args(config=str(run_yaml), dataset="mbpp"), str(DATA / "mbpp.jsonl"))
     assert eval_stops(ev, None)[0] == ("\n\n\n",)
-    # `eval --config RUN/config.yaml --problems mbpp=...`: a split named as the run's mbpp split stops as it did
+    # a split named as one of the run's that stopped otherwise there stops as it did (rows of another format than
+    # the run's take --dataset, whose stops are that format's: eval_stops)
     from restem_ray.cli import run_split_stops
 
     run_yaml.write_text(dump_config(d.cfg))
