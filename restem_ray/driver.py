@@ -197,6 +197,7 @@ class Driver:
                            f"{s.adaptive}; remove that folder{self.run.remote_too(where)} to sample the iteration again")
         for stale in self.run.samples_dir(t).glob("*.parquet.probation"):  # (a killed driver's: never judged)
             stale.unlink()
+        self._on_probation(t).clear()
         if s.adaptive:
             rounds = self._sample_rounds(t, model, spec, nodes)
         else:

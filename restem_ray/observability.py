@@ -93,6 +93,12 @@ def scalars(iteration, phase: str, line: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
 
 
+def _refused_value(e: Exception) -> bool:
+    """An MLflow error about a metric's name or value, from a server that is up (not a deleted run's, which MLflow
+    reports with the same code)."""
+    return getattr(e, "error_code", None) == "INVALID_PARAMETER_VALUE" and "lifecycle_stage" not in str(e)
+
+
 def _metric_name(name: str) -> str:
     """A name both dashboards take: MLflow refuses other characters, and a path its normalisation would change
     ("eval/hard//pass_at_1" for a split named "hard/")."""
@@ -232,25 +238,28 @@ class MetricsSink:
 
         now = int(time.time() * 1000)
         metrics = [Metric(k, v, now, step) for values, step, _ in points for k, v in values.items()]
-        client = self._mlflow.MlflowClient()
+        client, refused = self._mlflow.MlflowClient(), []
         try:
             for at in range(0, len(metrics), 1000):  # (MLflow's limit per batch)
-                client.log_batch(self._mlflow_run, metrics=metrics[at: at + 1000])
-        except self._mlflow.exceptions.MlflowException as e:
-            if e.error_code != "INVALID_PARAMETER_VALUE":
-                self._mlflow_down_until = time.monotonic() + MLFLOW_PAUSE_S
-                raise
-            # a name or value the server refuses (the server is up): the others one by one, without it
-            refused = []
-            for m in metrics:
+                chunk = metrics[at: at + 1000]
                 try:
-                    client.log_batch(self._mlflow_run, metrics=[m])
-                except Exception:
-                    refused.append(m.key)
-            raise RuntimeError(f"MLflow refused {len(refused)} of {len(metrics)} metrics ({refused[0]}, ...)") from None
-        except Exception:  # a server down or unreachable
+                    client.log_batch(self._mlflow_run, metrics=chunk)
+                    continue
+                except Exception as e:
+                    if not _refused_value(e):
+                        raise
+                for m in chunk:  # a name or value the server refuses (the server is up): the others without it
+                    try:
+                        client.log_batch(self._mlflow_run, metrics=[m])
+                    except Exception as e:
+                        if not _refused_value(e):
+                            raise
+                        refused.append(m.key)
+        except Exception:  # a server down or unreachable, or the run deleted there
             self._mlflow_down_until = time.monotonic() + MLFLOW_PAUSE_S
             raise
+        if refused:
+            raise RuntimeError(f"MLflow refused {len(refused)} of {len(metrics)} metrics ({refused[0]}, ...)")
 
     def _log_wandb(self, points) -> None:
         if self._wandb is not None:

@@ -311,6 +311,14 @@ def test_mlflow_names_runs_ends_and_experiments(tmp_path, monkeypatch, capsys):
     run.complete(2, "generate", [{"accept_rate": 0.5}])
     assert [m.value for m in client.get_metric_history(first, "eval/valid/pass_at_1")] == [0.25, 0.75]
     assert client.get_metric_history(first, "generate/accept_rate")[0].value == 0.5
+    # the run deleted on the server meanwhile (MLflow says so with the same code as a refused name): a pause, not
+    # a request per metric at every line
+    client.delete_run(first)
+    run.complete(3, "eval", [{"split": "valid", "pass@1": 0.5}, {"split": "test", "pass@1": 0.5}])
+    assert "lifecycle_stage" in capsys.readouterr().out
+    run.complete(4, "eval", [{"split": "valid", "pass@1": 0.5}])
+    assert "not sent: a request failed within the last 10 minutes" in capsys.readouterr().out
+    client.restore_run(first)
     run.sink.close(failed=True)
     assert client.get_run(first).info.status == "FAILED"
     resumed = RunDir(tmp_path / "run")
