@@ -40,6 +40,14 @@ MSTEP_METRICS = ("loss", "steps", "chosen_step", "valid_reward", "valid_history"
                  "real_token_fraction", "tokens_per_s", "train_seconds", "rows", "rows_dropped_too_long")
 
 
+PROBATION = ".probation"  # an E-step shard not yet judged: NAME.parquet.probation (restem_ray/mirror.py skips it too)
+
+
+def waiting_name(shard: Path) -> Path:
+    """Where `shard` waits on probation."""
+    return shard.with_name(shard.name + PROBATION)
+
+
 class Samplers:
     """At most one live `EStepPool`, rebuilt when the model changes and closed before the M-step."""
 
@@ -195,7 +203,7 @@ class Driver:
             where = self.run.samples_dir(t)
             raise RunError(f"iteration {t}: {where} holds {other.pop()} E-step shards but sampling.adaptive is "
                            f"{s.adaptive}; remove that folder{self.run.remote_too(where)} to sample the iteration again")
-        for stale in self.run.samples_dir(t).glob("*.parquet.probation"):  # (a killed driver's: never judged)
+        for stale in self.run.samples_dir(t).glob(f"*.parquet{PROBATION}"):  # (a killed driver's: never judged)
             stale.unlink()
         self._on_probation(t).clear()
         if s.adaptive:
@@ -262,16 +270,16 @@ class Driver:
             # (once one waits, every later shard waits with it: an adaptive round's plan rests on the rounds
             # before it, and a removed shard must take every shard planned after it along)
             if probation or (graded["all"] < MIN_GRADES and any(map(is_infra, verdicts))):
-                probation.append(shard.with_name(shard.name + ".probation"))
+                probation.append(waiting_name(shard))
                 write_parquet(probation[-1], pa.Table.from_pylist(rows))
             else:
                 write_parquet(shard, pa.Table.from_pylist(rows))
                 self.run.saved(shard)  # a URI run directory: uploaded now, not at the commit
             if graded["all"] >= MIN_GRADES and probation:  # judged with every grade so far (this shard, if of 16
                 # or more, was judged alone), then shards
-                waiting = probation[0].name[: -len(".parquet.probation")]
+                first = probation[0].name[: -len(f".parquet{PROBATION}")]
                 check_infra_errors([], self.cfg.verification.max_infra_error_rate,
-                                   f"iteration {t}, E-step shard {waiting}", before=graded)
+                                   f"iteration {t}, E-step shard {first}", before=graded)
                 self._promote(t)
             crash_point(f"{t}/generate/shard")
             crash_point(f"{t}/generate/{names[todo[j]]}")  # e.g. 1/generate/part-r002-00000: mid-round kills
@@ -282,7 +290,7 @@ class Driver:
         pool = self.samplers.get(model)
         try:
             pool.run([chunks[i] for i in todo], spec, on_chunk=save, on_piece=judge, desc=desc or f"E-step {t}")
-        except RunError:
+        except RunError:  # (the stop: what waits goes, and is sampled again on resume)
             for p in probation:
                 p.unlink(missing_ok=True)
             probation.clear()
@@ -299,7 +307,7 @@ class Driver:
         """Shards on probation become shards: judged, or the E-step ended before it had grades enough to judge."""
         probation = self._on_probation(t)
         for p in probation:
-            shard = p.with_name(p.name[: -len(".probation")])
+            shard = p.with_name(p.name[: -len(PROBATION)])
             durable_replace(p, shard)
             self.run.saved(shard)  # a URI run directory: uploaded now, not at the commit
         probation.clear()
@@ -328,7 +336,7 @@ class Driver:
             out = self.run.samples_dir(t)
             shards = [out / f"{n}.parquet" for n in names]  # (or still on probation, until judged)
             rows = [row for p in shards for row in pq.read_table(
-                p.with_name(p.name + ".probation") if p.with_name(p.name + ".probation").exists() else p,
+                waiting_name(p) if waiting_name(p).exists() else p,
                 columns=["id", "sample_index", "completion", "reward", "finish_reason"]).to_pylist()]
             got = [(row["id"], row["sample_index"]) for row in rows]
             if len(set(got)) != len(got) or set(got) != {(d.id, d.offset + j) for d in draws for j in range(d.n)}:
