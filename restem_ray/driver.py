@@ -145,7 +145,9 @@ class Driver:
         if o.tensorboard or o.mlflow_tracking_uri or o.wandb_project:
             self.run.sink = MetricsSink(self.run.root, o.tensorboard, o.mlflow_tracking_uri, o.mlflow_experiment,
                                         wandb_project=o.wandb_project, wandb_entity=o.wandb_entity,
-                                        wandb_mode=o.wandb_mode, config=cfg.model_dump(mode="json"))
+                                        wandb_mode=o.wandb_mode, config=cfg.model_dump(mode="json"),
+                                        committed=self.run.manifest()["completed"])
+            self.run.catch_up()  # a resumed run: what a dashboard missed before, e.g. a kill after a commit
         policy, self.best = base, None                                      # self.best: {"iteration", "valid"}
         self.last_iteration = 0
         failed = True  # (until the loop ends: the dashboards then say how the run ended)

@@ -7,7 +7,11 @@ live step lines become `improve_step/iter_NNN/<field>` (control: `control/improv
 the M-step's optimizer step: every M-step starts from the base model, so each has its own curve.
 `metrics.jsonl` stays the source of truth; these are views of it for the usual dashboards.
 
-RUN/tracking.json keeps the MLflow and W&B run ids, so a resumed run logs to the run it started.
+RUN/tracking.json keeps the MLflow and W&B run ids, so a resumed run logs to the run it started, and, per
+dashboard, the committed phases it took ("sent"). A phase one did not take (the driver killed between the commit
+and the send, a server down at the time, a dashboard new to the run) is sent to it at the next commit or resume,
+with its M-step's step lines when they never went to it live: every dashboard gets every committed phase at least
+once (a kill between a send and its record sends it twice).
 """
 from __future__ import annotations
 
@@ -15,13 +19,15 @@ import json
 import os
 import re
 import shutil
+import threading
 import time
 from pathlib import Path
 
 from .errors import UserError, first_line, shown_uri
-from .storage import STEP_PHASE, atomic_write_text
+from .storage import STEP_PHASE, atomic_write_text, split_key
 
 TRACKING_FILE = "tracking.json"
+DASHBOARDS = ("tensorboard", "mlflow", "wandb")  # their names in tracking.json
 MLFLOW_PAUSE_S = 600.0  # after a failed request, MLflow is not asked again for this long
 MISSING = {"mlflow": "observability.mlflow_tracking_uri is set but mlflow is not installed (pip install "
                      "'restem-ray[dashboards]', or mlflow-skinny)",
@@ -93,6 +99,11 @@ def scalars(iteration, phase: str, line: dict) -> dict[str, float]:
             if isinstance(v, (int, float)) and not isinstance(v, bool) and k not in skip}
 
 
+class Refused(RuntimeError):
+    """Some points a dashboard that is up will never take (a name or value it refuses): the others are taken, and
+    sending them again would change nothing."""
+
+
 def _refused_value(e: Exception) -> bool:
     """An MLflow error about a metric's name or value, from a server that is up (not a deleted run's, which MLflow
     reports with the same code)."""
@@ -106,6 +117,12 @@ def _metric_name(name: str) -> str:
     return "/".join(part for part in name.split("/") if part not in ("", ".", ".."))
 
 
+def step_key(iteration) -> str:
+    """The key under which a dashboard's record says it has an M-step's step lines (beside the phase keys of the
+    manifest: "1/improve" and "1/improve_step")."""
+    return f"{iteration}/{STEP_PHASE}"
+
+
 def _without_credentials(tree):
     """A config as the dashboards may show it: URIs without the keys pyarrow and MLflow accept in them."""
     if isinstance(tree, dict):
@@ -115,22 +132,37 @@ def _without_credentials(tree):
     return shown_uri(tree) if isinstance(tree, str) and re.match(r"[A-Za-z][A-Za-z0-9+.-]*://\S*$", tree) else tree
 
 
+def _tb_writer(logdir: str):
+    """A TensorBoard writer to a new event file. tensorboardX names its files by the second and opens them with
+    "wb": a second writer in the same second (the next commit's, a resumed driver's) would empty the first's file.
+    (The suffix keeps them in the order written.)"""
+    from tensorboardX import SummaryWriter
+
+    return SummaryWriter(logdir=logdir, flush_secs=5, filename_suffix=f".{time.time_ns()}.{os.getpid()}")
+
+
 class MetricsSink:
     """Receives each committed phase's metrics lines (`RunDir.complete`) and the M-step's live step lines
     (`RunDir.log_steps`)."""
 
     def __init__(self, run_root: Path, tensorboard: bool = True, mlflow_uri: str | None = None,
                  mlflow_experiment: str = "restem-ray", wandb_project: str | None = None,
-                 wandb_entity: str | None = None, wandb_mode: str | None = None, config: dict | None = None):
+                 wandb_entity: str | None = None, wandb_mode: str | None = None, config: dict | None = None,
+                 committed=()):
+        """`committed`: the phases the run directory has committed so far (manifest keys). A dashboard continued
+        from a record of an earlier version, which kept no list of what it took, is taken to have them all."""
         run_root = Path(run_root)
         self._tb = self._mlflow = self._wandb = None
         self._mlflow_uri, self._mlflow_run = mlflow_uri, None
+        self._mlflow_down_until = 0.0  # a server that failed a call is left alone a while (MLFLOW_PAUSE_S)
         ids_path = run_root / TRACKING_FILE
         ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
+        prior_sent = {name: (ids.get(name) or {}).get("sent") for name in DASHBOARDS}
+        continued = {}  # dashboard -> whether it continues what an earlier invocation logged to
         if tensorboard:
-            from tensorboardX import SummaryWriter
-
-            self._tb = SummaryWriter(logdir=str(run_root / "tensorboard"), flush_secs=5)
+            continued["tensorboard"] = any((run_root / "tensorboard").glob("events.out.tfevents.*"))
+            self._tb_dir, self._tb_lock = str(run_root / "tensorboard"), threading.Lock()
+            self._tb = _tb_writer(self._tb_dir)
         if mlflow_uri:
             try:
                 import mlflow
@@ -162,6 +194,7 @@ class MetricsSink:
                 elif prior.get("run_id"):
                     print(f"[restem] note: MLflow run {prior['run_id']} was on another tracking server or experiment; "
                           "the run logs to a new one", flush=True)
+                continued["mlflow"] = run is not None
                 if run is None:
                     run = mlflow.start_run(run_name=run_root.name)
             except Exception as e:  # the server went down since `check_sinks` reached it
@@ -172,7 +205,6 @@ class MetricsSink:
             # by id: MLflow's active run is per thread, and the M-step's live step lines are logged from another
             # (without it they started a stray run of their own)
             self._mlflow_run = run.info.run_id
-            self._mlflow_down_until = 0.0  # a server that failed a call is left alone a while (MLFLOW_PAUSE_S)
         if wandb_project:
             try:
                 import wandb
@@ -190,14 +222,89 @@ class MetricsSink:
                                 f"({first_line(e, limit=200)})") from None
             if config:  # a resumed run may have changed observability.* etc.: the newest config wins
                 self._wandb.config.update(_without_credentials(config), allow_val_change=True)
+            # (W&B continues the run of a known id: resume="allow")
+            continued["wandb"] = self._wandb.id == prior.get("id") and prior.get("project") == wandb_project
             ids["wandb"] = {"id": self._wandb.id, "project": wandb_project}
             self._wandb_axes: set[str] = set()
-        if ids:
-            atomic_write_text(ids_path, json.dumps(ids, indent=1, sort_keys=True))
+        legacy = set(committed) | {step_key(split_key(k)[0]) for k in committed if k.endswith("/improve")}
+        # what each dashboard has taken: a new one (a new MLflow run, a fresh TensorBoard folder) nothing yet
+        self._sent = {name: set(prior_sent[name] if prior_sent[name] is not None else legacy) if was else set()
+                      for name, was in continued.items()}
+        if tensorboard:
+            ids.setdefault("tensorboard", {})
+        self._ids = ids  # (a dashboard off in this invocation keeps its record, for when it is on again)
+        self._ids_path, self._lock = ids_path, threading.Lock()
+        self._record()
+
+    # ------------------------------------------------------------------ what each dashboard has taken
+    def _record(self) -> None:
+        """tracking.json with each dashboard's list of taken keys (under a lock: the M-step's step lines arrive on
+        another thread)."""
+        ids = {k: dict(v) for k, v in self._ids.items()}
+        for name, sent in self._sent.items():
+            ids.setdefault(name, {})["sent"] = sorted(sent)
+        atomic_write_text(self._ids_path, json.dumps(ids, indent=1, sort_keys=True))
+
+    def _mark(self, key: str, names) -> None:
+        if not names:
+            return
+        with self._lock:
+            fresh = [n for n in names if key not in self._sent[n]]
+            for name in fresh:
+                self._sent[name].add(key)
+            if fresh:
+                self._record()
+
+    def unsent(self, committed) -> dict[str, list[str]]:
+        """Per dashboard, the keys of `committed` (manifest keys, oldest first) it has not taken, each committed
+        M-step's step lines ("t/improve_step") just before its "t/improve"."""
+        keys = []
+        for k in committed:
+            if k.endswith("/improve"):
+                keys.append(step_key(split_key(k)[0]))
+            keys.append(k)
+        with self._lock:
+            out = {name: [k for k in keys if k not in sent] for name, sent in self._sent.items()}
+        return {name: todo for name, todo in out.items() if todo}
 
     def log(self, iteration, phase: str, lines: list[dict]) -> None:
         """Each dashboard takes the lines on its own: one that fails (an MLflow server down) raises after the
-        others have them."""
+        others have them. A committed phase's key goes on the record of each dashboard that took it."""
+        took, failed = self._send(iteration, phase, lines, self._sent)
+        if phase != STEP_PHASE:
+            self._mark(f"{iteration}/{phase}", took)
+        if failed:
+            raise RuntimeError("; ".join(failed.values()))
+
+    def resend(self, iteration, phase: str, lines: list[dict], to) -> dict[str, str]:
+        """A committed phase's lines, or a committed M-step's step lines, to the dashboards `to` that have not
+        taken them; returns {dashboard: error} of those that failed. (A paused MLflow fails here: its step lines
+        would otherwise go nowhere and count as taken.)"""
+        paused = "mlflow" in to and time.monotonic() < self._mlflow_down_until
+        took, failed = self._send(iteration, phase, lines, [n for n in to if not (paused and n == "mlflow")])
+        self._mark(f"{iteration}/{phase}", took)
+        failed = {n: error for n, error in failed.items() if n not in took}  # (a refused name: said when first sent)
+        if paused:
+            failed["mlflow"] = f"MLflow: not sent: a request failed within the last {MLFLOW_PAUSE_S / 60:.0f} minutes"
+        return failed
+
+    def steps_begin(self, iteration, lines: list[dict]) -> None:
+        """An M-step (re)starts; `lines`: the step lines its checkpoint holds. A dashboard that has not had this
+        M-step's step lines (new to the run since they went live) gets these now; from here every dashboard
+        gets the live lines, so the commit sends none again."""
+        key = step_key(iteration)
+        with self._lock:
+            new = [n for n, sent in self._sent.items() if key not in sent]
+        if new and lines:
+            took, failed = self._send(iteration, STEP_PHASE, lines, new)
+            if failed:
+                print(f"[restem] warning: the dashboards did not take the {iteration} M-step's earlier step lines "
+                      f"({'; '.join(failed.values())})", flush=True)
+        self._mark(key, new)
+
+    def _send(self, iteration, phase: str, lines: list[dict], names) -> tuple[list[str], dict[str, str]]:
+        """The lines to the dashboards `names`: those that took them, and {dashboard: error} (one that refused some
+        points is in both)."""
         points = []
         for line in lines:
             values = scalars(iteration, phase, line)
@@ -208,21 +315,36 @@ class MetricsSink:
             else:
                 step, axis = (0 if iteration == "control" else int(iteration)), "iteration"
             points.append((values, step, axis))
-        failed = []
-        for name, write in (("TensorBoard", self._log_tb), ("MLflow", self._log_mlflow), ("W&B", self._log_wandb)):
+        took, failed = [], {}
+        for name, shown, write in (("tensorboard", "TensorBoard", self._log_tb), ("mlflow", "MLflow", self._log_mlflow),
+                                   ("wandb", "W&B", self._log_wandb)):
+            if name not in names:
+                continue
             try:
                 write(points)
             except Exception as e:
-                failed.append(f"{name}: {first_line(e, self._mlflow_uri, limit=160)}")
-        if failed:
-            raise RuntimeError("; ".join(failed))
+                failed[name] = f"{shown}: {first_line(e, self._mlflow_uri, limit=160)}"
+                if not isinstance(e, Refused):
+                    continue
+            took.append(name)
+        return took, failed
 
     def _log_tb(self, points) -> None:
-        if self._tb is not None:
+        """A committed phase's points are on disk when this returns, so its record is true after a kill:
+        tensorboardX writes from a thread of its own and its flush() does not wait for it, but close() does (the
+        next points go to a new event file; TensorBoard reads a folder's files as one). An M-step's step lines go
+        asynchronously: a killed driver can lose the last seconds of them from TensorBoard."""
+        if self._tb is None:
+            return
+        with self._tb_lock:  # (step lines arrive on another thread)
             for values, step, _ in points:
                 for tag, v in values.items():
                     self._tb.add_scalar(tag, v, global_step=step)
-            self._tb.flush()
+            if any(axis == "iteration" for _, _, axis in points):
+                self._tb.close()
+                self._tb = _tb_writer(self._tb_dir)
+            else:
+                self._tb.flush()
 
     def _log_mlflow(self, points) -> None:
         """One request for the call's points. A server that failed one is not asked again for MLFLOW_PAUSE_S: each
@@ -259,7 +381,7 @@ class MetricsSink:
             self._mlflow_down_until = time.monotonic() + MLFLOW_PAUSE_S
             raise
         if refused:
-            raise RuntimeError(f"MLflow refused {len(refused)} of {len(metrics)} metrics ({refused[0]}, ...)")
+            raise Refused(f"MLflow refused {len(refused)} of {len(metrics)} metrics ({refused[0]}, ...)")
 
     def _log_wandb(self, points) -> None:
         if self._wandb is not None:

@@ -100,6 +100,12 @@ def written_by_a_driver(config_yaml: str) -> bool:
     return isinstance(tree, dict) and set(RestemConfig.model_fields) <= set(tree)
 
 
+def split_key(key: str):
+    """A manifest key as (iteration, phase): "3/eval" -> (3, "eval"), "control/improve" -> ("control", "improve")."""
+    iteration, phase = key.split("/", 1)
+    return (int(iteration) if iteration.isdigit() else iteration), phase
+
+
 def _same_file(a, b) -> bool:
     """Two absolute paths to one file or folder: config.yaml recorded relative paths resolved through links
     before it recorded them as written (a resume of such a run names the same data through its link)."""
@@ -278,6 +284,7 @@ class RunDir:
         m["completed"][f"{iteration}/{phase}"] = now
         m.update(manifest_fields)
         self._write_manifest(m, label=f"{iteration}/{phase}")
+        crash_point(f"committed:{iteration}/{phase}")  # (a test's kill between the commit and the dashboards)
         self._to_sink(iteration, phase, lines)
         if f"{iteration}/{phase}" == self.stop_after:
             raise StopAfter(self.stop_after)
@@ -299,13 +306,19 @@ class RunDir:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             for line in lines:
                 f.write(json.dumps({"phase": STEP_PHASE, "iteration": iteration, **line}) + "\n")
+        if restart and hasattr(self.sink, "steps_begin"):  # (a dashboard new to the run: the checkpoint's lines)
+            try:
+                self.sink.steps_begin(iteration, list(lines))
+            except Exception as e:
+                print(f"[restem] warning: the dashboards' record of step lines ({first_line(e, limit=200)})", flush=True)
         if not restart:
             shown = self._shown_steps.get(iteration, 0)
             self._to_sink(iteration, STEP_PHASE, [x for x in lines if x.get("step", shown + 1) > shown])
 
     def _to_sink(self, iteration, phase: str, lines) -> None:
         """The dashboards' copy of committed lines: an MLflow server down for a while must not end a run of
-        hours (metrics.jsonl holds every line; `restem-ray report` reads it)."""
+        hours (metrics.jsonl holds every line; `restem-ray report` reads it). A committed phase the dashboards took
+        is followed by the phases one of them has not taken yet (`catch_up`)."""
         if self.sink is None:
             return
         try:
@@ -313,6 +326,37 @@ class RunDir:
         except Exception as e:
             print(f"[restem] warning: the dashboards did not take the {iteration}/{phase} lines "
                   f"({first_line(e, limit=200)}); metrics.jsonl holds them", flush=True)
+            return  # (nor would they take earlier ones now: one warning per commit)
+        if phase != STEP_PHASE:
+            self.catch_up()
+
+    def catch_up(self) -> None:
+        """Send each dashboard the committed phases it has not taken, oldest first (`MetricsSink.unsent`): the
+        driver killed between a commit and its send, a server that was down, a dashboard new to the run. A
+        dashboard that fails one is left until the next commit. On a URI run directory the record goes up now,
+        so a resume elsewhere does not send the phases again."""
+        unsent = getattr(self.sink, "unsent", None)
+        if unsent is None:
+            return
+        completed = self.manifest()["completed"]
+        todo = unsent(sorted(completed, key=lambda k: completed[k]))
+        if todo:
+            by_key: dict[str, list[dict]] = {}
+            for m in self.committed_metrics():
+                by_key.setdefault(f"{m['iteration']}/{m['phase']}", []).append(m)
+            failed, left = {}, 0
+            # (each key once, in the order of the first dashboard that lacks it)
+            for key in dict.fromkeys(k for keys in todo.values() for k in keys):
+                lacking = [name for name, keys in todo.items() if key in keys]
+                to = [name for name in lacking if name not in failed]  # (one that failed is left till next time)
+                if to:
+                    failed |= self.sink.resend(*split_key(key), by_key.get(key, []), to)
+                left += any(name in failed for name in lacking)
+            if failed:
+                print(f"[restem] warning: the dashboards did not take {left} earlier phase(s) "
+                      f"({'; '.join(failed.values())}); the next commit sends them again", flush=True)
+        if self.mirror is not None:
+            self.saved(self.root / "tracking.json")
 
     def _trim_metrics(self) -> None:
         """Keep committed lines, and the step lines of committed M-steps (an unfinished M-step sends its step

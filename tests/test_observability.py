@@ -374,3 +374,167 @@ def test_an_mlflow_server_that_does_not_answer_fails_before_the_run_is_written(t
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     check_sinks(ObservabilityConfig(mlflow_tracking_uri=store, tensorboard=False))
     assert not (tmp_path / "mlruns").exists()  # a check writes nothing: the store its request made is gone
+
+
+# ---------------------------------------------------------------- what a dashboard missed is sent later
+def scalar_events(logdir) -> dict[str, list]:
+    """Every TensorBoard scalar event as {tag: [step, ...]} (sorted), duplicates kept (read_scalars keeps the last)."""
+    out = {}
+    for f in sorted(logdir.glob("events.out.tfevents.*")):
+        data, i = f.read_bytes(), 0
+        while i < len(data):
+            (n,) = struct.unpack("<Q", data[i: i + 8])
+            ev = event_pb2.Event.FromString(data[i + 12: i + 12 + n])
+            i += 12 + n + 4
+            for v in ev.summary.value:
+                out.setdefault(v.tag, []).append(ev.step)
+    return {tag: sorted(steps) for tag, steps in out.items()}
+
+
+def mlflow_steps(client, run_id, key):
+    return [(m.step, m.value) for m in client.get_metric_history(run_id, key)]
+
+
+KILLED_AFTER_COMMIT = """
+import sys
+from restem_ray.observability import MetricsSink
+from restem_ray.storage import RunDir
+run = RunDir(sys.argv[1])
+run.create("a: 1\\n", resume=False)
+run.sink = MetricsSink(run.root, tensorboard=True, mlflow_uri=sys.argv[2])
+run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25}])
+run.log_steps(1, [], restart=True)
+run.log_steps(1, [step_line(1, 2.0), step_line(2, 1.5)])
+run.complete(1, "improve", [{"loss": 1.5, "steps": 2}])  # RESTEM_CRASH_AT=committed:1/improve: SIGKILL
+"""
+
+
+def test_a_phase_committed_by_a_driver_killed_before_its_send_reaches_the_dashboards_on_resume(tmp_path, monkeypatch):
+    """A driver SIGKILLed between a commit and the dashboards' copy: before, the phase never reached them (the
+    resume skips committed phases). Now the resume sends it, once, and not the step lines that went live."""
+    import inspect
+    import os
+    import subprocess
+
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file://{tmp_path / 'mlruns'}"
+    script = "def step_line(step, loss):\n" + "\n".join(inspect.getsource(step_line).splitlines()[1:]) + \
+        KILLED_AFTER_COMMIT
+    env = {**os.environ, "RESTEM_CRASH_AT": "committed:1/improve"}
+    done = subprocess.run([sys.executable, "-c", script, str(tmp_path / "run"), uri], env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == -9, done.stderr[-2000:]
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=True)
+    assert run.done(1, "improve")
+    rid = json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"]
+    client = mlflow.tracking.MlflowClient(uri)
+    assert client.get_metric_history(rid, "improve/loss") == []  # the kill came first
+    run.sink = MetricsSink(run.root, tensorboard=True, mlflow_uri=uri, committed=run.manifest()["completed"])
+    run.catch_up()
+    run.complete(1, "eval", [{"split": "valid", "pass@1": 0.5}])
+    run.sink.close()
+    assert mlflow_steps(client, rid, "improve/loss") == [(1, 1.5)]
+    assert mlflow_steps(client, rid, "eval/valid/pass_at_1") == [(0, 0.25), (1, 0.5)]
+    assert mlflow_steps(client, rid, "improve_step/iter_001/loss") == [(1, 2.0), (2, 1.5)]  # once: they went live
+    events = scalar_events(run.root / "tensorboard")
+    assert events["improve/loss"] == [1] and events["eval/valid/pass_at_1"] == [0, 1]
+    # (live step lines go to TensorBoard asynchronously: the kill may have cost some, never sent twice)
+    steps = events.get("improve_step/iter_001/loss", [])
+    assert len(steps) == len(set(steps)) and set(steps) <= {1, 2}
+    sent = json.loads((run.root / "tracking.json").read_text())
+    assert {"0/eval", "1/improve", "1/improve_step", "1/eval"} <= set(sent["mlflow"]["sent"]) \
+        == set(sent["tensorboard"]["sent"])
+
+
+def test_phases_a_server_did_not_take_are_sent_at_the_next_commit_after_its_pause(tmp_path, monkeypatch, capsys):
+    """An MLflow server down for a while: before, the phases committed meanwhile were missing from its run for
+    good (metrics.jsonl only). Now the first commit after the pause sends them too, each once; TensorBoard, which
+    took them, gets none again."""
+    import mlflow
+
+    from restem_ray import observability
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file://{tmp_path / 'mlruns'}"
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.sink = MetricsSink(run.root, tensorboard=True, mlflow_uri=uri)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25}])
+    real = mlflow.MlflowClient.log_batch
+
+    def down(*a, **k):
+        raise ConnectionError("refused")
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", down)
+    run.complete(1, "generate", [{"accept_rate": 0.5}])
+    run.complete(1, "eval", [{"split": "valid", "pass@1": 0.5}])  # paused: no request, the same warning
+    assert capsys.readouterr().out.count("did not take") == 2
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", real)  # the server is back ...
+    run.complete(2, "generate", [{"accept_rate": 0.75}])  # ... but the pause is not over: still nothing
+    assert "did not take the 2/generate lines (RuntimeError: MLflow: RuntimeError: not sent" in capsys.readouterr().out
+    monkeypatch.setattr(run.sink, "_mlflow_down_until", 0.0)  # (the pause ends)
+    run.complete(2, "eval", [{"split": "valid", "pass@1": 0.625}])
+    assert "did not take" not in capsys.readouterr().out
+    rid = json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"]
+    client = mlflow.tracking.MlflowClient(uri)
+    assert sorted(mlflow_steps(client, rid, "eval/valid/pass_at_1")) == [(0, 0.25), (1, 0.5), (2, 0.625)]
+    assert sorted(mlflow_steps(client, rid, "generate/accept_rate")) == [(1, 0.5), (2, 0.75)]
+    run.sink.close()
+    assert scalar_events(run.root / "tensorboard")["eval/valid/pass_at_1"] == [0, 1, 2]
+    assert observability.MLFLOW_PAUSE_S == 600.0
+
+
+def test_a_dashboard_new_to_a_resumed_run_gets_its_history_and_a_record_of_an_earlier_version_sends_nothing_again(
+        tmp_path, monkeypatch):
+    """MLflow configured on resume (or its run deleted there): the new MLflow run gets every committed phase and
+    the committed M-steps' step lines, and the checkpoint's lines of the M-step in progress; TensorBoard, which
+    had them, gets nothing twice. A tracking.json written before records of what was sent is taken as all sent."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file://{tmp_path / 'mlruns'}"
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.sink = MetricsSink(run.root, tensorboard=True)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25}])
+    run.log_steps(1, [], restart=True)
+    run.log_steps(1, [step_line(1, 2.0), step_line(2, 1.5)])
+    run.complete(1, "improve", [{"loss": 1.5}])
+    run.log_steps(2, [], restart=True)
+    run.log_steps(2, [step_line(1, 3.0)])  # the driver is killed in iteration 2's M-step
+    run.sink.close()
+
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=True)
+    run.sink = MetricsSink(run.root, tensorboard=True, mlflow_uri=uri, committed=run.manifest()["completed"])
+    run.catch_up()
+    run.log_steps(2, [step_line(1, 3.0)], restart=True)  # the resumed M-step, from its checkpoint
+    run.log_steps(2, [step_line(2, 2.5)])
+    run.complete(2, "improve", [{"loss": 2.5}])
+    run.sink.close()
+    rid = json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"]
+    client = mlflow.tracking.MlflowClient(uri)
+    assert mlflow_steps(client, rid, "eval/valid/pass_at_1") == [(0, 0.25)]
+    assert sorted(mlflow_steps(client, rid, "improve/loss")) == [(1, 1.5), (2, 2.5)]
+    assert mlflow_steps(client, rid, "improve_step/iter_001/loss") == [(1, 2.0), (2, 1.5)]
+    assert mlflow_steps(client, rid, "improve_step/iter_002/loss") == [(1, 3.0), (2, 2.5)]
+    events = scalar_events(run.root / "tensorboard")
+    assert events["eval/valid/pass_at_1"] == [0] and events["improve/loss"] == [1, 2]
+    assert events["improve_step/iter_001/loss"] == [1, 2] and events["improve_step/iter_002/loss"] == [1, 2]
+
+    # an earlier version's record: ids only. Its dashboards are taken to have every committed phase.
+    (run.root / "tracking.json").write_text(json.dumps({"mlflow": {"run_id": rid, "tracking_uri": uri,
+                                                                   "experiment": "restem-ray"}}))
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=True)
+    run.sink = MetricsSink(run.root, tensorboard=True, mlflow_uri=uri, committed=run.manifest()["completed"])
+    run.catch_up()
+    run.complete(2, "eval", [{"split": "valid", "pass@1": 0.5}])
+    run.sink.close()
+    assert json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"] == rid
+    assert mlflow_steps(client, rid, "eval/valid/pass_at_1") == [(0, 0.25), (2, 0.5)]
+    assert sorted(mlflow_steps(client, rid, "improve/loss")) == [(1, 1.5), (2, 2.5)]
+    events = scalar_events(run.root / "tensorboard")
+    assert events["eval/valid/pass_at_1"] == [0, 2] and events["improve/loss"] == [1, 2]
