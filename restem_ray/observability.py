@@ -47,6 +47,32 @@ def check_sinks(o) -> None:
                 raise UserError(MISSING[package]) from None
     if o.mlflow_tracking_uri:
         check_mlflow(o.mlflow_tracking_uri, o.mlflow_experiment)
+    if o.wandb_project:
+        check_wandb(o.wandb_mode)
+
+
+def check_wandb(mode: str | None) -> None:
+    """An online W&B run needs credentials here (WANDB_API_KEY, `wandb login`'s .netrc entry, an identity token
+    file): without them `wandb.init` failed after the run directory was written. Found as wandb.init finds them,
+    without asking on the terminal and without a request; a wandb without this lookup is not checked."""
+    try:
+        from wandb.errors import AuthenticationError
+        from wandb.sdk import wandb_setup
+        from wandb.sdk.lib.wbauth.authenticate import authenticate_session
+    except ImportError:  # (another wandb version: wandb.init says it later)
+        return
+    settings = wandb_setup.singleton().settings  # (read once per process: the environment is read first)
+    if (mode or os.environ.get("WANDB_MODE") or settings.mode) in ("offline", "dryrun", "disabled"):
+        return
+    host = os.environ.get("WANDB_BASE_URL") or settings.base_url
+    try:
+        found = authenticate_session(host=host, source="restem-ray", prompt=False, update_session=False)
+    except AuthenticationError as e:
+        raise UserError(f"observability.wandb_project: W&B credentials for {host}: {first_line(e)}") from None
+    if found is None:
+        raise UserError(f"observability.wandb_project: no W&B credentials for {host} here (set "
+                        "WANDB_API_KEY or run `wandb login`; or observability.wandb_mode: offline, and `wandb sync` "
+                        "later)")
 
 
 def check_mlflow(uri: str, experiment: str) -> None:

@@ -538,3 +538,39 @@ def test_a_dashboard_new_to_a_resumed_run_gets_its_history_and_a_record_of_an_ea
     assert sorted(mlflow_steps(client, rid, "improve/loss")) == [(1, 1.5), (2, 2.5)]
     events = scalar_events(run.root / "tensorboard")
     assert events["eval/valid/pass_at_1"] == [0, 2] and events["improve/loss"] == [1, 2]
+
+
+def test_an_online_wandb_run_without_credentials_fails_before_the_run_is_written(tmp_path, monkeypatch):
+    """W&B online with no API key where the driver runs: before, `wandb.init` failed after the run directory was
+    written; now `check` and the driver's start say so in one line. A `wandb login` (.netrc), WANDB_API_KEY or
+    offline mode passes; a malformed key is named."""
+    wandb = pytest.importorskip("wandb")
+    from restem_ray.config import ObservabilityConfig
+    from restem_ray.errors import UserError
+    from restem_ray.observability import check_sinks
+
+    for k in ("WANDB_API_KEY", "WANDB_IDENTITY_TOKEN_FILE", "WANDB_MODE"):
+        monkeypatch.delenv(k, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    monkeypatch.setenv("WANDB_BASE_URL", "https://api.wandb.ai")
+    wandb.teardown()
+    try:
+        with pytest.raises(UserError, match=r"^observability.wandb_project: no W&B credentials for https://api.wandb.ai "
+                                            r"here \(set WANDB_API_KEY or run `wandb login`"):
+            check_sinks(ObservabilityConfig(wandb_project="p"))
+        check_sinks(ObservabilityConfig(wandb_project="p", wandb_mode="offline"))
+        monkeypatch.setenv("WANDB_MODE", "disabled")
+        check_sinks(ObservabilityConfig(wandb_project="p"))
+        monkeypatch.delenv("WANDB_MODE")
+        (tmp_path / "netrc").write_text(f"machine api.wandb.ai\n  login user\n  password {'a1' * 20}\n")
+        check_sinks(ObservabilityConfig(wandb_project="p"))  # what `wandb login` writes
+        (tmp_path / "netrc").unlink()
+        monkeypatch.setenv("WANDB_API_KEY", "not a key")
+        with pytest.raises(UserError, match="W&B credentials for https://api.wandb.ai: AuthenticationError: "
+                                            "WANDB_API_KEY invalid"):
+            check_sinks(ObservabilityConfig(wandb_project="p"))
+        monkeypatch.setenv("WANDB_API_KEY", "b2" * 20)
+        check_sinks(ObservabilityConfig(wandb_project="p"))
+    finally:
+        wandb.teardown()
