@@ -147,11 +147,11 @@ class Driver:
                                         wandb_project=o.wandb_project, wandb_entity=o.wandb_entity,
                                         wandb_mode=o.wandb_mode, config=cfg.model_dump(mode="json"),
                                         committed=self.run.manifest()["completed"])
-            self.run.catch_up()  # a resumed run: what a dashboard missed before, e.g. a kill after a commit
         policy, self.best = base, None                                      # self.best: {"iteration", "valid"}
         self.last_iteration = 0
         failed = True  # (until the loop ends: the dashboards then say how the run ended)
         try:
+            self.run.catch_up()  # a resumed run: what a dashboard missed before, e.g. a kill after a commit
             self.evaluate(0, policy)                                             # the base's scores
             for t in range(1, cfg.loop.iterations + 1):
                 self.last_iteration = t

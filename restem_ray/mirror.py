@@ -36,13 +36,16 @@ from .data import durable_replace, fsync_tree, whole_parquet
 from .errors import RunError, UserError, first_line, shown_uri
 from .lease import NAME as LEASE
 from .lease import DriverLease
+from .observability import TRACKING_FILE
 from .storage import written_by_a_driver as _driver_config
 
 STATE = ".mirror-state.json"
 REPORTED = re.compile(r"manifest\.json|metrics\.jsonl|config\.yaml|iter_\d+/problems\.parquet")  # report's reads
 LOCAL_ONLY = {".driver.lock", STATE, LEASE}  # the lease lives on the remote only
 MANIFEST = "manifest.json"
-MARKERS = {"restem_mstep.json"}  # files that say their folder is whole (training.FINISHED): uploaded after it
+# files that vouch for others, uploaded after them: a folder whole (training.FINISHED), the dashboards' files (the
+# record of what each dashboard took, restem_ray/observability.py)
+MARKERS = {"restem_mstep.json", TRACKING_FILE}
 BUCKET_STORES = ("s3", "gcs")  # file systems whose first path component is a bucket; they have no real folders
 SHARD = re.compile(r"iter_(\d+)/samples/part-[^/]+\.parquet")  # an E-step shard (restem_ray/storage.py)
 

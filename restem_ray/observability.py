@@ -143,6 +143,27 @@ def _metric_name(name: str) -> str:
     return "/".join(part for part in name.split("/") if part not in ("", ".", ".."))
 
 
+def _read_tracking(path: Path) -> dict:
+    """RUN/tracking.json, checked: one line naming it when damaged (not a traceback from deep in a dashboard)."""
+    if not path.is_file():
+        return {}
+    problem = None
+    try:
+        ids = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError):
+        problem = "not valid JSON"
+    else:
+        if not isinstance(ids, dict) or not all(isinstance(v, dict) for v in ids.values()):
+            problem = "not a map of dashboards to their records"
+        elif any(not isinstance(v.get("sent", []), list) or not all(isinstance(k, str) and "/" in k for k in v.get("sent", []))
+                 for v in ids.values()):
+            problem = "a 'sent' list that is not a list of phase keys"
+    if problem:
+        raise UserError(f"{path}: {problem} (the dashboards' run ids and what they took; remove it to start new "
+                        "dashboard runs that get every committed phase)")
+    return ids
+
+
 def step_key(iteration) -> str:
     """The key under which a dashboard's record says it has an M-step's step lines (beside the phase keys of the
     manifest: "1/improve" and "1/improve_step")."""
@@ -182,13 +203,13 @@ class MetricsSink:
         self._mlflow_uri, self._mlflow_run = mlflow_uri, None
         self._mlflow_down_until = 0.0  # a server that failed a call is left alone a while (MLFLOW_PAUSE_S)
         ids_path = run_root / TRACKING_FILE
-        ids = json.loads(ids_path.read_text()) if ids_path.is_file() else {}
-        prior_sent = {name: (ids.get(name) or {}).get("sent") for name in DASHBOARDS}
+        ids = _read_tracking(ids_path)
+        prior_sent = {name: ids.get(name, {}).get("sent") for name in DASHBOARDS}
         continued = {}  # dashboard -> whether it continues what an earlier invocation logged to
         if tensorboard:
             continued["tensorboard"] = any((run_root / "tensorboard").glob("events.out.tfevents.*"))
+            # (the writer starts once the record is written: event files without a record read as an earlier version's)
             self._tb_dir, self._tb_lock = str(run_root / "tensorboard"), threading.Lock()
-            self._tb = _tb_writer(self._tb_dir)
         if mlflow_uri:
             try:
                 import mlflow
@@ -260,7 +281,10 @@ class MetricsSink:
             ids.setdefault("tensorboard", {})
         self._ids = ids  # (a dashboard off in this invocation keeps its record, for when it is on again)
         self._ids_path, self._lock = ids_path, threading.Lock()
+        self._steps_new: dict = {}  # iteration -> dashboards that began its M-step's step lines at a restart
         self._record()
+        if tensorboard:
+            self._tb = _tb_writer(self._tb_dir)
 
     # ------------------------------------------------------------------ what each dashboard has taken
     def _record(self) -> None:
@@ -300,7 +324,9 @@ class MetricsSink:
         if phase != STEP_PHASE:
             self._mark(f"{iteration}/{phase}", took)
         if failed:
-            raise RuntimeError("; ".join(failed.values()))
+            error = RuntimeError("; ".join(failed.values()))
+            error.dashboards = [name for name in failed if name not in took]  # (RunDir's catch-up leaves them)
+            raise error
 
     def resend(self, iteration, phase: str, lines: list[dict], to) -> dict[str, str]:
         """A committed phase's lines, or a committed M-step's step lines, to the dashboards `to` that have not
@@ -326,7 +352,17 @@ class MetricsSink:
             if failed:
                 print(f"[restem] warning: the dashboards did not take the {iteration} M-step's earlier step lines "
                       f"({'; '.join(failed.values())})", flush=True)
+        self._steps_new[iteration] = set(new)
         self._mark(key, new)
+
+    def steps_again(self, iteration, lines: list[dict]) -> None:
+        """Step lines of steps trained again after a restart, which the dashboards that had them do not get twice:
+        to the dashboards that began this M-step's lines at its restart (new to the run), which never had them."""
+        new = self._steps_new.get(iteration)
+        if new:
+            took, failed = self._send(iteration, STEP_PHASE, lines, new)
+            if failed:
+                raise RuntimeError("; ".join(failed.values()))
 
     def _send(self, iteration, phase: str, lines: list[dict], names) -> tuple[list[str], dict[str, str]]:
         """The lines to the dashboards `names`: those that took them, and {dashboard: error} (one that refused some

@@ -313,50 +313,72 @@ class RunDir:
                 print(f"[restem] warning: the dashboards' record of step lines ({first_line(e, limit=200)})", flush=True)
         if not restart:
             shown = self._shown_steps.get(iteration, 0)
+            again = [x for x in lines if x.get("step", shown + 1) <= shown]
+            if again and hasattr(self.sink, "steps_again"):  # steps trained again: only to a dashboard new to them
+                try:
+                    self.sink.steps_again(iteration, again)
+                except Exception as e:
+                    print(f"[restem] warning: the dashboards did not take step lines ({first_line(e, limit=200)})",
+                          flush=True)
             self._to_sink(iteration, STEP_PHASE, [x for x in lines if x.get("step", shown + 1) > shown])
 
     def _to_sink(self, iteration, phase: str, lines) -> None:
         """The dashboards' copy of committed lines: an MLflow server down for a while must not end a run of
-        hours (metrics.jsonl holds every line; `restem-ray report` reads it). A committed phase the dashboards took
-        is followed by the phases one of them has not taken yet (`catch_up`)."""
+        hours (metrics.jsonl holds every line; `restem-ray report` reads it). A committed phase's send is followed
+        by the phases a dashboard has not taken yet (`catch_up`), to the dashboards that took this one."""
         if self.sink is None:
             return
+        failed = ()
         try:
             self.sink.log(iteration, phase, list(lines))
         except Exception as e:
             print(f"[restem] warning: the dashboards did not take the {iteration}/{phase} lines "
                   f"({first_line(e, limit=200)}); metrics.jsonl holds them", flush=True)
-            return  # (nor would they take earlier ones now: one warning per commit)
+            failed = getattr(e, "dashboards", ())  # (nor would they take earlier ones now: one warning per commit)
         if phase != STEP_PHASE:
-            self.catch_up()
+            self.catch_up(skip=failed)
 
-    def catch_up(self) -> None:
+    def catch_up(self, skip=()) -> None:
         """Send each dashboard the committed phases it has not taken, oldest first (`MetricsSink.unsent`): the
         driver killed between a commit and its send, a server that was down, a dashboard new to the run. A
-        dashboard that fails one is left until the next commit. On a URI run directory the record goes up now,
-        so a resume elsewhere does not send the phases again."""
+        dashboard that fails one, or is in `skip`, is left until the next commit. Warns, never raises: the
+        dashboards are views of metrics.jsonl. On a URI run directory the dashboards' files go up now, their record
+        last, so a resume elsewhere neither sends the phases again nor takes files it lacks for sent."""
+        try:
+            self._catch_up(skip)
+        except Exception as e:
+            print(f"[restem] warning: the dashboards could not catch up ({first_line(e, limit=200)}); "
+                  "metrics.jsonl holds every line", flush=True)
+        if self.mirror is not None and self.sink is not None:
+            try:
+                self.mirror.push()  # (what changed since the commit's push: the dashboards' files, tracking.json last)
+            except Exception as e:
+                print(f"[restem] warning: the dashboards' files did not go up ({first_line(e, limit=200)}); the "
+                      "next commit sends them", flush=True)
+
+    def _catch_up(self, skip) -> None:
         unsent = getattr(self.sink, "unsent", None)
         if unsent is None:
             return
         completed = self.manifest()["completed"]
-        todo = unsent(sorted(completed, key=lambda k: completed[k]))
-        if todo:
-            by_key: dict[str, list[dict]] = {}
-            for m in self.committed_metrics():
-                by_key.setdefault(f"{m['iteration']}/{m['phase']}", []).append(m)
-            failed, left = {}, 0
-            # (each key once, in the order of the first dashboard that lacks it)
-            for key in dict.fromkeys(k for keys in todo.values() for k in keys):
-                lacking = [name for name, keys in todo.items() if key in keys]
-                to = [name for name in lacking if name not in failed]  # (one that failed is left till next time)
-                if to:
-                    failed |= self.sink.resend(*split_key(key), by_key.get(key, []), to)
-                left += any(name in failed for name in lacking)
-            if failed:
-                print(f"[restem] warning: the dashboards did not take {left} earlier phase(s) "
-                      f"({'; '.join(failed.values())}); the next commit sends them again", flush=True)
-        if self.mirror is not None:
-            self.saved(self.root / "tracking.json")
+        todo = {name: keys for name, keys in unsent(sorted(completed, key=lambda k: completed[k])).items()
+                if name not in skip}
+        if not todo:
+            return
+        by_key: dict[str, list[dict]] = {}
+        for m in self.committed_metrics():
+            by_key.setdefault(f"{m['iteration']}/{m['phase']}", []).append(m)
+        failed, left = {}, 0
+        # (each key once, in the order of the first dashboard that lacks it)
+        for key in dict.fromkeys(k for keys in todo.values() for k in keys):
+            lacking = [name for name, keys in todo.items() if key in keys]
+            to = [name for name in lacking if name not in failed]  # (one that failed is left till next time)
+            if to:
+                failed |= self.sink.resend(*split_key(key), by_key.get(key, []), to)
+            left += any(name in failed for name in lacking)
+        if failed:
+            print(f"[restem] warning: the dashboards did not take {left} earlier phase(s) "
+                  f"({'; '.join(failed.values())}); the next commit sends them again", flush=True)
 
     def _trim_metrics(self) -> None:
         """Keep committed lines, and the step lines of committed M-steps (an unfinished M-step sends its step

@@ -574,3 +574,124 @@ def test_an_online_wandb_run_without_credentials_fails_before_the_run_is_written
         check_sinks(ObservabilityConfig(wandb_project="p"))
     finally:
         wandb.teardown()
+
+
+def test_on_a_uri_run_directory_the_dashboards_files_go_up_before_their_record(tmp_path):
+    """The record of what TensorBoard took went up at once while its event file waited for the next commit's
+    upload (hours later, after an E-step): a node lost meanwhile left a remote record saying "sent" for a phase the
+    remote event files lacked, and the resume elsewhere never sent it."""
+    from restem_ray.mirror import RunMirror
+
+    uri = f"file://{tmp_path}/bucket/run"
+    m = RunMirror(uri, cache=tmp_path / "node-a")
+    m.prepare(resume=False, has_run=False)
+    run = RunDir(m.local)
+    run.mirror = m
+    run.create("a: 1\n", resume=False)
+    run.sink = MetricsSink(run.root, tensorboard=True)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25}])
+    run.complete(1, "generate", [{"accept_rate": 0.5}])  # node-a is lost during the next phase: no more uploads
+    remote = tmp_path / "bucket" / "run"
+    assert set(json.loads((remote / "tracking.json").read_text())["tensorboard"]["sent"]) == {"0/eval", "1/generate"}
+    assert scalar_events(remote / "tensorboard") == {"eval/valid/pass_at_1": [0], "generate/accept_rate": [1]}
+    run.sink.close()
+    m2 = RunMirror(uri, cache=tmp_path / "node-b")
+    m2.prepare(resume=True, has_run=True)
+    run = RunDir(m2.local)
+    run.mirror = m2
+    run.create("a: 1\n", resume=True)
+    run.sink = MetricsSink(run.root, tensorboard=True, committed=run.manifest()["completed"])
+    run.catch_up()
+    run.complete(1, "select", [{"kept": 3}])
+    run.sink.close()
+    assert scalar_events(run.root / "tensorboard") == {"eval/valid/pass_at_1": [0], "generate/accept_rate": [1],
+                                                       "select/kept": [1]}
+
+
+def test_one_failing_dashboard_does_not_keep_another_from_catching_up(tmp_path, monkeypatch, capsys):
+    """MLflow missed a phase, then came back; TensorBoard now fails at every commit (a full disk): MLflow's backlog
+    still goes (before, any failing dashboard skipped the catch-up of all)."""
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file://{tmp_path / 'mlruns'}"
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.sink = sink = MetricsSink(run.root, tensorboard=True, mlflow_uri=uri)
+    real = mlflow.MlflowClient.log_batch
+
+    def down(*a, **k):
+        raise ConnectionError("refused")
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", down)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25}])
+    assert "did not take the 0/eval lines (RuntimeError: MLflow" in capsys.readouterr().out
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", real)
+    monkeypatch.setattr(sink, "_mlflow_down_until", 0.0)
+
+    def full_disk(points):
+        raise OSError("No space left on device")
+    monkeypatch.setattr(sink, "_log_tb", full_disk)
+    run.complete(1, "eval", [{"split": "valid", "pass@1": 0.5}])
+    out = capsys.readouterr().out
+    assert out.count("warning") == 1 and "did not take the 1/eval lines (RuntimeError: TensorBoard: OSError" in out
+    rid = json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"]
+    client = mlflow.tracking.MlflowClient(uri)
+    assert sorted(mlflow_steps(client, rid, "eval/valid/pass_at_1")) == [(0, 0.25), (1, 0.5)]
+    assert sink.unsent(run.manifest()["completed"]) == {"tensorboard": ["1/eval"]}
+    sink.close()
+
+
+def test_a_dashboard_new_to_a_resumed_m_step_gets_its_steps_trained_again(tmp_path, monkeypatch):
+    """Killed at step 3 with a checkpoint at step 1, resumed with MLflow added: steps 2 and 3 are trained again.
+    TensorBoard had them and does not get them twice; MLflow, new, gets them (before: [1, 4])."""
+    import mlflow
+
+    while mlflow.active_run():  # (one an earlier test left open in this process)
+        mlflow.end_run()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    uri = f"file://{tmp_path / 'mlruns'}"
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.sink = MetricsSink(run.root, tensorboard=True)
+    run.log_steps(1, [], restart=True)
+    for s in (1, 2, 3):
+        run.log_steps(1, [step_line(s, 4.0 - s)])
+    run.sink.close()
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=True)
+    run.sink = MetricsSink(run.root, tensorboard=True, mlflow_uri=uri, committed=run.manifest()["completed"])
+    run.catch_up()
+    run.log_steps(1, [step_line(1, 3.0)], restart=True)  # the checkpoint's line
+    for s in (2, 3, 4):
+        run.log_steps(1, [step_line(s, 4.0 - s)])
+    run.complete(1, "improve", [{"loss": 0.0}])
+    run.sink.close()
+    rid = json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"]
+    client = mlflow.tracking.MlflowClient(uri)
+    assert [s for s, _ in mlflow_steps(client, rid, "improve_step/iter_001/loss")] == [1, 2, 3, 4]
+    assert scalar_events(run.root / "tensorboard")["improve_step/iter_001/loss"] == [1, 2, 3, 4]
+
+
+def test_a_damaged_tracking_json_is_one_line_and_a_failed_start_leaves_no_unrecorded_event_files(tmp_path, monkeypatch):
+    import mlflow
+
+    from restem_ray.errors import UserError
+
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    for text, why in (("{", "not valid JSON"), ("[1]", "not a map of dashboards"),
+                      ('{"mlflow": {"sent": [3]}}', "a 'sent' list that is not a list of phase keys")):
+        (run.root / "tracking.json").write_text(text)
+        with pytest.raises(UserError, match=f"tracking.json: {why}.*remove it"):
+            MetricsSink(run.root, tensorboard=True)
+    (run.root / "tracking.json").unlink()
+    # MLflow's start fails after TensorBoard's was decided: no event file without a record of what it took (a
+    # resume would read them as an earlier version's, which took every committed phase)
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+
+    def refused(*a, **k):
+        raise ConnectionError("refused")
+    monkeypatch.setattr(mlflow, "set_experiment", refused)
+    with pytest.raises(UserError, match="observability.mlflow_tracking_uri"):
+        MetricsSink(run.root, tensorboard=True, mlflow_uri=f"file://{tmp_path / 'mlruns'}")
+    assert not list((run.root / "tensorboard").glob("events.out.tfevents.*"))
