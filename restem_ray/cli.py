@@ -149,7 +149,8 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
     from .driver import Driver, init_ray
 
     from .errors import StopAfter
-    from .resources import check_ray_cluster, check_run_dir_on_every_node, check_verifier_on_cluster
+    from .resources import (check_attention_on_cluster, check_ray_cluster, check_run_dir_on_every_node,
+                            check_verifier_on_cluster)
     from .verification import resolve_verifier
 
     # validates data, the run dir and --stop-after before Ray starts
@@ -166,6 +167,7 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
             check_run_dir_on_every_node(out)
         check_verifier_on_cluster(resolve_verifier(cfg.verification.verifier, cfg.task.kind), cfg.verification,
                                  cfg.sampling.placement_timeout_s)  # a sandbox or a warm-up: where verifiers run
+        check_attention_on_cluster(cfg)  # a flash-attention kernel's package, where the M-step runs
         driver.run.lock()  # one driver per run directory, held until this process ends
     except BaseException:  # (a process that goes on, a test's, must not keep the run locked)
         driver.run.unlock()

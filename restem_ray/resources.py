@@ -192,6 +192,48 @@ def check_run_dir_on_every_node(out, timeout_s: float = 60.0, not_shared=None) -
         raise UserError((not_shared or run_dir_not_shared)(out, missing, len(others) + 1))
 
 
+# attention kernels transformers takes from a package of their own, which the GPU image carries only when built with
+# it (docker/Dockerfile.gpu's FLASH_ATTN_WHEELS)
+ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+
+
+def check_attention_on_cluster(cfg: RestemConfig, timeout_s: float = 60.0) -> None:
+    """`training.attn_implementation: flash_attention_2` on nodes without flash-attn: transformers refuses it in
+    every rank at the first M-step's model load, after the baseline evaluation and a whole E-step (and a RayJob
+    then retries the same). Looked for now on every alive node the M-step can run on (those with GPUs, when
+    training.use_gpu), by a task that takes no resources; nodes that join later (autoscaling) cannot be checked."""
+    package = ATTENTION_PACKAGES.get(cfg.training.attn_implementation or "")
+    if package is None:
+        return
+    import ray
+    from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
+
+    nodes = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")
+             and (n.get("Resources", {}).get("GPU", 0) > 0 or not cfg.training.use_gpu)}
+    if not nodes:
+        print(f"[restem] note: no GPU node is up yet to look for {package} on (training.attn_implementation)")
+        return
+    has = ray.remote(num_cpus=0)(_has_package)
+    refs = [has.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(package) for n in nodes]
+    try:
+        found = ray.get(refs, timeout=timeout_s)
+    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:  # e.g. a node that died meanwhile
+        print(f"[restem] could not look for {package} on every node: {type(e).__name__}")
+        return
+    missing = [addr for addr, ok in zip(nodes.values(), found) if not ok]
+    if missing:
+        raise UserError(f"training.attn_implementation: {cfg.training.attn_implementation} needs the {package} "
+                        f"package, which {len(missing)} of {len(nodes)} node(s) the M-step can run on lack "
+                        f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): build the GPU image with "
+                        "FLASH_ATTN_WHEELS (docker/Dockerfile.gpu), or use sdpa")
+
+
+def _has_package(name: str) -> bool:
+    import importlib.util
+
+    return importlib.util.find_spec(name) is not None
+
+
 def _holds(path: str, token: str) -> bool:
     try:
         with open(path) as f:

@@ -251,3 +251,27 @@ def test_a_phase_waits_for_room_saying_so_and_gives_up_in_one_line(cluster, caps
         reserve(late, 1.5, "4 things", "sampling.placement_timeout_s", quiet_s=0.5)
     assert placement_group_table(late)["state"] == "REMOVED"
     remove_placement_group(group)
+
+
+def test_a_flash_attention_kernel_whose_package_the_m_step_nodes_lack_is_refused_at_start(cluster, monkeypatch, capsys):
+    """training.attn_implementation: flash_attention_2 on an image built without flash-attn failed in every rank at
+    the first M-step's model load, after the baseline evaluation and a whole E-step. Now the start looks for the
+    package on every node the M-step can run on (here: this CPU-only cluster's one node), in a worker process."""
+    from restem_ray import resources
+    from restem_ray.resources import check_attention_on_cluster
+
+    tree = {"task": {"train_file": "t", "valid_file": "v"}, "model": {"base": "m"}}
+
+    def cfg(**training):
+        return RestemConfig.model_validate({**tree, "training": training,
+                                            "sampling": {"use_gpu": training.get("use_gpu", False)}})
+    with pytest.raises(UserError, match=r"^training.attn_implementation: flash_attention_2 needs the flash_attn package, "
+                                        r"which 1 of 1 node\(s\) the M-step can run on lack \(127.0.0.1\): build the "
+                                        r"GPU image with FLASH_ATTN_WHEELS"):
+        check_attention_on_cluster(cfg(attn_implementation="flash_attention_2"))
+    check_attention_on_cluster(cfg(attn_implementation="sdpa"))  # nothing to look for
+    monkeypatch.setitem(resources.ATTENTION_PACKAGES, "flash_attention_2", "pyarrow")  # a package the nodes hold
+    check_attention_on_cluster(cfg(attn_implementation="flash_attention_2"))
+    # training on GPUs, and no GPU node up yet (an autoscaling cluster): nothing to look at, said so
+    check_attention_on_cluster(cfg(attn_implementation="flash_attention_2", use_gpu=True, dtype="bf16"))
+    assert "no GPU node is up yet to look for pyarrow on" in capsys.readouterr().out
