@@ -195,6 +195,29 @@ class PromptRenderer:
             return None
         return ids[0]
 
+    def answer_lead(self) -> str:
+        """The whitespace the format puts between a prompt and its answer, which `render` leaves out of the prompt
+        (a plain format's "A: {answer}" gives " "; a chat template that writes " " + the content, Mistral's and
+        Llama-2's "[/INST] ", too). The model's own samples begin with it; a human solution (a seed row) gets it
+        too, so both are trained on the boundary the model meets at inference. Only whitespace: a template that
+        writes more there (Qwen3's empty think block) gives "", as does a template without an answer field."""
+        if self.chat:
+            mark, user = "RESTEM_ANSWER_MARK", [{"role": "user", "content": "Q"}]
+            try:
+                head = self.tok.apply_chat_template(user, tokenize=False, add_generation_prompt=True,
+                                                    **self.template_kwargs)
+                full = self.tok.apply_chat_template(user + [{"role": "assistant", "content": mark}], tokenize=False,
+                                                    **self.template_kwargs)
+            except Exception:
+                return ""
+            lead = full[len(head): full.find(mark)] if full.startswith(head) and mark in full else ""
+        elif self.fmt is None:
+            return ""
+        else:
+            tail = before_field(self.fmt, "answer", filled=True)
+            lead = tail[len(tail.rstrip()):]
+        return lead if lead.isspace() else ""
+
     def _question(self, row: dict, loc: str = "") -> str:
         try:
             return self.pc.template.format_map(row)
@@ -278,9 +301,10 @@ def render_task(cfg: RestemConfig, splits: Splits, model: str | None = None) -> 
         train = fitting_prompts(cfg, train, renderer.tok if renderer else load_tokenizer(model or cfg.model.base))
     evals = {n: render_rows(rows, renderer, code=code) for n, rows in splits.evals.items()}
     seed = splits.seed_rows
-    if renderer is not None:  # human solutions are trained on like samples: under the training rendering
-        seed = [dict(r, prompt=renderer.render(r, few_shot=cfg.prompt.train_few_shot), raw_prompt=r["prompt"])
-                for r in seed]
+    if renderer is not None:  # human solutions are trained on like samples: under the training rendering, after
+        lead = renderer.answer_lead()  # the space or line the format puts before an answer (as samples begin)
+        seed = [dict(r, prompt=renderer.render(r, few_shot=cfg.prompt.train_few_shot), raw_prompt=r["prompt"],
+                     solution=r["solution"] if r["solution"][:1].isspace() else lead + r["solution"]) for r in seed]
     stop, stop_token_ids = sampling_stops(cfg, renderer)
     if model is None and cfg.model.sampler and renderer is not None and renderer.chat and not cfg.sampling.stop_token_ids:
         stop_token_ids = _sampler_stop(cfg.model.sampler, renderer, stop_token_ids)

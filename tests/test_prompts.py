@@ -285,12 +285,40 @@ def test_train_few_shot_false_trains_on_the_zero_shot_rendering(tmp_path):
     assert r["train_prompt"] == f"Q: {r['question']}\nA:" and r["prompt"].count("\nA: ") == 8
     assert all("train_prompt" not in v for v in task.evals["valid"])  # eval rows are never trained on
     assert task.seed_rows[0]["prompt"] == "Q: What is 1 + 1?\nA:"  # human solutions: the training rendering
+    assert task.seed_rows[0]["solution"] == " #### 2"  # after the format's space, as the model's samples begin
     samples = pa.Table.from_pylist([{"id": r["id"], "sample_index": 0, "prompt": r["prompt"],
                                      "train_prompt": r["train_prompt"], "completion": " #### 72", "reward": 1.0}])
     kept = select(samples, max_solutions_per_problem=10)
     assert kept["prompt"].to_pylist() == [r["train_prompt"]]
     kept = select(samples.drop_columns(["train_prompt"]), max_solutions_per_problem=10)
     assert kept["prompt"].to_pylist() == [r["prompt"]]
+
+
+MISTRAL = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+           "{% else %}{{ ' ' + m['content'] + eos_token }}{% endif %}{% endfor %}")
+THINKS = ("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{% if m['role'] == 'assistant' %}<think>\n\n</think>\n\n"
+          "{% endif %}{{ m['content'] }}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n"
+          "{% endif %}")
+
+
+@pytest.mark.parametrize("template, lead", [(MISTRAL, " "), (CHATML, ""), (THINKS, "")],
+                         ids=["space-before-content", "chatml", "more-than-whitespace"])
+def test_human_solutions_are_trained_after_the_space_the_format_puts_before_an_answer(tmp_path, template, lead):
+    """Seed solutions (the control arm's data, training.mix_seed_data) were glued to the prompt: "A:Natalia" after a
+    plain "A: {answer}" format, "[/INST]Natalia" under a template that writes " " + the content, where the model's
+    own samples begin " Natalia". They now get the format's whitespace; a solution that begins with some keeps it."""
+    (tmp_path / "seed.jsonl").write_text("".join(json.dumps({"id": i, "prompt": "What is 1 + 1?", "solution": s}) + "\n"
+                                                 for i, s in (("a", "It is 2. #### 2"), ("b", "\nIt is 2. #### 2"))))
+    model = make_model(tmp_path / "m", template)
+    task = load_task(config(tmp_path, gsm8k_task(seed_file=str(tmp_path / "seed.jsonl")), {"template": "{prompt}"},
+                            model=model))
+    assert [r["solution"] for r in task.seed_rows] == [lead + "It is 2. #### 2", "\nIt is 2. #### 2"]
+    if template is not THINKS:  # the rendered prompt plus the solution reads as the template's own answer turn
+        tok = load_tokenizer(str(model))
+        whole = tok.apply_chat_template([{"role": "user", "content": "What is 1 + 1?"},
+                                         {"role": "assistant", "content": "It is 2. #### 2"}], tokenize=False)
+        assert (task.seed_rows[0]["prompt"] + task.seed_rows[0]["solution"]).removeprefix(tok.bos_token) in \
+            whole.removeprefix(tok.bos_token)
 
 
 def test_code_rows_keep_the_original_code_prompt_for_grading(tmp_path):
