@@ -218,7 +218,7 @@ def check_inputs(cfg, local_sandbox: bool = True):
     check_verifier(cfg, local_sandbox, {"train": task.train, **task.evals} if local_sandbox else None)
     if cfg.task.step_checker:
         load_plugin(cfg.task.step_checker, "task.step_checker")
-    check_sinks(cfg.observability)
+    check_sinks(cfg.observability, keep_new_store=not local_sandbox)  # (run and demo then log to a store made here)
     return task
 
 

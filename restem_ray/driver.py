@@ -126,7 +126,7 @@ class Driver:
             print(f"[restem] stop strings of eval split {name}: {list(stop)}")
         self.step_checker = load_plugin(t.step_checker, "task.step_checker") if t.step_checker else None
         check_verifier(cfg, local_sandbox=False)  # a bad plug-in fails before any work (the sandbox: in _run)
-        check_sinks(cfg.observability)  # as does a dashboard whose package is missing
+        check_sinks(cfg.observability, keep_new_store=True)  # as does a dashboard whose package is missing
         self.resume, self.force = resume, force
         # the eval splits too: a resumed run compares their scores with earlier iterations' (best, patience)
         self.problems = {"train": problem_set(self.train)} | (

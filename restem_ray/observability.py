@@ -35,8 +35,9 @@ MISSING = {"mlflow": "observability.mlflow_tracking_uri is set but mlflow is not
                     "'restem-ray[dashboards]', or wandb)"}
 
 
-def check_sinks(o) -> None:
-    """Before any work: each configured dashboard's package is importable (`o`: ObservabilityConfig)."""
+def check_sinks(o, keep_new_store: bool = False) -> None:
+    """Before any work: each configured dashboard's package is importable (`o`: ObservabilityConfig).
+    `keep_new_store`: a run's start, which logs to a local MLflow store its check made (`check` leaves none)."""
     import importlib
 
     for package, wanted in (("mlflow", o.mlflow_tracking_uri), ("wandb", o.wandb_project)):
@@ -46,7 +47,7 @@ def check_sinks(o) -> None:
             except ImportError:
                 raise UserError(MISSING[package]) from None
     if o.mlflow_tracking_uri:
-        check_mlflow(o.mlflow_tracking_uri, o.mlflow_experiment)
+        check_mlflow(o.mlflow_tracking_uri, o.mlflow_experiment, keep_new_store)
     if o.wandb_project:
         check_wandb(o.wandb_mode)
 
@@ -59,9 +60,10 @@ def check_wandb(mode: str | None) -> None:
         from wandb.errors import AuthenticationError
         from wandb.sdk import wandb_setup
         from wandb.sdk.lib.wbauth.authenticate import authenticate_session
-    except ImportError:  # (another wandb version: wandb.init says it later)
+
+        settings = wandb_setup.singleton().settings  # (read once per process: the environment is read first)
+    except Exception:  # (another wandb version, whose internals differ: wandb.init says it later)
         return
-    settings = wandb_setup.singleton().settings  # (read once per process: the environment is read first)
     if (mode or os.environ.get("WANDB_MODE") or settings.mode) in ("offline", "dryrun", "disabled"):
         return
     host = os.environ.get("WANDB_BASE_URL") or settings.base_url
@@ -69,21 +71,24 @@ def check_wandb(mode: str | None) -> None:
         found = authenticate_session(host=host, source="restem-ray", prompt=False, update_session=False)
     except AuthenticationError as e:
         raise UserError(f"observability.wandb_project: W&B credentials for {host}: {first_line(e)}") from None
+    except Exception:  # (the lookup's own signature or behaviour changed in another version)
+        return
     if found is None:
         raise UserError(f"observability.wandb_project: no W&B credentials for {host} here (set "
                         "WANDB_API_KEY or run `wandb login`; or observability.wandb_mode: offline, and `wandb sync` "
                         "later)")
 
 
-def check_mlflow(uri: str, experiment: str) -> None:
+def check_mlflow(uri: str, experiment: str, keep_new_store: bool = False) -> None:
     """One request to the tracking server before the run directory is written: a server down, a wrong URI or a
     store MLflow refuses (its file store, unless MLFLOW_ALLOW_FILE_STORE) fails `check` and `run` in one line,
     not the first phase's commit. Two retries, not MLflow's seven with back-off (minutes on a refused port)."""
     import mlflow
 
-    # a file store that is not there yet is made by the request: `check` writes nothing, so it goes again
+    # a file store that is not there yet is made by the request: `check` writes nothing, so it goes again (a run
+    # keeps it: MLflow keeps the store it opened for the URI, and a store removed under it fails the run's start)
     local = uri.removeprefix("file://") if uri.startswith("file://") or ":" not in uri else None
-    new_store = local if local and not os.path.exists(local) else None
+    new_store = local if local and not os.path.exists(local) and not keep_new_store else None
     saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
     os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] or "2"
     os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = saved["MLFLOW_HTTP_REQUEST_TIMEOUT"] or "20"

@@ -193,45 +193,58 @@ def check_run_dir_on_every_node(out, timeout_s: float = 60.0, not_shared=None) -
 
 
 # attention kernels transformers takes from a package of their own, which the GPU image carries only when built with
-# it (docker/Dockerfile.gpu's FLASH_ATTN_WHEELS)
-ATTENTION_PACKAGES = {"flash_attention_2": "flash_attn", "flash_attention_3": "flash_attn_interface"}
+# it (docker/Dockerfile.gpu's FLASH_ATTN_WHEELS), or else from a Hub kernel through the `kernels` package
+ATTENTION_PACKAGES = {"flash_attention_2": ("flash_attn", "kernels"),
+                      "flash_attention_3": ("flash_attn_interface", "kernels")}
 
 
 def check_attention_on_cluster(cfg: RestemConfig, timeout_s: float = 60.0) -> None:
     """`training.attn_implementation: flash_attention_2` on nodes without flash-attn: transformers refuses it in
     every rank at the first M-step's model load, after the baseline evaluation and a whole E-step (and a RayJob
-    then retries the same). Looked for now on every alive node the M-step can run on (those with GPUs, when
-    training.use_gpu), by a task that takes no resources; nodes that join later (autoscaling) cannot be checked."""
-    package = ATTENTION_PACKAGES.get(cfg.training.attn_implementation or "")
-    if package is None:
+    then retries the same). Looked for now on every alive node that can host a training worker (its GPU and custom
+    resources), by a task that takes no resources; transformers' fallback to a Hub kernel (the `kernels` package)
+    counts as found. Nodes that join later (autoscaling) or do not answer cannot be checked."""
+    packages = ATTENTION_PACKAGES.get(cfg.training.attn_implementation or "")
+    if packages is None:
         return
+    package = packages[0]
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
+    needs = {k for k in cfg.training.worker_resources() if k != "CPU"}  # (GPU when use_gpu, custom resources)
     nodes = {n["NodeID"]: n.get("NodeManagerAddress", "?") for n in ray.nodes() if n.get("Alive")
-             and (n.get("Resources", {}).get("GPU", 0) > 0 or not cfg.training.use_gpu)}
+             and all(n.get("Resources", {}).get(k, 0) > 0 for k in needs)}
     if not nodes:
-        print(f"[restem] note: no GPU node is up yet to look for {package} on (training.attn_implementation)")
+        print(f"[restem] note: no node that can host a training worker is up yet to look for {package} on "
+              "(training.attn_implementation)", flush=True)
         return
     has = ray.remote(num_cpus=0)(_has_package)
-    refs = [has.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(package) for n in nodes]
-    try:
-        found = ray.get(refs, timeout=timeout_s)
-    except (ray.exceptions.GetTimeoutError, ray.exceptions.RayError) as e:  # e.g. a node that died meanwhile
-        print(f"[restem] could not look for {package} on every node: {type(e).__name__}")
-        return
-    missing = [addr for addr, ok in zip(nodes.values(), found) if not ok]
+    refs = {has.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n, soft=False)).remote(*packages): addr
+            for n, addr in nodes.items()}
+    done, late = ray.wait(list(refs), num_returns=len(refs), timeout=timeout_s)
+    missing, unknown = [], len(late)
+    for ref in done:
+        try:
+            if not ray.get(ref):
+                missing.append(refs[ref])
+        except ray.exceptions.RayError:  # a node that died or drained meanwhile: not known
+            unknown += 1
+    for ref in late:
+        ray.cancel(ref, force=True)
+    if unknown:
+        print(f"[restem] could not look for {package} on {unknown} of {len(nodes)} node(s)", flush=True)
     if missing:
         raise UserError(f"training.attn_implementation: {cfg.training.attn_implementation} needs the {package} "
-                        f"package, which {len(missing)} of {len(nodes)} node(s) the M-step can run on lack "
+                        f"package, which {len(missing)} of {len(nodes)} node(s) that can host a training worker lack "
                         f"({', '.join(missing[:3])}{', ...' if len(missing) > 3 else ''}): build the GPU image with "
                         "FLASH_ATTN_WHEELS (docker/Dockerfile.gpu), or use sdpa")
 
 
-def _has_package(name: str) -> bool:
+def _has_package(*names: str) -> bool:
+    """Whether any of the packages is installed in this node's worker environment (the job's runtime_env too)."""
     import importlib.util
 
-    return importlib.util.find_spec(name) is not None
+    return any(importlib.util.find_spec(name) is not None for name in names)
 
 
 def _holds(path: str, token: str) -> bool:

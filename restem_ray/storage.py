@@ -353,6 +353,9 @@ class RunDir:
             try:
                 self.mirror.push()  # (what changed since the commit's push: the dashboards' files, tracking.json last)
             except Exception as e:
+                lease = getattr(self.mirror, "lease", None)
+                if lease is not None and lease.lost:  # another driver took the run: this one stops, as at a commit
+                    raise
                 print(f"[restem] warning: the dashboards' files did not go up ({first_line(e, limit=200)}); the "
                       "next commit sends them", flush=True)
 

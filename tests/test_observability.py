@@ -613,6 +613,8 @@ def test_one_failing_dashboard_does_not_keep_another_from_catching_up(tmp_path, 
     still goes (before, any failing dashboard skipped the catch-up of all)."""
     import mlflow
 
+    while mlflow.active_run():  # (one an earlier test left open in this process)
+        mlflow.end_run()
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
     uri = f"file://{tmp_path / 'mlruns'}"
     run = RunDir(tmp_path / "run")
@@ -695,3 +697,60 @@ def test_a_damaged_tracking_json_is_one_line_and_a_failed_start_leaves_no_unreco
     with pytest.raises(UserError, match="observability.mlflow_tracking_uri"):
         MetricsSink(run.root, tensorboard=True, mlflow_uri=f"file://{tmp_path / 'mlruns'}")
     assert not list((run.root / "tensorboard").glob("events.out.tfevents.*"))
+
+
+def test_a_driver_whose_lease_is_taken_while_the_dashboards_catch_up_stops_there(tmp_path):
+    """The push after a commit's dashboards (their files, then tracking.json) found the lease taken by another
+    driver: it only warned, and the lease's own check had marked it lost, so the driver ran its next phase beside
+    the one that took the run over. It stops there, as at a commit."""
+    from restem_ray.errors import RunError
+    from restem_ray.mirror import RunMirror
+
+    uri = f"file://{tmp_path}/bucket/run"
+    m = RunMirror(uri, cache=tmp_path / "node-a")
+    m.check()
+    m.hold()
+    try:
+        m.prepare(resume=False, has_run=False)
+        run = RunDir(m.local)
+        run.mirror = m
+        run.create("a: 1\n", resume=False)
+        run.sink = MetricsSink(run.root, tensorboard=True)
+        send = run.sink.log
+        lease = tmp_path / "bucket" / "run" / m.lease.path.rsplit("/", 1)[-1]
+
+        def taken_meanwhile(*a):  # another driver takes the run while the dashboards are sent to (a slow MLflow)
+            send(*a)
+            lease.write_text(json.dumps({"owner": "other", "pid": 1, "host": "b"}))
+        run.sink.log = taken_meanwhile
+        with pytest.raises(RunError, match="another driver"):
+            run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25}])
+        run.sink.close()
+    finally:
+        m.lease.release()
+
+
+def test_a_run_logs_to_a_new_local_mlflow_store_its_start_made_and_check_leaves_none(tmp_path, monkeypatch):
+    """`run` with a file:// MLflow store that did not exist yet: its start's check made the store and removed it
+    again, and MLflow, which keeps the store it opened per URI, then failed the run's start ("... does not exist").
+    A run's checks keep the store; `check` still leaves nothing behind."""
+    import mlflow
+
+    from restem_ray.config import ObservabilityConfig
+    from restem_ray.observability import check_sinks
+
+    while mlflow.active_run():  # (one an earlier test left open in this process)
+        mlflow.end_run()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    check_sinks(ObservabilityConfig(mlflow_tracking_uri=f"file://{tmp_path}/checked"))
+    assert not (tmp_path / "checked").exists()
+    o = ObservabilityConfig(mlflow_tracking_uri=f"file://{tmp_path}/mlruns")
+    check_sinks(o, keep_new_store=True)  # the CLI's check of a run's inputs
+    check_sinks(o, keep_new_store=True)  # the driver's own
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.sink = MetricsSink(run.root, tensorboard=False, mlflow_uri=o.mlflow_tracking_uri)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25}])
+    run.sink.close()
+    rid = json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"]
+    assert mlflow_steps(mlflow.tracking.MlflowClient(o.mlflow_tracking_uri), rid, "eval/valid/pass_at_1") == [(0, 0.25)]

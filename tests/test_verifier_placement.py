@@ -256,7 +256,7 @@ def test_a_phase_waits_for_room_saying_so_and_gives_up_in_one_line(cluster, caps
 def test_a_flash_attention_kernel_whose_package_the_m_step_nodes_lack_is_refused_at_start(cluster, monkeypatch, capsys):
     """training.attn_implementation: flash_attention_2 on an image built without flash-attn failed in every rank at
     the first M-step's model load, after the baseline evaluation and a whole E-step. Now the start looks for the
-    package on every node the M-step can run on (here: this CPU-only cluster's one node), in a worker process."""
+    package on every node that can host a training worker (here: this cluster's one node), in a worker process."""
     from restem_ray import resources
     from restem_ray.resources import check_attention_on_cluster
 
@@ -265,13 +265,16 @@ def test_a_flash_attention_kernel_whose_package_the_m_step_nodes_lack_is_refused
     def cfg(**training):
         return RestemConfig.model_validate({**tree, "training": training,
                                             "sampling": {"use_gpu": training.get("use_gpu", False)}})
-    with pytest.raises(UserError, match=r"^training.attn_implementation: flash_attention_2 needs the flash_attn package, "
-                                        r"which 1 of 1 node\(s\) the M-step can run on lack \(127.0.0.1\): build the "
-                                        r"GPU image with FLASH_ATTN_WHEELS"):
+    # (names no node holds, on any machine the suite runs on: the package and its fallback)
+    monkeypatch.setitem(resources.ATTENTION_PACKAGES, "flash_attention_2", ("restem_no_such_package", "restem_nor_this"))
+    with pytest.raises(UserError, match=r"^training.attn_implementation: flash_attention_2 needs the "
+                                        r"restem_no_such_package package, which 1 of 1 node\(s\) that can host a "
+                                        r"training worker lack \(127.0.0.1\): build the GPU image with FLASH_ATTN_WHEELS"):
         check_attention_on_cluster(cfg(attn_implementation="flash_attention_2"))
     check_attention_on_cluster(cfg(attn_implementation="sdpa"))  # nothing to look for
-    monkeypatch.setitem(resources.ATTENTION_PACKAGES, "flash_attention_2", "pyarrow")  # a package the nodes hold
+    monkeypatch.setitem(resources.ATTENTION_PACKAGES, "flash_attention_2", ("restem_no_such_package", "pyarrow"))
     check_attention_on_cluster(cfg(attn_implementation="flash_attention_2"))
-    # training on GPUs, and no GPU node up yet (an autoscaling cluster): nothing to look at, said so
-    check_attention_on_cluster(cfg(attn_implementation="flash_attention_2", use_gpu=True, dtype="bf16"))
-    assert "no GPU node is up yet to look for pyarrow on" in capsys.readouterr().out
+    # workers pinned to nodes of a custom resource, none of them up yet (an autoscaling group): nothing to look at
+    check_attention_on_cluster(cfg(attn_implementation="flash_attention_2", resources_per_worker={"trainer": 1}))
+    assert "no node that can host a training worker is up yet to look for restem_no_such_package on" in \
+        capsys.readouterr().out
