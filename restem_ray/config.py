@@ -330,9 +330,10 @@ class SelectionConfig(_Section):
     max_solutions_per_problem: int = Field(10, ge=1, description="Cap on kept correct solutions per problem (paper: 10).")
     dedup: bool = Field(True, description="Drop exact duplicate completions of the same problem before capping.")
     keep_truncated: bool = Field(False, description="Keep correct completions that ended on sampling.max_tokens "
-                                                    "(finish_reason 'length'). Off: never trained on, since the M-step "
-                                                    "would end them with EOS and teach stopping mid-solution. Ones the "
-                                                    "engine cut off ('abort', 'error') are never kept.")
+                                                    "(finish_reason 'length'), trained without an end token (one would "
+                                                    "teach stopping mid-solution). Off: never trained on (the answer "
+                                                    "may match by chance). Ones the engine cut off ('abort', 'error') "
+                                                    "are never kept.")
 
 
 class TrainingConfig(_Section):

@@ -366,7 +366,7 @@ class Driver:
                                                             samples["reward"].to_pylist()))
             if table.num_rows == 0 and cut:
                 # (prompts that imply no stop, e.g. a zero-shot plain-text template, write on to max_tokens: a
-                # stop string is the fix there, and keep_truncated would train those run-on texts as finished)
+                # stop string is the fix there; keep_truncated would train those run-on texts, without an end)
                 raise RunError(f"iteration {t}: nothing to train on: all {cut} correct samples ended unfinished, "
                                "most likely on sampling.max_tokens (raise it; where the prompts imply no stop, a plain-text "
                                "template without few-shot exemplars, set sampling.stop; or set "

@@ -4,6 +4,12 @@ from __future__ import annotations
 import random
 
 import pyarrow as pa
+import pyarrow.compute  # noqa: F401  (pa.compute)
+
+
+# stop_token of a kept completion cut at max_tokens (selection.keep_truncated): the M-step appends no end token to
+# it (an end token would teach the model to stop mid-solution); -1 is "the M-step's default end", ids are >= 0
+NO_END = -2
 
 
 def unfinished(finish_reason: str | None) -> bool:
@@ -46,15 +52,19 @@ def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = Tr
 
     The cap (paper: 10) keeps easy problems from dominating and keeps the data diverse. A completion cut
     off by max_tokens is not kept unless `keep_truncated`: its answer may match by chance ("...72 clips,
-    and then she"), and the M-step would append EOS to it, teaching the model to stop mid-sentence. One the
-    engine aborted is never kept.
+    and then she"); kept, it is trained without an end token (`NO_END`: an end token would teach the model to
+    stop mid-sentence). One the engine aborted is never kept.
     """
     # samples that carry train_prompt (prompt.train_few_shot: false) are trained on that rendering
     prompt = "train_prompt" if "train_prompt" in graded.column_names else "prompt"
     table = graded.select(["id", "sample_index", prompt, "completion", "reward"]).rename_columns(
         ["id", "sample_index", "prompt", "completion", "reward"])
-    if "stop_token" in graded.column_names:  # (samples written before it existed: the M-step's default end)
-        table = table.append_column("stop_token", graded["stop_token"])
+    stop = graded["stop_token"] if "stop_token" in graded.column_names else None  # (none in early samples: -1)
+    if keep_truncated and "finish_reason" in graded.column_names:  # cut at max_tokens: no end token
+        cut = pa.compute.equal(graded["finish_reason"], "length").fill_null(False)
+        stop = pa.compute.if_else(cut, NO_END, stop if stop is not None else pa.scalar(-1, pa.int64()))
+    if stop is not None:
+        table = table.append_column("stop_token", stop.cast(pa.int64()))
     # (filtered in Arrow first: an E-step's rows as Python objects were gigabytes of repeated prompts at scale)
     kept = [ok and r >= 1.0 for ok, r in zip(keepable(graded, keep_truncated), graded["reward"].to_pylist())]
     rows = table.filter(pa.array(kept, pa.bool_())).to_pylist()

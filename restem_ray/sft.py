@@ -8,15 +8,23 @@ import math
 
 import torch
 
+from .selection import NO_END
+
 IGNORE = -100
+
+
+def _end(tokenizer, end: int | None) -> list[int]:
+    """The token a row ends with: `end`, EOS by default, none for a completion cut at max_tokens (NO_END)."""
+    return [] if end == NO_END else [tokenizer.eos_token_id if end is None else end]
 
 
 def encode(tokenizer, prompt: str, completion: str, max_len: int | None = None,
            end: int | None = None) -> tuple[list[int], list[int]]:
-    """Token ids and labels for prompt+completion+`end` (default: EOS), prompt masked; left-truncated to max_len
-    if given (the M-step gives none: it drops over-long rows instead, since a cut row teaches a headless solution)."""
+    """Token ids and labels for prompt+completion+`end` (default: EOS; NO_END: none), prompt masked; left-truncated
+    to max_len if given (the M-step gives none: it drops over-long rows instead, since a cut row teaches a headless
+    solution)."""
     p = tokenizer(prompt).input_ids  # with BOS, exactly as vLLM tokenizes the prompt
-    c = completion_ids(tokenizer, prompt, p, completion) + [tokenizer.eos_token_id if end is None else end]
+    c = completion_ids(tokenizer, prompt, p, completion) + _end(tokenizer, end)
     ids, labels = p + c, [IGNORE] * len(p) + c
     return (ids[-max_len:], labels[-max_len:]) if max_len else (ids, labels)
 
@@ -33,7 +41,7 @@ def encode_many(tokenizer, rows: list[tuple[str, str, int | None]], block: int =
         part = rows[at: at + block]
         for (p, c, end), whole in zip(part, _tokenized(tokenizer, [p + c for p, c, _ in part], block)):
             head = prompt_ids[p]
-            tail = completion_ids(tokenizer, p, head, c, whole=whole) + [tokenizer.eos_token_id if end is None else end]
+            tail = completion_ids(tokenizer, p, head, c, whole=whole) + _end(tokenizer, end)
             out.append((head + tail, [IGNORE] * len(head) + tail))
     return out
 

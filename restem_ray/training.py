@@ -32,6 +32,7 @@ from .data import durable_replace, fsync_tree
 from .errors import RunError, UserError
 from .faults import crash_after_checkpoint
 from .remote import local_model_copy
+from .selection import NO_END
 
 
 @dataclass(frozen=True)
@@ -363,9 +364,10 @@ def check_lora_targets(cfg: TrainingConfig, model: str) -> None:
 
 def _ended(row: dict, default: int | None, ends: set[int]) -> int | None:
     """The token a training row ends with: the stop token its sample ended on where the policy stops on it too
-    (`ends`: a model.sampler of another family has other ids), else `default`."""
+    (`ends`: a model.sampler of another family has other ids), none for a sample cut at max_tokens (NO_END, kept
+    by selection.keep_truncated), else `default`."""
     token = row.get("stop_token")
-    return token if token in ends else default
+    return token if token in ends or token == NO_END else default
 
 
 def rotary_in_fp32(model) -> None:

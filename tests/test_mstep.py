@@ -1090,6 +1090,19 @@ def test_each_trained_completion_ends_with_the_first_stop_token_id_or_eos(tmp_pa
     step = MStep({**job, "end_token_id": 11}, 0, 1, LocalReporter(str(tmp_path / "ckpts-turn")))
     step._setup()
     assert [ids[-1] for ids, _ in step.data] == [11] * len(SUMS)
+    # a correct sample cut at max_tokens, kept by selection.keep_truncated (NO_END): no end token, where one would
+    # teach the model to stop mid-solution
+    from restem_ray.selection import NO_END
+    from restem_ray.sft import encode
+
+    cut = [dict(r, stop_token=NO_END if i % 2 else -1) for i, r in enumerate(SUMS)]
+    job = _tiny_job(tmp_path, cut, micro_batch_size=8, epochs=1)
+    step = MStep(job, 0, 1, LocalReporter(str(tmp_path / "ckpts-cut")))
+    step._setup()
+    tok = build_tokenizer()
+    for i, (ids, labels) in enumerate(step.data):
+        whole = encode(tok, SUMS[i]["prompt"], SUMS[i]["completion"])[0]
+        assert list(ids) == (whole[:-1] if i % 2 else whole) and labels[-1] == ids[-1]
 
 
 def _sentencepiece_style_tokenizer(legacy: bool):

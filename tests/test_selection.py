@@ -1,6 +1,6 @@
 import pyarrow as pa
 
-from restem_ray.selection import problem_stats, select, truncated
+from restem_ray.selection import NO_END, problem_stats, select, truncated
 
 
 def graded(rows):
@@ -42,6 +42,11 @@ def test_truncated_correct_samples_are_not_kept_unless_asked():
     assert [(r["id"], r["completion"]) for r in select(table, max_solutions_per_problem=10).to_pylist()] == [("a", "x")]
     kept = select(table, max_solutions_per_problem=10, keep_truncated=True).to_pylist()
     assert [(r["id"], r["completion"]) for r in kept] == [("a", "x"), ("a", "y"), ("b", "z")]
+    # kept, a cut completion is trained without an end token (NO_END), a whole one with its own (-1: the default)
+    assert [r["stop_token"] for r in kept] == [-1, NO_END, NO_END]
+    table = table.append_column("stop_token", pa.array([7, 7, 7, 7], pa.int64()))
+    assert [r["stop_token"] for r in select(table, max_solutions_per_problem=10, keep_truncated=True).to_pylist()] \
+        == [7, NO_END, NO_END]
 
 
 def test_a_sample_the_engine_aborted_is_not_kept_either():
