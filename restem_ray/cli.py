@@ -245,6 +245,9 @@ def check_model_dir(name: str, path: str, weights: bool = True) -> None:
     from .remote import check_uri, is_uri
 
     if is_uri(path):  # the same checks on the object store, without copying the weights here
+        if weights:
+            check_remote_model(name, path)
+            return
         check_uri(path, name, expect_dir=True)
         where, sep, query = path.partition("?")  # (s3://b/model?endpoint_override=...: the file before the query)
         try:
@@ -313,28 +316,109 @@ def check_architecture(name: str, config_json: Path) -> None:
     transformers would only run with trust_remote_code, asking on the terminal first) or one newer than the
     installed transformers. Neither loads in vLLM (which reads the config through transformers) or in the
     M-step, so neither passes `check`."""
+    try:
+        text = config_json.read_text()
+    except OSError as e:
+        raise UserError(f"{name}: {config_json}: not valid JSON ({e})") from None
+    _check_config(name, str(config_json), str(config_json.parent), text)
+
+
+def _check_config(name: str, shown: str, folder: str, text: str) -> dict:
+    """`check_architecture` of a config.json's text (`shown`: the file as messages name it); returns the config."""
     import json
 
     try:
-        config = json.loads(config_json.read_text())
-    except (OSError, ValueError) as e:
-        raise UserError(f"{name}: {config_json}: not valid JSON ({e})") from None
+        config = json.loads(text)
+    except ValueError as e:
+        raise UserError(f"{name}: {shown}: not valid JSON ({e})") from None
     kind = config.get("model_type") if isinstance(config, dict) else None
     if not kind:
-        return
+        return config if isinstance(config, dict) else {}
     if not isinstance(kind, str):
-        raise UserError(f"{name}: {config_json}: model_type must be a name (got {type(kind).__name__})")
+        raise UserError(f"{name}: {shown}: model_type must be a name (got {type(kind).__name__})")
     import transformers
     from transformers.models.auto.configuration_auto import CONFIG_MAPPING
 
     if kind in CONFIG_MAPPING:
-        return
+        return config
     if config.get("auto_map"):
-        raise UserError(f"{name}: {config_json.parent}: model type {kind!r} comes with its own code (auto_map), "
+        raise UserError(f"{name}: {folder}: model type {kind!r} comes with its own code (auto_map), "
                         "which restem-ray does not run (trust_remote_code): use a model whose architecture "
                         f"transformers {transformers.__version__} and vLLM implement")
-    raise UserError(f"{name}: {config_json.parent}: transformers {transformers.__version__} does not know model type "
+    raise UserError(f"{name}: {folder}: transformers {transformers.__version__} does not know model type "
                     f"{kind!r} (a model newer than it, or a misspelt config.json)")
+
+
+def check_remote_model(name: str, uri: str) -> None:
+    """`check_model_dir` of a model folder on an object store: the same checks, reading its listing, config.json and
+    safetensors index and each shard's header and size (a few KB per shard), never the weights. A shard cut short
+    (an interrupted upload) or missing failed only when the replicas and the M-step's workers copied the model."""
+    import json
+
+    import pyarrow.fs as pafs
+
+    from .errors import shown_uri
+    from .remote import check_uri
+
+    check_uri(uri, name, expect_dir=True)
+    where, _, query = uri.partition("?")  # (s3://b/model?endpoint_override=...: files before the query)
+    shown = shown_uri(where).rstrip("/")
+    try:
+        fs, root = pafs.FileSystem.from_uri(where.rstrip("/") + ("?" + query if query else ""))
+        sizes = {i.base_name: i.size for i in fs.get_file_info(pafs.FileSelector(root, recursive=False))
+                 if i.type == pafs.FileType.File}
+
+        def text(file: str) -> str:
+            with fs.open_input_stream(f"{root}/{file}") as f:
+                return f.read().decode("utf-8", errors="replace")
+        if "config.json" not in sizes:
+            raise UserError(f"{name}: {uri}: not an HF model folder (no config.json)")
+        if not any(f in sizes for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
+            raise UserError(f"{name}: {uri}: no tokenizer files")
+        config = _check_config(name, f"{shown}/config.json", shown, text("config.json"))
+        if not config.get("architectures"):  # (not a saved model: see check_weights)
+            return
+        index = "model.safetensors.index.json"
+        if index in sizes:
+            try:
+                shards = sorted(set(json.loads(text(index))["weight_map"].values()))
+            except (ValueError, KeyError, TypeError, AttributeError):
+                raise UserError(f"{name}: {shown}/{index}: not a safetensors index (no weight_map)") from None
+            missing = next((s for s in shards if s not in sizes), None)
+            if missing is not None:
+                raise UserError(f"{name}: {shown}/{missing}: a shard {index} names is missing")
+        else:
+            shards = sorted(f for f in sizes if f.endswith(".safetensors"))
+        if not shards and not any(f.startswith("pytorch_model") and f.endswith(".bin") for f in sizes):
+            raise UserError(f"{name}: {shown}: no weights (*.safetensors or pytorch_model*.bin)")
+        for shard in shards:
+            with fs.open_input_file(f"{root}/{shard}") as f:
+                whole = _whole_safetensors_header(f, sizes[shard])
+            if not whole:
+                raise UserError(f"{name}: {shown}/{shard}: not a whole safetensors file (cut short or damaged)")
+    except UserError:
+        raise
+    except Exception as e:  # a store that refuses a listing or a read
+        raise UserError(f"{name}: {shown}: cannot read ({first_line(e, uri)})") from None
+
+
+def _whole_safetensors_header(f, size: int) -> bool:
+    """A safetensors file as the format lays it out, from its header alone: an 8-byte little-endian header length,
+    the header (JSON: each tensor's [begin, end) data offsets), then the data, which must fill the file exactly."""
+    import json
+    import struct
+
+    if size < 8:
+        return False
+    (n,) = struct.unpack("<Q", f.read_at(8, 0))
+    if n > size - 8 or n > 100 << 20:
+        return False
+    try:
+        header = json.loads(f.read_at(n, 8))
+        ends = [int(v["data_offsets"][1]) for k, v in header.items() if k != "__metadata__"]
+    except (ValueError, KeyError, TypeError, IndexError, AttributeError):
+        return False
+    return 8 + n + max(ends, default=0) == size
 
 
 def run_settings(path: str) -> dict:

@@ -82,8 +82,57 @@ def test_bad_uris_are_one_line_errors(s3, tmp_path, monkeypatch):
     # a model folder given with options: its config.json is looked for before the query, not after it
     (tmp_path / "m").mkdir()
     (tmp_path / "m" / "config.json").write_text("{}")
+    (tmp_path / "m" / "tokenizer.json").write_text("{}")
     upload(tmp_path / "m", f"{s3}/models/m")
     check_model_dir("model.base", f"{s3}/models/m?region=us-east-1")
+
+
+def test_check_reads_a_model_on_the_store_as_it_reads_a_local_one(s3, tmp_path):
+    """A model folder on the store got only a config.json check: a shard cut short by an interrupted upload, a shard
+    its index names that never went up, or missing tokenizer files passed `check` and failed when replicas and the
+    M-step's workers copied the model. Now its listing, config, index and each shard's header and size are read
+    (a few KB per shard, never the weights)."""
+    import shutil
+
+    from restem_ray.cli import check_model_dir
+
+    model = ensure_builtin(arithmetic_builtin(0)) / "model"
+    upload(model, f"{s3}/check/good")
+    check_model_dir("model.base", f"{s3}/check/good")
+    check_model_dir("model.base", f"{s3}/check/good?region=us-east-1")  # (options after the folder)
+
+    def variant(name, change):
+        local = tmp_path / name
+        shutil.copytree(model, local)
+        change(local)
+        upload(local, f"{s3}/check/{name}")
+        return f"{s3}/check/{name}"
+
+    def cut(local):  # an upload interrupted: the shard shorter than its header says
+        data = (local / "model.safetensors").read_bytes()
+        (local / "model.safetensors").write_bytes(data[: len(data) - 100])
+    with pytest.raises(UserError, match=rf"^model.base: {s3}/check/cut/model.safetensors: not a whole safetensors "
+                                        r"file \(cut short or damaged\)$"):
+        check_model_dir("model.base", variant("cut", cut))
+
+    def sharded(local):  # an index naming a second shard that never went up
+        (local / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+            "a": "model.safetensors", "b": "model-00002-of-00002.safetensors"}}))
+    with pytest.raises(UserError, match=rf"^model.base: {s3}/check/sharded/model-00002-of-00002.safetensors: a shard "
+                                        r"model.safetensors.index.json names is missing$"):
+        check_model_dir("model.base", variant("sharded", sharded))
+
+    def no_tokenizer(local):
+        for f in local.glob("tokenizer*"):
+            f.unlink()
+    with pytest.raises(UserError, match=rf"^model.base: {s3}/check/no_tokenizer: no tokenizer files$"):
+        check_model_dir("model.base", variant("no_tokenizer", no_tokenizer))
+
+    def no_weights(local):
+        (local / "model.safetensors").unlink()
+    with pytest.raises(UserError, match=rf"^model.base: {s3}/check/no_weights: no weights"):
+        check_model_dir("model.base", variant("no_weights", no_weights))
+    check_model_dir("model.base", f"{s3}/check/no_weights", weights=False)  # (`prompt` needs the tokenizer only)
 
 
 def download(uri: str, local: Path) -> Path:
