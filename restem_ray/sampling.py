@@ -142,27 +142,36 @@ def gpu_memory_free() -> list[tuple[int, int]]:
         pynvml.nvmlShutdown()
 
 
-def wait_for_gpu_memory(fraction: float, timeout_s: float = 60.0, poll_s: float = 2.0,
-                        free=gpu_memory_free) -> bool:
+GPU_MEMORY_WAIT_S = 60.0  # how long a GPU replica or M-step worker waits for its GPU's memory
+
+
+def wait_for_gpu_memory(fraction: float, timeout_s: float | None = None, poll_s: float = 2.0,
+                        free=None, who: str = "the engine") -> str | None:
     """Wait until every visible GPU has `fraction` of its memory free, the share vLLM's start demands
     (gpu_memory_utilization), for at most `timeout_s`. A replica restarted on the GPUs of one that crashed starts
     while the old engine's processes may still be exiting (killed with their process group, driver.KILL_ORPHANS),
-    and the engine would fail its check on memory about to be freed. Returns whether it is free; when not (another
-    tenant holds it), vLLM's own error says so. A machine where NVML cannot answer is not waited on."""
+    and the engine would fail its check on memory about to be freed; an M-step's workers start on GPUs whose
+    replicas may still be exiting. Returns None once free, else why not, in one line: on GPUs vLLM's engine core
+    fails in a process of its own and the replica's error says only "Engine core initialization failed". A
+    machine where NVML cannot answer is not waited on."""
+    timeout_s = GPU_MEMORY_WAIT_S if timeout_s is None else timeout_s
+    free = free or gpu_memory_free
     deadline = time.monotonic() + timeout_s
     said = False
     while True:
         try:
             short = [(i, f, t) for i, (f, t) in enumerate(free()) if f < fraction * t]
         except Exception:  # no NVML (not an NVIDIA GPU), or a device name it does not know
-            return True
+            return None
         if not short:
-            return True
+            return None
+        i, f, t = short[0]
         if time.monotonic() >= deadline:
-            return False
+            return (f"GPU {i} has {f / 2**30:.1f} of {t / 2**30:.1f} GiB free after {timeout_s:.0f} s, and {who} needs "
+                    f"{fraction:.0%} of it: another process holds the rest (an engine or M-step of this run still "
+                    "exiting, or another tenant of the GPU)")
         if not said:
-            i, f, t = short[0]
-            print(f"[restem] GPU {i} has {f / 2**30:.1f} of {t / 2**30:.1f} GiB free, the engine needs "
+            print(f"[restem] GPU {i} has {f / 2**30:.1f} of {t / 2**30:.1f} GiB free, {who} needs "
                   f"{fraction:.0%}: waiting up to {timeout_s:.0f} s for a previous engine's processes to exit",
                   flush=True)
             said = True
@@ -200,7 +209,9 @@ class Sampler:
         if use_gpu:
             from vllm.engine.arg_utils import EngineArgs
 
-            wait_for_gpu_memory(float(kwargs.get("gpu_memory_utilization", EngineArgs.gpu_memory_utilization)))
+            short = wait_for_gpu_memory(float(kwargs.get("gpu_memory_utilization", EngineArgs.gpu_memory_utilization)))
+            if short:  # (vLLM's own check would fail the same, with its cause in the engine core's log only)
+                raise RuntimeError(f"{short}; sampling.engine_kwargs.gpu_memory_utilization sets the share")
         self._engine = threading.Condition()  # held to step the engine or add requests to it
         self._waiting: dict[str, Future] = {}  # request id -> its RequestOutput, once finished
         self._ids = itertools.count()

@@ -362,6 +362,11 @@ def check_lora_targets(cfg: TrainingConfig, model: str) -> None:
                         f"layers: {', '.join(linear[:12])}{', ...' if len(linear) > 12 else ''})")
 
 
+# The share of its GPU an M-step worker waits (bounded) to find free before it allocates: the E-step's replicas
+# release theirs as their engines exit, which a killed replica's can outlast by seconds
+M_STEP_FREE_GPU = 0.9
+
+
 def _ended(row: dict, default: int | None, ends: set[int]) -> int | None:
     """The token a training row ends with: the stop token its sample ended on where the policy stops on it too
     (`ends`: a model.sampler of another family has other ids), none for a sample cut at max_tokens (NO_END, kept
@@ -486,6 +491,12 @@ class MStep:
         else:
             set_gpu_attention(cfg.cudnn_attention)
         pin_local_rank_to_current_device(cfg.use_gpu)  # before zero.Init and the engine pick their device
+        if cfg.use_gpu:  # the E-step's replicas on these GPUs may still be exiting: a CUDA OOM at the first allocation
+            from .sampling import wait_for_gpu_memory
+
+            short = wait_for_gpu_memory(M_STEP_FREE_GPU, who="the M-step")
+            if short:
+                print(f"[restem] warning: {short}; the M-step starts anyway", flush=True)
         torch.manual_seed(job["seed"])
         self.init_model = local_model_copy(job["init_model"])  # a URI base: this node's copy, made once
         self.tok = AutoTokenizer.from_pretrained(self.init_model, mistral_format=False)  # (as vLLM's, prompts.py)

@@ -237,14 +237,30 @@ def test_a_gpu_replica_waits_for_a_previous_engines_memory_then_starts(capsys):
     gib = 2**30
     looks = iter([[(80 * gib, 80 * gib), (9 * gib, 80 * gib)], [(80 * gib, 80 * gib), (9 * gib, 80 * gib)],
                   [(80 * gib, 80 * gib), (79 * gib, 80 * gib)]])
-    assert wait_for_gpu_memory(0.92, timeout_s=5, poll_s=0.01, free=lambda: next(looks)) is True
+    assert wait_for_gpu_memory(0.92, timeout_s=5, poll_s=0.01, free=lambda: next(looks)) is None
     assert next(looks, None) is None  # it looked until both had 92% free, and no more
     out = capsys.readouterr().out
     assert out.count("\n") == 1 and "GPU 1 has 9.0 of 80.0 GiB free, the engine needs 92%: waiting up to 5 s" in out
-    # memory another tenant keeps: it gives up at the deadline and lets vLLM's start say why
-    assert wait_for_gpu_memory(0.92, timeout_s=0.05, poll_s=0.01, free=lambda: [(9 * gib, 80 * gib)]) is False
+    # memory another tenant keeps: it gives up at the deadline and says why in one line (on GPUs vLLM's engine core
+    # fails in a process of its own, and the replica's error said only "Engine core initialization failed")
+    assert wait_for_gpu_memory(0.92, timeout_s=0.05, poll_s=0.01, free=lambda: [(9 * gib, 80 * gib)]) == (
+        "GPU 0 has 9.0 of 80.0 GiB free after 0 s, and the engine needs 92% of it: another process holds the rest (an "
+        "engine or M-step of this run still exiting, or another tenant of the GPU)")
     # no NVML (another accelerator, a driver mismatch): no wait at all
-    assert wait_for_gpu_memory(0.92, free=lambda: (_ for _ in ()).throw(OSError("NVML Shared Library Not Found")))
+    assert wait_for_gpu_memory(0.92, free=lambda: (_ for _ in ()).throw(OSError("NVML Shared Library Not Found"))) is None
+
+
+def test_a_gpu_replica_whose_gpu_stays_full_fails_its_start_saying_why(monkeypatch):
+    """On GPUs vLLM's engine core starts in a process of its own, and a start that finds its GPU's memory held by
+    another process failed with "Engine core initialization failed. See root cause above", the cause in the
+    replica's log only: the replica's own wait now ends its start with the cause."""
+    from restem_ray import sampling
+
+    monkeypatch.setattr(sampling, "gpu_memory_free", lambda: [(9 * 2**30, 80 * 2**30)])
+    monkeypatch.setattr(sampling, "GPU_MEMORY_WAIT_S", 0.05)
+    with pytest.raises(RuntimeError, match=r"^GPU 0 has 9.0 of 80.0 GiB free after 0 s, and the engine needs 50% of "
+                                           r"it: .*; sampling.engine_kwargs.gpu_memory_utilization sets the share$"):
+        sampling.Sampler("unused", {"gpu_memory_utilization": 0.5}, use_gpu=True)
 
 
 def test_nvml_is_asked_about_the_gpus_this_process_sees(monkeypatch):
@@ -315,3 +331,22 @@ def test_calls_whose_outputs_never_come_fail_instead_of_hanging_and_a_closed_eng
     assert engine.shut and not s._thread.is_alive() and exits == []
     with pytest.raises(RuntimeError, match="the replica's engine was shut down"):
         s._submit(["Q"], [None])
+
+
+def test_closing_the_e_step_pool_waits_for_killed_replicas_before_it_hands_their_gpus_on(monkeypatch):
+    """ray.kill returns at once: a replica still loading its engine when the E-step ended (an elastic one) held its
+    GPU while the placement group was removed and the M-step's workers placed on it (a CUDA OOM at their first
+    allocation). The pool now removes its placement groups once the GCS says the killed replicas are dead."""
+    import restem_ray.pool as pool_module
+
+    pool = object.__new__(pool_module.EStepPool)
+    pool.samplers, pool._starting, pool._started_at = [], {"ref": "starting-replica"}, {}
+    pool.verifiers, pool.group, pool.extra_groups, pool._placing = None, "group", [], None
+    states = iter(["ALIVE", "ALIVE", "DEAD"])
+    looked, events = [], []
+    monkeypatch.setattr(pool_module.ray, "kill", lambda actor: events.append(("kill", actor)))
+    monkeypatch.setattr(pool_module, "_id", lambda actor: actor)
+    monkeypatch.setattr(pool_module, "_actor_state", lambda actor_id: looked.append(actor_id) or next(states))
+    monkeypatch.setattr(pool_module, "remove_placement_group", lambda g: events.append(("remove", g, len(looked))))
+    pool.close()
+    assert events == [("kill", "starting-replica"), ("remove", "group", 3)]  # removed after it was seen dead
