@@ -494,7 +494,9 @@ class MStep:
         if cfg.use_gpu:  # the E-step's replicas on these GPUs may still be exiting: a CUDA OOM at the first allocation
             from .sampling import wait_for_gpu_memory
 
-            short = wait_for_gpu_memory(M_STEP_FREE_GPU, who="the M-step")
+            # (torch's own count, on the device just pinned: this process makes its CUDA context next anyway, and
+            # vLLM, whose NVML copy the replicas use, need not be imported into a training worker)
+            short = wait_for_gpu_memory(M_STEP_FREE_GPU, who="the M-step", free=lambda: [torch.cuda.mem_get_info()])
             if short:
                 print(f"[restem] warning: {short}; the M-step starts anyway", flush=True)
         torch.manual_seed(job["seed"])
