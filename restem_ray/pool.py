@@ -35,12 +35,6 @@ class _GradeHost:
     """Verifier actor body: joins problems with their samples and grades them."""
 
     def __init__(self, verifier: str, config: VerificationConfig):
-        import os
-
-        if not ray.get_runtime_context().get_accelerator_ids().get("GPU"):
-            # Ray leaves CUDA_VISIBLE_DEVICES alone for an actor that reserved no GPU: a plug-in whose warm-up
-            # loads a model onto "cuda" would sit on a GPU a sampler replica or the M-step reserved
-            os.environ["CUDA_VISIBLE_DEVICES"] = ""
         t0 = time.perf_counter()
         self.verifier = Verifier(verifier, config)  # a code verifier starts its sandbox here
         self.startup_s = time.perf_counter() - t0
@@ -563,16 +557,10 @@ class EStepPool:
         closing = [a.close.options(concurrency_group=CONTROL).remote() for a in self.samplers]
         if closing:
             ray.wait(closing, num_returns=len(closing), timeout=30)  # a dead or stuck replica is killed anyway
-        killed = [*self.samplers, *self._starting.values()]
-        for a in killed:
+        # (ray.kill returns at once, and the GCS marks an actor dead when the kill is asked, not once its process and
+        # GPU memory are gone: the M-step's workers wait for their GPU's memory themselves, training.M_STEP_FREE_GPU)
+        for a in [*self.samplers, *self._starting.values()]:
             ray.kill(a)
-        # ray.kill returns at once: a replica still loading its engine (an elastic one when the E-step ended) holds
-        # its GPU until its process is gone, and the placement group removed below hands that GPU on
-        deadline = time.monotonic() + 30
-        while killed and time.monotonic() < deadline:
-            killed = [a for a in killed if _actor_state(_id(a)) not in ("DEAD", None)]
-            if killed:
-                time.sleep(0.1)
         self.samplers, self._starting, self._started_at = [], {}, {}
         if self.verifiers is not None:
             self.verifiers.close()

@@ -332,21 +332,3 @@ def test_calls_whose_outputs_never_come_fail_instead_of_hanging_and_a_closed_eng
     with pytest.raises(RuntimeError, match="the replica's engine was shut down"):
         s._submit(["Q"], [None])
 
-
-def test_closing_the_e_step_pool_waits_for_killed_replicas_before_it_hands_their_gpus_on(monkeypatch):
-    """ray.kill returns at once: a replica still loading its engine when the E-step ended (an elastic one) held its
-    GPU while the placement group was removed and the M-step's workers placed on it (a CUDA OOM at their first
-    allocation). The pool now removes its placement groups once the GCS says the killed replicas are dead."""
-    import restem_ray.pool as pool_module
-
-    pool = object.__new__(pool_module.EStepPool)
-    pool.samplers, pool._starting, pool._started_at = [], {"ref": "starting-replica"}, {}
-    pool.verifiers, pool.group, pool.extra_groups, pool._placing = None, "group", [], None
-    states = iter(["ALIVE", "ALIVE", "DEAD"])
-    looked, events = [], []
-    monkeypatch.setattr(pool_module.ray, "kill", lambda actor: events.append(("kill", actor)))
-    monkeypatch.setattr(pool_module, "_id", lambda actor: actor)
-    monkeypatch.setattr(pool_module, "_actor_state", lambda actor_id: looked.append(actor_id) or next(states))
-    monkeypatch.setattr(pool_module, "remove_placement_group", lambda g: events.append(("remove", g, len(looked))))
-    pool.close()
-    assert events == [("kill", "starting-replica"), ("remove", "group", 3)]  # removed after it was seen dead

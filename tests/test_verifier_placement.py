@@ -279,18 +279,3 @@ def test_a_flash_attention_kernel_whose_package_the_m_step_nodes_lack_is_refused
     assert "no node that can host a training worker is up yet to look for restem_no_such_package on" in \
         capsys.readouterr().out
 
-
-def test_a_verifier_actor_that_reserved_no_gpu_sees_none(cluster, tmp_path):
-    """Ray 2.60 leaves CUDA_VISIBLE_DEVICES as it finds it for an actor that reserved no GPU: a plug-in verifier
-    whose warm-up put a model on "cuda" would have sat on a GPU a sampler replica or the M-step reserved."""
-    from restem_ray.pool import _GradeHost
-
-    (tmp_path / "gpu_probe.py").write_text("import os\n\n\ndef verify(problem, completion):\n"
-                                           "    return float(os.environ.get('CUDA_VISIBLE_DEVICES') == '')\n")
-    env = {"env_vars": {"CUDA_VISIBLE_DEVICES": "0", "PYTHONPATH": str(tmp_path)}}  # (a GPU node's view of it)
-    host = ray.remote(_GradeHost).options(num_cpus=0.25, runtime_env=env).remote("gpu_probe:verify", VerificationConfig())
-    try:
-        rows = ray.get(host.grade.remote([{"id": "p", "prompt": "q"}], [{"id": "p", "completion": "c"}]), timeout=120)
-    finally:
-        ray.kill(host)
-    assert rows[0]["reward"] == 1.0
