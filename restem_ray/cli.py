@@ -242,6 +242,7 @@ def check_output_file(out: Path, suffixes: tuple[str, ...]) -> None:
 
 
 def check_model_dir(name: str, path: str, weights: bool = True) -> None:
+    from .errors import shown_uri
     from .remote import check_uri, is_uri
 
     if is_uri(path):  # the same checks on the object store, without copying the weights here
@@ -253,7 +254,7 @@ def check_model_dir(name: str, path: str, weights: bool = True) -> None:
         try:
             check_uri(where.rstrip("/") + "/config.json" + sep + query, name, expect_dir=False)
         except UserError:
-            raise UserError(f"{name}: {path}: not an HF model folder (no config.json)") from None
+            raise UserError(f"{name}: {shown_uri(path)}: not an HF model folder (no config.json)") from None
         return
     p = Path(path)
     if not p.exists():  # (a Hub id, Qwen/Qwen2.5-7B, reads as a folder beside the config)
@@ -372,9 +373,9 @@ def check_remote_model(name: str, uri: str) -> None:
             with fs.open_input_stream(f"{root}/{file}") as f:
                 return f.read().decode("utf-8", errors="replace")
         if "config.json" not in sizes:
-            raise UserError(f"{name}: {uri}: not an HF model folder (no config.json)")
+            raise UserError(f"{name}: {shown}: not an HF model folder (no config.json)")
         if not any(f in sizes for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
-            raise UserError(f"{name}: {uri}: no tokenizer files")
+            raise UserError(f"{name}: {shown}: no tokenizer files")
         config = _check_config(name, f"{shown}/config.json", shown, text("config.json"))
         if not config.get("architectures"):  # (not a saved model: see check_weights)
             return
@@ -411,7 +412,7 @@ def _whole_safetensors_header(f, size: int) -> bool:
     if size < 8:
         return False
     (n,) = struct.unpack("<Q", f.read_at(8, 0))
-    if n > size - 8 or n > 100 << 20:
+    if n > size - 8 or n > 100_000_000:  # (safetensors' own bound on a header)
         return False
     try:
         header = json.loads(f.read_at(n, 8))

@@ -200,7 +200,8 @@ class PromptRenderer:
         (a plain format's "A: {answer}" gives " "; a chat template that writes " " + the content, Mistral's and
         Llama-2's "[/INST] ", too). The model's own samples begin with it; a human solution (a seed row) gets it
         too, so both are trained on the boundary the model meets at inference. Only whitespace: a template that
-        writes more there (Qwen3's empty think block) gives "", as does a template without an answer field."""
+        writes more there (Qwen3's empty think block) gives "". A zero-shot template ending on a label ("Answer:")
+        gives " "; one ending otherwise, "" (the text as written)."""
         if self.chat:
             mark, user = "RESTEM_ANSWER_MARK", [{"role": "user", "content": "Q"}]
             try:
@@ -211,8 +212,8 @@ class PromptRenderer:
             except Exception:
                 return ""
             lead = full[len(head): full.find(mark)] if full.startswith(head) and mark in full else ""
-        elif self.fmt is None:
-            return ""
+        elif self.fmt is None:  # a zero-shot template that ends on a label ("...\nAnswer:"): the model's answer
+            return " " if self.pc.template.endswith(":") else ""  # begins with a space after it
         else:
             tail = before_field(self.fmt, "answer", filled=True)
             lead = tail[len(tail.rstrip()):]

