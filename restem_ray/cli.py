@@ -215,11 +215,28 @@ def check_inputs(cfg, local_sandbox: bool = True):
                         "sampling.round_size)")
     check_attention(cfg.training)
     check_lora_targets(cfg.training, cfg.model.base)
+    note = mstep_memory(cfg)
+    if note:
+        print(f"[restem] {note}", flush=True)
     check_verifier(cfg, local_sandbox, {"train": task.train, **task.evals} if local_sandbox else None)
     if cfg.task.step_checker:
         load_plugin(cfg.task.step_checker, "task.step_checker")
     check_sinks(cfg.observability, keep_new_store=not local_sandbox)  # (run and demo then log to a store made here)
     return task
+
+
+def mstep_memory(cfg) -> str | None:
+    """`sizing.mstep_memory_note` for the config's base model (its config.json; a URI model's top-level files)."""
+    import json
+
+    from .remote import local_model_files
+    from .sizing import mstep_memory_note
+
+    try:
+        config = json.loads((Path(local_model_files(cfg.model.base)) / "config.json").read_text())
+    except (OSError, ValueError):
+        return None  # (check_model_dir has said what is wrong)
+    return mstep_memory_note(cfg.training, config) if isinstance(config, dict) else None
 
 
 def split_name(path: str) -> str:

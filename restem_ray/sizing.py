@@ -35,6 +35,24 @@ class Shape:
     kv_heads: int
     intermediate: int
 
+    @classmethod
+    def from_config(cls, config: dict) -> "Shape | None":
+        """A dense Llama/Qwen/Mistral-style decoder's shape from its config.json (parameters counted from it: the
+        embeddings, once when tied, and per layer the attention and SwiGLU projections); None for a config this
+        arithmetic does not describe (mixture of experts, a multimodal model, fields missing)."""
+        try:
+            h, n, v = int(config["hidden_size"]), int(config["num_hidden_layers"]), int(config["vocab_size"])
+            heads, inter = int(config["num_attention_heads"]), int(config["intermediate_size"])
+            kv = int(config.get("num_key_value_heads") or heads)
+            hd = int(config.get("head_dim") or h // heads)
+        except (KeyError, TypeError, ValueError):
+            return None
+        if any(k in config for k in ("num_experts", "num_local_experts", "n_routed_experts", "text_config")):
+            return None
+        attention = h * heads * hd * 2 + h * kv * hd * 2
+        params = v * h * (1 if config.get("tie_word_embeddings") else 2) + n * (attention + 3 * h * inter + 2 * h) + h
+        return cls(params, h, n, v, heads=heads, kv_heads=kv, intermediate=inter)
+
     def saved_bytes_per_token_per_layer(self) -> float:
         """What one decoder layer keeps for backward per token (see the module's docstring)."""
         h = self.hidden
@@ -76,3 +94,25 @@ def host_gib_per_rank(shape: Shape, *, zero_stage: int, gpus: int) -> float:
     scatter it: with safetensors memory-mapped, a node's page cache holds the files once (not counted per
     rank here); a filesystem transformers does not map (some FUSE mounts) would cost the whole model per rank."""
     return 2 * shape.params / (gpus if zero_stage == 3 else 1) / GIB
+
+
+def mstep_memory_note(training, config: dict) -> str | None:
+    """What `check` and a run's start say about the M-step's GPU memory (`training`: TrainingConfig; `config`: the
+    base model's config.json): this module's estimate for full bf16 fine-tuning on GPUs, and a warning where it
+    leaves an 80 GB GPU less than a fifth to spare (the first M-step would fail after a whole E-step). None where
+    the arithmetic does not apply (CPU, fp32, LoRA, Liger's chunked loss, a shape it does not describe)."""
+    shape = Shape.from_config(config)
+    if shape is None or not training.use_gpu or training.dtype != "bf16" or training.lora_rank or training.liger_kernel:
+        return None
+    est = mstep_gib_per_gpu(shape, gpus=training.num_workers, zero_stage=training.zero_stage,
+                            micro_batch=training.micro_batch_size, seq_len=training.max_seq_len,
+                            gradient_checkpointing=training.gradient_checkpointing, grad_accum=training.grad_accum)
+    note = (f"M-step GPU memory per worker, estimated for the widest batch ({shape.params / 1e9:.2f}B parameters, "
+            f"ZeRO-{training.zero_stage} over {training.num_workers}, {training.micro_batch_size} x "
+            f"{training.max_seq_len} tokens, gradient checkpointing {'on' if training.gradient_checkpointing else 'off'}): "
+            f"{est['total']:.1f} GiB (model states {est['model_states']:.1f}, activations {est['activations']:.1f}, "
+            f"logits {est['logits']:.1f}; README 'GPU sizing')")
+    if est["total"] * 1.2 > 80e9 / GIB:
+        note += ("; more than an 80 GB GPU holds with the allocator's share: set training.gradient_checkpointing, "
+                 "a smaller training.micro_batch_size (more grad_accum) or zero_stage 3, unless the GPUs are larger")
+    return note

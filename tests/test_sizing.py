@@ -132,3 +132,33 @@ def test_the_small_recipes_own_examples_fit_and_the_readme_says_what_it_would_ne
                             gradient_checkpointing=t.gradient_checkpointing, grad_accum=t.grad_accum)
     text = " ".join((ROOT / "README.md").read_text().split())
     assert f"the 0.5B recipe's ZeRO-2 would need {big['total']:.1f} GiB per GPU for 7B" in text
+
+
+QWEN_CONFIGS = {  # the fields of the released config.json files the arithmetic reads
+    "0.5B": dict(hidden_size=896, num_hidden_layers=24, vocab_size=151936, num_attention_heads=14,
+                 num_key_value_heads=2, intermediate_size=4864, tie_word_embeddings=True),
+    "7B": dict(hidden_size=3584, num_hidden_layers=28, vocab_size=152064, num_attention_heads=28,
+               num_key_value_heads=4, intermediate_size=18944, tie_word_embeddings=False)}
+
+
+def test_check_says_what_the_m_step_needs_per_gpu_from_the_model_s_config():
+    """`check` and a run's start print the M-step's per-GPU estimate for the base model's shape, and warn where an
+    80 GB GPU would not hold it with a fifth to spare: before, a 7B model under the 0.5B recipe passed `check` and
+    ran out of memory at the first M-step, after a whole E-step."""
+    from restem_ray.sizing import mstep_memory_note
+
+    for name, config in QWEN_CONFIGS.items():  # parameters counted from config.json, within 0.5% of the released
+        assert abs(Shape.from_config(config).params / SHAPES[name].params - 1) < 0.005
+    job = load_config(ROOT / "jobs" / "gsm8k-qwen-0.5b.yaml").training
+    small = mstep_memory_note(job, QWEN_CONFIGS["0.5B"])
+    est = mstep_gib_per_gpu(SHAPES["0.5B"], gpus=8, zero_stage=2, micro_batch=16, seq_len=1024,
+                            gradient_checkpointing=False)["total"]
+    assert f"): {est:.1f} GiB (model states" in small and "80 GB" not in small
+    big = mstep_memory_note(job, QWEN_CONFIGS["7B"])
+    assert "more than an 80 GB GPU holds with the allocator's share: set training.gradient_checkpointing" in big
+    fitted = load_config(ROOT / "jobs" / "gsm8k-qwen-7b.yaml").training
+    assert "80 GB" not in mstep_memory_note(fitted, QWEN_CONFIGS["7B"])
+    # where the arithmetic does not apply: CPU training, LoRA, a mixture of experts
+    assert mstep_memory_note(job.model_copy(update={"use_gpu": False}), QWEN_CONFIGS["7B"]) is None
+    assert mstep_memory_note(job.model_copy(update={"lora_rank": 8}), QWEN_CONFIGS["7B"]) is None
+    assert mstep_memory_note(job, {**QWEN_CONFIGS["7B"], "num_experts": 64}) is None
