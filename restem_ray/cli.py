@@ -234,9 +234,13 @@ def mstep_memory(cfg) -> str | None:
 
     try:
         config = json.loads((Path(local_model_files(cfg.model.base)) / "config.json").read_text())
-    except (OSError, ValueError):
-        return None  # (check_model_dir has said what is wrong)
-    return mstep_memory_note(cfg.training, config) if isinstance(config, dict) else None
+        from transformers.models.auto.configuration_auto import CONFIG_MAPPING
+
+        kind = config.get("model_type") if isinstance(config, dict) else None
+        tied = bool(getattr(CONFIG_MAPPING[kind](), "tie_word_embeddings", False)) if kind in CONFIG_MAPPING else False
+        return mstep_memory_note(cfg.training, config, tied)
+    except Exception:  # (an estimate only: check_model_dir has said what is wrong with the folder, if anything)
+        return None
 
 
 def split_name(path: str) -> str:

@@ -36,21 +36,28 @@ class Shape:
     intermediate: int
 
     @classmethod
-    def from_config(cls, config: dict) -> "Shape | None":
+    def from_config(cls, config: dict, tied_by_default: bool = False) -> "Shape | None":
         """A dense Llama/Qwen/Mistral-style decoder's shape from its config.json (parameters counted from it: the
         embeddings, once when tied, and per layer the attention and SwiGLU projections); None for a config this
-        arithmetic does not describe (mixture of experts, a multimodal model, fields missing)."""
+        arithmetic does not describe (mixture of experts, a multimodal model, fields missing or not sizes).
+        `tied_by_default`: the model type's default where config.json leaves tie_word_embeddings out (Gemma's)."""
+        def size(key: str, default=None) -> int:
+            value = config.get(key, default)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 < value < 1e9:
+                raise ValueError(key)  # (missing, null, text, zero or absurd: not a shape to estimate)
+            return int(value)
         try:
-            h, n, v = int(config["hidden_size"]), int(config["num_hidden_layers"]), int(config["vocab_size"])
-            heads, inter = int(config["num_attention_heads"]), int(config["intermediate_size"])
-            kv = int(config.get("num_key_value_heads") or heads)
-            hd = int(config.get("head_dim") or h // heads)
-        except (KeyError, TypeError, ValueError):
+            h, n, v = size("hidden_size"), size("num_hidden_layers"), size("vocab_size")
+            heads, inter = size("num_attention_heads"), size("intermediate_size")
+            kv = size("num_key_value_heads", heads) if config.get("num_key_value_heads") is not None else heads
+            hd = size("head_dim") if config.get("head_dim") is not None else h // heads
+        except ValueError:
             return None
-        if any(k in config for k in ("num_experts", "num_local_experts", "n_routed_experts", "text_config")):
+        if hd < 1 or any(k in config for k in ("num_experts", "num_local_experts", "n_routed_experts", "text_config")):
             return None
         attention = h * heads * hd * 2 + h * kv * hd * 2
-        params = v * h * (1 if config.get("tie_word_embeddings") else 2) + n * (attention + 3 * h * inter + 2 * h) + h
+        tied = config.get("tie_word_embeddings", tied_by_default)
+        params = v * h * (1 if tied else 2) + n * (attention + 3 * h * inter + 2 * h) + h
         return cls(params, h, n, v, heads=heads, kv_heads=kv, intermediate=inter)
 
     def saved_bytes_per_token_per_layer(self) -> float:
@@ -96,13 +103,17 @@ def host_gib_per_rank(shape: Shape, *, zero_stage: int, gpus: int) -> float:
     return 2 * shape.params / (gpus if zero_stage == 3 else 1) / GIB
 
 
-def mstep_memory_note(training, config: dict) -> str | None:
+def mstep_memory_note(training, config: dict, tied_by_default: bool = False) -> str | None:
     """What `check` and a run's start say about the M-step's GPU memory (`training`: TrainingConfig; `config`: the
     base model's config.json): this module's estimate for full bf16 fine-tuning on GPUs, and a warning where it
     leaves an 80 GB GPU less than a fifth to spare (the first M-step would fail after a whole E-step). None where
-    the arithmetic does not apply (CPU, fp32, LoRA, Liger's chunked loss, a shape it does not describe)."""
-    shape = Shape.from_config(config)
-    if shape is None or not training.use_gpu or training.dtype != "bf16" or training.lora_rank or training.liger_kernel:
+    the arithmetic does not apply (CPU, fp32, LoRA, Liger's chunked loss, offloading, a DeepSpeed config of the
+    user's, a shape it does not describe)."""
+    if not isinstance(config, dict) or not training.use_gpu or training.dtype != "bf16" or training.lora_rank \
+            or training.liger_kernel or training.offload_optimizer or training.offload_params or training.deepspeed:
+        return None
+    shape = Shape.from_config(config, tied_by_default)
+    if shape is None:
         return None
     est = mstep_gib_per_gpu(shape, gpus=training.num_workers, zero_stage=training.zero_stage,
                             micro_batch=training.micro_batch_size, seq_len=training.max_seq_len,

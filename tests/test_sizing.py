@@ -162,3 +162,13 @@ def test_check_says_what_the_m_step_needs_per_gpu_from_the_model_s_config():
     assert mstep_memory_note(job.model_copy(update={"use_gpu": False}), QWEN_CONFIGS["7B"]) is None
     assert mstep_memory_note(job.model_copy(update={"lora_rank": 8}), QWEN_CONFIGS["7B"]) is None
     assert mstep_memory_note(job, {**QWEN_CONFIGS["7B"], "num_experts": 64}) is None
+    assert mstep_memory_note(job.model_copy(update={"offload_optimizer": True}), QWEN_CONFIGS["7B"]) is None
+    # sizes that are no sizes (zero heads, infinity, a huge integer, text, a boolean) give no estimate, no traceback
+    for bad in ({"num_attention_heads": 0}, {"hidden_size": float("inf")}, {"vocab_size": 10**400},
+                {"head_dim": 0}, {"hidden_size": True}, {"hidden_size": "896"}, {"intermediate_size": None}):
+        assert mstep_memory_note(job, {**QWEN_CONFIGS["7B"], **bad}) is None, bad
+    assert mstep_memory_note(job, [1, 2]) is None
+    # a config.json that leaves tie_word_embeddings out takes its model type's default (Gemma's: tied)
+    untold = {k: v for k, v in QWEN_CONFIGS["0.5B"].items() if k != "tie_word_embeddings"}
+    assert Shape.from_config(untold, tied_by_default=True).params == Shape.from_config(QWEN_CONFIGS["0.5B"]).params
+    assert Shape.from_config(untold).params > Shape.from_config(QWEN_CONFIGS["0.5B"]).params
