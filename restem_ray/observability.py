@@ -29,6 +29,7 @@ from .storage import STEP_PHASE, atomic_write_text, split_key
 TRACKING_FILE = "tracking.json"
 DASHBOARDS = ("tensorboard", "mlflow", "wandb")  # their names in tracking.json
 MLFLOW_PAUSE_S = 600.0  # after a failed request, MLflow is not asked again for this long
+PAUSED = f"not sent: a request failed within the last {MLFLOW_PAUSE_S / 60:.0f} minutes"  # (what a paused MLflow says)
 MISSING = {"mlflow": "observability.mlflow_tracking_uri is set but mlflow is not installed (pip install "
                      "'restem-ray[dashboards]', or mlflow-skinny)",
            "wandb": "observability.wandb_project is set but wandb is not installed (pip install "
@@ -342,7 +343,7 @@ class MetricsSink:
         self._mark(f"{iteration}/{phase}", took)
         failed = {n: error for n, error in failed.items() if n not in took}  # (a refused name: said when first sent)
         if paused:
-            failed["mlflow"] = f"MLflow: not sent: a request failed within the last {MLFLOW_PAUSE_S / 60:.0f} minutes"
+            failed["mlflow"] = f"MLflow: {PAUSED}"
         return failed
 
     def steps_begin(self, iteration, lines: list[dict]) -> None:
@@ -421,7 +422,7 @@ class MetricsSink:
             return
         if time.monotonic() < self._mlflow_down_until:  # (said for a phase's lines; an M-step's steps go quietly)
             if any(axis == "iteration" for _, _, axis in points):
-                raise RuntimeError(f"not sent: a request failed within the last {MLFLOW_PAUSE_S / 60:.0f} minutes")
+                raise RuntimeError(PAUSED)
             return
         from mlflow.entities import Metric
 

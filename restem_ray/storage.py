@@ -306,21 +306,24 @@ class RunDir:
         with open(self.metrics_path, "a", encoding="utf-8") as f:
             for line in lines:
                 f.write(json.dumps({"phase": STEP_PHASE, "iteration": iteration, **line}) + "\n")
-        if restart and hasattr(self.sink, "steps_begin"):  # (a dashboard new to the run: the checkpoint's lines)
-            try:
-                self.sink.steps_begin(iteration, list(lines))
-            except Exception as e:
-                print(f"[restem] warning: the dashboards' record of step lines ({first_line(e, limit=200)})", flush=True)
-        if not restart:
+        if restart:  # (a dashboard new to the run: the checkpoint's lines)
+            self._sink_call("steps_begin", iteration, list(lines))
+        else:
             shown = self._shown_steps.get(iteration, 0)
             again = [x for x in lines if x.get("step", shown + 1) <= shown]
-            if again and hasattr(self.sink, "steps_again"):  # steps trained again: only to a dashboard new to them
-                try:
-                    self.sink.steps_again(iteration, again)
-                except Exception as e:
-                    print(f"[restem] warning: the dashboards did not take step lines ({first_line(e, limit=200)})",
-                          flush=True)
+            if again:  # steps trained again after a restart: only to a dashboard new to them
+                self._sink_call("steps_again", iteration, again)
             self._to_sink(iteration, STEP_PHASE, [x for x in lines if x.get("step", shown + 1) > shown])
+
+    def _sink_call(self, method: str, *args) -> None:
+        """A MetricsSink method about step lines, where the sink has it; a failure is a warning."""
+        call = getattr(self.sink, method, None)
+        if call is None:
+            return
+        try:
+            call(*args)
+        except Exception as e:
+            print(f"[restem] warning: the dashboards did not take step lines ({first_line(e, limit=200)})", flush=True)
 
     def _to_sink(self, iteration, phase: str, lines) -> None:
         """The dashboards' copy of committed lines: an MLflow server down for a while must not end a run of
