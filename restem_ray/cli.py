@@ -893,35 +893,51 @@ def as_flags(message: str, args) -> str:
     return message
 
 
+def _say(line: str, ray_before: bool) -> None:
+    """The command's last line, on a line of its own: Ray's thread streaming the actors' logs to this process
+    printed an actor's last log line into it (seen in CI: print() writes a text and its newline apart). A Ray this
+    command started (`ray_before`: one was up already, a test's) is shut down first, which stops that thread; the
+    process would shut it down on exit anyway."""
+    ray = sys.modules.get("ray")
+    if ray is not None and not ray_before and ray.is_initialized():
+        try:
+            ray.shutdown()
+        except Exception:  # (the line matters more)
+            pass
+    sys.stderr.write(line + "\n")
+    sys.stderr.flush()
+
+
 def main(argv: list[str] | None = None) -> int:
     from .sandbox import lift_int_digit_limit
 
     args = parser().parse_args(argv)
     lift_int_digit_limit()  # a user's data may hold integers of any length (an answer, APPS's cases)
+    ray_before = "ray" in sys.modules and sys.modules["ray"].is_initialized()
     try:
         return args.fn(args)
     except UserError as e:
         if args.debug:
             raise
-        print(f"restem-ray: error: {as_flags(str(e), args)}", file=sys.stderr)
+        _say(f"restem-ray: error: {as_flags(str(e), args)}", ray_before)
         return 2
     except RunError as e:
         if args.debug:
             raise
-        print(f"restem-ray: run stopped: {e}", file=sys.stderr)
+        _say(f"restem-ray: run stopped: {e}", ray_before)
         return 1
     except OSError as e:  # a path the checks let through: unreadable, a folder for a file, a read-only folder
         if args.debug:
             raise
         if not e.filename:  # the machine's, not the input's (a full disk while appending metrics)
-            print(f"restem-ray: run stopped: {e.strerror or first_line(e)} (--debug shows where)", file=sys.stderr)
+            _say(f"restem-ray: run stopped: {e.strerror or first_line(e)} (--debug shows where)", ray_before)
             return 1
-        print(f"restem-ray: error: {e.filename}: {e.strerror or type(e).__name__}", file=sys.stderr)
+        _say(f"restem-ray: error: {e.filename}: {e.strerror or type(e).__name__}", ray_before)
         return 2
     except KeyboardInterrupt:  # Ctrl-C (what a run had committed stays; --resume goes on from it)
         if args.debug:
             raise
-        print("restem-ray: interrupted", file=sys.stderr)
+        _say("restem-ray: interrupted", ray_before)
         return 130
 
 
