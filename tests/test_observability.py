@@ -91,6 +91,18 @@ def wandb_history(records) -> list[dict]:
 
 
 @pytest.fixture
+def mlflow_store(tmp_path, monkeypatch):
+    """An MLflow file store's URI (MLflow 3 keeps file stores behind MLFLOW_ALLOW_FILE_STORE), with no run an
+    earlier test left active in this process (MLflow's active run is process-wide)."""
+    import mlflow
+
+    while mlflow.active_run():
+        mlflow.end_run()
+    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
+    return f"file://{tmp_path / 'mlruns'}"
+
+
+@pytest.fixture
 def wandb_offline(tmp_path, monkeypatch):
     wandb = pytest.importorskip("wandb")
     monkeypatch.setenv("WANDB_MODE", "offline")
@@ -213,12 +225,10 @@ def test_dashboards_get_each_step_once_across_a_restarted_worker_group_and_a_res
     assert [m["step"] for m in run.metrics() if m["phase"] == "improve_step"] == [2, 4, 6, 8, 10, 2]
 
 
-def test_mlflow_gets_step_lines_and_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch):
+def test_mlflow_gets_step_lines_and_a_resumed_run_continues_its_mlflow_run(tmp_path, monkeypatch, mlflow_store):
     import mlflow  # mlflow-skinny, in the test extra
 
-    # A file store, not a server: MLflow 3 keeps it behind this switch (servers are what users point at)
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    uri = f"file://{tmp_path / 'mlruns'}"
+    uri = mlflow_store  # a file store, not a server (servers are what users point at)
     ids = []
     for resume in (False, True):
         run = RunDir(tmp_path / "run")
@@ -241,7 +251,7 @@ def test_mlflow_gets_step_lines_and_a_resumed_run_continues_its_mlflow_run(tmp_p
 
 
 def test_step_lines_from_another_thread_reach_the_runs_mlflow_run_and_one_failing_sink_spares_the_others(
-        tmp_path, monkeypatch, capsys):
+        tmp_path, monkeypatch, capsys, mlflow_store):
     """The M-step's live step lines arrive on the StepReceiver's thread: MLflow's active run is per thread, so
     logged by the active run they started a stray run of their own. A dashboard that fails (MLflow down) must not
     keep the others from their lines, nor fail the run when it cannot close."""
@@ -249,8 +259,7 @@ def test_step_lines_from_another_thread_reach_the_runs_mlflow_run_and_one_failin
 
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    uri = f"file://{tmp_path / 'mlruns'}"
+    uri = mlflow_store
     run = RunDir(tmp_path / "run")
     run.create("a: 1\n", resume=False)
     run.sink = MetricsSink(run.root, tensorboard=True, mlflow_uri=uri)
@@ -285,17 +294,14 @@ def test_step_lines_from_another_thread_reach_the_runs_mlflow_run_and_one_failin
     assert "MLflow did not close its run (ConnectionError" in capsys.readouterr().out
 
 
-def test_mlflow_names_runs_ends_and_experiments(tmp_path, monkeypatch, capsys):
+def test_mlflow_names_runs_ends_and_experiments(tmp_path, monkeypatch, capsys, mlflow_store):
     """An eval split named with characters MLflow refuses ("gsm8k(hard)") is logged under a cleaned name with the
     others (it lost the whole commit's points); a run resumed into another experiment logs to a new MLflow run
     (MLflow refused to continue the old one there, and the resume exited 2); a run stopped by an error ends its
     MLflow run FAILED."""
     import mlflow
 
-    while mlflow.active_run():  # (one an earlier test's unreachable server left open in this process)
-        mlflow.end_run()
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    uri = f"file://{tmp_path / 'mlruns'}"
+    uri = mlflow_store
     run = RunDir(tmp_path / "run")
     run.create("a: 1\n", resume=False)
     run.sink = MetricsSink(run.root, tensorboard=False, mlflow_uri=uri, mlflow_experiment="exp-a")
@@ -409,7 +415,8 @@ run.complete(1, "improve", [{"loss": 1.5, "steps": 2}])  # RESTEM_CRASH_AT=commi
 """
 
 
-def test_a_phase_committed_by_a_driver_killed_before_its_send_reaches_the_dashboards_on_resume(tmp_path, monkeypatch):
+def test_a_phase_committed_by_a_driver_killed_before_its_send_reaches_the_dashboards_on_resume(
+        tmp_path, monkeypatch, mlflow_store):
     """A driver SIGKILLed between a commit and the dashboards' copy: before, the phase never reached them (the
     resume skips committed phases). Now the resume sends it, once, and not the step lines that went live."""
     import inspect
@@ -418,8 +425,7 @@ def test_a_phase_committed_by_a_driver_killed_before_its_send_reaches_the_dashbo
 
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    uri = f"file://{tmp_path / 'mlruns'}"
+    uri = mlflow_store
     script = "def step_line(step, loss):\n" + "\n".join(inspect.getsource(step_line).splitlines()[1:]) + \
         KILLED_AFTER_COMMIT
     env = {**os.environ, "RESTEM_CRASH_AT": "committed:1/improve"}
@@ -449,7 +455,8 @@ def test_a_phase_committed_by_a_driver_killed_before_its_send_reaches_the_dashbo
         == set(sent["tensorboard"]["sent"])
 
 
-def test_phases_a_server_did_not_take_are_sent_at_the_next_commit_after_its_pause(tmp_path, monkeypatch, capsys):
+def test_phases_a_server_did_not_take_are_sent_at_the_next_commit_after_its_pause(
+        tmp_path, monkeypatch, capsys, mlflow_store):
     """An MLflow server down for a while: before, the phases committed meanwhile were missing from its run for
     good (metrics.jsonl only). Now the first commit after the pause sends them too, each once; TensorBoard, which
     took them, gets none again."""
@@ -457,8 +464,7 @@ def test_phases_a_server_did_not_take_are_sent_at_the_next_commit_after_its_paus
 
     from restem_ray import observability
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    uri = f"file://{tmp_path / 'mlruns'}"
+    uri = mlflow_store
     run = RunDir(tmp_path / "run")
     run.create("a: 1\n", resume=False)
     run.sink = MetricsSink(run.root, tensorboard=True, mlflow_uri=uri)
@@ -487,14 +493,13 @@ def test_phases_a_server_did_not_take_are_sent_at_the_next_commit_after_its_paus
 
 
 def test_a_dashboard_new_to_a_resumed_run_gets_its_history_and_a_record_of_an_earlier_version_sends_nothing_again(
-        tmp_path, monkeypatch):
+        tmp_path, monkeypatch, mlflow_store):
     """MLflow configured on resume (or its run deleted there): the new MLflow run gets every committed phase and
     the committed M-steps' step lines, and the checkpoint's lines of the M-step in progress; TensorBoard, which
     had them, gets nothing twice. A tracking.json written before records of what was sent is taken as all sent."""
     import mlflow
 
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    uri = f"file://{tmp_path / 'mlruns'}"
+    uri = mlflow_store
     run = RunDir(tmp_path / "run")
     run.create("a: 1\n", resume=False)
     run.sink = MetricsSink(run.root, tensorboard=True)
@@ -608,15 +613,12 @@ def test_on_a_uri_run_directory_the_dashboards_files_go_up_before_their_record(t
                                                        "select/kept": [1]}
 
 
-def test_one_failing_dashboard_does_not_keep_another_from_catching_up(tmp_path, monkeypatch, capsys):
+def test_one_failing_dashboard_does_not_keep_another_from_catching_up(tmp_path, monkeypatch, capsys, mlflow_store):
     """MLflow missed a phase, then came back; TensorBoard now fails at every commit (a full disk): MLflow's backlog
     still goes (before, any failing dashboard skipped the catch-up of all)."""
     import mlflow
 
-    while mlflow.active_run():  # (one an earlier test left open in this process)
-        mlflow.end_run()
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    uri = f"file://{tmp_path / 'mlruns'}"
+    uri = mlflow_store
     run = RunDir(tmp_path / "run")
     run.create("a: 1\n", resume=False)
     run.sink = sink = MetricsSink(run.root, tensorboard=True, mlflow_uri=uri)
@@ -643,15 +645,12 @@ def test_one_failing_dashboard_does_not_keep_another_from_catching_up(tmp_path, 
     sink.close()
 
 
-def test_a_dashboard_new_to_a_resumed_m_step_gets_its_steps_trained_again(tmp_path, monkeypatch):
+def test_a_dashboard_new_to_a_resumed_m_step_gets_its_steps_trained_again(tmp_path, monkeypatch, mlflow_store):
     """Killed at step 3 with a checkpoint at step 1, resumed with MLflow added: steps 2 and 3 are trained again.
     TensorBoard had them and does not get them twice; MLflow, new, gets them (before: [1, 4])."""
     import mlflow
 
-    while mlflow.active_run():  # (one an earlier test left open in this process)
-        mlflow.end_run()
-    monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")
-    uri = f"file://{tmp_path / 'mlruns'}"
+    uri = mlflow_store
     run = RunDir(tmp_path / "run")
     run.create("a: 1\n", resume=False)
     run.sink = MetricsSink(run.root, tensorboard=True)
