@@ -186,6 +186,8 @@ class Sandbox:
         self._lease: _UidLease | None = None
         self._lock = threading.Lock()
         self.starts = 0
+        self.forgets = 0  # starts made only to forget test-mode asserts (`run`)
+        self._holds_asserts = False
         self._mount_proc = _proc_mountable
         self._seccomp_fd: int | None = None
         self._bwrap = shutil.which("bwrap")
@@ -254,6 +256,7 @@ class Sandbox:
             os.close(self._seccomp_fd)
             self._seccomp_fd = None
         self.starts += 1
+        self._holds_asserts = False
         hello = self._recv(SANDBOX_START_S)
         if not (isinstance(hello, dict) and hello.get("ready")):
             try:  # a worker that ended closed its pipe just before it is reaped
@@ -357,12 +360,20 @@ class Sandbox:
                "timeout": timeout_s or lim.timeout_s, "memory": lim.memory_mb << 20,
                "output_cap": lim.output_bytes, "nonce": secrets.token_hex(16)}
         with self._lock:
+            if mode != "test" and self._holds_asserts:
+                # The worker has read test-mode jobs, whose asserts hold their expected answers, and freed memory
+                # keeps their text: a forked stdin or call-mode child (no fresh interpreter) could read it in its
+                # own copy of the worker's memory. A fresh sandbox holds none (the cost, one start, is paid where
+                # a grader turns from test mode to the other modes; test-mode children exec anew and see none).
+                self._stop()
+                self.forgets += 1
             for attempt in range(2):  # a sandbox that died is replaced once; the run is retried on it
                 if self._proc is None:
                     try:
                         self._start()
                     except SandboxUnavailable as e:
                         return RunResult("sandbox_error", None, None, "", str(e))
+                self._holds_asserts |= mode == "test"
                 try:
                     data = json.dumps(job).encode()
                     self._proc.stdin.write(struct.pack(">I", len(data)) + data)

@@ -15,7 +15,9 @@ Why it is safe to keep running between programs:
 - PR_SET_DUMPABLE 0: a child (same uid) cannot ptrace it or read its memory through /proc;
 - after every run it SIGKILLs every other process in the namespace and reaps them, then empties /tmp;
   if /tmp cannot be emptied it says so (`clean: false`) and the host starts a fresh sandbox;
-- it never holds expected outputs: the host compares them outside the sandbox.
+- it never holds expected outputs: the host compares them outside the sandbox. A test-mode job's asserts hold
+  theirs, and freed memory keeps their text: the host starts a fresh sandbox before the next job of another
+  mode, whose child (a fork, no fresh interpreter) could read it (sandbox.py, `Sandbox.run`).
 A pass is never taken from an exit code: the harness in the child writes a report carrying a nonce
 to fd 3 after the program (and, in call mode, every call) has finished. The harness runs in the program's
 own process (HumanEval's asserts must call the candidate in-process), so:

@@ -100,11 +100,12 @@ def grader():
 
 
 def healthy(grader):
-    """The next program grades normally, in the same (not restarted) sandbox."""
-    starts = grader.sandbox.starts
+    """The next program grades normally, in the same sandbox (restarted only to forget test-mode asserts)."""
+    box = grader.sandbox
+    starts = box.starts - box.forgets
     assert grader.grade(ADD, GOOD_ADD) == "passed"
     assert grader.grade(ECHO_SUM, "a, b = map(int, input().split())\nprint(a + b)\n") == "passed"
-    assert grader.sandbox.starts == starts
+    assert box.starts - box.forgets == starts
 
 
 HOSTILE = {
@@ -779,6 +780,44 @@ def test_a_program_cannot_change_the_sandbox_for_the_next_one(case):
         assert sb.run(CARRY_OVER[case] + "print('done')\n").stdout == "done\n"
         assert sb.run(state).stdout == before
         assert sb.run("open('/tmp/f', 'w').write('x')\nprint(open('/tmp/f').read())\n").stdout == "x\n"
+
+
+# A stdin-mode program that reads its own memory (a fork of the worker's) for text shaped like the secret below
+SCAN_OWN_MEMORY = r"""
+import re
+found, regions = set(), 0
+with open("/proc/self/maps") as maps, open("/proc/self/mem", "rb", 0) as mem:
+    for line in maps:
+        span, perms = line.split()[:2]
+        if perms.startswith("rw"):
+            lo, hi = (int(x, 16) for x in span.split("-"))
+            try:
+                mem.seek(lo)
+                data = mem.read(hi - lo)
+            except OSError:
+                continue
+            regions += 1
+            found.update(m.decode() for m in re.findall(rb"zq([0-9a-f]{32})qz", data))
+print(regions, sorted(found))
+"""
+
+
+def test_a_forked_program_finds_no_asserts_of_earlier_test_mode_programs_in_its_memory(grader):
+    """A HumanEval-style job's asserts (its expected answers) reach the worker as text, and freed memory keeps it;
+    a stdin or call-mode program is a fork of that worker. After test-mode jobs, such a program gets a fresh
+    sandbox; one after another stdin job does not (no start)."""
+    secret = secrets.token_hex(16)
+    asserts = "".join(f"    assert candidate({i}, 0) == {i}  # zq{secret}qz\n" for i in range(200))
+    assert grader.grade(dict(ADD, test=ADD["test"] + asserts), GOOD_ADD) == "passed"
+    box = grader.sandbox
+    starts = box.starts
+    scan = box.run(SCAN_OWN_MEMORY)
+    regions, found = scan.stdout.split(" ", 1)
+    assert int(regions) > 0, scan  # (it read its memory: /proc is there)
+    assert secret not in found, "a stdin program read an earlier program's asserts"
+    assert box.starts == starts + 1
+    assert box.run("print(input())", stdin="again\n").stdout == "again\n"
+    assert box.starts == starts + 1
 
 
 def test_nothing_passes_from_one_program_to_the_next_through_tmp_or_the_keyrings():
