@@ -214,9 +214,9 @@ class PromptRenderer:
             lead = full[len(head): full.find(mark)] if full.startswith(head) and mark in full else ""
         elif self.fmt is None:  # a zero-shot template that ends on a label ("...\nAnswer:"): the model's answer
             return " " if self.pc.template.endswith(":") else ""  # begins with a space after it
-        else:
+        else:  # what `render` leaves out: the spaces after the format's last line break
             tail = before_field(self.fmt, "answer", filled=True)
-            lead = tail[len(tail.rstrip()):]
+            lead = tail[len(tail.rstrip(" \t")):]
         return lead if lead.isspace() else ""
 
     def _question(self, row: dict, loc: str = "") -> str:
@@ -240,7 +240,10 @@ class PromptRenderer:
         if self.fmt is None:
             return "\n\n".join(([system] if system else []) + [q])
         blocks = [self.fmt.format(question=sq, answer=sa) for sq, sa in shots]
-        blocks.append(before_field(self.fmt, "answer").format(question=q).rstrip())
+        # Spaces before the answer are left to the model (BPE joins a space to the word after it: " 18"), line
+        # breaks are not: in the GPT-4-style pre-tokenizers of Qwen and Llama 3, "Solution:\n" is the tokens
+        # "Solution", ":\n", and a prompt cut to "Solution:" ends on a ":" that no exemplar's shows
+        blocks.append(before_field(self.fmt, "answer").format(question=q).rstrip(" \t"))
         return "\n\n".join(([system] if system else []) + blocks)
 
     def _no_double_bos(self, text: str) -> str:

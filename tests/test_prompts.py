@@ -115,9 +115,21 @@ def test_minerva_4_shot_layout(tmp_path):
     r = task.train[0]
     assert r["prompt"].startswith("Problem:\nFind the domain of the expression  $\\frac{\\sqrt{x-2}}{\\sqrt{5-x}}$.}"
                                   "\n\nSolution:\nThe expressions inside each square root must be non-negative.")
-    assert r["prompt"].endswith("I hope it is correct.\n\nProblem:\n" + r["problem"] + "\n\nSolution:")
+    # up to the exemplars' line break after "Solution:" (in Qwen's and Llama 3's BPE, ":\n" is one token)
+    assert r["prompt"].endswith("I hope it is correct.\n\nProblem:\n" + r["problem"] + "\n\nSolution:\n")
     assert r["prompt"].count("Problem:\n") == 5 and task.stop == ("Problem:",)
     assert len(hendrycks_math.STANDARD_SHOTS) == 4 and len(gsm8k.STANDARD_SHOTS) == 8
+
+
+def test_a_human_math_solution_reads_after_its_prompt_as_an_exemplar_does(tmp_path):
+    """The training text of a seed row (prompt + solution) ends as an exemplar block of the same format reads."""
+    train = str(DATA / "math_train.jsonl")
+    task = load_task(config(tmp_path, {"train_file": train, "dataset": "math", "valid_split": 1, "seed_file": train},
+                            {"few_shot": "standard"}))
+    seed = task.seed_rows[0]
+    block = hendrycks_math.SHOT_FORMAT.format(question=seed["problem"], answer=seed["solution"].lstrip())
+    assert (seed["prompt"] + seed["solution"]).endswith("\n\n" + block)
+    assert not seed["solution"][:1].isspace()
 
 
 def shot_questions(prompt: str) -> list[str]:
