@@ -7,6 +7,8 @@ from __future__ import annotations
 import itertools
 import logging
 import os
+import re
+import stat
 import threading
 import time
 import warnings
@@ -178,6 +180,46 @@ def wait_for_gpu_memory(fraction: float, timeout_s: float | None = None, poll_s:
         time.sleep(poll_s)
 
 
+# What vLLM (0.32) raises in a replica when its engine core process or a worker process of it failed to start: the
+# cause is only in what those processes wrote to the replica's stdout and stderr
+_WRAPPERS = ("initialization failed", "See root cause", "See stack trace", "died unexpectedly")
+# the last line of a Python traceback, or a vLLM log line ending with one ("(EngineCore pid=7) ERROR 12-07 00:42:56
+# [core.py:1510] ValueError: ...")
+_EXCEPTION_LINE = re.compile(r"(?:\(\S+ pid=\d+\) )?(?:(?:ERROR|CRITICAL) \S+ \S+ \[[^\]]*\] )?"
+                             r"([A-Za-z_][\w.]*(?:Error|Exception)): (.+)")
+
+
+class ChildOutput:
+    """Where this process's stdout and stderr end now, where they are files (a Ray worker's are its log files),
+    to find later what the processes it started wrote there: vLLM's engine core runs in a process of its own (on
+    GPUs, or wherever VLLM_ENABLE_V1_MULTIPROCESSING is on), and the error its replica gets names none of its cause."""
+
+    def __init__(self):
+        self.at: dict[int, int] = {}
+        for fd in (2, 1):  # (stderr first: a process's uncaught error, as its traceback's last line)
+            try:
+                st = os.fstat(fd)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                self.at[fd] = st.st_size
+
+    def first_error(self, limit: int = 4 << 20) -> str | None:
+        """The first exception written since, other than vLLM's wrappers ("Engine core initialization failed")."""
+        for fd, at in self.at.items():
+            try:
+                with open(f"/proc/self/fd/{fd}", "rb") as f:  # (the descriptor itself is write-only)
+                    f.seek(at)
+                    text = f.read(limit).decode("utf-8", "replace")
+            except OSError:
+                continue
+            for line in text.splitlines():
+                m = _EXCEPTION_LINE.fullmatch(line.strip())
+                if m and not any(w in m.group(2) for w in _WRAPPERS):
+                    return f"{m.group(1)}: {m.group(2).strip()}"
+        return None
+
+
 class Sampler:
     """Owns one `vllm.LLM` and one thread stepping its engine; `generate` adds a call's requests to that engine
     and returns one row per sample once they are all finished.
@@ -221,8 +263,15 @@ class Sampler:
         kwargs |= tokenizer_mode(folder, kwargs)
         self._thread = threading.Thread(target=self._serve, args=(lambda: LLM(
             model=folder, seed=seed, **kwargs), started), daemon=True, name="restem-engine")
+        output = ChildOutput()
         self._thread.start()
-        self.llm = started.result()  # the engine's start errors surface here
+        try:
+            self.llm = started.result()  # the engine's start errors surface here
+        except Exception as e:
+            cause = output.first_error() if any(w in str(e) for w in _WRAPPERS) else None
+            if cause is None:
+                raise
+            raise RuntimeError(f"vLLM's engine failed to start: {cause}") from e
         if exit_on_engine_death:
             threading.Thread(target=self._watch_engine, daemon=True, name="restem-engine-watch").start()
 

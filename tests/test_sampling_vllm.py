@@ -332,3 +332,25 @@ def test_calls_whose_outputs_never_come_fail_instead_of_hanging_and_a_closed_eng
     with pytest.raises(RuntimeError, match="the replica's engine was shut down"):
         s._submit(["Q"], [None])
 
+
+
+@pytest.mark.slow
+def test_an_engine_core_that_fails_in_its_own_process_is_reported_with_its_own_error(tiny, tmp_path):
+    """On GPUs vLLM's engine core runs in a process of its own, and a replica whose engine fails to start gets only
+    "Engine core initialization failed. See root cause above." Here the CPU engine runs that way too (a backend
+    named in engine_kwargs leaves vLLM's multiprocessing on) and fails in that process (no KV-cache blocks); the
+    replica's process writes to files, as a Ray worker does."""
+    import subprocess
+    import sys
+
+    script = ("import sys\nfrom restem_ray.sampling import Sampler\ntry:\n"
+              f"    Sampler({str(tiny[0])!r}, {{'dtype': 'float32', 'max_model_len': 256, "
+              "'distributed_executor_backend': 'uni', 'num_gpu_blocks_override': 1})\n"
+              "except Exception as e:\n    print('FAILED', e, '|', e.__cause__, file=sys.__stdout__, flush=True)\n")
+    out, err = tmp_path / "out", tmp_path / "err"
+    with open(out, "w") as o, open(err, "w") as e:
+        subprocess.run([sys.executable, "-c", script], stdout=o, stderr=e, timeout=300, check=True)
+    line = next(x for x in out.read_text().splitlines() if x.startswith("FAILED"))
+    assert line.startswith("FAILED vLLM's engine failed to start: ValueError: No available memory for the cache "
+                           "blocks"), line
+    assert line.split(" | ")[1].startswith("Engine core initialization failed")  # what vLLM itself raised
