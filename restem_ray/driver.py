@@ -179,6 +179,7 @@ class Driver:
         finally:
             self.samplers.close()
             if self.run.sink is not None:
+                self.run.say_behind()
                 self.run.sink.close(failed=failed)
         self._link_best(self.best["iteration"])
         print_table(self.run)

@@ -362,6 +362,31 @@ class RunDir:
                 print(f"[restem] warning: the dashboards' files did not go up ({first_line(e, limit=200)}); the "
                       "next commit sends them", flush=True)
 
+    def behind(self) -> dict[str, int]:
+        """Per dashboard that lacks some, how many committed phases (and M-steps' step lines) it has not taken."""
+        unsent = getattr(self.sink, "unsent", None)
+        if unsent is None:
+            return {}
+        completed = self.manifest()["completed"]
+        return {name: len(keys) for name, keys in unsent(sorted(completed, key=lambda k: completed[k])).items()}
+
+    def say_behind(self) -> None:
+        """At a run's end no later commit sends a dashboard what it missed: one last catch-up, then a line naming
+        what is still missing and how to send it (a paused MLflow is not asked again: its last request failed).
+        Never raises: it runs as a run ends, whatever ended it."""
+        try:
+            if self.behind():
+                self.catch_up()
+            behind = self.behind()
+        except Exception as e:  # (a lease lost meanwhile: the run is over anyway)
+            print(f"[restem] warning: the dashboards could not catch up ({first_line(e, limit=200)})", flush=True)
+            return
+        if behind:
+            names = {"tensorboard": "TensorBoard", "mlflow": "MLflow", "wandb": "W&B"}
+            what = ", ".join(f"{names.get(n, n)} lacks {k} committed phase(s)" for n, k in sorted(behind.items()))
+            print(f"[restem] warning: {what}; --resume on this run directory sends them (metrics.jsonl holds "
+                  "every line)", flush=True)
+
     def _catch_up(self, skip) -> None:
         unsent = getattr(self.sink, "unsent", None)
         if unsent is None:

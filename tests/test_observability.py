@@ -645,6 +645,39 @@ def test_one_failing_dashboard_does_not_keep_another_from_catching_up(tmp_path, 
     sink.close()
 
 
+def test_a_phase_missed_at_a_runs_last_commit_is_sent_as_it_ends_or_named_with_how_to_send_it(
+        tmp_path, monkeypatch, capsys, mlflow_store):
+    """No commit follows a run's last one, whose catch-up would send what a dashboard missed there: the run's end
+    tries once more, and says what is still missing and how to send it."""
+    import mlflow
+
+    run = RunDir(tmp_path / "run")
+    run.create("a: 1\n", resume=False)
+    run.sink = sink = MetricsSink(run.root, tensorboard=True, mlflow_uri=mlflow_store)
+    real = mlflow.MlflowClient.log_batch
+
+    def down(*a, **k):
+        raise ConnectionError("refused")
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", down)
+    run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25}])
+    run.complete(1, "eval", [{"split": "valid", "pass@1": 0.5}])
+    capsys.readouterr()
+    run.say_behind()  # still down (and paused): named, with the way to send it
+    out = capsys.readouterr().out
+    assert "MLflow lacks 2 committed phase(s); --resume on this run directory sends them" in out, out
+    assert "TensorBoard" not in out.splitlines()[-1]
+    monkeypatch.setattr(mlflow.MlflowClient, "log_batch", real)  # back, and its pause over
+    monkeypatch.setattr(sink, "_mlflow_down_until", 0.0)
+    run.say_behind()
+    assert "lacks" not in capsys.readouterr().out
+    rid = json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"]
+    assert sorted(mlflow_steps(mlflow.tracking.MlflowClient(mlflow_store), rid, "eval/valid/pass_at_1")) == [
+        (0, 0.25), (1, 0.5)]
+    run.say_behind()  # nothing behind: nothing said
+    assert capsys.readouterr().out == ""
+    sink.close()
+
+
 def test_a_dashboard_new_to_a_resumed_m_step_gets_its_steps_trained_again(tmp_path, monkeypatch, mlflow_store):
     """Killed at step 3 with a checkpoint at step 1, resumed with MLflow added: steps 2 and 3 are trained again.
     TensorBoard had them and does not get them twice; MLflow, new, gets them (before: [1, 4])."""
