@@ -360,7 +360,7 @@ class Sandbox:
                "timeout": timeout_s or lim.timeout_s, "memory": lim.memory_mb << 20,
                "output_cap": lim.output_bytes, "nonce": secrets.token_hex(16)}
         with self._lock:
-            if mode != "test" and self._holds_asserts:
+            if mode != "test" and self._holds_asserts and self._proc is not None:
                 # The worker has read test-mode jobs, whose asserts hold their expected answers, and freed memory
                 # keeps their text: a forked stdin or call-mode child (no fresh interpreter) could read it in its
                 # own copy of the worker's memory. A fresh sandbox holds none (the cost, one start, is paid where

@@ -102,10 +102,10 @@ def grader():
 def healthy(grader):
     """The next program grades normally, in the same sandbox (restarted only to forget test-mode asserts)."""
     box = grader.sandbox
-    starts = box.starts - box.forgets
+    starts = restarts(box)
     assert grader.grade(ADD, GOOD_ADD) == "passed"
     assert grader.grade(ECHO_SUM, "a, b = map(int, input().split())\nprint(a + b)\n") == "passed"
-    assert box.starts - box.forgets == starts
+    assert restarts(box) == starts
 
 
 HOSTILE = {
@@ -332,10 +332,15 @@ def test_a_process_left_running_does_not_hold_a_finished_run(grader):
     assert time.monotonic() - t0 < LIMITS.timeout_s
 
 
+def restarts(box) -> int:
+    """Starts of a sandbox other than those that only forget test-mode asserts (whichever test ran before)."""
+    return box.starts - box.forgets
+
+
 def test_killing_the_parent_leaves_the_worker_alive(grader):
-    starts = grader.sandbox.starts
+    starts = restarts(grader.sandbox)
     r = grader.sandbox.run("import os\nos.kill(os.getppid(), 9)\nos.kill(1, 9)\nprint('alive')\n")
-    assert r.stdout.strip() == "alive" and grader.sandbox.starts == starts
+    assert r.stdout.strip() == "alive" and restarts(grader.sandbox) == starts
 
 
 def test_no_host_paths_or_network_inside(grader, tmp_path):
@@ -543,11 +548,11 @@ def test_tmp_is_empty_for_the_next_program(grader):
 def test_a_tree_too_deep_for_rmtree_is_emptied_too(grader):
     """A tree 3000 directories deep (its deepest one unreadable) overflows shutil.rmtree's recursion and PATH_MAX: the
     worker empties /tmp anyway, in the same sandbox, and the program is graded on its output, not sandbox_error."""
-    starts = grader.sandbox.starts
+    starts = restarts(grader.sandbox)
     deep = ("import os\nos.chdir('/tmp')\nfor _ in range(3000):\n    os.mkdir('a')\n    os.chdir('a')\n"
             "os.chmod('.', 0)\na, b = map(int, input().split())\nprint(a + b)\n")
     assert grader.grade(ECHO_SUM, deep) == "passed"
-    assert grader.sandbox.starts == starts
+    assert restarts(grader.sandbox) == starts
     assert grader.sandbox.run("import os; print(os.listdir('/tmp'))").stdout.strip() == "[]"
     healthy(grader)
 
@@ -810,6 +815,8 @@ def test_a_forked_program_finds_no_asserts_of_earlier_test_mode_programs_in_its_
     asserts = "".join(f"    assert candidate({i}, 0) == {i}  # zq{secret}qz\n" for i in range(200))
     assert grader.grade(dict(ADD, test=ADD["test"] + asserts), GOOD_ADD) == "passed"
     box = grader.sandbox
+    if not box._mount_proc:
+        pytest.skip("this container masks /proc: the sandbox has none, and the scan needs its /proc/self/mem")
     starts = box.starts
     scan = box.run(SCAN_OWN_MEMORY)
     regions, found = scan.stdout.split(" ", 1)
