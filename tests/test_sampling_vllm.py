@@ -191,6 +191,16 @@ def test_tensor_parallel_replicas_on_gpus_use_the_multiprocess_executor():
                                               "enable_chunked_prefill": False, "distributed_executor_backend": "uni"}
 
 
+def test_a_cpu_replicas_ranks_share_its_cpus_unbound(monkeypatch):
+    from restem_ray.sampling import cpu_rank_threads
+
+    monkeypatch.setenv("OMP_NUM_THREADS", "8")  # (Ray's, for an actor of 8 CPUs)
+    assert cpu_rank_threads(2) == {"VLLM_CPU_OMP_THREADS_BIND": "nobind", "OMP_NUM_THREADS": "4"}
+    assert cpu_rank_threads(16)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.delenv("OMP_NUM_THREADS")
+    assert cpu_rank_threads(1)["OMP_NUM_THREADS"] == str(len(os.sched_getaffinity(0)))
+
+
 def test_a_mistral_folder_is_tokenized_with_its_hf_tokenizer(tmp_path):
     """vLLM's "auto" takes mistral_common for a Mistral folder (consolidated weights with tekken.json or
     tokenizer.model.v3), which encodes the rendered "[INST]" as text: such a folder gets the HF tokenizer the
@@ -354,3 +364,26 @@ def test_an_engine_core_that_fails_in_its_own_process_is_reported_with_its_own_e
     assert line.startswith("FAILED vLLM's engine failed to start: ValueError: No available memory for the cache "
                            "blocks"), line
     assert line.split(" | ")[1].startswith("Engine core initialization failed")  # what vLLM itself raised
+
+
+def test_the_first_error_of_an_engines_processes_is_found_past_vllms_wrappers(tmp_path):
+    """What the replica's processes wrote after its start, in its log files: vLLM's wrappers ("please check the stack
+    trace above") are passed over; a worker's own error, bare (an `assert` without a message) or with one, is found,
+    stdout (vLLM's log, every process's errors in order) before stderr (tracebacks)."""
+    import subprocess
+    import sys
+
+    script = """import sys
+from restem_ray.sampling import ChildOutput
+print('an earlier line: ValueError: not this one', flush=True)
+out = ChildOutput()
+print('(EngineCore pid=7) ERROR 12-07 00:42:56 [core.py:1510] RuntimeError: Worker failed with error boom, '
+      'please check the stack trace above for the root cause', flush=True)
+print('(Worker pid=8) ERROR 12-07 00:42:56 [multiproc_executor.py:9]   File "x.py", line 1, in f', flush=True)
+print('(Worker pid=8) ERROR 12-07 00:42:56 [multiproc_executor.py:9] AssertionError', flush=True)
+print('torch.OutOfMemoryError: later', file=sys.stderr, flush=True)
+sys.__stdout__.write('FOUND ' + str(out.first_error()) + chr(10))
+"""
+    with open(tmp_path / "out", "w") as o, open(tmp_path / "err", "w") as e:
+        subprocess.run([sys.executable, "-c", script], stdout=o, stderr=e, timeout=120, check=True)
+    assert (tmp_path / "out").read_text().splitlines()[-1] == "FOUND AssertionError"
