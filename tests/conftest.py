@@ -40,6 +40,36 @@ def small_reference_run(tmp_path_factory):
     return out
 
 
+@pytest.fixture(scope="session")
+def numpy_python():
+    """A virtualenv of the system's Python holding numpy (a copy of this one's), for `verification.
+    sandbox_site_packages`: the sandbox's own uid must read the interpreter (this test run's may sit under /root),
+    and not from under /tmp (the sandbox's own /tmp hides it)."""
+    import subprocess
+    import sys
+    import tempfile
+    from pathlib import Path
+
+    import numpy
+
+    system = "/usr/bin/python3"
+    version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
+                             text=True, check=True).stdout.strip()
+    assert version == str(tuple(sys.version_info[:2])), f"{system} is {version}: numpy's build here is for {sys.version}"
+    root = Path(tempfile.mkdtemp(prefix="restem-numpy-venv-", dir="/var/tmp"))
+    try:
+        root.chmod(0o755)  # (mkdtemp's 0700 would keep the sandbox's uid out)
+        subprocess.run([system, "-m", "venv", "--without-pip", str(root)], check=True)
+        site = next(root.glob("lib/python3*/site-packages"))
+        src = Path(numpy.__file__).parent
+        for name in (src.name, src.name + ".libs"):
+            if (src.parent / name).is_dir():
+                shutil.copytree(src.parent / name, site / name)
+        yield str(root / "bin" / "python")
+    finally:
+        shutil.rmtree(root, ignore_errors=True)
+
+
 def pytest_collection_modifyitems(items):
     # Under pytest-xdist the longest work goes first, so that no worker is left with a long run at the end: the tests
     # on the reference run (about ten minutes of runs), then the modules without slow tests (while the base model

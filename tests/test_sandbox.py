@@ -2,6 +2,7 @@
 sandbox worker are unharmed, and the next program grades normally. Real bubblewrap, no mocks."""
 import ast
 import ctypes
+import dataclasses
 import errno
 import json
 import os
@@ -825,6 +826,42 @@ def test_a_forked_program_finds_no_asserts_of_earlier_test_mode_programs_in_its_
     assert box.starts == starts + 1
     assert box.run("print(input())", stdin="again\n").stdout == "again\n"
     assert box.starts == starts + 1
+
+
+NUMPY_SQRT = {"id": "sqrt", "prompt": "def root(x):\n", "entry_point": "root",
+              "test": "import numpy as np\n\ndef check(candidate):\n    assert np.allclose(candidate(np.array([4.0, 9.0])), "
+                      "[2.0, 3.0])\n"}
+
+
+def test_with_site_packages_a_program_and_its_asserts_may_import_numpy(numpy_python):
+    """verification.sandbox_site_packages: the interpreter's installed packages (a virtualenv's: its bin/python named)
+    in every mode, a test-mode child's fresh interpreter included; without it, the standard library only."""
+    from restem_ray.config import VerificationConfig
+    from restem_ray.verification import Verifier
+
+    on = Verifier("code", VerificationConfig(verifier="code", sandbox_python=numpy_python, sandbox_site_packages=True))
+    try:
+        assert on.grade(NUMPY_SQRT, "    import numpy\n    return numpy.sqrt(x)\n").verdict == "passed"
+        assert on.grade(NUMPY_SQRT, "    return x / 2\n").verdict == "wrong_answer"
+        assert on.grade(ECHO_SUM, "import numpy as np\nprint(int(np.sum([int(v) for v in input().split()])))\n"
+                        ).verdict == "passed"
+        threads = on._code.sandbox.run("import numpy\nnumpy.ones((64, 64)) @ numpy.ones((64, 64))\n"
+                                       "print([l for l in open('/proc/self/status') if l.startswith('Threads:')])\n")
+        assert threads.stdout == "['Threads:\\t1\\n']\n", threads  # (no BLAS thread per core: max_processes counts them)
+    finally:
+        on.close()
+    off = CodeGrader(dataclasses.replace(LIMITS, python=numpy_python))
+    try:
+        assert off.grade(NUMPY_SQRT, "    import numpy\n    return numpy.sqrt(x)\n") == "runtime_error"
+        assert off.last_exc == "ModuleNotFoundError"
+    finally:
+        off.close()
+
+
+def test_an_interpreter_under_tmp_is_refused_in_one_line(tmp_path):
+    (tmp_path / "python3").symlink_to("/usr/bin/python3")
+    with pytest.raises(sandbox_module.SandboxUnavailable, match="lies under /tmp, which the sandbox replaces"):
+        Sandbox(dataclasses.replace(LIMITS, python=str(tmp_path / "python3")))
 
 
 def test_nothing_passes_from_one_program_to_the_next_through_tmp_or_the_keyrings():
