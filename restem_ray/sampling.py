@@ -199,7 +199,7 @@ _WRAPPERS = ("initialization failed", "See root cause", "See stack trace", "stac
 # the last line of a Python traceback, or a vLLM log line ending with one ("(EngineCore pid=7) ERROR 12-07 00:42:56
 # [core.py:1510] ValueError: ...")
 _EXCEPTION_LINE = re.compile(r"(?:\(\S+ pid=\d+\) )?(?:(?:ERROR|CRITICAL) \S+ \S+ \[[^\]]*\] )?"
-                             r"([A-Za-z_][\w.]*(?:Error|Exception))(?:: (.*))?")
+                             r"([A-Za-z_][\w.]*?(?:Error|Exception)|Exception)(?:: (.*))?")
 
 
 class ChildOutput:
@@ -282,9 +282,9 @@ class Sampler:
             model=folder, seed=seed, **kwargs), started), daemon=True, name="restem-engine")
         output = ChildOutput()
         saved = {k: os.environ.get(k) for k in ranks_env}
-        os.environ.update(ranks_env)
-        self._thread.start()
         try:
+            os.environ.update(ranks_env)
+            self._thread.start()
             self.llm = started.result()  # the engine's start errors surface here
         except Exception as e:
             cause = output.first_error() if any(w in str(e) for w in _WRAPPERS) else None

