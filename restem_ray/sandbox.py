@@ -199,7 +199,8 @@ class Sandbox:
         check_bwrap_version(self._bwrap)
         if not os.access(limits.python, os.X_OK):
             raise SandboxUnavailable(f"sandbox interpreter {limits.python} not found (verification.sandbox_python)")
-        for path in self._bound()[0]:
+        bound, run = self._bound()
+        for path in bound + [run]:
             if path == "/tmp" or path.startswith("/tmp/"):
                 raise SandboxUnavailable(f"sandbox interpreter {limits.python}: {path} lies under /tmp, which the "
                                          "sandbox replaces with its own (verification.sandbox_python)")
@@ -213,8 +214,8 @@ class Sandbox:
         bound = ["/usr"]
 
         def bind(folder: str) -> None:
-            if not any(folder == b or folder.startswith(b + "/") for b in bound):
-                bound.append(folder)
+            if folder != "/" and not any(folder == b or folder.startswith(b + "/") for b in bound):
+                bound.append(folder)  # (never the host's root: an interpreter at /tmp/python3 is refused instead)
 
         if not python.startswith("/usr/"):
             bind(str(Path(python).parent.parent))  # .../bin/python3 -> ... (a venv or conda prefix)
@@ -229,7 +230,7 @@ class Sandbox:
                          if line.split("=", 1)[0].strip() == "home"), None) if cfg.is_file() else None
         except (OSError, UnicodeDecodeError):
             home = None
-        if home:
+        if home and os.path.isabs(home) and os.path.isdir(home):  # (Python ignores a home it cannot use)
             bind(str(Path(os.path.realpath(home)).parent))
         return bound, python
 

@@ -884,6 +884,23 @@ def test_a_copied_virtualenv_interpreter_gets_its_base_interpreters_library_boun
     for site in (False, True):
         box.limits = dataclasses.replace(LIMITS, python=str(venv / "bin" / "python"), site_packages=site)
         assert box._bound() == (["/usr", str(venv), str(base)], str(venv / "bin" / "python"))
+    for home in (".", "bin", "/nonexistent/bin"):  # a home Python could not use either: nothing bound for it
+        (venv / "pyvenv.cfg").write_text(f"home = {home}\n")
+        assert box._bound() == (["/usr", str(venv)], str(venv / "bin" / "python")), home
+
+
+def test_an_interpreter_right_in_tmp_is_refused_and_the_hosts_root_never_bound():
+    """An interpreter at /tmp/python3 has / as its prefix folder: it is refused in one line, / never bound."""
+    copy = Path(f"/tmp/restem-test-python3-{os.getpid()}")
+    shutil.copy2(os.path.realpath("/usr/bin/python3"), copy)
+    try:
+        with pytest.raises(sandbox_module.SandboxUnavailable, match=f"{copy} lies under /tmp"):
+            Sandbox(dataclasses.replace(LIMITS, python=str(copy)))
+        box = Sandbox.__new__(Sandbox)
+        box.limits = dataclasses.replace(LIMITS, python=str(copy))
+        assert "/" not in box._bound()[0]
+    finally:
+        copy.unlink()
 
 
 def test_nothing_passes_from_one_program_to_the_next_through_tmp_or_the_keyrings():
