@@ -150,6 +150,7 @@ class Driver:
         policy, self.best = base, None                                      # self.best: {"iteration", "valid"}
         self.last_iteration = 0
         failed = True  # (until the loop ends: the dashboards then say how the run ended)
+        ended = False  # the loop ended, or stopped at a phase (--stop-after), with every commit on the store
         try:
             self.run.catch_up()  # a resumed run: what a dashboard missed before, e.g. a kill after a commit
             self.evaluate(0, policy)                                             # the base's scores
@@ -167,9 +168,10 @@ class Driver:
                     break
             if cfg.control.enabled:
                 self.control(base)                                               # seed data only, same budget
-            failed = False
+            failed, ended = False, True
         except (StopAfter, RunError) as e:  # a run stopped at a phase, or by an error, points at its best iterate
             failed = not isinstance(e, StopAfter)
+            ended = not failed
             if self.best is not None:
                 try:
                     self._link_best(self.best["iteration"])
@@ -179,8 +181,10 @@ class Driver:
         finally:
             self.samplers.close()
             if self.run.sink is not None:
-                self.run.say_behind()
-                self.run.sink.close(failed=failed)
+                try:  # (after an error or an interrupt nothing is sent: an upload or a request may be what failed)
+                    self.run.say_behind(send=ended)
+                finally:
+                    self.run.sink.close(failed=failed)
         self._link_best(self.best["iteration"])
         print_table(self.run)
         write_plot(self.run)

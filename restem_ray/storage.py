@@ -341,14 +341,14 @@ class RunDir:
         if phase != STEP_PHASE:
             self.catch_up(skip=failed)
 
-    def catch_up(self, skip=()) -> None:
+    def catch_up(self, skip=(), quiet: bool = False) -> None:
         """Send each dashboard the committed phases it has not taken, oldest first (`MetricsSink.unsent`): the
         driver killed between a commit and its send, a server that was down, a dashboard new to the run. A
         dashboard that fails one, or is in `skip`, is left until the next commit. Warns, never raises: the
         dashboards are views of metrics.jsonl. On a URI run directory the dashboards' files go up now, their record
         last, so a resume elsewhere neither sends the phases again nor takes files it lacks for sent."""
         try:
-            self._catch_up(skip)
+            self._catch_up(skip, quiet)
         except Exception as e:
             print(f"[restem] warning: the dashboards could not catch up ({first_line(e, limit=200)}); "
                   "metrics.jsonl holds every line", flush=True)
@@ -362,32 +362,37 @@ class RunDir:
                 print(f"[restem] warning: the dashboards' files did not go up ({first_line(e, limit=200)}); the "
                       "next commit sends them", flush=True)
 
-    def behind(self) -> dict[str, int]:
-        """Per dashboard that lacks some, how many committed phases (and M-steps' step lines) it has not taken."""
+    def behind(self) -> dict[str, list[str]]:
+        """Per dashboard that lacks some, the keys of the committed phases (and M-steps' step lines, "t/improve_step")
+        it has not taken."""
         unsent = getattr(self.sink, "unsent", None)
         if unsent is None:
             return {}
         completed = self.manifest()["completed"]
-        return {name: len(keys) for name, keys in unsent(sorted(completed, key=lambda k: completed[k])).items()}
+        return unsent(sorted(completed, key=lambda k: completed[k]))
 
-    def say_behind(self) -> None:
-        """At a run's end no later commit sends a dashboard what it missed: one last catch-up, then a line naming
-        what is still missing and how to send it (a paused MLflow is not asked again: its last request failed).
-        Never raises: it runs as a run ends, whatever ended it."""
+    def say_behind(self, send: bool = True) -> None:
+        """At a run's end no later commit sends a dashboard what it missed: with `send` (a run that ended without an
+        error) one last catch-up (MLflow, paused for a while after a failed request, is not asked again), then a
+        line naming what is still missing. Never raises: it runs as a run ends, whatever ended it."""
         try:
-            if self.behind():
-                self.catch_up()
+            if send and self.behind():
+                self.catch_up(quiet=True)
             behind = self.behind()
         except Exception as e:  # (a lease lost meanwhile: the run is over anyway)
             print(f"[restem] warning: the dashboards could not catch up ({first_line(e, limit=200)})", flush=True)
             return
         if behind:
             names = {"tensorboard": "TensorBoard", "mlflow": "MLflow", "wandb": "W&B"}
-            what = ", ".join(f"{names.get(n, n)} lacks {k} committed phase(s)" for n, k in sorted(behind.items()))
-            print(f"[restem] warning: {what}; --resume on this run directory sends them (metrics.jsonl holds "
-                  "every line)", flush=True)
+            parts = []
+            for name, keys in sorted(behind.items()):
+                steps = sum(k.endswith("/" + STEP_PHASE) for k in keys)
+                part = f"{names.get(name, name)} lacks {len(keys) - steps} committed phase(s)"
+                parts.append(part + (f" and the step lines of {steps} M-step(s)" if steps else ""))
+            print(f"[restem] warning: {'; '.join(parts)}; the next --resume of this run directory sends them (on a "
+                  "finished run it does only that; metrics.jsonl holds every line)", flush=True)
 
-    def _catch_up(self, skip) -> None:
+    def _catch_up(self, skip, quiet: bool = False) -> None:
         unsent = getattr(self.sink, "unsent", None)
         if unsent is None:
             return
@@ -407,7 +412,7 @@ class RunDir:
             if to:
                 failed |= self.sink.resend(*split_key(key), by_key.get(key, []), to)
             left += any(name in failed for name in lacking)
-        if failed:
+        if failed and not quiet:
             print(f"[restem] warning: the dashboards did not take {left} earlier phase(s) "
                   f"({'; '.join(failed.values())}); the next commit sends them again", flush=True)
 

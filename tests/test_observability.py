@@ -647,8 +647,10 @@ def test_one_failing_dashboard_does_not_keep_another_from_catching_up(tmp_path, 
 
 def test_a_phase_missed_at_a_runs_last_commit_is_sent_as_it_ends_or_named_with_how_to_send_it(
         tmp_path, monkeypatch, capsys, mlflow_store):
-    """No commit follows a run's last one, whose catch-up would send what a dashboard missed there: the run's end
-    tries once more, and says what is still missing and how to send it."""
+    """No commit follows a run's last one, whose catch-up would send what a dashboard missed there: a run that ended
+    without an error tries once more (MLflow not within its pause after a failed request), and any run's end says
+    what is still missing and how to send it. After an error it sends nothing (an upload or a request may be what
+    failed). M-steps' step lines are counted apart from phases."""
     import mlflow
 
     run = RunDir(tmp_path / "run")
@@ -660,14 +662,18 @@ def test_a_phase_missed_at_a_runs_last_commit_is_sent_as_it_ends_or_named_with_h
         raise ConnectionError("refused")
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch", down)
     run.complete(0, "eval", [{"split": "valid", "pass@1": 0.25}])
+    run.complete(1, "improve", [{"loss": 0.5}])
     run.complete(1, "eval", [{"split": "valid", "pass@1": 0.5}])
     capsys.readouterr()
-    run.say_behind()  # still down (and paused): named, with the way to send it
-    out = capsys.readouterr().out
-    assert "MLflow lacks 2 committed phase(s); --resume on this run directory sends them" in out, out
-    assert "TensorBoard" not in out.splitlines()[-1]
+    run.say_behind()  # still down, and paused: not asked again; named, with the way to send it, and no other line
+    out = capsys.readouterr().out.strip().splitlines()
+    assert out == ["[restem] warning: MLflow lacks 3 committed phase(s) and the step lines of 1 M-step(s); the next "
+                   "--resume of this run directory sends them (on a finished run it does only that; metrics.jsonl "
+                   "holds every line)"], out
     monkeypatch.setattr(mlflow.MlflowClient, "log_batch", real)  # back, and its pause over
     monkeypatch.setattr(sink, "_mlflow_down_until", 0.0)
+    run.say_behind(send=False)  # a run that stopped on an error: said, not sent
+    assert "MLflow lacks 3 committed phase(s)" in capsys.readouterr().out
     run.say_behind()
     assert "lacks" not in capsys.readouterr().out
     rid = json.loads((run.root / "tracking.json").read_text())["mlflow"]["run_id"]
