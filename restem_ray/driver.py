@@ -171,20 +171,22 @@ class Driver:
             failed, ended = False, True
         except (StopAfter, RunError) as e:  # a run stopped at a phase, or by an error, points at its best iterate
             failed = not isinstance(e, StopAfter)
-            ended = not failed
             if self.best is not None:
                 try:
                     self._link_best(self.best["iteration"])
                 except Exception:  # (the error that stopped the run, e.g. a lost upload, is the one to report)
-                    pass
+                    failed = True
+            ended = not failed
             raise
         finally:
-            self.samplers.close()
-            if self.run.sink is not None:
-                try:  # (after an error or an interrupt nothing is sent: an upload or a request may be what failed)
-                    self.run.say_behind(send=ended)
-                finally:
-                    self.run.sink.close(failed=failed)
+            try:
+                self.samplers.close()
+            finally:
+                if self.run.sink is not None:
+                    try:  # (after an error or an interrupt nothing is sent: an upload or request may be what failed)
+                        self.run.say_behind(send=ended)
+                    finally:
+                        self.run.sink.close(failed=failed)
         self._link_best(self.best["iteration"])
         print_table(self.run)
         write_plot(self.run)

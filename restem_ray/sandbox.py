@@ -204,6 +204,10 @@ class Sandbox:
             if path == "/tmp" or path.startswith("/tmp/"):
                 raise SandboxUnavailable(f"sandbox interpreter {limits.python}: {path} lies under /tmp, which the "
                                          "sandbox replaces with its own (verification.sandbox_python)")
+        if Path(os.path.realpath(limits.python)).parent.parent == Path("/"):  # (its prefix would be the host's root)
+            raise SandboxUnavailable(f"sandbox interpreter {limits.python}: an interpreter right in a top-level "
+                                     "folder has none of its own to bind; use one installed in a prefix "
+                                     "(verification.sandbox_python)")
         self._start()
 
     # -- life cycle -------------------------------------------------------------------------------

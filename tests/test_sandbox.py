@@ -889,6 +889,22 @@ def test_a_copied_virtualenv_interpreter_gets_its_base_interpreters_library_boun
         assert box._bound() == (["/usr", str(venv)], str(venv / "bin" / "python")), home
 
 
+def test_an_interpreter_right_in_a_top_level_folder_is_refused_in_one_line():
+    """Its prefix folder would be the host's root: bound, the sandbox would hold the host; not bound, bubblewrap
+    failed with a word about user namespaces."""
+    folder = Path(f"/restem-test-python-{os.getpid()}")
+    try:
+        folder.mkdir()
+    except OSError:
+        pytest.skip("/ is not writable here (not root)")
+    try:
+        shutil.copy2(os.path.realpath("/usr/bin/python3"), folder / "python3")
+        with pytest.raises(sandbox_module.SandboxUnavailable, match="right in a top-level folder has none of its own"):
+            Sandbox(dataclasses.replace(LIMITS, python=str(folder / "python3")))
+    finally:
+        shutil.rmtree(folder)
+
+
 def test_an_interpreter_right_in_tmp_is_refused_and_the_hosts_root_never_bound():
     """An interpreter at /tmp/python3 has / as its prefix folder: it is refused in one line, / never bound."""
     copy = Path(f"/tmp/restem-test-python3-{os.getpid()}")
