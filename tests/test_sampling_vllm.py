@@ -358,8 +358,10 @@ def test_an_engine_core_that_fails_in_its_own_process_is_reported_with_its_own_e
               "'distributed_executor_backend': 'uni', 'num_gpu_blocks_override': 1})\n"
               "except Exception as e:\n    print('FAILED', e, '|', e.__cause__, file=sys.__stdout__, flush=True)\n")
     out, err = tmp_path / "out", tmp_path / "err"
+    # (not the in-process engine that this module's sampler fixture left this process's environment set to)
+    env = {k: v for k, v in os.environ.items() if k != "VLLM_ENABLE_V1_MULTIPROCESSING"}
     with open(out, "w") as o, open(err, "w") as e:
-        subprocess.run([sys.executable, "-c", script], stdout=o, stderr=e, timeout=300, check=True)
+        subprocess.run([sys.executable, "-c", script], stdout=o, stderr=e, timeout=300, check=True, env=env)
     line = next(x for x in out.read_text().splitlines() if x.startswith("FAILED"))
     assert line.startswith("FAILED vLLM's engine failed to start: ValueError: No available memory for the cache "
                            "blocks"), line
