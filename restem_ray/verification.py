@@ -251,14 +251,77 @@ def extract_answer(completion: str, prompt: str = "") -> str | None:
     if found:
         return max(found)[1].strip()
     # No answer marker: a last line that computes ("... = 6 miles on the 13th day") gives its result, not the
-    # numbers it goes on to restate; else the last number
+    # numbers it goes on to restate; else the last number. Where that number is written in a LaTeX value
+    # ("$\\frac{1}{2}$", "3\\sqrt{2}"), the value is the answer, not its denominator or its root's argument alone.
     lines = [line for line in completion.splitlines() if line.strip()]
     if lines and "=" in lines[-1]:
-        result = _NUM.search(lines[-1].rsplit("=", 1)[1])
+        rhs = lines[-1].rsplit("=", 1)[1]
+        result = _NUM.search(rhs)
         if result:
-            return result.group(0)
-    nums = _WIDE_NUM.findall(completion)
-    return nums[-1] if nums else None
+            return _in_latex_value(rhs, result)
+    nums = list(_WIDE_NUM.finditer(completion))
+    return _in_latex_value(completion, nums[-1]) if nums else None
+
+
+def _in_latex_value(text: str, number: re.Match) -> str:
+    """The LaTeX value `number` is written in, or the number alone."""
+    for start, end, value in _latex_values(text):
+        if start <= number.start() and number.end() <= end:
+            return value
+    return number.group(0)
+
+
+# LaTeX values that written numbers are only a part of: fractions, roots, multiples of pi ("-\frac{3}{4}", "3\sqrt{2}",
+# "\frac{\sqrt{3}}{2}", "2\pi"); a value may chain them ("\frac{1}{2}\sqrt{3}")
+_TEX_VALUE = re.compile(r"\\(?:[dt]?frac|sqrt|pi)(?![A-Za-z])")
+_TEX_LEAD = re.compile(r"(?:-[ \t]*)?(?:\d+(?:\.\d+)?[ \t]*)?$")
+_SPACES = re.compile(r"[ \t]*")  # (within a line)
+
+
+def _tex_atom_end(text: str, i: int) -> int | None:
+    """Where the fraction, root or pi starting at `i` ends; None if its arguments are not there."""
+    m = _TEX_VALUE.match(text, i)
+    if m is None:
+        return None
+    name, j = m.group(0), m.end()
+    if name == "\\pi":
+        return j
+    for _ in range(2 if name.endswith("frac") else 1):
+        j = _SPACES.match(text, j).end()
+        if name == "\\sqrt" and text.startswith("[", j):  # an n-th root's index
+            close = text.find("]", j)
+            if close < 0:
+                return None
+            j = close + 1
+        if text.startswith("{", j):
+            close = _closing_brace(text, j + 1)
+            if close is None or close == j + 1:
+                return None
+            j = close + 1
+        elif j < len(text) and text[j].isalnum():  # "\frac12", "\sqrt2"
+            j += 1
+        else:
+            return None
+    return j
+
+
+def _latex_values(text: str) -> list[tuple[int, int, str]]:
+    """Each LaTeX value (start, end, text) in `text`, in order, with its sign and its coefficient."""
+    values: list[tuple[int, int, str]] = []
+    for m in _TEX_VALUE.finditer(text):
+        if values and m.start() < values[-1][1]:  # inside the value before (a root in a fraction)
+            continue
+        end = _tex_atom_end(text, m.start())
+        if end is None:
+            continue
+        while (nxt := _tex_atom_end(text, _SPACES.match(text, end).end())) is not None:
+            end = nxt
+        lead = _TEX_LEAD.search(text[max(0, m.start() - 40):m.start()]).group(0)  # (a coefficient is short)
+        start = m.start() - len(lead)
+        if lead.startswith("-") and re.search(r"[\w})\]]\s*$", text[:start]):  # "10 - \frac12": a difference's minus
+            start += len(lead) - len(lead[1:].lstrip())
+        values.append((start, end, text[start:end].strip()))
+    return values
 
 
 def as_number(text: str) -> Fraction | None:

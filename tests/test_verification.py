@@ -247,6 +247,26 @@ def test_spaced_thousands_and_mixed_numbers_are_read_whole_in_phrases_and_as_the
     assert extract_answer("On May 5 2026 she had 7") == "7" and extract_answer("Numbers: 1 2 3") == "3"
 
 
+def test_without_a_marker_a_last_number_inside_a_latex_value_gives_the_value():
+    """"The probability is $\\frac{1}{2}$." was read "2" (the denominator), "$3\\sqrt{2}$" "2", "x = \\frac{3}{4}" "3"."""
+    for text, gold, part in (("The probability is $\\frac{1}{2}$.", "1/2", "2"),
+                             ("Thus the probability is \\frac{1}{2}.", "0.5", "2"),
+                             ("So $x = \\frac{3}{4}$", "3/4", "3"), ("x = \\dfrac{3}{4}", "0.75", "3"),
+                             ("The side length is $3\\sqrt{2}$.", "3\\sqrt{2}", "2"),
+                             ("It equals $\\frac{\\sqrt{3}}{2}$.", "\\frac{\\sqrt{3}}{2}", "2"),
+                             ("The slope is $-\\frac{3}{4}$.", "-3/4", "4"),
+                             ("The circumference is $2\\pi$.", "2\\pi", "2"),
+                             ("The cube root is \\sqrt[3]{9}", "9^{1/3}", "9")):
+        assert grade_math({"answer": gold}, text).verdict == "passed", text
+        assert grade_math({"answer": part}, text).verdict == "wrong_answer", text
+    # a difference's minus is not the value's sign; a number after the value, or a value without the last number,
+    # leaves the last number the answer
+    assert extract_answer("It is 10 - \\frac{1}{2}") == "\\frac{1}{2}" and extract_answer("5-\\frac12") == "\\frac12"
+    assert extract_answer("Half, $\\frac{1}{2}$, of 10 apples is 5.") == "5"
+    assert extract_answer("The area is $28.26$, using \\pi") == "28.26"
+    assert extract_answer("The width is \\frac{}{2} cm") == "2"  # (no fraction without its numerator)
+
+
 def test_a_sentence_or_numbered_heading_on_the_last_hash_line_gives_its_last_number():
     for line in ("#### 3. Total earnings: $18", "#### 9 eggs are left, and she earns $18"):
         assert extract_answer("16 - 3 - 4 = 9 eggs, 9 * 2 = 18.\n" + line) == "18", line
