@@ -393,12 +393,7 @@ class RunDir:
                   "finished run it does only that; metrics.jsonl holds every line)", flush=True)
 
     def _catch_up(self, skip, quiet: bool = False) -> None:
-        unsent = getattr(self.sink, "unsent", None)
-        if unsent is None:
-            return
-        completed = self.manifest()["completed"]
-        todo = {name: keys for name, keys in unsent(sorted(completed, key=lambda k: completed[k])).items()
-                if name not in skip}
+        todo = {name: keys for name, keys in self.behind().items() if name not in skip}
         if not todo:
             return
         by_key: dict[str, list[dict]] = {}
