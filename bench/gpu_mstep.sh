@@ -9,8 +9,8 @@ set -euo pipefail
 start=$(date +%s)
 cd "$(dirname "$0")/.."
 wheels=${WHEELS:-.gpu-wheels}
-if ! python -c "import deepspeed, pydantic, accelerate, liger_kernel, einops" 2>/dev/null; then
-  [ -d "$wheels" ] || { echo "deepspeed/pydantic/accelerate/liger-kernel/einops missing and no $wheels: run bench/gpu_wheels.sh first" >&2; exit 2; }
+if ! python -c "import deepspeed, pydantic, accelerate, liger_kernel, einops, math_verify" 2>/dev/null; then
+  [ -d "$wheels" ] || { echo "deepspeed/pydantic/accelerate/liger-kernel/einops/math-verify missing and no $wheels: run bench/gpu_wheels.sh first" >&2; exit 2; }
   site=/tmp/restem-site
   t=$(date +%s)
   python -m pip install -q --no-index --no-deps --target "$site" "$wheels"/*.whl
