@@ -264,9 +264,12 @@ def extract_answer(completion: str, prompt: str = "") -> str | None:
 
 
 def _in_latex_value(text: str, number: re.Match) -> str:
-    """The LaTeX value `number` is written in, or the number alone."""
-    for start, end, value in _latex_values(text):
-        if start <= number.start() and number.end() <= end:
+    """The LaTeX value `number` is written in, or the number alone. (Values are looked for near the number only: a
+    long completion's unclosed braces would each be followed to its end.)"""
+    at = max(0, number.start() - _TEX_REACH)
+    near = text[at:number.end() + _TEX_REACH]
+    for start, end, value in _latex_values(near):
+        if start + at <= number.start() and number.end() <= end + at:
             return value
     return number.group(0)
 
@@ -274,8 +277,11 @@ def _in_latex_value(text: str, number: re.Match) -> str:
 # LaTeX values that written numbers are only a part of: fractions, roots, multiples of pi ("-\frac{3}{4}", "3\sqrt{2}",
 # "\frac{\sqrt{3}}{2}", "2\pi"); a value may chain them ("\frac{1}{2}\sqrt{3}")
 _TEX_VALUE = re.compile(r"\\(?:[dt]?frac|sqrt|pi)(?![A-Za-z])")
-_TEX_LEAD = re.compile(r"(?:-[ \t]*)?(?:\d+(?:\.\d+)?[ \t]*)?$")
-_SPACES = re.compile(r"[ \t]*")  # (within a line)
+# a sign and a coefficient before it ("-3\\sqrt{2}", "1,000\\pi"), not an exponent's or an index's digits (x^2\\sqrt{3})
+_TEX_LEAD = re.compile(r"(?:[-\u2212][ \t]*)?(?:(?<![\d^_,.])(?:\d{1,3}(?:,\d{3})+|\d+)(?:\.\d+)?[ \t]*)?$")
+# a minus after an operand is a difference's ("10 - \\frac12", "x-\\sqrt2"), not a sign ("the slope is -\\frac34")
+_OPERAND_BEFORE = re.compile(r"(?:[\d)}\]]|(?<![A-Za-z\\])[A-Za-z])[ \t]*$")
+_TEX_REACH = 400  # characters around the last number where its value may start or end
 
 
 def _tex_atom_end(text: str, i: int) -> int | None:
@@ -287,7 +293,8 @@ def _tex_atom_end(text: str, i: int) -> int | None:
     if name == "\\pi":
         return j
     for _ in range(2 if name.endswith("frac") else 1):
-        j = _SPACES.match(text, j).end()
+        while j < len(text) and text[j] in " \t":
+            j += 1
         if name == "\\sqrt" and text.startswith("[", j):  # an n-th root's index
             close = text.find("]", j)
             if close < 0:
@@ -314,13 +321,13 @@ def _latex_values(text: str) -> list[tuple[int, int, str]]:
         end = _tex_atom_end(text, m.start())
         if end is None:
             continue
-        while (nxt := _tex_atom_end(text, _SPACES.match(text, end).end())) is not None:
+        while (nxt := _tex_atom_end(text, end)) is not None:  # adjacent: a product ("\frac{1}{2}\sqrt{3}")
             end = nxt
         lead = _TEX_LEAD.search(text[max(0, m.start() - 40):m.start()]).group(0)  # (a coefficient is short)
         start = m.start() - len(lead)
-        if lead.startswith("-") and re.search(r"[\w})\]]\s*$", text[:start]):  # "10 - \frac12": a difference's minus
+        if lead[:1] in "-\u2212" and lead and _OPERAND_BEFORE.search(text[max(0, start - 8):start]):
             start += len(lead) - len(lead[1:].lstrip())
-        values.append((start, end, text[start:end].strip()))
+        values.append((start, end, text[start:end].strip().replace("\u2212", "-")))
     return values
 
 

@@ -262,6 +262,14 @@ def test_without_a_marker_a_last_number_inside_a_latex_value_gives_the_value():
     # a difference's minus is not the value's sign; a number after the value, or a value without the last number,
     # leaves the last number the answer
     assert extract_answer("It is 10 - \\frac{1}{2}") == "\\frac{1}{2}" and extract_answer("5-\\frac12") == "\\frac12"
+    assert extract_answer("x-\\sqrt{2}") == "\\sqrt{2}"
+    # a minus after a word is the value's sign (read without it, gold 3/4 passed); also Unicode's minus sign
+    for text in ("The slope is -\\frac{3}{4}.", "we get \u2212\\frac{3}{4}", "So we get (-\\frac{3}{4})"):
+        assert grade_math({"answer": "-3/4"}, text).verdict == "passed", text
+        assert grade_math({"answer": "3/4"}, text).verdict == "wrong_answer", text
+    # an exponent's digits are no coefficient; two values a space apart are two, not a product (gold 3/8 passed)
+    assert extract_answer("x^2\\sqrt{3}") == "\\sqrt{3}" and extract_answer("1,000\\pi") == "1,000\\pi"
+    assert grade_math({"answer": "3/8"}, "\\frac{1}{2} \\frac{3}{4}").verdict == "wrong_answer"
     assert extract_answer("Half, $\\frac{1}{2}$, of 10 apples is 5.") == "5"
     assert extract_answer("The area is $28.26$, using \\pi") == "28.26"
     assert extract_answer("The width is \\frac{}{2} cm") == "2"  # (no fraction without its numerator)
