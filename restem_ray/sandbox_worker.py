@@ -327,8 +327,8 @@ def _program(job):
     sys.modules["__main__"] = program
     if mode == "test":
         pristine, unchanged = _watch_builtins(builtins)
-        results_checked, names_of, is_callable, is_a = _plain_results(), list, callable, isinstance
-        class_type, module_type = type, type(sys)
+        (results_checked, is_class), is_callable, module_type = _plain_results(), callable, type(sys)
+        items_of, str_type = dict.items, str
     try:
         try:
             run_code(compiled, scope)
@@ -344,19 +344,22 @@ def _program(job):
             # candidate that redefines it would otherwise decide).
             if exited:  # (sys.exit() too: its code is None)
                 report(b"error", b"SystemExit")
-            test_scope = copy(scope)
-            for name in pristine:
-                if name in test_scope and name != entry and name[:2] != "__":
-                    del test_scope[name]
+            # (only names that are exactly str: a key of the program's own class would run its code at each look-up)
+            own, test_scope = {}, {}
+            for name, value in items_of(scope):
+                if type_of(name) is str_type:
+                    own[name] = value
+            for name, value in items_of(own):
+                if name == entry or name[:2] == "__" or name not in pristine:
+                    test_scope[name] = value
             test_scope["__builtins__"] = copy(pristine)
             run_code(context, test_scope)
-            if entry is not None and entry in scope:
-                test_scope[entry] = scope[entry]
+            if entry is not None and entry in own:
+                test_scope[entry] = own[entry]
             # what the asserts call of the program's gives standard values only (an always-equal object fails)
-            for name in names_of(test_scope):
-                value = test_scope[name]
-                if name == entry or (name[:2] != "__" and value is scope.get(name) and is_callable(value)
-                                     and not is_a(value, class_type) and type_of(value) is not module_type):
+            for name, value in [*items_of(test_scope)]:
+                if name == entry or (name[:2] != "__" and value is own.get(name, test_scope) and is_callable(value)
+                                     and not is_class(value) and type_of(value) is not module_type):
                     test_scope[name] = results_checked(value)
             run_code(tests, test_scope)
             _finish_threads()
@@ -391,36 +394,44 @@ def _program(job):
 # arithmetic with it (`abs(candidate(x) - 0.5) < 1e-6`), read a missing key (Counter, defaultdict).
 _PROTOCOL = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__bool__", "__len__", "__iter__",
              "__next__", "__reversed__", "__contains__", "__getitem__", "__missing__", "__getattribute__",
-             "__getattr__", "__add__", "__radd__", "__sub__", "__rsub__", "__mul__", "__rmul__", "__truediv__",
-             "__rtruediv__", "__floordiv__", "__rfloordiv__", "__mod__", "__rmod__", "__divmod__", "__rdivmod__",
-             "__pow__", "__rpow__", "__neg__", "__pos__", "__abs__", "__round__", "__int__", "__float__",
-             "__complex__", "__index__", "__and__", "__rand__", "__or__", "__ror__", "__xor__", "__rxor__",
-             "__lshift__", "__rshift__", "__invert__", "__trunc__", "__floor__", "__ceil__",
+             "__getattr__", "__class__", "__str__", "__repr__", "__format__", "__add__", "__radd__", "__sub__",
+             "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__",
+             "__mod__", "__rmod__", "__divmod__", "__rdivmod__", "__pow__", "__rpow__", "__neg__", "__pos__",
+             "__abs__", "__round__", "__int__", "__float__", "__complex__", "__index__", "__and__", "__rand__",
+             "__or__", "__ror__", "__xor__", "__rxor__", "__lshift__", "__rshift__", "__invert__", "__trunc__",
+             "__floor__", "__ceil__",
              # numpy's functions defer to these (np.allclose to an array's own __array_function__)
              "__array__", "__array_ufunc__", "__array_function__", "__array_priority__", "__array_wrap__",
              "__array_finalize__", "__array_interface__", "__array_struct__")
 
 
 def _plain_results():
-    """`wrap(fn)`: fn, whose results the asserts may use only as values of the standard types behave. Made before the
-    program runs, from names bound then (the program may patch any module by the time the asserts call it).
+    """(wrap, is_class): `wrap(fn)` is fn, whose results the asserts may use only as values of the standard types
+    behave. Made before the program runs, from names bound then (the program may patch any module by the time the
+    asserts call it).
 
     An answer returning an object whose `__eq__` is always true passed any `assert candidate(x) == y`, and the
     M-step would then learn to write it. A result passes if it is (or holds only) values of a trusted class: the
-    built-in types, collections' classes, and Fraction, Decimal and numpy's types where the program's text loaded
-    them before it ran; a subclass passes where it changes none of what the asserts use (`_PROTOCOL`; a namedtuple
-    is a tuple); a trusted class written in Python must be as it was before the program (Counter.__eq__ could be
-    replaced). An iterator or a callable comes back wrapped, so what it gives is checked as it comes; a defaultdict's
-    factory too. Anything else fails the asserts (AssertionError: a wrong answer)."""
+    built-in types, collections' classes, Decimal and numpy's types (where the program's text loaded them before it
+    ran); a subclass passes where it changes none of what the asserts use (`_PROTOCOL`; a namedtuple's own repr
+    is a tuple's); Counter, written in Python, must be as it was before the program, and so must the globals its
+    methods read. An iterator or a callable comes back wrapped, so what it gives is checked as it comes; a
+    defaultdict's factory too. Anything else fails the asserts (AssertionError: a wrong answer). Values are checked
+    as the answer gives them: one that changes a value it gave before (`__class__` assigned later) is not seen."""
     import _collections
     import _functools
 
-    # (classes are told apart by identity: a program's metaclass could make its class hash and compare as int, and
-    # a class's attributes are read from the dicts of its MRO, as CPython finds the methods an operator calls)
+    # No code of the answer's may run here: classes are told apart by identity (a metaclass could make a class hash
+    # and compare as int), and a class's attributes are read by iterating the dicts of its MRO, whose keys must be
+    # exactly str (a key of its own class would run its __eq__ at a look-up), as CPython finds what an operator calls.
     type_of, identity, iterate, check_error = type, id, iter, AssertionError
     name_of, is_callable, is_type, text_type, pop = type.__dict__["__name__"].__get__, callable, isinstance, str, list.pop
     flags_of, mro_of, dict_of = (type.__dict__[n].__get__ for n in ("__flags__", "__mro__", "__dict__"))
-    class_type, set_type, size = type, set, len
+    items_of, dict_items, dict_values = type(type.__dict__).items, dict.items, dict.values
+    function = type(_plain_results)
+    code_of, closure_of = function.__dict__["__code__"].__get__, function.__dict__["__closure__"].__get__
+    cell_contents = type((lambda: function).__closure__[0]).__dict__["cell_contents"].__get__
+    class_type, str_type, size = type, str, len
     missing = object()
     views = (type({}.keys()), type({}.values()), type({}.items()))
     deque, ordered, defaultdict = _collections.deque, _collections.OrderedDict, _collections.defaultdict
@@ -428,47 +439,117 @@ def _plain_results():
     containers = [list, tuple, set, frozenset, deque, *views]
     mappings = [dict, ordered, defaultdict]
     modules = sys.modules
-    if "collections" in modules:
-        mappings.append(modules["collections"].Counter)
-    for module, name in (("fractions", "Fraction"), ("decimal", "Decimal")):
-        if module in modules:
-            scalars.append(getattr(modules[module], name))
+    collections = modules.get("collections")
+    counter = getattr(collections, "Counter", None)
+    if counter is not None:
+        mappings.append(counter)
+    if "decimal" in modules:
+        scalars.append(modules["decimal"].Decimal)
     numpy = modules.get("numpy")
     ndarray = getattr(numpy, "ndarray", None)
     if ndarray is not None:
         scalars.extend(t for t in set(numpy.sctypeDict.values()) if is_type(t, type))
-    callables = {id(t) for t in (type(_plain_results), type(len), type(AssertionError().with_traceback),
-                                 _functools.partial)}
-    names = _PROTOCOL
+    callables = {id(t) for t in (function, type(len), type(AssertionError().with_traceback), _functools.partial)}
+    names = set(_PROTOCOL)
+    namedtuple_repr = code_of(collections.namedtuple("_", "a").__repr__) if collections is not None else None
 
-    def protocol(cls):
-        """What `cls`'s instances do with each name of _PROTOCOL: the object the first class of its MRO has."""
-        found = []
-        for name in names:
-            for base in mro_of(cls):
-                value = dict_of(base).get(name, missing)
-                if value is not missing:
-                    break
-            found.append(value)
+    def own_attributes(cls):
+        """`cls`'s own entries of the protocol's names; None if its dict has a key that is not exactly str."""
+        found = {}
+        for key, value in items_of(dict_of(cls)):
+            if type_of(key) is not str_type:
+                return None
+            if key in names:
+                found[key] = value
         return found
 
+    def protocol(cls):
+        """{name: what `cls`'s instances get for it} (the first class of its MRO that has it); None if unreadable."""
+        found = {}
+        for base in reversed_mro(cls):
+            own = own_attributes(base)
+            if own is None:
+                return None
+            for key, value in dict_items(own):
+                found[key] = value  # (a later class, nearer cls, wins)
+        return found
+
+    def reversed_mro(cls):
+        mro = mro_of(cls)
+        i = size(mro)
+        while i:
+            i -= 1
+            yield mro[i]
+
     classes = [*scalars, *containers, *mappings, *([ndarray] if ndarray is not None else [])]
-    trusted = {id(cls): (cls, protocol(cls)) for cls in classes}
+    trusted = {id(cls): cls for cls in classes}
     scalar_ids, container_ids, mapping_ids = ({id(c) for c in group} for group in (scalars, containers, mappings))
     # a class no program can change (a static or immutable type: int, numpy's) needs no look at each use
     fixed = {id(cls) for cls in classes if flags_of(cls) & (1 << 8) or not flags_of(cls) & (1 << 9)}
+    known = {id(cls): protocol(cls) for cls in classes if id(cls) not in fixed}  # Counter's, as it was
+    counter_globals = {}
+    if counter is not None:  # the module globals Counter's methods read (a patched collections.isinstance, all)
+        codes = [code_of(f) for f in dict(dict_of(counter)).values() if type_of(f) is function]
+        while codes:
+            code = codes.pop()
+            codes.extend(c for c in code.co_consts if type_of(c) is type(code))
+            counter_globals.update((n, vars(collections).get(n, missing)) for n in code.co_names)
+    counter_dict = dict(dict_of(counter)) if counter is not None else None
+    collections_dict = vars(collections) if collections is not None else None
     factory = defaultdict.__dict__["default_factory"]
-    dict_values = dict.values
     dtype_of = ndarray.__dict__["dtype"].__get__ if ndarray is not None else None
     flat_of = ndarray.__dict__["flat"].__get__ if ndarray is not None else None
 
-    def same(a, b):
-        i = size(a)
-        while i:
-            i -= 1
-            if a[i] is not b[i]:
+    def protocol_of_trusted(cls):
+        key = identity(cls)
+        if key not in known:
+            known[key] = protocol(cls)  # (fixed: it cannot change)
+        return known[key]
+
+    def same_protocol(here, there, base):
+        if here is None or there is None or size(here) != size(there):
+            return False
+        for name, value in dict_items(there):
+            mine = here.get(name, missing)
+            if mine is value:
+                continue
+            if name == "__repr__" and base is tuple and namedtuple_repr is not None and type_of(mine) is function \
+                    and code_of(mine) is namedtuple_repr and plain_closure(mine):
+                continue  # a namedtuple's: its class's name and its fields' reprs, all checked
+            return False
+        return True
+
+    def plain_closure(fn):
+        for cell in closure_of(fn) or ():
+            if type_of(cell_contents(cell)) is not str_type:
                 return False
         return True
+
+    def counter_as_it_was():
+        """Counter's class dict and the globals its methods read are what they were before the program."""
+        now = dict_of(counter)
+        if size(now) != size(counter_dict):
+            return False
+        for key, value in items_of(now):
+            if type_of(key) is not str_type or counter_dict.get(key, missing) is not value:
+                return False
+        for key, value in dict_items(counter_globals):
+            if collections_dict.get(key, missing) is not value:  # (its keys are the program's too: exactly str only)
+                return False
+        return own_attributes_exact(collections_dict)
+
+    def own_attributes_exact(d):
+        for key in d:
+            if type_of(key) is not str_type:
+                return False
+        return True
+
+    def is_class(value):
+        """Whether `value` is a class, by its real type (isinstance would ask the answer's own __class__)."""
+        for base in mro_of(type_of(value)):
+            if base is class_type:
+                return True
+        return False
 
     def refuse(value):
         raise check_error(f"the answer gave an object of class {text_type(name_of(type_of(value)))}, which compares "
@@ -486,26 +567,31 @@ def _plain_results():
                 return key
             if key not in bases:
                 bases[key] = None
+                if type_of(name_of(cls)) is not str_type:  # (a namedtuple's repr begins with it)
+                    return None
                 for base in mro_of(cls):
-                    entry = trusted.get(identity(base))
-                    if entry is not None and entry[0] is base:
-                        bases[key] = identity(base) if same(protocol(cls), entry[1]) else None
+                    trusted_base = trusted.get(identity(base))
+                    if trusted_base is base:
+                        if base is counter and not counter_as_it_was():
+                            break
+                        if same_protocol(protocol(cls), protocol_of_trusted(base), base):
+                            bases[key] = identity(base)
                         break
             return bases[key]
 
-        stack, seen = [value], set_type()
+        stack, seen = [value], {}
         while stack:
             x = pop(stack)
             base = base_of(type_of(x))
             if base is None:
-                if x is value and protocol_has_next(type_of(x)):  # an iterator the answer made
+                if x is value and "__next__" in (protocol(type_of(x)) or {}):  # an iterator the answer made
                     return each_checked(x)
-                if x is value and is_callable(x) and not is_type(x, class_type):  # a callable object of its own
+                if x is value and is_callable(x) and not is_class(x):  # a callable object of its own
                     return wrap(x)
                 refuse(x)
             if base in scalar_ids or identity(x) in seen:
                 continue
-            seen.add(identity(x))
+            seen[identity(x)] = x  # (held: an id is not reused while the walk lasts)
             if base in mapping_ids:
                 if base == identity(defaultdict) and factory.__get__(x) is not None:
                     factory.__set__(x, wrap(factory.__get__(x)))  # (a missing key's value is checked as made)
@@ -517,12 +603,6 @@ def _plain_results():
                 stack.extend(flat_of(x))
         return value
 
-    def protocol_has_next(cls):
-        for base in mro_of(cls):
-            if dict_of(base).get("__next__", missing) is not missing:
-                return True
-        return False
-
     def each_checked(it):
         for x in it:
             yield checked(x)
@@ -532,7 +612,7 @@ def _plain_results():
             return checked(fn(*args, **kwargs))
         return checked_call
 
-    return wrap
+    return wrap, is_class
 
 
 def _finish_script(atexit, gc):

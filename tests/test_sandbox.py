@@ -46,6 +46,10 @@ UPTO = {"id": "upto", "prompt": "def upto(n):\n", "entry_point": "upto",
         "test": "def check(candidate):\n    assert list(candidate(2)) == [0, 1]\n"}
 CURRY = {"id": "curry", "prompt": "def curry(x):\n", "entry_point": "curry",
          "test": "def check(candidate):\n    assert candidate(2)(3) == 5\n"}
+REPR = {"id": "repr", "prompt": "def pair(x):\n", "entry_point": "pair",
+        "test": "def check(candidate):\n    assert candidate(1) == (1, 2)\n    assert str(candidate(1)) == 'P(x=1, y=2)'\n"}
+STR5 = {"id": "str5", "prompt": "def five(x):\n", "entry_point": "five",
+        "test": "def check(candidate):\n    assert str(candidate(1)) == '5'\n"}
 SQUARE = {"id": "square", "prompt": "def square(x):\n", "entry_point": "square",
           "test": "import math\n\ndef check(candidate):\n    assert math.fabs(candidate(3) - 9) < 1e-9\n"}
 # A wrong answer that forks at every call, each branch returning another guess; the branches whose guess failed
@@ -290,6 +294,29 @@ HOSTILE = {
                                           "    return Eq(0)\n", {"wrong_answer"}),
     "an always-equal callable's value": (CURRY, "    class Eq:\n        def __eq__(self, o):\n            return True\n"
                                                 "    return lambda y: Eq()\n", {"wrong_answer"}),
+    # ... and where the answer hides its function from the check, makes a standard class use names of its own,
+    # gives a value whose str() is always equal, or runs code of its own while the check looks up a class's methods
+    "the entry point under a key of its own class": (ADD, "    class Eq:\n        def __eq__(self, o):\n"
+                                                          "            return True\n    return Eq()\nn = [0]\n"
+                                                          "class S(str):\n    __hash__ = str.__hash__\n"
+                                                          "    def __eq__(self, o):\n        n[0] += 1\n"
+                                                          "        return n[0] != 4\n    def __getitem__(self, k):\n"
+                                                          "        return '__'\ng = globals()\ng[S('add')] = g.pop('add')\n",
+                                                     {"wrong_answer", "runtime_error"}),
+    "a Counter whose module's names are patched": (ADD, "    return Counter()\nimport collections\n"
+                                                        "from collections import Counter\ncollections.isinstance = "
+                                                        "lambda *a: True\ncollections.all = lambda it: True\n",
+                                                   {"wrong_answer"}),
+    "an always-equal str()": (STR5, "    class ES(str):\n        __hash__ = str.__hash__\n        def __eq__(self, o):\n"
+                                    "            return True\n    class I(int):\n        def __str__(self):\n"
+                                    "            return ES('x')\n    return I(0)\n", {"wrong_answer"}),
+    "code of its own run by a look-up of a method": (ADD, "    v = L([Y(0)])\n    box.append(v)\n    return v\n"
+                                                          "class Evil(list):\n    def __eq__(self, o):\n        return True\n"
+                                                          "class L(list):\n    pass\nbox = []\nclass K:\n"
+                                                          "    def __hash__(self):\n        return hash('__eq__')\n"
+                                                          "    def __eq__(self, o):\n        for v in box:\n"
+                                                          "            v.__class__ = Evil\n        return False\n"
+                                                          "Y = type('Y', (int,), {K(): 1})\n", {"wrong_answer"}),
     # empty files hold kernel memory that no limit counts (a stdin program: the watch is the worker's)
     "a flood of files in /tmp": (ECHO_SUM, "for i in range(20000):\n    open('/tmp/f%d' % i, 'w').close()\n", {"memory"}),
     "a built-in module patched": (SQUARE, "import math\nmath.fabs = lambda x: 0\ndef square(x):\n    return 0\n",
@@ -349,14 +376,13 @@ def test_hostile_program_gets_zero_and_the_next_grades_normally(grader, name):
     (UPTO, "    return dict.fromkeys(range(n)).keys()\n"),
     (CURRY, "    import functools, operator\n    return functools.partial(operator.add, x)\n"),
     (ADD, "    from collections import namedtuple\n    return namedtuple('N', 'v')(a + b).v\n"),
-    (ADD, "    from fractions import Fraction\n    return Fraction(a + b)\n"),
+    (REPR, "    from collections import namedtuple\n    return namedtuple('P', 'x y')(x, x + 1)\n"),
     (ADD, "    from decimal import Decimal\n    return Decimal(a) + b\n"),
     (MAD, "    m = sum(numbers) / len(numbers)\n    return sum(abs(x - m) for x in numbers) / len(numbers)\n"),
-    (SQUARE, "    class Num(float):\n        def __repr__(self):\n            return 'Num'\n    return Num(x * x)\n"),
 ])
 def test_right_answers_of_standard_types_and_their_plain_subclasses_still_pass(grader, problem, completion):
     """The asserts take an answer's values of standard types, containers of them, iterators and functions giving
-    them, and subclasses that change none of what the asserts use (a namedtuple, a float with its own repr)."""
+    them, and subclasses that change none of what the asserts use (a namedtuple, whose repr is its own)."""
     assert grader.grade(problem, completion) == "passed"
 
 
