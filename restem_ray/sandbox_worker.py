@@ -392,17 +392,12 @@ def _program(job):
 
 # What an answer's value does when the asserts use it: compare it, hash it, count it, index it, iterate it, do
 # arithmetic with it (`abs(candidate(x) - 0.5) < 1e-6`), read a missing key (Counter, defaultdict).
-_PROTOCOL = ("__eq__", "__ne__", "__lt__", "__le__", "__gt__", "__ge__", "__hash__", "__bool__", "__len__", "__iter__",
-             "__next__", "__reversed__", "__contains__", "__getitem__", "__missing__", "__getattribute__",
-             "__getattr__", "__class__", "__str__", "__repr__", "__format__", "__add__", "__radd__", "__sub__",
-             "__rsub__", "__mul__", "__rmul__", "__truediv__", "__rtruediv__", "__floordiv__", "__rfloordiv__",
-             "__mod__", "__rmod__", "__divmod__", "__rdivmod__", "__pow__", "__rpow__", "__neg__", "__pos__",
-             "__abs__", "__round__", "__int__", "__float__", "__complex__", "__index__", "__and__", "__rand__",
-             "__or__", "__ror__", "__xor__", "__rxor__", "__lshift__", "__rshift__", "__invert__", "__trunc__",
-             "__floor__", "__ceil__",
-             # numpy's functions defer to these (np.allclose to an array's own __array_function__)
-             "__array__", "__array_ufunc__", "__array_function__", "__array_priority__", "__array_wrap__",
-             "__array_finalize__", "__array_interface__", "__array_struct__")
+# What a subclass of a trusted class may add to it, beside a namedtuple's own (checked against one made here): what
+# class statements put in every class, and construction, which the asserts never see. Anything else (a comparison,
+# `items`, `split`, `most_common`, a field) could make the value behave as the answer likes.
+_SUBCLASS_MAY_ADD = frozenset({"__module__", "__qualname__", "__doc__", "__slots__", "__dict__", "__weakref__",
+                               "__annotations__", "__firstlineno__", "__static_attributes__", "__orig_bases__",
+                               "__init__", "__new__"})
 
 
 def _plain_results():
@@ -412,118 +407,104 @@ def _plain_results():
 
     An answer returning an object whose `__eq__` is always true passed any `assert candidate(x) == y`, and the
     M-step would then learn to write it. A result passes if it is (or holds only) values of a trusted class: the
-    built-in types, collections' classes, Decimal and numpy's types (where the program's text loaded them before it
-    ran); a subclass passes where it changes none of what the asserts use (`_PROTOCOL`; a namedtuple's own repr
-    is a tuple's); Counter, written in Python, must be as it was before the program, and so must the globals its
-    methods read. An iterator or a callable comes back wrapped, so what it gives is checked as it comes; a
-    defaultdict's factory too. Anything else fails the asserts (AssertionError: a wrong answer). Values are checked
+    built-in types, collections' classes, re's Match, Decimal and numpy's types (where the program's text loaded
+    them before it ran), or of a subclass of one that adds nothing but construction (a namedtuple's own methods and
+    fields too), with no metaclass and no attributes of its own on the value; Counter, written in Python, must be as
+    it was before the program, and so must the globals its methods read. An iterator is read out then and there, and
+    comes back as an iterator over what it gave. A function, or a defaultdict that makes missing values with
+    anything but a standard class, fails, as does anything else (AssertionError: a wrong answer): nothing of the
+    check's own is handed to the answer's code (its closures would give the check's state away). Values are checked
     as the answer gives them: one that changes a value it gave before (`__class__` assigned later) is not seen."""
     import _collections
-    import _functools
+    import gc
 
-    # No code of the answer's may run here: classes are told apart by identity (a metaclass could make a class hash
-    # and compare as int), and a class's attributes are read by iterating the dicts of its MRO, whose keys must be
-    # exactly str (a key of its own class would run its __eq__ at a look-up), as CPython finds what an operator calls.
+    # No code of the answer's runs while a value is looked at (gc is off: a __del__ of its own could run at any
+    # allocation): classes are told apart by identity (a metaclass could make a class hash and compare as int), and
+    # a class's attributes are read by iterating its dict, whose keys must be exactly str (a key of its own class
+    # would run its __eq__ at a look-up).
     type_of, identity, iterate, check_error = type, id, iter, AssertionError
-    name_of, is_callable, is_type, text_type, pop = type.__dict__["__name__"].__get__, callable, isinstance, str, list.pop
+    name_of, is_type, pop, size = type.__dict__["__name__"].__get__, isinstance, list.pop, len
     flags_of, mro_of, dict_of = (type.__dict__[n].__get__ for n in ("__flags__", "__mro__", "__dict__"))
-    items_of, dict_items, dict_values = type(type.__dict__).items, dict.items, dict.values
+    items_of, dict_items, dict_values, list_type = type(type.__dict__).items, dict.items, dict.values, list
+    gc_off, gc_on, gc_is_on = gc.disable, gc.enable, gc.isenabled
     function = type(_plain_results)
-    code_of, closure_of = function.__dict__["__code__"].__get__, function.__dict__["__closure__"].__get__
-    cell_contents = type((lambda: function).__closure__[0]).__dict__["cell_contents"].__get__
-    class_type, str_type, size = type, str, len
+    code_of = function.__dict__["__code__"].__get__
+    class_type, str_type, tuple_type = type, str, tuple
+    descriptor = type(type.__dict__["__dict__"])  # what a class statement puts under __dict__ and __weakref__
+    may_add = _SUBCLASS_MAY_ADD
     missing = object()
     views = (type({}.keys()), type({}.values()), type({}.items()))
     deque, ordered, defaultdict = _collections.deque, _collections.OrderedDict, _collections.defaultdict
+    ordered_views = (type(ordered().keys()), type(ordered().values()), type(ordered().items()))
     scalars = [int, float, complex, bool, str, bytes, bytearray, type(None), range]
-    containers = [list, tuple, set, frozenset, deque, *views]
+    containers = [list, tuple, set, frozenset, deque, *views, *ordered_views]
     mappings = [dict, ordered, defaultdict]
     modules = sys.modules
     collections = modules.get("collections")
     counter = getattr(collections, "Counter", None)
     if counter is not None:
         mappings.append(counter)
+    if "re" in modules:
+        scalars.append(type(modules["re"].match("", "")))
     if "decimal" in modules:
         scalars.append(modules["decimal"].Decimal)
     numpy = modules.get("numpy")
     ndarray = getattr(numpy, "ndarray", None)
     if ndarray is not None:
         scalars.extend(t for t in set(numpy.sctypeDict.values()) if is_type(t, type))
-    callables = {id(t) for t in (function, type(len), type(AssertionError().with_traceback), _functools.partial)}
-    names = set(_PROTOCOL)
-    namedtuple_repr = code_of(collections.namedtuple("_", "a").__repr__) if collections is not None else None
-
-    def own_attributes(cls):
-        """`cls`'s own entries of the protocol's names; None if its dict has a key that is not exactly str."""
-        found = {}
-        for key, value in items_of(dict_of(cls)):
-            if type_of(key) is not str_type:
-                return None
-            if key in names:
-                found[key] = value
-        return found
-
-    def protocol(cls):
-        """{name: what `cls`'s instances get for it} (the first class of its MRO that has it); None if unreadable."""
-        found = {}
-        for base in reversed_mro(cls):
-            own = own_attributes(base)
-            if own is None:
-                return None
-            for key, value in dict_items(own):
-                found[key] = value  # (a later class, nearer cls, wins)
-        return found
-
-    def reversed_mro(cls):
-        mro = mro_of(cls)
-        i = size(mro)
-        while i:
-            i -= 1
-            yield mro[i]
-
     classes = [*scalars, *containers, *mappings, *([ndarray] if ndarray is not None else [])]
     trusted = {id(cls): cls for cls in classes}
     scalar_ids, container_ids, mapping_ids = ({id(c) for c in group} for group in (scalars, containers, mappings))
     # a class no program can change (a static or immutable type: int, numpy's) needs no look at each use
     fixed = {id(cls) for cls in classes if flags_of(cls) & (1 << 8) or not flags_of(cls) & (1 << 9)}
-    known = {id(cls): protocol(cls) for cls in classes if id(cls) not in fixed}  # Counter's, as it was
+    factories = {id(cls) for cls in classes if id(cls) in fixed}  # what may make a defaultdict's missing values
+    namedtuple = {}  # a namedtuple's methods by name -> their code; its fields' type
+    if collections is not None:
+        sample = collections.namedtuple("_", "a")
+        namedtuple = {k: code_of(v) for k, v in vars(sample).items() if type_of(v) is function}
+        namedtuple["_make"] = code_of(vars(sample)["_make"].__func__)
+        field = type_of(vars(sample)["a"])
+    class_method, class_method_function = classmethod, classmethod.__dict__["__func__"].__get__
+    counter_dict = dict(dict_of(counter)) if counter is not None else None
     counter_globals = {}
     if counter is not None:  # the module globals Counter's methods read (a patched collections.isinstance, all)
-        codes = [code_of(f) for f in dict(dict_of(counter)).values() if type_of(f) is function]
+        codes = [code_of(f) for f in counter_dict.values() if type_of(f) is function]
         while codes:
             code = codes.pop()
             codes.extend(c for c in code.co_consts if type_of(c) is type(code))
             counter_globals.update((n, vars(collections).get(n, missing)) for n in code.co_names)
-    counter_dict = dict(dict_of(counter)) if counter is not None else None
     collections_dict = vars(collections) if collections is not None else None
-    factory = defaultdict.__dict__["default_factory"]
+    counter_attributes = counter_dict["__dict__"] if counter is not None else None  # (a Counter's own: c.get = ...)
+    generator = type((lambda: (yield))())
+    # what typing.Counter(...) and typing.Counter[str](...) record on the value
+    typing_aliases = (type(modules["typing"].Counter), type(modules["typing"].Counter[str])) if "typing" in modules \
+        else ()
+    factory_of = defaultdict.__dict__["default_factory"].__get__
     dtype_of = ndarray.__dict__["dtype"].__get__ if ndarray is not None else None
     flat_of = ndarray.__dict__["flat"].__get__ if ndarray is not None else None
 
-    def protocol_of_trusted(cls):
-        key = identity(cls)
-        if key not in known:
-            known[key] = protocol(cls)  # (fixed: it cannot change)
-        return known[key]
-
-    def same_protocol(here, there, base):
-        if here is None or there is None or size(here) != size(there):
-            return False
-        for name, value in dict_items(there):
-            mine = here.get(name, missing)
-            if mine is value:
-                continue
-            if name == "__repr__" and base is tuple and namedtuple_repr is not None and type_of(mine) is function \
-                    and code_of(mine) is namedtuple_repr and plain_closure(mine):
-                continue  # a namedtuple's: its class's name and its fields' reprs, all checked
-            return False
-        return True
-
-    def plain_closure(fn):
-        for cell in closure_of(fn) or ():
-            if type_of(cell_contents(cell)) is not str_type:
-                return False
-        return True
+    def adds_nothing(cls):
+        """A class between a value's class and its trusted base adds only what construction needs (or what a
+        namedtuple has), with no metaclass; its instances' own attributes: {name: descriptor}."""
+        if type_of(cls) is not class_type or type_of(name_of(cls)) is not str_type:
+            return None
+        instance_dict = {}
+        for key, value in items_of(dict_of(cls)):
+            if type_of(key) is not str_type:
+                return None
+            if key in may_add:
+                if (key == "__dict__" or key == "__weakref__") and type_of(value) is not descriptor:
+                    return None
+                if key == "__dict__":
+                    instance_dict[key] = value
+            elif key in namedtuple:
+                if type_of(value) is class_method:
+                    value = class_method_function(value)
+                if type_of(value) is not function or code_of(value) is not namedtuple[key]:
+                    return None
+            elif not (key in ("_fields", "_field_defaults", "__match_args__") or type_of(value) is field):
+                return None  # (a namedtuple's field names, their defaults: read by no comparison)
+        return instance_dict
 
     def counter_as_it_was():
         """Counter's class dict and the globals its methods read are what they were before the program."""
@@ -533,16 +514,30 @@ def _plain_results():
         for key, value in items_of(now):
             if type_of(key) is not str_type or counter_dict.get(key, missing) is not value:
                 return False
-        for key, value in dict_items(counter_globals):
-            if collections_dict.get(key, missing) is not value:  # (its keys are the program's too: exactly str only)
-                return False
-        return own_attributes_exact(collections_dict)
-
-    def own_attributes_exact(d):
-        for key in d:
+        for key in collections_dict:
             if type_of(key) is not str_type:
                 return False
+        for key, value in dict_items(counter_globals):
+            if collections_dict.get(key, missing) is not value:
+                return False
         return True
+
+    def no_attributes(attributes):
+        """A value's own attributes: none but the alias typing.Counter(...) records."""
+        for key, value in dict_items(attributes):
+            if type_of(key) is not str_type or key != "__orig_class__" or not (
+                    typing_aliases and (type_of(value) is typing_aliases[0] or type_of(value) is typing_aliases[1])):
+                return False
+        return True
+
+    def has_next(cls):
+        for base in mro_of(cls):
+            for key, _ in items_of(dict_of(base)):
+                if type_of(key) is not str_type:
+                    return False
+                if key == "__next__":
+                    return True
+        return False
 
     def is_class(value):
         """Whether `value` is a class, by its real type (isinstance would ask the answer's own __class__)."""
@@ -552,14 +547,13 @@ def _plain_results():
         return False
 
     def refuse(value):
-        raise check_error(f"the answer gave an object of class {text_type(name_of(type_of(value)))}, which compares "
-                          "as it defines, not a value of a standard type")
+        name = name_of(type_of(value))
+        raise check_error(f"the answer gave an object of class {name if type_of(name) is str_type else '?'}, which "
+                          "may compare as it defines: not a value of a standard type")
 
-    def checked(value):
-        """`value`, checked through (an iterator or a callable: wrapped)."""
-        if identity(type_of(value)) in callables:
-            return wrap(value)
-        bases = {}  # id of a class -> id of the trusted class it behaves as, or None (looked at once per result)
+    def checked(value, bases):
+        """`value`, checked through (an iterator: read out). `bases`: id of a class -> id of the trusted class it
+        behaves as, or None (looked at once per result)."""
 
         def base_of(cls):
             key = identity(cls)
@@ -567,34 +561,39 @@ def _plain_results():
                 return key
             if key not in bases:
                 bases[key] = None
-                if type_of(name_of(cls)) is not str_type:  # (a namedtuple's repr begins with it)
-                    return None
                 for base in mro_of(cls):
-                    trusted_base = trusted.get(identity(base))
-                    if trusted_base is base:
-                        if base is counter and not counter_as_it_was():
-                            break
-                        if same_protocol(protocol(cls), protocol_of_trusted(base), base):
+                    if trusted.get(identity(base)) is base:
+                        if base is not counter or counter_as_it_was():
                             bases[key] = identity(base)
                         break
+                    own = adds_nothing(base)
+                    if own is None:
+                        break
+                    for getter in dict_values(own):  # (a value of this class must have no attributes of its own)
+                        bases[-key] = getter
             return bases[key]
 
         stack, seen = [value], {}
         while stack:
             x = pop(stack)
-            base = base_of(type_of(x))
+            cls = type_of(x)
+            base = base_of(cls)
             if base is None:
-                if x is value and "__next__" in (protocol(type_of(x)) or {}):  # an iterator the answer made
-                    return each_checked(x)
-                if x is value and is_callable(x) and not is_class(x):  # a callable object of its own
-                    return wrap(x)
+                if x is value and (cls is generator or has_next(cls)):
+                    items = list_type(iterate(x))  # (its own __iter__: what iter() gives the asserts)
+                    checked(items, bases)
+                    return iterate(items)
                 refuse(x)
+            getter = counter_attributes if base == identity(counter) else bases.get(-identity(cls))
+            if getter is not None and not no_attributes(getter.__get__(x)):
+                refuse(x)  # (an attribute of its own: `d.items = ...`)
             if base in scalar_ids or identity(x) in seen:
                 continue
             seen[identity(x)] = x  # (held: an id is not reused while the walk lasts)
             if base in mapping_ids:
-                if base == identity(defaultdict) and factory.__get__(x) is not None:
-                    factory.__set__(x, wrap(factory.__get__(x)))  # (a missing key's value is checked as made)
+                if base == identity(defaultdict) and factory_of(x) is not None and \
+                        identity(factory_of(x)) not in factories:
+                    refuse(factory_of(x))  # (a missing key's value would be whatever it makes)
                 stack.extend(dict_values(x))
                 stack.extend(iterate(x))  # the keys (its __iter__ is its trusted class's)
             elif base in container_ids:
@@ -603,13 +602,16 @@ def _plain_results():
                 stack.extend(flat_of(x))
         return value
 
-    def each_checked(it):
-        for x in it:
-            yield checked(x)
-
     def wrap(fn):
         def checked_call(*args, **kwargs):
-            return checked(fn(*args, **kwargs))
+            result = fn(*args, **kwargs)
+            was_on = gc_is_on()
+            gc_off()
+            try:
+                return checked(result, {})
+            finally:
+                if was_on:
+                    gc_on()
         return checked_call
 
     return wrap, is_class

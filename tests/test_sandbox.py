@@ -50,6 +50,8 @@ REPR = {"id": "repr", "prompt": "def pair(x):\n", "entry_point": "pair",
         "test": "def check(candidate):\n    assert candidate(1) == (1, 2)\n    assert str(candidate(1)) == 'P(x=1, y=2)'\n"}
 STR5 = {"id": "str5", "prompt": "def five(x):\n", "entry_point": "five",
         "test": "def check(candidate):\n    assert str(candidate(1)) == '5'\n"}
+COUNTS = {"id": "counts", "prompt": "def counts(s):\n", "entry_point": "counts",
+          "test": "def check(candidate):\n    assert candidate('aab').get('a') == 7\n"}
 SQUARE = {"id": "square", "prompt": "def square(x):\n", "entry_point": "square",
           "test": "import math\n\ndef check(candidate):\n    assert math.fabs(candidate(3) - 9) < 1e-9\n"}
 # A wrong answer that forks at every call, each branch returning another guess; the branches whose guess failed
@@ -317,6 +319,25 @@ HOSTILE = {
                                                           "    def __eq__(self, o):\n        for v in box:\n"
                                                           "            v.__class__ = Evil\n        return False\n"
                                                           "Y = type('Y', (int,), {K(): 1})\n", {"wrong_answer"}),
+    "a namedtuple whose class's name is always equal": (STR5, "    return P(0)\nfrom collections import namedtuple\n"
+                                                             "class ES(str):\n    __hash__ = str.__hash__\n"
+                                                             "    def __eq__(self, o):\n        return True\n"
+                                                             "    def __add__(self, o):\n        return self\n"
+                                                             "class M(type):\n    @property\n    def __name__(cls):\n"
+                                                             "        return ES('x')\n"
+                                                             "class P(namedtuple('P', 'a'), metaclass=M):\n"
+                                                             "    __slots__ = ()\n", {"wrong_answer"}),
+    "a dict whose get is always equal": (COUNTS, "    class AE:\n        def __eq__(self, o):\n            return True\n"
+                                                 "    class D(dict):\n        def get(self, *a):\n            return AE()\n"
+                                                 "    return D()\n", {"wrong_answer"}),
+    "a Counter whose get is its own attribute": (COUNTS, "    from collections import Counter\n    class AE:\n"
+                                                         "        def __eq__(self, o):\n            return True\n"
+                                                         "    c = Counter()\n    c.get = lambda *a: AE()\n    return c\n",
+                                                    {"wrong_answer"}),
+    "a dict with a factory of its own": (PICK, "    from collections import defaultdict\n    class AE:\n"
+                                               "        def __eq__(self, o):\n            return True\n"
+                                               "    return defaultdict(lambda: AE(), {'a': 0} if len(words) == 1 else {})\n",
+                                         {"wrong_answer"}),
     # empty files hold kernel memory that no limit counts (a stdin program: the watch is the worker's)
     "a flood of files in /tmp": (ECHO_SUM, "for i in range(20000):\n    open('/tmp/f%d' % i, 'w').close()\n", {"memory"}),
     "a built-in module patched": (SQUARE, "import math\nmath.fabs = lambda x: 0\ndef square(x):\n    return 0\n",
@@ -370,13 +391,14 @@ def test_hostile_program_gets_zero_and_the_next_grades_normally(grader, name):
     (PICK, "    from collections import defaultdict\n    d = defaultdict(int)\n    for w in words:\n"
            "        d[w] += 1\n    return d\n"),
     (PICK, "    return {w: words.count(w) for w in words}\n"),
-    (CURRY, "    return lambda y: x + y\n"),
     (UPTO, "    yield from range(n)\n"),
     (UPTO, "    return map(int, map(str, range(n)))\n"),
     (UPTO, "    return dict.fromkeys(range(n)).keys()\n"),
-    (CURRY, "    import functools, operator\n    return functools.partial(operator.add, x)\n"),
     (ADD, "    from collections import namedtuple\n    return namedtuple('N', 'v')(a + b).v\n"),
     (REPR, "    from collections import namedtuple\n    return namedtuple('P', 'x y')(x, x + 1)\n"),
+    (REPR, "    return P(x, x + 1)\n\n\nimport typing\nclass P(typing.NamedTuple):\n    x: int\n    y: int = 0\n"),
+    (PICK, "    import typing\n    return typing.Counter(words)\n"),
+    (PICK, "    from collections import Counter\n    class C(Counter):\n        pass\n    return C(words)\n"),
     (ADD, "    from decimal import Decimal\n    return Decimal(a) + b\n"),
     (MAD, "    m = sum(numbers) / len(numbers)\n    return sum(abs(x - m) for x in numbers) / len(numbers)\n"),
 ])
