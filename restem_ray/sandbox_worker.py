@@ -407,9 +407,10 @@ def _plain_results():
 
     An answer returning an object whose `__eq__` is always true passed any `assert candidate(x) == y`, and the
     M-step would then learn to write it. A result passes if it is (or holds only) values of a trusted class: the
-    built-in types, collections' classes, re's Match, Decimal and numpy's types (where the program's text loaded
-    them before it ran), or of a subclass of one that adds nothing but construction (a namedtuple's own methods and
-    fields too), with no metaclass and no attributes of its own on the value; Counter, written in Python, must be as
+    built-in types, collections' classes, re's Match and numpy's types (where the program's text loaded them before
+    it ran), or of a subclass of one that adds nothing but construction (a namedtuple's own methods, checked against
+    its fields, and its fields too), inherits nothing after it, and has no metaclass and no attributes of its own on
+    the value; Counter, written in Python, must be as
     it was before the program, and so must the globals its methods read. An iterator is read out then and there, and
     comes back as an iterator over what it gave. A function, or a defaultdict that makes missing values with
     anything but a standard class, fails, as does anything else (AssertionError: a wrong answer): nothing of the
@@ -444,14 +445,15 @@ def _plain_results():
     counter = getattr(collections, "Counter", None)
     if counter is not None:
         mappings.append(counter)
-    if "re" in modules:
-        scalars.append(type(modules["re"].match("", "")))
-    if "decimal" in modules:
-        scalars.append(modules["decimal"].Decimal)
+    match = type(modules["re"].match("", "")) if "re" in modules else None
+    if match is not None:  # (whose .string must be a str's or bytes' own: `match_string`)
+        scalars.append(match)
+    # (not Decimal: its arithmetic follows a context the answer may set; not numpy's void, a record that may hold
+    # objects)
     numpy = modules.get("numpy")
     ndarray = getattr(numpy, "ndarray", None)
     if ndarray is not None:
-        scalars.extend(t for t in set(numpy.sctypeDict.values()) if is_type(t, type))
+        scalars.extend(t for t in set(numpy.sctypeDict.values()) if is_type(t, type) and t is not numpy.void)
     classes = [*scalars, *containers, *mappings, *([ndarray] if ndarray is not None else [])]
     trusted = {id(cls): cls for cls in classes}
     scalar_ids, container_ids, mapping_ids = ({id(c) for c in group} for group in (scalars, containers, mappings))
@@ -464,6 +466,10 @@ def _plain_results():
         namedtuple = {k: code_of(v) for k, v in vars(sample).items() if type_of(v) is function}
         namedtuple["_make"] = code_of(vars(sample)["_make"].__func__)
         field = type_of(vars(sample)["a"])
+    closure_of = function.__dict__["__closure__"].__get__
+    cell_contents = type((lambda: function).__closure__[0]).__dict__["cell_contents"].__get__
+    match_string = match.__dict__["string"].__get__ if match is not None else None
+    bytes_type, join = bytes, str.join
     class_method, class_method_function = classmethod, classmethod.__dict__["__func__"].__get__
     counter_dict = dict(dict_of(counter)) if counter is not None else None
     counter_globals = {}
@@ -475,6 +481,7 @@ def _plain_results():
             counter_globals.update((n, vars(collections).get(n, missing)) for n in code.co_names)
     collections_dict = vars(collections) if collections is not None else None
     counter_attributes = counter_dict["__dict__"] if counter is not None else None  # (a Counter's own: c.get = ...)
+    ordered_attributes = ordered.__dict__["__dict__"]  # (an OrderedDict takes attributes too)
     generator = type((lambda: (yield))())
     # what typing.Counter(...) and typing.Counter[str](...) record on the value
     typing_aliases = (type(modules["typing"].Counter), type(modules["typing"].Counter[str])) if "typing" in modules \
@@ -485,8 +492,9 @@ def _plain_results():
 
     def adds_nothing(cls):
         """A class between a value's class and its trusted base adds only what construction needs (or what a
-        namedtuple has), with no metaclass; its instances' own attributes: {name: descriptor}."""
-        if type_of(cls) is not class_type or type_of(name_of(cls)) is not str_type:
+        namedtuple has), with no metaclass; its instances' own attributes: {name: descriptor} (and under "" the
+        class, where it has a namedtuple's members: their base must be tuple)."""
+        if type_of(cls) is not class_type or type_of(name_of(cls)) is not str_type or mro_of(cls)[0] is not cls:
             return None
         instance_dict = {}
         for key, value in items_of(dict_of(cls)):
@@ -502,9 +510,24 @@ def _plain_results():
                     value = class_method_function(value)
                 if type_of(value) is not function or code_of(value) is not namedtuple[key]:
                     return None
+                if key == "__repr__" and not namedtuple_repr(cls, value):
+                    return None
+                instance_dict[""] = cls
             elif not (key in ("_fields", "_field_defaults", "__match_args__") or type_of(value) is field):
                 return None  # (a namedtuple's field names, their defaults: read by no comparison)
         return instance_dict
+
+    def namedtuple_repr(cls, fn):
+        """The repr is the one namedtuple made for the class's own fields: "Name(a=%r, b=%r)"."""
+        fields, cells = dict_of(cls).get("_fields", missing), closure_of(fn)
+        if type_of(fields) is not tuple_type or cells is None or size(cells) != 1:
+            return False
+        for name in fields:
+            if type_of(name) is not str_type:
+                return False
+        expected = "(" + join(", ", [name + "=%r" for name in fields]) + ")"
+        form = cell_contents(cells[0])
+        return type_of(form) is str_type and form == expected
 
     def counter_as_it_was():
         """Counter's class dict and the globals its methods read are what they were before the program."""
@@ -539,6 +562,16 @@ def _plain_results():
                     return True
         return False
 
+    def same_sequence(mro, start, tail):
+        if size(mro) - start != size(tail):
+            return False
+        j = 0
+        while j < size(tail):
+            if mro[start + j] is not tail[j]:
+                return False
+            j += 1
+        return True
+
     def is_class(value):
         """Whether `value` is a class, by its real type (isinstance would ask the answer's own __class__)."""
         for base in mro_of(type_of(value)):
@@ -561,16 +594,24 @@ def _plain_results():
                 return key
             if key not in bases:
                 bases[key] = None
-                for base in mro_of(cls):
+                mro, i, named = mro_of(cls), 0, False
+                while i < size(mro):
+                    base = mro[i]
                     if trusted.get(identity(base)) is base:
-                        if base is not counter or counter_as_it_was():
+                        # the rest of the MRO is the trusted class's own (a class after it would give what it lacks)
+                        if same_sequence(mro, i, mro_of(base)) and (base is tuple_type or not named) and (
+                                base is not counter or counter_as_it_was()):
                             bases[key] = identity(base)
                         break
                     own = adds_nothing(base)
                     if own is None:
                         break
-                    for getter in dict_values(own):  # (a value of this class must have no attributes of its own)
-                        bases[-key] = getter
+                    for name, getter in dict_items(own):  # (a value of this class must have no attributes of its own)
+                        if name == "":
+                            named = True
+                        else:
+                            bases[-key] = getter
+                    i += 1
             return bases[key]
 
         stack, seen = [value], {}
@@ -584,9 +625,13 @@ def _plain_results():
                     checked(items, bases)
                     return iterate(items)
                 refuse(x)
-            getter = counter_attributes if base == identity(counter) else bases.get(-identity(cls))
+            getter = counter_attributes if base == identity(counter) else ordered_attributes \
+                if base == identity(ordered) else bases.get(-identity(cls))
             if getter is not None and not no_attributes(getter.__get__(x)):
                 refuse(x)  # (an attribute of its own: `d.items = ...`)
+            if match is not None and base == identity(match) and type_of(match_string(x)) is not str_type \
+                    and type_of(match_string(x)) is not bytes_type:
+                refuse(x)  # (the text it matched, of a class of the answer's)
             if base in scalar_ids or identity(x) in seen:
                 continue
             seen[identity(x)] = x  # (held: an id is not reused while the walk lasts)
@@ -600,6 +645,8 @@ def _plain_results():
                 stack.extend(iterate(x))
             elif dtype_of(x).kind == "O":  # an ndarray (one of numbers holds no objects)
                 stack.extend(flat_of(x))
+            elif dtype_of(x).hasobject:  # (a record array with objects in its fields)
+                refuse(x)
         return value
 
     def wrap(fn):

@@ -52,6 +52,10 @@ STR5 = {"id": "str5", "prompt": "def five(x):\n", "entry_point": "five",
         "test": "def check(candidate):\n    assert str(candidate(1)) == '5'\n"}
 COUNTS = {"id": "counts", "prompt": "def counts(s):\n", "entry_point": "counts",
           "test": "def check(candidate):\n    assert candidate('aab').get('a') == 7\n"}
+NEAR5 = {"id": "near5", "prompt": "def near5(x):\n", "entry_point": "near5",
+         "test": "def check(candidate):\n    assert abs(candidate(1) - 5) < 1e-6\n"}
+MATCHED = {"id": "matched", "prompt": "def matched(s):\n", "entry_point": "matched",
+           "test": "def check(candidate):\n    assert candidate('a').string == 'zzz'\n"}
 SQUARE = {"id": "square", "prompt": "def square(x):\n", "entry_point": "square",
           "test": "import math\n\ndef check(candidate):\n    assert math.fabs(candidate(3) - 9) < 1e-9\n"}
 # A wrong answer that forks at every call, each branch returning another guess; the branches whose guess failed
@@ -338,6 +342,25 @@ HOSTILE = {
                                                "        def __eq__(self, o):\n            return True\n"
                                                "    return defaultdict(lambda: AE(), {'a': 0} if len(words) == 1 else {})\n",
                                          {"wrong_answer"}),
+    "a dict whose mixin gives what dict lacks": (PICK, "    class AE:\n        def __eq__(self, o):\n"
+                                                       "            return True\n    class H:\n"
+                                                       "        def __missing__(self, k):\n            return AE()\n"
+                                                       "    class D(dict, H):\n        pass\n"
+                                                       "    return D({'a': 0} if len(words) == 1 else {})\n", {"wrong_answer"}),
+    "an OrderedDict whose get is its own attribute": (COUNTS, "    from collections import OrderedDict\n    class AE:\n"
+                                                              "        def __eq__(self, o):\n            return True\n"
+                                                              "    d = OrderedDict()\n    d.get = lambda *a: AE()\n"
+                                                              "    return d\n", {"wrong_answer"}),
+    "a namedtuple whose repr's format is replaced": (STR5, "    return N(7, 8)\nfrom collections import namedtuple\n"
+                                                           "N = namedtuple('N', 'a b')\nN.__repr__.__closure__[0]."
+                                                           "cell_contents = '%.0s%.0s5'\nN.__name__ = ''\n",
+                                                      {"wrong_answer"}),
+    "a match of a text of its own class": (MATCHED, "    import re\n    class ES(str):\n        __hash__ = str.__hash__\n"
+                                                    "        def __eq__(self, o):\n            return True\n"
+                                                    "    return re.match('a', ES('a'))\n", {"wrong_answer"}),
+    "a Decimal in a context of its own": (NEAR5, "    import decimal\n    decimal.setcontext(decimal.Context(prec=1, "
+                                                 "Emin=0, Emax=9, rounding=decimal.ROUND_DOWN))\n"
+                                                 "    return decimal.Decimal('5.9')\n", {"wrong_answer"}),
     # empty files hold kernel memory that no limit counts (a stdin program: the watch is the worker's)
     "a flood of files in /tmp": (ECHO_SUM, "for i in range(20000):\n    open('/tmp/f%d' % i, 'w').close()\n", {"memory"}),
     "a built-in module patched": (SQUARE, "import math\nmath.fabs = lambda x: 0\ndef square(x):\n    return 0\n",
@@ -398,14 +421,34 @@ def test_hostile_program_gets_zero_and_the_next_grades_normally(grader, name):
     (REPR, "    from collections import namedtuple\n    return namedtuple('P', 'x y')(x, x + 1)\n"),
     (REPR, "    return P(x, x + 1)\n\n\nimport typing\nclass P(typing.NamedTuple):\n    x: int\n    y: int = 0\n"),
     (PICK, "    import typing\n    return typing.Counter(words)\n"),
+    (MATCHED, "    import re\n    return re.match('a', 'zzz') or re.match('z+', 'zzz')\n"),
     (PICK, "    from collections import Counter\n    class C(Counter):\n        pass\n    return C(words)\n"),
-    (ADD, "    from decimal import Decimal\n    return Decimal(a) + b\n"),
     (MAD, "    m = sum(numbers) / len(numbers)\n    return sum(abs(x - m) for x in numbers) / len(numbers)\n"),
 ])
 def test_right_answers_of_standard_types_and_their_plain_subclasses_still_pass(grader, problem, completion):
     """The asserts take an answer's values of standard types, containers of them, iterators and functions giving
     them, and subclasses that change none of what the asserts use (a namedtuple, whose repr is its own)."""
     assert grader.grade(problem, completion) == "passed"
+
+
+def test_numpy_values_pass_the_standard_values_check_unless_they_hold_objects():
+    """The check itself (sandbox_worker._plain_results), where numpy was loaded before the program ran: numbers'
+    arrays and scalars pass; an array of objects is walked, and a record array or record holding objects fails."""
+    import numpy
+
+    from restem_ray.sandbox_worker import _plain_results
+
+    class Eq:
+        def __eq__(self, other):
+            return True
+
+    wrap, _ = _plain_results()
+    for value in (numpy.arange(3), numpy.float64(1.5), numpy.array([1, "a"], dtype=object), numpy.bool_(True)):
+        assert wrap(lambda: value)() is value
+    for value in (numpy.array([Eq()], dtype=object), numpy.array([(Eq(),)], dtype=[("a", object)]),
+                  numpy.array([(Eq(),)], dtype=[("a", object)])[0]):
+        with pytest.raises(AssertionError, match="not a value of a standard type"):
+            wrap(lambda: value)()
 
 
 def test_the_guard_keeps_what_ordinary_programs_use(grader):
