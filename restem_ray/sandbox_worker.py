@@ -27,7 +27,7 @@ own process (HumanEval's asserts must call the candidate in-process), so:
   `__main__` is its own module, not this worker's, and the functions the guard installs have globals of their own;
 - in test mode an audit hook refuses what would reach the harness's frames or memory (frames, gc's object lists and
   saved garbage, tracing, ctypes, /proc, native code, sub-interpreters, audit hooks, re-importing or making anew what
-  it took away, and links, renames, chdir and directories' descriptors, which could make a checked path lead into
+  it took away, a function's code set anew, and links, renames, chdir and directories' descriptors, which could make a checked path lead into
   /proc), and signal handlers, new processes and forks are off (a fork per guessed answer would let the branch
   whose guesses passed report). The asserts run in a namespace of their own whose builtins are a copy taken
   before the program ran, and a program that changed the builtins, a built-in module or sys.modules fails;
@@ -393,11 +393,10 @@ def _program(job):
 # What an answer's value does when the asserts use it: compare it, hash it, count it, index it, iterate it, do
 # arithmetic with it (`abs(candidate(x) - 0.5) < 1e-6`), read a missing key (Counter, defaultdict).
 # What a subclass of a trusted class may add to it, beside a namedtuple's own (checked against one made here): what
-# class statements put in every class, and construction, which the asserts never see. Anything else (a comparison,
-# `items`, `split`, `most_common`, a field) could make the value behave as the answer likes.
+# class statements put in every class. Anything else (a comparison, `items`, `split`, `most_common`, a field, even
+# __init__ or __new__, which copy.copy, deque + x or od | {} call) could make a value behave as the answer likes.
 _SUBCLASS_MAY_ADD = frozenset({"__module__", "__qualname__", "__doc__", "__slots__", "__dict__", "__weakref__",
-                               "__annotations__", "__firstlineno__", "__static_attributes__", "__orig_bases__",
-                               "__init__", "__new__"})
+                               "__annotations__", "__firstlineno__", "__static_attributes__", "__orig_bases__"})
 
 
 def _plain_results():
@@ -408,9 +407,8 @@ def _plain_results():
     An answer returning an object whose `__eq__` is always true passed any `assert candidate(x) == y`, and the
     M-step would then learn to write it. A result passes if it is (or holds only) values of a trusted class: the
     built-in types, collections' classes, re's Match and numpy's types (where the program's text loaded them before
-    it ran), or of a subclass of one that adds nothing but construction (a namedtuple's own methods, checked against
-    its fields, and its fields too), inherits nothing after it, and has no metaclass and no attributes of its own on
-    the value; Counter, written in Python, must be as
+    it ran), or of a subclass of one that adds nothing (but a namedtuple's own methods, checked against its fields,
+    and its fields), inherits nothing after it, and has no metaclass and no attributes of its own on the value; Counter, written in Python, must be as
     it was before the program, and so must the globals its methods read. An iterator is read out then and there, and
     comes back as an iterator over what it gave. A function, or a defaultdict that makes missing values with
     anything but a standard class, fails, as does anything else (AssertionError: a wrong answer): nothing of the
@@ -460,21 +458,41 @@ def _plain_results():
     # a class no program can change (a static or immutable type: int, numpy's) needs no look at each use
     fixed = {id(cls) for cls in classes if flags_of(cls) & (1 << 8) or not flags_of(cls) & (1 << 9)}
     factories = {id(cls) for cls in classes if id(cls) in fixed}  # what may make a defaultdict's missing values
-    namedtuple = {}  # a namedtuple's methods by name -> their code; its fields' type
-    if collections is not None:
-        sample = collections.namedtuple("_", "a")
-        namedtuple = {k: code_of(v) for k, v in vars(sample).items() if type_of(v) is function}
-        namedtuple["_make"] = code_of(vars(sample)["_make"].__func__)
-        field = type_of(vars(sample)["a"])
-    closure_of = function.__dict__["__closure__"].__get__
-    cell_contents = type((lambda: function).__closure__[0]).__dict__["cell_contents"].__get__
-    match_string = match.__dict__["string"].__get__ if match is not None else None
-    bytes_type, join = bytes, str.join
+    # A namedtuple's methods by name -> (their code, what their closures hold: the object every namedtuple's holds
+    # (tuple.__new__, len, dict), else None: the class's own, its fields, their number, its repr's format)
+    namedtuple = {}
     class_method, class_method_function = classmethod, classmethod.__dict__["__func__"].__get__
+    static_method, static_method_function = staticmethod, staticmethod.__dict__["__func__"].__get__
+    closure_of = function.__dict__["__closure__"].__get__
+    globals_of, defaults_of = function.__dict__["__globals__"].__get__, function.__dict__["__defaults__"].__get__
+    kwdefaults_of = function.__dict__["__kwdefaults__"].__get__
+    cell_contents = type((lambda: function).__closure__[0]).__dict__["cell_contents"].__get__
+    tuple_new = tuple.__new__
+    if collections is not None:
+        one, two = collections.namedtuple("_", "a"), collections.namedtuple("_", "a b")
+        for key, value in vars(one).items():
+            if type_of(value) in (class_method, static_method):
+                value = value.__func__
+            if type_of(value) is function and key != "__new__":
+                other = vars(two)[key]
+                other = getattr(other, "__func__", other)
+                cells = [cell_contents(c) for c in closure_of(value) or ()]
+                shared = [c if c is cell_contents(d) else None for c, d in zip(cells, closure_of(other) or ())]
+                namedtuple[key] = (code_of(value), value.__code__.co_freevars, tuple(shared), defaults_of(value))
+        field = type_of(vars(one)["a"])
+    match_string = match.__dict__["string"].__get__ if match is not None else None
+    bytes_type, int_type, join = bytes, int, str.join
+    descriptor_owner, descriptor_name = descriptor.__dict__["__objclass__"].__get__, descriptor.__dict__["__name__"].__get__
+    vars_of = type(sys).__dict__["__dict__"].__get__  # (a module's dict)
     counter_dict = dict(dict_of(counter)) if counter is not None else None
+    if counter is not None:
+        import heapq  # (Counter.most_common(n) imports it and calls its nlargest)
+        heapq_dict = dict(vars(heapq))
     counter_globals = {}
     if counter is not None:  # the module globals Counter's methods read (a patched collections.isinstance, all)
         codes = [code_of(f) for f in counter_dict.values() if type_of(f) is function]
+        counter_defaults = [(f, defaults_of(f), kwdefaults_of(f)) for f in counter_dict.values()
+                            if type_of(f) is function]
         while codes:
             code = codes.pop()
             codes.extend(c for c in code.co_consts if type_of(c) is type(code))
@@ -496,38 +514,106 @@ def _plain_results():
         class, where it has a namedtuple's members: their base must be tuple)."""
         if type_of(cls) is not class_type or type_of(name_of(cls)) is not str_type or mro_of(cls)[0] is not cls:
             return None
-        instance_dict = {}
-        for key, value in items_of(dict_of(cls)):
+        own = dict_of(cls)
+        for key, _ in items_of(own):  # (every key first: a look-up among keys of the answer's class runs its code)
             if type_of(key) is not str_type:
                 return None
+        fields = own.get("_fields", None)
+        if fields is not None and not plain_names(fields):
+            return None
+        instance_dict = {}
+        for key, value in items_of(own):
             if key in may_add:
-                if (key == "__dict__" or key == "__weakref__") and type_of(value) is not descriptor:
+                if (key == "__dict__" or key == "__weakref__") and (
+                        type_of(value) is not descriptor or descriptor_owner(value) is not cls
+                        or descriptor_name(value) != key):
                     return None
                 if key == "__dict__":
                     instance_dict[key] = value
+            elif fields is None:
+                return None
             elif key in namedtuple:
-                if type_of(value) is class_method:
-                    value = class_method_function(value)
-                if type_of(value) is not function or code_of(value) is not namedtuple[key]:
-                    return None
-                if key == "__repr__" and not namedtuple_repr(cls, value):
+                if not namedtuple_method(key, value, fields):
                     return None
                 instance_dict[""] = cls
-            elif not (key in ("_fields", "_field_defaults", "__match_args__") or type_of(value) is field):
+            elif key == "__new__":
+                if not namedtuple_new(value, fields):
+                    return None
+            elif type_of(value) is field:
+                if not is_field(key, fields):
+                    return None
+            elif key not in ("_fields", "_field_defaults", "__match_args__"):
                 return None  # (a namedtuple's field names, their defaults: read by no comparison)
         return instance_dict
 
-    def namedtuple_repr(cls, fn):
-        """The repr is the one namedtuple made for the class's own fields: "Name(a=%r, b=%r)"."""
-        fields, cells = dict_of(cls).get("_fields", missing), closure_of(fn)
-        if type_of(fields) is not tuple_type or cells is None or size(cells) != 1:
+    def plain_names(fields):
+        if type_of(fields) is not tuple_type:
             return False
         for name in fields:
             if type_of(name) is not str_type:
                 return False
-        expected = "(" + join(", ", [name + "=%r" for name in fields]) + ")"
-        form = cell_contents(cells[0])
-        return type_of(form) is str_type and form == expected
+        return True
+
+    def is_field(key, fields):
+        for name in fields:
+            if name == key:
+                return True
+        return False
+
+    def namedtuple_method(key, value, fields):
+        """One of a namedtuple's methods, as namedtuple made it for these fields."""
+        if type_of(value) is class_method:
+            value = class_method_function(value)
+        code, free, shared, defaults = namedtuple[key]
+        if type_of(value) is not function or code_of(value) is not code or defaults_of(value) is not defaults:
+            return False
+        cells = closure_of(value) or ()
+        if size(cells) != size(shared):
+            return False
+        i = 0
+        while i < size(cells):
+            held = cell_contents(cells[i])
+            if shared[i] is not None:
+                if held is not shared[i]:
+                    return False
+            elif free[i] == "num_fields":
+                if type_of(held) is not int_type or held != size(fields):
+                    return False
+            elif free[i] == "field_names":
+                if not plain_names(held) or size(held) != size(fields) or not same_names(held, fields):
+                    return False
+            elif free[i] == "repr_fmt":
+                if type_of(held) is not str_type or held != "(" + join(", ", [n + "=%r" for n in fields]) + ")":
+                    return False
+            else:
+                return False
+            i += 1
+        return True
+
+    def same_names(a, b):
+        i = 0
+        while i < size(a):
+            if a[i] != b[i]:
+                return False
+            i += 1
+        return True
+
+    def namedtuple_new(value, fields):
+        """namedtuple's __new__: `lambda _cls, a, b: _tuple_new(_cls, (a, b))` in a namespace of its own."""
+        if type_of(value) is not static_method:
+            return False
+        fn = static_method_function(value)
+        if type_of(fn) is not function or closure_of(fn) is not None:
+            return False
+        code = code_of(fn)
+        if code.co_names != ("_tuple_new",) or code.co_argcount != size(fields) + 1:
+            return False
+        for key, held in dict_items(globals_of(fn)):
+            if type_of(key) is not str_type:
+                return False
+            if key == "_tuple_new" and held is not tuple_new:
+                return False
+        return True
 
     def counter_as_it_was():
         """Counter's class dict and the globals its methods read are what they were before the program."""
@@ -542,6 +628,15 @@ def _plain_results():
                 return False
         for key, value in dict_items(counter_globals):
             if collections_dict.get(key, missing) is not value:
+                return False
+        for fn, defaults, kwdefaults in counter_defaults:  # (most_common(n=None) with another default)
+            if defaults_of(fn) is not defaults or kwdefaults_of(fn) is not kwdefaults:
+                return False
+        heapq_now = modules.get("heapq")
+        if heapq_now is not heapq or size(vars_of(heapq_now)) != size(heapq_dict):
+            return False
+        for key, value in dict_items(vars_of(heapq_now)):
+            if type_of(key) is not str_type or heapq_dict.get(key, missing) is not value:
                 return False
         return True
 
@@ -746,6 +841,9 @@ _REFUSED_EVENTS = frozenset({"sys._getframe", "sys._current_frames", "sys.settra
                              "os.symlink", "os.rename", "os.chdir", "code.__new__", "marshal.loads",
                              "marshal.load"})
 _FRAME_ATTRIBUTES = frozenset({"tb_frame", "gi_frame", "cr_frame", "ag_frame"})
+# A function's code, set anew, changes what a trusted class of the standard library does (Counter's __eq__,
+# sandbox_worker._plain_results); no ordinary program sets it (namedtuple sets defaults: those are compared)
+_FUNCTION_INTERNALS = frozenset({"__code__"})
 # Imported anew (after `del sys.modules[...]`) they would give back what the guard took away: the real signal
 # handler registration, a process started without the hook, raw memory. (Built-in ones cannot be made anew at
 # all once the guard is on: this is a second line.) Then what reads or writes raw memory or starts an interpreter
@@ -769,6 +867,7 @@ def _guard_harness():
     import _stat
 
     refused_events, frame_attributes, refused_imports = _REFUSED_EVENTS, _FRAME_ATTRIBUTES, _REFUSED_IMPORTS
+    function_internals = _FUNCTION_INTERNALS
     is_instance, str_type, bytes_type = isinstance, str, bytes
     text, raw = "".join, b"".join  # a str or bytes subclass's own contents, running none of its methods
     decode, fs_encoding, fs_errors = bytes.decode, sys.getfilesystemencoding(), sys.getfilesystemencodeerrors()
@@ -876,6 +975,8 @@ def _guard_harness():
             refuse(event)
         if event == "object.__getattr__" and args[1] in frame_attributes:
             refuse(args[1])
+        if event == "object.__setattr__" and args[1] in function_internals:  # (Counter.__eq__.__code__ = ...)
+            refuse("setting a function's " + text([args[1]]))
         if event == "import":
             if is_instance(args[0], str_type) and text([args[0]]).rpartition(".")[2] in refused_imports:
                 refuse("import " + text([args[0]]))

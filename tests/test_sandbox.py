@@ -54,6 +54,12 @@ COUNTS = {"id": "counts", "prompt": "def counts(s):\n", "entry_point": "counts",
           "test": "def check(candidate):\n    assert candidate('aab').get('a') == 7\n"}
 NEAR5 = {"id": "near5", "prompt": "def near5(x):\n", "entry_point": "near5",
          "test": "def check(candidate):\n    assert abs(candidate(1) - 5) < 1e-6\n"}
+MOST = {"id": "most", "prompt": "def most(s):\n", "entry_point": "most",
+        "test": "def check(candidate):\n    assert candidate('aab').most_common(1) == [('z', 9)]\n"}
+ASDICT = {"id": "asdict", "prompt": "def pack(x):\n", "entry_point": "pack",
+          "test": "def check(candidate):\n    assert candidate(1)._asdict() == {'q': 7}\n"}
+COPIED = {"id": "copied", "prompt": "def copied(x):\n", "entry_point": "copied",
+          "test": "import copy\n\ndef check(candidate):\n    assert copy.copy(candidate(1)) == [9]\n"}
 MATCHED = {"id": "matched", "prompt": "def matched(s):\n", "entry_point": "matched",
            "test": "def check(candidate):\n    assert candidate('a').string == 'zzz'\n"}
 SQUARE = {"id": "square", "prompt": "def square(x):\n", "entry_point": "square",
@@ -361,6 +367,25 @@ HOSTILE = {
     "a Decimal in a context of its own": (NEAR5, "    import decimal\n    decimal.setcontext(decimal.Context(prec=1, "
                                                  "Emin=0, Emax=9, rounding=decimal.ROUND_DOWN))\n"
                                                  "    return decimal.Decimal('5.9')\n", {"wrong_answer"}),
+    "a Counter whose __eq__ gets another function's code": (PICK, "    from collections import Counter\n"
+                                                                  "    Counter.__eq__.__code__ = (lambda s, o: True).__code__\n"
+                                                                  "    Counter.__missing__.__code__ = (lambda s, k: 2).__code__\n"
+                                                                  "    return Counter(words[:1])\n", {"runtime_error"}),
+    "a Counter whose most_common reads a patched heapq": (MOST, "    import heapq\n    from collections import Counter\n"
+                                                                "    class AE:\n        def __eq__(self, o):\n"
+                                                                "            return True\n    heapq.nlargest = "
+                                                                "lambda *a, **k: AE()\n    return Counter(s)\n",
+                                                           {"wrong_answer"}),
+    "a namedtuple whose _asdict reads a replaced dict": (ASDICT, "    return P(x)\nfrom collections import namedtuple\n"
+                                                                "P = namedtuple('P', 'a')\nclass AE:\n"
+                                                                "    def __eq__(self, o):\n        return True\n"
+                                                                "P._asdict.__closure__[0].cell_contents = lambda *a: AE()\n",
+                                                           {"wrong_answer"}),
+    "a list whose copies are always equal": (COPIED, "    return L()\nclass AE:\n    def __eq__(self, o):\n"
+                                                     "        return True\nmade = []\nclass L(list):\n"
+                                                     "    def __new__(cls, *a):\n        if made:\n"
+                                                     "            return AE()\n        made.append(1)\n"
+                                                     "        return list.__new__(cls)\n", {"wrong_answer"}),
     # empty files hold kernel memory that no limit counts (a stdin program: the watch is the worker's)
     "a flood of files in /tmp": (ECHO_SUM, "for i in range(20000):\n    open('/tmp/f%d' % i, 'w').close()\n", {"memory"}),
     "a built-in module patched": (SQUARE, "import math\nmath.fabs = lambda x: 0\ndef square(x):\n    return 0\n",
@@ -421,6 +446,9 @@ def test_hostile_program_gets_zero_and_the_next_grades_normally(grader, name):
     (REPR, "    from collections import namedtuple\n    return namedtuple('P', 'x y')(x, x + 1)\n"),
     (REPR, "    return P(x, x + 1)\n\n\nimport typing\nclass P(typing.NamedTuple):\n    x: int\n    y: int = 0\n"),
     (PICK, "    import typing\n    return typing.Counter(words)\n"),
+    (MOST, "    from collections import Counter\n    return Counter('zzzzzzzzz')\n"),
+    (ASDICT, "    return P(7)\nfrom collections import namedtuple\nP = namedtuple('P', 'q')\n"),
+    (COPIED, "    class L(list):\n        pass\n    return L([9])\n"),
     (MATCHED, "    import re\n    return re.match('a', 'zzz') or re.match('z+', 'zzz')\n"),
     (PICK, "    from collections import Counter\n    class C(Counter):\n        pass\n    return C(words)\n"),
     (MAD, "    m = sum(numbers) / len(numbers)\n    return sum(abs(x - m) for x in numbers) / len(numbers)\n"),
