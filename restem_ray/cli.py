@@ -159,7 +159,7 @@ def _run(cfg, out: Path, resume: bool, force: bool, stop_after: str | None = Non
     if resume and mirror is None:  # a second driver of this run stops here, before it starts a Ray of its own
         driver.run.lock()
     try:
-        init_ray(cfg.ray.address, cfg.ray.num_cpus)
+        init_ray(cfg.ray.address, cfg.ray.num_cpus, dashboard=cfg.ray.include_dashboard)
         check_ray_cluster(cfg)  # before anything is written or any actor waits for resources
         if mirror is not None:
             mirror.check_cluster()  # every node must see the working copy
@@ -572,7 +572,7 @@ def cmd_eval(args) -> int:
     from .pool import EStepPool
     from .resources import check_verifier_on_cluster
 
-    init_ray(cfg.ray.address, cfg.ray.num_cpus)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, dashboard=cfg.ray.include_dashboard)
     check_verifier_on_cluster(verifier, cfg.verification, cfg.sampling.placement_timeout_s)
     s, ev = cfg.sampling, cfg.evaluation
     pool = EStepPool(args.model, s, cfg.verification, verifier=verifier, seed=cfg.seed)

@@ -549,6 +549,9 @@ class RayConfig(_Section):
                                                    "run's own, even beside a `ray start` cluster, unless "
                                                    "RAY_ADDRESS is set (a Ray job's driver: its cluster).")
     num_cpus: int | None = Field(None, ge=1, description="Logical CPUs for a local Ray (default: max(4, cores)).")
+    include_dashboard: bool = Field(True, description="Start Ray's dashboard with a local Ray (http://127.0.0.1:8265: "
+                                                      "its views of actors, logs and Ray Train). Off spares its "
+                                                      "processes' start-up (~3 s of CPU) on a small machine.")
     check_resources: bool = Field(True, description="Fail at start if the cluster cannot hold a phase (off for autoscaling clusters).")
 
 

@@ -591,7 +591,7 @@ def check_reachable(address: str, key: str = "ray.address", timeout_s: float = 1
 KILL_ORPHANS = {"RAY_process_group_cleanup_enabled": "true"}
 
 
-def init_ray(address: str | None, num_cpus: int | None, key: str = "ray.address") -> None:
+def init_ray(address: str | None, num_cpus: int | None, key: str = "ray.address", dashboard: bool = True) -> None:
     """Join the given cluster, or start a local Ray sized in logical CPUs.
 
     Two real cores are not enough logical CPUs for a sampler, verifiers and two training workers to be
@@ -614,4 +614,4 @@ def init_ray(address: str | None, num_cpus: int | None, key: str = "ray.address"
         os.environ.setdefault(k, v)
     # "local": a new Ray of this process's own. Without it ray.init joins the cluster that the machine's last
     # `ray start` left in /tmp/ray/ray_current_cluster, and refuses num_cpus there (a ValueError traceback).
-    ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1))
+    ray.init(address="local", num_cpus=num_cpus or max(4, os.cpu_count() or 1), include_dashboard=dashboard)

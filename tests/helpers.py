@@ -11,8 +11,11 @@ import sys
 # A local Ray of 2 logical CPUs holds the E-step (a replica of 1 CPU, 2 verifiers of 0.25) or the M-step (2
 # workers of 1 CPU), never both: every SMALL run on a local Ray also proves the phases hand the CPUs over
 # (test_run_lifecycle). Runs on `ray start` clusters ignore it.
+# Their local Ray starts without its dashboard (ray.include_dashboard): its processes cost ~3 s of CPU a start, and
+# the quick demo's and GSM8K's tests run with it, the default.
 SMALL = ["--quick", "--set", "task.max_train_problems=64", "--set", "task.max_eval_problems=16",
-         "--set", "evaluation.k=0", "--set", "training.epochs=2", "--set", "ray.num_cpus=2"]
+         "--set", "evaluation.k=0", "--set", "training.epochs=2", "--set", "ray.num_cpus=2",
+         "--set", "ray.include_dashboard=false"]
 
 
 # Private network and PID namespaces for the tests' `ray start` clusters: their fixed ports and head addresses

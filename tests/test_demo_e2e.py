@@ -105,6 +105,7 @@ def test_quick_demo_runs_every_phase(tmp_path):
     # demo a smoke test of the phases, and the full demo's gains are stated per machine.
     assert (out / "report.png").stat().st_size > 10_000
     assert "valid pass@1" in r.stdout
+    assert "View the dashboard at" in r.stderr  # a local Ray starts its dashboard by default (ray.include_dashboard)
 
     best = json.loads((out / "manifest.json").read_text())["best_iteration"]
     valid = {m["iteration"]: m["pass@1"] for m in evals if m["split"] == "valid" and m["iteration"] != "control"}

@@ -28,6 +28,8 @@ def test_a_verifier_that_accepts_nothing_stops_the_run_with_exit_1(tmp_path, mon
                      "train on (a stronger base model, more samples or a higher temperature may help)"], log[-4000:]
     assert not tracebacks(log)
     assert set(json.loads((out / "manifest.json").read_text())["completed"]) == {"0/eval", "1/generate"}
+    # (SMALL's local Ray has no dashboard: ray.include_dashboard=false)
+    assert "Started a local Ray instance" in log and "View the dashboard" not in log, log[:3000]
     assert not (out / "iter_001" / "train.parquet").exists() and not (out / "iter_001" / "checkpoint").exists()
     # the run stopped still points at its best iterate so far: the base
     base = yaml.safe_load((out / "config.yaml").read_text())["model"]["base"]
