@@ -23,6 +23,7 @@ import threading
 import time
 from pathlib import Path
 
+from .environ import scoped_environ
 from .errors import UserError, first_line, shown_uri
 from .storage import STEP_PHASE, atomic_write_text, split_key
 
@@ -90,19 +91,14 @@ def check_mlflow(uri: str, experiment: str, keep_new_store: bool = False) -> Non
     # keeps it: MLflow keeps the store it opened for the URI, and a store removed under it fails the run's start)
     local = uri.removeprefix("file://") if uri.startswith("file://") or ":" not in uri else None
     new_store = local if local and not os.path.exists(local) and not keep_new_store else None
-    saved = {k: os.environ.get(k) for k in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT")}
-    os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] = saved["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] or "2"
-    os.environ["MLFLOW_HTTP_REQUEST_TIMEOUT"] = saved["MLFLOW_HTTP_REQUEST_TIMEOUT"] or "20"
+    patience = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") or "2",
+                "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or "20"}
     try:
-        mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
+        with scoped_environ(patience):
+            mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
     except Exception as e:
         raise UserError(f"observability.mlflow_tracking_uri: {shown_uri(uri)}: {first_line(e, uri)}") from None
     finally:
-        for k, v in saved.items():
-            if v is None:
-                os.environ.pop(k, None)
-            else:
-                os.environ[k] = v
         if new_store:
             shutil.rmtree(new_store, ignore_errors=True)
 

@@ -16,6 +16,7 @@ import zlib
 from concurrent.futures import Future
 from dataclasses import dataclass
 
+from .environ import scoped_environ
 from .faults import hold_start, trace_call
 from .remote import local_model_copy  # noqa: F401  (also this module's name for it)
 
@@ -281,22 +282,15 @@ class Sampler:
         self._thread = threading.Thread(target=self._serve, args=(lambda: LLM(
             model=folder, seed=seed, **kwargs), started), daemon=True, name="restem-engine")
         output = ChildOutput()
-        saved = {k: os.environ.get(k) for k in ranks_env}
         try:
-            os.environ.update(ranks_env)
-            self._thread.start()
-            self.llm = started.result()  # the engine's start errors surface here
+            with scoped_environ(ranks_env):
+                self._thread.start()
+                self.llm = started.result()  # the engine's start errors surface here
         except Exception as e:
             cause = output.first_error() if any(w in str(e) for w in _WRAPPERS) else None
             if cause is None:
                 raise
             raise RuntimeError(f"vLLM's engine failed to start: {cause}") from e
-        finally:
-            for k, v in saved.items():
-                if v is None:
-                    os.environ.pop(k, None)
-                else:
-                    os.environ[k] = v
         if exit_on_engine_death:
             threading.Thread(target=self._watch_engine, daemon=True, name="restem-engine-watch").start()
 
