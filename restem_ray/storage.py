@@ -42,7 +42,7 @@ def atomic_write_text(path: Path, text: str, crash_label: str | None = None) -> 
 # a resumed E-step relies on to find its finished shards.
 RESUME_SAFE_KEYS = {
     "loop.iterations", "loop.patience",
-    "ray.address", "ray.num_cpus", "ray.check_resources",
+    "ray.address", "ray.num_cpus", "ray.include_dashboard", "ray.check_resources",
     "sampling.num_replicas", "sampling.max_replicas", "sampling.cpus_per_replica", "sampling.placement_strategy",
     "sampling.placement_timeout_s", "sampling.start_timeout_s", "sampling.max_restarts", "sampling.calls_per_replica",
     "verification.num_workers", "verification.max_workers", "verification.cpus_per_worker", "verification.resources",

@@ -96,6 +96,18 @@ def test_a_resume_that_names_the_same_data_through_a_link_is_no_config_change(tm
                                         resume=True)
 
 
+def test_where_a_run_runs_may_change_on_resume_what_it_computes_may_not(tmp_path):
+    """ray.* keys (the cluster, a local Ray's CPUs and dashboard) are where a run runs: a resume may change them."""
+    import yaml
+
+    was = {"seed": 0, "ray": {"address": None, "num_cpus": 2, "include_dashboard": True}}
+    RunDir(tmp_path / "run").create(yaml.safe_dump(was), resume=False)
+    RunDir(tmp_path / "run").create(yaml.safe_dump({"seed": 0, "ray": {"address": "auto", "num_cpus": 4,
+                                                                      "include_dashboard": False}}), resume=True)
+    with pytest.raises(UserError, match=r"seed: 0 -> 1"):
+        RunDir(tmp_path / "run").create(yaml.safe_dump({**was, "seed": 1}), resume=True)
+
+
 def test_a_run_from_before_a_key_existed_resumes_when_the_key_keeps_its_default(tmp_path):
     """A config key added to restem-ray later is missing from an older run's config.yaml: that run had the key's
     default, so resuming with the default is no change; another value is one."""
