@@ -91,10 +91,10 @@ def check_mlflow(uri: str, experiment: str, keep_new_store: bool = False) -> Non
     # keeps it: MLflow keeps the store it opened for the URI, and a store removed under it fails the run's start)
     local = uri.removeprefix("file://") if uri.startswith("file://") or ":" not in uri else None
     new_store = local if local and not os.path.exists(local) and not keep_new_store else None
-    patience = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") or "2",
+    fail_fast = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": os.environ.get("MLFLOW_HTTP_REQUEST_MAX_RETRIES") or "2",
                 "MLFLOW_HTTP_REQUEST_TIMEOUT": os.environ.get("MLFLOW_HTTP_REQUEST_TIMEOUT") or "20"}
     try:
-        with scoped_environ(patience):
+        with scoped_environ(fail_fast):
             mlflow.MlflowClient(uri).get_experiment_by_name(experiment)
     except Exception as e:
         raise UserError(f"observability.mlflow_tracking_uri: {shown_uri(uri)}: {first_line(e, uri)}") from None

@@ -41,3 +41,16 @@ def test_without_patience_the_build_runs_every_epoch(monkeypatch):
     model, history, seen = _build(monkeypatch, [0.1, 0.5, 0.3, 0.2, 0.1, 0.4], epochs=6, patience=0)
     assert [h["epoch"] for h in history] == [1, 2, 3, 4, 5, 6]
     assert _same(model.state_dict(), seen[1])
+
+
+def test_the_default_plateau_stop_keeps_the_cache_keys_of_the_builds_before_it():
+    """Runs on the built-in task name its cache folder in model.base: the default stop, which gives the built-in
+    seeds the same weights, must not move them (a resume would be refused as a changed config)."""
+    from dataclasses import replace
+
+    from restem_ray.builtin import BUILTINS, arithmetic_builtin
+
+    assert BUILTINS["arithmetic"].key() == "3b61f259d628" and BUILTINS["code"].key() == "83a3e23df698"
+    assert arithmetic_builtin(1).key() != arithmetic_builtin(0).key()
+    full = replace(BUILTINS["arithmetic"], model=replace(BUILTINS["arithmetic"].model, patience=0))
+    assert full.key() != BUILTINS["arithmetic"].key()
