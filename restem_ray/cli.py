@@ -199,7 +199,7 @@ def check_inputs(cfg, local_sandbox: bool = True):
     splits = load_splits(cfg.task, need=template_fields(cfg))
     for name, m in (("model.base", cfg.model.base), ("model.sampler", cfg.model.sampler)):
         if m is not None:
-            check_model_dir(name, m)
+            check_model_dir(name, m, trust=cfg.model.trust_remote_code)
     task = render_task(cfg, splits)
     check_lengths(cfg, task)
     s = cfg.sampling
@@ -214,7 +214,7 @@ def check_inputs(cfg, local_sandbox: bool = True):
                         f"round of {first} (at least {len(task.train) * first}; set a larger sampling.budget, or a smaller "
                         "sampling.round_size)")
     check_attention(cfg.training)
-    check_lora_targets(cfg.training, cfg.model.base)
+    check_lora_targets(cfg.training, cfg.model.base, cfg.model.trust_remote_code)
     note = mstep_memory(cfg)
     if note:
         print(f"[restem] {note}", flush=True)
@@ -262,13 +262,13 @@ def check_output_file(out: Path, suffixes: tuple[str, ...]) -> None:
         raise UserError(f"--out {out}: not writable")
 
 
-def check_model_dir(name: str, path: str, weights: bool = True) -> None:
+def check_model_dir(name: str, path: str, weights: bool = True, trust: bool = False) -> None:
     from .errors import shown_uri
     from .remote import check_uri, is_uri
 
     if is_uri(path):  # the same checks on the object store, without copying the weights here
         if weights:
-            check_remote_model(name, path)
+            check_remote_model(name, path, trust)
             return
         check_uri(path, name, expect_dir=True)
         where, sep, query = path.partition("?")  # (s3://b/model?endpoint_override=...: the file before the query)
@@ -285,7 +285,7 @@ def check_model_dir(name: str, path: str, weights: bool = True) -> None:
         raise UserError(f"{name}: {path}: not an HF model folder (no config.json)")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise UserError(f"{name}: {path}: no tokenizer files")
-    check_architecture(name, p / "config.json")
+    check_architecture(name, p / "config.json", trust)
     if weights:
         check_weights(name, p)
 
@@ -333,19 +333,19 @@ def _whole_safetensors(path: Path) -> bool:
         return False
 
 
-def check_architecture(name: str, config_json: Path) -> None:
+def check_architecture(name: str, config_json: Path, trust: bool = False) -> None:
     """A model whose type transformers does not implement: one that ships its own code (auto_map, which
-    transformers would only run with trust_remote_code, asking on the terminal first) or one newer than the
+    transformers runs only with trust_remote_code, asking on the terminal first) or one newer than the
     installed transformers. Neither loads in vLLM (which reads the config through transformers) or in the
-    M-step, so neither passes `check`."""
+    M-step, so neither passes `check`; the first does with `trust` (model.trust_remote_code)."""
     try:
         text = config_json.read_text()
     except OSError as e:
         raise UserError(f"{name}: {config_json}: not valid JSON ({e})") from None
-    _check_config(name, str(config_json), str(config_json.parent), text)
+    _check_config(name, str(config_json), str(config_json.parent), text, trust)
 
 
-def _check_config(name: str, shown: str, folder: str, text: str) -> dict:
+def _check_config(name: str, shown: str, folder: str, text: str, trust: bool = False) -> dict:
     """`check_architecture` of a config.json's text (`shown`: the file as messages name it); returns the config."""
     import json
 
@@ -364,14 +364,16 @@ def _check_config(name: str, shown: str, folder: str, text: str) -> dict:
     if kind in CONFIG_MAPPING:
         return config
     if config.get("auto_map"):
-        raise UserError(f"{name}: {folder}: model type {kind!r} comes with its own code (auto_map), "
-                        "which restem-ray does not run (trust_remote_code): use a model whose architecture "
-                        f"transformers {transformers.__version__} and vLLM implement")
+        if trust:
+            return config
+        raise UserError(f"{name}: {folder}: model type {kind!r} comes with its own code (auto_map), which "
+                        "restem-ray runs only with model.trust_remote_code: true (that code then runs in the "
+                        "driver, the samplers and the M-step, outside the code sandbox)")
     raise UserError(f"{name}: {folder}: transformers {transformers.__version__} does not know model type "
                     f"{kind!r} (a model newer than it, or a misspelt config.json)")
 
 
-def check_remote_model(name: str, uri: str) -> None:
+def check_remote_model(name: str, uri: str, trust: bool = False) -> None:
     """`check_model_dir` of a model folder on an object store: the same checks, reading its listing, config.json and
     safetensors index and each shard's header and size (a few KB per shard), never the weights. A shard cut short
     (an interrupted upload) or missing failed only when the replicas and the M-step's workers copied the model."""
@@ -397,7 +399,7 @@ def check_remote_model(name: str, uri: str) -> None:
             raise UserError(f"{name}: {shown}: not an HF model folder (no config.json)")
         if not any(f in sizes for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
             raise UserError(f"{name}: {shown}: no tokenizer files")
-        config = _check_config(name, f"{shown}/config.json", shown, text("config.json"))
+        config = _check_config(name, f"{shown}/config.json", shown, text("config.json"), trust)
         if not config.get("architectures"):  # (not a saved model: see check_weights)
             return
         index = "model.safetensors.index.json"
@@ -445,7 +447,8 @@ def _whole_safetensors_header(f, size: int) -> bool:
 
 def run_settings(path: str) -> dict:
     """What `eval --config` takes from a run's config: how it prompts (few-shot, chat template, stops), samples,
-    grades and scores, and the task's format; not its files, model or training."""
+    grades and scores, and the task's format, and whether it runs its model's own code; not its files, model or
+    training."""
     from .config import load_config
 
     run = load_config(path).model_dump(mode="json")
@@ -453,6 +456,7 @@ def run_settings(path: str) -> dict:
     out["sampling"].pop("split_stop", None)  # (named after the run's eval splits, not eval's)
     # pass@k's sampling, not its k: that stays eval's --k (the run's k_splits name the run's splits)
     out["evaluation"] = {k: v for k, v in run["evaluation"].items() if k not in ("k", "k_splits")}
+    out["model"] = {"trust_remote_code": run["model"]["trust_remote_code"]}  # (its checkpoints carry the same code)
     return out | {"task": {k: run["task"][k] for k in ("kind", "dataset", "columns", "adapter")}}
 
 
@@ -485,10 +489,13 @@ def eval_config(args, first: str) -> RestemConfig:
     verifier = args.verifier or verification.get("verifier") or "auto"  # auto: by the task's kind
     kind = DATASET_KINDS.get(rows_format) or ("code" if verifier == "code" else task.get("kind", "math"))
     tree |= {"task": {**task, "kind": kind, "train_file": first, "valid_file": first, "dataset": dataset},
-             "model": {"base": args.model}, "verification": {**verification, "verifier": verifier}}
+             "model": {**tree.get("model", {}), "base": args.model},
+             "verification": {**verification, "verifier": verifier}}
     tree["evaluation"] = {**tree.get("evaluation", {}), "k": args.k}
     if args.max_tokens:
         tree["sampling"] = {**tree.get("sampling", {}), "max_tokens": args.max_tokens}
+    if args.address:  # (a run's own ray.address is not carried: a job's is RAY_ADDRESS, set by Ray's job runner)
+        tree["ray"] = {"address": args.address}
     return config_from_dict(resolve_paths(apply_overrides(tree, args.set)), "eval")
 
 
@@ -543,7 +550,6 @@ def cmd_eval(args) -> int:
     from .prompts import check_model_len, load_tokenizer
     from .verification import check_verifier
 
-    check_model_dir("--model", args.model)
     splits = {}
     for spec in args.problems:
         name, sep, path = spec.partition("=")
@@ -559,8 +565,9 @@ def cmd_eval(args) -> int:
             if "://" not in path and Path(args.out).resolve() == Path(path).resolve():
                 raise UserError(f"--out {args.out}: is a --problems file; the scores would replace it")
     cfg = eval_config(args, next(iter(splits.values())))
+    check_model_dir("--model", args.model, trust=cfg.model.trust_remote_code)
     problems, renderer = eval_problems(cfg, splits, args.model)
-    check_model_len(cfg, problems, load_tokenizer(args.model, "--model"), args.model)
+    check_model_len(cfg, problems, load_tokenizer(args.model, "--model", cfg.model.trust_remote_code), args.model)
     stop, stop_token_ids = eval_stops(cfg, renderer)
     # (a stop given to eval, --set sampling.stop=..., is for every split)
     named = {} if any(k.startswith("sampling.stop=") for k in args.set or ()) else run_split_stops(args.config,
@@ -572,10 +579,12 @@ def cmd_eval(args) -> int:
     from .pool import EStepPool
     from .resources import check_verifier_on_cluster
 
-    init_ray(cfg.ray.address, cfg.ray.num_cpus, dashboard=cfg.ray.include_dashboard)
+    init_ray(cfg.ray.address, cfg.ray.num_cpus, key="--address" if args.address else "ray.address",
+             dashboard=cfg.ray.include_dashboard)
     check_verifier_on_cluster(verifier, cfg.verification, cfg.sampling.placement_timeout_s)
     s, ev = cfg.sampling, cfg.evaluation
-    pool = EStepPool(args.model, s, cfg.verification, verifier=verifier, seed=cfg.seed)
+    pool = EStepPool(args.model, s, cfg.verification, verifier=verifier, seed=cfg.seed,
+                     trust_remote_code=cfg.model.trust_remote_code)
     try:
         scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=named.get(n, stop),
                                  stop_token_ids=stop_token_ids,
@@ -618,9 +627,10 @@ def cmd_prompt(args) -> int:
 
     cfg = load_config(args.config, args.set)
     splits = load_splits(cfg.task, need=template_fields(cfg))
-    check_model_dir("model.base", cfg.model.base, weights=False)  # (prompts need only the tokenizer)
+    trust = cfg.model.trust_remote_code
+    check_model_dir("model.base", cfg.model.base, weights=False, trust=trust)  # (prompts need only the tokenizer)
     renderer = make_renderer(cfg)
-    tok = load_tokenizer(cfg.model.base)
+    tok = load_tokenizer(cfg.model.base, trust=trust)
     how = "as written in the file (no prompt section)" if renderer is None else (
         "chat template" if renderer.chat else "plain text") + f", {len(renderer.shots)} exemplar(s)"
     rows = render_rows(splits.train if cfg.task.leave_out_long_prompts else splits.train[: args.n], renderer,
@@ -855,6 +865,8 @@ def parser() -> argparse.ArgumentParser:
     e.add_argument("--k", type=int_at_least(0), default=0, help="also pass@k and maj@k from k samples")
     e.add_argument("--max-tokens", type=int_at_least(1), default=None, help="max new tokens per completion")
     e.add_argument("--out", help="write the scores as JSON")
+    e.add_argument("--address", help="Ray cluster address, e.g. auto on a cluster's head (default: RAY_ADDRESS, else "
+                                     "a local Ray)")
     e.add_argument("--set", **dict(sets, help="override a config key, e.g. sampling.engine_kwargs.dtype=float32"))
     e.set_defaults(fn=cmd_eval)
 

@@ -186,6 +186,11 @@ class ModelConfig(_Section):
                                        "pyarrow.fs URI (s3://, gs://, ...), copied to each node's disk once.")
     sampler: str | None = Field(
         None, description="Model that samples in the E-step if not the current policy (distillation ablation).")
+    trust_remote_code: bool = Field(False, description=(
+        "Run the Python code a model folder ships (config.json's auto_map: its own config, model or tokenizer "
+        "classes) in the driver, the samplers and the M-step, as transformers' and vLLM's trust_remote_code do. "
+        "Only for folders you trust: that code runs with the job's rights, outside the code sandbox. Off: such a "
+        "model is refused by `check` and `run` in one line."))
 
 
 class SamplingConfig(_Section):
@@ -255,7 +260,9 @@ class SamplingConfig(_Section):
                              f"GPU reservation)")
         for key, why in (("seed", "each replica's engine gets the run's seed plus its index (and each problem its own "
                                   "seed): set the top-level seed"),
-                         ("model", "replicas serve model.base, then each iteration's checkpoint: set model.base")):
+                         ("model", "replicas serve model.base, then each iteration's checkpoint: set model.base"),
+                         ("trust_remote_code", "the tokenizer and the M-step load the model too: set "
+                                               "model.trust_remote_code")):
             if key in self.engine_kwargs:
                 raise ValueError(f"sampling.engine_kwargs.{key}: set by restem-ray ({why})")
         if self.engine_kwargs.get("pipeline_parallel_size", 1) != 1:

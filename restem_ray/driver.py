@@ -59,6 +59,7 @@ class Samplers:
             self.close()
         if self.pool is None:
             self.pool = EStepPool(model, self.cfg.sampling, self.cfg.verification, seed=self.cfg.seed,
+                                  trust_remote_code=self.cfg.model.trust_remote_code,
                                   verifier=resolve_verifier(self.cfg.verification.verifier, self.cfg.task.kind))
         return self.pool
 
@@ -422,7 +423,7 @@ class Driver:
             # (the iterations this run's loop went to; M-steps recorded before "steps" was: from their rows)
             batch = (tc.micro_batch_size, tc.num_workers, tc.grad_accum)
             # an epoch of the rows the M-step keeps: it drops those longer than max_seq_len (long human solutions)
-            tok = load_tokenizer(base)
+            tok = load_tokenizer(base, trust=self.cfg.model.trust_remote_code)
             kept = sum(len(encode(tok, r["prompt"], r["solution"])[0]) <= tc.max_seq_len for r in self.seed_rows)
             per_epoch = steps_per_epoch(kept, *batch)
             largest = [m.get("steps") or tc.epochs * steps_per_epoch(m.get("rows", 0), *batch)
@@ -480,7 +481,7 @@ class Driver:
         return {"name": mstep_name(self.run, name, shared=bool(tc.storage_path)), "valid_problems": valid,
                 "verifier": resolve_verifier(v.verifier, self.cfg.task.kind), "verification": v.model_dump(),
                 "max_new_tokens": s.max_tokens, "stop": self.split_stop.get("valid", tuple(s.stop)),
-                "stop_token_ids": tuple(s.stop_token_ids),
+                "stop_token_ids": tuple(s.stop_token_ids), "trust_remote_code": self.cfg.model.trust_remote_code,
                 "end_token_id": None if s.stop_token_ids else self.end_token_id}
 
     def evaluate(self, t: int | str, model: str) -> dict:

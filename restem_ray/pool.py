@@ -183,8 +183,9 @@ class EStepPool:
     """
 
     def __init__(self, model: str, sampling: SamplingConfig, verification: VerificationConfig, *,
-                 verifier: str, seed: int = 0):
+                 verifier: str, seed: int = 0, trust_remote_code: bool = False):
         self.model, self.sampling = model, sampling
+        self.trust_remote_code = trust_remote_code  # (model.trust_remote_code: vLLM runs the folder's own code)
         self.grade_piece = GRADE_PIECE
         self.samplers: list = []
         self.verifiers: VerifierPool | None = None
@@ -219,6 +220,8 @@ class EStepPool:
         # error or Ctrl-C mid-E-step), and a replica killed after the 30 s wait leaves its engine's processes.
         sampler_cls = ray.remote(concurrency_groups={CONTROL: 1})(Sampler)
         kwargs = dict(sampling.engine_kwargs)
+        if self.trust_remote_code:
+            kwargs["trust_remote_code"] = True
         if sampling.tensor_parallel_size > 1:
             kwargs.setdefault("tensor_parallel_size", sampling.tensor_parallel_size)
         self._grow_args = (sampler_cls, bundle, retry, kwargs, seed, gpus)

@@ -27,16 +27,17 @@ from .errors import UserError, first_line
 PLAIN_SHOT_FORMAT = "Question: {question}\nAnswer: {answer}"
 
 
-def load_tokenizer(path: str, what: str = "model.base"):
-    """`path`'s tokenizer, checked; errors name `what` (the key or flag that gave the path)."""
+def load_tokenizer(path: str, what: str = "model.base", trust: bool = False):
+    """`path`'s tokenizer, checked; errors name `what` (the key or flag that gave the path). `trust`:
+    model.trust_remote_code (a folder whose auto_map names its own tokenizer or config code)."""
     try:
-        return _load_tokenizer(path)
+        return _load_tokenizer(path, trust)
     except UserError as e:
         raise UserError(f"{what}: {e}") from None
 
 
 @functools.lru_cache(maxsize=8)
-def _load_tokenizer(path: str):
+def _load_tokenizer(path: str, trust: bool = False):
     from transformers import AutoTokenizer
 
     from .remote import local_model_files
@@ -45,7 +46,7 @@ def _load_tokenizer(path: str):
     try:
         # (a Mistral folder's tekken.json as vLLM's tokenizer_mode "hf" loads it, sampling.tokenizer_mode: not
         # mistral_common's backend, which writes a rendered [INST] as text)
-        tok = AutoTokenizer.from_pretrained(folder, mistral_format=False)
+        tok = AutoTokenizer.from_pretrained(folder, mistral_format=False, trust_remote_code=trust)
     except Exception as e:  # a broken or foreign folder: one line, not a transformers traceback
         raise UserError(f"{path}: cannot load its tokenizer ({first_line(e)})") from None
     # transformers 5 rebuilds a tokenizer from its tokenizer_class: a byte-level BPE folder that names a
@@ -279,7 +280,7 @@ def make_renderer(cfg: RestemConfig, model: str | None = None, what: str = "mode
     if cfg.prompt is None:
         return None
     model = model or cfg.model.base
-    return PromptRenderer(cfg.prompt, load_tokenizer(model, what), cfg.task.dataset, model)
+    return PromptRenderer(cfg.prompt, load_tokenizer(model, what, cfg.model.trust_remote_code), cfg.task.dataset, model)
 
 
 def render_rows(rows: list[dict], renderer: PromptRenderer | None, *, code: bool, train: bool = False) -> list[dict]:
@@ -302,7 +303,8 @@ def render_task(cfg: RestemConfig, splits: Splits, model: str | None = None) -> 
     code = cfg.task.kind == "code"
     train = render_rows(splits.train, renderer, code=code, train=True)
     if cfg.task.leave_out_long_prompts:
-        train = fitting_prompts(cfg, train, renderer.tok if renderer else load_tokenizer(model or cfg.model.base))
+        train = fitting_prompts(cfg, train, renderer.tok if renderer else load_tokenizer(
+            model or cfg.model.base, trust=cfg.model.trust_remote_code))
     evals = {n: render_rows(rows, renderer, code=code) for n, rows in splits.evals.items()}
     seed = splits.seed_rows
     if renderer is not None:  # human solutions are trained on like samples: under the training rendering, after
@@ -311,18 +313,18 @@ def render_task(cfg: RestemConfig, splits: Splits, model: str | None = None) -> 
                      solution=r["solution"] if r["solution"][:1].isspace() else lead + r["solution"]) for r in seed]
     stop, stop_token_ids = sampling_stops(cfg, renderer)
     if model is None and cfg.model.sampler and renderer is not None and renderer.chat and not cfg.sampling.stop_token_ids:
-        stop_token_ids = _sampler_stop(cfg.model.sampler, renderer, stop_token_ids)
+        stop_token_ids = _sampler_stop(cfg.model.sampler, renderer, stop_token_ids, cfg.model.trust_remote_code)
     return Task(train, evals, seed, stop, renderer, stop_token_ids, split_stops(cfg, renderer, stop))
 
 
-def _sampler_stop(sampler: str, renderer: PromptRenderer, ids: tuple[int, ...]) -> tuple[int, ...]:
+def _sampler_stop(sampler: str, renderer: PromptRenderer, ids: tuple[int, ...], trust: bool = False) -> tuple[int, ...]:
     """model.sampler samples the E-step and stops on its own EOS and generation_config ids: the chat template's end
     of turn, where model.base (an instruct model) stops on it itself, is added for a sampler that does not (a base
     model of the same chat format, whose EOS is <|endoftext|>: it would write further turns to max_tokens)."""
     end = renderer._end_of_turn(or_eos=True)
     if end is None or end in ids:
         return ids
-    tok = load_tokenizer(sampler, "model.sampler")
+    tok = load_tokenizer(sampler, "model.sampler", trust)
     return ids if end in _own_stops(sampler, tok) | {tok.eos_token_id} else (*ids, end)
 
 
@@ -400,7 +402,7 @@ def check_lengths(cfg: RestemConfig, task: Task) -> None:
         if empty is not None:
             raise UserError(f"{split} problem {empty!r}: its rendered prompt is empty (prompt.template "
                             f"{cfg.prompt.template if cfg.prompt else None!r}, the chat template); see `restem-ray prompt`")
-    tok = load_tokenizer(cfg.model.base)
+    tok = load_tokenizer(cfg.model.base, trust=cfg.model.trust_remote_code)
     m = cfg.sampling.max_tokens
     pid, longest = _longest(tok, [(r["id"], r.get("train_prompt", r["prompt"])) for r in task.train])
     if longest + m > cfg.training.max_seq_len:
@@ -441,7 +443,8 @@ def check_sampler(cfg: RestemConfig, task: Task) -> None:
     sampler = cfg.model.sampler
     if sampler is None or (task.renderer is None and not task.stop_token_ids):
         return
-    base_tok, tok = load_tokenizer(cfg.model.base), load_tokenizer(sampler, "model.sampler")
+    trust = cfg.model.trust_remote_code
+    base_tok, tok = load_tokenizer(cfg.model.base, trust=trust), load_tokenizer(sampler, "model.sampler", trust)
     for i in task.stop_token_ids:
         ours = base_tok.convert_ids_to_tokens(i)
         theirs = tok.convert_ids_to_tokens(i) if i < len(tok) else None
@@ -481,7 +484,8 @@ def engine_limit(cfg: RestemConfig, model: str | None = None) -> tuple[int | Non
         return limit, "sampling.engine_kwargs.max_model_len"
     # -1 (vLLM's auto-fit): the derived context, which the engine may then lower to fit the memory it finds
     model = model or cfg.model.sampler or cfg.model.base
-    return _context_length(model, bool(kwargs.get("disable_sliding_window"))), f"the context of {model}"
+    return (_context_length(model, bool(kwargs.get("disable_sliding_window")), cfg.model.trust_remote_code),
+            f"the context of {model}")
 
 
 def check_model_len(cfg: RestemConfig, splits: dict[str, list[dict]], tok, model: str | None = None,
@@ -523,7 +527,7 @@ _CONTEXT_KEYS = ("max_position_embeddings", "n_positions", "max_seq_len", "seq_l
                  "max_target_positions", "max_sequence_length", "max_seq_length", "seq_len")
 
 
-def _context_length(model: str, no_sliding_window: bool = False) -> int | None:
+def _context_length(model: str, no_sliding_window: bool = False, trust: bool = False) -> int | None:
     """The context vLLM gives a model without max_model_len, where it takes it from the config as it is (no RoPE
     scaling): the smallest of its length keys (a `model_max_length` there wins); with `disable_sliding_window`,
     at most the model's sliding window. (tokenizer_config.json's `model_max_length` is not a limit: vLLM reads it
@@ -551,7 +555,7 @@ def _context_length(model: str, no_sliding_window: bool = False) -> int | None:
         try:  # (as transformers reads it: Qwen2's is None unless use_sliding_window)
             from transformers import AutoConfig
 
-            window = AutoConfig.from_pretrained(folder).get_text_config().sliding_window
+            window = AutoConfig.from_pretrained(folder, trust_remote_code=trust).get_text_config().sliding_window
         except Exception:
             window = None
         n = min(n, window) if number(window) else n

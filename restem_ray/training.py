@@ -51,6 +51,7 @@ class MStepJob:
     log_every_steps: int = 0           # rank 0's live step lines (observability.log_every_steps); 0: none
     stop_token_ids: tuple[int, ...] = ()  # sampling.stop_token_ids: the first ends every trained completion ...
     end_token_id: int | None = None    # ... without them, the chat template's end of turn the model stops on
+    trust_remote_code: bool = False    # model.trust_remote_code: load a model folder's own code (auto_map)
 
 
 def worker_config(cfg: TrainingConfig) -> dict:
@@ -332,7 +333,7 @@ def check_attention(cfg: TrainingConfig) -> None:
                         f"({', '.join(k for k in known if '|' not in k)})")
 
 
-def check_lora_targets(cfg: TrainingConfig, model: str) -> None:
+def check_lora_targets(cfg: TrainingConfig, model: str, trust: bool = False) -> None:
     """Refuse `training.lora_target_modules` that name no module of the model (peft's NoMatchingPeftModuleError at
     the first M-step, after a whole E-step): a list names modules by their last parts, a string is a regular
     expression over whole names (or "all-linear"). The model is built on the meta device: no weights read."""
@@ -345,9 +346,10 @@ def check_lora_targets(cfg: TrainingConfig, model: str) -> None:
     from .remote import local_model_files
 
     try:
-        config = AutoConfig.from_pretrained(local_model_files(model))
+        config = AutoConfig.from_pretrained(local_model_files(model), trust_remote_code=trust)
         with torch.device("meta"):
-            modules = [(n, m) for n, m in AutoModelForCausalLM.from_config(config).named_modules() if n]
+            modules = [(n, m) for n, m in AutoModelForCausalLM.from_config(
+                config, trust_remote_code=trust).named_modules() if n]
         names = [n for n, _ in modules]
     except Exception:  # (a model the checks before let through but this cannot build: the M-step will say)
         return
@@ -501,11 +503,13 @@ class MStep:
                 print(f"[restem] warning: {short}; the M-step starts anyway", flush=True)
         torch.manual_seed(job["seed"])
         self.init_model = local_model_copy(job["init_model"])  # a URI base: this node's copy, made once
-        self.tok = AutoTokenizer.from_pretrained(self.init_model, mistral_format=False)  # (as vLLM's, prompts.py)
+        trust = bool(job.get("trust_remote_code"))
+        self.tok = AutoTokenizer.from_pretrained(self.init_model, mistral_format=False,  # (as vLLM's, prompts.py)
+                                                 trust_remote_code=trust)
         ds_config = deepspeed_config(cfg, self.world)
         # Loaded in the training dtype: DeepSpeed's bf16 mode casts the module to bf16 anyway (its fp32
         # master copy is made from those), so an fp32 load only doubles host memory on the way.
-        kwargs = {"dtype": self.dtype}
+        kwargs = {"dtype": self.dtype, "trust_remote_code": trust}
         if cfg.use_gpu and cfg.attn_implementation:
             kwargs["attn_implementation"] = cfg.attn_implementation
         zero3_init = None
@@ -822,7 +826,8 @@ class MStep:
         from transformers import AutoModelForCausalLM
 
         adapters = {k: v.detach().to(torch.float32).cpu() for k, v in get_peft_model_state_dict(self.model).items()}
-        base = AutoModelForCausalLM.from_pretrained(self.init_model, dtype=torch.float32)
+        base = AutoModelForCausalLM.from_pretrained(self.init_model, dtype=torch.float32,
+                                                    trust_remote_code=bool(self.job.get("trust_remote_code")))
         copy = get_peft_model(base, self.model.peft_config["default"])
         set_peft_model_state_dict(copy, adapters)
         copy.merge_and_unload().to(self.dtype).save_pretrained(hf, safe_serialization=True)
@@ -1025,7 +1030,7 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
             storage: Path | str, name: str = "mstep", valid_file: str | None = None,
             valid_problems: list[dict] | None = None, verifier: str = "math", verification: dict | None = None,
             max_new_tokens: int = 512, stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (),
-            end_token_id: int | None = None, log_every_steps: int = 0,
+            end_token_id: int | None = None, log_every_steps: int = 0, trust_remote_code: bool = False,
             on_steps: Callable[[list[dict], bool], None] | None = None) -> dict:
     """Run the M-step; the HF checkpoint of the chosen step lands in `out_dir`. Returns its metrics.
     With `log_every_steps` and `on_steps`, rank 0's step lines reach `on_steps(lines, restart)` in this
@@ -1038,7 +1043,7 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
                           valid_file=valid_file, valid_problems=valid_problems, verifier=verifier,
                           verification=verification or {}, max_new_tokens=max_new_tokens, stop=tuple(stop),
                           stop_token_ids=tuple(stop_token_ids), end_token_id=end_token_id,
-                          log_every_steps=log_every_steps if on_steps else 0))
+                          trust_remote_code=trust_remote_code, log_every_steps=log_every_steps if on_steps else 0))
     storage_path = cfg.storage_path or str(Path(storage).resolve())
     fingerprint = _job_fingerprint(job, train_file, run_root=Path(out_dir).parent.parent)  # (RUN/iter_t/checkpoint)
     spelt = _job_fingerprint(job, train_file)  # as versions before 2026-12-06 keyed a job: its paths as given
@@ -1136,7 +1141,8 @@ def _job_fingerprint(job: dict, train_file: Path | str, run_root: Path | None = 
     import hashlib
 
     settings = {k: v for k, v in job.items() if k not in ("step_relay", "log_every_steps")
-                and not (k == "end_token_id" and v is None)}  # (as M-steps finished before it existed were keyed)
+                and not (k == "end_token_id" and v is None)  # (as M-steps finished before it existed were keyed)
+                and k != "trust_remote_code"}  # (a permission: the same folder's code computes the same weights)
     if run_root is not None:
         for key in ("init_model", "train_file"):
             settings[key] = _in_run(settings.get(key), run_root)

@@ -77,3 +77,28 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def with_own_code(folder, architectures: bool = True):
+    """Make the HF folder of a Llama model (`folder`, changed in place) one that ships its own code, as models
+    whose type transformers lacks do (InternLM2, MiniCPM, ...): model type 'restem_toy', config and model classes
+    in the folder's own modules, named by config.json's auto_map. transformers knows no 'restem_toy', so the folder
+    loads only by running that code. The classes compute what Llama's do: a run on it must equal one on `folder`."""
+    import json
+    from pathlib import Path
+
+    folder = Path(folder)
+    (folder / "configuration_toy.py").write_text(
+        "from transformers import LlamaConfig\n\n\nclass ToyConfig(LlamaConfig):\n    model_type = 'restem_toy'\n")
+    (folder / "modeling_toy.py").write_text(  # (AutoModel too: vLLM serves such a model through it)
+        "from transformers import LlamaForCausalLM, LlamaModel\n\nfrom .configuration_toy import ToyConfig\n\n\n"
+        "class ToyModel(LlamaModel):\n    config_class = ToyConfig\n\n\n"
+        "class ToyForCausalLM(LlamaForCausalLM):\n    config_class = ToyConfig\n")
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="restem_toy", auto_map={
+        "AutoConfig": "configuration_toy.ToyConfig", "AutoModel": "modeling_toy.ToyModel",
+        "AutoModelForCausalLM": "modeling_toy.ToyForCausalLM"})
+    if architectures:
+        config["architectures"] = ["ToyForCausalLM"]
+    (folder / "config.json").write_text(json.dumps(config, indent=2))
+    return folder

@@ -91,7 +91,11 @@ CASES = {
                                 [], "no tokenizer files"),
     "model with its own code": (lambda w: (w / "model" / "config.json").write_text(json.dumps(
         {"model_type": "foo_custom", "auto_map": {"AutoModelForCausalLM": "modeling_foo.FooForCausalLM"}})), [],
-        "model type 'foo_custom' comes with its own code (auto_map), which restem-ray does not run"),
+        "model type 'foo_custom' comes with its own code (auto_map), which restem-ray runs only with "
+        "model.trust_remote_code: true"),
+    "trust_remote_code in engine_kwargs": (None, ["--set", "sampling.engine_kwargs.trust_remote_code=true"],
+                                           "sampling.engine_kwargs.trust_remote_code: set by restem-ray (the tokenizer "
+                                           "and the M-step load the model too: set model.trust_remote_code)"),
     "model type transformers lacks": (lambda w: (w / "model" / "config.json").write_text(json.dumps(
         {"model_type": "qwen9"})), [], "does not know model type 'qwen9'"),
     "config.json not json": (lambda w: (w / "model" / "config.json").write_text("{"), [], "config.json: not valid JSON"),
@@ -600,3 +604,16 @@ def test_rows_with_integers_of_thousands_of_digits_or_deep_unused_fields_are_rea
     assert main(["check", str(world / "cfg.yaml")]) == 0, capsys.readouterr().err
     (row,) = load_problems(world / "train.jsonl")
     assert str(row["answer"]) == big
+
+
+def test_a_model_with_its_own_code_passes_check_only_with_trust_remote_code(world, capsys):
+    """model.trust_remote_code: a folder whose auto_map names its own classes is refused in one line without it;
+    with it `check` loads its config and tokenizer by running that code (transformers knows no 'restem_toy')."""
+    from helpers import with_own_code
+
+    with_own_code(world / "model", architectures=False)  # (no architectures: a folder without weights, see check_weights)
+    assert main(["check", str(world / "cfg.yaml")]) == 2
+    err = capsys.readouterr().err
+    assert "model type 'restem_toy' comes with its own code (auto_map)" in err and err.count("\n") == 1, err
+    assert main(["check", str(world / "cfg.yaml"), "--set", "model.trust_remote_code=true"]) == 0, \
+        capsys.readouterr().err

@@ -605,7 +605,20 @@ def eval_args(**given):
     from argparse import Namespace
 
     return Namespace(**{"config": None, "model": "m", "dataset": None, "verifier": None, "k": 0, "max_tokens": None,
-                        "set": [], **given})
+                        "address": None, "set": [], **given})
+
+
+def test_eval_trusts_a_model_s_code_as_its_run_did_and_runs_on_address(tmp_path):
+    """A run with model.trust_remote_code made checkpoints that carry its model's code: `eval --config` of that run
+    loads them as the run did; without --config it is asked for (--set). --address is the Ray eval runs on."""
+    from restem_ray.cli import eval_config
+
+    config(tmp_path, gsm8k_task(), model_extra={"trust_remote_code": True})
+    ev = eval_config(eval_args(config=str(tmp_path / "cfg.yaml"), model="ckpt"), str(GSM8K))
+    assert (Path(ev.model.base).name, ev.model.trust_remote_code, ev.ray.address) == ("ckpt", True, None)
+    assert eval_config(eval_args(), str(GSM8K)).model.trust_remote_code is False
+    ev = eval_config(eval_args(address="10.0.0.1:6379", set=["model.trust_remote_code=true"]), str(GSM8K))
+    assert (ev.model.trust_remote_code, ev.ray.address) == (True, "10.0.0.1:6379")
 
 
 def test_eval_with_a_runs_config_prompts_samples_and_grades_as_that_run(tmp_path):

@@ -50,3 +50,26 @@ def test_the_m_step_gets_the_cpus_the_samplers_held(small_reference_run):
     done = json.loads((small_reference_run / "manifest.json").read_text())["completed"]
     assert {"1/improve", "1/eval"} <= set(done)
     assert (small_reference_run / "iter_001" / "checkpoint" / "model.safetensors").is_file()
+
+
+def test_a_model_that_ships_its_own_code_runs_with_trust_remote_code(small_reference_run, tmp_path):
+    """model.trust_remote_code: a base whose type only its own code defines (auto_map, as InternLM2's or MiniCPM's)
+    goes through the whole loop: vLLM serves it (its Transformers backend, the folder's classes), the M-step trains
+    it, its checkpoints carry that code and load again. Its classes compute Llama's, so iteration 1 must equal the
+    SMALL reference run's (on the built-in Llama base) sample for sample, score for score and weight for weight."""
+    import shutil
+
+    from helpers import assert_same_run, with_own_code
+
+    base = yaml.safe_load((small_reference_run / "config.yaml").read_text())["model"]["base"]
+    own = with_own_code(shutil.copytree(base, tmp_path / "own"))
+    out = tmp_path / "run"
+    # (one iteration and no control arm: what the comparison reads is iteration 1's)
+    rc, log = demo(out, "--set", f"model.base={own}", "--set", "model.trust_remote_code=true",
+                   "--set", "loop.iterations=1", "--set", "control.enabled=false")
+    assert rc == 0, log[-4000:]
+    assert_same_run(out, small_reference_run)
+    ckpt = out / "iter_001" / "checkpoint"
+    assert {"configuration_toy.py", "modeling_toy.py"} <= {p.name for p in ckpt.iterdir()}
+    saved = json.loads((ckpt / "config.json").read_text())
+    assert saved["model_type"] == "restem_toy" and saved["auto_map"]["AutoModelForCausalLM"] == "modeling_toy.ToyForCausalLM"
