@@ -40,7 +40,7 @@ class TaskConfig(_Section):
     max_eval_problems: int | None = Field(None, ge=1, description="Use only the first N problems per eval split.")
     seed_file: str | None = Field(
         None, description="Human-written solutions (id, prompt, solution, or the task.dataset format where it has "
-                          "worked solutions: gsm8k, math): the control arm's data, and the M-step's with "
+                          "worked solutions: gsm8k, math, humaneval, mbpp, apps): the control arm's data, and the M-step's with "
                           "training.mix_seed_data. Never used by ReST^EM itself by default.")
     step_checker: str | None = Field(
         None, description="Optional 'module:function' (problem, completion) -> 1.0 if every step is right; used only "
@@ -119,7 +119,8 @@ class PromptConfig(_Section):
                                                  "before everything).")
     few_shot: str | None = Field(None, description="Exemplars: 'standard' (task.dataset's own: gsm8k the 8-shot "
                                                    "chain of thought of Wei et al. 2022, math the 4-shot Minerva "
-                                                   "prompt) or a JSONL file of {question|prompt, answer|solution}.")
+                                                   "prompt) or a JSONL file of {question|prompt|problem, "
+                                                   "solution|answer} (a row with both: its solution).")
     few_shot_n: int | None = Field(None, ge=1, description="Use n exemplars (default: all).")
     few_shot_seed: int | None = Field(None, description="Choose the n exemplars at random with this seed (default: "
                                                         "the first n).")
@@ -468,6 +469,12 @@ class TrainingConfig(_Section):
                  ("gradient_accumulation_steps",): ("training.grad_accum", self.grad_accum),
                  ("train_batch_size",): ("training.micro_batch_size x grad_accum x num_workers",
                                          self.micro_batch_size * self.grad_accum * self.num_workers)}
+        # DeepSpeed's pipelined checkpoint loading chains ranks by LOCAL_RANK, which the M-step sets to the CUDA index
+        # of the worker's GPU (training.py pin_local_rank_to_current_device): the chain would pair the wrong ranks, or
+        # with every rank at 0 (Ray Train not sharing CUDA_VISIBLE_DEVICES) all send and none receive, a hung resume
+        if isinstance(ds.get("zero_optimization"), dict) and ds["zero_optimization"].get("pipeline_loading_checkpoint"):
+            raise ValueError("training.deepspeed: zero_optimization.pipeline_loading_checkpoint is not supported (it "
+                             "orders ranks by LOCAL_RANK, which the M-step sets to each worker's CUDA device)")
         for path, (field, value) in owned.items():
             got = ds
             for key in path:

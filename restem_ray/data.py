@@ -90,7 +90,7 @@ def _read_rows(path: Path) -> list[tuple[int | None, dict]]:
         except (pa.ArrowException, OSError, ValueError, OverflowError) as e:  # (a timestamp Python cannot hold)
             raise UserError(f"{path}: not a readable Parquet file ({first_line(e)})") from None
     if path.suffix not in (".jsonl", ".json"):
-        raise UserError(f"{path}: unknown problem file type (use .jsonl or .parquet)")
+        raise UserError(f"{path}: unknown problem file type (use .jsonl, .jsonl.gz, .json or .parquet)")
     rows = []
     try:
         return _read_json_lines(path, rows)

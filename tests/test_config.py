@@ -96,6 +96,8 @@ def test_paths_given_with_set_are_relative_to_the_current_folder(tmp_path, monke
     ("training.deepspeed={train_batch_size: 999}", "training.deepspeed: train_batch_size is 999 but "
      "training.micro_batch_size x grad_accum x num_workers is 16; set training.micro_batch_size, grad_accum and "
      "num_workers instead"),
+    ("training.deepspeed={zero_optimization: {pipeline_loading_checkpoint: true}}",
+     "training.deepspeed: zero_optimization.pipeline_loading_checkpoint is not supported"),
 ])
 def test_bad_config_is_one_named_error(tmp_path, override, needle):
     with pytest.raises(UserError) as e:

@@ -129,6 +129,8 @@ def test_the_gpu_extra_runs_the_vllm_release_the_tests_run():
     deepspeed = next(r for r in PYPROJECT["project"]["dependencies"] if r.startswith("deepspeed=="))
     assert f'"vllm=={pins["vllm"]}"' in gpu and f'--no-build-isolation "{deepspeed}"' in gpu
     assert gpu.index("--no-build-isolation") < gpu.index('".[gpu,lora,dashboards]"')
+    # the replicas' free-memory wait reads NVML (PCI order) by the CUDA_VISIBLE_DEVICES index Ray gave (CUDA's order)
+    assert re.search(r"^ENV CUDA_DEVICE_ORDER=PCI_BUS_ID$", gpu, re.M)
 
 
 def command_lines():

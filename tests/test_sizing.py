@@ -1,5 +1,6 @@
 """The GPU sizing arithmetic, the example GPU jobs and the README's table agree."""
 import json
+import re
 from pathlib import Path
 
 import pytest
@@ -9,7 +10,9 @@ from restem_ray.sizing import SHAPES, Shape, host_gib_per_rank, mstep_gib_per_gp
 
 ROOT = Path(__file__).resolve().parent.parent
 JOBS = {"gsm8k-qwen-0.5b.yaml": "0.5B", "gsm8k-qwen-7b.yaml": "7B"}
-README_ROWS = [("0.5B", 1, 2, 16, 1024, False, 1), ("1.5B", 8, 2, 8, 1024, False, 1),
+README_ROWS = [("0.5B", 1, 2, 16, 1024, False, 1), ("0.5B", 8, 2, 16, 1024, False, 1),  # (the 0.5B job and its
+               ("1.5B", 8, 2, 16, 1024, False, 1), ("1.5B", 8, 2, 16, 1024, True, 1),  # 1.5B example, which cite them)
+               ("1.5B", 8, 2, 8, 1024, False, 1),
                ("1.5B", 8, 2, 8, 1024, True, 1), ("7B", 8, 2, 4, 2048, True, 4), ("7B", 8, 3, 4, 2048, True, 4),
                ("7B", 8, 2, 8, 1024, False, 1)]
 
@@ -83,6 +86,9 @@ def test_example_gpu_jobs_fit_80_gb_gpus_with_a_fifth_to_spare(job):
                             gradient_checkpointing=t.gradient_checkpointing, grad_accum=t.grad_accum)
     assert t.dtype == "bf16" and t.use_gpu
     assert est["total"] * 1.2 <= 80 * 1e9 / 2**30, est
+    cited = [line for line in (ROOT / "jobs" / job).read_text().splitlines() if "README \"GPU sizing\"" in line]
+    assert cited and all(f"**{g}**" in (ROOT / "README.md").read_text() for line in cited
+                         for g in re.findall(r"(\d+\.\d) GiB per GPU", line)), cited  # (the table holds them)
     # a node's host RAM holds every rank's copy while the model loads (8 ranks per node)
     assert 8 * host_gib_per_rank(SHAPES[JOBS[job]], zero_stage=t.zero_stage, gpus=t.num_workers) <= 64
 
