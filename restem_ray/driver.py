@@ -385,8 +385,13 @@ class Driver:
             line = {"kept": table.num_rows, "problems_solved": len(set(table["id"].to_pylist())),
                     "truncated_correct_dropped": cut}
             if self.step_checker is not None:  # kept samples whose answer is right but whose steps are not
+                from tqdm import tqdm
+
                 by_id = {p["id"]: p for p in self.train}
-                bad = sum(not self._steps_ok(by_id[r["id"]], r["completion"]) for r in table.to_pylist())
+                # (tens of thousands of kept samples at scale, each a plug-in call in this process: shown as it goes)
+                bad = sum(not self._steps_ok(by_id[r["id"]], r["completion"]) for r in tqdm(
+                    table.to_pylist(), desc=f"select {t}: task.step_checker", unit="sample", mininterval=2.0,
+                    disable=table.num_rows < 1000))
                 line["kept_false_positive_rate"] = bad / table.num_rows
             stats = problem_stats(samples, table, t, sel.keep_truncated)  # what the E-step gave each problem
             if self.cfg.training.mix_seed_data:  # declared deviation: human solutions join the generated ones
@@ -399,9 +404,12 @@ class Driver:
         return path
 
     def _steps_ok(self, problem: dict, completion: str) -> bool:
-        try:
-            return float(self.step_checker(problem, completion)) >= 1.0
-        except Exception:  # a checker that cannot read a completion does not vouch for it
+        from .verification import call_with_timeout
+
+        try:  # bounded as a verifier plug-in's call is: a checker stuck on one completion must not hang the run
+            ok = call_with_timeout(self.step_checker, (problem, completion), self.cfg.verification.answer_timeout_s)
+            return float(ok) >= 1.0
+        except Exception:  # a checker that cannot read a completion (in time: CallTimeout) does not vouch for it
             return False
 
     def _seed_table(self, schema: pa.Schema) -> pa.Table:

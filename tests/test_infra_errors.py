@@ -114,6 +114,30 @@ def test_e_step_line_counts_verdicts_and_truncation_and_select_drops_truncated(t
     assert [(r["id"], r["sample_index"]) for r in kept] == [("a", 0)]
 
 
+def test_a_step_checker_stuck_on_a_sample_counts_it_as_wrong_steps_and_the_run_goes_on(tmp_path):
+    """task.step_checker runs in the driver on every kept sample: bounded by verification.answer_timeout_s as a
+    verifier plug-in is, a checker stuck on one completion (sympy on a pathological expression) counts that
+    sample's steps as wrong instead of hanging the run; one that raises, likewise."""
+    import time
+
+    def checker(problem, completion):
+        if completion == "c1":
+            time.sleep(60)
+        if completion == "c2":
+            raise ValueError("cannot read it")
+        return 1.0
+
+    d = driver(tmp_path, [[row("a", i, "passed") for i in range(4)]], verification={"answer_timeout_s": 0.5},
+               sampling={"prompts_per_request": 1, "samples_per_problem": 4},
+               selection={"max_solutions_per_problem": 4})
+    d.step_checker = checker
+    start = time.monotonic()
+    d.select(1, d.generate(1, "m"))
+    assert time.monotonic() - start < 20
+    (sel,) = [m for m in d.run.metrics() if m["phase"] == "select"]
+    assert sel["kept"] == 4 and sel["kept_false_positive_rate"] == 0.5
+
+
 def test_all_correct_samples_truncated_is_a_clear_stop(tmp_path):
     d = driver(tmp_path, [[row("a", 0, "passed", "length"), row("a", 1, "wrong_answer"), row("a", 2, "passed", "length")]])
     with pytest.raises(RunError, match="all 2 correct samples ended unfinished, most likely on sampling.max_tokens"):
