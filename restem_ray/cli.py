@@ -285,7 +285,11 @@ def check_model_dir(name: str, path: str, weights: bool = True, trust: bool = Fa
         raise UserError(f"{name}: {path}: not an HF model folder (no config.json)")
     if not any((p / f).is_file() for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
         raise UserError(f"{name}: {path}: no tokenizer files")
-    check_architecture(name, p / "config.json", trust)
+    config = check_architecture(name, p / "config.json", trust)
+    if trust:
+        from .own_code import check_own_code
+
+        check_own_code(name, str(p), str(p), config)
     if weights:
         check_weights(name, p)
 
@@ -333,16 +337,16 @@ def _whole_safetensors(path: Path) -> bool:
         return False
 
 
-def check_architecture(name: str, config_json: Path, trust: bool = False) -> None:
+def check_architecture(name: str, config_json: Path, trust: bool = False) -> dict:
     """A model whose type transformers does not implement: one that ships its own code (auto_map, which
     transformers runs only with trust_remote_code, asking on the terminal first) or one newer than the
     installed transformers. Neither loads in vLLM (which reads the config through transformers) or in the
-    M-step, so neither passes `check`; the first does with `trust` (model.trust_remote_code)."""
+    M-step, so neither passes `check`; the first does with `trust` (model.trust_remote_code). Returns the config."""
     try:
         text = config_json.read_text()
     except OSError as e:
         raise UserError(f"{name}: {config_json}: not valid JSON ({e})") from None
-    _check_config(name, str(config_json), str(config_json.parent), text, trust)
+    return _check_config(name, str(config_json), str(config_json.parent), text, trust)
 
 
 def _check_config(name: str, shown: str, folder: str, text: str, trust: bool = False) -> dict:
@@ -400,6 +404,11 @@ def check_remote_model(name: str, uri: str, trust: bool = False) -> None:
         if not any(f in sizes for f in ("tokenizer.json", "tokenizer.model", "tokenizer_config.json")):
             raise UserError(f"{name}: {shown}: no tokenizer files")
         config = _check_config(name, f"{shown}/config.json", shown, text("config.json"), trust)
+        if trust:  # (the folder's small files, copied to this node once: what the driver loads anyway)
+            from .own_code import check_own_code
+            from .remote import local_model_files
+
+            check_own_code(name, local_model_files(uri), shown, config)
         if not config.get("architectures"):  # (not a saved model: see check_weights)
             return
         index = "model.safetensors.index.json"

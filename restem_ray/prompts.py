@@ -48,7 +48,9 @@ def _load_tokenizer(path: str, trust: bool = False):
         # mistral_common's backend, which writes a rendered [INST] as text)
         tok = AutoTokenizer.from_pretrained(folder, mistral_format=False, trust_remote_code=trust)
     except Exception as e:  # a broken or foreign folder: one line, not a transformers traceback
-        raise UserError(f"{path}: cannot load its tokenizer ({first_line(e)})") from None
+        hint = ("; it ships its own code (auto_map), which runs only with model.trust_remote_code: true"
+                if not trust and "trust_remote_code" in str(e) else "")
+        raise UserError(f"{path}: cannot load its tokenizer ({first_line(e)}){hint}") from None
     # transformers 5 rebuilds a tokenizer from its tokenizer_class: a byte-level BPE folder that names a
     # SentencePiece class (DeepSeek-R1-Distill-Llama's LlamaTokenizerFast) loads with the wrong pre-tokenizer and
     # loses every space, for vLLM too, and every prompt and training row would be garbled

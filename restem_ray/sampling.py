@@ -279,6 +279,10 @@ class Sampler:
         started: Future = Future()
         folder = local_model_copy(model)
         kwargs |= tokenizer_mode(folder, kwargs)
+        if kwargs.get("trust_remote_code"):  # (model.trust_remote_code; replicas of one node start together)
+            from .own_code import cache_own_code
+
+            cache_own_code(folder)
         self._thread = threading.Thread(target=self._serve, args=(lambda: LLM(
             model=folder, seed=seed, **kwargs), started), daemon=True, name="restem-engine")
         output = ChildOutput()

@@ -41,7 +41,7 @@ def atomic_write_text(path: Path, text: str, crash_label: str | None = None) -> 
 # training (its worker count sets the global batch), and the E-step shard size (prompts_per_request), which
 # a resumed E-step relies on to find its finished shards.
 RESUME_SAFE_KEYS = {
-    "loop.iterations", "loop.patience", "model.trust_remote_code",
+    "loop.iterations", "loop.patience",
     "ray.address", "ray.num_cpus", "ray.include_dashboard", "ray.check_resources",
     "sampling.num_replicas", "sampling.max_replicas", "sampling.cpus_per_replica", "sampling.placement_strategy",
     "sampling.placement_timeout_s", "sampling.start_timeout_s", "sampling.max_restarts", "sampling.calls_per_replica",

@@ -504,6 +504,10 @@ class MStep:
         torch.manual_seed(job["seed"])
         self.init_model = local_model_copy(job["init_model"])  # a URI base: this node's copy, made once
         trust = bool(job.get("trust_remote_code"))
+        if trust:  # (every rank of a node loads the model at once)
+            from .own_code import cache_own_code
+
+            cache_own_code(self.init_model)
         self.tok = AutoTokenizer.from_pretrained(self.init_model, mistral_format=False,  # (as vLLM's, prompts.py)
                                                  trust_remote_code=trust)
         ds_config = deepspeed_config(cfg, self.world)
@@ -1141,8 +1145,8 @@ def _job_fingerprint(job: dict, train_file: Path | str, run_root: Path | None = 
     import hashlib
 
     settings = {k: v for k, v in job.items() if k not in ("step_relay", "log_every_steps")
-                and not (k == "end_token_id" and v is None)  # (as M-steps finished before it existed were keyed)
-                and k != "trust_remote_code"}  # (a permission: the same folder's code computes the same weights)
+                and not (k == "end_token_id" and v is None)  # (as M-steps finished before they existed were keyed)
+                and not (k == "trust_remote_code" and not v)}
     if run_root is not None:
         for key in ("init_model", "train_file"):
             settings[key] = _in_run(settings.get(key), run_root)

@@ -617,3 +617,33 @@ def test_a_model_with_its_own_code_passes_check_only_with_trust_remote_code(worl
     assert "model type 'restem_toy' comes with its own code (auto_map)" in err and err.count("\n") == 1, err
     assert main(["check", str(world / "cfg.yaml"), "--set", "model.trust_remote_code=true"]) == 0, \
         capsys.readouterr().err
+
+
+def _edit_auto_map(folder, fn):
+    config = json.loads((folder / "config.json").read_text())
+    fn(config["auto_map"])
+    (folder / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("damage, needle", [
+    (lambda m: (m / "modeling_toy.py").unlink(),
+     "config.json auto_map.AutoModelForCausalLM 'modeling_toy.ToyForCausalLM' does not load"),
+    (lambda m: (m / "modeling_toy.py").write_text("import no_such_package_xyz\n"),
+     "'modeling_toy.ToyForCausalLM' does not load (ImportError: This modeling file requires the following packages that were not "
+     "found in your environment: no_such_package_xyz"),
+    (lambda m: _edit_auto_map(m, lambda a: a.pop("AutoModelForCausalLM")),
+     "model type 'restem_toy' is the folder's own code, but config.json's auto_map names no AutoModelForCausalLM"),
+    (lambda m: _edit_auto_map(m, lambda a: a.update(AutoModelForCausalLM="org/repo--modeling_toy.ToyForCausalLM")),
+     "names code in another Hub repository, which is not downloaded"),
+])
+def test_check_loads_a_trusted_model_s_own_code(world, capsys, damage, needle):
+    """With model.trust_remote_code, `check` imports the classes the folder's auto_map names, as the M-step will:
+    code that is missing, needs a package the machine lacks or lives in another Hub repository fails here in one
+    line, not in the first M-step after a whole E-step (vLLM may serve the architecture with its own code)."""
+    from helpers import with_own_code
+
+    damage(with_own_code(world / "model", architectures=False))
+    assert main(["check", str(world / "cfg.yaml"), "--set", "model.trust_remote_code=true"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("restem-ray: error: model.base: ") and err.count("\n") == 1, err
+    assert needle in err, err

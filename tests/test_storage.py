@@ -106,8 +106,10 @@ def test_where_a_run_runs_may_change_on_resume_what_it_computes_may_not(tmp_path
                                                                       "include_dashboard": False}}), resume=True)
     with pytest.raises(UserError, match=r"seed: 0 -> 1"):
         RunDir(tmp_path / "run").create(yaml.safe_dump({**was, "seed": 1}), resume=True)
-    # model.trust_remote_code is a permission, not a setting: a model whose code it refuses is refused by `check`
-    RunDir(tmp_path / "run").create(yaml.safe_dump({**was, "model": {"trust_remote_code": True}}), resume=True)
+    # model.trust_remote_code decides which code runs (a folder of a type transformers knows that ships its own
+    # code too, Phi-3's, runs that code only when trusted; its checkpoints carry it only then)
+    with pytest.raises(UserError, match=r"model.trust_remote_code: False -> True"):
+        RunDir(tmp_path / "run").create(yaml.safe_dump({**was, "model": {"trust_remote_code": True}}), resume=True)
 
 
 def test_a_run_from_before_a_key_existed_resumes_when_the_key_keeps_its_default(tmp_path):
@@ -313,10 +315,10 @@ def test_an_m_step_fingerprint_does_not_depend_on_how_the_run_directory_is_spelt
     other = _job_fingerprint({**job, "init_model": "/models/other"}, tmp_path / "runs/x/iter_001/train.parquet",
                              run_root=Path("runs/x"))
     assert other != _job_fingerprint(job, tmp_path / "runs/x/iter_001/train.parquet", run_root=Path("runs/x"))
-    # a permission, not a setting: an M-step finished before model.trust_remote_code existed (or was turned on) is found
-    trusted = _job_fingerprint({**job, "trust_remote_code": True}, tmp_path / "runs/x/iter_001/train.parquet",
-                               run_root=Path("runs/x"))
-    assert trusted == _job_fingerprint(job, tmp_path / "runs/x/iter_001/train.parquet", run_root=Path("runs/x"))
+    # an M-step finished before model.trust_remote_code existed is found; one that ran the folder's code is another
+    keyed = [_job_fingerprint({**job, **extra}, tmp_path / "runs/x/iter_001/train.parquet", run_root=Path("runs/x"))
+             for extra in ({}, {"trust_remote_code": False}, {"trust_remote_code": True})]
+    assert keyed[0] == keyed[1] != keyed[2]
 
 
 def test_the_best_iteration_is_committed_with_the_eval_it_rests_on(tmp_path):
