@@ -556,7 +556,7 @@ def cmd_eval(args) -> int:
     """Score any HF checkpoint on problem files with the same sampler replicas and verifier pool."""
     import json
     from .evaluation import score_split
-    from .prompts import check_model_len, load_tokenizer
+    from .prompts import check_model_len, load_tokenizer, skip_special_tokens
     from .verification import check_verifier
 
     splits = {}
@@ -576,7 +576,9 @@ def cmd_eval(args) -> int:
     cfg = eval_config(args, next(iter(splits.values())))
     check_model_dir("--model", args.model, trust=cfg.model.trust_remote_code)
     problems, renderer = eval_problems(cfg, splits, args.model)
-    check_model_len(cfg, problems, load_tokenizer(args.model, "--model", cfg.model.trust_remote_code), args.model)
+    tok = load_tokenizer(args.model, "--model", cfg.model.trust_remote_code)
+    check_model_len(cfg, problems, tok, args.model)
+    skip_special = skip_special_tokens(cfg, tok)  # (a harmony model's channels: kept, as its run kept them)
     stop, stop_token_ids = eval_stops(cfg, renderer)
     # (a stop given to eval, --set sampling.stop=..., is for every split)
     named = {} if any(k.startswith("sampling.stop=") for k in args.set or ()) else run_split_stops(args.config,
@@ -596,7 +598,7 @@ def cmd_eval(args) -> int:
                      trust_remote_code=cfg.model.trust_remote_code)
     try:
         scores = {n: score_split(pool, probs, max_tokens=s.max_tokens, stop=named.get(n, stop),
-                                 stop_token_ids=stop_token_ids,
+                                 stop_token_ids=stop_token_ids, skip_special_tokens=skip_special,
                                  chunk_size=s.prompts_per_request, slots=pool.call_slots,
                                  k=ev.k_for(n), temperature=ev.temperature, top_p=ev.top_p, seed=cfg.seed,
                                  majority=verifier == "math", desc=f"eval {n}",  # as a run's

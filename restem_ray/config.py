@@ -212,6 +212,11 @@ class SamplingConfig(_Section):
         "trains on. Empty: the chat template's end-of-turn token when it is not the tokenizer's EOS and the model's "
         "generation_config stops on that EOS alone (a base model with a chat template, e.g. Qwen2.5 base: "
         "<|im_end|>), else none."))
+    skip_special_tokens: bool | None = Field(None, description=(
+        "Decode samples without the tokenizer's special tokens (vLLM's default). None: keep them for a model whose "
+        "completions are structured by special tokens (harmony, gpt-oss: <|channel|>analysis<|message|>...<|end|>"
+        "...final), which the M-step must train on as written and the verifiers read the final channel of; else "
+        "skip them. The stop token that ends a sample is never in its text either way."))
     num_replicas: int = Field(1, ge=1, description="vLLM sampler replicas (Ray actors) started with the E-step.")
     max_replicas: int | None = Field(None, ge=1, description="Elastic: add replicas up to this many while an E-step "
                                                           "runs, when nodes (e.g. newly joined ones) have room.")

@@ -95,6 +95,8 @@ def mstep_name(run: RunDir, name: str, shared: bool) -> str:
 
 
 class Driver:
+    skip_special = True  # samples decoded without special tokens (the Task's resolved sampling.skip_special_tokens)
+
     def __init__(self, cfg: RestemConfig, run_dir: str | Path, resume: bool = False, force: bool = False,
                  stop_after: str | None = None, task: Task | None = None):
         self.run = RunDir(run_dir)
@@ -123,6 +125,10 @@ class Driver:
         self.train, self.eval_sets, self.seed_rows = task.train, task.evals, task.seed_rows
         self.end_token_id = task.renderer.end_token_id if task.renderer else None  # (rows that ended on no stop id)
         self.split_stop = task.split_stop  # eval splits in another format that stop otherwise
+        self.skip_special = task.skip_special_tokens  # (gpt-oss's channels: kept, see prompts.keeps_special_tokens)
+        if not self.skip_special and cfg.sampling.skip_special_tokens is None:
+            print("[restem] samples keep the special tokens the model writes (its tokenizer's harmony channels; "
+                  "sampling.skip_special_tokens)")
         for name, stop in self.split_stop.items():
             print(f"[restem] stop strings of eval split {name}: {list(stop)}")
         self.step_checker = load_plugin(t.step_checker, "task.step_checker") if t.step_checker else None
@@ -206,7 +212,7 @@ class Driver:
         s = self.cfg.sampling
         spec = SampleSpec(n=s.samples_per_problem, temperature=s.temperature, top_k=s.top_k, top_p=s.top_p,
                           max_tokens=s.max_tokens, stop=tuple(s.stop), stop_token_ids=tuple(s.stop_token_ids),
-                          seed=self.cfg.seed * 1000 + t)
+                          seed=self.cfg.seed * 1000 + t, skip_special_tokens=self.skip_special)
         start, nodes, rounds = time.time(), set(), {}
         kinds = {"adaptive" if p.name.startswith("part-r") else "fixed-K" for p in self.run.samples_dir(t).glob("part-*.parquet")}
         if other := kinds - {"adaptive" if s.adaptive else "fixed-K"}:  # only after a --force resume that changed it
@@ -490,6 +496,7 @@ class Driver:
                 "verifier": resolve_verifier(v.verifier, self.cfg.task.kind), "verification": v.model_dump(),
                 "max_new_tokens": s.max_tokens, "stop": self.split_stop.get("valid", tuple(s.stop)),
                 "stop_token_ids": tuple(s.stop_token_ids), "trust_remote_code": self.cfg.model.trust_remote_code,
+                "skip_special_tokens": self.skip_special,
                 "end_token_id": None if s.stop_token_ids else self.end_token_id}
 
     def evaluate(self, t: int | str, model: str) -> dict:
@@ -531,7 +538,8 @@ class Driver:
     def _score(self, pool: EStepPool, problems: list[dict], k: int, desc: str, split: str) -> dict:
         s, ev = self.cfg.sampling, self.cfg.evaluation
         return score_split(pool, problems, max_tokens=s.max_tokens, stop=self.split_stop.get(split, tuple(s.stop)),
-                           stop_token_ids=tuple(s.stop_token_ids), chunk_size=s.prompts_per_request,
+                           stop_token_ids=tuple(s.stop_token_ids), skip_special_tokens=self.skip_special,
+                           chunk_size=s.prompts_per_request,
                            slots=pool.call_slots, k=k, temperature=ev.temperature, top_p=ev.top_p, seed=self.cfg.seed,
                            # (a plug-in's rewards come with no answers to vote on)
                            majority=resolve_verifier(self.cfg.verification.verifier, self.cfg.task.kind) == "math",

@@ -142,7 +142,7 @@ def summarize_samples(rows: list[dict], k: int, majority: bool = True) -> dict:
 
 
 def score_split(pool, problems: list[dict], *, max_tokens: int, stop: tuple, chunk_size: int, slots: int = 1, k: int = 0,
-                stop_token_ids: tuple[int, ...] = (),
+                stop_token_ids: tuple[int, ...] = (), skip_special_tokens: bool = True,
                 temperature: float = 1.0, top_p: float = 0.95, seed: int = 0, majority: bool = True,
                 desc: str = "eval", max_infra_error_rate: float = 1.0) -> dict:
     """Greedy pass@1 (and pass@k, maj@k when k > 0) of the pool's model on `problems`, with the greedy
@@ -164,7 +164,8 @@ def score_split(pool, problems: list[dict], *, max_tokens: int, stop: tuple, chu
         return lambda i, piece: check_one_actors_grades([r["verdict"] for r in piece], max_infra_error_rate, what,
                                                         SCORING)
 
-    pool.run(chunks, SampleSpec(n=1, temperature=0.0, max_tokens=max_tokens, stop=stop, stop_token_ids=stop_token_ids),
+    pool.run(chunks, SampleSpec(n=1, temperature=0.0, max_tokens=max_tokens, stop=stop, stop_token_ids=stop_token_ids,
+                                skip_special_tokens=skip_special_tokens),
              on_chunk=lambda i, r: rows.extend(r), on_piece=judge(desc), desc=desc)
     check_infra_errors([r["verdict"] for r in rows], max_infra_error_rate, desc, SCORING)
     # what the greedy grades were: timeouts and (up to max_infra_error_rate) grading failures count 0 in pass@1
@@ -172,7 +173,7 @@ def score_split(pool, problems: list[dict], *, max_tokens: int, stop: tuple, chu
     if k > 0:
         many: list[dict] = []
         spec = SampleSpec(n=k, temperature=temperature, top_p=top_p, max_tokens=max_tokens, stop=stop, seed=seed,
-                          stop_token_ids=stop_token_ids)
+                          stop_token_ids=stop_token_ids, skip_special_tokens=skip_special_tokens)
         pool.run(chunks, spec, on_chunk=lambda i, r: many.extend(r), on_piece=judge(f"{desc} pass@{k}"),
                  desc=f"{desc} pass@{k}")
         check_infra_errors([r["verdict"] for r in many], max_infra_error_rate, f"{desc} pass@{k}", SCORING)

@@ -271,6 +271,22 @@ class Task:
     renderer: PromptRenderer | None = None
     stop_token_ids: tuple[int, ...] = ()       # sampling.stop_token_ids, or the chat template's end of turn
     split_stop: dict[str, tuple[str, ...]] = field(default_factory=dict)  # eval splits that stop otherwise
+    skip_special_tokens: bool = True           # sampling.skip_special_tokens, resolved (keeps_special_tokens)
+
+
+HARMONY = "<|channel|>"  # gpt-oss's response format: channels (analysis, final) opened by special tokens
+
+
+def keeps_special_tokens(tok) -> bool:
+    """Whether a model's completions are structured by special tokens it writes itself (harmony: gpt-oss), which
+    vLLM's default decoding would drop: the M-step would train on the channels' texts run together."""
+    return any(t.content == HARMONY and t.special for t in getattr(tok, "added_tokens_decoder", {}).values())
+
+
+def skip_special_tokens(cfg: RestemConfig, tok) -> bool:
+    """sampling.skip_special_tokens, None resolved by the model's tokenizer."""
+    s = cfg.sampling.skip_special_tokens
+    return (not keeps_special_tokens(tok)) if s is None else s
 
 
 def template_fields(cfg: RestemConfig) -> tuple[str, ...]:
@@ -308,6 +324,8 @@ def render_task(cfg: RestemConfig, splits: Splits, model: str | None = None) -> 
         train = fitting_prompts(cfg, train, renderer.tok if renderer else load_tokenizer(
             model or cfg.model.base, trust=cfg.model.trust_remote_code))
     evals = {n: render_rows(rows, renderer, code=code) for n, rows in splits.evals.items()}
+    tok = renderer.tok if renderer else (load_tokenizer(model or cfg.model.base, trust=cfg.model.trust_remote_code)
+                                         if cfg.sampling.skip_special_tokens is None else None)
     seed = splits.seed_rows
     if renderer is not None:  # human solutions are trained on like samples: under the training rendering, after
         lead = renderer.answer_lead()  # the space or line the format puts before an answer (as samples begin)
@@ -316,7 +334,8 @@ def render_task(cfg: RestemConfig, splits: Splits, model: str | None = None) -> 
     stop, stop_token_ids = sampling_stops(cfg, renderer)
     if model is None and cfg.model.sampler and renderer is not None and renderer.chat and not cfg.sampling.stop_token_ids:
         stop_token_ids = _sampler_stop(cfg.model.sampler, renderer, stop_token_ids, cfg.model.trust_remote_code)
-    return Task(train, evals, seed, stop, renderer, stop_token_ids, split_stops(cfg, renderer, stop))
+    return Task(train, evals, seed, stop, renderer, stop_token_ids, split_stops(cfg, renderer, stop),
+                skip_special_tokens(cfg, tok))
 
 
 def _sampler_stop(sampler: str, renderer: PromptRenderer, ids: tuple[int, ...], trust: bool = False) -> tuple[int, ...]:

@@ -34,6 +34,7 @@ class SampleSpec:
     stop: tuple[str, ...] = ()
     seed: int = 0
     stop_token_ids: tuple[int, ...] = ()
+    skip_special_tokens: bool = True  # sampling.skip_special_tokens, resolved (prompts.keeps_special_tokens)
 
     def problem_seed(self, pid: str) -> int:
         return zlib.crc32(f"{self.seed}/{pid}".encode()) & 0x7FFFFFFF
@@ -389,6 +390,9 @@ class Sampler:
             SamplingParams(n=n, temperature=spec.temperature, top_k=spec.top_k if spec.temperature > 0 else -1,
                            top_p=spec.top_p, max_tokens=spec.max_tokens, stop=list(spec.stop) or None,
                            stop_token_ids=list(spec.stop_token_ids) or None,
+                           # (kept special tokens as written: vLLM would put spaces between them and the text)
+                           skip_special_tokens=spec.skip_special_tokens,
+                           spaces_between_special_tokens=spec.skip_special_tokens,
                            seed=spec.problem_seed(p["id"]) + off if spec.temperature > 0 else None)
             for p, (off, n) in zip(problems, draws)
         ]

@@ -19,17 +19,18 @@ def _end(tokenizer, end: int | None) -> list[int]:
 
 
 def encode(tokenizer, prompt: str, completion: str, max_len: int | None = None,
-           end: int | None = None) -> tuple[list[int], list[int]]:
+           end: int | None = None, special_tokens_kept: bool = False) -> tuple[list[int], list[int]]:
     """Token ids and labels for prompt+completion+`end` (default: EOS; NO_END: none), prompt masked; left-truncated
     to max_len if given (the M-step gives none: it drops over-long rows instead, since a cut row teaches a headless
-    solution)."""
+    solution). `special_tokens_kept`: the completion was decoded with its special tokens (completion_ids)."""
     p = tokenizer(prompt).input_ids  # with BOS, exactly as vLLM tokenizes the prompt
-    c = completion_ids(tokenizer, prompt, p, completion) + _end(tokenizer, end)
+    c = completion_ids(tokenizer, prompt, p, completion, special_tokens_kept=special_tokens_kept) + _end(tokenizer, end)
     ids, labels = p + c, [IGNORE] * len(p) + c
     return (ids[-max_len:], labels[-max_len:]) if max_len else (ids, labels)
 
 
-def encode_many(tokenizer, rows: list[tuple[str, str, int | None]], block: int = 1024) -> list[tuple[list[int], list[int]]]:
+def encode_many(tokenizer, rows: list[tuple[str, str, int | None]], block: int = 1024,
+                special_tokens_kept: bool = False) -> list[tuple[list[int], list[int]]]:
     """`encode(tokenizer, prompt, completion, end=end)` of each (prompt, completion, end), the same ids, faster: each
     distinct prompt is tokenized once (a problem's kept solutions share it) and texts go to the tokenizer in
     batches (a fast tokenizer encodes a batch on all cores). The M-step's 75,000 rows took 3.9 ms each, on
@@ -41,7 +42,8 @@ def encode_many(tokenizer, rows: list[tuple[str, str, int | None]], block: int =
         part = rows[at: at + block]
         for (p, c, end), whole in zip(part, _tokenized(tokenizer, [p + c for p, c, _ in part], block)):
             head = prompt_ids[p]
-            tail = completion_ids(tokenizer, p, head, c, whole=whole) + _end(tokenizer, end)
+            tail = completion_ids(tokenizer, p, head, c, whole=whole,
+                                  special_tokens_kept=special_tokens_kept) + _end(tokenizer, end)
             out.append((head + tail, [IGNORE] * len(head) + tail))
     return out
 
@@ -52,7 +54,7 @@ def _tokenized(tokenizer, texts: list[str], block: int) -> list[list[int]]:
 
 
 def completion_ids(tokenizer, prompt: str, prompt_ids: list[int], completion: str,
-                   whole: list[int] | None = None) -> list[int]:
+                   whole: list[int] | None = None, special_tokens_kept: bool = False) -> list[int]:
     """The completion's tokens as they follow the prompt: the tail of prompt+completion tokenized as one text,
     where its head is the prompt's own tokens. Tokenized alone, a SentencePiece tokenizer (Llama-2, Mistral)
     starts the completion with its word-boundary "▁", so every trained solution would begin with a space or
@@ -64,8 +66,9 @@ def completion_ids(tokenizer, prompt: str, prompt_ids: list[int], completion: st
     n = len(prompt_ids)
     # A special token's text inside the completion (the model wrote "<|im_end|>" piece by piece; vLLM decodes
     # without special tokens, so a sample holds no real one) stays text: parsed as the token, the M-step would
-    # train the end of turn mid-answer.
-    split = _holds_special_text(tokenizer, completion)
+    # train the end of turn mid-answer. Samples decoded with their special tokens (sampling.skip_special_tokens
+    # false: gpt-oss's channels) hold the real ones, which the model writes far likelier than their pieces.
+    split = not special_tokens_kept and _holds_special_text(tokenizer, completion)
     if whole[:n] == prompt_ids and not split:
         return whole[n:]
     anchor = tokenizer("\n", add_special_tokens=False).input_ids
@@ -284,17 +287,19 @@ def _varlen(bounds: list[int]) -> dict:
     return {"cu_seq_lens_q": cu, "cu_seq_lens_k": cu, "max_length_q": longest, "max_length_k": longest}
 
 
-def decode_continuation(tokenizer, prompt_ids: list[int], ids: list[int]) -> str:
+def decode_continuation(tokenizer, prompt_ids: list[int], ids: list[int], skip_special_tokens: bool = True) -> str:
     """The text `ids` add after `prompt_ids`, as vLLM's detokenizer gives a sample (it decodes with the prompt
     as context): SentencePiece decoders (Llama-2, Mistral, CodeLlama) strip a leading space from text decoded on
     its own, and a code completion's indentation lost a space (an IndentationError graded wrong)."""
-    head = tokenizer.decode(prompt_ids, skip_special_tokens=True)
-    whole = tokenizer.decode(prompt_ids + ids, skip_special_tokens=True)
-    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(ids, skip_special_tokens=True)
+    skip = skip_special_tokens
+    head = tokenizer.decode(prompt_ids, skip_special_tokens=skip)
+    whole = tokenizer.decode(prompt_ids + ids, skip_special_tokens=skip)
+    return whole[len(head):] if whole.startswith(head) else tokenizer.decode(ids, skip_special_tokens=skip)
 
 
 def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int, stop: tuple[str, ...] = (),
-                       synced: bool = False, batch: int = 64, stop_token_ids: tuple[int, ...] = ()) -> list[str]:
+                       synced: bool = False, batch: int = 64, stop_token_ids: tuple[int, ...] = (),
+                       skip_special_tokens: bool = True) -> list[str]:
     """Greedy decoding with HF generate (base-model build and in-training validation; runs sample with vLLM).
 
     synced: DeepSpeed ZeRO-3 gathers parameters inside every forward, so all ranks must keep stepping until
@@ -329,7 +334,8 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=ends,
                                      stopping_criteria=criteria)
                 new = out[:, enc.input_ids.shape[1]:]
-                texts += [decode_continuation(tokenizer, ids[mask.bool()].tolist(), row.tolist())
+                texts += [decode_continuation(tokenizer, ids[mask.bool()].tolist(), _before_end(row.tolist(), ends),
+                                              skip_special_tokens)
                           for ids, mask, row in zip(enc.input_ids, enc.attention_mask, new)]
     finally:
         tokenizer.padding_side, tokenizer.pad_token = side, pad
@@ -354,6 +360,13 @@ class _StopStrings:
         texts = self.tok.batch_decode(tail, skip_special_tokens=True)
         return torch.tensor([any(x in t for x in self.stop) for t in texts], dtype=torch.bool,
                             device=input_ids.device)
+
+
+def _before_end(ids: list[int], ends) -> list[int]:
+    """A generated row up to its end token, which vLLM leaves out of a sample's text too (and the padding after
+    it): what special tokens a decode keeps (sampling.skip_special_tokens false) are the ones the model wrote."""
+    ends = {ends} if isinstance(ends, int) else set(ends or ())
+    return next((ids[:i] for i, t in enumerate(ids) if t in ends), ids)
 
 
 def _cut(text: str, stop: tuple[str, ...]) -> str:

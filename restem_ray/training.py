@@ -52,6 +52,7 @@ class MStepJob:
     stop_token_ids: tuple[int, ...] = ()  # sampling.stop_token_ids: the first ends every trained completion ...
     end_token_id: int | None = None    # ... without them, the chat template's end of turn the model stops on
     trust_remote_code: bool = False    # model.trust_remote_code: load a model folder's own code (auto_map)
+    skip_special_tokens: bool = True   # validation decodes as the samplers do (sampling.skip_special_tokens)
 
 
 def worker_config(cfg: TrainingConfig) -> dict:
@@ -568,9 +569,11 @@ class MStep:
         import numpy as np
 
         data = []
+        kept = not job.get("skip_special_tokens", True)  # (samples that hold the special tokens the model wrote)
         for at in range(0, len(rows), 4096):
             block = [(r["prompt"], r["completion"], _ended(r, end, ends)) for r in rows[at: at + 4096]]
-            data += [(np.asarray(x, np.int32), np.asarray(y, np.int32)) for x, y in encode_many(self.tok, block)]
+            data += [(np.asarray(x, np.int32), np.asarray(y, np.int32))
+                     for x, y in encode_many(self.tok, block, special_tokens_kept=kept)]
         # A row longer than max_seq_len is dropped, not cut: cut from the left it loses the prompt, cut
         # from the right it teaches the model to stop mid-solution.
         self.data = [x for x in data if len(x[0]) <= cfg.max_seq_len]
@@ -753,7 +756,8 @@ class MStep:
             # ZeRO-3 gathers parameters inside forward: every rank must run the same number of forwards.
             texts = greedy_completions(self.engine.module, self.tok, prompts, self.job["max_new_tokens"],
                                        stop=tuple(self.job["stop"]), synced=self.cfg.zero_stage == 3,
-                                       stop_token_ids=tuple(self.job.get("stop_token_ids") or ()))
+                                       stop_token_ids=tuple(self.job.get("stop_token_ids") or ()),
+                                       skip_special_tokens=self.job.get("skip_special_tokens", True))
         correct = sum(w * self.verifier.grade(p, t).reward for (p, w), t in zip(self.valid, texts))
         correct, n = sum_over_ranks([correct, sum(w for _, w in self.valid)], device=self.device)
         reward = correct / max(1.0, n)
@@ -1035,7 +1039,7 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
             valid_problems: list[dict] | None = None, verifier: str = "math", verification: dict | None = None,
             max_new_tokens: int = 512, stop: tuple[str, ...] = (), stop_token_ids: tuple[int, ...] = (),
             end_token_id: int | None = None, log_every_steps: int = 0, trust_remote_code: bool = False,
-            on_steps: Callable[[list[dict], bool], None] | None = None) -> dict:
+            skip_special_tokens: bool = True, on_steps: Callable[[list[dict], bool], None] | None = None) -> dict:
     """Run the M-step; the HF checkpoint of the chosen step lands in `out_dir`. Returns its metrics.
     With `log_every_steps` and `on_steps`, rank 0's step lines reach `on_steps(lines, restart)` in this
     process while the M-step runs (`StepLines`, `StepReceiver`)."""
@@ -1047,7 +1051,8 @@ def improve(*, init_model: str, train_file: Path, out_dir: Path, cfg: TrainingCo
                           valid_file=valid_file, valid_problems=valid_problems, verifier=verifier,
                           verification=verification or {}, max_new_tokens=max_new_tokens, stop=tuple(stop),
                           stop_token_ids=tuple(stop_token_ids), end_token_id=end_token_id,
-                          trust_remote_code=trust_remote_code, log_every_steps=log_every_steps if on_steps else 0))
+                          trust_remote_code=trust_remote_code, skip_special_tokens=skip_special_tokens,
+                          log_every_steps=log_every_steps if on_steps else 0))
     storage_path = cfg.storage_path or str(Path(storage).resolve())
     fingerprint = _job_fingerprint(job, train_file, run_root=Path(out_dir).parent.parent)  # (RUN/iter_t/checkpoint)
     spelt = _job_fingerprint(job, train_file)  # as versions before 2026-12-06 keyed a job: its paths as given
@@ -1146,7 +1151,7 @@ def _job_fingerprint(job: dict, train_file: Path | str, run_root: Path | None = 
 
     settings = {k: v for k, v in job.items() if k not in ("step_relay", "log_every_steps")
                 and not (k == "end_token_id" and v is None)  # (as M-steps finished before they existed were keyed)
-                and not (k == "trust_remote_code" and not v)}
+                and not (k == "trust_remote_code" and not v) and not (k == "skip_special_tokens" and v)}
     if run_root is not None:
         for key in ("init_model", "train_file"):
             settings[key] = _in_run(settings.get(key), run_root)

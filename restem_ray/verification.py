@@ -202,12 +202,21 @@ def _hash_answer(line: str, last: bool) -> str | None:
     return nums[-1] if nums else line
 
 
+_FINAL = "<|channel|>final<|message|>"
+_MESSAGE_END = re.compile(r"<\|(?:end|return|call|start)\|>")
+
+
 def after_thinking(completion: str, prompt: str = "") -> str:
     """What a reasoning model (DeepSeek-R1 and its distills, Qwen3, QwQ) answers after its trace: the text after
     the last </think>, since the trace's tentative answers ("so the answer is 20. Wait, ...") are not the final
     one; a trace never closed (max_tokens cut it) holds no answer yet. A trace is one the prompt opens at its end
     (R1's distills' templates end with <think>), one the completion starts with, or a </think> with no <think>
-    before any code fence. Other completions as they are (a program may handle a literal "<think>" tag)."""
+    before any code fence. Other completions as they are (a program may handle a literal "<think>" tag).
+    A harmony completion (gpt-oss, its special tokens kept: sampling.skip_special_tokens) answers in its last
+    final channel's message; one that never opened it (cut in its analysis) holds no answer yet."""
+    if completion.lstrip().startswith("<|channel|>"):
+        at = completion.rfind(_FINAL)
+        return "" if at < 0 else _MESSAGE_END.split(completion[at + len(_FINAL):], 1)[0]
     close = completion.find("</think>")
     if (prompt.rstrip().endswith("<think>") or completion.lstrip().startswith("<think>")
             or (close >= 0 and "<think>" not in completion and "```" not in completion[:close])):

@@ -20,7 +20,7 @@ import torch
 from helpers import free_port
 
 from restem_ray.builtin import TinyModelSpec, build_model, build_tokenizer
-from restem_ray.sft import IGNORE, collate_micro, encode, forward, pack, plan_epoch
+from restem_ray.sft import IGNORE, collate_micro, encode, encode_many, forward, pack, plan_epoch
 
 slow = pytest.mark.slow
 
@@ -1188,6 +1188,14 @@ def test_a_special_tokens_text_in_a_completion_is_trained_as_text():
     assert completion.count(end) == 1 and completion[-1] == end
     assert tok.decode(completion[:-1]) == "It is 5<|im_end|> so #### 5"
     assert ids[:len(tok(prompt).input_ids)] == tok(prompt).input_ids  # the prompt's own special tokens stay
+    # decoded with its special tokens (sampling.skip_special_tokens false: gpt-oss's channels), the text is what the
+    # model wrote, the tokens themselves: trained as the tokens, in one M-step's rows and another's alike
+    text = "<|im_start|>analysis\nIt is 5<|im_end|>\n<|im_start|>final\n#### 5"
+    for ids, labels in (encode(tok, prompt, text, end=end, special_tokens_kept=True),
+                        encode_many(tok, [(prompt, text, end)], special_tokens_kept=True)[0]):
+        completion = [y for y in labels if y != IGNORE]
+        assert completion.count(end) == 2 and completion.count(tok.convert_tokens_to_ids("<|im_start|>")) == 2
+        assert tok.decode(completion[:-1]) == text
 
 @slow
 def test_compiled_layers_train_as_eager_ones_with_one_graph_for_every_width(tmp_path, single_process_group):

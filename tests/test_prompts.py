@@ -775,3 +775,19 @@ def test_an_eval_prompt_past_the_engine_limit_is_a_warning_not_a_refusal(tmp_pat
     # `restem-ray eval --problems train.jsonl` scores a file whose split is named train: a warning there too
     check_model_len(cfg, {"train": [row(0, 90)]}, tok)
     assert "warning: 1 of the 1 train prompts leave fewer than sampling.max_tokens" in capsys.readouterr().out
+
+
+def test_samples_keep_special_tokens_for_a_harmony_tokenizer_unless_told(tmp_path):
+    """sampling.skip_special_tokens None: kept where the tokenizer's <|channel|> is a special token (gpt-oss writes
+    its analysis and final channels between special tokens), skipped otherwise (vLLM's default); a value wins."""
+    from restem_ray.prompts import skip_special_tokens
+    from restem_ray.tiny_chat import build_chat_tokenizer
+
+    plain, harmony = build_chat_tokenizer(), build_chat_tokenizer()
+    harmony.add_special_tokens({"additional_special_tokens": ["<|channel|>", "<|message|>"]})
+    cfg = config(tmp_path, gsm8k_task())
+    assert (skip_special_tokens(cfg, plain), skip_special_tokens(cfg, harmony)) == (True, False)
+    told = config(tmp_path, gsm8k_task(), sampling={"skip_special_tokens": True})
+    assert skip_special_tokens(told, harmony) is True
+    plain.add_tokens(["<|channel|>"])  # (an ordinary added token: text, which decoding keeps anyway)
+    assert skip_special_tokens(cfg, plain) is True

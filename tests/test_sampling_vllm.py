@@ -389,3 +389,38 @@ sys.__stdout__.write('FOUND ' + str(out.first_error()) + chr(10))
     with open(tmp_path / "out", "w") as o, open(tmp_path / "err", "w") as e:
         subprocess.run([sys.executable, "-c", script], stdout=o, stderr=e, timeout=120, check=True)
     assert (tmp_path / "out").read_text().splitlines()[-1] == "FOUND AssertionError"
+
+
+def test_special_tokens_a_model_writes_are_kept_when_asked_as_the_m_step_trains_and_validates(tiny, tmp_path):
+    """sampling.skip_special_tokens false (a harmony model's channels, gpt-oss): a sample's text keeps the special
+    tokens the model wrote, exactly (no spaces vLLM would put around them), the M-step's tokenization of that text
+    gives back the ids the model wrote, and its validation decodes as the samplers do. Here the random model writes
+    ':' over and over, made a special token of its tokenizer."""
+    import copy
+
+    from restem_ray.sft import IGNORE, encode, greedy_completions
+
+    _, model, tok = tiny
+    enc = tok(PROMPTS[0]["prompt"], return_tensors="pt")
+    with torch.no_grad():
+        wrote = model.generate(**enc, max_new_tokens=12, do_sample=False, pad_token_id=tok.pad_token_id,
+                               eos_token_id=tok.eos_token_id)[0, enc.input_ids.shape[1]:].tolist()
+    special = copy.deepcopy(tok)
+    mark = special.convert_ids_to_tokens(wrote[0])
+    special.add_special_tokens({"additional_special_tokens": [mark]})
+    assert special.convert_tokens_to_ids(mark) == wrote[0]  # (the same id, now special)
+    model.save_pretrained(tmp_path)
+    special.save_pretrained(tmp_path)
+    s = Sampler(str(tmp_path), {"dtype": "float32", "max_model_len": 256}, seed=0)
+    try:
+        skipped, kept = (s.generate(PROMPTS[:1], SampleSpec(n=1, temperature=0.0, max_tokens=12, skip_special_tokens=k))[0]
+                         for k in (True, False))
+    finally:
+        s.close()
+    assert mark in kept["completion"] and mark not in skipped["completion"]
+    assert kept["completion"] == special.decode(wrote, skip_special_tokens=False)
+    ids, labels = encode(special, PROMPTS[0]["prompt"], kept["completion"])
+    trained = [i for i, label in zip(ids, labels) if label != IGNORE]
+    assert trained[: len(wrote)] == wrote
+    assert greedy_completions(model, special, [PROMPTS[0]["prompt"]], 12, skip_special_tokens=False) == [kept["completion"]]
+    assert greedy_completions(model, special, [PROMPTS[0]["prompt"]], 12) == [skipped["completion"]]

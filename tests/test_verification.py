@@ -527,6 +527,7 @@ def test_a_helper_killed_while_idle_or_while_starting_is_replaced_not_remembered
 
 
 R1_PROMPT = "<｜begin▁of▁sentence｜><｜User｜>Janet's ducks lay 16 eggs...<｜Assistant｜><think>\n"
+HARMONY_PROMPT = "<|start|>user<|message|>Janet's ducks lay 16 eggs...<|end|><|start|>assistant"
 
 
 @pytest.mark.parametrize("prompt, completion, answer", [
@@ -540,6 +541,12 @@ R1_PROMPT = "<｜begin▁of▁sentence｜><｜User｜>Janet's ducks lay 16 eggs.
     ("Q", "<think>16 - 3 - 4 = 9, so the answer is 18 or", None),                      # cut mid-trace: no answer
     ("<think>\n\n</think>\n\nQ", "No trace: the answer is 7.", "7"),                    # Qwen3, thinking off
     ("Q", "No trace: the answer is 7.", "7"),
+    # gpt-oss (harmony, special tokens kept): the final channel's message, not the analysis's tentative answers
+    (HARMONY_PROMPT, "<|channel|>analysis<|message|>So the answer is 20? No: 9 * 2 = 18.<|end|><|start|>assistant"
+                     "<|channel|>final<|message|>The answer is 18.", "18"),
+    (HARMONY_PROMPT, "<|channel|>analysis<|message|>The answer is 18.<|end|><|start|>assistant<|channel|>final"
+                     "<|message|>The answer is 20.<|end|>", "20"),
+    (HARMONY_PROMPT, "<|channel|>analysis<|message|>16 - 3 - 4 = 9, so the answer is 18 or", None),  # cut
 ])
 def test_a_reasoning_models_answer_comes_after_its_thinking(prompt, completion, answer):
     from restem_ray.verification import grade_math
