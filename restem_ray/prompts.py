@@ -196,6 +196,10 @@ class PromptRenderer:
         added = self.tok.added_tokens_decoder.get(ids[0]) if ids else None
         if added is None or not added.special or (ids[0] == self.tok.eos_token_id and not or_eos):
             return None
+        if added.content == "<|end|>" and keeps_special_tokens(self.tok):
+            # harmony's <|end|> closes a message (the analysis channel's too), not the answer: as a stop it would end
+            # every sample after its analysis (a template that closes the last turn with it, Unsloth's gpt-oss one)
+            return None
         return ids[0]
 
     def answer_lead(self) -> str:
@@ -204,7 +208,8 @@ class PromptRenderer:
         Llama-2's "[/INST] ", too). The model's own samples begin with it; a human solution (a seed row) gets it
         too, so both are trained on the boundary the model meets at inference. Only whitespace: a template that
         writes more there (Qwen3's empty think block) gives "". A zero-shot template ending on a label ("Answer:")
-        gives " "; one ending otherwise, "" (the text as written)."""
+        gives " "; one ending otherwise, "" (the text as written). A harmony template's final-channel header
+        (gpt-oss) too."""
         if self.chat:
             mark, user = "RESTEM_ANSWER_MARK", [{"role": "user", "content": "Q"}]
             try:
@@ -215,6 +220,8 @@ class PromptRenderer:
             except Exception:
                 return ""
             lead = full[len(head): full.find(mark)] if full.startswith(head) and mark in full else ""
+            if lead.startswith(HARMONY) and keeps_special_tokens(self.tok):  # (gpt-oss: its samples open a channel,
+                return lead  # "<|channel|>final<|message|>" before a human solution, whose samples say it too)
         elif self.fmt is None:  # a zero-shot template that ends on a label ("...\nAnswer:"): the model's answer
             return " " if self.pc.template.endswith(":") else ""  # begins with a space after it
         else:  # what `render` leaves out: the spaces after the format's last line break

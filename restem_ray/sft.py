@@ -329,7 +329,8 @@ def greedy_completions(model, tokenizer, prompts: list[str], max_new_tokens: int
                 enc = tokenizer(prompts[s : s + batch], return_tensors="pt", padding=True).to(device)
                 # stop strings end a row as vLLM's do (a few-shot base model writes the next "Question:" on to
                 # max_new_tokens otherwise); the text is still cut at them below
-                criteria = [_StopStrings(tokenizer, stop, enc.input_ids.shape[1])] if any(stop) else None
+                criteria = ([_StopStrings(tokenizer, stop, enc.input_ids.shape[1], skip_special_tokens)]
+                            if any(stop) else None)
                 out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, synced_gpus=synced,
                                      pad_token_id=tokenizer.pad_token_id, eos_token_id=ends,
                                      stopping_criteria=criteria)
@@ -351,13 +352,14 @@ class _StopStrings:
     ending "A:" and the stop "::" stopped at the first ":"), and only its last tokens, enough to hold the
     longest stop string, are decoded at each step."""
 
-    def __init__(self, tokenizer, stop: tuple[str, ...], prompt_len: int):
+    def __init__(self, tokenizer, stop: tuple[str, ...], prompt_len: int, skip_special_tokens: bool = True):
         self.tok, self.stop, self.start = tokenizer, tuple(x for x in stop if x), prompt_len
+        self.skip = skip_special_tokens  # (vLLM matches stop strings in the text as it decodes it)
         self.window = max(map(len, self.stop)) + 2  # tokens: every token holds a character or more (or a byte)
 
     def __call__(self, input_ids, scores, **kwargs):
         tail = input_ids[:, max(self.start, input_ids.shape[1] - 4 * self.window):]
-        texts = self.tok.batch_decode(tail, skip_special_tokens=True)
+        texts = self.tok.batch_decode(tail, skip_special_tokens=self.skip)
         return torch.tensor([any(x in t for x in self.stop) for t in texts], dtype=torch.bool,
                             device=input_ids.device)
 

@@ -791,3 +791,31 @@ def test_samples_keep_special_tokens_for_a_harmony_tokenizer_unless_told(tmp_pat
     assert skip_special_tokens(told, harmony) is True
     plain.add_tokens(["<|channel|>"])  # (an ordinary added token: text, which decoding keeps anyway)
     assert skip_special_tokens(cfg, plain) is True
+
+
+# gpt-oss's format as Unsloth's template writes it: the last assistant turn closed by <|end|>, not <|return|>
+HARMONY_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|start|>assistant<|channel|>final"
+                    "<|message|>{{ m['content'] }}<|end|>{% else %}<|start|>{{ m['role'] }}<|message|>{{ m['content'] }}"
+                    "<|end|>{% endif %}{% endfor %}{% if add_generation_prompt %}<|start|>assistant{% endif %}")
+
+
+def test_a_harmony_model_s_message_end_is_no_stop_and_its_human_solutions_open_the_final_channel(tmp_path):
+    """gpt-oss: <|end|> closes every message, the analysis channel's too; as the stop token id a template that closes
+    the last turn with it implies, every sample would end after its analysis (no answer). Its samples keep their
+    special tokens and open a channel; a human solution (control arm, mix_seed_data) is trained after the same
+    final-channel header, not straight after the prompt."""
+    from transformers import AutoTokenizer
+
+    from restem_ray.datasets import load_splits
+    from restem_ray.prompts import render_task
+
+    model = make_model(tmp_path / "harmony", HARMONY_TEMPLATE)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|message|>", "<|channel|>", "<|end|>"]})
+    tok.save_pretrained(model)
+    cfg = config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=model)
+    task = render_task(cfg, load_splits(cfg.task))
+    assert task.renderer.chat and task.train[0]["prompt"].endswith("<|start|>assistant")
+    assert task.stop_token_ids == () and task.renderer.end_token_id is None
+    assert task.skip_special_tokens is False
+    assert task.renderer.answer_lead() == "<|channel|>final<|message|>"
