@@ -69,6 +69,17 @@ class Samplers:
             self.pool = None
 
 
+def _recorded_sampling_keys(run: RunDir) -> set[str]:
+    """The sampling keys a run's config.yaml holds (a key added to restem-ray since the run began is missing)."""
+    import yaml
+
+    try:
+        sampling = (yaml.safe_load((run.root / "config.yaml").read_text()) or {}).get("sampling", {})
+    except (OSError, yaml.YAMLError, AttributeError):
+        return set()
+    return set(sampling) if isinstance(sampling, dict) else set()
+
+
 def _recorded_stop(run: RunDir, key: str = "stop") -> list | None:
     """The stop strings (or `key`: stop_token_ids) a run's config.yaml records it sampled with; None where
     unreadable."""
@@ -117,6 +128,14 @@ class Driver:
             print(f"[restem] the run was sampled without the stop token ids {list(task.stop_token_ids)} model.sampler "
                   "needs now: resumed as it was (set sampling.stop_token_ids to change it)")
             task.stop_token_ids = ()
+        if resume and not task.skip_special_tokens and cfg.sampling.skip_special_tokens is None \
+                and (self.run.root / "config.yaml").is_file() \
+                and "skip_special_tokens" not in _recorded_sampling_keys(self.run):
+            # a harmony model's run begun before its special tokens were kept: it goes on as it sampled (its
+            # shards, scores and M-steps so far were made without them)
+            print("[restem] the run was sampled without the special tokens its model writes: resumed as it was (set "
+                  "sampling.skip_special_tokens to change it)")
+            task.skip_special_tokens = True
         if task.stop != tuple(cfg.sampling.stop):
             print(f"[restem] stop strings {stop_source(cfg, task.renderer)}: {list(task.stop)}")
         if task.stop_token_ids != tuple(cfg.sampling.stop_token_ids):

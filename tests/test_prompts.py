@@ -819,3 +819,30 @@ def test_a_harmony_model_s_message_end_is_no_stop_and_its_human_solutions_open_t
     assert task.stop_token_ids == () and task.renderer.end_token_id is None
     assert task.skip_special_tokens is False
     assert task.renderer.answer_lead() == "<|channel|>final<|message|>"
+
+
+def test_a_harmony_run_begun_before_special_tokens_were_kept_resumes_as_it_sampled(tmp_path, capsys):
+    """A gpt-oss run begun by a version that skipped special tokens (its config.yaml has no
+    sampling.skip_special_tokens) resumes skipping them: its shards, scores and M-steps were made that way. A new
+    run keeps them."""
+    import yaml
+    from transformers import AutoTokenizer
+
+    from restem_ray.config import dump_config
+    from restem_ray.driver import Driver
+    from restem_ray.storage import RunDir
+
+    model = make_model(tmp_path / "harmony", HARMONY_TEMPLATE)
+    tok = AutoTokenizer.from_pretrained(model)
+    tok.add_special_tokens({"additional_special_tokens": ["<|start|>", "<|message|>", "<|channel|>", "<|end|>"]})
+    tok.save_pretrained(model)
+    cfg = config(tmp_path, gsm8k_task(), {"template": "{question}"}, model=model)
+    old = yaml.safe_load(dump_config(cfg))
+    del old["sampling"]["skip_special_tokens"]  # as the version before wrote it
+    RunDir(tmp_path / "old-run").create(yaml.safe_dump(old), resume=False)
+    capsys.readouterr()
+    assert Driver(cfg, tmp_path / "old-run", resume=True).skip_special is True
+    assert "sampled without the special tokens its model writes: resumed as it was" in capsys.readouterr().out
+    assert Driver(cfg, tmp_path / "new-run").skip_special is False
+    RunDir(tmp_path / "new-run").create(dump_config(cfg), resume=False)  # (a run of this version resumes as it began)
+    assert Driver(cfg, tmp_path / "new-run", resume=True).skip_special is False
