@@ -69,26 +69,22 @@ class Samplers:
             self.pool = None
 
 
-def _recorded_sampling_keys(run: RunDir) -> set[str]:
-    """The sampling keys a run's config.yaml holds (a key added to restem-ray since the run began is missing)."""
+def _recorded_sampling(run: RunDir) -> dict:
+    """The sampling section a run's config.yaml records ({} where unreadable); a key added to restem-ray since the
+    run began is missing from it."""
     import yaml
 
     try:
         sampling = (yaml.safe_load((run.root / "config.yaml").read_text()) or {}).get("sampling", {})
     except (OSError, yaml.YAMLError, AttributeError):
-        return set()
-    return set(sampling) if isinstance(sampling, dict) else set()
+        return {}
+    return sampling if isinstance(sampling, dict) else {}
 
 
 def _recorded_stop(run: RunDir, key: str = "stop") -> list | None:
     """The stop strings (or `key`: stop_token_ids) a run's config.yaml records it sampled with; None where
     unreadable."""
-    import yaml
-
-    try:
-        stop = (yaml.safe_load((run.root / "config.yaml").read_text()) or {}).get("sampling", {}).get(key)
-    except (OSError, yaml.YAMLError, AttributeError):
-        return None
+    stop = _recorded_sampling(run).get(key)
     return stop if isinstance(stop, list) else None
 
 
@@ -130,7 +126,7 @@ class Driver:
             task.stop_token_ids = ()
         if resume and not task.skip_special_tokens and cfg.sampling.skip_special_tokens is None \
                 and (self.run.root / "config.yaml").is_file() \
-                and "skip_special_tokens" not in _recorded_sampling_keys(self.run):
+                and "skip_special_tokens" not in _recorded_sampling(self.run):
             # a harmony model's run begun before its special tokens were kept: it goes on as it sampled (its
             # shards, scores and M-steps so far were made without them)
             print("[restem] the run was sampled without the special tokens its model writes: resumed as it was (set "

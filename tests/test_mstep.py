@@ -1159,7 +1159,6 @@ def test_the_m_steps_batched_tokenizing_gives_each_rows_own_ids(kind):
     """encode_many (the M-step: each distinct prompt once, texts in batches) gives what encode gives row by row,
     where prompts repeat, texts merge across the boundary, a completion holds a special token's text, and ends
     differ; in blocks smaller than the rows too."""
-    from restem_ray.sft import encode_many
     from restem_ray.tiny_chat import build_chat_tokenizer
 
     tok = {"sentencepiece-legacy": lambda: _sentencepiece_style_tokenizer(True), "qwen2-bpe": build_chat_tokenizer,
