@@ -55,7 +55,7 @@ _RATE = (r"[ \t]+(?:each|per)\b(?:[ \t]+" + _UNIT_WORD + r"){0,2}"
 # (not a hyphen or an en dash: "10 - 2 = 8" and "3 - 4i" go on as math)
 _CLAUSE = (r"[ \t]*[:\u2014][ \t]|[ \t]+(?:because|since|as|after|given|so|for|which|when|where|"
            r"if|but|from|with)\b")
-_ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|\\?\$|\*\*)?\s*(" + _WIDE_NUM_RE + r")(?:\*\*|\s*\\\))?(?:" + _RATE + "|"
+_ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|-?\\?\$|\*\*)?\s*(" + _WIDE_NUM_RE + r")(?:\*\*|\s*\\\))?(?:" + _RATE + "|"
                         + _UNITS + r"(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$))|" + _CLAUSE + "))",
                         re.IGNORECASE)
 # (the math may hold `\$`; it does not end on a space nor at a currency sign: "is $10 + $8 = $18")
@@ -118,12 +118,20 @@ def _closing_brace(text: str, start: int) -> int | None:
 _BOX_JOIN = re.compile(r"[\s$,]*(?:\\text\{\s*)?(?:(?:and|or)\b)?(?:\s*\})?[\s$,]*(?:\\[(\[]\s*)?(?:[A-Za-z]\s*=\s*)?")
 
 
+_APPROX_JOIN = re.compile(r"[\s$]*(?:\\approx|\\sim|\u2248)[\s$]*(?:\\[(\[]\s*)?")
+
+
 def _final_boxed_at(text: str, join_or: bool = True) -> tuple[int, str | None]:
     """The last box, and with it the boxes just before it joined to it by "and", "or" or a comma (several
     solutions, boxed one by one; across lines only by those words): their contents joined by ", " ("2, 3").
     `join_or` False: boxes "or" joins are one answer written two ways ("$\\boxed{15\\frac{39}{40}}$ or
     $\\boxed{\\frac{639}{40}}$" in a MATH solution): the last is taken alone."""
     at, last = _last_boxed_at(text)
+    if last is not None:  # "$\\boxed{2\\sqrt{3}} \\approx \\boxed{3.46}$": the exact value, not its rounding
+        prev_at, prev = _last_boxed_at(text[:at])
+        end = _box_end(text, prev_at) if prev is not None else None
+        if end is not None and _APPROX_JOIN.fullmatch(text[end:at]):
+            at, last = prev_at, prev
     parts = [last]
     while last is not None:
         head = text[:at]
@@ -206,6 +214,14 @@ _FINAL = "<|channel|>final<|message|>"
 _MESSAGE_END = re.compile(r"<\|(?:end|return|call|start)\|>")
 
 
+def _signed(text: str, m: re.Match) -> str:
+    """An answer phrase's number with a minus written before its currency sign ("is -$10.": -10)."""
+    number = m.group(1)
+    if re.search(r"-\s*\\?\$\s*$", text[m.start():m.start(1)]) and not number.startswith(("-", "\u2212")):
+        return "-" + number
+    return number
+
+
 def after_thinking(completion: str, prompt: str = "") -> str:
     """What a reasoning model (DeepSeek-R1 and its distills, Qwen3, QwQ) answers after its trace: the text after
     the last </think>, since the trace's tentative answers ("so the answer is 20. Wait, ...") are not the final
@@ -248,14 +264,19 @@ def extract_answer(completion: str, prompt: str = "") -> str | None:
     at, boxed = _final_boxed_at(completion)
     if boxed is not None:
         found.append((at, boxed))
-    else:
-        # (where both read one phrase, "is $3, 5$", the whole math wins over its first number)
-        phrases = [(m.start(), 0, m.group(1)) for m in _ANSWER_IS.finditer(completion)]
-        phrases += [(m.start(), 1, m.group(1)) for pattern in (_ANSWER_IS_MATH, _ANSWER_IS_LATEX)
-                    for m in pattern.finditer(completion)
-                    if m.group(1).strip() and not _PROSE.search(_TEXT_IN_MATH.sub("", m.group(1)))]
-        if phrases:
-            at, _, answer = max(phrases)
+    # A phrase after the last box is the answer the completion ends on: a box of a step's result ("She has
+    # $\\boxed{9}$ eggs left ... The answer is 18.") or one it takes back ("Wait, that is wrong ... So the answer
+    # is 16.") is not; a phrase that opens the box ("The answer is $\\boxed{18}$") starts before it.
+    # (where both read one phrase, "is $3, 5$", the whole math wins over its first number)
+    after = -1 if boxed is None else (_box_end(completion, at) or len(completion))
+    phrases = [(m.start(), 0, _signed(completion, m)) for m in _ANSWER_IS.finditer(completion, max(after, 0))]
+    phrases += [(m.start(), 1, m.group(1)) for pattern in (_ANSWER_IS_MATH, _ANSWER_IS_LATEX)
+                for m in pattern.finditer(completion, max(after, 0))
+                if m.group(1).strip() and not _PROSE.search(_TEXT_IN_MATH.sub("", m.group(1)))
+                and "\\boxed" not in m.group(1)]
+    if phrases:
+        at, _, answer = max(phrases)
+        if boxed is None or latex_key(answer) != latex_key(boxed):  # (Minerva's "Final Answer" restating the box)
             found.append((at, answer))
     if found:
         return max(found)[1].strip()
@@ -457,6 +478,35 @@ def _number_in_text(answer: str) -> str:
     return m.group(1) if m else answer
 
 
+_END_MARK = re.compile(r"(?<![.\\\s])\s*[.,]\s*$")  # (not "\ldots", "...", nor a decimal: "5." is 5 anyway)
+# An option with its value, as AMC problems in MATH write it: "\textbf{(C)}\ 12", "(C) 12", "\text{(C) } 12"
+_CHOICE_VALUE = re.compile(r"\s*(\\text(?:bf|rm)?\s*\{\s*)?\(([A-E])\)\s*(?:\}\s*)?((?:\\[ ,;:!]|~|\s)*)(.*?)\s*")
+_PM = re.compile(r"\\pm(?![A-Za-z])|\u00b1")
+
+
+def _choice_and_value(answer: str) -> tuple[str, str] | None:
+    """(letter, value) of an AMC option written with its letter in parentheses ("\\text{(C)}" has the value "");
+    None for anything else ("(A)x" is a product, "(2)" a number)."""
+    m = _CHOICE_VALUE.fullmatch(answer)
+    if not m or (m.group(4) and not (m.group(1) or m.group(3))):  # (a value needs a space or the \text before)
+        return None
+    return m.group(2), m.group(4)
+
+
+def _letter(answer: str) -> str | None:
+    """The option an answer names on its own ("C", "(C)", "\\text{C}"), else None."""
+    m = CHOICE.fullmatch(answer.strip())
+    return m.group(1).upper() if m else None
+
+
+def _plus_minus_expanded(answer: str) -> str:
+    """An answer with one ± as its two values: "\\frac{1 \\pm \\sqrt{5}}{2}" is "\\frac{1 + \\sqrt{5}}{2},
+    \\frac{1 - \\sqrt{5}}{2}" (math-verify reads a ± only outside a fraction); a list, or several ±, as written."""
+    if len(_PM.findall(answer)) != 1 or "," in answer:
+        return answer
+    return f"{_PM.sub('+', answer)}, {_PM.sub('-', answer)}"
+
+
 def answers_match(gold: str, pred: str) -> bool:
     """Numeric comparison when both are numbers (GSM8K); LaTeX equivalence through math-verify otherwise.
 
@@ -469,9 +519,17 @@ def answers_match(gold: str, pred: str) -> bool:
     gold, pred = _repeating_as_fraction(gold), _repeating_as_fraction(pred)
     gold, pred = _number_in_text(gold), _number_in_text(pred)
     gold, pred = _mixed_as_fraction(gold), _mixed_as_fraction(pred)
+    pred = _END_MARK.sub("", pred)  # ("\boxed{\frac{1}{2}.}": the sentence's period, inside the box)
     letters = _letter_choices(gold), _letter_choices(pred)
     if letters[0] and letters[1]:  # (math-verify read "\text{A, C}" and "A, C" as different)
         return letters[0] == letters[1]
+    choices = _choice_and_value(gold), _choice_and_value(pred)
+    if choices[0] or choices[1]:  # "\textbf{(C)}\ 12": an AMC option, its letter and its value
+        (gl, gv), (pl, pv) = (c or (_letter(t), t) for c, t in zip(choices, (gold, pred)))
+        if gl and pl:
+            return gl == pl
+        return bool(gv and pv) and answers_match(gv, pv)  # (a letter alone matches no value)
+    gold, pred = _plus_minus_expanded(gold), _plus_minus_expanded(pred)
     based = _in_base(gold), _in_base(pred)
     if based[0] or based[1]:  # (math-verify drops a base subscript: 52_8 was 52_{10})
         base = (based[0] or based[1])[1]  # (a numeral without one is in the other side's base: "52" for 52_8)
@@ -495,7 +553,21 @@ def _parse(answer: str):
     repeated predictions once (parsing is most of math-verify's cost, ~3 ms per call here)."""
     from math_verify import parse
 
-    return parse(_wrap(answer), parsing_timeout=None)
+    parsed = parse(_wrap(answer), parsing_timeout=None)
+    # math-verify reads i as a symbol whose assumptions depend on how it is written ("6+2i" and "2(3+i)" did not
+    # cancel): in an answer it is the imaginary unit
+    return [_imaginary_unit(x) for x in parsed]
+
+
+def _imaginary_unit(expr):
+    import sympy
+
+    if not isinstance(expr, sympy.Basic):
+        return expr
+    try:
+        return expr.subs({s: sympy.I for s in expr.free_symbols if getattr(s, "name", None) == "i"})
+    except Exception:  # (a structure sympy cannot substitute into: as read)
+        return expr
 
 
 # math-verify warns on every call without its own timeouts. Set once here, not inside the timed call: an alarm
@@ -511,9 +583,21 @@ def warm_math() -> None:
 
 
 def latex_key(text: str) -> str:
-    """An expression as written, for finding it in a problem's text: spacing, $, \\left/\\right and \\dfrac aside."""
+    """An expression as written, for finding it in a problem's text: spacing, $, \\left/\\right, \\dfrac and the
+    braces a one-token argument may go without (\\sqrt3, \\frac12) aside."""
     text = re.sub(r"\\(?:left|right)\b|\$|\\[,!;: ]", "", text).replace("\\dfrac", "\\frac").replace("\\tfrac", "\\frac")
-    return "".join(text.split())
+    text = "".join(text.split())
+    text = _FRAC_ARGS.sub(lambda m: "\\frac" + _braced(m.group(1)) + _braced(m.group(2)), text)
+    return _SQRT_ARG.sub(lambda m: "\\sqrt" + _braced(m.group(1)), text)
+
+
+_ARG = r"(\{[^{}]*\}|\\[A-Za-z]+|[^\\{}])"
+_FRAC_ARGS = re.compile(r"\\frac" + _ARG + _ARG)
+_SQRT_ARG = re.compile(r"\\sqrt" + _ARG)
+
+
+def _braced(arg: str) -> str:
+    return arg if arg.startswith("{") else "{" + arg + "}"
 
 
 def restates_the_problem(problem: dict, pred: str) -> bool:

@@ -220,6 +220,56 @@ def test_boxing_the_problems_own_expression_is_refused():
     assert grade_math(f, "$\\boxed{x^2 + 1}$").verdict == "passed"  # the gold as written
     assert grade_math({"answer": "26", "prompt": "Let $f(x) = x^2+1$. What is $f(5)$?"},
                       "$\\boxed{x^2+1}$").verdict == "restates_problem"
+    # the gold as written, however its braces are: MATH's gold "2\sqrt3" is the problem's "2\sqrt{3}"
+    side = {"answer": "2\\sqrt3", "prompt": "Triangle $ABC$ has $AB = 2\\sqrt{3}$ and $BC = 4$. Find $AC$."}
+    assert grade_math(side, "So $AC = \\boxed{2\\sqrt{3}}$.").verdict == "passed"
+    half = {"answer": "\\dfrac12", "prompt": "Is $\\frac{1}{2}$ or $\\frac{1}{3}$ the larger?"}
+    assert grade_math(half, "$\\boxed{\\frac{1}{2}}$").verdict == "passed"
+    assert grade_math({"answer": "4", "prompt": "What is $\\sqrt{16}$?"}, "$\\boxed{\\sqrt16}$").verdict == "restates_problem"
+
+
+@pytest.mark.parametrize("gold, completion", [
+    # the quadratic formula's two roots as one fraction with a ± (math-verify reads a ± only outside \frac)
+    ("\\frac{1 + \\sqrt{5}}{2}, \\frac{1 - \\sqrt{5}}{2}", "so $x = \\boxed{\\frac{1 \\pm \\sqrt{5}}{2}}$."),
+    ("\\frac{-3 + i\\sqrt{7}}{2}, \\frac{-3 - i\\sqrt{7}}{2}", "$\\boxed{\\dfrac{-3\\pm i\\sqrt7}{2}}$"),
+    # complex numbers in another form: i is the imaginary unit however it is written
+    ("\\dfrac{11}{5}-\\dfrac{2}{5}i", "$\\boxed{\\frac{11-2i}{5}}$"),
+    ("\\dfrac{11}{5}-\\dfrac{2}{5}i", "$\\boxed{2.2 - 0.4i}$"),
+    ("6+2i", "$\\boxed{2(3+i)}$"),
+    ("-1", "$\\boxed{i^2}$"),
+    # an AMC option boxed with its value, and a gold that has both
+    ("\\text{(C)}", "$\\boxed{\\textbf{(C)}\\ 12}$"),
+    ("\\text{(C)}", "$\\boxed{(C)\\ 12}$"),
+    ("\\textbf{(C)}\\ 12", "$\\boxed{12}$"),
+    ("\\textbf{(C)}\\ 12", "$\\boxed{C}$"),
+    ("A", "$\\boxed{(A)}$"),
+    # the exact value boxed, then its rounding boxed
+    ("2\\sqrt{3}", "$\\boxed{2\\sqrt{3}} \\approx \\boxed{3.46}$"),
+    # the sentence's period inside the box
+    ("\\frac{1}{2}", "The probability is $\\boxed{\\frac{1}{2}.}$"),
+    ("(1,2)", "$\\boxed{(1,2).}$"),
+    # a box of a step's result, then the answer in words
+    ("18", "She has $\\boxed{9}$ eggs left. She makes $9 \\times 2 = 18$ dollars.\nThe answer is 18."),
+    # a minus before the currency sign
+    ("-10", "The change in her savings is -$10, so the answer is -$10."),
+])
+def test_right_answers_in_forms_models_write_pass(gold, completion):
+    assert grade_math({"answer": gold, "prompt": "Solve it."}, completion).verdict == "passed", extract_answer(completion)
+
+
+@pytest.mark.parametrize("gold, completion", [
+    ("\\frac{1 + \\sqrt{5}}{2}", "$\\boxed{\\frac{1 \\pm \\sqrt{5}}{2}}$"),  # one root asked, both given
+    ("\\pm 3", "$\\boxed{3}$"),
+    ("6+2i", "$\\boxed{6+3i}$"),
+    ("\\text{(C)}", "$\\boxed{(D)\\ 12}$"),
+    ("\\textbf{(C)}\\ 12", "$\\boxed{13}$"),
+    ("\\textbf{(C)}\\ 12", "$\\boxed{(D) 12}$"),
+    ("0.5", "$\\boxed{5.}$"),
+    # a box the completion takes back: the answer it ends on is graded (a wrong solution must not be kept)
+    ("18", "We get $\\boxed{18}$.\n\nWait, that is wrong: she eats 4 eggs, not 3. So the answer is 16."),
+])
+def test_wrong_answers_in_those_forms_fail(gold, completion):
+    assert grade_math({"answer": gold, "prompt": "Solve it."}, completion).verdict == "wrong_answer", extract_answer(completion)
 
 
 def test_escaped_dollar_answers_match():
