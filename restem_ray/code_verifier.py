@@ -323,7 +323,14 @@ def call_program(code: str, fn_name: str) -> str:
     """An APPS/LeetCode call-style answer as the program the sandbox runs before calling `fn_name`."""
     mod = as_module(code)
     code = strip_examples(mod[0] if mod else code, {fn_name, "Solution", "print", "input"}, {fn_name})
-    return _hoist_future(CALL_PRELUDE + code)
+    # a function the answer does not define must not be the prelude's (fn_name "gcd": math.gcd passed every case
+    # for an answer that misnamed its function, or was cut off before it)
+    forget = f"del {fn_name}\n" if fn_name in _PRELUDE_NAMES else ""
+    return _hoist_future(CALL_PRELUDE + forget + code)
+
+
+_PRELUDE_NAMES = {a.asname or a.name.split(".")[0] for node in ast.parse(CALL_PRELUDE).body
+                  if isinstance(node, (ast.Import, ast.ImportFrom)) for a in node.names if a.name != "*"}
 
 
 def verdict_of(result: RunResult, script: bool = False) -> str:
@@ -443,6 +450,8 @@ def unusable_code_fields(problem: dict) -> str | None:
 
 # The most one APPS problem may run, all its cases together (each case has timeout_s too).
 MAX_PROBLEM_S = 60.0
+# The most one stdin case may print when its own output is larger than the limits' cap (the worker holds it)
+MAX_CASE_OUTPUT = 64 << 20
 
 
 class CodeGrader:
@@ -501,13 +510,20 @@ class CodeGrader:
             left = deadline - time.monotonic()
             if left <= 0:
                 return "timeout"
-            res = self.sandbox.run(code, stdin=stdin, timeout_s=min(self.limits.timeout_s, left))
+            res = self.sandbox.run(code, stdin=stdin, timeout_s=min(self.limits.timeout_s, left),
+                                   output_bytes=self._output_cap(expected))
             verdict = verdict_of(res, script=True)
             if verdict != "passed":
                 return verdict
             if not stdout_matches(res.stdout, expected):
                 return "wrong_answer"
         return "passed"
+
+    def _output_cap(self, expected) -> int:
+        """A case's stdout cap: the limit, or room for twice the case's own output where that is larger (a
+        Codeforces case printing a permutation of 2e5 numbers holds 1.3 MB: every right answer went over 1 MiB)."""
+        size = len(("\n".join(map(str, expected)) if isinstance(expected, list) else str(expected)).encode())
+        return max(self.limits.output_bytes, min(2 * size + 4096, MAX_CASE_OUTPUT))
 
     def close(self) -> None:
         if self._sandbox is not None:

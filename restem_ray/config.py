@@ -324,7 +324,8 @@ class VerificationConfig(_Section):
                                                     "the limit of its processes' memory together.")
     max_processes: int = Field(64, ge=4, description="Code: processes + threads allowed in one sandbox.")
     tmpfs_mb: int = Field(64, ge=1, description="Code: size of the sandbox's /tmp.")
-    output_bytes: int = Field(1 << 20, ge=1024, description="Code: stdout cap per run (more is a runtime_error).")
+    output_bytes: int = Field(1 << 20, ge=1024, description="Code: stdout cap per run (more is a runtime_error); "
+                              "a stdin case whose expected output is larger may print twice its size.")
     sandbox_python: str = Field("/usr/bin/python3", description="Code: interpreter inside the sandbox (bound read-only).")
     sandbox_site_packages: bool = Field(
         False, description="Code: programs may import the packages installed for sandbox_python (a virtualenv's "

@@ -389,17 +389,17 @@ class Sandbox:
 
     def run(self, code: str, *, stdin: str = "", mode: str = "script", fn_name: str | None = None,
             calls: list | None = None, timeout_s: float | None = None, test: str = "", context: str = "",
-            entry: str | None = None) -> RunResult:
+            entry: str | None = None, output_bytes: int | None = None) -> RunResult:
         """Run one program in a fresh child inside the sandbox. Never raises for anything the program does.
         In "test" mode (asserts in the program's process) an audit hook guards the harness's report, and `test`
         (the asserts) runs after `code`, in a namespace of its own with the builtins as they were before `code`:
         the program's names less those that shadow a builtin (`entry` kept), then `context` (the prompt's own code
-        before the entry point) run afresh there."""
+        before the entry point) run afresh there. `output_bytes`: this run's stdout cap, instead of the limits'."""
         lim = self.limits
         job = {"code": code, "mode": mode, "test": test, "context": context, "entry": entry, "stdin": stdin,
                "fn_name": fn_name, "calls": calls or [],
                "timeout": timeout_s or lim.timeout_s, "memory": lim.memory_mb << 20,
-               "output_cap": lim.output_bytes, "nonce": secrets.token_hex(16)}
+               "output_cap": output_bytes or lim.output_bytes, "nonce": secrets.token_hex(16)}
         with self._lock:
             if mode != "test" and self._holds_asserts and self._proc is not None:
                 # The worker has read test-mode jobs, whose asserts hold their expected answers, and freed memory

@@ -153,6 +153,22 @@ def test_a_solution_method_named_like_a_prelude_import_is_the_one_graded(grader)
     assert grader.grade(gcd, "class Solution:\n    def gcd(self, a, b):\n        return 999\n") == "wrong_answer"
     assert grader.grade(gcd, "class Solution:\n    def gcd(self, a, b):\n        return math.gcd(a, b)\n") == "passed"
     assert grader.grade(gcd, "def gcd(a, b):\n    return b and gcd(b, a % b) or a\n") == "passed"
+    # an answer that does not define the function is not graded on the prelude's: math.gcd passed these
+    assert grader.grade(gcd, "def greatest_common_divisor(a, b):\n    return 0\n") == "runtime_error"
+    assert grader.grade(gcd, "```python\nimport math\n```") == "runtime_error"
+    assert grader.grade(gcd, "from math import gcd\n") == "passed"  # (the answer's own binding)
+
+
+def test_a_case_whose_own_output_is_over_the_cap_has_room_for_it(grader):
+    """The stdout cap (64 KiB here, 1 MiB by default) stops a program that floods; a case whose expected output is
+    larger (a Codeforces permutation of 2e5 numbers is 1.3 MB) has room for twice its own, or every right answer
+    failed it."""
+    n = 30000  # (about 170 KB of output)
+    big = {"id": "apps-big", "prompt": "", "input_output": json.dumps(
+        {"inputs": [f"{n}\n"], "outputs": [" ".join(map(str, range(1, n + 1))) + "\n"]})}
+    assert grader.grade(big, "n = int(input())\nprint(*range(1, n + 1))\n") == "passed"
+    assert grader.grade(big, "n = int(input())\nwhile True:\n    print(n)\n") == "runtime_error"
+    assert grader.grade(big, "n = int(input())\nprint(*range(1, n + 2))\n") == "wrong_answer"
 
 
 def test_a_function_named_like_a_common_method_keeps_the_lines_that_call_that_method(grader):
