@@ -63,10 +63,13 @@ def _defines_re(name: str, column0: bool = False) -> re.Pattern:
 
 
 def extract_code(completion: str, name: str | None = None, prompt: str = "") -> str:
-    """The code to grade (after a reasoning model's </think>): the first fenced block that defines `name` (a function
-    or method) with more than a stub's body; else a body that continues the prompt, up to a closing fence a base
-    model may add; else unfenced code followed by such a closing fence, up to it; else the first python-tagged
-    block (else the first block) that is more than constants; else the completion itself."""
+    """The code to grade (after a reasoning model's </think>): the fenced block that defines `name` (a function
+    or method) with more than a stub's body, the last that parses where several do (the combined or corrected
+    version after step-by-step pieces); else a body that continues the prompt, up to a closing fence a base
+    model may add; else unfenced code followed by such a closing fence, up to it; else the last python-tagged
+    block (else any block) that reads input and prints, else the first that is more than constants; else the
+    completion itself. A chosen block gets the functions, classes and imports it uses from the answer's other
+    blocks (a helper written in a block of its own)."""
     completion = after_thinking(completion, prompt)
     blocks = [(lang, code) for lang, code in fenced_blocks(completion) if code.strip()]
     tagged = [code for lang, code in blocks if lang.lower() in ("python", "py", "python3")]
@@ -76,8 +79,11 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
         # (a chat answer that first quotes the prompt's stub, then implements it: the implementation)
         defining = [c for c in defining if not _only_a_stub(c, name)] or defining
         if defining:  # (a whole answer indented in its block is that answer at column 0)
-            whole = textwrap.dedent(defining[0])
-            return whole if _defines_re(name, column0=True).search(whole) else defining[0]
+            chosen = next((c for c in reversed(defining) if _parse(textwrap.dedent(c)) is not None), defining[0])
+            whole = textwrap.dedent(chosen)
+            if _defines_re(name, column0=True).search(whole):
+                return _with_helpers(whole, codes)
+            return chosen
     if name and _indented_start(completion):  # (a stdin program continues no prompt: an indented start is prose)
         return _CLOSING_FENCE.split(completion, 1)[0]
     first = _FENCE.search(completion)
@@ -85,10 +91,84 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
         before = completion[:first.start()]
         if not first.group(1) and _is_program(before):
             return before  # unfenced code, then the closing fence a base model adds (and whatever follows it)
-        if codes and name is None:  # (a stdin program after untagged blocks of sample input: the first that does
-            return next((c for c in codes if _does_something(c)), codes[0])  # something; a body parses alone never)
+        if codes and name is None:  # (a stdin program after untagged blocks of sample input: one that does
+            whole = [w for c in codes if _reads_and_prints(w := _with_helpers(c, codes))]  # something; a body
+            return whole[-1] if whole else next((c for c in codes if _does_something(c)), codes[0])  # parses never)
         return codes[0] if codes else before
     return completion
+
+
+_READS = {"input", "stdin", "open", "read", "readline", "readlines", "buffer"}
+_WRITES = {"print", "stdout", "write"}
+
+
+def _reads_and_prints(code: str) -> bool:
+    """A whole stdin program, not one step of it shown alone: it reads its input and writes its output."""
+    tree = _parse(code)
+    if tree is None:
+        return False
+    names = {n.id for n in ast.walk(tree) if isinstance(n, ast.Name)} | {
+        n.attr for n in ast.walk(tree) if isinstance(n, ast.Attribute)}
+    return bool(names & _READS) and bool(names & _WRITES)
+
+
+def _with_helpers(code: str, blocks: list[str]) -> str:
+    """`code` after the top-level functions, classes and imports of the other blocks that it uses and does not
+    bind itself (nor do they, in turn, without what they use), in the answer's order."""
+    tree = _parse(code)
+    if tree is None:
+        return code
+    bound, wanted = _bound_and_used(tree)
+    missing = wanted - bound - _BUILTINS
+    if not missing:
+        return code
+    others = [(b, t, text) for b, other in enumerate(blocks)
+              if (text := textwrap.dedent(other)) != code and (t := _parse(text)) is not None]
+    pieces = {}  # (block index, statement index): source
+    while missing:  # (a helper's own imports and helpers, wherever they stand)
+        found = set()
+        for b, other_tree, text in others:
+            for i, node in enumerate(other_tree.body):
+                names = _top_names(node)
+                if names & missing and (b, i) not in pieces:
+                    pieces[b, i] = ast.get_source_segment(text, node) or ""
+                    found |= names
+                    bound |= names
+                    missing |= _bound_and_used(node)[1] - bound - _BUILTINS
+        if not found:
+            break
+        missing -= found
+    if not pieces:
+        return code
+    return "\n\n".join(src for _, src in sorted(pieces.items())) + "\n\n" + code
+
+
+def _top_names(node: ast.stmt) -> set[str]:
+    """What a top-level def, class or import binds (nothing for other statements: a helper's block may run steps)."""
+    if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+        return {node.name}
+    if isinstance(node, (ast.Import, ast.ImportFrom)):
+        return {(a.asname or a.name).split(".")[0] for a in node.names if a.name != "*"}
+    return set()
+
+
+def _bound_and_used(tree: ast.AST) -> tuple[set[str], set[str]]:
+    """Every name the code binds anywhere (assignments, parameters, defs, imports, loop targets) and every name
+    it reads."""
+    bound, used = set(), set()
+    for n in ast.walk(tree):
+        if isinstance(n, ast.Name):
+            (used if isinstance(n.ctx, ast.Load) else bound).add(n.id)
+        elif isinstance(n, ast.arg):
+            bound.add(n.arg)
+        elif isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+            bound.add(n.name)
+        elif isinstance(n, (ast.Import, ast.ImportFrom)):
+            bound |= _top_names(n)
+    return bound, used
+
+
+_BUILTINS = set(dir(__import__("builtins")))
 
 
 def _only_a_stub(code: str, name: str) -> bool:

@@ -195,6 +195,42 @@ def test_the_implementation_is_graded_not_the_stub_a_chat_answer_quotes_first(gr
     assert grader.grade(add, stub_only) == "wrong_answer"  # (a stub alone is still the answer, and fails)
 
 
+def test_step_by_step_blocks_then_the_combined_code_grade_the_combined_code(grader):
+    """Llama-3-Instruct's "## Step N" answers show the pieces in blocks of their own, then the whole: the pieces
+    (a def cut off mid-body, a def that only starts its work, a stdin program's reading alone) are not the answer."""
+    add = {"id": "add", "prompt": "def add(xs):\n", "entry_point": "add",
+           "test": "def check(candidate):\n    assert candidate([2, 3]) == 5\n"}
+    steps = ("## Step 1: Start\n```python\ndef add(xs):\n    total = 0\n```\n## Step 2: Loop\n```python\n"
+             "    for x in xs:\n        total += x\n```\n## Step 3: Combine\n```python\ndef add(xs):\n    total = 0\n"
+             "    for x in xs:\n        total += x\n    return total\n```\n")
+    assert grader.grade(add, steps) == "passed"
+    assert grader.grade(add, steps.replace("    total = 0\n```", "    for x in xs:\n```", 1)) == "passed"  # (cut off)
+    assert grader.grade(add, steps.replace("total += x\n    return", "total -= x\n    return")) == "wrong_answer"
+    total = {"id": "apps-sum", "prompt": "", "input_output": json.dumps({"inputs": ["3\n1 2 3\n"], "outputs": ["6\n"]})}
+    stdin = ("## Step 1: Read\n```python\nn = int(input())\na = list(map(int, input().split()))\n```\n## Step 2: Sum\n"
+             "```python\nprint(sum(a))\n```\nThe final code is:\n```python\nn = int(input())\n"
+             "a = list(map(int, input().split()))\nprint(sum(a))\n```\n")
+    assert grader.grade(total, stdin) == "passed"
+    head, _, tail = stdin.rpartition("print(sum(a))")  # (the combined code wrong, its pieces right)
+    assert grader.grade(total, head + "print(max(a))" + tail) == "wrong_answer"
+
+
+def test_a_helper_in_a_block_of_its_own_is_part_of_the_answer(grader):
+    """Helpers (and their imports) the answer wrote in an earlier block, in call, HumanEval and stdin answers."""
+    helper = "First a helper:\n```python\nimport math\n\ndef is_square(k):\n    return math.isqrt(k) ** 2 == k\n```\n"
+    squares = {"id": "apps-squares", "prompt": "", "input_output": json.dumps(
+        {"fn_name": "count_squares", "inputs": [[10], [20]], "outputs": [[4], [5]]})}
+    answer = "Then:\n```python\ndef count_squares(n):\n    return sum(1 for k in range(n) if is_square(k))\n```\n"
+    assert grader.grade(squares, helper + answer) == "passed"
+    assert grader.grade(squares, answer) == "runtime_error"  # (the helper is the other block's, not invented)
+    body = {"id": "squares", "prompt": "def count_squares(n):\n", "entry_point": "count_squares",
+            "test": "def check(candidate):\n    assert candidate(10) == 4\n"}
+    assert grader.grade(body, helper + answer) == "passed"
+    total = {"id": "apps-sum", "prompt": "", "input_output": json.dumps({"inputs": ["3\n1 2 3\n"], "outputs": ["6\n"]})}
+    reader = "```python\nimport sys\ndef ints():\n    return list(map(int, sys.stdin.readline().split()))\n```\n"
+    assert grader.grade(total, reader + "Main:\n```python\nn = ints()[0]\nprint(sum(ints()))\n```\n") == "passed"
+
+
 def test_a_fenced_body_then_an_example_block_grades_the_body(grader):
     add = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
            "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
