@@ -384,6 +384,11 @@ def test_apps_stdout_numbers_compare_within_apps_tolerance(grader):
     assert stdout_matches("1e18\n", "1000000000000000000\n") and not stdout_matches("nan\n", "7\n")
     # a float result near an expected integer is within the tolerance, as in APPS's checker
     assert stdout_matches("1.9999999999999996\n", "2\n") and stdout_matches("1e-12\n", "0\n")
+    # ... a rounding away, not allclose's 1e-5: a / for a // printed 500000.5 for 500000
+    assert not stdout_matches("500000.5\n", "500000\n") and not stdout_matches("2.00001\n", "2\n")
+    # an expected integer with a leading zero or a plus sign is text (a binary string, a fixed-width field)
+    assert not stdout_matches("101\n", "0101\n") and stdout_matches("0101\n", "0101\n")
+    assert not stdout_matches("3\n", "+3\n") and stdout_matches("+3\n", "+3\n")
     avg = {"id": "apps-float", "prompt": "", "input_output": json.dumps(
         {"inputs": ["3\n1 1 2\n", "2\n1 2\n"], "outputs": ["1.33333333\n", "1.5\n"]})}
     assert grader.grade(avg, "input()\nx = list(map(int, input().split()))\nprint(sum(x) / len(x))\n") == "passed"
