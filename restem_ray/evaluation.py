@@ -108,7 +108,7 @@ def majority_correct(rows: list[dict]) -> float:
         if r["reward"] >= 1.0:
             votes[_CORRECT] += 1
             correct.append(answer)
-        elif answer is None or not answer.strip():
+        elif answer is None or not answer.strip() or r.get("verdict") == "no_answer":  # (a cut-off one's last number)
             votes[_NO_ANSWER] += 1
         elif r.get("verdict") == RESTATES:
             votes[("restated", latex_key(answer))] += 1

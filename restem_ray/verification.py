@@ -19,6 +19,7 @@ from fractions import Fraction
 from typing import Callable
 
 from .errors import UserError
+from .selection import unfinished
 
 # A number as written in an answer: thousands separated by commas only in groups of three ("1,3" is a list, not
 # 13), an optional decimal part, a fraction bar; Unicode's minus sign; ".5".
@@ -250,11 +251,12 @@ def seen_prompt(problem: dict) -> str:
     return ""
 
 
-def extract_answer(completion: str, prompt: str = "") -> str | None:
+def extract_answer(completion: str, prompt: str = "", finished: bool = True) -> str | None:
     """The final answer (after a reasoning model's </think>): whichever of the last `####` answer and the last
     \\boxed{} (with the boxes joined to it) comes later (a markdown `####` heading is no answer, `_hash_answer`);
-    without a box, a later "the answer is N." or "the final answer is $X$" (lm-eval's GSM8K and Minerva matches,
-    also as an "Answer:" label) competes with the `####` answer; else the last number."""
+    a "the answer is N." or "the final answer is $X$" (lm-eval's GSM8K and Minerva matches, also as an "Answer:"
+    label) after them competes; else the last number, unless the completion did not finish (`finished` False:
+    cut at max_tokens mid-solution, "9*2=18. Then we subtract the feed, which is", its last number is no answer)."""
     completion = after_thinking(completion, prompt)
     found: list[tuple[int, str]] = []
     hashes = [(m.start(), a) for m in _HASHES.finditer(completion)
@@ -280,6 +282,8 @@ def extract_answer(completion: str, prompt: str = "") -> str | None:
             found.append((at, answer))
     if found:
         return max(found)[1].strip()
+    if not finished:
+        return None
     # No answer marker: a last line that computes ("... = 6 miles on the 13th day") gives its result, not the
     # numbers it goes on to restate; else the last number. Where that number is written in a LaTeX value
     # ("$\\frac{1}{2}$", "3\\sqrt{2}"), the value is the answer, not its denominator or its root's argument alone.
@@ -635,7 +639,8 @@ RESTATES = "restates_problem"  # the verdict of an answer that is the problem's 
 
 
 def grade_math(problem: dict, completion: str) -> Grade:
-    pred = extract_answer(completion, seen_prompt(problem))
+    """A sample row's grade (`problem`: the problem's fields, and the sample's `finish_reason` where it has one)."""
+    pred = extract_answer(completion, seen_prompt(problem), finished=not unfinished(problem.get("finish_reason")))
     if pred is None:
         return Grade(0.0, "no_answer")
     if restates_the_problem(problem, pred):

@@ -36,6 +36,24 @@ def test_majority_vote_uses_most_common_answer():
     assert majority_correct(rows) == 1.0
 
 
+def test_a_completion_cut_off_before_its_answer_has_none_however_its_last_number_reads():
+    """A sample vLLM stopped at max_tokens mid-solution ("9*2=18. Then we subtract the feed, which is") was graded,
+    and voted, by its last number: a right grade by chance, counted in pass@1 and maj@k. Cut off, only an answer
+    it marked (####, a box, "the answer is") counts; finished, the last number still does."""
+    from restem_ray.verification import grade_math
+
+    cut = "She sells 9 eggs: 9*2=18. Then we subtract the cost of the feed, which is"
+    assert grade_math({"answer": "18", "finish_reason": "length"}, cut).verdict == "no_answer"
+    assert grade_math({"answer": "18", "finish_reason": "stop"}, cut).verdict == "passed"
+    assert grade_math({"answer": "18"}, cut).verdict == "passed"  # (rows without the column: finished)
+    assert grade_math({"answer": "18", "finish_reason": "length"}, "#### 18\nAnd then").verdict == "passed"
+    rows = [{"completion": cut.replace("18", "20"), "reward": 0.0, "verdict": "no_answer", "finish_reason": "length"},
+            {"completion": "9*2=20 so 20", "reward": 0.0, "verdict": "wrong_answer"},
+            {"completion": "#### 18", "reward": 1.0, "verdict": "passed"}]
+    # no answer, 20 and 18 once each: a 3-way tie (read by its last number, 20 won twice to one)
+    assert majority_correct(rows) == pytest.approx(1 / 3)
+
+
 def test_answers_the_grader_counts_as_equal_vote_together():
     """Every form of the reference answer the grader accepted is one vote, and so are equal wrong answers: a
     string vote split "1,000" / "1000" / "1000." and let two equal wrong answers win."""

@@ -225,7 +225,7 @@ def test_boxing_the_problems_own_expression_is_refused():
     assert grade_math(side, "So $AC = \\boxed{2\\sqrt{3}}$.").verdict == "passed"
     half = {"answer": "\\dfrac12", "prompt": "Is $\\frac{1}{2}$ or $\\frac{1}{3}$ the larger?"}
     assert grade_math(half, "$\\boxed{\\frac{1}{2}}$").verdict == "passed"
-    assert grade_math({"answer": "4", "prompt": "What is $\\sqrt{16}$?"}, "$\\boxed{\\sqrt16}$").verdict == "restates_problem"
+    assert grade_math({"answer": "2", "prompt": "What is $\\frac{6}{3}$?"}, "$\\boxed{\\frac63}$").verdict == "restates_problem"
 
 
 @pytest.mark.parametrize("gold, completion", [
