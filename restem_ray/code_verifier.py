@@ -21,7 +21,7 @@ completion with prose lines before and after its code dropped. Top-level example
 (statements that call the function, `print` or `input`; `if __name__ == "__main__":` blocks) is dropped
 in HumanEval and call modes, where it is not part of the answer; stdin programs run as written.
 Verdicts: passed, wrong_answer, timeout, memory, runtime_error, syntax_error, sandbox_error, no_code. A stdin
-program's cases share one time budget, as call cases do (MAX_PROBLEM_S).
+program's cases share one time budget, as call cases do (verification.problem_timeout_s).
 """
 from __future__ import annotations
 
@@ -534,7 +534,8 @@ def unusable_code_fields(problem: dict) -> str | None:
     return None
 
 
-# The most one APPS problem may run, all its cases together (each case has timeout_s too).
+# The most one APPS problem may run, all its cases together (each case has timeout_s too): the default of
+# verification.problem_timeout_s
 MAX_PROBLEM_S = 60.0
 # The most one stdin case may print when its own output is larger than the limits' cap (the worker holds it)
 MAX_CASE_OUTPUT = 64 << 20
@@ -543,8 +544,9 @@ MAX_CASE_OUTPUT = 64 << 20
 class CodeGrader:
     """Grades code completions in one sandbox (one per verifier actor, created on first use)."""
 
-    def __init__(self, limits, sandbox: Sandbox | None = None):
+    def __init__(self, limits, sandbox: Sandbox | None = None, problem_timeout_s: float | None = None):
         self.limits = limits
+        self.problem_timeout_s = problem_timeout_s  # (None: MAX_PROBLEM_S)
         self._sandbox = sandbox
         self.last_exc = None
         lift_int_digit_limit()  # (cases, replies and outputs with integers of thousands of digits)
@@ -577,7 +579,7 @@ class CodeGrader:
             return "invalid_problem"
         if io.get("fn_name"):
             calls = [_call_args(a) for a in inputs]
-            timeout = min(MAX_PROBLEM_S, self.limits.timeout_s * len(calls))
+            timeout = min(self._problem_s(), self.limits.timeout_s * len(calls))
             res = self.sandbox.run(call_program(code, io["fn_name"]), mode="call", fn_name=io["fn_name"],
                                    calls=calls, timeout_s=timeout)
             verdict = verdict_of(res)
@@ -590,7 +592,7 @@ class CodeGrader:
             found = as_module(code, paragraphs=True)
             code = found[0] if found else code  # (else it runs as written, and fails as a syntax error)
         # the same budget as call mode's, for all the cases together, besides each case's own limit
-        deadline = time.monotonic() + min(MAX_PROBLEM_S, self.limits.timeout_s * len(inputs))
+        deadline = time.monotonic() + min(self._problem_s(), self.limits.timeout_s * len(inputs))
         for stdin, expected in zip(inputs, outputs):
             stdin = "\n".join(map(str, stdin)) + "\n" if isinstance(stdin, list) else str(stdin)
             left = deadline - time.monotonic()
@@ -604,6 +606,9 @@ class CodeGrader:
             if not stdout_matches(res.stdout, expected):
                 return "wrong_answer"
         return "passed"
+
+    def _problem_s(self) -> float:
+        return MAX_PROBLEM_S if self.problem_timeout_s is None else self.problem_timeout_s
 
     def _output_cap(self, expected) -> int:
         """A case's stdout cap: the limit, or room for twice the case's own output where that is larger (a

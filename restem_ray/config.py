@@ -320,6 +320,9 @@ class VerificationConfig(_Section):
                           "at most 120 s.")
     answer_timeout_s: float = Field(5.0, gt=0, le=3600, description="Time limit per math answer or plug-in call (verdict 'timeout').")
     timeout_s: float = Field(5.0, gt=0, le=3600, description="Code: wall-clock limit per program run (per stdin case).")
+    problem_timeout_s: float = Field(60.0, gt=0, le=86400, description="Code: wall-clock limit for all of an APPS "
+                                     "problem's cases together (stdin cases one after another, call cases in one "
+                                     "run), besides timeout_s per case: raise it for problems with hundreds of cases.")
     memory_mb: int = Field(1024, ge=64, description="Code: address-space limit per process of a program run, and "
                                                     "the limit of its processes' memory together.")
     max_processes: int = Field(64, ge=4, description="Code: processes + threads allowed in one sandbox.")

@@ -833,7 +833,7 @@ class Verifier:
                                    tmpfs_mb=c.tmpfs_mb, output_bytes=c.output_bytes, python=c.sandbox_python,
                                    site_packages=c.sandbox_site_packages)
             try:  # start the sandbox now: refuse to exist rather than run code unsandboxed later
-                self._code = CodeGrader(limits, Sandbox(limits))
+                self._code = CodeGrader(limits, Sandbox(limits), problem_timeout_s=c.problem_timeout_s)
             except SandboxUnavailable as e:
                 raise UserError(f"verification.verifier: code: {e}") from None
 

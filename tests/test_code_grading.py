@@ -330,20 +330,23 @@ def test_stdin_programs_end_as_python_ends_them(grader):
     assert grader.grade(double, read + "print(2 * n)\nraise SystemExit(2)\n") == "runtime_error"
 
 
-def test_stdin_cases_share_one_time_budget(grader, monkeypatch):
-    """As in call mode, a problem's stdin cases together have min(MAX_PROBLEM_S, timeout_s x cases), each case its
-    own timeout_s too: here 2 s for 4 cases of 0.8 s each, so the third runs out of it."""
-    from restem_ray import code_verifier
+def test_stdin_cases_share_one_time_budget(grader):
+    """As in call mode, a problem's stdin cases together have min(verification.problem_timeout_s, timeout_s x
+    cases), each case its own timeout_s too: here 2 s for 4 cases of 0.8 s each, so the third runs out of it."""
+    from restem_ray.config import VerificationConfig
+    from restem_ray.verification import Verifier
 
-    monkeypatch.setattr(code_verifier, "MAX_PROBLEM_S", 2.0, raising=False)
     cases = {"id": "apps-slow", "prompt": "", "input_output": json.dumps(
         {"inputs": [f"{i}\n" for i in range(4)], "outputs": [f"{2 * i}\n" for i in range(4)]})}
     slow = "import time\nn = int(input())\ntime.sleep(0.8)\nprint(2 * n)\n"
-    t0 = time.monotonic()
-    assert grader.grade(cases, slow) == "timeout"
-    assert time.monotonic() - t0 < 2.0 + 1.5
-    monkeypatch.setattr(code_verifier, "MAX_PROBLEM_S", 60.0, raising=False)
-    assert grader.grade(cases, slow) == "passed"  # (4 x 0.8 s within 4 x 5 s)
+    tight = Verifier("code", VerificationConfig(problem_timeout_s=2.0))
+    try:
+        t0 = time.monotonic()
+        assert tight.grade(cases, slow).verdict == "timeout"
+        assert time.monotonic() - t0 < 2.0 + 1.5
+    finally:
+        tight.close()
+    assert grader.grade(cases, slow) == "passed"  # (the default 60 s: 4 x 0.8 s within 4 x 5 s)
 
 
 def test_an_unfenced_stdin_program_with_prose_around_it_runs_without_the_prose(grader):
