@@ -317,6 +317,12 @@ def _is_example(node: ast.stmt, calls: set[str], methods: set[str], instances: s
     return False
 
 
+def _reads_stdin(node: ast.AST) -> bool:
+    """Whether the code calls input() or uses sys.stdin."""
+    return any((isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "input")
+               or (isinstance(n, ast.Attribute) and n.attr == "stdin") for n in ast.walk(node))
+
+
 def _made_by(receiver: ast.expr, calls: set[str], instances: set[str]) -> bool:
     return ((isinstance(receiver, ast.Call) and isinstance(receiver.func, ast.Name) and receiver.func.id in calls)
             or (isinstance(receiver, ast.Name) and receiver.id in instances))
@@ -326,10 +332,13 @@ def strip_examples(code: str, calls: set[str], methods: set[str] = frozenset()) 
     """Drop top-level example usage (`_is_example`): statements that call one of `calls` (the function, print,
     input), `doctest.testmod()` or a method in `methods` of an object one of `calls` made, and
     `if __name__ == "__main__":` blocks. Code that does not parse, and statements sharing a line with kept code,
-    stay as written."""
+    stay as written. A call of a function of the answer's own that reads stdin (a `main()` driver without a
+    `__main__` guard) is example usage too: graded, its program has no input, and it ended in an EOFError."""
     tree = _parse(code)
     if tree is None or "\r" in code:  # line numbers below are counted on "\n"
         return code
+    calls = set(calls) | {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+                          and node.name not in methods and _reads_stdin(node)}
     instances = {t.id for node in tree.body if isinstance(node, ast.Assign) and _made_by(node.value, calls, set())
                  for t in node.targets if isinstance(t, ast.Name)}
     spans = []

@@ -254,6 +254,21 @@ def test_a_top_level_doctest_run_is_example_usage(grader):
     assert grader.grade(add, answer) == "passed"
 
 
+def test_a_main_driver_that_reads_stdin_is_example_usage(grader):
+    """A whole program around the function (`def main(): ... input() ...` then `main()`, no `__main__` guard):
+    graded, the program has no input, and the driver's EOFError failed a right function."""
+    add = {"id": "apps-add", "prompt": "", "input_output": json.dumps(
+        {"fn_name": "add", "inputs": [[1, 2], [3, 4]], "outputs": [[3], [7]]})}
+    driver = "\n\ndef main():\n    a, b = map(int, input().split())\n    print(add(a, b))\n\nmain()\n"
+    assert grader.grade(add, "def add(a, b):\n    return a + b" + driver) == "passed"
+    assert grader.grade(add, "def add(a, b):\n    return a - b" + driver) == "wrong_answer"
+    reader = "import sys\n\ndef add(a, b):\n    return a + b\n\ndef run():\n    print(add(*map(int, sys.stdin.read().split())))\n\nrun()\n"
+    assert grader.grade(add, reader) == "passed"
+    body = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
+            "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
+    assert grader.grade(body, "def add(a, b):\n    return a + b" + driver) == "passed"
+
+
 def test_apps_class_solution_gets_a_fresh_instance_per_case(grader):
     stateful = ("class Solution:\n    def __init__(self):\n        self.calls = 0\n"
                 "    def twoSum(self, nums, target):\n        self.calls += 1\n"
