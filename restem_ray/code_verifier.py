@@ -70,7 +70,7 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
     block (else any block) that reads input and prints, else the first that is more than constants; else the
     completion itself. A chosen block gets the functions, classes and imports it uses from the answer's other
     blocks (a helper written in a block of its own)."""
-    completion = after_thinking(completion, prompt)
+    completion = after_thinking(completion, prompt).replace("\r\n", "\n")  # (a fence tag then \r\n was no fence)
     blocks = [(lang, code) for lang, code in fenced_blocks(completion) if code.strip()]
     tagged = [code for lang, code in blocks if lang.lower() in ("python", "py", "python3")]
     codes = tagged or [code for _, code in blocks]

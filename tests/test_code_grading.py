@@ -215,6 +215,13 @@ def test_step_by_step_blocks_then_the_combined_code_grade_the_combined_code(grad
     assert grader.grade(total, head + "print(max(a))" + tail) == "wrong_answer"
 
 
+def test_an_answer_with_windows_line_endings_is_graded_on_its_code(grader):
+    total = {"id": "apps-sum", "prompt": "", "input_output": json.dumps({"inputs": ["3\n1 2 3\n"], "outputs": ["6\n"]})}
+    answer = "Here:\r\n```python\r\nn = int(input())\r\nprint(sum(map(int, input().split())))\r\n```\r\n"
+    assert grader.grade(total, answer) == "passed"  # (was a syntax_error: the fence, tag then \r\n, was not read)
+    assert grader.grade(total, answer.replace("sum(", "max(")) == "wrong_answer"
+
+
 def test_a_helper_in_a_block_of_its_own_is_part_of_the_answer(grader):
     """Helpers (and their imports) the answer wrote in an earlier block, in call, HumanEval and stdin answers."""
     helper = "First a helper:\n```python\nimport math\n\ndef is_square(k):\n    return math.isqrt(k) ** 2 == k\n```\n"
