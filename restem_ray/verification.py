@@ -128,11 +128,11 @@ def _final_boxed_at(text: str, join_or: bool = True) -> tuple[int, str | None]:
     `join_or` False: boxes "or" joins are one answer written two ways ("$\\boxed{15\\frac{39}{40}}$ or
     $\\boxed{\\frac{639}{40}}$" in a MATH solution): the last is taken alone."""
     at, last = _last_boxed_at(text)
-    if last is not None:  # "$\\boxed{2\\sqrt{3}} \\approx \\boxed{3.46}$": the exact value, not its rounding
+    if last is not None:  # "$\\boxed{2\\sqrt{3}} \\approx \\boxed{3.46}$": one answer, exact and rounded
         prev_at, prev = _last_boxed_at(text[:at])
         end = _box_end(text, prev_at) if prev is not None else None
         if end is not None and _APPROX_JOIN.fullmatch(text[end:at]):
-            at, last = prev_at, prev
+            at, last = prev_at, f"{prev} \\approx {last}"
     parts = [last]
     while last is not None:
         head = text[:at]
@@ -215,6 +215,21 @@ _FINAL = "<|channel|>final<|message|>"
 _MESSAGE_END = re.compile(r"<\|(?:end|return|call|start)\|>")
 
 
+# ", 5", " or $x = 3$", " and 4" after an answer phrase's value, up to the sentence's end: more values of one answer
+# ("The answer is 2, 3." for "enter all solutions") or a hedge ("$3$ or $5$"), never only its first value
+_MORE = re.compile(r"\s*(?:,\s*(?:(?:or|and)\b\s*)?|(?:or|and)\b\s*)(?:\$((?:\\.|[^$\\\n])+)\$|(" + _NUM_RE + r"))"
+                   r"(?=\s*(?:[.;!?](?:\s|$)|\n|$|,|(?:or|and)\b))")
+
+
+def _more_values(text: str, end: int) -> str:
+    """The values `_MORE` finds after an answer phrase ending at `end`, as ", a, b" (or "")."""
+    more = []
+    while (m := _MORE.match(text, end)) and len(more) < 20:
+        more.append((m.group(1) or m.group(2)).strip())
+        end = m.end()
+    return "".join(", " + v for v in more)
+
+
 def _signed(text: str, m: re.Match) -> str:
     """An answer phrase's number with a minus written before its currency sign ("is -$10.": -10)."""
     number = m.group(1)
@@ -254,8 +269,9 @@ def seen_prompt(problem: dict) -> str:
 def extract_answer(completion: str, prompt: str = "", finished: bool = True) -> str | None:
     """The final answer (after a reasoning model's </think>): whichever of the last `####` answer and the last
     \\boxed{} (with the boxes joined to it) comes later (a markdown `####` heading is no answer, `_hash_answer`);
-    a "the answer is N." or "the final answer is $X$" (lm-eval's GSM8K and Minerva matches, also as an "Answer:"
-    label) after them competes; else the last number, unless the completion did not finish (`finished` False:
+    without a box, a later "the answer is N." or "the final answer is $X$" (lm-eval's GSM8K and Minerva matches,
+    also as an "Answer:" label; with the values listed after it: "is $3$ or $5$." is "3, 5") competes with the
+    `####` answer; else the last number, unless the completion did not finish (`finished` False:
     cut at max_tokens mid-solution, "9*2=18. Then we subtract the feed, which is", its last number is no answer)."""
     completion = after_thinking(completion, prompt)
     found: list[tuple[int, str]] = []
@@ -266,20 +282,17 @@ def extract_answer(completion: str, prompt: str = "", finished: bool = True) -> 
     at, boxed = _final_boxed_at(completion)
     if boxed is not None:
         found.append((at, boxed))
-    # A phrase after the last box is the answer the completion ends on: a box of a step's result ("She has
-    # $\\boxed{9}$ eggs left ... The answer is 18.") or one it takes back ("Wait, that is wrong ... So the answer
-    # is 16.") is not; a phrase that opens the box ("The answer is $\\boxed{18}$") starts before it.
-    # (where both read one phrase, "is $3, 5$", the whole math wins over its first number)
-    after = -1 if boxed is None else (_box_end(completion, at) or len(completion))
-    phrases = [(m.start(), 0, _signed(completion, m)) for m in _ANSWER_IS.finditer(completion, max(after, 0))]
-    phrases += [(m.start(), 1, m.group(1)) for pattern in (_ANSWER_IS_MATH, _ANSWER_IS_LATEX)
-                for m in pattern.finditer(completion, max(after, 0))
-                if m.group(1).strip() and not _PROSE.search(_TEXT_IN_MATH.sub("", m.group(1)))
-                and "\\boxed" not in m.group(1)]
-    if phrases:
-        at, _, answer = max(phrases)
-        if boxed is None or latex_key(answer) != latex_key(boxed):  # (Minerva's "Final Answer" restating the box)
-            found.append((at, answer))
+    else:
+        # (where both read one phrase, "is $3, 5$", the whole math wins over its first number; a box wins over any
+        # phrase: what follows a box is as often a check, "if the answer is 10, then ...", or a rounding as a
+        # correction)
+        phrases = [(m.start(), 0, _signed(completion, m), m.end()) for m in _ANSWER_IS.finditer(completion)]
+        phrases += [(m.start(), 1, m.group(1), m.end()) for pattern in (_ANSWER_IS_MATH, _ANSWER_IS_LATEX)
+                    for m in pattern.finditer(completion)
+                    if m.group(1).strip() and not _PROSE.search(_TEXT_IN_MATH.sub("", m.group(1)))]
+        if phrases:
+            at, _, answer, end = max(phrases)
+            found.append((at, answer + _more_values(completion, end)))
     if found:
         return max(found)[1].strip()
     if not finished:
@@ -484,8 +497,9 @@ def _number_in_text(answer: str) -> str:
 
 _END_MARK = re.compile(r"(?<![.\\\s])\s*[.,]\s*$")  # (not "\ldots", "...", nor a decimal: "5." is 5 anyway)
 # An option with its value, as AMC problems in MATH write it: "\textbf{(C)}\ 12", "(C) 12", "\text{(C) } 12"
-_CHOICE_VALUE = re.compile(r"\s*(\\text(?:bf|rm)?\s*\{\s*)?\(([A-E])\)\s*(?:\}\s*)?((?:\\[ ,;:!]|~|\s)*)(.*?)\s*")
+_CHOICE_VALUE = re.compile(r"\s*(\\text(?:bf|rm)?\s*\{\s*)?\(([A-E])\)(?:\s*\})?((?:\\[ ,;:!]|~|\s)*)(.*?)\s*")
 _PM = re.compile(r"\\pm(?![A-Za-z])|\u00b1")
+_APPROX = re.compile(r"\\approx(?![A-Za-z])|\u2248")
 
 
 def _choice_and_value(answer: str) -> tuple[str, str] | None:
@@ -494,6 +508,8 @@ def _choice_and_value(answer: str) -> tuple[str, str] | None:
     m = _CHOICE_VALUE.fullmatch(answer)
     if not m or (m.group(4) and not (m.group(1) or m.group(3))):  # (a value needs a space or the \text before)
         return None
+    if re.search(r"\([A-E]\)|^[,;]|\bor\b", m.group(4)):  # ("\text{(E)}, \text{(D)}": two options, a hedge)
+        return None
     return m.group(2), m.group(4)
 
 
@@ -501,6 +517,18 @@ def _letter(answer: str) -> str | None:
     """The option an answer names on its own ("C", "(C)", "\\text{C}"), else None."""
     m = CHOICE.fullmatch(answer.strip())
     return m.group(1).upper() if m else None
+
+
+def _expands_against(answer: str, other: str) -> bool:
+    """Whether `answer`'s one ± is read as its two values: where the other side has one too, or lists values as
+    they are (not an ordered pair, an interval or a set membership, which math-verify compares loosely with two
+    values: "(2,-2)" passed for "\\pm 2")."""
+    if len(_PM.findall(answer)) != 1:
+        return False
+    if _PM.search(other):
+        return True
+    other = other.strip()
+    return "," in other and not re.match(r"\\left|[(\[{]", other) and not re.search(r"\\in\b|[<>]|\\[lg]eq?\b", other)
 
 
 def _plus_minus_expanded(answer: str) -> str:
@@ -524,6 +552,9 @@ def answers_match(gold: str, pred: str) -> bool:
     gold, pred = _number_in_text(gold), _number_in_text(pred)
     gold, pred = _mixed_as_fraction(gold), _mixed_as_fraction(pred)
     pred = _END_MARK.sub("", pred)  # ("\boxed{\frac{1}{2}.}": the sentence's period, inside the box)
+    approx = _APPROX.split(pred)
+    if len(approx) == 2 and all(x.strip() for x in approx):  # "2\sqrt{3} \approx 3.46": the exact value, or for
+        return any(answers_match(gold, x.strip()) for x in approx)  # "to the nearest tenth" the rounded one
     letters = _letter_choices(gold), _letter_choices(pred)
     if letters[0] and letters[1]:  # (math-verify read "\text{A, C}" and "A, C" as different)
         return letters[0] == letters[1]
@@ -533,7 +564,8 @@ def answers_match(gold: str, pred: str) -> bool:
         if gl and pl:
             return gl == pl
         return bool(gv and pv) and answers_match(gv, pv)  # (a letter alone matches no value)
-    gold, pred = _plus_minus_expanded(gold), _plus_minus_expanded(pred)
+    if _expands_against(gold, pred) or _expands_against(pred, gold):
+        gold, pred = _plus_minus_expanded(gold), _plus_minus_expanded(pred)
     based = _in_base(gold), _in_base(pred)
     if based[0] or based[1]:  # (math-verify drops a base subscript: 52_8 was 52_{10})
         base = (based[0] or based[1])[1]  # (a numeral without one is in the other side's base: "52" for 52_8)
@@ -566,7 +598,8 @@ def _parse(answer: str):
 def _imaginary_unit(expr):
     import sympy
 
-    if not isinstance(expr, sympy.Basic):
+    if not isinstance(expr, sympy.Basic) or isinstance(expr, (sympy.logic.boolalg.Boolean, sympy.Set)) or expr.has(
+            sympy.core.relational.Relational):  # ("(i,j) = (1,2)", "i \in [1,3]": there i names a variable)
         return expr
     try:
         return expr.subs({s: sympy.I for s in expr.free_symbols if getattr(s, "name", None) == "i"})

@@ -243,13 +243,20 @@ def test_boxing_the_problems_own_expression_is_refused():
     ("\\textbf{(C)}\\ 12", "$\\boxed{12}$"),
     ("\\textbf{(C)}\\ 12", "$\\boxed{C}$"),
     ("A", "$\\boxed{(A)}$"),
-    # the exact value boxed, then its rounding boxed
+    # the exact value boxed, then its rounding boxed: either is the answer ("to the nearest tenth")
     ("2\\sqrt{3}", "$\\boxed{2\\sqrt{3}} \\approx \\boxed{3.46}$"),
+    ("3.5", "$\\boxed{2\\sqrt{3}} \\approx \\boxed{3.5}$"),
+    ("\\textbf{(C) }12", "$\\boxed{(C) 12}$"),
     # the sentence's period inside the box
     ("\\frac{1}{2}", "The probability is $\\boxed{\\frac{1}{2}.}$"),
     ("(1,2)", "$\\boxed{(1,2).}$"),
-    # a box of a step's result, then the answer in words
-    ("18", "She has $\\boxed{9}$ eggs left. She makes $9 \\times 2 = 18$ dollars.\nThe answer is 18."),
+    # a box, then a check or an aside with an "answer is" in it: the box is the answer
+    ("20", "So there are $\\boxed{20}$ ways.\n\nIf order mattered, the answer is 120, but here it does not."),
+    ("12", "Thus $\\boxed{12}$. Let me double-check: if the answer is 10, then the sum is off."),
+    # every value an answer phrase lists (MATH's "enter all solutions")
+    ("3, 5", "Final Answer: The final answer is $3$ or $5$. I hope it is correct."),
+    ("2, 3", "The answer is 2, 3."),
+    ("-1, 4", "**Answer:** $-1$ and $4$"),
     # a minus before the currency sign
     ("-10", "The change in her savings is -$10, so the answer is -$10."),
 ])
@@ -265,8 +272,17 @@ def test_right_answers_in_forms_models_write_pass(gold, completion):
     ("\\textbf{(C)}\\ 12", "$\\boxed{13}$"),
     ("\\textbf{(C)}\\ 12", "$\\boxed{(D) 12}$"),
     ("0.5", "$\\boxed{5.}$"),
-    # a box the completion takes back: the answer it ends on is graded (a wrong solution must not be kept)
-    ("18", "We get $\\boxed{18}$.\n\nWait, that is wrong: she eats 4 eggs, not 3. So the answer is 16."),
+    ("4", "$\\boxed{2\\sqrt{3}} \\approx \\boxed{3.46}$"),
+    ("120", "So there are $\\boxed{20}$ ways.\n\nIf order mattered, the answer is 120, but here it does not."),
+    # a hedge between two answers is not the first of them
+    ("3", "Final Answer: The final answer is $3$ or $5$. I hope it is correct."),
+    ("\\text{(E)}", "$\\boxed{\\text{(E)}}$ or $\\boxed{\\text{(D)}}$"),
+    # a ± is two values against a list, not against a pair, an interval or another ±'s values
+    ("(2,-2)", "$\\boxed{\\pm 2}$"),
+    ("\\frac{3\\pm1}{2}", "$\\boxed{(1,2)}$"),
+    ("\\frac{-3\\pm\\sqrt{5}}{2}", "$\\boxed{x \\in \\left(\\frac{-3-\\sqrt5}{2}, \\frac{-3+\\sqrt5}{2}\\right)}$"),
+    # i names a variable in an equation
+    ("(i,j) = (1,2)", "$\\boxed{(i,j) = (3,4)}$"),
 ])
 def test_wrong_answers_in_those_forms_fail(gold, completion):
     assert grade_math({"answer": gold, "prompt": "Solve it."}, completion).verdict == "wrong_answer", extract_answer(completion)
