@@ -63,13 +63,14 @@ def _defines_re(name: str, column0: bool = False) -> re.Pattern:
 
 
 def extract_code(completion: str, name: str | None = None, prompt: str = "") -> str:
-    """The code to grade (after a reasoning model's </think>): the fenced block that defines `name` (a function
-    or method) with more than a stub's body, the last that parses where several do (the combined or corrected
-    version after step-by-step pieces); else a body that continues the prompt, up to a closing fence a base
-    model may add; else unfenced code followed by such a closing fence, up to it; else the last python-tagged
-    block (else any block) that reads input and prints, else the first that is more than constants; else the
-    completion itself. A chosen block gets the functions, classes and imports it uses from the answer's other
-    blocks (a helper written in a block of its own)."""
+    """The code to grade (after a reasoning model's </think>): the first fenced block that defines `name` (a
+    function or method) with more than a stub's body, that parses and returns something (not a step-by-step
+    answer's pieces: a def cut off mid-body, a def that only starts its work), else the first that defines it;
+    else a body that continues the prompt, up to a closing fence a base model may add; else unfenced code
+    followed by such a closing fence, up to it; else the first python-tagged block (else any block) that reads
+    input and prints (a whole stdin program, not a step's piece), else the first that is more than constants;
+    else the completion itself. A chosen block gets the functions, classes and imports it uses from the
+    answer's other blocks (a helper written in a block of its own)."""
     completion = after_thinking(completion, prompt).replace("\r\n", "\n")  # (a fence tag then \r\n was no fence)
     blocks = [(lang, code) for lang, code in fenced_blocks(completion) if code.strip()]
     tagged = [code for lang, code in blocks if lang.lower() in ("python", "py", "python3")]
@@ -79,7 +80,7 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
         # (a chat answer that first quotes the prompt's stub, then implements it: the implementation)
         defining = [c for c in defining if not _only_a_stub(c, name)] or defining
         if defining:  # (a whole answer indented in its block is that answer at column 0)
-            chosen = next((c for c in reversed(defining) if _parse(textwrap.dedent(c)) is not None), defining[0])
+            chosen = next((c for c in defining if _returns(textwrap.dedent(c), name)), defining[0])
             whole = textwrap.dedent(chosen)
             if _defines_re(name, column0=True).search(whole):
                 return _with_helpers(whole, codes)
@@ -92,10 +93,19 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
         if not first.group(1) and _is_program(before):
             return before  # unfenced code, then the closing fence a base model adds (and whatever follows it)
         if codes and name is None:  # (a stdin program after untagged blocks of sample input: one that does
-            whole = [w for c in codes if _reads_and_prints(w := _with_helpers(c, codes))]  # something; a body
-            return whole[-1] if whole else next((c for c in codes if _does_something(c)), codes[0])  # parses never)
+            whole = (w for c in codes if _reads_and_prints(w := _with_helpers(c, codes)))  # something; a body
+            return next(whole, None) or next((c for c in codes if _does_something(c)), codes[0])  # parses never)
         return codes[0] if codes else before
     return completion
+
+
+def _returns(code: str, name: str) -> bool:
+    """Whether the code parses and its `name` function (or method) returns or yields a value."""
+    tree = _parse(code)
+    return tree is not None and any(
+        isinstance(d, (ast.FunctionDef, ast.AsyncFunctionDef)) and d.name == name and any(
+            isinstance(n, (ast.Yield, ast.YieldFrom)) or (isinstance(n, ast.Return) and n.value is not None)
+            for n in ast.walk(d)) for d in ast.walk(tree))
 
 
 _READS = {"input", "stdin", "open", "read", "readline", "readlines", "buffer"}
@@ -130,14 +140,13 @@ def _with_helpers(code: str, blocks: list[str]) -> str:
         for b, other_tree, text in others:
             for i, node in enumerate(other_tree.body):
                 names = _top_names(node)
-                if names & missing and (b, i) not in pieces:
-                    pieces[b, i] = ast.get_source_segment(text, node) or ""
+                if names & missing and (b, i) not in pieces:  # (the first binding of a name: not a test block's
+                    pieces[b, i] = ast.get_source_segment(text, node) or ""  # `from solution import f` after it)
                     found |= names
                     bound |= names
-                    missing |= _bound_and_used(node)[1] - bound - _BUILTINS
+                    missing = (missing | _bound_and_used(node)[1]) - bound - _BUILTINS
         if not found:
             break
-        missing -= found
     if not pieces:
         return code
     return "\n\n".join(src for _, src in sorted(pieces.items())) + "\n\n" + code
@@ -317,6 +326,12 @@ def _is_example(node: ast.stmt, calls: set[str], methods: set[str], instances: s
     return False
 
 
+def _calls_a_driver(node: ast.stmt, drivers: set[str]) -> bool:
+    """`main()` alone on its line (not `data = load()`: its result is the program's)."""
+    return (isinstance(node, ast.Expr) and isinstance(node.value, ast.Call) and isinstance(node.value.func, ast.Name)
+            and node.value.func.id in drivers)
+
+
 def _reads_stdin(node: ast.AST) -> bool:
     """Whether the code calls input() or uses sys.stdin."""
     return any((isinstance(n, ast.Call) and isinstance(n.func, ast.Name) and n.func.id == "input")
@@ -337,14 +352,16 @@ def strip_examples(code: str, calls: set[str], methods: set[str] = frozenset()) 
     tree = _parse(code)
     if tree is None or "\r" in code:  # line numbers below are counted on "\n"
         return code
-    calls = set(calls) | {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
-                          and node.name not in methods and _reads_stdin(node)}
+    drivers = {node.name for node in tree.body if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef))
+               and node.name not in methods and _reads_stdin(node)
+               and not any(isinstance(n, (ast.Global, ast.Nonlocal)) for n in ast.walk(node))}  # (one that sets state)
     instances = {t.id for node in tree.body if isinstance(node, ast.Assign) and _made_by(node.value, calls, set())
                  for t in node.targets if isinstance(t, ast.Name)}
     spans = []
     for node in tree.body:
         first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-        spans.append((range(first - 1, node.end_lineno), _is_example(node, calls, methods, instances)))
+        spans.append((range(first - 1, node.end_lineno), _is_example(node, calls, methods, instances)
+                      or _calls_a_driver(node, drivers)))
     kept = {i for span, example in spans if not example for i in span}
     drop = {i for span, example in spans if example and not kept.intersection(span) for i in span}
     if not drop:
@@ -470,9 +487,9 @@ _INTEGER = re.compile(r"[-+]?\d+")
 def _close(got: str, expected: str) -> bool:
     """Numbers within allclose's tolerance, unless both are whole numbers: then exactly ("2.0" is 2, and
     1000000000 is not 1000000007, a modular answer, written "1000000000", "1e9" or "1000000000.0", though APPS's
-    own checker would take any of them). A float result a rounding away from an expected integer
-    ("1.9999999999999996" for 2) is that integer; "500000.5" (a / for a //) is not 500000, though within
-    allclose's tolerance. An integer written with a leading zero or a plus sign ("0101", a binary string or a
+    own checker would take any of them). A float result within allclose's tolerance of an expected integer and
+    within 1e-5 of it ("1.9999999999999996" for 2, a binary search's "2.9999999" for 3) is that integer;
+    "500000.5" (a / for a //) is not 500000, though within allclose's tolerance. An integer written with a leading zero or a plus sign ("0101", a binary string or a
     fixed-width field; "+3") is text: exactly as written."""
     if _INTEGER.fullmatch(expected):
         if re.match(r"[-+]?0\d|\+", expected):
@@ -486,7 +503,7 @@ def _close(got: str, expected: str) -> bool:
             g, e = float(got), float(expected)
         except (decimal.InvalidOperation, ValueError, OverflowError):
             return False
-        return abs(g - e) <= 1e-9 * max(1.0, abs(e))
+        return abs(g - e) <= min(1e-8 + 1e-5 * abs(e), 1e-5 + 1e-12 * abs(e))
     try:
         g, e = float(got), float(expected)
     except ValueError:

@@ -213,6 +213,13 @@ def test_step_by_step_blocks_then_the_combined_code_grade_the_combined_code(grad
     assert grader.grade(total, stdin) == "passed"
     head, _, tail = stdin.rpartition("print(sum(a))")  # (the combined code wrong, its pieces right)
     assert grader.grade(total, head + "print(max(a))" + tail) == "wrong_answer"
+    # a whole answer first, then other blocks that define or run it: the first whole answer is graded (not a
+    # harness that feeds it sample input, nor a "more concise" alternative that is wrong)
+    whole = "```python\nn = int(input())\nprint(sum(map(int, input().split())))\n```\n"
+    harness = "Try it:\n```python\nimport io, sys\nsys.stdin = io.StringIO('2\\n5 5\\n')\nprint(int(input()))\n```\n"
+    assert grader.grade(total, whole + harness) == "passed"
+    concise = "Or, more concisely:\n```python\ndef add(xs):\n    return max(xs)\n```\n"
+    assert grader.grade(add, "```python\ndef add(xs):\n    return sum(xs)\n```\n" + concise) == "passed"
 
 
 def test_an_answer_with_windows_line_endings_is_graded_on_its_code(grader):
@@ -236,6 +243,9 @@ def test_a_helper_in_a_block_of_its_own_is_part_of_the_answer(grader):
     total = {"id": "apps-sum", "prompt": "", "input_output": json.dumps({"inputs": ["3\n1 2 3\n"], "outputs": ["6\n"]})}
     reader = "```python\nimport sys\ndef ints():\n    return list(map(int, sys.stdin.readline().split()))\n```\n"
     assert grader.grade(total, reader + "Main:\n```python\nn = ints()[0]\nprint(sum(ints()))\n```\n") == "passed"
+    # a test block's own `from solution import ...` is not the helper: the first binding of a name is
+    tests = "Tests:\n```python\nfrom solution import is_square\ndef test_it():\n    assert is_square(4)\n```\n"
+    assert grader.grade(squares, helper + answer + tests) == "passed"
 
 
 def test_a_fenced_body_then_an_example_block_grades_the_body(grader):
@@ -274,6 +284,12 @@ def test_a_main_driver_that_reads_stdin_is_example_usage(grader):
     body = {"id": "add", "prompt": "def add(a, b):\n", "entry_point": "add",
             "test": "def check(candidate):\n    assert candidate(2, 3) == 5\n"}
     assert grader.grade(body, "def add(a, b):\n    return a + b" + driver) == "passed"
+    # a driver that sets state the function uses, or whose result the program keeps, runs
+    state = ("import sys\nOFFSET = 100\n\ndef add(a, b):\n    return a + b + OFFSET\n\ndef main():\n    global OFFSET\n"
+             "    OFFSET = 0\n    sys.stdin.read()\n\nmain()\n")
+    assert grader.grade(add, state) == "passed"
+    kept = "import sys\n\ndef load():\n    sys.stdin.read()\n    return 0\n\nBASE = load()\n\ndef add(a, b):\n    return a + b + BASE\n"
+    assert grader.grade(add, kept) == "passed"
 
 
 def test_apps_class_solution_gets_a_fresh_instance_per_case(grader):
@@ -410,7 +426,8 @@ def test_apps_stdout_numbers_compare_within_apps_tolerance(grader):
     # a float result near an expected integer is within the tolerance, as in APPS's checker
     assert stdout_matches("1.9999999999999996\n", "2\n") and stdout_matches("1e-12\n", "0\n")
     # ... a rounding away, not allclose's 1e-5: a / for a // printed 500000.5 for 500000
-    assert not stdout_matches("500000.5\n", "500000\n") and not stdout_matches("2.00001\n", "2\n")
+    assert not stdout_matches("500000.5\n", "500000\n") and not stdout_matches("2.0001\n", "2\n")
+    assert stdout_matches("2.9999999\n", "3\n") and stdout_matches("1.00000049\n", "1\n")  # (a binary search's)
     # an expected integer with a leading zero or a plus sign is text (a binary string, a fixed-width field)
     assert not stdout_matches("101\n", "0101\n") and stdout_matches("0101\n", "0101\n")
     assert not stdout_matches("3\n", "+3\n") and stdout_matches("+3\n", "+3\n")
