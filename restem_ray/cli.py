@@ -737,7 +737,9 @@ def cmd_verify(args) -> int:
                         | {k: r[k] for k in ("sample", "sample_index")
                            if isinstance(r.get(k), int) and not isinstance(r.get(k), bool)}
                         # a run's samples keep the prompt the model saw (a reasoning template opens <think> there)
-                        | ({"sampled_prompt": r["prompt"]} if isinstance(r.get("prompt"), str) else {}))
+                        | ({"sampled_prompt": r["prompt"]} if isinstance(r.get("prompt"), str) else {})
+                        # and how each ended (one cut at max_tokens answers only where it marked an answer)
+                        | ({"finish_reason": r["finish_reason"]} if isinstance(r.get("finish_reason"), str) else {}))
         else:
             why = ("unreadable row" if r is None else "no completion" if "completion" not in r else
                    "its completion is not text" if not isinstance(r.get("completion"), str) else

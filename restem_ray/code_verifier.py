@@ -63,9 +63,9 @@ def _defines_re(name: str, column0: bool = False) -> re.Pattern:
 
 
 def extract_code(completion: str, name: str | None = None, prompt: str = "") -> str:
-    """The code to grade (after a reasoning model's </think>): the first fenced block that defines `name` (a
-    function or method) with more than a stub's body, that parses and returns something (not a step-by-step
-    answer's pieces: a def cut off mid-body, a def that only starts its work), else the first that defines it;
+    """The code to grade (after a reasoning model's </think>): the fenced block that defines `name` (a function or
+    method) with more than a stub's body, the largest such definition that parses (not a step-by-step answer's
+    pieces: a def cut off mid-body, a base case; not a shorter variant after it), else the first that defines it;
     else a body that continues the prompt, up to a closing fence a base model may add; else unfenced code
     followed by such a closing fence, up to it; else the first python-tagged block (else any block) that reads
     input and prints (a whole stdin program, not a step's piece), else the first that is more than constants;
@@ -80,7 +80,8 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
         # (a chat answer that first quotes the prompt's stub, then implements it: the implementation)
         defining = [c for c in defining if not _only_a_stub(c, name)] or defining
         if defining:  # (a whole answer indented in its block is that answer at column 0)
-            chosen = next((c for c in defining if _returns(textwrap.dedent(c), name)), defining[0])
+            sizes = [_definition_size(textwrap.dedent(c), name) for c in defining]
+            chosen = defining[sizes.index(max(sizes))] if max(sizes) > 0 else defining[0]
             whole = textwrap.dedent(chosen)
             if _defines_re(name, column0=True).search(whole):
                 return _with_helpers(whole, codes)
@@ -99,13 +100,16 @@ def extract_code(completion: str, name: str | None = None, prompt: str = "") -> 
     return completion
 
 
-def _returns(code: str, name: str) -> bool:
-    """Whether the code parses and its `name` function (or method) returns or yields a value."""
+def _definition_size(code: str, name: str) -> int:
+    """How much the code's `name` function (or method) holds, in syntax nodes; 0 where the code does not parse.
+    Of an answer's blocks, the largest definition is its whole answer (EvalPlus's sanitizer takes the longest
+    code that parses): not a step's piece, a base case or a skeleton before it, nor a "more concise" variant or
+    the one changed part shown again after it."""
     tree = _parse(code)
-    return tree is not None and any(
-        isinstance(d, (ast.FunctionDef, ast.AsyncFunctionDef)) and d.name == name and any(
-            isinstance(n, (ast.Yield, ast.YieldFrom)) or (isinstance(n, ast.Return) and n.value is not None)
-            for n in ast.walk(d)) for d in ast.walk(tree))
+    if tree is None:
+        return 0
+    return sum(sum(1 for _ in ast.walk(d)) for d in ast.walk(tree)
+               if isinstance(d, (ast.FunctionDef, ast.AsyncFunctionDef)) and d.name == name)
 
 
 _READS = {"input", "stdin", "open", "read", "readline", "readlines", "buffer"}
@@ -124,32 +128,49 @@ def _reads_and_prints(code: str) -> bool:
 
 def _with_helpers(code: str, blocks: list[str]) -> str:
     """`code` after the top-level functions, classes and imports of the other blocks that it uses and does not
-    bind itself (nor do they, in turn, without what they use), in the answer's order."""
+    bind itself (and what they use in turn), in the answer's order. Of several bindings of a name, the last
+    function or class with a body (a stub, or a first attempt the answer then fixed, is not it), else the first
+    import (a test block's `from solution import f` comes after the helper it names)."""
     tree = _parse(code)
     if tree is None:
         return code
     bound, wanted = _bound_and_used(tree)
-    missing = wanted - bound - _BUILTINS
-    if not missing:
+    todo = sorted(wanted - bound - _BUILTINS)
+    if not todo:
         return code
-    others = [(b, t, text) for b, other in enumerate(blocks)
-              if (text := textwrap.dedent(other)) != code and (t := _parse(text)) is not None]
+    binders: dict[str, list] = {}
+    for b, other in enumerate(blocks):
+        text = textwrap.dedent(other)
+        other_tree = _parse(text) if text != code else None
+        for i, node in enumerate(other_tree.body if other_tree is not None else []):
+            for name in _top_names(node):
+                binders.setdefault(name, []).append((b, i, node, text))
     pieces = {}  # (block index, statement index): source
-    while missing:  # (a helper's own imports and helpers, wherever they stand)
-        found = set()
-        for b, other_tree, text in others:
-            for i, node in enumerate(other_tree.body):
-                names = _top_names(node)
-                if names & missing and (b, i) not in pieces:  # (the first binding of a name: not a test block's
-                    pieces[b, i] = ast.get_source_segment(text, node) or ""  # `from solution import f` after it)
-                    found |= names
-                    bound |= names
-                    missing = (missing | _bound_and_used(node)[1]) - bound - _BUILTINS
-        if not found:
-            break
+    while todo:  # (a helper's own imports and helpers, wherever they stand)
+        name = todo.pop()
+        if name in bound or name not in binders:
+            continue
+        defs = [c for c in binders[name] if isinstance(c[2], (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef))
+                and not _is_stub(c[2])]
+        b, i, node, text = defs[-1] if defs else binders[name][0]
+        bound |= _top_names(node)
+        if (b, i) not in pieces:
+            pieces[b, i] = "\n".join(text.split("\n")[_first_line(node) - 1:node.end_lineno])
+            todo.extend(sorted(_bound_and_used(node)[1] - bound - _BUILTINS))
     if not pieces:
         return code
     return "\n\n".join(src for _, src in sorted(pieces.items())) + "\n\n" + code
+
+
+def _first_line(node: ast.stmt) -> int:
+    """A statement's first line, its decorators' included (`@lru_cache` on a helper)."""
+    return min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
+
+
+def _is_stub(node: ast.AST) -> bool:
+    """A def or class whose body is only a docstring, `pass` or `...`."""
+    return all(isinstance(b, ast.Pass) or (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))
+               for b in node.body)
 
 
 def _top_names(node: ast.stmt) -> set[str]:

@@ -8,6 +8,7 @@ from fractions import Fraction
 
 import numpy as np
 
+from .selection import unfinished
 from .verification import (CHOICE, RESTATES, _number_in_text, _parse, _terminates, as_number, call_with_timeout,
                            extract_answer, latex_key, seen_prompt, warm_math)
 
@@ -104,7 +105,7 @@ def majority_correct(rows: list[dict]) -> float:
     votes: Counter = Counter()
     wrong, correct = [], []
     for r in rows:
-        answer = extract_answer(r["completion"], seen_prompt(r))
+        answer = extract_answer(r["completion"], seen_prompt(r), finished=not unfinished(r.get("finish_reason")))
         if r["reward"] >= 1.0:
             votes[_CORRECT] += 1
             correct.append(answer)

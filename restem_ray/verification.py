@@ -60,6 +60,10 @@ _ANSWER_IS = re.compile(_LABEL + r"(?:\\\(|-?\\?\$|\*\*)?\s*(" + _WIDE_NUM_RE + 
                         + _UNITS + r"(?=\$?(?:[.;!?,](?:\s|$)|\s*\(|[ \t]*(?:\n|$))|" + _CLAUSE + "))",
                         re.IGNORECASE)
 # (the math may hold `\$`; it does not end on a space nor at a currency sign: "is $10 + $8 = $18")
+# "The answer is 4 or 6." (or "either 4 or 6", "12 and 5 apples."): the number phrase stops before "or" and "and",
+# and the last number, 6, was graded
+_ANSWER_HEDGE = re.compile(_LABEL + r"(?:either\s+)?\$?(" + _NUM_RE + r")((?:\s+(?:or|and)\s+\$?(?:" + _NUM_RE
+                           + r"))+)(?:[ \t]+[A-Za-z]+)?(?=\$?\s*(?:[.;!?](?:\s|$)|\n|$))", re.IGNORECASE)
 _ANSWER_IS_MATH = re.compile(_LABEL + r"\$((?:\\.|[^$\\\n])+)(?<!\s)\$(?!\d)", re.IGNORECASE)
 # "The answer is \frac{1}{3}." or "is 3\sqrt{2}.": LaTeX written without $...$, up to the sentence's end
 _ANSWER_IS_LATEX = re.compile(_LABEL + r"(?:\\\(\s*)?((?:-\s*)?(?:\d+(?:\.\d+)?\s*)?\\[A-Za-z]+[^\n$]*?)(?<!\s)(?:\s*\\\))?"
@@ -217,15 +221,20 @@ _MESSAGE_END = re.compile(r"<\|(?:end|return|call|start)\|>")
 
 # ", 5", " or $x = 3$", " and 4" after an answer phrase's value, up to the sentence's end: more values of one answer
 # ("The answer is 2, 3." for "enter all solutions") or a hedge ("$3$ or $5$"), never only its first value
-_MORE = re.compile(r"\s*(?:,\s*(?:(?:or|and)\b\s*)?|(?:or|and)\b\s*)(?:\$((?:\\.|[^$\\\n])+)\$|(" + _NUM_RE + r"))"
+_MORE = re.compile(r"\s*(,\s*(?:(?:or|and)\b\s*)?|(?:or|and)\b\s*)(?:\$((?:\\.|[^$\\\n])+)\$|(" + _NUM_RE + r"))"
                    r"(?=\s*(?:[.;!?](?:\s|$)|\n|$|,|(?:or|and)\b))")
 
 
 def _more_values(text: str, end: int) -> str:
-    """The values `_MORE` finds after an answer phrase ending at `end`, as ", a, b" (or "")."""
+    """The values `_MORE` finds after an answer phrase ending at `end`, as ", a, b" (or ""): a list ("2, 3", "2, 3,
+    and 4", "-1 and 4") or a hedge ("3 or 5"), not the same answer again in another form after ", or" ("$\\frac14$,
+    or $25\\%$"), nor what a lone ", and" adds ("$3$, and $b = 3$")."""
     more = []
     while (m := _MORE.match(text, end)) and len(more) < 20:
-        more.append((m.group(1) or m.group(2)).strip())
+        sep = " ".join(m.group(1).replace(",", " , ").split())
+        if sep == ", or" or (sep == ", and" and not more):
+            break
+        more.append((m.group(2) or m.group(3)).strip())
         end = m.end()
     return "".join(", " + v for v in more)
 
@@ -287,6 +296,8 @@ def extract_answer(completion: str, prompt: str = "", finished: bool = True) -> 
         # phrase: what follows a box is as often a check, "if the answer is 10, then ...", or a rounding as a
         # correction)
         phrases = [(m.start(), 0, _signed(completion, m), m.end()) for m in _ANSWER_IS.finditer(completion)]
+        phrases += [(m.start(), 0, ", ".join([m.group(1), *_NUM.findall(m.group(2))]), m.end())
+                    for m in _ANSWER_HEDGE.finditer(completion)]
         phrases += [(m.start(), 1, m.group(1), m.end()) for pattern in (_ANSWER_IS_MATH, _ANSWER_IS_LATEX)
                     for m in pattern.finditer(completion)
                     if m.group(1).strip() and not _PROSE.search(_TEXT_IN_MATH.sub("", m.group(1)))]
@@ -519,6 +530,20 @@ def _letter(answer: str) -> str | None:
     return m.group(1).upper() if m else None
 
 
+def _rounds_to(exact: str, rounded: str) -> bool:
+    """Whether `exact` (any math-verify reads as a number) is `rounded` (a decimal) to its decimals."""
+    value = as_number(rounded)
+    parsed = _parse(exact)
+    if value is None or not parsed or not getattr(parsed[0], "is_number", False):
+        return False
+    try:
+        x = float(parsed[0].evalf())
+    except (TypeError, ValueError, OverflowError):
+        return False
+    decimals = len(rounded.strip().partition(".")[2]) if "." in rounded else 0
+    return abs(x - float(value)) <= 0.5 * 10 ** -decimals + 1e-12
+
+
 def _expands_against(answer: str, other: str) -> bool:
     """Whether `answer`'s one ± is read as its two values: where the other side has one too, or lists values as
     they are (not an ordered pair, an interval or a set membership, which math-verify compares loosely with two
@@ -552,9 +577,10 @@ def answers_match(gold: str, pred: str) -> bool:
     gold, pred = _number_in_text(gold), _number_in_text(pred)
     gold, pred = _mixed_as_fraction(gold), _mixed_as_fraction(pred)
     pred = _END_MARK.sub("", pred)  # ("\boxed{\frac{1}{2}.}": the sentence's period, inside the box)
-    approx = _APPROX.split(pred)
-    if len(approx) == 2 and all(x.strip() for x in approx):  # "2\sqrt{3} \approx 3.46": the exact value, or for
-        return any(answers_match(gold, x.strip()) for x in approx)  # "to the nearest tenth" the rounded one
+    approx = [x.strip() for x in _APPROX.split(pred)]
+    if len(approx) == 2 and all(approx) and "," not in pred:  # "2\sqrt{3} \approx 3.46": the exact value, or for
+        exact, rounded = approx  # "to the nearest tenth" the rounded one, where the exact value rounds to it
+        return answers_match(gold, exact) or (answers_match(gold, rounded) and _rounds_to(exact, rounded))
     letters = _letter_choices(gold), _letter_choices(pred)
     if letters[0] and letters[1]:  # (math-verify read "\text{A, C}" and "A, C" as different)
         return letters[0] == letters[1]

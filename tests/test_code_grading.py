@@ -219,7 +219,11 @@ def test_step_by_step_blocks_then_the_combined_code_grade_the_combined_code(grad
     harness = "Try it:\n```python\nimport io, sys\nsys.stdin = io.StringIO('2\\n5 5\\n')\nprint(int(input()))\n```\n"
     assert grader.grade(total, whole + harness) == "passed"
     concise = "Or, more concisely:\n```python\ndef add(xs):\n    return max(xs)\n```\n"
-    assert grader.grade(add, "```python\ndef add(xs):\n    return sum(xs)\n```\n" + concise) == "passed"
+    full = "```python\ndef add(xs):\n    total = 0\n    for x in xs:\n        total += x\n    return total\n```\n"
+    assert grader.grade(add, full + concise) == "passed"
+    # a piece that parses and returns (a base case, an early return) before the whole: the whole is graded
+    base = "First the empty case:\n```python\ndef add(xs):\n    if not xs:\n        return 0\n```\nThen:\n"
+    assert grader.grade(add, base + full) == "passed"
 
 
 def test_an_answer_with_windows_line_endings_is_graded_on_its_code(grader):
@@ -246,6 +250,17 @@ def test_a_helper_in_a_block_of_its_own_is_part_of_the_answer(grader):
     # a test block's own `from solution import ...` is not the helper: the first binding of a name is
     tests = "Tests:\n```python\nfrom solution import is_square\ndef test_it():\n    assert is_square(4)\n```\n"
     assert grader.grade(squares, helper + answer + tests) == "passed"
+    # of a stub and then the helper, or a first attempt and then its fix, the last helper with a body
+    stub = "The helper's signature:\n```python\ndef is_square(k):\n    ...\n```\n"
+    assert grader.grade(squares, stub + helper + answer) == "passed"
+    fixed = "Fixed:\n```python\nimport math\n\ndef is_square(k):\n    return math.isqrt(k) ** 2 == k\n```\n"
+    assert grader.grade(squares, helper.replace("** 2 == k", "** 2 == k + 1") + fixed + answer) == "passed"
+    # a helper's decorator comes with it (a cached recursion times out without its @lru_cache)
+    fib = {"id": "apps-fib", "prompt": "", "input_output": json.dumps({"fn_name": "fib", "inputs": [[300]], "outputs": [[
+        222232244629420445529739893461909967206666939096499764990979600]]})}
+    cached = ("```python\nfrom functools import lru_cache\n\n@lru_cache(maxsize=None)\ndef f(n):\n"
+              "    return n if n < 2 else f(n - 1) + f(n - 2)\n```\n```python\ndef fib(n):\n    return f(n)\n```\n")
+    assert grader.grade(fib, cached) == "passed"
 
 
 def test_a_fenced_body_then_an_example_block_grades_the_body(grader):

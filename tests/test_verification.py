@@ -257,6 +257,14 @@ def test_boxing_the_problems_own_expression_is_refused():
     ("3, 5", "Final Answer: The final answer is $3$ or $5$. I hope it is correct."),
     ("2, 3", "The answer is 2, 3."),
     ("-1, 4", "**Answer:** $-1$ and $4$"),
+    ("2, 3, 4", "The answer is 2, 3, and 4."),
+    # the same answer again in another form after ", or", and what a lone ", and" adds, are not more values
+    ("\\frac{1}{4}", "Final Answer: The final answer is $\\frac{1}{4}$, or $25\\%$. I hope it is correct."),
+    ("-2", "The final answer is $-2$, or $x = -2$."),
+    ("25", "The answer is 25, or 0.25."),
+    ("3", "The answer is $3$, and $b = 3$."),
+    # a rounding of the exact value, for a gold rounded as asked
+    ("3", "So $\\boxed{2.6 \\approx 3}$."),
     # a minus before the currency sign
     ("-10", "The change in her savings is -$10, so the answer is -$10."),
 ])
@@ -273,6 +281,12 @@ def test_right_answers_in_forms_models_write_pass(gold, completion):
     ("\\textbf{(C)}\\ 12", "$\\boxed{(D) 12}$"),
     ("0.5", "$\\boxed{5.}$"),
     ("4", "$\\boxed{2\\sqrt{3}} \\approx \\boxed{3.46}$"),
+    ("3.5", "$\\boxed{2\\sqrt{2}} \\approx \\boxed{3.5}$"),  # (2.83 is no 3.5: a wrong rounding is no answer)
+    ("2", "So $\\boxed{1, 3 \\approx 2}$."),
+    ("3.46", "$x=\\boxed{5}$ or $x=\\boxed{2\\sqrt3}\\approx\\boxed{3.46}$"),
+    ("6", "The answer is 4 or 6."),  # (read by its last number, the hedge passed)
+    ("6", "The answer is either 4 or 6."),
+    ("20", "The answer is 18 or 20 dollars."),
     ("120", "So there are $\\boxed{20}$ ways.\n\nIf order mattered, the answer is 120, but here it does not."),
     # a hedge between two answers is not the first of them
     ("3", "Final Answer: The final answer is $3$ or $5$. I hope it is correct."),

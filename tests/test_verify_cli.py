@@ -70,13 +70,17 @@ def test_math_and_bad_rows_each_get_a_verdict(tmp_path):
     assert out[9]["id"] == "?"
     assert [r["sample"] for r in out[:4]] == [0, 1, 0, 1]
     # a run's own shards number samples as sample_index; a row of a chunk keeps its number whatever the others hold
+    # and how each ended: one cut at max_tokens is graded by an answer it marked, not by its last number
     write_jsonl(tmp_path / "run.jsonl", [{"id": "a", "completion": "#### 2", "sample_index": 5},
-                                         {"id": "b", "completion": "#### 7"}, {"id": "a", "completion": "#### 3", "sample_index": 7}])
+                                         {"id": "b", "completion": "#### 7"}, {"id": "a", "completion": "#### 3", "sample_index": 7},
+                                         {"id": "a", "completion": "so 1+1 is 2 and then", "finish_reason": "length"},
+                                         {"id": "a", "completion": "so 1+1 is 2 and then", "finish_reason": "stop"}])
     code, log = verify(tmp_path, "--verifier", "math", "--problems", tmp_path / "p.jsonl",
                        "--samples", tmp_path / "run.jsonl", "--out", tmp_path / "run-out.jsonl")
     assert code == 0, log
     got = [json.loads(line) for line in (tmp_path / "run-out.jsonl").read_text().splitlines()]
-    assert [(r["sample_index"], r["verdict"]) for r in got] == [(5, "passed"), (None, "wrong_answer"), (7, "wrong_answer")]
+    assert [(r["sample_index"], r["verdict"]) for r in got] == [(5, "passed"), (None, "wrong_answer"), (7, "wrong_answer"),
+                                                                (None, "no_answer"), (None, "passed")]
 
 
 def test_a_json_array_of_samples_is_read_as_one(tmp_path):
