@@ -576,6 +576,9 @@ def answers_match(gold: str, pred: str) -> bool:
     gold, pred = _repeating_as_fraction(gold), _repeating_as_fraction(pred)
     gold, pred = _number_in_text(gold), _number_in_text(pred)
     gold, pred = _mixed_as_fraction(gold), _mixed_as_fraction(pred)
+    g, p = as_number(gold), as_number(pred)
+    if g is not None and p is not None:  # (GSM8K's every grade: before the rules below, which read no plain number)
+        return _same_number(g, p)
     pred = _END_MARK.sub("", pred)  # ("\boxed{\frac{1}{2}.}": the sentence's period, inside the box)
     approx = [x.strip() for x in _APPROX.split(pred)]
     if len(approx) == 2 and all(approx) and "," not in pred:  # "2\sqrt{3} \approx 3.46": the exact value, or for
