@@ -397,6 +397,8 @@ def as_number(text: str) -> Fraction | None:
         t = _GROUP_GAP.sub("", t)
     if _THOUSANDS.fullmatch(t):
         t = t.replace(",", "")
+    if "_" in t:  # (a subscript, 52_8 a base-8 numeral: Python's float() reads it as 528)
+        return None
     try:
         parts = [float(x) for x in t.split("/", 1)]  # what Python reads as a number at all, and its size
         if not all(map(math.isfinite, parts)):

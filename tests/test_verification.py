@@ -183,6 +183,7 @@ def test_a_base_subscript_is_part_of_the_answer():
     assert answers_match("1011_2", "1011_\\text{2}") and answers_match("52_8", "52")
     assert not answers_match("52_8", "52_{10}") and not answers_match("52_8", "42") and not answers_match("52_8", "42_8")
     assert answers_match("52_{10}", "52") and answers_match("52", "52_{10}")
+    assert as_number("52_8") is None and not answers_match("528", "52_8")  # (float() reads 52_8 as 528)
 
 
 def test_new_answer_rules_stay_fast_on_degenerate_completions():
