@@ -510,8 +510,9 @@ def _close(got: str, expected: str) -> bool:
     1000000000 is not 1000000007, a modular answer, written "1000000000", "1e9" or "1000000000.0", though APPS's
     own checker would take any of them). A float result within allclose's tolerance of an expected integer and
     within 1e-5 of it ("1.9999999999999996" for 2, a binary search's "2.9999999" for 3) is that integer;
-    "500000.5" (a / for a //) is not 500000, though within allclose's tolerance. An integer written with a leading zero or a plus sign ("0101", a binary string or a
-    fixed-width field; "+3") is text: exactly as written."""
+    "500000.5" (a / for a //) is not 500000, though within allclose's tolerance. An integer written with a
+    leading zero or a plus sign ("0101", a binary string or a fixed-width field; "+3") is text: exactly as
+    written."""
     if _INTEGER.fullmatch(expected):
         if re.match(r"[-+]?0\d|\+", expected):
             return got == expected
