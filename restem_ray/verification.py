@@ -608,19 +608,44 @@ def answers_match(gold: str, pred: str) -> bool:
         return _same_number(g, p)
     from math_verify import verify
 
-    gold_p, pred_p = _parse(gold), _parse(pred)
+    # math-verify drops a last letter it takes for a unit (h, s, t, m, ...): "\\pi r^2 h" was "\\pi r^2", so a
+    # wrong answer without the h passed, and "\\pi h r^2" failed; "t^2+3t" was "t^2+3". Where neither side writes a
+    # unit as text or a word, letters are variables.
+    letters = _only_variables(gold) and _only_variables(pred)
+    gold_p, pred_p = _parse(gold, letters), _parse(pred, letters)
+    if letters and not (gold_p and pred_p):
+        gold_p, pred_p = _parse(gold), _parse(pred)
     # (math-verify rounds numbers to 6 decimals by default: 1/2^20 was 0.000001, and 1/8 was 0.1250001; 9 keeps a
     # decimal of a fraction that no decimal writes out, 0.333333333 for 1/3, as the plain-number path does)
     return bool(gold_p and pred_p and verify(gold_p, pred_p, float_rounding=9, timeout_seconds=None))
 
 
+_UNIT_TEXT = re.compile(r"\\(?:text\w*|mbox|mathrm|operatorname)\b")
+
+
+def _only_variables(answer: str) -> bool:
+    """Math whose letters are all single-letter variables outside LaTeX commands: no unit written as text or as
+    a word ("5\\text{ cm}", "5 cm")."""
+    return not _UNIT_TEXT.search(answer) and not re.search(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", " ", answer))
+
+
 @functools.lru_cache(maxsize=4096)
-def _parse(answer: str):
+def _parse(answer: str, letters_are_variables: bool = False):
     """math-verify's parse, cached: a problem's reference answer is parsed once for all its samples, and
-    repeated predictions once (parsing is most of math-verify's cost, ~3 ms per call here)."""
+    repeated predictions once (parsing is most of math-verify's cost, ~3 ms per call here).
+    `letters_are_variables`: without math-verify's removal of units (a last "h" or "cm")."""
     from math_verify import parse
 
-    parsed = parse(_wrap(answer), parsing_timeout=None)
+    if letters_are_variables:
+        from math_verify import ExprExtractionConfig, LatexExtractionConfig
+        from math_verify.parser import NormalizationConfig
+
+        keep = NormalizationConfig(basic_latex=True, units=False, malformed_operators=True, nits=True, boxed="all",
+                                   equations=False)
+        config = [LatexExtractionConfig(normalization_config=keep), ExprExtractionConfig()]
+        parsed = parse(_wrap(answer), extraction_config=config, parsing_timeout=None)
+    else:
+        parsed = parse(_wrap(answer), parsing_timeout=None)
     # math-verify reads i as a symbol whose assumptions depend on how it is written ("6+2i" and "2(3+i)" did not
     # cancel): in an answer it is the imaginary unit
     return [_imaginary_unit(x) for x in parsed]

@@ -264,6 +264,10 @@ def test_boxing_the_problems_own_expression_is_refused():
     ("-2", "The final answer is $-2$, or $x = -2$."),
     ("25", "The answer is 25, or 0.25."),
     ("3", "The answer is $3$, and $b = 3$."),
+    # letters are variables where no unit is written (math-verify took a last h, s or t for a unit and dropped it)
+    ("\\pi r^2 h", "$\\boxed{\\pi h r^2}$"),
+    ("t^2+3t", "$\\boxed{t(t+3)}$"),
+    ("5\\text{ cm}", "$\\boxed{5}$"),  # (a unit written as text is still one)
     # a rounding of the exact value, for a gold rounded as asked
     ("3", "So $\\boxed{2.6 \\approx 3}$."),
     # a minus before the currency sign
@@ -289,6 +293,9 @@ def test_right_answers_in_forms_models_write_pass(gold, completion):
     ("6", "The answer is either 4 or 6."),
     ("20", "The answer is 18 or 20 dollars."),
     ("120", "So there are $\\boxed{20}$ ways.\n\nIf order mattered, the answer is 120, but here it does not."),
+    ("\\pi r^2 h", "$\\boxed{\\pi r^2}$"),
+    ("4s", "$\\boxed{4t}$"),
+    ("t^2+3t", "$\\boxed{t^2+3}$"),
     # a hedge between two answers is not the first of them
     ("3", "Final Answer: The final answer is $3$ or $5$. I hope it is correct."),
     ("\\text{(E)}", "$\\boxed{\\text{(E)}}$ or $\\boxed{\\text{(D)}}$"),
