@@ -225,18 +225,26 @@ _MORE = re.compile(r"\s*(,\s*(?:(?:or|and)\b\s*)?|(?:or|and)\b\s*)(?:\$((?:\\.|[
                    r"(?=\s*(?:[.;!?](?:\s|$)|\n|$|,|(?:or|and)\b))")
 
 
-def _more_values(text: str, end: int) -> str:
-    """The values `_MORE` finds after an answer phrase ending at `end`, as ", a, b" (or ""): a list ("2, 3", "2, 3,
-    and 4", "-1 and 4") or a hedge ("3 or 5"), not the same answer again in another form after ", or" ("$\\frac14$,
-    or $25\\%$"), nor what a lone ", and" adds ("$3$, and $b = 3$")."""
+def _more_values(text: str, end: int, first: str) -> str:
+    """The values `_MORE` finds after an answer phrase's value `first`, ending at `end`, as ", a, b" (or ""): a
+    list ("2, 3", "1, 2, or 3", "-1 and 4") or a hedge ("3 or 5", "2, or -2"), but not the same answer again in
+    another form after a lone ", or" or ", and" ("$\\frac14$, or $25\\%$", "$3$, and $b = 3$")."""
     more = []
     while (m := _MORE.match(text, end)) and len(more) < 20:
-        sep = " ".join(m.group(1).replace(",", " , ").split())
-        if sep == ", or" or (sep == ", and" and not more):
+        value = (m.group(2) or m.group(3)).strip()
+        if not more and m.group(1).startswith(",") and m.group(1).strip(", ") and _restates(first, value):
             break
-        more.append((m.group(2) or m.group(3)).strip())
+        more.append(value)
         end = m.end()
     return "".join(", " + v for v in more)
+
+
+def _restates(first: str, value: str) -> bool:
+    """Whether `value` is `first` written another way (grading's own equivalence; an error is no)."""
+    try:
+        return answers_match(first, value)
+    except Exception:
+        return False
 
 
 def _signed(text: str, m: re.Match) -> str:
@@ -303,7 +311,7 @@ def extract_answer(completion: str, prompt: str = "", finished: bool = True) -> 
                     if m.group(1).strip() and not _PROSE.search(_TEXT_IN_MATH.sub("", m.group(1)))]
         if phrases:
             at, _, answer, end = max(phrases)
-            found.append((at, answer + _more_values(completion, end)))
+            found.append((at, answer + _more_values(completion, end, answer)))
     if found:
         return max(found)[1].strip()
     if not finished:
@@ -533,17 +541,18 @@ def _letter(answer: str) -> str | None:
 
 
 def _rounds_to(exact: str, rounded: str) -> bool:
-    """Whether `exact` (any math-verify reads as a number) is `rounded` (a decimal) to its decimals."""
-    value = as_number(rounded)
-    parsed = _parse(exact)
-    if value is None or not parsed or not getattr(parsed[0], "is_number", False):
-        return False
+    """Whether `rounded` may be `exact` rounded: not where both are numbers and `exact`, to `rounded`'s decimals,
+    is another number (`2\\sqrt{2} \\approx 3.5`); an exact side with a variable ("x \\approx 3.46") or a unit
+    contradicts nothing."""
+    numbers = [_parse(x) for x in (exact, rounded)]
+    if not all(n and getattr(n[0], "is_number", False) for n in numbers):
+        return True
     try:
-        x = float(parsed[0].evalf())
+        x, r = (float(n[0].evalf()) for n in numbers)
     except (TypeError, ValueError, OverflowError):
-        return False
-    decimals = len(rounded.strip().partition(".")[2]) if "." in rounded else 0
-    return abs(x - float(value)) <= 0.5 * 10 ** -decimals + 1e-12
+        return True
+    digits = re.search(r"\d\.(\d+)", rounded)
+    return abs(x - r) <= 0.5 * 10 ** -(len(digits.group(1)) if digits else 0) + 1e-12
 
 
 def _expands_against(answer: str, other: str) -> bool:
@@ -583,7 +592,7 @@ def answers_match(gold: str, pred: str) -> bool:
         return _same_number(g, p)
     pred = _END_MARK.sub("", pred)  # ("\boxed{\frac{1}{2}.}": the sentence's period, inside the box)
     approx = [x.strip() for x in _APPROX.split(pred)]
-    if len(approx) == 2 and all(approx) and "," not in pred:  # "2\sqrt{3} \approx 3.46": the exact value, or for
+    if len(approx) == 2 and all(approx) and not re.search(r",(?!\d{3}(?!\d))", pred):  # (a list; not 3,142)  # "2\sqrt{3} \approx 3.46": the exact value, or for
         exact, rounded = approx  # "to the nearest tenth" the rounded one, where the exact value rounds to it
         return answers_match(gold, exact) or (answers_match(gold, rounded) and _rounds_to(exact, rounded))
     letters = _letter_choices(gold), _letter_choices(pred)
@@ -625,8 +634,12 @@ _UNIT_TEXT = re.compile(r"\\(?:text\w*|mbox|mathrm|operatorname)\b")
 
 def _only_variables(answer: str) -> bool:
     """Math whose letters are all single-letter variables outside LaTeX commands: no unit written as text or as
-    a word ("5\\text{ cm}", "5 cm")."""
-    return not _UNIT_TEXT.search(answer) and not re.search(r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", " ", answer))
+    a word ("5\\text{ cm}", "5 cm"), nor a number and a letter apart ("5 m", "3\\ s": a unit; "4s" is a term)."""
+    return not _UNIT_TEXT.search(answer) and not _BARE_UNIT.fullmatch(answer) and not re.search(
+        r"[A-Za-z]{2,}", re.sub(r"\\[A-Za-z]+", " ", answer))
+
+
+_BARE_UNIT = re.compile(r"\s*-?\d[\d.,]*(?:\s+|\s*\\[ ,;!]\s*|~)[A-Za-z]\s*")
 
 
 @functools.lru_cache(maxsize=4096)

@@ -259,10 +259,14 @@ def test_boxing_the_problems_own_expression_is_refused():
     ("2, 3", "The answer is 2, 3."),
     ("-1, 4", "**Answer:** $-1$ and $4$"),
     ("2, 3, 4", "The answer is 2, 3, and 4."),
-    # the same answer again in another form after ", or", and what a lone ", and" adds, are not more values
+    ("1, 2, 3", "The answer is 1, 2, or 3."),
+    ("2, -2", "The answer is $2$, or $-2$."),
+    # the same answer again in another form after a lone ", or" or ", and" is not another value
     ("\\frac{1}{4}", "Final Answer: The final answer is $\\frac{1}{4}$, or $25\\%$. I hope it is correct."),
     ("-2", "The final answer is $-2$, or $x = -2$."),
-    ("25", "The answer is 25, or 0.25."),
+    ("5", "$\\boxed{5 m}$"),  # (a number and a letter apart: a unit)
+    ("3.46", "$\\boxed{x \\approx 3.46}$"),
+    ("12.57", "$\\boxed{4\\pi\\approx 12.57\\text{ cm}^2}$"),
     ("3", "The answer is $3$, and $b = 3$."),
     # letters are variables where no unit is written (math-verify took a last h, s or t for a unit and dropped it)
     ("\\pi r^2 h", "$\\boxed{\\pi h r^2}$"),
@@ -290,6 +294,9 @@ def test_right_answers_in_forms_models_write_pass(gold, completion):
     ("2", "So $\\boxed{1, 3 \\approx 2}$."),
     ("3.46", "$x=\\boxed{5}$ or $x=\\boxed{2\\sqrt3}\\approx\\boxed{3.46}$"),
     ("6", "The answer is 4 or 6."),  # (read by its last number, the hedge passed)
+    ("2", "The answer is 2, or -2."),
+    ("1, 2", "The answer is 1, 2, or 3."),
+    ("5", "$\\boxed{5m}$"),
     ("6", "The answer is either 4 or 6."),
     ("20", "The answer is 18 or 20 dollars."),
     ("120", "So there are $\\boxed{20}$ ways.\n\nIf order mattered, the answer is 120, but here it does not."),
