@@ -747,7 +747,23 @@ def grade_math(problem: dict, completion: str) -> Grade:
         return Grade(0.0, "no_answer")
     if restates_the_problem(problem, pred):
         return Grade(0.0, RESTATES)
+    if _no_interval_where_asked(problem, pred):
+        return Grade(0.0, "wrong_answer")
     return Grade(1.0, "passed") if answers_match(str(problem["answer"]), pred) else Grade(0.0, "wrong_answer")
+
+
+_INTERVAL_ASKED = re.compile(r"interval\s+notation", re.IGNORECASE)
+_INTERVAL_SIGNS = re.compile(r"[(\[]|\\cup|\\infty|\\emptyset|\\varnothing|\\mathbb|\u221e|\u2205")
+
+
+def _no_interval_where_asked(problem: dict, pred: str) -> bool:
+    """An answer with no interval at all to a problem that asks for interval notation, whose gold is one:
+    math-verify matched the open interval "(-2,1)" with its end points "-2, 1" and "x=-2, x=1" (the roots of
+    the boundary equation, not the solution set of the inequality)."""
+    statement = problem.get("raw_prompt") or problem.get("prompt")
+    gold = str(problem.get("answer", ""))
+    return (isinstance(statement, str) and bool(_INTERVAL_ASKED.search(statement))
+            and bool(re.match(r"\s*(?:\\left)?[(\[]", gold)) and not _INTERVAL_SIGNS.search(pred))
 
 
 class CallTimeout(Exception):

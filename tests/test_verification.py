@@ -229,6 +229,20 @@ def test_boxing_the_problems_own_expression_is_refused():
     assert grade_math({"answer": "2", "prompt": "What is $\\frac{6}{3}$?"}, "$\\boxed{\\frac63}$").verdict == "restates_problem"
 
 
+def test_an_interval_asked_for_is_not_answered_by_its_end_points():
+    """math-verify matched the open interval (-2,1) with "-2, 1": the roots of x^2+x-2=0, not the solution set of
+    x^2+x-2<0. Where the problem asks for interval notation, an answer without any interval is wrong."""
+    ask = {"answer": "(-2,1)", "prompt": "Solve $x^2+x-2<0$. Express your answer in interval notation."}
+    for wrong in ("$\\boxed{x=-2, x=1}$", "$\\boxed{-2, 1}$", "$\\boxed{\\{-2,1\\}}$"):
+        assert grade_math(ask, wrong).verdict == "wrong_answer", wrong
+    for right in ("$\\boxed{(-2,1)}$", "$\\boxed{x \\in (-2, 1)}$", "$\\boxed{\\left(-2, 1\\right)}$"):
+        assert grade_math(ask, right).verdict == "passed", right
+    union = {"answer": "(-\\infty, 2) \\cup (3, \\infty)", "prompt": "Find the domain. Give it in interval notation."}
+    assert grade_math(union, "$\\boxed{(-\\infty,2)\\cup(3,\\infty)}$").verdict == "passed"
+    pair = {"answer": "(-2,1)", "prompt": "Find the point where the lines meet."}  # (a point: as before)
+    assert grade_math(pair, "$\\boxed{(-2,1)}$").verdict == "passed"
+
+
 @pytest.mark.parametrize("gold, completion", [
     # the quadratic formula's two roots as one fraction with a ± (math-verify reads a ± only outside \frac)
     ("\\frac{1 + \\sqrt{5}}{2}, \\frac{1 - \\sqrt{5}}{2}", "so $x = \\boxed{\\frac{1 \\pm \\sqrt{5}}{2}}$."),
