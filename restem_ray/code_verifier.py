@@ -207,9 +207,7 @@ def _only_a_stub(code: str, name: str) -> bool:
     if tree is None:
         return False
     defs = [n for n in ast.walk(tree) if isinstance(n, (ast.FunctionDef, ast.AsyncFunctionDef)) and n.name == name]
-    return bool(defs) and all(
-        all(isinstance(b, ast.Pass) or (isinstance(b, ast.Expr) and isinstance(b.value, ast.Constant))
-            for b in d.body) for d in defs)
+    return bool(defs) and all(_is_stub(d) for d in defs)
 
 
 def _does_something(code: str) -> bool:
@@ -380,8 +378,7 @@ def strip_examples(code: str, calls: set[str], methods: set[str] = frozenset()) 
                  for t in node.targets if isinstance(t, ast.Name)}
     spans = []
     for node in tree.body:
-        first = min([node.lineno] + [d.lineno for d in getattr(node, "decorator_list", [])])
-        spans.append((range(first - 1, node.end_lineno), _is_example(node, calls, methods, instances)
+        spans.append((range(_first_line(node) - 1, node.end_lineno), _is_example(node, calls, methods, instances)
                       or _calls_a_driver(node, drivers)))
     kept = {i for span, example in spans if not example for i in span}
     drop = {i for span, example in spans if example and not kept.intersection(span) for i in span}
